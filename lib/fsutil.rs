@@ -1,0 +1,220 @@
+//! File-system helpers shared by every writer in zerokit: atomic replacement of files and
+//! directories (nothing a user had is lost, nothing partial is left under a final name), and
+//! hashing for manifests.
+
+use sha2::{Digest, Sha256};
+use std::fs::{self, File};
+use std::io::{self, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{0}: already exists (pass --force to replace it)")]
+    Exists(PathBuf),
+}
+
+impl FsError {
+    pub fn io(path: impl Into<PathBuf>, source: io::Error) -> Self {
+        FsError::Io { path: path.into(), source }
+    }
+}
+
+/// A temporary sibling name for `path`: same directory (so rename is atomic), hidden, unique to
+/// this process.
+pub fn temp_sibling(path: &Path) -> PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+}
+
+/// A file written under a temporary name and renamed onto its final name by `commit`. Dropped
+/// without `commit` (an error, a panic), the temporary file is removed and the final name is
+/// untouched.
+pub struct AtomicFile {
+    final_path: PathBuf,
+    tmp_path: PathBuf,
+    writer: Option<BufWriter<File>>,
+}
+
+impl AtomicFile {
+    pub fn create(final_path: impl Into<PathBuf>) -> Result<Self, FsError> {
+        let final_path = final_path.into();
+        let tmp_path = temp_sibling(&final_path);
+        let file = File::create(&tmp_path).map_err(|e| FsError::io(&tmp_path, e))?;
+        Ok(AtomicFile { final_path, tmp_path, writer: Some(BufWriter::with_capacity(1 << 20, file)) })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.final_path
+    }
+
+    pub fn writer(&mut self) -> &mut BufWriter<File> {
+        self.writer.as_mut().expect("writer is present until commit")
+    }
+
+    /// Flushes, fsyncs and renames onto the final name.
+    pub fn commit(mut self) -> Result<PathBuf, FsError> {
+        let w = self.writer.take().expect("writer is present until commit");
+        let file = w.into_inner().map_err(|e| FsError::io(&self.tmp_path, e.into_error()))?;
+        file.sync_all().map_err(|e| FsError::io(&self.tmp_path, e))?;
+        drop(file);
+        fs::rename(&self.tmp_path, &self.final_path).map_err(|e| FsError::io(&self.final_path, e))?;
+        sync_parent(&self.final_path);
+        Ok(self.final_path.clone())
+    }
+}
+
+impl Write for AtomicFile {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.writer().write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.writer().flush()
+    }
+}
+
+impl Drop for AtomicFile {
+    fn drop(&mut self) {
+        if self.writer.take().is_some() {
+            let _ = fs::remove_file(&self.tmp_path);
+        }
+    }
+}
+
+/// Writes `bytes` to `path` atomically.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), FsError> {
+    let mut f = AtomicFile::create(path)?;
+    f.writer().write_all(bytes).map_err(|e| FsError::io(path, e))?;
+    f.commit().map(|_| ())
+}
+
+/// Best-effort fsync of a path's directory so a rename survives a crash.
+pub fn sync_parent(path: &Path) {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+}
+
+/// A directory built under a temporary sibling name and renamed onto its final name by `commit`.
+/// Dropped without `commit`, the temporary directory is removed.
+pub struct AtomicDir {
+    final_path: PathBuf,
+    tmp_path: PathBuf,
+    done: bool,
+}
+
+impl AtomicDir {
+    /// Fails with `FsError::Exists` if `final_path` exists and `force` is false.
+    pub fn create(final_path: impl Into<PathBuf>, force: bool) -> Result<Self, FsError> {
+        let final_path = final_path.into();
+        if final_path.exists() && !force {
+            return Err(FsError::Exists(final_path));
+        }
+        let tmp_path = temp_sibling(&final_path);
+        if tmp_path.exists() {
+            fs::remove_dir_all(&tmp_path).map_err(|e| FsError::io(&tmp_path, e))?;
+        }
+        fs::create_dir_all(&tmp_path).map_err(|e| FsError::io(&tmp_path, e))?;
+        Ok(AtomicDir { final_path, tmp_path, done: false })
+    }
+
+    /// Where to write the contents.
+    pub fn path(&self) -> &Path {
+        &self.tmp_path
+    }
+
+    /// Moves the finished directory into place. A replaced directory (with --force) is renamed
+    /// aside first and removed only after the new one is in place.
+    pub fn commit(mut self) -> Result<PathBuf, FsError> {
+        let old = if self.final_path.exists() {
+            let aside = self.final_path.with_file_name(format!(
+                ".{}.old-{}",
+                self.final_path.file_name().unwrap_or_default().to_string_lossy(),
+                std::process::id()
+            ));
+            fs::rename(&self.final_path, &aside).map_err(|e| FsError::io(&self.final_path, e))?;
+            Some(aside)
+        } else {
+            None
+        };
+        fs::rename(&self.tmp_path, &self.final_path).map_err(|e| FsError::io(&self.final_path, e))?;
+        sync_parent(&self.final_path);
+        self.done = true;
+        if let Some(old) = old {
+            let _ = fs::remove_dir_all(old);
+        }
+        Ok(self.final_path.clone())
+    }
+}
+
+impl Drop for AtomicDir {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = fs::remove_dir_all(&self.tmp_path);
+        }
+    }
+}
+
+/// sha256 of a file's contents, as lowercase hex.
+pub fn sha256_file(path: &Path) -> Result<String, FsError> {
+    let mut f = File::open(path).map_err(|e| FsError::io(path, e))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| FsError::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_file_leaves_nothing_when_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("a.bin");
+        fs::write(&target, b"old").unwrap();
+        {
+            let mut f = AtomicFile::create(&target).unwrap();
+            f.write_all(b"new but unfinished").unwrap();
+        }
+        assert_eq!(fs::read(&target).unwrap(), b"old");
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+        let mut f = AtomicFile::create(&target).unwrap();
+        f.write_all(b"new").unwrap();
+        f.commit().unwrap();
+        assert_eq!(fs::read(&target).unwrap(), b"new");
+    }
+
+    #[test]
+    fn atomic_dir_refuses_existing_without_force() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("out");
+        fs::create_dir(&target).unwrap();
+        fs::write(target.join("keep"), b"x").unwrap();
+        assert!(matches!(AtomicDir::create(&target, false), Err(FsError::Exists(_))));
+        let d = AtomicDir::create(&target, true).unwrap();
+        fs::write(d.path().join("new"), b"y").unwrap();
+        d.commit().unwrap();
+        assert!(target.join("new").exists() && !target.join("keep").exists());
+    }
+
+    #[test]
+    fn sha256_matches_known_vector() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("abc");
+        fs::write(&p, b"abc").unwrap();
+        assert_eq!(
+            sha256_file(&p).unwrap(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+}

@@ -1,0 +1,7 @@
+//! zerokit: GPT-2 training with ZeRO data parallelism, and sharded-checkpoint tools.
+//! One module per concern; docs/ARCHITECTURE.md has the map.
+
+pub mod data;
+pub mod device;
+pub mod fsutil;
+pub mod logging;

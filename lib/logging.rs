@@ -1,0 +1,93 @@
+//! Console and file logging through tracing, and progress bars through indicatif.
+//! Only rank 0 writes to the console; every rank writes its own log file. Console lines are
+//! printed through the shared progress display so they never tear a progress bar.
+
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::io::{IsTerminal, Write};
+use std::path::Path;
+use std::sync::{Mutex, OnceLock};
+use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{filter::LevelFilter, EnvFilter, Layer};
+
+static PROGRESS: OnceLock<MultiProgress> = OnceLock::new();
+static CONSOLE_RANK0: OnceLock<bool> = OnceLock::new();
+
+fn multi() -> &'static MultiProgress {
+    PROGRESS.get_or_init(MultiProgress::new)
+}
+
+/// Whether this process owns the console (rank 0, or a single-process tool).
+pub fn is_console_rank() -> bool {
+    *CONSOLE_RANK0.get().unwrap_or(&true)
+}
+
+#[derive(Clone, Copy)]
+struct ConsoleWriter;
+
+impl Write for ConsoleWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        multi().suspend(|| std::io::stderr().write_all(buf))?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
+impl<'a> MakeWriter<'a> for ConsoleWriter {
+    type Writer = ConsoleWriter;
+    fn make_writer(&'a self) -> Self::Writer {
+        ConsoleWriter
+    }
+}
+
+/// Installs the global subscriber. `rank` decides whether the console is written; `log_file`,
+/// when given, receives every event of this rank at debug level. RUST_LOG overrides the console
+/// level. Safe to call more than once (later calls are ignored).
+pub fn init(rank: usize, log_file: Option<&Path>) -> std::io::Result<()> {
+    let _ = CONSOLE_RANK0.set(rank == 0);
+    let console = (rank == 0).then(|| {
+        let filter = EnvFilter::builder()
+            .with_default_directive(LevelFilter::INFO.into())
+            .from_env_lossy();
+        tracing_subscriber::fmt::layer()
+            .with_writer(ConsoleWriter)
+            .with_target(false)
+            .without_time()
+            .with_level(false)
+            .with_filter(filter)
+    });
+    let file = match log_file {
+        Some(path) => {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)?;
+            }
+            let f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+            Some(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(Mutex::new(f))
+                    .with_ansi(false)
+                    .with_filter(LevelFilter::DEBUG),
+            )
+        }
+        None => None,
+    };
+    let _ = tracing_subscriber::registry().with(console).with(file).try_init();
+    Ok(())
+}
+
+/// A progress bar drawn on the console rank's terminal, hidden elsewhere (other ranks, pipes,
+/// CI logs). `template` is an indicatif template.
+pub fn progress_bar(len: u64, template: &str) -> ProgressBar {
+    let pb = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::hidden());
+    if let Ok(style) = ProgressStyle::with_template(template) {
+        pb.set_style(style.progress_chars("=> "));
+    }
+    if is_console_rank() && std::io::stderr().is_terminal() {
+        // Added to the shared display, which draws on stderr.
+        return multi().add(pb);
+    }
+    pb
+}

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The Python reference environment (.deps/py) that tools/ scripts use to generate test fixtures
+# and run peer benchmarks: PyTorch 2.11.0 (CPU use here), transformers, safetensors, tiktoken,
+# DeepSpeed 0.19.8. Not needed to build or test zerokit: fixtures are committed.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+py="$root/.deps/py"
+stamp="$py/.zerokit-ok"
+[ -f "$stamp" ] && exit 0
+python3 -m venv "$py"
+"$py/bin/pip" install -q --upgrade pip
+"$py/bin/pip" install -q torch==2.11.0 "transformers>=5,<6" safetensors "tiktoken==0.14.*" numpy
+touch "$stamp"
+echo "pyenv: ready at $py"
