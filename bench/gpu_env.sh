@@ -1,0 +1,7 @@
+# Environment for running zerokit binaries on the GPU machines (../shared/GPU.md): the machine's
+# CUDA-enabled libtorch 2.11 replaces the CPU-linked one, and NCCL comes from the same venv.
+TL=$(python3 -c "import torch,os;print(os.path.dirname(torch.__file__)+'/lib')")
+NCCL_DIR=$(dirname "$(find "$(dirname "$(dirname "$TL")")" -name 'libnccl.so*' | head -1)")
+export LD_LIBRARY_PATH="$TL:$TL/../../nvidia/cu13/lib:$NCCL_DIR:${LD_LIBRARY_PATH:-}"
+# NVLink multicast can take a shared host's GPUs down: keep it off everywhere.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1

@@ -1,0 +1,382 @@
+//! The training loop: nanoGPT's train.py over the ZeRO engine. Every rank runs it; rank 0 alone
+//! prints, writes metrics.jsonl and the loss plot, and coordinates checkpoints.
+
+use crate::checkpoint::{self, SaveInfo};
+use crate::comm::{Collectives, ControlPlane, CpuComm, Rendezvous};
+use crate::config::TrainConfig;
+use crate::data::dataset::TokenDataset;
+use crate::model::{Gpt, GptConfig};
+use crate::optim::{AdamWConfig, LrSchedule};
+use crate::scaler::ScalerConfig;
+use crate::zero::{Engine, EngineConfig};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use crate::launch::{self, LaunchArgs};
+use std::time::{Duration, Instant};
+use tch::{Device, Kind, Tensor};
+use tracing::info;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Rendezvous(#[from] crate::comm::RendezvousError),
+    #[error(transparent)]
+    Comm(#[from] crate::comm::CommError),
+    #[error(transparent)]
+    Zero(#[from] crate::zero::ZeroError),
+    #[error(transparent)]
+    Checkpoint(#[from] crate::checkpoint::CheckpointError),
+    #[error(transparent)]
+    Data(#[from] crate::data::DataError),
+    #[error(transparent)]
+    Model(#[from] crate::model::ModelError),
+    #[error(transparent)]
+    Fs(#[from] crate::fsutil::FsError),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Peak dense fp16/bf16 tensor throughput of an H100/H200 SXM, the MFU denominator nanoGPT and
+/// llm.c use for these GPUs.
+const PEAK_FLOPS: f64 = 989e12;
+
+/// Salt that separates the training-split batches used for evaluation from training batches.
+const EVAL_SALT: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// Resolves device and dtype names for this rank.
+pub fn resolve_device(cfg: &TrainConfig, local_rank: usize) -> Result<(Device, Kind), TrainError> {
+    let device = match cfg.device.as_str() {
+        "auto" if crate::device::load_cuda() => Device::Cuda(local_rank),
+        "cuda" => crate::device::parse_device(&format!("cuda:{local_rank}")).map_err(TrainError::Other)?,
+        spec => crate::device::parse_device(spec).map_err(TrainError::Other)?,
+    };
+    let kind = match (cfg.dtype.as_str(), device) {
+        ("fp32", _) | ("auto", Device::Cpu) => Kind::Float,
+        ("bf16", _) | ("auto", _) => Kind::BFloat16,
+        ("fp16", _) => Kind::Half,
+        (d, _) => return Err(TrainError::Other(format!("unknown dtype {d}"))),
+    };
+    Ok((device, kind))
+}
+
+pub fn model_config(cfg: &TrainConfig) -> Result<GptConfig, TrainError> {
+    let mut m = if cfg.model == "custom" {
+        GptConfig { n_layer: cfg.n_layer, n_head: cfg.n_head, n_embd: cfg.n_embd, block_size: cfg.block_size, vocab_size: cfg.vocab_size }
+    } else {
+        GptConfig::preset(&cfg.model)?
+    };
+    m.block_size = cfg.block_size;
+    m.vocab_size = cfg.vocab_size;
+    Ok(m)
+}
+
+fn connect(rdv: &Rendezvous, device: Device) -> Result<Box<dyn Collectives>, TrainError> {
+    let ctl = if rdv.world == 1 { ControlPlane::single() } else { ControlPlane::connect(rdv)? };
+    Ok(match device {
+        Device::Cuda(i) if rdv.world > 1 => Box::new(crate::comm::nccl::NcclComm::new(ctl, i)?),
+        _ => Box::new(CpuComm::new(ctl)),
+    })
+}
+
+/// x and y of micro-step `micro` of optimizer step `step` on this rank. Row g of the global
+/// batch is drawn from its own stream (seed, g, step), so the global batch does not depend on
+/// how it is split into ranks and micro-batches, and resuming recomputes it exactly.
+fn train_batch(ds: &TokenDataset, cfg: &TrainConfig, rank: usize, world: usize, step: u64, micro: usize, device: Device) -> Result<(Tensor, Tensor), TrainError> {
+    let (b, t) = (cfg.batch_size, cfg.block_size);
+    let (mut xs, mut ys) = (Vec::with_capacity(b * t), Vec::with_capacity(b * t));
+    for row in 0..b {
+        let g = (micro * world + rank) * b + row;
+        let (x, y) = ds.random_batch(cfg.seed, g, step, 1, t)?;
+        xs.extend(x);
+        ys.extend(y);
+    }
+    let shape = [b as i64, t as i64];
+    Ok((Tensor::from_slice(&xs).view(shape).to_device(device), Tensor::from_slice(&ys).view(shape).to_device(device)))
+}
+
+/// Mean loss over eval_iters batches of each split, averaged over ranks.
+fn evaluate(engine: &mut Engine, train: &TokenDataset, val: &TokenDataset, cfg: &TrainConfig, device: Device) -> Result<(f64, f64), TrainError> {
+    let (rank, world) = (engine.comm.rank(), engine.comm.world());
+    let (b, t) = (cfg.batch_size, cfg.block_size);
+    let mut sums = [0.0f64; 2];
+    for k in 0..cfg.eval_iters {
+        let index = k * world as u64 + rank as u64;
+        for (i, (x, y)) in [train.random_batch(cfg.seed ^ EVAL_SALT, rank, k, b, t)?, val.sequential_batch(index, b, t)?].into_iter().enumerate() {
+            let shape = [b as i64, t as i64];
+            let x = Tensor::from_slice(&x).view(shape).to_device(device);
+            let y = Tensor::from_slice(&y).view(shape).to_device(device);
+            sums[i] += engine.eval_loss(&x, &y);
+        }
+    }
+    engine.comm.all_reduce_scalars(&mut sums)?;
+    let n = (cfg.eval_iters.max(1) * world as u64) as f64;
+    Ok((sums[0] / n, sums[1] / n))
+}
+
+fn append_jsonl(path: &Path, v: serde_json::Value) -> Result<(), TrainError> {
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| crate::fsutil::FsError::io(path, e))?;
+    writeln!(f, "{v}").map_err(|e| crate::fsutil::FsError::io(path, e))?;
+    Ok(())
+}
+
+/// Trains as configured. Every rank calls this (a launcher has set RANK etc. when world > 1).
+pub fn fit(mut cfg: TrainConfig) -> Result<(), TrainError> {
+    let rdv = Rendezvous::from_env(Duration::from_secs(cfg.comm_timeout))?;
+    cfg.resolve_batch(rdv.world)?;
+    let (rank, world) = (rdv.rank, rdv.world);
+    crate::logging::init(rank, Some(&cfg.out_dir.join("logs").join(format!("rank{rank:03}.log"))))
+        .map_err(|e| TrainError::Other(format!("{}: cannot open the log file: {e}", cfg.out_dir.display())))?;
+    let (device, kind) = resolve_device(&cfg, rdv.local_rank)?;
+    tch::manual_seed(cfg.seed as i64);
+    info!("zerokit train: {world} rank(s), device {device:?}, dtype {kind:?}, ZeRO stage {}", cfg.zero_stage);
+    info!("resolved configuration:\n{}", cfg.to_toml());
+
+    // The model starts in fp32 on every rank with identical weights; the engine converts it.
+    let resume_dir = (cfg.init_from == "resume").then(|| checkpoint::resolve(&cfg.out_dir, None)).transpose()?;
+    let mcfg = match &resume_dir {
+        Some(dir) => serde_json::from_value(checkpoint::read_manifest(dir)?.model_config)
+            .map_err(|e| TrainError::Other(format!("{}: model_config: {e}", dir.display())))?,
+        None => model_config(&cfg)?,
+    };
+    let model = match cfg.init_from.as_str() {
+        "scratch" | "resume" => Gpt::new(&mcfg, device, Kind::Float, cfg.seed)?,
+        hf => Gpt::load_hf(Path::new(hf), device, Kind::Float)?.0,
+    };
+    let mcfg = *model.config();
+    let n_params = mcfg.num_params();
+    info!("model: {} layers, {} heads, {} embd, block {}, vocab {}: {:.2}M parameters", mcfg.n_layer, mcfg.n_head, mcfg.n_embd, mcfg.block_size, mcfg.vocab_size, n_params as f64 / 1e6);
+
+    let ecfg = EngineConfig {
+        stage: cfg.zero_stage,
+        grad_accum: cfg.gradient_accumulation_steps,
+        grad_clip: cfg.grad_clip,
+        activation_checkpointing: cfg.activation_checkpointing,
+        kind,
+        device,
+        adamw: AdamWConfig { lr: cfg.learning_rate, betas: (cfg.beta1, cfg.beta2), eps: cfg.eps, weight_decay: cfg.weight_decay },
+        scaler: ScalerConfig::from_train_config(&cfg),
+    };
+    let comm = connect(&rdv, device)?;
+    let mut engine = Engine::new(model, ecfg, comm)?;
+    let mut start = 0u64;
+    let mut best_val = f64::INFINITY;
+    let mut best_tag: Option<String> = None;
+    if let Some(dir) = &resume_dir {
+        let m = checkpoint::load(&mut engine, dir)?;
+        start = m.step;
+        best_val = m.metrics.get("best_val_loss").and_then(|v| v.as_f64()).unwrap_or(f64::INFINITY);
+        best_tag = m.metrics.get("best_tag").and_then(|v| v.as_str()).map(String::from);
+        info!("resumed from {} at step {start} (saved on {} rank(s), stage {})", dir.display(), m.world_size, m.zero_stage);
+    }
+
+    let train = TokenDataset::open(&cfg.dataset, "train", mcfg.vocab_size)?;
+    let val = TokenDataset::open(&cfg.dataset, "val", mcfg.vocab_size)?;
+    let schedule = LrSchedule::from_train_config(&cfg);
+    let tokens_per_step = (cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps * world) as u64;
+    let flops_per_token = 6.0 * n_params as f64 + 12.0 * (mcfg.n_layer * mcfg.n_embd * mcfg.block_size) as f64;
+    let metrics_path = cfg.out_dir.join("metrics.jsonl");
+    let mut evals: (Vec<(f64, f64)>, Vec<(f64, f64)>) = (Vec::new(), Vec::new());
+    let mut stale_evals = 0;
+    let pb = crate::logging::progress_bar(cfg.max_iters - start.min(cfg.max_iters), "{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}");
+    let mut t0 = Instant::now();
+    let mut step = start;
+    loop {
+        let lr = schedule.lr(step);
+        // Evaluate, plot and checkpoint.
+        // eval_iters = 0 turns evaluation and checkpointing off (benchmarks).
+        if cfg.eval_iters > 0 && (step % cfg.eval_interval == 0 || step == cfg.max_iters) {
+            let (tl, vl) = evaluate(&mut engine, &train, &val, &cfg, device)?;
+            info!("step {step}: train loss {tl:.4}, val loss {vl:.4}");
+            let improved = vl < best_val;
+            if rank == 0 {
+                append_jsonl(&metrics_path, serde_json::json!({"step": step, "train_loss": tl, "val_loss": vl}))?;
+                evals.0.push((step as f64, tl));
+                evals.1.push((step as f64, vl));
+                write_plot(&cfg.out_dir, &evals);
+            }
+            if improved {
+                best_val = vl;
+                stale_evals = 0;
+            } else {
+                stale_evals += 1;
+            }
+            if step > start && (improved || cfg.always_save_checkpoint) {
+                let tag = checkpoint::tag_name(step);
+                if improved {
+                    best_tag = Some(tag.clone());
+                }
+                let info = SaveInfo {
+                    step,
+                    tokens_seen: step * tokens_per_step,
+                    model_config: serde_json::to_value(&mcfg).expect("config serializes"),
+                    config: serde_json::to_value(&cfg).expect("config serializes"),
+                    lr,
+                    data: serde_json::json!({"seed": cfg.seed, "next_step": step, "batch_size": cfg.batch_size, "gradient_accumulation_steps": cfg.gradient_accumulation_steps}),
+                    metrics: serde_json::json!({"train_loss": tl, "val_loss": vl, "best_val_loss": best_val, "best_tag": best_tag}),
+                    keep_last: cfg.keep_last,
+                    best: best_tag.clone(),
+                };
+                let dir = checkpoint::save(&mut engine, &cfg.out_dir, &info)?;
+                info!("saved checkpoint {}", dir.display());
+            }
+            if cfg.patience > 0 && stale_evals >= cfg.patience {
+                info!("early stop: val loss has not improved for {stale_evals} evaluations");
+                break;
+            }
+            t0 = Instant::now();
+        }
+        if step >= cfg.max_iters {
+            break;
+        }
+
+        // One optimizer step: micro-steps of forward and backward, then the ZeRO update.
+        for micro in 0..cfg.gradient_accumulation_steps {
+            let (x, y) = train_batch(&train, &cfg, rank, world, step, micro, device)?;
+            engine.forward_backward(&x, &y)?;
+        }
+        let st = engine.step(lr)?;
+        step += 1;
+        exit_hook(rank, step);
+        pb.inc(1);
+
+        if step % cfg.log_interval == 0 || st.skipped {
+            let dt = t0.elapsed().as_secs_f64() / (step - start).min(cfg.log_interval).max(1) as f64;
+            let tok_s = tokens_per_step as f64 / dt;
+            let mfu = if device.is_cuda() { 100.0 * tok_s / world as f64 * flops_per_token / PEAK_FLOPS } else { 0.0 };
+            let skipped = if st.skipped { format!(" (step skipped: overflow, loss scale now {})", engine.scaler.as_ref().map_or(1.0, |s| s.scale())) } else { String::new() };
+            let mfu_txt = if device.is_cuda() { format!(", mfu {mfu:.1}%") } else { String::new() };
+            info!("iter {step}: loss {:.4}, time {:.1}ms, {:.0} tokens/s{mfu_txt}, lr {lr:.3e}, norm {:.3}{skipped}", st.loss, dt * 1e3, tok_s, st.grad_norm);
+            pb.set_message(format!("loss {:.4}", st.loss));
+            if rank == 0 {
+                append_jsonl(&metrics_path, serde_json::json!({"step": step, "loss": st.loss, "lr": lr, "time_ms": dt * 1e3, "tokens_per_s": tok_s, "mfu": mfu, "grad_norm": st.grad_norm, "loss_scale": st.loss_scale, "skipped": st.skipped}))?;
+            }
+            t0 = Instant::now();
+        }
+    }
+    pb.finish_and_clear();
+    engine.comm.barrier()?;
+    if rank == 0 && cfg.sample_tokens > 0 {
+        let text = sample_text(&engine.model, &cfg.sample_prompt, cfg.sample_tokens, cfg.sample_temperature, cfg.sample_top_k, cfg.seed)?;
+        info!("sample:\n{text}");
+    }
+    Ok(())
+}
+
+/// Test hook: ZEROKIT_TEST_EXIT=RANK:STEP makes that rank exit with status 3 after that step,
+/// as a crashed rank would (CI checks that the job then ends with a message naming it).
+fn exit_hook(rank: usize, step: u64) {
+    if let Ok(v) = std::env::var("ZEROKIT_TEST_EXIT") {
+        if v.split_once(':').and_then(|(r, s)| Some((r.parse::<usize>().ok()?, s.parse::<u64>().ok()?))) == Some((rank, step)) {
+            std::process::exit(3);
+        }
+    }
+}
+
+fn write_plot(out_dir: &Path, evals: &(Vec<(f64, f64)>, Vec<(f64, f64)>)) {
+    use crate::plot::{write_loss_plot, Series};
+    let series = [
+        Series { label: "train".into(), color: [31, 119, 180], points: evals.0.clone() },
+        Series { label: "val".into(), color: [255, 127, 14], points: evals.1.clone() },
+    ];
+    if let Err(e) = write_loss_plot(&out_dir.join("loss.png"), "loss", &series, 800, 500) {
+        tracing::warn!("loss plot not written: {e}");
+    }
+}
+
+/// Generates text from `model` with nanoGPT's sampling (temperature, top-k, seeded).
+pub fn sample_text(model: &Gpt, prompt: &str, tokens: usize, temperature: f64, top_k: usize, seed: u64) -> Result<String, TrainError> {
+    let bpe = tiktoken_rs::r50k_base().map_err(|e| TrainError::Other(format!("tokenizer: {e}")))?;
+    let mut ids: Vec<i64> = bpe.encode_ordinary(prompt).into_iter().map(|t| t as i64).collect();
+    if ids.is_empty() {
+        ids.push(50256);
+    }
+    let idx = Tensor::from_slice(&ids).view([1, -1]).to_device(model.device());
+    let out = tch::no_grad(|| model.generate(&idx, tokens, temperature, top_k, seed));
+    let out: Vec<i64> = Vec::try_from(out.view(-1).to_device(Device::Cpu)).map_err(|e| TrainError::Other(e.to_string()))?;
+    let vocab = bpe.decode(out.iter().filter(|&&t| t < 50257).map(|&t| t as u32).collect()).unwrap_or_default();
+    Ok(vocab)
+}
+
+/// `train sample`: text from a checkpoint (a root, its `latest` followed, or a tag directory).
+pub fn sample_from_checkpoint(path: &Path, prompt: &str, tokens: usize, temperature: f64, top_k: usize, seed: u64, device: &str) -> Result<String, TrainError> {
+    // A tag directory is also a Hugging Face model directory (config.json + model.safetensors).
+    let dir = checkpoint::resolve(path, None)?;
+    let device = crate::device::parse_device(device).map_err(TrainError::Other)?;
+    let (model, _) = Gpt::load_hf(&dir, device, Kind::Float)?;
+    sample_text(&model, prompt, tokens, temperature, top_k, seed)
+}
+
+/// `train`: fit (the default) or sample.
+#[derive(Debug, clap::Parser)]
+#[command(name = "train", version, about = "Train GPT-2 with ZeRO data parallelism (nanoGPT's train.py, natively)", args_conflicts_with_subcommands = true)]
+pub struct TrainCli {
+    #[command(subcommand)]
+    pub command: Option<TrainCommand>,
+    #[command(flatten)]
+    pub fit: FitArgs,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum TrainCommand {
+    /// Train (the default when no subcommand is given).
+    Fit(FitArgs),
+    /// Generate text from a checkpoint.
+    Sample(SampleArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct FitArgs {
+    /// Configuration file (TOML; every key is optional). Omitted: the defaults.
+    pub config: Option<PathBuf>,
+    /// A DeepSpeed JSON config applied on top of CONFIG (batch, fp16/bf16, ZeRO stage, AdamW, scheduler).
+    #[arg(long)]
+    pub deepspeed: Option<PathBuf>,
+    /// Override a key, e.g. --set max_iters=100 --set dtype=fp16 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    #[command(flatten)]
+    pub launch: LaunchArgs,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct SampleArgs {
+    /// Checkpoint root (its latest tag) or tag directory.
+    pub checkpoint: PathBuf,
+    #[arg(long, default_value = "\n")]
+    pub prompt: String,
+    #[arg(long, default_value_t = 200)]
+    pub tokens: usize,
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f64,
+    #[arg(long, default_value_t = 200)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 1337)]
+    pub seed: u64,
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+}
+
+/// The `train` binary's one call.
+pub fn run_cli(cli: TrainCli) -> Result<(), TrainError> {
+    match cli.command {
+        Some(TrainCommand::Sample(a)) => {
+            let prompt = a.prompt.replace("\\n", "\n");
+            let text = sample_from_checkpoint(&a.checkpoint, &prompt, a.tokens, a.temperature, a.top_k, a.seed, &a.device)?;
+            println!("{text}");
+            Ok(())
+        }
+        Some(TrainCommand::Fit(a)) => run_fit(a),
+        None => run_fit(cli.fit),
+    }
+}
+
+fn run_fit(a: FitArgs) -> Result<(), TrainError> {
+    let cfg = TrainConfig::load(a.config.as_deref(), a.deepspeed.as_deref(), &a.set)?;
+    let local_launch = a.launch.nproc_per_node > 1 || a.launch.nnodes > 1;
+    if local_launch && !launch::is_launched_rank() {
+        return launch::spawn_local_ranks(&a.launch).map_err(|e| TrainError::Other(e.to_string()));
+    }
+    fit(cfg)
+}

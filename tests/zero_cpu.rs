@@ -1,0 +1,205 @@
+//! ZeRO on CPU ranks through the real `train` binary: N ranks at every stage match one rank on
+//! the same global batch, resume is exact, resume on another world size works, a dead rank ends
+//! the job, and a crash during a save leaves `latest` loadable.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU16, Ordering};
+
+const VOCAB: u16 = 96;
+static PORT: AtomicU16 = AtomicU16::new(0);
+
+fn port() -> u16 {
+    // Distinct per test process and call, away from common services.
+    let base = 20000 + (std::process::id() % 20000) as u16;
+    base + PORT.fetch_add(1, Ordering::SeqCst)
+}
+
+/// A token dataset of `n` pseudo-random ids below VOCAB with some structure to learn.
+fn dataset(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    for (split, n, mut s) in [("train", 20000usize, 7u64), ("val", 4000, 11)] {
+        let mut bytes = Vec::with_capacity(n * 2);
+        let mut prev = 0u16;
+        for _ in 0..n {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let r = (s >> 33) as u16;
+            let t = if r % 4 == 0 { r % VOCAB } else { (prev * 7 + 3) % VOCAB };
+            bytes.extend_from_slice(&t.to_le_bytes());
+            prev = t;
+        }
+        std::fs::write(dir.join(format!("{split}.bin")), bytes).unwrap();
+    }
+}
+
+fn config(dir: &Path, data: &Path, extra: &str) -> PathBuf {
+    let text = format!(
+        r#"dataset = "{}"
+out_dir = "{}"
+n_layer = 2
+n_head = 2
+n_embd = 32
+block_size = 16
+vocab_size = {VOCAB}
+max_iters = 20
+eval_interval = 1000
+eval_iters = 2
+log_interval = 1
+learning_rate = 3e-3
+warmup_iters = 2
+lr_decay_iters = 20
+min_lr = 3e-4
+device = "cpu"
+dtype = "fp32"
+sample_tokens = 0
+comm_timeout = 60
+{extra}
+"#,
+        data.display(),
+        dir.join("out").display()
+    );
+    let p = dir.join("config.toml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+struct Run {
+    ok: bool,
+    stderr: String,
+    losses: Vec<(u64, f64)>,
+    out: PathBuf,
+}
+
+fn train(dir: &Path, data: &Path, nproc: usize, extra: &str, env: &[(&str, &str)]) -> Run {
+    std::fs::create_dir_all(dir).unwrap();
+    let cfg = config(dir, data, extra);
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_train"));
+    cmd.arg(&cfg).arg("--nproc-per-node").arg(nproc.to_string()).arg("--master-port").arg(port().to_string());
+    cmd.env("ZEROKIT_NO_CUDA", "1").env_remove("RANK").env_remove("WORLD_SIZE");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let o = cmd.output().unwrap();
+    let out = dir.join("out");
+    let losses = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| Some((v.get("step")?.as_u64()?, v.get("loss")?.as_f64()?)))
+        .collect();
+    Run { ok: o.status.success(), stderr: String::from_utf8_lossy(&o.stderr).into_owned(), losses, out }
+}
+
+fn assert_close(a: &[(u64, f64)], b: &[(u64, f64)], rel: f64, what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: different numbers of logged steps");
+    for ((sa, la), (sb, lb)) in a.iter().zip(b) {
+        assert_eq!(sa, sb);
+        let d = (la - lb).abs() / la.abs().max(1e-12);
+        assert!(d <= rel, "{what}: step {sa}: loss {la} vs {lb} (relative {d:.2e} > {rel:.0e})");
+    }
+}
+
+#[test]
+fn n_ranks_match_one_rank_at_every_stage() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    dataset(&data);
+    // One rank with the whole global batch (12 sequences) is the reference.
+    let reference = train(&tmp.path().join("ref"), &data, 1, "batch_size = 12", &[]);
+    assert!(reference.ok, "{}", reference.stderr);
+    assert_eq!(reference.losses.len(), 20);
+    assert!(reference.losses[19].1 < reference.losses[0].1 - 0.3, "loss should fall: {:?}", reference.losses);
+    for stage in 0..=2 {
+        for n in [2usize, 3, 4] {
+            let extra = format!("batch_size = {}\nzero_stage = {stage}", 12 / n);
+            let r = train(&tmp.path().join(format!("s{stage}n{n}")), &data, n, &extra, &[]);
+            assert!(r.ok, "stage {stage}, {n} ranks: {}", r.stderr);
+            assert_close(&r.losses, &reference.losses, 1e-6, &format!("stage {stage}, {n} ranks"));
+        }
+    }
+}
+
+#[test]
+fn gradient_accumulation_matches_a_larger_micro_batch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    dataset(&data);
+    let reference = train(&tmp.path().join("ref"), &data, 1, "batch_size = 8", &[]);
+    assert!(reference.ok, "{}", reference.stderr);
+    for stage in 0..=2 {
+        let extra = format!("batch_size = 2\ngradient_accumulation_steps = 2\nzero_stage = {stage}");
+        let r = train(&tmp.path().join(format!("acc{stage}")), &data, 2, &extra, &[]);
+        assert!(r.ok, "{}", r.stderr);
+        assert_close(&r.losses, &reference.losses, 1e-6, &format!("stage {stage}, accumulation 2 x 2 ranks"));
+    }
+}
+
+#[test]
+fn resume_is_exact_and_works_on_another_world_size() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    dataset(&data);
+    let common = "batch_size = 3\nzero_stage = 2\nalways_save_checkpoint = true\neval_interval = 10\nkeep_last = 5";
+    let full = train(&tmp.path().join("full"), &data, 2, common, &[]);
+    assert!(full.ok, "{}", full.stderr);
+
+    let part = tmp.path().join("part");
+    let first = train(&part, &data, 2, &format!("{common}\nmax_iters = 10"), &[]);
+    assert!(first.ok, "{}", first.stderr);
+    assert_eq!(std::fs::read_to_string(first.out.join("latest")).unwrap().trim(), "step_00000010");
+    let resumed = train(&part, &data, 2, &format!("{common}\ninit_from = \"resume\""), &[]);
+    assert!(resumed.ok, "{}", resumed.stderr);
+    let tail: Vec<_> = resumed.losses.iter().filter(|(s, _)| *s > 10).copied().collect();
+    let want: Vec<_> = full.losses.iter().filter(|(s, _)| *s > 10).copied().collect();
+    assert_close(&tail, &want, 0.0, "resume on the same world size");
+
+    // Saved on 2 ranks at stage 2, continued on 3 ranks at stage 1 and on 1 rank at stage 0.
+    for (n, stage) in [(3usize, 1u8), (1, 0)] {
+        let d = tmp.path().join(format!("re{n}"));
+        std::fs::create_dir_all(d.join("out")).unwrap();
+        copy_dir(&first.out.join("step_00000010"), &d.join("out/step_00000010"));
+        std::fs::write(d.join("out/latest"), "step_00000010\n").unwrap();
+        let extra = format!("batch_size = {}\nzero_stage = {stage}\neval_interval = 10\ninit_from = \"resume\"", 6 / n);
+        let r = train(&d, &data, n, &extra, &[]);
+        assert!(r.ok, "{}", r.stderr);
+        let tail: Vec<_> = r.losses.iter().filter(|(s, _)| *s > 10).copied().collect();
+        assert_close(&tail, &want, 1e-5, &format!("resume on {n} ranks at stage {stage}"));
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+#[test]
+fn a_dead_rank_ends_the_job_with_its_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    dataset(&data);
+    let t = std::time::Instant::now();
+    let r = train(&tmp.path().join("dead"), &data, 3, "batch_size = 2\nzero_stage = 2", &[("ZEROKIT_TEST_EXIT", "1:5")]);
+    assert!(!r.ok);
+    assert!(r.stderr.contains("rank 1 failed"), "{}", r.stderr);
+    assert!(t.elapsed().as_secs() < 60, "the job took {:?} to stop", t.elapsed());
+}
+
+#[test]
+fn a_crash_during_save_leaves_latest_loadable() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    dataset(&data);
+    let common = "batch_size = 3\nzero_stage = 1\nalways_save_checkpoint = true\neval_interval = 5";
+    let r = train(&tmp.path().join("crash"), &data, 2, common, &[("ZEROKIT_TEST_CRASH_DURING_SAVE", "10")]);
+    assert!(!r.ok, "the save hook should have killed rank 0");
+    assert_eq!(std::fs::read_to_string(r.out.join("latest")).unwrap().trim(), "step_00000005");
+    assert!(r.out.join(".step_00000010.partial").exists(), "the interrupted save stays in its .partial directory");
+    assert!(!r.out.join("step_00000010").exists());
+    let resumed = train(&tmp.path().join("crash"), &data, 2, &format!("{common}\ninit_from = \"resume\"\nmax_iters = 12"), &[]);
+    assert!(resumed.ok, "{}", resumed.stderr);
+    assert!(resumed.stderr.contains("resumed from") && resumed.stderr.contains("at step 5"), "{}", resumed.stderr);
+    assert!(!resumed.out.join(".step_00000010.partial").exists(), "a later save cleans up the partial");
+}
