@@ -4,4 +4,6 @@
 pub mod data;
 pub mod device;
 pub mod fsutil;
+pub mod interop;
 pub mod logging;
+pub mod model;

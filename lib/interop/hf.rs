@@ -1,0 +1,449 @@
+//! Hugging Face GPT-2 model directories, both ways: config.json plus model.safetensors (or shards
+//! listed in model.safetensors.index.json). Names are transformers' GPT-2 names and weights keep
+//! their Conv1D [in, out] layout, so moving weights is a copy; the older key style without the
+//! `transformer.` prefix, the `attn.bias`/`attn.masked_bias` mask buffers of old checkpoints and a
+//! stored `lm_head.weight` equal to wte are accepted on the way in.
+
+use crate::fsutil::{self, AtomicDir, FsError};
+use crate::model::{GptConfig, ParamSpec, LAYER_NORM_EPS, WTE};
+use memmap2::Mmap;
+use safetensors::tensor::{Dtype, SafeTensors, TensorView, View};
+use serde_json::{json, Value};
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind, TchError, Tensor};
+
+pub const CONFIG_FILE: &str = "config.json";
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum HfError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Fs(#[from] FsError),
+    #[error("{path}: bad config.json: {msg}")]
+    Config { path: PathBuf, msg: String },
+    #[error("{path}: no {WEIGHTS_FILE} or {INDEX_FILE} (only safetensors checkpoints are read here)")]
+    NoWeights { path: PathBuf },
+    #[error("{path}: bad shard index: {msg}")]
+    Index { path: PathBuf, msg: String },
+    #[error("{path}: not a valid safetensors file: {msg}")]
+    Safetensors { path: PathBuf, msg: String },
+    #[error("{path}: missing tensor {name}")]
+    Missing { path: PathBuf, name: String },
+    #[error("{path}: unexpected tensor {key} (not a parameter of this GPT-2 config)")]
+    Unexpected { path: PathBuf, key: String },
+    #[error("{path}: tensor {key} is a second copy of {name} (first seen as {first})")]
+    Duplicate { path: PathBuf, key: String, name: String, first: String },
+    #[error("{path}: tensor {key} has shape {found:?}, expected {expected:?} for this config")]
+    Shape { path: PathBuf, key: String, found: Vec<usize>, expected: Vec<i64> },
+    #[error("{path}: tensor {key} has dtype {dtype}, expected F32, F16 or BF16")]
+    Dtype { path: PathBuf, key: String, dtype: String },
+    #[error("{path}: lm_head.weight differs from {WTE}; zerokit's GPT-2 ties them")]
+    Untied { path: PathBuf },
+    #[error("{path}: libtorch: {source}")]
+    Torch { path: PathBuf, source: TchError },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> HfError + '_ {
+    move |source| HfError::Io { path: path.to_path_buf(), source }
+}
+
+fn torch_err(path: &Path) -> impl FnOnce(TchError) -> HfError + '_ {
+    move |source| HfError::Torch { path: path.to_path_buf(), source }
+}
+
+/// Reads the GPT-2 shape from config.json (`path` is the file or its directory), refusing
+/// configs whose arithmetic differs from the model here (exact GELU, another LayerNorm eps,
+/// untied head, a non-4x MLP, unscaled or layer-scaled attention, cross-attention).
+pub fn read_config(path: &Path) -> Result<GptConfig, HfError> {
+    let file = if path.is_dir() { path.join(CONFIG_FILE) } else { path.to_path_buf() };
+    let text = std::fs::read_to_string(&file).map_err(io_err(&file))?;
+    let bad = |msg: String| HfError::Config { path: file.clone(), msg };
+    let v: Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let obj = v.as_object().ok_or_else(|| bad("not a JSON object".into()))?;
+
+    let size = |key: &str| -> Result<Option<usize>, HfError> {
+        match obj.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(x) => match x.as_u64() {
+                Some(n) if n > 0 => Ok(Some(n as usize)),
+                _ => Err(bad(format!("{key} must be a positive integer, got {x}"))),
+            },
+        }
+    };
+    let required = |key: &str| size(key)?.ok_or_else(|| bad(format!("{key} is missing")));
+    let flag = |key: &str, default: bool| -> Result<bool, HfError> {
+        match obj.get(key) {
+            None | Some(Value::Null) => Ok(default),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(x) => Err(bad(format!("{key} must be true or false, got {x}"))),
+        }
+    };
+
+    if let Some(t) = obj.get("model_type") {
+        if t.as_str() != Some("gpt2") {
+            return Err(bad(format!("model_type is {t}, expected \"gpt2\"")));
+        }
+    }
+    let n_embd = required("n_embd")?;
+    let block_size = match size("n_positions")? {
+        Some(n) => n,
+        None => size("n_ctx")?.ok_or_else(|| bad("n_positions is missing".into()))?,
+    };
+    let cfg = GptConfig {
+        n_layer: required("n_layer")?,
+        n_head: required("n_head")?,
+        n_embd,
+        block_size,
+        vocab_size: required("vocab_size")?,
+    };
+    // gelu_new, gelu_fast and gelu_pytorch_tanh are all the tanh approximation.
+    let act = obj.get("activation_function").and_then(Value::as_str).unwrap_or("gelu_new");
+    if !matches!(act, "gelu_new" | "gelu_fast" | "gelu_pytorch_tanh") {
+        return Err(bad(format!("activation_function {act:?} is not the tanh GELU of GPT-2")));
+    }
+    if let Some(x) = obj.get("layer_norm_epsilon") {
+        let eps = x.as_f64().ok_or_else(|| bad(format!("layer_norm_epsilon must be a number, got {x}")))?;
+        if (eps - LAYER_NORM_EPS).abs() > 1e-12 {
+            return Err(bad(format!("layer_norm_epsilon {eps} is not GPT-2's {LAYER_NORM_EPS}")));
+        }
+    }
+    if let Some(n_inner) = size("n_inner")? {
+        if n_inner != 4 * n_embd {
+            return Err(bad(format!("n_inner {n_inner} is not 4 * n_embd = {}", 4 * n_embd)));
+        }
+    }
+    if !flag("scale_attn_weights", true)? {
+        return Err(bad("scale_attn_weights false (unscaled attention) is not supported".into()));
+    }
+    if flag("scale_attn_by_inverse_layer_idx", false)? {
+        return Err(bad("scale_attn_by_inverse_layer_idx true is not supported".into()));
+    }
+    if !flag("tie_word_embeddings", true)? {
+        return Err(bad("tie_word_embeddings false (separate lm_head) is not supported".into()));
+    }
+    if flag("add_cross_attention", false)? {
+        return Err(bad("add_cross_attention true is not supported".into()));
+    }
+    Ok(cfg)
+}
+
+fn kind_name(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Half => "float16",
+        Kind::BFloat16 => "bfloat16",
+        _ => "float32",
+    }
+}
+
+/// A GPT2LMHeadModel config.json: transformers' GPT2Config fields with their defaults, dropout
+/// off (zerokit trains without it), and the dtype under both the current (`dtype`) and the older
+/// (`torch_dtype`) key.
+pub fn config_json(cfg: &GptConfig, kind: Kind) -> String {
+    // GPT-2's <|endoftext|> is 50256; smaller custom vocabularies have no such token.
+    let eot = (cfg.vocab_size > 50256).then_some(50256);
+    let v = json!({
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "activation_function": "gelu_new",
+        "add_cross_attention": false,
+        "attn_pdrop": 0.0,
+        "bos_token_id": eot,
+        "eos_token_id": eot,
+        "embd_pdrop": 0.0,
+        "initializer_range": 0.02,
+        "layer_norm_epsilon": LAYER_NORM_EPS,
+        "n_ctx": cfg.block_size,
+        "n_embd": cfg.n_embd,
+        "n_head": cfg.n_head,
+        "n_inner": null,
+        "n_layer": cfg.n_layer,
+        "n_positions": cfg.block_size,
+        "reorder_and_upcast_attn": false,
+        "resid_pdrop": 0.0,
+        "scale_attn_by_inverse_layer_idx": false,
+        "scale_attn_weights": true,
+        "summary_activation": null,
+        "summary_first_dropout": 0.1,
+        "summary_proj_to_labels": true,
+        "summary_type": "cls_index",
+        "summary_use_proj": true,
+        "tie_word_embeddings": true,
+        "dtype": kind_name(kind),
+        "torch_dtype": kind_name(kind),
+        "use_cache": true,
+        "vocab_size": cfg.vocab_size,
+    });
+    let mut s = serde_json::to_string_pretty(&v).expect("a JSON value serialises");
+    s.push('\n');
+    s
+}
+
+/// What a checkpoint key is, in zerokit's terms.
+enum Key {
+    Param(String),
+    LmHead,
+    /// The causal-mask buffers old transformers versions saved; derived, not learned.
+    MaskBuffer,
+}
+
+fn classify(key: &str) -> Key {
+    if key == "lm_head.weight" {
+        return Key::LmHead;
+    }
+    let rest = key.strip_prefix("transformer.").unwrap_or(key);
+    let parts: Vec<&str> = rest.split('.').collect();
+    if let ["h", i, "attn", "bias" | "masked_bias"] = parts.as_slice() {
+        if i.parse::<usize>().is_ok() {
+            return Key::MaskBuffer;
+        }
+    }
+    Key::Param(format!("transformer.{rest}"))
+}
+
+fn kind_of(dtype: Dtype) -> Option<Kind> {
+    match dtype {
+        Dtype::F32 => Some(Kind::Float),
+        Dtype::F16 => Some(Kind::Half),
+        Dtype::BF16 => Some(Kind::BFloat16),
+        _ => None,
+    }
+}
+
+fn dtype_of(kind: Kind) -> Dtype {
+    match kind {
+        Kind::Half => Dtype::F16,
+        Kind::BFloat16 => Dtype::BF16,
+        _ => Dtype::F32,
+    }
+}
+
+/// The weight files of a model directory, and for a sharded one the index's name-to-file map.
+fn weight_files(dir: &Path) -> Result<(Vec<PathBuf>, Option<(PathBuf, BTreeMap<String, String>)>), HfError> {
+    let single = dir.join(WEIGHTS_FILE);
+    if single.is_file() {
+        return Ok((vec![single], None));
+    }
+    let index_path = dir.join(INDEX_FILE);
+    if !index_path.is_file() {
+        return Err(HfError::NoWeights { path: dir.to_path_buf() });
+    }
+    let bad = |msg: String| HfError::Index { path: index_path.clone(), msg };
+    let text = std::fs::read_to_string(&index_path).map_err(io_err(&index_path))?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let map = v
+        .get("weight_map")
+        .and_then(Value::as_object)
+        .ok_or_else(|| bad("no weight_map object".into()))?;
+    let mut weight_map = BTreeMap::new();
+    let mut files: Vec<String> = Vec::new();
+    for (key, file) in map {
+        let file = file.as_str().ok_or_else(|| bad(format!("{key} maps to {file}, not a file name")))?;
+        // Shards live beside the index; a path elsewhere is not a checkpoint we wrote or trust.
+        if file.is_empty() || file.contains('/') || file.contains('\\') || file == ".." {
+            return Err(bad(format!("{key} maps to {file:?}, not a file name in this directory")));
+        }
+        if !files.iter().any(|f| f == file) {
+            files.push(file.to_string());
+        }
+        weight_map.insert(key.clone(), file.to_string());
+    }
+    files.sort();
+    Ok((files.iter().map(|f| dir.join(f)).collect(), Some((index_path, weight_map))))
+}
+
+fn map_file(path: &Path) -> Result<Mmap, HfError> {
+    let file = File::open(path).map_err(io_err(path))?;
+    // SAFETY: the mapping is read-only and lives only for this load; a checkpoint modified by
+    // another process while being loaded is outside what any loader can guard against.
+    unsafe { Mmap::map(&file) }.map_err(io_err(path))
+}
+
+/// Loads the parameters `specs` names from a model directory, in `specs` order, as `kind` on
+/// `device`. Every check (names, shapes, dtypes, the tied head) runs before any data is copied.
+pub fn load_tensors(
+    dir: &Path,
+    specs: &[ParamSpec],
+    device: Device,
+    kind: Kind,
+) -> Result<Vec<(String, Tensor)>, HfError> {
+    let (paths, index) = weight_files(dir)?;
+    let maps = paths.iter().map(|p| map_file(p)).collect::<Result<Vec<_>, _>>()?;
+    let files = paths
+        .iter()
+        .zip(&maps)
+        .map(|(p, m)| {
+            SafeTensors::deserialize(m)
+                .map_err(|e| HfError::Safetensors { path: p.clone(), msg: e.to_string() })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+
+    let wanted: HashMap<&str, &ParamSpec> = specs.iter().map(|s| (s.name.as_str(), s)).collect();
+    // canonical name -> (file index, key as stored, view)
+    let mut found: HashMap<String, (usize, String, TensorView<'_>)> = HashMap::new();
+    let mut lm_head: Option<(usize, TensorView<'_>)> = None;
+    for (fi, st) in files.iter().enumerate() {
+        let path = &paths[fi];
+        for (key, view) in st.iter() {
+            if let Some((index_path, weight_map)) = &index {
+                let listed = weight_map.get(key).map(String::as_str);
+                let here = path.file_name().and_then(|n| n.to_str());
+                if listed != here {
+                    return Err(HfError::Index {
+                        path: index_path.clone(),
+                        msg: format!("{key} is stored in {} but the index lists it in {listed:?}", path.display()),
+                    });
+                }
+            }
+            if kind_of(view.dtype()).is_none() {
+                return Err(HfError::Dtype { path: path.clone(), key: key.into(), dtype: view.dtype().to_string() });
+            }
+            match classify(key) {
+                Key::MaskBuffer => {}
+                Key::LmHead => lm_head = Some((fi, view)),
+                Key::Param(name) => {
+                    let Some(spec) = wanted.get(name.as_str()) else {
+                        return Err(HfError::Unexpected { path: path.clone(), key: key.into() });
+                    };
+                    if view.shape().len() != spec.shape.len()
+                        || view.shape().iter().zip(&spec.shape).any(|(&a, &b)| a as i64 != b)
+                    {
+                        return Err(HfError::Shape {
+                            path: path.clone(),
+                            key: key.into(),
+                            found: view.shape().to_vec(),
+                            expected: spec.shape.clone(),
+                        });
+                    }
+                    if let Some((_, first, _)) = found.get(&name) {
+                        return Err(HfError::Duplicate { path: path.clone(), key: key.into(), name, first: first.clone() });
+                    }
+                    found.insert(name, (fi, key.to_string(), view));
+                }
+            }
+        }
+    }
+    if let Some((index_path, weight_map)) = &index {
+        let stored: std::collections::HashSet<&str> =
+            files.iter().flat_map(|st| st.names()).collect();
+        if let Some(key) = weight_map.keys().find(|k| !stored.contains(k.as_str())) {
+            return Err(HfError::Index {
+                path: index_path.clone(),
+                msg: format!("{key} is listed in {} but not stored there", weight_map[key]),
+            });
+        }
+    }
+    let where_ = || if paths.len() == 1 { paths[0].clone() } else { dir.to_path_buf() };
+    if let Some(spec) = specs.iter().find(|s| !found.contains_key(&s.name)) {
+        return Err(HfError::Missing { path: where_(), name: spec.name.clone() });
+    }
+    if let Some((fi, head)) = &lm_head {
+        let (_, _, wte) = &found[WTE];
+        if !same_values(head, wte).map_err(torch_err(&paths[*fi]))? {
+            return Err(HfError::Untied { path: paths[*fi].clone() });
+        }
+    }
+
+    let total: u64 = specs.iter().map(|s| found[&s.name].2.data().len() as u64).sum();
+    let pb = crate::logging::progress_bar(total, "load {bar:40} {bytes}/{total_bytes} {eta}");
+    let mut out = Vec::with_capacity(specs.len());
+    for spec in specs {
+        let (fi, _, view) = &found[&spec.name];
+        let t = to_tensor(view)
+            .and_then(|t| t.f_to_kind(kind))
+            .and_then(|t| t.f_to_device(device))
+            .map_err(torch_err(&paths[*fi]))?;
+        pb.inc(view.data().len() as u64);
+        out.push((spec.name.clone(), t));
+    }
+    pb.finish_and_clear();
+    tracing::info!("loaded {} tensors ({} bytes) from {}", out.len(), total, dir.display());
+    Ok(out)
+}
+
+/// A CPU tensor holding a copy of a stored tensor, in its stored dtype.
+fn to_tensor(view: &TensorView<'_>) -> Result<Tensor, TchError> {
+    let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+    let kind = kind_of(view.dtype()).expect("dtype checked when the file was scanned");
+    Tensor::f_from_data_size(view.data(), &shape, kind)
+}
+
+/// Whether two stored tensors hold the same values (bytes when the dtypes agree).
+fn same_values(a: &TensorView<'_>, b: &TensorView<'_>) -> Result<bool, TchError> {
+    if a.shape() != b.shape() {
+        return Ok(false);
+    }
+    if a.dtype() == b.dtype() {
+        return Ok(a.data() == b.data());
+    }
+    Ok(to_tensor(a)?.f_to_kind(Kind::Float)?.equal(&to_tensor(b)?.f_to_kind(Kind::Float)?))
+}
+
+/// A parameter staged on the host for serialisation.
+struct HostTensor {
+    tensor: Tensor,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    bytes: usize,
+    pb: indicatif::ProgressBar,
+}
+
+impl View for HostTensor {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        let mut buf = vec![0u8; self.bytes];
+        // Cannot fail: a contiguous CPU tensor of exactly this many bytes.
+        self.tensor.copy_data_u8(&mut buf, self.tensor.numel());
+        self.pb.inc(self.bytes as u64);
+        Cow::Owned(buf)
+    }
+    fn data_len(&self) -> usize {
+        self.bytes
+    }
+}
+
+/// Writes config.json and model.safetensors for `tensors` (canonical names, all of `kind`) into
+/// `dir`, atomically: the directory appears complete or not at all.
+pub fn save(
+    dir: &Path,
+    cfg: &GptConfig,
+    kind: Kind,
+    tensors: &[(String, Tensor)],
+    force: bool,
+) -> Result<(), HfError> {
+    let out = AtomicDir::create(dir, force)?;
+    let st_path = out.path().join(WEIGHTS_FILE);
+    let total: usize = tensors.iter().map(|(_, t)| t.numel() * kind.elt_size_in_bytes()).sum();
+    let pb = crate::logging::progress_bar(total as u64, "save {bar:40} {bytes}/{total_bytes} {eta}");
+    let mut staged = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let tensor = t
+            .f_to_device(Device::Cpu)
+            .and_then(|t| t.f_to_kind(kind))
+            .and_then(|t| t.f_contiguous())
+            .map_err(torch_err(dir))?;
+        let shape = tensor.size().iter().map(|&d| d as usize).collect();
+        let bytes = tensor.numel() * kind.elt_size_in_bytes();
+        staged.push((name.clone(), HostTensor { tensor, dtype: dtype_of(kind), shape, bytes, pb: pb.clone() }));
+    }
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::tensor::serialize_to_file(staged, Some(metadata), &st_path)
+        .map_err(|e| HfError::Safetensors { path: st_path.clone(), msg: e.to_string() })?;
+    // serialize_to_file does not fsync; the directory rename below must not outrun the data.
+    File::open(&st_path).and_then(|f| f.sync_all()).map_err(io_err(&st_path))?;
+    fsutil::write_atomic(&out.path().join(CONFIG_FILE), config_json(cfg, kind).as_bytes())?;
+    pb.finish_and_clear();
+    out.commit()?;
+    tracing::info!("saved {} tensors ({total} bytes) to {}", tensors.len(), dir.display());
+    Ok(())
+}

@@ -1,0 +1,736 @@
+//! GPT-2 in tch, exactly as Hugging Face's GPT2LMHeadModel and nanoGPT define it: learned
+//! position embeddings, pre-LayerNorm blocks, causal attention through libtorch's
+//! scaled_dot_product_attention, tanh-approximated GELU, biases everywhere, LayerNorm eps 1e-5,
+//! and an output projection tied to the token embedding.
+//!
+//! Parameters are plain tensors (no VarStore) named and laid out as transformers names and lays
+//! them out, Conv1D weights included ([in, out], applied as `x @ w + b`), so Hugging Face
+//! checkpoints move in and out with a plain copy. The trainer re-points every parameter into its
+//! flat ZeRO buffer through the handles of `named_parameters` and runs the model piecewise
+//! (`embed`, `block`, `head`) to overlap gradient reduction with backward.
+
+use crate::interop::hf::{self, HfError};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::Path;
+use tch::{Device, Kind, Reduction, TchError, Tensor};
+
+/// LayerNorm epsilon of every GPT-2 checkpoint.
+pub const LAYER_NORM_EPS: f64 = 1e-5;
+/// Standard deviation of GPT-2's normal initialisation.
+pub const INIT_STD: f64 = 0.02;
+/// The model sizes OpenAI released, by their Hugging Face names.
+pub const PRESETS: [&str; 4] = ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"];
+
+/// Parameter names inside block `i`, after the `transformer.h.{i}.` prefix, in transformers'
+/// order (which is the canonical order here too).
+const BLOCK_PARAMS: [&str; 12] = [
+    "ln_1.weight",
+    "ln_1.bias",
+    "attn.c_attn.weight",
+    "attn.c_attn.bias",
+    "attn.c_proj.weight",
+    "attn.c_proj.bias",
+    "ln_2.weight",
+    "ln_2.bias",
+    "mlp.c_fc.weight",
+    "mlp.c_fc.bias",
+    "mlp.c_proj.weight",
+    "mlp.c_proj.bias",
+];
+
+pub const WTE: &str = "transformer.wte.weight";
+pub const WPE: &str = "transformer.wpe.weight";
+pub const LN_F_WEIGHT: &str = "transformer.ln_f.weight";
+pub const LN_F_BIAS: &str = "transformer.ln_f.bias";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("invalid GPT-2 config: {0}")]
+    Config(String),
+    #[error("unknown model preset '{0}' (expected one of gpt2, gpt2-medium, gpt2-large, gpt2-xl)")]
+    UnknownPreset(String),
+    #[error("unsupported parameter kind {0:?} (expected Float, Half or BFloat16)")]
+    Kind(Kind),
+    #[error("parameter set does not match the model: {0}")]
+    Params(String),
+    #[error("bad generate input: {0}")]
+    Generate(String),
+    #[error(transparent)]
+    Hf(#[from] HfError),
+    #[error("libtorch: {0}")]
+    Torch(#[from] TchError),
+}
+
+/// The shape of a GPT-2. `vocab_size` may be padded beyond the tokenizer's 50257 (nanoGPT uses
+/// 50304, a multiple of 64, for faster matrix products); padded rows are never produced by the
+/// tokenizer and learn to be improbable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GptConfig {
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub n_embd: usize,
+    pub block_size: usize,
+    pub vocab_size: usize,
+}
+
+/// One parameter of the canonical list: its transformers name, shape, and whether AdamW decays it
+/// (matrices and embeddings do; biases and LayerNorm gains do not, as in nanoGPT).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParamSpec {
+    pub name: String,
+    pub shape: Vec<i64>,
+    pub weight_decay: bool,
+}
+
+impl ParamSpec {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product::<i64>() as usize
+    }
+}
+
+impl GptConfig {
+    /// OpenAI's released sizes, with the tokenizer's vocabulary (50257) and 1024 positions.
+    pub fn preset(name: &str) -> Result<GptConfig, ModelError> {
+        let (n_layer, n_head, n_embd) = match name {
+            "gpt2" => (12, 12, 768),
+            "gpt2-medium" => (24, 16, 1024),
+            "gpt2-large" => (36, 20, 1280),
+            "gpt2-xl" => (48, 25, 1600),
+            _ => return Err(ModelError::UnknownPreset(name.to_string())),
+        };
+        Ok(GptConfig { n_layer, n_head, n_embd, block_size: 1024, vocab_size: 50257 })
+    }
+
+    /// The same model with the vocabulary rounded up to a multiple of `multiple` (64 gives
+    /// nanoGPT's 50304).
+    pub fn with_vocab_padded_to(mut self, multiple: usize) -> GptConfig {
+        if multiple > 0 {
+            self.vocab_size = self.vocab_size.div_ceil(multiple) * multiple;
+        }
+        self
+    }
+
+    pub fn validate(&self) -> Result<(), ModelError> {
+        let bad = |m: String| Err(ModelError::Config(m));
+        if self.n_layer == 0 || self.n_head == 0 || self.n_embd == 0 {
+            return bad(format!("n_layer, n_head and n_embd must be positive (got {self:?})"));
+        }
+        if self.block_size == 0 || self.vocab_size == 0 {
+            return bad(format!("block_size and vocab_size must be positive (got {self:?})"));
+        }
+        if self.n_embd % self.n_head != 0 {
+            return bad(format!("n_embd {} is not a multiple of n_head {}", self.n_embd, self.n_head));
+        }
+        // Token ids travel as i64 and sizes as i64 through libtorch.
+        if self.num_params() as u128 > i64::MAX as u128 / 8 {
+            return bad(format!("{self:?} is too large"));
+        }
+        Ok(())
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.n_embd / self.n_head
+    }
+
+    /// Every parameter in canonical order: wte, wpe, h.0.*, ..., h.{L-1}.*, ln_f.*.
+    pub fn param_specs(&self) -> Vec<ParamSpec> {
+        let (c, v, t) = (self.n_embd as i64, self.vocab_size as i64, self.block_size as i64);
+        let spec = |name: String, shape: Vec<i64>| {
+            let weight_decay = shape.len() >= 2;
+            ParamSpec { name, shape, weight_decay }
+        };
+        let mut specs = vec![spec(WTE.into(), vec![v, c]), spec(WPE.into(), vec![t, c])];
+        for i in 0..self.n_layer {
+            for (suffix, shape) in BLOCK_PARAMS.iter().zip(block_shapes(c)) {
+                specs.push(spec(block_param_name(i, suffix), shape));
+            }
+        }
+        specs.push(spec(LN_F_WEIGHT.into(), vec![c]));
+        specs.push(spec(LN_F_BIAS.into(), vec![c]));
+        specs
+    }
+
+    /// Parameter count, the tied lm_head counted once (as transformers' num_parameters does).
+    pub fn num_params(&self) -> usize {
+        let (c, v, t, l) = (self.n_embd, self.vocab_size, self.block_size, self.n_layer);
+        let block = 2 * 2 * c + (c * 3 * c + 3 * c) + (c * c + c) + (c * 4 * c + 4 * c) + (4 * c * c + c);
+        v * c + t * c + l * block + 2 * c
+    }
+
+    /// Reads a Hugging Face GPT-2 config.json (or the one inside a model directory).
+    pub fn from_hf_config(path: &Path) -> Result<GptConfig, ModelError> {
+        Ok(hf::read_config(path)?)
+    }
+
+    /// A GPT2LMHeadModel config.json for this shape, parameters stored as `kind`.
+    pub fn to_hf_config_json(&self, kind: Kind) -> String {
+        hf::config_json(self, kind)
+    }
+}
+
+fn block_shapes(c: i64) -> [Vec<i64>; 12] {
+    [
+        vec![c],
+        vec![c],
+        vec![c, 3 * c],
+        vec![3 * c],
+        vec![c, c],
+        vec![c],
+        vec![c],
+        vec![c],
+        vec![c, 4 * c],
+        vec![4 * c],
+        vec![4 * c, c],
+        vec![c],
+    ]
+}
+
+fn block_param_name(i: usize, suffix: &str) -> String {
+    format!("transformer.h.{i}.{suffix}")
+}
+
+/// GPT-2's initialisation of one parameter: N(0, 0.02) for matrices and embeddings, with the two
+/// residual projections scaled by 1/sqrt(2·n_layer) so the residual stream's variance does not
+/// grow with depth; zero biases; LayerNorm gain 1.
+fn init_of(name: &str, n_layer: usize) -> Init {
+    if name.ends_with("c_proj.weight") {
+        Init::Normal(INIT_STD / (2.0 * n_layer as f64).sqrt())
+    } else if name.ends_with(".bias") {
+        Init::Zeros
+    } else if name.contains(".ln_") {
+        Init::Ones
+    } else {
+        Init::Normal(INIT_STD)
+    }
+}
+
+enum Init {
+    Normal(f64),
+    Zeros,
+    Ones,
+}
+
+/// A Conv1D in transformers' sense: a linear layer whose weight is stored [in, out].
+struct Conv1D {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Conv1D {
+    /// `bias + x @ weight` through one addmm, as transformers' Conv1D computes it; cuBLAS reads
+    /// the [in, out] weight without a transpose copy.
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let mut out_shape = x.size();
+        let n_in = *out_shape.last().expect("Conv1D input has at least one dimension");
+        *out_shape.last_mut().unwrap() = self.weight.size()[1];
+        self.bias.addmm(&x.reshape([-1, n_in]), &self.weight).view(out_shape.as_slice())
+    }
+}
+
+struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl LayerNorm {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let c = *x.size().last().expect("LayerNorm input has at least one dimension");
+        x.layer_norm([c], Some(&self.weight), Some(&self.bias), LAYER_NORM_EPS, true)
+    }
+}
+
+struct Block {
+    ln_1: LayerNorm,
+    c_attn: Conv1D,
+    attn_proj: Conv1D,
+    ln_2: LayerNorm,
+    c_fc: Conv1D,
+    mlp_proj: Conv1D,
+}
+
+impl Block {
+    /// The tensors in BLOCK_PARAMS order.
+    fn tensors(&self) -> [&Tensor; 12] {
+        [
+            &self.ln_1.weight,
+            &self.ln_1.bias,
+            &self.c_attn.weight,
+            &self.c_attn.bias,
+            &self.attn_proj.weight,
+            &self.attn_proj.bias,
+            &self.ln_2.weight,
+            &self.ln_2.bias,
+            &self.c_fc.weight,
+            &self.c_fc.bias,
+            &self.mlp_proj.weight,
+            &self.mlp_proj.bias,
+        ]
+    }
+
+    fn forward(&self, x: &Tensor, n_head: i64) -> Tensor {
+        let (b, t, c) = x.size3().expect("block input is [B, T, C]");
+        let hd = c / n_head;
+        let qkv = self.c_attn.forward(&self.ln_1.forward(x));
+        // [B, T, C] each, then [B, nh, T, hd]: heads become a batch dimension for attention.
+        let heads = |m: &Tensor| m.view([b, t, n_head, hd]).transpose(1, 2);
+        let qkv = qkv.split(c, 2);
+        let y = Tensor::scaled_dot_product_attention(
+            &heads(&qkv[0]),
+            &heads(&qkv[1]),
+            &heads(&qkv[2]),
+            None::<Tensor>,
+            0.0,
+            true,
+            None,
+            false,
+        );
+        let y = y.transpose(1, 2).contiguous().view([b, t, c]);
+        let x = x + self.attn_proj.forward(&y);
+        let h = self.c_fc.forward(&self.ln_2.forward(&x)).gelu("tanh");
+        x + self.mlp_proj.forward(&h)
+    }
+}
+
+/// GPT-2 with its parameters as plain leaf tensors (requires_grad) of one kind on one device.
+pub struct Gpt {
+    cfg: GptConfig,
+    device: Device,
+    kind: Kind,
+    wte: Tensor,
+    wpe: Tensor,
+    h: Vec<Block>,
+    ln_f: LayerNorm,
+}
+
+impl Gpt {
+    /// A freshly initialised GPT-2 (see `init_of`). The values depend only on `seed` and the
+    /// config: they are drawn in fp32 on the host by a counter-based generator, so the same seed
+    /// gives the same model on CPU and CUDA, in any kind and with any number of threads.
+    pub fn new(cfg: &GptConfig, device: Device, kind: Kind, seed: u64) -> Result<Gpt, ModelError> {
+        cfg.validate()?;
+        check_kind(kind)?;
+        let specs = cfg.param_specs();
+        let total: usize = specs.iter().map(ParamSpec::numel).sum();
+        tracing::info!(
+            "initialising GPT-2 {}L/{}H/{}C, {} parameters, seed {seed}",
+            cfg.n_layer,
+            cfg.n_head,
+            cfg.n_embd,
+            total
+        );
+        let pb = crate::logging::progress_bar(total as u64, "init {bar:40} {percent}% {eta}");
+        let mut named = Vec::with_capacity(specs.len());
+        for (index, spec) in specs.iter().enumerate() {
+            let host = match init_of(&spec.name, cfg.n_layer) {
+                Init::Normal(std) => {
+                    let mut v = vec![0f32; spec.numel()];
+                    fill_normal(&mut v, std, stream_key(seed, index as u64));
+                    Tensor::f_from_slice(&v)?
+                }
+                Init::Zeros => Tensor::f_zeros([spec.numel() as i64], (Kind::Float, Device::Cpu))?,
+                Init::Ones => Tensor::f_ones([spec.numel() as i64], (Kind::Float, Device::Cpu))?,
+            };
+            let t = host.f_view(spec.shape.as_slice())?.f_to_kind(kind)?.f_to_device(device)?;
+            named.push((spec.name.clone(), t));
+            pb.inc(spec.numel() as u64);
+        }
+        pb.finish_and_clear();
+        Gpt::from_named(cfg, device, kind, named)
+    }
+
+    /// Builds the model from tensors that are already of the right kind, device and shape.
+    fn from_named(
+        cfg: &GptConfig,
+        device: Device,
+        kind: Kind,
+        named: Vec<(String, Tensor)>,
+    ) -> Result<Gpt, ModelError> {
+        let mut map: HashMap<String, Tensor> = named.into_iter().collect();
+        for spec in cfg.param_specs() {
+            let t = map
+                .get(&spec.name)
+                .ok_or_else(|| ModelError::Params(format!("missing {}", spec.name)))?;
+            if t.size() != spec.shape {
+                return Err(ModelError::Params(format!(
+                    "{} has shape {:?}, expected {:?}",
+                    spec.name,
+                    t.size(),
+                    spec.shape
+                )));
+            }
+        }
+        let mut take = |name: &str| -> Tensor {
+            map.remove(name).expect("presence checked above").set_requires_grad(true)
+        };
+        let wte = take(WTE);
+        let wpe = take(WPE);
+        let h = (0..cfg.n_layer)
+            .map(|i| {
+                let mut p = BLOCK_PARAMS.map(|s| take(&block_param_name(i, s))).into_iter();
+                let mut next = || p.next().expect("12 block parameters");
+                let ln_1 = LayerNorm { weight: next(), bias: next() };
+                let c_attn = Conv1D { weight: next(), bias: next() };
+                let attn_proj = Conv1D { weight: next(), bias: next() };
+                let ln_2 = LayerNorm { weight: next(), bias: next() };
+                let c_fc = Conv1D { weight: next(), bias: next() };
+                let mlp_proj = Conv1D { weight: next(), bias: next() };
+                Block { ln_1, c_attn, attn_proj, ln_2, c_fc, mlp_proj }
+            })
+            .collect();
+        let ln_f = LayerNorm { weight: take(LN_F_WEIGHT), bias: take(LN_F_BIAS) };
+        if let Some(extra) = map.keys().next() {
+            return Err(ModelError::Params(format!("unexpected {extra}")));
+        }
+        Ok(Gpt { cfg: *cfg, device, kind, wte, wpe, h, ln_f })
+    }
+
+    pub fn config(&self) -> &GptConfig {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    /// Name, shape and weight-decay flag of every parameter, in canonical order.
+    pub fn param_specs(&self) -> Vec<ParamSpec> {
+        self.cfg.param_specs()
+    }
+
+    /// Shallow handles to every parameter in canonical order. A handle shares the parameter's
+    /// TensorImpl: `set_data` on it re-points the model's own parameter (how ZeRO moves
+    /// parameters into its flat buffer), and its `grad()` is the parameter's gradient.
+    pub fn named_parameters(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::with_capacity(2 + 12 * self.cfg.n_layer + 2);
+        out.push((WTE.to_string(), self.wte.shallow_clone()));
+        out.push((WPE.to_string(), self.wpe.shallow_clone()));
+        for (i, block) in self.h.iter().enumerate() {
+            for (suffix, t) in BLOCK_PARAMS.iter().zip(block.tensors()) {
+                out.push((block_param_name(i, suffix), t.shallow_clone()));
+            }
+        }
+        out.push((LN_F_WEIGHT.to_string(), self.ln_f.weight.shallow_clone()));
+        out.push((LN_F_BIAS.to_string(), self.ln_f.bias.shallow_clone()));
+        out
+    }
+
+    /// The parameters as detached tensors (no autograd history, same storage), for saving.
+    pub fn state_dict(&self) -> Vec<(String, Tensor)> {
+        self.named_parameters().into_iter().map(|(n, t)| (n, t.detach())).collect()
+    }
+
+    /// Names of the parameters block `i` uses.
+    pub fn block_parameter_names(&self, i: usize) -> Vec<String> {
+        assert!(i < self.cfg.n_layer, "block {i} of a {}-layer model", self.cfg.n_layer);
+        BLOCK_PARAMS.iter().map(|s| block_param_name(i, s)).collect()
+    }
+
+    /// Names of the parameters `embed` uses.
+    pub fn embed_parameter_names(&self) -> Vec<String> {
+        vec![WTE.to_string(), WPE.to_string()]
+    }
+
+    /// Names of the parameters `head` uses. wte is shared with `embed`: its gradient is complete
+    /// only after the backward of both.
+    pub fn head_parameter_names(&self) -> Vec<String> {
+        vec![LN_F_WEIGHT.to_string(), LN_F_BIAS.to_string(), WTE.to_string()]
+    }
+
+    /// Copies values into the parameters (converting kind and device), in place so that handles
+    /// and flat-buffer views stay valid. The names must be exactly the model's, shapes equal.
+    pub fn load_named(&mut self, tensors: &[(String, Tensor)]) -> Result<(), ModelError> {
+        let specs = self.cfg.param_specs();
+        let given: HashMap<&str, &Tensor> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        if given.len() != tensors.len() {
+            return Err(ModelError::Params("a parameter name is given twice".into()));
+        }
+        for spec in &specs {
+            match given.get(spec.name.as_str()) {
+                None => return Err(ModelError::Params(format!("missing {}", spec.name))),
+                Some(t) if t.size() != spec.shape => {
+                    return Err(ModelError::Params(format!(
+                        "{} has shape {:?}, expected {:?}",
+                        spec.name,
+                        t.size(),
+                        spec.shape
+                    )))
+                }
+                Some(_) => {}
+            }
+        }
+        if given.len() != specs.len() {
+            let known: std::collections::HashSet<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+            let extra = given.keys().find(|n| !known.contains(*n)).expect("more names than specs");
+            return Err(ModelError::Params(format!("unexpected {extra}")));
+        }
+        tch::no_grad(|| -> Result<(), ModelError> {
+            for (name, mut p) in self.named_parameters() {
+                p.f_copy_(given[name.as_str()])?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Token plus position embeddings: idx [B, T] (Int64, T <= block_size) to [B, T, C].
+    pub fn embed(&self, idx: &Tensor) -> Tensor {
+        let t = idx.size()[1];
+        assert!(
+            t as usize <= self.cfg.block_size,
+            "sequence length {t} exceeds block_size {}",
+            self.cfg.block_size
+        );
+        let pos = Tensor::arange(t, (Kind::Int64, idx.device()));
+        let tok_emb = Tensor::embedding(&self.wte, idx, -1, false, false);
+        let pos_emb = Tensor::embedding(&self.wpe, &pos, -1, false, false);
+        tok_emb + pos_emb
+    }
+
+    /// Transformer block `i` on the residual stream x [B, T, C].
+    pub fn block(&self, i: usize, x: &Tensor) -> Tensor {
+        self.h[i].forward(x, self.cfg.n_head as i64)
+    }
+
+    /// Final LayerNorm and the logits through the tied embedding: [B, T, C] to [B, T, V].
+    pub fn head(&self, x: &Tensor) -> Tensor {
+        self.ln_f.forward(x).linear(&self.wte, None::<Tensor>)
+    }
+
+    /// Logits [B, T, V] for token ids [B, T].
+    pub fn forward(&self, idx: &Tensor) -> Tensor {
+        let mut x = self.embed(idx);
+        for i in 0..self.cfg.n_layer {
+            x = self.block(i, &x);
+        }
+        self.head(&x)
+    }
+
+    /// Mean cross-entropy over targets != -1, computed in fp32 whatever the logits' kind.
+    pub fn loss(logits: &Tensor, targets: &Tensor) -> Tensor {
+        let v = *logits.size().last().expect("logits are [.., V]");
+        logits.to_kind(Kind::Float).view([-1, v]).cross_entropy_loss(
+            &targets.view([-1]),
+            None::<Tensor>,
+            Reduction::Mean,
+            -1,
+            0.0,
+        )
+    }
+
+    /// Loads a Hugging Face GPT-2 directory (config.json with model.safetensors or a sharded
+    /// model.safetensors.index.json) into a model of `kind` on `device`.
+    pub fn load_hf(path: &Path, device: Device, kind: Kind) -> Result<(Gpt, GptConfig), ModelError> {
+        check_kind(kind)?;
+        let cfg = hf::read_config(path)?;
+        cfg.validate().map_err(|e| HfError::Config {
+            path: path.join("config.json"),
+            msg: e.to_string(),
+        })?;
+        let named = hf::load_tensors(path, &cfg.param_specs(), device, kind)?;
+        let model = Gpt::from_named(&cfg, device, kind, named)?;
+        Ok((model, cfg))
+    }
+
+    /// Writes a GPT2LMHeadModel directory (config.json + model.safetensors, parameters in the
+    /// model's kind, the tied lm_head stored once as transformer.wte.weight), atomically; an
+    /// existing `dir` is replaced only with `force`.
+    pub fn save_hf(&self, dir: &Path, force: bool) -> Result<(), ModelError> {
+        Ok(hf::save(dir, &self.cfg, self.kind, &self.state_dict(), force)?)
+    }
+
+    /// nanoGPT's sampling: `max_new_tokens` times, crop the context to block_size, take the last
+    /// position's logits / temperature, keep the top_k, and draw from the softmax. temperature 0
+    /// takes the argmax. Draws come from a generator seeded with `seed` (not libtorch's global
+    /// one), so a seed gives the same text on CPU and CUDA up to float ties.
+    pub fn generate(
+        &self,
+        idx: &Tensor,
+        max_new_tokens: usize,
+        temperature: f64,
+        top_k: Option<usize>,
+        seed: u64,
+    ) -> Result<Tensor, ModelError> {
+        let bad = |m: String| Err(ModelError::Generate(m));
+        if idx.dim() != 2 || idx.kind() != Kind::Int64 {
+            return bad(format!("token ids must be a 2-D Int64 tensor, got {:?} {:?}", idx.kind(), idx.size()));
+        }
+        if idx.size()[1] == 0 {
+            return bad("the prompt is empty".into());
+        }
+        if !(temperature.is_finite() && temperature >= 0.0) {
+            return bad(format!("temperature must be finite and >= 0, got {temperature}"));
+        }
+        if top_k == Some(0) {
+            return bad("top_k must be at least 1".into());
+        }
+        let (lo, hi) = (idx.f_min()?.int64_value(&[]), idx.f_max()?.int64_value(&[]));
+        if lo < 0 || hi as usize >= self.cfg.vocab_size {
+            return bad(format!("token ids must lie in [0, {}), got {lo}..={hi}", self.cfg.vocab_size));
+        }
+        let b = idx.size()[0];
+        let v = self.cfg.vocab_size as i64;
+        let mut rng = SplitMix64::new(seed);
+        tch::no_grad(|| {
+            let mut idx = idx.to_device(self.device);
+            for _ in 0..max_new_tokens {
+                let t = idx.size()[1];
+                let start = (t - self.cfg.block_size as i64).max(0);
+                let idx_cond = idx.narrow(1, start, t - start);
+                let logits = self.forward(&idx_cond).select(1, -1).to_kind(Kind::Float);
+                let next = if temperature == 0.0 {
+                    logits.argmax(-1, true)
+                } else {
+                    let mut logits = logits / temperature;
+                    if let Some(k) = top_k.filter(|&k| (k as i64) < v) {
+                        let (top, _) = logits.topk(k as i64, -1, true, true);
+                        let kth = top.narrow(1, k as i64 - 1, 1);
+                        logits = logits.masked_fill(&logits.lt_tensor(&kth), f64::NEG_INFINITY);
+                    }
+                    let probs = logits.softmax(-1, Kind::Float).to_device(Device::Cpu).contiguous();
+                    let probs = Vec::<f32>::try_from(probs.view([-1]))?;
+                    let picks: Vec<i64> =
+                        probs.chunks(v as usize).map(|row| sample(row, rng.next_f64()) as i64).collect();
+                    Tensor::from_slice(&picks).view([b, 1]).to_device(self.device)
+                };
+                idx = Tensor::cat(&[idx, next], 1);
+            }
+            Ok(idx)
+        })
+    }
+}
+
+fn check_kind(kind: Kind) -> Result<(), ModelError> {
+    match kind {
+        Kind::Float | Kind::Half | Kind::BFloat16 => Ok(()),
+        k => Err(ModelError::Kind(k)),
+    }
+}
+
+/// Backward of `y` seeded with the gradient `grad_y` (a vector-Jacobian product), returning the
+/// gradients of `inputs` without accumulating them into `.grad`. This is the block-by-block
+/// backward of the split forward: tch's run_backward seeds with ones, so the seed is folded in as
+/// sum(y * grad_y), whose gradient with respect to y is exactly grad_y.
+pub fn vjp(y: &Tensor, grad_y: &Tensor, inputs: &[&Tensor], keep_graph: bool) -> Vec<Tensor> {
+    let seeded = (y * grad_y.detach()).sum(Kind::Float);
+    Tensor::run_backward(&[seeded], inputs, keep_graph, false)
+}
+
+/// Index drawn from a probability row by inverse CDF at `u` in [0, 1); rows that sum a little
+/// under 1 (rounding) fall back to the last non-zero entry.
+fn sample(probs: &[f32], u: f64) -> usize {
+    let total: f64 = probs.iter().map(|&p| p as f64).sum();
+    let target = u * total;
+    let mut acc = 0.0f64;
+    let mut last = 0;
+    for (i, &p) in probs.iter().enumerate() {
+        if p > 0.0 {
+            acc += p as f64;
+            last = i;
+            if acc > target {
+                return i;
+            }
+        }
+    }
+    last
+}
+
+/// SplitMix64 (Steele, Lea, Flood 2014): a tiny, well-mixed generator whose n-th output is a pure
+/// function of (seed, n), which lets initialisation fill chunks in parallel deterministically.
+struct SplitMix64 {
+    state: u64,
+}
+
+const GOLDEN_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
+fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+impl SplitMix64 {
+    fn new(seed: u64) -> Self {
+        SplitMix64 { state: seed }
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        self.state = self.state.wrapping_add(GOLDEN_GAMMA);
+        mix64(self.state)
+    }
+
+    fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    }
+}
+
+/// The stream of parameter `index` for a model seed: distinct, decorrelated per parameter.
+fn stream_key(seed: u64, index: u64) -> u64 {
+    mix64(seed ^ mix64(index.wrapping_add(1).wrapping_mul(GOLDEN_GAMMA)))
+}
+
+/// Fills `out` with N(0, std) by Box-Muller on the SplitMix64 stream `key`: element pair p uses
+/// outputs 2p and 2p+1 of the stream, so chunks are filled in parallel with identical results.
+fn fill_normal(out: &mut [f32], std: f64, key: u64) {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 16; // even, so chunks start on pair boundaries
+    out.par_chunks_mut(CHUNK).enumerate().for_each(|(ci, chunk)| {
+        let mut rng = SplitMix64::new(key.wrapping_add(((ci * CHUNK) as u64).wrapping_mul(GOLDEN_GAMMA)));
+        for pair in chunk.chunks_mut(2) {
+            // u1 in (0, 1] keeps ln finite.
+            let u1 = ((rng.next_u64() >> 11) + 1) as f64 * (1.0 / (1u64 << 53) as f64);
+            let u2 = rng.next_f64();
+            let r = (-2.0 * u1.ln()).sqrt() * std;
+            let (s, c) = (std::f64::consts::TAU * u2).sin_cos();
+            pair[0] = (r * c) as f32;
+            if pair.len() > 1 {
+                pair[1] = (r * s) as f32;
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normal_fill_is_chunk_independent_and_normal() {
+        let n = (1 << 16) * 3 + 5;
+        let mut a = vec![0f32; n];
+        fill_normal(&mut a, 0.02, stream_key(7, 3));
+        // The same stream element by element, without chunking.
+        let mut rng = SplitMix64::new(stream_key(7, 3));
+        for p in 0..(n + 1) / 2 {
+            let u1 = ((rng.next_u64() >> 11) + 1) as f64 * (1.0 / (1u64 << 53) as f64);
+            let u2 = rng.next_f64();
+            let r = (-2.0 * u1.ln()).sqrt() * 0.02;
+            assert_eq!(a[2 * p], (r * (std::f64::consts::TAU * u2).cos()) as f32);
+        }
+        let mean = a.iter().map(|&x| x as f64).sum::<f64>() / n as f64;
+        let var = a.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n as f64;
+        assert!(mean.abs() < 2e-4, "mean {mean}");
+        assert!((var.sqrt() - 0.02).abs() < 2e-4, "std {}", var.sqrt());
+    }
+
+    #[test]
+    fn sample_follows_the_cdf() {
+        let p = [0.0, 0.25, 0.0, 0.75];
+        assert_eq!(sample(&p, 0.0), 1);
+        assert_eq!(sample(&p, 0.2499), 1);
+        assert_eq!(sample(&p, 0.25), 3);
+        assert_eq!(sample(&p, 0.999_999), 3);
+    }
+
+    #[test]
+    fn param_specs_count_matches_num_params() {
+        for name in PRESETS {
+            let cfg = GptConfig::preset(name).unwrap();
+            let n: usize = cfg.param_specs().iter().map(ParamSpec::numel).sum();
+            assert_eq!(n, cfg.num_params(), "{name}");
+        }
+    }
+}
