@@ -271,7 +271,7 @@ impl PartitionReader {
             let name = &layout.params[p.param].name;
             self.read(tensor, name, p.param_offset, &mut host[p.partition_offset..p.partition_offset + p.len])?;
         }
-        dst.copy_(&Tensor::from_slice(&host).to_device(dst.device()));
+        dst.shallow_clone().copy_(&Tensor::from_slice(&host).to_device(dst.device()));
         Ok(())
     }
 }

@@ -1,9 +1,15 @@
 //! zerokit: GPT-2 training with ZeRO data parallelism, and sharded-checkpoint tools.
 //! One module per concern; docs/ARCHITECTURE.md has the map.
 
+pub mod checkpoint;
+pub mod comm;
+pub mod config;
 pub mod data;
 pub mod device;
 pub mod fsutil;
 pub mod interop;
+pub mod launch;
 pub mod logging;
 pub mod model;
+pub mod train;
+pub mod zero;

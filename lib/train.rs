@@ -103,7 +103,8 @@ fn evaluate(engine: &mut Engine, train: &TokenDataset, val: &TokenDataset, cfg: 
     let mut sums = [0.0f64; 2];
     for k in 0..cfg.eval_iters {
         let index = k * world as u64 + rank as u64;
-        for (i, (x, y)) in [train.random_batch(cfg.seed ^ EVAL_SALT, rank, k, b, t)?, val.sequential_batch(index, b, t)?].into_iter().enumerate() {
+        let batches = [train.random_batch(cfg.seed ^ EVAL_SALT, rank, k, b, t)?, val.sequential_batch(index, b, t)?];
+        for (i, (x, y)) in batches.into_iter().enumerate() {
             let shape = [b as i64, t as i64];
             let x = Tensor::from_slice(&x).view(shape).to_device(device);
             let y = Tensor::from_slice(&y).view(shape).to_device(device);
@@ -293,8 +294,9 @@ pub fn sample_text(model: &Gpt, prompt: &str, tokens: usize, temperature: f64, t
         ids.push(50256);
     }
     let idx = Tensor::from_slice(&ids).view([1, -1]).to_device(model.device());
-    let out = tch::no_grad(|| model.generate(&idx, tokens, temperature, top_k, seed));
-    let out: Vec<i64> = Vec::try_from(out.view(-1).to_device(Device::Cpu)).map_err(|e| TrainError::Other(e.to_string()))?;
+    let top_k = (top_k > 0).then_some(top_k);
+    let out = tch::no_grad(|| model.generate(&idx, tokens, temperature, top_k, seed))?;
+    let out: Vec<i64> = Vec::<i64>::try_from(out.view(-1).to_device(Device::Cpu)).map_err(|e: tch::TchError| TrainError::Other(e.to_string()))?;
     let vocab = bpe.decode(out.iter().filter(|&&t| t < 50257).map(|&t| t as u32).collect()).unwrap_or_default();
     Ok(vocab)
 }

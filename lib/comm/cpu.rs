@@ -101,7 +101,7 @@ impl Collectives for CpuComm {
             });
         }
         let n = total / world;
-        let flat = buffer.view(-1);
+        let mut flat = buffer.view(-1);
         let mine = to_bytes(&flat.narrow(0, self.rank() as i64 * n, n));
         let reply = match self.ctl.gather(&mine, "all_gather")? {
             Some(all) => {

@@ -271,7 +271,7 @@ impl Engine {
         let last_micro = self.micro + 1 == self.cfg.grad_accum;
         let (full, from_accum) = match &self.accum {
             Some(acc) => {
-                let slice = acc.narrow(0, bk.flat_offset as i64, bk.padded as i64);
+                let mut slice = acc.narrow(0, bk.flat_offset as i64, bk.padded as i64);
                 let _ = slice.g_add_(&buf);
                 if !last_micro {
                     return Ok(()); // stages 0/1 communicate once per optimizer step
@@ -303,9 +303,9 @@ impl Engine {
 
     /// Adds a reduced bucket into this rank's fp32 gradient partition (compute stream, after
     /// `wait_comm`).
-    fn finish(&mut self, p: Pending) {
+    fn finish(&mut self, mut p: Pending) {
         let bk = &self.layout.buckets[p.bucket];
-        let dst = self.grad.narrow(0, bk.shard_offset as i64, bk.shard as i64);
+        let mut dst = self.grad.narrow(0, bk.shard_offset as i64, bk.shard as i64);
         match &p.shard {
             Some(s) => {
                 let _ = dst.g_add_(s);
@@ -378,7 +378,7 @@ impl Engine {
     pub fn publish_weights(&mut self) -> Result<(), ZeroError> {
         let pr = self.part_rank();
         for b in &self.layout.buckets {
-            let dst = self.model_flat.narrow(0, (b.flat_offset + pr * b.shard) as i64, b.shard as i64);
+            let mut dst = self.model_flat.narrow(0, (b.flat_offset + pr * b.shard) as i64, b.shard as i64);
             dst.copy_(&self.master.narrow(0, b.shard_offset as i64, b.shard as i64));
         }
         if self.layout.parts > 1 {
