@@ -1,0 +1,414 @@
+//! Reading a corpus: finding the input files, streaming them (zstd decompressed on the fly,
+//! hashed as read), and turning bytes into validated text in pieces of bounded size.
+//!
+//! Plain-text files are one document each; JSONL files hold one document a line, in a chosen
+//! string field. A `.zst` suffix means zstd-compressed, the format is read from the name under
+//! it (`.jsonl`/`.ndjson` is JSONL, anything else plain text).
+
+use super::tokenize::Tokenizer;
+use super::DataError;
+use indicatif::ProgressBar;
+use sha2::{Digest, Sha256};
+use std::fs::{self, File};
+use std::io::{self, BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Text,
+    Jsonl,
+}
+
+impl Format {
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Text => "text",
+            Format::Jsonl => "jsonl",
+        }
+    }
+}
+
+/// One input file.
+#[derive(Clone, Debug)]
+pub struct Input {
+    pub path: PathBuf,
+    pub format: Format,
+    pub zstd: bool,
+    /// Size on disk (compressed size for `.zst`).
+    pub bytes: u64,
+}
+
+impl Input {
+    fn from_path(path: PathBuf, bytes: u64) -> Self {
+        let name = path.file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_default();
+        let (zstd, inner) = match name.strip_suffix(".zst") {
+            Some(inner) => (true, inner.to_string()),
+            None => (false, name),
+        };
+        let format = if inner.ends_with(".jsonl") || inner.ends_with(".ndjson") {
+            Format::Jsonl
+        } else {
+            Format::Text
+        };
+        Input { path, format, zstd, bytes }
+    }
+}
+
+/// Expands files and directories into the list of input files, in order: arguments as given,
+/// each directory's files (recursively, hidden names skipped) sorted by path. Empty files are
+/// rejected here, before any work.
+pub fn discover(paths: &[PathBuf]) -> Result<Vec<Input>, DataError> {
+    let mut inputs = Vec::new();
+    for path in paths {
+        let meta = fs::metadata(path).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => DataError::NotFound(path.clone()),
+            _ => DataError::io(path, e),
+        })?;
+        if meta.is_dir() {
+            let mut files = Vec::new();
+            walk(path, &mut files)?;
+            if files.is_empty() {
+                return Err(DataError::EmptyInput(path.clone(), "directory holds no files"));
+            }
+            files.sort();
+            for f in files {
+                let len = fs::metadata(&f).map_err(|e| DataError::io(&f, e))?.len();
+                inputs.push(Input::from_path(f, len));
+            }
+        } else {
+            inputs.push(Input::from_path(path.clone(), meta.len()));
+        }
+    }
+    for input in &inputs {
+        if input.bytes == 0 {
+            return Err(DataError::EmptyInput(input.path.clone(), "0 bytes"));
+        }
+        // Unreadable files fail now rather than after hours of work on the ones before them.
+        File::open(&input.path).map_err(|e| DataError::io(&input.path, e))?;
+    }
+    Ok(inputs)
+}
+
+fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), DataError> {
+    for entry in fs::read_dir(dir).map_err(|e| DataError::io(dir, e))? {
+        let entry = entry.map_err(|e| DataError::io(dir, e))?;
+        if entry.file_name().to_string_lossy().starts_with('.') {
+            continue;
+        }
+        let path = entry.path();
+        let kind = entry.file_type().map_err(|e| DataError::io(&path, e))?;
+        if kind.is_dir() {
+            walk(&path, out)?;
+        } else if kind.is_file() || (kind.is_symlink() && path.is_file()) {
+            // Symbolic links to files are followed, links to directories are not (no cycles).
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+/// What was read from one file: its sha256 and byte count, and whether the file itself (not a
+/// decoder above it) failed, which tells a read error from a corrupt zstd stream.
+#[derive(Default)]
+pub struct Tally {
+    sha: Sha256,
+    pub bytes: u64,
+    file_failed: bool,
+}
+
+impl Tally {
+    pub fn sha256(&self) -> String {
+        hex::encode(self.sha.clone().finalize())
+    }
+}
+
+struct TallyReader {
+    file: File,
+    tally: Arc<Mutex<Tally>>,
+    progress: ProgressBar,
+}
+
+impl Read for TallyReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut t = self.tally.lock().expect("tally lock is never poisoned");
+        match self.file.read(buf) {
+            Ok(n) => {
+                t.sha.update(&buf[..n]);
+                t.bytes += n as u64;
+                self.progress.inc(n as u64);
+                Ok(n)
+            }
+            Err(e) => {
+                t.file_failed = true;
+                Err(e)
+            }
+        }
+    }
+}
+
+/// An open input: a byte stream of its content (decompressed) and the tally of its file.
+pub struct Stream {
+    pub input: Input,
+    reader: Box<dyn Read + Send>,
+    pub tally: Arc<Mutex<Tally>>,
+    /// Bytes of content delivered so far (decompressed), for error offsets.
+    pub offset: u64,
+}
+
+impl Stream {
+    pub fn open(input: &Input, progress: &ProgressBar) -> Result<Self, DataError> {
+        let file = File::open(&input.path).map_err(|e| DataError::io(&input.path, e))?;
+        let tally = Arc::new(Mutex::new(Tally::default()));
+        let raw = TallyReader { file, tally: tally.clone(), progress: progress.clone() };
+        let reader: Box<dyn Read + Send> = if input.zstd {
+            Box::new(zstd::stream::read::Decoder::new(raw).map_err(|e| DataError::io(&input.path, e))?)
+        } else {
+            Box::new(raw)
+        };
+        Ok(Stream { input: input.clone(), reader, tally, offset: 0 })
+    }
+
+    /// Reads up to `buf.len()` bytes of content; 0 at the end.
+    pub fn read(&mut self, buf: &mut [u8]) -> Result<usize, DataError> {
+        loop {
+            match self.reader.read(buf) {
+                Ok(n) => {
+                    self.offset += n as u64;
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(self.error(e)),
+            }
+        }
+    }
+
+    fn error(&self, e: io::Error) -> DataError {
+        let file_failed = self.tally.lock().map(|t| t.file_failed).unwrap_or(true);
+        if self.input.zstd && !file_failed {
+            DataError::Zstd { path: self.input.path.clone(), message: e.to_string() }
+        } else {
+            DataError::io(&self.input.path, e)
+        }
+    }
+
+    /// Checks that the whole file was read (it did not change under us) and returns its tally.
+    pub fn finish(self) -> Result<(u64, String), DataError> {
+        let t = self.tally.lock().expect("tally lock is never poisoned");
+        if t.bytes != self.input.bytes {
+            return Err(DataError::io(
+                &self.input.path,
+                io::Error::other(format!("file changed while reading ({} bytes at start, {} read)", self.input.bytes, t.bytes)),
+            ));
+        }
+        Ok((t.bytes, t.sha256()))
+    }
+
+    fn utf8_detail(&self) -> &'static str {
+        if self.input.zstd {
+            " of the decompressed stream"
+        } else {
+            ""
+        }
+    }
+}
+
+/// Splits a plain-text stream into UTF-8 text chunks of about `chunk` bytes, cut only where
+/// `Tokenizer::find_cut` allows, so chunks can be tokenized independently.
+pub struct TextChunker<'t> {
+    stream: Stream,
+    tokenizer: &'t Tokenizer,
+    chunk: usize,
+    lossy: bool,
+    raw: Vec<u8>,
+    pending: String,
+    searched: usize,
+    eof: bool,
+    block: Vec<u8>,
+}
+
+impl<'t> TextChunker<'t> {
+    pub fn new(stream: Stream, tokenizer: &'t Tokenizer, chunk: usize, lossy: bool) -> Self {
+        TextChunker {
+            stream,
+            tokenizer,
+            chunk,
+            lossy,
+            raw: Vec::new(),
+            pending: String::new(),
+            searched: 0,
+            eof: false,
+            block: vec![0u8; chunk.clamp(1 << 12, 1 << 20)],
+        }
+    }
+
+    pub fn into_stream(self) -> Stream {
+        self.stream
+    }
+
+    /// The next chunk, `None` at the end of the stream.
+    pub fn next_chunk(&mut self) -> Result<Option<String>, DataError> {
+        loop {
+            if self.pending.len() >= self.chunk {
+                if let Some(p) = self.tokenizer.find_cut(&self.pending, self.searched) {
+                    let rest = self.pending.split_off(p);
+                    self.searched = 0;
+                    return Ok(Some(std::mem::replace(&mut self.pending, rest)));
+                }
+                // No cut yet (a very long run of one class): keep reading, search only the new part.
+                self.searched = self.pending.len();
+            }
+            if self.eof {
+                if self.pending.is_empty() {
+                    return Ok(None);
+                }
+                self.searched = 0;
+                return Ok(Some(std::mem::take(&mut self.pending)));
+            }
+            let n = self.stream.read(&mut self.block)?;
+            if n == 0 {
+                self.eof = true;
+            }
+            self.raw.extend_from_slice(&self.block[..n]);
+            self.absorb()?;
+        }
+    }
+
+    /// Moves the valid UTF-8 prefix of `raw` into `pending`, keeping an incomplete trailing
+    /// sequence for the next read.
+    fn absorb(&mut self) -> Result<(), DataError> {
+        let base = self.stream.offset - self.raw.len() as u64;
+        let mut start = 0;
+        while start < self.raw.len() {
+            match std::str::from_utf8(&self.raw[start..]) {
+                Ok(s) => {
+                    self.pending.push_str(s);
+                    start = self.raw.len();
+                }
+                Err(e) => {
+                    let valid = start + e.valid_up_to();
+                    let ok = std::str::from_utf8(&self.raw[start..valid]).expect("valid prefix");
+                    self.pending.push_str(ok);
+                    let bad_len = match e.error_len() {
+                        Some(len) => len,
+                        None if !self.eof => {
+                            start = valid;
+                            break;
+                        }
+                        None => self.raw.len() - valid,
+                    };
+                    if !self.lossy {
+                        return Err(DataError::InvalidUtf8 {
+                            path: self.stream.input.path.clone(),
+                            offset: base + valid as u64,
+                            detail: self.stream.utf8_detail().to_string(),
+                        });
+                    }
+                    self.pending.push(char::REPLACEMENT_CHARACTER);
+                    start = valid + bad_len;
+                }
+            }
+        }
+        self.raw.drain(..start);
+        Ok(())
+    }
+}
+
+/// Reads a JSONL stream line by line.
+pub struct LineReader {
+    reader: BufReader<StreamRead>,
+    pub line: u64,
+    /// Content offset of the start of the last line read.
+    pub line_offset: u64,
+    next_offset: u64,
+}
+
+struct StreamRead(Stream, Option<DataError>);
+
+impl Read for StreamRead {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read(buf).map_err(|e| {
+            let msg = e.to_string();
+            self.1 = Some(e);
+            io::Error::other(msg)
+        })
+    }
+}
+
+impl LineReader {
+    pub fn new(stream: Stream) -> Self {
+        LineReader { reader: BufReader::with_capacity(1 << 20, StreamRead(stream, None)), line: 0, line_offset: 0, next_offset: 0 }
+    }
+
+    /// Appends the next line (without its line ending) to `buf`; false at the end.
+    pub fn next_line(&mut self, buf: &mut Vec<u8>) -> Result<bool, DataError> {
+        let start = buf.len();
+        let n = match self.reader.read_until(b'\n', buf) {
+            Ok(n) => n,
+            Err(e) => {
+                let inner = self.reader.get_mut();
+                return Err(inner.1.take().unwrap_or_else(|| DataError::io(&inner.0.input.path, e)));
+            }
+        };
+        if n == 0 {
+            return Ok(false);
+        }
+        self.line += 1;
+        self.line_offset = self.next_offset;
+        self.next_offset += n as u64;
+        if buf.ends_with(b"\n") {
+            buf.pop();
+            if buf.len() > start && buf.ends_with(b"\r") {
+                buf.pop();
+            }
+        }
+        Ok(true)
+    }
+
+    pub fn into_stream(self) -> Stream {
+        self.reader.into_inner().0
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.reader.get_ref().0.input.path
+    }
+}
+
+/// Why a JSONL line gave no document; the caller adds `file:line`.
+#[derive(Debug, PartialEq)]
+pub enum LineError {
+    /// Invalid UTF-8 at this byte offset within the line.
+    Utf8(usize),
+    Other(String),
+}
+
+/// The document text in `field` of one JSONL line.
+pub fn jsonl_document(line: &[u8], field: &str, lossy: bool) -> Result<String, LineError> {
+    let text = match std::str::from_utf8(line) {
+        Ok(s) => std::borrow::Cow::Borrowed(s),
+        Err(e) if !lossy => return Err(LineError::Utf8(e.valid_up_to())),
+        Err(_) => String::from_utf8_lossy(line),
+    };
+    let mut map: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&text).map_err(|e| LineError::Other(format!("malformed JSON line: {e}")))?;
+    match map.remove(field) {
+        Some(serde_json::Value::String(s)) => Ok(s),
+        Some(other) => Err(LineError::Other(format!(
+            "field \"{field}\" is {}, expected a string",
+            match other {
+                serde_json::Value::Null => "null",
+                serde_json::Value::Bool(_) => "a boolean",
+                serde_json::Value::Number(_) => "a number",
+                serde_json::Value::Array(_) => "an array",
+                serde_json::Value::Object(_) => "an object",
+                serde_json::Value::String(_) => unreachable!("strings are taken above"),
+            }
+        ))),
+        None => Err(LineError::Other(format!("missing field \"{field}\" (choose the field with --field)"))),
+    }
+}
+
+/// Whether a JSONL line holds nothing (blank lines are skipped, not documents).
+pub fn is_blank(line: &[u8]) -> bool {
+    line.iter().all(|b| b.is_ascii_whitespace())
+}

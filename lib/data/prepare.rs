@@ -1,0 +1,666 @@
+//! `prepare`: tokenizes a corpus into nanoGPT's token files, `train.bin` and `val.bin` (flat
+//! little-endian token ids) and a `meta.json` that records how they were made.
+//!
+//! Two modes, chosen by the input:
+//! - one plain-text file (a single document): split by characters, the first
+//!   `1 - val_fraction` to train and the rest to val, each half encoded with no EOT, as
+//!   nanoGPT's data/shakespeare/prepare.py does;
+//! - anything else (several files, JSONL): documents, each followed by EOT and sent whole to
+//!   train or val by a hash of (seed, document number), as nanoGPT's data/openwebtext/prepare.py
+//!   appends EOT (its split itself comes from Hugging Face datasets and is not reproduced).
+//!
+//! One reader thread streams the inputs into chunks cut where tokenization is unaffected; a
+//! rayon pool tokenizes a batch of chunks while the reader fills the next; the main thread
+//! writes results in input order. The output is the same for any thread count and memory is
+//! bounded by the batches in flight, not by the corpus.
+
+use super::corpus::{self, Format, Input, LineError, LineReader, Stream, TextChunker};
+use super::tokenize::{Encoding, Tokenizer};
+use super::{DataError, Dtype};
+use crate::fsutil::{self, AtomicDir};
+use crate::logging;
+use indicatif::ProgressBar;
+use rayon::prelude::*;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::PathBuf;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::time::Instant;
+
+/// Arguments of `prepare` (the binary parses exactly this).
+#[derive(clap::Parser, Debug, Clone)]
+#[command(
+    name = "prepare",
+    version,
+    about = "Tokenize text into nanoGPT-compatible train.bin / val.bin token files",
+    long_about = "Tokenize text into nanoGPT-compatible train.bin / val.bin token files.\n\n\
+Inputs are files or directories (searched recursively, files taken in sorted path order, hidden \
+names skipped): plain text, JSONL (one document a line, text in --field) and their \
+zstd-compressed forms (.zst). A single plain-text file is split by characters exactly as \
+nanoGPT's data/shakespeare/prepare.py does; otherwise every document is followed by the \
+end-of-text token and sent whole to train or val, as in data/openwebtext/prepare.py.\n\n\
+Writes DIR/train.bin, DIR/val.bin (little-endian uint16 token ids, or uint32 for encodings \
+with ids above 65535) and DIR/meta.json. Nothing is written under DIR until everything \
+succeeded. See docs/prepare.md."
+)]
+pub struct PrepareArgs {
+    /// Input files or directories (.txt and any other name: plain text; .jsonl/.ndjson: JSON
+    /// lines; a further .zst: zstd-compressed).
+    #[arg(required = true, value_name = "INPUT")]
+    pub inputs: Vec<PathBuf>,
+    /// Output directory.
+    #[arg(short, long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Replace DIR if it exists (the old one is removed only after the new one is complete).
+    #[arg(long)]
+    pub force: bool,
+    /// Tokenizer encoding (tiktoken's names; gpt2 is r50k_base).
+    #[arg(long, value_enum, default_value = "gpt2")]
+    pub encoding: Encoding,
+    /// JSONL field holding the document text.
+    #[arg(long, default_value = "text", value_name = "NAME")]
+    pub field: String,
+    /// Fraction of the characters (single text file) or of the documents (expected, chosen by
+    /// hash) that goes to val.
+    #[arg(long, default_value_t = 0.1, value_name = "F")]
+    pub val_fraction: f64,
+    /// Seed of the train/val assignment of documents.
+    #[arg(long, default_value_t = 2357)]
+    pub seed: u64,
+    /// Worker threads; 0 means all cores. The output does not depend on it.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub threads: usize,
+    /// Replace invalid UTF-8 with U+FFFD instead of failing.
+    #[arg(long)]
+    pub lossy: bool,
+    /// Target size in bytes of the text chunks handed to threads (tests use small ones).
+    #[arg(long, default_value_t = 256 * 1024, hide = true)]
+    pub chunk_bytes: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// One plain-text document split by characters (nanoGPT's shakespeare/prepare.py).
+    Chars,
+    /// Documents, each followed by EOT, assigned whole to a split (openwebtext/prepare.py).
+    Documents,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Chars => "chars",
+            Mode::Documents => "documents",
+        }
+    }
+}
+
+/// What `prepare` wrote.
+#[derive(Debug, Clone)]
+pub struct PrepareSummary {
+    pub out: PathBuf,
+    pub mode: Mode,
+    pub train_tokens: u64,
+    pub val_tokens: u64,
+    pub train_documents: u64,
+    pub val_documents: u64,
+    pub input_bytes: u64,
+    pub seconds: f64,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Split {
+    Train,
+    Val,
+}
+
+/// Whether document `doc` goes to val: a hash of (seed, doc) read as a uniform number in [0, 1),
+/// so the assignment needs no count of the documents and no state.
+fn is_val(seed: u64, doc: u64, fraction: f64) -> bool {
+    let h = splitmix64(seed ^ splitmix64(doc));
+    ((h >> 11) as f64) * (1.0 / (1u64 << 53) as f64) < fraction
+}
+
+pub(crate) fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// A unit of work for one thread.
+enum Work {
+    /// A piece of one document's text; `eot` on the document's last piece; `count_doc` on one
+    /// piece of each document (its last; in chars mode the first of each side).
+    Text { text: String, split: Split, eot: bool, count_doc: bool },
+    /// Consecutive JSONL lines of one file, in one buffer.
+    Lines { input: usize, buf: Vec<u8>, lines: Vec<Line> },
+}
+
+struct Line {
+    number: u64,
+    offset: u64,
+    range: std::ops::Range<usize>,
+    doc: u64,
+}
+
+impl Work {
+    fn bytes(&self) -> usize {
+        match self {
+            Work::Text { text, .. } => text.len(),
+            Work::Lines { buf, .. } => buf.len(),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Produced {
+    train: Vec<u32>,
+    val: Vec<u32>,
+    train_docs: u64,
+    val_docs: u64,
+}
+
+struct Ctx<'a> {
+    args: &'a PrepareArgs,
+    inputs: &'a [Input],
+    tokenizer: &'a Tokenizer,
+    eot: u32,
+}
+
+impl Ctx<'_> {
+    fn process(&self, work: Work) -> Result<Produced, DataError> {
+        let mut out = Produced::default();
+        match work {
+            Work::Text { text, split, eot, count_doc } => {
+                let (tokens, docs) = match split {
+                    Split::Train => (&mut out.train, &mut out.train_docs),
+                    Split::Val => (&mut out.val, &mut out.val_docs),
+                };
+                self.tokenizer.encode_into(&text, tokens);
+                if eot {
+                    tokens.push(self.eot);
+                }
+                *docs += count_doc as u64;
+            }
+            Work::Lines { input, buf, lines } => {
+                let path = &self.inputs[input].path;
+                for line in lines {
+                    let text = corpus::jsonl_document(&buf[line.range], &self.args.field, self.args.lossy)
+                        .map_err(|e| match e {
+                            LineError::Utf8(at) => DataError::InvalidUtf8 {
+                                path: path.clone(),
+                                offset: line.offset + at as u64,
+                                detail: format!(
+                                    " (line {}{})",
+                                    line.number,
+                                    if self.inputs[input].zstd { " of the decompressed stream" } else { "" }
+                                ),
+                            },
+                            LineError::Other(message) => {
+                                DataError::Jsonl { path: path.clone(), line: line.number, message }
+                            }
+                        })?;
+                    let (tokens, docs) = if is_val(self.args.seed, line.doc, self.args.val_fraction) {
+                        (&mut out.val, &mut out.val_docs)
+                    } else {
+                        (&mut out.train, &mut out.train_docs)
+                    };
+                    self.tokenizer.encode_into(&text, tokens);
+                    tokens.push(self.eot);
+                    *docs += 1;
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A file's record for meta.json.
+struct InputRecord {
+    path: PathBuf,
+    format: Format,
+    zstd: bool,
+    bytes: u64,
+    sha256: String,
+}
+
+/// Collects work into batches of about `limit` bytes and hands them to the tokenizing side.
+struct Batcher {
+    tx: SyncSender<Result<Vec<Work>, DataError>>,
+    work: Vec<Work>,
+    bytes: usize,
+    limit: usize,
+}
+
+/// The consumer hung up (it failed); the reader just stops.
+struct Hangup;
+
+impl Batcher {
+    fn push(&mut self, w: Work) -> Result<(), Hangup> {
+        self.bytes += w.bytes();
+        self.work.push(w);
+        if self.bytes >= self.limit {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), Hangup> {
+        if self.work.is_empty() {
+            return Ok(());
+        }
+        self.bytes = 0;
+        self.tx.send(Ok(std::mem::take(&mut self.work))).map_err(|_| Hangup)
+    }
+}
+
+enum ReadFail {
+    Hangup,
+    Error(DataError),
+}
+
+impl From<Hangup> for ReadFail {
+    fn from(_: Hangup) -> Self {
+        ReadFail::Hangup
+    }
+}
+
+impl From<DataError> for ReadFail {
+    fn from(e: DataError) -> Self {
+        ReadFail::Error(e)
+    }
+}
+
+struct Reader<'a> {
+    ctx: &'a Ctx<'a>,
+    mode: Mode,
+    progress: ProgressBar,
+    records: Vec<InputRecord>,
+}
+
+impl Reader<'_> {
+    fn run(&mut self, batcher: &mut Batcher) -> Result<(), ReadFail> {
+        match self.mode {
+            Mode::Chars => self.read_chars(batcher)?,
+            Mode::Documents => {
+                let mut doc = 0u64;
+                for i in 0..self.ctx.inputs.len() {
+                    match self.ctx.inputs[i].format {
+                        Format::Text => self.read_text_document(i, &mut doc, batcher)?,
+                        Format::Jsonl => self.read_jsonl(i, &mut doc, batcher)?,
+                    }
+                }
+            }
+        }
+        batcher.flush()?;
+        Ok(())
+    }
+
+    fn chunker(&self, input: &Input) -> Result<TextChunker<'_>, DataError> {
+        let stream = Stream::open(input, &self.progress)?;
+        Ok(TextChunker::new(stream, self.ctx.tokenizer, self.ctx.args.chunk_bytes, self.ctx.args.lossy))
+    }
+
+    fn record(&mut self, stream: Stream) -> Result<(), DataError> {
+        let input = stream.input.clone();
+        let (bytes, sha256) = stream.finish()?;
+        self.records.push(InputRecord { path: input.path, format: input.format, zstd: input.zstd, bytes, sha256 });
+        Ok(())
+    }
+
+    /// nanoGPT's shakespeare split: `n` characters, the first `floor(n * (1 - f))` to train.
+    /// A first pass counts characters (and validates the text before anything is tokenized).
+    fn read_chars(&mut self, batcher: &mut Batcher) -> Result<(), ReadFail> {
+        let input = self.ctx.inputs[0].clone();
+        self.progress.set_message("counting characters");
+        let mut chunker = self.chunker(&input)?;
+        let mut n: u64 = 0;
+        while let Some(text) = chunker.next_chunk()? {
+            n += count_chars(&text);
+        }
+        self.record(chunker.into_stream())?;
+        let train_chars = (n as f64 * (1.0 - self.ctx.args.val_fraction)) as u64;
+        self.progress.set_message("tokenizing");
+        let mut chunker = self.chunker(&input)?;
+        let mut seen: u64 = 0;
+        let mut first = [true, true];
+        while let Some(text) = chunker.next_chunk()? {
+            let len = count_chars(&text);
+            let mut parts = Vec::with_capacity(2);
+            if seen + len <= train_chars {
+                parts.push((text, Split::Train));
+            } else if seen >= train_chars {
+                parts.push((text, Split::Val));
+            } else {
+                let at = text.char_indices().nth((train_chars - seen) as usize).map(|(b, _)| b).unwrap_or(text.len());
+                let (a, b) = text.split_at(at);
+                parts.push((a.to_string(), Split::Train));
+                parts.push((b.to_string(), Split::Val));
+            }
+            seen += len;
+            for (text, split) in parts {
+                // Count the one document on each side once, on its first piece.
+                let f = &mut first[split as usize];
+                let count_doc = std::mem::replace(f, false);
+                batcher.push(Work::Text { text, split, eot: false, count_doc })?;
+            }
+        }
+        // Both passes read the same bytes; finish() checks the file did not change between them.
+        chunker.into_stream().finish()?;
+        Ok(())
+    }
+
+    fn read_text_document(&mut self, i: usize, doc: &mut u64, batcher: &mut Batcher) -> Result<(), ReadFail> {
+        let input = self.ctx.inputs[i].clone();
+        let split = if is_val(self.ctx.args.seed, *doc, self.ctx.args.val_fraction) { Split::Val } else { Split::Train };
+        *doc += 1;
+        let mut chunker = self.chunker(&input)?;
+        // One chunk of look-ahead tells which piece is the document's last (it gets the EOT).
+        let mut current = chunker.next_chunk()?;
+        if current.is_none() {
+            return Err(DataError::EmptyInput(input.path.clone(), "no text").into());
+        }
+        while let Some(text) = current {
+            let next = chunker.next_chunk()?;
+            let last = next.is_none();
+            batcher.push(Work::Text { text, split, eot: last, count_doc: last })?;
+            current = next;
+        }
+        self.record(chunker.into_stream())?;
+        Ok(())
+    }
+
+    fn read_jsonl(&mut self, i: usize, doc: &mut u64, batcher: &mut Batcher) -> Result<(), ReadFail> {
+        let input = self.ctx.inputs[i].clone();
+        let mut lines = LineReader::new(Stream::open(&input, &self.progress)?);
+        let mut buf = Vec::new();
+        let mut batch_lines = Vec::new();
+        let first_doc = *doc;
+        loop {
+            let start = buf.len();
+            if !lines.next_line(&mut buf)? {
+                break;
+            }
+            if corpus::is_blank(&buf[start..]) {
+                buf.truncate(start);
+                continue;
+            }
+            batch_lines.push(Line { number: lines.line, offset: lines.line_offset, range: start..buf.len(), doc: *doc });
+            *doc += 1;
+            if buf.len() >= self.ctx.args.chunk_bytes {
+                let lines = std::mem::take(&mut batch_lines);
+                batcher.push(Work::Lines { input: i, buf: std::mem::take(&mut buf), lines })?;
+            }
+        }
+        if !batch_lines.is_empty() {
+            batcher.push(Work::Lines { input: i, buf, lines: batch_lines })?;
+        }
+        if *doc == first_doc {
+            return Err(DataError::EmptyInput(input.path.clone(), "no JSON lines").into());
+        }
+        self.record(lines.into_stream())?;
+        Ok(())
+    }
+}
+
+fn count_chars(s: &str) -> u64 {
+    s.bytes().filter(|&b| (b & 0xC0) != 0x80).count() as u64
+}
+
+/// A token file being written, hashed as written.
+struct TokenWriter {
+    path: PathBuf,
+    file: BufWriter<File>,
+    sha: Sha256,
+    tokens: u64,
+    dtype: Dtype,
+    buf: Vec<u8>,
+}
+
+impl TokenWriter {
+    fn create(path: PathBuf, dtype: Dtype) -> Result<Self, DataError> {
+        let file = File::create(&path).map_err(|e| DataError::io(&path, e))?;
+        Ok(TokenWriter { path, file: BufWriter::with_capacity(1 << 20, file), sha: Sha256::new(), tokens: 0, dtype, buf: Vec::new() })
+    }
+
+    fn write(&mut self, ids: &[u32]) -> Result<(), DataError> {
+        self.buf.clear();
+        match self.dtype {
+            // Ids fit: the encoding's vocabulary decided the dtype.
+            Dtype::U16 => self.buf.extend(ids.iter().flat_map(|&id| (id as u16).to_le_bytes())),
+            Dtype::U32 => self.buf.extend(ids.iter().flat_map(|&id| id.to_le_bytes())),
+        }
+        self.sha.update(&self.buf);
+        self.file.write_all(&self.buf).map_err(|e| DataError::io(&self.path, e))?;
+        self.tokens += ids.len() as u64;
+        Ok(())
+    }
+
+    fn finish(self) -> Result<(u64, String), DataError> {
+        let file = self.file.into_inner().map_err(|e| DataError::io(&self.path, e.into_error()))?;
+        file.sync_all().map_err(|e| DataError::io(&self.path, e))?;
+        Ok((self.tokens, hex::encode(self.sha.finalize())))
+    }
+}
+
+const BAR: &str = "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} ({bytes_per_sec}, {eta}) {msg}";
+
+/// Runs `prepare`. `command` is the command line recorded in meta.json.
+pub fn prepare(args: &PrepareArgs, command: &[String]) -> Result<PrepareSummary, DataError> {
+    let started = Instant::now();
+    if !(0.0..1.0).contains(&args.val_fraction) {
+        return Err(DataError::Args(format!("--val-fraction {} is not in [0, 1)", args.val_fraction)));
+    }
+    if args.chunk_bytes == 0 || args.field.is_empty() {
+        return Err(DataError::Args("--chunk-bytes and --field must not be empty".into()));
+    }
+    let inputs = corpus::discover(&args.inputs)?;
+    let dir = AtomicDir::create(&args.out, args.force)?;
+    let tokenizer = Tokenizer::new(args.encoding)?;
+    let threads = match args.threads {
+        0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        n => n,
+    };
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("prepare-{i}"))
+        .build()
+        .map_err(|e| DataError::Args(format!("cannot start {threads} threads: {e}")))?;
+    let mode = if inputs.len() == 1 && inputs[0].format == Format::Text { Mode::Chars } else { Mode::Documents };
+    let input_bytes: u64 = inputs.iter().map(|i| i.bytes).sum();
+    let passes = if mode == Mode::Chars { 2 } else { 1 };
+    tracing::info!(
+        "prepare: {} input file(s), {}, {} mode, {} with {threads} thread(s)",
+        inputs.len(),
+        human_bytes(input_bytes),
+        mode.name(),
+        args.encoding.name()
+    );
+    let progress = logging::progress_bar(input_bytes * passes, BAR);
+    let dtype = args.encoding.dtype();
+    let mut train = TokenWriter::create(dir.path().join("train.bin"), dtype)?;
+    let mut val = TokenWriter::create(dir.path().join("val.bin"), dtype)?;
+    let ctx = Ctx { args, inputs: &inputs, tokenizer: &tokenizer, eot: args.encoding.eot() };
+    let (mut train_docs, mut val_docs) = (0u64, 0u64);
+
+    let (tx, rx) = sync_channel::<Result<Vec<Work>, DataError>>(1);
+    let batch_bytes = args.chunk_bytes.saturating_mul(4 * threads);
+    let records = std::thread::scope(|s| -> Result<Vec<InputRecord>, DataError> {
+        let reader = s.spawn(|| {
+            let mut reader = Reader { ctx: &ctx, mode, progress: progress.clone(), records: Vec::new() };
+            let mut batcher = Batcher { tx, work: Vec::new(), bytes: 0, limit: batch_bytes };
+            match reader.run(&mut batcher) {
+                Ok(()) => {}
+                Err(ReadFail::Hangup) => {}
+                Err(ReadFail::Error(e)) => {
+                    // After the batches before it, so the first problem in input order is reported.
+                    let _ = batcher.flush();
+                    let _ = batcher.tx.send(Err(e));
+                }
+            }
+            reader.records
+        });
+        let consumed = consume(rx, &pool, &ctx, &progress, started, &mut train, &mut val, &mut train_docs, &mut val_docs);
+        let records = reader.join().map_err(|_| DataError::Split("the reader thread panicked".into()))?;
+        consumed.map(|()| records)
+    })?;
+    progress.finish_and_clear();
+
+    let (train_tokens, train_sha) = train.finish()?;
+    let (val_tokens, val_sha) = val.finish()?;
+    check_splits(args, mode, train_docs, val_docs, train_tokens, val_tokens)?;
+
+    let meta = json!({
+        "format": "zerokit-tokens",
+        "format_version": 1,
+        "encoding": args.encoding.name(),
+        "vocab_size": args.encoding.vocab_size(),
+        "eot_token": args.encoding.eot(),
+        "dtype": dtype.name(),
+        "byte_order": "little",
+        "mode": mode.name(),
+        "val_fraction": args.val_fraction,
+        "seed": args.seed,
+        "jsonl_field": args.field,
+        "lossy": args.lossy,
+        "splits": {
+            "train": {"file": "train.bin", "tokens": train_tokens, "documents": train_docs, "sha256": train_sha},
+            "val": {"file": "val.bin", "tokens": val_tokens, "documents": val_docs, "sha256": val_sha},
+        },
+        "inputs": records.iter().map(|r| json!({
+            "path": r.path.display().to_string(),
+            "format": r.format.name(),
+            "zstd": r.zstd,
+            "bytes": r.bytes,
+            "sha256": r.sha256,
+        })).collect::<Vec<_>>(),
+        "zerokit_version": env!("CARGO_PKG_VERSION"),
+        "command": command,
+    });
+    let text = serde_json::to_string_pretty(&meta).expect("json values serialize") + "\n";
+    fsutil::write_atomic(&dir.path().join("meta.json"), text.as_bytes())?;
+    let out = dir.commit()?;
+
+    let seconds = started.elapsed().as_secs_f64();
+    let summary = PrepareSummary {
+        out,
+        mode,
+        train_tokens,
+        val_tokens,
+        train_documents: train_docs,
+        val_documents: val_docs,
+        input_bytes,
+        seconds,
+    };
+    tracing::info!(
+        "prepare: {} -> {}: train {} tokens ({} docs), val {} tokens ({} docs), {:.2} s, {}/s, {:.2} M tokens/s",
+        human_bytes(input_bytes),
+        summary.out.display(),
+        train_tokens,
+        train_docs,
+        val_tokens,
+        val_docs,
+        seconds,
+        human_bytes((input_bytes as f64 / seconds.max(1e-9)) as u64),
+        (train_tokens + val_tokens) as f64 / seconds.max(1e-9) / 1e6
+    );
+    Ok(summary)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn consume(
+    rx: Receiver<Result<Vec<Work>, DataError>>,
+    pool: &rayon::ThreadPool,
+    ctx: &Ctx,
+    progress: &ProgressBar,
+    started: Instant,
+    train: &mut TokenWriter,
+    val: &mut TokenWriter,
+    train_docs: &mut u64,
+    val_docs: &mut u64,
+) -> Result<(), DataError> {
+    // Returning drops `rx`, which stops the reader at its next batch.
+    for batch in rx {
+        let batch = batch?;
+        let results: Vec<Result<Produced, DataError>> =
+            pool.install(|| batch.into_par_iter().map(|w| ctx.process(w)).collect());
+        for r in results {
+            let p = r?;
+            train.write(&p.train)?;
+            val.write(&p.val)?;
+            *train_docs += p.train_docs;
+            *val_docs += p.val_docs;
+        }
+        let tokens = train.tokens + val.tokens;
+        progress.set_message(format!(
+            "{:.2} M tokens, {:.2} M tokens/s",
+            tokens as f64 / 1e6,
+            tokens as f64 / started.elapsed().as_secs_f64().max(1e-9) / 1e6
+        ));
+    }
+    Ok(())
+}
+
+fn check_splits(
+    args: &PrepareArgs,
+    mode: Mode,
+    train_docs: u64,
+    val_docs: u64,
+    train_tokens: u64,
+    val_tokens: u64,
+) -> Result<(), DataError> {
+    let what = match mode {
+        Mode::Chars => "characters",
+        Mode::Documents => "documents",
+    };
+    if train_tokens == 0 || train_docs == 0 {
+        return Err(DataError::Split(format!(
+            "the train split is empty ({} {what} in all, --val-fraction {}): nothing written",
+            train_docs + val_docs,
+            args.val_fraction
+        )));
+    }
+    if args.val_fraction > 0.0 && (val_docs == 0 || val_tokens == 0) {
+        return Err(DataError::Split(format!(
+            "no {what} fell in the val split ({} document(s), --val-fraction {}, --seed {}): add documents, \
+             raise --val-fraction or change --seed (--val-fraction 0 writes an empty val.bin); nothing written",
+            train_docs + val_docs,
+            args.val_fraction,
+            args.seed
+        )));
+    }
+    Ok(())
+}
+
+fn human_bytes(n: u64) -> String {
+    let n = n as f64;
+    if n >= 1e9 {
+        format!("{:.2} GB", n / 1e9)
+    } else if n >= 1e6 {
+        format!("{:.1} MB", n / 1e6)
+    } else if n >= 1e3 {
+        format!("{:.1} kB", n / 1e3)
+    } else {
+        format!("{n} B")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn val_assignment_follows_the_fraction_and_the_seed() {
+        let n = 100_000u64;
+        let count = |seed, f| (0..n).filter(|&d| is_val(seed, d, f)).count() as f64 / n as f64;
+        assert!((count(2357, 0.1) - 0.1).abs() < 0.005);
+        assert!((count(7, 0.5) - 0.5).abs() < 0.01);
+        assert_eq!(count(1, 0.0), 0.0);
+        let a: Vec<bool> = (0..64).map(|d| is_val(1, d, 0.5)).collect();
+        let b: Vec<bool> = (0..64).map(|d| is_val(2, d, 0.5)).collect();
+        assert_ne!(a, b);
+    }
+}
