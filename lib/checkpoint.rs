@@ -474,16 +474,16 @@ pub fn load(engine: &mut crate::zero::Engine, tag_dir: &Path) -> Result<Manifest
     }
     let pr = if engine.layout.parts > 1 { engine.comm.rank() } else { 0 };
     reader.fill_partition("master", &engine.layout, pr, &engine.master)?;
-    let (m1, v1, _) = engine.opt.state();
-    let (m1, v1) = (m1.shallow_clone(), v1.shallow_clone());
+    let m1 = engine.master.zeros_like();
+    let v1 = engine.master.zeros_like();
     reader.fill_partition("exp_avg", &engine.layout, pr, &m1)?;
     reader.fill_partition("exp_avg_sq", &engine.layout, pr, &v1)?;
     let step = m.optimizer.get("step").and_then(|s| s.as_u64()).ok_or_else(|| invalid(tag_dir, "manifest optimizer.step missing"))?;
-    engine.opt.set_step(step);
+    engine.opt.load_state(&m1, &v1, step).map_err(|e| invalid(tag_dir, format!("optimizer state: {e}")))?;
     if let Some(s) = &mut engine.scaler {
         if !m.loss_scaler.is_null() {
             let st = serde_json::from_value(m.loss_scaler.clone()).map_err(|e| invalid(tag_dir, format!("loss_scaler: {e}")))?;
-            s.load_state(st);
+            s.load_state(st).map_err(|e| invalid(tag_dir, format!("loss_scaler: {e}")))?;
         }
     }
     engine.publish_weights().map_err(|e| invalid(tag_dir, format!("publishing weights: {e}")))?;

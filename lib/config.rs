@@ -2,6 +2,7 @@
 //! with `--set key=value`, printed back resolved at start. Unknown keys are errors that name the
 //! key. A DeepSpeed JSON config is translated into the same structure (`from_deepspeed_json`).
 
+use crate::optim::{Decay, LrSchedule};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -62,6 +63,9 @@ pub struct TrainConfig {
     pub warmup_iters: u64,
     pub lr_decay_iters: u64,
     pub min_lr: f64,
+    /// A DeepSpeed scheduler (set from a DeepSpeed config's "scheduler" block); replaces the
+    /// nanoGPT schedule above when present.
+    pub lr_schedule: Option<LrSchedule>,
     // system
     /// "auto", "cpu", "cuda" or "cuda:N".
     pub device: String,
@@ -119,6 +123,7 @@ impl Default for TrainConfig {
             warmup_iters: 100,
             lr_decay_iters: 2000,
             min_lr: 6e-5,
+            lr_schedule: None,
             device: "auto".into(),
             dtype: "auto".into(),
             zero_stage: 0,
@@ -225,6 +230,21 @@ impl TrainConfig {
             }
         }
         Ok(())
+    }
+
+    /// The learning-rate schedule: `lr_schedule` when given (a DeepSpeed scheduler), else
+    /// nanoGPT's warm-up and cosine decay (constant without decay_lr).
+    pub fn lr_schedule(&self) -> LrSchedule {
+        if let Some(s) = &self.lr_schedule {
+            return s.clone();
+        }
+        LrSchedule::NanoGpt {
+            warmup_iters: self.warmup_iters,
+            lr_decay_iters: self.lr_decay_iters,
+            max_lr: self.learning_rate,
+            min_lr: self.min_lr,
+            decay: if self.decay_lr { Decay::Cosine } else { Decay::Constant },
+        }
     }
 
     /// The resolved configuration as TOML, printed at start and stored in checkpoints.
@@ -334,41 +354,28 @@ pub fn from_deepspeed_json(path: &Path, text: &str) -> Result<toml::Table, Confi
                 }
             }
             "scheduler" => {
+                // DeepSpeed's own parameter names, defaults and semantics (optim::LrSchedule).
                 let ty = val.get("type").and_then(Value::as_str).unwrap_or("");
-                let p = val.get("params").and_then(Value::as_object).cloned().unwrap_or_default();
-                let get = |key: &str| p.get(key).and_then(Value::as_f64);
-                match ty {
-                    "WarmupLR" => {
-                        t.insert("decay_lr".into(), false.into());
-                    }
-                    "WarmupDecayLR" | "WarmupCosineLR" => {
-                        t.insert("decay_lr".into(), true.into());
-                        if let Some(n) = get("total_num_steps") {
-                            t.insert("lr_decay_iters".into(), (n as i64).into());
-                        }
-                    }
-                    other => return Err(err(format!("scheduler.type {other:?}: zerokit implements WarmupLR, WarmupDecayLR and WarmupCosineLR"))),
+                if !["WarmupLR", "WarmupDecayLR", "WarmupCosineLR"].contains(&ty) {
+                    return Err(err(format!("scheduler.type {ty:?}: zerokit implements WarmupLR, WarmupDecayLR and WarmupCosineLR")));
                 }
-                if let Some(n) = get("warmup_num_steps") {
-                    t.insert("warmup_iters".into(), (n as i64).into());
-                }
-                if let Some(x) = get("warmup_max_lr") {
-                    t.insert("learning_rate".into(), x.into());
-                }
-                if let Some(x) = get("warmup_min_lr") {
-                    t.insert("min_lr".into(), x.into());
-                }
-                for k in p.keys() {
-                    if !["total_num_steps", "warmup_num_steps", "warmup_max_lr", "warmup_min_lr", "warmup_type"].contains(&k.as_str()) {
-                        unknown.push(format!("scheduler.params.{k}"));
-                    }
-                }
+                let mut p = val.get("params").and_then(Value::as_object).cloned().unwrap_or_default();
+                p.insert("type".into(), Value::String(ty.into()));
+                t.insert("lr_schedule".into(), json_to_toml(&Value::Object(p)).map_err(err)?);
             }
             other => unknown.push(other.to_string()),
         }
     }
     if !unknown.is_empty() {
         return Err(err(format!("keys zerokit does not honour: {}", unknown.join(", "))));
+    }
+    // WarmupCosineLR scales the optimizer's base rate.
+    if let (Some(toml::Value::Table(sch)), Some(lr)) = (t.get("lr_schedule").cloned(), t.get("learning_rate").cloned()) {
+        if sch.get("lr").is_none() && sch.get("type").and_then(|v| v.as_str()) == Some("WarmupCosineLR") {
+            let mut sch = sch;
+            sch.insert("lr".into(), lr);
+            t.insert("lr_schedule".into(), toml::Value::Table(sch));
+        }
     }
     // DeepSpeed's batch identity, train_batch_size = micro x accumulation x world, is resolved
     // once the world size is known (TrainConfig::resolve_batch); 0 marks the value to derive.
@@ -380,4 +387,28 @@ pub fn from_deepspeed_json(path: &Path, text: &str) -> Result<toml::Table, Confi
     let default_gas = if tbs.is_some() { 0 } else { 1 };
     t.insert("gradient_accumulation_steps".into(), (gas.unwrap_or(default_gas) as i64).into());
     Ok(t)
+}
+
+/// JSON to TOML for scheduler parameters (nulls dropped, so serde defaults apply).
+fn json_to_toml(v: &serde_json::Value) -> Result<toml::Value, String> {
+    use serde_json::Value;
+    Ok(match v {
+        Value::Bool(b) => toml::Value::Boolean(*b),
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => toml::Value::Integer(i),
+            None => toml::Value::Float(n.as_f64().unwrap_or(f64::NAN)),
+        },
+        Value::String(s) => toml::Value::String(s.clone()),
+        Value::Array(a) => toml::Value::Array(a.iter().map(json_to_toml).collect::<Result<_, _>>()?),
+        Value::Object(o) => {
+            let mut t = toml::Table::new();
+            for (k, v) in o {
+                if !v.is_null() {
+                    t.insert(k.clone(), json_to_toml(v)?);
+                }
+            }
+            toml::Value::Table(t)
+        }
+        Value::Null => return Err("null is not allowed here".into()),
+    })
 }

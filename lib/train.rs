@@ -5,8 +5,9 @@ use crate::checkpoint::{self, SaveInfo};
 use crate::comm::{Collectives, ControlPlane, CpuComm, Rendezvous};
 use crate::config::TrainConfig;
 use crate::data::dataset::TokenDataset;
+use crate::data::tokenize::{Encoding, Tokenizer};
 use crate::model::{Gpt, GptConfig};
-use crate::optim::{AdamWConfig, LrSchedule};
+use crate::optim::AdamWConfig;
 use crate::scaler::ScalerConfig;
 use crate::zero::{Engine, EngineConfig};
 use std::io::Write;
@@ -157,7 +158,16 @@ pub fn fit(mut cfg: TrainConfig) -> Result<(), TrainError> {
         kind,
         device,
         adamw: AdamWConfig { lr: cfg.learning_rate, betas: (cfg.beta1, cfg.beta2), eps: cfg.eps, weight_decay: cfg.weight_decay },
-        scaler: ScalerConfig::from_train_config(&cfg),
+        scaler: ScalerConfig {
+            loss_scale: cfg.loss_scale,
+            initial_scale_power: cfg.initial_scale_power,
+            loss_scale_window: cfg.loss_scale_window,
+            hysteresis: cfg.hysteresis,
+            consecutive_hysteresis: cfg.consecutive_hysteresis,
+            min_loss_scale: cfg.min_loss_scale,
+            // Training keeps going at the minimum scale, skipping overflowing steps, and says so.
+            raise_error_at_min_scale: false,
+        },
     };
     let comm = connect(&rdv, device)?;
     let mut engine = Engine::new(model, ecfg, comm)?;
@@ -174,7 +184,7 @@ pub fn fit(mut cfg: TrainConfig) -> Result<(), TrainError> {
 
     let train = TokenDataset::open(&cfg.dataset, "train", mcfg.vocab_size)?;
     let val = TokenDataset::open(&cfg.dataset, "val", mcfg.vocab_size)?;
-    let schedule = LrSchedule::from_train_config(&cfg);
+    let schedule = cfg.lr_schedule();
     let tokens_per_step = (cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps * world) as u64;
     let flops_per_token = 6.0 * n_params as f64 + 12.0 * (mcfg.n_layer * mcfg.n_embd * mcfg.block_size) as f64;
     let metrics_path = cfg.out_dir.join("metrics.jsonl");
@@ -288,7 +298,7 @@ fn write_plot(out_dir: &Path, evals: &(Vec<(f64, f64)>, Vec<(f64, f64)>)) {
 
 /// Generates text from `model` with nanoGPT's sampling (temperature, top-k, seeded).
 pub fn sample_text(model: &Gpt, prompt: &str, tokens: usize, temperature: f64, top_k: usize, seed: u64) -> Result<String, TrainError> {
-    let bpe = tiktoken_rs::r50k_base().map_err(|e| TrainError::Other(format!("tokenizer: {e}")))?;
+    let bpe = Tokenizer::new(Encoding::R50kBase)?;
     let mut ids: Vec<i64> = bpe.encode_ordinary(prompt).into_iter().map(|t| t as i64).collect();
     if ids.is_empty() {
         ids.push(50256);
@@ -297,8 +307,9 @@ pub fn sample_text(model: &Gpt, prompt: &str, tokens: usize, temperature: f64, t
     let top_k = (top_k > 0).then_some(top_k);
     let out = tch::no_grad(|| model.generate(&idx, tokens, temperature, top_k, seed))?;
     let out: Vec<i64> = Vec::<i64>::try_from(out.view(-1).to_device(Device::Cpu)).map_err(|e: tch::TchError| TrainError::Other(e.to_string()))?;
-    let vocab = bpe.decode(out.iter().filter(|&&t| t < 50257).map(|&t| t as u32).collect()).unwrap_or_default();
-    Ok(vocab)
+    // Padded vocabulary rows (>= 50257) are not tokens: they are dropped from the text.
+    let ids: Vec<u32> = out.iter().filter(|&&t| (t as usize) < bpe.encoding().vocab_size()).map(|&t| t as u32).collect();
+    Ok(String::from_utf8_lossy(&bpe.decode_bytes(&ids)?).into_owned())
 }
 
 /// `train sample`: text from a checkpoint (a root, its `latest` followed, or a tag directory).

@@ -11,8 +11,8 @@
 use super::layout::FlatLayout;
 use crate::comm::{Collectives, CommError};
 use crate::model::{vjp, Gpt};
-use crate::optim::{AdamW, AdamWConfig, Segment};
-use crate::scaler::{LossScaler, ScalerConfig, StepDecision};
+use crate::optim::{clip_coef, local_grad_norm_sq, AdamW, AdamWConfig, OptimError, Segment};
+use crate::scaler::{LossScaler, ScalerConfig, ScalerError, StepDecision};
 use tch::{Device, Kind, Tensor};
 
 #[derive(Debug, thiserror::Error)]
@@ -21,6 +21,10 @@ pub enum ZeroError {
     Comm(#[from] CommError),
     #[error("tensor: {0}")]
     Tensor(#[from] tch::TchError),
+    #[error(transparent)]
+    Optim(#[from] OptimError),
+    #[error(transparent)]
+    Scaler(#[from] ScalerError),
     #[error("{0}")]
     Layout(String),
 }
@@ -144,8 +148,8 @@ impl Engine {
             .iter()
             .map(|p| Segment { start: p.partition_offset, len: p.len, decay: layout.params[p.param].decay })
             .collect();
-        let opt = AdamW::new(layout.partition, segments, cfg.adamw.clone(), cfg.device);
-        let scaler = (cfg.kind == Kind::Half).then(|| LossScaler::new(cfg.scaler.clone()));
+        let opt = AdamW::new(layout.partition, segments, cfg.adamw, cfg.device)?;
+        let scaler = if cfg.kind == Kind::Half { Some(LossScaler::new(cfg.scaler.clone())?) } else { None };
         let accum = (cfg.stage < 2 && cfg.grad_accum > 1).then(|| Tensor::zeros([layout.total as i64], (cfg.kind, cfg.device)));
         let grad = Tensor::zeros([layout.partition as i64], opts);
         let slot_grads = (0..layout.params.len()).map(|_| None).collect();
@@ -333,27 +337,24 @@ impl Engine {
         let scale = self.scaler.as_ref().map_or(1.0, |s| s.scale());
         let micro = self.micro.max(1);
         let _ = self.grad.g_mul_scalar_(1.0 / (world as f64 * micro as f64 * scale));
-        // One host round trip per step carries the overflow flag, the squared norm and the loss.
-        // With stage 0 every rank holds the same full gradient: only rank 0 contributes it.
+        // One host round trip per step carries the squared norm (non-finite exactly when some
+        // gradient is inf/nan, so it doubles as the overflow check) and the loss. With stage 0
+        // every rank holds the same full gradient: only rank 0 contributes it.
         let contributes = self.layout.parts > 1 || self.comm.rank() == 0;
-        let nonfinite = self.grad.isfinite().all().logical_not().to_kind(Kind::Float);
-        let sumsq = self.grad.square().sum(Kind::Double);
-        let local = Tensor::stack(
-            &[nonfinite.to_kind(Kind::Double), sumsq, self.loss_sum.to_kind(Kind::Double) / micro as f64],
-            0,
-        )
-        .to_device(Device::Cpu);
+        let local = Tensor::stack(&[local_grad_norm_sq(&self.grad)?, self.loss_sum.to_kind(Kind::Double) / micro as f64], 0)
+            .to_device(Device::Cpu);
         let mut stats: Vec<f64> = Vec::<f64>::try_from(&local)?;
         if !contributes {
-            stats[1] = 0.0;
+            stats[0] = 0.0;
         }
         self.comm.all_reduce_scalars(&mut stats)?;
-        let (overflow, norm, loss) = (stats[0] > 0.0, stats[1].sqrt(), stats[2] / world as f64);
+        let (norm, loss) = (stats[0].sqrt(), stats[1] / world as f64);
+        let overflow = !norm.is_finite();
         let _ = self.loss_sum.zero_();
         self.micro = 0;
 
         let skip = match &mut self.scaler {
-            Some(s) => s.update(overflow) == StepDecision::Skip,
+            Some(s) => s.update(overflow)? == StepDecision::Skip,
             None => {
                 if overflow {
                     tracing::warn!("non-finite gradient: step skipped");
@@ -365,10 +366,13 @@ impl Engine {
             let _ = self.grad.zero_();
             return Ok(StepStats { loss, grad_norm: norm, skipped: true, loss_scale: scale });
         }
-        if self.cfg.grad_clip > 0.0 && norm > self.cfg.grad_clip {
-            let _ = self.grad.g_mul_scalar_(self.cfg.grad_clip / (norm + 1e-6));
+        if self.cfg.grad_clip > 0.0 {
+            let c = clip_coef(norm, self.cfg.grad_clip);
+            if c < 1.0 {
+                let _ = self.grad.g_mul_scalar_(c);
+            }
         }
-        self.opt.step(&mut self.master, &self.grad, lr);
+        self.opt.step(&mut self.master, &self.grad, lr)?;
         let _ = self.grad.zero_();
         self.publish_weights()?;
         Ok(StepStats { loss, grad_norm: norm, skipped: false, loss_scale: scale })
