@@ -49,12 +49,15 @@ pub enum HfError {
         name: String,
         first: String,
     },
-    #[error("{path}: tensor {key} has shape {found:?}, expected {expected:?} for this config")]
+    #[error(
+        "{path}: tensor {key} has shape {found:?}, expected {expected:?} for this config{hint}"
+    )]
     Shape {
         path: PathBuf,
         key: String,
         found: Vec<usize>,
         expected: Vec<i64>,
+        hint: &'static str,
     },
     #[error("{path}: tensor {key} has dtype {dtype}, expected F32, F16 or BF16")]
     Dtype {
@@ -409,11 +412,19 @@ pub fn load_tensors(
                             .zip(&spec.shape)
                             .any(|(&a, &b)| a as i64 != b)
                     {
+                        let transposed = view.shape().len() == 2
+                            && view.shape()[0] as i64 == spec.shape[1]
+                            && view.shape()[1] as i64 == spec.shape[0];
                         return Err(HfError::Shape {
                             path: path.clone(),
                             key: key.into(),
                             found: view.shape().to_vec(),
                             expected: spec.shape.clone(),
+                            hint: if transposed {
+                                " (transposed: an nn.Linear [out, in] weight; GPT-2 stores Conv1D [in, out])"
+                            } else {
+                                ""
+                            },
                         });
                     }
                     if let Some((_, first, _)) = found.get(&name) {
