@@ -5,3 +5,4 @@ pub mod data;
 pub mod device;
 pub mod fsutil;
 pub mod logging;
+pub mod plot;
