@@ -4,12 +4,17 @@
 pub mod checkpoint;
 pub mod comm;
 pub mod config;
+pub mod convert;
 pub mod data;
 pub mod device;
 pub mod fsutil;
 pub mod interop;
 pub mod launch;
 pub mod logging;
+pub mod memory;
 pub mod model;
+pub mod optim;
+pub mod plot;
+pub mod scaler;
 pub mod train;
 pub mod zero;
