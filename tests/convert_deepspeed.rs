@@ -158,7 +158,7 @@ fn copy_case(name: &str, to: &Path) -> PathBuf {
 fn fails_naming(ckpt: &Path, file_part: &str, what: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("o.safetensors");
-    let e = convert::run(&args(ckpt, &out)).err().expect("conversion should fail").to_string();
+    let e = convert::run(&args(ckpt, &out)).expect_err("conversion should fail").to_string();
     assert!(e.contains(file_part), "error does not name {file_part}: {e}");
     assert!(e.to_lowercase().contains(what), "error does not say {what}: {e}");
     assert!(!out.exists());

@@ -155,7 +155,7 @@ pub fn parse_size(s: &str) -> Result<u64, SafetensorsOutError> {
         _ => return Err(SafetensorsOutError::BadSize(s.into())),
     };
     let v = num * mul;
-    if !(v >= 1.0) {
+    if v.is_nan() || v < 1.0 {
         return Err(SafetensorsOutError::BadSize(s.into()));
     }
     Ok(v as u64)
