@@ -1,0 +1,417 @@
+//! zero-to-fp32: consolidates a sharded training checkpoint into one set of full tensors, written
+//! as safetensors (one file, or a Hugging Face directory with shards and an index).
+//!
+//! Sources implement [`ShardedSource`]: they describe their tensors up front and hand them out
+//! one at a time, so the pipeline holds one tensor (in its stored and output dtypes) at a time.
+//! Peak memory is about twice the largest tensor plus fixed overhead, whatever the model size.
+
+use crate::fsutil::{AtomicDir, AtomicFile, FsError};
+use crate::interop::deepspeed::{self, DeepSpeedError, DeepSpeedSource};
+use crate::interop::safetensors_out::{self, SafetensorsOutError, SafetensorsWriter, TensorSpec};
+use crate::interop::torch_pickle::DType;
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tracing::info;
+
+/// Errors a source reports while reading; they name their file.
+pub type SourceError = Box<dyn std::error::Error + Send + Sync>;
+
+/// One tensor of a source, as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorInfo {
+    pub name: String,
+    pub shape: Vec<usize>,
+    /// The stored dtype of the bytes `read_tensor` returns.
+    pub dtype: DType,
+    /// Not trained (excluded by `--exclude-frozen`).
+    pub frozen: bool,
+}
+
+impl TensorInfo {
+    pub fn numel(&self) -> u64 {
+        self.shape.iter().product::<usize>() as u64
+    }
+}
+
+/// A checkpoint that can be consolidated tensor by tensor.
+pub trait ShardedSource {
+    /// One line for the log, e.g. "DeepSpeed ZeRO-2 checkpoint, 4 ranks, fp16".
+    fn format(&self) -> String;
+    /// Every tensor of the consolidated model, in output order.
+    fn describe(&self) -> Vec<TensorInfo>;
+    /// The full tensor `name` as little-endian bytes of its `TensorInfo::dtype`, into `out`
+    /// (cleared first; its allocation is reused across calls).
+    fn read_tensor(&mut self, name: &str, out: &mut Vec<u8>) -> Result<(), SourceError>;
+    /// A transformers `config.json` for the model, when the source knows the architecture.
+    fn hf_config(&self) -> Option<serde_json::Value>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConvertError {
+    #[error(transparent)]
+    DeepSpeed(#[from] DeepSpeedError),
+    #[error(transparent)]
+    Fs(#[from] FsError),
+    #[error("{path}: {source}")]
+    Write { path: PathBuf, source: SafetensorsOutError },
+    #[error("{0}")]
+    Source(SourceError),
+    #[error("{0}: not a directory")]
+    NotADir(PathBuf),
+    #[error("{path}: names tag {tag:?}, but {dir} does not exist")]
+    BadLatest { path: PathBuf, tag: String, dir: PathBuf },
+    #[error("{0}: not a checkpoint zero-to-fp32 can read (neither zerokit nor DeepSpeed files found)")]
+    UnknownFormat(PathBuf),
+    #[error("--max-shard-size: {0}")]
+    ShardSize(SafetensorsOutError),
+    #[error("source returned {got} bytes for {name}, its shape and dtype need {want}")]
+    SourceSize { name: String, got: usize, want: u64 },
+}
+
+/// Output floating-point dtype.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutDtype {
+    Fp32,
+    Fp16,
+    Bf16,
+}
+
+impl OutDtype {
+    pub fn dtype(self) -> DType {
+        match self {
+            OutDtype::Fp32 => DType::F32,
+            OutDtype::Fp16 => DType::F16,
+            OutDtype::Bf16 => DType::BF16,
+        }
+    }
+}
+
+/// zero-to-fp32's command line.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "zero-to-fp32", version, about = "Consolidate a zerokit or DeepSpeed ZeRO checkpoint into safetensors")]
+pub struct ConvertArgs {
+    /// Checkpoint root (its `latest` file is followed) or a tag directory.
+    pub checkpoint: PathBuf,
+    /// A `.safetensors` file, or a directory to write in Hugging Face layout.
+    pub output: PathBuf,
+    /// Tag (sub-directory) to convert instead of the one `latest` names.
+    #[arg(long)]
+    pub tag: Option<String>,
+    /// Floating-point dtype of the output (integer buffers keep theirs).
+    #[arg(long, value_enum, default_value = "fp32")]
+    pub dtype: OutDtype,
+    /// Leave out parameters that were not trained.
+    #[arg(long)]
+    pub exclude_frozen: bool,
+    /// List what would be written, and write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Largest shard of a directory output ("5GB", "500MiB", bytes).
+    #[arg(long, default_value = "5GB")]
+    pub max_shard_size: String,
+    /// Replace an existing OUTPUT.
+    #[arg(long)]
+    pub force: bool,
+    /// Print this process's peak resident memory at the end.
+    #[arg(long)]
+    pub report_peak_rss: bool,
+}
+
+/// What a conversion produced.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub tensors: usize,
+    pub parameters: u64,
+    pub bytes: u64,
+    pub files: Vec<String>,
+    pub seconds: f64,
+    pub peak_rss_bytes: Option<u64>,
+}
+
+/// Finds the tag directory: `--tag`, else the tag the root's `latest` names, else the path itself.
+pub fn resolve_tag_dir(checkpoint: &Path, tag: Option<&str>) -> Result<PathBuf, ConvertError> {
+    if !checkpoint.is_dir() {
+        return Err(ConvertError::NotADir(checkpoint.to_path_buf()));
+    }
+    if let Some(tag) = tag {
+        let dir = checkpoint.join(tag);
+        return if dir.is_dir() { Ok(dir) } else { Err(ConvertError::NotADir(dir)) };
+    }
+    let latest = checkpoint.join("latest");
+    if latest.is_file() {
+        let tag = std::fs::read_to_string(&latest).map_err(|e| FsError::io(&latest, e))?.trim().to_string();
+        let dir = checkpoint.join(&tag);
+        if !dir.is_dir() {
+            return Err(ConvertError::BadLatest { path: latest, tag, dir });
+        }
+        return Ok(dir);
+    }
+    Ok(checkpoint.to_path_buf())
+}
+
+/// Opens whichever supported checkpoint `checkpoint` is.
+pub fn open_source(checkpoint: &Path, tag: Option<&str>) -> Result<Box<dyn ShardedSource>, ConvertError> {
+    let dir = resolve_tag_dir(checkpoint, tag)?;
+    if deepspeed::is_deepspeed_dir(&dir) {
+        return Ok(Box::new(DeepSpeedSource::open(&dir)?));
+    }
+    Err(ConvertError::UnknownFormat(dir))
+}
+
+/// The command: open, convert, log the summary.
+pub fn run(args: &ConvertArgs) -> Result<Summary, ConvertError> {
+    let mut source = open_source(&args.checkpoint, args.tag.as_deref())?;
+    let summary = convert(source.as_mut(), args)?;
+    if let Some(rss) = summary.peak_rss_bytes {
+        info!("peak RSS: {:.1} MiB", rss as f64 / 1048576.0);
+    }
+    Ok(summary)
+}
+
+/// The output dtype of a stored dtype: floats become `want`, integers and bools stay.
+fn out_dtype(stored: DType, want: DType) -> DType {
+    if stored.is_float() {
+        want
+    } else {
+        stored
+    }
+}
+
+/// Consolidates `source` into `args.output`.
+pub fn convert(source: &mut dyn ShardedSource, args: &ConvertArgs) -> Result<Summary, ConvertError> {
+    let start = Instant::now();
+    let want = args.dtype.dtype();
+    let infos: Vec<TensorInfo> = source.describe().into_iter().filter(|t| !(args.exclude_frozen && t.frozen)).collect();
+    let specs: Vec<TensorSpec> = infos
+        .iter()
+        .map(|t| TensorSpec { name: t.name.clone(), dtype: out_dtype(t.dtype, want), shape: t.shape.clone() })
+        .collect();
+    let total_bytes: u64 = specs.iter().map(TensorSpec::nbytes).sum();
+    let parameters: u64 = infos.iter().map(TensorInfo::numel).sum();
+    let single = args.output.extension().is_some_and(|e| e == "safetensors");
+    let shards = if single {
+        vec![(0..specs.len()).collect()]
+    } else {
+        let max = safetensors_out::parse_size(&args.max_shard_size).map_err(ConvertError::ShardSize)?;
+        safetensors_out::plan_shards(&specs, max)
+    };
+    let names: Vec<String> = if single {
+        vec![args.output.file_name().unwrap_or_default().to_string_lossy().into_owned()]
+    } else {
+        (0..shards.len()).map(|k| safetensors_out::shard_file_name(k, shards.len())).collect()
+    };
+    info!("{}: {}", args.checkpoint.display(), source.format());
+
+    if args.dry_run {
+        for (k, shard) in shards.iter().enumerate() {
+            for &i in shard {
+                let s = &specs[i];
+                println!(
+                    "{}\t{:?}\t{}\t{}\t{}{}",
+                    s.name,
+                    s.shape,
+                    s.dtype.safetensors_name(),
+                    s.nbytes(),
+                    names[k],
+                    if infos[i].frozen { "\tfrozen" } else { "" }
+                );
+            }
+        }
+        info!(
+            "dry run: would write {} tensors, {} parameters, {} bytes in {} file(s) to {}",
+            specs.len(),
+            parameters,
+            total_bytes,
+            names.len(),
+            args.output.display()
+        );
+        return Ok(Summary {
+            tensors: specs.len(),
+            parameters,
+            bytes: total_bytes,
+            files: names,
+            seconds: start.elapsed().as_secs_f64(),
+            peak_rss_bytes: args.report_peak_rss.then(peak_rss).flatten(),
+        });
+    }
+
+    if args.output.exists() && !args.force {
+        return Err(FsError::Exists(args.output.clone()).into());
+    }
+    let pb = crate::logging::progress_bar(
+        total_bytes,
+        "{spinner} [{elapsed_precise}] [{bar:40}] {binary_bytes}/{binary_total_bytes} ({binary_bytes_per_sec}, {eta})",
+    );
+    let mut meta = BTreeMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    let mut raw = Vec::new();
+    let mut cast_buf = Vec::new();
+
+    let dir = if single { None } else { Some(AtomicDir::create(&args.output, args.force)?) };
+    let mut single_done = None;
+    let mut weight_map = BTreeMap::new();
+    for (k, shard) in shards.iter().enumerate() {
+        let final_path = match &dir {
+            Some(d) => d.path().join(&names[k]),
+            None => args.output.clone(),
+        };
+        // Errors name the file the user asked for, not the temporary one.
+        let shown = match &dir {
+            Some(_) => args.output.join(&names[k]),
+            None => args.output.clone(),
+        };
+        let werr = |e: SafetensorsOutError| ConvertError::Write { path: shown.clone(), source: e };
+        let mut file = AtomicFile::create(&final_path)?;
+        let shard_specs: Vec<TensorSpec> = shard.iter().map(|&i| specs[i].clone()).collect();
+        let mut w = SafetensorsWriter::new(&mut file, shard_specs, &meta).map_err(werr)?;
+        for &i in shard {
+            let info = &infos[i];
+            source.read_tensor(&info.name, &mut raw).map_err(ConvertError::Source)?;
+            let want_len = info.numel() * info.dtype.size() as u64;
+            if raw.len() as u64 != want_len {
+                return Err(ConvertError::SourceSize { name: info.name.clone(), got: raw.len(), want: want_len });
+            }
+            let to = specs[i].dtype;
+            let bytes: &[u8] = if to == info.dtype {
+                &raw
+            } else {
+                cast(&raw, info.dtype, to, &mut cast_buf);
+                &cast_buf
+            };
+            w.write_tensor(&info.name, bytes).map_err(werr)?;
+            pb.inc(bytes.len() as u64);
+            weight_map.insert(info.name.clone(), names[k].clone());
+        }
+        w.finish().map_err(werr)?;
+        file.flush().map_err(|e| werr(e.into()))?;
+        let committed = file.commit().map_err(|e| match e {
+            FsError::Io { source, .. } => werr(source.into()),
+            other => other.into(),
+        })?;
+        single_done = Some(committed);
+    }
+    if let Some(d) = dir {
+        if names.len() > 1 {
+            let index = safetensors_out::index_json(&weight_map, total_bytes);
+            crate::fsutil::write_atomic(
+                &d.path().join("model.safetensors.index.json"),
+                &serde_json::to_vec_pretty(&index).expect("json serializes"),
+            )?;
+        }
+        if let Some(cfg) = source.hf_config() {
+            crate::fsutil::write_atomic(&d.path().join("config.json"), &serde_json::to_vec_pretty(&cfg).expect("json serializes"))?;
+        }
+        d.commit()?;
+    }
+    let _ = single_done;
+    pb.finish_and_clear();
+    let seconds = start.elapsed().as_secs_f64();
+    info!(
+        "wrote {} tensors, {} parameters, {:.2} GB in {} file(s) to {} in {:.2} s ({:.2} GB/s)",
+        specs.len(),
+        parameters,
+        total_bytes as f64 / 1e9,
+        names.len(),
+        args.output.display(),
+        seconds,
+        total_bytes as f64 / 1e9 / seconds.max(1e-9)
+    );
+    Ok(Summary {
+        tensors: specs.len(),
+        parameters,
+        bytes: total_bytes,
+        files: names,
+        seconds,
+        peak_rss_bytes: args.report_peak_rss.then(peak_rss).flatten(),
+    })
+}
+
+/// Converts little-endian elements between dtypes, rounding to nearest-even as torch's `.to()`.
+pub fn cast(src: &[u8], from: DType, to: DType, out: &mut Vec<u8>) {
+    out.clear();
+    out.reserve(src.len() / from.size() * to.size());
+    let n = src.len() / from.size();
+    match (from, to) {
+        (DType::F32, DType::F16) => {
+            for c in src.chunks_exact(4) {
+                let x = f32::from_le_bytes(c.try_into().unwrap());
+                out.extend_from_slice(&half::f16::from_f32(x).to_le_bytes());
+            }
+        }
+        (DType::F32, DType::BF16) => {
+            for c in src.chunks_exact(4) {
+                let x = f32::from_le_bytes(c.try_into().unwrap());
+                out.extend_from_slice(&half::bf16::from_f32(x).to_le_bytes());
+            }
+        }
+        _ => {
+            for i in 0..n {
+                let x = read_f64(&src[i * from.size()..], from);
+                write_f64(out, x, to);
+            }
+        }
+    }
+}
+
+fn read_f64(b: &[u8], d: DType) -> f64 {
+    match d {
+        DType::F64 => f64::from_le_bytes(b[..8].try_into().unwrap()),
+        DType::F32 => f32::from_le_bytes(b[..4].try_into().unwrap()) as f64,
+        DType::F16 => half::f16::from_le_bytes([b[0], b[1]]).to_f64(),
+        DType::BF16 => half::bf16::from_le_bytes([b[0], b[1]]).to_f64(),
+        // Integer tensors are never cast (out_dtype keeps them), so this is unreachable in use.
+        DType::I64 => i64::from_le_bytes(b[..8].try_into().unwrap()) as f64,
+        DType::I32 => i32::from_le_bytes(b[..4].try_into().unwrap()) as f64,
+        DType::I16 => i16::from_le_bytes([b[0], b[1]]) as f64,
+        DType::I8 => b[0] as i8 as f64,
+        DType::U8 | DType::Bool => b[0] as f64,
+    }
+}
+
+fn write_f64(out: &mut Vec<u8>, x: f64, d: DType) {
+    match d {
+        // f64 -> f32 -> half would round twice; go straight from f64.
+        DType::F64 => out.extend_from_slice(&x.to_le_bytes()),
+        DType::F32 => out.extend_from_slice(&(x as f32).to_le_bytes()),
+        DType::F16 => out.extend_from_slice(&half::f16::from_f64(x).to_le_bytes()),
+        DType::BF16 => out.extend_from_slice(&half::bf16::from_f64(x).to_le_bytes()),
+        DType::I64 => out.extend_from_slice(&(x as i64).to_le_bytes()),
+        DType::I32 => out.extend_from_slice(&(x as i32).to_le_bytes()),
+        DType::I16 => out.extend_from_slice(&(x as i16).to_le_bytes()),
+        DType::I8 => out.push(x as i8 as u8),
+        DType::U8 | DType::Bool => out.push(x as u8),
+    }
+}
+
+/// This process's peak resident set (VmHWM), on Linux.
+pub fn peak_rss() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn casts_round_to_nearest_even_like_torch() {
+        // 1 + 2^-8 + 2^-9 lies above the bf16 midpoint: rounds up; 1 + 2^-8 is a tie: to even.
+        let xs = [1.0f32 + 1.0 / 256.0 + 1.0 / 512.0, 1.0 + 1.0 / 256.0, -2.5, 65520.0];
+        let src: Vec<u8> = xs.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let mut out = vec![];
+        cast(&src, DType::F32, DType::BF16, &mut out);
+        let got: Vec<u16> = out.chunks(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
+        assert_eq!(got, vec![0x3f81, 0x3f80, 0xc020, 0x4780]);
+        cast(&src, DType::F32, DType::F16, &mut out);
+        let got: Vec<u16> = out.chunks(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
+        // 65520 overflows half's range on rounding: inf, as torch gives.
+        assert_eq!(got, vec![0x3c06, 0x3c04, 0xc100, 0x7c00]);
+        let mut back = vec![];
+        cast(&out, DType::F16, DType::F32, &mut back);
+        assert_eq!(f32::from_le_bytes(back[8..12].try_into().unwrap()), -2.5);
+    }
+}

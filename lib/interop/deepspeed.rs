@@ -1,0 +1,522 @@
+//! DeepSpeed ZeRO checkpoints (stages 1, 2 and 3; fp16 and bf16) as a [`ShardedSource`].
+//!
+//! Layout, as DeepSpeed writes it into a tag directory:
+//! - `mp_rank_00_model_states.pt` (stages 1-2) or `zero_pp_rank_{r}_mp_rank_00_model_states.pt`
+//!   (stage 3, one per rank): `param_shapes` (one ordered name -> shape map per parameter group,
+//!   in flat-buffer order), `buffer_names`, the `module` state dict (holding the buffers),
+//!   `shared_params` (tied name -> owner name), and for stages 2-3 the frozen parameters
+//!   (`frozen_param_shapes`, `frozen_param_fragments`: whole tensors in stage 2, each rank's
+//!   partition in stage 3).
+//! - `[bf16_]zero_pp_rank_{r}_mp_rank_00_optim_states.pt`: `optimizer_state_dict` with
+//!   `zero_stage`, `partition_count`, and the fp32 master weights of rank r: per group
+//!   `single_partition_of_fp32_groups` (stages 1-2) or `fp32_flat_groups` (stage 3).
+//!
+//! Stages 1-2 flatten each group (parameters in `param_shapes` order, optionally separated by
+//! `param_alignment_paddings`), pad the group to a multiple of 2 x world size, and give rank r
+//! the r-th equal slice; the saved slices have the trailing padding removed, so the ranks'
+//! slices concatenated are the group's flat vector. Stage 3 instead partitions every parameter
+//! separately: rank r holds elements [r*p, (r+1)*p) of each parameter, p = ceil(numel / world),
+//! zero-padded at the end, and its flat groups are those pieces back to back.
+//!
+//! Every tensor is planned as a list of byte ranges in the memory-mapped rank files, so reading
+//! one parameter touches only its own bytes, and the Adam moments are never read at all.
+
+use crate::convert::{ShardedSource, SourceError, TensorInfo};
+use crate::interop::torch_pickle::{DType, TensorRef, TorchError, TorchFile, Value};
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeepSpeedError {
+    #[error(transparent)]
+    Torch(#[from] TorchError),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{0}: missing rank file {1} (the checkpoint was saved by {2} ranks)")]
+    MissingRank(PathBuf, String, usize),
+    #[error("{path}: {what}")]
+    Layout { path: PathBuf, what: String },
+    #[error("{0}: not a DeepSpeed checkpoint directory (no *_model_states.pt / *_optim_states.pt files)")]
+    NotDeepSpeed(PathBuf),
+}
+
+fn layout(path: &Path, what: impl Into<String>) -> DeepSpeedError {
+    DeepSpeedError::Layout { path: path.to_path_buf(), what: what.into() }
+}
+
+/// A run of elements of one tensor inside one rank file.
+#[derive(Debug, Clone)]
+struct Piece {
+    file: usize,
+    tensor: TensorRef,
+    /// Absolute byte offset in the file and byte length.
+    start: u64,
+    len: u64,
+}
+
+#[derive(Debug, Clone)]
+struct Planned {
+    info: TensorInfo,
+    pieces: Vec<Piece>,
+}
+
+/// An opened DeepSpeed checkpoint: the rank files mapped, every output tensor planned.
+pub struct DeepSpeedSource {
+    dir: PathBuf,
+    stage: u8,
+    world_size: usize,
+    bit16: &'static str,
+    ds_version: Option<String>,
+    files: Vec<TorchFile>,
+    tensors: Vec<Planned>,
+    by_name: HashMap<String, usize>,
+    verified: HashSet<(usize, String)>,
+}
+
+/// Whether `dir` looks like a DeepSpeed tag directory.
+pub fn is_deepspeed_dir(dir: &Path) -> bool {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten().any(|e| {
+                let n = e.file_name().to_string_lossy().into_owned();
+                n.ends_with("_optim_states.pt") || n.ends_with("_model_states.pt")
+            })
+        })
+        .unwrap_or(false)
+}
+
+/// A rank file name parsed: `[bf16_|fp16_]zero_pp_rank_{r}_mp_rank_{m}_{optim|model}_states.pt`.
+fn parse_rank_name(name: &str, suffix: &str) -> Option<(String, usize, usize)> {
+    let stem = name.strip_suffix(suffix)?;
+    let at = stem.find("zero_pp_rank_")?;
+    let prefix = stem[..at].to_string();
+    let rest = &stem[at + "zero_pp_rank_".len()..];
+    let (r, m) = rest.split_once("_mp_rank_")?;
+    Some((prefix, r.parse().ok()?, m.parse().ok()?))
+}
+
+fn req<'a>(v: &'a Value, key: &str, path: &Path) -> Result<&'a Value, DeepSpeedError> {
+    v.get(key).ok_or_else(|| layout(path, format!("has no '{key}' entry")))
+}
+
+fn shapes_of(v: &Value, path: &Path, what: &str) -> Result<Vec<(String, Vec<u64>)>, DeepSpeedError> {
+    let items = match v {
+        Value::Dict(items) => items.as_slice(),
+        _ => return Err(layout(path, format!("'{what}' is not a name -> shape map"))),
+    };
+    items
+        .iter()
+        .map(|(k, s)| match (k.as_str(), s.as_shape()) {
+            (Some(k), Some(s)) => Ok((k.to_string(), s)),
+            _ => Err(layout(path, format!("'{what}' has a malformed entry {k:?}"))),
+        })
+        .collect()
+}
+
+impl DeepSpeedSource {
+    /// Opens the tag directory `dir` (holding the rank files).
+    pub fn open(dir: &Path) -> Result<Self, DeepSpeedError> {
+        let io = |e| DeepSpeedError::Io { path: dir.to_path_buf(), source: e };
+        let mut optim: Vec<(String, usize, usize, PathBuf)> = vec![];
+        let mut stage3_models: Vec<(usize, usize, PathBuf)> = vec![];
+        let mut model_mp: Vec<PathBuf> = vec![];
+        for e in std::fs::read_dir(dir).map_err(io)? {
+            let e = e.map_err(io)?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some((p, r, m)) = parse_rank_name(&name, "_optim_states.pt") {
+                optim.push((p, r, m, e.path()));
+            } else if let Some((_, r, m)) = parse_rank_name(&name, "_model_states.pt") {
+                stage3_models.push((r, m, e.path()));
+            } else if name.starts_with("mp_rank_") && name.ends_with("_model_states.pt") {
+                model_mp.push(e.path());
+            }
+        }
+        if optim.is_empty() {
+            if model_mp.is_empty() && stage3_models.is_empty() {
+                return Err(DeepSpeedError::NotDeepSpeed(dir.to_path_buf()));
+            }
+            return Err(layout(dir, "has model states but no *_optim_states.pt files: not a ZeRO checkpoint (or they are missing)"));
+        }
+        if let Some((_, _, m, p)) = optim.iter().find(|o| o.2 != 0) {
+            return Err(layout(p, format!("model-parallel rank {m}: tensor/pipeline-parallel checkpoints are not supported")));
+        }
+        let prefixes: HashSet<&str> = optim.iter().map(|o| o.0.as_str()).collect();
+        if prefixes.len() > 1 {
+            return Err(layout(dir, format!("mixes optimizer files of different kinds (prefixes {prefixes:?}): files from several runs?")));
+        }
+        let prefix = optim[0].0.clone();
+        optim.sort_by_key(|o| o.1);
+
+        let mut files: Vec<TorchFile> = vec![];
+        // Rank 0's optimizer file says how many ranks there must be.
+        let rank0_path = optim[0].3.clone();
+        if optim[0].1 != 0 {
+            let want = dir.join(format!("{prefix}zero_pp_rank_0_mp_rank_00_optim_states.pt"));
+            return Err(DeepSpeedError::MissingRank(dir.to_path_buf(), want.display().to_string(), optim.len()));
+        }
+        let f0 = TorchFile::open(&rank0_path)?;
+        let osd0 = req(f0.root(), "optimizer_state_dict", &rank0_path)?;
+        let stage = req(osd0, "zero_stage", &rank0_path)?
+            .as_int()
+            .ok_or_else(|| layout(&rank0_path, "'zero_stage' is not an integer"))?;
+        if !(1..=3).contains(&stage) {
+            return Err(layout(&rank0_path, format!("unknown ZeRO stage {stage}")));
+        }
+        let world = partition_count(osd0, &rank0_path)?;
+        for r in 0..world {
+            if !optim.iter().any(|o| o.1 == r) {
+                let want = dir.join(format!("{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt"));
+                return Err(DeepSpeedError::MissingRank(dir.to_path_buf(), want.display().to_string(), world));
+            }
+        }
+        if let Some(extra) = optim.iter().find(|o| o.1 >= world) {
+            return Err(layout(&extra.3, format!(
+                "rank {} is beyond the world size {world} recorded in {}: mixed world sizes (files left from another run?)",
+                extra.1,
+                rank0_path.display()
+            )));
+        }
+        let ds_version = f0.root().get("ds_version").and_then(Value::as_str).map(str::to_string);
+        files.push(f0);
+        for o in &optim[1..] {
+            let f = TorchFile::open(&o.3)?;
+            let osd = req(f.root(), "optimizer_state_dict", &o.3)?;
+            let w = partition_count(osd, &o.3)?;
+            let s = req(osd, "zero_stage", &o.3)?.as_int();
+            if w != world || s != Some(stage) {
+                return Err(layout(&o.3, format!(
+                    "was saved with world size {w} and stage {s:?}, but {} with world size {world} and stage {stage}: mixed checkpoints",
+                    rank0_path.display()
+                )));
+            }
+            files.push(f);
+        }
+        let stage = stage as u8;
+
+        // Model states: one file for stages 1-2, one per rank for stage 3.
+        let model_paths: Vec<PathBuf> = if stage <= 2 {
+            let p = dir.join("mp_rank_00_model_states.pt");
+            if !p.exists() {
+                return Err(DeepSpeedError::MissingRank(dir.to_path_buf(), p.display().to_string(), world));
+            }
+            vec![p]
+        } else {
+            (0..world)
+                .map(|r| {
+                    let p = dir.join(format!("zero_pp_rank_{r}_mp_rank_00_model_states.pt"));
+                    if p.exists() {
+                        Ok(p)
+                    } else {
+                        Err(DeepSpeedError::MissingRank(dir.to_path_buf(), p.display().to_string(), world))
+                    }
+                })
+                .collect::<Result<_, _>>()?
+        };
+        let model_base = files.len();
+        for p in &model_paths {
+            files.push(TorchFile::open(p)?);
+        }
+        let bit16 = if prefix.starts_with("bf16") { "bf16" } else { "fp16" };
+        let mut src = DeepSpeedSource {
+            dir: dir.to_path_buf(),
+            stage,
+            world_size: world,
+            bit16,
+            ds_version,
+            files,
+            tensors: vec![],
+            by_name: HashMap::new(),
+            verified: HashSet::new(),
+        };
+        src.plan(model_base)?;
+        Ok(src)
+    }
+
+    pub fn stage(&self) -> u8 {
+        self.stage
+    }
+
+    pub fn world_size(&self) -> usize {
+        self.world_size
+    }
+
+    /// A contiguous tensor of file `file` as a piece, elements [from, from+n).
+    fn piece(&self, file: usize, t: &TensorRef, from: u64, n: u64) -> Result<Piece, DeepSpeedError> {
+        let (start, len) = self.files[file].tensor_span(t)?;
+        let es = t.dtype.size() as u64;
+        if (from + n) * es > len {
+            return Err(layout(self.files[file].path(), format!(
+                "tensor of {} elements is read past its end (elements {from}..{})",
+                len / es,
+                from + n
+            )));
+        }
+        Ok(Piece { file, tensor: t.clone(), start: start + from * es, len: n * es })
+    }
+
+    /// Takes `n` elements starting at `offset` of the concatenation `parts` (file, tensor).
+    fn take_from(&self, parts: &[(usize, TensorRef)], mut offset: u64, mut n: u64, out: &mut Vec<Piece>) -> Result<(), DeepSpeedError> {
+        for (file, t) in parts {
+            if n == 0 {
+                break;
+            }
+            let len = t.numel();
+            if offset >= len {
+                offset -= len;
+                continue;
+            }
+            let k = n.min(len - offset);
+            out.push(self.piece(*file, t, offset, k)?);
+            n -= k;
+            offset = 0;
+        }
+        if n > 0 {
+            return Err(layout(&self.dir, "the fp32 partitions are shorter than the parameter shapes require"));
+        }
+        Ok(())
+    }
+
+    fn push(&mut self, name: String, shape: Vec<u64>, dtype: DType, frozen: bool, pieces: Vec<Piece>) -> Result<(), DeepSpeedError> {
+        if self.by_name.contains_key(&name) {
+            return Err(layout(&self.dir, format!("tensor name {name} appears twice")));
+        }
+        let info = TensorInfo { name: name.clone(), shape: shape.iter().map(|&d| d as usize).collect(), dtype, frozen };
+        self.by_name.insert(name, self.tensors.len());
+        self.tensors.push(Planned { info, pieces });
+        Ok(())
+    }
+
+    /// Plans every output tensor, in the order DeepSpeed's consolidation produces them:
+    /// buffers, frozen parameters, trainable parameters, then tied names.
+    fn plan(&mut self, model_base: usize) -> Result<(), DeepSpeedError> {
+        let world = self.world_size;
+        let mpath = self.files[model_base].path().to_path_buf();
+        let model = self.files[model_base].root().clone();
+        let buffer_names: Vec<String> = req(&model, "buffer_names", &mpath)?
+            .as_seq()
+            .ok_or_else(|| layout(&mpath, "'buffer_names' is not a list"))?
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect();
+        let module = req(&model, "module", &mpath)?;
+
+        // Buffers: DeepSpeed restores floating ones to fp32.
+        if let Some(items) = module.dict_items() {
+            for (k, v) in items {
+                let Some(name) = k.as_str() else { continue };
+                if !buffer_names.iter().any(|b| b == name) {
+                    continue;
+                }
+                let t = v.as_tensor().ok_or_else(|| layout(&mpath, format!("buffer {name} is not a tensor")))?;
+                let piece = self.piece(model_base, t, 0, t.numel())?;
+                let dtype = if t.dtype.is_float() { DType::F32 } else { t.dtype };
+                self.push(name.to_string(), t.shape.clone(), dtype, false, vec![piece])?;
+            }
+        }
+
+        // Frozen parameters (saved only by stages 2-3).
+        let frozen_shapes = match model.get("frozen_param_shapes") {
+            Some(v) if !v.is_none() => shapes_of(v, &mpath, "frozen_param_shapes")?,
+            _ => vec![],
+        };
+        for (name, shape) in &frozen_shapes {
+            let numel: u64 = shape.iter().product();
+            let mut parts = vec![];
+            let nfiles = if self.stage == 3 { world } else { 1 };
+            for r in 0..nfiles {
+                let f = model_base + r;
+                let fp = self.files[f].path().to_path_buf();
+                let frag = self.files[f]
+                    .root()
+                    .get("frozen_param_fragments")
+                    .and_then(|d| d.get(name))
+                    .and_then(Value::as_tensor)
+                    .cloned()
+                    .ok_or_else(|| layout(&fp, format!("frozen parameter {name} has no fragment")))?;
+                parts.push((f, frag));
+            }
+            let dtype = parts[0].1.dtype;
+            if parts.iter().any(|p| p.1.dtype != dtype) {
+                return Err(layout(&mpath, format!("frozen parameter {name} has fragments of different dtypes")));
+            }
+            let mut pieces = vec![];
+            self.take_from(&parts, 0, numel, &mut pieces)?;
+            self.push(name.clone(), shape.clone(), dtype, true, pieces)?;
+        }
+
+        // Trainable parameters from the fp32 flat groups of every rank.
+        let groups_v = req(&model, "param_shapes", &mpath)?;
+        let groups: Vec<Vec<(String, Vec<u64>)>> = groups_v
+            .as_seq()
+            .ok_or_else(|| layout(&mpath, "'param_shapes' is not a list"))?
+            .iter()
+            .map(|g| shapes_of(g, &mpath, "param_shapes"))
+            .collect::<Result<_, _>>()?;
+        let key = if self.stage <= 2 { "single_partition_of_fp32_groups" } else { "fp32_flat_groups" };
+        let mut flat: Vec<Vec<TensorRef>> = vec![];
+        for r in 0..world {
+            let p = self.files[r].path().to_path_buf();
+            let osd = req(self.files[r].root(), "optimizer_state_dict", &p)?;
+            let g = req(osd, key, &p)?
+                .as_seq()
+                .ok_or_else(|| layout(&p, format!("'{key}' is not a list")))?
+                .iter()
+                .map(|t| t.as_tensor().cloned().ok_or_else(|| layout(&p, format!("'{key}' holds a non-tensor"))))
+                .collect::<Result<Vec<_>, _>>()?;
+            if let Some(t) = g.iter().find(|t| t.dtype != DType::F32) {
+                return Err(layout(&p, format!("fp32 master weights stored as {:?}", t.dtype)));
+            }
+            if r > 0 && g.len() != flat[0].len() {
+                return Err(layout(&p, format!("has {} flat groups, rank 0 has {}", g.len(), flat[0].len())));
+            }
+            flat.push(g);
+        }
+        let paddings: Option<Vec<Vec<u64>>> = {
+            let p0 = self.files[0].path().to_path_buf();
+            let osd = req(self.files[0].root(), "optimizer_state_dict", &p0)?;
+            match osd.get("param_alignment_paddings") {
+                Some(v) if !v.is_none() => Some(
+                    v.as_seq()
+                        .and_then(|gs| gs.iter().map(|g| g.as_shape()).collect::<Option<Vec<_>>>())
+                        .ok_or_else(|| layout(&p0, "malformed 'param_alignment_paddings'"))?,
+                ),
+                _ => None,
+            }
+        };
+
+        if self.stage <= 2 {
+            if groups.len() != flat[0].len() {
+                return Err(layout(&mpath, format!(
+                    "lists {} parameter groups but the optimizer files hold {}",
+                    groups.len(),
+                    flat[0].len()
+                )));
+            }
+            let align = 2 * world as u64;
+            for (gi, shapes) in groups.iter().enumerate() {
+                let parts: Vec<(usize, TensorRef)> = (0..world).map(|r| (r, flat[r][gi].clone())).collect();
+                let avail: u64 = parts.iter().map(|p| p.1.numel()).sum();
+                let pads = paddings.as_ref().and_then(|p| p.get(gi));
+                if let Some(p) = pads {
+                    if p.len() != shapes.len() {
+                        return Err(layout(self.files[0].path(), format!(
+                            "group {gi}: {} alignment paddings for {} parameters",
+                            p.len(),
+                            shapes.len()
+                        )));
+                    }
+                }
+                let mut offset = 0u64;
+                for (pi, (name, shape)) in shapes.iter().enumerate() {
+                    let numel: u64 = shape.iter().product();
+                    let mut pieces = vec![];
+                    self.take_from(&parts, offset, numel, &mut pieces)?;
+                    self.push(name.clone(), shape.clone(), DType::F32, false, pieces)?;
+                    offset += numel + pads.map_or(0, |p| p[pi]);
+                }
+                // The saved partitions drop the group's tail padding, which is below 2 x world
+                // size; anything else means the shapes and the flat groups disagree.
+                if offset.div_ceil(align) != avail.div_ceil(align) {
+                    return Err(layout(&self.dir, format!(
+                        "group {gi}: parameter shapes cover {offset} elements but the ranks hold {avail}: param_shapes and optimizer files disagree"
+                    )));
+                }
+            }
+        } else {
+            let per_rank: u64 = flat[0].iter().map(|t| t.numel()).sum();
+            for (r, g) in flat.iter().enumerate() {
+                let n: u64 = g.iter().map(|t| t.numel()).sum();
+                if n != per_rank {
+                    return Err(layout(self.files[r].path(), format!("holds {n} fp32 elements, rank 0 holds {per_rank}")));
+                }
+            }
+            let mut offset = 0u64;
+            for shapes in &groups {
+                for (name, shape) in shapes {
+                    let numel: u64 = shape.iter().product();
+                    let part = numel.div_ceil(world as u64);
+                    let mut pieces = vec![];
+                    let mut left = numel;
+                    for (r, g) in flat.iter().enumerate() {
+                        if left == 0 {
+                            break;
+                        }
+                        let parts: Vec<(usize, TensorRef)> = g.iter().map(|t| (r, t.clone())).collect();
+                        let k = left.min(part);
+                        self.take_from(&parts, offset, k, &mut pieces)?;
+                        left -= k;
+                    }
+                    self.push(name.clone(), shape.clone(), DType::F32, false, pieces)?;
+                    offset += part;
+                }
+            }
+            if offset != per_rank {
+                return Err(layout(&self.dir, format!(
+                    "parameter shapes cover {offset} elements per rank but each rank holds {per_rank}: param_shapes and optimizer files disagree"
+                )));
+            }
+        }
+
+        // Tied parameters (lm_head.weight -> transformer.wte.weight): same values under both names.
+        if let Some(items) = model.get("shared_params").and_then(Value::dict_items) {
+            for (k, v) in items {
+                if let (Some(alias), Some(owner)) = (k.as_str(), v.as_str()) {
+                    if let Some(&i) = self.by_name.get(owner) {
+                        let t = self.tensors[i].clone();
+                        self.push(alias.to_string(), t.info.shape.iter().map(|&d| d as u64).collect(), t.info.dtype, t.info.frozen, t.pieces)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn partition_count(osd: &Value, path: &Path) -> Result<usize, DeepSpeedError> {
+    let v = req(osd, "partition_count", path)?;
+    // A list (one per group, e.g. with MoE) means the largest is the data-parallel world size.
+    let n = match v.as_seq() {
+        Some(items) => items.iter().filter_map(Value::as_int).max(),
+        None => v.as_int(),
+    };
+    match n {
+        Some(n) if n >= 1 => Ok(n as usize),
+        _ => Err(layout(path, "malformed 'partition_count'")),
+    }
+}
+
+impl ShardedSource for DeepSpeedSource {
+    fn format(&self) -> String {
+        format!(
+            "DeepSpeed ZeRO-{} checkpoint, {} ranks, {}{}",
+            self.stage,
+            self.world_size,
+            self.bit16,
+            self.ds_version.as_ref().map(|v| format!(", saved by deepspeed {v}")).unwrap_or_default()
+        )
+    }
+
+    fn describe(&self) -> Vec<TensorInfo> {
+        self.tensors.iter().map(|t| t.info.clone()).collect()
+    }
+
+    fn read_tensor(&mut self, name: &str, out: &mut Vec<u8>) -> Result<(), SourceError> {
+        let i = *self.by_name.get(name).ok_or_else(|| format!("{}: no tensor named {name}", self.dir.display()))?;
+        out.clear();
+        let pieces = self.tensors[i].pieces.clone();
+        out.reserve_exact(pieces.iter().map(|p| p.len as usize).sum());
+        for p in &pieces {
+            let f = &self.files[p.file];
+            if self.verified.insert((p.file, p.tensor.storage_key.clone())) {
+                f.verify_storage(&p.tensor)?;
+            }
+            out.extend_from_slice(f.bytes(p.start, p.len));
+            f.release(p.start, p.len);
+        }
+        Ok(())
+    }
+
+    fn hf_config(&self) -> Option<serde_json::Value> {
+        None
+    }
+}

@@ -1,0 +1,1006 @@
+//! Reading `torch.save` files without Python: the zip container and the pickle inside it.
+//!
+//! A torch file is a zip archive (entries stored, never compressed) holding `<prefix>/data.pkl`,
+//! a pickle of the saved object, and one `<prefix>/data/<key>` entry per storage. The pickle is
+//! parsed here into plain data ([`Value`]); it is never executed. Classes it names (torch,
+//! DeepSpeed, argparse, enums) become inert [`Value::Object`]s, except the handful whose meaning
+//! we need (tensors, parameters, ordered dicts, `torch.Size`, bytes). Tensors stay references
+//! into the memory-mapped archive ([`TensorRef`]), so opening a multi-GB optimizer file costs
+//! only its pickle, and only the storages actually used are ever paged in.
+
+use memmap2::Mmap;
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TorchError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: not a readable torch zip file: {what}")]
+    Zip { path: PathBuf, what: String },
+    #[error("{path}: corrupted pickle (data.pkl) at byte {pos}: {what}")]
+    Pickle { path: PathBuf, pos: usize, what: String },
+    #[error("{path}: unsupported torch file: {what}")]
+    Unsupported { path: PathBuf, what: String },
+    #[error("{path}: storage {key} is corrupted: {what}")]
+    Storage { path: PathBuf, key: String, what: String },
+}
+
+/// Element types of torch storages that zerokit reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DType {
+    F64,
+    F32,
+    F16,
+    BF16,
+    I64,
+    I32,
+    I16,
+    I8,
+    U8,
+    Bool,
+}
+
+impl DType {
+    pub fn size(self) -> usize {
+        match self {
+            DType::F64 | DType::I64 => 8,
+            DType::F32 | DType::I32 => 4,
+            DType::F16 | DType::BF16 | DType::I16 => 2,
+            DType::I8 | DType::U8 | DType::Bool => 1,
+        }
+    }
+
+    pub fn is_float(self) -> bool {
+        matches!(self, DType::F64 | DType::F32 | DType::F16 | DType::BF16)
+    }
+
+    /// The safetensors spelling.
+    pub fn safetensors_name(self) -> &'static str {
+        match self {
+            DType::F64 => "F64",
+            DType::F32 => "F32",
+            DType::F16 => "F16",
+            DType::BF16 => "BF16",
+            DType::I64 => "I64",
+            DType::I32 => "I32",
+            DType::I16 => "I16",
+            DType::I8 => "I8",
+            DType::U8 => "U8",
+            DType::Bool => "BOOL",
+        }
+    }
+
+    pub fn from_safetensors_name(s: &str) -> Option<DType> {
+        Some(match s {
+            "F64" => DType::F64,
+            "F32" => DType::F32,
+            "F16" => DType::F16,
+            "BF16" => DType::BF16,
+            "I64" => DType::I64,
+            "I32" => DType::I32,
+            "I16" => DType::I16,
+            "I8" => DType::I8,
+            "U8" => DType::U8,
+            "BOOL" => DType::Bool,
+            _ => return None,
+        })
+    }
+
+    /// The legacy typed-storage class names torch pickles (`torch.FloatStorage`, ...).
+    fn from_storage_class(name: &str) -> Option<DType> {
+        Some(match name {
+            "DoubleStorage" => DType::F64,
+            "FloatStorage" => DType::F32,
+            "HalfStorage" => DType::F16,
+            "BFloat16Storage" => DType::BF16,
+            "LongStorage" => DType::I64,
+            "IntStorage" => DType::I32,
+            "ShortStorage" => DType::I16,
+            "CharStorage" => DType::I8,
+            "ByteStorage" | "UntypedStorage" => DType::U8,
+            "BoolStorage" => DType::Bool,
+            _ => return None,
+        })
+    }
+}
+
+/// A tensor as the pickle describes it: a strided view of a storage entry in the archive.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorRef {
+    pub storage_key: String,
+    pub dtype: DType,
+    /// Elements in the storage (bytes for an untyped storage).
+    pub storage_numel: u64,
+    /// In elements.
+    pub offset: u64,
+    pub shape: Vec<u64>,
+    pub stride: Vec<u64>,
+}
+
+impl TensorRef {
+    pub fn numel(&self) -> u64 {
+        self.shape.iter().product()
+    }
+
+    pub fn is_contiguous(&self) -> bool {
+        let mut expect = 1u64;
+        for (&d, &s) in self.shape.iter().zip(&self.stride).rev() {
+            if d != 1 && s != expect {
+                return false;
+            }
+            expect *= d;
+        }
+        true
+    }
+}
+
+/// Plain data decoded from a pickle.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    None,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Str(String),
+    Bytes(Vec<u8>),
+    List(Vec<Value>),
+    Tuple(Vec<Value>),
+    Dict(Vec<(Value, Value)>),
+    /// A class or function named by the pickle (never imported or called).
+    Global { module: String, name: String },
+    /// An instance of a class we do not interpret: what built it, and the state it was given.
+    Object { module: String, name: String, args: Vec<Value>, state: Option<Box<Value>>, items: Vec<(Value, Value)> },
+    Storage { key: String, dtype: DType, numel: u64 },
+    Tensor(TensorRef),
+    /// Internal: a mutable container during parsing; never present in a finished value.
+    Ref(usize),
+}
+
+impl Value {
+    /// Looks up a string key in a dict (or a dict-like object's items).
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        let items = match self {
+            Value::Dict(items) => items,
+            Value::Object { items, .. } => items,
+            _ => return None,
+        };
+        items.iter().find(|(k, _)| matches!(k, Value::Str(s) if s == key)).map(|(_, v)| v)
+    }
+
+    pub fn dict_items(&self) -> Option<&[(Value, Value)]> {
+        match self {
+            Value::Dict(items) => Some(items),
+            Value::Object { items, .. } if !items.is_empty() => Some(items),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn as_seq(&self) -> Option<&[Value]> {
+        match self {
+            Value::List(v) | Value::Tuple(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    pub fn as_tensor(&self) -> Option<&TensorRef> {
+        match self {
+            Value::Tensor(t) => Some(t),
+            _ => None,
+        }
+    }
+
+    pub fn is_none(&self) -> bool {
+        matches!(self, Value::None)
+    }
+
+    /// An integer, also through the wrappers that carry one: an `enum.IntEnum` member such as
+    /// DeepSpeed's `ZeroStageEnum.gradients` is pickled as a call `ZeroStageEnum(2)`.
+    pub fn as_int(&self) -> Option<i64> {
+        match self {
+            Value::Int(i) => Some(*i),
+            Value::Bool(b) => Some(*b as i64),
+            Value::Object { args, .. } if args.len() == 1 => args[0].as_int(),
+            _ => None,
+        }
+    }
+
+    /// A shape: `torch.Size` (decoded as a tuple), a list or tuple of ints.
+    pub fn as_shape(&self) -> Option<Vec<u64>> {
+        self.as_seq()?.iter().map(|d| d.as_int().and_then(|i| u64::try_from(i).ok())).collect()
+    }
+}
+
+/// One entry of the archive, where its bytes lie in the mapped file.
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    data_start: u64,
+    size: u64,
+    crc32: u32,
+}
+
+/// A memory-mapped `torch.save` archive and its decoded pickle.
+pub struct TorchFile {
+    path: PathBuf,
+    map: Mmap,
+    entries: HashMap<String, Entry>,
+    prefix: String,
+    root: Value,
+}
+
+/// Format versions of torch's zip serialization we know (torch 1.6 through 2.x write 1 to 3).
+const KNOWN_VERSIONS: &[&str] = &["1", "2", "3"];
+
+impl TorchFile {
+    pub fn open(path: &Path) -> Result<TorchFile, TorchError> {
+        let io = |e| TorchError::Io { path: path.to_path_buf(), source: e };
+        let file = File::open(path).map_err(io)?;
+        // SAFETY: the mapping is read-only; checkpoints are not modified while being converted.
+        let map = unsafe { Mmap::map(&file) }.map_err(io)?;
+        let entries = read_central_directory(&map).map_err(|what| TorchError::Zip { path: path.to_path_buf(), what })?;
+        let pkl = entries
+            .keys()
+            .filter(|k| k.ends_with("data.pkl") && k.matches('/').count() <= 1)
+            .min_by_key(|k| k.len())
+            .cloned()
+            .ok_or_else(|| TorchError::Unsupported {
+                path: path.to_path_buf(),
+                what: "no data.pkl entry (a legacy pre-1.6 torch file, or not a torch file)".into(),
+            })?;
+        let prefix = pkl.trim_end_matches("data.pkl").to_string();
+        let mut tf = TorchFile { path: path.to_path_buf(), map, entries, prefix, root: Value::None };
+        for name in [".data/version", "version"] {
+            if let Some(bytes) = tf.entry_bytes(&format!("{}{}", tf.prefix, name)) {
+                let v = String::from_utf8_lossy(bytes).trim().to_string();
+                if !KNOWN_VERSIONS.contains(&v.as_str()) {
+                    return Err(tf.unsupported(format!("unknown serialization format version {v:?}")));
+                }
+            }
+        }
+        if let Some(bo) = tf.entry_bytes(&format!("{}byteorder", tf.prefix)) {
+            if bo != b"little" {
+                return Err(tf.unsupported(format!("byte order {:?}", String::from_utf8_lossy(bo))));
+            }
+        }
+        let data = tf.entry_bytes(&pkl).expect("entry listed");
+        let root = Unpickler::new(data).run().map_err(|(pos, what)| TorchError::Pickle {
+            path: path.to_path_buf(),
+            pos,
+            what,
+        })?;
+        tf.root = root;
+        Ok(tf)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The saved object.
+    pub fn root(&self) -> &Value {
+        &self.root
+    }
+
+    fn unsupported(&self, what: String) -> TorchError {
+        TorchError::Unsupported { path: self.path.clone(), what }
+    }
+
+    fn entry_bytes(&self, name: &str) -> Option<&[u8]> {
+        let e = self.entries.get(name)?;
+        Some(&self.map[e.data_start as usize..(e.data_start + e.size) as usize])
+    }
+
+    /// Where a contiguous tensor's bytes lie in this file: (absolute byte offset, byte length).
+    /// Checks the view against its storage entry, so a truncated or inconsistent file is an
+    /// error here rather than a wrong read later.
+    pub fn tensor_span(&self, t: &TensorRef) -> Result<(u64, u64), TorchError> {
+        let storage_err = |what: String| TorchError::Storage { path: self.path.clone(), key: t.storage_key.clone(), what };
+        if !t.is_contiguous() {
+            return Err(storage_err(format!("non-contiguous view (shape {:?}, stride {:?})", t.shape, t.stride)));
+        }
+        let name = format!("{}data/{}", self.prefix, t.storage_key);
+        let e = self.entries.get(&name).ok_or_else(|| storage_err("its zip entry is missing".into()))?;
+        let es = t.dtype.size() as u64;
+        let start = t.offset.checked_mul(es).ok_or_else(|| storage_err("offset overflows".into()))?;
+        let len = t.numel().checked_mul(es).ok_or_else(|| storage_err("size overflows".into()))?;
+        if start.checked_add(len).is_none_or(|end| end > e.size) {
+            return Err(storage_err(format!(
+                "view of {len} bytes at byte {start} exceeds the entry's {} bytes",
+                e.size
+            )));
+        }
+        Ok((e.data_start + start, len))
+    }
+
+    /// The bytes of a span from [`tensor_span`](Self::tensor_span).
+    pub fn bytes(&self, start: u64, len: u64) -> &[u8] {
+        &self.map[start as usize..(start + len) as usize]
+    }
+
+    /// Checks the CRC-32 the zip recorded for a tensor's whole storage entry. Catches bit rot and
+    /// torn copies that leave sizes intact. Releases the pages it touched.
+    pub fn verify_storage(&self, t: &TensorRef) -> Result<(), TorchError> {
+        let name = format!("{}data/{}", self.prefix, t.storage_key);
+        let e = self.entries.get(&name).ok_or_else(|| TorchError::Storage {
+            path: self.path.clone(),
+            key: t.storage_key.clone(),
+            what: "its zip entry is missing".into(),
+        })?;
+        let mut h = crc32fast::Hasher::new();
+        const CHUNK: u64 = 4 << 20;
+        let mut off = 0;
+        while off < e.size {
+            let n = CHUNK.min(e.size - off);
+            h.update(self.bytes(e.data_start + off, n));
+            self.release(e.data_start + off, n);
+            off += n;
+        }
+        let got = h.finalize();
+        if got != e.crc32 {
+            return Err(TorchError::Storage {
+                path: self.path.clone(),
+                key: t.storage_key.clone(),
+                what: format!("CRC-32 {got:08x} does not match the recorded {:08x}", e.crc32),
+            });
+        }
+        Ok(())
+    }
+
+    /// Drops the mapped pages of a byte range from this process's resident set (the page cache
+    /// keeps them). Streaming a many-GB file through a mapping would otherwise count every page
+    /// ever touched against peak RSS.
+    pub fn release(&self, start: u64, len: u64) {
+        let page = 4096u64;
+        let begin = start.div_ceil(page) * page;
+        let end = ((start + len) / page) * page;
+        if end > begin {
+            // SAFETY: the range lies inside our read-only mapping; MADV_DONTNEED on a shared file
+            // mapping only drops this process's page-table entries, and later reads fault the
+            // (unchanged) file contents back in.
+            unsafe {
+                libc::madvise(
+                    self.map.as_ptr().add(begin as usize) as *mut libc::c_void,
+                    (end - begin) as usize,
+                    libc::MADV_DONTNEED,
+                );
+            }
+        }
+    }
+}
+
+fn u16_at(b: &[u8], at: usize) -> Result<u16, String> {
+    b.get(at..at + 2).map(|s| u16::from_le_bytes([s[0], s[1]])).ok_or_else(|| "truncated".to_string())
+}
+
+fn u32_at(b: &[u8], at: usize) -> Result<u32, String> {
+    b.get(at..at + 4).map(|s| u32::from_le_bytes(s.try_into().unwrap())).ok_or_else(|| "truncated".to_string())
+}
+
+fn u64_at(b: &[u8], at: usize) -> Result<u64, String> {
+    b.get(at..at + 8).map(|s| u64::from_le_bytes(s.try_into().unwrap())).ok_or_else(|| "truncated".to_string())
+}
+
+/// Parses the zip's end records and central directory (zip64 included: optimizer files of
+/// large models exceed 4 GiB) into entry name -> data location.
+fn read_central_directory(b: &[u8]) -> Result<HashMap<String, Entry>, String> {
+    const EOCD: u32 = 0x0605_4b50;
+    if b.len() < 22 {
+        return Err(format!("file is {} bytes, too short for a zip archive (truncated?)", b.len()));
+    }
+    let lowest = b.len().saturating_sub(22 + 65535);
+    let eocd = (lowest..=b.len() - 22)
+        .rev()
+        .find(|&i| u32_at(b, i).ok() == Some(EOCD))
+        .ok_or("no end-of-central-directory record (truncated or not a zip file)")?;
+    let mut count = u16_at(b, eocd + 10)? as u64;
+    let mut cd_size = u32_at(b, eocd + 12)? as u64;
+    let mut cd_off = u32_at(b, eocd + 16)? as u64;
+    if count == 0xFFFF || cd_size == 0xFFFF_FFFF || cd_off == 0xFFFF_FFFF {
+        let loc = eocd.checked_sub(20).ok_or("zip64 locator missing")?;
+        if u32_at(b, loc)? != 0x0706_4b50 {
+            return Err("zip64 end-of-central-directory locator missing".into());
+        }
+        let z64 = u64_at(b, loc + 8)? as usize;
+        if u32_at(b, z64)? != 0x0606_4b50 {
+            return Err("zip64 end-of-central-directory record missing".into());
+        }
+        count = u64_at(b, z64 + 32)?;
+        cd_size = u64_at(b, z64 + 40)?;
+        cd_off = u64_at(b, z64 + 48)?;
+    }
+    if cd_off.checked_add(cd_size).is_none_or(|end| end > b.len() as u64) {
+        return Err("central directory lies outside the file (truncated?)".into());
+    }
+    let mut entries = HashMap::new();
+    let mut p = cd_off as usize;
+    for _ in 0..count {
+        if u32_at(b, p)? != 0x0201_4b50 {
+            return Err(format!("bad central directory entry at byte {p}"));
+        }
+        let method = u16_at(b, p + 10)?;
+        let crc32 = u32_at(b, p + 16)?;
+        let mut csize = u32_at(b, p + 20)? as u64;
+        let mut usize_ = u32_at(b, p + 24)? as u64;
+        let nlen = u16_at(b, p + 28)? as usize;
+        let xlen = u16_at(b, p + 30)? as usize;
+        let clen = u16_at(b, p + 32)? as usize;
+        let mut local = u32_at(b, p + 42)? as u64;
+        let name = b.get(p + 46..p + 46 + nlen).ok_or("truncated central directory")?;
+        let name = String::from_utf8_lossy(name).into_owned();
+        // Zip64 extra field: the 64-bit values, in this order, for each field saturated above.
+        let mut x = p + 46 + nlen;
+        let xend = x + xlen;
+        while x + 4 <= xend {
+            let id = u16_at(b, x)?;
+            let len = u16_at(b, x + 2)? as usize;
+            if id == 0x0001 {
+                let mut q = x + 4;
+                for field in [&mut usize_, &mut csize, &mut local] {
+                    if *field == 0xFFFF_FFFF {
+                        *field = u64_at(b, q)?;
+                        q += 8;
+                    }
+                }
+            }
+            x += 4 + len;
+        }
+        if method != 0 {
+            return Err(format!("entry {name} is compressed (method {method}); torch stores entries uncompressed"));
+        }
+        if csize != usize_ {
+            return Err(format!("entry {name}: stored sizes disagree ({csize} vs {usize_})"));
+        }
+        let l = local as usize;
+        if u32_at(b, l).ok() != Some(0x0403_4b50) {
+            return Err(format!("entry {name}: local header missing at byte {l} (truncated?)"));
+        }
+        let data_start = local + 30 + u16_at(b, l + 26)? as u64 + u16_at(b, l + 28)? as u64;
+        if data_start.checked_add(csize).is_none_or(|end| end > b.len() as u64) {
+            return Err(format!("entry {name}: data runs past the end of the file (truncated?)"));
+        }
+        entries.insert(name, Entry { data_start, size: csize, crc32 });
+        p = xend + clen;
+    }
+    Ok(entries)
+}
+
+/// A pickle virtual machine that only builds data. Mutable containers live in an arena and
+/// are referenced from the stack and memo, because pickles fill a container after memoizing it.
+struct Unpickler<'a> {
+    data: &'a [u8],
+    pos: usize,
+    stack: Vec<Value>,
+    marks: Vec<usize>,
+    memo: HashMap<u32, Value>,
+    arena: Vec<Value>,
+}
+
+type PResult<T> = Result<T, (usize, String)>;
+
+const MAX_DEPTH: usize = 512;
+
+impl<'a> Unpickler<'a> {
+    fn new(data: &'a [u8]) -> Self {
+        Unpickler { data, pos: 0, stack: vec![], marks: vec![], memo: HashMap::new(), arena: vec![] }
+    }
+
+    fn err<T>(&self, what: impl Into<String>) -> PResult<T> {
+        Err((self.pos, what.into()))
+    }
+
+    fn take(&mut self, n: usize) -> PResult<&'a [u8]> {
+        match self.data.get(self.pos..self.pos.saturating_add(n)) {
+            Some(s) => {
+                self.pos += n;
+                Ok(s)
+            }
+            None => self.err("unexpected end of data (truncated)"),
+        }
+    }
+
+    fn u8(&mut self) -> PResult<u8> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> PResult<u16> {
+        Ok(u16::from_le_bytes(self.take(2)?.try_into().unwrap()))
+    }
+    fn u32(&mut self) -> PResult<u32> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap()))
+    }
+
+    fn line(&mut self) -> PResult<String> {
+        let rest = &self.data[self.pos..];
+        let n = rest.iter().position(|&c| c == b'\n').ok_or((self.pos, "unterminated line".to_string()))?;
+        let s = String::from_utf8_lossy(&rest[..n]).into_owned();
+        self.pos += n + 1;
+        Ok(s)
+    }
+
+    fn utf8(&self, b: &[u8]) -> PResult<String> {
+        String::from_utf8(b.to_vec()).map_err(|_| (self.pos, "invalid UTF-8 in string".to_string()))
+    }
+
+    fn pop(&mut self) -> PResult<Value> {
+        match self.stack.pop() {
+            Some(v) => Ok(v),
+            None => self.err("stack underflow"),
+        }
+    }
+
+    fn pop_mark(&mut self) -> PResult<Vec<Value>> {
+        let m = match self.marks.pop() {
+            Some(m) => m,
+            None => return self.err("no MARK on the stack"),
+        };
+        if m > self.stack.len() {
+            return self.err("MARK above the stack");
+        }
+        Ok(self.stack.split_off(m))
+    }
+
+    fn alloc(&mut self, v: Value) -> Value {
+        self.arena.push(v);
+        Value::Ref(self.arena.len() - 1)
+    }
+
+    fn top_mut(&mut self) -> PResult<&mut Value> {
+        let pos = self.pos;
+        let top = self.stack.last().cloned().ok_or((pos, "stack underflow".to_string()))?;
+        match top {
+            Value::Ref(i) => Ok(&mut self.arena[i]),
+            _ => Err((pos, "expected a container on the stack".to_string())),
+        }
+    }
+
+    fn run(mut self) -> PResult<Value> {
+        loop {
+            let op = self.u8()?;
+            match op {
+                0x80 => {
+                    let proto = self.u8()?;
+                    if proto > 5 {
+                        return self.err(format!("unknown pickle protocol {proto}"));
+                    }
+                }
+                b'.' => {
+                    let v = self.pop()?;
+                    return self.resolve(v, 0);
+                }
+                b'(' => self.marks.push(self.stack.len()),
+                b'N' => self.stack.push(Value::None),
+                0x88 => self.stack.push(Value::Bool(true)),
+                0x89 => self.stack.push(Value::Bool(false)),
+                b'J' => {
+                    let v = i32::from_le_bytes(self.take(4)?.try_into().unwrap());
+                    self.stack.push(Value::Int(v as i64));
+                }
+                b'K' => {
+                    let v = self.u8()?;
+                    self.stack.push(Value::Int(v as i64));
+                }
+                b'M' => {
+                    let v = self.u16()?;
+                    self.stack.push(Value::Int(v as i64));
+                }
+                0x8a => {
+                    let n = self.u8()? as usize;
+                    let b = self.take(n)?;
+                    if n > 8 {
+                        return self.err(format!("integer of {n} bytes is too large"));
+                    }
+                    let mut buf = if b.last().is_some_and(|&x| x & 0x80 != 0) { [0xFFu8; 8] } else { [0u8; 8] };
+                    buf[..n].copy_from_slice(b);
+                    self.stack.push(Value::Int(i64::from_le_bytes(buf)));
+                }
+                b'G' => {
+                    let v = f64::from_be_bytes(self.take(8)?.try_into().unwrap());
+                    self.stack.push(Value::Float(v));
+                }
+                b'I' => {
+                    // Text protocol integers; "00"/"01" are False/True.
+                    let l = self.line()?;
+                    let v = match l.as_str() {
+                        "00" => Value::Bool(false),
+                        "01" => Value::Bool(true),
+                        s => Value::Int(s.parse().map_err(|_| (self.pos, format!("bad INT {s:?}")))?),
+                    };
+                    self.stack.push(v);
+                }
+                b'X' => {
+                    let n = self.u32()? as usize;
+                    let b = self.take(n)?;
+                    let s = self.utf8(b)?;
+                    self.stack.push(Value::Str(s));
+                }
+                0x8c => {
+                    let n = self.u8()? as usize;
+                    let b = self.take(n)?;
+                    let s = self.utf8(b)?;
+                    self.stack.push(Value::Str(s));
+                }
+                b'U' => {
+                    let n = self.u8()? as usize;
+                    let b = self.take(n)?;
+                    self.stack.push(Value::Str(String::from_utf8_lossy(b).into_owned()));
+                }
+                b'T' => {
+                    let n = self.u32()? as usize;
+                    let b = self.take(n)?;
+                    self.stack.push(Value::Str(String::from_utf8_lossy(b).into_owned()));
+                }
+                b'C' => {
+                    let n = self.u8()? as usize;
+                    let b = self.take(n)?.to_vec();
+                    self.stack.push(Value::Bytes(b));
+                }
+                b'B' => {
+                    let n = self.u32()? as usize;
+                    let b = self.take(n)?.to_vec();
+                    self.stack.push(Value::Bytes(b));
+                }
+                b']' => {
+                    let v = self.alloc(Value::List(vec![]));
+                    self.stack.push(v);
+                }
+                b'}' => {
+                    let v = self.alloc(Value::Dict(vec![]));
+                    self.stack.push(v);
+                }
+                b')' => self.stack.push(Value::Tuple(vec![])),
+                b't' => {
+                    let items = self.pop_mark()?;
+                    self.stack.push(Value::Tuple(items));
+                }
+                0x85..=0x87 => {
+                    let n = (op - 0x84) as usize;
+                    if self.stack.len() < n {
+                        return self.err("stack underflow in TUPLE");
+                    }
+                    let items = self.stack.split_off(self.stack.len() - n);
+                    self.stack.push(Value::Tuple(items));
+                }
+                b'l' => {
+                    let items = self.pop_mark()?;
+                    let v = self.alloc(Value::List(items));
+                    self.stack.push(v);
+                }
+                b'd' => {
+                    let items = self.pop_mark()?;
+                    let pairs = self.pairs(items)?;
+                    let v = self.alloc(Value::Dict(pairs));
+                    self.stack.push(v);
+                }
+                b'a' => {
+                    let v = self.pop()?;
+                    self.append(vec![v])?;
+                }
+                b'e' => {
+                    let items = self.pop_mark()?;
+                    self.append(items)?;
+                }
+                b's' => {
+                    let v = self.pop()?;
+                    let k = self.pop()?;
+                    self.set_items(vec![(k, v)])?;
+                }
+                b'u' => {
+                    let items = self.pop_mark()?;
+                    let pairs = self.pairs(items)?;
+                    self.set_items(pairs)?;
+                }
+                b'q' => {
+                    let i = self.u8()? as u32;
+                    self.memo_put(i)?;
+                }
+                b'r' => {
+                    let i = self.u32()?;
+                    self.memo_put(i)?;
+                }
+                0x94 => {
+                    let i = self.memo.len() as u32;
+                    self.memo_put(i)?;
+                }
+                b'h' => {
+                    let i = self.u8()? as u32;
+                    self.memo_get(i)?;
+                }
+                b'j' => {
+                    let i = self.u32()?;
+                    self.memo_get(i)?;
+                }
+                b'c' => {
+                    let module = self.line()?;
+                    let name = self.line()?;
+                    self.stack.push(Value::Global { module, name });
+                }
+                0x93 => {
+                    let name = self.pop()?;
+                    let module = self.pop()?;
+                    match (module, name) {
+                        (Value::Str(module), Value::Str(name)) => self.stack.push(Value::Global { module, name }),
+                        _ => return self.err("STACK_GLOBAL needs two strings"),
+                    }
+                }
+                b'R' => {
+                    let args = self.pop()?;
+                    let callable = self.pop()?;
+                    let v = self.reduce(callable, args)?;
+                    self.stack.push(v);
+                }
+                0x81 => {
+                    let args = self.pop()?;
+                    let cls = self.pop()?;
+                    let v = self.reduce(cls, args)?;
+                    self.stack.push(v);
+                }
+                0x92 => {
+                    let _kwargs = self.pop()?;
+                    let args = self.pop()?;
+                    let cls = self.pop()?;
+                    let v = self.reduce(cls, args)?;
+                    self.stack.push(v);
+                }
+                b'b' => {
+                    let state = self.pop()?;
+                    let pos = self.pos;
+                    if let Some(Value::Ref(i)) = self.stack.last().cloned() {
+                        if let Value::Object { state: s, .. } = &mut self.arena[i] {
+                            *s = Some(Box::new(state));
+                        }
+                    } else if self.stack.is_empty() {
+                        return Err((pos, "BUILD on an empty stack".into()));
+                    }
+                    // BUILD on anything else (a tensor's hooks, say) carries nothing we need.
+                }
+                b'Q' => {
+                    let pid = self.pop()?;
+                    let v = self.persistent(pid)?;
+                    self.stack.push(v);
+                }
+                b'0' => {
+                    self.pop()?;
+                }
+                b'2' => {
+                    let v = self.stack.last().cloned().ok_or((self.pos, "DUP on empty stack".to_string()))?;
+                    self.stack.push(v);
+                }
+                0x95 => {
+                    // FRAME: a length hint only.
+                    self.take(8)?;
+                }
+                _ => return self.err(format!("unknown opcode 0x{op:02x}")),
+            }
+        }
+    }
+
+    fn pairs(&self, items: Vec<Value>) -> PResult<Vec<(Value, Value)>> {
+        if items.len() % 2 != 0 {
+            return self.err("odd number of items for a dict");
+        }
+        let mut it = items.into_iter();
+        let mut out = vec![];
+        while let (Some(k), Some(v)) = (it.next(), it.next()) {
+            out.push((k, v));
+        }
+        Ok(out)
+    }
+
+    fn append(&mut self, items: Vec<Value>) -> PResult<()> {
+        let pos = self.pos;
+        match self.top_mut()? {
+            Value::List(v) => v.extend(items),
+            // A list subclass or set-like object: keep the items with the object.
+            Value::Object { args, .. } => args.extend(items),
+            _ => return Err((pos, "APPEND to a non-list".into())),
+        }
+        Ok(())
+    }
+
+    fn set_items(&mut self, pairs: Vec<(Value, Value)>) -> PResult<()> {
+        let pos = self.pos;
+        match self.top_mut()? {
+            Value::Dict(d) => d.extend(pairs),
+            Value::Object { items, .. } => items.extend(pairs),
+            _ => return Err((pos, "SETITEM on a non-dict".into())),
+        }
+        Ok(())
+    }
+
+    fn memo_put(&mut self, i: u32) -> PResult<()> {
+        let v = self.stack.last().cloned().ok_or((self.pos, "memoize on empty stack".to_string()))?;
+        self.memo.insert(i, v);
+        Ok(())
+    }
+
+    fn memo_get(&mut self, i: u32) -> PResult<()> {
+        match self.memo.get(&i) {
+            Some(v) => {
+                let v = v.clone();
+                self.stack.push(v);
+                Ok(())
+            }
+            None => self.err(format!("memo entry {i} read before it was written")),
+        }
+    }
+
+    /// The `('storage', <storage class>, key, location, numel)` persistent ids torch writes.
+    fn persistent(&mut self, pid: Value) -> PResult<Value> {
+        let pid = self.resolve(pid, 0)?;
+        let items = match &pid {
+            Value::Tuple(items) if items.len() >= 5 => items,
+            _ => return self.err(format!("unexpected persistent id {pid:?}")),
+        };
+        if items[0].as_str() != Some("storage") {
+            return self.err(format!("unexpected persistent id kind {:?}", items[0]));
+        }
+        let dtype = match &items[1] {
+            Value::Global { name, .. } => DType::from_storage_class(name),
+            // torch >= 2.1 may name a dtype object instead of a typed storage class.
+            Value::Object { name, .. } => DType::from_storage_class(name),
+            _ => None,
+        };
+        let dtype = match dtype {
+            Some(d) => d,
+            None => return self.err(format!("unsupported storage type {:?}", items[1])),
+        };
+        let key = match &items[2] {
+            Value::Str(s) => s.clone(),
+            Value::Int(i) => i.to_string(),
+            other => return self.err(format!("bad storage key {other:?}")),
+        };
+        let numel = match items[4].as_int() {
+            Some(n) if n >= 0 => n as u64,
+            _ => return self.err("bad storage size"),
+        };
+        Ok(Value::Storage { key, dtype, numel })
+    }
+
+    fn reduce(&mut self, callable: Value, args: Value) -> PResult<Value> {
+        let (module, name) = match callable {
+            Value::Global { module, name } => (module, name),
+            other => return self.err(format!("call of a non-global {other:?}")),
+        };
+        let args = self.resolve(args, 0)?;
+        let args = match args {
+            Value::Tuple(a) => a,
+            other => return self.err(format!("call arguments are not a tuple: {other:?}")),
+        };
+        Ok(match (module.as_str(), name.as_str()) {
+            ("torch._utils", "_rebuild_tensor_v2" | "_rebuild_tensor" | "_rebuild_tensor_v3") => {
+                self.rebuild_tensor(&args)?
+            }
+            ("torch._utils", "_rebuild_parameter" | "_rebuild_parameter_with_state") => match args.into_iter().next() {
+                Some(t @ Value::Tensor(_)) => t,
+                _ => return self.err("_rebuild_parameter without a tensor"),
+            },
+            // Tensors and parameters saved with extra Python state (DeepSpeed's ds_id, ...):
+            // (rebuild function, type, its arguments, state); only the tensor matters.
+            ("torch._tensor", "_rebuild_from_type_v2") => {
+                let mut it = args.into_iter();
+                match (it.next(), it.next(), it.next()) {
+                    (Some(func @ Value::Global { .. }), Some(_), Some(inner @ Value::Tuple(_))) => self.reduce(func, inner)?,
+                    _ => return self.err("malformed _rebuild_from_type_v2 arguments"),
+                }
+            }
+            ("collections", "OrderedDict") | ("builtins", "dict") | ("__builtin__", "dict") => {
+                let mut pairs = vec![];
+                if let Some(Value::List(kvs)) = args.first() {
+                    for kv in kvs {
+                        if let Value::Tuple(p) = kv {
+                            if p.len() == 2 {
+                                pairs.push((p[0].clone(), p[1].clone()));
+                            }
+                        }
+                    }
+                }
+                self.alloc(Value::Dict(pairs))
+            }
+            ("torch", "Size") => match args.into_iter().next() {
+                Some(Value::Tuple(d)) | Some(Value::List(d)) => Value::Tuple(d),
+                _ => Value::Tuple(vec![]),
+            },
+            // Protocol 2 spells bytes as _codecs.encode(latin-1 text, 'latin1').
+            ("_codecs", "encode") => match args.first() {
+                Some(Value::Str(s)) => Value::Bytes(s.chars().map(|c| c as u32 as u8).collect()),
+                _ => Value::Bytes(vec![]),
+            },
+            _ => self.alloc(Value::Object { module, name, args, state: None, items: vec![] }),
+        })
+    }
+
+    fn rebuild_tensor(&self, args: &[Value]) -> PResult<Value> {
+        let (key, dtype, storage_numel) = match args.first() {
+            Some(Value::Storage { key, dtype, numel }) => (key.clone(), *dtype, *numel),
+            _ => return self.err("_rebuild_tensor without a storage"),
+        };
+        let offset = args.get(1).and_then(Value::as_int).filter(|&o| o >= 0);
+        let shape = args.get(2).and_then(Value::as_shape);
+        let stride = args.get(3).and_then(Value::as_shape);
+        match (offset, shape, stride) {
+            (Some(offset), Some(shape), Some(stride)) if shape.len() == stride.len() => {
+                Ok(Value::Tensor(TensorRef { storage_key: key, dtype, storage_numel, offset: offset as u64, shape, stride }))
+            }
+            _ => self.err("malformed _rebuild_tensor arguments"),
+        }
+    }
+
+    /// Replaces arena references by their (finished) contents.
+    fn resolve(&self, v: Value, depth: usize) -> PResult<Value> {
+        if depth > MAX_DEPTH {
+            return self.err("nesting too deep (cyclic pickle?)");
+        }
+        let d = depth + 1;
+        Ok(match v {
+            Value::Ref(i) => self.resolve(self.arena[i].clone(), d)?,
+            Value::List(v) => Value::List(v.into_iter().map(|x| self.resolve(x, d)).collect::<PResult<_>>()?),
+            Value::Tuple(v) => Value::Tuple(v.into_iter().map(|x| self.resolve(x, d)).collect::<PResult<_>>()?),
+            Value::Dict(v) => Value::Dict(
+                v.into_iter().map(|(k, x)| Ok((self.resolve(k, d)?, self.resolve(x, d)?))).collect::<PResult<_>>()?,
+            ),
+            Value::Object { module, name, args, state, items } => Value::Object {
+                module,
+                name,
+                args: args.into_iter().map(|x| self.resolve(x, d)).collect::<PResult<_>>()?,
+                state: match state {
+                    Some(s) => Some(Box::new(self.resolve(*s, d)?)),
+                    None => None,
+                },
+                items: items
+                    .into_iter()
+                    .map(|(k, x)| Ok((self.resolve(k, d)?, self.resolve(x, d)?)))
+                    .collect::<PResult<_>>()?,
+            },
+            other => other,
+        })
+    }
+}
+
+/// Parses a bare pickle (tests and tools).
+pub fn parse_pickle(data: &[u8]) -> Result<Value, (usize, String)> {
+    Unpickler::new(data).run()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memoized_dict_filled_later_is_seen_through_memo() {
+        // {'a': [1, 2], 'b': <same list>} built as: EMPTY_DICT PUT0 MARK 'a' EMPTY_LIST PUT1
+        // MARK 1 2 APPENDS 'b' GET1 SETITEMS STOP
+        let p = b"\x80\x02}q\x00(X\x01\x00\x00\x00a]q\x01(K\x01K\x02eX\x01\x00\x00\x00bh\x01u.";
+        let v = parse_pickle(p).unwrap();
+        let l = Value::List(vec![Value::Int(1), Value::Int(2)]);
+        assert_eq!(v.get("a"), Some(&l));
+        assert_eq!(v.get("b"), Some(&l));
+    }
+
+    #[test]
+    fn enum_members_read_as_ints_and_long1_signs() {
+        // ZeroStageEnum(2) and LONG1 -1
+        let p = b"\x80\x02cdeepspeed.runtime.zero.config\nZeroStageEnum\nK\x02\x85R\x8a\x01\xff\x86.";
+        let v = parse_pickle(p).unwrap();
+        let t = v.as_seq().unwrap();
+        assert_eq!(t[0].as_int(), Some(2));
+        assert_eq!(t[1], Value::Int(-1));
+    }
+
+    #[test]
+    fn truncation_and_garbage_are_errors_not_panics() {
+        let p = b"\x80\x02}q\x00(X\x01\x00\x00\x00a]q\x01(K\x01K\x02eX\x01\x00\x00\x00bh\x01u.";
+        for n in 0..p.len() {
+            assert!(parse_pickle(&p[..n]).is_err(), "prefix of {n} bytes parsed");
+        }
+        assert!(parse_pickle(b"\x80\x02h\x07.").is_err());
+        assert!(parse_pickle(b"\x80\x02\xff").is_err());
+        assert!(parse_pickle(b"\x80\x09N.").is_err());
+    }
+}
