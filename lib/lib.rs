@@ -5,3 +5,6 @@ pub mod data;
 pub mod device;
 pub mod fsutil;
 pub mod logging;
+pub mod memory;
+pub mod optim;
+pub mod scaler;
