@@ -240,13 +240,14 @@ pub fn block_activation_bytes(s: &Setup) -> u64 {
     bytes
 }
 
-/// Activations outside the blocks: token ids kept by the embedding backward, ln_f input and
-/// statistics, the LM head's input, and the embedding dropout mask.
+/// Activations outside the blocks: token ids and positions kept by the embedding backward, ln_f
+/// input and statistics, the LM head's input, the targets and total weight kept by nll_loss,
+/// and the embedding dropout mask.
 fn outer_activation_bytes(s: &Setup) -> u64 {
     let tokens = s.micro_batch * s.seq_len;
     let c = s.model.n_embd;
     let e = s.dtype.bytes();
-    let mut bytes = tokens * 8 + 2 * tokens * c * e + 2 * tokens * 4;
+    let mut bytes = tokens * 8 + s.seq_len * 8 + 2 * tokens * c * e + 2 * tokens * 4 + tokens * 8 + 4;
     if s.dropout {
         bytes += tokens * c;
     }
@@ -267,12 +268,17 @@ pub fn activation_bytes(s: &Setup) -> u64 {
     }
 }
 
-/// The loss's peak: B*T*V logits in the compute dtype (held by the caller), their fp32
-/// log-softmax kept for backward, and in backward the fp32 gradient of the log-softmax output
-/// (nll_loss's dense gradient) and the fp32 gradient of the logits.
+/// The fp32 log-softmax of the logits that cross-entropy saves for backward.
+pub fn loss_saved_bytes(s: &Setup) -> u64 {
+    4 * s.micro_batch * s.seq_len * s.model.vocab_size
+}
+
+/// The loss's peak, reached as backward starts: B*T*V logits in the compute dtype (held by
+/// the caller), the saved fp32 log-softmax, nll_loss's dense fp32 gradient and the fp32
+/// gradient of the logits that log_softmax's backward produces from the two.
 pub fn logits_bytes(s: &Setup) -> u64 {
     let btv = s.micro_batch * s.seq_len * s.model.vocab_size;
-    btv * (s.dtype.bytes() + 4 + 4 + 4)
+    btv * s.dtype.bytes() + loss_saved_bytes(s) + 2 * 4 * btv
 }
 
 /// zerokit's per-GPU breakdown for one stage and offload choice.
