@@ -91,6 +91,14 @@ pub enum Dtype {
 }
 
 impl Dtype {
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::Fp32 => "fp32",
+            Dtype::Fp16 => "fp16",
+            Dtype::Bf16 => "bf16",
+        }
+    }
+
     pub fn bytes(self) -> u64 {
         match self {
             Dtype::Fp32 => 4,
@@ -599,7 +607,7 @@ pub fn render(est: &Estimate, model_name: &str, gpu_memory: u64) -> String {
         "setup  {} node(s) x {} GPU(s), {:?}, micro-batch {}, sequence {}, activation checkpointing {}{}",
         s.nodes,
         s.gpus_per_node,
-        s.dtype,
+        s.dtype.name(),
         s.micro_batch,
         s.seq_len,
         if s.activation_checkpointing { "on" } else { "off" },

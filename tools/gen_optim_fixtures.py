@@ -93,6 +93,9 @@ def adamw_case(name, seed, steps, lrs, betas, eps, weight_decay):
         "eps": str(bits(eps)),
         "weight_decay": str(bits(weight_decay)),
         "torch": torch.__version__,
+        # For the record: torch's CPU AdamW rounds an ulp differently from one host to another
+        # (even at the same capability), so tests/optim.rs checks 1e-6 and reports bit equality.
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
     save_file(tensors, os.path.join(OUT, f"adamw_{name}.safetensors"), metadata=meta)
 
