@@ -1,0 +1,129 @@
+"""Reference fixtures for lib/memory.rs (tests/memory.rs): DeepSpeed's own model-state memory
+estimators over a grid of model sizes and cluster shapes, and the activation bytes libtorch's
+autograd really saves in a small GPT-2 forward (saved_tensors.json).
+
+    DS_ACCELERATOR=cpu .deps/py/bin/python tools/gen_memory_fixtures.py
+
+Writes tests/fixtures/memory/deepspeed.json with the parameter counts of transformers' GPT-2
+presets, and the (cpu, gpu) bytes of
+estimate_zero2_model_states_mem_needs and the (cpu, gpu, largest_layer_memory) bytes of
+estimate_zero3_model_states_mem_needs, for every combination of their arguments below.
+"""
+import itertools
+import json
+import os
+
+import deepspeed
+from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+OUT = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "memory")
+
+PRESETS = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280),
+           "gpt2-xl": (48, 25, 1600)}
+# Round and odd sizes and a 175B model, beside the GPT-2 presets.
+OTHER_MODELS = [(1000000007, 12345679), (7000000000, 262144000), (175000000000, 1207959552), (3, 1)]
+GPUS_PER_NODE = [1, 3, 4, 8]
+NODES = [1, 2, 16]
+FACTORS = [1.5, 1.25]
+
+
+def gpt2_counts():
+    """(total, largest layer) of transformers' GPT2LMHeadModel built on the meta device (no
+    memory). The largest layer is DeepSpeed's own model_to_params; its total dedupes tied
+    parameters by data_ptr(), which is 0 for every meta tensor, so the total counts
+    model.parameters() (which yields a tied parameter once) instead."""
+    import torch
+    from deepspeed.runtime.zero.stage3 import model_to_params
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    out = {}
+    for name, (n_layer, n_head, n_embd) in PRESETS.items():
+        cfg = GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=50257, n_positions=1024)
+        with torch.device("meta"):
+            model = GPT2LMHeadModel(cfg)
+        total = sum(p.numel() for p in model.parameters())
+        out[name] = (total, model_to_params(model)[1])
+    return out
+
+
+def measure_saved(n_layer, n_head, n_embd, vocab, batch, seq, dtype):
+    """Bytes autograd saves for backward in one forward of a GPT-2 written the way zerokit's
+    tch model is (layer_norm, linear, scaled_dot_product_attention, tanh GELU, tied LM head,
+    cross-entropy on fp32 logits), counted by storage through saved_tensors_hooks, parameters
+    excluded. Runs on CPU, where SDPA is the flash kernel (O(T) memory, like CUDA's)."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    C, H = n_embd, n_head
+
+    def mk(*shape):
+        return (torch.randn(*shape) * 0.02).to(dtype).requires_grad_()
+
+    wte, wpe = mk(vocab, C), mk(1024, C)
+    blocks = [[mk(C), mk(C), mk(3 * C, C), mk(3 * C), mk(C, C), mk(C), mk(C), mk(C), mk(4 * C, C), mk(4 * C),
+               mk(C, 4 * C), mk(C)] for _ in range(n_layer)]
+    lnf = [mk(C), mk(C)]
+    params = {p.untyped_storage().data_ptr() for p in [wte, wpe, *lnf] + [p for b in blocks for p in b]}
+    idx = torch.randint(0, vocab, (batch, seq))
+    targets = torch.randint(0, vocab, (batch, seq))
+    saved = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            saved[st.data_ptr()] = st.nbytes()
+        return t
+
+    B, T = batch, seq
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        x = F.embedding(idx, wte) + F.embedding(torch.arange(T), wpe)
+        for (l1w, l1b, aw, ab, pw, pb, l2w, l2b, fw, fb, p2w, p2b) in blocks:
+            h = F.layer_norm(x, (C,), l1w, l1b)
+            q, k, v = F.linear(h, aw, ab).split(C, dim=2)
+            q, k, v = (t.view(B, T, H, C // H).transpose(1, 2) for t in (q, k, v))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + F.linear(y.transpose(1, 2).contiguous().view(B, T, C), pw, pb)
+            h = F.layer_norm(x, (C,), l2w, l2b)
+            x = x + F.linear(F.gelu(F.linear(h, fw, fb), approximate="tanh"), p2w, p2b)
+        x = F.layer_norm(x, (C,), *lnf)
+        logits = F.linear(x, wte)
+        loss = F.cross_entropy(logits.float().view(-1, vocab), targets.view(-1))
+    return sum(saved.values())
+
+
+def main():
+    os.makedirs(OUT, exist_ok=True)
+    presets = gpt2_counts()
+    models = list(presets.values()) + OTHER_MODELS
+    zero2, zero3 = [], []
+    for (total, largest), g, n, abf in itertools.product(models, GPUS_PER_NODE, NODES, FACTORS):
+        for off in (True, False):
+            cpu, gpu = estimate_zero2_model_states_mem_needs(total, g, n, off, abf)
+            zero2.append([total, g, n, off, abf, cpu, gpu])
+        for off, off_params, zinit in itertools.product((True, False), repeat=3):
+            cpu, gpu, lay = estimate_zero3_model_states_mem_needs(total, largest, g, n, off, off_params, zinit, abf)
+            zero3.append([total, largest, g, n, off, off_params, zinit, abf, cpu, gpu, lay])
+    import torch
+    saved = []
+    for (L, H, C, V, B, T) in [(2, 4, 96, 500, 2, 64), (3, 6, 192, 1000, 3, 96), (1, 2, 64, 257, 1, 32)]:
+        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            saved.append({"n_layer": L, "n_head": H, "n_embd": C, "vocab_size": V, "micro_batch": B, "seq_len": T,
+                          "dtype": name, "saved_bytes": measure_saved(L, H, C, V, B, T, dtype)})
+    with open(os.path.join(OUT, "saved_tensors.json"), "w") as f:
+        json.dump({"torch": torch.__version__, "cases": saved}, f, indent=1)
+        f.write("\n")
+    with open(os.path.join(OUT, "deepspeed.json"), "w") as f:
+        json.dump({"deepspeed": deepspeed.__version__,
+                   "gpt2_presets": {k: list(v) for k, v in presets.items()},
+                   "zero2_columns": "total_params, gpus_per_node, nodes, cpu_offload, buffer_factor, cpu, gpu",
+                   "zero3_columns": "total_params, largest_layer_params, gpus_per_node, nodes, cpu_offload, "
+                                    "cpu_offload_params, zero_init, buffer_factor, cpu, gpu, largest_layer_memory",
+                   "zero2": zero2, "zero3": zero3}, f, separators=(",", ":"))
+        f.write("\n")
+    print(len(zero2), len(zero3))
+
+
+if __name__ == "__main__":
+    main()
