@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Throughput of zerokit's `prepare` against OpenAI's tiktoken, and prepare's peak memory.
 
-Throughput: one JSONL corpus of Shakespeare paragraphs (data/tinyshakespeare.txt repeated to
---corpus-mb), tokenized with GPT-2's encoding at each thread count by
+Throughput: one JSONL corpus of documents of about 4 KB made of Shakespeare's paragraphs
+(data/tinyshakespeare.txt cycled to --corpus-mb), tokenized with GPT-2's encoding at each thread count by
   - zerokit: the whole `prepare` run (start-up, reading, JSON parsing, tokenizing, writing),
   - tiktoken: `encode_ordinary_batch(docs, num_threads=N)` on the documents already in memory,
 best of --repeat runs each, in one process so both see the same machine state. The token
@@ -36,18 +36,24 @@ def paragraphs():
         return [p for p in f.read().split("\n\n") if p.strip()]
 
 
-def write_jsonl(path, target_bytes):
-    """Paragraphs as documents, cycled until the file reaches target_bytes; returns the docs."""
+def write_jsonl(path, target_bytes, doc_bytes=4096):
+    """Documents of consecutive paragraphs, at least doc_bytes each (OpenWebText's documents
+    average a few KB), cycling through the play until the file reaches target_bytes."""
     paras = paragraphs()
     docs, size, i = [], 0, 0
     with open(path, "w", encoding="utf-8") as f:
         while size < target_bytes:
-            doc = paras[i % len(paras)]
+            parts, n = [], 0
+            while n < doc_bytes:
+                p = paras[i % len(paras)]
+                parts.append(p)
+                n += len(p) + 2
+                i += 1
+            doc = "\n\n".join(parts)
             line = json.dumps({"text": doc}) + "\n"
             f.write(line)
             size += len(line.encode())
             docs.append(doc)
-            i += 1
     return docs
 
 
