@@ -24,3 +24,9 @@ test: setup
 # The Python reference environment for tools/ (fixture generators, peer benchmarks).
 pyenv:
 	@bash tools/pyenv.sh
+
+# Tokenizer throughput against OpenAI's tiktoken at 1 and all threads (docs/prepare.md records it).
+# BENCH_ARGS="--memory-gb 4" also measures peak memory on a generated 4 GB corpus.
+.PHONY: bench-prepare
+bench-prepare: build pyenv
+	.deps/py/bin/python tools/bench_prepare.py --bin $(BIN)/prepare $(BENCH_ARGS)

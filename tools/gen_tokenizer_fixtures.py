@@ -25,8 +25,12 @@ BLOB = "https://openaipublic.blob.core.windows.net/encodings/{}.tiktoken"
 
 def offline_cache():
     """Points tiktoken at a cache holding tiktoken-rs's rank files, keyed as tiktoken expects."""
-    registry = os.path.expanduser("~/.cargo/registry/src")
-    assets = sorted(glob.glob(os.path.join(registry, "*", "tiktoken-rs-0.12.*", "assets")))
+    if os.environ.get("ZEROKIT_TIKTOKEN_ASSETS"):
+        # A copy of those files, for machines without the cargo registry (GPU machines).
+        assets = [os.environ["ZEROKIT_TIKTOKEN_ASSETS"]]
+    else:
+        registry = os.path.expanduser("~/.cargo/registry/src")
+        assets = sorted(glob.glob(os.path.join(registry, "*", "tiktoken-rs-0.12.*", "assets")))
     if not assets:
         sys.exit("tiktoken-rs 0.12 sources not found under ~/.cargo/registry (run `cargo fetch`)")
     cache = tempfile.mkdtemp(prefix="tiktoken-cache-")

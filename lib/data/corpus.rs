@@ -238,7 +238,7 @@ impl<'t> TextChunker<'t> {
             pending: String::new(),
             searched: 0,
             eof: false,
-            block: vec![0u8; chunk.clamp(1 << 12, 1 << 20)],
+            block: vec![0u8; chunk.clamp(16, 1 << 20)],
         }
     }
 
@@ -411,4 +411,66 @@ pub fn jsonl_document(line: &[u8], field: &str, lossy: bool) -> Result<String, L
 /// Whether a JSONL line holds nothing (blank lines are skipped, not documents).
 pub fn is_blank(line: &[u8]) -> bool {
     line.iter().all(|b| b.is_ascii_whitespace())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::tokenize::{Encoding, Tokenizer};
+
+    fn chunks(bytes: &[u8], chunk: usize, lossy: bool, zstd: bool) -> Result<Vec<String>, DataError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(if zstd { "t.txt.zst" } else { "t.txt" });
+        let stored = if zstd { zstd::encode_all(bytes, 1).unwrap() } else { bytes.to_vec() };
+        fs::write(&path, &stored).unwrap();
+        let input = discover(&[path]).unwrap().remove(0);
+        let tok = Tokenizer::new(Encoding::R50kBase).unwrap();
+        let stream = Stream::open(&input, &ProgressBar::hidden())?;
+        let mut c = TextChunker::new(stream, &tok, chunk, lossy);
+        let mut out = Vec::new();
+        while let Some(s) = c.next_chunk()? {
+            out.push(s);
+        }
+        let (n, sha) = c.into_stream().finish()?;
+        assert_eq!(n, stored.len() as u64);
+        assert_eq!(sha, hex::encode(Sha256::digest(&stored)));
+        Ok(out)
+    }
+
+    #[test]
+    fn chunks_rejoin_to_the_text_across_multibyte_reads() {
+        let text = "Mixed \u{4e2d}\u{6587} text, caf\u{e9} and \u{1f980} emoji: it's 42! ".repeat(50);
+        for (chunk, zstd) in [(17, false), (64, true), (1000, false)] {
+            let parts = chunks(text.as_bytes(), chunk, false, zstd).unwrap();
+            assert!(parts.len() > 1);
+            assert_eq!(parts.concat(), text, "chunk {chunk}");
+            assert!(parts.iter().all(|p| !p.is_empty()));
+        }
+    }
+
+    #[test]
+    fn invalid_utf8_is_located_or_replaced() {
+        let mut bytes = "\u{e9}t\u{e9} ".repeat(40).into_bytes();
+        bytes.insert(101, 0xff);
+        let err = chunks(&bytes, 16, false, false).unwrap_err().to_string();
+        assert!(err.contains("invalid UTF-8 at byte offset 101"), "{err}");
+        let err = chunks(&bytes, 16, false, true).unwrap_err().to_string();
+        assert!(err.contains("byte offset 101 of the decompressed stream"), "{err}");
+        let text = chunks(&bytes, 16, true, false).unwrap().concat();
+        assert_eq!(text, String::from_utf8_lossy(&bytes));
+        // A sequence cut short by the end of the file.
+        let mut cut = "abc ".repeat(10).into_bytes();
+        cut.extend([0xe4, 0xb8]);
+        assert!(chunks(&cut, 16, false, false).unwrap_err().to_string().contains("offset 40"));
+        assert_eq!(chunks(&cut, 16, true, false).unwrap().concat(), String::from_utf8_lossy(&cut));
+    }
+
+    #[test]
+    fn jsonl_lines_give_their_field() {
+        assert_eq!(jsonl_document(br#"{"text": "a\nb", "x": [1]}"#, "text", false), Ok("a\nb".to_string()));
+        assert_eq!(jsonl_document(b"{\"t\": \"\xff\"}", "t", false), Err(LineError::Utf8(7)));
+        assert_eq!(jsonl_document(b"{\"t\": \"\xff\"}", "t", true), Ok("\u{fffd}".to_string()));
+        assert!(matches!(jsonl_document(b"[1, 2]", "text", false), Err(LineError::Other(m)) if m.contains("malformed")));
+        assert!(matches!(jsonl_document(b"{\"text\": null}", "text", false), Err(LineError::Other(m)) if m.contains("null")));
+    }
 }

@@ -506,8 +506,10 @@ pub fn prepare(args: &PrepareArgs, command: &[String]) -> Result<PrepareSummary,
         let consumed = consume(rx, &pool, &ctx, &progress, started, &mut train, &mut val, &mut train_docs, &mut val_docs);
         let records = reader.join().map_err(|_| DataError::Split("the reader thread panicked".into()))?;
         consumed.map(|()| records)
-    })?;
+    });
+    // Cleared on failure too, so the error is not printed under a stale bar.
     progress.finish_and_clear();
+    let records = records?;
 
     let (train_tokens, train_sha) = train.finish()?;
     let (val_tokens, val_sha) = val.finish()?;

@@ -151,7 +151,7 @@ impl Tokenizer {
         let gpt2 = self.encoding.uses_gpt2_pattern();
         let mut next: Option<(char, Class)> = None;
         for (i, c) in text.char_indices().rev() {
-            if i + c.len_utf8() <= min {
+            if i + c.len_utf8() < min {
                 break;
             }
             let class = table.of(c);

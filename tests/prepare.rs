@@ -1,0 +1,351 @@
+//! `prepare` end to end: tokens against OpenAI's tiktoken, nanoGPT's Shakespeare files byte for
+//! byte, determinism across thread counts, the multi-document layout, and every bad input.
+//! Fixtures: tools/gen_tokenizer_fixtures.py.
+
+use serde_json::Value;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use zerokit::data::{Encoding, Tokenizer};
+
+const EOT: u32 = 50256;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn fixture(name: &str) -> Value {
+    let path = root().join("tests/fixtures/tokenizer").join(name);
+    serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap()
+}
+
+fn prepare(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_prepare")).args(args).output().expect("prepare runs")
+}
+
+fn ok(args: &[&str]) {
+    let out = prepare(args);
+    assert!(out.status.success(), "prepare {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Runs a failing case: non-zero exit, `needle` in the message, no output directory and no
+/// temporary leftovers next to it.
+fn fails(args: &[&str], out: &Path, needle: &str) -> String {
+    let res = prepare(args);
+    let stderr = String::from_utf8_lossy(&res.stderr).into_owned();
+    assert!(!res.status.success(), "prepare {args:?} should fail; stderr: {stderr}");
+    assert!(stderr.contains(needle), "stderr lacks {needle:?}: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(!out.exists(), "{} exists after a failure", out.display());
+    let parent = out.parent().unwrap();
+    let leftovers: Vec<_> = fs::read_dir(parent)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".tmp-"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+    stderr
+}
+
+fn tokens(path: &Path, width: usize) -> Vec<u32> {
+    let bytes = fs::read(path).unwrap();
+    assert_eq!(bytes.len() % width, 0);
+    bytes
+        .chunks_exact(width)
+        .map(|c| if width == 2 { u16::from_le_bytes([c[0], c[1]]) as u32 } else { u32::from_le_bytes(c.try_into().unwrap()) })
+        .collect()
+}
+
+fn meta(dir: &Path) -> Value {
+    serde_json::from_str(&fs::read_to_string(dir.join("meta.json")).unwrap()).unwrap()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn token_ids_match_tiktoken_on_tricky_strings() {
+    let cases = fixture("cases.json");
+    for (encoding, key) in [(Encoding::R50kBase, "r50k_base"), (Encoding::P50kBase, "p50k_base")] {
+        let tok = Tokenizer::new(encoding).unwrap();
+        for case in cases["cases"].as_array().unwrap() {
+            let text = case["text"].as_str().unwrap();
+            let want: Vec<u32> =
+                case["ids"][key].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+            let got = tok.encode_ordinary(text);
+            assert_eq!(got, want, "{key} case {}", case["name"]);
+            assert_eq!(tok.decode_bytes(&got).unwrap(), text.as_bytes(), "{key} round trip {}", case["name"]);
+        }
+    }
+}
+
+#[test]
+fn cuts_in_tricky_strings_do_not_change_tokens() {
+    // Every chunk boundary prepare may choose, on every fixture text.
+    let cases = fixture("cases.json");
+    let tok = Tokenizer::new(Encoding::R50kBase).unwrap();
+    for case in cases["cases"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        let whole = tok.encode_ordinary(text);
+        let mut end = text.len();
+        while let Some(p) = tok.find_cut(&text[..end], 0) {
+            let mut two = tok.encode_ordinary(&text[..p]);
+            two.extend(tok.encode_ordinary(&text[p..]));
+            assert_eq!(two, whole, "case {} cut at {p}", case["name"]);
+            end = p;
+        }
+    }
+}
+
+#[test]
+fn shakespeare_is_byte_identical_to_nanogpt() {
+    let want = fixture("shakespeare.json");
+    let tmp = tempfile::tempdir().unwrap();
+    let input = root().join("data/tinyshakespeare.txt");
+    // Default settings, then one thread with tiny chunks: both must give nanoGPT's bytes.
+    for (name, extra) in [("default", vec![]), ("one-thread", vec!["--threads", "1", "--chunk-bytes", "3000"])] {
+        let out = tmp.path().join(name);
+        let mut args = vec![s(&input), "--out", s(&out)];
+        args.extend(extra);
+        ok(&args);
+        let m = meta(&out);
+        for split in ["train", "val"] {
+            let sha = zerokit::fsutil::sha256_file(&out.join(format!("{split}.bin"))).unwrap();
+            assert_eq!(sha, want[split]["sha256"].as_str().unwrap(), "{name} {split}.bin");
+            assert_eq!(m["splits"][split]["tokens"], want[split]["tokens"], "{name} {split}");
+            assert_eq!(m["splits"][split]["sha256"].as_str().unwrap(), sha);
+        }
+        assert_eq!(want["train"]["tokens"], 301966);
+        assert_eq!(want["val"]["tokens"], 36059);
+        assert_eq!(m["mode"], "chars");
+        assert_eq!(m["dtype"], "uint16");
+        assert_eq!(m["eot_token"], EOT);
+        assert_eq!(m["vocab_size"], 50257);
+        assert_eq!(m["inputs"][0]["bytes"], 1115394);
+        assert_eq!(
+            m["inputs"][0]["sha256"].as_str().unwrap(),
+            zerokit::fsutil::sha256_file(&input).unwrap()
+        );
+        assert_eq!(m["command"][1], s(&input));
+    }
+}
+
+/// A corpus of every input kind: plain text, zstd text, JSONL (with a blank line and CRLF line
+/// ends), zstd JSONL, in nested directories.
+fn mixed_corpus(dir: &Path) -> Vec<String> {
+    let shakespeare = fs::read_to_string(root().join("data/tinyshakespeare.txt")).unwrap();
+    let paras: Vec<&str> = shakespeare.split("\n\n").collect();
+    let mut docs = Vec::new();
+    fs::create_dir_all(dir.join("b/nested")).unwrap();
+    // Sorted order: a.txt, b/c.jsonl, b/nested/d.txt.zst, b/nested/e.jsonl.zst, z.txt
+    let a = paras[..40].join("\n\n");
+    fs::write(dir.join("a.txt"), &a).unwrap();
+    docs.push(a);
+    let mut jsonl = String::new();
+    for (i, p) in paras[40..140].iter().enumerate() {
+        jsonl.push_str(&serde_json::json!({"id": i, "text": p}).to_string());
+        jsonl.push_str(if i % 2 == 0 { "\r\n" } else { "\n" });
+        if i == 10 {
+            jsonl.push_str("   \n");
+        }
+        docs.push(p.to_string());
+    }
+    fs::write(dir.join("b/c.jsonl"), jsonl).unwrap();
+    let d = paras[140..400].join("\n\n") + " \u{1f980} caf\u{e9} \u{4e2d}\u{6587}\n";
+    fs::write(dir.join("b/nested/d.txt.zst"), zstd::encode_all(d.as_bytes(), 3).unwrap()).unwrap();
+    docs.push(d);
+    let mut jsonl = String::new();
+    for p in &paras[400..700] {
+        jsonl.push_str(&serde_json::json!({"text": p, "meta": {"n": [1, 2]}}).to_string());
+        jsonl.push('\n');
+        docs.push(p.to_string());
+    }
+    fs::write(dir.join("b/nested/e.jsonl.zst"), zstd::encode_all(jsonl.as_bytes(), 3).unwrap()).unwrap();
+    let z = paras[700..].join("\n\n");
+    fs::write(dir.join("z.txt"), &z).unwrap();
+    docs.push(z);
+    fs::write(dir.join(".hidden.txt"), "never read").unwrap();
+    docs
+}
+
+#[test]
+fn documents_mode_layout_and_thread_determinism() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tmp.path().join("corpus");
+    let docs = mixed_corpus(&corpus);
+    let mut outputs = Vec::new();
+    for (threads, chunk) in [("1", "262144"), ("1", "700"), ("2", "5000"), ("8", "300")] {
+        let out = tmp.path().join(format!("out-{threads}-{chunk}"));
+        ok(&[s(&corpus), "--out", s(&out), "--threads", threads, "--chunk-bytes", chunk, "--val-fraction", "0.2"]);
+        outputs.push((fs::read(out.join("train.bin")).unwrap(), fs::read(out.join("val.bin")).unwrap(), out));
+    }
+    for o in &outputs[1..] {
+        assert!(o.0 == outputs[0].0 && o.1 == outputs[0].1, "{} differs from {}", o.2.display(), outputs[0].2.display());
+    }
+    let out = &outputs[0].2;
+    let m = meta(out);
+    assert_eq!(m["mode"], "documents");
+    let names: Vec<String> = m["inputs"].as_array().unwrap().iter().map(|i| i["path"].as_str().unwrap().to_string()).collect();
+    let expect = ["a.txt", "b/c.jsonl", "b/nested/d.txt.zst", "b/nested/e.jsonl.zst", "z.txt"];
+    assert_eq!(names.len(), expect.len(), "{names:?}");
+    for (n, e) in names.iter().zip(expect) {
+        assert!(n.ends_with(e), "{names:?}");
+    }
+
+    // Each split is its documents' tokens, each followed by EOT, in corpus order; every document
+    // is in exactly one split.
+    let tok = Tokenizer::new(Encoding::R50kBase).unwrap();
+    let split_docs = |name: &str| -> Vec<Vec<u32>> {
+        let t = tokens(&out.join(name), 2);
+        assert_eq!(t.last(), Some(&EOT));
+        // Text after the last EOT is the empty tail of split(): drop it.
+        let mut docs: Vec<Vec<u32>> = t.split(|&x| x == EOT).map(|d| d.to_vec()).collect();
+        docs.pop();
+        docs
+    };
+    let (train, val) = (split_docs("train.bin"), split_docs("val.bin"));
+    assert_eq!(train.len() + val.len(), docs.len());
+    assert_eq!(m["splits"]["train"]["documents"], train.len());
+    assert_eq!(m["splits"]["val"]["documents"], val.len());
+    let (mut ti, mut vi) = (0, 0);
+    for doc in &docs {
+        let want = tok.encode_ordinary(doc);
+        if ti < train.len() && train[ti] == want {
+            ti += 1;
+        } else {
+            assert_eq!(val.get(vi), Some(&want), "document not found in order");
+            vi += 1;
+        }
+    }
+    assert!(val.len() > 20 && train.len() > 300, "train {} val {}", train.len(), val.len());
+
+    // Another seed, another assignment.
+    let other = tmp.path().join("seed");
+    ok(&[s(&corpus), "--out", s(&other), "--val-fraction", "0.2", "--seed", "1"]);
+    assert_ne!(fs::read(other.join("val.bin")).unwrap(), outputs[0].1);
+}
+
+#[test]
+fn wide_encodings_write_uint32_and_say_so() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("in.txt");
+    let text = "Token ids above 65535 need four bytes: \u{4e2d}\u{6587}, emoji \u{1f980}, and plain English text. ".repeat(40);
+    fs::write(&input, &text).unwrap();
+    let out = tmp.path().join("out");
+    ok(&[s(&input), "--out", s(&out), "--encoding", "o200k_base", "--chunk-bytes", "500"]);
+    let m = meta(&out);
+    assert_eq!(m["dtype"], "uint32");
+    assert_eq!(m["encoding"], "o200k_base");
+    assert_eq!(m["vocab_size"], 200019);
+    let n = text.chars().count();
+    let cut = text.char_indices().nth((n as f64 * 0.9) as usize).unwrap().0;
+    let tok = Tokenizer::new(Encoding::O200kBase).unwrap();
+    assert_eq!(tokens(&out.join("train.bin"), 4), tok.encode_ordinary(&text[..cut]));
+    assert_eq!(tokens(&out.join("val.bin"), 4), tok.encode_ordinary(&text[cut..]));
+    assert!(tokens(&out.join("train.bin"), 4).iter().any(|&t| t > 65535));
+}
+
+#[test]
+fn existing_output_needs_force() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("in.txt");
+    fs::write(&input, "some text to tokenize, long enough for two splits").unwrap();
+    let out = tmp.path().join("out");
+    fs::create_dir(&out).unwrap();
+    fs::write(out.join("keep"), "x").unwrap();
+    let res = prepare(&[s(&input), "--out", s(&out)]);
+    assert!(!res.status.success());
+    assert!(String::from_utf8_lossy(&res.stderr).contains("already exists (pass --force"));
+    assert!(out.join("keep").exists() && !out.join("train.bin").exists());
+    ok(&[s(&input), "--out", s(&out), "--force"]);
+    assert!(!out.join("keep").exists() && out.join("train.bin").exists());
+}
+
+#[test]
+fn bad_inputs_fail_cleanly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let out = t.join("out");
+    let o = s(&out).to_string();
+    let good = t.join("good.txt");
+    fs::write(&good, "A good document with some words in it.").unwrap();
+
+    let bad_utf8 = t.join("bad.txt");
+    let mut bytes = b"valid text, then ".to_vec();
+    bytes.extend([0xff, 0xfe]);
+    bytes.extend(b" more");
+    fs::write(&bad_utf8, &bytes).unwrap();
+    let msg = fails(&[s(&bad_utf8), "--out", &o], &out, "invalid UTF-8 at byte offset 17");
+    assert!(msg.contains("bad.txt"), "{msg}");
+    // With --lossy the same file goes through, invalid bytes replaced.
+    ok(&[s(&bad_utf8), "--out", &o, "--lossy"]);
+    fs::remove_dir_all(&out).unwrap();
+
+    let zbad = t.join("bad.txt.zst");
+    fs::write(&zbad, zstd::encode_all(&bytes[..], 3).unwrap()).unwrap();
+    fails(&[s(&zbad), "--out", &o], &out, "bad.txt.zst: invalid UTF-8 at byte offset 17 of the decompressed stream");
+
+    let jsonl_utf8 = t.join("u.jsonl");
+    let mut j = b"{\"text\": \"ok\"}\n{\"text\": \"bad ".to_vec();
+    j.extend([0xc3, 0x28]);
+    j.extend(b"\"}\n");
+    fs::write(&jsonl_utf8, &j).unwrap();
+    fails(&[s(&jsonl_utf8), "--out", &o], &out, "u.jsonl: invalid UTF-8 at byte offset 29 (line 2)");
+
+    let malformed = t.join("m.jsonl");
+    fs::write(&malformed, "{\"text\": \"one\"}\n\n{\"text\": \"two\"\n{\"text\": \"three\"}\n").unwrap();
+    fails(&[s(&good), s(&malformed), "--out", &o], &out, "m.jsonl:3: malformed JSON line");
+
+    let missing = t.join("f.jsonl");
+    fs::write(&missing, "{\"text\": \"one\"}\n{\"body\": \"two\"}\n").unwrap();
+    fails(&[s(&missing), "--out", &o], &out, "f.jsonl:2: missing field \"text\"");
+    let msg = fails(&[s(&missing), "--out", &o, "--field", "body"], &out, "f.jsonl:1: missing field \"body\"");
+    assert!(msg.contains("--field"), "{msg}");
+    let not_string = t.join("n.jsonl");
+    fs::write(&not_string, "{\"text\": 5}\n").unwrap();
+    fails(&[s(&not_string), "--out", &o], &out, "n.jsonl:1: field \"text\" is a number");
+
+    let empty = t.join("empty.txt");
+    fs::write(&empty, "").unwrap();
+    fails(&[s(&good), s(&empty), "--out", &o], &out, "empty.txt: empty input");
+    let blank = t.join("blank.jsonl");
+    fs::write(&blank, "\n  \n").unwrap();
+    fails(&[s(&good), s(&blank), "--out", &o], &out, "blank.jsonl: empty input (no JSON lines)");
+    let empty_dir = t.join("emptydir");
+    fs::create_dir(&empty_dir).unwrap();
+    fails(&[s(&empty_dir), "--out", &o], &out, "emptydir: empty input");
+
+    fails(&[s(&t.join("nope.txt")), "--out", &o], &out, "nope.txt: no such file or directory");
+    let unreadable = t.join("secret.txt");
+    fs::write(&unreadable, "text").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&unreadable, fs::Permissions::from_mode(0o000)).unwrap();
+    if fs::File::open(&unreadable).is_err() {
+        // Not root: permissions hold.
+        fails(&[s(&unreadable), "--out", &o], &out, "secret.txt: Permission denied");
+    }
+    let corrupt = t.join("c.jsonl.zst");
+    fs::write(&corrupt, b"this is not a zstd frame at all").unwrap();
+    fails(&[s(&corrupt), "--out", &o], &out, "c.jsonl.zst: corrupt or truncated zstd stream");
+    let long: String = (0..2000).map(|i| format!("{{\"text\": \"document {i}\"}}\n")).collect();
+    let full = zstd::encode_all(long.as_bytes(), 3).unwrap();
+    let truncated = t.join("t.jsonl.zst");
+    fs::write(&truncated, &full[..full.len() / 2]).unwrap();
+    fails(&[s(&truncated), "--out", &o], &out, "t.jsonl.zst: corrupt or truncated zstd stream");
+
+    // Too few documents for a val split, and nonsense arguments.
+    fails(&[s(&good), s(&good), "--out", &o, "--val-fraction", "0.01"], &out, "no documents fell in the val split");
+    fails(&[s(&good), "--out", &o, "--val-fraction", "1.5"], &out, "--val-fraction 1.5 is not in [0, 1)");
+}
+
+#[test]
+fn zero_val_fraction_writes_an_empty_val_split() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("in.jsonl");
+    fs::write(&input, "{\"text\": \"a\"}\n{\"text\": \"b c\"}\n").unwrap();
+    let out = tmp.path().join("out");
+    ok(&[s(&input), "--out", s(&out), "--val-fraction", "0"]);
+    assert_eq!(fs::read(out.join("val.bin")).unwrap().len(), 0);
+    assert_eq!(tokens(&out.join("train.bin"), 2), vec![64, EOT, 65, 269, EOT]);
+}

@@ -1,0 +1,212 @@
+#!/usr/bin/env python3
+"""Throughput of zerokit's `prepare` against OpenAI's tiktoken, and prepare's peak memory.
+
+Throughput: one JSONL corpus of documents of about 4 KB made of Shakespeare's paragraphs
+(data/tinyshakespeare.txt cycled to --corpus-mb), tokenized with GPT-2's encoding at each thread count by
+  - zerokit: the whole `prepare` run (start-up, reading, JSON parsing, tokenizing, writing),
+  - tiktoken: `encode_ordinary_batch(docs, num_threads=N)` on the documents already in memory,
+best of --repeat runs each, in one process so both see the same machine state. The token
+totals must agree (zerokit's minus its one EOT per document).
+
+Memory (--memory-gb G): a corpus of G GB of repeated text written to a temporary directory,
+tokenized once as JSONL documents and once as a single plain-text file (the two-pass character
+split); peak RSS from /usr/bin/time -v; the corpus is deleted afterwards.
+
+  .deps/py/bin/python tools/bench_prepare.py --bin target/release/prepare
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+from gen_tokenizer_fixtures import offline_cache  # noqa: E402
+
+
+def paragraphs():
+    with open(os.path.join(ROOT, "data", "tinyshakespeare.txt"), encoding="utf-8") as f:
+        return [p for p in f.read().split("\n\n") if p.strip()]
+
+
+def write_jsonl(path, target_bytes, doc_bytes=4096):
+    """Documents of consecutive paragraphs, at least doc_bytes each (OpenWebText's documents
+    average a few KB), cycling through the play until the file reaches target_bytes."""
+    paras = paragraphs()
+    docs, size, i = [], 0, 0
+    with open(path, "w", encoding="utf-8") as f:
+        while size < target_bytes:
+            parts, n = [], 0
+            while n < doc_bytes:
+                p = paras[i % len(paras)]
+                parts.append(p)
+                n += len(p) + 2
+                i += 1
+            doc = "\n\n".join(parts)
+            line = json.dumps({"text": doc}) + "\n"
+            f.write(line)
+            size += len(line.encode())
+            docs.append(doc)
+    return docs
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def run_prepare(binary, inputs, out, threads, extra=()):
+    cmd = [binary, *inputs, "--out", out, "--force", "--threads", str(threads), *extra]
+    t0 = time.perf_counter()
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    dt = time.perf_counter() - t0
+    if res.returncode != 0:
+        sys.exit(f"prepare failed: {' '.join(cmd)}\n{res.stderr}")
+    with open(os.path.join(out, "meta.json")) as f:
+        meta = json.load(f)
+    return dt, meta
+
+
+def throughput(args, tmp):
+    import tiktoken
+
+    enc = tiktoken.get_encoding("r50k_base")
+    corpus = os.path.join(tmp, "corpus.jsonl")
+    docs = write_jsonl(corpus, args.corpus_mb * 1_000_000)
+    text_bytes = sum(len(d.encode()) for d in docs)
+    file_bytes = os.path.getsize(corpus)
+    out = os.path.join(tmp, "out")
+    rows = []
+    for threads in args.threads:
+        best_zk, meta = None, None
+        for _ in range(args.repeat):
+            dt, meta = run_prepare(args.bin, [corpus], out, threads, ["--val-fraction", "0.0005"])
+            best_zk = dt if best_zk is None else min(best_zk, dt)
+        zk_tokens = meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"]
+        n_docs = meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"]
+        best_tt, tt_tokens = None, 0
+        for _ in range(args.repeat):
+            t0 = time.perf_counter()
+            ids = enc.encode_ordinary_batch(docs, num_threads=threads)
+            dt = time.perf_counter() - t0
+            best_tt = dt if best_tt is None else min(best_tt, dt)
+            tt_tokens = sum(len(x) for x in ids)
+            del ids
+        if n_docs != len(docs) or zk_tokens - n_docs != tt_tokens:
+            sys.exit(f"token counts differ: zerokit {zk_tokens} - {n_docs} EOT vs tiktoken {tt_tokens}")
+        rows.append({
+            "threads": threads,
+            "zerokit_s": best_zk, "tiktoken_s": best_tt,
+            "zerokit_MBps": text_bytes / best_zk / 1e6, "tiktoken_MBps": text_bytes / best_tt / 1e6,
+            "zerokit_Mtokps": tt_tokens / best_zk / 1e6, "tiktoken_Mtokps": tt_tokens / best_tt / 1e6,
+            "ratio": best_tt / best_zk,
+        })
+    print(f"\ncorpus: {len(docs)} documents, {text_bytes / 1e6:.1f} MB of text ({file_bytes / 1e6:.1f} MB JSONL), "
+          f"{tt_tokens} tokens; best of {args.repeat}")
+    print(f"machine: {cpu_name()}, {os.cpu_count()} logical CPUs; tiktoken {tiktoken.__version__}")
+    print("| threads | zerokit MB/s | zerokit M tok/s | tiktoken MB/s | tiktoken M tok/s | zerokit / tiktoken |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        print(f"| {r['threads']} | {r['zerokit_MBps']:.1f} | {r['zerokit_Mtokps']:.2f} | {r['tiktoken_MBps']:.1f} | "
+              f"{r['tiktoken_Mtokps']:.2f} | {r['ratio']:.2f}x |")
+    if len(rows) > 1:
+        base = rows[0]
+        for r in rows[1:]:
+            s_zk = r["zerokit_MBps"] / base["zerokit_MBps"]
+            s_tt = r["tiktoken_MBps"] / base["tiktoken_MBps"]
+            print(f"scaling {base['threads']} -> {r['threads']} threads: zerokit {s_zk:.2f}x, tiktoken {s_tt:.2f}x")
+    return {"docs": len(docs), "text_bytes": text_bytes, "tokens": tt_tokens, "rows": rows}
+
+
+def peak_rss_kb(cmd):
+    if not os.path.exists("/usr/bin/time"):
+        # The same figure from the kernel, through a fresh parent so that only this run counts.
+        wrapper = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True); "
+                   "sys.stderr.write(r.stderr.decode()); "
+                   "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)")
+        t0 = time.perf_counter()
+        res = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True)
+        if res.returncode != 0:
+            sys.exit(f"failed: {' '.join(cmd)}\n{res.stderr}")
+        return int(res.stdout.split()[-1]), f"{time.perf_counter() - t0:.1f} s"
+    res = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
+    if res.returncode != 0:
+        sys.exit(f"failed: {' '.join(cmd)}\n{res.stderr}")
+    m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", res.stderr)
+    w = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", res.stderr)
+    return int(m.group(1)), w.group(1)
+
+
+def memory(args, tmp):
+    target = int(args.memory_gb * 1e9)
+    results = []
+    # A small run gives the baseline the big ones are compared with.
+    small = os.path.join(ROOT, "data", "tinyshakespeare.txt")
+    rss, wall = peak_rss_kb([args.bin, small, "--out", os.path.join(tmp, "o0"), "--force", "--threads", str(args.threads[-1])])
+    results.append(("1.1 MB text file (baseline)", os.path.getsize(small), rss, wall))
+    jsonl = os.path.join(tmp, "big.jsonl")
+    write_jsonl(jsonl, target)
+    rss, wall = peak_rss_kb([args.bin, jsonl, "--out", os.path.join(tmp, "o1"), "--force", "--threads", str(args.threads[-1])])
+    results.append(("JSONL documents", os.path.getsize(jsonl), rss, wall))
+    os.remove(jsonl)
+    shutil.rmtree(os.path.join(tmp, "o1"))
+    text = os.path.join(tmp, "big.txt")
+    with open(os.path.join(ROOT, "data", "tinyshakespeare.txt"), "rb") as f:
+        block = f.read()
+    with open(text, "wb") as f:
+        size = 0
+        while size < target:
+            f.write(block)
+            size += len(block)
+    rss, wall = peak_rss_kb([args.bin, text, "--out", os.path.join(tmp, "o2"), "--force", "--threads", str(args.threads[-1])])
+    results.append(("one plain-text document (chars mode, 2 passes)", os.path.getsize(text), rss, wall))
+    os.remove(text)
+    how = "/usr/bin/time -v" if os.path.exists("/usr/bin/time") else "getrusage(RUSAGE_CHILDREN)"
+    print(f"\npeak RSS with {args.threads[-1]} threads ({how}):")
+    print("| input | size | peak RSS | wall |")
+    print("| --- | ---: | ---: | ---: |")
+    for name, size, rss, wall in results:
+        print(f"| {name} | {size / 1e9:.2f} GB | {rss / 1024:.0f} MiB | {wall} |")
+    return [{"input": n, "bytes": s, "peak_rss_kb": r, "wall": w} for n, s, r, w in results]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bin", default=os.path.join(ROOT, "target", "release", "prepare"))
+    ap.add_argument("--corpus-mb", type=int, default=64)
+    ap.add_argument("--threads", default=f"1,{os.cpu_count()}", help="comma-separated thread counts")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--memory-gb", type=float, default=0, help="also measure peak RSS on a corpus this big")
+    ap.add_argument("--tmp", default=None, help="where to write the generated corpora (default: system temp)")
+    ap.add_argument("--json", default=None, help="write the results here")
+    args = ap.parse_args()
+    args.threads = [int(t) for t in args.threads.split(",")]
+    offline_cache()
+    tmp = tempfile.mkdtemp(prefix="zerokit-bench-", dir=args.tmp)
+    try:
+        print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {args.bin}")
+        result = {"throughput": throughput(args, tmp)}
+        if args.memory_gb:
+            result["memory"] = memory(args, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
