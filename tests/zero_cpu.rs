@@ -32,8 +32,9 @@ fn dataset(dir: &Path) {
     }
 }
 
+/// A config file: the base keys below, each replaced by the same key in `extra` ("k = v" lines).
 fn config(dir: &Path, data: &Path, extra: &str) -> PathBuf {
-    let text = format!(
+    let base = format!(
         r#"dataset = "{}"
 out_dir = "{}"
 n_layer = 2
@@ -52,14 +53,17 @@ min_lr = 3e-4
 device = "cpu"
 dtype = "fp32"
 sample_tokens = 0
-comm_timeout = 60
-{extra}
-"#,
+comm_timeout = 60"#,
         data.display(),
         dir.join("out").display()
     );
+    let key = |l: &str| l.split('=').next().unwrap_or("").trim().to_string();
+    let extra: Vec<&str> = extra.lines().filter(|l| !l.trim().is_empty()).collect();
+    let mut lines: Vec<String> =
+        base.lines().filter(|b| !extra.iter().any(|e| key(e) == key(b))).map(String::from).collect();
+    lines.extend(extra.iter().map(|e| e.to_string()));
     let p = dir.join("config.toml");
-    std::fs::write(&p, text).unwrap();
+    std::fs::write(&p, lines.join("\n") + "\n").unwrap();
     p
 }
 
