@@ -38,7 +38,8 @@ def main():
                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     torch.manual_seed(0)
     dev = "cuda"
-    model = GPT2LMHeadModel(cfg, attn_implementation="sdpa").to(dev)
+    cfg._attn_implementation = "sdpa"
+    model = GPT2LMHeadModel(cfg).to(dev)
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]

@@ -36,7 +36,8 @@ def main():
     cfg = GPT2Config(n_layer=L, n_head=H, n_embd=C, n_positions=a.seq, vocab_size=50304,
                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(cfg, attn_implementation="sdpa").cuda()
+    cfg._attn_implementation = "sdpa"
+    model = GPT2LMHeadModel(cfg).cuda()
     n_params = sum(p.numel() for p in model.parameters())
     dtype = torch.float16 if a.dtype == "fp16" else torch.bfloat16
     groups = lambda m: [{"params": [p for p in m.parameters() if p.dim() >= 2], "weight_decay": 0.1},
