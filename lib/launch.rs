@@ -21,7 +21,8 @@ pub struct LaunchArgs {
     pub master_addr: String,
     #[arg(long, default_value_t = 29500)]
     pub master_port: u16,
-    /// GPUs to use on this node, e.g. 0,1,2,3 (sets CUDA_VISIBLE_DEVICES for the ranks).
+    /// GPUs to use on this node, e.g. 0,1,2,3: local rank i sees only the i-th of them
+    /// (default: GPU i, or the i-th of CUDA_VISIBLE_DEVICES).
     #[arg(long)]
     pub gpus: Option<String>,
 }
@@ -69,7 +70,13 @@ pub fn spawn_local_ranks(a: &LaunchArgs) -> Result<(), LaunchError> {
             .env("LOCAL_WORLD_SIZE", a.nproc_per_node.to_string())
             .env("MASTER_ADDR", &a.master_addr)
             .env("MASTER_PORT", a.master_port.to_string());
-        if let Some(g) = &a.gpus {
+        // Each rank sees one GPU, so device indices never mix inside a process.
+        let visible = a.gpus.clone().or_else(|| std::env::var("CUDA_VISIBLE_DEVICES").ok());
+        let gpu = match &visible {
+            Some(list) => list.split(',').map(str::trim).filter(|s| !s.is_empty()).nth(local).map(String::from),
+            None => Some(local.to_string()),
+        };
+        if let Some(g) = gpu {
             cmd.env("CUDA_VISIBLE_DEVICES", g);
         }
         match cmd.spawn() {

@@ -19,6 +19,7 @@ pub struct NcclComm {
     comm_done: cusys::CUevent,
     in_flight: Vec<Tensor>,
     device: usize,
+    ctx: cusys::CUcontext,
 }
 
 fn nccl_err(what: &str, e: nc::NcclError) -> CommError {
@@ -52,10 +53,11 @@ impl NcclComm {
         cu::init().map_err(|e| cuda_err("cuInit", e))?;
         let dev = cu::device::get(device as i32).map_err(|e| cuda_err("cuDeviceGet", e))?;
         // SAFETY: the primary context is the one libtorch's runtime calls use on this device.
-        unsafe {
+        let ctx = unsafe {
             let ctx = cu::primary_ctx::retain(dev).map_err(|e| cuda_err("cuDevicePrimaryCtxRetain", e))?;
             cu::ctx::set_current(ctx).map_err(|e| cuda_err("cuCtxSetCurrent", e))?;
-        }
+            ctx
+        };
         let (rank, world) = (ctl.rank(), ctl.world());
         let id_bytes = if rank == 0 {
             let id = nc::get_uniqueid().map_err(|e| nccl_err("ncclGetUniqueId", e))?;
@@ -80,7 +82,7 @@ impl NcclComm {
         let flags = cusys::CUevent_flags::CU_EVENT_DISABLE_TIMING;
         let compute_done = cu::event::create(flags).map_err(|e| cuda_err("cuEventCreate", e))?;
         let comm_done = cu::event::create(flags).map_err(|e| cuda_err("cuEventCreate", e))?;
-        Ok(NcclComm { ctl, comm, stream, compute_done, comm_done, in_flight: Vec::new(), device })
+        Ok(NcclComm { ctl, comm, stream, compute_done, comm_done, in_flight: Vec::new(), device, ctx })
     }
 
     fn check(&self, t: &Tensor) -> Result<(), CommError> {
@@ -173,8 +175,10 @@ impl Collectives for NcclComm {
     }
 
     fn wait_compute(&mut self) -> Result<(), CommError> {
-        // SAFETY: events and streams are live for the communicator's lifetime.
+        // SAFETY: events and streams are live for the communicator's lifetime; libtorch may have
+        // made another device's context current on this thread, so ours is made current first.
         unsafe {
+            cu::ctx::set_current(self.ctx).map_err(|e| cuda_err("cuCtxSetCurrent", e))?;
             cu::event::record(self.compute_done, cu::stream::null()).map_err(|e| cuda_err("cuEventRecord", e))?;
             cu::stream::wait_event(self.stream, self.compute_done, cusys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT)
                 .map_err(|e| cuda_err("cuStreamWaitEvent", e))
@@ -184,6 +188,7 @@ impl Collectives for NcclComm {
     fn wait_comm(&mut self) -> Result<(), CommError> {
         // SAFETY: as above.
         unsafe {
+            cu::ctx::set_current(self.ctx).map_err(|e| cuda_err("cuCtxSetCurrent", e))?;
             cu::event::record(self.comm_done, self.stream).map_err(|e| cuda_err("cuEventRecord", e))?;
             cu::stream::wait_event(cu::stream::null(), self.comm_done, cusys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT)
                 .map_err(|e| cuda_err("cuStreamWaitEvent", e))?;
