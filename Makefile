@@ -5,6 +5,10 @@ CARGO ?= cargo
 export LIBTORCH := $(CURDIR)/.deps/libtorch
 BIN := target/release
 
+# Ranks for `make train`: one per visible GPU (1 on CPU).
+NPROC ?= $(shell n=$$(nvidia-smi -L 2>/dev/null | wc -l); [ "$$n" -gt 0 ] && echo $$n || echo 1)
+CONFIG ?= configs/shakespeare.toml
+
 .PHONY: all setup build prepare train test pyenv
 all: build
 
@@ -18,7 +22,13 @@ build: setup
 prepare: build
 	$(BIN)/prepare data/tinyshakespeare.txt --out out/shakespeare --force
 
-test: setup
+# Train on the prepared data with the default configuration.
+train: build
+	$(BIN)/train $(CONFIG) --nproc-per-node $(NPROC)
+
+# The Python reference environment is part of the suite: interop tests load zerokit's output in
+# transformers.
+test: setup pyenv
 	$(CARGO) test --release
 
 # The Python reference environment for tools/ (fixture generators, peer benchmarks).

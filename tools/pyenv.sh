@@ -5,10 +5,12 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 py="$root/.deps/py"
-stamp="$py/.zerokit-ok"
+stamp="$py/.zerokit-ok-2"
 [ -f "$stamp" ] && exit 0
 python3 -m venv "$py"
 "$py/bin/pip" install -q --upgrade pip
 "$py/bin/pip" install -q torch==2.11.0 "transformers>=5,<6" safetensors "tiktoken==0.14.*" numpy
+# DeepSpeed for its fixtures and reference formulas; no CUDA ops are built (none are used).
+DS_BUILD_OPS=0 "$py/bin/pip" install -q deepspeed==0.19.8
 touch "$stamp"
 echo "pyenv: ready at $py"
