@@ -76,7 +76,7 @@ pub struct PrepareArgs {
     #[arg(long)]
     pub lossy: bool,
     /// Target size in bytes of the text chunks handed to threads (tests use small ones).
-    #[arg(long, default_value_t = 256 * 1024, hide = true)]
+    #[arg(long, default_value_t = 64 * 1024, hide = true)]
     pub chunk_bytes: usize,
 }
 
@@ -446,6 +446,10 @@ impl TokenWriter {
     }
 }
 
+/// Batch size in chunks per thread: memory in flight is about 3 batches (being read, queued,
+/// being tokenized) of `BATCH_CHUNKS_PER_THREAD * threads * chunk_bytes` text plus its tokens.
+const BATCH_CHUNKS_PER_THREAD: usize = 16;
+
 const BAR: &str = "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} ({bytes_per_sec}, {eta}) {msg}";
 
 /// Runs `prepare`. `command` is the command line recorded in meta.json.
@@ -487,7 +491,8 @@ pub fn prepare(args: &PrepareArgs, command: &[String]) -> Result<PrepareSummary,
     let (mut train_docs, mut val_docs) = (0u64, 0u64);
 
     let (tx, rx) = sync_channel::<Result<Vec<Work>, DataError>>(1);
-    let batch_bytes = args.chunk_bytes.saturating_mul(4 * threads);
+    // Many chunks per thread and batch keep threads busy to the end of each batch.
+    let batch_bytes = args.chunk_bytes.saturating_mul(BATCH_CHUNKS_PER_THREAD * threads);
     let records = std::thread::scope(|s| -> Result<Vec<InputRecord>, DataError> {
         let reader = s.spawn(|| {
             let mut reader = Reader { ctx: &ctx, mode, progress: progress.clone(), records: Vec::new() };
