@@ -134,9 +134,18 @@ pub(crate) fn splitmix64(x: u64) -> u64 {
 enum Work {
     /// A piece of one document's text; `eot` on the document's last piece; `count_doc` on one
     /// piece of each document (its last; in chars mode the first of each side).
-    Text { text: String, split: Split, eot: bool, count_doc: bool },
+    Text {
+        text: String,
+        split: Split,
+        eot: bool,
+        count_doc: bool,
+    },
     /// Consecutive JSONL lines of one file, in one buffer.
-    Lines { input: usize, buf: Vec<u8>, lines: Vec<Line> },
+    Lines {
+        input: usize,
+        buf: Vec<u8>,
+        lines: Vec<Line>,
+    },
 }
 
 struct Line {
@@ -174,7 +183,12 @@ impl Ctx<'_> {
     fn process(&self, work: Work) -> Result<Produced, DataError> {
         let mut out = Produced::default();
         match work {
-            Work::Text { text, split, eot, count_doc } => {
+            Work::Text {
+                text,
+                split,
+                eot,
+                count_doc,
+            } => {
                 let (tokens, docs) = match split {
                     Split::Train => (&mut out.train, &mut out.train_docs),
                     Split::Val => (&mut out.val, &mut out.val_docs),
@@ -188,21 +202,28 @@ impl Ctx<'_> {
             Work::Lines { input, buf, lines } => {
                 let path = &self.inputs[input].path;
                 for line in lines {
-                    let text = corpus::jsonl_document(&buf[line.range], &self.args.field, self.args.lossy)
-                        .map_err(|e| match e {
+                    let text = corpus::jsonl_document(&buf[line.range], &self.args.field, self.args.lossy).map_err(
+                        |e| match e {
                             LineError::Utf8(at) => DataError::InvalidUtf8 {
                                 path: path.clone(),
                                 offset: line.offset + at as u64,
                                 detail: format!(
                                     " (line {}{})",
                                     line.number,
-                                    if self.inputs[input].zstd { " of the decompressed stream" } else { "" }
+                                    if self.inputs[input].zstd {
+                                        " of the decompressed stream"
+                                    } else {
+                                        ""
+                                    }
                                 ),
                             },
-                            LineError::Other(message) => {
-                                DataError::Jsonl { path: path.clone(), line: line.number, message }
-                            }
-                        })?;
+                            LineError::Other(message) => DataError::Jsonl {
+                                path: path.clone(),
+                                line: line.number,
+                                message,
+                            },
+                        },
+                    )?;
                     let (tokens, docs) = if is_val(self.args.seed, line.doc, self.args.val_fraction) {
                         (&mut out.val, &mut out.val_docs)
                     } else {
@@ -301,13 +322,24 @@ impl Reader<'_> {
 
     fn chunker(&self, input: &Input) -> Result<TextChunker<'_>, DataError> {
         let stream = Stream::open(input, &self.progress)?;
-        Ok(TextChunker::new(stream, self.ctx.tokenizer, self.ctx.args.chunk_bytes, self.ctx.args.lossy))
+        Ok(TextChunker::new(
+            stream,
+            self.ctx.tokenizer,
+            self.ctx.args.chunk_bytes,
+            self.ctx.args.lossy,
+        ))
     }
 
     fn record(&mut self, stream: Stream) -> Result<(), DataError> {
         let input = stream.input.clone();
         let (bytes, sha256) = stream.finish()?;
-        self.records.push(InputRecord { path: input.path, format: input.format, zstd: input.zstd, bytes, sha256 });
+        self.records.push(InputRecord {
+            path: input.path,
+            format: input.format,
+            zstd: input.zstd,
+            bytes,
+            sha256,
+        });
         Ok(())
     }
 
@@ -335,7 +367,11 @@ impl Reader<'_> {
             } else if seen >= train_chars {
                 parts.push((text, Split::Val));
             } else {
-                let at = text.char_indices().nth((train_chars - seen) as usize).map(|(b, _)| b).unwrap_or(text.len());
+                let at = text
+                    .char_indices()
+                    .nth((train_chars - seen) as usize)
+                    .map(|(b, _)| b)
+                    .unwrap_or(text.len());
                 let (a, b) = text.split_at(at);
                 parts.push((a.to_string(), Split::Train));
                 parts.push((b.to_string(), Split::Val));
@@ -345,7 +381,12 @@ impl Reader<'_> {
                 // Count the one document on each side once, on its first piece.
                 let f = &mut first[split as usize];
                 let count_doc = std::mem::replace(f, false);
-                batcher.push(Work::Text { text, split, eot: false, count_doc })?;
+                batcher.push(Work::Text {
+                    text,
+                    split,
+                    eot: false,
+                    count_doc,
+                })?;
             }
         }
         // Both passes read the same bytes; finish() checks the file did not change between them.
@@ -355,7 +396,11 @@ impl Reader<'_> {
 
     fn read_text_document(&mut self, i: usize, doc: &mut u64, batcher: &mut Batcher) -> Result<(), ReadFail> {
         let input = self.ctx.inputs[i].clone();
-        let split = if is_val(self.ctx.args.seed, *doc, self.ctx.args.val_fraction) { Split::Val } else { Split::Train };
+        let split = if is_val(self.ctx.args.seed, *doc, self.ctx.args.val_fraction) {
+            Split::Val
+        } else {
+            Split::Train
+        };
         *doc += 1;
         let mut chunker = self.chunker(&input)?;
         // One chunk of look-ahead tells which piece is the document's last (it gets the EOT).
@@ -366,7 +411,12 @@ impl Reader<'_> {
         while let Some(text) = current {
             let next = chunker.next_chunk()?;
             let last = next.is_none();
-            batcher.push(Work::Text { text, split, eot: last, count_doc: last })?;
+            batcher.push(Work::Text {
+                text,
+                split,
+                eot: last,
+                count_doc: last,
+            })?;
             current = next;
         }
         self.record(chunker.into_stream())?;
@@ -388,15 +438,28 @@ impl Reader<'_> {
                 buf.truncate(start);
                 continue;
             }
-            batch_lines.push(Line { number: lines.line, offset: lines.line_offset, range: start..buf.len(), doc: *doc });
+            batch_lines.push(Line {
+                number: lines.line,
+                offset: lines.line_offset,
+                range: start..buf.len(),
+                doc: *doc,
+            });
             *doc += 1;
             if buf.len() >= self.ctx.args.chunk_bytes {
                 let lines = std::mem::take(&mut batch_lines);
-                batcher.push(Work::Lines { input: i, buf: std::mem::take(&mut buf), lines })?;
+                batcher.push(Work::Lines {
+                    input: i,
+                    buf: std::mem::take(&mut buf),
+                    lines,
+                })?;
             }
         }
         if !batch_lines.is_empty() {
-            batcher.push(Work::Lines { input: i, buf, lines: batch_lines })?;
+            batcher.push(Work::Lines {
+                input: i,
+                buf,
+                lines: batch_lines,
+            })?;
         }
         if *doc == first_doc {
             return Err(DataError::EmptyInput(input.path.clone(), "no JSON lines").into());
@@ -423,7 +486,14 @@ struct TokenWriter {
 impl TokenWriter {
     fn create(path: PathBuf, dtype: Dtype) -> Result<Self, DataError> {
         let file = File::create(&path).map_err(|e| DataError::io(&path, e))?;
-        Ok(TokenWriter { path, file: BufWriter::with_capacity(1 << 20, file), sha: Sha256::new(), tokens: 0, dtype, buf: Vec::new() })
+        Ok(TokenWriter {
+            path,
+            file: BufWriter::with_capacity(1 << 20, file),
+            sha: Sha256::new(),
+            tokens: 0,
+            dtype,
+            buf: Vec::new(),
+        })
     }
 
     fn write(&mut self, ids: &[u32]) -> Result<(), DataError> {
@@ -434,13 +504,18 @@ impl TokenWriter {
             Dtype::U32 => self.buf.extend(ids.iter().flat_map(|&id| id.to_le_bytes())),
         }
         self.sha.update(&self.buf);
-        self.file.write_all(&self.buf).map_err(|e| DataError::io(&self.path, e))?;
+        self.file
+            .write_all(&self.buf)
+            .map_err(|e| DataError::io(&self.path, e))?;
         self.tokens += ids.len() as u64;
         Ok(())
     }
 
     fn finish(self) -> Result<(u64, String), DataError> {
-        let file = self.file.into_inner().map_err(|e| DataError::io(&self.path, e.into_error()))?;
+        let file = self
+            .file
+            .into_inner()
+            .map_err(|e| DataError::io(&self.path, e.into_error()))?;
         file.sync_all().map_err(|e| DataError::io(&self.path, e))?;
         Ok((self.tokens, hex::encode(self.sha.finalize())))
     }
@@ -456,7 +531,10 @@ const BAR: &str = "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes
 pub fn prepare(args: &PrepareArgs, command: &[String]) -> Result<PrepareSummary, DataError> {
     let started = Instant::now();
     if !(0.0..1.0).contains(&args.val_fraction) {
-        return Err(DataError::Args(format!("--val-fraction {} is not in [0, 1)", args.val_fraction)));
+        return Err(DataError::Args(format!(
+            "--val-fraction {} is not in [0, 1)",
+            args.val_fraction
+        )));
     }
     if args.chunk_bytes == 0 || args.field.is_empty() {
         return Err(DataError::Args("--chunk-bytes and --field must not be empty".into()));
@@ -473,7 +551,11 @@ pub fn prepare(args: &PrepareArgs, command: &[String]) -> Result<PrepareSummary,
         .thread_name(|i| format!("prepare-{i}"))
         .build()
         .map_err(|e| DataError::Args(format!("cannot start {threads} threads: {e}")))?;
-    let mode = if inputs.len() == 1 && inputs[0].format == Format::Text { Mode::Chars } else { Mode::Documents };
+    let mode = if inputs.len() == 1 && inputs[0].format == Format::Text {
+        Mode::Chars
+    } else {
+        Mode::Documents
+    };
     let input_bytes: u64 = inputs.iter().map(|i| i.bytes).sum();
     let passes = if mode == Mode::Chars { 2 } else { 1 };
     tracing::info!(
@@ -487,7 +569,12 @@ pub fn prepare(args: &PrepareArgs, command: &[String]) -> Result<PrepareSummary,
     let dtype = args.encoding.dtype();
     let mut train = TokenWriter::create(dir.path().join("train.bin"), dtype)?;
     let mut val = TokenWriter::create(dir.path().join("val.bin"), dtype)?;
-    let ctx = Ctx { args, inputs: &inputs, tokenizer: &tokenizer, eot: args.encoding.eot() };
+    let ctx = Ctx {
+        args,
+        inputs: &inputs,
+        tokenizer: &tokenizer,
+        eot: args.encoding.eot(),
+    };
     let (mut train_docs, mut val_docs) = (0u64, 0u64);
 
     let (tx, rx) = sync_channel::<Result<Vec<Work>, DataError>>(1);
@@ -495,8 +582,18 @@ pub fn prepare(args: &PrepareArgs, command: &[String]) -> Result<PrepareSummary,
     let batch_bytes = args.chunk_bytes.saturating_mul(BATCH_CHUNKS_PER_THREAD * threads);
     let records = std::thread::scope(|s| -> Result<Vec<InputRecord>, DataError> {
         let reader = s.spawn(|| {
-            let mut reader = Reader { ctx: &ctx, mode, progress: progress.clone(), records: Vec::new() };
-            let mut batcher = Batcher { tx, work: Vec::new(), bytes: 0, limit: batch_bytes };
+            let mut reader = Reader {
+                ctx: &ctx,
+                mode,
+                progress: progress.clone(),
+                records: Vec::new(),
+            };
+            let mut batcher = Batcher {
+                tx,
+                work: Vec::new(),
+                bytes: 0,
+                limit: batch_bytes,
+            };
             match reader.run(&mut batcher) {
                 Ok(()) => {}
                 Err(ReadFail::Hangup) => {}
@@ -508,8 +605,20 @@ pub fn prepare(args: &PrepareArgs, command: &[String]) -> Result<PrepareSummary,
             }
             reader.records
         });
-        let consumed = consume(rx, &pool, &ctx, &progress, started, &mut train, &mut val, &mut train_docs, &mut val_docs);
-        let records = reader.join().map_err(|_| DataError::Split("the reader thread panicked".into()))?;
+        let consumed = consume(
+            rx,
+            &pool,
+            &ctx,
+            &progress,
+            started,
+            &mut train,
+            &mut val,
+            &mut train_docs,
+            &mut val_docs,
+        );
+        let records = reader
+            .join()
+            .map_err(|_| DataError::Split("the reader thread panicked".into()))?;
         consumed.map(|()| records)
     });
     // Cleared on failure too, so the error is not printed under a stale bar.
