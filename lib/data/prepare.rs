@@ -9,10 +9,10 @@
 //!   train or val by a hash of (seed, document number), as nanoGPT's data/openwebtext/prepare.py
 //!   appends EOT (its split itself comes from Hugging Face datasets and is not reproduced).
 //!
-//! One reader thread streams the inputs into chunks cut where tokenization is unaffected; a
-//! rayon pool tokenizes a batch of chunks while the reader fills the next; the main thread
-//! writes results in input order. The output is the same for any thread count and memory is
-//! bounded by the batches in flight, not by the corpus.
+//! One reader thread streams the inputs into chunks cut where tokenization is unaffected and
+//! hands each to a rayon pool as soon as it is read; the main thread writes results back in
+//! input order. The output is the same for any thread count, and memory is bounded by the
+//! pieces in flight (a fixed number per thread), not by the corpus.
 
 use super::corpus::{self, Format, Input, LineError, LineReader, Stream, TextChunker};
 use super::tokenize::{Encoding, Tokenizer};
@@ -20,13 +20,13 @@ use super::{DataError, Dtype};
 use crate::fsutil::{self, AtomicDir};
 use crate::logging;
 use indicatif::ProgressBar;
-use rayon::prelude::*;
 use serde_json::json;
 use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
 use std::time::Instant;
 
 /// Arguments of `prepare` (the binary parses exactly this).
@@ -155,15 +155,6 @@ struct Line {
     doc: u64,
 }
 
-impl Work {
-    fn bytes(&self) -> usize {
-        match self {
-            Work::Text { text, .. } => text.len(),
-            Work::Lines { buf, .. } => buf.len(),
-        }
-    }
-}
-
 #[derive(Default)]
 struct Produced {
     train: Vec<u32>,
@@ -248,33 +239,40 @@ struct InputRecord {
     sha256: String,
 }
 
-/// Collects work into batches of about `limit` bytes and hands them to the tokenizing side.
-struct Batcher {
-    tx: SyncSender<Result<Vec<Work>, DataError>>,
-    work: Vec<Work>,
-    bytes: usize,
-    limit: usize,
+type Numbered = (u64, Result<Produced, DataError>);
+
+/// Hands each piece of work to the pool as soon as it is read, numbered so the writer can put
+/// results back in input order. A piece takes a permit when dispatched and the writer returns
+/// it once the piece is written, so at most `IN_FLIGHT_PER_THREAD * threads` pieces exist at
+/// once: memory stays bounded however fast or slow either side is, and no thread waits for a
+/// batch to drain.
+struct Dispatcher<'a, 's> {
+    scope: &'a rayon::Scope<'s>,
+    ctx: &'s Ctx<'s>,
+    results: Sender<Numbered>,
+    permits: SyncSender<()>,
+    next: u64,
 }
 
-/// The consumer hung up (it failed); the reader just stops.
+/// The writer hung up (it failed); the reader just stops.
 struct Hangup;
 
-impl Batcher {
+impl<'s> Dispatcher<'_, 's> {
     fn push(&mut self, w: Work) -> Result<(), Hangup> {
-        self.bytes += w.bytes();
-        self.work.push(w);
-        if self.bytes >= self.limit {
-            self.flush()?;
-        }
+        self.permits.send(()).map_err(|_| Hangup)?;
+        let (seq, results, ctx) = (self.next, self.results.clone(), self.ctx);
+        self.next += 1;
+        self.scope.spawn(move |_| {
+            let _ = results.send((seq, ctx.process(w)));
+        });
         Ok(())
     }
 
-    fn flush(&mut self) -> Result<(), Hangup> {
-        if self.work.is_empty() {
-            return Ok(());
-        }
-        self.bytes = 0;
-        self.tx.send(Ok(std::mem::take(&mut self.work))).map_err(|_| Hangup)
+    /// A reading error, numbered after the work before it: the first problem in input order is
+    /// the one reported.
+    fn fail(&mut self, e: DataError) {
+        let _ = self.results.send((self.next, Err(e)));
+        self.next += 1;
     }
 }
 
@@ -303,20 +301,19 @@ struct Reader<'a> {
 }
 
 impl Reader<'_> {
-    fn run(&mut self, batcher: &mut Batcher) -> Result<(), ReadFail> {
+    fn run(&mut self, out: &mut Dispatcher) -> Result<(), ReadFail> {
         match self.mode {
-            Mode::Chars => self.read_chars(batcher)?,
+            Mode::Chars => self.read_chars(out)?,
             Mode::Documents => {
                 let mut doc = 0u64;
                 for i in 0..self.ctx.inputs.len() {
                     match self.ctx.inputs[i].format {
-                        Format::Text => self.read_text_document(i, &mut doc, batcher)?,
-                        Format::Jsonl => self.read_jsonl(i, &mut doc, batcher)?,
+                        Format::Text => self.read_text_document(i, &mut doc, out)?,
+                        Format::Jsonl => self.read_jsonl(i, &mut doc, out)?,
                     }
                 }
             }
         }
-        batcher.flush()?;
         Ok(())
     }
 
@@ -345,7 +342,7 @@ impl Reader<'_> {
 
     /// nanoGPT's shakespeare split: `n` characters, the first `floor(n * (1 - f))` to train.
     /// A first pass counts characters (and validates the text before anything is tokenized).
-    fn read_chars(&mut self, batcher: &mut Batcher) -> Result<(), ReadFail> {
+    fn read_chars(&mut self, out: &mut Dispatcher) -> Result<(), ReadFail> {
         let input = self.ctx.inputs[0].clone();
         self.progress.set_message("counting characters");
         let mut chunker = self.chunker(&input)?;
@@ -381,7 +378,7 @@ impl Reader<'_> {
                 // Count the one document on each side once, on its first piece.
                 let f = &mut first[split as usize];
                 let count_doc = std::mem::replace(f, false);
-                batcher.push(Work::Text {
+                out.push(Work::Text {
                     text,
                     split,
                     eot: false,
@@ -394,7 +391,7 @@ impl Reader<'_> {
         Ok(())
     }
 
-    fn read_text_document(&mut self, i: usize, doc: &mut u64, batcher: &mut Batcher) -> Result<(), ReadFail> {
+    fn read_text_document(&mut self, i: usize, doc: &mut u64, out: &mut Dispatcher) -> Result<(), ReadFail> {
         let input = self.ctx.inputs[i].clone();
         let split = if is_val(self.ctx.args.seed, *doc, self.ctx.args.val_fraction) {
             Split::Val
@@ -411,7 +408,7 @@ impl Reader<'_> {
         while let Some(text) = current {
             let next = chunker.next_chunk()?;
             let last = next.is_none();
-            batcher.push(Work::Text {
+            out.push(Work::Text {
                 text,
                 split,
                 eot: last,
@@ -423,11 +420,11 @@ impl Reader<'_> {
         Ok(())
     }
 
-    fn read_jsonl(&mut self, i: usize, doc: &mut u64, batcher: &mut Batcher) -> Result<(), ReadFail> {
+    fn read_jsonl(&mut self, i: usize, doc: &mut u64, out: &mut Dispatcher) -> Result<(), ReadFail> {
         let input = self.ctx.inputs[i].clone();
         let mut lines = LineReader::new(Stream::open(&input, &self.progress)?);
         let mut buf = Vec::new();
-        let mut batch_lines = Vec::new();
+        let mut piece_lines = Vec::new();
         let first_doc = *doc;
         loop {
             let start = buf.len();
@@ -438,7 +435,7 @@ impl Reader<'_> {
                 buf.truncate(start);
                 continue;
             }
-            batch_lines.push(Line {
+            piece_lines.push(Line {
                 number: lines.line,
                 offset: lines.line_offset,
                 range: start..buf.len(),
@@ -446,19 +443,19 @@ impl Reader<'_> {
             });
             *doc += 1;
             if buf.len() >= self.ctx.args.chunk_bytes {
-                let lines = std::mem::take(&mut batch_lines);
-                batcher.push(Work::Lines {
+                let lines = std::mem::take(&mut piece_lines);
+                out.push(Work::Lines {
                     input: i,
                     buf: std::mem::take(&mut buf),
                     lines,
                 })?;
             }
         }
-        if !batch_lines.is_empty() {
-            batcher.push(Work::Lines {
+        if !piece_lines.is_empty() {
+            out.push(Work::Lines {
                 input: i,
                 buf,
-                lines: batch_lines,
+                lines: piece_lines,
             })?;
         }
         if *doc == first_doc {
@@ -521,11 +518,12 @@ impl TokenWriter {
     }
 }
 
-/// Batch size in chunks per thread: memory in flight is about 3 batches (being read, queued,
-/// being tokenized) of `BATCH_CHUNKS_PER_THREAD * threads * chunk_bytes` text plus its tokens.
-const BATCH_CHUNKS_PER_THREAD: usize = 16;
+/// Pieces of work (each about `--chunk-bytes` of text) allowed between reading and writing, per
+/// thread: enough that no thread starves while the writer waits for a slow piece.
+const IN_FLIGHT_PER_THREAD: usize = 8;
 
-const BAR: &str = "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} ({bytes_per_sec}, {eta}) {msg}";
+const BAR: &str =
+    "{spinner} [{elapsed_precise}] {wide_bar} {decimal_bytes}/{decimal_total_bytes} ({decimal_bytes_per_sec}, {eta}) {msg}";
 
 /// Runs `prepare`. `command` is the command line recorded in meta.json.
 pub fn prepare(args: &PrepareArgs, command: &[String]) -> Result<PrepareSummary, DataError> {
@@ -577,9 +575,8 @@ pub fn prepare(args: &PrepareArgs, command: &[String]) -> Result<PrepareSummary,
     };
     let (mut train_docs, mut val_docs) = (0u64, 0u64);
 
-    let (tx, rx) = sync_channel::<Result<Vec<Work>, DataError>>(1);
-    // Many chunks per thread and batch keep threads busy to the end of each batch.
-    let batch_bytes = args.chunk_bytes.saturating_mul(BATCH_CHUNKS_PER_THREAD * threads);
+    let (results_tx, results_rx) = channel::<Numbered>();
+    let (permits_tx, permits_rx) = sync_channel::<()>(IN_FLIGHT_PER_THREAD * threads);
     let records = std::thread::scope(|s| -> Result<Vec<InputRecord>, DataError> {
         let reader = s.spawn(|| {
             let mut reader = Reader {
@@ -588,27 +585,26 @@ pub fn prepare(args: &PrepareArgs, command: &[String]) -> Result<PrepareSummary,
                 progress: progress.clone(),
                 records: Vec::new(),
             };
-            let mut batcher = Batcher {
-                tx,
-                work: Vec::new(),
-                bytes: 0,
-                limit: batch_bytes,
-            };
-            match reader.run(&mut batcher) {
-                Ok(()) => {}
-                Err(ReadFail::Hangup) => {}
-                Err(ReadFail::Error(e)) => {
-                    // After the batches before it, so the first problem in input order is reported.
-                    let _ = batcher.flush();
-                    let _ = batcher.tx.send(Err(e));
+            // The scope runs this closure on the reader thread and waits for every piece it
+            // spawned onto the pool.
+            let dispatched = pool.in_place_scope(|scope| {
+                let mut out = Dispatcher {
+                    scope,
+                    ctx: &ctx,
+                    results: results_tx,
+                    permits: permits_tx,
+                    next: 0,
+                };
+                if let Err(ReadFail::Error(e)) = reader.run(&mut out) {
+                    out.fail(e);
                 }
-            }
-            reader.records
+                out.next
+            });
+            (reader.records, dispatched)
         });
-        let consumed = consume(
-            rx,
-            &pool,
-            &ctx,
+        let written = write_in_order(
+            results_rx,
+            permits_rx,
             &progress,
             started,
             &mut train,
@@ -616,10 +612,16 @@ pub fn prepare(args: &PrepareArgs, command: &[String]) -> Result<PrepareSummary,
             &mut train_docs,
             &mut val_docs,
         );
-        let records = reader
+        let (records, dispatched) = reader
             .join()
-            .map_err(|_| DataError::Split("the reader thread panicked".into()))?;
-        consumed.map(|()| records)
+            .map_err(|_| DataError::Split("a tokenizing thread panicked".into()))?;
+        let written = written?;
+        if written != dispatched {
+            return Err(DataError::Split(format!(
+                "{written} of {dispatched} pieces were written"
+            )));
+        }
+        Ok(records)
     });
     // Cleared on failure too, so the error is not printed under a stale bar.
     progress.finish_and_clear();
@@ -686,38 +688,42 @@ pub fn prepare(args: &PrepareArgs, command: &[String]) -> Result<PrepareSummary,
     Ok(summary)
 }
 
+/// Writes results in input order as they arrive; returns how many pieces were written.
+/// Returning (an error included) drops both receivers, which stops the reader at its next piece.
 #[allow(clippy::too_many_arguments)]
-fn consume(
-    rx: Receiver<Result<Vec<Work>, DataError>>,
-    pool: &rayon::ThreadPool,
-    ctx: &Ctx,
+fn write_in_order(
+    results: Receiver<Numbered>,
+    permits: Receiver<()>,
     progress: &ProgressBar,
     started: Instant,
     train: &mut TokenWriter,
     val: &mut TokenWriter,
     train_docs: &mut u64,
     val_docs: &mut u64,
-) -> Result<(), DataError> {
-    // Returning drops `rx`, which stops the reader at its next batch.
-    for batch in rx {
-        let batch = batch?;
-        let results: Vec<Result<Produced, DataError>> =
-            pool.install(|| batch.into_par_iter().map(|w| ctx.process(w)).collect());
-        for r in results {
-            let p = r?;
+) -> Result<u64, DataError> {
+    let mut early = BTreeMap::new();
+    let mut next = 0u64;
+    for (seq, result) in results {
+        early.insert(seq, result);
+        while let Some(result) = early.remove(&next) {
+            let p = result?;
             train.write(&p.train)?;
             val.write(&p.val)?;
             *train_docs += p.train_docs;
             *val_docs += p.val_docs;
+            next += 1;
+            let _ = permits.recv();
+            if next % 64 == 0 {
+                let tokens = train.tokens + val.tokens;
+                progress.set_message(format!(
+                    "{:.2} M tokens, {:.2} M tokens/s",
+                    tokens as f64 / 1e6,
+                    tokens as f64 / started.elapsed().as_secs_f64().max(1e-9) / 1e6
+                ));
+            }
         }
-        let tokens = train.tokens + val.tokens;
-        progress.set_message(format!(
-            "{:.2} M tokens, {:.2} M tokens/s",
-            tokens as f64 / 1e6,
-            tokens as f64 / started.elapsed().as_secs_f64().max(1e-9) / 1e6
-        ));
     }
-    Ok(())
+    Ok(next)
 }
 
 fn check_splits(
