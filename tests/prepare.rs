@@ -20,12 +20,19 @@ fn fixture(name: &str) -> Value {
 }
 
 fn prepare(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_prepare")).args(args).output().expect("prepare runs")
+    Command::new(env!("CARGO_BIN_EXE_prepare"))
+        .args(args)
+        .output()
+        .expect("prepare runs")
 }
 
 fn ok(args: &[&str]) {
     let out = prepare(args);
-    assert!(out.status.success(), "prepare {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "prepare {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Runs a failing case: non-zero exit, `needle` in the message, no output directory and no
@@ -52,7 +59,13 @@ fn tokens(path: &Path, width: usize) -> Vec<u32> {
     assert_eq!(bytes.len() % width, 0);
     bytes
         .chunks_exact(width)
-        .map(|c| if width == 2 { u16::from_le_bytes([c[0], c[1]]) as u32 } else { u32::from_le_bytes(c.try_into().unwrap()) })
+        .map(|c| {
+            if width == 2 {
+                u16::from_le_bytes([c[0], c[1]]) as u32
+            } else {
+                u32::from_le_bytes(c.try_into().unwrap())
+            }
+        })
         .collect()
 }
 
@@ -71,11 +84,20 @@ fn token_ids_match_tiktoken_on_tricky_strings() {
         let tok = Tokenizer::new(encoding).unwrap();
         for case in cases["cases"].as_array().unwrap() {
             let text = case["text"].as_str().unwrap();
-            let want: Vec<u32> =
-                case["ids"][key].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+            let want: Vec<u32> = case["ids"][key]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect();
             let got = tok.encode_ordinary(text);
             assert_eq!(got, want, "{key} case {}", case["name"]);
-            assert_eq!(tok.decode_bytes(&got).unwrap(), text.as_bytes(), "{key} round trip {}", case["name"]);
+            assert_eq!(
+                tok.decode_bytes(&got).unwrap(),
+                text.as_bytes(),
+                "{key} round trip {}",
+                case["name"]
+            );
         }
     }
 }
@@ -104,7 +126,10 @@ fn shakespeare_is_byte_identical_to_nanogpt() {
     let tmp = tempfile::tempdir().unwrap();
     let input = root().join("data/tinyshakespeare.txt");
     // Default settings, then one thread with tiny chunks: both must give nanoGPT's bytes.
-    for (name, extra) in [("default", vec![]), ("one-thread", vec!["--threads", "1", "--chunk-bytes", "3000"])] {
+    for (name, extra) in [
+        ("default", vec![]),
+        ("one-thread", vec!["--threads", "1", "--chunk-bytes", "3000"]),
+    ] {
         let out = tmp.path().join(name);
         let mut args = vec![s(&input), "--out", s(&out)];
         args.extend(extra);
@@ -153,7 +178,11 @@ fn mixed_corpus(dir: &Path) -> Vec<String> {
     }
     fs::write(dir.join("b/c.jsonl"), jsonl).unwrap();
     let d = paras[140..400].join("\n\n") + " \u{1f980} caf\u{e9} \u{4e2d}\u{6587}\n";
-    fs::write(dir.join("b/nested/d.txt.zst"), zstd::encode_all(d.as_bytes(), 3).unwrap()).unwrap();
+    fs::write(
+        dir.join("b/nested/d.txt.zst"),
+        zstd::encode_all(d.as_bytes(), 3).unwrap(),
+    )
+    .unwrap();
     docs.push(d);
     let mut jsonl = String::new();
     for p in &paras[400..700] {
@@ -161,7 +190,11 @@ fn mixed_corpus(dir: &Path) -> Vec<String> {
         jsonl.push('\n');
         docs.push(p.to_string());
     }
-    fs::write(dir.join("b/nested/e.jsonl.zst"), zstd::encode_all(jsonl.as_bytes(), 3).unwrap()).unwrap();
+    fs::write(
+        dir.join("b/nested/e.jsonl.zst"),
+        zstd::encode_all(jsonl.as_bytes(), 3).unwrap(),
+    )
+    .unwrap();
     let z = paras[700..].join("\n\n");
     fs::write(dir.join("z.txt"), &z).unwrap();
     docs.push(z);
@@ -177,17 +210,47 @@ fn documents_mode_layout_and_thread_determinism() {
     let mut outputs = Vec::new();
     for (threads, chunk) in [("1", "262144"), ("1", "700"), ("2", "5000"), ("8", "300")] {
         let out = tmp.path().join(format!("out-{threads}-{chunk}"));
-        ok(&[s(&corpus), "--out", s(&out), "--threads", threads, "--chunk-bytes", chunk, "--val-fraction", "0.2"]);
-        outputs.push((fs::read(out.join("train.bin")).unwrap(), fs::read(out.join("val.bin")).unwrap(), out));
+        ok(&[
+            s(&corpus),
+            "--out",
+            s(&out),
+            "--threads",
+            threads,
+            "--chunk-bytes",
+            chunk,
+            "--val-fraction",
+            "0.2",
+        ]);
+        outputs.push((
+            fs::read(out.join("train.bin")).unwrap(),
+            fs::read(out.join("val.bin")).unwrap(),
+            out,
+        ));
     }
     for o in &outputs[1..] {
-        assert!(o.0 == outputs[0].0 && o.1 == outputs[0].1, "{} differs from {}", o.2.display(), outputs[0].2.display());
+        assert!(
+            o.0 == outputs[0].0 && o.1 == outputs[0].1,
+            "{} differs from {}",
+            o.2.display(),
+            outputs[0].2.display()
+        );
     }
     let out = &outputs[0].2;
     let m = meta(out);
     assert_eq!(m["mode"], "documents");
-    let names: Vec<String> = m["inputs"].as_array().unwrap().iter().map(|i| i["path"].as_str().unwrap().to_string()).collect();
-    let expect = ["a.txt", "b/c.jsonl", "b/nested/d.txt.zst", "b/nested/e.jsonl.zst", "z.txt"];
+    let names: Vec<String> = m["inputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["path"].as_str().unwrap().to_string())
+        .collect();
+    let expect = [
+        "a.txt",
+        "b/c.jsonl",
+        "b/nested/d.txt.zst",
+        "b/nested/e.jsonl.zst",
+        "z.txt",
+    ];
     assert_eq!(names.len(), expect.len(), "{names:?}");
     for (n, e) in names.iter().zip(expect) {
         assert!(n.ends_with(e), "{names:?}");
@@ -218,7 +281,12 @@ fn documents_mode_layout_and_thread_determinism() {
             vi += 1;
         }
     }
-    assert!(val.len() > 20 && train.len() > 300, "train {} val {}", train.len(), val.len());
+    assert!(
+        val.len() > 20 && train.len() > 300,
+        "train {} val {}",
+        train.len(),
+        val.len()
+    );
 
     // Another seed, another assignment.
     let other = tmp.path().join("seed");
@@ -230,10 +298,19 @@ fn documents_mode_layout_and_thread_determinism() {
 fn wide_encodings_write_uint32_and_say_so() {
     let tmp = tempfile::tempdir().unwrap();
     let input = tmp.path().join("in.txt");
-    let text = "Token ids above 65535 need four bytes: \u{4e2d}\u{6587}, emoji \u{1f980}, and plain English text. ".repeat(40);
+    let text =
+        "Token ids above 65535 need four bytes: \u{4e2d}\u{6587}, emoji \u{1f980}, and plain English text. ".repeat(40);
     fs::write(&input, &text).unwrap();
     let out = tmp.path().join("out");
-    ok(&[s(&input), "--out", s(&out), "--encoding", "o200k_base", "--chunk-bytes", "500"]);
+    ok(&[
+        s(&input),
+        "--out",
+        s(&out),
+        "--encoding",
+        "o200k_base",
+        "--chunk-bytes",
+        "500",
+    ]);
     let m = meta(&out);
     assert_eq!(m["dtype"], "uint32");
     assert_eq!(m["encoding"], "o200k_base");
@@ -284,39 +361,71 @@ fn bad_inputs_fail_cleanly() {
 
     let zbad = t.join("bad.txt.zst");
     fs::write(&zbad, zstd::encode_all(&bytes[..], 3).unwrap()).unwrap();
-    fails(&[s(&zbad), "--out", &o], &out, "bad.txt.zst: invalid UTF-8 at byte offset 17 of the decompressed stream");
+    fails(
+        &[s(&zbad), "--out", &o],
+        &out,
+        "bad.txt.zst: invalid UTF-8 at byte offset 17 of the decompressed stream",
+    );
 
     let jsonl_utf8 = t.join("u.jsonl");
     let mut j = b"{\"text\": \"ok\"}\n{\"text\": \"bad ".to_vec();
     j.extend([0xc3, 0x28]);
     j.extend(b"\"}\n");
     fs::write(&jsonl_utf8, &j).unwrap();
-    fails(&[s(&jsonl_utf8), "--out", &o], &out, "u.jsonl: invalid UTF-8 at byte offset 29 (line 2)");
+    fails(
+        &[s(&jsonl_utf8), "--out", &o],
+        &out,
+        "u.jsonl: invalid UTF-8 at byte offset 29 (line 2)",
+    );
 
     let malformed = t.join("m.jsonl");
-    fs::write(&malformed, "{\"text\": \"one\"}\n\n{\"text\": \"two\"\n{\"text\": \"three\"}\n").unwrap();
-    fails(&[s(&good), s(&malformed), "--out", &o], &out, "m.jsonl:3: malformed JSON line");
+    fs::write(
+        &malformed,
+        "{\"text\": \"one\"}\n\n{\"text\": \"two\"\n{\"text\": \"three\"}\n",
+    )
+    .unwrap();
+    fails(
+        &[s(&good), s(&malformed), "--out", &o],
+        &out,
+        "m.jsonl:3: malformed JSON line",
+    );
 
     let missing = t.join("f.jsonl");
     fs::write(&missing, "{\"text\": \"one\"}\n{\"body\": \"two\"}\n").unwrap();
     fails(&[s(&missing), "--out", &o], &out, "f.jsonl:2: missing field \"text\"");
-    let msg = fails(&[s(&missing), "--out", &o, "--field", "body"], &out, "f.jsonl:1: missing field \"body\"");
+    let msg = fails(
+        &[s(&missing), "--out", &o, "--field", "body"],
+        &out,
+        "f.jsonl:1: missing field \"body\"",
+    );
     assert!(msg.contains("--field"), "{msg}");
     let not_string = t.join("n.jsonl");
     fs::write(&not_string, "{\"text\": 5}\n").unwrap();
-    fails(&[s(&not_string), "--out", &o], &out, "n.jsonl:1: field \"text\" is a number");
+    fails(
+        &[s(&not_string), "--out", &o],
+        &out,
+        "n.jsonl:1: field \"text\" is a number",
+    );
 
     let empty = t.join("empty.txt");
     fs::write(&empty, "").unwrap();
     fails(&[s(&good), s(&empty), "--out", &o], &out, "empty.txt: empty input");
     let blank = t.join("blank.jsonl");
     fs::write(&blank, "\n  \n").unwrap();
-    fails(&[s(&good), s(&blank), "--out", &o], &out, "blank.jsonl: empty input (no JSON lines)");
+    fails(
+        &[s(&good), s(&blank), "--out", &o],
+        &out,
+        "blank.jsonl: empty input (no JSON lines)",
+    );
     let empty_dir = t.join("emptydir");
     fs::create_dir(&empty_dir).unwrap();
     fails(&[s(&empty_dir), "--out", &o], &out, "emptydir: empty input");
 
-    fails(&[s(&t.join("nope.txt")), "--out", &o], &out, "nope.txt: no such file or directory");
+    fails(
+        &[s(&t.join("nope.txt")), "--out", &o],
+        &out,
+        "nope.txt: no such file or directory",
+    );
     let unreadable = t.join("secret.txt");
     fs::write(&unreadable, "text").unwrap();
     use std::os::unix::fs::PermissionsExt;
@@ -327,16 +436,32 @@ fn bad_inputs_fail_cleanly() {
     }
     let corrupt = t.join("c.jsonl.zst");
     fs::write(&corrupt, b"this is not a zstd frame at all").unwrap();
-    fails(&[s(&corrupt), "--out", &o], &out, "c.jsonl.zst: corrupt or truncated zstd stream");
+    fails(
+        &[s(&corrupt), "--out", &o],
+        &out,
+        "c.jsonl.zst: corrupt or truncated zstd stream",
+    );
     let long: String = (0..2000).map(|i| format!("{{\"text\": \"document {i}\"}}\n")).collect();
     let full = zstd::encode_all(long.as_bytes(), 3).unwrap();
     let truncated = t.join("t.jsonl.zst");
     fs::write(&truncated, &full[..full.len() / 2]).unwrap();
-    fails(&[s(&truncated), "--out", &o], &out, "t.jsonl.zst: corrupt or truncated zstd stream");
+    fails(
+        &[s(&truncated), "--out", &o],
+        &out,
+        "t.jsonl.zst: corrupt or truncated zstd stream",
+    );
 
     // Too few documents for a val split, and nonsense arguments.
-    fails(&[s(&good), s(&good), "--out", &o, "--val-fraction", "0.01"], &out, "no documents fell in the val split");
-    fails(&[s(&good), "--out", &o, "--val-fraction", "1.5"], &out, "--val-fraction 1.5 is not in [0, 1)");
+    fails(
+        &[s(&good), s(&good), "--out", &o, "--val-fraction", "0.01"],
+        &out,
+        "no documents fell in the val split",
+    );
+    fails(
+        &[s(&good), "--out", &o, "--val-fraction", "1.5"],
+        &out,
+        "--val-fraction 1.5 is not in [0, 1)",
+    );
 }
 
 #[test]

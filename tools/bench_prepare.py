@@ -16,6 +16,7 @@ split); peak RSS from /usr/bin/time -v; the corpus is deleted afterwards.
 """
 import argparse
 import datetime
+import glob
 import json
 import os
 import platform
@@ -93,7 +94,7 @@ def throughput(args, tmp):
     for threads in args.threads:
         best_zk, meta = None, None
         for _ in range(args.repeat):
-            dt, meta = run_prepare(args.bin, [corpus], out, threads, ["--val-fraction", "0.0005"])
+            dt, meta = run_prepare(args.bin, [corpus], out, threads, ["--val-fraction", "0.01"])
             best_zk = dt if best_zk is None else min(best_zk, dt)
         zk_tokens = meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"]
         n_docs = meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"]
@@ -183,6 +184,35 @@ def memory(args, tmp):
     return [{"input": n, "bytes": s, "peak_rss_kb": r, "wall": w} for n, s, r, w in results]
 
 
+RANK_SHA256 = {
+    "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930": "r50k_base",
+    "94b5ca7dff4d00767bc256fdd1b27e5b17361d7b8a5f968547f9f23eb70d2069": "p50k_base",
+}
+
+
+def ranks_from_binary(binary, out_dir):
+    """Machines without the cargo registry (the GPU machines) still have the rank files: the
+    prepare binary embeds them verbatim. Found by their first line, kept only if the sha256
+    matches tiktoken's pin for the file."""
+    with open(binary, "rb") as f:
+        data = f.read()
+    import hashlib
+    found, i = set(), data.find(b"IQ== 0\n")
+    while i >= 0:
+        for last in (b" 50255\n", b" 50280\n"):
+            j = data.find(last, i)
+            if j > 0:
+                blob = data[i:j + len(last)]
+                name = RANK_SHA256.get(hashlib.sha256(blob).hexdigest())
+                if name:
+                    with open(os.path.join(out_dir, name + ".tiktoken"), "wb") as f:
+                        f.write(blob)
+                    found.add(name)
+        i = data.find(b"IQ== 0\n", i + 1)
+    if found != set(RANK_SHA256.values()):
+        sys.exit(f"rank files not found in {binary} (found {sorted(found)})")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bin", default=os.path.join(ROOT, "target", "release", "prepare"))
@@ -194,9 +224,14 @@ def main():
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
     args.threads = [int(t) for t in args.threads.split(",")]
-    offline_cache()
     tmp = tempfile.mkdtemp(prefix="zerokit-bench-", dir=args.tmp)
     try:
+        registry = glob.glob(os.path.expanduser("~/.cargo/registry/src/*/tiktoken-rs-0.12.*/assets"))
+        if not registry and not os.environ.get("ZEROKIT_TIKTOKEN_ASSETS"):
+            os.environ["ZEROKIT_TIKTOKEN_ASSETS"] = os.path.join(tmp, "assets")
+            os.makedirs(os.environ["ZEROKIT_TIKTOKEN_ASSETS"])
+            ranks_from_binary(args.bin, os.environ["ZEROKIT_TIKTOKEN_ASSETS"])
+        offline_cache()
         print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {args.bin}")
         result = {"throughput": throughput(args, tmp)}
         if args.memory_gb:

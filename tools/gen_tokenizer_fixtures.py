@@ -10,11 +10,13 @@ Run with the reference environment:  .deps/py/bin/python tools/gen_tokenizer_fix
 Works offline: the rank files are copied from tiktoken-rs's bundled assets (the same bytes
 OpenAI publishes) into a private tiktoken cache.
 """
+import atexit
 import glob
 import hashlib
 import json
 import os
 import random
+import shutil
 import sys
 import tempfile
 
@@ -34,6 +36,7 @@ def offline_cache():
     if not assets:
         sys.exit("tiktoken-rs 0.12 sources not found under ~/.cargo/registry (run `cargo fetch`)")
     cache = tempfile.mkdtemp(prefix="tiktoken-cache-")
+    atexit.register(shutil.rmtree, cache, True)
     for name in ("r50k_base", "p50k_base"):
         key = hashlib.sha1(BLOB.format(name).encode()).hexdigest()
         with open(os.path.join(assets[-1], name + ".tiktoken"), "rb") as src:

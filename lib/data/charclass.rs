@@ -27,9 +27,7 @@ pub struct ClassTable {
 fn ranges(pattern: &str) -> Vec<(u32, u32)> {
     let hir = regex_syntax::parse(pattern).expect("static Unicode class pattern parses");
     match hir.kind() {
-        HirKind::Class(HirClass::Unicode(c)) => {
-            c.ranges().iter().map(|r| (r.start() as u32, r.end() as u32)).collect()
-        }
+        HirKind::Class(HirClass::Unicode(c)) => c.ranges().iter().map(|r| (r.start() as u32, r.end() as u32)).collect(),
         _ => unreachable!("{pattern} is a single Unicode class"),
     }
 }
@@ -38,7 +36,11 @@ impl ClassTable {
     fn build() -> Self {
         let mut flat = vec![Class::Other; char::MAX as usize + 1];
         // The three classes are disjoint in Unicode; later writes could not overwrite earlier ones.
-        for (pattern, class) in [(r"\p{L}", Class::Letter), (r"\p{N}", Class::Number), (r"\s", Class::Space)] {
+        for (pattern, class) in [
+            (r"\p{L}", Class::Letter),
+            (r"\p{N}", Class::Number),
+            (r"\s", Class::Space),
+        ] {
             for (lo, hi) in ranges(pattern) {
                 flat[lo as usize..=hi as usize].fill(class);
             }
@@ -80,20 +82,20 @@ mod tests {
         for (c, want) in [
             ('a', Class::Letter),
             ('Z', Class::Letter),
-            ('\u{4e2d}', Class::Letter),  // CJK ideograph, Lo
-            ('\u{01c5}', Class::Letter),  // Lt
-            ('\u{02b0}', Class::Letter),  // Lm
-            ('\u{0301}', Class::Other),   // combining mark: Mn is not \p{L}
-            ('\u{093f}', Class::Other),   // Devanagari vowel sign, Mc
+            ('\u{4e2d}', Class::Letter), // CJK ideograph, Lo
+            ('\u{01c5}', Class::Letter), // Lt
+            ('\u{02b0}', Class::Letter), // Lm
+            ('\u{0301}', Class::Other),  // combining mark: Mn is not \p{L}
+            ('\u{093f}', Class::Other),  // Devanagari vowel sign, Mc
             ('7', Class::Number),
-            ('\u{0663}', Class::Number),  // Arabic-Indic digit, Nd
-            ('\u{2167}', Class::Number),  // Roman numeral, Nl
-            ('\u{00b2}', Class::Number),  // superscript two, No
+            ('\u{0663}', Class::Number), // Arabic-Indic digit, Nd
+            ('\u{2167}', Class::Number), // Roman numeral, Nl
+            ('\u{00b2}', Class::Number), // superscript two, No
             (' ', Class::Space),
             ('\u{00a0}', Class::Space),
             ('\u{3000}', Class::Space),
             ('\u{0085}', Class::Space),
-            ('\u{200b}', Class::Other),   // zero-width space is not White_Space
+            ('\u{200b}', Class::Other), // zero-width space is not White_Space
             ('\'', Class::Other),
             ('\u{1f980}', Class::Other),
             ('\u{10ffff}', Class::Other),

@@ -41,7 +41,10 @@ pub struct Input {
 
 impl Input {
     fn from_path(path: PathBuf, bytes: u64) -> Self {
-        let name = path.file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_default();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().to_lowercase())
+            .unwrap_or_default();
         let (zstd, inner) = match name.strip_suffix(".zst") {
             Some(inner) => (true, inner.to_string()),
             None => (false, name),
@@ -51,7 +54,12 @@ impl Input {
         } else {
             Format::Text
         };
-        Input { path, format, zstd, bytes }
+        Input {
+            path,
+            format,
+            zstd,
+            bytes,
+        }
     }
 }
 
@@ -160,13 +168,22 @@ impl Stream {
     pub fn open(input: &Input, progress: &ProgressBar) -> Result<Self, DataError> {
         let file = File::open(&input.path).map_err(|e| DataError::io(&input.path, e))?;
         let tally = Arc::new(Mutex::new(Tally::default()));
-        let raw = TallyReader { file, tally: tally.clone(), progress: progress.clone() };
+        let raw = TallyReader {
+            file,
+            tally: tally.clone(),
+            progress: progress.clone(),
+        };
         let reader: Box<dyn Read + Send> = if input.zstd {
             Box::new(zstd::stream::read::Decoder::new(raw).map_err(|e| DataError::io(&input.path, e))?)
         } else {
             Box::new(raw)
         };
-        Ok(Stream { input: input.clone(), reader, tally, offset: 0 })
+        Ok(Stream {
+            input: input.clone(),
+            reader,
+            tally,
+            offset: 0,
+        })
     }
 
     /// Reads up to `buf.len()` bytes of content; 0 at the end.
@@ -186,7 +203,10 @@ impl Stream {
     fn error(&self, e: io::Error) -> DataError {
         let file_failed = self.tally.lock().map(|t| t.file_failed).unwrap_or(true);
         if self.input.zstd && !file_failed {
-            DataError::Zstd { path: self.input.path.clone(), message: e.to_string() }
+            DataError::Zstd {
+                path: self.input.path.clone(),
+                message: e.to_string(),
+            }
         } else {
             DataError::io(&self.input.path, e)
         }
@@ -198,7 +218,10 @@ impl Stream {
         if t.bytes != self.input.bytes {
             return Err(DataError::io(
                 &self.input.path,
-                io::Error::other(format!("file changed while reading ({} bytes at start, {} read)", self.input.bytes, t.bytes)),
+                io::Error::other(format!(
+                    "file changed while reading ({} bytes at start, {} read)",
+                    self.input.bytes, t.bytes
+                )),
             ));
         }
         Ok((t.bytes, t.sha256()))
@@ -337,7 +360,12 @@ impl Read for StreamRead {
 
 impl LineReader {
     pub fn new(stream: Stream) -> Self {
-        LineReader { reader: BufReader::with_capacity(1 << 20, StreamRead(stream, None)), line: 0, line_offset: 0, next_offset: 0 }
+        LineReader {
+            reader: BufReader::with_capacity(1 << 20, StreamRead(stream, None)),
+            line: 0,
+            line_offset: 0,
+            next_offset: 0,
+        }
     }
 
     /// Appends the next line (without its line ending) to `buf`; false at the end.
@@ -404,7 +432,9 @@ pub fn jsonl_document(line: &[u8], field: &str, lossy: bool) -> Result<String, L
                 serde_json::Value::String(_) => unreachable!("strings are taken above"),
             }
         ))),
-        None => Err(LineError::Other(format!("missing field \"{field}\" (choose the field with --field)"))),
+        None => Err(LineError::Other(format!(
+            "missing field \"{field}\" (choose the field with --field)"
+        ))),
     }
 }
 
@@ -421,7 +451,11 @@ mod tests {
     fn chunks(bytes: &[u8], chunk: usize, lossy: bool, zstd: bool) -> Result<Vec<String>, DataError> {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(if zstd { "t.txt.zst" } else { "t.txt" });
-        let stored = if zstd { zstd::encode_all(bytes, 1).unwrap() } else { bytes.to_vec() };
+        let stored = if zstd {
+            zstd::encode_all(bytes, 1).unwrap()
+        } else {
+            bytes.to_vec()
+        };
         fs::write(&path, &stored).unwrap();
         let input = discover(&[path]).unwrap().remove(0);
         let tok = Tokenizer::new(Encoding::R50kBase).unwrap();
@@ -461,16 +495,35 @@ mod tests {
         // A sequence cut short by the end of the file.
         let mut cut = "abc ".repeat(10).into_bytes();
         cut.extend([0xe4, 0xb8]);
-        assert!(chunks(&cut, 16, false, false).unwrap_err().to_string().contains("offset 40"));
-        assert_eq!(chunks(&cut, 16, true, false).unwrap().concat(), String::from_utf8_lossy(&cut));
+        assert!(chunks(&cut, 16, false, false)
+            .unwrap_err()
+            .to_string()
+            .contains("offset 40"));
+        assert_eq!(
+            chunks(&cut, 16, true, false).unwrap().concat(),
+            String::from_utf8_lossy(&cut)
+        );
     }
 
     #[test]
     fn jsonl_lines_give_their_field() {
-        assert_eq!(jsonl_document(br#"{"text": "a\nb", "x": [1]}"#, "text", false), Ok("a\nb".to_string()));
-        assert_eq!(jsonl_document(b"{\"t\": \"\xff\"}", "t", false), Err(LineError::Utf8(7)));
-        assert_eq!(jsonl_document(b"{\"t\": \"\xff\"}", "t", true), Ok("\u{fffd}".to_string()));
-        assert!(matches!(jsonl_document(b"[1, 2]", "text", false), Err(LineError::Other(m)) if m.contains("malformed")));
-        assert!(matches!(jsonl_document(b"{\"text\": null}", "text", false), Err(LineError::Other(m)) if m.contains("null")));
+        assert_eq!(
+            jsonl_document(br#"{"text": "a\nb", "x": [1]}"#, "text", false),
+            Ok("a\nb".to_string())
+        );
+        assert_eq!(
+            jsonl_document(b"{\"t\": \"\xff\"}", "t", false),
+            Err(LineError::Utf8(7))
+        );
+        assert_eq!(
+            jsonl_document(b"{\"t\": \"\xff\"}", "t", true),
+            Ok("\u{fffd}".to_string())
+        );
+        assert!(
+            matches!(jsonl_document(b"[1, 2]", "text", false), Err(LineError::Other(m)) if m.contains("malformed"))
+        );
+        assert!(
+            matches!(jsonl_document(b"{\"text\": null}", "text", false), Err(LineError::Other(m)) if m.contains("null"))
+        );
     }
 }

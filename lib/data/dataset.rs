@@ -178,7 +178,10 @@ fn read_dtype(dir: &Path) -> Result<Dtype, DataError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Dtype::U16),
         Err(e) => return Err(DataError::io(&meta, e)),
     };
-    let bad = |message: String| DataError::Dataset { path: meta.clone(), message };
+    let bad = |message: String| DataError::Dataset {
+        path: meta.clone(),
+        message,
+    };
     let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
     match value.get("dtype") {
         // A meta.json without dtype (nanoGPT's char-level meta.pkl has no JSON twin) means uint16.

@@ -56,7 +56,9 @@ pub enum DataError {
     NotFound(PathBuf),
     #[error("{0}: empty input ({1})")]
     EmptyInput(PathBuf, &'static str),
-    #[error("{path}: invalid UTF-8 at byte offset {offset}{detail} (pass --lossy to replace invalid bytes with U+FFFD)")]
+    #[error(
+        "{path}: invalid UTF-8 at byte offset {offset}{detail} (pass --lossy to replace invalid bytes with U+FFFD)"
+    )]
     InvalidUtf8 { path: PathBuf, offset: u64, detail: String },
     #[error("{path}: corrupt or truncated zstd stream: {message}")]
     Zstd { path: PathBuf, message: String },
@@ -74,6 +76,9 @@ pub enum DataError {
 
 impl DataError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        DataError::Io { path: path.into(), source }
+        DataError::Io {
+            path: path.into(),
+            source,
+        }
     }
 }

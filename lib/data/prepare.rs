@@ -9,10 +9,10 @@
 //!   train or val by a hash of (seed, document number), as nanoGPT's data/openwebtext/prepare.py
 //!   appends EOT (its split itself comes from Hugging Face datasets and is not reproduced).
 //!
-//! One reader thread streams the inputs into chunks cut where tokenization is unaffected; a
-//! rayon pool tokenizes a batch of chunks while the reader fills the next; the main thread
-//! writes results in input order. The output is the same for any thread count and memory is
-//! bounded by the batches in flight, not by the corpus.
+//! One reader thread streams the inputs into chunks cut where tokenization is unaffected and
+//! hands each to a rayon pool as soon as it is read; the main thread writes results back in
+//! input order. The output is the same for any thread count, and memory is bounded by the
+//! pieces in flight (a fixed number per thread), not by the corpus.
 
 use super::corpus::{self, Format, Input, LineError, LineReader, Stream, TextChunker};
 use super::tokenize::{Encoding, Tokenizer};
@@ -20,13 +20,13 @@ use super::{DataError, Dtype};
 use crate::fsutil::{self, AtomicDir};
 use crate::logging;
 use indicatif::ProgressBar;
-use rayon::prelude::*;
 use serde_json::json;
 use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
 use std::time::Instant;
 
 /// Arguments of `prepare` (the binary parses exactly this).
@@ -76,7 +76,7 @@ pub struct PrepareArgs {
     #[arg(long)]
     pub lossy: bool,
     /// Target size in bytes of the text chunks handed to threads (tests use small ones).
-    #[arg(long, default_value_t = 256 * 1024, hide = true)]
+    #[arg(long, default_value_t = 64 * 1024, hide = true)]
     pub chunk_bytes: usize,
 }
 
@@ -134,9 +134,18 @@ pub(crate) fn splitmix64(x: u64) -> u64 {
 enum Work {
     /// A piece of one document's text; `eot` on the document's last piece; `count_doc` on one
     /// piece of each document (its last; in chars mode the first of each side).
-    Text { text: String, split: Split, eot: bool, count_doc: bool },
+    Text {
+        text: String,
+        split: Split,
+        eot: bool,
+        count_doc: bool,
+    },
     /// Consecutive JSONL lines of one file, in one buffer.
-    Lines { input: usize, buf: Vec<u8>, lines: Vec<Line> },
+    Lines {
+        input: usize,
+        buf: Vec<u8>,
+        lines: Vec<Line>,
+    },
 }
 
 struct Line {
@@ -144,15 +153,6 @@ struct Line {
     offset: u64,
     range: std::ops::Range<usize>,
     doc: u64,
-}
-
-impl Work {
-    fn bytes(&self) -> usize {
-        match self {
-            Work::Text { text, .. } => text.len(),
-            Work::Lines { buf, .. } => buf.len(),
-        }
-    }
 }
 
 #[derive(Default)]
@@ -174,7 +174,12 @@ impl Ctx<'_> {
     fn process(&self, work: Work) -> Result<Produced, DataError> {
         let mut out = Produced::default();
         match work {
-            Work::Text { text, split, eot, count_doc } => {
+            Work::Text {
+                text,
+                split,
+                eot,
+                count_doc,
+            } => {
                 let (tokens, docs) = match split {
                     Split::Train => (&mut out.train, &mut out.train_docs),
                     Split::Val => (&mut out.val, &mut out.val_docs),
@@ -188,21 +193,28 @@ impl Ctx<'_> {
             Work::Lines { input, buf, lines } => {
                 let path = &self.inputs[input].path;
                 for line in lines {
-                    let text = corpus::jsonl_document(&buf[line.range], &self.args.field, self.args.lossy)
-                        .map_err(|e| match e {
+                    let text = corpus::jsonl_document(&buf[line.range], &self.args.field, self.args.lossy).map_err(
+                        |e| match e {
                             LineError::Utf8(at) => DataError::InvalidUtf8 {
                                 path: path.clone(),
                                 offset: line.offset + at as u64,
                                 detail: format!(
                                     " (line {}{})",
                                     line.number,
-                                    if self.inputs[input].zstd { " of the decompressed stream" } else { "" }
+                                    if self.inputs[input].zstd {
+                                        " of the decompressed stream"
+                                    } else {
+                                        ""
+                                    }
                                 ),
                             },
-                            LineError::Other(message) => {
-                                DataError::Jsonl { path: path.clone(), line: line.number, message }
-                            }
-                        })?;
+                            LineError::Other(message) => DataError::Jsonl {
+                                path: path.clone(),
+                                line: line.number,
+                                message,
+                            },
+                        },
+                    )?;
                     let (tokens, docs) = if is_val(self.args.seed, line.doc, self.args.val_fraction) {
                         (&mut out.val, &mut out.val_docs)
                     } else {
@@ -227,33 +239,40 @@ struct InputRecord {
     sha256: String,
 }
 
-/// Collects work into batches of about `limit` bytes and hands them to the tokenizing side.
-struct Batcher {
-    tx: SyncSender<Result<Vec<Work>, DataError>>,
-    work: Vec<Work>,
-    bytes: usize,
-    limit: usize,
+type Numbered = (u64, Result<Produced, DataError>);
+
+/// Hands each piece of work to the pool as soon as it is read, numbered so the writer can put
+/// results back in input order. A piece takes a permit when dispatched and the writer returns
+/// it once the piece is written, so at most `IN_FLIGHT_PER_THREAD * threads` pieces exist at
+/// once: memory stays bounded however fast or slow either side is, and no thread waits for a
+/// batch to drain.
+struct Dispatcher<'a, 's> {
+    scope: &'a rayon::Scope<'s>,
+    ctx: &'s Ctx<'s>,
+    results: Sender<Numbered>,
+    permits: SyncSender<()>,
+    next: u64,
 }
 
-/// The consumer hung up (it failed); the reader just stops.
+/// The writer hung up (it failed); the reader just stops.
 struct Hangup;
 
-impl Batcher {
+impl<'s> Dispatcher<'_, 's> {
     fn push(&mut self, w: Work) -> Result<(), Hangup> {
-        self.bytes += w.bytes();
-        self.work.push(w);
-        if self.bytes >= self.limit {
-            self.flush()?;
-        }
+        self.permits.send(()).map_err(|_| Hangup)?;
+        let (seq, results, ctx) = (self.next, self.results.clone(), self.ctx);
+        self.next += 1;
+        self.scope.spawn(move |_| {
+            let _ = results.send((seq, ctx.process(w)));
+        });
         Ok(())
     }
 
-    fn flush(&mut self) -> Result<(), Hangup> {
-        if self.work.is_empty() {
-            return Ok(());
-        }
-        self.bytes = 0;
-        self.tx.send(Ok(std::mem::take(&mut self.work))).map_err(|_| Hangup)
+    /// A reading error, numbered after the work before it: the first problem in input order is
+    /// the one reported.
+    fn fail(&mut self, e: DataError) {
+        let _ = self.results.send((self.next, Err(e)));
+        self.next += 1;
     }
 }
 
@@ -282,38 +301,48 @@ struct Reader<'a> {
 }
 
 impl Reader<'_> {
-    fn run(&mut self, batcher: &mut Batcher) -> Result<(), ReadFail> {
+    fn run(&mut self, out: &mut Dispatcher) -> Result<(), ReadFail> {
         match self.mode {
-            Mode::Chars => self.read_chars(batcher)?,
+            Mode::Chars => self.read_chars(out)?,
             Mode::Documents => {
                 let mut doc = 0u64;
                 for i in 0..self.ctx.inputs.len() {
                     match self.ctx.inputs[i].format {
-                        Format::Text => self.read_text_document(i, &mut doc, batcher)?,
-                        Format::Jsonl => self.read_jsonl(i, &mut doc, batcher)?,
+                        Format::Text => self.read_text_document(i, &mut doc, out)?,
+                        Format::Jsonl => self.read_jsonl(i, &mut doc, out)?,
                     }
                 }
             }
         }
-        batcher.flush()?;
         Ok(())
     }
 
     fn chunker(&self, input: &Input) -> Result<TextChunker<'_>, DataError> {
         let stream = Stream::open(input, &self.progress)?;
-        Ok(TextChunker::new(stream, self.ctx.tokenizer, self.ctx.args.chunk_bytes, self.ctx.args.lossy))
+        Ok(TextChunker::new(
+            stream,
+            self.ctx.tokenizer,
+            self.ctx.args.chunk_bytes,
+            self.ctx.args.lossy,
+        ))
     }
 
     fn record(&mut self, stream: Stream) -> Result<(), DataError> {
         let input = stream.input.clone();
         let (bytes, sha256) = stream.finish()?;
-        self.records.push(InputRecord { path: input.path, format: input.format, zstd: input.zstd, bytes, sha256 });
+        self.records.push(InputRecord {
+            path: input.path,
+            format: input.format,
+            zstd: input.zstd,
+            bytes,
+            sha256,
+        });
         Ok(())
     }
 
     /// nanoGPT's shakespeare split: `n` characters, the first `floor(n * (1 - f))` to train.
     /// A first pass counts characters (and validates the text before anything is tokenized).
-    fn read_chars(&mut self, batcher: &mut Batcher) -> Result<(), ReadFail> {
+    fn read_chars(&mut self, out: &mut Dispatcher) -> Result<(), ReadFail> {
         let input = self.ctx.inputs[0].clone();
         self.progress.set_message("counting characters");
         let mut chunker = self.chunker(&input)?;
@@ -335,7 +364,11 @@ impl Reader<'_> {
             } else if seen >= train_chars {
                 parts.push((text, Split::Val));
             } else {
-                let at = text.char_indices().nth((train_chars - seen) as usize).map(|(b, _)| b).unwrap_or(text.len());
+                let at = text
+                    .char_indices()
+                    .nth((train_chars - seen) as usize)
+                    .map(|(b, _)| b)
+                    .unwrap_or(text.len());
                 let (a, b) = text.split_at(at);
                 parts.push((a.to_string(), Split::Train));
                 parts.push((b.to_string(), Split::Val));
@@ -345,7 +378,12 @@ impl Reader<'_> {
                 // Count the one document on each side once, on its first piece.
                 let f = &mut first[split as usize];
                 let count_doc = std::mem::replace(f, false);
-                batcher.push(Work::Text { text, split, eot: false, count_doc })?;
+                out.push(Work::Text {
+                    text,
+                    split,
+                    eot: false,
+                    count_doc,
+                })?;
             }
         }
         // Both passes read the same bytes; finish() checks the file did not change between them.
@@ -353,9 +391,13 @@ impl Reader<'_> {
         Ok(())
     }
 
-    fn read_text_document(&mut self, i: usize, doc: &mut u64, batcher: &mut Batcher) -> Result<(), ReadFail> {
+    fn read_text_document(&mut self, i: usize, doc: &mut u64, out: &mut Dispatcher) -> Result<(), ReadFail> {
         let input = self.ctx.inputs[i].clone();
-        let split = if is_val(self.ctx.args.seed, *doc, self.ctx.args.val_fraction) { Split::Val } else { Split::Train };
+        let split = if is_val(self.ctx.args.seed, *doc, self.ctx.args.val_fraction) {
+            Split::Val
+        } else {
+            Split::Train
+        };
         *doc += 1;
         let mut chunker = self.chunker(&input)?;
         // One chunk of look-ahead tells which piece is the document's last (it gets the EOT).
@@ -366,18 +408,23 @@ impl Reader<'_> {
         while let Some(text) = current {
             let next = chunker.next_chunk()?;
             let last = next.is_none();
-            batcher.push(Work::Text { text, split, eot: last, count_doc: last })?;
+            out.push(Work::Text {
+                text,
+                split,
+                eot: last,
+                count_doc: last,
+            })?;
             current = next;
         }
         self.record(chunker.into_stream())?;
         Ok(())
     }
 
-    fn read_jsonl(&mut self, i: usize, doc: &mut u64, batcher: &mut Batcher) -> Result<(), ReadFail> {
+    fn read_jsonl(&mut self, i: usize, doc: &mut u64, out: &mut Dispatcher) -> Result<(), ReadFail> {
         let input = self.ctx.inputs[i].clone();
         let mut lines = LineReader::new(Stream::open(&input, &self.progress)?);
         let mut buf = Vec::new();
-        let mut batch_lines = Vec::new();
+        let mut piece_lines = Vec::new();
         let first_doc = *doc;
         loop {
             let start = buf.len();
@@ -388,15 +435,28 @@ impl Reader<'_> {
                 buf.truncate(start);
                 continue;
             }
-            batch_lines.push(Line { number: lines.line, offset: lines.line_offset, range: start..buf.len(), doc: *doc });
+            piece_lines.push(Line {
+                number: lines.line,
+                offset: lines.line_offset,
+                range: start..buf.len(),
+                doc: *doc,
+            });
             *doc += 1;
             if buf.len() >= self.ctx.args.chunk_bytes {
-                let lines = std::mem::take(&mut batch_lines);
-                batcher.push(Work::Lines { input: i, buf: std::mem::take(&mut buf), lines })?;
+                let lines = std::mem::take(&mut piece_lines);
+                out.push(Work::Lines {
+                    input: i,
+                    buf: std::mem::take(&mut buf),
+                    lines,
+                })?;
             }
         }
-        if !batch_lines.is_empty() {
-            batcher.push(Work::Lines { input: i, buf, lines: batch_lines })?;
+        if !piece_lines.is_empty() {
+            out.push(Work::Lines {
+                input: i,
+                buf,
+                lines: piece_lines,
+            })?;
         }
         if *doc == first_doc {
             return Err(DataError::EmptyInput(input.path.clone(), "no JSON lines").into());
@@ -423,7 +483,14 @@ struct TokenWriter {
 impl TokenWriter {
     fn create(path: PathBuf, dtype: Dtype) -> Result<Self, DataError> {
         let file = File::create(&path).map_err(|e| DataError::io(&path, e))?;
-        Ok(TokenWriter { path, file: BufWriter::with_capacity(1 << 20, file), sha: Sha256::new(), tokens: 0, dtype, buf: Vec::new() })
+        Ok(TokenWriter {
+            path,
+            file: BufWriter::with_capacity(1 << 20, file),
+            sha: Sha256::new(),
+            tokens: 0,
+            dtype,
+            buf: Vec::new(),
+        })
     }
 
     fn write(&mut self, ids: &[u32]) -> Result<(), DataError> {
@@ -434,25 +501,38 @@ impl TokenWriter {
             Dtype::U32 => self.buf.extend(ids.iter().flat_map(|&id| id.to_le_bytes())),
         }
         self.sha.update(&self.buf);
-        self.file.write_all(&self.buf).map_err(|e| DataError::io(&self.path, e))?;
+        self.file
+            .write_all(&self.buf)
+            .map_err(|e| DataError::io(&self.path, e))?;
         self.tokens += ids.len() as u64;
         Ok(())
     }
 
     fn finish(self) -> Result<(u64, String), DataError> {
-        let file = self.file.into_inner().map_err(|e| DataError::io(&self.path, e.into_error()))?;
+        let file = self
+            .file
+            .into_inner()
+            .map_err(|e| DataError::io(&self.path, e.into_error()))?;
         file.sync_all().map_err(|e| DataError::io(&self.path, e))?;
         Ok((self.tokens, hex::encode(self.sha.finalize())))
     }
 }
 
-const BAR: &str = "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} ({bytes_per_sec}, {eta}) {msg}";
+/// Pieces of work (each about `--chunk-bytes` of text) allowed between reading and writing, per
+/// thread: enough that no thread starves while the writer waits for a slow piece.
+const IN_FLIGHT_PER_THREAD: usize = 8;
+
+const BAR: &str =
+    "{spinner} [{elapsed_precise}] {wide_bar} {decimal_bytes}/{decimal_total_bytes} ({decimal_bytes_per_sec}, {eta}) {msg}";
 
 /// Runs `prepare`. `command` is the command line recorded in meta.json.
 pub fn prepare(args: &PrepareArgs, command: &[String]) -> Result<PrepareSummary, DataError> {
     let started = Instant::now();
     if !(0.0..1.0).contains(&args.val_fraction) {
-        return Err(DataError::Args(format!("--val-fraction {} is not in [0, 1)", args.val_fraction)));
+        return Err(DataError::Args(format!(
+            "--val-fraction {} is not in [0, 1)",
+            args.val_fraction
+        )));
     }
     if args.chunk_bytes == 0 || args.field.is_empty() {
         return Err(DataError::Args("--chunk-bytes and --field must not be empty".into()));
@@ -469,7 +549,11 @@ pub fn prepare(args: &PrepareArgs, command: &[String]) -> Result<PrepareSummary,
         .thread_name(|i| format!("prepare-{i}"))
         .build()
         .map_err(|e| DataError::Args(format!("cannot start {threads} threads: {e}")))?;
-    let mode = if inputs.len() == 1 && inputs[0].format == Format::Text { Mode::Chars } else { Mode::Documents };
+    let mode = if inputs.len() == 1 && inputs[0].format == Format::Text {
+        Mode::Chars
+    } else {
+        Mode::Documents
+    };
     let input_bytes: u64 = inputs.iter().map(|i| i.bytes).sum();
     let passes = if mode == Mode::Chars { 2 } else { 1 };
     tracing::info!(
@@ -483,29 +567,61 @@ pub fn prepare(args: &PrepareArgs, command: &[String]) -> Result<PrepareSummary,
     let dtype = args.encoding.dtype();
     let mut train = TokenWriter::create(dir.path().join("train.bin"), dtype)?;
     let mut val = TokenWriter::create(dir.path().join("val.bin"), dtype)?;
-    let ctx = Ctx { args, inputs: &inputs, tokenizer: &tokenizer, eot: args.encoding.eot() };
+    let ctx = Ctx {
+        args,
+        inputs: &inputs,
+        tokenizer: &tokenizer,
+        eot: args.encoding.eot(),
+    };
     let (mut train_docs, mut val_docs) = (0u64, 0u64);
 
-    let (tx, rx) = sync_channel::<Result<Vec<Work>, DataError>>(1);
-    let batch_bytes = args.chunk_bytes.saturating_mul(4 * threads);
+    let (results_tx, results_rx) = channel::<Numbered>();
+    let (permits_tx, permits_rx) = sync_channel::<()>(IN_FLIGHT_PER_THREAD * threads);
     let records = std::thread::scope(|s| -> Result<Vec<InputRecord>, DataError> {
         let reader = s.spawn(|| {
-            let mut reader = Reader { ctx: &ctx, mode, progress: progress.clone(), records: Vec::new() };
-            let mut batcher = Batcher { tx, work: Vec::new(), bytes: 0, limit: batch_bytes };
-            match reader.run(&mut batcher) {
-                Ok(()) => {}
-                Err(ReadFail::Hangup) => {}
-                Err(ReadFail::Error(e)) => {
-                    // After the batches before it, so the first problem in input order is reported.
-                    let _ = batcher.flush();
-                    let _ = batcher.tx.send(Err(e));
+            let mut reader = Reader {
+                ctx: &ctx,
+                mode,
+                progress: progress.clone(),
+                records: Vec::new(),
+            };
+            // The scope runs this closure on the reader thread and waits for every piece it
+            // spawned onto the pool.
+            let dispatched = pool.in_place_scope(|scope| {
+                let mut out = Dispatcher {
+                    scope,
+                    ctx: &ctx,
+                    results: results_tx,
+                    permits: permits_tx,
+                    next: 0,
+                };
+                if let Err(ReadFail::Error(e)) = reader.run(&mut out) {
+                    out.fail(e);
                 }
-            }
-            reader.records
+                out.next
+            });
+            (reader.records, dispatched)
         });
-        let consumed = consume(rx, &pool, &ctx, &progress, started, &mut train, &mut val, &mut train_docs, &mut val_docs);
-        let records = reader.join().map_err(|_| DataError::Split("the reader thread panicked".into()))?;
-        consumed.map(|()| records)
+        let written = write_in_order(
+            results_rx,
+            permits_rx,
+            &progress,
+            started,
+            &mut train,
+            &mut val,
+            &mut train_docs,
+            &mut val_docs,
+        );
+        let (records, dispatched) = reader
+            .join()
+            .map_err(|_| DataError::Split("a tokenizing thread panicked".into()))?;
+        let written = written?;
+        if written != dispatched {
+            return Err(DataError::Split(format!(
+                "{written} of {dispatched} pieces were written"
+            )));
+        }
+        Ok(records)
     });
     // Cleared on failure too, so the error is not printed under a stale bar.
     progress.finish_and_clear();
@@ -572,38 +688,42 @@ pub fn prepare(args: &PrepareArgs, command: &[String]) -> Result<PrepareSummary,
     Ok(summary)
 }
 
+/// Writes results in input order as they arrive; returns how many pieces were written.
+/// Returning (an error included) drops both receivers, which stops the reader at its next piece.
 #[allow(clippy::too_many_arguments)]
-fn consume(
-    rx: Receiver<Result<Vec<Work>, DataError>>,
-    pool: &rayon::ThreadPool,
-    ctx: &Ctx,
+fn write_in_order(
+    results: Receiver<Numbered>,
+    permits: Receiver<()>,
     progress: &ProgressBar,
     started: Instant,
     train: &mut TokenWriter,
     val: &mut TokenWriter,
     train_docs: &mut u64,
     val_docs: &mut u64,
-) -> Result<(), DataError> {
-    // Returning drops `rx`, which stops the reader at its next batch.
-    for batch in rx {
-        let batch = batch?;
-        let results: Vec<Result<Produced, DataError>> =
-            pool.install(|| batch.into_par_iter().map(|w| ctx.process(w)).collect());
-        for r in results {
-            let p = r?;
+) -> Result<u64, DataError> {
+    let mut early = BTreeMap::new();
+    let mut next = 0u64;
+    for (seq, result) in results {
+        early.insert(seq, result);
+        while let Some(result) = early.remove(&next) {
+            let p = result?;
             train.write(&p.train)?;
             val.write(&p.val)?;
             *train_docs += p.train_docs;
             *val_docs += p.val_docs;
+            next += 1;
+            let _ = permits.recv();
+            if next % 64 == 0 {
+                let tokens = train.tokens + val.tokens;
+                progress.set_message(format!(
+                    "{:.2} M tokens, {:.2} M tokens/s",
+                    tokens as f64 / 1e6,
+                    tokens as f64 / started.elapsed().as_secs_f64().max(1e-9) / 1e6
+                ));
+            }
         }
-        let tokens = train.tokens + val.tokens;
-        progress.set_message(format!(
-            "{:.2} M tokens, {:.2} M tokens/s",
-            tokens as f64 / 1e6,
-            tokens as f64 / started.elapsed().as_secs_f64().max(1e-9) / 1e6
-        ));
     }
-    Ok(())
+    Ok(next)
 }
 
 fn check_splits(

@@ -13,8 +13,8 @@ use super::charclass::{self, Class, ClassTable};
 use super::{DataError, Dtype};
 use rustc_hash::FxHashMap;
 use std::cell::RefCell;
-use std::collections::BinaryHeap;
 use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use tiktoken_rs::CoreBPE;
 
@@ -106,7 +106,11 @@ impl Tokenizer {
         } else {
             Engine::Tiktoken(core)
         };
-        Ok(Tokenizer { encoding, engine, uid: NEXT_UID.fetch_add(1, Ordering::Relaxed) })
+        Ok(Tokenizer {
+            encoding,
+            engine,
+            uid: NEXT_UID.fetch_add(1, Ordering::Relaxed),
+        })
     }
 
     pub fn encoding(&self) -> Encoding {
@@ -194,7 +198,12 @@ fn ascii_classes() -> &'static [Class; 128] {
 
 impl<'a> Pieces<'a> {
     pub fn new(text: &'a str) -> Self {
-        Pieces { text: text.as_bytes(), pos: 0, table: charclass::table(), ascii: ascii_classes() }
+        Pieces {
+            text: text.as_bytes(),
+            pos: 0,
+            table: charclass::table(),
+            ascii: ascii_classes(),
+        }
     }
 
     /// Class and byte length of the character at `i` (a character boundary).
@@ -331,15 +340,18 @@ impl Bpe {
                 continue;
             }
             let bytes = core.decode_bytes(&[id]).map_err(|_| {
-                DataError::Encoding(format!("{}: rank {id} is missing from the embedded table", encoding.name()))
+                DataError::Encoding(format!(
+                    "{}: rank {id} is missing from the embedded table",
+                    encoding.name()
+                ))
             })?;
             vocab.insert(bytes.into_boxed_slice(), id);
         }
         let mut byte_ids = [0u32; 256];
         for b in 0..=255u8 {
-            byte_ids[b as usize] = *vocab.get(&[b][..]).ok_or_else(|| {
-                DataError::Encoding(format!("{}: byte {b:#04x} has no token", encoding.name()))
-            })?;
+            byte_ids[b as usize] = *vocab
+                .get(&[b][..])
+                .ok_or_else(|| DataError::Encoding(format!("{}: byte {b:#04x} has no token", encoding.name())))?;
         }
         let mut merges = FxHashMap::default();
         for (bytes, &id) in &vocab {
@@ -349,7 +361,11 @@ impl Bpe {
                 }
             }
         }
-        Ok(Bpe { vocab, byte_ids, merges })
+        Ok(Bpe {
+            vocab,
+            byte_ids,
+            merges,
+        })
     }
 
     #[inline(always)]
@@ -474,9 +490,8 @@ mod tests {
 
     #[test]
     fn pieces_follow_the_gpt2_pattern() {
-        let split = |s: &str| -> Vec<String> {
-            Pieces::new(s).map(|p| String::from_utf8(p.to_vec()).unwrap()).collect()
-        };
+        let split =
+            |s: &str| -> Vec<String> { Pieces::new(s).map(|p| String::from_utf8(p.to_vec()).unwrap()).collect() };
         assert_eq!(split("Hello world"), ["Hello", " world"]);
         assert_eq!(split("a  b"), ["a", " ", " b"]);
         assert_eq!(split("x \n y"), ["x", " \n", " y"]);
@@ -517,7 +532,8 @@ mod tests {
 
     #[test]
     fn cuts_never_change_the_tokens() {
-        let text = "The quick (brown) fox's 3rd jump, \u{4e2d}\u{6587}\u{3002}  \n\tdone!! 42x 'quoted' \u{1f980}\r\n  end   ";
+        let text =
+            "The quick (brown) fox's 3rd jump, \u{4e2d}\u{6587}\u{3002}  \n\tdone!! 42x 'quoted' \u{1f980}\r\n  end   ";
         for enc in [Encoding::R50kBase, Encoding::Cl100kBase, Encoding::O200kBase] {
             let tok = Tokenizer::new(enc).unwrap();
             let whole = tok.encode_ordinary(text);
