@@ -521,15 +521,15 @@ fn rank_file_problems(h: &Header, m: &Manifest, r: usize) -> Vec<String> {
             bad(format!("unexpected tensor {}", t.name));
         }
     }
-    let meta = |k: &str| h.metadata.get(k).map(String::as_str);
-    if meta("format") != Some("zerokit-rank") {
-        bad(format!("metadata format is {:?}, not \"zerokit-rank\"", meta("format")));
+    let meta = |k: &str| h.metadata.get(k).map_or("none".to_string(), |v| format!("{v:?}"));
+    if meta("format") != "\"zerokit-rank\"" {
+        bad(format!("metadata format is {}, not \"zerokit-rank\"", meta("format")));
     }
-    if meta("rank") != Some(r.to_string().as_str()) {
-        bad(format!("metadata says rank {:?}, the file name says {r}", meta("rank")));
+    if meta("rank") != format!("\"{r}\"") {
+        bad(format!("metadata says rank {}, the file name says {r}", meta("rank")));
     }
-    if meta("parts") != Some(m.layout.parts.to_string().as_str()) {
-        bad(format!("metadata says {:?} partitions, manifest.json says {}", meta("parts"), m.layout.parts));
+    if meta("parts") != format!("\"{}\"", m.layout.parts) {
+        bad(format!("metadata says {} partitions, manifest.json says {}", meta("parts"), m.layout.parts));
     }
     p
 }
