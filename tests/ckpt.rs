@@ -50,7 +50,11 @@ fn trained() -> &'static Path {
             .env_remove("WORLD_SIZE")
             .output()
             .unwrap();
-        assert!(o.status.success(), "training failed: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "training failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         for t in TAGS {
             assert!(out.join(t).join("manifest.json").is_file(), "no tag {t}");
         }
@@ -163,7 +167,12 @@ fn write_f32(path: &Path, tensor: &str, element: usize, x: f32) {
 /// o + k belongs to rank (o + k) / shard, at shard_offset + (o + k) mod shard.
 fn partition_position(m: &Value, name: &str, k: usize) -> (usize, usize) {
     let l = &m["layout"];
-    let p = l["params"].as_array().unwrap().iter().find(|p| p["name"] == name).unwrap();
+    let p = l["params"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == name)
+        .unwrap();
     let b = &l["buckets"][p["bucket"].as_u64().unwrap() as usize];
     let q = p["offset"].as_u64().unwrap() as usize + k;
     let shard = b["shard"].as_u64().unwrap() as usize;
@@ -171,12 +180,23 @@ fn partition_position(m: &Value, name: &str, k: usize) -> (usize, usize) {
 }
 
 fn assert_reports(out: &Out, root: &Path, expected: &[&str], what: &str) {
-    assert_eq!(out.code, 1, "{what}: exit status; stdout:\n{}\nstderr:\n{}", out.stdout, out.stderr);
+    assert_eq!(
+        out.code, 1,
+        "{what}: exit status; stdout:\n{}\nstderr:\n{}",
+        out.stdout, out.stderr
+    );
     for e in expected {
-        assert!(out.stdout.lines().any(|l| l.contains(e)), "{what}: no line contains {e:?}; stdout:\n{}", out.stdout);
+        assert!(
+            out.stdout.lines().any(|l| l.contains(e)),
+            "{what}: no line contains {e:?}; stdout:\n{}",
+            out.stdout
+        );
     }
     for l in out.stdout.lines() {
-        assert!(l.starts_with(root.to_str().unwrap()), "{what}: a problem line that names no file of the checkpoint: {l}");
+        assert!(
+            l.starts_with(root.to_str().unwrap()),
+            "{what}: a problem line that names no file of the checkpoint: {l}"
+        );
     }
 }
 
@@ -193,7 +213,14 @@ fn an_intact_checkpoint_verifies_at_every_level() {
         (tag.join("rank_00001.safetensors"), &[][..]),
     ] {
         let out = verify(&path, extra);
-        assert_eq!(out.code, 0, "{} {extra:?}: {}\n{}", path.display(), out.stdout, out.stderr);
+        assert_eq!(
+            out.code,
+            0,
+            "{} {extra:?}: {}\n{}",
+            path.display(),
+            out.stdout,
+            out.stderr
+        );
         assert!(out.stdout.is_empty(), "{}", out.stdout);
         assert!(out.stderr.contains("intact"), "{}", out.stderr);
     }
@@ -204,7 +231,11 @@ fn an_intact_checkpoint_verifies_at_every_level() {
         (tmp.path().join("nope"), &[][..], "no such file or directory"),
         (tmp.path().to_path_buf(), &[][..], "not a checkpoint ckpt can read"),
         (tmp.path().join("notes.txt"), &[][..], "not a checkpoint ckpt can read"),
-        (root.to_path_buf(), &["--tag", "step_00000003"][..], "no tag \"step_00000003\" here (tags: step_00000002, step_00000004)"),
+        (
+            root.to_path_buf(),
+            &["--tag", "step_00000003"][..],
+            "no tag \"step_00000003\" here (tags: step_00000002, step_00000004)",
+        ),
     ] {
         let out = verify(&path, extra);
         assert_eq!(out.code, 2, "{}: {}", path.display(), out.stderr);
@@ -363,14 +394,24 @@ fn verify_names_each_corruption() {
     // The manifest-hash case names the real hash: check it in full.
     let (_t, root) = copy();
     let real = zerokit::fsutil::sha256_file(&t4(&root).join("config.json")).unwrap();
-    edit_manifest(&t4(&root), |m| m["files"]["config.json"]["sha256"] = json!("00".repeat(32)));
-    let want = format!("step_00000004/config.json: sha256 {real} does not match manifest.json ({})", "00".repeat(32));
+    edit_manifest(&t4(&root), |m| {
+        m["files"]["config.json"]["sha256"] = json!("00".repeat(32))
+    });
+    let want = format!(
+        "step_00000004/config.json: sha256 {real} does not match manifest.json ({})",
+        "00".repeat(32)
+    );
     assert_reports(&verify(&root, &[]), &root, &[&want], "manifest hash edited");
     // --tag checks that tag only: the damage in the other one is not reported.
     let (_t, root) = copy();
     std::fs::remove_file(root.join(TAGS[0]).join("rank_00000.safetensors")).unwrap();
     assert_eq!(verify(&root, &["--tag", TAGS[1]]).code, 0);
-    assert_reports(&verify(&root, &[]), &root, &["step_00000002/rank_00000.safetensors: missing"], "other tag");
+    assert_reports(
+        &verify(&root, &[]),
+        &root,
+        &["step_00000002/rank_00000.safetensors: missing"],
+        "other tag",
+    );
 }
 
 #[test]
@@ -456,9 +497,21 @@ fn inspect_reports_what_the_checkpoint_holds() {
     assert_eq!(i.learning_rate, m["optimizer"]["lr"].as_f64());
     assert_eq!(i.loss_scale, Some(65536.0));
     let names: Vec<&str> = i.files.iter().map(|f| f.name.as_str()).collect();
-    assert_eq!(names, ["config.json", "manifest.json", "model.safetensors", "rank_00000.safetensors", "rank_00001.safetensors"]);
+    assert_eq!(
+        names,
+        [
+            "config.json",
+            "manifest.json",
+            "model.safetensors",
+            "rank_00000.safetensors",
+            "rank_00001.safetensors"
+        ]
+    );
     for f in &i.files {
-        assert_eq!(f.bytes, std::fs::metadata(root.join(TAGS[1]).join(&f.name)).unwrap().len());
+        assert_eq!(
+            f.bytes,
+            std::fs::metadata(root.join(TAGS[1]).join(&f.name)).unwrap().len()
+        );
     }
     // Every parameter: its shape and dtype in model.safetensors, and its pieces where the
     // format's formula puts them.
@@ -476,7 +529,12 @@ fn inspect_reports_what_the_checkpoint_holds() {
             assert_eq!(pc.param_offset, next, "{}: pieces in element order", row.name);
             for k in [pc.param_offset, pc.param_offset + pc.len - 1] {
                 let (rank, pos) = partition_position(&m, &row.name, k);
-                assert_eq!((pc.rank, pc.partition_offset + k - pc.param_offset), (rank, pos), "{} element {k}", row.name);
+                assert_eq!(
+                    (pc.rank, pc.partition_offset + k - pc.param_offset),
+                    (rank, pos),
+                    "{} element {k}",
+                    row.name
+                );
             }
             next += pc.len;
         }
@@ -486,12 +544,36 @@ fn inspect_reports_what_the_checkpoint_holds() {
     // The JSON form is the same record; --tag picks another tag.
     let j = json_of(root, &["--tensors"]);
     assert_eq!(j, serde_json::to_value(&i).unwrap());
-    for key in ["schema", "path", "format", "format_version", "tags", "latest", "tag", "step", "tokens_seen", "samples_seen", "world_size", "zero_stage", "partitions", "dtypes", "model_config", "parameters", "learning_rate", "loss_scale", "files", "tensors"] {
+    for key in [
+        "schema",
+        "path",
+        "format",
+        "format_version",
+        "tags",
+        "latest",
+        "tag",
+        "step",
+        "tokens_seen",
+        "samples_seen",
+        "world_size",
+        "zero_stage",
+        "partitions",
+        "dtypes",
+        "model_config",
+        "parameters",
+        "learning_rate",
+        "loss_scale",
+        "files",
+        "tensors",
+    ] {
         assert!(j.get(key).is_some(), "JSON lacks {key}");
     }
     assert_eq!(j["format"], "zerokit");
     let j2 = json_of(root, &["--tag", TAGS[0]]);
-    assert_eq!((j2["tag"].as_str(), j2["step"].as_u64(), &j2["tensors"]), (Some(TAGS[0]), Some(2), &Value::Null));
+    assert_eq!(
+        (j2["tag"].as_str(), j2["step"].as_u64(), &j2["tensors"]),
+        (Some(TAGS[0]), Some(2), &Value::Null)
+    );
 
     let text = ckpt(&["inspect", root.to_str().unwrap()]).stdout;
     for want in [
@@ -508,7 +590,12 @@ fn inspect_reports_what_the_checkpoint_holds() {
 
 fn deepspeed_cases() -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/deepspeed");
-    let mut v: Vec<PathBuf> = std::fs::read_dir(dir).unwrap().flatten().map(|e| e.path()).filter(|p| p.join("latest").exists()).collect();
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.join("latest").exists())
+        .collect();
     v.sort();
     assert!(v.len() >= 6);
     v
@@ -528,7 +615,11 @@ fn deepspeed_checkpoints_verify_and_inspect() {
 
         let i = inspect(&case, None, true).unwrap();
         assert_eq!(i.latest.as_deref(), Some("global_step3"), "{name}");
-        assert_eq!((i.zero_stage, i.world_size, i.step), (Some(stage), Some(world), Some(3)), "{name}");
+        assert_eq!(
+            (i.zero_stage, i.world_size, i.step),
+            (Some(stage), Some(world), Some(3)),
+            "{name}"
+        );
         assert_eq!(i.dtypes["model"], dtype, "{name}");
         assert_eq!(i.format_version.as_deref(), Some("0.19.8"));
         // DeepSpeed's own consolidation lists every tensor: parameters exclude its buffers
@@ -545,11 +636,23 @@ fn deepspeed_checkpoints_verify_and_inspect() {
         let rows = i.tensors.unwrap();
         assert_eq!(rows.len(), st.len(), "{name}");
         for r in rows {
-            assert_eq!(r.shape, st.tensor(&r.name).unwrap().shape().iter().map(|&d| d as u64).collect::<Vec<_>>());
+            assert_eq!(
+                r.shape,
+                st.tensor(&r.name)
+                    .unwrap()
+                    .shape()
+                    .iter()
+                    .map(|&d| d as u64)
+                    .collect::<Vec<_>>()
+            );
         }
         assert_eq!(i.learning_rate, Some(0.01), "{name}");
         if dtype == "F16" {
-            assert_eq!(i.loss_scale, Some(16.0), "{name}: initial_scale_power 4, no overflow in 3 steps");
+            assert_eq!(
+                i.loss_scale,
+                Some(16.0),
+                "{name}: initial_scale_power 4, no overflow in 3 steps"
+            );
         }
     }
 }
@@ -567,13 +670,31 @@ fn deepspeed_damage_is_named() {
 
     let (_t, root) = fresh();
     std::fs::remove_file(tag(&root).join("bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt")).unwrap();
-    assert_reports(&verify(&root, &[]), &root, &["global_step3: missing rank file", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt (the checkpoint was saved by 2 ranks)"], "missing rank");
+    assert_reports(
+        &verify(&root, &[]),
+        &root,
+        &[
+            "global_step3: missing rank file",
+            "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt (the checkpoint was saved by 2 ranks)",
+        ],
+        "missing rank",
+    );
 
     // A flipped byte inside the fp32 partition's storage: the zip's CRC-32 catches it.
     let (_t, root) = fresh();
     let f = tag(&root).join("bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt");
     let tf = zerokit::interop::torch_pickle::TorchFile::open(&f).unwrap();
-    let part = tf.root().get("optimizer_state_dict").unwrap().get("single_partition_of_fp32_groups").unwrap().as_seq().unwrap()[0].as_tensor().unwrap().clone();
+    let part = tf
+        .root()
+        .get("optimizer_state_dict")
+        .unwrap()
+        .get("single_partition_of_fp32_groups")
+        .unwrap()
+        .as_seq()
+        .unwrap()[0]
+        .as_tensor()
+        .unwrap()
+        .clone();
     let (start, len) = tf.tensor_span(&part).unwrap();
     drop(tf);
     let mut b = std::fs::read(&f).unwrap();
@@ -582,19 +703,36 @@ fn deepspeed_damage_is_named() {
     assert_reports(
         &verify(&root, &[]),
         &root,
-        &[&format!("global_step3/bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt: storage {} is corrupted: CRC-32", part.storage_key), "(holding optimizer_state_dict.single_partition_of_fp32_groups.0)"],
+        &[
+            &format!(
+                "global_step3/bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt: storage {} is corrupted: CRC-32",
+                part.storage_key
+            ),
+            "(holding optimizer_state_dict.single_partition_of_fp32_groups.0)",
+        ],
         "flipped byte",
     );
 
     // A rank file from a run on more ranks.
     let (_t, root) = fresh();
-    let other = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/deepspeed/s2_bf16_w4/global_step3/bf16_zero_pp_rank_3_mp_rank_00_optim_states.pt");
+    let other = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/deepspeed/s2_bf16_w4/global_step3/bf16_zero_pp_rank_3_mp_rank_00_optim_states.pt");
     std::fs::copy(other, tag(&root).join("bf16_zero_pp_rank_3_mp_rank_00_optim_states.pt")).unwrap();
-    assert_reports(&verify(&root, &[]), &root, &["bf16_zero_pp_rank_3_mp_rank_00_optim_states.pt: rank 3 is beyond the world size 2"], "extra rank");
+    assert_reports(
+        &verify(&root, &[]),
+        &root,
+        &["bf16_zero_pp_rank_3_mp_rank_00_optim_states.pt: rank 3 is beyond the world size 2"],
+        "extra rank",
+    );
 
     let (_t, root) = fresh();
     std::fs::write(root.join("latest"), "global_step9").unwrap();
-    assert_reports(&verify(&root, &[]), &root, &["ds/latest: names tag \"global_step9\", which does not exist"], "latest");
+    assert_reports(
+        &verify(&root, &[]),
+        &root,
+        &["ds/latest: names tag \"global_step9\", which does not exist"],
+        "latest",
+    );
 }
 
 #[test]
@@ -606,7 +744,11 @@ fn safetensors_files_and_model_directories() {
     assert_eq!(j["format"], "hugging_face");
     let bytes = std::fs::read(model.join("model.safetensors")).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
-    let total: u64 = st.tensors().iter().map(|(_, t)| t.shape().iter().product::<usize>() as u64).sum();
+    let total: u64 = st
+        .tensors()
+        .iter()
+        .map(|(_, t)| t.shape().iter().product::<usize>() as u64)
+        .sum();
     assert_eq!(j["parameters"].as_u64(), Some(total));
     assert_eq!(j["tensors"].as_array().unwrap().len(), st.len());
     let cfg: Value = serde_json::from_slice(&std::fs::read(model.join("config.json")).unwrap()).unwrap();
@@ -621,7 +763,12 @@ fn safetensors_files_and_model_directories() {
     let b = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gpt2/batch.safetensors")).unwrap();
     std::fs::write(&f, &b[..b.len() - 4]).unwrap();
     let out = verify(&f, &[]);
-    assert_reports(&out, tmp.path(), &["batch.safetensors: tensor ", "but the file holds only", "(truncated?)"], "truncated safetensors");
+    assert_reports(
+        &out,
+        tmp.path(),
+        &["batch.safetensors: tensor ", "but the file holds only", "(truncated?)"],
+        "truncated safetensors",
+    );
     let out = ckpt(&["inspect", f.to_str().unwrap()]);
     assert_ne!(out.code, 0);
     assert!(out.stderr.contains("(truncated?)"), "{}", out.stderr);

@@ -69,10 +69,13 @@ pub fn read_header(path: &Path) -> Result<Header, Vec<String>> {
     let mut f = File::open(path).map_err(|e| one(format!("cannot open: {e}")))?;
     let file_len = f.metadata().map_err(|e| one(format!("cannot stat: {e}")))?.len();
     if file_len < 8 {
-        return Err(one(format!("{file_len} bytes, too short for a safetensors file (8-byte header length)")));
+        return Err(one(format!(
+            "{file_len} bytes, too short for a safetensors file (8-byte header length)"
+        )));
     }
     let mut len8 = [0u8; 8];
-    f.read_exact(&mut len8).map_err(|e| one(format!("cannot read the header length: {e}")))?;
+    f.read_exact(&mut len8)
+        .map_err(|e| one(format!("cannot read the header length: {e}")))?;
     let n = u64::from_le_bytes(len8);
     if n > file_len - 8 {
         return Err(one(format!(
@@ -83,7 +86,8 @@ pub fn read_header(path: &Path) -> Result<Header, Vec<String>> {
         return Err(one(format!("header length {n} exceeds the {MAX_HEADER}-byte limit")));
     }
     let mut head = vec![0u8; n as usize];
-    f.read_exact(&mut head).map_err(|e| one(format!("cannot read the {n}-byte header: {e}")))?;
+    f.read_exact(&mut head)
+        .map_err(|e| one(format!("cannot read the {n}-byte header: {e}")))?;
     let text = std::str::from_utf8(&head).map_err(|e| one(format!("header is not UTF-8 ({e})")))?;
     let json: Value = serde_json::from_str(text).map_err(|e| one(format!("header is not valid JSON ({e})")))?;
     let Value::Object(obj) = json else {
@@ -158,7 +162,13 @@ pub fn read_header(path: &Path) -> Result<Header, Vec<String>> {
         )));
     }
     if problems.is_empty() {
-        Ok(Header { path: path.to_path_buf(), file_len, data_start, metadata, tensors })
+        Ok(Header {
+            path: path.to_path_buf(),
+            file_len,
+            data_start,
+            metadata,
+            tensors,
+        })
     } else {
         Err(problems)
     }
@@ -166,7 +176,10 @@ pub fn read_header(path: &Path) -> Result<Header, Vec<String>> {
 
 fn tensor_entry(name: &str, v: &Value) -> Result<HeaderTensor, String> {
     let obj = v.as_object().ok_or_else(|| format!("entry is {v}, not an object"))?;
-    if let Some(k) = obj.keys().find(|k| !matches!(k.as_str(), "dtype" | "shape" | "data_offsets")) {
+    if let Some(k) = obj
+        .keys()
+        .find(|k| !matches!(k.as_str(), "dtype" | "shape" | "data_offsets"))
+    {
         return Err(format!("unexpected field {k:?}"));
     }
     let dname = obj.get("dtype").ok_or("no dtype")?;
@@ -204,7 +217,13 @@ fn tensor_entry(name: &str, v: &Value) -> Result<HeaderTensor, String> {
             bits / 8
         ));
     }
-    Ok(HeaderTensor { name: name.to_string(), dtype, shape, begin, end })
+    Ok(HeaderTensor {
+        name: name.to_string(),
+        dtype,
+        shape,
+        begin,
+        end,
+    })
 }
 
 #[cfg(test)]
@@ -232,7 +251,10 @@ mod tests {
         let h = r#"{"__metadata__":{"k":"v"},"b":{"dtype":"BF16","shape":[3],"data_offsets":[16,22]},"a":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]},"e":{"dtype":"I64","shape":[0],"data_offsets":[22,22]}}"#;
         let p = file(d.path(), h, 22);
         let got = read_header(&p).unwrap();
-        assert_eq!(got.tensors.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), ["a", "b", "e"]);
+        assert_eq!(
+            got.tensors.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(),
+            ["a", "b", "e"]
+        );
         assert_eq!(got.metadata["k"], "v");
         let bytes = std::fs::read(&p).unwrap();
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
@@ -248,16 +270,33 @@ mod tests {
     fn names_what_is_wrong() {
         let ok = r#""a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}"#;
         assert!(problems(&format!("{{{ok}}}"), 12).contains("4 bytes after the last tensor"));
-        assert!(problems(&format!("{{{ok}}}"), 6).contains("tensor a ends at byte 8 of the data region, but the file holds only 6"));
+        assert!(problems(&format!("{{{ok}}}"), 6)
+            .contains("tensor a ends at byte 8 of the data region, but the file holds only 6"));
         let p = problems(r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#, 8);
-        assert!(p.contains("tensor a: data_offsets [0, 8] hold 8 bytes, but F32 [3] needs 12"), "{p}");
-        let p = problems(&format!(r#"{{{ok},"b":{{"dtype":"F16","shape":[2],"data_offsets":[6,10]}}}}"#), 10);
+        assert!(
+            p.contains("tensor a: data_offsets [0, 8] hold 8 bytes, but F32 [3] needs 12"),
+            "{p}"
+        );
+        let p = problems(
+            &format!(r#"{{{ok},"b":{{"dtype":"F16","shape":[2],"data_offsets":[6,10]}}}}"#),
+            10,
+        );
         assert!(p.contains("tensor b (bytes 6..10) overlaps tensor a"), "{p}");
-        let p = problems(&format!(r#"{{{ok},"b":{{"dtype":"F16","shape":[2],"data_offsets":[10,14]}}}}"#), 14);
+        let p = problems(
+            &format!(r#"{{{ok},"b":{{"dtype":"F16","shape":[2],"data_offsets":[10,14]}}}}"#),
+            14,
+        );
         assert!(p.contains("bytes 8..10 of the data region belong to no tensor"), "{p}");
-        assert!(problems(r#"{"a":{"dtype":"F31","shape":[2],"data_offsets":[0,8]}}"#, 8).contains("unknown dtype \"F31\""));
-        assert!(problems(r#"{"a":{"dtype":"F32","shape":[-2],"data_offsets":[0,8]}}"#, 8).contains("not a list of non-negative"));
-        assert!(problems(r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[8,0]}}"#, 8).contains("end before they begin"));
+        assert!(
+            problems(r#"{"a":{"dtype":"F31","shape":[2],"data_offsets":[0,8]}}"#, 8).contains("unknown dtype \"F31\"")
+        );
+        assert!(
+            problems(r#"{"a":{"dtype":"F32","shape":[-2],"data_offsets":[0,8]}}"#, 8)
+                .contains("not a list of non-negative")
+        );
+        assert!(
+            problems(r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[8,0]}}"#, 8).contains("end before they begin")
+        );
         assert!(problems(r#"{"a": 3}"#, 0).contains("not an object"));
         assert!(problems(r#"{"a"#, 0).contains("not valid JSON"));
         assert!(problems(r#"{"__metadata__":{"k":1}}"#, 0).contains("not a string"));

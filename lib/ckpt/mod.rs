@@ -26,7 +26,11 @@ pub enum CkptError {
     )]
     UnknownFormat(PathBuf),
     #[error("{path}: no tag {tag:?} here (tags: {available})")]
-    NoSuchTag { path: PathBuf, tag: String, available: String },
+    NoSuchTag {
+        path: PathBuf,
+        tag: String,
+        available: String,
+    },
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
     #[error(transparent)]
@@ -41,7 +45,10 @@ pub enum CkptError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CkptError + '_ {
-    move |source| CkptError::Io { path: path.to_path_buf(), source }
+    move |source| CkptError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -107,7 +114,10 @@ pub fn detect(path: &Path) -> Result<Target, CkptError> {
     }
     // A root: `latest` names a tag of some format, or some subdirectory is one.
     if let Some(name) = read_latest(path)? {
-        if let Some(f) = valid_tag_name(&name).then(|| format_of_tag(&path.join(&name))).flatten() {
+        if let Some(f) = valid_tag_name(&name)
+            .then(|| format_of_tag(&path.join(&name)))
+            .flatten()
+        {
             return Ok(Target::Root(f, path.to_path_buf()));
         }
     }
@@ -208,7 +218,11 @@ pub fn list_root(dir: &Path, format: Format) -> Result<RootListing, CkptError> {
         .filter(|n| n.starts_with('.') && n.ends_with(".partial"))
         .collect();
     partial.sort();
-    Ok(RootListing { tags, latest: read_latest(dir)?, partial })
+    Ok(RootListing {
+        tags,
+        latest: read_latest(dir)?,
+        partial,
+    })
 }
 
 /// The tag directory `--tag` names under a root.
@@ -216,7 +230,11 @@ fn tag_dir(root: &Path, listing: &RootListing, tag: &str) -> Result<PathBuf, Ckp
     if valid_tag_name(tag) && listing.tags.iter().any(|t| t == tag) {
         return Ok(root.join(tag));
     }
-    Err(CkptError::NoSuchTag { path: root.to_path_buf(), tag: tag.to_string(), available: listing.tags.join(", ") })
+    Err(CkptError::NoSuchTag {
+        path: root.to_path_buf(),
+        tag: tag.to_string(),
+        available: listing.tags.join(", "),
+    })
 }
 
 /// `ckpt inspect`'s arguments.
@@ -271,8 +289,14 @@ mod tests {
         std::fs::create_dir(&tag).unwrap();
         std::fs::write(tag.join("rank_00000.safetensors"), b"").unwrap();
         assert_eq!(detect(&tag).unwrap(), Target::Tag(Format::Zerokit, tag.clone()));
-        assert_eq!(detect(d.path()).unwrap(), Target::Root(Format::Zerokit, d.path().to_path_buf()));
+        assert_eq!(
+            detect(d.path()).unwrap(),
+            Target::Root(Format::Zerokit, d.path().to_path_buf())
+        );
         std::fs::write(d.path().join("notes.txt"), b"hello").unwrap();
-        assert!(matches!(detect(&d.path().join("notes.txt")), Err(CkptError::UnknownFormat(_))));
+        assert!(matches!(
+            detect(&d.path().join("notes.txt")),
+            Err(CkptError::UnknownFormat(_))
+        ));
     }
 }

@@ -64,7 +64,10 @@ pub fn verify(args: &VerifyArgs) -> Result<VerifyReport, CkptError> {
         Target::Root(format, root) => {
             let listing = list_root(&root, format)?;
             for p in &listing.partial {
-                r.notes.push(format!("{}: an interrupted save (harmless; the next save removes it)", root.join(p).display()));
+                r.notes.push(format!(
+                    "{}: an interrupted save (harmless; the next save removes it)",
+                    root.join(p).display()
+                ));
             }
             let tags = match &args.tag {
                 Some(t) => vec![tag_dir(&root, &listing, t)?],
@@ -96,7 +99,11 @@ pub fn verify(args: &VerifyArgs) -> Result<VerifyReport, CkptError> {
     info!(
         "checked {}: {}",
         r.checked.join(", "),
-        if r.is_intact() { "intact".to_string() } else { format!("{} problem(s)", r.problems.len()) }
+        if r.is_intact() {
+            "intact".to_string()
+        } else {
+            format!("{} problem(s)", r.problems.len())
+        }
     );
     Ok(r)
 }
@@ -121,15 +128,18 @@ fn check_latest(root: &Path, listing: &RootListing, format: Format, r: &mut Veri
     let problem = match &listing.latest {
         None if format == Format::Zerokit => Some("missing: nothing names the newest complete tag".to_string()),
         None => {
-            r.notes.push(format!("{}: none (DeepSpeed loads need an explicit tag)", path.display()));
+            r.notes.push(format!(
+                "{}: none (DeepSpeed loads need an explicit tag)",
+                path.display()
+            ));
             None
         }
         Some(name) if name.is_empty() => Some("is empty".into()),
         Some(name) if !valid_tag_name(name) => Some(format!("names {name:?}, not a tag directory name")),
         Some(name) if !root.join(name).is_dir() => Some(format!("names tag {name:?}, which does not exist")),
-        Some(name) if !complete(&root.join(name)) => {
-            Some(format!("names tag {name:?}, which is not a complete checkpoint (no manifest.json)"))
-        }
+        Some(name) if !complete(&root.join(name)) => Some(format!(
+            "names tag {name:?}, which is not a complete checkpoint (no manifest.json)"
+        )),
         Some(_) => None,
     };
     if let Some(p) = problem {
@@ -148,7 +158,10 @@ fn line(path: &Path, msg: impl std::fmt::Display) -> String {
 pub fn verify_zerokit_tag(dir: &Path, scan: bool) -> Vec<String> {
     let mpath = dir.join("manifest.json");
     if !mpath.is_file() {
-        return vec![line(&mpath, "missing: the tag is incomplete (an interrupted save, or the file was removed)")];
+        return vec![line(
+            &mpath,
+            "missing: the tag is incomplete (an interrupted save, or the file was removed)",
+        )];
     }
     let m = match checkpoint::read_manifest(dir) {
         Ok(m) => m,
@@ -186,7 +199,10 @@ pub fn verify_zerokit_tag(dir: &Path, scan: bool) -> Vec<String> {
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             if name.starts_with("rank_") && name.ends_with(".safetensors") && parts > 0 && !required.contains(&name) {
-                p.push(line(&e.path(), format!("a rank file beyond the layout's {parts} partitions (left from another run?)")));
+                p.push(line(
+                    &e.path(),
+                    format!("a rank file beyond the layout's {parts} partitions (left from another run?)"),
+                ));
             }
         }
     }
@@ -211,9 +227,10 @@ pub fn verify_zerokit_tag(dir: &Path, scan: bool) -> Vec<String> {
     let cpath = dir.join(hf::CONFIG_FILE);
     if cpath.is_file() {
         match hf::read_config(&cpath) {
-            Ok(c) if Some(c) != cfg => {
-                p.push(line(&cpath, format!("describes {c:?}, manifest.json's model_config is {}", m.model_config)))
-            }
+            Ok(c) if Some(c) != cfg => p.push(line(
+                &cpath,
+                format!("describes {c:?}, manifest.json's model_config is {}", m.model_config),
+            )),
             Ok(_) => {}
             Err(e) => p.push(e.to_string()),
         }
@@ -289,7 +306,10 @@ fn manifest_problems(dir: &Path, m: &Manifest) -> Vec<String> {
         bad("world_size is 0".into());
     }
     if m.zero_stage > 2 {
-        bad(format!("zero_stage {} is not one zerokit trains with (0, 1, 2)", m.zero_stage));
+        bad(format!(
+            "zero_stage {} is not one zerokit trains with (0, 1, 2)",
+            m.zero_stage
+        ));
     } else {
         let want = if m.zero_stage == 0 { 1 } else { m.world_size };
         if m.layout.parts != want {
@@ -299,7 +319,11 @@ fn manifest_problems(dir: &Path, m: &Manifest) -> Vec<String> {
             ));
         }
     }
-    for (role, allowed) in [("model", &["F32", "F16", "BF16"][..]), ("master", &["F32"]), ("optimizer", &["F32"])] {
+    for (role, allowed) in [
+        ("model", &["F32", "F16", "BF16"][..]),
+        ("master", &["F32"]),
+        ("optimizer", &["F32"]),
+    ] {
         match m.dtypes.get(role) {
             Some(d) if allowed.contains(&d.as_str()) => {}
             Some(d) => bad(format!("dtypes.{role} is {d:?}, expected one of {allowed:?}")),
@@ -312,9 +336,17 @@ fn manifest_problems(dir: &Path, m: &Manifest) -> Vec<String> {
     match serde_json::from_value::<GptConfig>(m.model_config.clone()) {
         Err(e) => p.push(line(&mpath, format!("model_config is not a GPT-2 shape ({e})"))),
         Ok(cfg) => {
-            let want: BTreeMap<String, Vec<usize>> =
-                cfg.param_specs().into_iter().map(|s| (s.name, s.shape.iter().map(|&d| d as usize).collect())).collect();
-            let have: BTreeMap<String, Vec<usize>> = m.layout.params.iter().map(|s| (s.name.clone(), s.shape.clone())).collect();
+            let want: BTreeMap<String, Vec<usize>> = cfg
+                .param_specs()
+                .into_iter()
+                .map(|s| (s.name, s.shape.iter().map(|&d| d as usize).collect()))
+                .collect();
+            let have: BTreeMap<String, Vec<usize>> = m
+                .layout
+                .params
+                .iter()
+                .map(|s| (s.name.clone(), s.shape.clone()))
+                .collect();
             p.extend(compare_tables(&mpath, "model_config", &want, "layout", &have));
         }
     }
@@ -337,12 +369,19 @@ fn compare_tables(
             _ => {}
         }
     }
-    diffs.extend(b.keys().filter(|k| !a.contains_key(*k)).map(|k| format!("{k} is in the {b_name} but not in the {a_name}")));
+    diffs.extend(
+        b.keys()
+            .filter(|k| !a.contains_key(*k))
+            .map(|k| format!("{k} is in the {b_name} but not in the {a_name}")),
+    );
     const SHOWN: usize = 4;
     let n = diffs.len();
     let mut out: Vec<String> = diffs.into_iter().take(SHOWN).map(|d| line(path, d)).collect();
     if n > SHOWN {
-        out.push(line(path, format!("{} more differences between the {a_name} and the {b_name}", n - SHOWN)));
+        out.push(line(
+            path,
+            format!("{} more differences between the {a_name} and the {b_name}", n - SHOWN),
+        ));
     }
     out
 }
@@ -365,10 +404,21 @@ pub fn layout_problems(l: &FlatLayout, file: &Path) -> Vec<String> {
         }
         let n = s.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
         if n != Some(s.numel) {
-            bad(format!("{}: shape {:?} has {} elements, numel says {}", s.name, s.shape, n.map_or("too many".into(), |n| n.to_string()), s.numel));
+            bad(format!(
+                "{}: shape {:?} has {} elements, numel says {}",
+                s.name,
+                s.shape,
+                n.map_or("too many".into(), |n| n.to_string()),
+                s.numel
+            ));
         }
         match l.buckets.get(s.bucket) {
-            None => bad(format!("{}: bucket {} does not exist ({} buckets)", s.name, s.bucket, l.buckets.len())),
+            None => bad(format!(
+                "{}: bucket {} does not exist ({} buckets)",
+                s.name,
+                s.bucket,
+                l.buckets.len()
+            )),
             Some(b) if !b.params.contains(&i) => bad(format!("{}: not listed in its bucket {}", s.name, s.bucket)),
             _ => {}
         }
@@ -380,7 +430,10 @@ pub fn layout_problems(l: &FlatLayout, file: &Path) -> Vec<String> {
         let mut members = Vec::new();
         for &pi in &b.params {
             let Some(s) = l.params.get(pi) else {
-                bad(format!("bucket {bi} lists parameter {pi}, but there are {}", l.params.len()));
+                bad(format!(
+                    "bucket {bi} lists parameter {pi}, but there are {}",
+                    l.params.len()
+                ));
                 continue;
             };
             listed[pi] += 1;
@@ -396,14 +449,21 @@ pub fn layout_problems(l: &FlatLayout, file: &Path) -> Vec<String> {
         let mut pos = 0usize;
         for (off, n, name) in members {
             if off > pos {
-                bad(format!("bucket {bi}: elements {pos}..{off} belong to no parameter (before {name})"));
+                bad(format!(
+                    "bucket {bi}: elements {pos}..{off} belong to no parameter (before {name})"
+                ));
             } else if off < pos {
-                bad(format!("bucket {bi}: {name} at offset {off} overlaps the parameter before it (which ends at {pos})"));
+                bad(format!(
+                    "bucket {bi}: {name} at offset {off} overlaps the parameter before it (which ends at {pos})"
+                ));
             }
             pos = pos.max(off.saturating_add(n));
         }
         if pos != b.numel {
-            bad(format!("bucket {bi}: its parameters cover {pos} elements, numel says {}", b.numel));
+            bad(format!(
+                "bucket {bi}: its parameters cover {pos} elements, numel says {}",
+                b.numel
+            ));
         }
         let want_padded = b.numel.div_ceil(unit).saturating_mul(unit);
         if b.padded != want_padded {
@@ -413,13 +473,22 @@ pub fn layout_problems(l: &FlatLayout, file: &Path) -> Vec<String> {
             ));
         }
         if b.shard.checked_mul(l.parts) != Some(b.padded) {
-            bad(format!("bucket {bi}: shard {} x {} partitions is not its padded size {}", b.shard, l.parts, b.padded));
+            bad(format!(
+                "bucket {bi}: shard {} x {} partitions is not its padded size {}",
+                b.shard, l.parts, b.padded
+            ));
         }
         if b.flat_offset != flat {
-            bad(format!("bucket {bi}: flat_offset {}, but the buckets before it end at {flat}", b.flat_offset));
+            bad(format!(
+                "bucket {bi}: flat_offset {}, but the buckets before it end at {flat}",
+                b.flat_offset
+            ));
         }
         if b.shard_offset != part {
-            bad(format!("bucket {bi}: shard_offset {}, but the shards before it end at {part}", b.shard_offset));
+            bad(format!(
+                "bucket {bi}: shard_offset {}, but the shards before it end at {part}",
+                b.shard_offset
+            ));
         }
         flat = flat.saturating_add(b.padded);
         part = part.saturating_add(b.shard);
@@ -430,10 +499,16 @@ pub fn layout_problems(l: &FlatLayout, file: &Path) -> Vec<String> {
         }
     }
     if l.total != flat {
-        bad(format!("total {} is not the sum of the padded buckets, {flat}", l.total));
+        bad(format!(
+            "total {} is not the sum of the padded buckets, {flat}",
+            l.total
+        ));
     }
     if l.partition != part {
-        bad(format!("partition {} is not the sum of the shards, {part}", l.partition));
+        bad(format!(
+            "partition {} is not the sum of the shards, {part}",
+            l.partition
+        ));
     }
     if !p.is_empty() {
         return p;
@@ -447,7 +522,13 @@ pub fn layout_problems(l: &FlatLayout, file: &Path) -> Vec<String> {
         let mut end = 0;
         for pc in &pieces {
             if pc.partition_offset < end || pc.partition_offset + pc.len > l.partition {
-                p.push(line(file, format!("layout: rank {r}'s partition: a piece of {} at {} overlaps another or exceeds {}", l.params[pc.param].name, pc.partition_offset, l.partition)));
+                p.push(line(
+                    file,
+                    format!(
+                        "layout: rank {r}'s partition: a piece of {} at {} overlaps another or exceeds {}",
+                        l.params[pc.param].name, pc.partition_offset, l.partition
+                    ),
+                ));
             }
             end = pc.partition_offset + pc.len;
             covered[pc.param].push((pc.param_offset, pc.len));
@@ -458,12 +539,24 @@ pub fn layout_problems(l: &FlatLayout, file: &Path) -> Vec<String> {
         let mut pos = 0;
         for &(off, len) in c.iter() {
             if off != pos {
-                p.push(line(file, format!("layout: the partitions hold {} from element {off}, expected {pos}", l.params[pi].name)));
+                p.push(line(
+                    file,
+                    format!(
+                        "layout: the partitions hold {} from element {off}, expected {pos}",
+                        l.params[pi].name
+                    ),
+                ));
             }
             pos = off + len;
         }
         if pos != l.params[pi].numel {
-            p.push(line(file, format!("layout: the partitions hold {pos} of {}'s {} elements", l.params[pi].name, l.params[pi].numel)));
+            p.push(line(
+                file,
+                format!(
+                    "layout: the partitions hold {pos} of {}'s {} elements",
+                    l.params[pi].name, l.params[pi].numel
+                ),
+            ));
         }
     }
     p
@@ -493,12 +586,23 @@ fn model_file_problems(h: &Header, m: &Manifest) -> Vec<String> {
     let want_dtype = m.dtypes.get("model").map(String::as_str).unwrap_or("?");
     for t in &h.tensors {
         if t.dtype.to_string() != want_dtype {
-            p.push(line(&h.path, format!("{} is {}, manifest.json's model dtype is {want_dtype}", t.name, t.dtype)));
+            p.push(line(
+                &h.path,
+                format!("{} is {}, manifest.json's model dtype is {want_dtype}", t.name, t.dtype),
+            ));
         }
     }
-    let want: BTreeMap<String, Vec<usize>> = m.layout.params.iter().map(|s| (s.name.clone(), s.shape.clone())).collect();
-    let have: BTreeMap<String, Vec<usize>> =
-        h.tensors.iter().map(|t| (t.name.clone(), t.shape.iter().map(|&d| d as usize).collect())).collect();
+    let want: BTreeMap<String, Vec<usize>> = m
+        .layout
+        .params
+        .iter()
+        .map(|s| (s.name.clone(), s.shape.clone()))
+        .collect();
+    let have: BTreeMap<String, Vec<usize>> = h
+        .tensors
+        .iter()
+        .map(|t| (t.name.clone(), t.shape.iter().map(|&d| d as usize).collect()))
+        .collect();
     p.extend(compare_tables(&h.path, "manifest's layout", &want, "model file", &have));
     p
 }
@@ -529,7 +633,11 @@ fn rank_file_problems(h: &Header, m: &Manifest, r: usize) -> Vec<String> {
         bad(format!("metadata says rank {}, the file name says {r}", meta("rank")));
     }
     if meta("parts") != format!("\"{}\"", m.layout.parts) {
-        bad(format!("metadata says {} partitions, manifest.json says {}", meta("parts"), m.layout.parts));
+        bad(format!(
+            "metadata says {} partitions, manifest.json says {}",
+            meta("parts"),
+            m.layout.parts
+        ));
     }
     p
 }
@@ -543,7 +651,8 @@ fn for_chunks(path: &Path, start: u64, len: u64, mut f: impl FnMut(u64, &[u8])) 
     let mut off = 0;
     while off < len {
         let n = CHUNK.min(len - off) as usize;
-        file.read_exact_at(&mut buf[..n], start + off).map_err(|e| line(path, format!("read at byte {}: {e}", start + off)))?;
+        file.read_exact_at(&mut buf[..n], start + off)
+            .map_err(|e| line(path, format!("read at byte {}: {e}", start + off)))?;
         f(off, &buf[..n]);
         off += n as u64;
     }
@@ -603,17 +712,23 @@ impl Tally {
     fn add_bytes(&mut self, bytes: &[u8], dtype: DType, base: u64) {
         match dtype {
             DType::F32 => bytes.chunks_exact(4).enumerate().for_each(|(k, c)| {
-                self.add(base + k as u64, f32::from_le_bytes(c.try_into().expect("4 bytes")) as f64)
+                self.add(
+                    base + k as u64,
+                    f32::from_le_bytes(c.try_into().expect("4 bytes")) as f64,
+                )
             }),
-            DType::F64 => bytes.chunks_exact(8).enumerate().for_each(|(k, c)| {
-                self.add(base + k as u64, f64::from_le_bytes(c.try_into().expect("8 bytes")))
-            }),
-            DType::F16 => bytes.chunks_exact(2).enumerate().for_each(|(k, c)| {
-                self.add(base + k as u64, half::f16::from_le_bytes([c[0], c[1]]).to_f64())
-            }),
-            DType::BF16 => bytes.chunks_exact(2).enumerate().for_each(|(k, c)| {
-                self.add(base + k as u64, half::bf16::from_le_bytes([c[0], c[1]]).to_f64())
-            }),
+            DType::F64 => bytes
+                .chunks_exact(8)
+                .enumerate()
+                .for_each(|(k, c)| self.add(base + k as u64, f64::from_le_bytes(c.try_into().expect("8 bytes")))),
+            DType::F16 => bytes
+                .chunks_exact(2)
+                .enumerate()
+                .for_each(|(k, c)| self.add(base + k as u64, half::f16::from_le_bytes([c[0], c[1]]).to_f64())),
+            DType::BF16 => bytes
+                .chunks_exact(2)
+                .enumerate()
+                .for_each(|(k, c)| self.add(base + k as u64, half::bf16::from_le_bytes([c[0], c[1]]).to_f64())),
             _ => {}
         }
     }
@@ -625,7 +740,11 @@ fn locate(l: &FlatLayout, pieces: &[Piece], i: u64) -> String {
     let k = pieces.partition_point(|pc| pc.partition_offset + pc.len <= i);
     match pieces.get(k) {
         Some(pc) if pc.partition_offset <= i => {
-            format!("{} element {}", l.params[pc.param].name, pc.param_offset + i - pc.partition_offset)
+            format!(
+                "{} element {}",
+                l.params[pc.param].name,
+                pc.param_offset + i - pc.partition_offset
+            )
         }
         _ => "padding".into(),
     }
@@ -734,11 +853,19 @@ fn scan_safetensors_values(h: &Header) -> Vec<String> {
             let dtype = DType::from_safetensors_name(&t.dtype.to_string()).filter(|d| d.is_float())?;
             let mut tally = Tally::default();
             let (s, e) = h.span(t);
-            if let Err(err) = for_chunks(&h.path, s, e - s, |off, b| tally.add_bytes(b, dtype, off / dtype.size() as u64)) {
+            if let Err(err) = for_chunks(&h.path, s, e - s, |off, b| {
+                tally.add_bytes(b, dtype, off / dtype.size() as u64)
+            }) {
                 return Some(err);
             }
             let (i, x) = tally.first_nonfinite?;
-            Some(line(&h.path, format!("{} holds {} non-finite value(s) (first: {x} at element {i})", t.name, tally.nonfinite)))
+            Some(line(
+                &h.path,
+                format!(
+                    "{} holds {} non-finite value(s) (first: {x} at element {i})",
+                    t.name, tally.nonfinite
+                ),
+            ))
         })
         .collect()
 }
@@ -779,7 +906,14 @@ fn check_hf_dir(dir: &Path, scan: bool) -> Vec<String> {
                 if let Some((ipath, map)) = &index {
                     for t in &h.tensors {
                         if map.get(&t.name) != Some(f) {
-                            p.push(line(ipath, format!("{} is stored in {f} but the index lists it in {:?}", t.name, map.get(&t.name))));
+                            p.push(line(
+                                ipath,
+                                format!(
+                                    "{} is stored in {f} but the index lists it in {:?}",
+                                    t.name,
+                                    map.get(&t.name)
+                                ),
+                            ));
                         }
                     }
                     for (name, file) in map.iter().filter(|(_, file)| *file == f) {
@@ -813,13 +947,21 @@ pub fn verify_deepspeed_tag(dir: &Path, scan: bool) -> Vec<String> {
     };
     let world = src.as_ref().map(|s| s.world_size());
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map(|rd| rd.flatten().map(|e| e.path()).filter(|f| f.to_string_lossy().ends_with("_states.pt")).collect())
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .filter(|f| f.to_string_lossy().ends_with("_states.pt"))
+                .collect()
+        })
         .unwrap_or_default();
     files.sort();
     let total: u64 = files.iter().filter_map(|f| f.metadata().ok()).map(|m| m.len()).sum();
     let pb = logging::progress_bar(total, "verify {msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}");
     pb.set_message(dir.file_name().unwrap_or_default().to_string_lossy().into_owned());
-    let per_file: Vec<String> = files.par_iter().flat_map_iter(|f| check_torch_file(f, world, scan, &pb)).collect();
+    let per_file: Vec<String> = files
+        .par_iter()
+        .flat_map_iter(|f| check_torch_file(f, world, scan, &pb))
+        .collect();
     pb.finish_and_clear();
     p.extend(per_file);
     // The fp32 master weights are scanned through the consolidation plan: stage 3 leaves the
@@ -835,7 +977,13 @@ pub fn verify_deepspeed_tag(dir: &Path, scan: bool) -> Vec<String> {
             let mut tally = Tally::default();
             tally.add_bytes(&buf, t.dtype, 0);
             if let Some((i, x)) = tally.first_nonfinite {
-                p.push(line(dir, format!("{} holds {} non-finite value(s) (first: {x} at element {i})", t.name, tally.nonfinite)));
+                p.push(line(
+                    dir,
+                    format!(
+                        "{} holds {} non-finite value(s) (first: {x} at element {i})",
+                        t.name, tally.nonfinite
+                    ),
+                ));
             }
         }
     }
@@ -850,7 +998,13 @@ fn is_master_partition(at: &str) -> bool {
 /// Every tensor reference in a decoded pickle, with where it sits ("optimizer_state_dict.
 /// base_optimizer_state.state.0.exp_avg").
 fn tensor_refs<'a>(v: &'a Value, at: &str, out: &mut Vec<(String, &'a TensorRef)>) {
-    let join = |k: &str| if at.is_empty() { k.to_string() } else { format!("{at}.{k}") };
+    let join = |k: &str| {
+        if at.is_empty() {
+            k.to_string()
+        } else {
+            format!("{at}.{k}")
+        }
+    };
     let key = |k: &Value| match k {
         Value::Str(s) => s.clone(),
         Value::Int(i) => i.to_string(),
@@ -858,7 +1012,10 @@ fn tensor_refs<'a>(v: &'a Value, at: &str, out: &mut Vec<(String, &'a TensorRef)
     };
     match v {
         Value::Tensor(t) => out.push((at.to_string(), t)),
-        Value::List(xs) | Value::Tuple(xs) => xs.iter().enumerate().for_each(|(i, x)| tensor_refs(x, &join(&i.to_string()), out)),
+        Value::List(xs) | Value::Tuple(xs) => xs
+            .iter()
+            .enumerate()
+            .for_each(|(i, x)| tensor_refs(x, &join(&i.to_string()), out)),
         Value::Dict(items) => items.iter().for_each(|(k, x)| tensor_refs(x, &join(&key(k)), out)),
         Value::Object { args, state, items, .. } => {
             args.iter().for_each(|x| tensor_refs(x, at, out));
@@ -881,7 +1038,10 @@ fn check_torch_file(path: &Path, world: Option<usize>, scan: bool, pb: &Progress
     let mut p = Vec::new();
     if let (Some(w), Some(dp)) = (world, tf.root().get("dp_world_size").and_then(Value::as_int)) {
         if dp != w as i64 {
-            p.push(line(path, format!("dp_world_size {dp}, but the optimizer files were saved by {w} ranks")));
+            p.push(line(
+                path,
+                format!("dp_world_size {dp}, but the optimizer files were saved by {w} ranks"),
+            ));
         }
     }
     let mut refs = Vec::new();
@@ -922,10 +1082,22 @@ fn check_torch_file(path: &Path, world: Option<usize>, scan: bool, pb: &Progress
                 off += n;
             }
             if let Some((i, x)) = tally.first_nonfinite {
-                p.push(line(path, format!("{at} holds {} non-finite value(s) (first: {x} at element {i})", tally.nonfinite)));
+                p.push(line(
+                    path,
+                    format!(
+                        "{at} holds {} non-finite value(s) (first: {x} at element {i})",
+                        tally.nonfinite
+                    ),
+                ));
             }
             if let (Some((i, x)), true) = (tally.first_negative, at.ends_with("exp_avg_sq")) {
-                p.push(line(path, format!("{at} holds {} negative value(s), impossible for a second moment (first: {x} at element {i})", tally.negative)));
+                p.push(line(
+                    path,
+                    format!(
+                        "{at} holds {} negative value(s), impossible for a second moment (first: {x} at element {i})",
+                        tally.negative
+                    ),
+                ));
             }
         }
     }
