@@ -393,8 +393,10 @@ fn compare_tables(
 pub fn layout_problems(l: &FlatLayout, file: &Path) -> Vec<String> {
     let mut p = Vec::new();
     let mut bad = |m: String| p.push(line(file, format!("layout: {m}")));
-    if l.parts == 0 {
-        bad("parts is 0".into());
+    // Beyond any real run; also bounds the per-rank work below on a hostile manifest.
+    const MAX_PARTS: usize = 1 << 20;
+    if l.parts == 0 || l.parts > MAX_PARTS {
+        bad(format!("parts is {}, expected 1 to {MAX_PARTS}", l.parts));
         return p;
     }
     let mut names = BTreeSet::new();
