@@ -1,5 +1,6 @@
 //! `ckpt`: checkpoint and memory tools. `ckpt estimate` prints per-GPU and per-node memory for
-//! ZeRO stages 0-3 (docs/estimate.md).
+//! ZeRO stages 0-3 (docs/estimate.md); `ckpt inspect` summarizes a checkpoint and `ckpt verify`
+//! checks that it is intact (docs/ckpt.md).
 
 use clap::{Parser, Subcommand};
 
@@ -14,6 +15,10 @@ struct Cli {
 enum Command {
     /// Estimate GPU and CPU memory per ZeRO stage for a GPT-2 model and a cluster shape.
     Estimate(zerokit::memory::EstimateArgs),
+    /// Summarize a zerokit or DeepSpeed checkpoint, a safetensors file or a model directory.
+    Inspect(zerokit::ckpt::InspectArgs),
+    /// Check a checkpoint: one line per problem; exit 0 intact, 1 not, 2 unreadable.
+    Verify(zerokit::ckpt::VerifyArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -21,6 +26,19 @@ fn main() -> anyhow::Result<()> {
     zerokit::logging::init(0, None)?;
     match cli.command {
         Command::Estimate(args) => print!("{}", zerokit::memory::run(&args)?),
+        Command::Inspect(args) => print!("{}", zerokit::ckpt::inspect::run(&args)?),
+        Command::Verify(args) => match zerokit::ckpt::verify::verify(&args) {
+            Ok(report) => {
+                for p in &report.problems {
+                    println!("{p}");
+                }
+                std::process::exit(report.exit_code());
+            }
+            Err(e) => {
+                eprintln!("ckpt verify: {e}");
+                std::process::exit(2);
+            }
+        },
     }
     Ok(())
 }

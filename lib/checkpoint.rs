@@ -278,27 +278,26 @@ impl PartitionReader {
 
 /// Hashes every file listed in the manifest; returns one message per mismatch.
 pub fn check_files(tag_dir: &Path, m: &Manifest) -> Vec<String> {
-    let mut problems = Vec::new();
-    for (name, entry) in &m.files {
-        let path = tag_dir.join(name);
-        match fs::metadata(&path) {
-            Err(_) => problems.push(format!("{}: missing (listed in manifest.json)", path.display())),
-            Ok(md) if md.len() != entry.bytes => problems.push(format!(
-                "{}: size {} bytes, manifest.json says {}",
-                path.display(),
-                md.len(),
-                entry.bytes
-            )),
-            Ok(_) => match fsutil::sha256_file(&path) {
-                Ok(h) if h != entry.sha256 => {
-                    problems.push(format!("{}: sha256 {h} does not match manifest.json ({})", path.display(), entry.sha256))
-                }
-                Ok(_) => {}
-                Err(e) => problems.push(e.to_string()),
-            },
+    m.files.iter().filter_map(|(name, entry)| check_file(tag_dir, name, entry)).collect()
+}
+
+/// Checks one file of a tag against its manifest entry (size, then sha256); the message on a
+/// mismatch names the file. Separate from `check_files` so callers can hash files in parallel.
+pub fn check_file(tag_dir: &Path, name: &str, entry: &FileEntry) -> Option<String> {
+    let path = tag_dir.join(name);
+    match fs::metadata(&path) {
+        Err(_) => Some(format!("{}: missing (listed in manifest.json)", path.display())),
+        Ok(md) if md.len() != entry.bytes => {
+            Some(format!("{}: size {} bytes, manifest.json says {}", path.display(), md.len(), entry.bytes))
         }
+        Ok(_) => match fsutil::sha256_file(&path) {
+            Ok(h) if h != entry.sha256 => {
+                Some(format!("{}: sha256 {h} does not match manifest.json ({})", path.display(), entry.sha256))
+            }
+            Ok(_) => None,
+            Err(e) => Some(e.to_string()),
+        },
     }
-    problems
 }
 
 /// Keeps the newest `keep_last` tags plus `best` (if any); removes the other complete tags and

@@ -2,6 +2,7 @@
 //! One module per concern; docs/ARCHITECTURE.md has the map.
 
 pub mod checkpoint;
+pub mod ckpt;
 pub mod comm;
 pub mod config;
 pub mod convert;
