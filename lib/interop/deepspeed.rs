@@ -516,7 +516,7 @@ impl ShardedSource for DeepSpeedSource {
         Ok(())
     }
 
-    fn hf_config(&self) -> Option<serde_json::Value> {
+    fn hf_config(&self, _dtype: DType) -> Option<serde_json::Value> {
         None
     }
 }
