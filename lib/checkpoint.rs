@@ -256,13 +256,17 @@ impl PartitionReader {
         Ok(())
     }
 
-    /// Drops the mapped pages holding parameter `name`'s `tensor` from this process's resident set
-    /// (see [`fsutil::release_mapped`]), so streaming a whole checkpoint through `read` keeps
-    /// memory bounded by what the caller holds.
-    pub fn release(&self, tensor: &str, name: &str) -> Result<(), CheckpointError> {
+    /// Drops the mapped pages holding elements [offset, offset+len) of parameter `name`'s `tensor`
+    /// from this process's resident set (see [`fsutil::release_mapped`]), so streaming a whole
+    /// checkpoint through `read` keeps memory bounded by what the caller holds.
+    pub fn release(&self, tensor: &str, name: &str, offset: usize, len: usize) -> Result<(), CheckpointError> {
         let (k, pi) = self.locate(tensor, name)?;
         for (r, pc) in &self.pieces[pi] {
-            fsutil::release_mapped(&self.maps[*r], self.starts[*r][k] + pc.partition_offset * 4, pc.len * 4);
+            let (s, e) = (pc.param_offset.max(offset), (pc.param_offset + pc.len).min(offset + len));
+            if s < e {
+                let at = self.starts[*r][k] + (pc.partition_offset + s - pc.param_offset) * 4;
+                fsutil::release_mapped(&self.maps[*r], at, (e - s) * 4);
+            }
         }
         Ok(())
     }

@@ -48,6 +48,9 @@ pub trait ShardedSource {
     /// A transformers `config.json` for the model with its floating-point parameters stored as
     /// `dtype`, when the source knows the architecture.
     fn hf_config(&self, dtype: DType) -> Option<serde_json::Value>;
+    /// Checks the whole source against its own integrity records before anything is converted
+    /// (`--verify`), naming every damaged file.
+    fn verify(&self) -> Result<(), SourceError>;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -121,6 +124,11 @@ pub struct ConvertArgs {
     /// Print this process's peak resident memory at the end.
     #[arg(long)]
     pub report_peak_rss: bool,
+    /// First check every file of a zerokit checkpoint against the sha256 in its manifest (reads
+    /// the whole checkpoint, Adam moments included). DeepSpeed storages are always checked
+    /// against their CRC-32 as they are read.
+    #[arg(long)]
+    pub verify: bool,
 }
 
 /// What a conversion produced.
@@ -210,6 +218,9 @@ pub fn convert(source: &mut dyn ShardedSource, args: &ConvertArgs) -> Result<Sum
         (0..shards.len()).map(|k| safetensors_out::shard_file_name(k, shards.len())).collect()
     };
     info!("{}: {}", args.checkpoint.display(), source.format());
+    if args.verify {
+        source.verify().map_err(ConvertError::Source)?;
+    }
 
     if args.dry_run {
         for (k, shard) in shards.iter().enumerate() {

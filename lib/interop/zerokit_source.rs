@@ -18,6 +18,7 @@ use crate::model::GptConfig;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tch::Kind;
+use tracing::info;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ZerokitSourceError {
@@ -173,15 +174,27 @@ impl ShardedSource for ZerokitSource {
             let len = CHUNK.min(n - at);
             let buf = &mut self.scratch[..len];
             self.reader.read("master", name, at, buf)?;
+            self.reader.release("master", name, at, len)?;
             out.extend(buf.iter().flat_map(|x| x.to_le_bytes()));
             at += len;
         }
-        self.reader.release("master", name)?;
         Ok(())
     }
 
     fn hf_config(&self, dtype: DType) -> Option<serde_json::Value> {
         let text = self.cfg.to_hf_config_json(kind_of(dtype));
         Some(serde_json::from_str(&text).expect("config_json writes valid JSON"))
+    }
+
+    fn verify(&self) -> Result<(), SourceError> {
+        let m = &self.reader.manifest;
+        let bytes: u64 = m.files.values().map(|f| f.bytes).sum();
+        info!("verifying {} files ({:.2} GB) against manifest.json", m.files.len(), bytes as f64 / 1e9);
+        let problems = checkpoint::check_files(&self.reader.dir, m);
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems.join("\n").into())
+        }
     }
 }
