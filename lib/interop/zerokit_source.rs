@@ -97,10 +97,6 @@ impl ZerokitSource {
         let reader = PartitionReader::open(dir)?;
         Ok(ZerokitSource { reader, cfg, tensors, numel, scratch: Vec::new() })
     }
-
-    pub fn manifest(&self) -> &Manifest {
-        &self.reader.manifest
-    }
 }
 
 /// Each rank file the layout needs exists with the size manifest.json records. Cheap (metadata
