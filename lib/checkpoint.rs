@@ -233,15 +233,7 @@ impl PartitionReader {
     /// PARTITION_TENSORS) into `out`.
     pub fn read(&self, tensor: &str, name: &str, offset: usize, out: &mut [f32]) -> Result<(), CheckpointError> {
         let layout = &self.manifest.layout;
-        let k = PARTITION_TENSORS
-            .iter()
-            .position(|t| *t == tensor)
-            .ok_or_else(|| invalid(&self.dir, format!("no partition tensor {tensor}")))?;
-        let pi = layout
-            .params
-            .iter()
-            .position(|p| p.name == name)
-            .ok_or_else(|| invalid(&self.dir, format!("checkpoint has no parameter {name}")))?;
+        let (k, pi) = self.locate(tensor, name)?;
         if offset + out.len() > layout.params[pi].numel {
             return Err(invalid(&self.dir, format!("{name}: range beyond its {} elements", layout.params[pi].numel)));
         }
@@ -262,6 +254,37 @@ impl PartitionReader {
             return Err(invalid(&self.dir, format!("{name}: the rank files cover {filled} of {} elements", out.len())));
         }
         Ok(())
+    }
+
+    /// Drops the mapped pages holding elements [offset, offset+len) of parameter `name`'s `tensor`
+    /// from this process's resident set (see [`fsutil::release_mapped`]), so streaming a whole
+    /// checkpoint through `read` keeps memory bounded by what the caller holds.
+    pub fn release(&self, tensor: &str, name: &str, offset: usize, len: usize) -> Result<(), CheckpointError> {
+        let (k, pi) = self.locate(tensor, name)?;
+        for (r, pc) in &self.pieces[pi] {
+            let (s, e) = (pc.param_offset.max(offset), (pc.param_offset + pc.len).min(offset + len));
+            if s < e {
+                let at = self.starts[*r][k] + (pc.partition_offset + s - pc.param_offset) * 4;
+                fsutil::release_mapped(&self.maps[*r], at, (e - s) * 4);
+            }
+        }
+        Ok(())
+    }
+
+    /// Indices of a PARTITION_TENSORS entry and of a parameter in the layout.
+    fn locate(&self, tensor: &str, name: &str) -> Result<(usize, usize), CheckpointError> {
+        let k = PARTITION_TENSORS
+            .iter()
+            .position(|t| *t == tensor)
+            .ok_or_else(|| invalid(&self.dir, format!("no partition tensor {tensor}")))?;
+        let pi = self
+            .manifest
+            .layout
+            .params
+            .iter()
+            .position(|p| p.name == name)
+            .ok_or_else(|| invalid(&self.dir, format!("checkpoint has no parameter {name}")))?;
+        Ok((k, pi))
     }
 
     /// Fills `dst` (a partition of `layout`, fp32, any device) with `tensor` of this checkpoint.

@@ -9,6 +9,7 @@ use crate::fsutil::{AtomicDir, AtomicFile, FsError};
 use crate::interop::deepspeed::{self, DeepSpeedError, DeepSpeedSource};
 use crate::interop::safetensors_out::{self, SafetensorsOutError, SafetensorsWriter, TensorSpec};
 use crate::interop::torch_pickle::DType;
+use crate::interop::zerokit_source::{self, ZerokitSource, ZerokitSourceError};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -44,14 +45,20 @@ pub trait ShardedSource {
     /// The full tensor `name` as little-endian bytes of its `TensorInfo::dtype`, into `out`
     /// (cleared first; its allocation is reused across calls).
     fn read_tensor(&mut self, name: &str, out: &mut Vec<u8>) -> Result<(), SourceError>;
-    /// A transformers `config.json` for the model, when the source knows the architecture.
-    fn hf_config(&self) -> Option<serde_json::Value>;
+    /// A transformers `config.json` for the model with its floating-point parameters stored as
+    /// `dtype`, when the source knows the architecture.
+    fn hf_config(&self, dtype: DType) -> Option<serde_json::Value>;
+    /// Checks the whole source against its own integrity records before anything is converted
+    /// (`--verify`), naming every damaged file.
+    fn verify(&self) -> Result<(), SourceError>;
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConvertError {
     #[error(transparent)]
     DeepSpeed(#[from] DeepSpeedError),
+    #[error(transparent)]
+    Zerokit(#[from] ZerokitSourceError),
     #[error(transparent)]
     Fs(#[from] FsError),
     #[error("{path}: {source}")]
@@ -117,6 +124,11 @@ pub struct ConvertArgs {
     /// Print this process's peak resident memory at the end.
     #[arg(long)]
     pub report_peak_rss: bool,
+    /// First check every file of a zerokit checkpoint against the sha256 in its manifest (reads
+    /// the whole checkpoint, Adam moments included). DeepSpeed storages are always checked
+    /// against their CRC-32 as they are read.
+    #[arg(long)]
+    pub verify: bool,
 }
 
 /// What a conversion produced.
@@ -154,6 +166,9 @@ pub fn resolve_tag_dir(checkpoint: &Path, tag: Option<&str>) -> Result<PathBuf, 
 /// Opens whichever supported checkpoint `checkpoint` is.
 pub fn open_source(checkpoint: &Path, tag: Option<&str>) -> Result<Box<dyn ShardedSource>, ConvertError> {
     let dir = resolve_tag_dir(checkpoint, tag)?;
+    if zerokit_source::is_zerokit_dir(&dir) {
+        return Ok(Box::new(ZerokitSource::open(&dir)?));
+    }
     if deepspeed::is_deepspeed_dir(&dir) {
         return Ok(Box::new(DeepSpeedSource::open(&dir)?));
     }
@@ -203,6 +218,9 @@ pub fn convert(source: &mut dyn ShardedSource, args: &ConvertArgs) -> Result<Sum
         (0..shards.len()).map(|k| safetensors_out::shard_file_name(k, shards.len())).collect()
     };
     info!("{}: {}", args.checkpoint.display(), source.format());
+    if args.verify {
+        source.verify().map_err(ConvertError::Source)?;
+    }
 
     if args.dry_run {
         for (k, shard) in shards.iter().enumerate() {
@@ -300,7 +318,7 @@ pub fn convert(source: &mut dyn ShardedSource, args: &ConvertArgs) -> Result<Sum
                 &serde_json::to_vec_pretty(&index).expect("json serializes"),
             )?;
         }
-        if let Some(cfg) = source.hf_config() {
+        if let Some(cfg) = source.hf_config(want) {
             crate::fsutil::write_atomic(&d.path().join("config.json"), &serde_json::to_vec_pretty(&cfg).expect("json serializes"))?;
         }
         d.commit()?;

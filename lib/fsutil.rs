@@ -173,6 +173,27 @@ pub fn sha256_file(path: &Path) -> Result<String, FsError> {
     Ok(hex::encode(h.finalize()))
 }
 
+/// Drops the pages of bytes [start, start+len) of a read-only file mapping from this process's
+/// resident set (the page cache keeps them, and a later read faults them back in). Streaming a
+/// many-GB file through a mapping would otherwise count every page ever touched against peak RSS.
+/// Only whole pages inside the range are dropped, so neighbouring data is never affected.
+pub fn release_mapped(map: &memmap2::Mmap, start: usize, len: usize) {
+    // SAFETY: sysconf has no preconditions.
+    let page = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+        p if p > 0 => p as usize,
+        _ => 4096,
+    };
+    let end = (start + len).min(map.len());
+    let (begin, end) = (start.div_ceil(page) * page, end / page * page);
+    if end > begin {
+        // SAFETY: the range lies inside the mapping (the mapping starts page-aligned); on a
+        // read-only shared file mapping MADV_DONTNEED only drops page-table entries.
+        unsafe {
+            libc::madvise(map.as_ptr().add(begin) as *mut libc::c_void, end - begin, libc::MADV_DONTNEED);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -40,6 +40,7 @@ fn args(ckpt: &Path, out: &Path) -> ConvertArgs {
         max_shard_size: "5GB".into(),
         force: false,
         report_peak_rss: false,
+        verify: false,
     }
 }
 

@@ -2,9 +2,11 @@
 //! save path through transformers itself (tools/check_hf_roundtrip.py), checkpoint variants and
 //! errors, the split forward/backward the ZeRO trainer runs, initialisation and generation.
 
+mod common;
+
+use common::transformers_logits;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use tch::{Device, Kind, Tensor};
 use zerokit::interop::hf::HfError;
 use zerokit::model::{vjp, Gpt, GptConfig, ModelError, PRESETS};
@@ -122,39 +124,6 @@ fn half_and_bf16_track_the_fp32_reference() {
         eprintln!("{kind:?}: loss {l} vs fp32 {}", expected_loss());
         assert!((l - expected_loss()).abs() < tol, "{kind:?}: loss {l}");
     }
-}
-
-fn python() -> PathBuf {
-    let py = Path::new(env!("CARGO_MANIFEST_DIR")).join(".deps/py/bin/python");
-    assert!(
-        py.exists(),
-        "{} not found: run `make pyenv` to create the Python reference environment",
-        py.display()
-    );
-    py
-}
-
-/// Runs transformers on a directory zerokit wrote and returns its logits on `tokens`.
-fn transformers_logits(dir: &Path, tokens: &Tensor) -> Tensor {
-    let work = dir.parent().unwrap();
-    let tok_path = work.join("tokens.safetensors");
-    let out_path = work.join("hf_logits.safetensors");
-    Tensor::write_safetensors(&[("tokens", tokens)], &tok_path).unwrap();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/check_hf_roundtrip.py");
-    let out = Command::new(python())
-        .arg(&script)
-        .arg(dir)
-        .arg(&tok_path)
-        .arg(&out_path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "check_hf_roundtrip.py failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    read_st(&out_path).remove("logits").unwrap()
 }
 
 #[test]

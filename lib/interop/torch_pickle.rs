@@ -355,24 +355,9 @@ impl TorchFile {
     }
 
     /// Drops the mapped pages of a byte range from this process's resident set (the page cache
-    /// keeps them). Streaming a many-GB file through a mapping would otherwise count every page
-    /// ever touched against peak RSS.
+    /// keeps them): see [`crate::fsutil::release_mapped`].
     pub fn release(&self, start: u64, len: u64) {
-        let page = 4096u64;
-        let begin = start.div_ceil(page) * page;
-        let end = ((start + len) / page) * page;
-        if end > begin {
-            // SAFETY: the range lies inside our read-only mapping; MADV_DONTNEED on a shared file
-            // mapping only drops this process's page-table entries, and later reads fault the
-            // (unchanged) file contents back in.
-            unsafe {
-                libc::madvise(
-                    self.map.as_ptr().add(begin as usize) as *mut libc::c_void,
-                    (end - begin) as usize,
-                    libc::MADV_DONTNEED,
-                );
-            }
-        }
+        crate::fsutil::release_mapped(&self.map, start as usize, len as usize);
     }
 }
 

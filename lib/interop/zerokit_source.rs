@@ -1,0 +1,196 @@
+//! zerokit's own checkpoints (docs/checkpoint-format.md) as a [`ShardedSource`].
+//!
+//! The weights come from the fp32 master partitions in the rank files, not from
+//! `model.safetensors`, which holds the model in its compute dtype (bf16 or fp16 in a mixed
+//! precision run) and so has lost the master's low bits. [`PartitionReader`] maps the rank files
+//! and resolves each parameter to its pieces through the manifest's layout, whatever the ZeRO
+//! stage and world size; a parameter is read in bounded chunks and its pages are released once
+//! copied, so memory stays at one output tensor. The Adam moments are never touched.
+//!
+//! The layout already holds transformers' GPT-2 names and shapes (lm_head tied to wte and
+//! stored once, as `GPT2LMHeadModel` expects), so the output needs no renaming; tensors come out
+//! in the model's canonical order (wte, wpe, h.0 ... h.{L-1}, ln_f).
+
+use crate::checkpoint::{self, CheckpointError, Manifest, PartitionReader};
+use crate::convert::{ShardedSource, SourceError, TensorInfo};
+use crate::interop::torch_pickle::DType;
+use crate::model::GptConfig;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use tch::Kind;
+use tracing::info;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ZerokitSourceError {
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error("{path}: {msg}")]
+    Invalid { path: PathBuf, msg: String },
+}
+
+fn invalid(path: &Path, msg: impl Into<String>) -> ZerokitSourceError {
+    ZerokitSourceError::Invalid { path: path.to_path_buf(), msg: msg.into() }
+}
+
+/// Elements copied per `PartitionReader::read` call: bounds the scratch buffer (4 MiB), large
+/// enough that the per-call lookups cost nothing.
+const CHUNK: usize = 1 << 20;
+
+/// Whether `dir` looks like a zerokit checkpoint tag: a manifest, or rank files (a tag whose
+/// manifest is missing is then reported as such rather than as an unknown format).
+pub fn is_zerokit_dir(dir: &Path) -> bool {
+    dir.join("manifest.json").is_file() || dir.join(checkpoint::rank_file_name(0)).is_file()
+}
+
+/// An opened zerokit checkpoint tag: manifest checked, rank files mapped.
+pub struct ZerokitSource {
+    reader: PartitionReader,
+    cfg: GptConfig,
+    tensors: Vec<TensorInfo>,
+    numel: HashMap<String, usize>,
+    scratch: Vec<f32>,
+}
+
+impl ZerokitSource {
+    /// Opens the tag directory `dir`. Every rank file the layout needs must be present with the
+    /// size manifest.json records (a truncated or replaced file is named before anything is read),
+    /// and the layout must hold exactly the parameters of the GPT-2 that `model_config` describes.
+    pub fn open(dir: &Path) -> Result<Self, ZerokitSourceError> {
+        let manifest_path = dir.join("manifest.json");
+        if !manifest_path.is_file() {
+            return Err(invalid(
+                &manifest_path,
+                "missing: not a complete zerokit checkpoint tag (a save that did not finish leaves its rank files without a manifest)",
+            ));
+        }
+        let m = checkpoint::read_manifest(dir)?;
+        check_rank_files(dir, &m)?;
+        let cfg: GptConfig = serde_json::from_value(m.model_config.clone())
+            .map_err(|e| invalid(&manifest_path, format!("model_config is not a GPT-2 configuration: {e}")))?;
+        cfg.validate().map_err(|e| invalid(&manifest_path, format!("model_config: {e}")))?;
+        let specs = cfg.param_specs();
+        let stored: HashMap<&str, &[usize]> = m.layout.params.iter().map(|p| (p.name.as_str(), p.shape.as_slice())).collect();
+        for s in &specs {
+            let want: Vec<usize> = s.shape.iter().map(|&d| d as usize).collect();
+            match stored.get(s.name.as_str()) {
+                None => return Err(invalid(&manifest_path, format!("layout has no parameter {} (model_config {cfg:?} needs it)", s.name))),
+                Some(got) if *got != want.as_slice() => {
+                    return Err(invalid(&manifest_path, format!("layout gives {} the shape {got:?}, model_config needs {want:?}", s.name)))
+                }
+                Some(_) => {}
+            }
+        }
+        if stored.len() != specs.len() {
+            let extra: Vec<&str> = stored.keys().filter(|n| !specs.iter().any(|s| s.name == **n)).copied().collect();
+            return Err(invalid(&manifest_path, format!("layout holds parameters that GPT-2 does not have: {extra:?}")));
+        }
+        let tensors: Vec<TensorInfo> = specs
+            .iter()
+            .map(|s| TensorInfo {
+                name: s.name.clone(),
+                shape: s.shape.iter().map(|&d| d as usize).collect(),
+                dtype: DType::F32,
+                frozen: false,
+            })
+            .collect();
+        let numel = tensors.iter().map(|t| (t.name.clone(), t.numel() as usize)).collect();
+        let reader = PartitionReader::open(dir)?;
+        Ok(ZerokitSource { reader, cfg, tensors, numel, scratch: Vec::new() })
+    }
+}
+
+/// Each rank file the layout needs exists with the size manifest.json records. Cheap (metadata
+/// only), and it names a missing or truncated file before PartitionReader's mapping would fail
+/// with a less direct safetensors error.
+fn check_rank_files(dir: &Path, m: &Manifest) -> Result<(), ZerokitSourceError> {
+    let manifest_path = dir.join("manifest.json");
+    for r in 0..m.layout.parts {
+        let name = checkpoint::rank_file_name(r);
+        let path = dir.join(&name);
+        let entry = m
+            .files
+            .get(&name)
+            .ok_or_else(|| invalid(&manifest_path, format!("does not list {name}, which its layout of {} partitions needs", m.layout.parts)))?;
+        let md = match std::fs::metadata(&path) {
+            Ok(md) => md,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(invalid(
+                    &path,
+                    format!(
+                        "missing (manifest.json lists it; the checkpoint was saved by {} ranks at ZeRO stage {}, in {} partitions)",
+                        m.world_size, m.zero_stage, m.layout.parts
+                    ),
+                ))
+            }
+            Err(e) => return Err(invalid(&path, e.to_string())),
+        };
+        if md.len() != entry.bytes {
+            return Err(invalid(
+                &path,
+                format!("{} bytes, manifest.json records {}: the file is truncated or was replaced", md.len(), entry.bytes),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn kind_of(dtype: DType) -> Kind {
+    match dtype {
+        DType::F16 => Kind::Half,
+        DType::BF16 => Kind::BFloat16,
+        _ => Kind::Float,
+    }
+}
+
+impl ShardedSource for ZerokitSource {
+    fn format(&self) -> String {
+        let m = &self.reader.manifest;
+        format!(
+            "zerokit checkpoint {} (step {}), ZeRO-{}, {} ranks, {} compute; reading the fp32 master weights from {} rank file(s)",
+            m.tag,
+            m.step,
+            m.zero_stage,
+            m.world_size,
+            m.dtypes.get("model").map(String::as_str).unwrap_or("?"),
+            m.layout.parts
+        )
+    }
+
+    fn describe(&self) -> Vec<TensorInfo> {
+        self.tensors.clone()
+    }
+
+    fn read_tensor(&mut self, name: &str, out: &mut Vec<u8>) -> Result<(), SourceError> {
+        let n = *self.numel.get(name).ok_or_else(|| format!("{}: no parameter named {name}", self.reader.dir.display()))?;
+        out.clear();
+        out.reserve_exact(n * 4);
+        self.scratch.resize(CHUNK.min(n), 0.0);
+        let mut at = 0;
+        while at < n {
+            let len = CHUNK.min(n - at);
+            let buf = &mut self.scratch[..len];
+            self.reader.read("master", name, at, buf)?;
+            self.reader.release("master", name, at, len)?;
+            out.extend(buf.iter().flat_map(|x| x.to_le_bytes()));
+            at += len;
+        }
+        Ok(())
+    }
+
+    fn hf_config(&self, dtype: DType) -> Option<serde_json::Value> {
+        let text = self.cfg.to_hf_config_json(kind_of(dtype));
+        Some(serde_json::from_str(&text).expect("config_json writes valid JSON"))
+    }
+
+    fn verify(&self) -> Result<(), SourceError> {
+        let m = &self.reader.manifest;
+        let bytes: u64 = m.files.values().map(|f| f.bytes).sum();
+        info!("verifying {} files ({:.2} GB) against manifest.json", m.files.len(), bytes as f64 / 1e9);
+        let problems = checkpoint::check_files(&self.reader.dir, m);
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems.join("\n").into())
+        }
+    }
+}

@@ -1,0 +1,45 @@
+//! Helpers shared by integration tests: the Python reference environment and transformers.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use tch::Tensor;
+
+/// The reference environment's interpreter; tests that need it fail (not skip) without it.
+pub fn python() -> PathBuf {
+    let py = Path::new(env!("CARGO_MANIFEST_DIR")).join(".deps/py/bin/python");
+    assert!(
+        py.exists(),
+        "{} not found: run `make pyenv` to create the Python reference environment",
+        py.display()
+    );
+    py
+}
+
+/// Loads a model directory into transformers' GPT2LMHeadModel (tools/check_hf_roundtrip.py,
+/// which also fails on missing, unexpected or untied weights) and returns its logits on `tokens`.
+pub fn transformers_logits(dir: &Path, tokens: &Tensor) -> Tensor {
+    let work = dir.parent().unwrap();
+    let tok_path = work.join("tokens.safetensors");
+    let out_path = work.join("hf_logits.safetensors");
+    Tensor::write_safetensors(&[("tokens", tokens)], &tok_path).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/check_hf_roundtrip.py");
+    let out = Command::new(python())
+        .arg(&script)
+        .arg(dir)
+        .arg(&tok_path)
+        .arg(&out_path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "check_hf_roundtrip.py failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Tensor::read_safetensors(&out_path)
+        .unwrap()
+        .into_iter()
+        .find(|(n, _)| n == "logits")
+        .expect("check_hf_roundtrip.py writes logits")
+        .1
+}

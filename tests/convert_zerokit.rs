@@ -1,0 +1,427 @@
+//! zero-to-fp32 on zerokit's own checkpoints, made by the real `train` binary on CPU ranks
+//! (tiny GPT-2, a few steps) at ZeRO stages 0, 1, 2 on 1, 2 and 3 ranks, fp32 and bf16.
+//!
+//! The reference for the output is the fp32 master assembled here straight from the rank files
+//! with the format's own arithmetic (docs/checkpoint-format.md), independently of
+//! PartitionReader; in an fp32 run the checkpoint's model.safetensors must equal it too, and in a
+//! bf16 run `--dtype bf16` must reproduce model.safetensors (the compute weights are the master
+//! rounded). transformers must load the output directory and agree with zerokit's logits.
+
+mod common;
+
+use safetensors::SafeTensors;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use tch::{Device, Kind, Tensor};
+use zerokit::convert::{self, ConvertArgs, OutDtype};
+use zerokit::model::Gpt;
+
+const VOCAB: u16 = 96;
+
+struct Case {
+    name: String,
+    dtype: &'static str,
+    /// The checkpoint root (out_dir of the run).
+    root: PathBuf,
+}
+
+/// The runs, made once per test binary: (stage, ranks, dtype).
+const RUNS: [(u8, usize, &str); 5] = [(0, 1, "fp32"), (1, 2, "bf16"), (2, 3, "bf16"), (2, 2, "fp32"), (0, 3, "bf16")];
+
+fn checkpoints() -> &'static [Case] {
+    static CASES: OnceLock<Vec<Case>> = OnceLock::new();
+    CASES.get_or_init(|| {
+        // Kept for the life of the test binary (a static is never dropped), so under the target
+        // directory rather than a temporary one; each run of the binary starts afresh.
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("convert_zerokit");
+        let _ = std::fs::remove_dir_all(&dir);
+        let data = dir.join("data");
+        dataset(&data);
+        RUNS.iter()
+            .map(|&(stage, n, dtype)| {
+                let name = format!("s{stage}_w{n}_{dtype}");
+                // Saves at steps 2 and 3: `latest` names step 3, --tag can pick step 2.
+                let extra = format!(
+                    "zero_stage = {stage}\ndtype = \"{dtype}\"\nbatch_size = {}\nmax_iters = 3\neval_interval = 2\nalways_save_checkpoint = true",
+                    6 / n
+                );
+                let tiny = format!("n_layer = 2\nn_head = 2\nn_embd = 32\nblock_size = 16\nvocab_size = {VOCAB}");
+                let root = train(&dir.join(&name), &data, n, &tiny, &extra);
+                Case { name, dtype, root }
+            })
+            .collect()
+    })
+}
+
+/// A token dataset of pseudo-random ids below VOCAB.
+fn dataset(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    for (split, n, mut s) in [("train", 4000usize, 3u64), ("val", 2000, 5)] {
+        let mut bytes = Vec::with_capacity(n * 2);
+        for _ in 0..n {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            bytes.extend_from_slice(&(((s >> 33) as u16) % VOCAB).to_le_bytes());
+        }
+        std::fs::write(dir.join(format!("{split}.bin")), bytes).unwrap();
+    }
+}
+
+/// Runs `train` on `nproc` CPU ranks with the GPT-2 `model` describes; returns the checkpoint
+/// root.
+fn train(dir: &Path, data: &Path, nproc: usize, model: &str, extra: &str) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let out = dir.join("out");
+    let cfg = dir.join("config.toml");
+    let text = format!(
+        "dataset = \"{}\"\nout_dir = \"{}\"\n{model}\n\
+         eval_iters = 1\nlog_interval = 1\nlearning_rate = 3e-3\nwarmup_iters = 1\nlr_decay_iters = 3\nmin_lr = 3e-4\n\
+         device = \"cpu\"\nsample_tokens = 0\ncomm_timeout = 60\n{extra}\n",
+        data.display(),
+        out.display()
+    );
+    std::fs::write(&cfg, text).unwrap();
+    // Distinct per test process and run, away from common services.
+    static PORT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let port = 30000 + (std::process::id() % 20000) as u16 + PORT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let o = Command::new(env!("CARGO_BIN_EXE_train"))
+        .arg(&cfg)
+        .arg("--nproc-per-node")
+        .arg(nproc.to_string())
+        .arg("--master-port")
+        .arg(port.to_string())
+        .env("ZEROKIT_NO_CUDA", "1")
+        .env_remove("RANK")
+        .env_remove("WORLD_SIZE")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "train {}: {}", dir.display(), String::from_utf8_lossy(&o.stderr));
+    out
+}
+
+fn args(ckpt: &Path, out: &Path) -> ConvertArgs {
+    ConvertArgs {
+        checkpoint: ckpt.to_path_buf(),
+        output: out.to_path_buf(),
+        tag: None,
+        dtype: OutDtype::Fp32,
+        exclude_frozen: false,
+        dry_run: false,
+        max_shard_size: "5GB".into(),
+        force: false,
+        report_peak_rss: false,
+        verify: false,
+    }
+}
+
+type Tensors = BTreeMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)>;
+
+fn read_tensors(path: &Path) -> Tensors {
+    let buf = std::fs::read(path).unwrap();
+    let st = SafeTensors::deserialize(&buf).unwrap();
+    st.tensors().into_iter().map(|(n, t)| (n, (t.dtype(), t.shape().to_vec(), t.data().to_vec()))).collect()
+}
+
+/// The fp32 master of every parameter, assembled from the rank files with the format's
+/// arithmetic: element i of a parameter at offset o in bucket b lies at bucket position o + i,
+/// on rank (o + i) / shard_b, at partition position shard_offset_b + (o + i) mod shard_b.
+fn assemble_master(tag: &Path) -> BTreeMap<String, (Vec<usize>, Vec<u8>)> {
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(tag.join("manifest.json")).unwrap()).unwrap();
+    let layout = &m["layout"];
+    let parts = layout["parts"].as_u64().unwrap() as usize;
+    let ranks: Vec<Vec<u8>> = (0..parts)
+        .map(|r| {
+            let buf = std::fs::read(tag.join(format!("rank_{r:05}.safetensors"))).unwrap();
+            let st = SafeTensors::deserialize(&buf).unwrap();
+            let t = st.tensor("master").unwrap();
+            assert_eq!(t.dtype(), safetensors::Dtype::F32);
+            t.data().to_vec()
+        })
+        .collect();
+    let u = |v: &serde_json::Value| v.as_u64().unwrap() as usize;
+    let mut out = BTreeMap::new();
+    for p in layout["params"].as_array().unwrap() {
+        let b = &layout["buckets"][u(&p["bucket"])];
+        let (shard, shard_offset, offset) = (u(&b["shard"]), u(&b["shard_offset"]), u(&p["offset"]));
+        let shape: Vec<usize> = p["shape"].as_array().unwrap().iter().map(u).collect();
+        let numel: usize = shape.iter().product();
+        let mut bytes = Vec::with_capacity(numel * 4);
+        for i in 0..numel {
+            let pos = offset + i;
+            let at = (shard_offset + pos % shard) * 4;
+            bytes.extend_from_slice(&ranks[pos / shard][at..at + 4]);
+        }
+        out.insert(p["name"].as_str().unwrap().to_string(), (shape, bytes));
+    }
+    out
+}
+
+fn latest_tag(root: &Path) -> PathBuf {
+    root.join(std::fs::read_to_string(root.join("latest")).unwrap().trim())
+}
+
+fn bf16_of(f32_bytes: &[u8]) -> Vec<u8> {
+    // torch's rounding (nearest, ties to even), as `half` implements it.
+    f32_bytes
+        .chunks_exact(4)
+        .flat_map(|c| half::bf16::from_f32(f32::from_le_bytes(c.try_into().unwrap())).to_le_bytes())
+        .collect()
+}
+
+#[test]
+fn output_is_the_fp32_master_bit_for_bit_at_every_stage_and_world_size() {
+    let tmp = tempfile::tempdir().unwrap();
+    for case in checkpoints() {
+        let latest = latest_tag(&case.root);
+        assert!(latest.ends_with("step_00000003"), "{}: {}", case.name, latest.display());
+        // The root (following `latest`), the tag directory itself, and --tag for the older save.
+        for (label, ckpt, tag, tag_dir) in [
+            ("root", case.root.clone(), None, latest.clone()),
+            ("tag dir", latest.clone(), None, latest.clone()),
+            ("--tag", case.root.clone(), Some("step_00000002".to_string()), case.root.join("step_00000002")),
+        ] {
+            let what = format!("{} ({label})", case.name);
+            let out = tmp.path().join(format!("{}-{}.safetensors", case.name, label.replace([' ', '-'], "")));
+            let mut a = args(&ckpt, &out);
+            a.tag = tag;
+            a.verify = label == "root";
+            let summary = convert::run(&a).unwrap();
+            let got = read_tensors(&out);
+            let master = assemble_master(&tag_dir);
+            assert_eq!(summary.tensors, master.len(), "{what}");
+            assert_eq!(got.len(), master.len(), "{what}: tensor names {:?}", got.keys().collect::<Vec<_>>());
+            assert!(!got.contains_key("lm_head.weight"), "{what}: lm_head is tied to wte and stored once");
+            for (name, (shape, bytes)) in &master {
+                let (dt, s, data) = got.get(name).unwrap_or_else(|| panic!("{what}: {name} missing"));
+                assert_eq!((*dt, s), (safetensors::Dtype::F32, shape), "{what}: {name}");
+                assert!(data == bytes, "{what}: {name} differs from the master in the rank files");
+            }
+            // In an fp32 run the model weights are the master; in bf16 they are its rounding.
+            let model = read_tensors(&tag_dir.join("model.safetensors"));
+            assert_eq!(model.len(), master.len(), "{what}");
+            for (name, (dt, _, data)) in &model {
+                let ours = &got[name].2;
+                match case.dtype {
+                    "fp32" => {
+                        assert_eq!(*dt, safetensors::Dtype::F32);
+                        assert!(data == ours, "{what}: {name}: fp32 run, output differs from model.safetensors");
+                    }
+                    _ => {
+                        assert_eq!(*dt, safetensors::Dtype::BF16);
+                        assert!(*data == bf16_of(ours), "{what}: {name}: bf16 run, model.safetensors is not the master rounded");
+                        assert!(data != ours, "{what}: {name}");
+                    }
+                }
+            }
+        }
+        // --dtype bf16 of a bf16 run reproduces its compute weights exactly.
+        if case.dtype == "bf16" {
+            let out = tmp.path().join(format!("{}-bf16.safetensors", case.name));
+            let mut a = args(&case.root, &out);
+            a.dtype = OutDtype::Bf16;
+            convert::run(&a).unwrap();
+            assert_eq!(read_tensors(&out), read_tensors(&latest.join("model.safetensors")), "{}: --dtype bf16", case.name);
+        }
+    }
+    // The two saves of a run differ, so the --tag comparison above really tells them apart.
+    let c = &checkpoints()[0];
+    assert_ne!(assemble_master(&c.root.join("step_00000002")), assemble_master(&latest_tag(&c.root)));
+}
+
+#[test]
+fn directory_output_has_config_json_in_the_output_dtype() {
+    let tmp = tempfile::tempdir().unwrap();
+    let case = &checkpoints()[2];
+    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(latest_tag(&case.root).join("manifest.json")).unwrap()).unwrap();
+    for (dtype, name) in [(OutDtype::Fp32, "float32"), (OutDtype::Fp16, "float16"), (OutDtype::Bf16, "bfloat16")] {
+        let out = tmp.path().join(name);
+        let mut a = args(&case.root, &out);
+        a.dtype = dtype;
+        convert::run(&a).unwrap();
+        let cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+        assert_eq!(cfg["torch_dtype"], name);
+        assert_eq!(cfg["dtype"], name);
+        for (ours, theirs) in [("n_layer", "n_layer"), ("n_head", "n_head"), ("n_embd", "n_embd"), ("n_positions", "block_size"), ("vocab_size", "vocab_size")] {
+            assert_eq!(cfg[ours], manifest["model_config"][theirs], "{ours}");
+        }
+        assert_eq!(cfg["tie_word_embeddings"], true);
+    }
+    // --dry-run writes nothing.
+    let out = tmp.path().join("dry");
+    let mut a = args(&case.root, &out);
+    a.dry_run = true;
+    let s = convert::run(&a).unwrap();
+    assert_eq!(s.tensors, 2 + 2 * 12 + 2);
+    assert!(!out.exists());
+}
+
+fn tokens() -> Tensor {
+    Tensor::randint_low(0, VOCAB as i64, [3, 16], (Kind::Int64, Device::Cpu)).set_requires_grad(false)
+}
+
+fn zerokit_logits(dir: &Path, idx: &Tensor) -> Tensor {
+    let (model, _) = Gpt::load_hf(dir, Device::Cpu, Kind::Float).unwrap();
+    tch::no_grad(|| model.forward(idx))
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.size(), b.size());
+    (a - b).abs().max().double_value(&[])
+}
+
+#[test]
+fn transformers_loads_the_output_with_zerokits_logits() {
+    let tmp = tempfile::tempdir().unwrap();
+    tch::manual_seed(0);
+    let idx = tokens();
+    // Every output dtype on the mixed-precision run; fp32 on the fp32 one (each transformers run
+    // costs seconds of Python start-up).
+    let cases = [(&checkpoints()[0], vec![(OutDtype::Fp32, "fp32")]), (&checkpoints()[2], vec![(OutDtype::Fp32, "fp32"), (OutDtype::Bf16, "bf16"), (OutDtype::Fp16, "fp16")])];
+    for (case, dtypes) in cases {
+        for (dtype, label) in dtypes {
+            let what = format!("{} --dtype {label}", case.name);
+            let out = tmp.path().join(format!("{}-{label}", case.name)).join("model");
+            std::fs::create_dir_all(out.parent().unwrap()).unwrap();
+            let mut a = args(&case.root, &out);
+            a.dtype = dtype;
+            convert::run(&a).unwrap();
+            let ours = zerokit_logits(&out, &idx);
+            let theirs = common::transformers_logits(&out, &idx);
+            let d = max_abs_diff(&ours, &theirs);
+            eprintln!("{what}: max |zerokit - transformers| = {d:.2e}");
+            assert!(d < 1e-4, "{what}: max |zerokit - transformers| = {d}");
+            if label == "fp32" {
+                // Sharded output loads to the very same model.
+                let sharded = out.with_file_name("sharded");
+                let mut a = args(&case.root, &sharded);
+                a.max_shard_size = "8KB".into();
+                let s = convert::run(&a).unwrap();
+                assert!(s.files.len() > 2, "{what}: {:?}", s.files);
+                assert!(sharded.join("model.safetensors.index.json").exists());
+                assert!(zerokit_logits(&sharded, &idx).equal(&ours), "{what}: sharded");
+                // An fp32 run's tag is itself a model directory with the same weights.
+                if case.dtype == "fp32" {
+                    assert!(zerokit_logits(&latest_tag(&case.root), &idx).equal(&ours), "{what}: vs the checkpoint");
+                }
+            }
+        }
+    }
+}
+
+/// A copy of a checkpoint tag under a fresh root, to damage.
+fn copy_tag(from: &Path, root: &Path) -> PathBuf {
+    let to = root.join("step_00000003");
+    std::fs::create_dir_all(&to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+    std::fs::write(root.join("latest"), "step_00000003\n").unwrap();
+    to
+}
+
+/// Runs the binary on `root`; asserts failure, the message, and that nothing appeared at OUTPUT.
+fn assert_refused(root: &Path, extra: &[&str], wants: &[&str]) {
+    for out_name in ["out", "out.safetensors"] {
+        let out = root.parent().unwrap().join(out_name);
+        let o = Command::new(env!("CARGO_BIN_EXE_zero-to-fp32")).arg(root).arg(&out).args(extra).env_remove("RUST_BACKTRACE").output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{}: accepted: {err}", root.display());
+        for w in wants {
+            assert!(err.contains(w), "{}: expected {w:?} in: {err}", root.display());
+        }
+        assert!(!err.contains("panicked"), "{err}");
+        let left: Vec<_> = std::fs::read_dir(root.parent().unwrap()).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert!(!left.iter().any(|n| n.to_string_lossy().contains("out")), "{}: left {left:?}", root.display());
+    }
+}
+
+#[test]
+fn damaged_checkpoints_are_refused_naming_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = latest_tag(&checkpoints()[2].root); // 3 ranks
+    let fresh = |name: &str| {
+        let root = tmp.path().join(name).join("ckpt");
+        let tag = copy_tag(&src, &root);
+        (root, tag)
+    };
+
+    let (root, tag) = fresh("missing");
+    std::fs::remove_file(tag.join("rank_00001.safetensors")).unwrap();
+    assert_refused(&root, &[], &["rank_00001.safetensors", "missing", "3 ranks"]);
+
+    let (root, tag) = fresh("truncated");
+    let f = tag.join("rank_00002.safetensors");
+    let len = std::fs::metadata(&f).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&f).unwrap().set_len(len - 100).unwrap();
+    assert_refused(&root, &[], &["rank_00002.safetensors", "truncated"]);
+
+    // Truncated with the manifest edited to match: the safetensors check still names the file.
+    let (root, tag) = fresh("truncated-consistent");
+    let f = tag.join("rank_00000.safetensors");
+    let len = std::fs::metadata(&f).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&f).unwrap().set_len(len - 100).unwrap();
+    edit_manifest(&tag, |m| m["files"]["rank_00000.safetensors"]["bytes"] = (len - 100).into());
+    assert_refused(&root, &[], &["rank_00000.safetensors", "bad safetensors"]);
+
+    let (root, tag) = fresh("version");
+    edit_manifest(&tag, |m| m["version"] = 2.into());
+    assert_refused(&root, &[], &["manifest.json", "version 2"]);
+
+    let (root, tag) = fresh("no-manifest");
+    std::fs::remove_file(tag.join("manifest.json")).unwrap();
+    assert_refused(&root, &[], &["manifest.json", "missing", "not a complete zerokit checkpoint"]);
+
+    let (root, tag) = fresh("not-gpt2");
+    edit_manifest(&tag, |m| m["model_config"]["n_embd"] = 64.into());
+    assert_refused(&root, &[], &["manifest.json", "shape"]);
+
+    // A flipped bit in a master weight keeps every size: --verify's hashes catch it.
+    let (root, tag) = fresh("bitflip");
+    let f = tag.join("rank_00001.safetensors");
+    let mut bytes = std::fs::read(&f).unwrap();
+    let at = bytes.len() / 6; // inside `master`, the first third of the data
+    bytes[at] ^= 0x10;
+    std::fs::write(&f, bytes).unwrap();
+    assert_refused(&root, &["--verify"], &["rank_00001.safetensors", "sha256", "does not match manifest.json"]);
+}
+
+fn edit_manifest(tag: &Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let p = tag.join("manifest.json");
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+    f(&mut m);
+    std::fs::write(&p, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+}
+
+fn peak_rss_mib(stderr: &str) -> f64 {
+    let line = stderr.lines().find(|l| l.contains("peak RSS:")).unwrap_or_else(|| panic!("no peak RSS line in {stderr}"));
+    line.split("peak RSS:").nth(1).unwrap().trim().trim_end_matches("MiB").trim().parse().unwrap()
+}
+
+/// Streaming: a 120 MB master (2 ranks, ZeRO-2) in tensors of at most 16 MiB converts with a
+/// peak RSS above the dry run's of under three of those tensors; reading the rank files through
+/// their mappings without releasing the pages would hold the whole master.
+#[test]
+fn peak_memory_is_bounded_by_the_largest_tensor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let data = dir.join("data");
+    dataset(&data);
+    let model = "n_layer = 2\nn_head = 8\nn_embd = 1024\nblock_size = 64\nvocab_size = 4096";
+    let extra = "zero_stage = 2\ndtype = \"fp32\"\nbatch_size = 1\nmax_iters = 1\neval_interval = 1\nalways_save_checkpoint = true";
+    let root = train(dir, &data, 2, model, extra);
+    let bin = env!("CARGO_BIN_EXE_zero-to-fp32");
+    let run = |extra: &[&str]| {
+        let out = dir.join("hf");
+        let o = Command::new(bin).arg(&root).arg(&out).arg("--report-peak-rss").args(extra).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(o.status.success(), "{err}");
+        peak_rss_mib(&err)
+    };
+    let dry = run(&["--dry-run"]);
+    let full = run(&["--max-shard-size", "100MB"]);
+    let tensor_mib = (4096 * 1024 * 4) as f64 / 1048576.0;
+    eprintln!("peak RSS: dry run {dry:.1} MiB, conversion {full:.1} MiB");
+    assert!(full - dry < 3.0 * tensor_mib, "peak RSS {full:.1} MiB vs {dry:.1} MiB dry: not streaming");
+}
