@@ -70,9 +70,16 @@ impl Rendezvous {
             None if world == 1 => "127.0.0.1".into(),
             None => return Err(RendezvousError("MASTER_ADDR is not set (rank 0's host name or address)".into())),
         };
-        let master_port = match var(&["MASTER_PORT"]) {
+        let master_port: u16 = match var(&["MASTER_PORT"]) {
             Some((_, p)) => p.trim().parse().map_err(|_| RendezvousError(format!("MASTER_PORT={p} is not a port")))?,
             None => 29500,
+        };
+        // torchrun's agent already listens on MASTER_PORT with its own store (the workers join it
+        // as clients), so under torchrun rank 0's control plane takes the next port.
+        let master_port = if var(&["TORCHELASTIC_RUN_ID"]).is_some() {
+            master_port.checked_add(1).ok_or_else(|| RendezvousError("MASTER_PORT 65535 leaves no port for zerokit under torchrun".into()))?
+        } else {
+            master_port
         };
         Ok(Rendezvous { rank, world, local_rank, local_world, master_addr, master_port, timeout })
     }
