@@ -133,6 +133,9 @@ pub fn fit(mut cfg: TrainConfig) -> Result<(), TrainError> {
     crate::logging::init(rank, Some(&cfg.out_dir.join("logs").join(format!("rank{rank:03}.log"))))
         .map_err(|e| TrainError::Other(format!("{}: cannot open the log file: {e}", cfg.out_dir.display())))?;
     let (device, kind) = resolve_device(&cfg, rdv.local_rank)?;
+    if device.is_cuda() && world > 1 {
+        crate::comm::nccl::use_torch_nccl()?;
+    }
     tch::manual_seed(cfg.seed as i64);
     info!("zerokit train: {world} rank(s), device {device:?}, dtype {kind:?}, ZeRO stage {}", cfg.zero_stage);
     info!("resolved configuration:\n{}", cfg.to_toml());

@@ -8,8 +8,131 @@
 use super::{Collectives, CommError, ControlPlane};
 use cudarc::driver::{result as cu, sys as cusys};
 use cudarc::nccl::{result as nc, sys as ncsys};
-use std::ffi::c_void;
+use std::ffi::{c_void, CStr, CString};
+use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
+
+/// Marks a process that already re-executed itself to share libtorch's NCCL.
+const REEXEC_MARK: &str = "ZEROKIT_NCCL_DIR";
+
+/// The file of the shared object that defines `name` in the library `handle`.
+fn object_file(handle: *mut c_void, name: &str) -> Option<PathBuf> {
+    let sym = CString::new(name).ok()?;
+    // SAFETY: handle is a live dlopen handle; dladdr only reads the loader's tables.
+    unsafe {
+        let addr = libc::dlsym(handle, sym.as_ptr());
+        if addr.is_null() {
+            return None;
+        }
+        let mut info: libc::Dl_info = std::mem::zeroed();
+        if libc::dladdr(addr, &mut info) == 0 || info.dli_fname.is_null() {
+            return None;
+        }
+        let p = PathBuf::from(CStr::from_ptr(info.dli_fname).to_string_lossy().into_owned());
+        Some(p.canonicalize().unwrap_or(p))
+    }
+}
+
+/// The file behind the first of `names` that the dynamic loader finds (loading it).
+fn first_loadable(names: &[String]) -> Option<PathBuf> {
+    names.iter().find_map(|n| {
+        let c = CString::new(n.as_str()).ok()?;
+        // SAFETY: plain dlopen of a library name; the handle stays open (the process either
+        // uses this library or re-executes itself).
+        let h = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_LAZY | libc::RTLD_LOCAL) };
+        if h.is_null() {
+            None
+        } else {
+            object_file(h, "ncclGetVersion")
+        }
+    })
+}
+
+/// Makes cudarc use the very NCCL library that libtorch_cuda loaded.
+///
+/// libtorch_cuda links libnccl.so.2, but cudarc looks for other names first (libnccl.so, ...).
+/// Where one of those is a different file (a system NCCL beside the PyTorch wheel's, say), the
+/// process holds two NCCL instances and communicators made by one are rejected by the other
+/// ("corrupted comm object"); where none exists, cudarc finds no NCCL at all. The loader keeps
+/// one instance per file, so this points cudarc's first name, libnccl.so, at libtorch's file
+/// through a private folder put first on LD_LIBRARY_PATH, and re-executes the process (same
+/// pid, same arguments) so that the loader sees it. Call before any other work; a no-op when
+/// the two already agree or libtorch has no NCCL.
+pub fn use_torch_nccl() -> Result<(), CommError> {
+    let torch = {
+        // SAFETY: RTLD_NOLOAD only looks the library up among those already loaded.
+        let h = unsafe { libc::dlopen(c"libnccl.so.2".as_ptr(), libc::RTLD_LAZY | libc::RTLD_NOLOAD) };
+        if h.is_null() {
+            return Ok(());
+        }
+        match object_file(h, "ncclGetVersion") {
+            Some(p) => p,
+            None => return Ok(()),
+        }
+    };
+    let candidates = cudarc::get_lib_name_candidates("nccl");
+    let found = first_loadable(&candidates);
+    if found.as_deref() == Some(torch.as_path()) {
+        return Ok(());
+    }
+    let problem = match &found {
+        Some(f) => format!("cudarc would load {} while libtorch uses {}", f.display(), torch.display()),
+        None => format!("cudarc finds no NCCL under its names ({}) while libtorch uses {}", candidates[0], torch.display()),
+    };
+    if std::env::var_os(REEXEC_MARK).is_some() {
+        return Err(CommError::Nccl(format!("{problem}, even after putting a link to it first on LD_LIBRARY_PATH")));
+    }
+    let dir = link_dir(&torch).map_err(|e| CommError::Nccl(format!("{problem}; cannot make the link folder: {e}")))?;
+    tracing::debug!("{problem}: re-executing with {} first on LD_LIBRARY_PATH", dir.display());
+    let path = match std::env::var_os("LD_LIBRARY_PATH") {
+        Some(old) if !old.is_empty() => {
+            let mut p = dir.clone().into_os_string();
+            p.push(":");
+            p.push(old);
+            p
+        }
+        _ => dir.clone().into_os_string(),
+    };
+    let exe = std::env::current_exe().map_err(|e| CommError::Nccl(format!("{problem}; cannot find this executable: {e}")))?;
+    use std::os::unix::process::CommandExt;
+    let err = std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .env("LD_LIBRARY_PATH", path)
+        .env(REEXEC_MARK, &dir)
+        .exec();
+    Err(CommError::Nccl(format!("{problem}; re-executing failed: {err}")))
+}
+
+/// A private folder holding `libnccl.so` -> `target`, made atomically (safe for concurrent ranks).
+fn link_dir(target: &Path) -> std::io::Result<PathBuf> {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    target.hash(&mut h);
+    // SAFETY: getuid has no preconditions.
+    let uid = unsafe { libc::getuid() };
+    let dir = std::env::temp_dir().join(format!("zerokit-nccl-{uid}-{:016x}", h.finish()));
+    std::fs::create_dir_all(&dir)?;
+    let link = dir.join("libnccl.so");
+    if std::fs::canonicalize(&link).ok().as_deref() != Some(target) {
+        let tmp = dir.join(format!(".libnccl.so.{}", std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(target, &tmp)?;
+        std::fs::rename(&tmp, &link)?;
+    }
+    Ok(dir)
+}
+
+/// NCCL's version and the file cudarc loaded it from, for the log.
+fn nccl_identity() -> String {
+    let mut v: i32 = 0;
+    // SAFETY: v is a valid out-pointer.
+    let version = match unsafe { ncsys::ncclGetVersion(&mut v) } {
+        ncsys::ncclResult_t::ncclSuccess => format!("{}.{}.{}", v / 10000, (v / 100) % 100, v % 100),
+        _ => "unknown".into(),
+    };
+    let file = first_loadable(&cudarc::get_lib_name_candidates("nccl")).map_or("?".into(), |p| p.display().to_string());
+    format!("NCCL {version} from {file}")
+}
 
 pub struct NcclComm {
     ctl: ControlPlane,
@@ -59,6 +182,7 @@ impl NcclComm {
             ctx
         };
         let (rank, world) = (ctl.rank(), ctl.world());
+        tracing::info!("rank {rank}: {} on cuda:{device}", nccl_identity());
         let id_bytes = if rank == 0 {
             let id = nc::get_uniqueid().map_err(|e| nccl_err("ncclGetUniqueId", e))?;
             let bytes: Vec<u8> = id.internal.iter().map(|c| *c as u8).collect();
@@ -75,8 +199,11 @@ impl NcclComm {
         }
         let mut comm: ncsys::ncclComm_t = std::ptr::null_mut();
         // SAFETY: comm is a valid out-pointer; every rank calls this with the same id and world.
-        unsafe { nc::comm_init_rank(&mut comm, world as i32, id, rank as i32) }
+        let status = unsafe { nc::comm_init_rank(&mut comm, world as i32, id, rank as i32) }
             .map_err(|e| nccl_err("ncclCommInitRank", e))?;
+        if status != nc::NcclStatus::Success || comm.is_null() {
+            return Err(CommError::Nccl("ncclCommInitRank did not complete (blocking mode expected)".into()));
+        }
         let stream = cu::stream::create(cu::stream::StreamKind::NonBlocking)
             .map_err(|e| cuda_err("cuStreamCreate", e))?;
         let flags = cusys::CUevent_flags::CU_EVENT_DISABLE_TIMING;
