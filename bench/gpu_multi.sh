@@ -111,7 +111,7 @@ fi
 if has bench; then
   xl=(--set model="$MODEL" --set block_size=1024 --set vocab_size=50304 --set batch_size=$BATCH
       --set max_iters=$((STEPS + WARMUP)) --set dtype=fp16 --set zero_stage=2 --set warmup_iters=0)
-  for n in 1 $NGPU; do
+  for n in ${SCALING:-1 $NGPU}; do
     run="$work/zk-bench-$n"
     with_peak zk zk "$run" "$n" "${xl[@]}" --gpus "$(seq -s, 0 $((n - 1)))"; rc=$?
     echo "{\"peer\": \"zerokit\", \"model\": \"$MODEL\", \"dtype\": \"fp16\", \"gpus\": $n, \"batch_per_gpu\": $BATCH, \"seq\": 1024, \"zero_stage\": 2, \"exit\": $rc, \"peak_used_gib_nvidia_smi\": $PEAK, $(summarize "$run/metrics.jsonl" "$n" "$BATCH" "$WARMUP")}" | sed 's/, }/}/' | tee -a "$RESULTS"

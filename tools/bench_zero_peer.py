@@ -105,6 +105,9 @@ def main():
 
     times = []
     for i in range(a.warmup + a.steps):
+        # A fresh batch each step, as zerokit draws one, so that the losses are comparable.
+        x.random_(0, 50257, generator=g)
+        y.random_(0, 50257, generator=g)
         torch.cuda.synchronize()
         t = time.perf_counter()
         loss = step()
