@@ -9,7 +9,7 @@ stamp="$py/.zerokit-ok-2"
 [ -f "$stamp" ] && exit 0
 python3 -m venv "$py"
 "$py/bin/pip" install -q --upgrade pip
-"$py/bin/pip" install -q torch==2.11.0 "transformers>=5,<6" safetensors "tiktoken==0.14.*" numpy
+"$py/bin/pip" install -q --find-links "$root/.deps/wheels" torch==2.11.0 "transformers>=5,<6" safetensors "tiktoken==0.14.*" numpy
 # DeepSpeed for its fixtures and reference formulas; no CUDA ops are built (none are used).
 DS_BUILD_OPS=0 "$py/bin/pip" install -q deepspeed==0.19.8
 touch "$stamp"

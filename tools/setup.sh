@@ -21,7 +21,9 @@ for w in "$deps"/wheels/*.whl; do python3 -m zipfile -e "$w" "$deps/site.tmp"; d
 mkdir -p "$deps/site/torch" "$deps/site/nvidia/cu13"
 mv "$deps/site.tmp/torch/lib" "$deps/site.tmp/torch/include" "$deps/site/torch/"
 mv "$deps/site.tmp/nvidia/cu13/lib" "$deps/site/nvidia/cu13/"
-rm -rf "$deps/site.tmp" "$deps/wheels"
+# The torch wheel stays in .deps/wheels: tools/pyenv.sh installs the same wheel without fetching it again.
+rm -rf "$deps/site.tmp"
+find "$deps/wheels" -name '*.whl' ! -name 'torch-*' -delete
 
 mkdir -p "$deps/libtorch/lib"
 ln -s ../site/torch/include "$deps/libtorch/include"
