@@ -392,8 +392,7 @@ pub fn run_cli(cli: TrainCli) -> Result<(), TrainError> {
 
 fn run_fit(a: FitArgs) -> Result<(), TrainError> {
     let cfg = TrainConfig::load(a.config.as_deref(), a.deepspeed.as_deref(), &a.set)?;
-    let local_launch = a.launch.nproc_per_node > 1 || a.launch.nnodes > 1;
-    if local_launch && !launch::is_launched_rank() {
+    if a.launch.launches() && !launch::is_launched_rank() {
         return launch::spawn_local_ranks(&a.launch).map_err(|e| TrainError::Other(e.to_string()));
     }
     fit(cfg)

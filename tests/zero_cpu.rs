@@ -3,7 +3,7 @@
 //! the job, and a crash during a save leaves `latest` loadable.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU16, Ordering};
 
 const VOCAB: u16 = 96;
@@ -74,24 +74,33 @@ struct Run {
     out: PathBuf,
 }
 
-fn train(dir: &Path, data: &Path, nproc: usize, extra: &str, env: &[(&str, &str)]) -> Run {
-    std::fs::create_dir_all(dir).unwrap();
-    let cfg = config(dir, data, extra);
+/// `train CONFIG LAUNCH_ARGS...` on CPU, outside any launcher's environment.
+fn train_command(cfg: &Path, launch: &[String], env: &[(&str, &str)]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_train"));
-    cmd.arg(&cfg).arg("--nproc-per-node").arg(nproc.to_string()).arg("--master-port").arg(port().to_string());
+    cmd.arg(cfg).args(launch);
     cmd.env("ZEROKIT_NO_CUDA", "1").env_remove("RANK").env_remove("WORLD_SIZE");
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let o = cmd.output().unwrap();
-    let out = dir.join("out");
-    let losses = std::fs::read_to_string(out.join("metrics.jsonl"))
+    cmd
+}
+
+fn losses(out: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
         .unwrap_or_default()
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter_map(|v| Some((v.get("step")?.as_u64()?, v.get("loss")?.as_f64()?)))
-        .collect();
-    Run { ok: o.status.success(), stderr: String::from_utf8_lossy(&o.stderr).into_owned(), losses, out }
+        .collect()
+}
+
+fn train(dir: &Path, data: &Path, nproc: usize, extra: &str, env: &[(&str, &str)]) -> Run {
+    std::fs::create_dir_all(dir).unwrap();
+    let cfg = config(dir, data, extra);
+    let launch = ["--nproc-per-node".to_string(), nproc.to_string(), "--master-port".into(), port().to_string()];
+    let o = train_command(&cfg, &launch, env).output().unwrap();
+    let out = dir.join("out");
+    Run { ok: o.status.success(), stderr: String::from_utf8_lossy(&o.stderr).into_owned(), losses: losses(&out), out }
 }
 
 fn assert_close(a: &[(u64, f64)], b: &[(u64, f64)], rel: f64, what: &str) {
@@ -121,6 +130,33 @@ fn n_ranks_match_one_rank_at_every_stage() {
             assert_close(&r.losses, &reference.losses, 1e-6, &format!("stage {stage}, {n} ranks"));
         }
     }
+}
+
+#[test]
+fn two_nodes_from_a_hostfile_with_uneven_slots_match_one_rank() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    dataset(&data);
+    let reference = train(&tmp.path().join("ref"), &data, 1, "batch_size = 12\nmax_iters = 6", &[]);
+    assert!(reference.ok, "{}", reference.stderr);
+    // Node 0 runs rank 0, node 1 ranks 1 and 2: the same command on both, as on a real cluster.
+    let dir = tmp.path().join("nodes");
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = config(&dir, &data, "batch_size = 4\nzero_stage = 2\nmax_iters = 6");
+    let hostfile = dir.join("hostfile");
+    std::fs::write(&hostfile, "# DeepSpeed style\nnode-a slots=1\nnode-b.cluster slots=2  # two ranks\n").unwrap();
+    let p = port().to_string();
+    let node = |r: &str| {
+        let launch: Vec<String> = ["--hostfile", hostfile.to_str().unwrap(), "--node-rank", r, "--master-addr", "127.0.0.1", "--master-port", &p]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        train_command(&cfg, &launch, &[]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+    };
+    let (n1, n0) = (node("1"), node("0"));
+    let (o1, o0) = (n1.wait_with_output().unwrap(), n0.wait_with_output().unwrap());
+    assert!(o0.status.success() && o1.status.success(), "{}\n{}", String::from_utf8_lossy(&o0.stderr), String::from_utf8_lossy(&o1.stderr));
+    assert_close(&losses(&dir.join("out")), &reference.losses, 1e-6, "2 nodes (1 + 2 ranks), stage 2");
 }
 
 #[test]
