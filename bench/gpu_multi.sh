@@ -28,13 +28,7 @@ source bench/gpu_env.sh
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 NGPU=$(nvidia-smi -L | wc -l)
 work=$(mktemp -d)
-python3 - "$work/data" <<'PY'
-import sys, os, numpy as np
-d = sys.argv[1]; os.makedirs(d, exist_ok=True)
-rng = np.random.default_rng(0)
-for split, n in (("train", 4_000_000), ("val", 200_000)):
-    rng.integers(0, 50257, n, dtype=np.uint16).tofile(f"{d}/{split}.bin")
-PY
+random_tokens "$work/data"
 port() { echo $((20000 + RANDOM % 20000)); }
 has() { [[ " $PARTS " == *" $1 "* ]]; }
 

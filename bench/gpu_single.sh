@@ -16,13 +16,7 @@ RESULTS="$OUTDIR/single.jsonl"
 source bench/gpu_env.sh
 
 work=$(mktemp -d)
-python3 - "$work/data" <<'PY'
-import sys, os, numpy as np
-d = sys.argv[1]; os.makedirs(d, exist_ok=True)
-rng = np.random.default_rng(0)
-for split, n in (("train", 4_000_000), ("val", 200_000)):
-    rng.integers(0, 50257, n, dtype=np.uint16).tofile(f"{d}/{split}.bin")
-PY
+random_tokens "$work/data"
 
 peak_mem() { # runs "$@" while sampling the GPU's used memory; prints the peak in GiB to fd 3
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -i 0 -lms 100 > "$work/mem" &

@@ -11,7 +11,9 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use zerokit::convert::{self, ConvertArgs, OutDtype};
+mod common;
+
+use zerokit::convert::{self, OutDtype};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/deepspeed")
@@ -29,20 +31,6 @@ fn cases() -> Vec<PathBuf> {
     v
 }
 
-fn args(ckpt: &Path, out: &Path) -> ConvertArgs {
-    ConvertArgs {
-        checkpoint: ckpt.to_path_buf(),
-        output: out.to_path_buf(),
-        tag: None,
-        dtype: OutDtype::Fp32,
-        exclude_frozen: false,
-        dry_run: false,
-        max_shard_size: "5GB".into(),
-        force: false,
-        report_peak_rss: false,
-        verify: false,
-    }
-}
 
 fn tensors(buf: &[u8]) -> BTreeMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)> {
     let st = SafeTensors::deserialize(buf).unwrap();
@@ -62,7 +50,7 @@ fn fixtures_match_deepspeeds_own_consolidation_bit_for_bit() {
         let ds_names: Vec<String> = serde_json::from_str(&meta.metadata().as_ref().unwrap()["names"]).unwrap();
         let ours: Vec<String> = src.describe().into_iter().map(|t| t.name).collect();
         assert_eq!(ours, ds_names, "{name}: tensor names or order differ");
-        convert::convert(src.as_mut(), &args(&case, &out)).unwrap();
+        convert::convert(src.as_mut(), &common::convert_args(&case, &out)).unwrap();
         let got = tensors(&std::fs::read(&out).unwrap());
         let want = tensors(&reference);
         assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>(), "{name}");
@@ -71,7 +59,7 @@ fn fixtures_match_deepspeeds_own_consolidation_bit_for_bit() {
         }
         // The bf16 output matches DeepSpeed's to(torch.bfloat16), integer buffers untouched.
         let out16 = tmp.path().join(format!("{name}-bf16.safetensors"));
-        let mut a = args(&case, &out16);
+        let mut a = common::convert_args(&case, &out16);
         a.dtype = OutDtype::Bf16;
         convert::run(&a).unwrap();
         let got = tensors(&std::fs::read(&out16).unwrap());
@@ -88,7 +76,7 @@ fn exclude_frozen_drops_only_frozen_parameters() {
     assert_eq!(frozen, vec!["transformer.wpe.weight".to_string()]);
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("o.safetensors");
-    let mut a = args(&case, &out);
+    let mut a = common::convert_args(&case, &out);
     a.exclude_frozen = true;
     let s = convert::run(&a).unwrap();
     let got = tensors(&std::fs::read(&out).unwrap());
@@ -101,7 +89,7 @@ fn directory_output_is_sharded_with_an_index() {
     let case = fixtures().join("s3_bf16_w4");
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("hf");
-    let mut a = args(&case, &out);
+    let mut a = common::convert_args(&case, &out);
     a.max_shard_size = "4KB".into();
     let s = convert::run(&a).unwrap();
     assert!(s.files.len() > 1, "{:?}", s.files);
@@ -131,12 +119,12 @@ fn tag_selection_and_dry_run() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("x.safetensors");
     // The tag directory itself, and --tag on the root, both work.
-    let mut a = args(&case.join(&tag), &out);
+    let mut a = common::convert_args(&case.join(&tag), &out);
     a.dry_run = true;
     let s = convert::run(&a).unwrap();
     assert!(s.tensors > 10 && s.parameters > 1000);
     assert!(!out.exists(), "dry run wrote something");
-    let mut a = args(&case, &out);
+    let mut a = common::convert_args(&case, &out);
     a.tag = Some("no_such_tag".into());
     let e = convert::run(&a).err().unwrap().to_string();
     assert!(e.contains("no_such_tag"), "{e}");
@@ -159,7 +147,7 @@ fn copy_case(name: &str, to: &Path) -> PathBuf {
 fn fails_naming(ckpt: &Path, file_part: &str, what: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("o.safetensors");
-    let e = convert::run(&args(ckpt, &out)).expect_err("conversion should fail").to_string();
+    let e = convert::run(&common::convert_args(ckpt, &out)).expect_err("conversion should fail").to_string();
     assert!(e.contains(file_part), "error does not name {file_part}: {e}");
     assert!(e.to_lowercase().contains(what), "error does not say {what}: {e}");
     assert!(!out.exists());
@@ -269,10 +257,10 @@ fn existing_output_is_not_replaced_without_force() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("o.safetensors");
     std::fs::write(&out, b"precious").unwrap();
-    let e = convert::run(&args(&case, &out)).err().unwrap().to_string();
+    let e = convert::run(&common::convert_args(&case, &out)).err().unwrap().to_string();
     assert!(e.contains("o.safetensors") && e.contains("exists"), "{e}");
     assert_eq!(std::fs::read(&out).unwrap(), b"precious");
-    let mut a = args(&case, &out);
+    let mut a = common::convert_args(&case, &out);
     a.force = true;
     convert::run(&a).unwrap();
     assert_ne!(std::fs::read(&out).unwrap(), b"precious");
@@ -475,7 +463,7 @@ fn synthetic_layout_values_land_where_they_belong() {
     let params: Vec<(String, i64)> = [7, 130, 1, 61, 333].iter().enumerate().map(|(i, &n)| (format!("p{i}"), n)).collect();
     let dir = synthetic_stage2(tmp.path(), &params, 4);
     let out = tmp.path().join("o.safetensors");
-    convert::run(&args(tmp.path(), &out)).unwrap();
+    convert::run(&common::convert_args(tmp.path(), &out)).unwrap();
     let got = tensors(&std::fs::read(&out).unwrap());
     let mut base = 0;
     for (n, k) in &params {
@@ -488,7 +476,7 @@ fn synthetic_layout_values_land_where_they_belong() {
     bad[4].1 += 9;
     let other = synthetic_stage2(&tmp.path().join("other"), &bad, 4);
     std::fs::copy(other.join("mp_rank_00_model_states.pt"), dir.join("mp_rank_00_model_states.pt")).unwrap();
-    let e = convert::run(&args(tmp.path(), &tmp.path().join("p.safetensors"))).err().unwrap().to_string();
+    let e = convert::run(&common::convert_args(tmp.path(), &tmp.path().join("p.safetensors"))).err().unwrap().to_string();
     assert!(e.contains("disagree") || e.contains("shorter"), "{e}");
 }
 

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 use tch::{Device, Kind, Tensor};
-use zerokit::convert::{self, ConvertArgs, OutDtype};
+use zerokit::convert::{self, OutDtype};
 use zerokit::model::Gpt;
 
 const VOCAB: u16 = 96;
@@ -100,20 +100,6 @@ fn train(dir: &Path, data: &Path, nproc: usize, model: &str, extra: &str) -> Pat
     out
 }
 
-fn args(ckpt: &Path, out: &Path) -> ConvertArgs {
-    ConvertArgs {
-        checkpoint: ckpt.to_path_buf(),
-        output: out.to_path_buf(),
-        tag: None,
-        dtype: OutDtype::Fp32,
-        exclude_frozen: false,
-        dry_run: false,
-        max_shard_size: "5GB".into(),
-        force: false,
-        report_peak_rss: false,
-        verify: false,
-    }
-}
 
 type Tensors = BTreeMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)>;
 
@@ -183,7 +169,7 @@ fn output_is_the_fp32_master_bit_for_bit_at_every_stage_and_world_size() {
         ] {
             let what = format!("{} ({label})", case.name);
             let out = tmp.path().join(format!("{}-{}.safetensors", case.name, label.replace([' ', '-'], "")));
-            let mut a = args(&ckpt, &out);
+            let mut a = common::convert_args(&ckpt, &out);
             a.tag = tag;
             a.verify = label == "root";
             let summary = convert::run(&a).unwrap();
@@ -218,7 +204,7 @@ fn output_is_the_fp32_master_bit_for_bit_at_every_stage_and_world_size() {
         // --dtype bf16 of a bf16 run reproduces its compute weights exactly.
         if case.dtype == "bf16" {
             let out = tmp.path().join(format!("{}-bf16.safetensors", case.name));
-            let mut a = args(&case.root, &out);
+            let mut a = common::convert_args(&case.root, &out);
             a.dtype = OutDtype::Bf16;
             convert::run(&a).unwrap();
             assert_eq!(read_tensors(&out), read_tensors(&latest.join("model.safetensors")), "{}: --dtype bf16", case.name);
@@ -236,7 +222,7 @@ fn directory_output_has_config_json_in_the_output_dtype() {
     let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(latest_tag(&case.root).join("manifest.json")).unwrap()).unwrap();
     for (dtype, name) in [(OutDtype::Fp32, "float32"), (OutDtype::Fp16, "float16"), (OutDtype::Bf16, "bfloat16")] {
         let out = tmp.path().join(name);
-        let mut a = args(&case.root, &out);
+        let mut a = common::convert_args(&case.root, &out);
         a.dtype = dtype;
         convert::run(&a).unwrap();
         let cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
@@ -249,7 +235,7 @@ fn directory_output_has_config_json_in_the_output_dtype() {
     }
     // --dry-run writes nothing.
     let out = tmp.path().join("dry");
-    let mut a = args(&case.root, &out);
+    let mut a = common::convert_args(&case.root, &out);
     a.dry_run = true;
     let s = convert::run(&a).unwrap();
     assert_eq!(s.tensors, 2 + 2 * 12 + 2);
@@ -283,7 +269,7 @@ fn transformers_loads_the_output_with_zerokits_logits() {
             let what = format!("{} --dtype {label}", case.name);
             let out = tmp.path().join(format!("{}-{label}", case.name)).join("model");
             std::fs::create_dir_all(out.parent().unwrap()).unwrap();
-            let mut a = args(&case.root, &out);
+            let mut a = common::convert_args(&case.root, &out);
             a.dtype = dtype;
             convert::run(&a).unwrap();
             let ours = zerokit_logits(&out, &idx);
@@ -294,7 +280,7 @@ fn transformers_loads_the_output_with_zerokits_logits() {
             if label == "fp32" {
                 // Sharded output loads to the very same model.
                 let sharded = out.with_file_name("sharded");
-                let mut a = args(&case.root, &sharded);
+                let mut a = common::convert_args(&case.root, &sharded);
                 a.max_shard_size = "8KB".into();
                 let s = convert::run(&a).unwrap();
                 assert!(s.files.len() > 2, "{what}: {:?}", s.files);

@@ -125,14 +125,6 @@ impl Collectives for CpuComm {
         Ok(())
     }
 
-    fn all_reduce_scalars(&mut self, values: &mut [f64]) -> Result<(), CommError> {
-        self.ctl.all_reduce_f64(values, "scalar all_reduce")
-    }
-
-    fn barrier(&mut self) -> Result<(), CommError> {
-        self.ctl.barrier("barrier")
-    }
-
     fn control(&mut self) -> &mut ControlPlane {
         &mut self.ctl
     }

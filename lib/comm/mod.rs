@@ -51,9 +51,15 @@ pub trait Collectives {
     fn wait_compute(&mut self) -> Result<(), CommError>;
     /// Compute waits for collectives enqueued so far; their tensors may be released after this.
     fn wait_comm(&mut self) -> Result<(), CommError>;
-    /// Element-wise sum of a few f64 values across ranks (norms, loss sums, flags), on the host.
-    fn all_reduce_scalars(&mut self, values: &mut [f64]) -> Result<(), CommError>;
-    fn barrier(&mut self) -> Result<(), CommError>;
+    /// Element-wise sum of a few f64 values across ranks (norms, loss sums, flags), on the host:
+    /// both backends carry them on the control plane, a round trip cheaper than a device
+    /// collective plus a device-to-host copy for a handful of numbers.
+    fn all_reduce_scalars(&mut self, values: &mut [f64]) -> Result<(), CommError> {
+        self.control().all_reduce_f64(values, "scalar all_reduce")
+    }
+    fn barrier(&mut self) -> Result<(), CommError> {
+        self.control().barrier("barrier")
+    }
     /// Tells the other ranks that this rank failed, so they stop at once with `msg`.
     fn abort(&mut self, msg: &str);
     /// The control plane, for small host-side messages (checkpoint bookkeeping).

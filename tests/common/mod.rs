@@ -1,4 +1,6 @@
-//! Helpers shared by integration tests: the Python reference environment and transformers.
+//! Helpers shared by integration tests: the Python reference environment, transformers, and
+//! zero-to-fp32's arguments. Each test binary uses only some of them.
+#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -42,4 +44,20 @@ pub fn transformers_logits(dir: &Path, tokens: &Tensor) -> Tensor {
         .find(|(n, _)| n == "logits")
         .expect("check_hf_roundtrip.py writes logits")
         .1
+}
+
+/// zero-to-fp32's defaults for CHECKPOINT -> OUTPUT (fp32, 5GB shards, nothing optional).
+pub fn convert_args(ckpt: &Path, out: &Path) -> zerokit::convert::ConvertArgs {
+    zerokit::convert::ConvertArgs {
+        checkpoint: ckpt.to_path_buf(),
+        output: out.to_path_buf(),
+        tag: None,
+        dtype: zerokit::convert::OutDtype::Fp32,
+        exclude_frozen: false,
+        dry_run: false,
+        max_shard_size: "5GB".into(),
+        force: false,
+        report_peak_rss: false,
+        verify: false,
+    }
 }
