@@ -48,3 +48,17 @@ fn cuda_or_err(i: usize) -> Result<tch::Device, String> {
     }
     Ok(tch::Device::Cuda(i))
 }
+
+/// Bytes in use on the current CUDA device, as nvidia-smi counts them (CUDA context, libtorch's
+/// caching allocator, NCCL and cuBLAS buffers). The allocator keeps what it reserved, so read
+/// after a step this is the step's peak. None on CPU or when the driver cannot be asked.
+pub fn gpu_memory_used() -> Option<u64> {
+    if !load_cuda() {
+        return None;
+    }
+    use cudarc::driver::result as cu;
+    cu::init().ok()?;
+    // libtorch's runtime calls made the device's primary context current on this thread.
+    let (free, total) = cu::mem_get_info().ok()?;
+    Some(total.saturating_sub(free) as u64)
+}

@@ -137,6 +137,14 @@ pub fn fit(mut cfg: TrainConfig) -> Result<(), TrainError> {
         crate::comm::nccl::use_torch_nccl()?;
     }
     tch::manual_seed(cfg.seed as i64);
+    // What the device holds before zerokit allocates anything (the CUDA context, mostly), so that
+    // measured peaks can be set against `ckpt estimate`, which leaves it out.
+    let context_bytes = if device.is_cuda() {
+        let _ = Tensor::zeros([1], (Kind::Float, device));
+        crate::device::gpu_memory_used()
+    } else {
+        None
+    };
     info!("zerokit train: {world} rank(s), device {device:?}, dtype {kind:?}, ZeRO stage {}", cfg.zero_stage);
     info!("resolved configuration:\n{}", cfg.to_toml());
 
@@ -196,6 +204,11 @@ pub fn fit(mut cfg: TrainConfig) -> Result<(), TrainError> {
     let mut evals: (Vec<(f64, f64)>, Vec<(f64, f64)>) = (Vec::new(), Vec::new());
     let mut stale_evals = 0;
     let pb = crate::logging::progress_bar(cfg.max_iters - start.min(cfg.max_iters), "{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}");
+    if let (Some(b), 0) = (context_bytes, rank) {
+        let gib = b as f64 / (1u64 << 30) as f64;
+        info!("GPU memory in use before the model: {gib:.2} GiB (CUDA context)");
+        append_jsonl(&metrics_path, serde_json::json!({"step": start, "gpu_context_gib": gib}))?;
+    }
     let mut t0 = Instant::now();
     let mut step = start;
     loop {
@@ -262,11 +275,17 @@ pub fn fit(mut cfg: TrainConfig) -> Result<(), TrainError> {
             let tok_s = tokens_per_step as f64 / dt;
             let mfu = if device.is_cuda() { 100.0 * tok_s / world as f64 * flops_per_token / PEAK_FLOPS } else { 0.0 };
             let skipped = if st.skipped { format!(" (step skipped: overflow, loss scale now {})", engine.scaler.as_ref().map_or(1.0, |s| s.scale())) } else { String::new() };
-            let mfu_txt = if device.is_cuda() { format!(", mfu {mfu:.1}%") } else { String::new() };
+            let mem = if device.is_cuda() { crate::device::gpu_memory_used() } else { None };
+            let mem_gib = mem.map(|b| b as f64 / (1u64 << 30) as f64);
+            let mfu_txt = match mem_gib {
+                Some(g) => format!(", mfu {mfu:.1}%, mem {g:.1} GiB"),
+                None if device.is_cuda() => format!(", mfu {mfu:.1}%"),
+                None => String::new(),
+            };
             info!("iter {step}: loss {:.4}, time {:.1}ms, {:.0} tokens/s{mfu_txt}, lr {lr:.3e}, norm {:.3}{skipped}", st.loss, dt * 1e3, tok_s, st.grad_norm);
             pb.set_message(format!("loss {:.4}", st.loss));
             if rank == 0 {
-                append_jsonl(&metrics_path, serde_json::json!({"step": step, "loss": st.loss, "lr": lr, "time_ms": dt * 1e3, "tokens_per_s": tok_s, "mfu": mfu, "grad_norm": st.grad_norm, "loss_scale": st.loss_scale, "skipped": st.skipped}))?;
+                append_jsonl(&metrics_path, serde_json::json!({"step": step, "loss": st.loss, "lr": lr, "time_ms": dt * 1e3, "tokens_per_s": tok_s, "mfu": mfu, "grad_norm": st.grad_norm, "loss_scale": st.loss_scale, "skipped": st.skipped, "gpu_mem_gib": mem_gib}))?;
             }
             t0 = Instant::now();
         }
