@@ -496,10 +496,13 @@ pub fn load(engine: &mut crate::zero::Engine, tag_dir: &Path) -> Result<Manifest
     }
     let pr = if engine.layout.parts > 1 { engine.comm.rank() } else { 0 };
     reader.fill_partition("master", &engine.layout, pr, &engine.master)?;
+    engine.comm.heartbeat();
     let m1 = engine.master.zeros_like();
     let v1 = engine.master.zeros_like();
     reader.fill_partition("exp_avg", &engine.layout, pr, &m1)?;
+    engine.comm.heartbeat();
     reader.fill_partition("exp_avg_sq", &engine.layout, pr, &v1)?;
+    engine.comm.heartbeat();
     let step = m.optimizer.get("step").and_then(|s| s.as_u64()).ok_or_else(|| invalid(tag_dir, "manifest optimizer.step missing"))?;
     engine.opt.load_state(&m1, &v1, step).map_err(|e| invalid(tag_dir, format!("optimizer state: {e}")))?;
     if let Some(s) = &mut engine.scaler {

@@ -113,6 +113,7 @@ fn evaluate(engine: &mut Engine, train: &TokenDataset, val: &TokenDataset, cfg: 
             let y = Tensor::from_slice(&y).view(shape).to_device(device);
             sums[i] += engine.eval_loss(&x, &y);
         }
+        engine.comm.heartbeat();
     }
     engine.comm.all_reduce_scalars(&mut sums)?;
     let n = (cfg.eval_iters.max(1) * world as u64) as f64;

@@ -144,6 +144,11 @@ impl ControlPlane {
         self.rank
     }
 
+    /// How long a rank waits for another before giving up.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     pub fn world(&self) -> usize {
         self.world
     }

@@ -8,6 +8,7 @@ mod control;
 mod cpu;
 pub mod nccl;
 mod rendezvous;
+pub mod watchdog;
 
 pub use control::ControlPlane;
 pub use cpu::CpuComm;
@@ -60,6 +61,9 @@ pub trait Collectives {
     fn barrier(&mut self) -> Result<(), CommError> {
         self.control().barrier("barrier")
     }
+    /// Tells a watchdog (NCCL) that this rank is making progress in work with no collectives
+    /// (evaluation, loading a checkpoint).
+    fn heartbeat(&self) {}
     /// Tells the other ranks that this rank failed, so they stop at once with `msg`.
     fn abort(&mut self, msg: &str);
     /// The control plane, for small host-side messages (checkpoint bookkeeping).

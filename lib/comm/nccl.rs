@@ -143,6 +143,7 @@ pub struct NcclComm {
     in_flight: Vec<Tensor>,
     device: usize,
     ctx: cusys::CUcontext,
+    watchdog: super::watchdog::Watchdog,
 }
 
 fn nccl_err(what: &str, e: nc::NcclError) -> CommError {
@@ -209,7 +210,22 @@ impl NcclComm {
         let flags = cusys::CUevent_flags::CU_EVENT_DISABLE_TIMING;
         let compute_done = cu::event::create(flags).map_err(|e| cuda_err("cuEventCreate", e))?;
         let comm_done = cu::event::create(flags).map_err(|e| cuda_err("cuEventCreate", e))?;
-        Ok(NcclComm { ctl, comm, stream, compute_done, comm_done, in_flight: Vec::new(), device, ctx })
+        let timeout = ctl.timeout();
+        let watchdog = super::watchdog::Watchdog::start(timeout, move |idle| {
+            let msg = format!(
+                "rank {rank}: no progress for {:.0} s (timeout {} s): a collective is hung or a peer rank died; \
+                 ending this rank (the other ranks' logs name the first failure)",
+                idle.as_secs_f64(),
+                timeout.as_secs()
+            );
+            tracing::error!("{msg}");
+            eprintln!("{msg}");
+            // The host thread may be blocked in a CUDA sync behind a spinning NCCL kernel: end
+            // the process without running exit handlers that could wait on the device too.
+            // SAFETY: _exit ends the process at once; nothing after it runs.
+            unsafe { libc::_exit(1) }
+        });
+        Ok(NcclComm { ctl, comm, stream, compute_done, comm_done, in_flight: Vec::new(), device, ctx, watchdog })
     }
 
     fn check(&self, t: &Tensor) -> Result<(), CommError> {
@@ -247,6 +263,7 @@ impl Collectives for NcclComm {
     }
 
     fn all_reduce_sum(&mut self, t: &Tensor) -> Result<(), CommError> {
+        self.watchdog.beat();
         self.check(t)?;
         let ptr = t.data_ptr();
         // SAFETY: ptr is a live device buffer of numel elements, kept alive in in_flight.
@@ -259,6 +276,7 @@ impl Collectives for NcclComm {
     }
 
     fn reduce_scatter_sum(&mut self, input: &Tensor, output: &Tensor) -> Result<(), CommError> {
+        self.watchdog.beat();
         self.check(input)?;
         self.check(output)?;
         if input.numel() != output.numel() * self.world() || input.kind() != output.kind() {
@@ -283,6 +301,7 @@ impl Collectives for NcclComm {
     }
 
     fn all_gather_in_place(&mut self, buffer: &Tensor) -> Result<(), CommError> {
+        self.watchdog.beat();
         self.check(buffer)?;
         let world = self.world();
         if buffer.numel() % world != 0 {
@@ -302,6 +321,7 @@ impl Collectives for NcclComm {
     }
 
     fn wait_compute(&mut self) -> Result<(), CommError> {
+        self.watchdog.beat();
         // SAFETY: events and streams are live for the communicator's lifetime; libtorch may have
         // made another device's context current on this thread, so ours is made current first.
         unsafe {
@@ -313,6 +333,7 @@ impl Collectives for NcclComm {
     }
 
     fn wait_comm(&mut self) -> Result<(), CommError> {
+        self.watchdog.beat();
         // SAFETY: as above.
         unsafe {
             cu::ctx::set_current(self.ctx).map_err(|e| cuda_err("cuCtxSetCurrent", e))?;
@@ -326,7 +347,12 @@ impl Collectives for NcclComm {
     }
 
     fn control(&mut self) -> &mut ControlPlane {
+        self.watchdog.beat();
         &mut self.ctl
+    }
+
+    fn heartbeat(&self) {
+        self.watchdog.beat();
     }
 
     fn abort(&mut self, msg: &str) {
