@@ -323,9 +323,10 @@ pub fn check_file(tag_dir: &Path, name: &str, entry: &FileEntry) -> Option<Strin
     }
 }
 
-/// Keeps the newest `keep_last` tags plus `best` (if any); removes the other complete tags and
-/// any `.partial` left by an interrupted save.
-pub fn apply_retention(root: &Path, keep_last: usize, best: Option<&str>) -> Result<(), CheckpointError> {
+/// Keeps the newest `keep_last` tags (by step), `best` (if any) and `saved` (the tag `latest`
+/// now names, even when tags of higher steps exist); removes the other complete tags and any
+/// `.partial` left by an interrupted save.
+pub fn apply_retention(root: &Path, keep_last: usize, best: Option<&str>, saved: &str) -> Result<(), CheckpointError> {
     let mut tags = Vec::new();
     for e in fs::read_dir(root).map_err(|e| FsError::io(root, e))? {
         let e = e.map_err(|e| FsError::io(root, e))?;
@@ -339,7 +340,7 @@ pub fn apply_retention(root: &Path, keep_last: usize, best: Option<&str>) -> Res
     tags.sort();
     let keep_from = tags.len().saturating_sub(keep_last.max(1));
     for (i, t) in tags.iter().enumerate() {
-        if i < keep_from && Some(t.as_str()) != best {
+        if i < keep_from && Some(t.as_str()) != best && t != saved {
             fs::remove_dir_all(root.join(t)).map_err(|e| FsError::io(root.join(t), e))?;
         }
     }
@@ -480,7 +481,7 @@ fn finish_save(
     fs::rename(partial, &dir).map_err(|e| FsError::io(&dir, e))?;
     fsutil::sync_parent(&dir);
     fsutil::write_atomic(&root.join("latest"), format!("{tag}\n").as_bytes())?;
-    apply_retention(root, info.keep_last, info.best.as_deref())?;
+    apply_retention(root, info.keep_last, info.best.as_deref(), &tag)?;
     Ok(dir)
 }
 
@@ -513,4 +514,25 @@ pub fn load(engine: &mut crate::zero::Engine, tag_dir: &Path) -> Result<Manifest
     }
     engine.publish_weights().map_err(|e| invalid(tag_dir, format!("publishing weights: {e}")))?;
     Ok(reader.manifest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retention_keeps_the_newest_the_best_and_the_tag_just_saved() {
+        let root = tempfile::tempdir().unwrap();
+        for t in ["step_00000003", "step_00000010", "step_00000020", "step_00000030"] {
+            fs::create_dir_all(root.path().join(t)).unwrap();
+            fs::write(root.path().join(t).join("manifest.json"), "{}").unwrap();
+        }
+        fs::create_dir_all(root.path().join(".step_00000040.partial")).unwrap();
+        // A tag saved below older, higher-numbered tags stays: `latest` names it.
+        apply_retention(root.path(), 1, Some("step_00000010"), "step_00000003").unwrap();
+        let mut left: Vec<String> =
+            fs::read_dir(root.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        left.sort();
+        assert_eq!(left, ["step_00000003", "step_00000010", "step_00000030"]);
+    }
 }

@@ -149,6 +149,17 @@ pub fn fit(mut cfg: TrainConfig) -> Result<(), TrainError> {
     info!("zerokit train: {world} rank(s), device {device:?}, dtype {kind:?}, ZeRO stage {}", cfg.zero_stage);
     info!("resolved configuration:\n{}", cfg.to_toml());
 
+    // A new run never mixes its checkpoints with an earlier run's (retention and `latest` would
+    // interleave them): nothing the user has is overwritten or removed.
+    if cfg.init_from != "resume" {
+        if let Some(old) = earlier_checkpoints(&cfg.out_dir) {
+            return Err(TrainError::Other(format!(
+                "{} already holds checkpoints of an earlier run ({old}): continue it with --set init_from=resume, \
+                 or train into another out_dir",
+                cfg.out_dir.display()
+            )));
+        }
+    }
     // The model starts in fp32 on every rank with identical weights; the engine converts it.
     let resume_dir = (cfg.init_from == "resume").then(|| checkpoint::resolve(&cfg.out_dir, None)).transpose()?;
     let mcfg = match &resume_dir {
@@ -298,6 +309,20 @@ pub fn fit(mut cfg: TrainConfig) -> Result<(), TrainError> {
         info!("sample:\n{text}");
     }
     Ok(())
+}
+
+/// The `latest` file or the first checkpoint tag under `out_dir`, if any.
+fn earlier_checkpoints(out_dir: &Path) -> Option<String> {
+    if out_dir.join("latest").is_file() {
+        return Some("latest".into());
+    }
+    let mut tags: Vec<String> = std::fs::read_dir(out_dir)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .filter(|n| n.starts_with("step_"))
+        .collect();
+    tags.sort();
+    tags.into_iter().next()
 }
 
 /// Test hook: ZEROKIT_TEST_EXIT=RANK:STEP makes that rank exit with status 3 after that step,

@@ -160,6 +160,30 @@ fn two_nodes_from_a_hostfile_with_uneven_slots_match_one_rank() {
 }
 
 #[test]
+fn a_new_run_refuses_an_out_dir_with_checkpoints_and_changes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    dataset(&data);
+    let dir = tmp.path().join("run");
+    let first = train(&dir, &data, 1, "max_iters = 4\neval_interval = 2\nalways_save_checkpoint = true", &[]);
+    assert!(first.ok, "{}", first.stderr);
+    let listing = |d: &Path| {
+        let mut v: Vec<(String, u64)> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap())
+            .map(|e| (e.file_name().to_string_lossy().into_owned(), e.metadata().unwrap().len()))
+            .collect();
+        v.sort();
+        v
+    };
+    let before = (listing(&first.out), std::fs::read(first.out.join("latest")).unwrap());
+    let again = train(&dir, &data, 1, "max_iters = 3\neval_interval = 1\nalways_save_checkpoint = true", &[]);
+    assert!(!again.ok);
+    assert!(again.stderr.contains("already holds checkpoints of an earlier run") && again.stderr.contains("init_from=resume"), "{}", again.stderr);
+    assert_eq!((listing(&first.out), std::fs::read(first.out.join("latest")).unwrap()), before);
+}
+
+#[test]
 fn gradient_accumulation_matches_a_larger_micro_batch() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
