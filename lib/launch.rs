@@ -153,9 +153,11 @@ pub enum LaunchError {
     Invalid(String),
 }
 
-/// Whether this process is a rank started by some launcher (zerokit's, torchrun, srun).
+/// Whether this process is a rank started by a launcher that exports torch-style variables
+/// (zerokit's own, torchrun, DeepSpeed's). Slurm's variables do not count here: an sbatch
+/// script has SLURM_PROCID too, and `train --nproc-per-node N` there must start its ranks.
 pub fn is_launched_rank() -> bool {
-    std::env::var_os("RANK").is_some() || std::env::var_os("SLURM_PROCID").is_some()
+    std::env::var_os("RANK").is_some()
 }
 
 /// Re-executes this binary with the same arguments once per local rank and waits for them.

@@ -184,6 +184,38 @@ fn a_new_run_refuses_an_out_dir_with_checkpoints_and_changes_nothing() {
 }
 
 #[test]
+fn slurm_batch_scripts_launch_and_srun_tasks_are_ranks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    dataset(&data);
+    let reference = train(&tmp.path().join("ref"), &data, 1, "batch_size = 8\nmax_iters = 4", &[]);
+    assert!(reference.ok, "{}", reference.stderr);
+    // An sbatch script's environment (SLURM_PROCID=0 for tasks it has not started): zerokit's
+    // launcher still starts the two ranks asked for.
+    let sbatch = [("SLURM_PROCID", "0"), ("SLURM_NTASKS", "4"), ("SLURM_LOCALID", "0"), ("SLURM_JOB_ID", "7")];
+    let r = train(&tmp.path().join("sbatch"), &data, 2, "batch_size = 4\nmax_iters = 4", &sbatch);
+    assert!(r.ok, "{}", r.stderr);
+    assert_close(&r.losses, &reference.losses, 1e-6, "launcher inside an sbatch script");
+    // Two srun tasks: each process is a rank, told by Slurm's variables alone.
+    let dir = tmp.path().join("srun");
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = config(&dir, &data, "batch_size = 4\nmax_iters = 4");
+    let p = port().to_string();
+    let tasks: Vec<_> = ["1", "0"]
+        .iter()
+        .map(|r| {
+            let env = [("SLURM_STEP_ID", "0"), ("SLURM_PROCID", r), ("SLURM_LOCALID", r), ("SLURM_NTASKS", "2"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", p.as_str())];
+            train_command(&cfg, &[], &env).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+        })
+        .collect();
+    for t in tasks {
+        let o = t.wait_with_output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    assert_close(&losses(&dir.join("out")), &reference.losses, 1e-6, "two srun tasks");
+}
+
+#[test]
 fn gradient_accumulation_matches_a_larger_micro_batch() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");

@@ -50,10 +50,15 @@ impl Rendezvous {
 
     /// Reads RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE/MASTER_ADDR/MASTER_PORT (torchrun,
     /// zerokit, DeepSpeed) or SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID/SLURM_NTASKS_PER_NODE
-    /// (srun; MASTER_ADDR must then be exported by the batch script). None of them: one process.
+    /// (inside an srun step only; MASTER_ADDR must then be exported by the batch script). None of
+    /// them: one process.
     pub fn from_env(timeout: Duration) -> Result<Self, RendezvousError> {
-        let world = num(&["WORLD_SIZE", "SLURM_NTASKS"])?;
-        let rank = num(&["RANK", "SLURM_PROCID"])?;
+        // Slurm's task variables describe this process only inside an srun step: a batch script
+        // also has SLURM_PROCID=0 and SLURM_NTASKS, for tasks it has not started.
+        let in_srun = std::env::var_os("SLURM_STEP_ID").is_some() || std::env::var_os("SLURM_STEPID").is_some();
+        let pick = |torch: &'static str, slurm: &'static str| if in_srun { vec![torch, slurm] } else { vec![torch] };
+        let world = num(&pick("WORLD_SIZE", "SLURM_NTASKS"))?;
+        let rank = num(&pick("RANK", "SLURM_PROCID"))?;
         let (world, rank) = match (world, rank) {
             (None, None) => return Ok(Self::single(timeout)),
             (Some(w), Some(r)) => (w, r),
@@ -63,8 +68,8 @@ impl Rendezvous {
         if world == 0 || rank >= world {
             return Err(RendezvousError(format!("RANK {rank} is not below WORLD_SIZE {world}")));
         }
-        let local_rank = num(&["LOCAL_RANK", "SLURM_LOCALID"])?.unwrap_or(rank);
-        let local_world = num(&["LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"])?.unwrap_or(world);
+        let local_rank = num(&pick("LOCAL_RANK", "SLURM_LOCALID"))?.unwrap_or(rank);
+        let local_world = num(&pick("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"))?.unwrap_or(world);
         let master_addr = match var(&["MASTER_ADDR"]) {
             Some((_, a)) => a,
             None if world == 1 => "127.0.0.1".into(),
