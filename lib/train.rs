@@ -169,9 +169,22 @@ pub fn fit(mut cfg: TrainConfig) -> Result<(), TrainError> {
     };
     let model = match cfg.init_from.as_str() {
         "scratch" | "resume" => Gpt::new(&mcfg, device, Kind::Float, cfg.seed)?,
+        hf if !Path::new(hf).is_dir() => {
+            return Err(TrainError::Other(format!(
+                "init_from = {hf:?}: not a directory. zerokit downloads nothing: give a local Hugging Face GPT-2 \
+                 directory (config.json and model.safetensors), \"scratch\" or \"resume\""
+            )))
+        }
         hf => Gpt::load_hf(Path::new(hf), device, Kind::Float)?.0,
     };
     let mcfg = *model.config();
+    if cfg.block_size > mcfg.block_size {
+        let from = resume_dir.as_ref().map_or(cfg.init_from.clone(), |d| d.display().to_string());
+        return Err(TrainError::Other(format!(
+            "block_size {} is larger than the model's {} positions ({from}): set block_size to at most {}",
+            cfg.block_size, mcfg.block_size, mcfg.block_size
+        )));
+    }
     let n_params = mcfg.num_params();
     info!("model: {} layers, {} heads, {} embd, block {}, vocab {}: {:.2}M parameters", mcfg.n_layer, mcfg.n_head, mcfg.n_embd, mcfg.block_size, mcfg.vocab_size, n_params as f64 / 1e6);
 

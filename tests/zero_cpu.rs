@@ -216,6 +216,22 @@ fn slurm_batch_scripts_launch_and_srun_tasks_are_ranks() {
 }
 
 #[test]
+fn models_that_cannot_serve_the_config_are_refused_with_the_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    dataset(&data);
+    let dir = tmp.path().join("run");
+    let first = train(&dir, &data, 1, "max_iters = 2\neval_interval = 2\nalways_save_checkpoint = true", &[]);
+    assert!(first.ok, "{}", first.stderr);
+    let longer = train(&dir, &data, 1, "init_from = \"resume\"\nmax_iters = 4\nblock_size = 32", &[]);
+    assert!(!longer.ok);
+    assert!(longer.stderr.contains("block_size 32 is larger than the model's 16 positions"), "{}", longer.stderr);
+    let hub = train(&tmp.path().join("hub"), &data, 1, "init_from = \"gpt2\"", &[]);
+    assert!(!hub.ok);
+    assert!(hub.stderr.contains("init_from = \"gpt2\": not a directory. zerokit downloads nothing"), "{}", hub.stderr);
+}
+
+#[test]
 fn gradient_accumulation_matches_a_larger_micro_batch() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
