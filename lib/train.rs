@@ -212,11 +212,15 @@ pub fn fit(mut cfg: TrainConfig) -> Result<(), TrainError> {
     let mut start = 0u64;
     let mut best_val = f64::INFINITY;
     let mut best_tag: Option<String> = None;
+    let mut stale_evals = 0;
+    let mut tokens_seen = 0u64;
     if let Some(dir) = &resume_dir {
         let m = checkpoint::load(&mut engine, dir)?;
         start = m.step;
+        tokens_seen = m.tokens_seen;
         best_val = m.metrics.get("best_val_loss").and_then(|v| v.as_f64()).unwrap_or(f64::INFINITY);
         best_tag = m.metrics.get("best_tag").and_then(|v| v.as_str()).map(String::from);
+        stale_evals = m.metrics.get("stale_evals").and_then(|v| v.as_u64()).unwrap_or(0);
         info!("resumed from {} at step {start} (saved on {} rank(s), stage {})", dir.display(), m.world_size, m.zero_stage);
     }
 
@@ -226,8 +230,8 @@ pub fn fit(mut cfg: TrainConfig) -> Result<(), TrainError> {
     let tokens_per_step = (cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps * world) as u64;
     let flops_per_token = 6.0 * n_params as f64 + 12.0 * (mcfg.n_layer * mcfg.n_embd * mcfg.block_size) as f64;
     let metrics_path = cfg.out_dir.join("metrics.jsonl");
-    let mut evals: (Vec<(f64, f64)>, Vec<(f64, f64)>) = (Vec::new(), Vec::new());
-    let mut stale_evals = 0;
+    // The plot continues the curve of the run being resumed.
+    let mut evals = if resume_dir.is_some() { earlier_evals(&metrics_path, start) } else { (Vec::new(), Vec::new()) };
     let pb = crate::logging::progress_bar(cfg.max_iters - start.min(cfg.max_iters), "{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}");
     if let (Some(b), 0) = (context_bytes, rank) {
         let gib = b as f64 / (1u64 << 30) as f64;
@@ -240,7 +244,9 @@ pub fn fit(mut cfg: TrainConfig) -> Result<(), TrainError> {
         let lr = schedule.lr(step);
         // Evaluate, plot and checkpoint.
         // eval_iters = 0 turns evaluation and checkpointing off (benchmarks).
-        if cfg.eval_iters > 0 && (step % cfg.eval_interval == 0 || step == cfg.max_iters) {
+        // A resumed run's first step was evaluated (and saved) by the run it continues.
+        let resumed_here = resume_dir.is_some() && step == start;
+        if cfg.eval_iters > 0 && !resumed_here && (step % cfg.eval_interval == 0 || step == cfg.max_iters) {
             let (tl, vl) = evaluate(&mut engine, &train, &val, &cfg, device)?;
             info!("step {step}: train loss {tl:.4}, val loss {vl:.4}");
             let improved = vl < best_val;
@@ -263,12 +269,12 @@ pub fn fit(mut cfg: TrainConfig) -> Result<(), TrainError> {
                 }
                 let info = SaveInfo {
                     step,
-                    tokens_seen: step * tokens_per_step,
+                    tokens_seen,
                     model_config: serde_json::to_value(&mcfg).expect("config serializes"),
                     config: serde_json::to_value(&cfg).expect("config serializes"),
                     lr,
                     data: serde_json::json!({"seed": cfg.seed, "next_step": step, "batch_size": cfg.batch_size, "gradient_accumulation_steps": cfg.gradient_accumulation_steps}),
-                    metrics: serde_json::json!({"train_loss": tl, "val_loss": vl, "best_val_loss": best_val, "best_tag": best_tag}),
+                    metrics: serde_json::json!({"train_loss": tl, "val_loss": vl, "best_val_loss": best_val, "best_tag": best_tag, "stale_evals": stale_evals}),
                     keep_last: cfg.keep_last,
                     best: best_tag.clone(),
                 };
@@ -292,6 +298,7 @@ pub fn fit(mut cfg: TrainConfig) -> Result<(), TrainError> {
         }
         let st = engine.step(lr)?;
         step += 1;
+        tokens_seen += tokens_per_step;
         exit_hook(rank, step);
         pb.inc(1);
 
@@ -322,6 +329,20 @@ pub fn fit(mut cfg: TrainConfig) -> Result<(), TrainError> {
         info!("sample:\n{text}");
     }
     Ok(())
+}
+
+/// The evaluations (train, val) that metrics.jsonl holds up to `upto`, for the plot of a resumed run.
+fn earlier_evals(path: &Path, upto: u64) -> (Vec<(f64, f64)>, Vec<(f64, f64)>) {
+    let mut evals = (Vec::new(), Vec::new());
+    for v in std::fs::read_to_string(path).unwrap_or_default().lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()) {
+        if let (Some(s), Some(t), Some(vl)) = (v["step"].as_u64(), v["train_loss"].as_f64(), v["val_loss"].as_f64()) {
+            if s <= upto {
+                evals.0.push((s as f64, t));
+                evals.1.push((s as f64, vl));
+            }
+        }
+    }
+    evals
 }
 
 /// The `latest` file or the first checkpoint tag under `out_dir`, if any.

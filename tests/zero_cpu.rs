@@ -277,6 +277,16 @@ fn resume_is_exact_and_works_on_another_world_size() {
         let tail: Vec<_> = r.losses.iter().filter(|(s, _)| *s > 10).copied().collect();
         assert_close(&tail, &want, 1e-5, &format!("resume on {n} ranks at stage {stage}"));
     }
+
+    // Tokens seen add up across runs with different global batches (16 tokens a sequence).
+    let d = tmp.path().join("tokens");
+    std::fs::create_dir_all(d.join("out")).unwrap();
+    copy_dir(&first.out.join("step_00000010"), &d.join("out/step_00000010"));
+    std::fs::write(d.join("out/latest"), "step_00000010\n").unwrap();
+    let r = train(&d, &data, 1, "batch_size = 2\nmax_iters = 12\neval_interval = 2\nalways_save_checkpoint = true\ninit_from = \"resume\"", &[]);
+    assert!(r.ok, "{}", r.stderr);
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(r.out.join("step_00000012/manifest.json")).unwrap()).unwrap();
+    assert_eq!(m["tokens_seen"].as_u64(), Some(10 * 6 * 16 + 2 * 2 * 16));
 }
 
 fn copy_dir(from: &Path, to: &Path) {
