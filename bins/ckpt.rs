@@ -21,7 +21,11 @@ enum Command {
     Verify(zerokit::ckpt::VerifyArgs),
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    zerokit::logging::finish(run().map_err(Into::into))
+}
+
+fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     zerokit::logging::init(0, None)?;
     match cli.command {
@@ -35,7 +39,7 @@ fn main() -> anyhow::Result<()> {
                 std::process::exit(report.exit_code());
             }
             Err(e) => {
-                eprintln!("ckpt verify: {e}");
+                eprintln!("ckpt verify: {}", zerokit::logging::error_text(&e));
                 std::process::exit(2);
             }
         },

@@ -1,7 +1,6 @@
 //! `prepare`: tokenize text into nanoGPT-compatible train.bin / val.bin. See docs/prepare.md.
 
 use clap::Parser;
-use std::process::ExitCode;
 use zerokit::data::{prepare, PrepareArgs};
 
 fn run() -> anyhow::Result<()> {
@@ -12,13 +11,6 @@ fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn main() -> ExitCode {
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            // The message alone: these are input errors, a backtrace (RUST_BACKTRACE) would bury it.
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+fn main() -> std::process::ExitCode {
+    zerokit::logging::finish(run().map_err(Into::into))
 }

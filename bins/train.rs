@@ -1,7 +1,11 @@
-//! `train`: GPT-2 training with ZeRO data parallelism. See `train --help` and docs/.
+//! `train`: GPT-2 training with ZeRO data parallelism. See `train --help` and docs/user-guide.md.
 use clap::Parser;
 
-fn main() -> anyhow::Result<()> {
+fn run() -> anyhow::Result<()> {
     zerokit::train::run_cli(zerokit::train::TrainCli::parse())?;
     Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    zerokit::logging::finish(run().map_err(Into::into))
 }

@@ -3,9 +3,13 @@
 
 use clap::Parser;
 
-fn main() -> anyhow::Result<()> {
+fn run() -> anyhow::Result<()> {
     let args = zerokit::convert::ConvertArgs::parse();
     zerokit::logging::init(0, None)?;
     zerokit::convert::run(&args)?;
     Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    zerokit::logging::finish(run().map_err(Into::into))
 }

@@ -69,7 +69,7 @@ pub struct TrainConfig {
     // system
     /// "auto", "cpu", "cuda" or "cuda:N".
     pub device: String,
-    /// "auto" (bf16 on GPUs that have it, else fp32), "fp32", "bf16" or "fp16".
+    /// "auto" (bf16 on a CUDA device, fp32 on CPU), "fp32", "bf16" or "fp16".
     pub dtype: String,
     pub zero_stage: u8,
     pub activation_checkpointing: bool,
@@ -162,19 +162,42 @@ impl TrainConfig {
             None => toml::Table::new(),
             Some(p) => read(p)?.parse::<toml::Table>().map_err(|e| ConfigError::Parse { path: p.into(), msg: e.to_string() })?,
         };
+        // Where each key came from, so that a bad value or an unknown key is reported there.
+        let mut origin: std::collections::HashMap<String, String> =
+            table.keys().map(|k| (k.clone(), path.map_or(String::new(), |p| p.display().to_string()))).collect();
         if let Some(p) = deepspeed {
-            table.extend(from_deepspeed_json(p, &read(p)?)?);
+            let ds = from_deepspeed_json(p, &read(p)?)?;
+            origin.extend(ds.keys().map(|k| (k.clone(), p.display().to_string())));
+            table.extend(ds);
         }
         for o in overrides {
             let (k, v) = o.split_once('=').ok_or_else(|| ConfigError::Override(o.clone()))?;
+            origin.insert(k.trim().to_string(), format!("--set {}", o.trim()));
             table.insert(k.trim().to_string(), override_value(v.trim()));
         }
-        let origin = path.map(Path::to_path_buf).unwrap_or_else(|| "(defaults)".into());
-        let cfg: TrainConfig = toml::Value::Table(table)
-            .try_into()
-            .map_err(|e: toml::de::Error| ConfigError::Parse { path: origin, msg: e.message().to_string() })?;
+        let cfg: TrainConfig = match toml::Value::Table(table.clone()).try_into() {
+            Ok(c) => c,
+            Err(e) => return Err(Self::blame(&table, &origin, e)),
+        };
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// Names the key (and the file or `--set` it came from) behind a deserialization error: each
+    /// key is tried alone, on top of the defaults.
+    fn blame(table: &toml::Table, origin: &std::collections::HashMap<String, String>, whole: toml::de::Error) -> ConfigError {
+        for (k, v) in table {
+            let one = toml::Table::from_iter([(k.clone(), v.clone())]);
+            if let Err(e) = toml::Value::Table(one).try_into::<TrainConfig>() {
+                let msg = e.message().replace("unknown field", "unknown key");
+                let msg = if msg.contains(k.as_str()) { msg } else { format!("{k}: {msg}") };
+                return match origin.get(k).filter(|o| !o.is_empty()) {
+                    Some(o) => ConfigError::Invalid(format!("{o}: {msg}")),
+                    None => ConfigError::Invalid(msg),
+                };
+            }
+        }
+        ConfigError::Invalid(whole.message().to_string())
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {

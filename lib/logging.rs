@@ -75,7 +75,43 @@ pub fn init(rank: usize, log_file: Option<&Path>) -> std::io::Result<()> {
         None => None,
     };
     let _ = tracing_subscriber::registry().with(console).with(file).try_init();
+    let _ = INITIALIZED.set(());
     Ok(())
+}
+
+static INITIALIZED: OnceLock<()> = OnceLock::new();
+
+/// An error and its causes on one line, each text once: zerokit's messages already embed their
+/// source's text, which walking the chain (anyhow's `{:#}`, or its "Caused by:") prints again.
+pub fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let s = c.to_string();
+        if !out.contains(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+        cause = c.source();
+    }
+    out
+}
+
+/// The end of every binary: on failure, `error: MESSAGE` on the console (once) and in this
+/// rank's log file, and exit status 1. The message alone: these are mostly input errors, and a
+/// backtrace would bury them.
+pub fn finish(r: Result<(), Box<dyn std::error::Error + Send + Sync>>) -> std::process::ExitCode {
+    match r {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            let msg = format!("error: {}", error_text(e.as_ref()));
+            tracing::error!("{msg}");
+            if INITIALIZED.get().is_none() || !is_console_rank() {
+                multi().suspend(|| eprintln!("{msg}"));
+            }
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 /// A progress bar drawn on the console rank's terminal, hidden elsewhere (other ranks, pipes,

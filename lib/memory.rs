@@ -604,7 +604,7 @@ pub fn render(est: &Estimate, model_name: &str, gpu_memory: u64) -> String {
     );
     let _ = writeln!(
         out,
-        "setup  {} node(s) x {} GPU(s), {:?}, micro-batch {}, sequence {}, activation checkpointing {}{}",
+        "setup  {} node(s) x {} GPU(s), {}, micro-batch {}, sequence {}, activation checkpointing {}{}",
         s.nodes,
         s.gpus_per_node,
         s.dtype.name(),
