@@ -97,6 +97,15 @@ pub fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
+/// A fatal message: into this rank's log, and on the console once (through tracing on rank 0,
+/// directly on the others' stderr, which their launcher shows).
+pub fn report(msg: &str) {
+    tracing::error!("{msg}");
+    if INITIALIZED.get().is_none() || !is_console_rank() {
+        multi().suspend(|| eprintln!("{msg}"));
+    }
+}
+
 /// The end of every binary: on failure, `error: MESSAGE` on the console (once) and in this
 /// rank's log file, and exit status 1. The message alone: these are mostly input errors, and a
 /// backtrace would bury them.
@@ -104,11 +113,7 @@ pub fn finish(r: Result<(), Box<dyn std::error::Error + Send + Sync>>) -> std::p
     match r {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            let msg = format!("error: {}", error_text(e.as_ref()));
-            tracing::error!("{msg}");
-            if INITIALIZED.get().is_none() || !is_console_rank() {
-                multi().suspend(|| eprintln!("{msg}"));
-            }
+            report(&format!("error: {}", error_text(e.as_ref())));
             std::process::ExitCode::FAILURE
         }
     }

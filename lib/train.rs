@@ -455,8 +455,34 @@ pub struct SampleArgs {
     pub device: String,
 }
 
+/// libtorch reports failures inside tensor ops (CUDA out of memory above all) as panics through
+/// tch: end them as errors, with the way out, in the console and the rank's log.
+fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let what = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("unknown failure");
+        let first = what.lines().next().unwrap_or(what);
+        let msg = if what.contains("out of memory") {
+            format!(
+                "error: the GPU ran out of memory ({first}). `ckpt estimate` gives the memory per stage and \
+                 the largest micro-batch that fits (--gpu-memory); lower batch_size, raise zero_stage or set \
+                 activation_checkpointing = true"
+            )
+        } else {
+            let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+            format!("error: internal failure{at}: {first}")
+        };
+        crate::logging::report(&msg);
+    }));
+}
+
 /// The `train` binary's one call.
 pub fn run_cli(cli: TrainCli) -> Result<(), TrainError> {
+    install_panic_hook();
     match cli.command {
         Some(TrainCommand::Sample(a)) => {
             let prompt = a.prompt.replace("\\n", "\n");
