@@ -480,11 +480,6 @@ fn synthetic_layout_values_land_where_they_belong() {
     assert!(e.contains("disagree") || e.contains("shorter"), "{e}");
 }
 
-fn peak_rss_mib(stderr: &str) -> f64 {
-    let line = stderr.lines().find(|l| l.contains("peak RSS:")).unwrap_or_else(|| panic!("no peak RSS line in {stderr}"));
-    line.split("peak RSS:").nth(1).unwrap().trim().trim_end_matches("MiB").trim().parse().unwrap()
-}
-
 /// Streaming: converting 256 MB of weights in 16 MB tensors must not hold the model. Peak RSS
 /// above the dry run's (same process set-up, pickles parsed, no data) stays under three
 /// tensors' worth, where loading the ranks or the output would cost 256 MB or more.
@@ -500,7 +495,7 @@ fn peak_memory_is_bounded_by_the_largest_tensor() {
         let o = Command::new(bin).arg(tmp.path()).arg(&out).arg("--report-peak-rss").args(extra).output().unwrap();
         let err = String::from_utf8_lossy(&o.stderr).into_owned();
         assert!(o.status.success(), "{err}");
-        peak_rss_mib(&err)
+        common::peak_rss_mib(&err)
     };
     let dry = run(&["--dry-run"]);
     let full = run(&["--max-shard-size", "100MB"]);

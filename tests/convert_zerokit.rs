@@ -380,11 +380,6 @@ fn edit_manifest(tag: &Path, f: impl FnOnce(&mut serde_json::Value)) {
     std::fs::write(&p, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
 }
 
-fn peak_rss_mib(stderr: &str) -> f64 {
-    let line = stderr.lines().find(|l| l.contains("peak RSS:")).unwrap_or_else(|| panic!("no peak RSS line in {stderr}"));
-    line.split("peak RSS:").nth(1).unwrap().trim().trim_end_matches("MiB").trim().parse().unwrap()
-}
-
 /// Streaming: a 120 MB master (2 ranks, ZeRO-2) in tensors of at most 16 MiB converts with a
 /// peak RSS above the dry run's of under three of those tensors; reading the rank files through
 /// their mappings without releasing the pages would hold the whole master.
@@ -403,7 +398,7 @@ fn peak_memory_is_bounded_by_the_largest_tensor() {
         let o = Command::new(bin).arg(&root).arg(&out).arg("--report-peak-rss").args(extra).output().unwrap();
         let err = String::from_utf8_lossy(&o.stderr).into_owned();
         assert!(o.status.success(), "{err}");
-        peak_rss_mib(&err)
+        common::peak_rss_mib(&err)
     };
     let dry = run(&["--dry-run"]);
     let full = run(&["--max-shard-size", "100MB"]);
