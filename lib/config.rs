@@ -175,6 +175,11 @@ impl TrainConfig {
             origin.insert(k.trim().to_string(), format!("--set {}", o.trim()));
             table.insert(k.trim().to_string(), override_value(v.trim()));
         }
+        let table_lr = table.get("learning_rate").cloned();
+        if let Some(toml::Value::Table(sch)) = table.get_mut("lr_schedule") {
+            let lr = table_lr.clone().unwrap_or_else(|| TrainConfig::default().learning_rate.into());
+            deepspeed_scheduler_defaults(sch, lr).map_err(|msg| ConfigError::Invalid(format!("{}: {msg}", origin.get("lr_schedule").cloned().unwrap_or_default())))?;
+        }
         let cfg: TrainConfig = match toml::Value::Table(table.clone()).try_into() {
             Ok(c) => c,
             Err(e) => return Err(Self::blame(&table, &origin, e)),
@@ -202,6 +207,9 @@ impl TrainConfig {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
+        if let Some(s) = &self.lr_schedule {
+            s.validate().map_err(|e| ConfigError::Invalid(format!("lr_schedule: {e}")))?;
+        }
         if self.zero_stage > 2 {
             return bad(format!("zero_stage = {}: zerokit implements stages 0, 1 and 2", self.zero_stage));
         }
@@ -278,6 +286,42 @@ impl TrainConfig {
 
 /// Translates a DeepSpeed JSON config into zerokit keys. Keys zerokit does not honour are
 /// reported by name.
+/// Fills a DeepSpeed scheduler's missing parameters with DeepSpeed's own defaults (the keyword
+/// defaults of deepspeed.runtime.lr_schedules, pinned by tests/config.rs against DeepSpeed):
+/// `lr` is the optimizer's base rate, which WarmupLR also takes as its default maximum.
+fn deepspeed_scheduler_defaults(sch: &mut toml::Table, lr: toml::Value) -> Result<(), String> {
+    let ty = sch.get("type").and_then(|v| v.as_str()).unwrap_or("").to_string();
+    let mut default = |k: &str, v: toml::Value| {
+        sch.entry(k.to_string()).or_insert(v);
+    };
+    match ty.as_str() {
+        "WarmupLR" => {
+            default("warmup_min_lr", 0.0.into());
+            default("warmup_max_lr", lr);
+            default("warmup_num_steps", 1000.into());
+            default("warmup_type", "log".into());
+        }
+        "WarmupDecayLR" => {
+            default("warmup_min_lr", 0.0.into());
+            default("warmup_max_lr", 0.001.into());
+            default("warmup_num_steps", 1000.into());
+            default("warmup_type", "log".into());
+        }
+        "WarmupCosineLR" => {
+            default("lr", lr);
+            default("warmup_min_ratio", 0.0.into());
+            default("warmup_num_steps", 1000.into());
+            default("cos_min_ratio", 0.0001.into());
+            default("warmup_type", "log".into());
+        }
+        _ => return Ok(()),
+    }
+    if ty != "WarmupLR" && !sch.contains_key("total_num_steps") {
+        return Err(format!("scheduler {ty}: params.total_num_steps is required (DeepSpeed has no default)"));
+    }
+    Ok(())
+}
+
 pub fn from_deepspeed_json(path: &Path, text: &str) -> Result<toml::Table, ConfigError> {
     use serde_json::Value;
     let err = |msg: String| ConfigError::Parse { path: path.into(), msg };
@@ -392,13 +436,9 @@ pub fn from_deepspeed_json(path: &Path, text: &str) -> Result<toml::Table, Confi
     if !unknown.is_empty() {
         return Err(err(format!("keys zerokit does not honour: {}", unknown.join(", "))));
     }
-    // WarmupCosineLR scales the optimizer's base rate.
-    if let (Some(toml::Value::Table(sch)), Some(lr)) = (t.get("lr_schedule").cloned(), t.get("learning_rate").cloned()) {
-        if sch.get("lr").is_none() && sch.get("type").and_then(|v| v.as_str()) == Some("WarmupCosineLR") {
-            let mut sch = sch;
-            sch.insert("lr".into(), lr);
-            t.insert("lr_schedule".into(), toml::Value::Table(sch));
-        }
+    let enabled = |k: &str| obj.get(k).and_then(|b| b.get("enabled")).and_then(Value::as_bool).unwrap_or(false);
+    if enabled("fp16") && enabled("bf16") {
+        return Err(err("fp16 and bf16 are both enabled: choose one".into()));
     }
     // DeepSpeed's batch identity, train_batch_size = micro x accumulation x world, is resolved
     // once the world size is known (TrainConfig::resolve_batch); 0 marks the value to derive.
