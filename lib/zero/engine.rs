@@ -206,22 +206,18 @@ impl Engine {
                 saved.push((leaf, Some(out)));
             }
         }
-        let top = h.detach().set_requires_grad(true);
-        let loss = Gpt::loss(&self.model.head(&top), y);
-        self.loss_sum += loss.detach();
-
-        // Backward of the head: ln_f and the lm_head side of the tied wte.
+        // Head and loss, forward and backward in chunks: ln_f and the lm_head side of the tied wte.
+        let head = self.model.head_backward(&h, y, scale)?;
+        self.loss_sum += head.loss;
         let (lnf_w, lnf_b, wte) = (
             self.slot("transformer.ln_f.weight"),
             self.slot("transformer.ln_f.bias"),
             self.slot("transformer.wte.weight"),
         );
-        let inputs = [&self.handles[lnf_w], &self.handles[lnf_b], &self.handles[wte], &top];
-        let mut g = Tensor::f_run_backward(&[loss * scale], &inputs, false, false)?;
-        let mut grad_h = g.pop().expect("grad of top");
-        let wte_head = g.pop().expect("grad of wte");
-        self.slot_grads[lnf_b] = g.pop();
-        self.slot_grads[lnf_w] = g.pop();
+        let mut grad_h = head.input;
+        let wte_head = head.wte;
+        self.slot_grads[lnf_b] = Some(head.ln_f_bias);
+        self.slot_grads[lnf_w] = Some(head.ln_f_weight);
 
         // Blocks, last first: each finished block completes a bucket.
         for i in (0..n_layer).rev() {
