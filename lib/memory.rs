@@ -276,17 +276,25 @@ pub fn activation_bytes(s: &Setup) -> u64 {
     }
 }
 
-/// The fp32 log-softmax of the logits that cross-entropy saves for backward.
-pub fn loss_saved_bytes(s: &Setup) -> u64 {
-    4 * s.micro_batch * s.seq_len * s.model.vocab_size
+/// Tokens in one chunk of zerokit's head and loss (`Gpt::head_backward`): whole sequences,
+/// about `model::HEAD_CHUNK_TOKENS`, at most the micro-batch.
+pub fn head_chunk_tokens(s: &Setup) -> u64 {
+    let per = (crate::model::HEAD_CHUNK_TOKENS as u64 / s.seq_len.max(1)).clamp(1, s.micro_batch.max(1));
+    per * s.seq_len
 }
 
-/// The loss's peak, reached as backward starts: B*T*V logits in the compute dtype (held by
-/// the caller), the saved fp32 log-softmax, nll_loss's dense fp32 gradient and the fp32
-/// gradient of the logits that log_softmax's backward produces from the two.
+/// The fp32 log-softmax of the logits that cross-entropy saves for backward, for one chunk.
+pub fn loss_saved_bytes(s: &Setup) -> u64 {
+    4 * head_chunk_tokens(s) * s.model.vocab_size
+}
+
+/// The loss's peak, reached as a chunk's backward starts: its logits in the compute dtype, the
+/// saved fp32 log-softmax, nll_loss's dense fp32 gradient and the fp32 gradient of the logits
+/// that log_softmax's backward produces from the two. zerokit runs the head chunk by chunk, so
+/// one chunk's worth is alive at a time, not the micro-batch's B*T*V.
 pub fn logits_bytes(s: &Setup) -> u64 {
-    let btv = s.micro_batch * s.seq_len * s.model.vocab_size;
-    btv * s.dtype.bytes() + loss_saved_bytes(s) + 2 * 4 * btv
+    let ctv = head_chunk_tokens(s) * s.model.vocab_size;
+    ctv * s.dtype.bytes() + loss_saved_bytes(s) + 2 * 4 * ctv
 }
 
 /// zerokit's per-GPU breakdown for one stage and offload choice.
@@ -436,13 +444,29 @@ pub fn deepspeed_figures(s: &Setup, stage: u8, offload: Offload) -> Option<DeepS
 /// The largest micro-batch whose total fits `usable` bytes (every activation and logit term is
 /// linear in the micro-batch).
 fn max_micro_batch(s: &Setup, stage: u8, offload: Offload, usable: u64) -> u64 {
-    let at = |b: u64| gpu_breakdown(&Setup { micro_batch: b, ..s.clone() }, stage, offload).total();
-    let fixed = at(0);
-    let per_sample = at(1) - fixed;
-    if usable < fixed || per_sample == 0 {
+    // Memory grows with the micro-batch, though not linearly (the head's chunk stops growing at
+    // HEAD_CHUNK_TOKENS): search the largest that fits.
+    let fits = |b: u64| gpu_breakdown(&Setup { micro_batch: b, ..s.clone() }, stage, offload).total() <= usable;
+    if !fits(1) {
         return 0;
     }
-    (usable - fixed) / per_sample
+    let mut hi = 2;
+    while fits(hi) {
+        if hi >= 1 << 40 {
+            return hi; // nothing per sample: any micro-batch fits
+        }
+        hi *= 2;
+    }
+    let mut lo = hi / 2; // fits(lo), !fits(hi)
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if fits(mid) {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    lo
 }
 
 /// Every stage and offload choice for one set-up. `usable_gpu_memory` is what the micro-batch

@@ -817,7 +817,7 @@ fn chunked_head_backward_matches_one_pass() {
     assert_eq!(zerokit::model::HEAD_CHUNK_TOKENS as i64 / t, 2, "the test wants several chunks");
     tch::manual_seed(3);
     let x = Tensor::randn([b, t, 16], (Kind::Float, Device::Cpu));
-    let mut targets = tokens(b, t, 64, 4);
+    let targets = tokens(b, t, 64, 4);
     let _ = targets.narrow(1, 0, 100).fill_(-1);
     let scale = 64.0;
 
