@@ -229,10 +229,7 @@ impl TrainConfig {
         let origin = path.or(deepspeed).map(Path::to_path_buf).unwrap_or_else(|| "(defaults)".into());
         // The schedule's rate parameters that DeepSpeed takes from the optimizer follow the
         // final learning_rate, --set included.
-        let lr = match table.get("learning_rate").or_else(|| defaults.get("learning_rate")) {
-            Some(toml::Value::Float(x)) => *x,
-            _ => unreachable!("learning_rate is type-checked as a float"),
-        };
+        let lr = table.get("learning_rate").and_then(toml::Value::as_float).unwrap_or(TrainConfig::default().learning_rate);
         if let Some(toml::Value::Table(sch)) = table.get_mut("lr_schedule") {
             complete_schedule(sch, lr).map_err(|msg| ConfigError::Parse { path: origin.clone(), msg })?;
         }
@@ -459,9 +456,12 @@ pub fn from_deepspeed_json(path: &Path, text: &str) -> Result<toml::Table, Confi
             "zero_optimization" => {
                 for (zk, zv) in block(val, k)? {
                     match zk.as_str() {
-                        "stage" => {
-                            t.insert("zero_stage".into(), int(&zv, "zero_optimization.stage")?.into());
-                        }
+                        "stage" => match int(&zv, "zero_optimization.stage")? {
+                            stage @ 0..=2 => {
+                                t.insert("zero_stage".into(), stage.into());
+                            }
+                            stage => return Err(err(format!("zero_optimization.stage = {stage}: zerokit implements stages 0, 1 and 2"))),
+                        },
                         // Bucketing, overlap and reduce-scatter are how zerokit always works (its
                         // buckets are per transformer block); none of them changes the numbers.
                         "overlap_comm" | "contiguous_gradients" | "reduce_scatter" | "allgather_partitions"
