@@ -14,6 +14,8 @@ pub enum ConfigError {
     Parse { path: PathBuf, msg: String },
     #[error("--set {0}: expected KEY=VALUE")]
     Override(String),
+    #[error("--set {arg}: {msg}")]
+    BadOverride { arg: String, msg: String },
     #[error("{0}")]
     Invalid(String),
 }
@@ -144,13 +146,60 @@ impl Default for TrainConfig {
     }
 }
 
-/// Parses an override value as TOML (numbers, booleans, quoted strings), else as a bare string.
-fn override_value(raw: &str) -> toml::Value {
-    let doc = format!("v = {raw}");
-    match doc.parse::<toml::Table>() {
-        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.to_string())),
-        Err(_) => toml::Value::String(raw.to_string()),
+/// The type every key has, from the defaults (all keys but `lr_schedule`, which is `None`).
+fn default_table() -> toml::Table {
+    match toml::Value::try_from(TrainConfig::default()) {
+        Ok(toml::Value::Table(t)) => t,
+        _ => unreachable!("TrainConfig serializes to a table"),
     }
+}
+
+fn type_name(v: &toml::Value) -> &'static str {
+    match v {
+        toml::Value::String(_) => "a string",
+        toml::Value::Integer(_) => "an integer",
+        toml::Value::Float(_) => "a number",
+        toml::Value::Boolean(_) => "true or false",
+        toml::Value::Datetime(_) => "a date",
+        toml::Value::Array(_) => "an array",
+        toml::Value::Table(_) => "a table",
+    }
+}
+
+/// Checks `value` against the type of `key`'s default. Integers are accepted for float keys
+/// (`learning_rate = 1`). Err: what is wrong, naming the key.
+fn check_type(key: &str, value: toml::Value, defaults: &toml::Table) -> Result<toml::Value, String> {
+    use toml::Value as V;
+    if key == "lr_schedule" {
+        return match value {
+            V::Table(_) => Ok(value),
+            other => Err(format!("`lr_schedule` must be a table, got {}", type_name(&other))),
+        };
+    }
+    let Some(default) = defaults.get(key) else {
+        return Err(format!("unknown key `{key}`"));
+    };
+    match (default, value) {
+        (V::Float(_), V::Integer(i)) => Ok(V::Float(i as f64)),
+        (V::Integer(_), V::Integer(i)) if i < 0 => Err(format!("`{key}` = {i}: expected a non-negative integer")),
+        (d, v) if std::mem::discriminant(d) == std::mem::discriminant(&v) => Ok(v),
+        (d, v) => Err(format!("`{key}` = {v}: expected {}", type_name(d))),
+    }
+}
+
+/// A `--set KEY=VALUE` value, typed by the key: string keys take the text as is (so
+/// `out_dir=2024` is a directory name, `"quoted"` loses its quotes); other keys parse it as a
+/// TOML value (numbers, booleans, inline tables).
+fn override_value(key: &str, raw: &str, defaults: &toml::Table) -> Result<toml::Value, String> {
+    let parsed = format!("v = {raw}").parse::<toml::Table>().ok().and_then(|mut t| t.remove("v"));
+    if let Some(toml::Value::String(_)) = defaults.get(key) {
+        return Ok(match parsed {
+            Some(s @ toml::Value::String(_)) => s,
+            _ => toml::Value::String(raw.to_string()),
+        });
+    }
+    let value = parsed.unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    check_type(key, value, defaults)
 }
 
 impl TrainConfig {
@@ -158,58 +207,41 @@ impl TrainConfig {
     /// `KEY=VALUE` overrides, then validates.
     pub fn load(path: Option<&Path>, deepspeed: Option<&Path>, overrides: &[String]) -> Result<Self, ConfigError> {
         let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| ConfigError::Io { path: p.into(), source: e });
-        let mut table = match path {
-            None => toml::Table::new(),
-            Some(p) => read(p)?.parse::<toml::Table>().map_err(|e| ConfigError::Parse { path: p.into(), msg: e.to_string() })?,
-        };
-        // Where each key came from, so that a bad value or an unknown key is reported there.
-        let mut origin: std::collections::HashMap<String, String> =
-            table.keys().map(|k| (k.clone(), path.map_or(String::new(), |p| p.display().to_string()))).collect();
+        let defaults = default_table();
+        let mut table = toml::Table::new();
+        if let Some(p) = path {
+            let parse_err = |msg: String| ConfigError::Parse { path: p.into(), msg };
+            let file = read(p)?.parse::<toml::Table>().map_err(|e| parse_err(e.to_string()))?;
+            for (k, v) in file {
+                let v = check_type(&k, v, &defaults).map_err(parse_err)?;
+                table.insert(k, v);
+            }
+        }
         if let Some(p) = deepspeed {
-            let ds = from_deepspeed_json(p, &read(p)?)?;
-            origin.extend(ds.keys().map(|k| (k.clone(), p.display().to_string())));
-            table.extend(ds);
+            table.extend(from_deepspeed_json(p, &read(p)?)?);
         }
         for o in overrides {
             let (k, v) = o.split_once('=').ok_or_else(|| ConfigError::Override(o.clone()))?;
-            origin.insert(k.trim().to_string(), format!("--set {}", o.trim()));
-            table.insert(k.trim().to_string(), override_value(v.trim()));
+            let (k, v) = (k.trim(), v.trim());
+            let value = override_value(k, v, &defaults).map_err(|msg| ConfigError::BadOverride { arg: o.clone(), msg })?;
+            table.insert(k.to_string(), value);
         }
-        let table_lr = table.get("learning_rate").cloned();
+        let origin = path.or(deepspeed).map(Path::to_path_buf).unwrap_or_else(|| "(defaults)".into());
+        // The schedule's rate parameters that DeepSpeed takes from the optimizer follow the
+        // final learning_rate, --set included.
+        let lr = table.get("learning_rate").and_then(toml::Value::as_float).unwrap_or(TrainConfig::default().learning_rate);
         if let Some(toml::Value::Table(sch)) = table.get_mut("lr_schedule") {
-            let lr = table_lr.clone().unwrap_or_else(|| TrainConfig::default().learning_rate.into());
-            deepspeed_scheduler_defaults(sch, lr).map_err(|msg| ConfigError::Invalid(format!("{}: {msg}", origin.get("lr_schedule").cloned().unwrap_or_default())))?;
+            complete_schedule(sch, lr).map_err(|msg| ConfigError::Parse { path: origin.clone(), msg })?;
         }
-        let cfg: TrainConfig = match toml::Value::Table(table.clone()).try_into() {
-            Ok(c) => c,
-            Err(e) => return Err(Self::blame(&table, &origin, e)),
-        };
+        let cfg: TrainConfig = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse { path: origin, msg: e.message().to_string() })?;
         cfg.validate()?;
         Ok(cfg)
     }
 
-    /// Names the key (and the file or `--set` it came from) behind a deserialization error: each
-    /// key is tried alone, on top of the defaults.
-    fn blame(table: &toml::Table, origin: &std::collections::HashMap<String, String>, whole: toml::de::Error) -> ConfigError {
-        for (k, v) in table {
-            let one = toml::Table::from_iter([(k.clone(), v.clone())]);
-            if let Err(e) = toml::Value::Table(one).try_into::<TrainConfig>() {
-                let msg = e.message().replace("unknown field", "unknown key");
-                let msg = if msg.contains(k.as_str()) { msg } else { format!("{k}: {msg}") };
-                return match origin.get(k).filter(|o| !o.is_empty()) {
-                    Some(o) => ConfigError::Invalid(format!("{o}: {msg}")),
-                    None => ConfigError::Invalid(msg),
-                };
-            }
-        }
-        ConfigError::Invalid(whole.message().to_string())
-    }
-
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
-        if let Some(s) = &self.lr_schedule {
-            s.validate().map_err(|e| ConfigError::Invalid(format!("lr_schedule: {e}")))?;
-        }
         if self.zero_stage > 2 {
             return bad(format!("zero_stage = {}: zerokit implements stages 0, 1 and 2", self.zero_stage));
         }
@@ -228,34 +260,44 @@ impl TrainConfig {
         if self.eval_interval == 0 || self.log_interval == 0 {
             return bad("eval_interval and log_interval must be at least 1".into());
         }
+        if let Some(s) = &self.lr_schedule {
+            s.validate().map_err(|e| ConfigError::Invalid(format!("lr_schedule: {e}")))?;
+        }
         Ok(())
     }
 
     /// Derives the one missing value of (batch_size, gradient_accumulation_steps) from
     /// train_batch_size and the world size, as DeepSpeed does, and rejects inconsistent triples.
+    /// train_batch_size = 0 means "not set": the global batch is then batch_size x
+    /// gradient_accumulation_steps x world.
     pub fn resolve_batch(&mut self, world: usize) -> Result<(), ConfigError> {
         let tb = self.train_batch_size;
         if tb == 0 {
             return Ok(());
         }
-        let div = |a: usize, b: usize, what: &str| {
-            if b == 0 || a % b != 0 || a / b == 0 {
-                Err(ConfigError::Invalid(format!("train_batch_size {tb} cannot be split into {what} on {world} rank(s)")))
+        let split = |by: usize, what: String| {
+            if by == 0 || tb % by != 0 {
+                Err(ConfigError::Invalid(format!("train_batch_size {tb} is not a multiple of {what}")))
             } else {
-                Ok(a / b)
+                Ok(tb / by)
             }
         };
+        const MB: &str = "batch_size (DeepSpeed's train_micro_batch_size_per_gpu)";
         match (self.batch_size, self.gradient_accumulation_steps) {
             (0, 0) => {
                 self.gradient_accumulation_steps = 1;
-                self.batch_size = div(tb, world, "micro-batches")?;
+                self.batch_size = split(world, format!("the world size {world}"))?;
             }
-            (0, ga) => self.batch_size = div(tb, ga * world, "micro-batches")?,
-            (mb, 0) => self.gradient_accumulation_steps = div(tb, mb * world, "accumulation steps")?,
+            (0, ga) => {
+                self.batch_size = split(ga * world, format!("gradient_accumulation_steps {ga} x world size {world}"))?
+            }
+            (mb, 0) => {
+                self.gradient_accumulation_steps = split(mb * world, format!("{MB} {mb} x world size {world}"))?
+            }
             (mb, ga) => {
                 if mb * ga * world != tb {
                     return Err(ConfigError::Invalid(format!(
-                        "train_batch_size {tb} != micro-batch {mb} x accumulation {ga} x world {world}"
+                        "train_batch_size {tb} != {MB} {mb} x gradient_accumulation_steps {ga} x world size {world}"
                     )));
                 }
             }
@@ -284,72 +326,144 @@ impl TrainConfig {
     }
 }
 
-/// Translates a DeepSpeed JSON config into zerokit keys. Keys zerokit does not honour are
-/// reported by name.
-/// Fills a DeepSpeed scheduler's missing parameters with DeepSpeed's own defaults (the keyword
-/// defaults of deepspeed.runtime.lr_schedules, pinned by tests/config.rs against DeepSpeed):
-/// `lr` is the optimizer's base rate, which WarmupLR also takes as its default maximum.
-fn deepspeed_scheduler_defaults(sch: &mut toml::Table, lr: toml::Value) -> Result<(), String> {
-    let ty = sch.get("type").and_then(|v| v.as_str()).unwrap_or("").to_string();
-    let mut default = |k: &str, v: toml::Value| {
-        sch.entry(k.to_string()).or_insert(v);
+/// The parameters of each DeepSpeed scheduler zerokit implements (their `__init__` keywords but
+/// `last_batch_iteration`: a resumed run continues from its checkpoint's step).
+fn schedule_params(ty: &str) -> Option<&'static [&'static str]> {
+    Some(match ty {
+        "WarmupLR" => &["warmup_min_lr", "warmup_max_lr", "warmup_num_steps", "warmup_type"],
+        "WarmupDecayLR" => &["total_num_steps", "warmup_min_lr", "warmup_max_lr", "warmup_num_steps", "warmup_type"],
+        "WarmupCosineLR" => &["total_num_steps", "warmup_min_ratio", "warmup_num_steps", "cos_min_ratio", "warmup_type"],
+        _ => return None,
+    })
+}
+
+/// Checks an `lr_schedule` table's keys and fills what it leaves out with DeepSpeed 0.19's
+/// defaults (deepspeed/runtime/lr_schedules.py). WarmupLR peaks at, and WarmupCosineLR scales,
+/// the optimizer's rate: `learning_rate`.
+fn complete_schedule(sch: &mut toml::Table, learning_rate: f64) -> Result<(), String> {
+    use toml::Value as V;
+    let ty = match sch.get("type") {
+        Some(V::String(s)) => s.clone(),
+        _ => return Err("lr_schedule.type: expected \"WarmupLR\", \"WarmupDecayLR\" or \"WarmupCosineLR\"".into()),
     };
+    let Some(known) = schedule_params(&ty) else {
+        // NanoGpt written out (as to_toml prints it) is complete; serde checks it.
+        return Ok(());
+    };
+    let unknown: Vec<&str> = sch.keys().map(String::as_str).filter(|k| *k != "type" && *k != "lr" && !known.contains(k)).collect();
+    if !unknown.is_empty() {
+        return Err(format!("lr_schedule ({ty}): unknown parameter(s) {}", unknown.join(", ")));
+    }
+    if ty != "WarmupCosineLR" && sch.contains_key("lr") {
+        return Err(format!("lr_schedule ({ty}): unknown parameter(s) lr"));
+    }
+    let mut default = |k: &str, v: V| {
+        sch.entry(k).or_insert(v);
+    };
+    default("warmup_num_steps", V::Integer(1000));
+    default("warmup_type", V::String("log".into()));
     match ty.as_str() {
         "WarmupLR" => {
-            default("warmup_min_lr", 0.0.into());
-            default("warmup_max_lr", lr);
-            default("warmup_num_steps", 1000.into());
-            default("warmup_type", "log".into());
+            default("warmup_min_lr", V::Float(0.0));
+            default("warmup_max_lr", V::Float(learning_rate));
         }
         "WarmupDecayLR" => {
-            default("warmup_min_lr", 0.0.into());
-            default("warmup_max_lr", 0.001.into());
-            default("warmup_num_steps", 1000.into());
-            default("warmup_type", "log".into());
+            default("warmup_min_lr", V::Float(0.0));
+            default("warmup_max_lr", V::Float(0.001));
         }
-        "WarmupCosineLR" => {
-            default("lr", lr);
-            default("warmup_min_ratio", 0.0.into());
-            default("warmup_num_steps", 1000.into());
-            default("cos_min_ratio", 0.0001.into());
-            default("warmup_type", "log".into());
+        _ => {
+            default("lr", V::Float(learning_rate));
+            default("warmup_min_ratio", V::Float(0.0));
+            default("cos_min_ratio", V::Float(0.0001));
         }
-        _ => return Ok(()),
     }
     if ty != "WarmupLR" && !sch.contains_key("total_num_steps") {
-        return Err(format!("scheduler {ty}: params.total_num_steps is required (DeepSpeed has no default)"));
+        return Err(format!("lr_schedule ({ty}): total_num_steps is required"));
+    }
+    for (k, v) in sch.iter_mut() {
+        // Rates written as integers (`"warmup_min_lr": 0`) are rates all the same.
+        if let (V::Integer(i), false) = (&*v, matches!(k.as_str(), "warmup_num_steps" | "total_num_steps")) {
+            *v = V::Float(*i as f64);
+        }
     }
     Ok(())
 }
 
+/// DeepSpeed's gradient_clipping when a config leaves it out (deepspeed/runtime/constants.py).
+const DS_GRADIENT_CLIPPING: f64 = 1.0;
+
+/// Translates a DeepSpeed JSON config into zerokit keys, with DeepSpeed's semantics: what
+/// DeepSpeed always decides (precision, ZeRO stage, gradient clipping, loss scaling) is set
+/// from the config or from DeepSpeed's defaults; an "optimizer" block sets every AdamW
+/// hyper-parameter (DeepSpeed's optimizer defaults for those it leaves out); without one the
+/// TOML's values play the client optimizer's part, as nanoGPT's own AdamW does under DeepSpeed.
+/// Keys zerokit does not honour are reported by name, all at once.
 pub fn from_deepspeed_json(path: &Path, text: &str) -> Result<toml::Table, ConfigError> {
     use serde_json::Value;
+    use toml::Value as T;
     let err = |msg: String| ConfigError::Parse { path: path.into(), msg };
-    let v: Value = serde_json::from_str(text).map_err(|e| err(e.to_string()))?;
+    let v: Value = serde_json::from_str(text).map_err(|e| err(format!("invalid JSON: {e}")))?;
     let obj = v.as_object().ok_or_else(|| err("expected a JSON object".into()))?;
+    let num = |v: &Value, key: &str| {
+        v.as_f64().filter(|x| x.is_finite()).ok_or_else(|| err(format!("{key} = {v}: expected a number")))
+    };
+    let nonneg = |v: &Value, key: &str| {
+        num(v, key).and_then(|x| if x >= 0.0 { Ok(x) } else { Err(err(format!("{key} = {v}: must not be negative"))) })
+    };
+    // DeepSpeed's arithmetic takes 8.0 as 8; anything else must be a whole number.
+    let int = |v: &Value, key: &str| match v.as_f64() {
+        Some(x) if x >= 0.0 && x.fract() == 0.0 && x <= i64::MAX as f64 => Ok(x as i64),
+        _ => Err(err(format!("{key} = {v}: expected a non-negative integer"))),
+    };
+    let flag = |v: &Value, key: &str| v.as_bool().ok_or_else(|| err(format!("{key} = {v}: expected true or false")));
+    let block = |v: &'_ Value, key: &str| v.as_object().cloned().ok_or_else(|| err(format!("{key}: expected an object")));
+
     let mut t = toml::Table::new();
-    let num = |v: &Value, key: &str| v.as_f64().ok_or_else(|| err(format!("{key}: expected a number")));
+    t.insert("grad_clip".into(), DS_GRADIENT_CLIPPING.into());
+    t.insert("zero_stage".into(), T::Integer(0));
+    // DeepSpeedFP16Config's defaults.
+    t.insert("loss_scale".into(), T::Float(0.0));
+    t.insert("initial_scale_power".into(), T::Integer(16));
+    t.insert("loss_scale_window".into(), T::Integer(1000));
+    t.insert("hysteresis".into(), T::Integer(2));
+    t.insert("consecutive_hysteresis".into(), T::Boolean(false));
+    t.insert("min_loss_scale".into(), T::Float(1.0));
     let mut unknown = Vec::new();
     let (mut tbs, mut mbs, mut gas) = (None, None, None);
+    let (mut fp16, mut bf16) = (false, false);
     for (k, val) in obj {
         match k.as_str() {
-            "train_batch_size" => tbs = Some(num(val, k)? as usize),
-            "train_micro_batch_size_per_gpu" => mbs = Some(num(val, k)? as usize),
-            "gradient_accumulation_steps" => gas = Some(num(val, k)? as usize),
+            "train_batch_size" | "train_micro_batch_size_per_gpu" | "gradient_accumulation_steps" => {
+                // 0 and negatives are refused here, as DeepSpeed refuses them; zerokit's 0 means
+                // "derive this one".
+                let n = int(val, k).ok().filter(|&n| n > 0).ok_or_else(|| err(format!("{k} = {val}: expected a positive integer")))?;
+                *match k.as_str() {
+                    "train_batch_size" => &mut tbs,
+                    "train_micro_batch_size_per_gpu" => &mut mbs,
+                    _ => &mut gas,
+                } = Some(n);
+            }
             "gradient_clipping" => {
-                t.insert("grad_clip".into(), num(val, k)?.into());
+                t.insert("grad_clip".into(), nonneg(val, k)?.into());
             }
             "steps_per_print" => {
-                t.insert("log_interval".into(), (num(val, k)? as i64).into());
+                t.insert("log_interval".into(), int(val, k)?.into());
             }
-            "wall_clock_breakdown" | "zero_allow_untested_optimizer" => {} // reporting-only switches
+            // Switches for DeepSpeed's own reporting and optimizer check; nothing to do.
+            "wall_clock_breakdown" | "zero_allow_untested_optimizer" => {
+                flag(val, k)?;
+            }
             "zero_optimization" => {
-                for (zk, zv) in val.as_object().ok_or_else(|| err("zero_optimization: expected an object".into()))? {
+                for (zk, zv) in block(val, k)? {
                     match zk.as_str() {
-                        "stage" => {
-                            t.insert("zero_stage".into(), (num(zv, "zero_optimization.stage")? as i64).into());
-                        }
-                        // Bucketing and overlap are how zerokit always works; sizes are per block.
+                        "stage" => match int(&zv, "zero_optimization.stage")? {
+                            stage @ 0..=2 => {
+                                t.insert("zero_stage".into(), stage.into());
+                            }
+                            stage => return Err(err(format!("zero_optimization.stage = {stage}: zerokit implements stages 0, 1 and 2"))),
+                        },
+                        // Bucketing, overlap and reduce-scatter are how zerokit always works (its
+                        // buckets are per transformer block); none of them changes the numbers.
                         "overlap_comm" | "contiguous_gradients" | "reduce_scatter" | "allgather_partitions"
                         | "reduce_bucket_size" | "allgather_bucket_size" => {}
                         other => unknown.push(format!("zero_optimization.{other}")),
@@ -357,121 +471,142 @@ pub fn from_deepspeed_json(path: &Path, text: &str) -> Result<toml::Table, Confi
                 }
             }
             "fp16" => {
-                let o = val.as_object().ok_or_else(|| err("fp16: expected an object".into()))?;
-                if o.get("enabled").and_then(Value::as_bool).unwrap_or(false) {
-                    t.insert("dtype".into(), "fp16".into());
-                }
-                for (fk, fv) in o {
-                    let key = match fk.as_str() {
-                        "enabled" | "auto_cast" => continue,
-                        "loss_scale" => "loss_scale",
-                        "initial_scale_power" => "initial_scale_power",
-                        "loss_scale_window" => "loss_scale_window",
-                        "hysteresis" => "hysteresis",
-                        "min_loss_scale" => "min_loss_scale",
-                        "consecutive_hysteresis" => {
-                            t.insert("consecutive_hysteresis".into(), fv.as_bool().unwrap_or(false).into());
+                for (fk, fv) in block(val, k)? {
+                    let key = format!("fp16.{fk}");
+                    let value = match fk.as_str() {
+                        "enabled" => {
+                            fp16 = flag(&fv, &key)?;
                             continue;
                         }
-                        other => {
-                            unknown.push(format!("fp16.{other}"));
+                        // Casts floating-point inputs of forward to fp16; GPT-2's are token ids.
+                        "auto_cast" => {
+                            flag(&fv, &key)?;
+                            continue;
+                        }
+                        "loss_scale" => T::Float(nonneg(&fv, &key)?),
+                        "min_loss_scale" => T::Float(num(&fv, &key)?),
+                        "initial_scale_power" | "loss_scale_window" | "hysteresis" => T::Integer(int(&fv, &key)?),
+                        "consecutive_hysteresis" => T::Boolean(flag(&fv, &key)?),
+                        _ => {
+                            unknown.push(key);
                             continue;
                         }
                     };
-                    let x = num(fv, fk)?;
-                    let value = if key == "loss_scale" || key == "min_loss_scale" {
-                        toml::Value::Float(x)
-                    } else {
-                        toml::Value::Integer(x as i64)
-                    };
-                    t.insert(key.into(), value);
+                    t.insert(fk, value);
                 }
             }
-            "bf16" => {
-                if val.get("enabled").and_then(Value::as_bool).unwrap_or(false) {
-                    t.insert("dtype".into(), "bf16".into());
-                }
-            }
-            "optimizer" => {
-                let ty = val.get("type").and_then(Value::as_str).unwrap_or("");
-                if !matches!(ty.to_ascii_lowercase().as_str(), "adamw" | "adam") {
-                    return Err(err(format!("optimizer.type {ty:?}: zerokit implements AdamW")));
-                }
-                if let Some(p) = val.get("params").and_then(Value::as_object) {
-                    for (pk, pv) in p {
-                        match pk.as_str() {
-                            "lr" => {
-                                t.insert("learning_rate".into(), num(pv, "optimizer.params.lr")?.into());
-                            }
-                            "betas" => {
-                                let b = pv.as_array().filter(|a| a.len() == 2).ok_or_else(|| err("optimizer.params.betas: expected [b1, b2]".into()))?;
-                                t.insert("beta1".into(), num(&b[0], "betas")?.into());
-                                t.insert("beta2".into(), num(&b[1], "betas")?.into());
-                            }
-                            "eps" => {
-                                t.insert("eps".into(), num(pv, "optimizer.params.eps")?.into());
-                            }
-                            "weight_decay" => {
-                                t.insert("weight_decay".into(), num(pv, "optimizer.params.weight_decay")?.into());
-                            }
-                            "torch_adam" | "adam_w_mode" => {}
-                            other => unknown.push(format!("optimizer.params.{other}")),
-                        }
+            // "bfloat16" is DeepSpeed's older name for the block.
+            "bf16" | "bfloat16" => {
+                for (bk, bv) in block(val, k)? {
+                    match bk.as_str() {
+                        "enabled" => bf16 |= flag(&bv, &format!("{k}.enabled"))?,
+                        other => unknown.push(format!("{k}.{other}")),
                     }
                 }
             }
-            "scheduler" => {
-                // DeepSpeed's own parameter names, defaults and semantics (optim::LrSchedule).
-                let ty = val.get("type").and_then(Value::as_str).unwrap_or("");
-                if !["WarmupLR", "WarmupDecayLR", "WarmupCosineLR"].contains(&ty) {
-                    return Err(err(format!("scheduler.type {ty:?}: zerokit implements WarmupLR, WarmupDecayLR and WarmupCosineLR")));
+            "optimizer" => {
+                let o = block(val, k)?;
+                let ty = o.get("type").and_then(Value::as_str).unwrap_or("");
+                if !matches!(ty.to_ascii_lowercase().as_str(), "adamw" | "adam") {
+                    return Err(err(format!("optimizer.type {ty:?}: zerokit implements AdamW (DeepSpeed's \"AdamW\" or \"Adam\")")));
                 }
-                let mut p = val.get("params").and_then(Value::as_object).cloned().unwrap_or_default();
-                p.insert("type".into(), Value::String(ty.into()));
-                t.insert("lr_schedule".into(), json_to_toml(&Value::Object(p)).map_err(err)?);
+                // DeepSpeed builds FusedAdam (torch.optim.AdamW with torch_adam): their defaults.
+                let (mut lr, mut betas, mut eps, mut wd) = (1e-3, (0.9, 0.999), 1e-8, None);
+                let (mut torch_adam, mut adam_w_mode) = (false, true);
+                for (ok, ov) in &o {
+                    match ok.as_str() {
+                        "type" => {}
+                        "params" => {
+                            for (pk, pv) in block(ov, "optimizer.params")? {
+                                let key = format!("optimizer.params.{pk}");
+                                match pk.as_str() {
+                                    "lr" => lr = nonneg(&pv, &key)?,
+                                    "betas" => {
+                                        let b = pv.as_array().filter(|a| a.len() == 2).ok_or_else(|| err(format!("{key}: expected [beta1, beta2]")))?;
+                                        betas = (num(&b[0], &key)?, num(&b[1], &key)?);
+                                    }
+                                    "eps" => eps = nonneg(&pv, &key)?,
+                                    "weight_decay" => wd = Some(nonneg(&pv, &key)?),
+                                    "torch_adam" => torch_adam = flag(&pv, &key)?,
+                                    "adam_w_mode" => adam_w_mode = flag(&pv, &key)?,
+                                    _ => unknown.push(key),
+                                }
+                            }
+                        }
+                        other => unknown.push(format!("optimizer.{other}")),
+                    }
+                }
+                // DeepSpeed: "AdamW" is always decoupled; "Adam" unless adam_w_mode is false.
+                if ty.eq_ignore_ascii_case("adam") && !adam_w_mode {
+                    return Err(err("optimizer: \"Adam\" with adam_w_mode = false is Adam with L2 regularisation; zerokit implements AdamW (decoupled weight decay)".into()));
+                }
+                t.insert("learning_rate".into(), lr.into());
+                t.insert("beta1".into(), betas.0.into());
+                t.insert("beta2".into(), betas.1.into());
+                t.insert("eps".into(), eps.into());
+                t.insert("weight_decay".into(), wd.unwrap_or(if torch_adam { 0.01 } else { 0.0 }).into());
             }
-            other => unknown.push(other.to_string()),
+            "scheduler" => {
+                let s = block(val, k)?;
+                let ty = s.get("type").and_then(Value::as_str).unwrap_or("");
+                let Some(known) = schedule_params(ty) else {
+                    return Err(err(format!("scheduler.type {ty:?}: zerokit implements WarmupLR, WarmupDecayLR and WarmupCosineLR")));
+                };
+                let mut sch = toml::Table::new();
+                sch.insert("type".into(), ty.into());
+                for (sk, sv) in &s {
+                    match sk.as_str() {
+                        "type" => {}
+                        "params" => {
+                            for (pk, pv) in block(sv, "scheduler.params")? {
+                                let key = format!("scheduler.params.{pk}");
+                                if !known.contains(&pk.as_str()) {
+                                    unknown.push(key);
+                                    continue;
+                                }
+                                let value = match pk.as_str() {
+                                    "warmup_type" => match pv.as_str() {
+                                        Some(w @ ("log" | "linear")) => T::String(w.into()),
+                                        _ => return Err(err(format!("{key} = {pv}: expected \"log\" or \"linear\""))),
+                                    },
+                                    // DeepSpeed requires Python ints for step counts.
+                                    "warmup_num_steps" | "total_num_steps" => match pv.as_u64() {
+                                        Some(n) if n <= i64::MAX as u64 => T::Integer(n as i64),
+                                        _ => return Err(err(format!("{key} = {pv}: expected a non-negative integer"))),
+                                    },
+                                    _ => T::Float(nonneg(&pv, &key)?),
+                                };
+                                sch.insert(pk, value);
+                            }
+                        }
+                        other => unknown.push(format!("scheduler.{other}")),
+                    }
+                }
+                t.insert("lr_schedule".into(), T::Table(sch));
+            }
+            // A block zerokit does not know: name what it holds.
+            other => match val.as_object() {
+                Some(o) if !o.is_empty() => unknown.extend(o.keys().map(|sk| format!("{other}.{sk}"))),
+                _ => unknown.push(other.to_string()),
+            },
         }
     }
     if !unknown.is_empty() {
         return Err(err(format!("keys zerokit does not honour: {}", unknown.join(", "))));
     }
-    let enabled = |k: &str| obj.get(k).and_then(|b| b.get("enabled")).and_then(Value::as_bool).unwrap_or(false);
-    if enabled("fp16") && enabled("bf16") {
-        return Err(err("fp16 and bf16 are both enabled: choose one".into()));
+    if fp16 && bf16 {
+        return Err(err("fp16.enabled and bf16.enabled are both true (DeepSpeed refuses this too): choose one".into()));
     }
+    // Without either block DeepSpeed trains in fp32.
+    t.insert("dtype".into(), (if fp16 { "fp16" } else if bf16 { "bf16" } else { "fp32" }).into());
     // DeepSpeed's batch identity, train_batch_size = micro x accumulation x world, is resolved
     // once the world size is known (TrainConfig::resolve_batch); 0 marks the value to derive.
     if tbs.is_none() && mbs.is_none() {
-        return Err(err("set train_batch_size or train_micro_batch_size_per_gpu".into()));
+        return Err(err("set train_batch_size or train_micro_batch_size_per_gpu (or both)".into()));
     }
-    t.insert("train_batch_size".into(), (tbs.unwrap_or(0) as i64).into());
-    t.insert("batch_size".into(), (mbs.unwrap_or(0) as i64).into());
+    t.insert("train_batch_size".into(), tbs.unwrap_or(0).into());
+    t.insert("batch_size".into(), mbs.unwrap_or(0).into());
     let default_gas = if tbs.is_some() { 0 } else { 1 };
-    t.insert("gradient_accumulation_steps".into(), (gas.unwrap_or(default_gas) as i64).into());
+    t.insert("gradient_accumulation_steps".into(), gas.unwrap_or(default_gas).into());
     Ok(t)
-}
-
-/// JSON to TOML for scheduler parameters (nulls dropped, so serde defaults apply).
-fn json_to_toml(v: &serde_json::Value) -> Result<toml::Value, String> {
-    use serde_json::Value;
-    Ok(match v {
-        Value::Bool(b) => toml::Value::Boolean(*b),
-        Value::Number(n) => match n.as_i64() {
-            Some(i) => toml::Value::Integer(i),
-            None => toml::Value::Float(n.as_f64().unwrap_or(f64::NAN)),
-        },
-        Value::String(s) => toml::Value::String(s.clone()),
-        Value::Array(a) => toml::Value::Array(a.iter().map(json_to_toml).collect::<Result<_, _>>()?),
-        Value::Object(o) => {
-            let mut t = toml::Table::new();
-            for (k, v) in o {
-                if !v.is_null() {
-                    t.insert(k.clone(), json_to_toml(v)?);
-                }
-            }
-            toml::Value::Table(t)
-        }
-        Value::Null => return Err("null is not allowed here".into()),
-    })
 }
