@@ -78,7 +78,9 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Seconds a rank waits for the others before the job is ended.
     pub comm_timeout: u64,
-    // fp16 loss scaling (DeepSpeed's fp16 block)
+    // fp16 loss scaling (DeepSpeed's fp16 block). The same fields as scaler::ScalerConfig, kept
+    // flat here so they are top-level keys: serde's flatten cannot be combined with
+    // deny_unknown_fields, which names unknown keys.
     /// A static loss scale when > 0; dynamic scaling when 0.
     pub loss_scale: f64,
     pub initial_scale_power: u32,
