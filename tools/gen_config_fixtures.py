@@ -26,7 +26,6 @@ that answers the config queries from that DeepSpeedConfig; FusedAdam's CUDA kern
 stubbed (the constructor's argument handling and defaults run; no step is taken).
 """
 import json
-import math
 import os
 import struct
 import types
@@ -37,6 +36,9 @@ import deepspeed
 from deepspeed.runtime import config as ds_config
 from deepspeed.runtime.config import DeepSpeedConfig
 from deepspeed.runtime.engine import DeepSpeedEngine
+
+# nanoGPT train.py's get_lr, as the optimizer fixtures write it out.
+from gen_optim_fixtures import nanogpt_get_lr
 from deepspeed.ops.adam import fused_adam
 
 OUT = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "config")
@@ -193,22 +195,6 @@ def mapping_fixture():
         else:
             raise SystemExit(f"DeepSpeed accepted {name}")
     return out, refused
-
-
-def nanogpt_get_lr(it, warmup_iters, lr_decay_iters, learning_rate, min_lr):
-    """nanoGPT train.py's get_lr, written as it defines it (train.py then uses
-    `lr = get_lr(iter_num) if decay_lr else learning_rate` for the step with index iter_num)."""
-    # 1) linear warmup for warmup_iters steps
-    if it < warmup_iters:
-        return learning_rate * (it + 1) / (warmup_iters + 1)
-    # 2) if it > lr_decay_iters, return min learning rate
-    if it > lr_decay_iters:
-        return min_lr
-    # 3) in between, use cosine decay down to min learning rate
-    decay_ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
-    assert 0 <= decay_ratio <= 1
-    coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))  # coeff ranges 0..1
-    return min_lr + coeff * (learning_rate - min_lr)
 
 
 def ds_schedule_case(name, sched, steps, optimizer=None, client_lr=None):
