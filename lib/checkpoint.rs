@@ -76,8 +76,25 @@ pub fn rank_file_name(rank: usize) -> String {
     format!("rank_{rank:05}.safetensors")
 }
 
+const TAG_PREFIX: &str = "step_";
+
 pub fn tag_name(step: u64) -> String {
-    format!("step_{step:08}")
+    format!("{TAG_PREFIX}{step:08}")
+}
+
+/// What shows that `root` already holds checkpoints, complete or not: its `latest` file, else
+/// its first tag. None for a fresh (or missing) directory.
+pub fn any_checkpoint(root: &Path) -> Option<String> {
+    if root.join("latest").is_file() {
+        return Some("latest".into());
+    }
+    let mut tags: Vec<String> = fs::read_dir(root)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .filter(|n| n.starts_with(TAG_PREFIX))
+        .collect();
+    tags.sort();
+    tags.into_iter().next()
 }
 
 /// safetensors dtype name of a tch kind.
@@ -331,9 +348,9 @@ pub fn apply_retention(root: &Path, keep_last: usize, best: Option<&str>, saved:
     for e in fs::read_dir(root).map_err(|e| FsError::io(root, e))? {
         let e = e.map_err(|e| FsError::io(root, e))?;
         let name = e.file_name().to_string_lossy().into_owned();
-        if name.starts_with(".step_") && name.ends_with(".partial") {
+        if name.starts_with(&format!(".{TAG_PREFIX}")) && name.ends_with(".partial") {
             let _ = fs::remove_dir_all(e.path());
-        } else if name.starts_with("step_") && e.path().join("manifest.json").is_file() {
+        } else if name.starts_with(TAG_PREFIX) && e.path().join("manifest.json").is_file() {
             tags.push(name);
         }
     }

@@ -152,7 +152,7 @@ pub fn fit(mut cfg: TrainConfig) -> Result<(), TrainError> {
     // A new run never mixes its checkpoints with an earlier run's (retention and `latest` would
     // interleave them): nothing the user has is overwritten or removed.
     if cfg.init_from != "resume" {
-        if let Some(old) = earlier_checkpoints(&cfg.out_dir) {
+        if let Some(old) = checkpoint::any_checkpoint(&cfg.out_dir) {
             return Err(TrainError::Other(format!(
                 "{} already holds checkpoints of an earlier run ({old}): continue it with --set init_from=resume, \
                  or train into another out_dir",
@@ -343,20 +343,6 @@ fn earlier_evals(path: &Path, upto: u64) -> (Vec<(f64, f64)>, Vec<(f64, f64)>) {
         }
     }
     evals
-}
-
-/// The `latest` file or the first checkpoint tag under `out_dir`, if any.
-fn earlier_checkpoints(out_dir: &Path) -> Option<String> {
-    if out_dir.join("latest").is_file() {
-        return Some("latest".into());
-    }
-    let mut tags: Vec<String> = std::fs::read_dir(out_dir)
-        .ok()?
-        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
-        .filter(|n| n.starts_with("step_"))
-        .collect();
-    tags.sort();
-    tags.into_iter().next()
 }
 
 /// Test hook: ZEROKIT_TEST_EXIT=RANK:STEP makes that rank exit with status 3 after that step,
