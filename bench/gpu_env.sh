@@ -17,3 +17,17 @@ for split, n in (("train", 4_000_000), ("val", 200_000)):
     rng.integers(0, 50257, n, dtype=np.uint16).tofile(f"{d}/{split}.bin")
 PY
 }
+
+# install_deepspeed: DeepSpeed 0.19.8 and its pure-Python dependencies from the wheels carried in
+# .carry/whl (GPU.md), into /tmp/site, without JIT-compiled ops; exports PYTHONPATH.
+install_deepspeed() {
+  if [ -d .carry/whl ] && ! PYTHONPATH=/tmp/site python3 -c 'import deepspeed' 2>/dev/null; then
+    local build; build=$(mktemp -d)
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry/whl/*.whl
+    (cd "$build" && tar xzf "$OLDPWD"/.carry/whl/deepspeed-*.tar.gz && cd deepspeed-* &&
+      DS_BUILD_OPS=0 PYTHONPATH=/tmp/site python3 -m pip wheel -q --no-deps --no-build-isolation --no-index -w "$build/dsw" . &&
+      python3 -m pip install -q --no-index --no-deps --target /tmp/site "$build"/dsw/*.whl)
+    rm -rf "$build"
+  fi
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+}

@@ -110,13 +110,7 @@ if has bench; then
     with_peak zk zk "$run" "$n" "${xl[@]}" --gpus "$(seq -s, 0 $((n - 1)))"; rc=$?
     echo "{\"peer\": \"zerokit\", \"model\": \"$MODEL\", \"dtype\": \"fp16\", \"gpus\": $n, \"batch_per_gpu\": $BATCH, \"seq\": 1024, \"zero_stage\": 2, \"exit\": $rc, \"peak_used_gib_nvidia_smi\": $PEAK, $(summarize "$run/metrics.jsonl" "$n" "$BATCH" "$WARMUP")}" | sed 's/, }/}/' | tee -a "$RESULTS"
   done
-  if [ -d .carry/whl ] && ! python3 -c 'import deepspeed' 2>/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry/whl/*.whl
-    (cd "$work" && tar xzf "$OLDPWD"/.carry/whl/deepspeed-*.tar.gz && cd deepspeed-* &&
-      DS_BUILD_OPS=0 PYTHONPATH=/tmp/site python3 -m pip wheel -q --no-deps --no-build-isolation --no-index -w "$work/dsw" . &&
-      python3 -m pip install -q --no-index --no-deps --target /tmp/site "$work"/dsw/*.whl)
-    export PYTHONPATH=/tmp/site
-  fi
+  install_deepspeed
   for peer in $PEERS; do
     with_peak timeout 300 torchrun --nproc-per-node "$NGPU" --master-port "$(port)" tools/bench_zero_peer.py --peer "$peer" \
       --model "$MODEL" --batch $BATCH --steps $STEPS --warmup $WARMUP > "$work/$peer.out" 2> "$work/$peer.err"

@@ -1,17 +1,21 @@
 //! zero-to-fp32: consolidates a sharded training checkpoint into one set of full tensors, written
 //! as safetensors (one file, or a Hugging Face directory with shards and an index).
 //!
-//! Sources implement [`ShardedSource`]: they describe their tensors up front and hand them out
-//! one at a time, so the pipeline holds one tensor (in its stored and output dtypes) at a time.
-//! Peak memory is about twice the largest tensor plus fixed overhead, whatever the model size.
+//! Sources implement [`ShardedSource`]: they describe their tensors up front and hand out byte
+//! ranges of them from any thread. Since every tensor's place in the output is known from the
+//! shapes alone, the work is cut into units of [`UNIT_ELEMS`] elements that worker threads read,
+//! cast and write at their final offsets, in any order. Each worker holds one unit (stored and
+//! output dtype): peak memory is a few MiB per thread plus fixed overhead, whatever the model.
 
 use crate::fsutil::{AtomicDir, AtomicFile, FsError};
 use crate::interop::deepspeed::{self, DeepSpeedError, DeepSpeedSource};
-use crate::interop::safetensors_out::{self, SafetensorsOutError, SafetensorsWriter, TensorSpec};
+use crate::interop::safetensors_out::{self, SafetensorsOutError, TensorSpec};
 use crate::interop::torch_pickle::DType;
 use crate::interop::zerokit_source::{self, ZerokitSource, ZerokitSourceError};
+use rayon::prelude::*;
 use std::collections::BTreeMap;
-use std::io::Write;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tracing::info;
@@ -24,7 +28,7 @@ pub type SourceError = Box<dyn std::error::Error + Send + Sync>;
 pub struct TensorInfo {
     pub name: String,
     pub shape: Vec<usize>,
-    /// The stored dtype of the bytes `read_tensor` returns.
+    /// The stored dtype of the bytes `read_range` returns.
     pub dtype: DType,
     /// Not trained (excluded by `--exclude-frozen`).
     pub frozen: bool,
@@ -36,21 +40,35 @@ impl TensorInfo {
     }
 }
 
-/// A checkpoint that can be consolidated tensor by tensor.
-pub trait ShardedSource {
+/// A checkpoint that can be consolidated piece by piece, from several threads at once.
+pub trait ShardedSource: Sync {
     /// One line for the log, e.g. "DeepSpeed ZeRO-2 checkpoint, 4 ranks, fp16".
     fn format(&self) -> String;
     /// Every tensor of the consolidated model, in output order.
     fn describe(&self) -> Vec<TensorInfo>;
-    /// The full tensor `name` as little-endian bytes of its `TensorInfo::dtype`, into `out`
-    /// (cleared first; its allocation is reused across calls).
-    fn read_tensor(&mut self, name: &str, out: &mut Vec<u8>) -> Result<(), SourceError>;
+    /// Checks that reading relies on, run once before the first `read_range` (DeepSpeed: the
+    /// CRC-32 of every storage that is read), in parallel on rayon's current pool.
+    fn prepare(&self) -> Result<(), SourceError> {
+        Ok(())
+    }
+    /// Bytes [start, start + out.len()) of tensor `name`, little-endian in its
+    /// `TensorInfo::dtype`, into `out`. Ranges are whole elements.
+    fn read_range(&self, name: &str, start: u64, out: &mut [u8]) -> Result<(), SourceError>;
     /// A transformers `config.json` for the model with its floating-point parameters stored as
     /// `dtype`, when the source knows the architecture.
     fn hf_config(&self, dtype: DType) -> Option<serde_json::Value>;
     /// Checks the whole source against its own integrity records before anything is converted
     /// (`--verify`), naming every damaged file.
     fn verify(&self) -> Result<(), SourceError>;
+}
+
+/// Elements per unit of work: small enough that a worker's buffers stay at a few MiB, large
+/// enough that the per-unit system calls cost nothing.
+pub const UNIT_ELEMS: u64 = 1 << 20;
+
+/// The units of a tensor of `numel` elements: (first element, element count).
+pub fn units(numel: u64) -> impl Iterator<Item = (u64, u64)> {
+    (0..numel.div_ceil(UNIT_ELEMS)).map(move |k| (k * UNIT_ELEMS, UNIT_ELEMS.min(numel - k * UNIT_ELEMS)))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -73,8 +91,8 @@ pub enum ConvertError {
     UnknownFormat(PathBuf),
     #[error("--max-shard-size: {0}")]
     ShardSize(SafetensorsOutError),
-    #[error("source returned {got} bytes for {name}, its shape and dtype need {want}")]
-    SourceSize { name: String, got: usize, want: u64 },
+    #[error("--threads: {0}")]
+    Threads(String),
 }
 
 /// Output floating-point dtype.
@@ -129,6 +147,9 @@ pub struct ConvertArgs {
     /// against their CRC-32 as they are read.
     #[arg(long)]
     pub verify: bool,
+    /// Worker threads (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
 }
 
 /// What a conversion produced.
@@ -177,8 +198,12 @@ pub fn open_source(checkpoint: &Path, tag: Option<&str>) -> Result<Box<dyn Shard
 
 /// The command: open, convert, log the summary.
 pub fn run(args: &ConvertArgs) -> Result<Summary, ConvertError> {
-    let mut source = open_source(&args.checkpoint, args.tag.as_deref())?;
-    let summary = convert(source.as_mut(), args)?;
+    let source = open_source(&args.checkpoint, args.tag.as_deref())?;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(args.threads)
+        .build()
+        .map_err(|e| ConvertError::Threads(e.to_string()))?;
+    let summary = pool.install(|| convert(source.as_ref(), args))?;
     if let Some(rss) = summary.peak_rss_bytes {
         info!("peak RSS: {:.1} MiB", rss as f64 / 1048576.0);
     }
@@ -195,7 +220,7 @@ fn out_dtype(stored: DType, want: DType) -> DType {
 }
 
 /// Consolidates `source` into `args.output`.
-pub fn convert(source: &mut dyn ShardedSource, args: &ConvertArgs) -> Result<Summary, ConvertError> {
+pub fn convert(source: &dyn ShardedSource, args: &ConvertArgs) -> Result<Summary, ConvertError> {
     let start = Instant::now();
     let want = args.dtype.dtype();
     let infos: Vec<TensorInfo> = source.describe().into_iter().filter(|t| !(args.exclude_frozen && t.frozen)).collect();
@@ -264,11 +289,9 @@ pub fn convert(source: &mut dyn ShardedSource, args: &ConvertArgs) -> Result<Sum
     );
     let mut meta = BTreeMap::new();
     meta.insert("format".to_string(), "pt".to_string());
-    let mut raw = Vec::new();
-    let mut cast_buf = Vec::new();
+    source.prepare().map_err(ConvertError::Source)?;
 
     let dir = if single { None } else { Some(AtomicDir::create(&args.output, args.force)?) };
-    let mut single_done = None;
     let mut weight_map = BTreeMap::new();
     for (k, shard) in shards.iter().enumerate() {
         let final_path = match &dir {
@@ -280,35 +303,40 @@ pub fn convert(source: &mut dyn ShardedSource, args: &ConvertArgs) -> Result<Sum
             Some(_) => args.output.join(&names[k]),
             None => args.output.clone(),
         };
-        let werr = |e: SafetensorsOutError| ConvertError::Write { path: shown.clone(), source: e };
+        let werr = |e: std::io::Error| ConvertError::Write { path: shown.clone(), source: e.into() };
         let mut file = AtomicFile::create(&final_path)?;
         let shard_specs: Vec<TensorSpec> = shard.iter().map(|&i| specs[i].clone()).collect();
-        let mut w = SafetensorsWriter::new(&mut file, shard_specs, &meta).map_err(werr)?;
+        let header = safetensors_out::header_bytes(&shard_specs, &meta);
+        let out = file.positional().map_err(werr)?;
+        out.write_all_at(&header, 0).map_err(werr)?;
+        let mut at = header.len() as u64;
+        let mut work = Vec::new();
         for &i in shard {
-            let info = &infos[i];
-            source.read_tensor(&info.name, &mut raw).map_err(ConvertError::Source)?;
-            let want_len = info.numel() * info.dtype.size() as u64;
-            if raw.len() as u64 != want_len {
-                return Err(ConvertError::SourceSize { name: info.name.clone(), got: raw.len(), want: want_len });
-            }
-            let to = specs[i].dtype;
-            let bytes: &[u8] = if to == info.dtype {
-                &raw
-            } else {
-                cast(&raw, info.dtype, to, &mut cast_buf);
-                &cast_buf
-            };
-            w.write_tensor(&info.name, bytes).map_err(werr)?;
-            pb.inc(bytes.len() as u64);
-            weight_map.insert(info.name.clone(), names[k].clone());
+            work.extend(units(infos[i].numel()).map(|(e0, n)| (i, at, e0, n)));
+            at += specs[i].nbytes();
+            weight_map.insert(infos[i].name.clone(), names[k].clone());
         }
-        w.finish().map_err(werr)?;
-        file.flush().map_err(|e| werr(e.into()))?;
-        let committed = file.commit().map_err(|e| match e {
-            FsError::Io { source, .. } => werr(source.into()),
+        work.par_iter().try_for_each_init(
+            || (Vec::new(), Vec::new()),
+            |(raw, cast_buf), &(i, tensor_at, e0, n)| {
+                let (from, to) = (infos[i].dtype, specs[i].dtype);
+                raw.resize(n as usize * from.size(), 0);
+                source.read_range(&infos[i].name, e0 * from.size() as u64, raw).map_err(ConvertError::Source)?;
+                let bytes: &[u8] = if to == from {
+                    raw
+                } else {
+                    cast(raw, from, to, cast_buf);
+                    cast_buf
+                };
+                write_unit(out, tensor_at + e0 * to.size() as u64, bytes).map_err(werr)?;
+                pb.inc(bytes.len() as u64);
+                Ok::<(), ConvertError>(())
+            },
+        )?;
+        file.commit().map_err(|e| match e {
+            FsError::Io { source, .. } => werr(source),
             other => other.into(),
         })?;
-        single_done = Some(committed);
     }
     if let Some(d) = dir {
         if names.len() > 1 {
@@ -323,7 +351,6 @@ pub fn convert(source: &mut dyn ShardedSource, args: &ConvertArgs) -> Result<Sum
         }
         d.commit()?;
     }
-    let _ = single_done;
     pb.finish_and_clear();
     let seconds = start.elapsed().as_secs_f64();
     info!(
@@ -344,6 +371,15 @@ pub fn convert(source: &mut dyn ShardedSource, args: &ConvertArgs) -> Result<Sum
         seconds,
         peak_rss_bytes: args.report_peak_rss.then(peak_rss).flatten(),
     })
+}
+
+/// Writes one unit at its offset and starts its writeback at once: with many GiB of RAM the
+/// kernel would otherwise hold the whole output dirty until the final fsync and only then write
+/// it, so writing to disk would not overlap reading and converting.
+fn write_unit(file: &File, offset: u64, bytes: &[u8]) -> std::io::Result<()> {
+    file.write_all_at(bytes, offset)?;
+    crate::fsutil::start_writeback(file, offset, bytes.len() as u64);
+    Ok(())
 }
 
 /// Converts little-endian elements between dtypes, rounding to nearest-even as torch's `.to()`.

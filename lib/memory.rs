@@ -141,6 +141,8 @@ pub struct Setup {
     pub dropout: bool,
     /// Gradient reduction bucket, in elements (DeepSpeed's reduce_bucket_size).
     pub bucket_elems: u64,
+    /// Micro-batches accumulated per optimizer step.
+    pub grad_accum: u64,
 }
 
 impl Setup {
@@ -154,6 +156,9 @@ impl Setup {
                 "sequence length {} must be in 1..={} (the model's block size)",
                 self.seq_len, self.model.block_size
             )));
+        }
+        if self.grad_accum == 0 {
+            return Err(MemoryError::Setup("gradient accumulation steps must be at least 1".into()));
         }
         Ok(())
     }
@@ -173,6 +178,8 @@ pub struct Breakdown {
     pub activations: u64,
     pub logits: u64,
     pub comm: u64,
+    /// CUDA kernel images loaded on first use and cuBLAS workspaces ([`CUDA_RUNTIME_BYTES`]).
+    pub runtime: u64,
 }
 
 impl Breakdown {
@@ -181,7 +188,7 @@ impl Breakdown {
     }
 
     pub fn total(&self) -> u64 {
-        self.model_states() + self.activations + self.logits + self.comm
+        self.model_states() + self.activations + self.logits + self.comm + self.runtime
     }
 }
 
@@ -292,10 +299,20 @@ pub fn loss_saved_bytes(s: &Setup) -> u64 {
 /// saved fp32 log-softmax, nll_loss's dense fp32 gradient and the fp32 gradient of the logits
 /// that log_softmax's backward produces from the two. zerokit runs the head chunk by chunk, so
 /// one chunk's worth is alive at a time, not the micro-batch's B*T*V.
+/// With more than one chunk, the token embedding's gradient is summed over chunks: the running
+/// sum and the chunk's own gradient (2·e·V·C) are alive beside it.
 pub fn logits_bytes(s: &Setup) -> u64 {
     let ctv = head_chunk_tokens(s) * s.model.vocab_size;
-    ctv * s.dtype.bytes() + loss_saved_bytes(s) + 2 * 4 * ctv
+    let chunks = (s.micro_batch * s.seq_len).div_ceil(head_chunk_tokens(s));
+    let wte_sum = if chunks > 1 { 2 * s.dtype.bytes() * s.model.vocab_size * s.model.n_embd } else { 0 };
+    ctv * s.dtype.bytes() + loss_saved_bytes(s) + 2 * 4 * ctv + wte_sum
 }
+
+/// Device memory the CUDA runtime takes after the context exists, whatever the model: kernel
+/// images that CUDA's lazy loading brings in as libtorch first uses them, and cuBLAS/cuBLASLt
+/// workspaces. Measured as what `train` holds beyond every other term on an H200 with CUDA 13
+/// and libtorch 2.11 (docs/estimate.md: 0.80-0.87 GiB at micro-batch 1 for 124M, 355M and 1.5B).
+pub const CUDA_RUNTIME_BYTES: u64 = 800 << 20;
 
 /// zerokit's per-GPU breakdown for one stage and offload choice.
 pub fn gpu_breakdown(s: &Setup, stage: u8, offload: Offload) -> Breakdown {
@@ -304,23 +321,34 @@ pub fn gpu_breakdown(s: &Setup, stage: u8, offload: Offload) -> Breakdown {
     let d = s.world_size();
     let e = s.dtype.bytes();
     let part = |k: u64| k * psi / d;
-    // Compute-dtype gradients are themselves fp32 when training in fp32: no second copy.
-    let grad_fp32_extra = if s.dtype == Dtype::Fp32 { 0 } else { 4 };
+    // Stages 0-2 are zerokit's engine: autograd's compute-dtype gradients live only until their
+    // bucket is reduced into the fp32 gradient shard the optimizer reads (4 bytes/param/d), except
+    // that stages 0-1 accumulate micro-batches in a full compute-dtype buffer. Stage 3 follows
+    // DeepSpeed's accounting (train does not run it).
+    let accum = if s.grad_accum > 1 { e * psi } else { 0 };
     let (params, grads, optimizer) = match (stage, offload) {
-        (0, _) => (e * psi, (e + grad_fp32_extra) * psi, 12 * psi),
-        (1, Offload::None) => (e * psi, e * psi + part(grad_fp32_extra), part(12)),
+        (0, _) => (e * psi, 4 * psi + accum, 12 * psi),
+        (1, Offload::None) => (e * psi, part(4) + accum, part(12)),
         // The full compute-dtype gradient still accumulates on the GPU; its fp32 shard and
         // the optimizer live on the CPU.
         (1, _) => (e * psi, e * psi, 0),
-        (2, Offload::None) => (e * psi, part(e + grad_fp32_extra), part(12)),
+        (2, Offload::None) => (e * psi, part(4), part(12)),
         (2, _) => (e * psi, 0, 0),
         // Stage 3 gathers one layer's parameters (and reduces its gradients) at a time.
-        (_, Offload::None) => (part(e) + e * lay, part(e + grad_fp32_extra) + e * lay, part(12)),
+        (_, Offload::None) => (part(e) + e * lay, part(e + 4) + e * lay, part(12)),
         (_, Offload::Optimizer) => (part(e) + e * lay, e * lay, 0),
         (_, Offload::OptimizerAndParams) => (e * lay, e * lay, 0),
     };
     let comm = e * s.bucket_elems.min(psi);
-    Breakdown { params, grads, optimizer, activations: activation_bytes(s), logits: logits_bytes(s), comm }
+    Breakdown {
+        params,
+        grads,
+        optimizer,
+        activations: activation_bytes(s),
+        logits: logits_bytes(s),
+        comm,
+        runtime: CUDA_RUNTIME_BYTES,
+    }
 }
 
 /// zerokit's CPU memory per node: the larger of start-up (each process materialises the fp32
@@ -558,11 +586,13 @@ pub struct EstimateArgs {
     /// Gradient reduction bucket in elements (DeepSpeed's reduce_bucket_size default).
     #[arg(long, default_value_t = 500_000_000)]
     pub bucket_elems: u64,
+    /// Micro-batches accumulated per optimizer step (gradient_accumulation_steps).
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: u64,
     /// Memory of one GPU, for the largest micro-batch that fits.
     #[arg(long, default_value = "80GiB")]
     pub gpu_memory: String,
-    /// Kept free on each GPU for the CUDA context, cuBLAS and NCCL workspaces and allocator
-    /// fragmentation.
+    /// Kept free on each GPU for the CUDA context, NCCL's buffers and allocator fragmentation.
     #[arg(long, default_value = "2GiB")]
     pub reserve: String,
     /// Print JSON instead of a table.
@@ -588,6 +618,7 @@ impl EstimateArgs {
             activation_checkpointing: self.activation_checkpointing,
             dropout: self.dropout,
             bucket_elems: self.bucket_elems,
+            grad_accum: self.grad_accum,
         };
         s.validate()?;
         Ok(s)
@@ -640,18 +671,18 @@ pub fn render(est: &Estimate, model_name: &str, gpu_memory: u64) -> String {
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "GiB per GPU                                                                   max micro-batch   CPU GiB"
+        "GiB per GPU                                                                          max micro-batch   CPU GiB"
     );
     let _ = writeln!(
         out,
-        "stage offload     params   grads   optim  activ  logits   comm    total   in {:>6.1} GiB       per node",
+        "stage offload     params   grads   optim  activ  logits   comm   cuda    total   in {:>6.1} GiB       per node",
         gib(gpu_memory)
     );
     for r in &est.rows {
         let g = &r.gpu;
         let _ = writeln!(
             out,
-            "{:>5} {:<10} {:>7.2} {:>7.2} {:>7.2} {:>6.2} {:>7.2} {:>6.2} {:>8.2}   {:>15}   {:>8.2}",
+            "{:>5} {:<10} {:>7.2} {:>7.2} {:>7.2} {:>6.2} {:>7.2} {:>6.2} {:>6.2} {:>8.2}   {:>15}   {:>8.2}",
             r.stage,
             r.offload.label(),
             gib(g.params),
@@ -660,6 +691,7 @@ pub fn render(est: &Estimate, model_name: &str, gpu_memory: u64) -> String {
             gib(g.activations),
             gib(g.logits),
             gib(g.comm),
+            gib(g.runtime),
             gib(r.gpu_total),
             r.max_micro_batch,
             gib(r.cpu_per_node)

@@ -475,6 +475,13 @@ impl Gpt {
         self.kind
     }
 
+    /// Records where the parameters live after their data were replaced in place (the ZeRO
+    /// engine points them into its flat buffers, possibly on another device and kind).
+    pub fn set_placement(&mut self, device: Device, kind: Kind) {
+        self.device = device;
+        self.kind = kind;
+    }
+
     /// Name, shape and weight-decay flag of every parameter, in canonical order.
     pub fn param_specs(&self) -> Vec<ParamSpec> {
         self.cfg.param_specs()

@@ -160,7 +160,8 @@ pub fn fit(mut cfg: TrainConfig) -> Result<(), TrainError> {
             )));
         }
     }
-    // The model starts in fp32 on every rank with identical weights; the engine converts it.
+    // The model starts in fp32 on the host of every rank with identical weights; the engine
+    // moves it to the device in the compute kind.
     let resume_dir = (cfg.init_from == "resume").then(|| checkpoint::resolve(&cfg.out_dir, None)).transpose()?;
     let mcfg = match &resume_dir {
         Some(dir) => serde_json::from_value(checkpoint::read_manifest(dir)?.model_config)
@@ -168,14 +169,14 @@ pub fn fit(mut cfg: TrainConfig) -> Result<(), TrainError> {
         None => model_config(&cfg)?,
     };
     let model = match cfg.init_from.as_str() {
-        "scratch" | "resume" => Gpt::new(&mcfg, device, Kind::Float, cfg.seed)?,
+        "scratch" | "resume" => Gpt::new(&mcfg, Device::Cpu, Kind::Float, cfg.seed)?,
         hf if !Path::new(hf).is_dir() => {
             return Err(TrainError::Other(format!(
                 "init_from = {hf:?}: not a directory. zerokit downloads nothing: give a local Hugging Face GPT-2 \
                  directory (config.json and model.safetensors), \"scratch\" or \"resume\""
             )))
         }
-        hf => Gpt::load_hf(Path::new(hf), device, Kind::Float)?.0,
+        hf => Gpt::load_hf(Path::new(hf), Device::Cpu, Kind::Float)?.0,
     };
     let mcfg = *model.config();
     if cfg.block_size > mcfg.block_size {

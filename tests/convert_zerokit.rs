@@ -380,11 +380,11 @@ fn edit_manifest(tag: &Path, f: impl FnOnce(&mut serde_json::Value)) {
     std::fs::write(&p, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
 }
 
-/// Streaming: a 120 MB master (2 ranks, ZeRO-2) in tensors of at most 16 MiB converts with a
-/// peak RSS above the dry run's of under three of those tensors; reading the rank files through
-/// their mappings without releasing the pages would hold the whole master.
+/// Streaming: a 120 MB master (2 ranks, ZeRO-2) in tensors of up to 16 MiB, converted by 2
+/// threads in 4 MiB units, peaks under two of those tensors above the dry run's RSS; reading the
+/// rank files through their mappings without releasing the pages would hold the whole master.
 #[test]
-fn peak_memory_is_bounded_by_the_largest_tensor() {
+fn peak_memory_is_bounded_by_threads_not_the_model() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let data = dir.join("data");
@@ -395,7 +395,7 @@ fn peak_memory_is_bounded_by_the_largest_tensor() {
     let bin = env!("CARGO_BIN_EXE_zero-to-fp32");
     let run = |extra: &[&str]| {
         let out = dir.join("hf");
-        let o = Command::new(bin).arg(&root).arg(&out).arg("--report-peak-rss").args(extra).output().unwrap();
+        let o = Command::new(bin).arg(&root).arg(&out).args(["--report-peak-rss", "--threads", "2"]).args(extra).output().unwrap();
         let err = String::from_utf8_lossy(&o.stderr).into_owned();
         assert!(o.status.success(), "{err}");
         common::peak_rss_mib(&err)
@@ -404,5 +404,6 @@ fn peak_memory_is_bounded_by_the_largest_tensor() {
     let full = run(&["--max-shard-size", "100MB"]);
     let tensor_mib = (4096 * 1024 * 4) as f64 / 1048576.0;
     eprintln!("peak RSS: dry run {dry:.1} MiB, conversion {full:.1} MiB");
-    assert!(full - dry < 3.0 * tensor_mib, "peak RSS {full:.1} MiB vs {dry:.1} MiB dry: not streaming");
+    // About 12 MiB per thread: a 4 MiB unit read, its mapped pages, allocator slack.
+    assert!(full - dry < 2.0 * tensor_mib, "peak RSS {full:.1} MiB vs {dry:.1} MiB dry: not streaming");
 }

@@ -8,6 +8,9 @@ Throughput: one JSONL corpus of documents of about 4 KB made of Shakespeare's pa
 best of --repeat runs each, in one process so both see the same machine state. The token
 totals must agree (zerokit's minus its one EOT per document).
 
+Scaling (--scaling-mb M): zerokit alone on an M MB corpus at each thread count, whole-run wall
+time and prepare's own time (the whole run less the ~0.3 s process start-up).
+
 Memory (--memory-gb G): a corpus of G GB of repeated text written to a temporary directory,
 tokenized once as JSONL documents and once as a single plain-text file (the two-pass character
 split); peak RSS from /usr/bin/time -v; the corpus is deleted afterwards.
@@ -78,6 +81,10 @@ def run_prepare(binary, inputs, out, threads, extra=()):
         sys.exit(f"prepare failed: {' '.join(cmd)}\n{res.stderr}")
     with open(os.path.join(out, "meta.json")) as f:
         meta = json.load(f)
+    # prepare's own time (its summary line): the run less process start-up (loading libtorch,
+    # which every zerokit binary links, costs about 0.3 s whatever the corpus).
+    m = re.search(r"tokens \(\d+ docs\), ([\d.]+) s, ", res.stderr)
+    meta["_pipeline_s"] = float(m.group(1)) if m else None
     return dt, meta
 
 
@@ -130,6 +137,57 @@ def throughput(args, tmp):
             s_tt = r["tiktoken_MBps"] / base["tiktoken_MBps"]
             print(f"scaling {base['threads']} -> {r['threads']} threads: zerokit {s_zk:.2f}x, tiktoken {s_tt:.2f}x")
     return {"docs": len(docs), "text_bytes": text_bytes, "tokens": tt_tokens, "rows": rows}
+
+
+def scaling(args, tmp):
+    """zerokit alone on a bigger corpus, where the fixed start-up no longer hides how the
+    pipeline scales: wall time of the whole run and prepare's own time, per thread count."""
+    corpus = os.path.join(tmp, "scaling.jsonl")
+    write_jsonl(corpus, args.scaling_mb * 1_000_000)
+    size = os.path.getsize(corpus)
+    out = os.path.join(tmp, "out-scaling")
+    rows = []
+    for threads in args.threads:
+        runs = [run_prepare(args.bin, [corpus], out, threads, ["--val-fraction", "0.01"]) for _ in range(args.repeat)]
+        wall = min(dt for dt, _ in runs)
+        own = min(m["_pipeline_s"] for _, m in runs)
+        rows.append({"threads": threads, "wall_s": wall, "pipeline_s": own,
+                     "wall_MBps": size / wall / 1e6, "pipeline_MBps": size / own / 1e6})
+    # The machine's own ceiling: n independent one-thread runs at once, each on a slice of
+    # size/max(threads), share nothing but the cores, memory and disk.
+    piece = os.path.join(tmp, "slice.jsonl")
+    write_jsonl(piece, args.scaling_mb * 1_000_000 // max(args.threads))
+    piece_size = os.path.getsize(piece)
+    for r in rows:
+        n = r["threads"]
+        procs = [subprocess.Popen([args.bin, piece, "--out", os.path.join(tmp, f"indep{k}"), "--force", "--threads", "1",
+                                   "--val-fraction", "0.01"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                 for k in range(n)]
+        errs = [p.communicate()[1] for p in procs]
+        if any(p.returncode != 0 for p in procs):
+            sys.exit("an independent prepare run failed")
+        # Their own times (start-up excluded, as in the column compared): the slowest sets the pace.
+        own = max(float(re.search(r"tokens \(\d+ docs\), ([\d.]+) s, ", e).group(1)) for e in errs)
+        r["independent_MBps"] = n * piece_size / own / 1e6
+        for k in range(n):
+            shutil.rmtree(os.path.join(tmp, f"indep{k}"), ignore_errors=True)
+    os.remove(piece)
+    os.remove(corpus)
+    shutil.rmtree(out, ignore_errors=True)
+    base = rows[0]
+    print(f"\nscaling: zerokit on {size / 1e6:.0f} MB of JSONL, best of {args.repeat}")
+    print(f"independent: as many one-thread runs at once, each on {piece_size / 1e6:.0f} MB (the machine's ceiling)")
+    print("| threads | whole run s | MB/s | speed-up | prepare's own s | MB/s | speed-up | efficiency "
+          "| independent runs MB/s | speed-up |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        su_w = base["wall_s"] / r["wall_s"]
+        su_p = base["pipeline_s"] / r["pipeline_s"]
+        r.update({"speedup_wall": su_w, "speedup_pipeline": su_p})
+        print(f"| {r['threads']} | {r['wall_s']:.2f} | {r['wall_MBps']:.0f} | {su_w:.2f}x | {r['pipeline_s']:.2f} | "
+              f"{r['pipeline_MBps']:.0f} | {su_p:.2f}x | {su_p / r['threads'] * base['threads']:.0%} | "
+              f"{r['independent_MBps']:.0f} | {r['independent_MBps'] / base['independent_MBps']:.2f}x |")
+    return {"bytes": size, "rows": rows}
 
 
 def peak_rss_kb(cmd):
@@ -220,6 +278,7 @@ def main():
     ap.add_argument("--threads", default=f"1,{os.cpu_count()}", help="comma-separated thread counts")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--memory-gb", type=float, default=0, help="also measure peak RSS on a corpus this big")
+    ap.add_argument("--scaling-mb", type=int, default=0, help="also time zerokit alone on a corpus this big")
     ap.add_argument("--tmp", default=None, help="where to write the generated corpora (default: system temp)")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
@@ -234,6 +293,8 @@ def main():
         offline_cache()
         print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {args.bin}")
         result = {"throughput": throughput(args, tmp)}
+        if args.scaling_mb:
+            result["scaling"] = scaling(args, tmp)
         if args.memory_gb:
             result["memory"] = memory(args, tmp)
     finally:

@@ -3,12 +3,12 @@
 run, and reports wall time and peak RSS of each (from wait4's rusage of that process alone).
 
 Order: zerokit, DeepSpeed, zerokit again, so neither side alone benefits from a page cache the
-other warmed. Outputs are deleted after each run. DeepSpeed writes its default format (torch
+other warmed; then zerokit on one thread (`--threads 1`), to show what the threads bring. Outputs are deleted after each run. DeepSpeed writes its default format (torch
 pickles, 5 GB shards): its --safe_serialization path fails on tied weights (GPT-2's lm_head).
 
     .deps/py/bin/python tools/make_xl_deepspeed_ckpt.py /tmp/xl_ckpt
-    cargo build --bin zero-to-fp32
-    .deps/py/bin/python tools/bench_zero_to_fp32.py /tmp/xl_ckpt --bin target/debug/zero-to-fp32
+    cargo build --release --bin zero-to-fp32
+    .deps/py/bin/python tools/bench_zero_to_fp32.py /tmp/xl_ckpt --bin target/release/zero-to-fp32
 """
 import argparse
 import json
@@ -38,7 +38,7 @@ def du(path):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("checkpoint")
-    ap.add_argument("--bin", default="target/debug/zero-to-fp32")
+    ap.add_argument("--bin", default="target/release/zero-to-fp32")
     ap.add_argument("--out", default="/tmp/zero_to_fp32_bench_out")
     args = ap.parse_args()
     results = []
@@ -46,6 +46,7 @@ def main():
         ("zerokit", [args.bin, args.checkpoint, args.out]),
         ("deepspeed", [sys.executable, "-m", "deepspeed.utils.zero_to_fp32", args.checkpoint, args.out]),
         ("zerokit", [args.bin, args.checkpoint, args.out]),
+        ("zerokit-1-thread", [args.bin, args.checkpoint, args.out, "--threads", "1"]),
     ]
     for name, cmd in runs:
         shutil.rmtree(args.out, ignore_errors=True)

@@ -24,11 +24,20 @@ TAG = "global_step1000"
 
 
 def xl_shapes():
-    from transformers import GPT2Config, GPT2LMHeadModel
-    cfg = GPT2Config(n_embd=1600, n_layer=48, n_head=25)
-    with torch.device("meta"):
-        model = GPT2LMHeadModel(cfg)
-    named = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+    """GPT2LMHeadModel(n_embd=1600, n_layer=48, n_head=25).named_parameters(), in order (lm_head is
+    tied to wte and not listed), written out so the GPU machines need no transformers; split into
+    DeepSpeed's usual two groups (weight decay for matrices, none for vectors)."""
+    d, v, ctx, layers = 1600, 50257, 1024, 48
+    named = [("transformer.wte.weight", (v, d)), ("transformer.wpe.weight", (ctx, d))]
+    for i in range(layers):
+        h = f"transformer.h.{i}."
+        named += [(h + "ln_1.weight", (d,)), (h + "ln_1.bias", (d,)),
+                  (h + "attn.c_attn.weight", (d, 3 * d)), (h + "attn.c_attn.bias", (3 * d,)),
+                  (h + "attn.c_proj.weight", (d, d)), (h + "attn.c_proj.bias", (d,)),
+                  (h + "ln_2.weight", (d,)), (h + "ln_2.bias", (d,)),
+                  (h + "mlp.c_fc.weight", (d, 4 * d)), (h + "mlp.c_fc.bias", (4 * d,)),
+                  (h + "mlp.c_proj.weight", (4 * d, d)), (h + "mlp.c_proj.bias", (d,))]
+    named += [("transformer.ln_f.weight", (d,)), ("transformer.ln_f.bias", (d,))]
     decay = [(n, s) for n, s in named if len(s) >= 2]
     no_decay = [(n, s) for n, s in named if len(s) < 2]
     return [decay, no_decay]

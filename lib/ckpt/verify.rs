@@ -940,7 +940,7 @@ fn check_hf_dir(dir: &Path, scan: bool) -> Vec<String> {
 pub fn verify_deepspeed_tag(dir: &Path, scan: bool) -> Vec<String> {
     let mut p = Vec::new();
     // Structure: DeepSpeedSource refuses a tag whose files disagree, naming the file.
-    let mut src = match DeepSpeedSource::open(dir) {
+    let src = match DeepSpeedSource::open(dir) {
         Ok(src) => Some(src),
         Err(e) => {
             p.push(e.to_string());
@@ -969,15 +969,19 @@ pub fn verify_deepspeed_tag(dir: &Path, scan: bool) -> Vec<String> {
     // The fp32 master weights are scanned through the consolidation plan: stage 3 leaves the
     // padding of its per-parameter partitions uninitialized (torch.empty), so whole storages
     // may hold NaN where no parameter lies.
-    if let (true, Some(src)) = (scan && p.is_empty(), src.as_mut()) {
+    if let (true, Some(src)) = (scan && p.is_empty(), src.as_ref()) {
         let mut buf = Vec::new();
-        for t in src.describe().into_iter().filter(|t| t.dtype.is_float()) {
-            if let Err(e) = src.read_tensor(&t.name, &mut buf) {
-                p.push(e.to_string());
-                continue;
-            }
+        'tensors: for t in src.describe().into_iter().filter(|t| t.dtype.is_float()) {
             let mut tally = Tally::default();
-            tally.add_bytes(&buf, t.dtype, 0);
+            let size = t.dtype.size() as u64;
+            for (e0, n) in convert::units(t.numel()) {
+                buf.resize((n * size) as usize, 0);
+                if let Err(e) = src.read_range(&t.name, e0 * size, &mut buf) {
+                    p.push(e.to_string());
+                    continue 'tensors;
+                }
+                tally.add_bytes(&buf, t.dtype, e0);
+            }
             if let Some((i, x)) = tally.first_nonfinite {
                 p.push(line(
                     dir,

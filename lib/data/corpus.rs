@@ -7,8 +7,8 @@
 
 use super::tokenize::Tokenizer;
 use super::DataError;
+use crate::fsutil::BackgroundSha256;
 use indicatif::ProgressBar;
-use sha2::{Digest, Sha256};
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -120,15 +120,9 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), DataError> {
 /// decoder above it) failed, which tells a read error from a corrupt zstd stream.
 #[derive(Default)]
 pub struct Tally {
-    sha: Sha256,
+    sha: BackgroundSha256,
     pub bytes: u64,
     file_failed: bool,
-}
-
-impl Tally {
-    pub fn sha256(&self) -> String {
-        hex::encode(self.sha.clone().finalize())
-    }
 }
 
 struct TallyReader {
@@ -142,7 +136,7 @@ impl Read for TallyReader {
         let mut t = self.tally.lock().expect("tally lock is never poisoned");
         match self.file.read(buf) {
             Ok(n) => {
-                t.sha.update(&buf[..n]);
+                t.sha.update(buf[..n].to_vec());
                 t.bytes += n as u64;
                 self.progress.inc(n as u64);
                 Ok(n)
@@ -214,7 +208,13 @@ impl Stream {
 
     /// Checks that the whole file was read (it did not change under us) and returns its tally.
     pub fn finish(self) -> Result<(u64, String), DataError> {
-        let t = self.tally.lock().expect("tally lock is never poisoned");
+        // The reader holds the other handle on the tally: drop it to take the tally back.
+        drop(self.reader);
+        let t = Arc::try_unwrap(self.tally)
+            .ok()
+            .expect("the reader was the tally's only other owner")
+            .into_inner()
+            .expect("tally lock is never poisoned");
         if t.bytes != self.input.bytes {
             return Err(DataError::io(
                 &self.input.path,
@@ -224,7 +224,7 @@ impl Stream {
                 )),
             ));
         }
-        Ok((t.bytes, t.sha256()))
+        Ok((t.bytes, t.sha.finish()))
     }
 
     fn utf8_detail(&self) -> &'static str {
@@ -447,6 +447,7 @@ pub fn is_blank(line: &[u8]) -> bool {
 mod tests {
     use super::*;
     use crate::data::tokenize::{Encoding, Tokenizer};
+    use sha2::{Digest, Sha256};
 
     fn chunks(bytes: &[u8], chunk: usize, lossy: bool, zstd: bool) -> Result<Vec<String>, DataError> {
         let dir = tempfile::tempdir().unwrap();

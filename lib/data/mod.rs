@@ -37,6 +37,15 @@ impl Dtype {
         }
     }
 
+    /// Token ids as the file stores them: little-endian of this width (ids fit: the encoding's
+    /// vocabulary chose the dtype).
+    pub fn encode(self, ids: &[u32]) -> Vec<u8> {
+        match self {
+            Dtype::U16 => ids.iter().flat_map(|&id| (id as u16).to_le_bytes()).collect(),
+            Dtype::U32 => ids.iter().flat_map(|&id| id.to_le_bytes()).collect(),
+        }
+    }
+
     pub fn from_name(name: &str) -> Option<Self> {
         match name {
             "uint16" => Some(Dtype::U16),

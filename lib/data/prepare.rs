@@ -17,11 +17,10 @@
 use super::corpus::{self, Format, Input, LineError, LineReader, Stream, TextChunker};
 use super::tokenize::{Encoding, Tokenizer};
 use super::{DataError, Dtype};
-use crate::fsutil::{self, AtomicDir};
+use crate::fsutil::{self, AtomicDir, BackgroundSha256};
 use crate::logging;
 use indicatif::ProgressBar;
 use serde_json::json;
-use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -155,10 +154,11 @@ struct Line {
     doc: u64,
 }
 
+/// A piece's tokens, already in the files' byte form so the (serial) writer only writes them.
 #[derive(Default)]
 struct Produced {
-    train: Vec<u32>,
-    val: Vec<u32>,
+    train: Vec<u8>,
+    val: Vec<u8>,
     train_docs: u64,
     val_docs: u64,
 }
@@ -168,11 +168,13 @@ struct Ctx<'a> {
     inputs: &'a [Input],
     tokenizer: &'a Tokenizer,
     eot: u32,
+    dtype: Dtype,
 }
 
 impl Ctx<'_> {
     fn process(&self, work: Work) -> Result<Produced, DataError> {
-        let mut out = Produced::default();
+        let (mut train, mut val) = (Vec::new(), Vec::new());
+        let (mut train_docs, mut val_docs) = (0u64, 0u64);
         match work {
             Work::Text {
                 text,
@@ -181,8 +183,8 @@ impl Ctx<'_> {
                 count_doc,
             } => {
                 let (tokens, docs) = match split {
-                    Split::Train => (&mut out.train, &mut out.train_docs),
-                    Split::Val => (&mut out.val, &mut out.val_docs),
+                    Split::Train => (&mut train, &mut train_docs),
+                    Split::Val => (&mut val, &mut val_docs),
                 };
                 self.tokenizer.encode_into(&text, tokens);
                 if eot {
@@ -216,9 +218,9 @@ impl Ctx<'_> {
                         },
                     )?;
                     let (tokens, docs) = if is_val(self.args.seed, line.doc, self.args.val_fraction) {
-                        (&mut out.val, &mut out.val_docs)
+                        (&mut val, &mut val_docs)
                     } else {
-                        (&mut out.train, &mut out.train_docs)
+                        (&mut train, &mut train_docs)
                     };
                     self.tokenizer.encode_into(&text, tokens);
                     tokens.push(self.eot);
@@ -226,7 +228,12 @@ impl Ctx<'_> {
                 }
             }
         }
-        Ok(out)
+        Ok(Produced {
+            train: self.dtype.encode(&train),
+            val: self.dtype.encode(&val),
+            train_docs,
+            val_docs,
+        })
     }
 }
 
@@ -474,10 +481,9 @@ fn count_chars(s: &str) -> u64 {
 struct TokenWriter {
     path: PathBuf,
     file: BufWriter<File>,
-    sha: Sha256,
+    sha: BackgroundSha256,
     tokens: u64,
     dtype: Dtype,
-    buf: Vec<u8>,
 }
 
 impl TokenWriter {
@@ -486,25 +492,19 @@ impl TokenWriter {
         Ok(TokenWriter {
             path,
             file: BufWriter::with_capacity(1 << 20, file),
-            sha: Sha256::new(),
+            sha: BackgroundSha256::default(),
             tokens: 0,
             dtype,
-            buf: Vec::new(),
         })
     }
 
-    fn write(&mut self, ids: &[u32]) -> Result<(), DataError> {
-        self.buf.clear();
-        match self.dtype {
-            // Ids fit: the encoding's vocabulary decided the dtype.
-            Dtype::U16 => self.buf.extend(ids.iter().flat_map(|&id| (id as u16).to_le_bytes())),
-            Dtype::U32 => self.buf.extend(ids.iter().flat_map(|&id| id.to_le_bytes())),
-        }
-        self.sha.update(&self.buf);
+    /// Appends tokens in the file's byte form (`Dtype::encode`).
+    fn write(&mut self, bytes: Vec<u8>) -> Result<(), DataError> {
         self.file
-            .write_all(&self.buf)
+            .write_all(&bytes)
             .map_err(|e| DataError::io(&self.path, e))?;
-        self.tokens += ids.len() as u64;
+        self.tokens += (bytes.len() / self.dtype.size()) as u64;
+        self.sha.update(bytes);
         Ok(())
     }
 
@@ -514,7 +514,7 @@ impl TokenWriter {
             .into_inner()
             .map_err(|e| DataError::io(&self.path, e.into_error()))?;
         file.sync_all().map_err(|e| DataError::io(&self.path, e))?;
-        Ok((self.tokens, hex::encode(self.sha.finalize())))
+        Ok((self.tokens, self.sha.finish()))
     }
 }
 
@@ -572,6 +572,7 @@ pub fn prepare(args: &PrepareArgs, command: &[String]) -> Result<PrepareSummary,
         inputs: &inputs,
         tokenizer: &tokenizer,
         eot: args.encoding.eot(),
+        dtype,
     };
     let (mut train_docs, mut val_docs) = (0u64, 0u64);
 
@@ -707,8 +708,8 @@ fn write_in_order(
         early.insert(seq, result);
         while let Some(result) = early.remove(&next) {
             let p = result?;
-            train.write(&p.train)?;
-            val.write(&p.val)?;
+            train.write(p.train)?;
+            val.write(p.val)?;
             *train_docs += p.train_docs;
             *val_docs += p.val_docs;
             next += 1;

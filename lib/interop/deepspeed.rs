@@ -23,6 +23,7 @@
 
 use crate::convert::{ShardedSource, SourceError, TensorInfo};
 use crate::interop::torch_pickle::{DType, TensorRef, TorchError, TorchFile, Value};
+use rayon::prelude::*;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
@@ -70,7 +71,6 @@ pub struct DeepSpeedSource {
     files: Vec<TorchFile>,
     tensors: Vec<Planned>,
     by_name: HashMap<String, usize>,
-    verified: HashSet<(usize, String)>,
 }
 
 /// Whether `dir` looks like a DeepSpeed tag directory.
@@ -226,7 +226,6 @@ impl DeepSpeedSource {
             files,
             tensors: vec![],
             by_name: HashMap::new(),
-            verified: HashSet::new(),
         };
         src.plan(model_base)?;
         Ok(src)
@@ -500,18 +499,40 @@ impl ShardedSource for DeepSpeedSource {
         self.tensors.iter().map(|t| t.info.clone()).collect()
     }
 
-    fn read_tensor(&mut self, name: &str, out: &mut Vec<u8>) -> Result<(), SourceError> {
+    fn prepare(&self) -> Result<(), SourceError> {
+        // Every storage a tensor is read from, once, checked against the CRC-32 in its zip
+        // (the Adam moments, never read, are not checked).
+        let mut seen = HashSet::new();
+        let storages: Vec<(usize, &TensorRef)> = self
+            .tensors
+            .iter()
+            .flat_map(|t| &t.pieces)
+            .filter(|p| seen.insert((p.file, p.tensor.storage_key.as_str())))
+            .map(|p| (p.file, &p.tensor))
+            .collect();
+        let results: Vec<Result<(), TorchError>> =
+            storages.par_iter().map(|&(f, t)| self.files[f].verify_storage(t)).collect();
+        results.into_iter().collect::<Result<(), _>>().map_err(Into::into)
+    }
+
+    fn read_range(&self, name: &str, start: u64, out: &mut [u8]) -> Result<(), SourceError> {
         let i = *self.by_name.get(name).ok_or_else(|| format!("{}: no tensor named {name}", self.dir.display()))?;
-        out.clear();
-        let pieces = self.tensors[i].pieces.clone();
-        out.reserve_exact(pieces.iter().map(|p| p.len as usize).sum());
-        for p in &pieces {
-            let f = &self.files[p.file];
-            if self.verified.insert((p.file, p.tensor.storage_key.clone())) {
-                f.verify_storage(&p.tensor)?;
+        let end = start + out.len() as u64;
+        // Pieces are consecutive runs of the tensor's bytes: copy the part of each that overlaps.
+        let (mut at, mut filled) = (0u64, 0usize);
+        for p in &self.tensors[i].pieces {
+            let (s, e) = (start.max(at), end.min(at + p.len));
+            if s < e {
+                let f = &self.files[p.file];
+                let n = (e - s) as usize;
+                out[filled..filled + n].copy_from_slice(f.bytes(p.start + s - at, e - s));
+                f.release(p.start + s - at, e - s);
+                filled += n;
             }
-            out.extend_from_slice(f.bytes(p.start, p.len));
-            f.release(p.start, p.len);
+            at += p.len;
+        }
+        if filled != out.len() {
+            return Err(format!("{}: {name}: bytes {start}..{end} lie beyond its {at} bytes", self.dir.display()).into());
         }
         Ok(())
     }
@@ -521,7 +542,7 @@ impl ShardedSource for DeepSpeedSource {
     }
 
     fn verify(&self) -> Result<(), SourceError> {
-        // Every storage is checked against its zip CRC-32 when it is first read.
+        // `prepare` checks every storage that is read against its zip CRC-32.
         Ok(())
     }
 }

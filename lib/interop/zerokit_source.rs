@@ -32,10 +32,6 @@ fn invalid(path: &Path, msg: impl Into<String>) -> ZerokitSourceError {
     ZerokitSourceError::Invalid { path: path.to_path_buf(), msg: msg.into() }
 }
 
-/// Elements copied per `PartitionReader::read` call: bounds the scratch buffer (4 MiB), large
-/// enough that the per-call lookups cost nothing.
-const CHUNK: usize = 1 << 20;
-
 /// Whether `dir` looks like a zerokit checkpoint tag: a manifest, or rank files (a tag whose
 /// manifest is missing is then reported as such rather than as an unknown format).
 pub fn is_zerokit_dir(dir: &Path) -> bool {
@@ -47,8 +43,6 @@ pub struct ZerokitSource {
     reader: PartitionReader,
     cfg: GptConfig,
     tensors: Vec<TensorInfo>,
-    numel: HashMap<String, usize>,
-    scratch: Vec<f32>,
 }
 
 impl ZerokitSource {
@@ -93,9 +87,8 @@ impl ZerokitSource {
                 frozen: false,
             })
             .collect();
-        let numel = tensors.iter().map(|t| (t.name.clone(), t.numel() as usize)).collect();
         let reader = PartitionReader::open(dir)?;
-        Ok(ZerokitSource { reader, cfg, tensors, numel, scratch: Vec::new() })
+        Ok(ZerokitSource { reader, cfg, tensors })
     }
 }
 
@@ -160,19 +153,16 @@ impl ShardedSource for ZerokitSource {
         self.tensors.clone()
     }
 
-    fn read_tensor(&mut self, name: &str, out: &mut Vec<u8>) -> Result<(), SourceError> {
-        let n = *self.numel.get(name).ok_or_else(|| format!("{}: no parameter named {name}", self.reader.dir.display()))?;
-        out.clear();
-        out.reserve_exact(n * 4);
-        self.scratch.resize(CHUNK.min(n), 0.0);
-        let mut at = 0;
-        while at < n {
-            let len = CHUNK.min(n - at);
-            let buf = &mut self.scratch[..len];
-            self.reader.read("master", name, at, buf)?;
-            self.reader.release("master", name, at, len)?;
-            out.extend(buf.iter().flat_map(|x| x.to_le_bytes()));
-            at += len;
+    fn read_range(&self, name: &str, start: u64, out: &mut [u8]) -> Result<(), SourceError> {
+        if start % 4 != 0 || out.len() % 4 != 0 {
+            return Err(format!("{}: {name}: byte range not aligned to fp32 elements", self.reader.dir.display()).into());
+        }
+        let (at, n) = (start as usize / 4, out.len() / 4);
+        let mut buf = vec![0f32; n];
+        self.reader.read("master", name, at, &mut buf)?;
+        self.reader.release("master", name, at, n)?;
+        for (o, x) in out.chunks_exact_mut(4).zip(&buf) {
+            o.copy_from_slice(&x.to_le_bytes());
         }
         Ok(())
     }

@@ -124,7 +124,10 @@ impl Engine {
         let part_rank = if parts == 1 { 0 } else { comm.rank() };
 
         let opts = (Kind::Float, cfg.device);
-        let flat32 = Tensor::zeros([layout.total as i64], opts);
+        // The fp32 flat copy is assembled where the model was built (train builds it on the host):
+        // built on the GPU, its per-parameter blocks would stay in libtorch's cache after the
+        // conversion, GiBs that nvidia-smi counts and that only an out-of-memory retry returns.
+        let flat32 = Tensor::zeros([layout.total as i64], (Kind::Float, model.device()));
         for (i, (_, t)) in named.iter().enumerate() {
             let off = layout.flat_offset(i) as i64;
             flat32.narrow(0, off, t.numel() as i64).copy_(&t.detach().to_kind(Kind::Float).view(-1));
@@ -134,7 +137,7 @@ impl Engine {
             let src = flat32.narrow(0, (b.flat_offset + part_rank * b.shard) as i64, b.shard as i64);
             master.narrow(0, b.shard_offset as i64, b.shard as i64).copy_(&src);
         }
-        let model_flat = flat32.to_kind(cfg.kind);
+        let model_flat = flat32.to_kind(cfg.kind).to_device(cfg.device);
         drop(flat32);
         let mut handles = Vec::with_capacity(named.len());
         for (i, (_, t)) in named.into_iter().enumerate() {
@@ -143,6 +146,8 @@ impl Engine {
             t.set_data(&view);
             handles.push(t);
         }
+        let mut model = model;
+        model.set_placement(cfg.device, cfg.kind);
         let segments = layout
             .pieces(part_rank)
             .iter()

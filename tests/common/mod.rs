@@ -59,6 +59,7 @@ pub fn convert_args(ckpt: &Path, out: &Path) -> zerokit::convert::ConvertArgs {
         force: false,
         report_peak_rss: false,
         verify: false,
+        threads: 0,
     }
 }
 
