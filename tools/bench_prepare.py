@@ -75,7 +75,8 @@ def cpu_name():
 def run_prepare(binary, inputs, out, threads, extra=()):
     cmd = [binary, *inputs, "--out", out, "--force", "--threads", str(threads), *extra]
     t0 = time.perf_counter()
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    # Debug level adds the serial stages' CPU time (the reader's and the writer's).
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "RUST_LOG": "debug"})
     dt = time.perf_counter() - t0
     if res.returncode != 0:
         sys.exit(f"prepare failed: {' '.join(cmd)}\n{res.stderr}")
@@ -85,6 +86,9 @@ def run_prepare(binary, inputs, out, threads, extra=()):
     # which every zerokit binary links, costs about 0.3 s whatever the corpus).
     m = re.search(r"tokens \(\d+ docs\), ([\d.]+) s, ", res.stderr)
     meta["_pipeline_s"] = float(m.group(1)) if m else None
+    m = re.search(r"serial stages: reader ([\d.]+) s CPU, reordering ([\d.]+) s CPU", res.stderr)
+    files = [float(x) for x in re.findall(r"serial stages: \S+ written with ([\d.]+) s CPU", res.stderr)]
+    meta["_serial_cpu_s"] = (float(m.group(1)), float(m.group(2)), max(files)) if m and files else None
     return dt, meta
 
 
@@ -151,8 +155,10 @@ def scaling(args, tmp):
         runs = [run_prepare(args.bin, [corpus], out, threads, ["--val-fraction", "0.01"]) for _ in range(args.repeat)]
         wall = min(dt for dt, _ in runs)
         own = min(m["_pipeline_s"] for _, m in runs)
+        serial = [min(m["_serial_cpu_s"][k] for _, m in runs) for k in range(3)]
         rows.append({"threads": threads, "wall_s": wall, "pipeline_s": own,
-                     "wall_MBps": size / wall / 1e6, "pipeline_MBps": size / own / 1e6})
+                     "wall_MBps": size / wall / 1e6, "pipeline_MBps": size / own / 1e6,
+                     "reader_cpu_s": serial[0], "reorder_cpu_s": serial[1], "file_writer_cpu_s": serial[2]})
     # The machine's own ceiling: n independent one-thread runs at once, each on a slice of
     # size/max(threads), share nothing but the cores, memory and disk.
     piece = os.path.join(tmp, "slice.jsonl")
@@ -177,6 +183,10 @@ def scaling(args, tmp):
     base = rows[0]
     print(f"\nscaling: zerokit on {size / 1e6:.0f} MB of JSONL, best of {args.repeat}")
     print(f"independent: as many one-thread runs at once, each on {piece_size / 1e6:.0f} MB (the machine's ceiling)")
+    r1 = rows[0]
+    worst = max(r1["reader_cpu_s"], r1["reorder_cpu_s"], r1["file_writer_cpu_s"])
+    print(f"serial stages at 1 thread, CPU s: reader {r1['reader_cpu_s']:.2f}, reordering {r1['reorder_cpu_s']:.2f}, "
+          f"writing train.bin {r1['file_writer_cpu_s']:.2f}: no thread count can pass {size / worst / 1e6:.0f} MB/s")
     print("| threads | whole run s | MB/s | speed-up | prepare's own s | MB/s | speed-up | efficiency "
           "| independent runs MB/s | speed-up |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
