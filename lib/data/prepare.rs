@@ -430,7 +430,9 @@ impl Reader<'_> {
     fn read_jsonl(&mut self, i: usize, doc: &mut u64, out: &mut Dispatcher) -> Result<(), ReadFail> {
         let input = self.ctx.inputs[i].clone();
         let mut lines = LineReader::new(Stream::open(&input, &self.progress)?);
-        let mut buf = Vec::new();
+        // Sized for a whole piece up front: growing by doubling would copy each piece again.
+        let capacity = self.ctx.args.chunk_bytes + (64 << 10);
+        let mut buf = Vec::with_capacity(capacity);
         let mut piece_lines = Vec::new();
         let first_doc = *doc;
         loop {
@@ -453,7 +455,7 @@ impl Reader<'_> {
                 let lines = std::mem::take(&mut piece_lines);
                 out.push(Work::Lines {
                     input: i,
-                    buf: std::mem::take(&mut buf),
+                    buf: std::mem::replace(&mut buf, Vec::with_capacity(capacity)),
                     lines,
                 })?;
             }
@@ -606,7 +608,7 @@ pub fn prepare(args: &PrepareArgs, command: &[String]) -> Result<PrepareSummary,
     let (results_tx, results_rx) = channel::<Numbered>();
     let (permits_tx, permits_rx) = sync_channel::<()>(IN_FLIGHT_PER_THREAD * threads);
     let records = std::thread::scope(|s| -> Result<Vec<InputRecord>, DataError> {
-        let reader = s.spawn(|| {
+        let reader = std::thread::Builder::new().name("reader".into()).spawn_scoped(s, || {
             let cpu0 = thread_cpu_seconds();
             let mut reader = Reader {
                 ctx: &ctx,
@@ -631,6 +633,7 @@ pub fn prepare(args: &PrepareArgs, command: &[String]) -> Result<PrepareSummary,
             });
             (reader.records, dispatched, thread_cpu_seconds() - cpu0)
         });
+        let reader = reader.map_err(|e| DataError::Split(format!("cannot start the reader thread: {e}")))?;
         let writer_cpu0 = thread_cpu_seconds();
         let written = write_in_order(
             results_rx,
