@@ -144,7 +144,7 @@ pub struct ConvertArgs {
     pub report_peak_rss: bool,
     /// First check every file of a zerokit checkpoint against the sha256 in its manifest (reads
     /// the whole checkpoint, Adam moments included). DeepSpeed storages are always checked
-    /// against their CRC-32 as they are read.
+    /// against their CRC-32 before they are read.
     #[arg(long)]
     pub verify: bool,
     /// Worker threads (0: one per core).

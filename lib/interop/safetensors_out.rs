@@ -1,22 +1,17 @@
-//! Streaming safetensors output: the header is computed from shapes and dtypes alone, so tensors
-//! can be written one at a time as they are produced, never holding a whole model. Also the
+//! Safetensors output: the header is computed from shapes and dtypes alone, so every tensor's
+//! place in the file is known before any is read and tensors can be written at their offsets,
+//! never holding a whole model. Also the
 //! Hugging Face sharding convention (`model-0000K-of-0000N.safetensors` +
 //! `model.safetensors.index.json`).
 
 use crate::interop::torch_pickle::DType;
 use std::collections::BTreeMap;
-use std::io::{self, Write};
+use std::io;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SafetensorsOutError {
     #[error("write failed: {0}")]
     Io(#[from] io::Error),
-    #[error("tensor {got} written out of order: expected {expected}")]
-    Order { expected: String, got: String },
-    #[error("tensor {name}: {got} bytes given, its shape and dtype need {want}")]
-    Size { name: String, got: u64, want: u64 },
-    #[error("{0} of the declared tensors were never written")]
-    Incomplete(usize),
     #[error("bad size {0:?}: expected a number with an optional unit (KB, MB, GB, KiB, MiB, GiB)")]
     BadSize(String),
 }
@@ -59,47 +54,6 @@ pub fn header_bytes(tensors: &[TensorSpec], metadata: &BTreeMap<String, String>)
     let mut out = (json.len() as u64).to_le_bytes().to_vec();
     out.extend_from_slice(&json);
     out
-}
-
-/// Writes one safetensors file tensor by tensor, checking that what arrives matches the header.
-pub struct SafetensorsWriter<W: Write> {
-    w: W,
-    tensors: Vec<TensorSpec>,
-    next: usize,
-}
-
-impl<W: Write> SafetensorsWriter<W> {
-    pub fn new(mut w: W, tensors: Vec<TensorSpec>, metadata: &BTreeMap<String, String>) -> Result<Self, SafetensorsOutError> {
-        w.write_all(&header_bytes(&tensors, metadata))?;
-        Ok(SafetensorsWriter { w, tensors, next: 0 })
-    }
-
-    /// The name of the tensor expected next, if any.
-    pub fn next_name(&self) -> Option<&str> {
-        self.tensors.get(self.next).map(|t| t.name.as_str())
-    }
-
-    pub fn write_tensor(&mut self, name: &str, bytes: &[u8]) -> Result<(), SafetensorsOutError> {
-        let spec = match self.tensors.get(self.next) {
-            Some(s) if s.name == name => s,
-            Some(s) => return Err(SafetensorsOutError::Order { expected: s.name.clone(), got: name.into() }),
-            None => return Err(SafetensorsOutError::Order { expected: "(none)".into(), got: name.into() }),
-        };
-        if bytes.len() as u64 != spec.nbytes() {
-            return Err(SafetensorsOutError::Size { name: name.into(), got: bytes.len() as u64, want: spec.nbytes() });
-        }
-        self.w.write_all(bytes)?;
-        self.next += 1;
-        Ok(())
-    }
-
-    pub fn finish(mut self) -> Result<W, SafetensorsOutError> {
-        if self.next != self.tensors.len() {
-            return Err(SafetensorsOutError::Incomplete(self.tensors.len() - self.next));
-        }
-        self.w.flush()?;
-        Ok(self.w)
-    }
 }
 
 /// Splits tensors, in order, into shards of at most `max_bytes` each (a tensor larger than
@@ -170,32 +124,24 @@ mod tests {
     }
 
     #[test]
-    fn streamed_file_reads_back_with_the_safetensors_crate() {
+    fn header_then_tensors_in_order_reads_back_with_the_safetensors_crate() {
         let specs = vec![spec("b", DType::F32, &[2, 3]), spec("a", DType::BF16, &[3]), spec("i", DType::I64, &[1])];
         let mut meta = BTreeMap::new();
         meta.insert("format".to_string(), "pt".to_string());
-        let mut w = SafetensorsWriter::new(Vec::new(), specs, &meta).unwrap();
         let f: Vec<u8> = (0..6).flat_map(|i| (i as f32).to_le_bytes()).collect();
-        w.write_tensor("b", &f).unwrap();
-        assert!(matches!(w.write_tensor("i", &[0; 8]), Err(SafetensorsOutError::Order { .. })));
-        assert!(matches!(w.write_tensor("a", &[0; 5]), Err(SafetensorsOutError::Size { .. })));
-        w.write_tensor("a", &[1, 2, 3, 4, 5, 6]).unwrap();
-        w.write_tensor("i", &7i64.to_le_bytes()).unwrap();
-        let buf = w.finish().unwrap();
+        let mut buf = header_bytes(&specs, &meta);
+        buf.extend_from_slice(&f);
+        buf.extend_from_slice(&[1, 2, 3, 4, 5, 6]);
+        buf.extend_from_slice(&7i64.to_le_bytes());
         let st = safetensors::SafeTensors::deserialize(&buf).unwrap();
         assert_eq!(st.tensor("b").unwrap().data(), &f[..]);
         assert_eq!(st.tensor("b").unwrap().shape(), &[2, 3]);
         assert_eq!(st.tensor("a").unwrap().data(), &[1, 2, 3, 4, 5, 6]);
         assert_eq!(st.tensor("i").unwrap().dtype(), safetensors::Dtype::I64);
+        assert_eq!(st.tensor("i").unwrap().data(), &7i64.to_le_bytes());
         let (_, m) = safetensors::SafeTensors::read_metadata(&buf).unwrap();
         assert_eq!(m.metadata().as_ref().unwrap()["format"], "pt");
         assert_eq!((u64::from_le_bytes(buf[..8].try_into().unwrap()) + 8) % 8, 0);
-    }
-
-    #[test]
-    fn unfinished_writer_is_an_error() {
-        let w = SafetensorsWriter::new(Vec::new(), vec![spec("x", DType::F32, &[1])], &BTreeMap::new()).unwrap();
-        assert!(matches!(w.finish(), Err(SafetensorsOutError::Incomplete(1))));
     }
 
     #[test]

@@ -108,7 +108,7 @@ fn bucket_of(name: &str, n_layer: usize) -> Result<usize, String> {
 impl Engine {
     /// Takes a model built (or loaded) in fp32 on `cfg.device`; every rank must pass identical
     /// weights. Converts it to the compute dtype with its tensors viewing one flat buffer.
-    pub fn new(model: Gpt, cfg: EngineConfig, comm: Box<dyn Collectives>) -> Result<Self, ZeroError> {
+    pub fn new(mut model: Gpt, cfg: EngineConfig, comm: Box<dyn Collectives>) -> Result<Self, ZeroError> {
         let n_layer = model.config().n_layer;
         let named = model.named_parameters();
         let specs = named
@@ -146,7 +146,6 @@ impl Engine {
             t.set_data(&view);
             handles.push(t);
         }
-        let mut model = model;
         model.set_placement(cfg.device, cfg.kind);
         let segments = layout
             .pieces(part_rank)
