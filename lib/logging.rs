@@ -64,7 +64,10 @@ pub fn init(rank: usize, log_file: Option<&Path>) -> std::io::Result<()> {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::create_dir_all(dir)?;
             }
-            let f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)?;
             Some(
                 tracing_subscriber::fmt::layer()
                     .with_writer(Mutex::new(f))
@@ -74,7 +77,10 @@ pub fn init(rank: usize, log_file: Option<&Path>) -> std::io::Result<()> {
         }
         None => None,
     };
-    let _ = tracing_subscriber::registry().with(console).with(file).try_init();
+    let _ = tracing_subscriber::registry()
+        .with(console)
+        .with(file)
+        .try_init();
     let _ = INITIALIZED.set(());
     Ok(())
 }

@@ -773,7 +773,12 @@ impl Gpt {
     /// targets != -1) on the last block's output `x` [B, T, C], in chunks of whole sequences of
     /// about `HEAD_CHUNK_TOKENS` tokens. Gives the same loss and gradients as one pass, without
     /// ever holding the whole [B, T, V] logits.
-    pub fn head_backward(&self, x: &Tensor, targets: &Tensor, scale: f64) -> Result<HeadGrads, TchError> {
+    pub fn head_backward(
+        &self,
+        x: &Tensor,
+        targets: &Tensor,
+        scale: f64,
+    ) -> Result<HeadGrads, TchError> {
         let (b, t) = (x.size()[0], x.size()[1]);
         let per = ((HEAD_CHUNK_TOKENS as i64) / t.max(1)).clamp(1, b.max(1));
         // The mean's denominator over the whole micro-batch, kept on the device (no host sync).
@@ -787,26 +792,44 @@ impl Gpt {
             let xc = x.narrow(0, start, n).detach().set_requires_grad(true);
             let logits = self.head(&xc);
             let v = logits.size()[2];
-            let sum = logits.to_kind(Kind::Float).view([-1, v]).f_cross_entropy_loss(
-                &targets.narrow(0, start, n).reshape([-1]),
-                None::<Tensor>,
-                Reduction::Sum,
-                -1,
-                0.0,
-            )?;
+            let sum = logits
+                .to_kind(Kind::Float)
+                .view([-1, v])
+                .f_cross_entropy_loss(
+                    &targets.narrow(0, start, n).reshape([-1]),
+                    None::<Tensor>,
+                    Reduction::Sum,
+                    -1,
+                    0.0,
+                )?;
             let part = sum / &count;
-            let mut g = Tensor::f_run_backward(&[&part * scale], &[&self.ln_f.weight, &self.ln_f.bias, &self.wte, &xc], false, false)?;
+            let mut g = Tensor::f_run_backward(
+                &[&part * scale],
+                &[&self.ln_f.weight, &self.ln_f.bias, &self.wte, &xc],
+                false,
+                false,
+            )?;
             inputs.push(g.pop().expect("grad of the chunk's input"));
             let chunk_grads: [Tensor; 3] = [g.remove(0), g.remove(0), g.remove(0)];
             grads = Some(match grads {
                 None => chunk_grads,
-                Some([w, bi, e]) => [w + &chunk_grads[0], bi + &chunk_grads[1], e + &chunk_grads[2]],
+                Some([w, bi, e]) => [
+                    w + &chunk_grads[0],
+                    bi + &chunk_grads[1],
+                    e + &chunk_grads[2],
+                ],
             });
             loss += part.detach();
             start += n;
         }
         let [ln_f_weight, ln_f_bias, wte] = grads.expect("a micro-batch has at least one sequence");
-        Ok(HeadGrads { loss, ln_f_weight, ln_f_bias, wte, input: Tensor::f_cat(&inputs, 0)? })
+        Ok(HeadGrads {
+            loss,
+            ln_f_weight,
+            ln_f_bias,
+            wte,
+            input: Tensor::f_cat(&inputs, 0)?,
+        })
     }
 }
 

@@ -67,7 +67,9 @@ fn dataset(dir: &Path) {
     for (split, n, mut s) in [("train", 20000usize, 7u64), ("val", 4000, 11)] {
         let mut bytes = Vec::with_capacity(n * 2);
         for _ in 0..n {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             bytes.extend_from_slice(&(((s >> 33) as u16) % VOCAB).to_le_bytes());
         }
         std::fs::write(dir.join(format!("{split}.bin")), bytes).unwrap();
@@ -101,7 +103,10 @@ struct Out {
 }
 
 fn ckpt(args: &[&str]) -> Out {
-    let o = Command::new(env!("CARGO_BIN_EXE_ckpt")).args(args).output().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_ckpt"))
+        .args(args)
+        .output()
+        .unwrap();
     Out {
         code: o.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
@@ -123,7 +128,11 @@ fn manifest(tag: &Path) -> Value {
 fn edit_manifest(tag: &Path, f: impl FnOnce(&mut Value)) {
     let mut m = manifest(tag);
     f(&mut m);
-    std::fs::write(tag.join("manifest.json"), serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+    std::fs::write(
+        tag.join("manifest.json"),
+        serde_json::to_vec_pretty(&m).unwrap(),
+    )
+    .unwrap();
 }
 
 /// Records a file's new size and hash in the manifest, so only the deeper checks can catch
@@ -131,7 +140,9 @@ fn edit_manifest(tag: &Path, f: impl FnOnce(&mut Value)) {
 fn rehash(tag: &Path, name: &str) {
     let bytes = std::fs::read(tag.join(name)).unwrap();
     let sha = zerokit::fsutil::sha256_file(&tag.join(name)).unwrap();
-    edit_manifest(tag, |m| m["files"][name] = json!({"bytes": bytes.len(), "sha256": sha}));
+    edit_manifest(tag, |m| {
+        m["files"][name] = json!({"bytes": bytes.len(), "sha256": sha})
+    });
 }
 
 /// Rewrites a safetensors header in place (same length, space-padded as the format allows).
@@ -141,7 +152,10 @@ fn edit_header(path: &Path, f: impl FnOnce(&mut Value)) {
     let mut head: Value = serde_json::from_slice(&b[8..8 + n]).unwrap();
     f(&mut head);
     let mut text = serde_json::to_vec(&head).unwrap();
-    assert!(text.len() <= n, "the edited header is longer than the original");
+    assert!(
+        text.len() <= n,
+        "the edited header is longer than the original"
+    );
     text.resize(n, b' ');
     b[8..8 + n].copy_from_slice(&text);
     std::fs::write(path, b).unwrap();
@@ -176,7 +190,10 @@ fn partition_position(m: &Value, name: &str, k: usize) -> (usize, usize) {
     let b = &l["buckets"][p["bucket"].as_u64().unwrap() as usize];
     let q = p["offset"].as_u64().unwrap() as usize + k;
     let shard = b["shard"].as_u64().unwrap() as usize;
-    (q / shard, b["shard_offset"].as_u64().unwrap() as usize + q % shard)
+    (
+        q / shard,
+        b["shard_offset"].as_u64().unwrap() as usize + q % shard,
+    )
 }
 
 fn assert_reports(out: &Out, root: &Path, expected: &[&str], what: &str) {
@@ -228,9 +245,21 @@ fn an_intact_checkpoint_verifies_at_every_level() {
     let tmp = tempfile::tempdir().unwrap();
     std::fs::write(tmp.path().join("notes.txt"), "hello").unwrap();
     for (path, extra, msg) in [
-        (tmp.path().join("nope"), &[][..], "no such file or directory"),
-        (tmp.path().to_path_buf(), &[][..], "not a checkpoint ckpt can read"),
-        (tmp.path().join("notes.txt"), &[][..], "not a checkpoint ckpt can read"),
+        (
+            tmp.path().join("nope"),
+            &[][..],
+            "no such file or directory",
+        ),
+        (
+            tmp.path().to_path_buf(),
+            &[][..],
+            "not a checkpoint ckpt can read",
+        ),
+        (
+            tmp.path().join("notes.txt"),
+            &[][..],
+            "not a checkpoint ckpt can read",
+        ),
         (
             root.to_path_buf(),
             &["--tag", "step_00000003"][..],
@@ -239,7 +268,11 @@ fn an_intact_checkpoint_verifies_at_every_level() {
     ] {
         let out = verify(&path, extra);
         assert_eq!(out.code, 2, "{}: {}", path.display(), out.stderr);
-        assert!(out.stdout.is_empty() && out.stderr.contains(msg), "{}", out.stderr);
+        assert!(
+            out.stdout.is_empty() && out.stderr.contains(msg),
+            "{}",
+            out.stderr
+        );
     }
 }
 
@@ -425,7 +458,11 @@ fn scan_finds_bad_values_that_hashes_cannot() {
     let file = format!("rank_{rank:05}.safetensors");
     write_f32(&t.join(&file), "master", pos, f32::NAN);
     rehash(&t, &file);
-    assert_eq!(verify(&root, &[]).code, 0, "without --scan the values are not read");
+    assert_eq!(
+        verify(&root, &[]).code,
+        0,
+        "without --scan the values are not read"
+    );
     let out = verify(&root, &["--scan"]);
     assert_reports(
         &out,
@@ -488,12 +525,18 @@ fn inspect_reports_what_the_checkpoint_holds() {
     assert_eq!(i.tag.as_deref(), Some(TAGS[1]));
     assert_eq!(i.step, Some(4));
     assert_eq!(i.tokens_seen, m["tokens_seen"].as_u64());
-    assert_eq!((i.world_size, i.zero_stage, i.partitions), (Some(2), Some(2), Some(2)));
+    assert_eq!(
+        (i.world_size, i.zero_stage, i.partitions),
+        (Some(2), Some(2), Some(2))
+    );
     assert_eq!(i.dtypes["model"], "F16");
     assert_eq!(i.model_config.as_ref(), Some(&m["model_config"]));
     // GPT-2 with n_layer 2, n_embd 32, block 16, vocab 96: 12 C^2 + 13 C per block, (V + T) C + 2 C.
     let c = 32u64;
-    assert_eq!(i.parameters, 2 * (12 * c * c + 13 * c) + (96 + 16) * c + 2 * c);
+    assert_eq!(
+        i.parameters,
+        2 * (12 * c * c + 13 * c) + (96 + 16) * c + 2 * c
+    );
     assert_eq!(i.learning_rate, m["optimizer"]["lr"].as_f64());
     assert_eq!(i.loss_scale, Some(65536.0));
     let names: Vec<&str> = i.files.iter().map(|f| f.name.as_str()).collect();
@@ -510,7 +553,9 @@ fn inspect_reports_what_the_checkpoint_holds() {
     for f in &i.files {
         assert_eq!(
             f.bytes,
-            std::fs::metadata(root.join(TAGS[1]).join(&f.name)).unwrap().len()
+            std::fs::metadata(root.join(TAGS[1]).join(&f.name))
+                .unwrap()
+                .len()
         );
     }
     // Every parameter: its shape and dtype in model.safetensors, and its pieces where the
@@ -521,12 +566,22 @@ fn inspect_reports_what_the_checkpoint_holds() {
     assert_eq!(rows.len(), st.len());
     for row in rows {
         let v = st.tensor(&row.name).unwrap();
-        assert_eq!(row.shape, v.shape().iter().map(|&d| d as u64).collect::<Vec<_>>());
-        assert_eq!((row.dtype.as_str(), row.bytes), ("F16", v.data().len() as u64));
+        assert_eq!(
+            row.shape,
+            v.shape().iter().map(|&d| d as u64).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            (row.dtype.as_str(), row.bytes),
+            ("F16", v.data().len() as u64)
+        );
         let numel: u64 = row.shape.iter().product();
         let mut next = 0;
         for pc in row.partitions.as_ref().unwrap() {
-            assert_eq!(pc.param_offset, next, "{}: pieces in element order", row.name);
+            assert_eq!(
+                pc.param_offset, next,
+                "{}: pieces in element order",
+                row.name
+            );
             for k in [pc.param_offset, pc.param_offset + pc.len - 1] {
                 let (rank, pos) = partition_position(&m, &row.name, k);
                 assert_eq!(
@@ -538,7 +593,11 @@ fn inspect_reports_what_the_checkpoint_holds() {
             }
             next += pc.len;
         }
-        assert_eq!(next as u64, numel, "{}: the pieces cover the parameter", row.name);
+        assert_eq!(
+            next as u64, numel,
+            "{}: the pieces cover the parameter",
+            row.name
+        );
     }
 
     // The JSON form is the same record; --tag picks another tag.
@@ -669,7 +728,8 @@ fn deepspeed_damage_is_named() {
     let tag = |root: &Path| root.join("global_step3");
 
     let (_t, root) = fresh();
-    std::fs::remove_file(tag(&root).join("bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt")).unwrap();
+    std::fs::remove_file(tag(&root).join("bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"))
+        .unwrap();
     assert_reports(
         &verify(&root, &[]),
         &root,
@@ -717,7 +777,11 @@ fn deepspeed_damage_is_named() {
     let (_t, root) = fresh();
     let other = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/deepspeed/s2_bf16_w4/global_step3/bf16_zero_pp_rank_3_mp_rank_00_optim_states.pt");
-    std::fs::copy(other, tag(&root).join("bf16_zero_pp_rank_3_mp_rank_00_optim_states.pt")).unwrap();
+    std::fs::copy(
+        other,
+        tag(&root).join("bf16_zero_pp_rank_3_mp_rank_00_optim_states.pt"),
+    )
+    .unwrap();
     assert_reports(
         &verify(&root, &[]),
         &root,
@@ -751,7 +815,8 @@ fn safetensors_files_and_model_directories() {
         .sum();
     assert_eq!(j["parameters"].as_u64(), Some(total));
     assert_eq!(j["tensors"].as_array().unwrap().len(), st.len());
-    let cfg: Value = serde_json::from_slice(&std::fs::read(model.join("config.json")).unwrap()).unwrap();
+    let cfg: Value =
+        serde_json::from_slice(&std::fs::read(model.join("config.json")).unwrap()).unwrap();
     for k in ["n_layer", "n_head", "n_embd", "vocab_size"] {
         assert_eq!(j["model_config"][k], cfg[k], "{k}");
     }
@@ -760,13 +825,20 @@ fn safetensors_files_and_model_directories() {
     // A truncated copy of a plain safetensors file.
     let tmp = tempfile::tempdir().unwrap();
     let f = tmp.path().join("batch.safetensors");
-    let b = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gpt2/batch.safetensors")).unwrap();
+    let b = std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gpt2/batch.safetensors"),
+    )
+    .unwrap();
     std::fs::write(&f, &b[..b.len() - 4]).unwrap();
     let out = verify(&f, &[]);
     assert_reports(
         &out,
         tmp.path(),
-        &["batch.safetensors: tensor ", "but the file holds only", "(truncated?)"],
+        &[
+            "batch.safetensors: tensor ",
+            "but the file holds only",
+            "(truncated?)",
+        ],
         "truncated safetensors",
     );
     let out = ckpt(&["inspect", f.to_str().unwrap()]);

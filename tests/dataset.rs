@@ -95,7 +95,10 @@ fn short_splits_and_bad_shapes_are_errors() {
     assert!(ds.random_batch(0, 0, 0, 0, 4).is_err());
     assert!(ds.random_batch(0, 0, 0, 1, 9).is_ok());
     fs::write(tmp.path().join("odd.bin"), [1u8, 2, 3]).unwrap();
-    let err = TokenDataset::open(tmp.path(), "odd", 50257).err().unwrap().to_string();
+    let err = TokenDataset::open(tmp.path(), "odd", 50257)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(
         err.contains("odd.bin") && err.contains("not a whole number of uint16 tokens"),
         "{err}"
@@ -142,7 +145,9 @@ fn dtype_comes_from_meta_json() {
     let ids: Vec<u32> = (0..100).map(|i| 70000 + i).collect();
     fs::write(
         tmp.path().join("val.bin"),
-        ids.iter().flat_map(|i| i.to_le_bytes()).collect::<Vec<u8>>(),
+        ids.iter()
+            .flat_map(|i| i.to_le_bytes())
+            .collect::<Vec<u8>>(),
     )
     .unwrap();
     fs::write(
@@ -156,7 +161,10 @@ fn dtype_comes_from_meta_json() {
     assert_eq!((x[0], y[98]), (70000, 70099));
     assert!(TokenDataset::open(tmp.path(), "val", 50257).is_err());
     fs::write(tmp.path().join("meta.json"), r#"{"dtype": "float32"}"#).unwrap();
-    let err = TokenDataset::open(tmp.path(), "val", 200019).err().unwrap().to_string();
+    let err = TokenDataset::open(tmp.path(), "val", 200019)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(
         err.contains("meta.json") && err.contains("unsupported dtype \"float32\""),
         "{err}"

@@ -811,10 +811,20 @@ fn cuda_matches_the_reference_when_present() {
 /// loss scale.
 #[test]
 fn chunked_head_backward_matches_one_pass() {
-    let cfg = GptConfig { n_layer: 1, n_head: 2, n_embd: 16, block_size: 1024, vocab_size: 64 };
+    let cfg = GptConfig {
+        n_layer: 1,
+        n_head: 2,
+        n_embd: 16,
+        block_size: 1024,
+        vocab_size: 64,
+    };
     let model = perturbed_model(&cfg, Kind::Float, 5);
     let (b, t) = (5i64, 1024i64);
-    assert_eq!(zerokit::model::HEAD_CHUNK_TOKENS as i64 / t, 2, "the test wants several chunks");
+    assert_eq!(
+        zerokit::model::HEAD_CHUNK_TOKENS as i64 / t,
+        2,
+        "the test wants several chunks"
+    );
     tch::manual_seed(3);
     let x = Tensor::randn([b, t, 16], (Kind::Float, Device::Cpu));
     let targets = tokens(b, t, 64, 4);
@@ -822,8 +832,19 @@ fn chunked_head_backward_matches_one_pass() {
     let scale = 64.0;
 
     let params = model.named_parameters();
-    let get = |n: &str| params.iter().find(|(k, _)| k == n).unwrap().1.shallow_clone();
-    let (w, bias, wte) = (get("transformer.ln_f.weight"), get("transformer.ln_f.bias"), get("transformer.wte.weight"));
+    let get = |n: &str| {
+        params
+            .iter()
+            .find(|(k, _)| k == n)
+            .unwrap()
+            .1
+            .shallow_clone()
+    };
+    let (w, bias, wte) = (
+        get("transformer.ln_f.weight"),
+        get("transformer.ln_f.bias"),
+        get("transformer.wte.weight"),
+    );
     let leaf = x.detach().set_requires_grad(true);
     let loss = Gpt::loss(&model.head(&leaf), &targets);
     let plain = Tensor::run_backward(&[&loss * scale], &[&w, &bias, &wte, &leaf], false, false);
@@ -832,7 +853,10 @@ fn chunked_head_backward_matches_one_pass() {
     let close = |a: &Tensor, b: &Tensor, what: &str| {
         let err = (a - b).abs().max().double_value(&[]);
         let size = b.abs().max().double_value(&[]);
-        assert!(err <= 1e-5 * size.max(1e-12), "{what}: max difference {err:e} against max {size:e}");
+        assert!(
+            err <= 1e-5 * size.max(1e-12),
+            "{what}: max difference {err:e} against max {size:e}"
+        );
     };
     close(&chunked.loss, &loss, "loss");
     close(&chunked.ln_f_weight, &plain[0], "ln_f.weight");

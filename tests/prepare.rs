@@ -40,7 +40,10 @@ fn ok(args: &[&str]) {
 fn fails(args: &[&str], out: &Path, needle: &str) -> String {
     let res = prepare(args);
     let stderr = String::from_utf8_lossy(&res.stderr).into_owned();
-    assert!(!res.status.success(), "prepare {args:?} should fail; stderr: {stderr}");
+    assert!(
+        !res.status.success(),
+        "prepare {args:?} should fail; stderr: {stderr}"
+    );
     assert!(stderr.contains(needle), "stderr lacks {needle:?}: {stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(!out.exists(), "{} exists after a failure", out.display());
@@ -80,7 +83,10 @@ fn s(p: &Path) -> &str {
 #[test]
 fn token_ids_match_tiktoken_on_tricky_strings() {
     let cases = fixture("cases.json");
-    for (encoding, key) in [(Encoding::R50kBase, "r50k_base"), (Encoding::P50kBase, "p50k_base")] {
+    for (encoding, key) in [
+        (Encoding::R50kBase, "r50k_base"),
+        (Encoding::P50kBase, "p50k_base"),
+    ] {
         let tok = Tokenizer::new(encoding).unwrap();
         for case in cases["cases"].as_array().unwrap() {
             let text = case["text"].as_str().unwrap();
@@ -128,7 +134,10 @@ fn shakespeare_is_byte_identical_to_nanogpt() {
     // Default settings, then one thread with tiny chunks: both must give nanoGPT's bytes.
     for (name, extra) in [
         ("default", vec![]),
-        ("one-thread", vec!["--threads", "1", "--chunk-bytes", "3000"]),
+        (
+            "one-thread",
+            vec!["--threads", "1", "--chunk-bytes", "3000"],
+        ),
     ] {
         let out = tmp.path().join(name);
         let mut args = vec![s(&input), "--out", s(&out)];
@@ -137,8 +146,15 @@ fn shakespeare_is_byte_identical_to_nanogpt() {
         let m = meta(&out);
         for split in ["train", "val"] {
             let sha = zerokit::fsutil::sha256_file(&out.join(format!("{split}.bin"))).unwrap();
-            assert_eq!(sha, want[split]["sha256"].as_str().unwrap(), "{name} {split}.bin");
-            assert_eq!(m["splits"][split]["tokens"], want[split]["tokens"], "{name} {split}");
+            assert_eq!(
+                sha,
+                want[split]["sha256"].as_str().unwrap(),
+                "{name} {split}.bin"
+            );
+            assert_eq!(
+                m["splits"][split]["tokens"], want[split]["tokens"],
+                "{name} {split}"
+            );
             assert_eq!(m["splits"][split]["sha256"].as_str().unwrap(), sha);
         }
         assert_eq!(want["train"]["tokens"], 301966);
@@ -208,8 +224,16 @@ fn documents_mode_layout_and_thread_determinism() {
     let corpus = tmp.path().join("corpus");
     let docs = mixed_corpus(&corpus);
     let mut outputs = Vec::new();
-    for (threads, chunk) in [("1", "262144"), ("1", "700"), ("2", "5000"), ("8", "300")] {
-        let out = tmp.path().join(format!("out-{threads}-{chunk}"));
+    // A window of one chunk per thread makes the reader wait on nearly every chunk.
+    for (threads, chunk, in_flight) in [
+        ("1", "262144", "32"),
+        ("1", "700", "32"),
+        ("2", "5000", "1"),
+        ("8", "300", "2"),
+    ] {
+        let out = tmp
+            .path()
+            .join(format!("out-{threads}-{chunk}-{in_flight}"));
         ok(&[
             s(&corpus),
             "--out",
@@ -218,6 +242,8 @@ fn documents_mode_layout_and_thread_determinism() {
             threads,
             "--chunk-bytes",
             chunk,
+            "--chunks-in-flight",
+            in_flight,
             "--val-fraction",
             "0.2",
         ]);
@@ -290,7 +316,15 @@ fn documents_mode_layout_and_thread_determinism() {
 
     // Another seed, another assignment.
     let other = tmp.path().join("seed");
-    ok(&[s(&corpus), "--out", s(&other), "--val-fraction", "0.2", "--seed", "1"]);
+    ok(&[
+        s(&corpus),
+        "--out",
+        s(&other),
+        "--val-fraction",
+        "0.2",
+        "--seed",
+        "1",
+    ]);
     assert_ne!(fs::read(other.join("val.bin")).unwrap(), outputs[0].1);
 }
 
@@ -316,10 +350,20 @@ fn wide_encodings_write_uint32_and_say_so() {
     assert_eq!(m["encoding"], "o200k_base");
     assert_eq!(m["vocab_size"], 200019);
     let n = text.chars().count();
-    let cut = text.char_indices().nth((n as f64 * 0.9) as usize).unwrap().0;
+    let cut = text
+        .char_indices()
+        .nth((n as f64 * 0.9) as usize)
+        .unwrap()
+        .0;
     let tok = Tokenizer::new(Encoding::O200kBase).unwrap();
-    assert_eq!(tokens(&out.join("train.bin"), 4), tok.encode_ordinary(&text[..cut]));
-    assert_eq!(tokens(&out.join("val.bin"), 4), tok.encode_ordinary(&text[cut..]));
+    assert_eq!(
+        tokens(&out.join("train.bin"), 4),
+        tok.encode_ordinary(&text[..cut])
+    );
+    assert_eq!(
+        tokens(&out.join("val.bin"), 4),
+        tok.encode_ordinary(&text[cut..])
+    );
     assert!(tokens(&out.join("train.bin"), 4).iter().any(|&t| t > 65535));
 }
 
@@ -353,7 +397,11 @@ fn bad_inputs_fail_cleanly() {
     bytes.extend([0xff, 0xfe]);
     bytes.extend(b" more");
     fs::write(&bad_utf8, &bytes).unwrap();
-    let msg = fails(&[s(&bad_utf8), "--out", &o], &out, "invalid UTF-8 at byte offset 17");
+    let msg = fails(
+        &[s(&bad_utf8), "--out", &o],
+        &out,
+        "invalid UTF-8 at byte offset 17",
+    );
     assert!(msg.contains("bad.txt"), "{msg}");
     // With --lossy the same file goes through, invalid bytes replaced.
     ok(&[s(&bad_utf8), "--out", &o, "--lossy"]);
@@ -392,7 +440,11 @@ fn bad_inputs_fail_cleanly() {
 
     let missing = t.join("f.jsonl");
     fs::write(&missing, "{\"text\": \"one\"}\n{\"body\": \"two\"}\n").unwrap();
-    fails(&[s(&missing), "--out", &o], &out, "f.jsonl:2: missing field \"text\"");
+    fails(
+        &[s(&missing), "--out", &o],
+        &out,
+        "f.jsonl:2: missing field \"text\"",
+    );
     let msg = fails(
         &[s(&missing), "--out", &o, "--field", "body"],
         &out,
@@ -409,7 +461,11 @@ fn bad_inputs_fail_cleanly() {
 
     let empty = t.join("empty.txt");
     fs::write(&empty, "").unwrap();
-    fails(&[s(&good), s(&empty), "--out", &o], &out, "empty.txt: empty input");
+    fails(
+        &[s(&good), s(&empty), "--out", &o],
+        &out,
+        "empty.txt: empty input",
+    );
     let blank = t.join("blank.jsonl");
     fs::write(&blank, "\n  \n").unwrap();
     fails(
@@ -432,7 +488,11 @@ fn bad_inputs_fail_cleanly() {
     fs::set_permissions(&unreadable, fs::Permissions::from_mode(0o000)).unwrap();
     if fs::File::open(&unreadable).is_err() {
         // Not root: permissions hold.
-        fails(&[s(&unreadable), "--out", &o], &out, "secret.txt: Permission denied");
+        fails(
+            &[s(&unreadable), "--out", &o],
+            &out,
+            "secret.txt: Permission denied",
+        );
     }
     let corrupt = t.join("c.jsonl.zst");
     fs::write(&corrupt, b"this is not a zstd frame at all").unwrap();
@@ -441,7 +501,9 @@ fn bad_inputs_fail_cleanly() {
         &out,
         "c.jsonl.zst: corrupt or truncated zstd stream",
     );
-    let long: String = (0..2000).map(|i| format!("{{\"text\": \"document {i}\"}}\n")).collect();
+    let long: String = (0..2000)
+        .map(|i| format!("{{\"text\": \"document {i}\"}}\n"))
+        .collect();
     let full = zstd::encode_all(long.as_bytes(), 3).unwrap();
     let truncated = t.join("t.jsonl.zst");
     fs::write(&truncated, &full[..full.len() / 2]).unwrap();
@@ -472,5 +534,8 @@ fn zero_val_fraction_writes_an_empty_val_split() {
     let out = tmp.path().join("out");
     ok(&[s(&input), "--out", s(&out), "--val-fraction", "0"]);
     assert_eq!(fs::read(out.join("val.bin")).unwrap().len(), 0);
-    assert_eq!(tokens(&out.join("train.bin"), 2), vec![64, EOT, 65, 269, EOT]);
+    assert_eq!(
+        tokens(&out.join("train.bin"), 2),
+        vec![64, EOT, 65, 269, EOT]
+    );
 }

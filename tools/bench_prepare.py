@@ -73,22 +73,36 @@ def cpu_name():
 
 
 def run_prepare(binary, inputs, out, threads, extra=()):
-    cmd = [binary, *inputs, "--out", out, "--force", "--threads", str(threads), *extra]
+    cmd = [binary, *inputs, "--out", out, "--threads", str(threads), *extra]
+    # A fresh output each time, as on a first run: replacing an earlier one (--force) would add
+    # the deletion of its files, a few tenths of a second per GB on tmpfs, to the time.
+    shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
     # Debug level adds the serial stages' CPU time (the reader's and the writer's).
-    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "RUST_LOG": "debug"})
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "RUST_LOG": "debug"})
+    stderr = proc.stderr.read()
+    proc.stderr.close()
+    # wait4 gives this child's own CPU time: whether more threads spend more CPU per byte (the
+    # cores slow each other down) or the same CPU with idle gaps (the pipeline stalls).
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
     dt = time.perf_counter() - t0
-    if res.returncode != 0:
-        sys.exit(f"prepare failed: {' '.join(cmd)}\n{res.stderr}")
+    if proc.returncode != 0:
+        sys.exit(f"prepare failed: {' '.join(cmd)}\n{stderr}")
     with open(os.path.join(out, "meta.json")) as f:
         meta = json.load(f)
     # prepare's own time (its summary line): the run less process start-up (loading libtorch,
     # which every zerokit binary links, costs about 0.3 s whatever the corpus).
-    m = re.search(r"tokens \(\d+ docs\), ([\d.]+) s, ", res.stderr)
+    meta["_cpu_s"] = usage.ru_utime + usage.ru_stime
+    m = re.search(r"tokens \(\d+ docs\), ([\d.]+) s, ", stderr)
     meta["_pipeline_s"] = float(m.group(1)) if m else None
-    m = re.search(r"serial stages: reader ([\d.]+) s CPU, reordering ([\d.]+) s CPU", res.stderr)
-    files = [float(x) for x in re.findall(r"serial stages: \S+ written with ([\d.]+) s CPU", res.stderr)]
-    meta["_serial_cpu_s"] = (float(m.group(1)), float(m.group(2)), max(files)) if m and files else None
+    m = re.search(r"serial stages: reader ([\d.]+) s CPU \(([\d.]+) s waiting for tokenizing\), reordering ([\d.]+) s CPU", stderr)
+    files = [float(x) for x in re.findall(r"serial stages: \S+ written with ([\d.]+) s CPU", stderr)]
+    hashes = [float(x) for x in re.findall(r"serial stages: sha256 of \d+ bytes with ([\d.]+) s CPU", stderr)]
+    meta["_serial_cpu_s"] = (float(m.group(1)), float(m.group(3)), max(files), max(hashes), float(m.group(2))) if m and files else None
+    m = re.search(r"phases: set-up ([\d.]+) s, pipeline ([\d.]+) s, finishing ([\d.]+) s", stderr)
+    meta["_phases_s"] = tuple(float(x) for x in m.groups()) if m else None
     return dt, meta
 
 
@@ -103,10 +117,11 @@ def throughput(args, tmp):
     out = os.path.join(tmp, "out")
     rows = []
     for threads in args.threads:
-        best_zk, meta = None, None
+        best_zk, best_own, meta = None, None, None
         for _ in range(args.repeat):
             dt, meta = run_prepare(args.bin, [corpus], out, threads, ["--val-fraction", "0.01"])
             best_zk = dt if best_zk is None else min(best_zk, dt)
+            best_own = meta["_pipeline_s"] if best_own is None else min(best_own, meta["_pipeline_s"])
         zk_tokens = meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"]
         n_docs = meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"]
         best_tt, tt_tokens = None, 0
@@ -124,22 +139,26 @@ def throughput(args, tmp):
             "zerokit_s": best_zk, "tiktoken_s": best_tt,
             "zerokit_MBps": text_bytes / best_zk / 1e6, "tiktoken_MBps": text_bytes / best_tt / 1e6,
             "zerokit_Mtokps": tt_tokens / best_zk / 1e6, "tiktoken_Mtokps": tt_tokens / best_tt / 1e6,
-            "ratio": best_tt / best_zk,
+            "ratio": best_tt / best_zk, "zerokit_own_s": best_own, "zerokit_own_MBps": text_bytes / best_own / 1e6,
         })
     print(f"\ncorpus: {len(docs)} documents, {text_bytes / 1e6:.1f} MB of text ({file_bytes / 1e6:.1f} MB JSONL), "
           f"{tt_tokens} tokens; best of {args.repeat}")
     print(f"machine: {cpu_name()}, {os.cpu_count()} logical CPUs; tiktoken {tiktoken.__version__}")
-    print("| threads | zerokit MB/s | zerokit M tok/s | tiktoken MB/s | tiktoken M tok/s | zerokit / tiktoken |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("zerokit: whole runs (process start-up, about 0.35 s, included); own: prepare's own timer")
+    print("| threads | zerokit MB/s | zerokit M tok/s | tiktoken MB/s | tiktoken M tok/s | zerokit / tiktoken "
+          "| zerokit own MB/s |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(f"| {r['threads']} | {r['zerokit_MBps']:.1f} | {r['zerokit_Mtokps']:.2f} | {r['tiktoken_MBps']:.1f} | "
-              f"{r['tiktoken_Mtokps']:.2f} | {r['ratio']:.2f}x |")
+              f"{r['tiktoken_Mtokps']:.2f} | {r['ratio']:.2f}x | {r['zerokit_own_MBps']:.1f} |")
     if len(rows) > 1:
         base = rows[0]
         for r in rows[1:]:
             s_zk = r["zerokit_MBps"] / base["zerokit_MBps"]
+            s_own = r["zerokit_own_MBps"] / base["zerokit_own_MBps"]
             s_tt = r["tiktoken_MBps"] / base["tiktoken_MBps"]
-            print(f"scaling {base['threads']} -> {r['threads']} threads: zerokit {s_zk:.2f}x, tiktoken {s_tt:.2f}x")
+            print(f"scaling {base['threads']} -> {r['threads']} threads: zerokit {s_zk:.2f}x (own {s_own:.2f}x), "
+                  f"tiktoken {s_tt:.2f}x")
     return {"docs": len(docs), "text_bytes": text_bytes, "tokens": tt_tokens, "rows": rows}
 
 
@@ -155,10 +174,14 @@ def scaling(args, tmp):
         runs = [run_prepare(args.bin, [corpus], out, threads, ["--val-fraction", "0.01"]) for _ in range(args.repeat)]
         wall = min(dt for dt, _ in runs)
         own = min(m["_pipeline_s"] for _, m in runs)
-        serial = [min(m["_serial_cpu_s"][k] for _, m in runs) for k in range(3)]
-        rows.append({"threads": threads, "wall_s": wall, "pipeline_s": own,
+        serial = [min(m["_serial_cpu_s"][k] for _, m in runs) for k in range(5)]
+        cpu = min(m["_cpu_s"] for _, m in runs)
+        # The phases of the fastest run.
+        phases = min((m for _, m in runs), key=lambda m: m["_pipeline_s"])["_phases_s"]
+        rows.append({"threads": threads, "wall_s": wall, "pipeline_s": own, "cpu_s": cpu,
                      "wall_MBps": size / wall / 1e6, "pipeline_MBps": size / own / 1e6,
-                     "reader_cpu_s": serial[0], "reorder_cpu_s": serial[1], "file_writer_cpu_s": serial[2]})
+                     "reader_cpu_s": serial[0], "reorder_cpu_s": serial[1], "file_writer_cpu_s": serial[2],
+                     "sha256_cpu_s": serial[3], "reader_waiting_s": serial[4], "setup_s": phases[0], "finishing_s": phases[2]})
     # The machine's own ceiling: n independent one-thread runs at once, each on a slice of
     # size/max(threads), share nothing but the cores, memory and disk.
     piece = os.path.join(tmp, "slice.jsonl")
@@ -184,18 +207,24 @@ def scaling(args, tmp):
     print(f"\nscaling: zerokit on {size / 1e6:.0f} MB of JSONL, best of {args.repeat}")
     print(f"independent: as many one-thread runs at once, each on {piece_size / 1e6:.0f} MB (the machine's ceiling)")
     r1 = rows[0]
-    worst = max(r1["reader_cpu_s"], r1["reorder_cpu_s"], r1["file_writer_cpu_s"])
+    worst = max(r1["reader_cpu_s"], r1["reorder_cpu_s"], r1["file_writer_cpu_s"], r1["sha256_cpu_s"])
     print(f"serial stages at 1 thread, CPU s: reader {r1['reader_cpu_s']:.2f}, reordering {r1['reorder_cpu_s']:.2f}, "
-          f"writing train.bin {r1['file_writer_cpu_s']:.2f}: no thread count can pass {size / worst / 1e6:.0f} MB/s")
-    print("| threads | whole run s | MB/s | speed-up | prepare's own s | MB/s | speed-up | efficiency "
+          f"writing train.bin {r1['file_writer_cpu_s']:.2f}, hashing the input {r1['sha256_cpu_s']:.2f}: "
+          f"no thread count can pass {size / worst / 1e6:.0f} MB/s")
+    print("per thread count, s: set-up / finishing (fixed phases) / reader's CPU / reader waiting for tokenizing: "
+          + ", ".join(f"{r['threads']}: {r['setup_s']:.2f} / {r['finishing_s']:.2f} / {r['reader_cpu_s']:.2f} / "
+                      f"{r['reader_waiting_s']:.2f}" for r in rows))
+    print("CPU s: the process's user + system time; if it grows with the threads, the cores slow each other")
+    print("down (shared caches, memory, turbo); if it stays flat while the speed-up falls short, threads wait.")
+    print("| threads | whole run s | MB/s | speed-up | prepare's own s | MB/s | speed-up | efficiency | CPU s "
           "| independent runs MB/s | speed-up |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         su_w = base["wall_s"] / r["wall_s"]
         su_p = base["pipeline_s"] / r["pipeline_s"]
         r.update({"speedup_wall": su_w, "speedup_pipeline": su_p})
         print(f"| {r['threads']} | {r['wall_s']:.2f} | {r['wall_MBps']:.0f} | {su_w:.2f}x | {r['pipeline_s']:.2f} | "
-              f"{r['pipeline_MBps']:.0f} | {su_p:.2f}x | {su_p / r['threads'] * base['threads']:.0%} | "
+              f"{r['pipeline_MBps']:.0f} | {su_p:.2f}x | {su_p / r['threads'] * base['threads']:.0%} | {r['cpu_s']:.1f} | "
               f"{r['independent_MBps']:.0f} | {r['independent_MBps'] / base['independent_MBps']:.2f}x |")
     return {"bytes": size, "rows": rows}
 

@@ -105,11 +105,15 @@ pub fn inspect(path: &Path, tag: Option<&str>, tensors: bool) -> Result<Inspecti
                 Some(t) => t.to_string(),
                 None => match &listing.latest {
                     Some(l) if listing.tags.contains(l) => l.clone(),
-                    _ => listing.tags.last().cloned().ok_or_else(|| CkptError::NoSuchTag {
-                        path: root.clone(),
-                        tag: listing.latest.clone().unwrap_or_default(),
-                        available: String::new(),
-                    })?,
+                    _ => listing
+                        .tags
+                        .last()
+                        .cloned()
+                        .ok_or_else(|| CkptError::NoSuchTag {
+                            path: root.clone(),
+                            tag: listing.latest.clone().unwrap_or_default(),
+                            available: String::new(),
+                        })?,
                 },
             };
             let dir = tag_dir(&root, &listing, &name)?;
@@ -209,7 +213,8 @@ fn zerokit(dir: &Path, tensors: bool) -> Result<Inspection, CkptError> {
             }
         }
         let dtype = m.dtypes.get("model").cloned().unwrap_or_default();
-        let es = crate::interop::torch_pickle::DType::from_safetensors_name(&dtype).map_or(0, |d| d.size()) as u64;
+        let es = crate::interop::torch_pickle::DType::from_safetensors_name(&dtype)
+            .map_or(0, |d| d.size()) as u64;
         i.tensors = Some(
             l.params
                 .iter()
@@ -259,9 +264,18 @@ fn deepspeed(dir: &Path, tensors: bool) -> Result<Inspection, CkptError> {
     });
     let model = TorchFile::open(&model_path)?;
     let root = model.root();
-    i.format_version = root.get("ds_version").and_then(Value::as_str).map(str::to_string);
-    i.step = root.get("global_steps").and_then(Value::as_int).map(|s| s as u64);
-    i.samples_seen = root.get("global_samples").and_then(Value::as_int).map(|s| s as u64);
+    i.format_version = root
+        .get("ds_version")
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    i.step = root
+        .get("global_steps")
+        .and_then(Value::as_int)
+        .map(|s| s as u64);
+    i.samples_seen = root
+        .get("global_samples")
+        .and_then(Value::as_int)
+        .map(|s| s as u64);
     let buffers: BTreeSet<&str> = root
         .get("buffer_names")
         .and_then(Value::as_seq)
@@ -278,12 +292,16 @@ fn deepspeed(dir: &Path, tensors: bool) -> Result<Inspection, CkptError> {
         .collect();
     // The compute dtype: a parameter's tensor in the module (stage 3 keeps empty placeholders,
     // still of that dtype).
-    let model_dtype = root.get("module").and_then(Value::dict_items).and_then(|items| {
-        items.iter().find_map(|(k, v)| {
-            let name = k.as_str()?;
-            (!buffers.contains(name)).then(|| v.as_tensor().map(|t| t.dtype.safetensors_name()))?
-        })
-    });
+    let model_dtype = root
+        .get("module")
+        .and_then(Value::dict_items)
+        .and_then(|items| {
+            items.iter().find_map(|(k, v)| {
+                let name = k.as_str()?;
+                (!buffers.contains(name))
+                    .then(|| v.as_tensor().map(|t| t.dtype.safetensors_name()))?
+            })
+        });
     if let Some(d) = model_dtype {
         i.dtypes.insert("model".into(), d.into());
     }
@@ -324,7 +342,8 @@ fn deepspeed(dir: &Path, tensors: bool) -> Result<Inspection, CkptError> {
                 .and_then(|(_, st)| st.get("exp_avg"))
                 .and_then(Value::as_tensor);
             if let Some(t) = moment {
-                i.dtypes.insert("optimizer".into(), t.dtype.safetensors_name().into());
+                i.dtypes
+                    .insert("optimizer".into(), t.dtype.safetensors_name().into());
             }
         }
     }
@@ -363,7 +382,12 @@ fn deepspeed(dir: &Path, tensors: bool) -> Result<Inspection, CkptError> {
 }
 
 /// Rows, parameter count and dtypes of safetensors files (`dir`-relative names).
-fn safetensors_rows(dir: &Path, files: &[String], i: &mut Inspection, tensors: bool) -> Result<(), CkptError> {
+fn safetensors_rows(
+    dir: &Path,
+    files: &[String],
+    i: &mut Inspection,
+    tensors: bool,
+) -> Result<(), CkptError> {
     let mut rows = Vec::new();
     let mut dtypes = BTreeSet::new();
     for f in files {
@@ -381,8 +405,10 @@ fn safetensors_rows(dir: &Path, files: &[String], i: &mut Inspection, tensors: b
             });
         }
     }
-    i.dtypes
-        .insert("tensors".into(), dtypes.into_iter().collect::<Vec<_>>().join(","));
+    i.dtypes.insert(
+        "tensors".into(),
+        dtypes.into_iter().collect::<Vec<_>>().join(","),
+    );
     if tensors {
         i.tensors = Some(rows);
     }
@@ -392,7 +418,11 @@ fn safetensors_rows(dir: &Path, files: &[String], i: &mut Inspection, tensors: b
 fn safetensors_file(path: &Path, tensors: bool) -> Result<Inspection, CkptError> {
     let mut i = empty(Format::Safetensors, path);
     let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path.file_name().unwrap_or_default().to_string_lossy().into_owned();
+    let name = path
+        .file_name()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .into_owned();
     safetensors_rows(dir, std::slice::from_ref(&name), &mut i, tensors)?;
     i.files = file_sizes(dir, [name]);
     Ok(i)
@@ -412,7 +442,8 @@ pub fn hf_weight_files(dir: &Path) -> Result<(Vec<String>, Option<ShardIndex>), 
         path: ip.clone(),
         source: e,
     })?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| damaged(format!("not valid JSON ({e})")))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| damaged(format!("not valid JSON ({e})")))?;
     let map = v
         .get("weight_map")
         .and_then(|m| m.as_object())
@@ -423,7 +454,11 @@ pub fn hf_weight_files(dir: &Path) -> Result<(Vec<String>, Option<ShardIndex>), 
             Some(f) if super::valid_tag_name(f) => {
                 weight_map.insert(k.clone(), f.to_string());
             }
-            _ => return Err(damaged(format!("{k} maps to {f}, not a file name in this directory"))),
+            _ => {
+                return Err(damaged(format!(
+                    "{k} maps to {f}, not a file name in this directory"
+                )))
+            }
         }
     }
     let files: BTreeSet<String> = weight_map.values().cloned().collect();
@@ -499,7 +534,9 @@ fn config_line(v: &serde_json::Value) -> String {
                 .map(|(k, x)| {
                     (
                         k.as_str(),
-                        x.as_str().map(str::to_string).unwrap_or_else(|| x.to_string()),
+                        x.as_str()
+                            .map(str::to_string)
+                            .unwrap_or_else(|| x.to_string()),
                     )
                 }),
             &["n_layer", "n_head", "n_embd", "block_size", "vocab_size"],
@@ -587,7 +624,10 @@ pub fn render(i: &Inspection) -> String {
         row("loss scale", format!("{v}"));
     }
     let total: u64 = i.files.iter().map(|f| f.bytes).sum();
-    row("files", format!("{} ({})", i.files.len(), human_bytes(total)));
+    row(
+        "files",
+        format!("{} ({})", i.files.len(), human_bytes(total)),
+    );
     let w = i.files.iter().map(|f| f.name.len()).max().unwrap_or(0);
     for f in &i.files {
         let _ = writeln!(s, "    {:<w$}  {:>10}", f.name, human_bytes(f.bytes));

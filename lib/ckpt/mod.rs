@@ -32,7 +32,10 @@ pub enum CkptError {
         available: String,
     },
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
     #[error(transparent)]
@@ -277,18 +280,27 @@ mod tests {
     fn tags_sort_by_their_step() {
         let mut v = vec!["global_step10", "global_step9", "global_step100", "best"];
         v.sort_by_key(|t| tag_order(t));
-        assert_eq!(v, ["best", "global_step9", "global_step10", "global_step100"]);
+        assert_eq!(
+            v,
+            ["best", "global_step9", "global_step10", "global_step100"]
+        );
     }
 
     #[test]
     fn detects_what_a_path_is() {
         let d = tempfile::tempdir().unwrap();
-        assert!(matches!(detect(&d.path().join("nope")), Err(CkptError::NotFound(_))));
+        assert!(matches!(
+            detect(&d.path().join("nope")),
+            Err(CkptError::NotFound(_))
+        ));
         assert!(matches!(detect(d.path()), Err(CkptError::UnknownFormat(_))));
         let tag = d.path().join("step_00000001");
         std::fs::create_dir(&tag).unwrap();
         std::fs::write(tag.join("rank_00000.safetensors"), b"").unwrap();
-        assert_eq!(detect(&tag).unwrap(), Target::Tag(Format::Zerokit, tag.clone()));
+        assert_eq!(
+            detect(&tag).unwrap(),
+            Target::Tag(Format::Zerokit, tag.clone())
+        );
         assert_eq!(
             detect(d.path()).unwrap(),
             Target::Root(Format::Zerokit, d.path().to_path_buf())

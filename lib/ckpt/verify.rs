@@ -13,7 +13,9 @@
 //! zip recorded for every storage of every file; `--scan` adds NaN/Inf in every float storage.
 
 use super::header::{read_header, Header};
-use super::{list_root, tag_dir, valid_tag_name, CkptError, Format, RootListing, Target, VerifyArgs};
+use super::{
+    list_root, tag_dir, valid_tag_name, CkptError, Format, RootListing, Target, VerifyArgs,
+};
 use crate::checkpoint::{self, FileEntry, Manifest, PartitionReader, PARTITION_TENSORS};
 use crate::convert::{self, ShardedSource};
 use crate::interop::deepspeed::{self, DeepSpeedSource};
@@ -126,7 +128,9 @@ fn check_latest(root: &Path, listing: &RootListing, format: Format, r: &mut Veri
         _ => deepspeed::is_deepspeed_dir(d),
     };
     let problem = match &listing.latest {
-        None if format == Format::Zerokit => Some("missing: nothing names the newest complete tag".to_string()),
+        None if format == Format::Zerokit => {
+            Some("missing: nothing names the newest complete tag".to_string())
+        }
         None => {
             r.notes.push(format!(
                 "{}: none (DeepSpeed loads need an explicit tag)",
@@ -135,8 +139,12 @@ fn check_latest(root: &Path, listing: &RootListing, format: Format, r: &mut Veri
             None
         }
         Some(name) if name.is_empty() => Some("is empty".into()),
-        Some(name) if !valid_tag_name(name) => Some(format!("names {name:?}, not a tag directory name")),
-        Some(name) if !root.join(name).is_dir() => Some(format!("names tag {name:?}, which does not exist")),
+        Some(name) if !valid_tag_name(name) => {
+            Some(format!("names {name:?}, not a tag directory name"))
+        }
+        Some(name) if !root.join(name).is_dir() => {
+            Some(format!("names tag {name:?}, which does not exist"))
+        }
         Some(name) if !complete(&root.join(name)) => Some(format!(
             "names tag {name:?}, which is not a complete checkpoint (no manifest.json)"
         )),
@@ -190,7 +198,10 @@ pub fn verify_zerokit_tag(dir: &Path, scan: bool) -> Vec<String> {
         .filter(|(name, _)| {
             let ok = valid_tag_name(name) && *name != "manifest.json";
             if !ok {
-                p.push(line(&mpath, format!("lists {name:?}, not a file of the tag directory")));
+                p.push(line(
+                    &mpath,
+                    format!("lists {name:?}, not a file of the tag directory"),
+                ));
             }
             ok
         })
@@ -198,7 +209,11 @@ pub fn verify_zerokit_tag(dir: &Path, scan: bool) -> Vec<String> {
     if let Ok(rd) = std::fs::read_dir(dir) {
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with("rank_") && name.ends_with(".safetensors") && parts > 0 && !required.contains(&name) {
+            if name.starts_with("rank_")
+                && name.ends_with(".safetensors")
+                && parts > 0
+                && !required.contains(&name)
+            {
                 p.push(line(
                     &e.path(),
                     format!("a rank file beyond the layout's {parts} partitions (left from another run?)"),
@@ -209,8 +224,16 @@ pub fn verify_zerokit_tag(dir: &Path, scan: bool) -> Vec<String> {
 
     // Sizes and hashes, in parallel: on a large checkpoint this is the disk-bound bulk of the work.
     let total: u64 = listed.iter().map(|(_, e)| e.bytes).sum();
-    let pb = logging::progress_bar(total, "verify {msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}");
-    pb.set_message(dir.file_name().unwrap_or_default().to_string_lossy().into_owned());
+    let pb = logging::progress_bar(
+        total,
+        "verify {msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+    );
+    pb.set_message(
+        dir.file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned(),
+    );
     let hashed: Vec<String> = listed
         .par_iter()
         .filter_map(|(name, entry)| {
@@ -229,7 +252,10 @@ pub fn verify_zerokit_tag(dir: &Path, scan: bool) -> Vec<String> {
         match hf::read_config(&cpath) {
             Ok(c) if Some(c) != cfg => p.push(line(
                 &cpath,
-                format!("describes {c:?}, manifest.json's model_config is {}", m.model_config),
+                format!(
+                    "describes {c:?}, manifest.json's model_config is {}",
+                    m.model_config
+                ),
             )),
             Ok(_) => {}
             Err(e) => p.push(e.to_string()),
@@ -300,7 +326,10 @@ fn manifest_problems(dir: &Path, m: &Manifest) -> Vec<String> {
     let mut bad = |msg: String| p.push(line(&mpath, msg));
     let dir_name = dir.file_name().unwrap_or_default().to_string_lossy();
     if m.tag != dir_name {
-        bad(format!("tag {:?}, but the directory is named {dir_name:?}", m.tag));
+        bad(format!(
+            "tag {:?}, but the directory is named {dir_name:?}",
+            m.tag
+        ));
     }
     if m.world_size == 0 {
         bad("world_size is 0".into());
@@ -326,7 +355,9 @@ fn manifest_problems(dir: &Path, m: &Manifest) -> Vec<String> {
     ] {
         match m.dtypes.get(role) {
             Some(d) if allowed.contains(&d.as_str()) => {}
-            Some(d) => bad(format!("dtypes.{role} is {d:?}, expected one of {allowed:?}")),
+            Some(d) => bad(format!(
+                "dtypes.{role} is {d:?}, expected one of {allowed:?}"
+            )),
             None => bad(format!("dtypes.{role} is missing")),
         }
     }
@@ -334,7 +365,10 @@ fn manifest_problems(dir: &Path, m: &Manifest) -> Vec<String> {
         bad("optimizer.step is missing".into());
     }
     match serde_json::from_value::<GptConfig>(m.model_config.clone()) {
-        Err(e) => p.push(line(&mpath, format!("model_config is not a GPT-2 shape ({e})"))),
+        Err(e) => p.push(line(
+            &mpath,
+            format!("model_config is not a GPT-2 shape ({e})"),
+        )),
         Ok(cfg) => {
             let want: BTreeMap<String, Vec<usize>> = cfg
                 .param_specs()
@@ -347,7 +381,13 @@ fn manifest_problems(dir: &Path, m: &Manifest) -> Vec<String> {
                 .iter()
                 .map(|s| (s.name.clone(), s.shape.clone()))
                 .collect();
-            p.extend(compare_tables(&mpath, "model_config", &want, "layout", &have));
+            p.extend(compare_tables(
+                &mpath,
+                "model_config",
+                &want,
+                "layout",
+                &have,
+            ));
         }
     }
     p
@@ -365,7 +405,9 @@ fn compare_tables(
     for (k, sa) in a {
         match b.get(k) {
             None => diffs.push(format!("{k} is in the {a_name} but not in the {b_name}")),
-            Some(sb) if sa != sb => diffs.push(format!("{k} has shape {sb:?} in the {b_name}, {sa:?} in the {a_name}")),
+            Some(sb) if sa != sb => diffs.push(format!(
+                "{k} has shape {sb:?} in the {b_name}, {sa:?} in the {a_name}"
+            )),
             _ => {}
         }
     }
@@ -376,11 +418,18 @@ fn compare_tables(
     );
     const SHOWN: usize = 4;
     let n = diffs.len();
-    let mut out: Vec<String> = diffs.into_iter().take(SHOWN).map(|d| line(path, d)).collect();
+    let mut out: Vec<String> = diffs
+        .into_iter()
+        .take(SHOWN)
+        .map(|d| line(path, d))
+        .collect();
     if n > SHOWN {
         out.push(line(
             path,
-            format!("{} more differences between the {a_name} and the {b_name}", n - SHOWN),
+            format!(
+                "{} more differences between the {a_name} and the {b_name}",
+                n - SHOWN
+            ),
         ));
     }
     out
@@ -421,7 +470,9 @@ pub fn layout_problems(l: &FlatLayout, file: &Path) -> Vec<String> {
                 s.bucket,
                 l.buckets.len()
             )),
-            Some(b) if !b.params.contains(&i) => bad(format!("{}: not listed in its bucket {}", s.name, s.bucket)),
+            Some(b) if !b.params.contains(&i) => {
+                bad(format!("{}: not listed in its bucket {}", s.name, s.bucket))
+            }
             _ => {}
         }
     }
@@ -440,7 +491,10 @@ pub fn layout_problems(l: &FlatLayout, file: &Path) -> Vec<String> {
             };
             listed[pi] += 1;
             if s.bucket != bi {
-                bad(format!("bucket {bi} lists {}, whose bucket is {}", s.name, s.bucket));
+                bad(format!(
+                    "bucket {bi} lists {}, whose bucket is {}",
+                    s.name, s.bucket
+                ));
             }
             members.push((s.offset, s.numel, &s.name));
         }
@@ -590,7 +644,10 @@ fn model_file_problems(h: &Header, m: &Manifest) -> Vec<String> {
         if t.dtype.to_string() != want_dtype {
             p.push(line(
                 &h.path,
-                format!("{} is {}, manifest.json's model dtype is {want_dtype}", t.name, t.dtype),
+                format!(
+                    "{} is {}, manifest.json's model dtype is {want_dtype}",
+                    t.name, t.dtype
+                ),
             ));
         }
     }
@@ -603,9 +660,20 @@ fn model_file_problems(h: &Header, m: &Manifest) -> Vec<String> {
     let have: BTreeMap<String, Vec<usize>> = h
         .tensors
         .iter()
-        .map(|t| (t.name.clone(), t.shape.iter().map(|&d| d as usize).collect()))
+        .map(|t| {
+            (
+                t.name.clone(),
+                t.shape.iter().map(|&d| d as usize).collect(),
+            )
+        })
         .collect();
-    p.extend(compare_tables(&h.path, "manifest's layout", &want, "model file", &have));
+    p.extend(compare_tables(
+        &h.path,
+        "manifest's layout",
+        &want,
+        "model file",
+        &have,
+    ));
     p
 }
 
@@ -615,10 +683,14 @@ fn rank_file_problems(h: &Header, m: &Manifest, r: usize) -> Vec<String> {
     for name in PARTITION_TENSORS {
         match h.get(name) {
             None => bad(format!("has no tensor {name}")),
-            Some(t) if t.dtype != safetensors::Dtype::F32 || t.shape != [m.layout.partition as u64] => bad(format!(
-                "{name} is {} {:?}, the layout's partition is F32 [{}]",
-                t.dtype, t.shape, m.layout.partition
-            )),
+            Some(t)
+                if t.dtype != safetensors::Dtype::F32 || t.shape != [m.layout.partition as u64] =>
+            {
+                bad(format!(
+                    "{name} is {} {:?}, the layout's partition is F32 [{}]",
+                    t.dtype, t.shape, m.layout.partition
+                ))
+            }
             _ => {}
         }
     }
@@ -627,12 +699,22 @@ fn rank_file_problems(h: &Header, m: &Manifest, r: usize) -> Vec<String> {
             bad(format!("unexpected tensor {}", t.name));
         }
     }
-    let meta = |k: &str| h.metadata.get(k).map_or("none".to_string(), |v| format!("{v:?}"));
+    let meta = |k: &str| {
+        h.metadata
+            .get(k)
+            .map_or("none".to_string(), |v| format!("{v:?}"))
+    };
     if meta("format") != "\"zerokit-rank\"" {
-        bad(format!("metadata format is {}, not \"zerokit-rank\"", meta("format")));
+        bad(format!(
+            "metadata format is {}, not \"zerokit-rank\"",
+            meta("format")
+        ));
     }
     if meta("rank") != format!("\"{r}\"") {
-        bad(format!("metadata says rank {}, the file name says {r}", meta("rank")));
+        bad(format!(
+            "metadata says rank {}, the file name says {r}",
+            meta("rank")
+        ));
     }
     if meta("parts") != format!("\"{}\"", m.layout.parts) {
         bad(format!(
@@ -647,7 +729,12 @@ fn rank_file_problems(h: &Header, m: &Manifest, r: usize) -> Vec<String> {
 /// Reads `[start, start+len)` of a file in chunks of at most CHUNK bytes.
 const CHUNK: u64 = 8 << 20;
 
-fn for_chunks(path: &Path, start: u64, len: u64, mut f: impl FnMut(u64, &[u8])) -> Result<(), String> {
+fn for_chunks(
+    path: &Path,
+    start: u64,
+    len: u64,
+    mut f: impl FnMut(u64, &[u8]),
+) -> Result<(), String> {
     let file = File::open(path).map_err(|e| line(path, e))?;
     let mut buf = vec![0u8; CHUNK.min(len) as usize];
     let mut off = 0;
@@ -670,14 +757,19 @@ fn padding_problems(h: &Header, gaps: &[(usize, usize)]) -> Vec<String> {
         let (start, _) = h.span(t);
         let (mut count, mut first) = (0u64, None);
         for &(a, b) in gaps {
-            let r = for_chunks(&h.path, start + 4 * a as u64, 4 * (b - a) as u64, |off, bytes| {
-                for (k, c) in bytes.chunks_exact(4).enumerate() {
-                    if f32::from_le_bytes(c.try_into().expect("4 bytes")) != 0.0 {
-                        count += 1;
-                        first.get_or_insert(a + off as usize / 4 + k);
+            let r = for_chunks(
+                &h.path,
+                start + 4 * a as u64,
+                4 * (b - a) as u64,
+                |off, bytes| {
+                    for (k, c) in bytes.chunks_exact(4).enumerate() {
+                        if f32::from_le_bytes(c.try_into().expect("4 bytes")) != 0.0 {
+                            count += 1;
+                            first.get_or_insert(a + off as usize / 4 + k);
+                        }
                     }
-                }
-            });
+                },
+            );
             if let Err(e) = r {
                 p.push(e);
             }
@@ -719,18 +811,24 @@ impl Tally {
                     f32::from_le_bytes(c.try_into().expect("4 bytes")) as f64,
                 )
             }),
-            DType::F64 => bytes
-                .chunks_exact(8)
-                .enumerate()
-                .for_each(|(k, c)| self.add(base + k as u64, f64::from_le_bytes(c.try_into().expect("8 bytes")))),
-            DType::F16 => bytes
-                .chunks_exact(2)
-                .enumerate()
-                .for_each(|(k, c)| self.add(base + k as u64, half::f16::from_le_bytes([c[0], c[1]]).to_f64())),
-            DType::BF16 => bytes
-                .chunks_exact(2)
-                .enumerate()
-                .for_each(|(k, c)| self.add(base + k as u64, half::bf16::from_le_bytes([c[0], c[1]]).to_f64())),
+            DType::F64 => bytes.chunks_exact(8).enumerate().for_each(|(k, c)| {
+                self.add(
+                    base + k as u64,
+                    f64::from_le_bytes(c.try_into().expect("8 bytes")),
+                )
+            }),
+            DType::F16 => bytes.chunks_exact(2).enumerate().for_each(|(k, c)| {
+                self.add(
+                    base + k as u64,
+                    half::f16::from_le_bytes([c[0], c[1]]).to_f64(),
+                )
+            }),
+            DType::BF16 => bytes.chunks_exact(2).enumerate().for_each(|(k, c)| {
+                self.add(
+                    base + k as u64,
+                    half::bf16::from_le_bytes([c[0], c[1]]).to_f64(),
+                )
+            }),
             _ => {}
         }
     }
@@ -756,7 +854,10 @@ fn locate(l: &FlatLayout, pieces: &[Piece], i: u64) -> String {
 /// non-negative.
 fn scan_rank_files(headers: &[Header], l: &FlatLayout) -> Vec<String> {
     let total: u64 = headers.iter().map(|h| h.file_len).sum();
-    let pb = logging::progress_bar(total, "scan [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}");
+    let pb = logging::progress_bar(
+        total,
+        "scan [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+    );
     let out = headers
         .par_iter()
         .flat_map_iter(|h| {
@@ -795,7 +896,11 @@ fn scan_model_file(dir: &Path, h: &Header, m: &Manifest) -> Vec<String> {
         Ok(r) => r,
         Err(e) => return vec![e.to_string()],
     };
-    let Some(dtype) = m.dtypes.get("model").and_then(|d| DType::from_safetensors_name(d)) else {
+    let Some(dtype) = m
+        .dtypes
+        .get("model")
+        .and_then(|d| DType::from_safetensors_name(d))
+    else {
         return vec![];
     };
     let es = dtype.size() as u64;
@@ -852,7 +957,8 @@ fn scan_safetensors_values(h: &Header) -> Vec<String> {
     h.tensors
         .par_iter()
         .filter_map(|t| {
-            let dtype = DType::from_safetensors_name(&t.dtype.to_string()).filter(|d| d.is_float())?;
+            let dtype =
+                DType::from_safetensors_name(&t.dtype.to_string()).filter(|d| d.is_float())?;
             let mut tally = Tally::default();
             let (s, e) = h.span(t);
             if let Err(err) = for_chunks(&h.path, s, e - s, |off, b| {
@@ -920,7 +1026,10 @@ fn check_hf_dir(dir: &Path, scan: bool) -> Vec<String> {
                     }
                     for (name, file) in map.iter().filter(|(_, file)| *file == f) {
                         if h.get(name).is_none() {
-                            p.push(line(ipath, format!("lists {name} in {file}, which does not hold it")));
+                            p.push(line(
+                                ipath,
+                                format!("lists {name} in {file}, which does not hold it"),
+                            ));
                         }
                     }
                 }
@@ -957,9 +1066,21 @@ pub fn verify_deepspeed_tag(dir: &Path, scan: bool) -> Vec<String> {
         })
         .unwrap_or_default();
     files.sort();
-    let total: u64 = files.iter().filter_map(|f| f.metadata().ok()).map(|m| m.len()).sum();
-    let pb = logging::progress_bar(total, "verify {msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}");
-    pb.set_message(dir.file_name().unwrap_or_default().to_string_lossy().into_owned());
+    let total: u64 = files
+        .iter()
+        .filter_map(|f| f.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    let pb = logging::progress_bar(
+        total,
+        "verify {msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+    );
+    pb.set_message(
+        dir.file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned(),
+    );
     let per_file: Vec<String> = files
         .par_iter()
         .flat_map_iter(|f| check_torch_file(f, world, scan, &pb))
@@ -1022,13 +1143,19 @@ fn tensor_refs<'a>(v: &'a Value, at: &str, out: &mut Vec<(String, &'a TensorRef)
             .iter()
             .enumerate()
             .for_each(|(i, x)| tensor_refs(x, &join(&i.to_string()), out)),
-        Value::Dict(items) => items.iter().for_each(|(k, x)| tensor_refs(x, &join(&key(k)), out)),
-        Value::Object { args, state, items, .. } => {
+        Value::Dict(items) => items
+            .iter()
+            .for_each(|(k, x)| tensor_refs(x, &join(&key(k)), out)),
+        Value::Object {
+            args, state, items, ..
+        } => {
             args.iter().for_each(|x| tensor_refs(x, at, out));
             if let Some(s) = state {
                 tensor_refs(s, at, out);
             }
-            items.iter().for_each(|(k, x)| tensor_refs(x, &join(&key(k)), out));
+            items
+                .iter()
+                .for_each(|(k, x)| tensor_refs(x, &join(&key(k)), out));
         }
         _ => {}
     }
@@ -1036,13 +1163,21 @@ fn tensor_refs<'a>(v: &'a Value, at: &str, out: &mut Vec<(String, &'a TensorRef)
 
 /// One torch file: it opens, its model states agree on the world size, every storage matches
 /// the CRC-32 the zip recorded, and with `scan` every float storage is finite.
-fn check_torch_file(path: &Path, world: Option<usize>, scan: bool, pb: &ProgressBar) -> Vec<String> {
+fn check_torch_file(
+    path: &Path,
+    world: Option<usize>,
+    scan: bool,
+    pb: &ProgressBar,
+) -> Vec<String> {
     let tf = match TorchFile::open(path) {
         Ok(f) => f,
         Err(e) => return vec![e.to_string()],
     };
     let mut p = Vec::new();
-    if let (Some(w), Some(dp)) = (world, tf.root().get("dp_world_size").and_then(Value::as_int)) {
+    if let (Some(w), Some(dp)) = (
+        world,
+        tf.root().get("dp_world_size").and_then(Value::as_int),
+    ) {
         if dp != w as i64 {
             p.push(line(
                 path,

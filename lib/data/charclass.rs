@@ -27,7 +27,11 @@ pub struct ClassTable {
 fn ranges(pattern: &str) -> Vec<(u32, u32)> {
     let hir = regex_syntax::parse(pattern).expect("static Unicode class pattern parses");
     match hir.kind() {
-        HirKind::Class(HirClass::Unicode(c)) => c.ranges().iter().map(|r| (r.start() as u32, r.end() as u32)).collect(),
+        HirKind::Class(HirClass::Unicode(c)) => c
+            .ranges()
+            .iter()
+            .map(|r| (r.start() as u32, r.end() as u32))
+            .collect(),
         _ => unreachable!("{pattern} is a single Unicode class"),
     }
 }

@@ -77,7 +77,10 @@ pub fn discover(paths: &[PathBuf]) -> Result<Vec<Input>, DataError> {
             let mut files = Vec::new();
             walk(path, &mut files)?;
             if files.is_empty() {
-                return Err(DataError::EmptyInput(path.clone(), "directory holds no files"));
+                return Err(DataError::EmptyInput(
+                    path.clone(),
+                    "directory holds no files",
+                ));
             }
             files.sort();
             for f in files {
@@ -118,7 +121,6 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), DataError> {
 
 /// What was read from one file: its sha256 and byte count, and whether the file itself (not a
 /// decoder above it) failed, which tells a read error from a corrupt zstd stream.
-#[derive(Default)]
 pub struct Tally {
     sha: BackgroundSha256,
     pub bytes: u64,
@@ -161,14 +163,21 @@ pub struct Stream {
 impl Stream {
     pub fn open(input: &Input, progress: &ProgressBar) -> Result<Self, DataError> {
         let file = File::open(&input.path).map_err(|e| DataError::io(&input.path, e))?;
-        let tally = Arc::new(Mutex::new(Tally::default()));
+        // Reads are of LineReader's and TextChunker's 1 MiB buffers: 16 MiB may wait for the hash.
+        let tally = Arc::new(Mutex::new(Tally {
+            sha: BackgroundSha256::new(16),
+            bytes: 0,
+            file_failed: false,
+        }));
         let raw = TallyReader {
             file,
             tally: tally.clone(),
             progress: progress.clone(),
         };
         let reader: Box<dyn Read + Send> = if input.zstd {
-            Box::new(zstd::stream::read::Decoder::new(raw).map_err(|e| DataError::io(&input.path, e))?)
+            Box::new(
+                zstd::stream::read::Decoder::new(raw).map_err(|e| DataError::io(&input.path, e))?,
+            )
         } else {
             Box::new(raw)
         };
@@ -375,7 +384,10 @@ impl LineReader {
             Ok(n) => n,
             Err(e) => {
                 let inner = self.reader.get_mut();
-                return Err(inner.1.take().unwrap_or_else(|| DataError::io(&inner.0.input.path, e)));
+                return Err(inner
+                    .1
+                    .take()
+                    .unwrap_or_else(|| DataError::io(&inner.0.input.path, e)));
             }
         };
         if n == 0 {
@@ -417,8 +429,8 @@ pub fn jsonl_document(line: &[u8], field: &str, lossy: bool) -> Result<String, L
         Err(e) if !lossy => return Err(LineError::Utf8(e.valid_up_to())),
         Err(_) => String::from_utf8_lossy(line),
     };
-    let mut map: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_str(&text).map_err(|e| LineError::Other(format!("malformed JSON line: {e}")))?;
+    let mut map: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text)
+        .map_err(|e| LineError::Other(format!("malformed JSON line: {e}")))?;
     match map.remove(field) {
         Some(serde_json::Value::String(s)) => Ok(s),
         Some(other) => Err(LineError::Other(format!(
@@ -449,7 +461,12 @@ mod tests {
     use crate::data::tokenize::{Encoding, Tokenizer};
     use sha2::{Digest, Sha256};
 
-    fn chunks(bytes: &[u8], chunk: usize, lossy: bool, zstd: bool) -> Result<Vec<String>, DataError> {
+    fn chunks(
+        bytes: &[u8],
+        chunk: usize,
+        lossy: bool,
+        zstd: bool,
+    ) -> Result<Vec<String>, DataError> {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(if zstd { "t.txt.zst" } else { "t.txt" });
         let stored = if zstd {
@@ -474,7 +491,8 @@ mod tests {
 
     #[test]
     fn chunks_rejoin_to_the_text_across_multibyte_reads() {
-        let text = "Mixed \u{4e2d}\u{6587} text, caf\u{e9} and \u{1f980} emoji: it's 42! ".repeat(50);
+        let text =
+            "Mixed \u{4e2d}\u{6587} text, caf\u{e9} and \u{1f980} emoji: it's 42! ".repeat(50);
         for (chunk, zstd) in [(17, false), (64, true), (1000, false)] {
             let parts = chunks(text.as_bytes(), chunk, false, zstd).unwrap();
             assert!(parts.len() > 1);
@@ -490,7 +508,10 @@ mod tests {
         let err = chunks(&bytes, 16, false, false).unwrap_err().to_string();
         assert!(err.contains("invalid UTF-8 at byte offset 101"), "{err}");
         let err = chunks(&bytes, 16, false, true).unwrap_err().to_string();
-        assert!(err.contains("byte offset 101 of the decompressed stream"), "{err}");
+        assert!(
+            err.contains("byte offset 101 of the decompressed stream"),
+            "{err}"
+        );
         let text = chunks(&bytes, 16, true, false).unwrap().concat();
         assert_eq!(text, String::from_utf8_lossy(&bytes));
         // A sequence cut short by the end of the file.

@@ -17,13 +17,13 @@
 use super::corpus::{self, Format, Input, LineError, LineReader, Stream, TextChunker};
 use super::tokenize::{Encoding, Tokenizer};
 use super::{DataError, Dtype};
-use crate::fsutil::{self, AtomicDir, BackgroundSha256};
+use crate::fsutil::{self, thread_cpu_seconds, AtomicDir, BackgroundSha256};
 use crate::logging;
 use indicatif::ProgressBar;
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::PathBuf;
 use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
 use std::time::Instant;
@@ -77,6 +77,10 @@ pub struct PrepareArgs {
     /// Target size in bytes of the text chunks handed to threads (tests use small ones).
     #[arg(long, default_value_t = 64 * 1024, hide = true)]
     pub chunk_bytes: usize,
+    /// Chunks allowed between reading and writing, per thread: enough that no thread starves
+    /// while the writer waits for a slow (descheduled) one. Bounds memory with --chunk-bytes.
+    #[arg(long, default_value_t = 32, hide = true)]
+    pub chunks_in_flight: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -195,29 +199,30 @@ impl Ctx<'_> {
             Work::Lines { input, buf, lines } => {
                 let path = &self.inputs[input].path;
                 for line in lines {
-                    let text = corpus::jsonl_document(&buf[line.range], &self.args.field, self.args.lossy).map_err(
-                        |e| match e {
-                            LineError::Utf8(at) => DataError::InvalidUtf8 {
-                                path: path.clone(),
-                                offset: line.offset + at as u64,
-                                detail: format!(
-                                    " (line {}{})",
-                                    line.number,
-                                    if self.inputs[input].zstd {
-                                        " of the decompressed stream"
-                                    } else {
-                                        ""
-                                    }
-                                ),
-                            },
-                            LineError::Other(message) => DataError::Jsonl {
-                                path: path.clone(),
-                                line: line.number,
-                                message,
-                            },
-                        },
-                    )?;
-                    let (tokens, docs) = if is_val(self.args.seed, line.doc, self.args.val_fraction) {
+                    let text =
+                        corpus::jsonl_document(&buf[line.range], &self.args.field, self.args.lossy)
+                            .map_err(|e| match e {
+                                LineError::Utf8(at) => DataError::InvalidUtf8 {
+                                    path: path.clone(),
+                                    offset: line.offset + at as u64,
+                                    detail: format!(
+                                        " (line {}{})",
+                                        line.number,
+                                        if self.inputs[input].zstd {
+                                            " of the decompressed stream"
+                                        } else {
+                                            ""
+                                        }
+                                    ),
+                                },
+                                LineError::Other(message) => DataError::Jsonl {
+                                    path: path.clone(),
+                                    line: line.number,
+                                    message,
+                                },
+                            })?;
+                    let (tokens, docs) = if is_val(self.args.seed, line.doc, self.args.val_fraction)
+                    {
                         (&mut val, &mut val_docs)
                     } else {
                         (&mut train, &mut train_docs)
@@ -250,7 +255,7 @@ type Numbered = (u64, Result<Produced, DataError>);
 
 /// Hands each piece of work to the pool as soon as it is read, numbered so the writer can put
 /// results back in input order. A piece takes a permit when dispatched and the writer returns
-/// it once the piece is written, so at most `IN_FLIGHT_PER_THREAD * threads` pieces exist at
+/// it once the piece is written, so at most `--chunks-in-flight` × threads pieces exist at
 /// once: memory stays bounded however fast or slow either side is, and no thread waits for a
 /// batch to drain.
 struct Dispatcher<'a, 's> {
@@ -259,6 +264,8 @@ struct Dispatcher<'a, 's> {
     results: Sender<Numbered>,
     permits: SyncSender<()>,
     next: u64,
+    /// Time spent waiting for a permit: the reader running ahead of tokenizing or writing.
+    waited: std::time::Duration,
 }
 
 /// The writer hung up (it failed); the reader just stops.
@@ -266,7 +273,9 @@ struct Hangup;
 
 impl<'s> Dispatcher<'_, 's> {
     fn push(&mut self, w: Work) -> Result<(), Hangup> {
+        let t0 = Instant::now();
         self.permits.send(()).map_err(|_| Hangup)?;
+        self.waited += t0.elapsed();
         let (seq, results, ctx) = (self.next, self.results.clone(), self.ctx);
         self.next += 1;
         self.scope.spawn(move |_| {
@@ -398,7 +407,12 @@ impl Reader<'_> {
         Ok(())
     }
 
-    fn read_text_document(&mut self, i: usize, doc: &mut u64, out: &mut Dispatcher) -> Result<(), ReadFail> {
+    fn read_text_document(
+        &mut self,
+        i: usize,
+        doc: &mut u64,
+        out: &mut Dispatcher,
+    ) -> Result<(), ReadFail> {
         let input = self.ctx.inputs[i].clone();
         let split = if is_val(self.ctx.args.seed, *doc, self.ctx.args.val_fraction) {
             Split::Val
@@ -427,7 +441,12 @@ impl Reader<'_> {
         Ok(())
     }
 
-    fn read_jsonl(&mut self, i: usize, doc: &mut u64, out: &mut Dispatcher) -> Result<(), ReadFail> {
+    fn read_jsonl(
+        &mut self,
+        i: usize,
+        doc: &mut u64,
+        out: &mut Dispatcher,
+    ) -> Result<(), ReadFail> {
         let input = self.ctx.inputs[i].clone();
         let mut lines = LineReader::new(Stream::open(&input, &self.progress)?);
         // Sized for a whole piece up front: growing by doubling would copy each piece again.
@@ -494,17 +513,24 @@ struct TokenWriter {
 impl TokenWriter {
     fn create(path: PathBuf, dtype: Dtype) -> Result<Self, DataError> {
         let file = File::create(&path).map_err(|e| DataError::io(&path, e))?;
-        let (tx, rx) = sync_channel::<Vec<u8>>(16);
+        let (tx, rx) = sync_channel::<Vec<u8>>(PIECES_QUEUED);
         let worker = std::thread::Builder::new()
             .name("writer".into())
             .spawn(move || {
-                let mut out = BufWriter::with_capacity(1 << 20, file);
-                let mut sha = BackgroundSha256::default();
+                let mut out = &file;
+                let mut sha = BackgroundSha256::new(PIECES_QUEUED);
+                // Writeback starts every WRITEBACK_BYTES, so the fsync at the end, which no
+                // thread count shortens, finds little left to write.
+                let (mut written, mut synced) = (0u64, 0u64);
                 for bytes in rx {
                     out.write_all(&bytes)?;
+                    written += bytes.len() as u64;
+                    if written - synced >= WRITEBACK_BYTES {
+                        fsutil::start_writeback(&file, synced, written - synced);
+                        synced = written;
+                    }
                     sha.update(bytes);
                 }
-                let file = out.into_inner().map_err(|e| e.into_error())?;
                 Ok((file, sha.finish(), thread_cpu_seconds()))
             })
             .map_err(|e| DataError::io(&path, e))?;
@@ -534,22 +560,40 @@ impl TokenWriter {
         match self.worker.take().map(|w| w.join()) {
             Some(Ok(Ok(done))) => Ok(done),
             Some(Ok(Err(e))) => Err(DataError::io(&self.path, e)),
-            Some(Err(_)) => Err(DataError::Split(format!("{}: the writing thread panicked", self.path.display()))),
-            None => Err(DataError::io(&self.path, std::io::Error::other("written after a write error"))),
+            Some(Err(_)) => Err(DataError::Split(format!(
+                "{}: the writing thread panicked",
+                self.path.display()
+            ))),
+            None => Err(DataError::io(
+                &self.path,
+                std::io::Error::other("written after a write error"),
+            )),
         }
     }
 
     fn finish(mut self) -> Result<(u64, String), DataError> {
+        let t0 = Instant::now();
         let (file, sha, cpu) = self.join()?;
-        tracing::debug!("serial stages: {} written with {cpu:.2} s CPU", self.path.display());
+        let t1 = Instant::now();
         file.sync_all().map_err(|e| DataError::io(&self.path, e))?;
+        tracing::debug!(
+            "serial stages: {} written with {cpu:.2} s CPU; at the end {:.2} s to finish writing and hashing, {:.2} s fsync",
+            self.path.display(),
+            (t1 - t0).as_secs_f64(),
+            t1.elapsed().as_secs_f64()
+        );
         Ok((self.tokens, sha))
     }
 }
 
-/// Pieces of work (each about `--chunk-bytes` of text) allowed between reading and writing, per
-/// thread: enough that no thread starves while the writer waits for a slow piece.
-const IN_FLIGHT_PER_THREAD: usize = 8;
+/// Pieces that may wait for a token file's writing thread, and again for its hash: about 10 MB
+/// each at the default chunk size, tens of milliseconds of output. With every core tokenizing,
+/// those two threads are descheduled now and then; a shallow queue would pass each such pause
+/// back up the chain (ordering, reading) and leave the tokenizing threads without work.
+const PIECES_QUEUED: usize = 256;
+
+/// How much of a token file is written before its writeback is started (see TokenWriter).
+const WRITEBACK_BYTES: u64 = 8 << 20;
 
 const BAR: &str =
     "{spinner} [{elapsed_precise}] {wide_bar} {decimal_bytes}/{decimal_total_bytes} ({decimal_bytes_per_sec}, {eta}) {msg}";
@@ -563,14 +607,18 @@ pub fn prepare(args: &PrepareArgs, command: &[String]) -> Result<PrepareSummary,
             args.val_fraction
         )));
     }
-    if args.chunk_bytes == 0 || args.field.is_empty() {
-        return Err(DataError::Args("--chunk-bytes and --field must not be empty".into()));
+    if args.chunk_bytes == 0 || args.chunks_in_flight == 0 || args.field.is_empty() {
+        return Err(DataError::Args(
+            "--chunk-bytes, --chunks-in-flight and --field must not be empty".into(),
+        ));
     }
     let inputs = corpus::discover(&args.inputs)?;
     let dir = AtomicDir::create(&args.out, args.force)?;
     let tokenizer = Tokenizer::new(args.encoding)?;
     let threads = match args.threads {
-        0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        0 => std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
         n => n,
     };
     let pool = rayon::ThreadPoolBuilder::new()
@@ -605,35 +653,40 @@ pub fn prepare(args: &PrepareArgs, command: &[String]) -> Result<PrepareSummary,
     };
     let (mut train_docs, mut val_docs) = (0u64, 0u64);
 
+    let setup_done = started.elapsed().as_secs_f64();
     let (results_tx, results_rx) = channel::<Numbered>();
-    let (permits_tx, permits_rx) = sync_channel::<()>(IN_FLIGHT_PER_THREAD * threads);
+    let (permits_tx, permits_rx) = sync_channel::<()>(args.chunks_in_flight * threads);
     let records = std::thread::scope(|s| -> Result<Vec<InputRecord>, DataError> {
-        let reader = std::thread::Builder::new().name("reader".into()).spawn_scoped(s, || {
-            let cpu0 = thread_cpu_seconds();
-            let mut reader = Reader {
-                ctx: &ctx,
-                mode,
-                progress: progress.clone(),
-                records: Vec::new(),
-            };
-            // The scope runs this closure on the reader thread and waits for every piece it
-            // spawned onto the pool.
-            let dispatched = pool.in_place_scope(|scope| {
-                let mut out = Dispatcher {
-                    scope,
+        let reader = std::thread::Builder::new()
+            .name("reader".into())
+            .spawn_scoped(s, || {
+                let cpu0 = thread_cpu_seconds();
+                let mut reader = Reader {
                     ctx: &ctx,
-                    results: results_tx,
-                    permits: permits_tx,
-                    next: 0,
+                    mode,
+                    progress: progress.clone(),
+                    records: Vec::new(),
                 };
-                if let Err(ReadFail::Error(e)) = reader.run(&mut out) {
-                    out.fail(e);
-                }
-                out.next
+                // The scope runs this closure on the reader thread and waits for every piece it
+                // spawned onto the pool.
+                let dispatched = pool.in_place_scope(|scope| {
+                    let mut out = Dispatcher {
+                        scope,
+                        ctx: &ctx,
+                        results: results_tx,
+                        permits: permits_tx,
+                        next: 0,
+                        waited: Default::default(),
+                    };
+                    if let Err(ReadFail::Error(e)) = reader.run(&mut out) {
+                        out.fail(e);
+                    }
+                    (out.next, out.waited.as_secs_f64())
+                });
+                (reader.records, dispatched, thread_cpu_seconds() - cpu0)
             });
-            (reader.records, dispatched, thread_cpu_seconds() - cpu0)
-        });
-        let reader = reader.map_err(|e| DataError::Split(format!("cannot start the reader thread: {e}")))?;
+        let reader =
+            reader.map_err(|e| DataError::Split(format!("cannot start the reader thread: {e}")))?;
         let writer_cpu0 = thread_cpu_seconds();
         let written = write_in_order(
             results_rx,
@@ -646,13 +699,13 @@ pub fn prepare(args: &PrepareArgs, command: &[String]) -> Result<PrepareSummary,
             &mut val_docs,
         );
         let writer_cpu = thread_cpu_seconds() - writer_cpu0;
-        let (records, dispatched, reader_cpu) = reader
+        let (records, (dispatched, reader_waited), reader_cpu) = reader
             .join()
             .map_err(|_| DataError::Split("a tokenizing thread panicked".into()))?;
         // The serial stages' CPU time (these two, and each file's writing thread, logged at its
         // finish) bounds the throughput any thread count can reach: input bytes / the largest.
         tracing::debug!(
-            "serial stages: reader {reader_cpu:.2} s CPU, reordering {writer_cpu:.2} s CPU, over {:.2} s",
+            "serial stages: reader {reader_cpu:.2} s CPU ({reader_waited:.2} s waiting for tokenizing), reordering {writer_cpu:.2} s CPU, over {:.2} s",
             started.elapsed().as_secs_f64()
         );
         let written = written?;
@@ -666,6 +719,7 @@ pub fn prepare(args: &PrepareArgs, command: &[String]) -> Result<PrepareSummary,
     // Cleared on failure too, so the error is not printed under a stale bar.
     progress.finish_and_clear();
     let records = records?;
+    let pipeline_done = started.elapsed().as_secs_f64();
 
     let (train_tokens, train_sha) = train.finish()?;
     let (val_tokens, val_sha) = val.finish()?;
@@ -703,6 +757,13 @@ pub fn prepare(args: &PrepareArgs, command: &[String]) -> Result<PrepareSummary,
     let out = dir.commit()?;
 
     let seconds = started.elapsed().as_secs_f64();
+    // What no thread count shortens: set-up (the tokenizer's tables) and finishing (the hashes'
+    // last blocks, fsync, meta.json, the rename).
+    tracing::debug!(
+        "phases: set-up {setup_done:.2} s, pipeline {:.2} s, finishing {:.2} s",
+        pipeline_done - setup_done,
+        seconds - pipeline_done
+    );
     let summary = PrepareSummary {
         out,
         mode,
@@ -764,14 +825,6 @@ fn write_in_order(
         }
     }
     Ok(next)
-}
-
-/// CPU time consumed by the calling thread so far.
-fn thread_cpu_seconds() -> f64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime writes one timespec, which lives on this stack frame.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 
 fn check_splits(

@@ -134,10 +134,13 @@ impl Tokenizer {
 
     /// The bytes of `ids` (special tokens as their text), for checks and debugging.
     pub fn decode_bytes(&self, ids: &[u32]) -> Result<Vec<u8>, DataError> {
-        self.encoding
-            .core()
-            .decode_bytes(ids)
-            .map_err(|e| DataError::Encoding(format!("{}: cannot decode token {}", self.encoding.name(), e.token)))
+        self.encoding.core().decode_bytes(ids).map_err(|e| {
+            DataError::Encoding(format!(
+                "{}: cannot decode token {}",
+                self.encoding.name(),
+                e.token
+            ))
+        })
     }
 
     /// The largest `p` in `[min, text.len())`, `p > 0`, such that encoding `text[..p]` and
@@ -349,9 +352,9 @@ impl Bpe {
         }
         let mut byte_ids = [0u32; 256];
         for b in 0..=255u8 {
-            byte_ids[b as usize] = *vocab
-                .get(&[b][..])
-                .ok_or_else(|| DataError::Encoding(format!("{}: byte {b:#04x} has no token", encoding.name())))?;
+            byte_ids[b as usize] = *vocab.get(&[b][..]).ok_or_else(|| {
+                DataError::Encoding(format!("{}: byte {b:#04x} has no token", encoding.name()))
+            })?;
         }
         let mut merges = FxHashMap::default();
         for (bytes, &id) in &vocab {
@@ -450,7 +453,8 @@ impl Bpe {
             let p = pos as usize;
             let right = next[p];
             // Skip entries for parts merged away (ids reset to MAX) or pairs that changed.
-            if ids[p] == u32::MAX || right >= end || self.rank(ids[p], ids[right as usize]) != rank {
+            if ids[p] == u32::MAX || right >= end || self.rank(ids[p], ids[right as usize]) != rank
+            {
                 continue;
             }
             let r = right as usize;
@@ -490,8 +494,11 @@ mod tests {
 
     #[test]
     fn pieces_follow_the_gpt2_pattern() {
-        let split =
-            |s: &str| -> Vec<String> { Pieces::new(s).map(|p| String::from_utf8(p.to_vec()).unwrap()).collect() };
+        let split = |s: &str| -> Vec<String> {
+            Pieces::new(s)
+                .map(|p| String::from_utf8(p.to_vec()).unwrap())
+                .collect()
+        };
         assert_eq!(split("Hello world"), ["Hello", " world"]);
         assert_eq!(split("a  b"), ["a", " ", " b"]);
         assert_eq!(split("x \n y"), ["x", " \n", " y"]);
@@ -534,7 +541,11 @@ mod tests {
     fn cuts_never_change_the_tokens() {
         let text =
             "The quick (brown) fox's 3rd jump, \u{4e2d}\u{6587}\u{3002}  \n\tdone!! 42x 'quoted' \u{1f980}\r\n  end   ";
-        for enc in [Encoding::R50kBase, Encoding::Cl100kBase, Encoding::O200kBase] {
+        for enc in [
+            Encoding::R50kBase,
+            Encoding::Cl100kBase,
+            Encoding::O200kBase,
+        ] {
             let tok = Tokenizer::new(enc).unwrap();
             let whole = tok.encode_ordinary(text);
             let mut end = text.len();

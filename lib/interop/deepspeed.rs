@@ -32,7 +32,10 @@ pub enum DeepSpeedError {
     #[error(transparent)]
     Torch(#[from] TorchError),
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{0}: missing rank file {1} (the checkpoint was saved by {2} ranks)")]
     MissingRank(PathBuf, String, usize),
     #[error("{path}: {what}")]
@@ -42,7 +45,10 @@ pub enum DeepSpeedError {
 }
 
 fn layout(path: &Path, what: impl Into<String>) -> DeepSpeedError {
-    DeepSpeedError::Layout { path: path.to_path_buf(), what: what.into() }
+    DeepSpeedError::Layout {
+        path: path.to_path_buf(),
+        what: what.into(),
+    }
 }
 
 /// A run of elements of one tensor inside one rank file.
@@ -96,10 +102,15 @@ fn parse_rank_name(name: &str, suffix: &str) -> Option<(String, usize, usize)> {
 }
 
 fn req<'a>(v: &'a Value, key: &str, path: &Path) -> Result<&'a Value, DeepSpeedError> {
-    v.get(key).ok_or_else(|| layout(path, format!("has no '{key}' entry")))
+    v.get(key)
+        .ok_or_else(|| layout(path, format!("has no '{key}' entry")))
 }
 
-fn shapes_of(v: &Value, path: &Path, what: &str) -> Result<Vec<(String, Vec<u64>)>, DeepSpeedError> {
+fn shapes_of(
+    v: &Value,
+    path: &Path,
+    what: &str,
+) -> Result<Vec<(String, Vec<u64>)>, DeepSpeedError> {
     let items = match v {
         Value::Dict(items) => items.as_slice(),
         _ => return Err(layout(path, format!("'{what}' is not a name -> shape map"))),
@@ -108,7 +119,10 @@ fn shapes_of(v: &Value, path: &Path, what: &str) -> Result<Vec<(String, Vec<u64>
         .iter()
         .map(|(k, s)| match (k.as_str(), s.as_shape()) {
             (Some(k), Some(s)) => Ok((k.to_string(), s)),
-            _ => Err(layout(path, format!("'{what}' has a malformed entry {k:?}"))),
+            _ => Err(layout(
+                path,
+                format!("'{what}' has a malformed entry {k:?}"),
+            )),
         })
         .collect()
 }
@@ -116,7 +130,10 @@ fn shapes_of(v: &Value, path: &Path, what: &str) -> Result<Vec<(String, Vec<u64>
 impl DeepSpeedSource {
     /// Opens the tag directory `dir` (holding the rank files).
     pub fn open(dir: &Path) -> Result<Self, DeepSpeedError> {
-        let io = |e| DeepSpeedError::Io { path: dir.to_path_buf(), source: e };
+        let io = |e| DeepSpeedError::Io {
+            path: dir.to_path_buf(),
+            source: e,
+        };
         let mut optim: Vec<(String, usize, usize, PathBuf)> = vec![];
         let mut stage3_models: Vec<(usize, usize, PathBuf)> = vec![];
         let mut model_mp: Vec<PathBuf> = vec![];
@@ -152,7 +169,11 @@ impl DeepSpeedSource {
         let rank0_path = optim[0].3.clone();
         if optim[0].1 != 0 {
             let want = dir.join(format!("{prefix}zero_pp_rank_0_mp_rank_00_optim_states.pt"));
-            return Err(DeepSpeedError::MissingRank(dir.to_path_buf(), want.display().to_string(), optim.len()));
+            return Err(DeepSpeedError::MissingRank(
+                dir.to_path_buf(),
+                want.display().to_string(),
+                optim.len(),
+            ));
         }
         let f0 = TorchFile::open(&rank0_path)?;
         let osd0 = req(f0.root(), "optimizer_state_dict", &rank0_path)?;
@@ -165,8 +186,14 @@ impl DeepSpeedSource {
         let world = partition_count(osd0, &rank0_path)?;
         for r in 0..world {
             if !optim.iter().any(|o| o.1 == r) {
-                let want = dir.join(format!("{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt"));
-                return Err(DeepSpeedError::MissingRank(dir.to_path_buf(), want.display().to_string(), world));
+                let want = dir.join(format!(
+                    "{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
+                ));
+                return Err(DeepSpeedError::MissingRank(
+                    dir.to_path_buf(),
+                    want.display().to_string(),
+                    world,
+                ));
             }
         }
         if let Some(extra) = optim.iter().find(|o| o.1 >= world) {
@@ -176,7 +203,11 @@ impl DeepSpeedSource {
                 rank0_path.display()
             )));
         }
-        let ds_version = f0.root().get("ds_version").and_then(Value::as_str).map(str::to_string);
+        let ds_version = f0
+            .root()
+            .get("ds_version")
+            .and_then(Value::as_str)
+            .map(str::to_string);
         files.push(f0);
         for o in &optim[1..] {
             let f = TorchFile::open(&o.3)?;
@@ -197,7 +228,11 @@ impl DeepSpeedSource {
         let model_paths: Vec<PathBuf> = if stage <= 2 {
             let p = dir.join("mp_rank_00_model_states.pt");
             if !p.exists() {
-                return Err(DeepSpeedError::MissingRank(dir.to_path_buf(), p.display().to_string(), world));
+                return Err(DeepSpeedError::MissingRank(
+                    dir.to_path_buf(),
+                    p.display().to_string(),
+                    world,
+                ));
             }
             vec![p]
         } else {
@@ -207,7 +242,11 @@ impl DeepSpeedSource {
                     if p.exists() {
                         Ok(p)
                     } else {
-                        Err(DeepSpeedError::MissingRank(dir.to_path_buf(), p.display().to_string(), world))
+                        Err(DeepSpeedError::MissingRank(
+                            dir.to_path_buf(),
+                            p.display().to_string(),
+                            world,
+                        ))
                     }
                 })
                 .collect::<Result<_, _>>()?
@@ -216,7 +255,11 @@ impl DeepSpeedSource {
         for p in &model_paths {
             files.push(TorchFile::open(p)?);
         }
-        let bit16 = if prefix.starts_with("bf16") { "bf16" } else { "fp16" };
+        let bit16 = if prefix.starts_with("bf16") {
+            "bf16"
+        } else {
+            "fp16"
+        };
         let mut src = DeepSpeedSource {
             dir: dir.to_path_buf(),
             stage,
@@ -240,21 +283,41 @@ impl DeepSpeedSource {
     }
 
     /// A contiguous tensor of file `file` as a piece, elements [from, from+n).
-    fn piece(&self, file: usize, t: &TensorRef, from: u64, n: u64) -> Result<Piece, DeepSpeedError> {
+    fn piece(
+        &self,
+        file: usize,
+        t: &TensorRef,
+        from: u64,
+        n: u64,
+    ) -> Result<Piece, DeepSpeedError> {
         let (start, len) = self.files[file].tensor_span(t)?;
         let es = t.dtype.size() as u64;
         if (from + n) * es > len {
-            return Err(layout(self.files[file].path(), format!(
-                "tensor of {} elements is read past its end (elements {from}..{})",
-                len / es,
-                from + n
-            )));
+            return Err(layout(
+                self.files[file].path(),
+                format!(
+                    "tensor of {} elements is read past its end (elements {from}..{})",
+                    len / es,
+                    from + n
+                ),
+            ));
         }
-        Ok(Piece { file, tensor: t.clone(), start: start + from * es, len: n * es })
+        Ok(Piece {
+            file,
+            tensor: t.clone(),
+            start: start + from * es,
+            len: n * es,
+        })
     }
 
     /// Takes `n` elements starting at `offset` of the concatenation `parts` (file, tensor).
-    fn take_from(&self, parts: &[(usize, TensorRef)], mut offset: u64, mut n: u64, out: &mut Vec<Piece>) -> Result<(), DeepSpeedError> {
+    fn take_from(
+        &self,
+        parts: &[(usize, TensorRef)],
+        mut offset: u64,
+        mut n: u64,
+        out: &mut Vec<Piece>,
+    ) -> Result<(), DeepSpeedError> {
         for (file, t) in parts {
             if n == 0 {
                 break;
@@ -270,16 +333,34 @@ impl DeepSpeedSource {
             offset = 0;
         }
         if n > 0 {
-            return Err(layout(&self.dir, "the fp32 partitions are shorter than the parameter shapes require"));
+            return Err(layout(
+                &self.dir,
+                "the fp32 partitions are shorter than the parameter shapes require",
+            ));
         }
         Ok(())
     }
 
-    fn push(&mut self, name: String, shape: Vec<u64>, dtype: DType, frozen: bool, pieces: Vec<Piece>) -> Result<(), DeepSpeedError> {
+    fn push(
+        &mut self,
+        name: String,
+        shape: Vec<u64>,
+        dtype: DType,
+        frozen: bool,
+        pieces: Vec<Piece>,
+    ) -> Result<(), DeepSpeedError> {
         if self.by_name.contains_key(&name) {
-            return Err(layout(&self.dir, format!("tensor name {name} appears twice")));
+            return Err(layout(
+                &self.dir,
+                format!("tensor name {name} appears twice"),
+            ));
         }
-        let info = TensorInfo { name: name.clone(), shape: shape.iter().map(|&d| d as usize).collect(), dtype, frozen };
+        let info = TensorInfo {
+            name: name.clone(),
+            shape: shape.iter().map(|&d| d as usize).collect(),
+            dtype,
+            frozen,
+        };
         self.by_name.insert(name, self.tensors.len());
         self.tensors.push(Planned { info, pieces });
         Ok(())
@@ -306,9 +387,15 @@ impl DeepSpeedSource {
                 if !buffer_names.iter().any(|b| b == name) {
                     continue;
                 }
-                let t = v.as_tensor().ok_or_else(|| layout(&mpath, format!("buffer {name} is not a tensor")))?;
+                let t = v
+                    .as_tensor()
+                    .ok_or_else(|| layout(&mpath, format!("buffer {name} is not a tensor")))?;
                 let piece = self.piece(model_base, t, 0, t.numel())?;
-                let dtype = if t.dtype.is_float() { DType::F32 } else { t.dtype };
+                let dtype = if t.dtype.is_float() {
+                    DType::F32
+                } else {
+                    t.dtype
+                };
                 self.push(name.to_string(), t.shape.clone(), dtype, false, vec![piece])?;
             }
         }
@@ -331,12 +418,17 @@ impl DeepSpeedSource {
                     .and_then(|d| d.get(name))
                     .and_then(Value::as_tensor)
                     .cloned()
-                    .ok_or_else(|| layout(&fp, format!("frozen parameter {name} has no fragment")))?;
+                    .ok_or_else(|| {
+                        layout(&fp, format!("frozen parameter {name} has no fragment"))
+                    })?;
                 parts.push((f, frag));
             }
             let dtype = parts[0].1.dtype;
             if parts.iter().any(|p| p.1.dtype != dtype) {
-                return Err(layout(&mpath, format!("frozen parameter {name} has fragments of different dtypes")));
+                return Err(layout(
+                    &mpath,
+                    format!("frozen parameter {name} has fragments of different dtypes"),
+                ));
             }
             let mut pieces = vec![];
             self.take_from(&parts, 0, numel, &mut pieces)?;
@@ -351,7 +443,11 @@ impl DeepSpeedSource {
             .iter()
             .map(|g| shapes_of(g, &mpath, "param_shapes"))
             .collect::<Result<_, _>>()?;
-        let key = if self.stage <= 2 { "single_partition_of_fp32_groups" } else { "fp32_flat_groups" };
+        let key = if self.stage <= 2 {
+            "single_partition_of_fp32_groups"
+        } else {
+            "fp32_flat_groups"
+        };
         let mut flat: Vec<Vec<TensorRef>> = vec![];
         for r in 0..world {
             let p = self.files[r].path().to_path_buf();
@@ -360,13 +456,23 @@ impl DeepSpeedSource {
                 .as_seq()
                 .ok_or_else(|| layout(&p, format!("'{key}' is not a list")))?
                 .iter()
-                .map(|t| t.as_tensor().cloned().ok_or_else(|| layout(&p, format!("'{key}' holds a non-tensor"))))
+                .map(|t| {
+                    t.as_tensor()
+                        .cloned()
+                        .ok_or_else(|| layout(&p, format!("'{key}' holds a non-tensor")))
+                })
                 .collect::<Result<Vec<_>, _>>()?;
             if let Some(t) = g.iter().find(|t| t.dtype != DType::F32) {
-                return Err(layout(&p, format!("fp32 master weights stored as {:?}", t.dtype)));
+                return Err(layout(
+                    &p,
+                    format!("fp32 master weights stored as {:?}", t.dtype),
+                ));
             }
             if r > 0 && g.len() != flat[0].len() {
-                return Err(layout(&p, format!("has {} flat groups, rank 0 has {}", g.len(), flat[0].len())));
+                return Err(layout(
+                    &p,
+                    format!("has {} flat groups, rank 0 has {}", g.len(), flat[0].len()),
+                ));
             }
             flat.push(g);
         }
@@ -385,24 +491,31 @@ impl DeepSpeedSource {
 
         if self.stage <= 2 {
             if groups.len() != flat[0].len() {
-                return Err(layout(&mpath, format!(
-                    "lists {} parameter groups but the optimizer files hold {}",
-                    groups.len(),
-                    flat[0].len()
-                )));
+                return Err(layout(
+                    &mpath,
+                    format!(
+                        "lists {} parameter groups but the optimizer files hold {}",
+                        groups.len(),
+                        flat[0].len()
+                    ),
+                ));
             }
             let align = 2 * world as u64;
             for (gi, shapes) in groups.iter().enumerate() {
-                let parts: Vec<(usize, TensorRef)> = (0..world).map(|r| (r, flat[r][gi].clone())).collect();
+                let parts: Vec<(usize, TensorRef)> =
+                    (0..world).map(|r| (r, flat[r][gi].clone())).collect();
                 let avail: u64 = parts.iter().map(|p| p.1.numel()).sum();
                 let pads = paddings.as_ref().and_then(|p| p.get(gi));
                 if let Some(p) = pads {
                     if p.len() != shapes.len() {
-                        return Err(layout(self.files[0].path(), format!(
-                            "group {gi}: {} alignment paddings for {} parameters",
-                            p.len(),
-                            shapes.len()
-                        )));
+                        return Err(layout(
+                            self.files[0].path(),
+                            format!(
+                                "group {gi}: {} alignment paddings for {} parameters",
+                                p.len(),
+                                shapes.len()
+                            ),
+                        ));
                     }
                 }
                 let mut offset = 0u64;
@@ -426,7 +539,10 @@ impl DeepSpeedSource {
             for (r, g) in flat.iter().enumerate() {
                 let n: u64 = g.iter().map(|t| t.numel()).sum();
                 if n != per_rank {
-                    return Err(layout(self.files[r].path(), format!("holds {n} fp32 elements, rank 0 holds {per_rank}")));
+                    return Err(layout(
+                        self.files[r].path(),
+                        format!("holds {n} fp32 elements, rank 0 holds {per_rank}"),
+                    ));
                 }
             }
             let mut offset = 0u64;
@@ -440,7 +556,8 @@ impl DeepSpeedSource {
                         if left == 0 {
                             break;
                         }
-                        let parts: Vec<(usize, TensorRef)> = g.iter().map(|t| (r, t.clone())).collect();
+                        let parts: Vec<(usize, TensorRef)> =
+                            g.iter().map(|t| (r, t.clone())).collect();
                         let k = left.min(part);
                         self.take_from(&parts, offset, k, &mut pieces)?;
                         left -= k;
@@ -462,7 +579,13 @@ impl DeepSpeedSource {
                 if let (Some(alias), Some(owner)) = (k.as_str(), v.as_str()) {
                     if let Some(&i) = self.by_name.get(owner) {
                         let t = self.tensors[i].clone();
-                        self.push(alias.to_string(), t.info.shape.iter().map(|&d| d as u64).collect(), t.info.dtype, t.info.frozen, t.pieces)?;
+                        self.push(
+                            alias.to_string(),
+                            t.info.shape.iter().map(|&d| d as u64).collect(),
+                            t.info.dtype,
+                            t.info.frozen,
+                            t.pieces,
+                        )?;
                     }
                 }
             }
@@ -491,7 +614,10 @@ impl ShardedSource for DeepSpeedSource {
             self.stage,
             self.world_size,
             self.bit16,
-            self.ds_version.as_ref().map(|v| format!(", saved by deepspeed {v}")).unwrap_or_default()
+            self.ds_version
+                .as_ref()
+                .map(|v| format!(", saved by deepspeed {v}"))
+                .unwrap_or_default()
         )
     }
 
@@ -510,13 +636,21 @@ impl ShardedSource for DeepSpeedSource {
             .filter(|p| seen.insert((p.file, p.tensor.storage_key.as_str())))
             .map(|p| (p.file, &p.tensor))
             .collect();
-        let results: Vec<Result<(), TorchError>> =
-            storages.par_iter().map(|&(f, t)| self.files[f].verify_storage(t)).collect();
-        results.into_iter().collect::<Result<(), _>>().map_err(Into::into)
+        let results: Vec<Result<(), TorchError>> = storages
+            .par_iter()
+            .map(|&(f, t)| self.files[f].verify_storage(t))
+            .collect();
+        results
+            .into_iter()
+            .collect::<Result<(), _>>()
+            .map_err(Into::into)
     }
 
     fn read_range(&self, name: &str, start: u64, out: &mut [u8]) -> Result<(), SourceError> {
-        let i = *self.by_name.get(name).ok_or_else(|| format!("{}: no tensor named {name}", self.dir.display()))?;
+        let i = *self
+            .by_name
+            .get(name)
+            .ok_or_else(|| format!("{}: no tensor named {name}", self.dir.display()))?;
         let end = start + out.len() as u64;
         // Pieces are consecutive runs of the tensor's bytes: copy the part of each that overlaps.
         let (mut at, mut filled) = (0u64, 0usize);
@@ -532,7 +666,11 @@ impl ShardedSource for DeepSpeedSource {
             at += p.len;
         }
         if filled != out.len() {
-            return Err(format!("{}: {name}: bytes {start}..{end} lie beyond its {at} bytes", self.dir.display()).into());
+            return Err(format!(
+                "{}: {name}: bytes {start}..{end} lie beyond its {at} bytes",
+                self.dir.display()
+            )
+            .into());
         }
         Ok(())
     }

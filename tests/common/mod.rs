@@ -65,6 +65,16 @@ pub fn convert_args(ckpt: &Path, out: &Path) -> zerokit::convert::ConvertArgs {
 
 /// The MiB figure of zero-to-fp32's `--report-peak-rss` line in `stderr`.
 pub fn peak_rss_mib(stderr: &str) -> f64 {
-    let line = stderr.lines().find(|l| l.contains("peak RSS:")).unwrap_or_else(|| panic!("no peak RSS line in {stderr}"));
-    line.split("peak RSS:").nth(1).unwrap().trim().trim_end_matches("MiB").trim().parse().unwrap()
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("peak RSS:"))
+        .unwrap_or_else(|| panic!("no peak RSS line in {stderr}"));
+    line.split("peak RSS:")
+        .nth(1)
+        .unwrap()
+        .trim()
+        .trim_end_matches("MiB")
+        .trim()
+        .parse()
+        .unwrap()
 }
