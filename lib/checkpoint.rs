@@ -618,7 +618,7 @@ fn finish_save(
     fs::rename(partial, &dir).map_err(|e| FsError::io(&dir, e))?;
     fsutil::sync_parent(&dir);
     fsutil::write_atomic(&root.join("latest"), format!("{tag}\n").as_bytes())?;
-    apply_retention(root, info.keep_last, info.best.as_deref(), &tag)?;
+    apply_retention(root, info.keep_last, info.best.as_deref(), tag)?;
     Ok(dir)
 }
 

@@ -921,7 +921,7 @@ mod tests {
         fill_normal(&mut a, 0.02, stream_key(7, 3));
         // The same stream element by element, without chunking.
         let mut rng = SplitMix64::new(stream_key(7, 3));
-        for p in 0..(n + 1) / 2 {
+        for p in 0..n.div_ceil(2) {
             let u1 = ((rng.next_u64() >> 11) + 1) as f64 * (1.0 / (1u64 << 53) as f64);
             let u2 = rng.next_f64();
             let r = (-2.0 * u1.ln()).sqrt() * 0.02;

@@ -94,6 +94,8 @@ impl Axis {
     /// Picks the smallest 1/2/5 x 10^k step with at most 6 ticks inside [lo, hi], then widens
     /// the range to the next tick on either side while there are fewer than 4. The step below
     /// had 7 or more, so this one spans at least 2.4 steps and widening always reaches 4.
+    // The negated comparisons are true for NaN too, which must take the fallback.
+    #[allow(clippy::neg_cmp_op_on_partial_ord)]
     fn nice(mut lo: f64, mut hi: f64) -> Axis {
         if !(lo <= hi) {
             (lo, hi) = (0.0, 1.0);
@@ -457,7 +459,9 @@ mod tests {
         ];
         let mut s = 0x2545F4914F6CDD1Du64;
         for _ in 0..20000 {
-            (s ^= s << 13, s ^= s >> 7, s ^= s << 17);
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
             let (a, b) = (
                 (s % 1000) as f64 - 500.0,
                 ((s >> 20) % 100000) as f64 / 1000.0,

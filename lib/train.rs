@@ -374,7 +374,7 @@ pub fn fit(mut cfg: TrainConfig) -> Result<(), TrainError> {
                 let info = SaveInfo {
                     step,
                     tokens_seen,
-                    model_config: serde_json::to_value(&mcfg).expect("config serializes"),
+                    model_config: serde_json::to_value(mcfg).expect("config serializes"),
                     config: serde_json::to_value(&cfg).expect("config serializes"),
                     lr,
                     data: serde_json::json!({"seed": cfg.seed, "next_step": step, "batch_size": cfg.batch_size, "gradient_accumulation_steps": cfg.gradient_accumulation_steps}),
@@ -461,8 +461,11 @@ pub fn fit(mut cfg: TrainConfig) -> Result<(), TrainError> {
     Ok(())
 }
 
+/// Evaluated losses by step, (train, val).
+type Evals = (Vec<(f64, f64)>, Vec<(f64, f64)>);
+
 /// The evaluations (train, val) that metrics.jsonl holds up to `upto`, for the plot of a resumed run.
-fn earlier_evals(path: &Path, upto: u64) -> (Vec<(f64, f64)>, Vec<(f64, f64)>) {
+fn earlier_evals(path: &Path, upto: u64) -> Evals {
     let mut evals = (Vec::new(), Vec::new());
     for v in std::fs::read_to_string(path)
         .unwrap_or_default()
@@ -496,7 +499,7 @@ fn exit_hook(rank: usize, step: u64) {
     }
 }
 
-fn write_plot(out_dir: &Path, evals: &(Vec<(f64, f64)>, Vec<(f64, f64)>)) {
+fn write_plot(out_dir: &Path, evals: &Evals) {
     use crate::plot::{write_loss_plot, Series};
     let series = [
         Series {

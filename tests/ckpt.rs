@@ -7,6 +7,8 @@
 //! checkpoint-format.md), read here with serde_json and the safetensors crate, not from the
 //! code under test. DeepSpeed cases use the real DeepSpeed checkpoints in tests/fixtures.
 
+mod common;
+
 use safetensors::SafeTensors;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -25,7 +27,7 @@ fn trained() -> &'static Path {
         let _ = std::fs::remove_dir_all(&base);
         let dir = base.join(std::process::id().to_string());
         let data = dir.join("data");
-        dataset(&data);
+        common::random_tokens(&data, VOCAB, &[("train", 20000, 7), ("val", 4000, 11)]);
         let out = dir.join("out");
         let cfg = dir.join("config.toml");
         std::fs::write(
@@ -60,20 +62,6 @@ fn trained() -> &'static Path {
         }
         out
     })
-}
-
-fn dataset(dir: &Path) {
-    std::fs::create_dir_all(dir).unwrap();
-    for (split, n, mut s) in [("train", 20000usize, 7u64), ("val", 4000, 11)] {
-        let mut bytes = Vec::with_capacity(n * 2);
-        for _ in 0..n {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            bytes.extend_from_slice(&(((s >> 33) as u16) % VOCAB).to_le_bytes());
-        }
-        std::fs::write(dir.join(format!("{split}.bin")), bytes).unwrap();
-    }
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -125,22 +113,12 @@ fn manifest(tag: &Path) -> Value {
     serde_json::from_slice(&std::fs::read(tag.join("manifest.json")).unwrap()).unwrap()
 }
 
-fn edit_manifest(tag: &Path, f: impl FnOnce(&mut Value)) {
-    let mut m = manifest(tag);
-    f(&mut m);
-    std::fs::write(
-        tag.join("manifest.json"),
-        serde_json::to_vec_pretty(&m).unwrap(),
-    )
-    .unwrap();
-}
-
 /// Records a file's new size and hash in the manifest, so only the deeper checks can catch
 /// what was changed in it.
 fn rehash(tag: &Path, name: &str) {
     let bytes = std::fs::read(tag.join(name)).unwrap();
     let sha = zerokit::fsutil::sha256_file(&tag.join(name)).unwrap();
-    edit_manifest(tag, |m| {
+    common::edit_manifest(tag, |m| {
         m["files"][name] = json!({"bytes": bytes.len(), "sha256": sha})
     });
 }
@@ -311,13 +289,13 @@ fn verify_names_each_corruption() {
         ),
         (
             "manifest world_size edited",
-            |root| edit_manifest(&root.join(TAGS[1]), |m| m["world_size"] = json!(3)),
+            |root| common::edit_manifest(&root.join(TAGS[1]), |m| m["world_size"] = json!(3)),
             vec!["step_00000004/manifest.json: layout has 2 partitions, but world_size 3 at ZeRO stage 2 needs 3".into()],
         ),
         (
             "manifest parameter shape edited",
             |root| {
-                edit_manifest(&root.join(TAGS[1]), |m| {
+                common::edit_manifest(&root.join(TAGS[1]), |m| {
                     let p = m["layout"]["params"].as_array_mut().unwrap().iter_mut().find(|p| p["name"] == "transformer.wte.weight").unwrap();
                     p["shape"] = json!([95, 32]);
                 })
@@ -330,7 +308,7 @@ fn verify_names_each_corruption() {
         ),
         (
             "manifest padding edited",
-            |root| edit_manifest(&root.join(TAGS[1]), |m| m["layout"]["buckets"][0]["padded"] = json!(13312)),
+            |root| common::edit_manifest(&root.join(TAGS[1]), |m| m["layout"]["buckets"][0]["padded"] = json!(13312)),
             vec!["step_00000004/manifest.json: layout: bucket 0: padded to 13312 elements, but 12768 elements rounded up to a multiple of 2 ranks x 128 is 12800: padding not as declared".into()],
         ),
         (
@@ -427,7 +405,7 @@ fn verify_names_each_corruption() {
     // The manifest-hash case names the real hash: check it in full.
     let (_t, root) = copy();
     let real = zerokit::fsutil::sha256_file(&t4(&root).join("config.json")).unwrap();
-    edit_manifest(&t4(&root), |m| {
+    common::edit_manifest(&t4(&root), |m| {
         m["files"]["config.json"]["sha256"] = json!("00".repeat(32))
     });
     let want = format!(
@@ -744,17 +722,7 @@ fn deepspeed_damage_is_named() {
     let (_t, root) = fresh();
     let f = tag(&root).join("bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt");
     let tf = zerokit::interop::torch_pickle::TorchFile::open(&f).unwrap();
-    let part = tf
-        .root()
-        .get("optimizer_state_dict")
-        .unwrap()
-        .get("single_partition_of_fp32_groups")
-        .unwrap()
-        .as_seq()
-        .unwrap()[0]
-        .as_tensor()
-        .unwrap()
-        .clone();
+    let part = common::deepspeed_fp32_partition(&tf).clone();
     let (start, len) = tf.tensor_span(&part).unwrap();
     drop(tf);
     let mut b = std::fs::read(&f).unwrap();

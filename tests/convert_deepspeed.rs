@@ -286,18 +286,7 @@ fn corrupted_pickle_storage_and_version_are_errors() {
     let dir = copy_case("s2_bf16_w2", &tmp.path().join("b"));
     let mut buf = std::fs::read(dir.join(file)).unwrap();
     let src = zerokit::interop::torch_pickle::TorchFile::open(&dir.join(file)).unwrap();
-    let key = src
-        .root()
-        .get("optimizer_state_dict")
-        .unwrap()
-        .get("single_partition_of_fp32_groups")
-        .unwrap()
-        .as_seq()
-        .unwrap()[0]
-        .as_tensor()
-        .unwrap()
-        .storage_key
-        .clone();
+    let key = common::deepspeed_fp32_partition(&src).storage_key.clone();
     drop(src);
     let (at, _) = entry_data(&buf, &format!("data/{key}"));
     buf[at + 5] ^= 0x10;
@@ -595,29 +584,8 @@ fn peak_memory_is_bounded_by_threads_not_the_model() {
     let n = (4 << 20) + 3; // a little over 16 MiB of fp32 per parameter
     let params: Vec<(String, i64)> = (0..16).map(|i| (format!("layer{i}.weight"), n)).collect();
     synthetic_stage2(tmp.path(), &params, 4);
-    let bin = env!("CARGO_BIN_EXE_zero-to-fp32");
     let out = tmp.path().join("out");
-    let run = |extra: &[&str]| {
-        let o = Command::new(bin)
-            .arg(tmp.path())
-            .arg(&out)
-            .args(["--report-peak-rss", "--threads", "2"])
-            .args(extra)
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&o.stderr).into_owned();
-        assert!(o.status.success(), "{err}");
-        common::peak_rss_mib(&err)
-    };
-    let dry = run(&["--dry-run"]);
-    let full = run(&["--max-shard-size", "100MB"]);
-    let tensor_mib = (n * 4) as f64 / 1048576.0;
-    eprintln!("peak RSS: dry run {dry:.1} MiB, conversion {full:.1} MiB");
-    // About 12 MiB per thread: a 4 MiB unit read, its mapped pages, allocator slack.
-    assert!(
-        full - dry < 2.0 * tensor_mib,
-        "peak RSS {full:.1} MiB vs {dry:.1} MiB dry: not streaming"
-    );
+    common::assert_conversion_streams(tmp.path(), &out, (n * 4) as f64 / 1048576.0);
     let index: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("model.safetensors.index.json")).unwrap())
             .unwrap();

@@ -44,7 +44,7 @@ fn checkpoints() -> &'static [Case] {
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("convert_zerokit");
         let _ = std::fs::remove_dir_all(&dir);
         let data = dir.join("data");
-        dataset(&data);
+        common::random_tokens(&data, VOCAB, &[("train", 4000, 3), ("val", 2000, 5)]);
         RUNS.iter()
             .map(|&(stage, n, dtype)| {
                 let name = format!("s{stage}_w{n}_{dtype}");
@@ -59,21 +59,6 @@ fn checkpoints() -> &'static [Case] {
             })
             .collect()
     })
-}
-
-/// A token dataset of pseudo-random ids below VOCAB.
-fn dataset(dir: &Path) {
-    std::fs::create_dir_all(dir).unwrap();
-    for (split, n, mut s) in [("train", 4000usize, 3u64), ("val", 2000, 5)] {
-        let mut bytes = Vec::with_capacity(n * 2);
-        for _ in 0..n {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            bytes.extend_from_slice(&(((s >> 33) as u16) % VOCAB).to_le_bytes());
-        }
-        std::fs::write(dir.join(format!("{split}.bin")), bytes).unwrap();
-    }
 }
 
 /// Runs `train` on `nproc` CPU ranks with the GPT-2 `model` describes; returns the checkpoint
@@ -474,13 +459,13 @@ fn damaged_checkpoints_are_refused_naming_the_file() {
         .unwrap()
         .set_len(len - 100)
         .unwrap();
-    edit_manifest(&tag, |m| {
+    common::edit_manifest(&tag, |m| {
         m["files"]["rank_00000.safetensors"]["bytes"] = (len - 100).into()
     });
     assert_refused(&root, &[], &["rank_00000.safetensors", "bad safetensors"]);
 
     let (root, tag) = fresh("version");
-    edit_manifest(&tag, |m| m["version"] = 2.into());
+    common::edit_manifest(&tag, |m| m["version"] = 2.into());
     assert_refused(&root, &[], &["manifest.json", "version 2"]);
 
     let (root, tag) = fresh("no-manifest");
@@ -496,7 +481,7 @@ fn damaged_checkpoints_are_refused_naming_the_file() {
     );
 
     let (root, tag) = fresh("not-gpt2");
-    edit_manifest(&tag, |m| m["model_config"]["n_embd"] = 64.into());
+    common::edit_manifest(&tag, |m| m["model_config"]["n_embd"] = 64.into());
     assert_refused(&root, &[], &["manifest.json", "shape"]);
 
     // A flipped bit in a master weight keeps every size: --verify's hashes catch it.
@@ -517,13 +502,6 @@ fn damaged_checkpoints_are_refused_naming_the_file() {
     );
 }
 
-fn edit_manifest(tag: &Path, f: impl FnOnce(&mut serde_json::Value)) {
-    let p = tag.join("manifest.json");
-    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
-    f(&mut m);
-    std::fs::write(&p, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
-}
-
 /// Streaming: a 120 MB master (2 ranks, ZeRO-2) in tensors of up to 16 MiB, converted by 2
 /// threads in 4 MiB units, peaks under two of those tensors above the dry run's RSS; reading the
 /// rank files through their mappings without releasing the pages would hold the whole master.
@@ -532,31 +510,9 @@ fn peak_memory_is_bounded_by_threads_not_the_model() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let data = dir.join("data");
-    dataset(&data);
+    common::random_tokens(&data, VOCAB, &[("train", 4000, 3), ("val", 2000, 5)]);
     let model = "n_layer = 2\nn_head = 8\nn_embd = 1024\nblock_size = 64\nvocab_size = 4096";
     let extra = "zero_stage = 2\ndtype = \"fp32\"\nbatch_size = 1\nmax_iters = 1\neval_interval = 1\nalways_save_checkpoint = true";
     let root = train(dir, &data, 2, model, extra);
-    let bin = env!("CARGO_BIN_EXE_zero-to-fp32");
-    let run = |extra: &[&str]| {
-        let out = dir.join("hf");
-        let o = Command::new(bin)
-            .arg(&root)
-            .arg(&out)
-            .args(["--report-peak-rss", "--threads", "2"])
-            .args(extra)
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&o.stderr).into_owned();
-        assert!(o.status.success(), "{err}");
-        common::peak_rss_mib(&err)
-    };
-    let dry = run(&["--dry-run"]);
-    let full = run(&["--max-shard-size", "100MB"]);
-    let tensor_mib = (4096 * 1024 * 4) as f64 / 1048576.0;
-    eprintln!("peak RSS: dry run {dry:.1} MiB, conversion {full:.1} MiB");
-    // About 12 MiB per thread: a 4 MiB unit read, its mapped pages, allocator slack.
-    assert!(
-        full - dry < 2.0 * tensor_mib,
-        "peak RSS {full:.1} MiB vs {dry:.1} MiB dry: not streaming"
-    );
+    common::assert_conversion_streams(&root, &dir.join("hf"), (4096 * 1024 * 4) as f64 / 1048576.0);
 }

@@ -150,6 +150,11 @@ fn run_case(name: &str, device: Device, cuts: &[usize]) -> (Vec<f32>, Vec<f32>, 
     let layout = Layout::new(fx.meta_json("shapes"));
     let steps: usize = fx.meta["steps"].parse().unwrap();
     let lrs: Vec<u64> = fx.meta_json("lrs");
+    assert_eq!(
+        lrs.len(),
+        steps,
+        "the fixture has one learning rate per step"
+    );
     let cfg = config(&fx);
     let mut bounds = vec![0];
     bounds.extend_from_slice(cuts);
@@ -189,11 +194,11 @@ fn run_case(name: &str, device: Device, cuts: &[usize]) -> (Vec<f32>, Vec<f32>, 
             })
             .collect()
     };
-    for k in 0..steps {
+    for (k, lr) in lrs.iter().enumerate() {
         let grad = layout.flat(&fx, &format!("grad.{k}"));
         for (lo, hi, opt, p) in shards.iter_mut() {
             let g = Tensor::from_slice(&grad[*lo..*hi]).to_device(device);
-            opt.step(p, &g, f64::from_bits(lrs[k])).unwrap();
+            opt.step(p, &g, f64::from_bits(*lr)).unwrap();
             assert_eq!(opt.step_count(), k as u64 + 1);
         }
         let params = gather(&shards, 0);

@@ -539,3 +539,55 @@ fn zero_val_fraction_writes_an_empty_val_split() {
         vec![64, EOT, 65, 269, EOT]
     );
 }
+
+/// `RUST_LOG=debug` reports the serial stages' CPU and the fixed phases, in the lines that
+/// tools/bench_prepare.py reads to bound and explain the scaling; each hash reports the bytes it
+/// saw, which must be the whole input and each whole output file.
+#[test]
+fn debug_log_reports_serial_stages_and_phases() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("docs.jsonl");
+    let line = "{\"text\": \"Friends, Romans, countrymen, lend me your ears.\"}\n";
+    fs::write(&input, line.repeat(2000)).unwrap();
+    let out = tmp.path().join("out");
+    let res = Command::new(env!("CARGO_BIN_EXE_prepare"))
+        .args([
+            s(&input),
+            "--out",
+            s(&out),
+            "--threads",
+            "2",
+            "--chunk-bytes",
+            "4096",
+        ])
+        .env("RUST_LOG", "debug")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(res.status.success(), "{err}");
+    let has =
+        |prefix: &str, inner: &str| err.lines().any(|l| l.contains(prefix) && l.contains(inner));
+    assert!(
+        has(
+            "serial stages: reader ",
+            " s waiting for tokenizing), reordering "
+        ),
+        "{err}"
+    );
+    assert!(has("serial stages: ", "train.bin written with "), "{err}");
+    assert!(has("phases: set-up ", ", finishing "), "{err}");
+    let hashed: Vec<u64> = err
+        .lines()
+        .filter_map(|l| l.split("serial stages: sha256 of ").nth(1))
+        .map(|rest| rest.split(' ').next().unwrap().parse().unwrap())
+        .collect();
+    let mut want = vec![
+        fs::metadata(&input).unwrap().len(),
+        fs::metadata(out.join("train.bin")).unwrap().len(),
+        fs::metadata(out.join("val.bin")).unwrap().len(),
+    ];
+    let mut got = hashed.clone();
+    got.sort();
+    want.sort();
+    assert_eq!(got, want, "{err}");
+}

@@ -78,3 +78,67 @@ pub fn peak_rss_mib(stderr: &str) -> f64 {
         .parse()
         .unwrap()
 }
+
+/// Writes `<split>.bin` token files of pseudo-random ids below `vocab` (a fixed LCG per split,
+/// so every run trains on the same data): one (split, tokens, seed) per file.
+pub fn random_tokens(dir: &Path, vocab: u16, splits: &[(&str, usize, u64)]) {
+    std::fs::create_dir_all(dir).unwrap();
+    for &(split, n, mut s) in splits {
+        let mut bytes = Vec::with_capacity(n * 2);
+        for _ in 0..n {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            bytes.extend_from_slice(&(((s >> 33) as u16) % vocab).to_le_bytes());
+        }
+        std::fs::write(dir.join(format!("{split}.bin")), bytes).unwrap();
+    }
+}
+
+/// Rewrites a zerokit checkpoint tag's manifest.json through `f`.
+pub fn edit_manifest(tag: &Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let p = tag.join("manifest.json");
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+    f(&mut m);
+    std::fs::write(&p, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+}
+
+/// Converts `src` into `out` with 2 threads and checks that the peak RSS stays within two
+/// tensors of `tensor_mib` above the dry run's: the conversion streams, whatever the model's size.
+pub fn assert_conversion_streams(src: &Path, out: &Path, tensor_mib: f64) {
+    let run = |extra: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_zero-to-fp32"))
+            .arg(src)
+            .arg(out)
+            .args(["--report-peak-rss", "--threads", "2"])
+            .args(extra)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(o.status.success(), "{err}");
+        peak_rss_mib(&err)
+    };
+    let dry = run(&["--dry-run"]);
+    let full = run(&["--max-shard-size", "100MB"]);
+    eprintln!("peak RSS: dry run {dry:.1} MiB, conversion {full:.1} MiB");
+    // About 12 MiB per thread: a 4 MiB unit read, its mapped pages, allocator slack.
+    assert!(
+        full - dry < 2.0 * tensor_mib,
+        "peak RSS {full:.1} MiB vs {dry:.1} MiB dry: not streaming"
+    );
+}
+
+/// The fp32 master partition of a DeepSpeed ZeRO-1/2 rank's optimizer file (its first group).
+pub fn deepspeed_fp32_partition(
+    tf: &zerokit::interop::torch_pickle::TorchFile,
+) -> &zerokit::interop::torch_pickle::TensorRef {
+    tf.root()
+        .get("optimizer_state_dict")
+        .unwrap()
+        .get("single_partition_of_fp32_groups")
+        .unwrap()
+        .as_seq()
+        .unwrap()[0]
+        .as_tensor()
+        .unwrap()
+}
