@@ -9,7 +9,7 @@ BIN := target/release
 NPROC ?= $(shell n=$$(nvidia-smi -L 2>/dev/null | wc -l); [ "$$n" -gt 0 ] && echo $$n || echo 1)
 CONFIG ?= configs/shakespeare.toml
 
-.PHONY: all setup build prepare train test pyenv
+.PHONY: all setup build prepare train test pyenv lint
 all: build
 
 setup:
@@ -30,6 +30,11 @@ train: build
 # transformers.
 test: setup pyenv
 	$(CARGO) test --release
+
+# Formatting (rustfmt.toml) and clippy, as left by every change.
+lint: setup
+	$(CARGO) fmt --check
+	$(CARGO) clippy --release --all-targets -- -D warnings
 
 # The Python reference environment for tools/ (fixture generators, peer benchmarks).
 pyenv:

@@ -6,9 +6,6 @@ fn main() {
     if let Ok(libtorch) = std::env::var("LIBTORCH") {
         let root = std::path::Path::new(&libtorch);
         let root = root.canonicalize().unwrap_or_else(|_| root.to_path_buf());
-        println!(
-            "cargo:rustc-link-arg=-Wl,-rpath,{}",
-            root.join("lib").display()
-        );
+        println!("cargo:rustc-link-arg=-Wl,-rpath,{}", root.join("lib").display());
     }
 }

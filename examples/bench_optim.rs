@@ -25,18 +25,10 @@ fn bench_adamw_step_gpt2_xl_quarter_shard() {
     let mut o = 0;
     while o < n {
         let len = (10_240_000).min(n - o);
-        segments.push(Segment {
-            start: o,
-            len,
-            decay: true,
-        });
+        segments.push(Segment { start: o, len, decay: true });
         o += len;
         let len = 6_400.min(n - o);
-        segments.push(Segment {
-            start: o,
-            len,
-            decay: false,
-        });
+        segments.push(Segment { start: o, len, decay: false });
         o += len;
     }
     let mut opt = AdamW::new(n, segments, AdamWConfig::default(), dev).unwrap();
@@ -58,9 +50,7 @@ fn bench_adamw_step_gpt2_xl_quarter_shard() {
     let ms = t0.elapsed().as_secs_f64() * 1e3 / iters as f64;
     // A fused kernel's floor: read p, g, m, v and write p, m, v once.
     let gbs = 28.0 * n as f64 / (ms * 1e-3) / 1e9;
-    println!(
-        "AdamW step on {n} elements: {ms:.2} ms ({gbs:.0} GB/s of fused-kernel-equivalent traffic)"
-    );
+    println!("AdamW step on {n} elements: {ms:.2} ms ({gbs:.0} GB/s of fused-kernel-equivalent traffic)");
     let launch = std::time::Instant::now();
     for _ in 0..iters {
         opt.step(&mut p, &g, 6e-4).unwrap();
@@ -89,8 +79,6 @@ fn bench_op_launch_overhead() {
         let launch = t0.elapsed().as_secs_f64() * 1e3;
         let _ = t.double_value(&[0]);
         let done = t0.elapsed().as_secs_f64() * 1e3;
-        println!(
-            "1000 add_scalar_ on {n} elements: launched in {launch:.2} ms, done in {done:.2} ms"
-        );
+        println!("1000 add_scalar_ on {n} elements: launched in {launch:.2} ms, done in {done:.2} ms");
     }
 }

@@ -34,10 +34,7 @@ pub enum CheckpointError {
 }
 
 fn invalid(path: &Path, msg: impl Into<String>) -> CheckpointError {
-    CheckpointError::Invalid {
-        path: path.to_path_buf(),
-        msg: msg.into(),
-    }
+    CheckpointError::Invalid { path: path.to_path_buf(), msg: msg.into() }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -121,10 +118,7 @@ pub fn write_safetensors(
 ) -> Result<FileEntry, CheckpointError> {
     let mut header = serde_json::Map::new();
     if !metadata.is_empty() {
-        header.insert(
-            "__metadata__".into(),
-            serde_json::to_value(metadata).expect("strings serialize"),
-        );
+        header.insert("__metadata__".into(), serde_json::to_value(metadata).expect("strings serialize"));
     }
     let mut offset = 0usize;
     for (name, t) in tensors {
@@ -135,8 +129,7 @@ pub fn write_safetensors(
         );
         offset += n;
     }
-    let mut head =
-        serde_json::to_vec(&serde_json::Value::Object(header)).expect("header serializes");
+    let mut head = serde_json::to_vec(&serde_json::Value::Object(header)).expect("header serializes");
     while head.len() % 8 != 0 {
         head.push(b' ');
     }
@@ -166,10 +159,7 @@ pub fn write_safetensors(
     }
     let size = 8 + head.len() as u64 + offset as u64;
     file.commit()?;
-    Ok(FileEntry {
-        bytes: size,
-        sha256: hex::encode(hasher.finalize()),
-    })
+    Ok(FileEntry { bytes: size, sha256: hex::encode(hasher.finalize()) })
 }
 
 /// Finds the tag directory: `path` itself when it holds a manifest, else the tag that `tag`
@@ -178,10 +168,7 @@ pub fn resolve(path: &Path, tag: Option<&str>) -> Result<PathBuf, CheckpointErro
     if let Some(t) = tag {
         let dir = path.join(t);
         if !dir.join("manifest.json").is_file() {
-            return Err(invalid(
-                &dir,
-                "no manifest.json: not a complete zerokit checkpoint tag",
-            ));
+            return Err(invalid(&dir, "no manifest.json: not a complete zerokit checkpoint tag"));
         }
         return Ok(dir);
     }
@@ -191,10 +178,7 @@ pub fn resolve(path: &Path, tag: Option<&str>) -> Result<PathBuf, CheckpointErro
     let latest = path.join("latest");
     let name = fs::read_to_string(&latest).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
-            invalid(
-                path,
-                "neither a checkpoint tag (manifest.json) nor a checkpoint root (latest)",
-            )
+            invalid(path, "neither a checkpoint tag (manifest.json) nor a checkpoint root (latest)")
         } else {
             FsError::io(&latest, e).into()
         }
@@ -202,10 +186,7 @@ pub fn resolve(path: &Path, tag: Option<&str>) -> Result<PathBuf, CheckpointErro
     let name = name.trim();
     let dir = path.join(name);
     if name.is_empty() || name.contains('/') || !dir.join("manifest.json").is_file() {
-        return Err(invalid(
-            &latest,
-            format!("names tag {name:?}, which is not a complete checkpoint"),
-        ));
+        return Err(invalid(&latest, format!("names tag {name:?}, which is not a complete checkpoint")));
     }
     Ok(dir)
 }
@@ -213,21 +194,14 @@ pub fn resolve(path: &Path, tag: Option<&str>) -> Result<PathBuf, CheckpointErro
 pub fn read_manifest(tag_dir: &Path) -> Result<Manifest, CheckpointError> {
     let path = tag_dir.join("manifest.json");
     let text = fs::read_to_string(&path).map_err(|e| FsError::io(&path, e))?;
-    let m: Manifest = serde_json::from_str(&text)
-        .map_err(|e| invalid(&path, format!("not a valid manifest: {e}")))?;
+    let m: Manifest = serde_json::from_str(&text).map_err(|e| invalid(&path, format!("not a valid manifest: {e}")))?;
     if m.format != FORMAT {
-        return Err(invalid(
-            &path,
-            format!("format {:?} is not {FORMAT:?}", m.format),
-        ));
+        return Err(invalid(&path, format!("format {:?} is not {FORMAT:?}", m.format)));
     }
     if m.version != VERSION {
         return Err(invalid(
             &path,
-            format!(
-                "format version {} is not supported (this zerokit reads {VERSION})",
-                m.version
-            ),
+            format!("format version {} is not supported (this zerokit reads {VERSION})", m.version),
         ));
     }
     Ok(m)
@@ -257,18 +231,12 @@ impl PartitionReader {
             let f = File::open(&path).map_err(|e| FsError::io(&path, e))?;
             // SAFETY: checkpoint files are never modified in place (tags are immutable once renamed).
             let map = unsafe { Mmap::map(&f) }.map_err(|e| FsError::io(&path, e))?;
-            let st = SafeTensors::deserialize(&map)
-                .map_err(|e| invalid(&path, format!("bad safetensors: {e}")))?;
+            let st = SafeTensors::deserialize(&map).map_err(|e| invalid(&path, format!("bad safetensors: {e}")))?;
             let mut start = [0usize; 3];
             for (k, name) in PARTITION_TENSORS.iter().enumerate() {
-                let t = st
-                    .tensor(name)
-                    .map_err(|_| invalid(&path, format!("missing tensor {name}")))?;
+                let t = st.tensor(name).map_err(|_| invalid(&path, format!("missing tensor {name}")))?;
                 if t.dtype() != safetensors::Dtype::F32 || t.shape() != [layout.partition] {
-                    return Err(invalid(
-                        &path,
-                        format!("{name} is not F32 [{}]", layout.partition),
-                    ));
+                    return Err(invalid(&path, format!("{name} is not F32 [{}]", layout.partition)));
                 }
                 start[k] = t.data().as_ptr() as usize - map.as_ptr() as usize;
             }
@@ -278,41 +246,20 @@ impl PartitionReader {
             }
             maps.push(map);
         }
-        Ok(PartitionReader {
-            dir: tag_dir.to_path_buf(),
-            manifest,
-            maps,
-            starts,
-            pieces,
-        })
+        Ok(PartitionReader { dir: tag_dir.to_path_buf(), manifest, maps, starts, pieces })
     }
 
     /// Copies elements [offset, offset+out.len()) of parameter `name`'s `tensor` (one of
     /// PARTITION_TENSORS) into `out`.
-    pub fn read(
-        &self,
-        tensor: &str,
-        name: &str,
-        offset: usize,
-        out: &mut [f32],
-    ) -> Result<(), CheckpointError> {
+    pub fn read(&self, tensor: &str, name: &str, offset: usize, out: &mut [f32]) -> Result<(), CheckpointError> {
         let layout = &self.manifest.layout;
         let (k, pi) = self.locate(tensor, name)?;
         if offset + out.len() > layout.params[pi].numel {
-            return Err(invalid(
-                &self.dir,
-                format!(
-                    "{name}: range beyond its {} elements",
-                    layout.params[pi].numel
-                ),
-            ));
+            return Err(invalid(&self.dir, format!("{name}: range beyond its {} elements", layout.params[pi].numel)));
         }
         let mut filled = 0;
         for (r, pc) in &self.pieces[pi] {
-            let (s, e) = (
-                pc.param_offset.max(offset),
-                (pc.param_offset + pc.len).min(offset + out.len()),
-            );
+            let (s, e) = (pc.param_offset.max(offset), (pc.param_offset + pc.len).min(offset + out.len()));
             if s >= e {
                 continue;
             }
@@ -324,13 +271,7 @@ impl PartitionReader {
             filled += e - s;
         }
         if filled != out.len() {
-            return Err(invalid(
-                &self.dir,
-                format!(
-                    "{name}: the rank files cover {filled} of {} elements",
-                    out.len()
-                ),
-            ));
+            return Err(invalid(&self.dir, format!("{name}: the rank files cover {filled} of {} elements", out.len())));
         }
         Ok(())
     }
@@ -338,19 +279,10 @@ impl PartitionReader {
     /// Drops the mapped pages holding elements [offset, offset+len) of parameter `name`'s `tensor`
     /// from this process's resident set (see [`fsutil::release_mapped`]), so streaming a whole
     /// checkpoint through `read` keeps memory bounded by what the caller holds.
-    pub fn release(
-        &self,
-        tensor: &str,
-        name: &str,
-        offset: usize,
-        len: usize,
-    ) -> Result<(), CheckpointError> {
+    pub fn release(&self, tensor: &str, name: &str, offset: usize, len: usize) -> Result<(), CheckpointError> {
         let (k, pi) = self.locate(tensor, name)?;
         for (r, pc) in &self.pieces[pi] {
-            let (s, e) = (
-                pc.param_offset.max(offset),
-                (pc.param_offset + pc.len).min(offset + len),
-            );
+            let (s, e) = (pc.param_offset.max(offset), (pc.param_offset + pc.len).min(offset + len));
             if s < e {
                 let at = self.starts[*r][k] + (pc.partition_offset + s - pc.param_offset) * 4;
                 fsutil::release_mapped(&self.maps[*r], at, (e - s) * 4);
@@ -386,25 +318,16 @@ impl PartitionReader {
         let mut host = vec![0f32; layout.partition];
         for p in layout.pieces(rank) {
             let name = &layout.params[p.param].name;
-            self.read(
-                tensor,
-                name,
-                p.param_offset,
-                &mut host[p.partition_offset..p.partition_offset + p.len],
-            )?;
+            self.read(tensor, name, p.param_offset, &mut host[p.partition_offset..p.partition_offset + p.len])?;
         }
-        dst.shallow_clone()
-            .copy_(&Tensor::from_slice(&host).to_device(dst.device()));
+        dst.shallow_clone().copy_(&Tensor::from_slice(&host).to_device(dst.device()));
         Ok(())
     }
 }
 
 /// Hashes every file listed in the manifest; returns one message per mismatch.
 pub fn check_files(tag_dir: &Path, m: &Manifest) -> Vec<String> {
-    m.files
-        .iter()
-        .filter_map(|(name, entry)| check_file(tag_dir, name, entry))
-        .collect()
+    m.files.iter().filter_map(|(name, entry)| check_file(tag_dir, name, entry)).collect()
 }
 
 /// Checks one file of a tag against its manifest entry (size, then sha256); the message on a
@@ -412,22 +335,14 @@ pub fn check_files(tag_dir: &Path, m: &Manifest) -> Vec<String> {
 pub fn check_file(tag_dir: &Path, name: &str, entry: &FileEntry) -> Option<String> {
     let path = tag_dir.join(name);
     match fs::metadata(&path) {
-        Err(_) => Some(format!(
-            "{}: missing (listed in manifest.json)",
-            path.display()
-        )),
-        Ok(md) if md.len() != entry.bytes => Some(format!(
-            "{}: size {} bytes, manifest.json says {}",
-            path.display(),
-            md.len(),
-            entry.bytes
-        )),
+        Err(_) => Some(format!("{}: missing (listed in manifest.json)", path.display())),
+        Ok(md) if md.len() != entry.bytes => {
+            Some(format!("{}: size {} bytes, manifest.json says {}", path.display(), md.len(), entry.bytes))
+        }
         Ok(_) => match fsutil::sha256_file(&path) {
-            Ok(h) if h != entry.sha256 => Some(format!(
-                "{}: sha256 {h} does not match manifest.json ({})",
-                path.display(),
-                entry.sha256
-            )),
+            Ok(h) if h != entry.sha256 => {
+                Some(format!("{}: sha256 {h} does not match manifest.json ({})", path.display(), entry.sha256))
+            }
             Ok(_) => None,
             Err(e) => Some(e.to_string()),
         },
@@ -437,12 +352,7 @@ pub fn check_file(tag_dir: &Path, name: &str, entry: &FileEntry) -> Option<Strin
 /// Keeps the newest `keep_last` tags (by step), `best` (if any) and `saved` (the tag `latest`
 /// now names, even when tags of higher steps exist); removes the other complete tags and any
 /// `.partial` left by an interrupted save.
-pub fn apply_retention(
-    root: &Path,
-    keep_last: usize,
-    best: Option<&str>,
-    saved: &str,
-) -> Result<(), CheckpointError> {
+pub fn apply_retention(root: &Path, keep_last: usize, best: Option<&str>, saved: &str) -> Result<(), CheckpointError> {
     let mut tags = Vec::new();
     for e in fs::read_dir(root).map_err(|e| FsError::io(root, e))? {
         let e = e.map_err(|e| FsError::io(root, e))?;
@@ -483,11 +393,7 @@ pub struct SaveInfo {
 const CRASH_HOOK: &str = "ZEROKIT_TEST_CRASH_DURING_SAVE";
 
 /// Saves `engine` as tag `step_NNNNNNNN` under `root`. Collective: every rank calls it.
-pub fn save(
-    engine: &mut crate::zero::Engine,
-    root: &Path,
-    info: &SaveInfo,
-) -> Result<PathBuf, CheckpointError> {
+pub fn save(engine: &mut crate::zero::Engine, root: &Path, info: &SaveInfo) -> Result<PathBuf, CheckpointError> {
     let rank = engine.comm.rank();
     let tag = tag_name(info.step);
     let partial = root.join(format!(".{tag}.partial"));
@@ -518,18 +424,13 @@ pub fn save(
         let entry = write_safetensors(&partial.join(&name), &tensors, &meta)?;
         mine = serde_json::to_vec(&(name, entry)).expect("entry serializes");
     }
-    let gathered = comm_step(
-        engine.comm.control().gather(&mine, "checkpoint files"),
-        &partial,
-    )?;
+    let gathered = comm_step(engine.comm.control().gather(&mine, "checkpoint files"), &partial)?;
     let result = match gathered {
         Some(all) => finish_save(engine, root, &partial, &tag, info, all),
         None => Ok(root.join(&tag)),
     };
     if let Err(e) = &result {
-        engine
-            .comm
-            .abort(&format!("checkpoint save failed on rank 0: {e}"));
+        engine.comm.abort(&format!("checkpoint save failed on rank 0: {e}"));
     }
     let dir = result?;
     comm_step(engine.comm.control().barrier("checkpoint end"), &partial)?;
@@ -550,15 +451,11 @@ fn finish_save(
 ) -> Result<PathBuf, CheckpointError> {
     let mut files = BTreeMap::new();
     for payload in gathered.into_iter().filter(|p| !p.is_empty()) {
-        let (name, entry): (String, FileEntry) = serde_json::from_slice(&payload)
-            .map_err(|e| invalid(partial, format!("bad file report: {e}")))?;
+        let (name, entry): (String, FileEntry) =
+            serde_json::from_slice(&payload).map_err(|e| invalid(partial, format!("bad file report: {e}")))?;
         files.insert(name, entry);
     }
-    if std::env::var(CRASH_HOOK)
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-        == Some(info.step)
-    {
+    if std::env::var(CRASH_HOOK).ok().and_then(|v| v.parse::<u64>().ok()) == Some(info.step) {
         std::process::abort();
     }
     let named: Vec<(String, Tensor)> = engine.model.named_parameters();
@@ -573,10 +470,7 @@ fn finish_save(
     fsutil::write_atomic(&partial.join("config.json"), hf_config.as_bytes())?;
     files.insert(
         "config.json".into(),
-        FileEntry {
-            bytes: hf_config.len() as u64,
-            sha256: hex::encode(Sha256::digest(hf_config.as_bytes())),
-        },
+        FileEntry { bytes: hf_config.len() as u64, sha256: hex::encode(Sha256::digest(hf_config.as_bytes())) },
     );
     let (_, _, opt_step) = engine.opt.state();
     let a = &engine.cfg.adamw;
@@ -600,9 +494,10 @@ fn finish_save(
             "type": "adamw", "step": opt_step, "lr": info.lr, "betas": [a.betas.0, a.betas.1],
             "eps": a.eps, "weight_decay": a.weight_decay,
         }),
-        loss_scaler: engine.scaler.as_ref().map_or(serde_json::Value::Null, |s| {
-            serde_json::to_value(s.state()).expect("state serializes")
-        }),
+        loss_scaler: engine
+            .scaler
+            .as_ref()
+            .map_or(serde_json::Value::Null, |s| serde_json::to_value(s.state()).expect("state serializes")),
         data: info.data.clone(),
         metrics: info.metrics.clone(),
         files,
@@ -627,29 +522,13 @@ fn finish_save(
 pub fn load(engine: &mut crate::zero::Engine, tag_dir: &Path) -> Result<Manifest, CheckpointError> {
     let reader = PartitionReader::open(tag_dir)?;
     let m = &reader.manifest;
-    let ours: Vec<(&str, &[usize])> = engine
-        .layout
-        .params
-        .iter()
-        .map(|p| (p.name.as_str(), p.shape.as_slice()))
-        .collect();
-    let theirs: Vec<(&str, &[usize])> = m
-        .layout
-        .params
-        .iter()
-        .map(|p| (p.name.as_str(), p.shape.as_slice()))
-        .collect();
+    let ours: Vec<(&str, &[usize])> =
+        engine.layout.params.iter().map(|p| (p.name.as_str(), p.shape.as_slice())).collect();
+    let theirs: Vec<(&str, &[usize])> = m.layout.params.iter().map(|p| (p.name.as_str(), p.shape.as_slice())).collect();
     if ours.len() != theirs.len() || ours.iter().any(|o| !theirs.contains(o)) {
-        return Err(invalid(
-            tag_dir,
-            "the checkpoint's parameters differ from this model's (names or shapes)",
-        ));
+        return Err(invalid(tag_dir, "the checkpoint's parameters differ from this model's (names or shapes)"));
     }
-    let pr = if engine.layout.parts > 1 {
-        engine.comm.rank()
-    } else {
-        0
-    };
+    let pr = if engine.layout.parts > 1 { engine.comm.rank() } else { 0 };
     reader.fill_partition("master", &engine.layout, pr, &engine.master)?;
     engine.comm.heartbeat();
     let m1 = engine.master.zeros_like();
@@ -663,21 +542,15 @@ pub fn load(engine: &mut crate::zero::Engine, tag_dir: &Path) -> Result<Manifest
         .get("step")
         .and_then(|s| s.as_u64())
         .ok_or_else(|| invalid(tag_dir, "manifest optimizer.step missing"))?;
-    engine
-        .opt
-        .load_state(&m1, &v1, step)
-        .map_err(|e| invalid(tag_dir, format!("optimizer state: {e}")))?;
+    engine.opt.load_state(&m1, &v1, step).map_err(|e| invalid(tag_dir, format!("optimizer state: {e}")))?;
     if let Some(s) = &mut engine.scaler {
         if !m.loss_scaler.is_null() {
             let st = serde_json::from_value(m.loss_scaler.clone())
                 .map_err(|e| invalid(tag_dir, format!("loss_scaler: {e}")))?;
-            s.load_state(st)
-                .map_err(|e| invalid(tag_dir, format!("loss_scaler: {e}")))?;
+            s.load_state(st).map_err(|e| invalid(tag_dir, format!("loss_scaler: {e}")))?;
         }
     }
-    engine
-        .publish_weights()
-        .map_err(|e| invalid(tag_dir, format!("publishing weights: {e}")))?;
+    engine.publish_weights().map_err(|e| invalid(tag_dir, format!("publishing weights: {e}")))?;
     Ok(reader.manifest)
 }
 
@@ -688,22 +561,15 @@ mod tests {
     #[test]
     fn retention_keeps_the_newest_the_best_and_the_tag_just_saved() {
         let root = tempfile::tempdir().unwrap();
-        for t in [
-            "step_00000003",
-            "step_00000010",
-            "step_00000020",
-            "step_00000030",
-        ] {
+        for t in ["step_00000003", "step_00000010", "step_00000020", "step_00000030"] {
             fs::create_dir_all(root.path().join(t)).unwrap();
             fs::write(root.path().join(t).join("manifest.json"), "{}").unwrap();
         }
         fs::create_dir_all(root.path().join(".step_00000040.partial")).unwrap();
         // A tag saved below older, higher-numbered tags stays: `latest` names it.
         apply_retention(root.path(), 1, Some("step_00000010"), "step_00000003").unwrap();
-        let mut left: Vec<String> = fs::read_dir(root.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
+        let mut left: Vec<String> =
+            fs::read_dir(root.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         left.sort();
         assert_eq!(left, ["step_00000003", "step_00000010", "step_00000030"]);
     }

@@ -9,10 +9,7 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("{path}: {msg}")]
     Parse { path: PathBuf, msg: String },
     #[error("--set {0}: expected KEY=VALUE")]
@@ -173,19 +170,12 @@ fn type_name(v: &toml::Value) -> &'static str {
 
 /// Checks `value` against the type of `key`'s default. Integers are accepted for float keys
 /// (`learning_rate = 1`). Err: what is wrong, naming the key.
-fn check_type(
-    key: &str,
-    value: toml::Value,
-    defaults: &toml::Table,
-) -> Result<toml::Value, String> {
+fn check_type(key: &str, value: toml::Value, defaults: &toml::Table) -> Result<toml::Value, String> {
     use toml::Value as V;
     if key == "lr_schedule" {
         return match value {
             V::Table(_) => Ok(value),
-            other => Err(format!(
-                "`lr_schedule` must be a table, got {}",
-                type_name(&other)
-            )),
+            other => Err(format!("`lr_schedule` must be a table, got {}", type_name(&other))),
         };
     }
     let Some(default) = defaults.get(key) else {
@@ -193,9 +183,7 @@ fn check_type(
     };
     match (default, value) {
         (V::Float(_), V::Integer(i)) => Ok(V::Float(i as f64)),
-        (V::Integer(_), V::Integer(i)) if i < 0 => {
-            Err(format!("`{key}` = {i}: expected a non-negative integer"))
-        }
+        (V::Integer(_), V::Integer(i)) if i < 0 => Err(format!("`{key}` = {i}: expected a non-negative integer")),
         (d, v) if std::mem::discriminant(d) == std::mem::discriminant(&v) => Ok(v),
         (d, v) => Err(format!("`{key}` = {v}: expected {}", type_name(d))),
     }
@@ -205,10 +193,7 @@ fn check_type(
 /// `out_dir=2024` is a directory name, `"quoted"` loses its quotes); other keys parse it as a
 /// TOML value (numbers, booleans, inline tables).
 fn override_value(key: &str, raw: &str, defaults: &toml::Table) -> Result<toml::Value, String> {
-    let parsed = format!("v = {raw}")
-        .parse::<toml::Table>()
-        .ok()
-        .and_then(|mut t| t.remove("v"));
+    let parsed = format!("v = {raw}").parse::<toml::Table>().ok().and_then(|mut t| t.remove("v"));
     if let Some(toml::Value::String(_)) = defaults.get(key) {
         return Ok(match parsed {
             Some(s @ toml::Value::String(_)) => s,
@@ -222,27 +207,13 @@ fn override_value(key: &str, raw: &str, defaults: &toml::Table) -> Result<toml::
 impl TrainConfig {
     /// Loads `path` (TOML) or the defaults, then a DeepSpeed JSON config on top, then
     /// `KEY=VALUE` overrides, then validates.
-    pub fn load(
-        path: Option<&Path>,
-        deepspeed: Option<&Path>,
-        overrides: &[String],
-    ) -> Result<Self, ConfigError> {
-        let read = |p: &Path| {
-            std::fs::read_to_string(p).map_err(|e| ConfigError::Io {
-                path: p.into(),
-                source: e,
-            })
-        };
+    pub fn load(path: Option<&Path>, deepspeed: Option<&Path>, overrides: &[String]) -> Result<Self, ConfigError> {
+        let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| ConfigError::Io { path: p.into(), source: e });
         let defaults = default_table();
         let mut table = toml::Table::new();
         if let Some(p) = path {
-            let parse_err = |msg: String| ConfigError::Parse {
-                path: p.into(),
-                msg,
-            };
-            let file = read(p)?
-                .parse::<toml::Table>()
-                .map_err(|e| parse_err(e.to_string()))?;
+            let parse_err = |msg: String| ConfigError::Parse { path: p.into(), msg };
+            let file = read(p)?.parse::<toml::Table>().map_err(|e| parse_err(e.to_string()))?;
             for (k, v) in file {
                 let v = check_type(&k, v, &defaults).map_err(parse_err)?;
                 table.insert(k, v);
@@ -252,40 +223,23 @@ impl TrainConfig {
             table.extend(from_deepspeed_json(p, &read(p)?)?);
         }
         for o in overrides {
-            let (k, v) = o
-                .split_once('=')
-                .ok_or_else(|| ConfigError::Override(o.clone()))?;
+            let (k, v) = o.split_once('=').ok_or_else(|| ConfigError::Override(o.clone()))?;
             let (k, v) = (k.trim(), v.trim());
             let value =
-                override_value(k, v, &defaults).map_err(|msg| ConfigError::BadOverride {
-                    arg: o.clone(),
-                    msg,
-                })?;
+                override_value(k, v, &defaults).map_err(|msg| ConfigError::BadOverride { arg: o.clone(), msg })?;
             table.insert(k.to_string(), value);
         }
-        let origin = path
-            .or(deepspeed)
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| "(defaults)".into());
+        let origin = path.or(deepspeed).map(Path::to_path_buf).unwrap_or_else(|| "(defaults)".into());
         // The schedule's rate parameters that DeepSpeed takes from the optimizer follow the
         // final learning_rate, --set included.
-        let lr = table
-            .get("learning_rate")
-            .and_then(toml::Value::as_float)
-            .unwrap_or(TrainConfig::default().learning_rate);
+        let lr =
+            table.get("learning_rate").and_then(toml::Value::as_float).unwrap_or(TrainConfig::default().learning_rate);
         if let Some(toml::Value::Table(sch)) = table.get_mut("lr_schedule") {
-            complete_schedule(sch, lr).map_err(|msg| ConfigError::Parse {
-                path: origin.clone(),
-                msg,
-            })?;
+            complete_schedule(sch, lr).map_err(|msg| ConfigError::Parse { path: origin.clone(), msg })?;
         }
-        let cfg: TrainConfig =
-            toml::Value::Table(table)
-                .try_into()
-                .map_err(|e: toml::de::Error| ConfigError::Parse {
-                    path: origin,
-                    msg: e.message().to_string(),
-                })?;
+        let cfg: TrainConfig = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse { path: origin, msg: e.message().to_string() })?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -293,37 +247,25 @@ impl TrainConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
         if self.zero_stage > 2 {
-            return bad(format!(
-                "zero_stage = {}: zerokit implements stages 0, 1 and 2",
-                self.zero_stage
-            ));
+            return bad(format!("zero_stage = {}: zerokit implements stages 0, 1 and 2", self.zero_stage));
         }
-        if (self.batch_size == 0 || self.gradient_accumulation_steps == 0)
-            && self.train_batch_size == 0
-        {
+        if (self.batch_size == 0 || self.gradient_accumulation_steps == 0) && self.train_batch_size == 0 {
             return bad("batch_size and gradient_accumulation_steps must be at least 1".into());
         }
         if self.block_size == 0 {
             return bad("block_size must be at least 1".into());
         }
         if !["auto", "fp32", "bf16", "fp16"].contains(&self.dtype.as_str()) {
-            return bad(format!(
-                "dtype = {:?}: expected auto, fp32, bf16 or fp16",
-                self.dtype
-            ));
+            return bad(format!("dtype = {:?}: expected auto, fp32, bf16 or fp16", self.dtype));
         }
         if self.model == "custom" && self.n_embd % self.n_head.max(1) != 0 {
-            return bad(format!(
-                "n_embd {} is not divisible by n_head {}",
-                self.n_embd, self.n_head
-            ));
+            return bad(format!("n_embd {} is not divisible by n_head {}", self.n_embd, self.n_head));
         }
         if self.eval_interval == 0 || self.log_interval == 0 {
             return bad("eval_interval and log_interval must be at least 1".into());
         }
         if let Some(s) = &self.lr_schedule {
-            s.validate()
-                .map_err(|e| ConfigError::Invalid(format!("lr_schedule: {e}")))?;
+            s.validate().map_err(|e| ConfigError::Invalid(format!("lr_schedule: {e}")))?;
         }
         Ok(())
     }
@@ -339,9 +281,7 @@ impl TrainConfig {
         }
         let split = |by: usize, what: String| {
             if by == 0 || tb % by != 0 {
-                Err(ConfigError::Invalid(format!(
-                    "train_batch_size {tb} is not a multiple of {what}"
-                )))
+                Err(ConfigError::Invalid(format!("train_batch_size {tb} is not a multiple of {what}")))
             } else {
                 Ok(tb / by)
             }
@@ -353,15 +293,9 @@ impl TrainConfig {
                 self.batch_size = split(world, format!("the world size {world}"))?;
             }
             (0, ga) => {
-                self.batch_size = split(
-                    ga * world,
-                    format!("gradient_accumulation_steps {ga} x world size {world}"),
-                )?
+                self.batch_size = split(ga * world, format!("gradient_accumulation_steps {ga} x world size {world}"))?
             }
-            (mb, 0) => {
-                self.gradient_accumulation_steps =
-                    split(mb * world, format!("{MB} {mb} x world size {world}"))?
-            }
+            (mb, 0) => self.gradient_accumulation_steps = split(mb * world, format!("{MB} {mb} x world size {world}"))?,
             (mb, ga) => {
                 if mb * ga * world != tb {
                     return Err(ConfigError::Invalid(format!(
@@ -384,11 +318,7 @@ impl TrainConfig {
             lr_decay_iters: self.lr_decay_iters,
             max_lr: self.learning_rate,
             min_lr: self.min_lr,
-            decay: if self.decay_lr {
-                Decay::Cosine
-            } else {
-                Decay::Constant
-            },
+            decay: if self.decay_lr { Decay::Cosine } else { Decay::Constant },
         }
     }
 
@@ -402,26 +332,11 @@ impl TrainConfig {
 /// `last_batch_iteration`: a resumed run continues from its checkpoint's step).
 fn schedule_params(ty: &str) -> Option<&'static [&'static str]> {
     Some(match ty {
-        "WarmupLR" => &[
-            "warmup_min_lr",
-            "warmup_max_lr",
-            "warmup_num_steps",
-            "warmup_type",
-        ],
-        "WarmupDecayLR" => &[
-            "total_num_steps",
-            "warmup_min_lr",
-            "warmup_max_lr",
-            "warmup_num_steps",
-            "warmup_type",
-        ],
-        "WarmupCosineLR" => &[
-            "total_num_steps",
-            "warmup_min_ratio",
-            "warmup_num_steps",
-            "cos_min_ratio",
-            "warmup_type",
-        ],
+        "WarmupLR" => &["warmup_min_lr", "warmup_max_lr", "warmup_num_steps", "warmup_type"],
+        "WarmupDecayLR" => &["total_num_steps", "warmup_min_lr", "warmup_max_lr", "warmup_num_steps", "warmup_type"],
+        "WarmupCosineLR" => {
+            &["total_num_steps", "warmup_min_ratio", "warmup_num_steps", "cos_min_ratio", "warmup_type"]
+        }
         _ => return None,
     })
 }
@@ -431,28 +346,18 @@ fn schedule_params(ty: &str) -> Option<&'static [&'static str]> {
 /// the optimizer's rate: `learning_rate`.
 fn complete_schedule(sch: &mut toml::Table, learning_rate: f64) -> Result<(), String> {
     use toml::Value as V;
-    let ty =
-        match sch.get("type") {
-            Some(V::String(s)) => s.clone(),
-            _ => return Err(
-                "lr_schedule.type: expected \"WarmupLR\", \"WarmupDecayLR\" or \"WarmupCosineLR\""
-                    .into(),
-            ),
-        };
+    let ty = match sch.get("type") {
+        Some(V::String(s)) => s.clone(),
+        _ => return Err("lr_schedule.type: expected \"WarmupLR\", \"WarmupDecayLR\" or \"WarmupCosineLR\"".into()),
+    };
     let Some(known) = schedule_params(&ty) else {
         // NanoGpt written out (as to_toml prints it) is complete; serde checks it.
         return Ok(());
     };
-    let unknown: Vec<&str> = sch
-        .keys()
-        .map(String::as_str)
-        .filter(|k| *k != "type" && *k != "lr" && !known.contains(k))
-        .collect();
+    let unknown: Vec<&str> =
+        sch.keys().map(String::as_str).filter(|k| *k != "type" && *k != "lr" && !known.contains(k)).collect();
     if !unknown.is_empty() {
-        return Err(format!(
-            "lr_schedule ({ty}): unknown parameter(s) {}",
-            unknown.join(", ")
-        ));
+        return Err(format!("lr_schedule ({ty}): unknown parameter(s) {}", unknown.join(", ")));
     }
     if ty != "WarmupCosineLR" && sch.contains_key("lr") {
         return Err(format!("lr_schedule ({ty}): unknown parameter(s) lr"));
@@ -482,10 +387,7 @@ fn complete_schedule(sch: &mut toml::Table, learning_rate: f64) -> Result<(), St
     }
     for (k, v) in sch.iter_mut() {
         // Rates written as integers (`"warmup_min_lr": 0`) are rates all the same.
-        if let (V::Integer(i), false) = (
-            &*v,
-            matches!(k.as_str(), "warmup_num_steps" | "total_num_steps"),
-        ) {
+        if let (V::Integer(i), false) = (&*v, matches!(k.as_str(), "warmup_num_steps" | "total_num_steps")) {
             *v = V::Float(*i as f64);
         }
     }
@@ -504,42 +406,23 @@ const DS_GRADIENT_CLIPPING: f64 = 1.0;
 pub fn from_deepspeed_json(path: &Path, text: &str) -> Result<toml::Table, ConfigError> {
     use serde_json::Value;
     use toml::Value as T;
-    let err = |msg: String| ConfigError::Parse {
-        path: path.into(),
-        msg,
-    };
+    let err = |msg: String| ConfigError::Parse { path: path.into(), msg };
     let v: Value = serde_json::from_str(text).map_err(|e| err(format!("invalid JSON: {e}")))?;
-    let obj = v
-        .as_object()
-        .ok_or_else(|| err("expected a JSON object".into()))?;
+    let obj = v.as_object().ok_or_else(|| err("expected a JSON object".into()))?;
     let num = |v: &Value, key: &str| {
-        v.as_f64()
-            .filter(|x| x.is_finite())
-            .ok_or_else(|| err(format!("{key} = {v}: expected a number")))
+        v.as_f64().filter(|x| x.is_finite()).ok_or_else(|| err(format!("{key} = {v}: expected a number")))
     };
     let nonneg = |v: &Value, key: &str| {
-        num(v, key).and_then(|x| {
-            if x >= 0.0 {
-                Ok(x)
-            } else {
-                Err(err(format!("{key} = {v}: must not be negative")))
-            }
-        })
+        num(v, key).and_then(|x| if x >= 0.0 { Ok(x) } else { Err(err(format!("{key} = {v}: must not be negative"))) })
     };
     // DeepSpeed's arithmetic takes 8.0 as 8; anything else must be a whole number.
     let int = |v: &Value, key: &str| match v.as_f64() {
         Some(x) if x >= 0.0 && x.fract() == 0.0 && x <= i64::MAX as f64 => Ok(x as i64),
         _ => Err(err(format!("{key} = {v}: expected a non-negative integer"))),
     };
-    let flag = |v: &Value, key: &str| {
-        v.as_bool()
-            .ok_or_else(|| err(format!("{key} = {v}: expected true or false")))
-    };
-    let block = |v: &'_ Value, key: &str| {
-        v.as_object()
-            .cloned()
-            .ok_or_else(|| err(format!("{key}: expected an object")))
-    };
+    let flag = |v: &Value, key: &str| v.as_bool().ok_or_else(|| err(format!("{key} = {v}: expected true or false")));
+    let block =
+        |v: &'_ Value, key: &str| v.as_object().cloned().ok_or_else(|| err(format!("{key}: expected an object")));
 
     let mut t = toml::Table::new();
     t.insert("grad_clip".into(), DS_GRADIENT_CLIPPING.into());
@@ -556,9 +439,7 @@ pub fn from_deepspeed_json(path: &Path, text: &str) -> Result<toml::Table, Confi
     let (mut fp16, mut bf16) = (false, false);
     for (k, val) in obj {
         match k.as_str() {
-            "train_batch_size"
-            | "train_micro_batch_size_per_gpu"
-            | "gradient_accumulation_steps" => {
+            "train_batch_size" | "train_micro_batch_size_per_gpu" | "gradient_accumulation_steps" => {
                 // 0 and negatives are refused here, as DeepSpeed refuses them; zerokit's 0 means
                 // "derive this one".
                 let n = int(val, k)
@@ -588,12 +469,20 @@ pub fn from_deepspeed_json(path: &Path, text: &str) -> Result<toml::Table, Confi
                             stage @ 0..=2 => {
                                 t.insert("zero_stage".into(), stage.into());
                             }
-                            stage => return Err(err(format!("zero_optimization.stage = {stage}: zerokit implements stages 0, 1 and 2"))),
+                            stage => {
+                                return Err(err(format!(
+                                    "zero_optimization.stage = {stage}: zerokit implements stages 0, 1 and 2"
+                                )))
+                            }
                         },
                         // Bucketing, overlap and reduce-scatter are how zerokit always works (its
                         // buckets are per transformer block); none of them changes the numbers.
-                        "overlap_comm" | "contiguous_gradients" | "reduce_scatter" | "allgather_partitions"
-                        | "reduce_bucket_size" | "allgather_bucket_size" => {}
+                        "overlap_comm"
+                        | "contiguous_gradients"
+                        | "reduce_scatter"
+                        | "allgather_partitions"
+                        | "reduce_bucket_size"
+                        | "allgather_bucket_size" => {}
                         other => unknown.push(format!("zero_optimization.{other}")),
                     }
                 }
@@ -613,9 +502,7 @@ pub fn from_deepspeed_json(path: &Path, text: &str) -> Result<toml::Table, Confi
                         }
                         "loss_scale" => T::Float(nonneg(&fv, &key)?),
                         "min_loss_scale" => T::Float(num(&fv, &key)?),
-                        "initial_scale_power" | "loss_scale_window" | "hysteresis" => {
-                            T::Integer(int(&fv, &key)?)
-                        }
+                        "initial_scale_power" | "loss_scale_window" | "hysteresis" => T::Integer(int(&fv, &key)?),
                         "consecutive_hysteresis" => T::Boolean(flag(&fv, &key)?),
                         _ => {
                             unknown.push(key);
@@ -638,7 +525,9 @@ pub fn from_deepspeed_json(path: &Path, text: &str) -> Result<toml::Table, Confi
                 let o = block(val, k)?;
                 let ty = o.get("type").and_then(Value::as_str).unwrap_or("");
                 if !matches!(ty.to_ascii_lowercase().as_str(), "adamw" | "adam") {
-                    return Err(err(format!("optimizer.type {ty:?}: zerokit implements AdamW (DeepSpeed's \"AdamW\" or \"Adam\")")));
+                    return Err(err(format!(
+                        "optimizer.type {ty:?}: zerokit implements AdamW (DeepSpeed's \"AdamW\" or \"Adam\")"
+                    )));
                 }
                 // DeepSpeed builds FusedAdam (torch.optim.AdamW with torch_adam): their defaults.
                 let (mut lr, mut betas, mut eps, mut wd) = (1e-3, (0.9, 0.999), 1e-8, None);
@@ -652,9 +541,10 @@ pub fn from_deepspeed_json(path: &Path, text: &str) -> Result<toml::Table, Confi
                                 match pk.as_str() {
                                     "lr" => lr = nonneg(&pv, &key)?,
                                     "betas" => {
-                                        let b = pv.as_array().filter(|a| a.len() == 2).ok_or_else(
-                                            || err(format!("{key}: expected [beta1, beta2]")),
-                                        )?;
+                                        let b = pv
+                                            .as_array()
+                                            .filter(|a| a.len() == 2)
+                                            .ok_or_else(|| err(format!("{key}: expected [beta1, beta2]")))?;
                                         betas = (num(&b[0], &key)?, num(&b[1], &key)?);
                                     }
                                     "eps" => eps = nonneg(&pv, &key)?,
@@ -676,16 +566,15 @@ pub fn from_deepspeed_json(path: &Path, text: &str) -> Result<toml::Table, Confi
                 t.insert("beta1".into(), betas.0.into());
                 t.insert("beta2".into(), betas.1.into());
                 t.insert("eps".into(), eps.into());
-                t.insert(
-                    "weight_decay".into(),
-                    wd.unwrap_or(if torch_adam { 0.01 } else { 0.0 }).into(),
-                );
+                t.insert("weight_decay".into(), wd.unwrap_or(if torch_adam { 0.01 } else { 0.0 }).into());
             }
             "scheduler" => {
                 let s = block(val, k)?;
                 let ty = s.get("type").and_then(Value::as_str).unwrap_or("");
                 let Some(known) = schedule_params(ty) else {
-                    return Err(err(format!("scheduler.type {ty:?}: zerokit implements WarmupLR, WarmupDecayLR and WarmupCosineLR")));
+                    return Err(err(format!(
+                        "scheduler.type {ty:?}: zerokit implements WarmupLR, WarmupDecayLR and WarmupCosineLR"
+                    )));
                 };
                 let mut sch = toml::Table::new();
                 sch.insert("type".into(), ty.into());
@@ -702,20 +591,12 @@ pub fn from_deepspeed_json(path: &Path, text: &str) -> Result<toml::Table, Confi
                                 let value = match pk.as_str() {
                                     "warmup_type" => match pv.as_str() {
                                         Some(w @ ("log" | "linear")) => T::String(w.into()),
-                                        _ => {
-                                            return Err(err(format!(
-                                                "{key} = {pv}: expected \"log\" or \"linear\""
-                                            )))
-                                        }
+                                        _ => return Err(err(format!("{key} = {pv}: expected \"log\" or \"linear\""))),
                                     },
                                     // DeepSpeed requires Python ints for step counts.
                                     "warmup_num_steps" | "total_num_steps" => match pv.as_u64() {
                                         Some(n) if n <= i64::MAX as u64 => T::Integer(n as i64),
-                                        _ => {
-                                            return Err(err(format!(
-                                                "{key} = {pv}: expected a non-negative integer"
-                                            )))
-                                        }
+                                        _ => return Err(err(format!("{key} = {pv}: expected a non-negative integer"))),
                                     },
                                     _ => T::Float(nonneg(&pv, &key)?),
                                 };
@@ -729,24 +610,16 @@ pub fn from_deepspeed_json(path: &Path, text: &str) -> Result<toml::Table, Confi
             }
             // A block zerokit does not know: name what it holds.
             other => match val.as_object() {
-                Some(o) if !o.is_empty() => {
-                    unknown.extend(o.keys().map(|sk| format!("{other}.{sk}")))
-                }
+                Some(o) if !o.is_empty() => unknown.extend(o.keys().map(|sk| format!("{other}.{sk}"))),
                 _ => unknown.push(other.to_string()),
             },
         }
     }
     if !unknown.is_empty() {
-        return Err(err(format!(
-            "keys zerokit does not honour: {}",
-            unknown.join(", ")
-        )));
+        return Err(err(format!("keys zerokit does not honour: {}", unknown.join(", "))));
     }
     if fp16 && bf16 {
-        return Err(err(
-            "fp16.enabled and bf16.enabled are both true (DeepSpeed refuses this too): choose one"
-                .into(),
-        ));
+        return Err(err("fp16.enabled and bf16.enabled are both true (DeepSpeed refuses this too): choose one".into()));
     }
     // Without either block DeepSpeed trains in fp32.
     t.insert(
@@ -763,16 +636,11 @@ pub fn from_deepspeed_json(path: &Path, text: &str) -> Result<toml::Table, Confi
     // DeepSpeed's batch identity, train_batch_size = micro x accumulation x world, is resolved
     // once the world size is known (TrainConfig::resolve_batch); 0 marks the value to derive.
     if tbs.is_none() && mbs.is_none() {
-        return Err(err(
-            "set train_batch_size or train_micro_batch_size_per_gpu (or both)".into(),
-        ));
+        return Err(err("set train_batch_size or train_micro_batch_size_per_gpu (or both)".into()));
     }
     t.insert("train_batch_size".into(), tbs.unwrap_or(0).into());
     t.insert("batch_size".into(), mbs.unwrap_or(0).into());
     let default_gas = if tbs.is_some() { 0 } else { 1 };
-    t.insert(
-        "gradient_accumulation_steps".into(),
-        gas.unwrap_or(default_gas).into(),
-    );
+    t.insert("gradient_accumulation_steps".into(), gas.unwrap_or(default_gas).into());
     Ok(t)
 }

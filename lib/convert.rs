@@ -68,8 +68,7 @@ pub const UNIT_ELEMS: u64 = 1 << 20;
 
 /// The units of a tensor of `numel` elements: (first element, element count).
 pub fn units(numel: u64) -> impl Iterator<Item = (u64, u64)> {
-    (0..numel.div_ceil(UNIT_ELEMS))
-        .map(move |k| (k * UNIT_ELEMS, UNIT_ELEMS.min(numel - k * UNIT_ELEMS)))
+    (0..numel.div_ceil(UNIT_ELEMS)).map(move |k| (k * UNIT_ELEMS, UNIT_ELEMS.min(numel - k * UNIT_ELEMS)))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -81,23 +80,14 @@ pub enum ConvertError {
     #[error(transparent)]
     Fs(#[from] FsError),
     #[error("{path}: {source}")]
-    Write {
-        path: PathBuf,
-        source: SafetensorsOutError,
-    },
+    Write { path: PathBuf, source: SafetensorsOutError },
     #[error("{0}")]
     Source(SourceError),
     #[error("{0}: not a directory")]
     NotADir(PathBuf),
     #[error("{path}: names tag {tag:?}, but {dir} does not exist")]
-    BadLatest {
-        path: PathBuf,
-        tag: String,
-        dir: PathBuf,
-    },
-    #[error(
-        "{0}: not a checkpoint zero-to-fp32 can read (neither zerokit nor DeepSpeed files found)"
-    )]
+    BadLatest { path: PathBuf, tag: String, dir: PathBuf },
+    #[error("{0}: not a checkpoint zero-to-fp32 can read (neither zerokit nor DeepSpeed files found)")]
     UnknownFormat(PathBuf),
     #[error("--max-shard-size: {0}")]
     ShardSize(SafetensorsOutError),
@@ -184,25 +174,14 @@ pub fn resolve_tag_dir(checkpoint: &Path, tag: Option<&str>) -> Result<PathBuf, 
     }
     if let Some(tag) = tag {
         let dir = checkpoint.join(tag);
-        return if dir.is_dir() {
-            Ok(dir)
-        } else {
-            Err(ConvertError::NotADir(dir))
-        };
+        return if dir.is_dir() { Ok(dir) } else { Err(ConvertError::NotADir(dir)) };
     }
     let latest = checkpoint.join("latest");
     if latest.is_file() {
-        let tag = std::fs::read_to_string(&latest)
-            .map_err(|e| FsError::io(&latest, e))?
-            .trim()
-            .to_string();
+        let tag = std::fs::read_to_string(&latest).map_err(|e| FsError::io(&latest, e))?.trim().to_string();
         let dir = checkpoint.join(&tag);
         if !dir.is_dir() {
-            return Err(ConvertError::BadLatest {
-                path: latest,
-                tag,
-                dir,
-            });
+            return Err(ConvertError::BadLatest { path: latest, tag, dir });
         }
         return Ok(dir);
     }
@@ -210,10 +189,7 @@ pub fn resolve_tag_dir(checkpoint: &Path, tag: Option<&str>) -> Result<PathBuf, 
 }
 
 /// Opens whichever supported checkpoint `checkpoint` is.
-pub fn open_source(
-    checkpoint: &Path,
-    tag: Option<&str>,
-) -> Result<Box<dyn ShardedSource>, ConvertError> {
+pub fn open_source(checkpoint: &Path, tag: Option<&str>) -> Result<Box<dyn ShardedSource>, ConvertError> {
     let dir = resolve_tag_dir(checkpoint, tag)?;
     if zerokit_source::is_zerokit_dir(&dir) {
         return Ok(Box::new(ZerokitSource::open(&dir)?));
@@ -251,18 +227,10 @@ fn out_dtype(stored: DType, want: DType) -> DType {
 pub fn convert(source: &dyn ShardedSource, args: &ConvertArgs) -> Result<Summary, ConvertError> {
     let start = Instant::now();
     let want = args.dtype.dtype();
-    let infos: Vec<TensorInfo> = source
-        .describe()
-        .into_iter()
-        .filter(|t| !(args.exclude_frozen && t.frozen))
-        .collect();
+    let infos: Vec<TensorInfo> = source.describe().into_iter().filter(|t| !(args.exclude_frozen && t.frozen)).collect();
     let specs: Vec<TensorSpec> = infos
         .iter()
-        .map(|t| TensorSpec {
-            name: t.name.clone(),
-            dtype: out_dtype(t.dtype, want),
-            shape: t.shape.clone(),
-        })
+        .map(|t| TensorSpec { name: t.name.clone(), dtype: out_dtype(t.dtype, want), shape: t.shape.clone() })
         .collect();
     let total_bytes: u64 = specs.iter().map(TensorSpec::nbytes).sum();
     let parameters: u64 = infos.iter().map(TensorInfo::numel).sum();
@@ -270,21 +238,13 @@ pub fn convert(source: &dyn ShardedSource, args: &ConvertArgs) -> Result<Summary
     let shards = if single {
         vec![(0..specs.len()).collect()]
     } else {
-        let max =
-            safetensors_out::parse_size(&args.max_shard_size).map_err(ConvertError::ShardSize)?;
+        let max = safetensors_out::parse_size(&args.max_shard_size).map_err(ConvertError::ShardSize)?;
         safetensors_out::plan_shards(&specs, max)
     };
     let names: Vec<String> = if single {
-        vec![args
-            .output
-            .file_name()
-            .unwrap_or_default()
-            .to_string_lossy()
-            .into_owned()]
+        vec![args.output.file_name().unwrap_or_default().to_string_lossy().into_owned()]
     } else {
-        (0..shards.len())
-            .map(|k| safetensors_out::shard_file_name(k, shards.len()))
-            .collect()
+        (0..shards.len()).map(|k| safetensors_out::shard_file_name(k, shards.len())).collect()
     };
     info!("{}: {}", args.checkpoint.display(), source.format());
     if args.verify {
@@ -335,11 +295,7 @@ pub fn convert(source: &dyn ShardedSource, args: &ConvertArgs) -> Result<Summary
     meta.insert("format".to_string(), "pt".to_string());
     source.prepare().map_err(ConvertError::Source)?;
 
-    let dir = if single {
-        None
-    } else {
-        Some(AtomicDir::create(&args.output, args.force)?)
-    };
+    let dir = if single { None } else { Some(AtomicDir::create(&args.output, args.force)?) };
     let mut weight_map = BTreeMap::new();
     for (k, shard) in shards.iter().enumerate() {
         let final_path = match &dir {
@@ -351,10 +307,7 @@ pub fn convert(source: &dyn ShardedSource, args: &ConvertArgs) -> Result<Summary
             Some(_) => args.output.join(&names[k]),
             None => args.output.clone(),
         };
-        let werr = |e: std::io::Error| ConvertError::Write {
-            path: shown.clone(),
-            source: e.into(),
-        };
+        let werr = |e: std::io::Error| ConvertError::Write { path: shown.clone(), source: e.into() };
         let mut file = AtomicFile::create(&final_path)?;
         let shard_specs: Vec<TensorSpec> = shard.iter().map(|&i| specs[i].clone()).collect();
         let header = safetensors_out::header_bytes(&shard_specs, &meta);
@@ -372,9 +325,7 @@ pub fn convert(source: &dyn ShardedSource, args: &ConvertArgs) -> Result<Summary
             |(raw, cast_buf), &(i, tensor_at, e0, n)| {
                 let (from, to) = (infos[i].dtype, specs[i].dtype);
                 raw.resize(n as usize * from.size(), 0);
-                source
-                    .read_range(&infos[i].name, e0 * from.size() as u64, raw)
-                    .map_err(ConvertError::Source)?;
+                source.read_range(&infos[i].name, e0 * from.size() as u64, raw).map_err(ConvertError::Source)?;
                 let bytes: &[u8] = if to == from {
                     raw
                 } else {
@@ -510,25 +461,14 @@ mod tests {
     #[test]
     fn casts_round_to_nearest_even_like_torch() {
         // 1 + 2^-8 + 2^-9 lies above the bf16 midpoint: rounds up; 1 + 2^-8 is a tie: to even.
-        let xs = [
-            1.0f32 + 1.0 / 256.0 + 1.0 / 512.0,
-            1.0 + 1.0 / 256.0,
-            -2.5,
-            65520.0,
-        ];
+        let xs = [1.0f32 + 1.0 / 256.0 + 1.0 / 512.0, 1.0 + 1.0 / 256.0, -2.5, 65520.0];
         let src: Vec<u8> = xs.iter().flat_map(|x| x.to_le_bytes()).collect();
         let mut out = vec![];
         cast(&src, DType::F32, DType::BF16, &mut out);
-        let got: Vec<u16> = out
-            .chunks(2)
-            .map(|c| u16::from_le_bytes([c[0], c[1]]))
-            .collect();
+        let got: Vec<u16> = out.chunks(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
         assert_eq!(got, vec![0x3f81, 0x3f80, 0xc020, 0x4780]);
         cast(&src, DType::F32, DType::F16, &mut out);
-        let got: Vec<u16> = out
-            .chunks(2)
-            .map(|c| u16::from_le_bytes([c[0], c[1]]))
-            .collect();
+        let got: Vec<u16> = out.chunks(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
         // 65520 overflows half's range on rounding: inf, as torch gives.
         assert_eq!(got, vec![0x3c06, 0x3c04, 0xc100, 0x7c00]);
         let mut back = vec![];

@@ -29,32 +29,22 @@ pub fn load_cuda() -> bool {
 pub fn parse_device(spec: &str) -> Result<tch::Device, String> {
     match spec {
         "cpu" => Ok(tch::Device::Cpu),
-        "auto" => Ok(if load_cuda() {
-            tch::Device::Cuda(0)
-        } else {
-            tch::Device::Cpu
-        }),
+        "auto" => Ok(if load_cuda() { tch::Device::Cuda(0) } else { tch::Device::Cpu }),
         "cuda" => cuda_or_err(0),
         s => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
             Some(Ok(i)) => cuda_or_err(i),
-            _ => Err(format!(
-                "unknown device '{s}' (expected auto, cpu, cuda or cuda:N)"
-            )),
+            _ => Err(format!("unknown device '{s}' (expected auto, cpu, cuda or cuda:N)")),
         },
     }
 }
 
 fn cuda_or_err(i: usize) -> Result<tch::Device, String> {
     if !load_cuda() {
-        return Err(
-            "CUDA requested but libtorch_cuda.so could not be loaded or no GPU is visible".into(),
-        );
+        return Err("CUDA requested but libtorch_cuda.so could not be loaded or no GPU is visible".into());
     }
     let n = tch::Cuda::device_count() as usize;
     if i >= n {
-        return Err(format!(
-            "cuda:{i} requested but only {n} GPU(s) are visible"
-        ));
+        return Err(format!("cuda:{i} requested but only {n} GPU(s) are visible"));
     }
     Ok(tch::Device::Cuda(i))
 }

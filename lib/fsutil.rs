@@ -17,20 +17,14 @@ pub enum FsError {
 
 impl FsError {
     pub fn io(path: impl Into<PathBuf>, source: io::Error) -> Self {
-        FsError::Io {
-            path: path.into(),
-            source,
-        }
+        FsError::Io { path: path.into(), source }
     }
 }
 
 /// A temporary sibling name for `path`: same directory (so rename is atomic), hidden, unique to
 /// this process.
 pub fn temp_sibling(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
 
@@ -48,11 +42,7 @@ impl AtomicFile {
         let final_path = final_path.into();
         let tmp_path = temp_sibling(&final_path);
         let file = File::create(&tmp_path).map_err(|e| FsError::io(&tmp_path, e))?;
-        Ok(AtomicFile {
-            final_path,
-            tmp_path,
-            writer: Some(BufWriter::with_capacity(1 << 20, file)),
-        })
+        Ok(AtomicFile { final_path, tmp_path, writer: Some(BufWriter::with_capacity(1 << 20, file)) })
     }
 
     pub fn path(&self) -> &Path {
@@ -60,9 +50,7 @@ impl AtomicFile {
     }
 
     pub fn writer(&mut self) -> &mut BufWriter<File> {
-        self.writer
-            .as_mut()
-            .expect("writer is present until commit")
+        self.writer.as_mut().expect("writer is present until commit")
     }
 
     /// The file itself, for positional writes (`FileExt::write_all_at`) from several threads;
@@ -76,14 +64,10 @@ impl AtomicFile {
     /// Flushes, fsyncs and renames onto the final name.
     pub fn commit(mut self) -> Result<PathBuf, FsError> {
         let w = self.writer.take().expect("writer is present until commit");
-        let file = w
-            .into_inner()
-            .map_err(|e| FsError::io(&self.tmp_path, e.into_error()))?;
-        file.sync_all()
-            .map_err(|e| FsError::io(&self.tmp_path, e))?;
+        let file = w.into_inner().map_err(|e| FsError::io(&self.tmp_path, e.into_error()))?;
+        file.sync_all().map_err(|e| FsError::io(&self.tmp_path, e))?;
         drop(file);
-        fs::rename(&self.tmp_path, &self.final_path)
-            .map_err(|e| FsError::io(&self.final_path, e))?;
+        fs::rename(&self.tmp_path, &self.final_path).map_err(|e| FsError::io(&self.final_path, e))?;
         sync_parent(&self.final_path);
         Ok(self.final_path.clone())
     }
@@ -109,9 +93,7 @@ impl Drop for AtomicFile {
 /// Writes `bytes` to `path` atomically.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), FsError> {
     let mut f = AtomicFile::create(path)?;
-    f.writer()
-        .write_all(bytes)
-        .map_err(|e| FsError::io(path, e))?;
+    f.writer().write_all(bytes).map_err(|e| FsError::io(path, e))?;
     f.commit().map(|_| ())
 }
 
@@ -124,12 +106,7 @@ pub fn start_writeback(file: &File, offset: u64, len: u64) {
         use std::os::fd::AsRawFd;
         // SAFETY: the descriptor is open for the borrow's lifetime; the call only schedules I/O.
         unsafe {
-            libc::sync_file_range(
-                file.as_raw_fd(),
-                offset as i64,
-                len as i64,
-                libc::SYNC_FILE_RANGE_WRITE,
-            );
+            libc::sync_file_range(file.as_raw_fd(), offset as i64, len as i64, libc::SYNC_FILE_RANGE_WRITE);
         }
     }
     #[cfg(not(target_os = "linux"))]
@@ -165,11 +142,7 @@ impl AtomicDir {
             fs::remove_dir_all(&tmp_path).map_err(|e| FsError::io(&tmp_path, e))?;
         }
         fs::create_dir_all(&tmp_path).map_err(|e| FsError::io(&tmp_path, e))?;
-        Ok(AtomicDir {
-            final_path,
-            tmp_path,
-            done: false,
-        })
+        Ok(AtomicDir { final_path, tmp_path, done: false })
     }
 
     /// Where to write the contents.
@@ -183,10 +156,7 @@ impl AtomicDir {
         let old = if self.final_path.exists() {
             let aside = self.final_path.with_file_name(format!(
                 ".{}.old-{}",
-                self.final_path
-                    .file_name()
-                    .unwrap_or_default()
-                    .to_string_lossy(),
+                self.final_path.file_name().unwrap_or_default().to_string_lossy(),
                 std::process::id()
             ));
             fs::rename(&self.final_path, &aside).map_err(|e| FsError::io(&self.final_path, e))?;
@@ -194,8 +164,7 @@ impl AtomicDir {
         } else {
             None
         };
-        fs::rename(&self.tmp_path, &self.final_path)
-            .map_err(|e| FsError::io(&self.final_path, e))?;
+        fs::rename(&self.tmp_path, &self.final_path).map_err(|e| FsError::io(&self.final_path, e))?;
         sync_parent(&self.final_path);
         self.done = true;
         if let Some(old) = old {
@@ -238,10 +207,7 @@ impl BackgroundSha256 {
                 (h, bytes, thread_cpu_seconds())
             })
             .expect("a thread can be started");
-        BackgroundSha256 {
-            tx: Some(tx),
-            worker: Some(worker),
-        }
+        BackgroundSha256 { tx: Some(tx), worker: Some(worker) }
     }
 
     /// Hashes `buf` next (taking it avoids a copy).
@@ -255,12 +221,8 @@ impl BackgroundSha256 {
     /// The digest of everything given so far, as lowercase hex.
     pub fn finish(mut self) -> String {
         drop(self.tx.take());
-        let (h, bytes, cpu) = self
-            .worker
-            .take()
-            .expect("finish runs once")
-            .join()
-            .expect("the sha256 thread does not panic");
+        let (h, bytes, cpu) =
+            self.worker.take().expect("finish runs once").join().expect("the sha256 thread does not panic");
         // A serial stage: no more bytes per second than one core hashes can pass through it.
         tracing::debug!("serial stages: sha256 of {bytes} bytes with {cpu:.2} s CPU");
         hex::encode(h.finalize())
@@ -269,10 +231,7 @@ impl BackgroundSha256 {
 
 /// CPU time consumed by the calling thread so far.
 pub fn thread_cpu_seconds() -> f64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: clock_gettime writes one timespec, which lives on this stack frame.
     unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
     ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
@@ -314,11 +273,7 @@ pub fn release_mapped(map: &memmap2::Mmap, start: usize, len: usize) {
         // SAFETY: the range lies inside the mapping's pages (the mapping starts page-aligned);
         // on a read-only file mapping MADV_DONTNEED only drops page-table entries.
         unsafe {
-            libc::madvise(
-                map.as_ptr().add(begin) as *mut libc::c_void,
-                end - begin,
-                libc::MADV_DONTNEED,
-            );
+            libc::madvise(map.as_ptr().add(begin) as *mut libc::c_void, end - begin, libc::MADV_DONTNEED);
         }
     }
 }
@@ -350,10 +305,7 @@ mod tests {
         let target = dir.path().join("out");
         fs::create_dir(&target).unwrap();
         fs::write(target.join("keep"), b"x").unwrap();
-        assert!(matches!(
-            AtomicDir::create(&target, false),
-            Err(FsError::Exists(_))
-        ));
+        assert!(matches!(AtomicDir::create(&target, false), Err(FsError::Exists(_))));
         let d = AtomicDir::create(&target, true).unwrap();
         fs::write(d.path().join("new"), b"y").unwrap();
         d.commit().unwrap();
@@ -365,9 +317,6 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("abc");
         fs::write(&p, b"abc").unwrap();
-        assert_eq!(
-            sha256_file(&p).unwrap(),
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
+        assert_eq!(sha256_file(&p).unwrap(), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
     }
 }

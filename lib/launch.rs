@@ -45,9 +45,7 @@ pub struct NodePlan {
 
 /// Parses a DeepSpeed hostfile into (host, slots) in file order.
 pub fn parse_hostfile(path: &Path, text: &str) -> Result<Vec<(String, usize)>, LaunchError> {
-    let bad = |line: usize, msg: String| {
-        LaunchError::Invalid(format!("{}:{line}: {msg}", path.display()))
-    };
+    let bad = |line: usize, msg: String| LaunchError::Invalid(format!("{}:{line}: {msg}", path.display()));
     let mut hosts: Vec<(String, usize)> = Vec::new();
     for (i, raw) in text.lines().enumerate() {
         let line = raw.split('#').next().unwrap_or("").trim();
@@ -61,18 +59,8 @@ pub fn parse_hostfile(path: &Path, text: &str) -> Result<Vec<(String, usize)>, L
                 .strip_prefix("slots=")
                 .and_then(|n| n.parse::<usize>().ok())
                 .filter(|&n| n > 0)
-                .ok_or_else(|| {
-                    bad(
-                        i + 1,
-                        format!("expected 'HOST slots=N' with N > 0, found '{line}'"),
-                    )
-                })?,
-            _ => {
-                return Err(bad(
-                    i + 1,
-                    format!("expected 'HOST slots=N', found '{line}'"),
-                ))
-            }
+                .ok_or_else(|| bad(i + 1, format!("expected 'HOST slots=N' with N > 0, found '{line}'")))?,
+            _ => return Err(bad(i + 1, format!("expected 'HOST slots=N', found '{line}'"))),
         };
         if hosts.iter().any(|(h, _)| *h == host) {
             return Err(bad(i + 1, format!("host {host} is listed twice")));
@@ -80,10 +68,7 @@ pub fn parse_hostfile(path: &Path, text: &str) -> Result<Vec<(String, usize)>, L
         hosts.push((host, slots));
     }
     if hosts.is_empty() {
-        return Err(LaunchError::Invalid(format!(
-            "{}: no hosts listed",
-            path.display()
-        )));
+        return Err(LaunchError::Invalid(format!("{}: no hosts listed", path.display())));
     }
     Ok(hosts)
 }
@@ -108,19 +93,14 @@ pub fn hostname() -> String {
 impl LaunchArgs {
     /// Whether this invocation starts ranks itself (several local ranks, several nodes or a hostfile).
     pub fn launches(&self) -> bool {
-        self.hostfile.is_some()
-            || self.nproc_per_node.unwrap_or(1) > 1
-            || self.nnodes.unwrap_or(1) > 1
+        self.hostfile.is_some() || self.nproc_per_node.unwrap_or(1) > 1 || self.nnodes.unwrap_or(1) > 1
     }
 
     /// The ranks this node starts. `host` is this machine's name (used with a hostfile only).
     pub fn plan(&self, host: &str) -> Result<NodePlan, LaunchError> {
         let Some(path) = &self.hostfile else {
-            let (nproc, nnodes, node) = (
-                self.nproc_per_node.unwrap_or(1),
-                self.nnodes.unwrap_or(1),
-                self.node_rank.unwrap_or(0),
-            );
+            let (nproc, nnodes, node) =
+                (self.nproc_per_node.unwrap_or(1), self.nnodes.unwrap_or(1), self.node_rank.unwrap_or(0));
             if nproc == 0 || nnodes == 0 || node >= nnodes {
                 return Err(LaunchError::Invalid(format!(
                     "--nproc-per-node {nproc} --nnodes {nnodes} --node-rank {node}: need at least one rank and node-rank < nnodes"
@@ -130,15 +110,12 @@ impl LaunchArgs {
                 local: nproc,
                 first_rank: node * nproc,
                 world: nnodes * nproc,
-                master_addr: self
-                    .master_addr
-                    .clone()
-                    .unwrap_or_else(|| "127.0.0.1".into()),
+                master_addr: self.master_addr.clone().unwrap_or_else(|| "127.0.0.1".into()),
                 master_port: self.master_port,
             });
         };
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| LaunchError::Invalid(format!("{}: {e}", path.display())))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| LaunchError::Invalid(format!("{}: {e}", path.display())))?;
         let hosts = parse_hostfile(path, &text)?;
         if let Some(n) = self.nnodes.filter(|&n| n != hosts.len()) {
             return Err(LaunchError::Invalid(format!(
@@ -156,15 +133,9 @@ impl LaunchArgs {
                     hosts.len()
                 )))
             }
-            None => hosts
-                .iter()
-                .position(|(h, _)| same_host(h, host))
-                .ok_or_else(|| {
-                    LaunchError::Invalid(format!(
-                        "this host ({host}) is not in {}: pass --node-rank",
-                        path.display()
-                    ))
-                })?,
+            None => hosts.iter().position(|(h, _)| same_host(h, host)).ok_or_else(|| {
+                LaunchError::Invalid(format!("this host ({host}) is not in {}: pass --node-rank", path.display()))
+            })?,
         };
         let slots = hosts[node].1;
         if let Some(n) = self.nproc_per_node.filter(|&n| n != slots) {
@@ -178,10 +149,7 @@ impl LaunchArgs {
             local: slots,
             first_rank: hosts[..node].iter().map(|(_, s)| s).sum(),
             world: hosts.iter().map(|(_, s)| s).sum(),
-            master_addr: self
-                .master_addr
-                .clone()
-                .unwrap_or_else(|| hosts[0].0.clone()),
+            master_addr: self.master_addr.clone().unwrap_or_else(|| hosts[0].0.clone()),
             master_port: self.master_port,
         })
     }
@@ -210,10 +178,7 @@ pub fn spawn_local_ranks(a: &LaunchArgs) -> Result<(), LaunchError> {
     if let Some(g) = &a.gpus {
         let n = g.split(',').filter(|s| !s.trim().is_empty()).count();
         if n < plan.local {
-            return Err(LaunchError::Invalid(format!(
-                "--gpus {g} names {n} GPU(s) for {} ranks",
-                plan.local
-            )));
+            return Err(LaunchError::Invalid(format!("--gpus {g} names {n} GPU(s) for {} ranks", plan.local)));
         }
     }
     let exe = std::env::current_exe().map_err(|e| LaunchError::Spawn { rank: 0, source: e })?;
@@ -230,17 +195,9 @@ pub fn spawn_local_ranks(a: &LaunchArgs) -> Result<(), LaunchError> {
             .env("MASTER_ADDR", &plan.master_addr)
             .env("MASTER_PORT", plan.master_port.to_string());
         // Each rank sees one GPU, so device indices never mix inside a process.
-        let visible = a
-            .gpus
-            .clone()
-            .or_else(|| std::env::var("CUDA_VISIBLE_DEVICES").ok());
+        let visible = a.gpus.clone().or_else(|| std::env::var("CUDA_VISIBLE_DEVICES").ok());
         let gpu = match &visible {
-            Some(list) => list
-                .split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .nth(local)
-                .map(String::from),
+            Some(list) => list.split(',').map(str::trim).filter(|s| !s.is_empty()).nth(local).map(String::from),
             None => Some(local.to_string()),
         };
         if let Some(g) = gpu {

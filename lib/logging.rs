@@ -49,9 +49,7 @@ impl<'a> MakeWriter<'a> for ConsoleWriter {
 pub fn init(rank: usize, log_file: Option<&Path>) -> std::io::Result<()> {
     let _ = CONSOLE_RANK0.set(rank == 0);
     let console = (rank == 0).then(|| {
-        let filter = EnvFilter::builder()
-            .with_default_directive(LevelFilter::INFO.into())
-            .from_env_lossy();
+        let filter = EnvFilter::builder().with_default_directive(LevelFilter::INFO.into()).from_env_lossy();
         tracing_subscriber::fmt::layer()
             .with_writer(ConsoleWriter)
             .with_target(false)
@@ -64,10 +62,7 @@ pub fn init(rank: usize, log_file: Option<&Path>) -> std::io::Result<()> {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::create_dir_all(dir)?;
             }
-            let f = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)?;
+            let f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
             Some(
                 tracing_subscriber::fmt::layer()
                     .with_writer(Mutex::new(f))
@@ -77,10 +72,7 @@ pub fn init(rank: usize, log_file: Option<&Path>) -> std::io::Result<()> {
         }
         None => None,
     };
-    let _ = tracing_subscriber::registry()
-        .with(console)
-        .with(file)
-        .try_init();
+    let _ = tracing_subscriber::registry().with(console).with(file).try_init();
     let _ = INITIALIZED.set(());
     Ok(())
 }

@@ -47,32 +47,16 @@ impl ModelShape {
             "gpt2-xl" => (48, 25, 1600),
             _ => return Err(MemoryError::UnknownPreset(name.to_string())),
         };
-        Ok(ModelShape {
-            n_layer,
-            n_head,
-            n_embd,
-            vocab_size: 50257,
-            block_size: 1024,
-        })
+        Ok(ModelShape { n_layer, n_head, n_embd, vocab_size: 50257, block_size: 1024 })
     }
 
     pub fn validate(&self) -> Result<(), MemoryError> {
         let s = self;
-        if s.n_layer == 0
-            || s.n_head == 0
-            || s.n_embd == 0
-            || s.vocab_size == 0
-            || s.block_size == 0
-        {
-            return Err(MemoryError::Shape(format!(
-                "every dimension must be positive: {s:?}"
-            )));
+        if s.n_layer == 0 || s.n_head == 0 || s.n_embd == 0 || s.vocab_size == 0 || s.block_size == 0 {
+            return Err(MemoryError::Shape(format!("every dimension must be positive: {s:?}")));
         }
         if s.n_embd % s.n_head != 0 {
-            return Err(MemoryError::Shape(format!(
-                "n_embd {} is not a multiple of n_head {}",
-                s.n_embd, s.n_head
-            )));
+            return Err(MemoryError::Shape(format!("n_embd {} is not a multiple of n_head {}", s.n_embd, s.n_head)));
         }
         Ok(())
     }
@@ -94,15 +78,7 @@ impl ModelShape {
     /// (`parameters(recurse=False)`): the token embedding for every GPT-2 size.
     pub fn largest_layer_params(&self) -> u64 {
         let c = self.n_embd;
-        [
-            self.vocab_size * c,
-            self.block_size * c,
-            4 * c * c + 4 * c,
-            3 * c * c + 3 * c,
-        ]
-        .into_iter()
-        .max()
-        .unwrap_or(0)
+        [self.vocab_size * c, self.block_size * c, 4 * c * c + 4 * c, 3 * c * c + 3 * c].into_iter().max().unwrap_or(0)
     }
 }
 
@@ -173,9 +149,7 @@ impl Setup {
     pub fn validate(&self) -> Result<(), MemoryError> {
         self.model.validate()?;
         if self.gpus_per_node == 0 || self.nodes == 0 {
-            return Err(MemoryError::Setup(
-                "gpus per node and nodes must be at least 1".into(),
-            ));
+            return Err(MemoryError::Setup("gpus per node and nodes must be at least 1".into()));
         }
         if self.seq_len == 0 || self.seq_len > self.model.block_size {
             return Err(MemoryError::Setup(format!(
@@ -184,9 +158,7 @@ impl Setup {
             )));
         }
         if self.grad_accum == 0 {
-            return Err(MemoryError::Setup(
-                "gradient accumulation steps must be at least 1".into(),
-            ));
+            return Err(MemoryError::Setup("gradient accumulation steps must be at least 1".into()));
         }
         Ok(())
     }
@@ -275,11 +247,7 @@ pub fn block_activation_bytes(s: &Setup) -> u64 {
     let tokens = b * t;
     // flash attention (fp16/bf16) keeps logsumexp as [B, H, T]; the memory-efficient kernel
     // (what fp32 gets) pads T to a multiple of 32.
-    let lse_t = if s.dtype == Dtype::Fp32 {
-        t.div_ceil(32) * 32
-    } else {
-        t
-    };
+    let lse_t = if s.dtype == Dtype::Fp32 { t.div_ceil(32) * 32 } else { t };
     let mut bytes = 16 * tokens * c * e + 2 * 2 * tokens * 4 + b * h * lse_t * 4;
     if s.dropout {
         bytes += 2 * tokens * c; // attn and mlp residual dropout masks (bool)
@@ -294,8 +262,7 @@ fn outer_activation_bytes(s: &Setup) -> u64 {
     let tokens = s.micro_batch * s.seq_len;
     let c = s.model.n_embd;
     let e = s.dtype.bytes();
-    let mut bytes =
-        tokens * 8 + s.seq_len * 8 + 2 * tokens * c * e + 2 * tokens * 4 + tokens * 8 + 4;
+    let mut bytes = tokens * 8 + s.seq_len * 8 + 2 * tokens * c * e + 2 * tokens * 4 + tokens * 8 + 4;
     if s.dropout {
         bytes += tokens * c;
     }
@@ -319,8 +286,7 @@ pub fn activation_bytes(s: &Setup) -> u64 {
 /// Tokens in one chunk of zerokit's head and loss (`Gpt::head_backward`): whole sequences,
 /// about `model::HEAD_CHUNK_TOKENS`, at most the micro-batch.
 pub fn head_chunk_tokens(s: &Setup) -> u64 {
-    let per =
-        (crate::model::HEAD_CHUNK_TOKENS as u64 / s.seq_len.max(1)).clamp(1, s.micro_batch.max(1));
+    let per = (crate::model::HEAD_CHUNK_TOKENS as u64 / s.seq_len.max(1)).clamp(1, s.micro_batch.max(1));
     per * s.seq_len
 }
 
@@ -338,11 +304,7 @@ pub fn loss_saved_bytes(s: &Setup) -> u64 {
 pub fn logits_bytes(s: &Setup) -> u64 {
     let ctv = head_chunk_tokens(s) * s.model.vocab_size;
     let chunks = (s.micro_batch * s.seq_len).div_ceil(head_chunk_tokens(s));
-    let wte_sum = if chunks > 1 {
-        2 * s.dtype.bytes() * s.model.vocab_size * s.model.n_embd
-    } else {
-        0
-    };
+    let wte_sum = if chunks > 1 { 2 * s.dtype.bytes() * s.model.vocab_size * s.model.n_embd } else { 0 };
     ctv * s.dtype.bytes() + loss_saved_bytes(s) + 2 * 4 * ctv + wte_sum
 }
 
@@ -395,11 +357,7 @@ pub fn cpu_per_node(s: &Setup, stage: u8, offload: Offload) -> u64 {
     let psi = s.model.num_params();
     let g = s.gpus_per_node;
     let d = s.world_size();
-    let init = if stage == 3 {
-        4 * s.model.largest_layer_params() * g
-    } else {
-        4 * psi * g
-    };
+    let init = if stage == 3 { 4 * s.model.largest_layer_params() * g } else { 4 * psi * g };
     // fp32 master, two moments, fp32 gradient; the compute-dtype parameter shard too when
     // parameters are offloaded.
     let per_rank = match offload {
@@ -460,19 +418,11 @@ pub fn deepspeed_zero3(
     };
     let (cpu, gpu) = if cpu_offload {
         if cpu_offload_params {
-            let cpu = if zero_init {
-                (total_params * 18) as f64 * gpus_factor * abf
-            } else {
-                max_term(18.0)
-            };
+            let cpu = if zero_init { (total_params * 18) as f64 * gpus_factor * abf } else { max_term(18.0) };
             (cpu, largest_layer_memory)
         } else {
             let gpu = largest_layer_memory + py_int((2 * total_params) as f64 / total_gpus as f64);
-            let cpu = if zero_init {
-                (total_params * 16) as f64 * gpus_factor * abf
-            } else {
-                max_term(16.0)
-            };
+            let cpu = if zero_init { (total_params * 16) as f64 * gpus_factor * abf } else { max_term(16.0) };
             (cpu, gpu)
         }
     } else {
@@ -514,10 +464,7 @@ pub fn deepspeed_figures(s: &Setup, stage: u8, offload: Offload) -> Option<DeepS
         }
         _ => return None,
     };
-    Some(DeepSpeedFigures {
-        gpu,
-        cpu_per_node: cpu,
-    })
+    Some(DeepSpeedFigures { gpu, cpu_per_node: cpu })
 }
 
 /// The largest micro-batch whose total fits `usable` bytes (every activation and logit term is
@@ -525,18 +472,7 @@ pub fn deepspeed_figures(s: &Setup, stage: u8, offload: Offload) -> Option<DeepS
 fn max_micro_batch(s: &Setup, stage: u8, offload: Offload, usable: u64) -> u64 {
     // Memory grows with the micro-batch, though not linearly (the head's chunk stops growing at
     // HEAD_CHUNK_TOKENS): search the largest that fits.
-    let fits = |b: u64| {
-        gpu_breakdown(
-            &Setup {
-                micro_batch: b,
-                ..s.clone()
-            },
-            stage,
-            offload,
-        )
-        .total()
-            <= usable
-    };
+    let fits = |b: u64| gpu_breakdown(&Setup { micro_batch: b, ..s.clone() }, stage, offload).total() <= usable;
     if !fits(1) {
         return 0;
     }
@@ -590,13 +526,9 @@ pub fn estimate(s: &Setup, usable_gpu_memory: u64) -> Result<Estimate, MemoryErr
 /// Reads sizes such as `80GiB`, `141GB`, `80G` (binary), `1.5TiB` or a plain byte count.
 pub fn parse_size(text: &str) -> Result<u64, MemoryError> {
     let t = text.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let value: f64 = num
-        .parse()
-        .map_err(|_| MemoryError::BadSize(text.to_string()))?;
+    let value: f64 = num.parse().map_err(|_| MemoryError::BadSize(text.to_string()))?;
     let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1.0,
         "k" | "kib" => 1024.0,
@@ -764,11 +696,9 @@ pub fn render(est: &Estimate, model_name: &str, gpu_memory: u64) -> String {
         );
     }
     let _ = writeln!(out);
-    let _ = writeln!(out, "DeepSpeed's estimators (params + grads + optimizer state only; buffer factor 1.5, zero_init):");
-    let _ = writeln!(
-        out,
-        "stage offload     GPU GiB  CPU GiB/node   zerokit's params+grads+optim"
-    );
+    let _ =
+        writeln!(out, "DeepSpeed's estimators (params + grads + optimizer state only; buffer factor 1.5, zero_init):");
+    let _ = writeln!(out, "stage offload     GPU GiB  CPU GiB/node   zerokit's params+grads+optim");
     for r in &est.rows {
         if let Some(ds) = r.deepspeed {
             let _ = writeln!(

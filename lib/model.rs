@@ -99,13 +99,7 @@ impl GptConfig {
             "gpt2-xl" => (48, 25, 1600),
             _ => return Err(ModelError::UnknownPreset(name.to_string())),
         };
-        Ok(GptConfig {
-            n_layer,
-            n_head,
-            n_embd,
-            block_size: 1024,
-            vocab_size: 50257,
-        })
+        Ok(GptConfig { n_layer, n_head, n_embd, block_size: 1024, vocab_size: 50257 })
     }
 
     /// The same model with the vocabulary rounded up to a multiple of `multiple` (64 gives
@@ -120,20 +114,13 @@ impl GptConfig {
     pub fn validate(&self) -> Result<(), ModelError> {
         let bad = |m: String| Err(ModelError::Config(m));
         if self.n_layer == 0 || self.n_head == 0 || self.n_embd == 0 {
-            return bad(format!(
-                "n_layer, n_head and n_embd must be positive (got {self:?})"
-            ));
+            return bad(format!("n_layer, n_head and n_embd must be positive (got {self:?})"));
         }
         if self.block_size == 0 || self.vocab_size == 0 {
-            return bad(format!(
-                "block_size and vocab_size must be positive (got {self:?})"
-            ));
+            return bad(format!("block_size and vocab_size must be positive (got {self:?})"));
         }
         if self.n_embd % self.n_head != 0 {
-            return bad(format!(
-                "n_embd {} is not a multiple of n_head {}",
-                self.n_embd, self.n_head
-            ));
+            return bad(format!("n_embd {} is not a multiple of n_head {}", self.n_embd, self.n_head));
         }
         // Token ids travel as i64 and sizes as i64 through libtorch.
         if self.num_params() as u128 > i64::MAX as u128 / 8 {
@@ -148,18 +135,10 @@ impl GptConfig {
 
     /// Every parameter in canonical order: wte, wpe, h.0.*, ..., h.{L-1}.*, ln_f.*.
     pub fn param_specs(&self) -> Vec<ParamSpec> {
-        let (c, v, t) = (
-            self.n_embd as i64,
-            self.vocab_size as i64,
-            self.block_size as i64,
-        );
+        let (c, v, t) = (self.n_embd as i64, self.vocab_size as i64, self.block_size as i64);
         let spec = |name: String, shape: Vec<i64>| {
             let weight_decay = shape.len() >= 2;
-            ParamSpec {
-                name,
-                shape,
-                weight_decay,
-            }
+            ParamSpec { name, shape, weight_decay }
         };
         let mut specs = vec![spec(WTE.into(), vec![v, c]), spec(WPE.into(), vec![t, c])];
         for i in 0..self.n_layer {
@@ -175,8 +154,7 @@ impl GptConfig {
     /// Parameter count, the tied lm_head counted once (as transformers' num_parameters does).
     pub fn num_params(&self) -> usize {
         let (c, v, t, l) = (self.n_embd, self.vocab_size, self.block_size, self.n_layer);
-        let block =
-            2 * 2 * c + (c * 3 * c + 3 * c) + (c * c + c) + (c * 4 * c + 4 * c) + (4 * c * c + c);
+        let block = 2 * 2 * c + (c * 3 * c + 3 * c) + (c * c + c) + (c * 4 * c + 4 * c) + (4 * c * c + c);
         v * c + t * c + l * block + 2 * c
     }
 
@@ -244,13 +222,9 @@ impl Conv1D {
     /// the [in, out] weight without a transpose copy.
     fn forward(&self, x: &Tensor) -> Tensor {
         let mut out_shape = x.size();
-        let n_in = *out_shape
-            .last()
-            .expect("Conv1D input has at least one dimension");
+        let n_in = *out_shape.last().expect("Conv1D input has at least one dimension");
         *out_shape.last_mut().unwrap() = self.weight.size()[1];
-        self.bias
-            .addmm(&x.reshape([-1, n_in]), &self.weight)
-            .view(out_shape.as_slice())
+        self.bias.addmm(&x.reshape([-1, n_in]), &self.weight).view(out_shape.as_slice())
     }
 }
 
@@ -261,17 +235,8 @@ struct LayerNorm {
 
 impl LayerNorm {
     fn forward(&self, x: &Tensor) -> Tensor {
-        let c = *x
-            .size()
-            .last()
-            .expect("LayerNorm input has at least one dimension");
-        x.layer_norm(
-            [c],
-            Some(&self.weight),
-            Some(&self.bias),
-            LAYER_NORM_EPS,
-            true,
-        )
+        let c = *x.size().last().expect("LayerNorm input has at least one dimension");
+        x.layer_norm([c], Some(&self.weight), Some(&self.bias), LAYER_NORM_EPS, true)
     }
 }
 
@@ -366,10 +331,7 @@ impl Gpt {
                 Init::Zeros => Tensor::f_zeros([spec.numel() as i64], (Kind::Float, Device::Cpu))?,
                 Init::Ones => Tensor::f_ones([spec.numel() as i64], (Kind::Float, Device::Cpu))?,
             };
-            let t = host
-                .f_view(spec.shape.as_slice())?
-                .f_to_kind(kind)?
-                .f_to_device(device)?;
+            let t = host.f_view(spec.shape.as_slice())?.f_to_kind(kind)?.f_to_device(device)?;
             named.push((spec.name.clone(), t));
             pb.inc(spec.numel() as u64);
         }
@@ -386,9 +348,7 @@ impl Gpt {
     ) -> Result<Gpt, ModelError> {
         let mut map: HashMap<String, Tensor> = named.into_iter().collect();
         for spec in cfg.param_specs() {
-            let t = map
-                .get(&spec.name)
-                .ok_or_else(|| ModelError::Params(format!("missing {}", spec.name)))?;
+            let t = map.get(&spec.name).ok_or_else(|| ModelError::Params(format!("missing {}", spec.name)))?;
             if t.size() != spec.shape {
                 return Err(ModelError::Params(format!(
                     "{} has shape {:?}, expected {:?}",
@@ -398,69 +358,28 @@ impl Gpt {
                 )));
             }
         }
-        let mut take = |name: &str| -> Tensor {
-            map.remove(name)
-                .expect("presence checked above")
-                .set_requires_grad(true)
-        };
+        let mut take =
+            |name: &str| -> Tensor { map.remove(name).expect("presence checked above").set_requires_grad(true) };
         let wte = take(WTE);
         let wpe = take(WPE);
         let h = (0..cfg.n_layer)
             .map(|i| {
-                let mut p = BLOCK_PARAMS
-                    .map(|s| take(&block_param_name(i, s)))
-                    .into_iter();
+                let mut p = BLOCK_PARAMS.map(|s| take(&block_param_name(i, s))).into_iter();
                 let mut next = || p.next().expect("12 block parameters");
-                let ln_1 = LayerNorm {
-                    weight: next(),
-                    bias: next(),
-                };
-                let c_attn = Conv1D {
-                    weight: next(),
-                    bias: next(),
-                };
-                let attn_proj = Conv1D {
-                    weight: next(),
-                    bias: next(),
-                };
-                let ln_2 = LayerNorm {
-                    weight: next(),
-                    bias: next(),
-                };
-                let c_fc = Conv1D {
-                    weight: next(),
-                    bias: next(),
-                };
-                let mlp_proj = Conv1D {
-                    weight: next(),
-                    bias: next(),
-                };
-                Block {
-                    ln_1,
-                    c_attn,
-                    attn_proj,
-                    ln_2,
-                    c_fc,
-                    mlp_proj,
-                }
+                let ln_1 = LayerNorm { weight: next(), bias: next() };
+                let c_attn = Conv1D { weight: next(), bias: next() };
+                let attn_proj = Conv1D { weight: next(), bias: next() };
+                let ln_2 = LayerNorm { weight: next(), bias: next() };
+                let c_fc = Conv1D { weight: next(), bias: next() };
+                let mlp_proj = Conv1D { weight: next(), bias: next() };
+                Block { ln_1, c_attn, attn_proj, ln_2, c_fc, mlp_proj }
             })
             .collect();
-        let ln_f = LayerNorm {
-            weight: take(LN_F_WEIGHT),
-            bias: take(LN_F_BIAS),
-        };
+        let ln_f = LayerNorm { weight: take(LN_F_WEIGHT), bias: take(LN_F_BIAS) };
         if let Some(extra) = map.keys().next() {
             return Err(ModelError::Params(format!("unexpected {extra}")));
         }
-        Ok(Gpt {
-            cfg: *cfg,
-            device,
-            kind,
-            wte,
-            wpe,
-            h,
-            ln_f,
-        })
+        Ok(Gpt { cfg: *cfg, device, kind, wte, wpe, h, ln_f })
     }
 
     pub fn config(&self) -> &GptConfig {
@@ -506,23 +425,13 @@ impl Gpt {
 
     /// The parameters as detached tensors (no autograd history, same storage), for saving.
     pub fn state_dict(&self) -> Vec<(String, Tensor)> {
-        self.named_parameters()
-            .into_iter()
-            .map(|(n, t)| (n, t.detach()))
-            .collect()
+        self.named_parameters().into_iter().map(|(n, t)| (n, t.detach())).collect()
     }
 
     /// Names of the parameters block `i` uses.
     pub fn block_parameter_names(&self, i: usize) -> Vec<String> {
-        assert!(
-            i < self.cfg.n_layer,
-            "block {i} of a {}-layer model",
-            self.cfg.n_layer
-        );
-        BLOCK_PARAMS
-            .iter()
-            .map(|s| block_param_name(i, s))
-            .collect()
+        assert!(i < self.cfg.n_layer, "block {i} of a {}-layer model", self.cfg.n_layer);
+        BLOCK_PARAMS.iter().map(|s| block_param_name(i, s)).collect()
     }
 
     /// Names of the parameters `embed` uses.
@@ -533,11 +442,7 @@ impl Gpt {
     /// Names of the parameters `head` uses. wte is shared with `embed`: its gradient is complete
     /// only after the backward of both.
     pub fn head_parameter_names(&self) -> Vec<String> {
-        vec![
-            LN_F_WEIGHT.to_string(),
-            LN_F_BIAS.to_string(),
-            WTE.to_string(),
-        ]
+        vec![LN_F_WEIGHT.to_string(), LN_F_BIAS.to_string(), WTE.to_string()]
     }
 
     /// Copies values into the parameters (converting kind and device), in place so that handles
@@ -563,12 +468,8 @@ impl Gpt {
             }
         }
         if given.len() != specs.len() {
-            let known: std::collections::HashSet<&str> =
-                specs.iter().map(|s| s.name.as_str()).collect();
-            let extra = given
-                .keys()
-                .find(|n| !known.contains(*n))
-                .expect("more names than specs");
+            let known: std::collections::HashSet<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+            let extra = given.keys().find(|n| !known.contains(*n)).expect("more names than specs");
             return Err(ModelError::Params(format!("unexpected {extra}")));
         }
         tch::no_grad(|| -> Result<(), ModelError> {
@@ -582,11 +483,7 @@ impl Gpt {
     /// Token plus position embeddings: idx [B, T] (Int64, T <= block_size) to [B, T, C].
     pub fn embed(&self, idx: &Tensor) -> Tensor {
         let t = idx.size()[1];
-        assert!(
-            t as usize <= self.cfg.block_size,
-            "sequence length {t} exceeds block_size {}",
-            self.cfg.block_size
-        );
+        assert!(t as usize <= self.cfg.block_size, "sequence length {t} exceeds block_size {}", self.cfg.block_size);
         let pos = Tensor::arange(t, (Kind::Int64, idx.device()));
         let tok_emb = Tensor::embedding(&self.wte, idx, -1, false, false);
         let pos_emb = Tensor::embedding(&self.wpe, &pos, -1, false, false);
@@ -615,31 +512,21 @@ impl Gpt {
     /// Mean cross-entropy over targets != -1, computed in fp32 whatever the logits' kind.
     pub fn loss(logits: &Tensor, targets: &Tensor) -> Tensor {
         let v = *logits.size().last().expect("logits are [.., V]");
-        logits
-            .to_kind(Kind::Float)
-            .view([-1, v])
-            .cross_entropy_loss(
-                &targets.view([-1]),
-                None::<Tensor>,
-                Reduction::Mean,
-                -1,
-                0.0,
-            )
+        logits.to_kind(Kind::Float).view([-1, v]).cross_entropy_loss(
+            &targets.view([-1]),
+            None::<Tensor>,
+            Reduction::Mean,
+            -1,
+            0.0,
+        )
     }
 
     /// Loads a Hugging Face GPT-2 directory (config.json with model.safetensors or a sharded
     /// model.safetensors.index.json) into a model of `kind` on `device`.
-    pub fn load_hf(
-        path: &Path,
-        device: Device,
-        kind: Kind,
-    ) -> Result<(Gpt, GptConfig), ModelError> {
+    pub fn load_hf(path: &Path, device: Device, kind: Kind) -> Result<(Gpt, GptConfig), ModelError> {
         check_kind(kind)?;
         let cfg = hf::read_config(path)?;
-        cfg.validate().map_err(|e| HfError::Config {
-            path: path.join("config.json"),
-            msg: e.to_string(),
-        })?;
+        cfg.validate().map_err(|e| HfError::Config { path: path.join("config.json"), msg: e.to_string() })?;
         let named = hf::load_tensors(path, &cfg.param_specs(), device, kind)?;
         let model = Gpt::from_named(&cfg, device, kind, named)?;
         Ok((model, cfg))
@@ -649,13 +536,7 @@ impl Gpt {
     /// model's kind, the tied lm_head stored once as transformer.wte.weight), atomically; an
     /// existing `dir` is replaced only with `force`.
     pub fn save_hf(&self, dir: &Path, force: bool) -> Result<(), ModelError> {
-        Ok(hf::save(
-            dir,
-            &self.cfg,
-            self.kind,
-            &self.state_dict(),
-            force,
-        )?)
+        Ok(hf::save(dir, &self.cfg, self.kind, &self.state_dict(), force)?)
     }
 
     /// nanoGPT's sampling: `max_new_tokens` times, crop the context to block_size, take the last
@@ -672,29 +553,20 @@ impl Gpt {
     ) -> Result<Tensor, ModelError> {
         let bad = |m: String| Err(ModelError::Generate(m));
         if idx.dim() != 2 || idx.kind() != Kind::Int64 {
-            return bad(format!(
-                "token ids must be a 2-D Int64 tensor, got {:?} {:?}",
-                idx.kind(),
-                idx.size()
-            ));
+            return bad(format!("token ids must be a 2-D Int64 tensor, got {:?} {:?}", idx.kind(), idx.size()));
         }
         if idx.size()[1] == 0 {
             return bad("the prompt is empty".into());
         }
         if !(temperature.is_finite() && temperature >= 0.0) {
-            return bad(format!(
-                "temperature must be finite and >= 0, got {temperature}"
-            ));
+            return bad(format!("temperature must be finite and >= 0, got {temperature}"));
         }
         if top_k == Some(0) {
             return bad("top_k must be at least 1".into());
         }
         let (lo, hi) = (idx.f_min()?.int64_value(&[]), idx.f_max()?.int64_value(&[]));
         if lo < 0 || hi as usize >= self.cfg.vocab_size {
-            return bad(format!(
-                "token ids must lie in [0, {}), got {lo}..={hi}",
-                self.cfg.vocab_size
-            ));
+            return bad(format!("token ids must lie in [0, {}), got {lo}..={hi}", self.cfg.vocab_size));
         }
         let b = idx.size()[0];
         let v = self.cfg.vocab_size as i64;
@@ -715,18 +587,11 @@ impl Gpt {
                         let kth = top.narrow(1, k as i64 - 1, 1);
                         logits = logits.masked_fill(&logits.lt_tensor(&kth), f64::NEG_INFINITY);
                     }
-                    let probs = logits
-                        .softmax(-1, Kind::Float)
-                        .to_device(Device::Cpu)
-                        .contiguous();
+                    let probs = logits.softmax(-1, Kind::Float).to_device(Device::Cpu).contiguous();
                     let probs = Vec::<f32>::try_from(probs.view([-1]))?;
-                    let picks: Vec<i64> = probs
-                        .chunks(v as usize)
-                        .map(|row| sample(row, rng.next_f64()) as i64)
-                        .collect();
-                    Tensor::from_slice(&picks)
-                        .view([b, 1])
-                        .to_device(self.device)
+                    let picks: Vec<i64> =
+                        probs.chunks(v as usize).map(|row| sample(row, rng.next_f64()) as i64).collect();
+                    Tensor::from_slice(&picks).view([b, 1]).to_device(self.device)
                 };
                 idx = Tensor::cat(&[idx, next], 1);
             }
@@ -773,12 +638,7 @@ impl Gpt {
     /// targets != -1) on the last block's output `x` [B, T, C], in chunks of whole sequences of
     /// about `HEAD_CHUNK_TOKENS` tokens. Gives the same loss and gradients as one pass, without
     /// ever holding the whole [B, T, V] logits.
-    pub fn head_backward(
-        &self,
-        x: &Tensor,
-        targets: &Tensor,
-        scale: f64,
-    ) -> Result<HeadGrads, TchError> {
+    pub fn head_backward(&self, x: &Tensor, targets: &Tensor, scale: f64) -> Result<HeadGrads, TchError> {
         let (b, t) = (x.size()[0], x.size()[1]);
         let per = ((HEAD_CHUNK_TOKENS as i64) / t.max(1)).clamp(1, b.max(1));
         // The mean's denominator over the whole micro-batch, kept on the device (no host sync).
@@ -792,16 +652,13 @@ impl Gpt {
             let xc = x.narrow(0, start, n).detach().set_requires_grad(true);
             let logits = self.head(&xc);
             let v = logits.size()[2];
-            let sum = logits
-                .to_kind(Kind::Float)
-                .view([-1, v])
-                .f_cross_entropy_loss(
-                    &targets.narrow(0, start, n).reshape([-1]),
-                    None::<Tensor>,
-                    Reduction::Sum,
-                    -1,
-                    0.0,
-                )?;
+            let sum = logits.to_kind(Kind::Float).view([-1, v]).f_cross_entropy_loss(
+                &targets.narrow(0, start, n).reshape([-1]),
+                None::<Tensor>,
+                Reduction::Sum,
+                -1,
+                0.0,
+            )?;
             let part = sum / &count;
             let mut g = Tensor::f_run_backward(
                 &[&part * scale],
@@ -813,23 +670,13 @@ impl Gpt {
             let chunk_grads: [Tensor; 3] = [g.remove(0), g.remove(0), g.remove(0)];
             grads = Some(match grads {
                 None => chunk_grads,
-                Some([w, bi, e]) => [
-                    w + &chunk_grads[0],
-                    bi + &chunk_grads[1],
-                    e + &chunk_grads[2],
-                ],
+                Some([w, bi, e]) => [w + &chunk_grads[0], bi + &chunk_grads[1], e + &chunk_grads[2]],
             });
             loss += part.detach();
             start += n;
         }
         let [ln_f_weight, ln_f_bias, wte] = grads.expect("a micro-batch has at least one sequence");
-        Ok(HeadGrads {
-            loss,
-            ln_f_weight,
-            ln_f_bias,
-            wte,
-            input: Tensor::f_cat(&inputs, 0)?,
-        })
+        Ok(HeadGrads { loss, ln_f_weight, ln_f_bias, wte, input: Tensor::f_cat(&inputs, 0)? })
     }
 }
 
@@ -891,23 +738,20 @@ fn stream_key(seed: u64, index: u64) -> u64 {
 fn fill_normal(out: &mut [f32], std: f64, key: u64) {
     use rayon::prelude::*;
     const CHUNK: usize = 1 << 16; // even, so chunks start on pair boundaries
-    out.par_chunks_mut(CHUNK)
-        .enumerate()
-        .for_each(|(ci, chunk)| {
-            let mut rng =
-                SplitMix64::new(key.wrapping_add(((ci * CHUNK) as u64).wrapping_mul(GOLDEN_GAMMA)));
-            for pair in chunk.chunks_mut(2) {
-                // u1 in (0, 1] keeps ln finite.
-                let u1 = ((rng.next_u64() >> 11) + 1) as f64 * (1.0 / (1u64 << 53) as f64);
-                let u2 = rng.next_f64();
-                let r = (-2.0 * u1.ln()).sqrt() * std;
-                let (s, c) = (std::f64::consts::TAU * u2).sin_cos();
-                pair[0] = (r * c) as f32;
-                if pair.len() > 1 {
-                    pair[1] = (r * s) as f32;
-                }
+    out.par_chunks_mut(CHUNK).enumerate().for_each(|(ci, chunk)| {
+        let mut rng = SplitMix64::new(key.wrapping_add(((ci * CHUNK) as u64).wrapping_mul(GOLDEN_GAMMA)));
+        for pair in chunk.chunks_mut(2) {
+            // u1 in (0, 1] keeps ln finite.
+            let u1 = ((rng.next_u64() >> 11) + 1) as f64 * (1.0 / (1u64 << 53) as f64);
+            let u2 = rng.next_f64();
+            let r = (-2.0 * u1.ln()).sqrt() * std;
+            let (s, c) = (std::f64::consts::TAU * u2).sin_cos();
+            pair[0] = (r * c) as f32;
+            if pair.len() > 1 {
+                pair[1] = (r * s) as f32;
             }
-        });
+        }
+    });
 }
 
 #[cfg(test)]

@@ -22,28 +22,11 @@ pub enum OptimError {
     #[error("AdamW: {0}")]
     Config(String),
     #[error("AdamW segment {index} [{start}, {end}) lies outside the shard of {numel} elements")]
-    SegmentOutOfRange {
-        index: usize,
-        start: usize,
-        end: usize,
-        numel: usize,
-    },
+    SegmentOutOfRange { index: usize, start: usize, end: usize, numel: usize },
     #[error("AdamW segments [{a_start}, {a_end}) and [{b_start}, {b_end}) overlap")]
-    SegmentOverlap {
-        a_start: usize,
-        a_end: usize,
-        b_start: usize,
-        b_end: usize,
-    },
-    #[error(
-        "AdamW {what}: expected a 1-D fp32 tensor of {numel} elements on {device:?}, got {got}"
-    )]
-    BadTensor {
-        what: &'static str,
-        numel: usize,
-        device: Device,
-        got: String,
-    },
+    SegmentOverlap { a_start: usize, a_end: usize, b_start: usize, b_end: usize },
+    #[error("AdamW {what}: expected a 1-D fp32 tensor of {numel} elements on {device:?}, got {got}")]
+    BadTensor { what: &'static str, numel: usize, device: Device, got: String },
     #[error("AdamW step: learning rate {0} is not a finite non-negative number")]
     BadLr(f64),
     #[error("learning-rate schedule: {0}")]
@@ -65,12 +48,7 @@ pub struct AdamWConfig {
 impl Default for AdamWConfig {
     /// nanoGPT's GPT-2 values.
     fn default() -> Self {
-        AdamWConfig {
-            lr: 6e-4,
-            betas: (0.9, 0.95),
-            eps: 1e-8,
-            weight_decay: 0.1,
-        }
+        AdamWConfig { lr: 6e-4, betas: (0.9, 0.95), eps: 1e-8, weight_decay: 0.1 }
     }
 }
 
@@ -86,9 +64,7 @@ impl AdamWConfig {
             return bad(format!("invalid epsilon {}", self.eps));
         }
         if !(0.0..1.0).contains(&b1) || !(0.0..1.0).contains(&b2) {
-            return bad(format!(
-                "invalid betas ({b1}, {b2}): each must be in [0, 1)"
-            ));
+            return bad(format!("invalid betas ({b1}, {b2}): each must be in [0, 1)"));
         }
         if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
             return bad(format!("invalid weight decay {}", self.weight_decay));
@@ -138,12 +114,7 @@ impl std::fmt::Debug for AdamW {
     }
 }
 
-fn check_flat(
-    what: &'static str,
-    t: &Tensor,
-    numel: usize,
-    device: Device,
-) -> Result<(), OptimError> {
+fn check_flat(what: &'static str, t: &Tensor, numel: usize, device: Device) -> Result<(), OptimError> {
     let ok = t.dim() == 1
         && t.size()[0] as usize == numel
         && t.kind() == Kind::Float
@@ -157,41 +128,22 @@ fn check_flat(
             t.kind(),
             t.size(),
             t.device(),
-            if t.is_contiguous() {
-                ""
-            } else {
-                " (not contiguous)"
-            }
+            if t.is_contiguous() { "" } else { " (not contiguous)" }
         );
-        Err(OptimError::BadTensor {
-            what,
-            numel,
-            device,
-            got,
-        })
+        Err(OptimError::BadTensor { what, numel, device, got })
     }
 }
 
 impl AdamW {
     /// Zero moments for a shard of `numel` elements on `device`. Segments may come in any order
     /// but must lie inside the shard and must not overlap.
-    pub fn new(
-        numel: usize,
-        mut segments: Vec<Segment>,
-        cfg: AdamWConfig,
-        device: Device,
-    ) -> Result<Self, OptimError> {
+    pub fn new(numel: usize, mut segments: Vec<Segment>, cfg: AdamWConfig, device: Device) -> Result<Self, OptimError> {
         cfg.validate()?;
         for (index, s) in segments.iter().enumerate() {
             let end = s.start.checked_add(s.len).filter(|&e| e <= numel);
             if end.is_none() {
                 let end = s.start.saturating_add(s.len);
-                return Err(OptimError::SegmentOutOfRange {
-                    index,
-                    start: s.start,
-                    end,
-                    numel,
-                });
+                return Err(OptimError::SegmentOutOfRange { index, start: s.start, end, numel });
             }
         }
         segments.sort_by_key(|s| s.start);
@@ -262,20 +214,13 @@ impl AdamW {
     #[allow(unused_must_use)]
     fn step_inner(&mut self, params: &Tensor, grad: &Tensor, lr: f64) -> Result<(), OptimError> {
         self.step += 1;
-        let AdamWConfig {
-            betas: (b1, b2),
-            eps,
-            weight_decay,
-            ..
-        } = self.cfg;
+        let AdamWConfig { betas: (b1, b2), eps, weight_decay, .. } = self.cfg;
         // Every scalar below is computed in f64 exactly as torch/optim/adam.py computes it in
         // Python floats, so libtorch receives the same scalars and rounds the same way.
         if weight_decay != 0.0 {
             let factor = 1.0 - lr * weight_decay;
             for &(start, len) in &self.decay_runs {
-                params
-                    .f_narrow(0, start as i64, len as i64)?
-                    .f_mul_scalar_(factor)?;
+                params.f_narrow(0, start as i64, len as i64)?.f_mul_scalar_(factor)?;
             }
         }
         let t = self.step as f64;
@@ -290,10 +235,7 @@ impl AdamW {
         let chunk = CHUNK.min(self.numel);
         if self.scratch.as_ref().map(|(a, _)| a.size()[0] as usize) != Some(chunk) {
             let opts = (Kind::Float, self.device);
-            self.scratch = Some((
-                Tensor::f_empty([chunk as i64], opts)?,
-                Tensor::f_empty([chunk as i64], opts)?,
-            ));
+            self.scratch = Some((Tensor::f_empty([chunk as i64], opts)?, Tensor::f_empty([chunk as i64], opts)?));
         }
         let (s1, s2) = self.scratch.as_ref().expect("allocated above");
         let mut start = 0usize;
@@ -331,21 +273,11 @@ impl AdamW {
     }
 
     /// Restores moments (copied to this shard's device) and the step count from a checkpoint.
-    pub fn load_state(
-        &mut self,
-        exp_avg: &Tensor,
-        exp_avg_sq: &Tensor,
-        step: u64,
-    ) -> Result<(), OptimError> {
+    pub fn load_state(&mut self, exp_avg: &Tensor, exp_avg_sq: &Tensor, step: u64) -> Result<(), OptimError> {
         for (what, t) in [("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)] {
             if t.dim() != 1 || t.size()[0] as usize != self.numel || t.kind() != Kind::Float {
                 let got = format!("{:?} {:?}", t.kind(), t.size());
-                return Err(OptimError::BadTensor {
-                    what,
-                    numel: self.numel,
-                    device: self.device,
-                    got,
-                });
+                return Err(OptimError::BadTensor { what, numel: self.numel, device: self.device, got });
             }
         }
         tch::no_grad(|| -> Result<(), OptimError> {
@@ -409,20 +341,9 @@ pub enum Decay {
 pub enum LrSchedule {
     /// nanoGPT train.py: linear warm-up `max_lr * (it+1)/(warmup_iters+1)`, then `decay` to
     /// `min_lr` at `lr_decay_iters`, `min_lr` after.
-    NanoGpt {
-        warmup_iters: u64,
-        lr_decay_iters: u64,
-        max_lr: f64,
-        min_lr: f64,
-        decay: Decay,
-    },
+    NanoGpt { warmup_iters: u64, lr_decay_iters: u64, max_lr: f64, min_lr: f64, decay: Decay },
     /// deepspeed.runtime.lr_schedules.WarmupLR.
-    WarmupLR {
-        warmup_min_lr: f64,
-        warmup_max_lr: f64,
-        warmup_num_steps: u64,
-        warmup_type: WarmupType,
-    },
+    WarmupLR { warmup_min_lr: f64, warmup_max_lr: f64, warmup_num_steps: u64, warmup_type: WarmupType },
     /// deepspeed.runtime.lr_schedules.WarmupDecayLR.
     WarmupDecayLR {
         total_num_steps: u64,
@@ -451,9 +372,7 @@ impl LrSchedule {
             if x >= 0.0 && x.is_finite() {
                 Ok(())
             } else {
-                Err(OptimError::Schedule(format!(
-                    "{name} = {x} must be a finite non-negative number"
-                )))
+                Err(OptimError::Schedule(format!("{name} = {x} must be a finite non-negative number")))
             }
         };
         match *self {
@@ -461,29 +380,13 @@ impl LrSchedule {
                 finite_nonneg("max_lr", max_lr)?;
                 finite_nonneg("min_lr", min_lr)
             }
-            LrSchedule::WarmupLR {
-                warmup_min_lr,
-                warmup_max_lr,
-                warmup_num_steps,
-                ..
-            }
-            | LrSchedule::WarmupDecayLR {
-                warmup_min_lr,
-                warmup_max_lr,
-                warmup_num_steps,
-                ..
-            } => {
+            LrSchedule::WarmupLR { warmup_min_lr, warmup_max_lr, warmup_num_steps, .. }
+            | LrSchedule::WarmupDecayLR { warmup_min_lr, warmup_max_lr, warmup_num_steps, .. } => {
                 finite_nonneg("warmup_min_lr", warmup_min_lr)?;
                 finite_nonneg("warmup_max_lr", warmup_max_lr)?;
                 positive_steps(warmup_num_steps)
             }
-            LrSchedule::WarmupCosineLR {
-                lr,
-                warmup_min_ratio,
-                cos_min_ratio,
-                warmup_num_steps,
-                ..
-            } => {
+            LrSchedule::WarmupCosineLR { lr, warmup_min_ratio, cos_min_ratio, warmup_num_steps, .. } => {
                 finite_nonneg("lr", lr)?;
                 finite_nonneg("warmup_min_ratio", warmup_min_ratio)?;
                 finite_nonneg("cos_min_ratio", cos_min_ratio)?;
@@ -495,19 +398,10 @@ impl LrSchedule {
     /// The learning rate of the optimizer step with index `it`.
     pub fn lr(&self, it: u64) -> f64 {
         match *self {
-            LrSchedule::NanoGpt {
-                warmup_iters,
-                lr_decay_iters,
-                max_lr,
-                min_lr,
-                decay,
-            } => nanogpt_lr(it, warmup_iters, lr_decay_iters, max_lr, min_lr, decay),
-            LrSchedule::WarmupLR {
-                warmup_min_lr,
-                warmup_max_lr,
-                warmup_num_steps,
-                warmup_type,
-            } => {
+            LrSchedule::NanoGpt { warmup_iters, lr_decay_iters, max_lr, min_lr, decay } => {
+                nanogpt_lr(it, warmup_iters, lr_decay_iters, max_lr, min_lr, decay)
+            }
+            LrSchedule::WarmupLR { warmup_min_lr, warmup_max_lr, warmup_num_steps, warmup_type } => {
                 let Some(last) = it.checked_sub(1) else {
                     return warmup_min_lr;
                 };
@@ -525,12 +419,11 @@ impl LrSchedule {
                     return warmup_min_lr;
                 };
                 let warmup = warmup_num_steps.max(2);
-                let gamma =
-                    ds_warmup_gamma(last, warmup_num_steps, warmup_type).unwrap_or_else(|| {
-                        let num = total_num_steps as f64 - last as f64;
-                        let den = (total_num_steps as f64 - warmup as f64).max(1.0);
-                        (num / den).max(0.0)
-                    });
+                let gamma = ds_warmup_gamma(last, warmup_num_steps, warmup_type).unwrap_or_else(|| {
+                    let num = total_num_steps as f64 - last as f64;
+                    let den = (total_num_steps as f64 - warmup as f64).max(1.0);
+                    (num / den).max(0.0)
+                });
                 warmup_min_lr + (warmup_max_lr - warmup_min_lr) * gamma
             }
             LrSchedule::WarmupCosineLR {
@@ -549,8 +442,7 @@ impl LrSchedule {
                     Some(r) => warmup_min_ratio + r * (1.0 - warmup_min_ratio),
                     None => {
                         let real_last_step = (last - warmup + 1) as f64;
-                        let real_total_steps =
-                            (total_num_steps as i128 - warmup as i128).max(1) as f64;
+                        let real_total_steps = (total_num_steps as i128 - warmup as i128).max(1) as f64;
                         let progress = (real_last_step / real_total_steps).min(1.0);
                         let r = (1.0 + (std::f64::consts::PI * progress).cos()) / 2.0;
                         (cos_min_ratio + (1.0 - cos_min_ratio) * r).max(0.0)
@@ -564,21 +456,12 @@ impl LrSchedule {
 
 fn positive_steps(n: u64) -> Result<(), OptimError> {
     if n == 0 {
-        return Err(OptimError::Schedule(
-            "warmup_num_steps must be a positive integer".into(),
-        ));
+        return Err(OptimError::Schedule("warmup_num_steps must be a positive integer".into()));
     }
     Ok(())
 }
 
-fn nanogpt_lr(
-    it: u64,
-    warmup_iters: u64,
-    lr_decay_iters: u64,
-    max_lr: f64,
-    min_lr: f64,
-    decay: Decay,
-) -> f64 {
+fn nanogpt_lr(it: u64, warmup_iters: u64, lr_decay_iters: u64, max_lr: f64, min_lr: f64, decay: Decay) -> f64 {
     if decay == Decay::Constant {
         return max_lr;
     }

@@ -16,18 +16,11 @@ pub struct Series {
 #[derive(Debug, thiserror::Error)]
 pub enum PlotError {
     #[error("{path}: cannot draw a {width}x{height} plot (width 160..=8192, height 120..=8192)")]
-    Size {
-        path: PathBuf,
-        width: u32,
-        height: u32,
-    },
+    Size { path: PathBuf, width: u32, height: u32 },
     #[error("writing loss plot {path}: {source}")]
     Write { path: PathBuf, source: FsError },
     #[error("encoding loss plot {path}: {source}")]
-    Encode {
-        path: PathBuf,
-        source: png::EncodingError,
-    },
+    Encode { path: PathBuf, source: png::EncodingError },
 }
 
 /// The y range is widened by this fraction of its span on each side so curves clear the frame.
@@ -102,11 +95,7 @@ impl Axis {
         }
         if !(hi - lo > 1e-9 * lo.abs().max(hi.abs()).max(1e-100)) {
             let mid = 0.5 * (lo + hi);
-            let pad = if mid.abs() > 1e-6 {
-                0.1 * mid.abs()
-            } else {
-                1.0
-            };
+            let pad = if mid.abs() > 1e-6 { 0.1 * mid.abs() } else { 1.0 };
             (lo, hi) = (mid - pad, mid + pad);
         }
         let eps = 1e-9;
@@ -115,11 +104,7 @@ impl Axis {
         'search: for _ in 0..8 {
             for cand in [1, 2, 5] {
                 let step = cand as f64 * 10f64.powi(e);
-                (m, k0, k1) = (
-                    cand,
-                    (lo / step - eps).ceil() as i64,
-                    (hi / step + eps).floor() as i64,
-                );
+                (m, k0, k1) = (cand, (lo / step - eps).ceil() as i64, (hi / step + eps).floor() as i64);
                 if k1 - k0 < 6 {
                     break 'search;
                 }
@@ -135,14 +120,7 @@ impl Axis {
             k1 += 1;
             hi = k1 as f64 * step;
         }
-        Axis {
-            lo,
-            hi,
-            m,
-            e,
-            k0,
-            k1,
-        }
+        Axis { lo, hi, m, e, k0, k1 }
     }
 
     fn ticks(&self) -> impl Iterator<Item = (f64, String)> + '_ {
@@ -162,10 +140,7 @@ impl Axis {
                 let tail = tail.trim_end_matches('0');
                 let sign = if v < 0 { "-" } else { "" };
                 let dot = if tail.is_empty() { "" } else { "." };
-                format!(
-                    "{sign}{head}{dot}{tail}e{}",
-                    self.e + digits.len() as i32 - 1
-                )
+                format!("{sign}{head}{dot}{tail}e{}", self.e + digits.len() as i32 - 1)
             }
         }
     }
@@ -187,11 +162,7 @@ struct Canvas {
 impl Canvas {
     fn set(&mut self, x: i64, y: i64, c: [u8; 3]) {
         let (cx0, cy0, cx1, cy1) = self.clip;
-        if x >= cx0.max(0)
-            && x <= cx1.min(self.w - 1)
-            && y >= cy0.max(0)
-            && y <= cy1.min(self.h - 1)
-        {
+        if x >= cx0.max(0) && x <= cx1.min(self.w - 1) && y >= cy0.max(0) && y <= cy1.min(self.h - 1) {
             let i = 3 * (y * self.w + x) as usize;
             self.rgb[i..i + 3].copy_from_slice(&c);
         }
@@ -248,30 +219,14 @@ fn text_width(s: &str, sc: i64) -> i64 {
 }
 
 /// Writes a `width` x `height` RGB PNG of `series` (loss against step) atomically at `path`.
-pub fn write_loss_plot(
-    path: &Path,
-    title: &str,
-    series: &[Series],
-    width: u32,
-    height: u32,
-) -> Result<(), PlotError> {
+pub fn write_loss_plot(path: &Path, title: &str, series: &[Series], width: u32, height: u32) -> Result<(), PlotError> {
     if !(160..=8192).contains(&width) || !(120..=8192).contains(&height) {
-        return Err(PlotError::Size {
-            path: path.into(),
-            width,
-            height,
-        });
+        return Err(PlotError::Size { path: path.into(), width, height });
     }
     let rgb = render(title, series, width as i64, height as i64);
-    let write_err = |source| PlotError::Write {
-        path: path.into(),
-        source,
-    };
+    let write_err = |source| PlotError::Write { path: path.into(), source };
     let mut file = AtomicFile::create(path).map_err(write_err)?;
-    let encode_err = |source| PlotError::Encode {
-        path: path.into(),
-        source,
-    };
+    let encode_err = |source| PlotError::Encode { path: path.into(), source };
     let mut enc = png::Encoder::new(&mut file, width, height);
     enc.set_color(png::ColorType::Rgb);
     enc.set_depth(png::BitDepth::Eight);
@@ -291,18 +246,8 @@ fn finite(v: f64) -> bool {
 }
 
 fn render(title: &str, series: &[Series], w: i64, h: i64) -> Vec<u8> {
-    let pts = || {
-        series
-            .iter()
-            .flat_map(|s| &s.points)
-            .filter(|(x, y)| finite(*x) && finite(*y))
-    };
-    let (mut xlo, mut xhi, mut ylo, mut yhi) = (
-        f64::INFINITY,
-        f64::NEG_INFINITY,
-        f64::INFINITY,
-        f64::NEG_INFINITY,
-    );
+    let pts = || series.iter().flat_map(|s| &s.points).filter(|(x, y)| finite(*x) && finite(*y));
+    let (mut xlo, mut xhi, mut ylo, mut yhi) = (f64::INFINITY, f64::NEG_INFINITY, f64::INFINITY, f64::NEG_INFINITY);
     for &(x, y) in pts() {
         (xlo, xhi, ylo, yhi) = (xlo.min(x), xhi.max(x), ylo.min(y), yhi.max(y));
     }
@@ -320,12 +265,7 @@ fn render(title: &str, series: &[Series], w: i64, h: i64) -> Vec<u8> {
     let y0 = 3 * pad + 2 * ch;
     let y1 = h - 1 - (tick + 4 * pad + 2 * ch);
 
-    let mut c = Canvas {
-        w,
-        h,
-        rgb: vec![255; (w * h * 3) as usize],
-        clip: (0, 0, w - 1, h - 1),
-    };
+    let mut c = Canvas { w, h, rgb: vec![255; (w * h * 3) as usize], clip: (0, 0, w - 1, h - 1) };
     for &(v, _) in &xt {
         let px = xa.map(v, x0, x1);
         c.fill(px, y0, px, y1, GRID);
@@ -344,13 +284,7 @@ fn render(title: &str, series: &[Series], w: i64, h: i64) -> Vec<u8> {
             prev = Some(p);
         }
         // A lone point would be a 2x2 dot; a marker makes it visible.
-        if let (Some((px, py)), 1) = (
-            prev,
-            s.points
-                .iter()
-                .filter(|(x, y)| finite(*x) && finite(*y))
-                .count(),
-        ) {
+        if let (Some((px, py)), 1) = (prev, s.points.iter().filter(|(x, y)| finite(*x) && finite(*y)).count()) {
             c.fill(px - 2, py - 2, px + 3, py + 3, s.color);
         }
     }
@@ -372,32 +306,14 @@ fn render(title: &str, series: &[Series], w: i64, h: i64) -> Vec<u8> {
     for (v, s) in &yt {
         let py = ya.map(*v, y1, y0);
         c.fill(x0 - tick, py, x0 - 1, py, AXIS);
-        c.text(
-            x0 - tick - pad - text_width(s, sc),
-            py - ch / 2,
-            s,
-            sc,
-            TEXT,
-        );
+        c.text(x0 - tick - pad - text_width(s, sc), py - ch / 2, s, sc, TEXT);
     }
-    c.text(
-        (x0 + x1 - text_width("step", sc)) / 2,
-        y1 + tick + 3 * pad + ch,
-        "step",
-        sc,
-        TEXT,
-    );
+    c.text((x0 + x1 - text_width("step", sc)) / 2, y1 + tick + 3 * pad + ch, "step", sc, TEXT);
     c.text(x0 - 2 * sc, y0 - pad - ch, "loss", sc, TEXT);
     c.text((w - text_width(title, sc)) / 2, pad, title, sc, TEXT);
 
     // Legend in the top-right corner of the plot area, on white so curves do not cross it.
-    let lw = series
-        .iter()
-        .map(|s| text_width(&s.label, sc))
-        .max()
-        .unwrap_or(0)
-        + 4 * pad
-        + 12 * sc;
+    let lw = series.iter().map(|s| text_width(&s.label, sc)).max().unwrap_or(0) + 4 * pad + 12 * sc;
     let (lx0, ly0) = (x1 - pad - lw, y0 + pad);
     let ly1 = ly0 + pad + series.len() as i64 * (ch + pad);
     if !series.is_empty() {
@@ -406,11 +322,7 @@ fn render(title: &str, series: &[Series], w: i64, h: i64) -> Vec<u8> {
     }
     for (i, s) in series.iter().enumerate() {
         let ty = ly0 + pad + i as i64 * (ch + pad);
-        c.line(
-            (lx0 + pad, ty + ch / 2),
-            (lx0 + pad + 12 * sc, ty + ch / 2),
-            s.color,
-        );
+        c.line((lx0 + pad, ty + ch / 2), (lx0 + pad + 12 * sc, ty + ch / 2), s.color);
         c.text(lx0 + 2 * pad + 12 * sc, ty, &s.label, sc, TEXT);
     }
     c.rgb
@@ -424,11 +336,7 @@ mod tests {
     const ORANGE: [u8; 3] = [255, 127, 14];
 
     fn series(label: &str, color: [u8; 3], points: Vec<(f64, f64)>) -> Series {
-        Series {
-            label: label.into(),
-            color,
-            points,
-        }
+        Series { label: label.into(), color, points }
     }
 
     fn decode(p: &Path) -> (u32, u32, Vec<u8>) {
@@ -449,23 +357,13 @@ mod tests {
     #[test]
     fn ticks_are_4_to_6_round_steps_covering_the_data() {
         // Hard cases by hand (7 ticks at one step, 3 at the next), then xorshift-random ranges.
-        let mut cases = vec![
-            (5.1, 14.9),
-            (0.5, 7.5),
-            (2.0, 11.0),
-            (1e6, 1e6 + 3.0),
-            (-3.0, -2.99),
-            (3.0, 3.0),
-        ];
+        let mut cases = vec![(5.1, 14.9), (0.5, 7.5), (2.0, 11.0), (1e6, 1e6 + 3.0), (-3.0, -2.99), (3.0, 3.0)];
         let mut s = 0x2545F4914F6CDD1Du64;
         for _ in 0..20000 {
             s ^= s << 13;
             s ^= s >> 7;
             s ^= s << 17;
-            let (a, b) = (
-                (s % 1000) as f64 - 500.0,
-                ((s >> 20) % 100000) as f64 / 1000.0,
-            );
+            let (a, b) = ((s % 1000) as f64 - 500.0, ((s >> 20) % 100000) as f64 / 1000.0);
             let scale = 10f64.powi((s >> 40) as i32 % 16 - 8);
             cases.push((a * scale, (a + b) * scale));
         }
@@ -473,46 +371,22 @@ mod tests {
             let ax = Axis::nice(lo, hi);
             let step = ax.m as f64 * 10f64.powi(ax.e);
             let n = ax.k1 - ax.k0 + 1;
-            assert!(
-                (4..=6).contains(&n) && [1, 2, 5].contains(&ax.m),
-                "{lo}..{hi}: {ax:?}"
-            );
+            assert!((4..=6).contains(&n) && [1, 2, 5].contains(&ax.m), "{lo}..{hi}: {ax:?}");
             // Equal ends are padded to a span of at most 0.2 * |value| (or 2 near zero).
-            let span = if hi - lo > 1e-9 * hi.abs().max(lo.abs()) {
-                hi - lo
-            } else {
-                0.2 * hi.abs().max(10.0)
-            };
-            assert!(
-                ax.lo <= lo && ax.hi >= hi && ax.hi - ax.lo <= span + 2.0 * step,
-                "{lo}..{hi}: {ax:?}"
-            );
+            let span = if hi - lo > 1e-9 * hi.abs().max(lo.abs()) { hi - lo } else { 0.2 * hi.abs().max(10.0) };
+            assert!(ax.lo <= lo && ax.hi >= hi && ax.hi - ax.lo <= span + 2.0 * step, "{lo}..{hi}: {ax:?}");
             let inside = |v: f64| v >= ax.lo - 1e-9 * step && v <= ax.hi + 1e-9 * step;
-            assert!(
-                ax.ticks().all(|(v, _)| inside(v)),
-                "{lo}..{hi}: a tick outside {ax:?}"
-            );
+            assert!(ax.ticks().all(|(v, _)| inside(v)), "{lo}..{hi}: a tick outside {ax:?}");
         }
     }
 
     #[test]
     fn labels_are_exact() {
-        let labels = |lo, hi| {
-            Axis::nice(lo, hi)
-                .ticks()
-                .map(|(_, s)| s)
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(
-            labels(0.0, 100000.0),
-            ["0", "20000", "40000", "60000", "80000", "100000"]
-        );
+        let labels = |lo, hi| Axis::nice(lo, hi).ticks().map(|(_, s)| s).collect::<Vec<_>>();
+        assert_eq!(labels(0.0, 100000.0), ["0", "20000", "40000", "60000", "80000", "100000"]);
         assert_eq!(labels(0.0, 0.3), ["0", "0.1", "0.2", "0.3"]);
         assert_eq!(labels(0.0, 3e-6), ["0", "1e-6", "2e-6", "3e-6"]);
-        assert_eq!(
-            labels(0.0, 2.5e7),
-            ["0", "5e6", "1e7", "1.5e7", "2e7", "2.5e7"]
-        );
+        assert_eq!(labels(0.0, 2.5e7), ["0", "5e6", "1e7", "1.5e7", "2e7", "2.5e7"]);
         assert_eq!(labels(-0.3, 0.0), ["-0.3", "-0.2", "-0.1", "0"]);
     }
 
@@ -520,12 +394,8 @@ mod tests {
     /// contiguous), so the mapping check does not trust the layout code it is checking.
     fn frame(img: &[u8], w: u32, h: u32) -> (i64, i64, i64, i64) {
         let black = |x: i64, y: i64| px(img, w, x, y) == AXIS;
-        let x0 = (0..w as i64)
-            .max_by_key(|&x| (0..h as i64).filter(|&y| black(x, y)).count())
-            .unwrap();
-        let y1 = (0..h as i64)
-            .max_by_key(|&y| (0..w as i64).filter(|&x| black(x, y)).count())
-            .unwrap();
+        let x0 = (0..w as i64).max_by_key(|&x| (0..h as i64).filter(|&y| black(x, y)).count()).unwrap();
+        let y1 = (0..h as i64).max_by_key(|&y| (0..w as i64).filter(|&x| black(x, y)).count()).unwrap();
         let y0 = (0..=y1).rev().take_while(|&y| black(x0, y)).last().unwrap();
         let x1 = (x0..w as i64).take_while(|&x| black(x, y1)).last().unwrap();
         (x0, y0, x1, y1)
@@ -545,48 +415,25 @@ mod tests {
         write_loss_plot(&path, "GPT-2 (124M)", &[train, val], 800, 500).unwrap();
         let (w, h, img) = decode(&path);
         assert_eq!((w, h), (800, 500));
-        assert_eq!(
-            std::fs::read_dir(dir.path()).unwrap().count(),
-            1,
-            "a temporary file was left"
-        );
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "a temporary file was left");
         let (x0, y0, x1, y1) = frame(&img, w, h);
-        assert!(
-            x1 - x0 > 500 && y1 - y0 > 300,
-            "plot area {x0},{y0}..{x1},{y1} is too small"
-        );
+        assert!(x1 - x0 > 500 && y1 - y0 > 300, "plot area {x0},{y0}..{x1},{y1} is too small");
         // x spans the data [0, 100] exactly (ticks 0..100 by 20); y is [0, 10] padded by Y_PAD
         // of its span on each side, and [-0.4, 10.4] already holds 6 ticks (0..10 by 2).
         let map = |x: f64, y: f64| {
             let (ylo, yhi) = (-10.0 * Y_PAD, 10.0 + 10.0 * Y_PAD);
-            (
-                x0 as f64 + x / 100.0 * (x1 - x0) as f64,
-                y1 as f64 - (y - ylo) / (yhi - ylo) * (y1 - y0) as f64,
-            )
+            (x0 as f64 + x / 100.0 * (x1 - x0) as f64, y1 as f64 - (y - ylo) / (yhi - ylo) * (y1 - y0) as f64)
         };
-        for (x, y, c) in [
-            (50.0, 0.0, BLUE),
-            (25.0, 5.0, BLUE),
-            (75.0, 5.0, BLUE),
-            (10.0, 5.0, ORANGE),
-        ] {
+        for (x, y, c) in [(50.0, 0.0, BLUE), (25.0, 5.0, BLUE), (75.0, 5.0, BLUE), (10.0, 5.0, ORANGE)] {
             let (mx, my) = map(x, y);
-            assert!(
-                near(&img, w, mx, my, c),
-                "no {c:?} pixel near ({mx}, {my}) for ({x}, {y})"
-            );
+            assert!(near(&img, w, mx, my, c), "no {c:?} pixel near ({mx}, {my}) for ({x}, {y})");
         }
         // And not elsewhere: the bottom of the V is far from the top of the plot.
         let (mx, my) = map(50.0, 9.0);
         assert!(!near(&img, w, mx, my, BLUE));
         // Lines are 2 px thick: a vertical cut through the flat val line meets 2 orange pixels.
         let (mx, _) = map(90.0, 5.0);
-        assert_eq!(
-            (y0..=y1)
-                .filter(|&y| px(&img, w, mx as i64, y) == ORANGE)
-                .count(),
-            2
-        );
+        assert_eq!((y0..=y1).filter(|&y| px(&img, w, mx as i64, y) == ORANGE).count(), 2);
     }
 
     #[test]
@@ -601,13 +448,7 @@ mod tests {
             one(&[(0.0, 2.0), (5.0, 2.0), (10.0, 2.0)]),
             one(&[(nan, 1.0), (0.0, inf), (1.0, nan)]),
             one(&[(0.0, 4.0), (1.0, nan), (2.0, -inf), (3.0, 2.0)]),
-            one(&[
-                (-f64::MAX, 1.0),
-                (0.0, 1e300),
-                (1.0, -1e300),
-                (2.0, 1e-310),
-                (3.0, 0.0),
-            ]),
+            one(&[(-f64::MAX, 1.0), (0.0, 1e300), (1.0, -1e300), (2.0, 1e-310), (3.0, 0.0)]),
             // Spans below 1e-100 count as equal ends: both points land on one padded pixel.
             one(&[(1e-310, 2e-310), (3e-310, 1e-310)]),
         ];
@@ -623,10 +464,7 @@ mod tests {
         // or a marker to it, the all-NaN case adds nothing.
         let legend = blue[1];
         assert!(legend > 0 && blue[0] == 0 && blue[4] == legend, "{blue:?}");
-        assert!(
-            [2, 3, 5, 6].iter().all(|&i| blue[i] > legend + 20) && blue[7] > legend,
-            "{blue:?}"
-        );
+        assert!([2, 3, 5, 6].iter().all(|&i| blue[i] > legend + 20) && blue[7] > legend, "{blue:?}");
     }
 
     #[test]
@@ -636,10 +474,7 @@ mod tests {
         let missing = dir.path().join("no-such-dir").join("loss.png");
         let err = write_loss_plot(&missing, "t", &s, 800, 500).unwrap_err();
         let named = |err: &PlotError, p: &Path| err.to_string().contains(&p.display().to_string());
-        assert!(
-            matches!(err, PlotError::Write { .. }) && named(&err, &missing),
-            "{err}"
-        );
+        assert!(matches!(err, PlotError::Write { .. }) && named(&err, &missing), "{err}");
         assert!(!missing.exists());
         // A directory in the way: the rename fails, the directory stays, no temporary remains.
         let blocked = dir.path().join("loss.png");
@@ -648,10 +483,7 @@ mod tests {
         assert!(named(&err, &blocked), "{err}");
         assert!(blocked.is_dir() && std::fs::read_dir(dir.path()).unwrap().count() == 1);
         let err = write_loss_plot(&dir.path().join("tiny.png"), "t", &s, 10, 10).unwrap_err();
-        assert!(
-            matches!(err, PlotError::Size { .. }) && err.to_string().contains("tiny.png"),
-            "{err}"
-        );
+        assert!(matches!(err, PlotError::Size { .. }) && err.to_string().contains("tiny.png"), "{err}");
     }
 
     /// A realistic run; ZEROKIT_PLOT_PREVIEW=/tmp/plot.png keeps a copy to look at.
@@ -662,14 +494,8 @@ mod tests {
         let noise = |i: u64| ((i.wrapping_mul(2654435761) % 1000) as f64 / 1000.0 - 0.5) * 0.15;
         let curve = |i: u64| 3.0 + 8.0 * (-(i as f64) / 400.0).exp();
         let train = (0..5000).map(|i| (i as f64, curve(i) + noise(i))).collect();
-        let val = (0..=5000)
-            .step_by(250)
-            .map(|i| (i as f64, curve(i) + 0.1))
-            .collect();
-        let s = [
-            series("train loss", BLUE, train),
-            series("val loss", ORANGE, val),
-        ];
+        let val = (0..=5000).step_by(250).map(|i| (i as f64, curve(i) + 0.1)).collect();
+        let s = [series("train loss", BLUE, train), series("val loss", ORANGE, val)];
         write_loss_plot(&path, "gpt2-124m zero-2 step 5000", &s, 800, 500).unwrap();
         let (w, h, img) = decode(&path);
         assert_eq!((w, h), (800, 500));

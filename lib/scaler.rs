@@ -65,37 +65,24 @@ impl ScalerConfig {
     pub fn validate(&self) -> Result<(), ScalerError> {
         let bad = |m: String| Err(ScalerError::Config(m));
         if !(self.loss_scale >= 0.0 && self.loss_scale.is_finite()) {
-            return bad(format!(
-                "loss_scale {} must be >= 0 (0 enables dynamic loss scaling)",
-                self.loss_scale
-            ));
+            return bad(format!("loss_scale {} must be >= 0 (0 enables dynamic loss scaling)", self.loss_scale));
         }
         if !self.is_dynamic() {
             return Ok(());
         }
         if self.loss_scale_window == 0 {
-            return bad(
-                "loss_scale_window must be > 0 when dynamic loss scaling is enabled".into(),
-            );
+            return bad("loss_scale_window must be > 0 when dynamic loss scaling is enabled".into());
         }
         if !(self.min_loss_scale > 0.0 && self.min_loss_scale.is_finite()) {
-            return bad(format!(
-                "min_loss_scale {} must be > 0",
-                self.min_loss_scale
-            ));
+            return bad(format!("min_loss_scale {} must be > 0", self.min_loss_scale));
         }
         if self.initial_scale_power > 127 {
-            return bad(format!(
-                "initial_scale_power {} is beyond fp32's range",
-                self.initial_scale_power
-            ));
+            return bad(format!("initial_scale_power {} is beyond fp32's range", self.initial_scale_power));
         }
         // DeepSpeed accepts 0 but then only counts the hysteresis down forever and never
         // lowers the scale: every later step would be skipped.
         if self.hysteresis == 0 {
-            return bad(
-                "hysteresis must be >= 1 (1 lowers the scale at the first overflow)".into(),
-            );
+            return bad("hysteresis must be >= 1 (1 lowers the scale at the first overflow)".into());
         }
         Ok(())
     }
@@ -127,26 +114,14 @@ pub struct LossScaler {
 impl LossScaler {
     pub fn new(cfg: ScalerConfig) -> Result<Self, ScalerError> {
         cfg.validate()?;
-        let cur_scale = if cfg.is_dynamic() {
-            2f64.powi(cfg.initial_scale_power as i32)
-        } else {
-            cfg.loss_scale
-        };
-        let state = ScalerState {
-            cur_scale,
-            cur_iter: 0,
-            last_overflow_iter: -1,
-            cur_hysteresis: cfg.hysteresis,
-        };
+        let cur_scale = if cfg.is_dynamic() { 2f64.powi(cfg.initial_scale_power as i32) } else { cfg.loss_scale };
+        let state = ScalerState { cur_scale, cur_iter: 0, last_overflow_iter: -1, cur_hysteresis: cfg.hysteresis };
         Ok(LossScaler { cfg, state })
     }
 
     /// A static scale of 1: what bf16 and fp32 training use (DeepSpeed does the same).
     pub fn disabled() -> Self {
-        let cfg = ScalerConfig {
-            loss_scale: 1.0,
-            ..ScalerConfig::default()
-        };
+        let cfg = ScalerConfig { loss_scale: 1.0, ..ScalerConfig::default() };
         LossScaler::new(cfg).expect("a static scale of 1 is valid")
     }
 
@@ -180,11 +155,7 @@ impl LossScaler {
                     return Err(ScalerError::AtMinimum(s.cur_scale));
                 }
                 let next = (s.cur_scale / 2.0).max(cfg.min_loss_scale);
-                tracing::info!(
-                    "OVERFLOW! Skipping step. Attempted loss scale: {}, reducing to {}",
-                    s.cur_scale,
-                    next
-                );
+                tracing::info!("OVERFLOW! Skipping step. Attempted loss scale: {}, reducing to {}", s.cur_scale, next);
                 s.cur_scale = next;
             } else {
                 tracing::info!(
@@ -206,18 +177,11 @@ impl LossScaler {
                     s.cur_hysteresis = cfg.hysteresis;
                 }
                 s.cur_scale *= 2.0;
-                tracing::debug!(
-                    "no overflow for {stable_interval} steps: loss scale raised to {}",
-                    s.cur_scale
-                );
+                tracing::debug!("no overflow for {stable_interval} steps: loss scale raised to {}", s.cur_scale);
             }
         }
         s.cur_iter += 1;
-        Ok(if overflow {
-            StepDecision::Skip
-        } else {
-            StepDecision::Apply
-        })
+        Ok(if overflow { StepDecision::Skip } else { StepDecision::Apply })
     }
 
     pub fn state(&self) -> &ScalerState {
@@ -227,10 +191,7 @@ impl LossScaler {
     /// Resumes from a checkpointed state, rejecting one this configuration could not reach.
     pub fn load_state(&mut self, state: ScalerState) -> Result<(), ScalerError> {
         if !(state.cur_scale > 0.0 && state.cur_scale.is_finite()) {
-            return Err(ScalerError::BadState(format!(
-                "cur_scale {} is not a positive number",
-                state.cur_scale
-            )));
+            return Err(ScalerError::BadState(format!("cur_scale {} is not a positive number", state.cur_scale)));
         }
         if state.last_overflow_iter < -1 || state.last_overflow_iter >= state.cur_iter as i64 {
             return Err(ScalerError::BadState(format!(
@@ -238,9 +199,7 @@ impl LossScaler {
                 state.last_overflow_iter, state.cur_iter
             )));
         }
-        if self.cfg.is_dynamic()
-            && (state.cur_hysteresis == 0 || state.cur_hysteresis > self.cfg.hysteresis)
-        {
+        if self.cfg.is_dynamic() && (state.cur_hysteresis == 0 || state.cur_hysteresis > self.cfg.hysteresis) {
             return Err(ScalerError::BadState(format!(
                 "cur_hysteresis {} is not in [1, hysteresis {}]",
                 state.cur_hysteresis, self.cfg.hysteresis

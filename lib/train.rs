@@ -88,11 +88,7 @@ pub fn model_config(cfg: &TrainConfig) -> Result<GptConfig, TrainError> {
 }
 
 fn connect(rdv: &Rendezvous, device: Device) -> Result<Box<dyn Collectives>, TrainError> {
-    let ctl = if rdv.world == 1 {
-        ControlPlane::single()
-    } else {
-        ControlPlane::connect(rdv)?
-    };
+    let ctl = if rdv.world == 1 { ControlPlane::single() } else { ControlPlane::connect(rdv)? };
     Ok(match device {
         Device::Cuda(i) if rdv.world > 1 => Box::new(crate::comm::nccl::NcclComm::new(ctl, i)?),
         _ => Box::new(CpuComm::new(ctl)),
@@ -120,10 +116,7 @@ fn train_batch(
         ys.extend(y);
     }
     let shape = [b as i64, t as i64];
-    Ok((
-        Tensor::from_slice(&xs).view(shape).to_device(device),
-        Tensor::from_slice(&ys).view(shape).to_device(device),
-    ))
+    Ok((Tensor::from_slice(&xs).view(shape).to_device(device), Tensor::from_slice(&ys).view(shape).to_device(device)))
 }
 
 /// Mean loss over eval_iters batches of each split, averaged over ranks.
@@ -139,10 +132,7 @@ fn evaluate(
     let mut sums = [0.0f64; 2];
     for k in 0..cfg.eval_iters {
         let index = k * world as u64 + rank as u64;
-        let batches = [
-            train.random_batch(cfg.seed ^ EVAL_SALT, rank, k, b, t)?,
-            val.sequential_batch(index, b, t)?,
-        ];
+        let batches = [train.random_batch(cfg.seed ^ EVAL_SALT, rank, k, b, t)?, val.sequential_batch(index, b, t)?];
         for (i, (x, y)) in batches.into_iter().enumerate() {
             let shape = [b as i64, t as i64];
             let x = Tensor::from_slice(&x).view(shape).to_device(device);
@@ -171,16 +161,8 @@ pub fn fit(mut cfg: TrainConfig) -> Result<(), TrainError> {
     let rdv = Rendezvous::from_env(Duration::from_secs(cfg.comm_timeout))?;
     cfg.resolve_batch(rdv.world)?;
     let (rank, world) = (rdv.rank, rdv.world);
-    crate::logging::init(
-        rank,
-        Some(&cfg.out_dir.join("logs").join(format!("rank{rank:03}.log"))),
-    )
-    .map_err(|e| {
-        TrainError::Other(format!(
-            "{}: cannot open the log file: {e}",
-            cfg.out_dir.display()
-        ))
-    })?;
+    crate::logging::init(rank, Some(&cfg.out_dir.join("logs").join(format!("rank{rank:03}.log"))))
+        .map_err(|e| TrainError::Other(format!("{}: cannot open the log file: {e}", cfg.out_dir.display())))?;
     let (device, kind) = resolve_device(&cfg, rdv.local_rank)?;
     if device.is_cuda() && world > 1 {
         crate::comm::nccl::use_torch_nccl()?;
@@ -194,10 +176,7 @@ pub fn fit(mut cfg: TrainConfig) -> Result<(), TrainError> {
     } else {
         None
     };
-    info!(
-        "zerokit train: {world} rank(s), device {device:?}, dtype {kind:?}, ZeRO stage {}",
-        cfg.zero_stage
-    );
+    info!("zerokit train: {world} rank(s), device {device:?}, dtype {kind:?}, ZeRO stage {}", cfg.zero_stage);
     info!("resolved configuration:\n{}", cfg.to_toml());
 
     // A new run never mixes its checkpoints with an earlier run's (retention and `latest` would
@@ -213,9 +192,7 @@ pub fn fit(mut cfg: TrainConfig) -> Result<(), TrainError> {
     }
     // The model starts in fp32 on the host of every rank with identical weights; the engine
     // moves it to the device in the compute kind.
-    let resume_dir = (cfg.init_from == "resume")
-        .then(|| checkpoint::resolve(&cfg.out_dir, None))
-        .transpose()?;
+    let resume_dir = (cfg.init_from == "resume").then(|| checkpoint::resolve(&cfg.out_dir, None)).transpose()?;
     let mcfg = match &resume_dir {
         Some(dir) => serde_json::from_value(checkpoint::read_manifest(dir)?.model_config)
             .map_err(|e| TrainError::Other(format!("{}: model_config: {e}", dir.display())))?,
@@ -233,9 +210,7 @@ pub fn fit(mut cfg: TrainConfig) -> Result<(), TrainError> {
     };
     let mcfg = *model.config();
     if cfg.block_size > mcfg.block_size {
-        let from = resume_dir
-            .as_ref()
-            .map_or(cfg.init_from.clone(), |d| d.display().to_string());
+        let from = resume_dir.as_ref().map_or(cfg.init_from.clone(), |d| d.display().to_string());
         return Err(TrainError::Other(format!(
             "block_size {} is larger than the model's {} positions ({from}): set block_size to at most {}",
             cfg.block_size, mcfg.block_size, mcfg.block_size
@@ -287,21 +262,9 @@ pub fn fit(mut cfg: TrainConfig) -> Result<(), TrainError> {
         let m = checkpoint::load(&mut engine, dir)?;
         start = m.step;
         tokens_seen = m.tokens_seen;
-        best_val = m
-            .metrics
-            .get("best_val_loss")
-            .and_then(|v| v.as_f64())
-            .unwrap_or(f64::INFINITY);
-        best_tag = m
-            .metrics
-            .get("best_tag")
-            .and_then(|v| v.as_str())
-            .map(String::from);
-        stale_evals = m
-            .metrics
-            .get("stale_evals")
-            .and_then(|v| v.as_u64())
-            .unwrap_or(0);
+        best_val = m.metrics.get("best_val_loss").and_then(|v| v.as_f64()).unwrap_or(f64::INFINITY);
+        best_tag = m.metrics.get("best_tag").and_then(|v| v.as_str()).map(String::from);
+        stale_evals = m.metrics.get("stale_evals").and_then(|v| v.as_u64()).unwrap_or(0);
         info!(
             "resumed from {} at step {start} (saved on {} rank(s), stage {})",
             dir.display(),
@@ -313,17 +276,11 @@ pub fn fit(mut cfg: TrainConfig) -> Result<(), TrainError> {
     let train = TokenDataset::open(&cfg.dataset, "train", mcfg.vocab_size)?;
     let val = TokenDataset::open(&cfg.dataset, "val", mcfg.vocab_size)?;
     let schedule = cfg.lr_schedule();
-    let tokens_per_step =
-        (cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps * world) as u64;
-    let flops_per_token =
-        6.0 * n_params as f64 + 12.0 * (mcfg.n_layer * mcfg.n_embd * mcfg.block_size) as f64;
+    let tokens_per_step = (cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps * world) as u64;
+    let flops_per_token = 6.0 * n_params as f64 + 12.0 * (mcfg.n_layer * mcfg.n_embd * mcfg.block_size) as f64;
     let metrics_path = cfg.out_dir.join("metrics.jsonl");
     // The plot continues the curve of the run being resumed.
-    let mut evals = if resume_dir.is_some() {
-        earlier_evals(&metrics_path, start)
-    } else {
-        (Vec::new(), Vec::new())
-    };
+    let mut evals = if resume_dir.is_some() { earlier_evals(&metrics_path, start) } else { (Vec::new(), Vec::new()) };
     let pb = crate::logging::progress_bar(
         cfg.max_iters - start.min(cfg.max_iters),
         "{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}",
@@ -331,10 +288,7 @@ pub fn fit(mut cfg: TrainConfig) -> Result<(), TrainError> {
     if let (Some(b), 0) = (context_bytes, rank) {
         let gib = b as f64 / (1u64 << 30) as f64;
         info!("GPU memory in use before the model: {gib:.2} GiB (CUDA context)");
-        append_jsonl(
-            &metrics_path,
-            serde_json::json!({"step": start, "gpu_context_gib": gib}),
-        )?;
+        append_jsonl(&metrics_path, serde_json::json!({"step": start, "gpu_context_gib": gib}))?;
     }
     let mut t0 = Instant::now();
     let mut step = start;
@@ -344,18 +298,12 @@ pub fn fit(mut cfg: TrainConfig) -> Result<(), TrainError> {
         // eval_iters = 0 turns evaluation and checkpointing off (benchmarks).
         // A resumed run's first step was evaluated (and saved) by the run it continues.
         let resumed_here = resume_dir.is_some() && step == start;
-        if cfg.eval_iters > 0
-            && !resumed_here
-            && (step % cfg.eval_interval == 0 || step == cfg.max_iters)
-        {
+        if cfg.eval_iters > 0 && !resumed_here && (step % cfg.eval_interval == 0 || step == cfg.max_iters) {
             let (tl, vl) = evaluate(&mut engine, &train, &val, &cfg, device)?;
             info!("step {step}: train loss {tl:.4}, val loss {vl:.4}");
             let improved = vl < best_val;
             if rank == 0 {
-                append_jsonl(
-                    &metrics_path,
-                    serde_json::json!({"step": step, "train_loss": tl, "val_loss": vl}),
-                )?;
+                append_jsonl(&metrics_path, serde_json::json!({"step": step, "train_loss": tl, "val_loss": vl}))?;
                 evals.0.push((step as f64, tl));
                 evals.1.push((step as f64, vl));
                 write_plot(&cfg.out_dir, &evals);
@@ -407,14 +355,9 @@ pub fn fit(mut cfg: TrainConfig) -> Result<(), TrainError> {
         pb.inc(1);
 
         if step % cfg.log_interval == 0 || st.skipped {
-            let dt =
-                t0.elapsed().as_secs_f64() / (step - start).min(cfg.log_interval).max(1) as f64;
+            let dt = t0.elapsed().as_secs_f64() / (step - start).min(cfg.log_interval).max(1) as f64;
             let tok_s = tokens_per_step as f64 / dt;
-            let mfu = if device.is_cuda() {
-                100.0 * tok_s / world as f64 * flops_per_token / PEAK_FLOPS
-            } else {
-                0.0
-            };
+            let mfu = if device.is_cuda() { 100.0 * tok_s / world as f64 * flops_per_token / PEAK_FLOPS } else { 0.0 };
             let skipped = if st.skipped {
                 format!(
                     " (step skipped: overflow, loss scale now {})",
@@ -423,18 +366,20 @@ pub fn fit(mut cfg: TrainConfig) -> Result<(), TrainError> {
             } else {
                 String::new()
             };
-            let mem = if device.is_cuda() {
-                crate::device::gpu_memory_used()
-            } else {
-                None
-            };
+            let mem = if device.is_cuda() { crate::device::gpu_memory_used() } else { None };
             let mem_gib = mem.map(|b| b as f64 / (1u64 << 30) as f64);
             let mfu_txt = match mem_gib {
                 Some(g) => format!(", mfu {mfu:.1}%, mem {g:.1} GiB"),
                 None if device.is_cuda() => format!(", mfu {mfu:.1}%"),
                 None => String::new(),
             };
-            info!("iter {step}: loss {:.4}, time {:.1}ms, {:.0} tokens/s{mfu_txt}, lr {lr:.3e}, norm {:.3}{skipped}", st.loss, dt * 1e3, tok_s, st.grad_norm);
+            info!(
+                "iter {step}: loss {:.4}, time {:.1}ms, {:.0} tokens/s{mfu_txt}, lr {lr:.3e}, norm {:.3}{skipped}",
+                st.loss,
+                dt * 1e3,
+                tok_s,
+                st.grad_norm
+            );
             pb.set_message(format!("loss {:.4}", st.loss));
             if rank == 0 {
                 append_jsonl(
@@ -472,11 +417,7 @@ fn earlier_evals(path: &Path, upto: u64) -> Evals {
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
     {
-        if let (Some(s), Some(t), Some(vl)) = (
-            v["step"].as_u64(),
-            v["train_loss"].as_f64(),
-            v["val_loss"].as_f64(),
-        ) {
+        if let (Some(s), Some(t), Some(vl)) = (v["step"].as_u64(), v["train_loss"].as_f64(), v["val_loss"].as_f64()) {
             if s <= upto {
                 evals.0.push((s as f64, t));
                 evals.1.push((s as f64, vl));
@@ -490,8 +431,7 @@ fn earlier_evals(path: &Path, upto: u64) -> Evals {
 /// as a crashed rank would (CI checks that the job then ends with a message naming it).
 fn exit_hook(rank: usize, step: u64) {
     if let Ok(v) = std::env::var("ZEROKIT_TEST_EXIT") {
-        if v.split_once(':')
-            .and_then(|(r, s)| Some((r.parse::<usize>().ok()?, s.parse::<u64>().ok()?)))
+        if v.split_once(':').and_then(|(r, s)| Some((r.parse::<usize>().ok()?, s.parse::<u64>().ok()?)))
             == Some((rank, step))
         {
             std::process::exit(3);
@@ -502,16 +442,8 @@ fn exit_hook(rank: usize, step: u64) {
 fn write_plot(out_dir: &Path, evals: &Evals) {
     use crate::plot::{write_loss_plot, Series};
     let series = [
-        Series {
-            label: "train".into(),
-            color: [31, 119, 180],
-            points: evals.0.clone(),
-        },
-        Series {
-            label: "val".into(),
-            color: [255, 127, 14],
-            points: evals.1.clone(),
-        },
+        Series { label: "train".into(), color: [31, 119, 180], points: evals.0.clone() },
+        Series { label: "val".into(), color: [255, 127, 14], points: evals.1.clone() },
     ];
     if let Err(e) = write_loss_plot(&out_dir.join("loss.png"), "loss", &series, 800, 500) {
         tracing::warn!("loss plot not written: {e}");
@@ -528,27 +460,18 @@ pub fn sample_text(
     seed: u64,
 ) -> Result<String, TrainError> {
     let bpe = Tokenizer::new(Encoding::R50kBase)?;
-    let mut ids: Vec<i64> = bpe
-        .encode_ordinary(prompt)
-        .into_iter()
-        .map(|t| t as i64)
-        .collect();
+    let mut ids: Vec<i64> = bpe.encode_ordinary(prompt).into_iter().map(|t| t as i64).collect();
     if ids.is_empty() {
         ids.push(50256);
     }
-    let idx = Tensor::from_slice(&ids)
-        .view([1, -1])
-        .to_device(model.device());
+    let idx = Tensor::from_slice(&ids).view([1, -1]).to_device(model.device());
     let top_k = (top_k > 0).then_some(top_k);
     let out = tch::no_grad(|| model.generate(&idx, tokens, temperature, top_k, seed))?;
     let out: Vec<i64> = Vec::<i64>::try_from(out.view(-1).to_device(Device::Cpu))
         .map_err(|e: tch::TchError| TrainError::Other(e.to_string()))?;
     // Padded vocabulary rows (>= 50257) are not tokens: they are dropped from the text.
-    let ids: Vec<u32> = out
-        .iter()
-        .filter(|&&t| (t as usize) < bpe.encoding().vocab_size())
-        .map(|&t| t as u32)
-        .collect();
+    let ids: Vec<u32> =
+        out.iter().filter(|&&t| (t as usize) < bpe.encoding().vocab_size()).map(|&t| t as u32).collect();
     Ok(String::from_utf8_lossy(&bpe.decode_bytes(&ids)?).into_owned())
 }
 
@@ -642,10 +565,7 @@ fn install_panic_hook() {
                  activation_checkpointing = true"
             )
         } else {
-            let at = info
-                .location()
-                .map(|l| format!(" at {}:{}", l.file(), l.line()))
-                .unwrap_or_default();
+            let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
             format!("error: internal failure{at}: {first}")
         };
         crate::logging::report(&msg);
@@ -658,15 +578,8 @@ pub fn run_cli(cli: TrainCli) -> Result<(), TrainError> {
     match cli.command {
         Some(TrainCommand::Sample(a)) => {
             let prompt = a.prompt.replace("\\n", "\n");
-            let text = sample_from_checkpoint(
-                &a.checkpoint,
-                &prompt,
-                a.tokens,
-                a.temperature,
-                a.top_k,
-                a.seed,
-                &a.device,
-            )?;
+            let text =
+                sample_from_checkpoint(&a.checkpoint, &prompt, a.tokens, a.temperature, a.top_k, a.seed, &a.device)?;
             println!("{text}");
             Ok(())
         }

@@ -52,11 +52,7 @@ fn trained() -> &'static Path {
             .env_remove("WORLD_SIZE")
             .output()
             .unwrap();
-        assert!(
-            o.status.success(),
-            "training failed: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        assert!(o.status.success(), "training failed: {}", String::from_utf8_lossy(&o.stderr));
         for t in TAGS {
             assert!(out.join(t).join("manifest.json").is_file(), "no tag {t}");
         }
@@ -91,10 +87,7 @@ struct Out {
 }
 
 fn ckpt(args: &[&str]) -> Out {
-    let o = Command::new(env!("CARGO_BIN_EXE_ckpt"))
-        .args(args)
-        .output()
-        .unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_ckpt")).args(args).output().unwrap();
     Out {
         code: o.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
@@ -118,9 +111,7 @@ fn manifest(tag: &Path) -> Value {
 fn rehash(tag: &Path, name: &str) {
     let bytes = std::fs::read(tag.join(name)).unwrap();
     let sha = zerokit::fsutil::sha256_file(&tag.join(name)).unwrap();
-    common::edit_manifest(tag, |m| {
-        m["files"][name] = json!({"bytes": bytes.len(), "sha256": sha})
-    });
+    common::edit_manifest(tag, |m| m["files"][name] = json!({"bytes": bytes.len(), "sha256": sha}));
 }
 
 /// Rewrites a safetensors header in place (same length, space-padded as the format allows).
@@ -130,10 +121,7 @@ fn edit_header(path: &Path, f: impl FnOnce(&mut Value)) {
     let mut head: Value = serde_json::from_slice(&b[8..8 + n]).unwrap();
     f(&mut head);
     let mut text = serde_json::to_vec(&head).unwrap();
-    assert!(
-        text.len() <= n,
-        "the edited header is longer than the original"
-    );
+    assert!(text.len() <= n, "the edited header is longer than the original");
     text.resize(n, b' ');
     b[8..8 + n].copy_from_slice(&text);
     std::fs::write(path, b).unwrap();
@@ -159,33 +147,17 @@ fn write_f32(path: &Path, tensor: &str, element: usize, x: f32) {
 /// o + k belongs to rank (o + k) / shard, at shard_offset + (o + k) mod shard.
 fn partition_position(m: &Value, name: &str, k: usize) -> (usize, usize) {
     let l = &m["layout"];
-    let p = l["params"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == name)
-        .unwrap();
+    let p = l["params"].as_array().unwrap().iter().find(|p| p["name"] == name).unwrap();
     let b = &l["buckets"][p["bucket"].as_u64().unwrap() as usize];
     let q = p["offset"].as_u64().unwrap() as usize + k;
     let shard = b["shard"].as_u64().unwrap() as usize;
-    (
-        q / shard,
-        b["shard_offset"].as_u64().unwrap() as usize + q % shard,
-    )
+    (q / shard, b["shard_offset"].as_u64().unwrap() as usize + q % shard)
 }
 
 fn assert_reports(out: &Out, root: &Path, expected: &[&str], what: &str) {
-    assert_eq!(
-        out.code, 1,
-        "{what}: exit status; stdout:\n{}\nstderr:\n{}",
-        out.stdout, out.stderr
-    );
+    assert_eq!(out.code, 1, "{what}: exit status; stdout:\n{}\nstderr:\n{}", out.stdout, out.stderr);
     for e in expected {
-        assert!(
-            out.stdout.lines().any(|l| l.contains(e)),
-            "{what}: no line contains {e:?}; stdout:\n{}",
-            out.stdout
-        );
+        assert!(out.stdout.lines().any(|l| l.contains(e)), "{what}: no line contains {e:?}; stdout:\n{}", out.stdout);
     }
     for l in out.stdout.lines() {
         assert!(
@@ -208,14 +180,7 @@ fn an_intact_checkpoint_verifies_at_every_level() {
         (tag.join("rank_00001.safetensors"), &[][..]),
     ] {
         let out = verify(&path, extra);
-        assert_eq!(
-            out.code,
-            0,
-            "{} {extra:?}: {}\n{}",
-            path.display(),
-            out.stdout,
-            out.stderr
-        );
+        assert_eq!(out.code, 0, "{} {extra:?}: {}\n{}", path.display(), out.stdout, out.stderr);
         assert!(out.stdout.is_empty(), "{}", out.stdout);
         assert!(out.stderr.contains("intact"), "{}", out.stderr);
     }
@@ -223,21 +188,9 @@ fn an_intact_checkpoint_verifies_at_every_level() {
     let tmp = tempfile::tempdir().unwrap();
     std::fs::write(tmp.path().join("notes.txt"), "hello").unwrap();
     for (path, extra, msg) in [
-        (
-            tmp.path().join("nope"),
-            &[][..],
-            "no such file or directory",
-        ),
-        (
-            tmp.path().to_path_buf(),
-            &[][..],
-            "not a checkpoint ckpt can read",
-        ),
-        (
-            tmp.path().join("notes.txt"),
-            &[][..],
-            "not a checkpoint ckpt can read",
-        ),
+        (tmp.path().join("nope"), &[][..], "no such file or directory"),
+        (tmp.path().to_path_buf(), &[][..], "not a checkpoint ckpt can read"),
+        (tmp.path().join("notes.txt"), &[][..], "not a checkpoint ckpt can read"),
         (
             root.to_path_buf(),
             &["--tag", "step_00000003"][..],
@@ -246,11 +199,7 @@ fn an_intact_checkpoint_verifies_at_every_level() {
     ] {
         let out = verify(&path, extra);
         assert_eq!(out.code, 2, "{}: {}", path.display(), out.stderr);
-        assert!(
-            out.stdout.is_empty() && out.stderr.contains(msg),
-            "{}",
-            out.stderr
-        );
+        assert!(out.stdout.is_empty() && out.stderr.contains(msg), "{}", out.stderr);
     }
 }
 
@@ -405,24 +354,14 @@ fn verify_names_each_corruption() {
     // The manifest-hash case names the real hash: check it in full.
     let (_t, root) = copy();
     let real = zerokit::fsutil::sha256_file(&t4(&root).join("config.json")).unwrap();
-    common::edit_manifest(&t4(&root), |m| {
-        m["files"]["config.json"]["sha256"] = json!("00".repeat(32))
-    });
-    let want = format!(
-        "step_00000004/config.json: sha256 {real} does not match manifest.json ({})",
-        "00".repeat(32)
-    );
+    common::edit_manifest(&t4(&root), |m| m["files"]["config.json"]["sha256"] = json!("00".repeat(32)));
+    let want = format!("step_00000004/config.json: sha256 {real} does not match manifest.json ({})", "00".repeat(32));
     assert_reports(&verify(&root, &[]), &root, &[&want], "manifest hash edited");
     // --tag checks that tag only: the damage in the other one is not reported.
     let (_t, root) = copy();
     std::fs::remove_file(root.join(TAGS[0]).join("rank_00000.safetensors")).unwrap();
     assert_eq!(verify(&root, &["--tag", TAGS[1]]).code, 0);
-    assert_reports(
-        &verify(&root, &[]),
-        &root,
-        &["step_00000002/rank_00000.safetensors: missing"],
-        "other tag",
-    );
+    assert_reports(&verify(&root, &[]), &root, &["step_00000002/rank_00000.safetensors: missing"], "other tag");
 }
 
 #[test]
@@ -436,11 +375,7 @@ fn scan_finds_bad_values_that_hashes_cannot() {
     let file = format!("rank_{rank:05}.safetensors");
     write_f32(&t.join(&file), "master", pos, f32::NAN);
     rehash(&t, &file);
-    assert_eq!(
-        verify(&root, &[]).code,
-        0,
-        "without --scan the values are not read"
-    );
+    assert_eq!(verify(&root, &[]).code, 0, "without --scan the values are not read");
     let out = verify(&root, &["--scan"]);
     assert_reports(
         &out,
@@ -503,38 +438,21 @@ fn inspect_reports_what_the_checkpoint_holds() {
     assert_eq!(i.tag.as_deref(), Some(TAGS[1]));
     assert_eq!(i.step, Some(4));
     assert_eq!(i.tokens_seen, m["tokens_seen"].as_u64());
-    assert_eq!(
-        (i.world_size, i.zero_stage, i.partitions),
-        (Some(2), Some(2), Some(2))
-    );
+    assert_eq!((i.world_size, i.zero_stage, i.partitions), (Some(2), Some(2), Some(2)));
     assert_eq!(i.dtypes["model"], "F16");
     assert_eq!(i.model_config.as_ref(), Some(&m["model_config"]));
     // GPT-2 with n_layer 2, n_embd 32, block 16, vocab 96: 12 C^2 + 13 C per block, (V + T) C + 2 C.
     let c = 32u64;
-    assert_eq!(
-        i.parameters,
-        2 * (12 * c * c + 13 * c) + (96 + 16) * c + 2 * c
-    );
+    assert_eq!(i.parameters, 2 * (12 * c * c + 13 * c) + (96 + 16) * c + 2 * c);
     assert_eq!(i.learning_rate, m["optimizer"]["lr"].as_f64());
     assert_eq!(i.loss_scale, Some(65536.0));
     let names: Vec<&str> = i.files.iter().map(|f| f.name.as_str()).collect();
     assert_eq!(
         names,
-        [
-            "config.json",
-            "manifest.json",
-            "model.safetensors",
-            "rank_00000.safetensors",
-            "rank_00001.safetensors"
-        ]
+        ["config.json", "manifest.json", "model.safetensors", "rank_00000.safetensors", "rank_00001.safetensors"]
     );
     for f in &i.files {
-        assert_eq!(
-            f.bytes,
-            std::fs::metadata(root.join(TAGS[1]).join(&f.name))
-                .unwrap()
-                .len()
-        );
+        assert_eq!(f.bytes, std::fs::metadata(root.join(TAGS[1]).join(&f.name)).unwrap().len());
     }
     // Every parameter: its shape and dtype in model.safetensors, and its pieces where the
     // format's formula puts them.
@@ -544,22 +462,12 @@ fn inspect_reports_what_the_checkpoint_holds() {
     assert_eq!(rows.len(), st.len());
     for row in rows {
         let v = st.tensor(&row.name).unwrap();
-        assert_eq!(
-            row.shape,
-            v.shape().iter().map(|&d| d as u64).collect::<Vec<_>>()
-        );
-        assert_eq!(
-            (row.dtype.as_str(), row.bytes),
-            ("F16", v.data().len() as u64)
-        );
+        assert_eq!(row.shape, v.shape().iter().map(|&d| d as u64).collect::<Vec<_>>());
+        assert_eq!((row.dtype.as_str(), row.bytes), ("F16", v.data().len() as u64));
         let numel: u64 = row.shape.iter().product();
         let mut next = 0;
         for pc in row.partitions.as_ref().unwrap() {
-            assert_eq!(
-                pc.param_offset, next,
-                "{}: pieces in element order",
-                row.name
-            );
+            assert_eq!(pc.param_offset, next, "{}: pieces in element order", row.name);
             for k in [pc.param_offset, pc.param_offset + pc.len - 1] {
                 let (rank, pos) = partition_position(&m, &row.name, k);
                 assert_eq!(
@@ -571,11 +479,7 @@ fn inspect_reports_what_the_checkpoint_holds() {
             }
             next += pc.len;
         }
-        assert_eq!(
-            next as u64, numel,
-            "{}: the pieces cover the parameter",
-            row.name
-        );
+        assert_eq!(next as u64, numel, "{}: the pieces cover the parameter", row.name);
     }
 
     // The JSON form is the same record; --tag picks another tag.
@@ -607,10 +511,7 @@ fn inspect_reports_what_the_checkpoint_holds() {
     }
     assert_eq!(j["format"], "zerokit");
     let j2 = json_of(root, &["--tag", TAGS[0]]);
-    assert_eq!(
-        (j2["tag"].as_str(), j2["step"].as_u64(), &j2["tensors"]),
-        (Some(TAGS[0]), Some(2), &Value::Null)
-    );
+    assert_eq!((j2["tag"].as_str(), j2["step"].as_u64(), &j2["tensors"]), (Some(TAGS[0]), Some(2), &Value::Null));
 
     let text = ckpt(&["inspect", root.to_str().unwrap()]).stdout;
     for want in [
@@ -627,12 +528,8 @@ fn inspect_reports_what_the_checkpoint_holds() {
 
 fn deepspeed_cases() -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/deepspeed");
-    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.join("latest").exists())
-        .collect();
+    let mut v: Vec<PathBuf> =
+        std::fs::read_dir(dir).unwrap().flatten().map(|e| e.path()).filter(|p| p.join("latest").exists()).collect();
     v.sort();
     assert!(v.len() >= 6);
     v
@@ -652,11 +549,7 @@ fn deepspeed_checkpoints_verify_and_inspect() {
 
         let i = inspect(&case, None, true).unwrap();
         assert_eq!(i.latest.as_deref(), Some("global_step3"), "{name}");
-        assert_eq!(
-            (i.zero_stage, i.world_size, i.step),
-            (Some(stage), Some(world), Some(3)),
-            "{name}"
-        );
+        assert_eq!((i.zero_stage, i.world_size, i.step), (Some(stage), Some(world), Some(3)), "{name}");
         assert_eq!(i.dtypes["model"], dtype, "{name}");
         assert_eq!(i.format_version.as_deref(), Some("0.19.8"));
         // DeepSpeed's own consolidation lists every tensor: parameters exclude its buffers
@@ -673,23 +566,11 @@ fn deepspeed_checkpoints_verify_and_inspect() {
         let rows = i.tensors.unwrap();
         assert_eq!(rows.len(), st.len(), "{name}");
         for r in rows {
-            assert_eq!(
-                r.shape,
-                st.tensor(&r.name)
-                    .unwrap()
-                    .shape()
-                    .iter()
-                    .map(|&d| d as u64)
-                    .collect::<Vec<_>>()
-            );
+            assert_eq!(r.shape, st.tensor(&r.name).unwrap().shape().iter().map(|&d| d as u64).collect::<Vec<_>>());
         }
         assert_eq!(i.learning_rate, Some(0.01), "{name}");
         if dtype == "F16" {
-            assert_eq!(
-                i.loss_scale,
-                Some(16.0),
-                "{name}: initial_scale_power 4, no overflow in 3 steps"
-            );
+            assert_eq!(i.loss_scale, Some(16.0), "{name}: initial_scale_power 4, no overflow in 3 steps");
         }
     }
 }
@@ -706,8 +587,7 @@ fn deepspeed_damage_is_named() {
     let tag = |root: &Path| root.join("global_step3");
 
     let (_t, root) = fresh();
-    std::fs::remove_file(tag(&root).join("bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"))
-        .unwrap();
+    std::fs::remove_file(tag(&root).join("bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt")).unwrap();
     assert_reports(
         &verify(&root, &[]),
         &root,
@@ -745,11 +625,7 @@ fn deepspeed_damage_is_named() {
     let (_t, root) = fresh();
     let other = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/deepspeed/s2_bf16_w4/global_step3/bf16_zero_pp_rank_3_mp_rank_00_optim_states.pt");
-    std::fs::copy(
-        other,
-        tag(&root).join("bf16_zero_pp_rank_3_mp_rank_00_optim_states.pt"),
-    )
-    .unwrap();
+    std::fs::copy(other, tag(&root).join("bf16_zero_pp_rank_3_mp_rank_00_optim_states.pt")).unwrap();
     assert_reports(
         &verify(&root, &[]),
         &root,
@@ -776,15 +652,10 @@ fn safetensors_files_and_model_directories() {
     assert_eq!(j["format"], "hugging_face");
     let bytes = std::fs::read(model.join("model.safetensors")).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
-    let total: u64 = st
-        .tensors()
-        .iter()
-        .map(|(_, t)| t.shape().iter().product::<usize>() as u64)
-        .sum();
+    let total: u64 = st.tensors().iter().map(|(_, t)| t.shape().iter().product::<usize>() as u64).sum();
     assert_eq!(j["parameters"].as_u64(), Some(total));
     assert_eq!(j["tensors"].as_array().unwrap().len(), st.len());
-    let cfg: Value =
-        serde_json::from_slice(&std::fs::read(model.join("config.json")).unwrap()).unwrap();
+    let cfg: Value = serde_json::from_slice(&std::fs::read(model.join("config.json")).unwrap()).unwrap();
     for k in ["n_layer", "n_head", "n_embd", "vocab_size"] {
         assert_eq!(j["model_config"][k], cfg[k], "{k}");
     }
@@ -793,20 +664,13 @@ fn safetensors_files_and_model_directories() {
     // A truncated copy of a plain safetensors file.
     let tmp = tempfile::tempdir().unwrap();
     let f = tmp.path().join("batch.safetensors");
-    let b = std::fs::read(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gpt2/batch.safetensors"),
-    )
-    .unwrap();
+    let b = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gpt2/batch.safetensors")).unwrap();
     std::fs::write(&f, &b[..b.len() - 4]).unwrap();
     let out = verify(&f, &[]);
     assert_reports(
         &out,
         tmp.path(),
-        &[
-            "batch.safetensors: tensor ",
-            "but the file holds only",
-            "(truncated?)",
-        ],
+        &["batch.safetensors: tensor ", "but the file holds only", "(truncated?)"],
         "truncated safetensors",
     );
     let out = ckpt(&["inspect", f.to_str().unwrap()]);

@@ -16,9 +16,7 @@ use zerokit::config::{from_deepspeed_json, ConfigError, TrainConfig};
 use zerokit::optim::{Decay, LrSchedule, WarmupType};
 
 fn fixture(name: &str) -> Value {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/config")
-        .join(name);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/config").join(name);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).unwrap()
 }
@@ -43,10 +41,7 @@ impl Scratch {
 
 fn load_ds(json: &Value, overrides: &[String]) -> Result<TrainConfig, ConfigError> {
     let s = Scratch::new();
-    let p = s.file(
-        "ds_config.json",
-        &serde_json::to_string_pretty(json).unwrap(),
-    );
+    let p = s.file("ds_config.json", &serde_json::to_string_pretty(json).unwrap());
     TrainConfig::load(None, Some(&p), overrides)
 }
 
@@ -54,11 +49,7 @@ fn close(got: f64, want: f64) -> bool {
     (got - want).abs() <= 1e-12 * want.abs()
 }
 
-const BATCH_KEYS: [&str; 3] = [
-    "train_batch_size",
-    "train_micro_batch_size_per_gpu",
-    "gradient_accumulation_steps",
-];
+const BATCH_KEYS: [&str; 3] = ["train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"];
 
 #[test]
 fn batch_resolution_matches_deepspeed() {
@@ -68,27 +59,14 @@ fn batch_resolution_matches_deepspeed() {
     for case in cases {
         let world = case["world"].as_u64().unwrap() as usize;
         let what = format!("{} on {world} rank(s)", case["config"]);
-        let got =
-            load_ds(&case["config"], &[]).and_then(|mut cfg| cfg.resolve_batch(world).map(|_| cfg));
+        let got = load_ds(&case["config"], &[]).and_then(|mut cfg| cfg.resolve_batch(world).map(|_| cfg));
         match (&case.get("resolved"), got) {
             (Some(want), Ok(cfg)) => {
-                let want: Vec<usize> = want
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|x| x.as_u64().unwrap() as usize)
-                    .collect();
+                let want: Vec<usize> = want.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
                 let global = cfg.batch_size * cfg.gradient_accumulation_steps * world;
-                assert_eq!(
-                    vec![global, cfg.batch_size, cfg.gradient_accumulation_steps],
-                    want,
-                    "{what}"
-                );
+                assert_eq!(vec![global, cfg.batch_size, cfg.gradient_accumulation_steps], want, "{what}");
                 // A given train_batch_size is kept; 0 means "not given" (the product above).
-                assert!(
-                    cfg.train_batch_size == 0 || cfg.train_batch_size == global,
-                    "{what}"
-                );
+                assert!(cfg.train_batch_size == 0 || cfg.train_batch_size == global, "{what}");
                 resolved += 1;
             }
             (Some(_), Err(e)) => panic!("{what}: DeepSpeed resolves it, zerokit refuses: {e}"),
@@ -104,62 +82,28 @@ fn batch_resolution_matches_deepspeed() {
             }
         }
     }
-    assert!(
-        resolved >= 50 && refused >= 50,
-        "{resolved} resolved, {refused} refused"
-    );
+    assert!(resolved >= 50 && refused >= 50, "{resolved} resolved, {refused} refused");
 }
 
 #[test]
 fn toml_batch_resolution() {
     let s = Scratch::new();
-    let p = s.file(
-        "b.toml",
-        "train_batch_size = 32\nbatch_size = 0\ngradient_accumulation_steps = 2\n",
-    );
+    let p = s.file("b.toml", "train_batch_size = 32\nbatch_size = 0\ngradient_accumulation_steps = 2\n");
     let mut cfg = TrainConfig::load(Some(&p), None, &[]).unwrap();
     cfg.resolve_batch(4).unwrap();
-    assert_eq!(
-        (
-            cfg.batch_size,
-            cfg.gradient_accumulation_steps,
-            cfg.train_batch_size
-        ),
-        (4, 2, 32)
-    );
-    let mut cfg = TrainConfig::load(
-        Some(&p),
-        None,
-        &[
-            "batch_size=8".into(),
-            "gradient_accumulation_steps=0".into(),
-        ],
-    )
-    .unwrap();
+    assert_eq!((cfg.batch_size, cfg.gradient_accumulation_steps, cfg.train_batch_size), (4, 2, 32));
+    let mut cfg =
+        TrainConfig::load(Some(&p), None, &["batch_size=8".into(), "gradient_accumulation_steps=0".into()]).unwrap();
     cfg.resolve_batch(2).unwrap();
     assert_eq!((cfg.batch_size, cfg.gradient_accumulation_steps), (8, 2));
     // The TOML defaults (batch_size 12, accumulation 1) contradict a global batch of 32.
     let p = s.file("c.toml", "train_batch_size = 32\n");
-    let err = TrainConfig::load(Some(&p), None, &[])
-        .unwrap()
-        .resolve_batch(1)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("train_batch_size 32 != batch_size") && err.contains("world size 1"),
-        "{err}"
-    );
+    let err = TrainConfig::load(Some(&p), None, &[]).unwrap().resolve_batch(1).unwrap_err().to_string();
+    assert!(err.contains("train_batch_size 32 != batch_size") && err.contains("world size 1"), "{err}");
     // Without train_batch_size nothing is derived: the global batch is the product.
     let mut cfg = TrainConfig::load(None, None, &[]).unwrap();
     cfg.resolve_batch(3).unwrap();
-    assert_eq!(
-        (
-            cfg.batch_size,
-            cfg.gradient_accumulation_steps,
-            cfg.train_batch_size
-        ),
-        (12, 1, 0)
-    );
+    assert_eq!((cfg.batch_size, cfg.gradient_accumulation_steps, cfg.train_batch_size), (12, 1, 0));
 }
 
 #[test]
@@ -171,11 +115,8 @@ fn deepspeed_schedules_match_deepspeed_scheduler() {
         let name = case["name"].as_str().unwrap();
         // Without an "optimizer" block, DeepSpeed trains the client's optimizer: zerokit's
         // learning_rate plays that part.
-        let overrides: Vec<String> = case
-            .get("client_lr")
-            .map(|b| format!("learning_rate={:e}", f64_bits(b)))
-            .into_iter()
-            .collect();
+        let overrides: Vec<String> =
+            case.get("client_lr").map(|b| format!("learning_rate={:e}", f64_bits(b))).into_iter().collect();
         let cfg = load_ds(&case["config"], &overrides).unwrap_or_else(|e| panic!("{name}: {e}"));
         let sched = cfg.lr_schedule();
         kinds.insert(match (&sched, sched_warmup(&sched)) {
@@ -184,18 +125,9 @@ fn deepspeed_schedules_match_deepspeed_scheduler() {
             (LrSchedule::WarmupCosineLR { .. }, w) => format!("WarmupCosineLR/{w:?}"),
             (LrSchedule::NanoGpt { .. }, _) => panic!("{name}: the scheduler block was not used"),
         });
-        for (k, want) in case["lrs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(f64_bits)
-            .enumerate()
-        {
+        for (k, want) in case["lrs"].as_array().unwrap().iter().map(f64_bits).enumerate() {
             let got = sched.lr(k as u64);
-            assert!(
-                close(got, want),
-                "{name}: step {k}: zerokit {got:e}, DeepSpeed {want:e} ({sched:?})"
-            );
+            assert!(close(got, want), "{name}: step {k}: zerokit {got:e}, DeepSpeed {want:e} ({sched:?})");
             checked += 1;
         }
     }
@@ -223,12 +155,7 @@ fn step_index_convention() {
     assert!(close(s.lr(2), 1e-5 + (1e-3 - 1e-5) * 0.1));
     assert_eq!(s.lr(11), 1e-3);
     // nanoGPT: get_lr(0) is already (0+1)/(warmup_iters+1) of the peak.
-    let cfg = TrainConfig::load(
-        None,
-        None,
-        &["warmup_iters=9".into(), "learning_rate=1e-3".into()],
-    )
-    .unwrap();
+    let cfg = TrainConfig::load(None, None, &["warmup_iters=9".into(), "learning_rate=1e-3".into()]).unwrap();
     assert!(close(cfg.lr_schedule().lr(0), 1e-4));
 }
 
@@ -242,18 +169,10 @@ fn nanogpt_schedule_matches_get_lr() {
         let cfg = TrainConfig::load(Some(&s.file("lr.toml", text)), None, &[]).unwrap();
         let sched = cfg.lr_schedule();
         assert!(matches!(sched, LrSchedule::NanoGpt { .. }), "{text}");
-        for (it, want) in case["its"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .zip(case["lrs"].as_array().unwrap())
-        {
+        for (it, want) in case["its"].as_array().unwrap().iter().zip(case["lrs"].as_array().unwrap()) {
             let (it, want) = (it.as_u64().unwrap(), f64_bits(want));
             let got = sched.lr(it);
-            assert!(
-                close(got, want),
-                "{text}: iter {it}: zerokit {got:e}, nanoGPT {want:e}"
-            );
+            assert!(close(got, want), "{text}: iter {it}: zerokit {got:e}, nanoGPT {want:e}");
             checked += 1;
         }
     }
@@ -268,33 +187,16 @@ fn deepspeed_config_maps_like_deepspeed() {
         let name = case["name"].as_str().unwrap();
         let world = case["world"].as_u64().unwrap() as usize;
         let mut cfg = load_ds(&case["config"], &[]).unwrap_or_else(|e| panic!("{name}: {e}"));
-        cfg.resolve_batch(world)
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
-        let batch: Vec<usize> = case["batch"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as usize)
-            .collect();
+        cfg.resolve_batch(world).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let batch: Vec<usize> =
+            case["batch"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
         assert_eq!(
             batch,
-            [
-                cfg.batch_size * cfg.gradient_accumulation_steps * world,
-                cfg.batch_size,
-                cfg.gradient_accumulation_steps
-            ],
+            [cfg.batch_size * cfg.gradient_accumulation_steps * world, cfg.batch_size, cfg.gradient_accumulation_steps],
             "{name}"
         );
-        assert_eq!(
-            cfg.zero_stage as u64,
-            case["zero_stage"].as_u64().unwrap(),
-            "{name}"
-        );
-        assert_eq!(
-            cfg.grad_clip,
-            case["gradient_clipping"].as_f64().unwrap(),
-            "{name}: gradient_clipping"
-        );
+        assert_eq!(cfg.zero_stage as u64, case["zero_stage"].as_u64().unwrap(), "{name}");
+        assert_eq!(cfg.grad_clip, case["gradient_clipping"].as_f64().unwrap(), "{name}: gradient_clipping");
         if let Some(n) = case["steps_per_print"].as_u64() {
             assert_eq!(cfg.log_interval, n, "{name}: steps_per_print");
         }
@@ -308,49 +210,16 @@ fn deepspeed_config_maps_like_deepspeed() {
             "fp32"
         };
         assert_eq!(cfg.dtype, dtype, "{name}");
-        assert_eq!(
-            cfg.loss_scale,
-            fp16["loss_scale"].as_f64().unwrap(),
-            "{name}"
-        );
-        assert_eq!(
-            cfg.initial_scale_power as u64,
-            fp16["initial_scale_power"].as_u64().unwrap(),
-            "{name}"
-        );
-        assert_eq!(
-            cfg.loss_scale_window,
-            fp16["loss_scale_window"].as_u64().unwrap(),
-            "{name}"
-        );
-        assert_eq!(
-            cfg.hysteresis as u64,
-            fp16["hysteresis"].as_u64().unwrap(),
-            "{name}"
-        );
-        assert_eq!(
-            cfg.consecutive_hysteresis,
-            fp16["consecutive_hysteresis"].as_bool().unwrap(),
-            "{name}"
-        );
-        assert_eq!(
-            cfg.min_loss_scale,
-            fp16["min_loss_scale"].as_f64().unwrap(),
-            "{name}"
-        );
-        let got_opt = (
-            cfg.learning_rate,
-            cfg.beta1,
-            cfg.beta2,
-            cfg.eps,
-            cfg.weight_decay,
-        );
+        assert_eq!(cfg.loss_scale, fp16["loss_scale"].as_f64().unwrap(), "{name}");
+        assert_eq!(cfg.initial_scale_power as u64, fp16["initial_scale_power"].as_u64().unwrap(), "{name}");
+        assert_eq!(cfg.loss_scale_window, fp16["loss_scale_window"].as_u64().unwrap(), "{name}");
+        assert_eq!(cfg.hysteresis as u64, fp16["hysteresis"].as_u64().unwrap(), "{name}");
+        assert_eq!(cfg.consecutive_hysteresis, fp16["consecutive_hysteresis"].as_bool().unwrap(), "{name}");
+        assert_eq!(cfg.min_loss_scale, fp16["min_loss_scale"].as_f64().unwrap(), "{name}");
+        let got_opt = (cfg.learning_rate, cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay);
         match case.get("optimizer") {
             Some(o) => {
-                assert!(
-                    o["adamw"].as_bool().unwrap(),
-                    "{name}: the fixture's optimizer is not AdamW"
-                );
+                assert!(o["adamw"].as_bool().unwrap(), "{name}: the fixture's optimizer is not AdamW");
                 let b = o["betas"].as_array().unwrap();
                 let want = (
                     o["lr"].as_f64().unwrap(),
@@ -368,13 +237,7 @@ fn deepspeed_config_maps_like_deepspeed() {
             // No "optimizer" block: the client's (zerokit's TOML/defaults) hyper-parameters.
             None => assert_eq!(
                 got_opt,
-                (
-                    defaults.learning_rate,
-                    defaults.beta1,
-                    defaults.beta2,
-                    defaults.eps,
-                    defaults.weight_decay
-                ),
+                (defaults.learning_rate, defaults.beta1, defaults.beta2, defaults.eps, defaults.weight_decay),
                 "{name}"
             ),
         }
@@ -403,10 +266,7 @@ fn refusal(json: &str) -> String {
         Ok(cfg) => panic!("accepted {json}: {cfg:?}"),
         Err(e) => e.to_string(),
     };
-    assert!(
-        msg.contains(&p.display().to_string()),
-        "the message does not name the file: {msg}"
-    );
+    assert!(msg.contains(&p.display().to_string()), "the message does not name the file: {msg}");
     msg
 }
 
@@ -415,22 +275,12 @@ fn deepspeed_refusals_match_deepspeed() {
     let doc = fixture("mapping.json");
     for case in doc["refused"].as_array().unwrap() {
         let msg = refusal(&case["config"].to_string());
-        assert!(
-            msg.contains("fp16") && msg.contains("bf16"),
-            "{}: {msg}",
-            case["name"]
-        );
+        assert!(msg.contains("fp16") && msg.contains("bf16"), "{}: {msg}", case["name"]);
     }
     // bf16 under its older name "bfloat16", which DeepSpeed reads too.
-    let msg = refusal(
-        r#"{"train_batch_size": 8, "fp16": {"enabled": true}, "bfloat16": {"enabled": true}}"#,
-    );
+    let msg = refusal(r#"{"train_batch_size": 8, "fp16": {"enabled": true}, "bfloat16": {"enabled": true}}"#);
     assert!(msg.contains("both true"), "{msg}");
-    let cfg = load_ds(
-        &serde_json::json!({"train_batch_size": 8, "bfloat16": {"enabled": true}}),
-        &[],
-    )
-    .unwrap();
+    let cfg = load_ds(&serde_json::json!({"train_batch_size": 8, "bfloat16": {"enabled": true}}), &[]).unwrap();
     assert_eq!(cfg.dtype, "bf16");
 }
 
@@ -450,12 +300,7 @@ fn unhonoured_keys_are_named() {
             r#"{"train_batch_size": 8, "gradient_clipings": 1.0, "fp16": {"enabled": true, "loss_scale_windw": 100},
                 "optimizer": {"type": "AdamW", "parms": {"lr": 1e-3}},
                 "scheduler": {"type": "WarmupLR", "params": {"warmup_num_step": 10}}}"#,
-            &[
-                "gradient_clipings",
-                "fp16.loss_scale_windw",
-                "optimizer.parms",
-                "scheduler.params.warmup_num_step",
-            ],
+            &["gradient_clipings", "fp16.loss_scale_windw", "optimizer.parms", "scheduler.params.warmup_num_step"],
         ),
         (
             r#"{"train_batch_size": 8, "bf16": {"enabled": true, "immediate_grad_update": true}}"#,
@@ -483,10 +328,7 @@ fn unhonoured_keys_are_named() {
         let msg = refusal(json);
         assert!(msg.contains("does not honour"), "{msg}");
         for k in *keys {
-            assert!(
-                msg.contains(k),
-                "{json}: the message does not name {k}: {msg}"
-            );
+            assert!(msg.contains(k), "{json}: the message does not name {k}: {msg}");
         }
     }
 }
@@ -494,14 +336,8 @@ fn unhonoured_keys_are_named() {
 #[test]
 fn unsupported_values_are_refused_by_name() {
     let cases: &[(&str, &[&str])] = &[
-        (
-            r#"{"train_batch_size": 8, "zero_optimization": {"stage": 3}}"#,
-            &["zero_optimization.stage = 3"],
-        ),
-        (
-            r#"{"train_batch_size": 8, "optimizer": {"type": "Lamb"}}"#,
-            &["optimizer.type", "Lamb"],
-        ),
+        (r#"{"train_batch_size": 8, "zero_optimization": {"stage": 3}}"#, &["zero_optimization.stage = 3"]),
+        (r#"{"train_batch_size": 8, "optimizer": {"type": "Lamb"}}"#, &["optimizer.type", "Lamb"]),
         (
             r#"{"train_batch_size": 8, "optimizer": {"type": "Adam", "params": {"adam_w_mode": false}}}"#,
             &["adam_w_mode"],
@@ -510,10 +346,7 @@ fn unsupported_values_are_refused_by_name() {
             r#"{"train_batch_size": 8, "scheduler": {"type": "OneCycle", "params": {}}}"#,
             &["scheduler.type", "OneCycle"],
         ),
-        (
-            r#"{"train_batch_size": 8, "scheduler": {"type": "WarmupDecayLR", "params": {}}}"#,
-            &["total_num_steps"],
-        ),
+        (r#"{"train_batch_size": 8, "scheduler": {"type": "WarmupDecayLR", "params": {}}}"#, &["total_num_steps"]),
         (
             r#"{"train_batch_size": 8, "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 0}}}"#,
             &["warmup_num_steps"],
@@ -522,19 +355,10 @@ fn unsupported_values_are_refused_by_name() {
             r#"{"train_batch_size": 8, "scheduler": {"type": "WarmupLR", "params": {"warmup_type": "cosine"}}}"#,
             &["scheduler.params.warmup_type"],
         ),
-        (
-            r#"{"train_batch_size": 8, "fp16": {"enabled": "auto"}}"#,
-            &["fp16.enabled"],
-        ),
+        (r#"{"train_batch_size": 8, "fp16": {"enabled": "auto"}}"#, &["fp16.enabled"]),
         (r#"{"train_batch_size": "auto"}"#, &["train_batch_size"]),
-        (
-            r#"{"train_batch_size": 8, "gradient_clipping": -1}"#,
-            &["gradient_clipping"],
-        ),
-        (
-            r#"{"gradient_accumulation_steps": 4}"#,
-            &["train_batch_size", "train_micro_batch_size_per_gpu"],
-        ),
+        (r#"{"train_batch_size": 8, "gradient_clipping": -1}"#, &["gradient_clipping"]),
+        (r#"{"gradient_accumulation_steps": 4}"#, &["train_batch_size", "train_micro_batch_size_per_gpu"]),
         (r#"[1, 2]"#, &["expected a JSON object"]),
     ];
     for (json, words) in cases {
@@ -545,10 +369,7 @@ fn unsupported_values_are_refused_by_name() {
             Err(e) => e.to_string(),
         };
         for w in *words {
-            assert!(
-                msg.contains(w),
-                "{json}: the message does not say {w:?}: {msg}"
-            );
+            assert!(msg.contains(w), "{json}: the message does not say {w:?}: {msg}");
         }
     }
 }
@@ -560,13 +381,8 @@ fn bad_json_names_file_and_line() {
     let msg = refusal("{\"train_batch_size\": 8");
     assert!(msg.contains("line 1"), "{msg}");
     // from_deepspeed_json alone names the path it is given.
-    let e = from_deepspeed_json(Path::new("conf/ds.json"), "{,}")
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.starts_with("conf/ds.json:") && e.contains("line 1 column 2"),
-        "{e}"
-    );
+    let e = from_deepspeed_json(Path::new("conf/ds.json"), "{,}").unwrap_err().to_string();
+    assert!(e.starts_with("conf/ds.json:") && e.contains("line 1 column 2"), "{e}");
 }
 
 fn shakespeare() -> PathBuf {
@@ -578,29 +394,13 @@ fn shakespeare_toml_loads() {
     let mut cfg = TrainConfig::load(Some(&shakespeare()), None, &[]).unwrap();
     cfg.validate().unwrap();
     cfg.resolve_batch(1).unwrap();
-    assert_eq!(
-        (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size),
-        (4, 4, 128, 64)
-    );
-    assert_eq!(
-        (
-            cfg.batch_size,
-            cfg.gradient_accumulation_steps,
-            cfg.max_iters
-        ),
-        (8, 1, 300)
-    );
+    assert_eq!((cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size), (4, 4, 128, 64));
+    assert_eq!((cfg.batch_size, cfg.gradient_accumulation_steps, cfg.max_iters), (8, 1, 300));
     assert_eq!(cfg.dataset, PathBuf::from("out/shakespeare"));
     assert_eq!(cfg.sample_prompt, "\n");
     assert_eq!(
         cfg.lr_schedule(),
-        LrSchedule::NanoGpt {
-            warmup_iters: 30,
-            lr_decay_iters: 300,
-            max_lr: 2e-3,
-            min_lr: 2e-4,
-            decay: Decay::Cosine
-        }
+        LrSchedule::NanoGpt { warmup_iters: 30, lr_decay_iters: 300, max_lr: 2e-3, min_lr: 2e-4, decay: Decay::Cosine }
     );
     // Keys the file leaves out keep their defaults.
     assert_eq!(cfg.seed, TrainConfig::default().seed);
@@ -609,7 +409,10 @@ fn shakespeare_toml_loads() {
 #[test]
 fn overrides_win_and_are_typed() {
     let s = Scratch::new();
-    let ds = s.file("ds.json", r#"{"train_batch_size": 16, "gradient_clipping": 0.5, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}"#);
+    let ds = s.file(
+        "ds.json",
+        r#"{"train_batch_size": 16, "gradient_clipping": 0.5, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}"#,
+    );
     let set: Vec<String> = [
         "max_iters=42",
         "learning_rate=3e-4",
@@ -635,17 +438,17 @@ fn overrides_win_and_are_typed() {
     assert_eq!(cfg.out_dir, PathBuf::from("2024"));
     assert_eq!(cfg.init_from, "out/gpt2-hf");
     assert_eq!(cfg.sample_prompt, "To be, or not");
-    assert_eq!(
-        (cfg.device.as_str(), cfg.dtype.as_str()),
-        ("cuda:1", "bf16")
-    );
+    assert_eq!((cfg.device.as_str(), cfg.dtype.as_str()), ("cuda:1", "bf16"));
     assert_eq!(cfg.lr_schedule().lr(5), 3e-4);
     // Later overrides win over earlier ones.
     let cfg = TrainConfig::load(None, None, &["seed=1".into(), "seed=2".into()]).unwrap();
     assert_eq!(cfg.seed, 2);
     // A WarmupCosineLR follows --set learning_rate, as DeepSpeed's follows the optimizer's rate.
-    let ds = s.file("cos.json", r#"{"train_batch_size": 8, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
-        "scheduler": {"type": "WarmupCosineLR", "params": {"total_num_steps": 100, "warmup_num_steps": 10}}}"#);
+    let ds = s.file(
+        "cos.json",
+        r#"{"train_batch_size": 8, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+        "scheduler": {"type": "WarmupCosineLR", "params": {"total_num_steps": 100, "warmup_num_steps": 10}}}"#,
+    );
     let cfg = TrainConfig::load(None, Some(&ds), &["learning_rate=5e-4".into()]).unwrap();
     assert!(matches!(cfg.lr_schedule, Some(LrSchedule::WarmupCosineLR { lr, .. }) if lr == 5e-4));
 }
@@ -661,15 +464,10 @@ fn bad_overrides_name_the_key() {
         ("max_iters", &["max_iters", "KEY=VALUE"]),
     ];
     for (o, words) in cases {
-        let msg = TrainConfig::load(Some(&shakespeare()), None, &[o.to_string()])
-            .unwrap_err()
-            .to_string();
+        let msg = TrainConfig::load(Some(&shakespeare()), None, &[o.to_string()]).unwrap_err().to_string();
         assert!(msg.starts_with(&format!("--set {o}")), "{msg}");
         for w in *words {
-            assert!(
-                msg.contains(w),
-                "--set {o}: the message does not say {w:?}: {msg}"
-            );
+            assert!(msg.contains(w), "--set {o}: the message does not say {w:?}: {msg}");
         }
     }
 }
@@ -683,31 +481,20 @@ fn toml_errors_name_file_and_key() {
         ("decay_lr = 1\n", &["decay_lr", "true or false"]),
         ("dataset = 3\n", &["dataset", "string"]),
         ("learning_rate = [1]\n", &["learning_rate", "number"]),
-        (
-            "max_iters = 300\nmax_iters = 400\n",
-            &["max_iters", "line 2"],
-        ),
-        (
-            "[lr_schedule]\ntype = \"WarmupLR\"\nwarmup_num_step = 10\n",
-            &["warmup_num_step"],
-        ),
+        ("max_iters = 300\nmax_iters = 400\n", &["max_iters", "line 2"]),
+        ("[lr_schedule]\ntype = \"WarmupLR\"\nwarmup_num_step = 10\n", &["warmup_num_step"]),
         ("[lr_schedule]\ntype = \"Linear\"\n", &["Linear"]),
         ("dtype = \"fp8\"\n", &["dtype", "fp8"]),
     ];
     for (text, words) in cases {
         let p = s.file("bad.toml", text);
-        let msg = TrainConfig::load(Some(&p), None, &[])
-            .unwrap_err()
-            .to_string();
+        let msg = TrainConfig::load(Some(&p), None, &[]).unwrap_err().to_string();
         // Errors found after merging (validate) name the key; all others also name the file.
         if !text.starts_with("dtype") {
             assert!(msg.contains(&p.display().to_string()), "{text}: {msg}");
         }
         for w in *words {
-            assert!(
-                msg.contains(w),
-                "{text:?}: the message does not say {w:?}: {msg}"
-            );
+            assert!(msg.contains(w), "{text:?}: the message does not say {w:?}: {msg}");
         }
     }
 }
@@ -715,8 +502,8 @@ fn toml_errors_name_file_and_key() {
 fn round_trip(cfg: &TrainConfig) {
     let s = Scratch::new();
     let text = cfg.to_toml();
-    let back = TrainConfig::load(Some(&s.file("resolved.toml", &text)), None, &[])
-        .unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let back =
+        TrainConfig::load(Some(&s.file("resolved.toml", &text)), None, &[]).unwrap_or_else(|e| panic!("{e}\n{text}"));
     assert_eq!(&back, cfg, "{text}");
 }
 
@@ -741,11 +528,8 @@ fn to_toml_round_trips() {
     // Every DeepSpeed schedule, filled with DeepSpeed's defaults.
     let doc = fixture("schedules.json");
     for case in doc["deepspeed_schedules"].as_array().unwrap() {
-        let overrides: Vec<String> = case
-            .get("client_lr")
-            .map(|b| format!("learning_rate={:e}", f64_bits(b)))
-            .into_iter()
-            .collect();
+        let overrides: Vec<String> =
+            case.get("client_lr").map(|b| format!("learning_rate={:e}", f64_bits(b))).into_iter().collect();
         let mut cfg = load_ds(&case["config"], &overrides).unwrap();
         round_trip(&cfg);
         cfg.resolve_batch(2).unwrap();

@@ -27,19 +27,13 @@ fn cases() -> Vec<PathBuf> {
         .filter(|p| p.join("latest").exists())
         .collect();
     v.sort();
-    assert!(
-        v.len() >= 6,
-        "expected the generated fixture cases, found {v:?}"
-    );
+    assert!(v.len() >= 6, "expected the generated fixture cases, found {v:?}");
     v
 }
 
 fn tensors(buf: &[u8]) -> BTreeMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)> {
     let st = SafeTensors::deserialize(buf).unwrap();
-    st.tensors()
-        .into_iter()
-        .map(|(n, t)| (n, (t.dtype(), t.shape().to_vec(), t.data().to_vec())))
-        .collect()
+    st.tensors().into_iter().map(|(n, t)| (n, (t.dtype(), t.shape().to_vec(), t.data().to_vec()))).collect()
 }
 
 #[test]
@@ -52,23 +46,15 @@ fn fixtures_match_deepspeeds_own_consolidation_bit_for_bit() {
         // DeepSpeed's order of names (buffers, frozen, trainable, tied) is kept.
         let reference = std::fs::read(case.join("reference.safetensors")).unwrap();
         let (_, meta) = SafeTensors::read_metadata(&reference).unwrap();
-        let ds_names: Vec<String> =
-            serde_json::from_str(&meta.metadata().as_ref().unwrap()["names"]).unwrap();
+        let ds_names: Vec<String> = serde_json::from_str(&meta.metadata().as_ref().unwrap()["names"]).unwrap();
         let ours: Vec<String> = src.describe().into_iter().map(|t| t.name).collect();
         assert_eq!(ours, ds_names, "{name}: tensor names or order differ");
         convert::convert(src.as_ref(), &common::convert_args(&case, &out)).unwrap();
         let got = tensors(&std::fs::read(&out).unwrap());
         let want = tensors(&reference);
-        assert_eq!(
-            got.keys().collect::<Vec<_>>(),
-            want.keys().collect::<Vec<_>>(),
-            "{name}"
-        );
+        assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>(), "{name}");
         for (k, w) in &want {
-            assert_eq!(
-                &got[k], w,
-                "{name}: {k} differs from DeepSpeed's consolidation"
-            );
+            assert_eq!(&got[k], w, "{name}: {k} differs from DeepSpeed's consolidation");
         }
         // The bf16 output matches DeepSpeed's to(torch.bfloat16), integer buffers untouched.
         let out16 = tmp.path().join(format!("{name}-bf16.safetensors"));
@@ -85,12 +71,7 @@ fn fixtures_match_deepspeeds_own_consolidation_bit_for_bit() {
 fn exclude_frozen_drops_only_frozen_parameters() {
     let case = fixtures().join("s2_fp16_w4");
     let src = convert::open_source(&case, None).unwrap();
-    let frozen: Vec<String> = src
-        .describe()
-        .into_iter()
-        .filter(|t| t.frozen)
-        .map(|t| t.name)
-        .collect();
+    let frozen: Vec<String> = src.describe().into_iter().filter(|t| t.frozen).map(|t| t.name).collect();
     assert_eq!(frozen, vec!["transformer.wpe.weight".to_string()]);
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("o.safetensors");
@@ -112,8 +93,7 @@ fn directory_output_is_sharded_with_an_index() {
     let s = convert::run(&a).unwrap();
     assert!(s.files.len() > 1, "{:?}", s.files);
     let index: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join("model.safetensors.index.json")).unwrap())
-            .unwrap();
+        serde_json::from_slice(&std::fs::read(out.join("model.safetensors.index.json")).unwrap()).unwrap();
     let map = index["weight_map"].as_object().unwrap();
     let want = tensors(&std::fs::read(case.join("reference.safetensors")).unwrap());
     assert_eq!(map.len(), want.len());
@@ -128,21 +108,14 @@ fn directory_output_is_sharded_with_an_index() {
     }
     assert_eq!(index["metadata"]["total_size"].as_u64(), Some(total));
     // No temporary names are left beside the output.
-    let names: Vec<_> = std::fs::read_dir(tmp.path())
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name())
-        .collect();
+    let names: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().flatten().map(|e| e.file_name()).collect();
     assert_eq!(names, vec![std::ffi::OsString::from("hf")]);
 }
 
 #[test]
 fn tag_selection_and_dry_run() {
     let case = fixtures().join("s1_bf16_w4");
-    let tag = std::fs::read_to_string(case.join("latest"))
-        .unwrap()
-        .trim()
-        .to_string();
+    let tag = std::fs::read_to_string(case.join("latest")).unwrap().trim().to_string();
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("x.safetensors");
     // The tag directory itself, and --tag on the root, both work.
@@ -162,10 +135,7 @@ fn tag_selection_and_dry_run() {
 fn copy_case(name: &str, to: &Path) -> PathBuf {
     let src = fixtures().join(name);
     let dst = to.join(name);
-    let tag = std::fs::read_to_string(src.join("latest"))
-        .unwrap()
-        .trim()
-        .to_string();
+    let tag = std::fs::read_to_string(src.join("latest")).unwrap().trim().to_string();
     std::fs::create_dir_all(dst.join(&tag)).unwrap();
     std::fs::copy(src.join("latest"), dst.join("latest")).unwrap();
     for e in std::fs::read_dir(src.join(&tag)).unwrap().flatten() {
@@ -177,17 +147,9 @@ fn copy_case(name: &str, to: &Path) -> PathBuf {
 fn fails_naming(ckpt: &Path, file_part: &str, what: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("o.safetensors");
-    let e = convert::run(&common::convert_args(ckpt, &out))
-        .expect_err("conversion should fail")
-        .to_string();
-    assert!(
-        e.contains(file_part),
-        "error does not name {file_part}: {e}"
-    );
-    assert!(
-        e.to_lowercase().contains(what),
-        "error does not say {what}: {e}"
-    );
+    let e = convert::run(&common::convert_args(ckpt, &out)).expect_err("conversion should fail").to_string();
+    assert!(e.contains(file_part), "error does not name {file_part}: {e}");
+    assert!(e.to_lowercase().contains(what), "error does not say {what}: {e}");
     assert!(!out.exists());
 }
 
@@ -199,11 +161,7 @@ fn missing_rank_file_is_named() {
     fails_naming(&dir, "zero_pp_rank_2_mp_rank_00_optim_states.pt", "missing");
     let dir3 = copy_case("s3_bf16_w4", tmp.path());
     std::fs::remove_file(dir3.join("zero_pp_rank_3_mp_rank_00_model_states.pt")).unwrap();
-    fails_naming(
-        &dir3,
-        "zero_pp_rank_3_mp_rank_00_model_states.pt",
-        "missing",
-    );
+    fails_naming(&dir3, "zero_pp_rank_3_mp_rank_00_model_states.pt", "missing");
 }
 
 #[test]
@@ -212,20 +170,14 @@ fn mixed_world_sizes_are_refused() {
     let dir = copy_case("s2_bf16_w2", tmp.path());
     // A rank file left over from a 4-rank run of the same model.
     let w4 = fixtures().join("s2_bf16_w4");
-    let tag4 = std::fs::read_to_string(w4.join("latest"))
-        .unwrap()
-        .trim()
-        .to_string();
+    let tag4 = std::fs::read_to_string(w4.join("latest")).unwrap().trim().to_string();
     let f = "bf16_zero_pp_rank_3_mp_rank_00_optim_states.pt";
     std::fs::copy(w4.join(tag4).join(f), dir.join(f)).unwrap();
     fails_naming(&dir, f, "mixed world sizes");
     // And one rank replaced by a rank of the other run.
     let dir = copy_case("s2_bf16_w4", tmp.path().join("b").as_path());
     let w2 = fixtures().join("s2_bf16_w2");
-    let tag2 = std::fs::read_to_string(w2.join("latest"))
-        .unwrap()
-        .trim()
-        .to_string();
+    let tag2 = std::fs::read_to_string(w2.join("latest")).unwrap().trim().to_string();
     let f = "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt";
     std::fs::copy(w2.join(tag2).join(f), dir.join(f)).unwrap();
     fails_naming(&dir, f, "mixed");
@@ -234,20 +186,14 @@ fn mixed_world_sizes_are_refused() {
 #[test]
 fn truncated_files_are_named() {
     let tmp = tempfile::tempdir().unwrap();
-    for (case, file) in [
-        ("s2_fp16_w4", "zero_pp_rank_1_mp_rank_00_optim_states.pt"),
-        ("s1_bf16_w4", "mp_rank_00_model_states.pt"),
-    ] {
+    for (case, file) in
+        [("s2_fp16_w4", "zero_pp_rank_1_mp_rank_00_optim_states.pt"), ("s1_bf16_w4", "mp_rank_00_model_states.pt")]
+    {
         for keep in [0.3, 0.9, 0.999] {
             let dir = copy_case(case, &tmp.path().join(format!("{keep}")));
             let p = dir.join(file);
             let len = std::fs::metadata(&p).unwrap().len();
-            std::fs::OpenOptions::new()
-                .write(true)
-                .open(&p)
-                .unwrap()
-                .set_len((len as f64 * keep) as u64)
-                .unwrap();
+            std::fs::OpenOptions::new().write(true).open(&p).unwrap().set_len((len as f64 * keep) as u64).unwrap();
             fails_naming(&dir, file, "truncated");
         }
     }
@@ -309,10 +255,7 @@ fn existing_output_is_not_replaced_without_force() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("o.safetensors");
     std::fs::write(&out, b"precious").unwrap();
-    let e = convert::run(&common::convert_args(&case, &out))
-        .err()
-        .unwrap()
-        .to_string();
+    let e = convert::run(&common::convert_args(&case, &out)).err().unwrap().to_string();
     assert!(e.contains("o.safetensors") && e.contains("exists"), "{e}");
     assert_eq!(std::fs::read(&out).unwrap(), b"precious");
     let mut a = common::convert_args(&case, &out);
@@ -392,10 +335,7 @@ mod torchsave {
             }
             P::Size(d) => {
                 global(o, "torch", "Size");
-                emit(
-                    &P::Tuple(vec![P::Tuple(d.iter().map(|&x| P::Int(x)).collect())]),
-                    o,
-                );
+                emit(&P::Tuple(vec![P::Tuple(d.iter().map(|&x| P::Int(x)).collect())]), o);
                 o.push(b'R');
             }
             P::F32(key, n) => {
@@ -487,12 +427,7 @@ fn synthetic_stage2(root: &Path, params: &[(String, i64)], world: i64) -> PathBu
         ("optimizer".into(), P::None),
         (
             "param_shapes".into(),
-            P::List(vec![P::OrderedDict(
-                params
-                    .iter()
-                    .map(|(n, k)| (n.clone(), P::Size(vec![*k])))
-                    .collect(),
-            )]),
+            P::List(vec![P::OrderedDict(params.iter().map(|(n, k)| (n.clone(), P::Size(vec![*k]))).collect())]),
         ),
         ("frozen_param_shapes".into(), P::None),
         ("shared_params".into(), P::Dict(vec![])),
@@ -506,25 +441,14 @@ fn synthetic_stage2(root: &Path, params: &[(String, i64)], world: i64) -> PathBu
         let lo = r * part;
         let hi = ((r + 1) * part).min(total);
         let n = (hi - lo).max(0);
-        let data: Vec<u8> = (lo..lo + n)
-            .flat_map(|i| (i as f32).to_le_bytes())
-            .collect();
+        let data: Vec<u8> = (lo..lo + n).flat_map(|i| (i as f32).to_le_bytes()).collect();
         let osd = P::Dict(vec![
-            (
-                "zero_stage".into(),
-                P::Enum("deepspeed.runtime.zero.config", "ZeroStageEnum", 2),
-            ),
+            ("zero_stage".into(), P::Enum("deepspeed.runtime.zero.config", "ZeroStageEnum", 2)),
             ("partition_count".into(), P::List(vec![P::Int(world)])),
-            (
-                "single_partition_of_fp32_groups".into(),
-                P::List(vec![P::F32("0".into(), n)]),
-            ),
+            ("single_partition_of_fp32_groups".into(), P::List(vec![P::F32("0".into(), n)])),
             ("base_optimizer_state".into(), P::Dict(vec![])),
         ]);
-        let root = P::Dict(vec![
-            ("optimizer_state_dict".into(), osd),
-            ("ds_version".into(), P::Str("0.19.8".into())),
-        ]);
+        let root = P::Dict(vec![("optimizer_state_dict".into(), osd), ("ds_version".into(), P::Str("0.19.8".into()))]);
         torchsave::save(
             &dir.join(format!("zero_pp_rank_{r}_mp_rank_00_optim_states.pt")),
             &root,
@@ -538,20 +462,15 @@ fn synthetic_stage2(root: &Path, params: &[(String, i64)], world: i64) -> PathBu
 fn synthetic_layout_values_land_where_they_belong() {
     let tmp = tempfile::tempdir().unwrap();
     // Sizes that straddle rank boundaries and leave tail padding.
-    let params: Vec<(String, i64)> = [7, 130, 1, 61, 333]
-        .iter()
-        .enumerate()
-        .map(|(i, &n)| (format!("p{i}"), n))
-        .collect();
+    let params: Vec<(String, i64)> =
+        [7, 130, 1, 61, 333].iter().enumerate().map(|(i, &n)| (format!("p{i}"), n)).collect();
     let dir = synthetic_stage2(tmp.path(), &params, 4);
     let out = tmp.path().join("o.safetensors");
     convert::run(&common::convert_args(tmp.path(), &out)).unwrap();
     let got = tensors(&std::fs::read(&out).unwrap());
     let mut base = 0;
     for (n, k) in &params {
-        let want: Vec<u8> = (base..base + k)
-            .flat_map(|i| (i as f32).to_le_bytes())
-            .collect();
+        let want: Vec<u8> = (base..base + k).flat_map(|i| (i as f32).to_le_bytes()).collect();
         assert_eq!(got[n].2, want, "{n}");
         base += k;
     }
@@ -559,18 +478,9 @@ fn synthetic_layout_values_land_where_they_belong() {
     let mut bad = params.clone();
     bad[4].1 += 9;
     let other = synthetic_stage2(&tmp.path().join("other"), &bad, 4);
-    std::fs::copy(
-        other.join("mp_rank_00_model_states.pt"),
-        dir.join("mp_rank_00_model_states.pt"),
-    )
-    .unwrap();
-    let e = convert::run(&common::convert_args(
-        tmp.path(),
-        &tmp.path().join("p.safetensors"),
-    ))
-    .err()
-    .unwrap()
-    .to_string();
+    std::fs::copy(other.join("mp_rank_00_model_states.pt"), dir.join("mp_rank_00_model_states.pt")).unwrap();
+    let e =
+        convert::run(&common::convert_args(tmp.path(), &tmp.path().join("p.safetensors"))).err().unwrap().to_string();
     assert!(e.contains("disagree") || e.contains("shorter"), "{e}");
 }
 
@@ -587,26 +497,17 @@ fn peak_memory_is_bounded_by_threads_not_the_model() {
     let out = tmp.path().join("out");
     common::assert_conversion_streams(tmp.path(), &out, (n * 4) as f64 / 1048576.0);
     let index: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join("model.safetensors.index.json")).unwrap())
-            .unwrap();
+        serde_json::from_slice(&std::fs::read(out.join("model.safetensors.index.json")).unwrap()).unwrap();
     let mut seen = 0;
     for (name, file) in index["weight_map"].as_object().unwrap() {
-        let k: i64 = name
-            .trim_start_matches("layer")
-            .trim_end_matches(".weight")
-            .parse()
-            .unwrap();
+        let k: i64 = name.trim_start_matches("layer").trim_end_matches(".weight").parse().unwrap();
         let buf = std::fs::read(out.join(file.as_str().unwrap())).unwrap();
         let st = SafeTensors::deserialize(&buf).unwrap();
         let data = st.tensor(name).unwrap().data().to_vec();
         assert_eq!(data.len() as i64, n * 4, "{name}");
         for (j, c) in data.chunks_exact(4).enumerate() {
             let want = (k * n + j as i64) as f32;
-            assert_eq!(
-                f32::from_le_bytes(c.try_into().unwrap()),
-                want,
-                "{name}[{j}]"
-            );
+            assert_eq!(f32::from_le_bytes(c.try_into().unwrap()), want, "{name}[{j}]");
         }
         seen += 1;
     }
@@ -625,10 +526,7 @@ fn full_disk_leaves_no_partial_output_and_names_the_file() {
     // A 1 MiB file-size limit makes writes fail as on a full disk (EFBIG instead of ENOSPC).
     unsafe {
         cmd.pre_exec(|| {
-            let lim = libc::rlimit {
-                rlim_cur: 1 << 20,
-                rlim_max: 1 << 20,
-            };
+            let lim = libc::rlimit { rlim_cur: 1 << 20, rlim_max: 1 << 20 };
             libc::setrlimit(libc::RLIMIT_FSIZE, &lim);
             libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
             Ok(())
@@ -637,20 +535,8 @@ fn full_disk_leaves_no_partial_output_and_names_the_file() {
     let o = cmd.output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
-    assert!(
-        err.contains("model.safetensors") && err.contains("too large"),
-        "{err}"
-    );
-    let left: Vec<_> = std::fs::read_dir(tmp.path())
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name())
-        .collect();
-    assert!(
-        !left
-            .iter()
-            .any(|n| n.to_string_lossy().contains("model.safetensors")),
-        "{left:?}"
-    );
+    assert!(err.contains("model.safetensors") && err.contains("too large"), "{err}");
+    let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(!left.iter().any(|n| n.to_string_lossy().contains("model.safetensors")), "{left:?}");
     let _ = std::io::stdout().flush();
 }

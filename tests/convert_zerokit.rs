@@ -28,13 +28,7 @@ struct Case {
 }
 
 /// The runs, made once per test binary: (stage, ranks, dtype).
-const RUNS: [(u8, usize, &str); 5] = [
-    (0, 1, "fp32"),
-    (1, 2, "bf16"),
-    (2, 3, "bf16"),
-    (2, 2, "fp32"),
-    (0, 3, "bf16"),
-];
+const RUNS: [(u8, usize, &str); 5] = [(0, 1, "fp32"), (1, 2, "bf16"), (2, 3, "bf16"), (2, 2, "fp32"), (0, 3, "bf16")];
 
 fn checkpoints() -> &'static [Case] {
     static CASES: OnceLock<Vec<Case>> = OnceLock::new();
@@ -77,9 +71,7 @@ fn train(dir: &Path, data: &Path, nproc: usize, model: &str, extra: &str) -> Pat
     std::fs::write(&cfg, text).unwrap();
     // Distinct per test process and run, away from common services.
     static PORT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
-    let port = 30000
-        + (std::process::id() % 20000) as u16
-        + PORT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let port = 30000 + (std::process::id() % 20000) as u16 + PORT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let o = Command::new(env!("CARGO_BIN_EXE_train"))
         .arg(&cfg)
         .arg("--nproc-per-node")
@@ -91,12 +83,7 @@ fn train(dir: &Path, data: &Path, nproc: usize, model: &str, extra: &str) -> Pat
         .env_remove("WORLD_SIZE")
         .output()
         .unwrap();
-    assert!(
-        o.status.success(),
-        "train {}: {}",
-        dir.display(),
-        String::from_utf8_lossy(&o.stderr)
-    );
+    assert!(o.status.success(), "train {}: {}", dir.display(), String::from_utf8_lossy(&o.stderr));
     out
 }
 
@@ -105,18 +92,14 @@ type Tensors = BTreeMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)>;
 fn read_tensors(path: &Path) -> Tensors {
     let buf = std::fs::read(path).unwrap();
     let st = SafeTensors::deserialize(&buf).unwrap();
-    st.tensors()
-        .into_iter()
-        .map(|(n, t)| (n, (t.dtype(), t.shape().to_vec(), t.data().to_vec())))
-        .collect()
+    st.tensors().into_iter().map(|(n, t)| (n, (t.dtype(), t.shape().to_vec(), t.data().to_vec()))).collect()
 }
 
 /// The fp32 master of every parameter, assembled from the rank files with the format's
 /// arithmetic: element i of a parameter at offset o in bucket b lies at bucket position o + i,
 /// on rank (o + i) / shard_b, at partition position shard_offset_b + (o + i) mod shard_b.
 fn assemble_master(tag: &Path) -> BTreeMap<String, (Vec<usize>, Vec<u8>)> {
-    let m: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(tag.join("manifest.json")).unwrap()).unwrap();
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(tag.join("manifest.json")).unwrap()).unwrap();
     let layout = &m["layout"];
     let parts = layout["parts"].as_u64().unwrap() as usize;
     let ranks: Vec<Vec<u8>> = (0..parts)
@@ -132,8 +115,7 @@ fn assemble_master(tag: &Path) -> BTreeMap<String, (Vec<usize>, Vec<u8>)> {
     let mut out = BTreeMap::new();
     for p in layout["params"].as_array().unwrap() {
         let b = &layout["buckets"][u(&p["bucket"])];
-        let (shard, shard_offset, offset) =
-            (u(&b["shard"]), u(&b["shard_offset"]), u(&p["offset"]));
+        let (shard, shard_offset, offset) = (u(&b["shard"]), u(&b["shard_offset"]), u(&p["offset"]));
         let shape: Vec<usize> = p["shape"].as_array().unwrap().iter().map(u).collect();
         let numel: usize = shape.iter().product();
         let mut bytes = Vec::with_capacity(numel * 4);
@@ -164,29 +146,15 @@ fn output_is_the_fp32_master_bit_for_bit_at_every_stage_and_world_size() {
     let tmp = tempfile::tempdir().unwrap();
     for case in checkpoints() {
         let latest = latest_tag(&case.root);
-        assert!(
-            latest.ends_with("step_00000003"),
-            "{}: {}",
-            case.name,
-            latest.display()
-        );
+        assert!(latest.ends_with("step_00000003"), "{}: {}", case.name, latest.display());
         // The root (following `latest`), the tag directory itself, and --tag for the older save.
         for (label, ckpt, tag, tag_dir) in [
             ("root", case.root.clone(), None, latest.clone()),
             ("tag dir", latest.clone(), None, latest.clone()),
-            (
-                "--tag",
-                case.root.clone(),
-                Some("step_00000002".to_string()),
-                case.root.join("step_00000002"),
-            ),
+            ("--tag", case.root.clone(), Some("step_00000002".to_string()), case.root.join("step_00000002")),
         ] {
             let what = format!("{} ({label})", case.name);
-            let out = tmp.path().join(format!(
-                "{}-{}.safetensors",
-                case.name,
-                label.replace([' ', '-'], "")
-            ));
+            let out = tmp.path().join(format!("{}-{}.safetensors", case.name, label.replace([' ', '-'], "")));
             let mut a = common::convert_args(&ckpt, &out);
             a.tag = tag;
             a.verify = label == "root";
@@ -194,25 +162,12 @@ fn output_is_the_fp32_master_bit_for_bit_at_every_stage_and_world_size() {
             let got = read_tensors(&out);
             let master = assemble_master(&tag_dir);
             assert_eq!(summary.tensors, master.len(), "{what}");
-            assert_eq!(
-                got.len(),
-                master.len(),
-                "{what}: tensor names {:?}",
-                got.keys().collect::<Vec<_>>()
-            );
-            assert!(
-                !got.contains_key("lm_head.weight"),
-                "{what}: lm_head is tied to wte and stored once"
-            );
+            assert_eq!(got.len(), master.len(), "{what}: tensor names {:?}", got.keys().collect::<Vec<_>>());
+            assert!(!got.contains_key("lm_head.weight"), "{what}: lm_head is tied to wte and stored once");
             for (name, (shape, bytes)) in &master {
-                let (dt, s, data) = got
-                    .get(name)
-                    .unwrap_or_else(|| panic!("{what}: {name} missing"));
+                let (dt, s, data) = got.get(name).unwrap_or_else(|| panic!("{what}: {name} missing"));
                 assert_eq!((*dt, s), (safetensors::Dtype::F32, shape), "{what}: {name}");
-                assert!(
-                    data == bytes,
-                    "{what}: {name} differs from the master in the rank files"
-                );
+                assert!(data == bytes, "{what}: {name} differs from the master in the rank files");
             }
             // In an fp32 run the model weights are the master; in bf16 they are its rounding.
             let model = read_tensors(&tag_dir.join("model.safetensors"));
@@ -222,10 +177,7 @@ fn output_is_the_fp32_master_bit_for_bit_at_every_stage_and_world_size() {
                 match case.dtype {
                     "fp32" => {
                         assert_eq!(*dt, safetensors::Dtype::F32);
-                        assert!(
-                            data == ours,
-                            "{what}: {name}: fp32 run, output differs from model.safetensors"
-                        );
+                        assert!(data == ours, "{what}: {name}: fp32 run, output differs from model.safetensors");
                     }
                     _ => {
                         assert_eq!(*dt, safetensors::Dtype::BF16);
@@ -254,31 +206,21 @@ fn output_is_the_fp32_master_bit_for_bit_at_every_stage_and_world_size() {
     }
     // The two saves of a run differ, so the --tag comparison above really tells them apart.
     let c = &checkpoints()[0];
-    assert_ne!(
-        assemble_master(&c.root.join("step_00000002")),
-        assemble_master(&latest_tag(&c.root))
-    );
+    assert_ne!(assemble_master(&c.root.join("step_00000002")), assemble_master(&latest_tag(&c.root)));
 }
 
 #[test]
 fn directory_output_has_config_json_in_the_output_dtype() {
     let tmp = tempfile::tempdir().unwrap();
     let case = &checkpoints()[2];
-    let manifest: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(latest_tag(&case.root).join("manifest.json")).unwrap(),
-    )
-    .unwrap();
-    for (dtype, name) in [
-        (OutDtype::Fp32, "float32"),
-        (OutDtype::Fp16, "float16"),
-        (OutDtype::Bf16, "bfloat16"),
-    ] {
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(latest_tag(&case.root).join("manifest.json")).unwrap()).unwrap();
+    for (dtype, name) in [(OutDtype::Fp32, "float32"), (OutDtype::Fp16, "float16"), (OutDtype::Bf16, "bfloat16")] {
         let out = tmp.path().join(name);
         let mut a = common::convert_args(&case.root, &out);
         a.dtype = dtype;
         convert::run(&a).unwrap();
-        let cfg: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+        let cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
         assert_eq!(cfg["torch_dtype"], name);
         assert_eq!(cfg["dtype"], name);
         for (ours, theirs) in [
@@ -302,8 +244,7 @@ fn directory_output_has_config_json_in_the_output_dtype() {
 }
 
 fn tokens() -> Tensor {
-    Tensor::randint_low(0, VOCAB as i64, [3, 16], (Kind::Int64, Device::Cpu))
-        .set_requires_grad(false)
+    Tensor::randint_low(0, VOCAB as i64, [3, 16], (Kind::Int64, Device::Cpu)).set_requires_grad(false)
 }
 
 fn zerokit_logits(dir: &Path, idx: &Tensor) -> Tensor {
@@ -325,22 +266,12 @@ fn transformers_loads_the_output_with_zerokits_logits() {
     // costs seconds of Python start-up).
     let cases = [
         (&checkpoints()[0], vec![(OutDtype::Fp32, "fp32")]),
-        (
-            &checkpoints()[2],
-            vec![
-                (OutDtype::Fp32, "fp32"),
-                (OutDtype::Bf16, "bf16"),
-                (OutDtype::Fp16, "fp16"),
-            ],
-        ),
+        (&checkpoints()[2], vec![(OutDtype::Fp32, "fp32"), (OutDtype::Bf16, "bf16"), (OutDtype::Fp16, "fp16")]),
     ];
     for (case, dtypes) in cases {
         for (dtype, label) in dtypes {
             let what = format!("{} --dtype {label}", case.name);
-            let out = tmp
-                .path()
-                .join(format!("{}-{label}", case.name))
-                .join("model");
+            let out = tmp.path().join(format!("{}-{label}", case.name)).join("model");
             std::fs::create_dir_all(out.parent().unwrap()).unwrap();
             let mut a = common::convert_args(&case.root, &out);
             a.dtype = dtype;
@@ -358,16 +289,10 @@ fn transformers_loads_the_output_with_zerokits_logits() {
                 let s = convert::run(&a).unwrap();
                 assert!(s.files.len() > 2, "{what}: {:?}", s.files);
                 assert!(sharded.join("model.safetensors.index.json").exists());
-                assert!(
-                    zerokit_logits(&sharded, &idx).equal(&ours),
-                    "{what}: sharded"
-                );
+                assert!(zerokit_logits(&sharded, &idx).equal(&ours), "{what}: sharded");
                 // An fp32 run's tag is itself a model directory with the same weights.
                 if case.dtype == "fp32" {
-                    assert!(
-                        zerokit_logits(&latest_tag(&case.root), &idx).equal(&ours),
-                        "{what}: vs the checkpoint"
-                    );
+                    assert!(zerokit_logits(&latest_tag(&case.root), &idx).equal(&ours), "{what}: vs the checkpoint");
                 }
             }
         }
@@ -400,23 +325,12 @@ fn assert_refused(root: &Path, extra: &[&str], wants: &[&str]) {
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success(), "{}: accepted: {err}", root.display());
         for w in wants {
-            assert!(
-                err.contains(w),
-                "{}: expected {w:?} in: {err}",
-                root.display()
-            );
+            assert!(err.contains(w), "{}: expected {w:?} in: {err}", root.display());
         }
         assert!(!err.contains("panicked"), "{err}");
-        let left: Vec<_> = std::fs::read_dir(root.parent().unwrap())
-            .unwrap()
-            .flatten()
-            .map(|e| e.file_name())
-            .collect();
-        assert!(
-            !left.iter().any(|n| n.to_string_lossy().contains("out")),
-            "{}: left {left:?}",
-            root.display()
-        );
+        let left: Vec<_> =
+            std::fs::read_dir(root.parent().unwrap()).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert!(!left.iter().any(|n| n.to_string_lossy().contains("out")), "{}: left {left:?}", root.display());
     }
 }
 
@@ -432,36 +346,20 @@ fn damaged_checkpoints_are_refused_naming_the_file() {
 
     let (root, tag) = fresh("missing");
     std::fs::remove_file(tag.join("rank_00001.safetensors")).unwrap();
-    assert_refused(
-        &root,
-        &[],
-        &["rank_00001.safetensors", "missing", "3 ranks"],
-    );
+    assert_refused(&root, &[], &["rank_00001.safetensors", "missing", "3 ranks"]);
 
     let (root, tag) = fresh("truncated");
     let f = tag.join("rank_00002.safetensors");
     let len = std::fs::metadata(&f).unwrap().len();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&f)
-        .unwrap()
-        .set_len(len - 100)
-        .unwrap();
+    std::fs::OpenOptions::new().write(true).open(&f).unwrap().set_len(len - 100).unwrap();
     assert_refused(&root, &[], &["rank_00002.safetensors", "truncated"]);
 
     // Truncated with the manifest edited to match: the safetensors check still names the file.
     let (root, tag) = fresh("truncated-consistent");
     let f = tag.join("rank_00000.safetensors");
     let len = std::fs::metadata(&f).unwrap().len();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&f)
-        .unwrap()
-        .set_len(len - 100)
-        .unwrap();
-    common::edit_manifest(&tag, |m| {
-        m["files"]["rank_00000.safetensors"]["bytes"] = (len - 100).into()
-    });
+    std::fs::OpenOptions::new().write(true).open(&f).unwrap().set_len(len - 100).unwrap();
+    common::edit_manifest(&tag, |m| m["files"]["rank_00000.safetensors"]["bytes"] = (len - 100).into());
     assert_refused(&root, &[], &["rank_00000.safetensors", "bad safetensors"]);
 
     let (root, tag) = fresh("version");
@@ -470,15 +368,7 @@ fn damaged_checkpoints_are_refused_naming_the_file() {
 
     let (root, tag) = fresh("no-manifest");
     std::fs::remove_file(tag.join("manifest.json")).unwrap();
-    assert_refused(
-        &root,
-        &[],
-        &[
-            "manifest.json",
-            "missing",
-            "not a complete zerokit checkpoint",
-        ],
-    );
+    assert_refused(&root, &[], &["manifest.json", "missing", "not a complete zerokit checkpoint"]);
 
     let (root, tag) = fresh("not-gpt2");
     common::edit_manifest(&tag, |m| m["model_config"]["n_embd"] = 64.into());
@@ -491,15 +381,7 @@ fn damaged_checkpoints_are_refused_naming_the_file() {
     let at = bytes.len() / 6; // inside `master`, the first third of the data
     bytes[at] ^= 0x10;
     std::fs::write(&f, bytes).unwrap();
-    assert_refused(
-        &root,
-        &["--verify"],
-        &[
-            "rank_00001.safetensors",
-            "sha256",
-            "does not match manifest.json",
-        ],
-    );
+    assert_refused(&root, &["--verify"], &["rank_00001.safetensors", "sha256", "does not match manifest.json"]);
 }
 
 /// Streaming: a 120 MB master (2 ranks, ZeRO-2) in tensors of up to 16 MiB, converted by 2

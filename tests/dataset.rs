@@ -86,27 +86,15 @@ fn sequential_batches_walk_non_overlapping_windows_and_wrap() {
 fn short_splits_and_bad_shapes_are_errors() {
     let (tmp, ds) = ramp(10);
     let err = ds.random_batch(0, 0, 0, 1, 10).unwrap_err().to_string();
-    assert!(
-        err.contains("10 tokens, but a window of block size 10 needs at least 11"),
-        "{err}"
-    );
+    assert!(err.contains("10 tokens, but a window of block size 10 needs at least 11"), "{err}");
     assert!(err.contains("train.bin"), "{err}");
     assert!(ds.sequential_batch(0, 1, 10).is_err());
     assert!(ds.random_batch(0, 0, 0, 0, 4).is_err());
     assert!(ds.random_batch(0, 0, 0, 1, 9).is_ok());
     fs::write(tmp.path().join("odd.bin"), [1u8, 2, 3]).unwrap();
-    let err = TokenDataset::open(tmp.path(), "odd", 50257)
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(
-        err.contains("odd.bin") && err.contains("not a whole number of uint16 tokens"),
-        "{err}"
-    );
-    let err = TokenDataset::open(tmp.path(), "missing", 50257)
-        .err()
-        .unwrap()
-        .to_string();
+    let err = TokenDataset::open(tmp.path(), "odd", 50257).err().unwrap().to_string();
+    assert!(err.contains("odd.bin") && err.contains("not a whole number of uint16 tokens"), "{err}");
+    let err = TokenDataset::open(tmp.path(), "missing", 50257).err().unwrap().to_string();
     assert!(err.contains("missing.bin"), "{err}");
     fs::write(tmp.path().join("empty.bin"), []).unwrap();
     let empty = TokenDataset::open(tmp.path(), "empty", 50257).unwrap();
@@ -121,20 +109,11 @@ fn ids_at_or_above_the_vocab_size_are_rejected_at_open() {
     ids[2_500_000] = 50300;
     ids[2_900_000] = 60000;
     write_u16(tmp.path(), "train", ids.into_iter());
-    let err = TokenDataset::open(tmp.path(), "train", 50257)
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(
-        err.contains("token id 50300 at position 2500000") && err.contains("vocab size 50257"),
-        "{err}"
-    );
+    let err = TokenDataset::open(tmp.path(), "train", 50257).err().unwrap().to_string();
+    assert!(err.contains("token id 50300 at position 2500000") && err.contains("vocab size 50257"), "{err}");
     assert!(err.contains("train.bin"), "{err}");
     // A model with a padded vocabulary (nanoGPT's 50304) accepts 50300 but not 60000.
-    let err = TokenDataset::open(tmp.path(), "train", 50304)
-        .err()
-        .unwrap()
-        .to_string();
+    let err = TokenDataset::open(tmp.path(), "train", 50304).err().unwrap().to_string();
     assert!(err.contains("token id 60000 at position 2900000"), "{err}");
     assert!(TokenDataset::open(tmp.path(), "train", 65536).is_ok());
 }
@@ -143,32 +122,16 @@ fn ids_at_or_above_the_vocab_size_are_rejected_at_open() {
 fn dtype_comes_from_meta_json() {
     let tmp = tempfile::tempdir().unwrap();
     let ids: Vec<u32> = (0..100).map(|i| 70000 + i).collect();
-    fs::write(
-        tmp.path().join("val.bin"),
-        ids.iter()
-            .flat_map(|i| i.to_le_bytes())
-            .collect::<Vec<u8>>(),
-    )
-    .unwrap();
-    fs::write(
-        tmp.path().join("meta.json"),
-        r#"{"dtype": "uint32", "vocab_size": 200019}"#,
-    )
-    .unwrap();
+    fs::write(tmp.path().join("val.bin"), ids.iter().flat_map(|i| i.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
+    fs::write(tmp.path().join("meta.json"), r#"{"dtype": "uint32", "vocab_size": 200019}"#).unwrap();
     let ds = TokenDataset::open(tmp.path(), "val", 200019).unwrap();
     assert_eq!(ds.len(), 100);
     let (x, y) = ds.sequential_batch(0, 1, 99).unwrap();
     assert_eq!((x[0], y[98]), (70000, 70099));
     assert!(TokenDataset::open(tmp.path(), "val", 50257).is_err());
     fs::write(tmp.path().join("meta.json"), r#"{"dtype": "float32"}"#).unwrap();
-    let err = TokenDataset::open(tmp.path(), "val", 200019)
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(
-        err.contains("meta.json") && err.contains("unsupported dtype \"float32\""),
-        "{err}"
-    );
+    let err = TokenDataset::open(tmp.path(), "val", 200019).err().unwrap().to_string();
+    assert!(err.contains("meta.json") && err.contains("unsupported dtype \"float32\""), "{err}");
 }
 
 #[test]
@@ -176,11 +139,7 @@ fn reads_what_prepare_wrote() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("shk");
     let st = std::process::Command::new(env!("CARGO_BIN_EXE_prepare"))
-        .args([
-            concat!(env!("CARGO_MANIFEST_DIR"), "/data/tinyshakespeare.txt"),
-            "--out",
-            out.to_str().unwrap(),
-        ])
+        .args([concat!(env!("CARGO_MANIFEST_DIR"), "/data/tinyshakespeare.txt"), "--out", out.to_str().unwrap()])
         .status()
         .unwrap();
     assert!(st.success());

@@ -4,15 +4,12 @@
 use clap::Parser;
 use std::path::Path;
 use zerokit::memory::{
-    activation_bytes, block_activation_bytes, deepspeed_zero2, deepspeed_zero3, estimate,
-    gpu_breakdown, loss_saved_bytes, parse_size, run, Dtype, EstimateArgs, MemoryError, ModelShape,
-    Offload, Setup, CONFIGS,
+    activation_bytes, block_activation_bytes, deepspeed_zero2, deepspeed_zero3, estimate, gpu_breakdown,
+    loss_saved_bytes, parse_size, run, Dtype, EstimateArgs, MemoryError, ModelShape, Offload, Setup, CONFIGS,
 };
 
 fn fixture(name: &str) -> serde_json::Value {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/memory")
-        .join(name);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/memory").join(name);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).unwrap()
 }
@@ -38,16 +35,9 @@ fn presets_count_parameters_like_transformers_and_deepspeed() {
     for (name, counts) in doc["gpt2_presets"].as_object().unwrap() {
         let m = ModelShape::preset(name).unwrap();
         assert_eq!(m.num_params(), counts[0].as_u64().unwrap(), "{name} total");
-        assert_eq!(
-            m.largest_layer_params(),
-            counts[1].as_u64().unwrap(),
-            "{name} largest layer"
-        );
+        assert_eq!(m.largest_layer_params(), counts[1].as_u64().unwrap(), "{name} largest layer");
     }
-    assert!(matches!(
-        ModelShape::preset("gpt3"),
-        Err(MemoryError::UnknownPreset(_))
-    ));
+    assert!(matches!(ModelShape::preset("gpt3"), Err(MemoryError::UnknownPreset(_))));
 }
 
 #[test]
@@ -63,16 +53,7 @@ fn deepspeed_formulas_are_reproduced_exactly() {
     }
     let zero3 = doc["zero3"].as_array().unwrap();
     for r in zero3 {
-        let got = deepspeed_zero3(
-            u(&r[0]),
-            u(&r[1]),
-            u(&r[2]),
-            u(&r[3]),
-            b(&r[4]),
-            b(&r[5]),
-            b(&r[6]),
-            f(&r[7]),
-        );
+        let got = deepspeed_zero3(u(&r[0]), u(&r[1]), u(&r[2]), u(&r[3]), b(&r[4]), b(&r[5]), b(&r[6]), f(&r[7]));
         assert_eq!(got, (u(&r[8]), u(&r[9]), u(&r[10])), "zero3 {r}");
     }
     assert!(zero2.len() > 300 && zero3.len() > 1000);
@@ -87,9 +68,7 @@ fn model_states_agree_with_deepspeed_where_the_accounting_is_the_same() {
                 let psi = s.model.num_params();
                 for (stage, offload) in CONFIGS.iter().copied().filter(|(st, _)| *st >= 2) {
                     let ours = gpu_breakdown(&s, stage, offload).model_states() as i64;
-                    let ds = zerokit::memory::deepspeed_figures(&s, stage, offload)
-                        .unwrap()
-                        .gpu as i64;
+                    let ds = zerokit::memory::deepspeed_figures(&s, stage, offload).unwrap().gpu as i64;
                     // DeepSpeed's stage-3 formula without offload leaves out the 16-bit
                     // parameter partition (2 bytes/param/GPU) that its offload variant counts;
                     // at stage 2 DeepSpeed keeps its reduced 16-bit gradient partition, zerokit
@@ -101,10 +80,7 @@ fn model_states_agree_with_deepspeed_where_the_accounting_is_the_same() {
                     };
                     // Each of zerokit's terms is rounded down separately; DeepSpeed rounds once.
                     let diff = ours - extra - ds;
-                    assert!(
-                        (-3..=0).contains(&diff),
-                        "{name} x{gpus} stage {stage} {offload:?}: {ours} vs {ds}"
-                    );
+                    assert!((-3..=0).contains(&diff), "{name} x{gpus} stage {stage} {offload:?}: {ours} vs {ds}");
                 }
             }
         }
@@ -116,11 +92,7 @@ fn activations_match_what_autograd_saves() {
     let doc = fixture("saved_tensors.json");
     for c in doc["cases"].as_array().unwrap() {
         let u = |k: &str| c[k].as_u64().unwrap();
-        let dtype = if c["dtype"] == "fp32" {
-            Dtype::Fp32
-        } else {
-            Dtype::Bf16
-        };
+        let dtype = if c["dtype"] == "fp32" { Dtype::Fp32 } else { Dtype::Bf16 };
         let model = ModelShape {
             n_layer: u("n_layer"),
             n_head: u("n_head"),
@@ -145,72 +117,31 @@ fn activations_match_what_autograd_saves() {
 fn checkpointing_keeps_block_inputs_plus_one_block() {
     let m = ModelShape::preset("gpt2-xl").unwrap();
     let full = setup(m, 4, Dtype::Fp16, 8, 1024);
-    let ckpt = Setup {
-        activation_checkpointing: true,
-        ..full.clone()
-    };
+    let ckpt = Setup { activation_checkpointing: true, ..full.clone() };
     let block = block_activation_bytes(&full);
     let input = 8 * 1024 * 1600 * 2;
-    assert_eq!(
-        activation_bytes(&full) - activation_bytes(&ckpt),
-        (m.n_layer - 1) * block - m.n_layer * input
-    );
+    assert_eq!(activation_bytes(&full) - activation_bytes(&ckpt), (m.n_layer - 1) * block - m.n_layer * input);
     // 16 B*T*C values plus fp32 statistics and logsumexp per block.
-    assert_eq!(
-        block,
-        16 * 8 * 1024 * 1600 * 2 + 16 * 8 * 1024 + 4 * 8 * 25 * 1024
-    );
+    assert_eq!(block, 16 * 8 * 1024 * 1600 * 2 + 16 * 8 * 1024 + 4 * 8 * 25 * 1024);
 }
 
 #[test]
 fn reference_run_is_near_the_measured_peers() {
     // 4 x H200, GPT-2 XL fp16, sequence 1024, micro-batch 8: DeepSpeed ZeRO-2 peaked at 31.0 GiB
     // and FSDP SHARD_GRAD_OP at 31.0 GiB per GPU. Stage 2 should land within 15%.
-    let s = setup(
-        ModelShape::preset("gpt2-xl").unwrap(),
-        4,
-        Dtype::Fp16,
-        8,
-        1024,
-    );
+    let s = setup(ModelShape::preset("gpt2-xl").unwrap(), 4, Dtype::Fp16, 8, 1024);
     let est = estimate(&s, 78 << 30).unwrap();
-    let stage2 = est
-        .rows
-        .iter()
-        .find(|r| r.stage == 2 && r.offload == Offload::None)
-        .unwrap();
+    let stage2 = est.rows.iter().find(|r| r.stage == 2 && r.offload == Offload::None).unwrap();
     let gib = stage2.gpu_total as f64 / (1u64 << 30) as f64;
-    assert!(
-        (gib - 31.0).abs() / 31.0 < 0.15,
-        "stage 2 estimate {gib:.2} GiB"
-    );
+    assert!((gib - 31.0).abs() / 31.0 < 0.15, "stage 2 estimate {gib:.2} GiB");
     // More sharding never costs more GPU memory, offload never more than no offload.
-    let total = |st, off| {
-        est.rows
-            .iter()
-            .find(|r| r.stage == st && r.offload == off)
-            .unwrap()
-            .gpu_total
-    };
+    let total = |st, off| est.rows.iter().find(|r| r.stage == st && r.offload == off).unwrap().gpu_total;
     assert!(total(0, Offload::None) > total(1, Offload::None));
     // zerokit's stages 1 and 2 differ only when accumulating micro-batches: stage 1 keeps a full
     // compute-dtype accumulation buffer, stage 2 accumulates into its fp32 shard.
     assert_eq!(total(1, Offload::None), total(2, Offload::None));
-    let acc = estimate(
-        &Setup {
-            grad_accum: 4,
-            ..s.clone()
-        },
-        78 << 30,
-    )
-    .unwrap();
-    let acc_total = |st| {
-        acc.rows
-            .iter()
-            .find(|r| r.stage == st && r.offload == Offload::None)
-            .unwrap()
-            .gpu_total
-    };
+    let acc = estimate(&Setup { grad_accum: 4, ..s.clone() }, 78 << 30).unwrap();
+    let acc_total = |st| acc.rows.iter().find(|r| r.stage == st && r.offload == Offload::None).unwrap().gpu_total;
     assert_eq!(acc_total(1) - acc_total(2), 2 * s.model.num_params());
     assert_eq!(acc_total(2), total(2, Offload::None));
     assert!(total(2, Offload::None) > total(3, Offload::None));
@@ -220,46 +151,17 @@ fn reference_run_is_near_the_measured_peers() {
 
 #[test]
 fn max_micro_batch_is_the_largest_that_fits() {
-    let s = setup(
-        ModelShape::preset("gpt2-xl").unwrap(),
-        4,
-        Dtype::Bf16,
-        8,
-        1024,
-    );
+    let s = setup(ModelShape::preset("gpt2-xl").unwrap(), 4, Dtype::Bf16, 8, 1024);
     let usable = 78u64 << 30;
     let est = estimate(&s, usable).unwrap();
     for r in &est.rows {
-        let at = |b: u64| {
-            gpu_breakdown(
-                &Setup {
-                    micro_batch: b,
-                    ..s.clone()
-                },
-                r.stage,
-                r.offload,
-            )
-            .total()
-        };
+        let at = |b: u64| gpu_breakdown(&Setup { micro_batch: b, ..s.clone() }, r.stage, r.offload).total();
         assert!(r.max_micro_batch > 0);
-        assert!(
-            at(r.max_micro_batch) <= usable,
-            "stage {} {:?}",
-            r.stage,
-            r.offload
-        );
-        assert!(
-            at(r.max_micro_batch + 1) > usable,
-            "stage {} {:?}",
-            r.stage,
-            r.offload
-        );
+        assert!(at(r.max_micro_batch) <= usable, "stage {} {:?}", r.stage, r.offload);
+        assert!(at(r.max_micro_batch + 1) > usable, "stage {} {:?}", r.stage, r.offload);
     }
     let tiny = estimate(&s, 1 << 30).unwrap();
-    assert!(tiny
-        .rows
-        .iter()
-        .all(|r| r.stage == 3 || r.max_micro_batch == 0));
+    assert!(tiny.rows.iter().all(|r| r.stage == 3 || r.max_micro_batch == 0));
 }
 
 #[test]
@@ -274,32 +176,10 @@ fn cli_table_json_and_errors() {
         v.extend_from_slice(extra);
         Cli::try_parse_from(v).unwrap().args
     };
-    let table = run(&args(&[
-        "--model",
-        "gpt2-xl",
-        "--gpus-per-node",
-        "4",
-        "--dtype",
-        "fp16",
-    ]))
-    .unwrap();
+    let table = run(&args(&["--model", "gpt2-xl", "--gpus-per-node", "4", "--dtype", "fp16"])).unwrap();
     assert!(table.contains("1557.6M parameters"), "{table}");
-    assert_eq!(
-        table
-            .lines()
-            .filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()))
-            .count(),
-        8 + 5
-    );
-    let json = run(&args(&[
-        "--model",
-        "gpt2",
-        "--n-layer",
-        "6",
-        "--json",
-        "--activation-checkpointing",
-    ]))
-    .unwrap();
+    assert_eq!(table.lines().filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit())).count(), 8 + 5);
+    let json = run(&args(&["--model", "gpt2", "--n-layer", "6", "--json", "--activation-checkpointing"])).unwrap();
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(v["setup"]["model"]["n_layer"], 6);
     assert_eq!(v["rows"].as_array().unwrap().len(), 8);
@@ -314,26 +194,11 @@ fn cli_table_json_and_errors() {
             + v["rows"][3]["gpu"]["runtime"].as_u64().unwrap()
     );
 
-    assert!(matches!(
-        run(&args(&["--model", "gpt5"])),
-        Err(MemoryError::UnknownPreset(_))
-    ));
-    assert!(matches!(
-        run(&args(&["--n-head", "7"])),
-        Err(MemoryError::Shape(_))
-    ));
-    assert!(matches!(
-        run(&args(&["--seq-len", "2048"])),
-        Err(MemoryError::Setup(_))
-    ));
-    assert!(matches!(
-        run(&args(&["--nodes", "0"])),
-        Err(MemoryError::Setup(_))
-    ));
-    assert!(matches!(
-        run(&args(&["--gpu-memory", "lots"])),
-        Err(MemoryError::BadSize(_))
-    ));
+    assert!(matches!(run(&args(&["--model", "gpt5"])), Err(MemoryError::UnknownPreset(_))));
+    assert!(matches!(run(&args(&["--n-head", "7"])), Err(MemoryError::Shape(_))));
+    assert!(matches!(run(&args(&["--seq-len", "2048"])), Err(MemoryError::Setup(_))));
+    assert!(matches!(run(&args(&["--nodes", "0"])), Err(MemoryError::Setup(_))));
+    assert!(matches!(run(&args(&["--gpu-memory", "lots"])), Err(MemoryError::BadSize(_))));
 }
 
 #[test]

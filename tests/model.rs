@@ -20,10 +20,7 @@ fn fixture_model() -> PathBuf {
 }
 
 fn read_st(path: &Path) -> HashMap<String, Tensor> {
-    Tensor::read_safetensors(path)
-        .unwrap()
-        .into_iter()
-        .collect()
+    Tensor::read_safetensors(path).unwrap().into_iter().collect()
 }
 
 fn batch() -> HashMap<String, Tensor> {
@@ -32,10 +29,7 @@ fn batch() -> HashMap<String, Tensor> {
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.size(), b.size());
-    (a.to_kind(Kind::Float) - b.to_kind(Kind::Float))
-        .abs()
-        .max()
-        .double_value(&[])
+    (a.to_kind(Kind::Float) - b.to_kind(Kind::Float)).abs().max().double_value(&[])
 }
 
 fn expected_loss() -> f64 {
@@ -45,13 +39,7 @@ fn expected_loss() -> f64 {
 }
 
 fn small_cfg() -> GptConfig {
-    GptConfig {
-        n_layer: 3,
-        n_head: 4,
-        n_embd: 32,
-        block_size: 32,
-        vocab_size: 1000,
-    }
+    GptConfig { n_layer: 3, n_head: 4, n_embd: 32, block_size: 32, vocab_size: 1000 }
 }
 
 /// A model whose every parameter is far from its init, so biases and LayerNorms matter.
@@ -90,11 +78,7 @@ fn logits_and_loss_match_transformers_fp32() {
     assert!(d < 1e-4, "prefix: max |logits - transformers| = {d}");
     let loss = Gpt::loss(&logits, &batch["targets"]).double_value(&[]);
     eprintln!("loss {loss} vs transformers {}", expected_loss());
-    assert!(
-        (loss - expected_loss()).abs() < 1e-5,
-        "loss {loss} vs {}",
-        expected_loss()
-    );
+    assert!((loss - expected_loss()).abs() < 1e-5, "loss {loss} vs {}", expected_loss());
 }
 
 #[test]
@@ -106,18 +90,12 @@ fn half_and_bf16_track_the_fp32_reference() {
     // three layers (measured 1.1e-2 and 1.0e-3); the bounds leave a factor of 3 to 4.
     for (kind, tol) in [(Kind::Half, 0.004), (Kind::BFloat16, 0.04)] {
         let (model, _) = Gpt::load_hf(&fixture_model(), Device::Cpu, kind).unwrap();
-        assert!(model
-            .named_parameters()
-            .iter()
-            .all(|(_, p)| p.kind() == kind));
+        assert!(model.named_parameters().iter().all(|(_, p)| p.kind() == kind));
         let logits = tch::no_grad(|| model.forward(&batch["tokens"]));
         assert_eq!(logits.kind(), kind);
         let d = max_abs_diff(&logits, reference) / scale;
         eprintln!("{kind:?}: relative max |logits - fp32 reference| = {d:.2e}");
-        assert!(
-            d < tol,
-            "{kind:?}: relative max |logits - fp32 reference| = {d}"
-        );
+        assert!(d < tol, "{kind:?}: relative max |logits - fp32 reference| = {d}");
         let loss = Gpt::loss(&logits, &batch["targets"]);
         assert_eq!(loss.kind(), Kind::Float);
         let l = loss.double_value(&[]);
@@ -129,13 +107,7 @@ fn half_and_bf16_track_the_fp32_reference() {
 #[test]
 fn saved_models_load_into_transformers_with_the_same_logits() {
     let tmp = tempfile::tempdir().unwrap();
-    let cfg = GptConfig {
-        n_layer: 2,
-        n_head: 2,
-        n_embd: 16,
-        block_size: 24,
-        vocab_size: 50,
-    };
+    let cfg = GptConfig { n_layer: 2, n_head: 2, n_embd: 16, block_size: 24, vocab_size: 50 };
     let model = perturbed_model(&cfg, Kind::Float, 11);
     let dir = tmp.path().join("fp32");
     model.save_hf(&dir, false).unwrap();
@@ -165,14 +137,8 @@ fn save_then_load_is_exact_in_every_kind() {
         let model = perturbed_model(&cfg, kind, 3);
         let dir = tmp.path().join(format!("{kind:?}"));
         model.save_hf(&dir, false).unwrap();
-        let names: Vec<String> = read_st(&dir.join("model.safetensors"))
-            .into_keys()
-            .collect();
-        assert_eq!(
-            names.len(),
-            2 + 12 * cfg.n_layer + 2,
-            "lm_head must not be stored"
-        );
+        let names: Vec<String> = read_st(&dir.join("model.safetensors")).into_keys().collect();
+        assert_eq!(names.len(), 2 + 12 * cfg.n_layer + 2, "lm_head must not be stored");
         let (back, back_cfg) = Gpt::load_hf(&dir, Device::Cpu, kind).unwrap();
         assert_eq!(back_cfg, cfg);
         for ((n, a), (m, b)) in model.named_parameters().iter().zip(back.named_parameters()) {
@@ -189,16 +155,12 @@ fn save_then_load_is_exact_in_every_kind() {
     assert!(err.contains("already exists"), "{err}");
     model.save_hf(&dir, true).unwrap();
     let (back, _) = Gpt::load_hf(&dir, Device::Cpu, Kind::Float).unwrap();
-    assert!(back.named_parameters()[5]
-        .1
-        .equal(&model.named_parameters()[5].1));
+    assert!(back.named_parameters()[5].1.equal(&model.named_parameters()[5].1));
 }
 
 /// The fixture's tensors, to be rewritten into checkpoint variants.
 fn fixture_tensors() -> Vec<(String, Tensor)> {
-    let mut v: Vec<(String, Tensor)> = read_st(&fixture_model().join("model.safetensors"))
-        .into_iter()
-        .collect();
+    let mut v: Vec<(String, Tensor)> = read_st(&fixture_model().join("model.safetensors")).into_iter().collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
 }
@@ -223,17 +185,13 @@ fn old_key_style_mask_buffers_and_a_tied_lm_head_are_accepted() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = small_cfg();
     let t = cfg.block_size as i64;
-    let mut v: Vec<(String, Tensor)> = fixture_tensors()
-        .into_iter()
-        .map(|(n, t)| (n.strip_prefix("transformer.").unwrap().to_string(), t))
-        .collect();
+    let mut v: Vec<(String, Tensor)> =
+        fixture_tensors().into_iter().map(|(n, t)| (n.strip_prefix("transformer.").unwrap().to_string(), t)).collect();
     let wte = v.iter().find(|(n, _)| n == "wte.weight").unwrap().1.copy();
     for i in 0..cfg.n_layer {
         v.push((
             format!("h.{i}.attn.bias"),
-            Tensor::ones([t, t], (Kind::Float, Device::Cpu))
-                .tril(0)
-                .view([1, 1, t, t]),
+            Tensor::ones([t, t], (Kind::Float, Device::Cpu)).tril(0).view([1, 1, t, t]),
         ));
         v.push((format!("h.{i}.attn.masked_bias"), Tensor::from(-1e4f32)));
     }
@@ -248,10 +206,7 @@ fn old_key_style_mask_buffers_and_a_tied_lm_head_are_accepted() {
     v[last].1 = &wte + 1e-3;
     write_variant(&dir, &v);
     let err = logits_of(&dir).unwrap_err();
-    assert!(
-        matches!(err, ModelError::Hf(HfError::Untied { .. })),
-        "{err}"
-    );
+    assert!(matches!(err, ModelError::Hf(HfError::Untied { .. })), "{err}");
     assert!(err.to_string().contains("model.safetensors"), "{err}");
 }
 
@@ -263,10 +218,7 @@ fn sharded_checkpoints_load_and_bad_indexes_are_refused() {
     std::fs::copy(fixture_model().join("config.json"), dir.join("config.json")).unwrap();
     let v = fixture_tensors();
     let (a, b) = v.split_at(v.len() / 2);
-    let names = [
-        "model-00001-of-00002.safetensors",
-        "model-00002-of-00002.safetensors",
-    ];
+    let names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"];
     Tensor::write_safetensors(a, dir.join(names[0])).unwrap();
     Tensor::write_safetensors(b, dir.join(names[1])).unwrap();
     let mut map = serde_json::Map::new();
@@ -287,10 +239,7 @@ fn sharded_checkpoints_load_and_bad_indexes_are_refused() {
     wrong.insert(a[0].0.clone(), names[1].into());
     write_index(&wrong);
     let err = logits_of(&dir).unwrap_err().to_string();
-    assert!(
-        err.contains("model.safetensors.index.json") && err.contains(&a[0].0),
-        "{err}"
-    );
+    assert!(err.contains("model.safetensors.index.json") && err.contains(&a[0].0), "{err}");
 }
 
 /// Loads a variant and returns the error's message.
@@ -301,10 +250,7 @@ fn load_error(tmp: &Path, name: &str, edit: impl FnOnce(&mut Vec<(String, Tensor
     write_variant(&dir, &v);
     let err = logits_of(&dir).expect_err(name).to_string();
     let file = dir.join("model.safetensors");
-    assert!(
-        err.contains(&file.display().to_string()),
-        "{name}: error does not name the file: {err}"
-    );
+    assert!(err.contains(&file.display().to_string()), "{name}: error does not name the file: {err}");
     err
 }
 
@@ -312,30 +258,16 @@ fn load_error(tmp: &Path, name: &str, edit: impl FnOnce(&mut Vec<(String, Tensor
 fn bad_checkpoints_give_errors_that_name_file_and_tensor() {
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
-    let err = load_error(t, "missing", |v| {
-        v.retain(|(n, _)| n != "transformer.h.1.mlp.c_fc.bias")
-    });
-    assert!(
-        err.contains("missing tensor transformer.h.1.mlp.c_fc.bias"),
-        "{err}"
-    );
+    let err = load_error(t, "missing", |v| v.retain(|(n, _)| n != "transformer.h.1.mlp.c_fc.bias"));
+    assert!(err.contains("missing tensor transformer.h.1.mlp.c_fc.bias"), "{err}");
 
     let err = load_error(t, "unexpected", |v| {
-        v.push((
-            "transformer.h.3.ln_1.weight".into(),
-            Tensor::ones([32], (Kind::Float, Device::Cpu)),
-        ))
+        v.push(("transformer.h.3.ln_1.weight".into(), Tensor::ones([32], (Kind::Float, Device::Cpu))))
     });
-    assert!(
-        err.contains("unexpected tensor transformer.h.3.ln_1.weight"),
-        "{err}"
-    );
+    assert!(err.contains("unexpected tensor transformer.h.3.ln_1.weight"), "{err}");
 
     let err = load_error(t, "shape", |v| {
-        let p = v
-            .iter_mut()
-            .find(|(n, _)| n == "transformer.h.0.attn.c_attn.weight")
-            .unwrap();
+        let p = v.iter_mut().find(|(n, _)| n == "transformer.h.0.attn.c_attn.weight").unwrap();
         p.1 = p.1.transpose(0, 1).contiguous(); // nn.Linear layout instead of Conv1D
     });
     assert!(
@@ -345,46 +277,30 @@ fn bad_checkpoints_give_errors_that_name_file_and_tensor() {
     );
 
     let err = load_error(t, "dtype", |v| {
-        let p = v
-            .iter_mut()
-            .find(|(n, _)| n == "transformer.ln_f.bias")
-            .unwrap();
+        let p = v.iter_mut().find(|(n, _)| n == "transformer.ln_f.bias").unwrap();
         p.1 = p.1.to_kind(Kind::Int64);
     });
     assert!(err.contains("transformer.ln_f.bias has dtype I64"), "{err}");
 
     let err = load_error(t, "duplicate", |v| {
-        let wpe = v
-            .iter()
-            .find(|(n, _)| n == "transformer.wpe.weight")
-            .unwrap()
-            .1
-            .copy();
+        let wpe = v.iter().find(|(n, _)| n == "transformer.wpe.weight").unwrap().1.copy();
         v.push(("wpe.weight".into(), wpe));
     });
-    assert!(
-        err.contains("wpe.weight") && err.contains("second copy"),
-        "{err}"
-    );
+    assert!(err.contains("wpe.weight") && err.contains("second copy"), "{err}");
 
     // No weights at all.
     let dir = t.join("empty");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::copy(fixture_model().join("config.json"), dir.join("config.json")).unwrap();
     let err = logits_of(&dir).unwrap_err().to_string();
-    assert!(
-        err.contains(&dir.display().to_string()) && err.contains("model.safetensors"),
-        "{err}"
-    );
+    assert!(err.contains(&dir.display().to_string()) && err.contains("model.safetensors"), "{err}");
 }
 
 #[test]
 fn bad_config_json_is_refused_with_the_reason() {
     let tmp = tempfile::tempdir().unwrap();
-    let base: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(fixture_model().join("config.json")).unwrap(),
-    )
-    .unwrap();
+    let base: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture_model().join("config.json")).unwrap()).unwrap();
     type Edit = Box<dyn Fn(&mut serde_json::Value)>;
     let cases: Vec<(&str, Edit, &str)> = vec![
         (
@@ -394,53 +310,22 @@ fn bad_config_json_is_refused_with_the_reason() {
             }),
             "n_layer is missing",
         ),
-        (
-            "exact_gelu",
-            Box::new(|c| c["activation_function"] = "gelu".into()),
-            "activation_function",
-        ),
-        (
-            "eps",
-            Box::new(|c| c["layer_norm_epsilon"] = 1e-6.into()),
-            "layer_norm_epsilon",
-        ),
-        (
-            "untied",
-            Box::new(|c| c["tie_word_embeddings"] = false.into()),
-            "tie_word_embeddings",
-        ),
-        (
-            "heads",
-            Box::new(|c| c["n_head"] = 5.into()),
-            "not a multiple of n_head",
-        ),
-        (
-            "type",
-            Box::new(|c| c["model_type"] = "llama".into()),
-            "model_type",
-        ),
-        (
-            "negative",
-            Box::new(|c| c["n_embd"] = (-32).into()),
-            "n_embd must be a positive integer",
-        ),
+        ("exact_gelu", Box::new(|c| c["activation_function"] = "gelu".into()), "activation_function"),
+        ("eps", Box::new(|c| c["layer_norm_epsilon"] = 1e-6.into()), "layer_norm_epsilon"),
+        ("untied", Box::new(|c| c["tie_word_embeddings"] = false.into()), "tie_word_embeddings"),
+        ("heads", Box::new(|c| c["n_head"] = 5.into()), "not a multiple of n_head"),
+        ("type", Box::new(|c| c["model_type"] = "llama".into()), "model_type"),
+        ("negative", Box::new(|c| c["n_embd"] = (-32).into()), "n_embd must be a positive integer"),
     ];
     for (name, edit, want) in cases {
         let dir = tmp.path().join(name);
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::copy(
-            fixture_model().join("model.safetensors"),
-            dir.join("model.safetensors"),
-        )
-        .unwrap();
+        std::fs::copy(fixture_model().join("model.safetensors"), dir.join("model.safetensors")).unwrap();
         let mut c = base.clone();
         edit(&mut c);
         std::fs::write(dir.join("config.json"), c.to_string()).unwrap();
         let err = logits_of(&dir).expect_err(name).to_string();
-        assert!(
-            err.contains(&dir.join("config.json").display().to_string()),
-            "{name}: {err}"
-        );
+        assert!(err.contains(&dir.join("config.json").display().to_string()), "{name}: {err}");
         assert!(err.contains(want), "{name}: {err}");
     }
     let dir = tmp.path().join("garbage");
@@ -448,9 +333,7 @@ fn bad_config_json_is_refused_with_the_reason() {
     std::fs::write(dir.join("config.json"), "{ not json").unwrap();
     let err = GptConfig::from_hf_config(&dir).unwrap_err().to_string();
     assert!(err.contains("bad config.json"), "{err}");
-    let err = GptConfig::from_hf_config(&tmp.path().join("nowhere"))
-        .unwrap_err()
-        .to_string();
+    let err = GptConfig::from_hf_config(&tmp.path().join("nowhere")).unwrap_err().to_string();
     assert!(err.contains("nowhere"), "{err}");
 }
 
@@ -461,23 +344,13 @@ fn presets_have_the_published_parameter_counts() {
     assert_eq!(count("gpt2-medium"), 354_823_168);
     assert_eq!(count("gpt2-large"), 774_030_080);
     assert_eq!(count("gpt2-xl"), 1_557_611_200);
-    let padded = |name: &str| {
-        GptConfig::preset(name)
-            .unwrap()
-            .with_vocab_padded_to(64)
-            .num_params()
-    };
+    let padded = |name: &str| GptConfig::preset(name).unwrap().with_vocab_padded_to(64).num_params();
     assert_eq!(padded("gpt2"), 124_475_904);
-    let xl = GptConfig::preset("gpt2-xl")
-        .unwrap()
-        .with_vocab_padded_to(64);
+    let xl = GptConfig::preset("gpt2-xl").unwrap().with_vocab_padded_to(64);
     assert_eq!(xl.vocab_size, 50304);
     assert_eq!(xl.num_params(), 1_557_686_400);
     assert_eq!(PRESETS.len(), 4);
-    assert!(matches!(
-        GptConfig::preset("gpt3"),
-        Err(ModelError::UnknownPreset(_))
-    ));
+    assert!(matches!(GptConfig::preset("gpt3"), Err(ModelError::UnknownPreset(_))));
     let cfg = GptConfig::preset("gpt2-medium").unwrap();
     let json = cfg.to_hf_config_json(Kind::BFloat16);
     let tmp = tempfile::tempdir().unwrap();
@@ -505,13 +378,7 @@ fn named_parameters_are_canonical_and_repointable() {
     assert_eq!(named[1].0, "transformer.wpe.weight");
     assert_eq!(named[2].0, "transformer.h.0.ln_1.weight");
     assert_eq!(named.last().unwrap().0, "transformer.ln_f.bias");
-    assert_eq!(
-        model.block_parameter_names(1),
-        named[14..26]
-            .iter()
-            .map(|(n, _)| n.clone())
-            .collect::<Vec<_>>()
-    );
+    assert_eq!(model.block_parameter_names(1), named[14..26].iter().map(|(n, _)| n.clone()).collect::<Vec<_>>());
 
     // What ZeRO does: copy every parameter into one flat buffer and re-point it there.
     let idx = tokens(2, 16, 1000, 9);
@@ -533,31 +400,17 @@ fn named_parameters_are_canonical_and_repointable() {
     assert!(after.equal(&before));
     let _ = flat.fill_(0.0);
     let zeroed = tch::no_grad(|| model.forward(&idx));
-    assert_eq!(
-        zeroed.abs().max().double_value(&[]),
-        0.0,
-        "parameters did not follow the flat buffer"
-    );
+    assert_eq!(zeroed.abs().max().double_value(&[]), 0.0, "parameters did not follow the flat buffer");
 }
 
 #[test]
 fn split_forward_and_blockwise_backward_give_the_plain_gradients() {
-    let cfg = GptConfig {
-        n_layer: 3,
-        n_head: 2,
-        n_embd: 16,
-        block_size: 16,
-        vocab_size: 64,
-    };
+    let cfg = GptConfig { n_layer: 3, n_head: 2, n_embd: 16, block_size: 16, vocab_size: 64 };
     let model = perturbed_model(&cfg, Kind::Float, 21);
     let idx = tokens(2, 16, 64, 1);
     let targets = tokens(2, 16, 64, 2);
     let params = model.named_parameters();
-    let index: HashMap<String, usize> = params
-        .iter()
-        .enumerate()
-        .map(|(i, (n, _))| (n.clone(), i))
-        .collect();
+    let index: HashMap<String, usize> = params.iter().enumerate().map(|(i, (n, _))| (n.clone(), i)).collect();
 
     // Plain: one forward, one backward into .grad.
     Gpt::loss(&model.forward(&idx), &targets).backward();
@@ -610,16 +463,11 @@ fn split_forward_and_blockwise_backward_give_the_plain_gradients() {
     }
     let mut worst = 0f64;
     for ((name, p), (want, got)) in params.iter().zip(plain.iter().zip(&split)) {
-        let got = got
-            .as_ref()
-            .unwrap_or_else(|| panic!("no split gradient for {name}"));
+        let got = got.as_ref().unwrap_or_else(|| panic!("no split gradient for {name}"));
         let d = max_abs_diff(want, got);
         let scale = want.abs().max().double_value(&[]).max(1e-6);
         worst = worst.max(d / scale);
-        assert!(
-            d <= 1e-5 * scale,
-            "{name}: split gradient differs by {d} (scale {scale})"
-        );
+        assert!(d <= 1e-5 * scale, "{name}: split gradient differs by {d} (scale {scale})");
         assert!(
             !p.grad().defined() || p.grad().abs().max().double_value(&[]) == 0.0,
             "run_backward must not accumulate"
@@ -630,13 +478,7 @@ fn split_forward_and_blockwise_backward_give_the_plain_gradients() {
 
 #[test]
 fn init_follows_gpt2_and_is_deterministic() {
-    let cfg = GptConfig {
-        n_layer: 6,
-        n_head: 4,
-        n_embd: 256,
-        block_size: 128,
-        vocab_size: 2048,
-    };
+    let cfg = GptConfig { n_layer: 6, n_head: 4, n_embd: 256, block_size: 128, vocab_size: 2048 };
     let model = Gpt::new(&cfg, Device::Cpu, Kind::Float, 42).unwrap();
     let proj_std = 0.02 / (2.0 * cfg.n_layer as f64).sqrt();
     for (name, t) in model.named_parameters() {
@@ -648,62 +490,31 @@ fn init_follows_gpt2_and_is_deterministic() {
         } else if name.contains(".ln_") {
             assert_eq!((t - 1.0).abs().max().double_value(&[]), 0.0, "{name}");
         } else {
-            let want = if name.ends_with("c_proj.weight") {
-                proj_std
-            } else {
-                0.02
-            };
-            assert!(
-                (std - want).abs() < 0.03 * want,
-                "{name}: std {std}, want {want}"
-            );
+            let want = if name.ends_with("c_proj.weight") { proj_std } else { 0.02 };
+            assert!((std - want).abs() < 0.03 * want, "{name}: std {std}, want {want}");
             assert!(mean.abs() < 0.05 * want, "{name}: mean {mean}");
         }
     }
     let same = Gpt::new(&cfg, Device::Cpu, Kind::Float, 42).unwrap();
     let other = Gpt::new(&cfg, Device::Cpu, Kind::Float, 43).unwrap();
     let bf16 = Gpt::new(&cfg, Device::Cpu, Kind::BFloat16, 42).unwrap();
-    let (a, b, c, h) = (
-        model.named_parameters(),
-        same.named_parameters(),
-        other.named_parameters(),
-        bf16.named_parameters(),
-    );
+    let (a, b, c, h) =
+        (model.named_parameters(), same.named_parameters(), other.named_parameters(), bf16.named_parameters());
     for i in 0..a.len() {
-        assert!(
-            a[i].1.equal(&b[i].1),
-            "{} differs for the same seed",
-            a[i].0
-        );
-        assert!(
-            h[i].1.equal(&a[i].1.to_kind(Kind::BFloat16)),
-            "{}: bf16 init is not the fp32 init rounded",
-            a[i].0
-        );
+        assert!(a[i].1.equal(&b[i].1), "{} differs for the same seed", a[i].0);
+        assert!(h[i].1.equal(&a[i].1.to_kind(Kind::BFloat16)), "{}: bf16 init is not the fp32 init rounded", a[i].0);
     }
     assert!(!a[0].1.equal(&c[0].1));
     // Distinct parameters draw distinct streams.
     assert!(!a[2 + 2].1.equal(&a[2 + 12 + 2].1));
-    assert!(matches!(
-        Gpt::new(&cfg, Device::Cpu, Kind::Int64, 1),
-        Err(ModelError::Kind(_))
-    ));
+    assert!(matches!(Gpt::new(&cfg, Device::Cpu, Kind::Int64, 1), Err(ModelError::Kind(_))));
     let bad = GptConfig { n_head: 5, ..cfg };
-    assert!(matches!(
-        Gpt::new(&bad, Device::Cpu, Kind::Float, 1),
-        Err(ModelError::Config(_))
-    ));
+    assert!(matches!(Gpt::new(&bad, Device::Cpu, Kind::Float, 1), Err(ModelError::Config(_))));
 }
 
 #[test]
 fn generate_is_seeded_greedy_at_zero_temperature_and_crops_context() {
-    let cfg = GptConfig {
-        n_layer: 2,
-        n_head: 2,
-        n_embd: 16,
-        block_size: 8,
-        vocab_size: 64,
-    };
+    let cfg = GptConfig { n_layer: 2, n_head: 2, n_embd: 16, block_size: 8, vocab_size: 64 };
     let model = perturbed_model(&cfg, Kind::Float, 5);
     let prompt = tokens(2, 3, 64, 8);
     let a = model.generate(&prompt, 10, 1.0, Some(20), 7).unwrap();
@@ -722,9 +533,7 @@ fn generate_is_seeded_greedy_at_zero_temperature_and_crops_context() {
     for _ in 0..10 {
         let t = idx.size()[1];
         let ctx = idx.narrow(1, (t - 8).max(0), t.min(8));
-        let next = tch::no_grad(|| model.forward(&ctx))
-            .select(1, -1)
-            .argmax(-1, true);
+        let next = tch::no_grad(|| model.forward(&ctx)).select(1, -1).argmax(-1, true);
         idx = Tensor::cat(&[idx, next], 1);
     }
     assert!(greedy.equal(&idx));
@@ -733,35 +542,22 @@ fn generate_is_seeded_greedy_at_zero_temperature_and_crops_context() {
     let logits = tch::no_grad(|| model.forward(&prompt)).select(1, -1);
     let (_, top3) = logits.topk(3, -1, true, true);
     for seed in 0..20 {
-        let out = model
-            .generate(&prompt, 1, 1.5, Some(3), seed)
-            .unwrap()
-            .select(1, 3);
+        let out = model.generate(&prompt, 1, 1.5, Some(3), seed).unwrap().select(1, 3);
         for r in 0..2 {
             let tok = out.int64_value(&[r]);
             let allowed: Vec<i64> = Vec::try_from(top3.get(r)).unwrap();
-            assert!(
-                allowed.contains(&tok),
-                "seed {seed}: token {tok} not in top-3 {allowed:?}"
-            );
+            assert!(allowed.contains(&tok), "seed {seed}: token {tok} not in top-3 {allowed:?}");
         }
     }
 
     for (idx, t, k) in [
         (Tensor::zeros([3], (Kind::Int64, Device::Cpu)), 1.0, None),
         (Tensor::zeros([1, 2], (Kind::Float, Device::Cpu)), 1.0, None),
-        (
-            Tensor::full([1, 2], 64, (Kind::Int64, Device::Cpu)),
-            1.0,
-            None,
-        ),
+        (Tensor::full([1, 2], 64, (Kind::Int64, Device::Cpu)), 1.0, None),
         (prompt.copy(), -1.0, None),
         (prompt.copy(), 1.0, Some(0)),
     ] {
-        assert!(matches!(
-            model.generate(&idx, 1, t, k, 0),
-            Err(ModelError::Generate(_))
-        ));
+        assert!(matches!(model.generate(&idx, 1, t, k, 0), Err(ModelError::Generate(_))));
     }
 }
 
@@ -777,11 +573,7 @@ fn cuda_matches_the_reference_when_present() {
     let batch = batch();
     let reference = &batch["logits"];
     let scale = reference.abs().max().double_value(&[]);
-    for (kind, tol) in [
-        (Kind::Float, 1e-4),
-        (Kind::Half, 0.004),
-        (Kind::BFloat16, 0.04),
-    ] {
+    for (kind, tol) in [(Kind::Float, 1e-4), (Kind::Half, 0.004), (Kind::BFloat16, 0.04)] {
         let (model, _) = Gpt::load_hf(&fixture_model(), cuda, kind).unwrap();
         let logits = tch::no_grad(|| model.forward(&batch["tokens"].to_device(cuda)));
         assert_eq!(logits.device(), cuda);
@@ -790,19 +582,13 @@ fn cuda_matches_the_reference_when_present() {
         eprintln!("CUDA {kind:?}: max |logits - transformers| = {d:.2e}");
         assert!(d < tol, "CUDA {kind:?}: {d}");
         let loss = Gpt::loss(&logits, &batch["targets"].to_device(cuda)).double_value(&[]);
-        assert!(
-            (loss - expected_loss()).abs() < tol.max(1e-5),
-            "CUDA {kind:?}: loss {loss}"
-        );
+        assert!((loss - expected_loss()).abs() < tol.max(1e-5), "CUDA {kind:?}: loss {loss}");
     }
     let cfg = small_cfg();
     let cpu = Gpt::new(&cfg, Device::Cpu, Kind::BFloat16, 9).unwrap();
     let gpu = Gpt::new(&cfg, cuda, Kind::BFloat16, 9).unwrap();
     for ((n, a), (_, b)) in cpu.named_parameters().iter().zip(gpu.named_parameters()) {
-        assert!(
-            a.equal(&b.to_device(Device::Cpu)),
-            "{n}: CUDA init differs from CPU init"
-        );
+        assert!(a.equal(&b.to_device(Device::Cpu)), "{n}: CUDA init differs from CPU init");
     }
 }
 
@@ -811,20 +597,10 @@ fn cuda_matches_the_reference_when_present() {
 /// loss scale.
 #[test]
 fn chunked_head_backward_matches_one_pass() {
-    let cfg = GptConfig {
-        n_layer: 1,
-        n_head: 2,
-        n_embd: 16,
-        block_size: 1024,
-        vocab_size: 64,
-    };
+    let cfg = GptConfig { n_layer: 1, n_head: 2, n_embd: 16, block_size: 1024, vocab_size: 64 };
     let model = perturbed_model(&cfg, Kind::Float, 5);
     let (b, t) = (5i64, 1024i64);
-    assert_eq!(
-        zerokit::model::HEAD_CHUNK_TOKENS as i64 / t,
-        2,
-        "the test wants several chunks"
-    );
+    assert_eq!(zerokit::model::HEAD_CHUNK_TOKENS as i64 / t, 2, "the test wants several chunks");
     tch::manual_seed(3);
     let x = Tensor::randn([b, t, 16], (Kind::Float, Device::Cpu));
     let targets = tokens(b, t, 64, 4);
@@ -832,19 +608,8 @@ fn chunked_head_backward_matches_one_pass() {
     let scale = 64.0;
 
     let params = model.named_parameters();
-    let get = |n: &str| {
-        params
-            .iter()
-            .find(|(k, _)| k == n)
-            .unwrap()
-            .1
-            .shallow_clone()
-    };
-    let (w, bias, wte) = (
-        get("transformer.ln_f.weight"),
-        get("transformer.ln_f.bias"),
-        get("transformer.wte.weight"),
-    );
+    let get = |n: &str| params.iter().find(|(k, _)| k == n).unwrap().1.shallow_clone();
+    let (w, bias, wte) = (get("transformer.ln_f.weight"), get("transformer.ln_f.bias"), get("transformer.wte.weight"));
     let leaf = x.detach().set_requires_grad(true);
     let loss = Gpt::loss(&model.head(&leaf), &targets);
     let plain = Tensor::run_backward(&[&loss * scale], &[&w, &bias, &wte, &leaf], false, false);
@@ -853,10 +618,7 @@ fn chunked_head_backward_matches_one_pass() {
     let close = |a: &Tensor, b: &Tensor, what: &str| {
         let err = (a - b).abs().max().double_value(&[]);
         let size = b.abs().max().double_value(&[]);
-        assert!(
-            err <= 1e-5 * size.max(1e-12),
-            "{what}: max difference {err:e} against max {size:e}"
-        );
+        assert!(err <= 1e-5 * size.max(1e-12), "{what}: max difference {err:e} against max {size:e}");
     };
     close(&chunked.loss, &loss, "loss");
     close(&chunked.ln_f_weight, &plain[0], "ln_f.weight");

@@ -5,14 +5,11 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 use zerokit::optim::{
-    clip_coef, local_grad_norm_sq, AdamW, AdamWConfig, Decay, LrSchedule, OptimError, Segment,
-    WarmupType,
+    clip_coef, local_grad_norm_sq, AdamW, AdamWConfig, Decay, LrSchedule, OptimError, Segment, WarmupType,
 };
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/optim")
-        .join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/optim").join(name)
 }
 
 /// A fixture file's tensors as f32 vectors and its metadata.
@@ -32,11 +29,7 @@ impl Fixture {
             .tensors()
             .into_iter()
             .map(|(k, v)| {
-                let f = v
-                    .data()
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                    .collect();
+                let f = v.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
                 (k, f)
             })
             .collect();
@@ -44,9 +37,7 @@ impl Fixture {
     }
 
     fn get(&self, key: &str) -> &[f32] {
-        self.tensors
-            .get(key)
-            .unwrap_or_else(|| panic!("fixture has no tensor {key}"))
+        self.tensors.get(key).unwrap_or_else(|| panic!("fixture has no tensor {key}"))
     }
 
     fn meta_json<T: serde::de::DeserializeOwned>(&self, key: &str) -> T {
@@ -77,11 +68,7 @@ impl Layout {
             offsets.push(o);
             o += s.iter().product::<usize>();
         }
-        Layout {
-            shapes,
-            offsets,
-            numel: o + PAD,
-        }
+        Layout { shapes, offsets, numel: o + PAD }
     }
 
     fn len(&self, i: usize) -> usize {
@@ -90,11 +77,7 @@ impl Layout {
 
     fn segments(&self) -> Vec<Segment> {
         (0..self.shapes.len())
-            .map(|i| Segment {
-                start: self.offsets[i],
-                len: self.len(i),
-                decay: self.shapes[i].len() >= 2,
-            })
+            .map(|i| Segment { start: self.offsets[i], len: self.len(i), decay: self.shapes[i].len() >= 2 })
             .collect()
     }
 
@@ -150,11 +133,7 @@ fn run_case(name: &str, device: Device, cuts: &[usize]) -> (Vec<f32>, Vec<f32>, 
     let layout = Layout::new(fx.meta_json("shapes"));
     let steps: usize = fx.meta["steps"].parse().unwrap();
     let lrs: Vec<u64> = fx.meta_json("lrs");
-    assert_eq!(
-        lrs.len(),
-        steps,
-        "the fixture has one learning rate per step"
-    );
+    assert_eq!(lrs.len(), steps, "the fixture has one learning rate per step");
     let cfg = config(&fx);
     let mut bounds = vec![0];
     bounds.extend_from_slice(cuts);
@@ -169,11 +148,7 @@ fn run_case(name: &str, device: Device, cuts: &[usize]) -> (Vec<f32>, Vec<f32>, 
                 .iter()
                 .filter_map(|s| {
                     let (a, b) = (s.start.max(lo), (s.start + s.len).min(hi));
-                    (a < b).then(|| Segment {
-                        start: a - lo,
-                        len: b - a,
-                        decay: s.decay,
-                    })
+                    (a < b).then(|| Segment { start: a - lo, len: b - a, decay: s.decay })
                 })
                 .collect();
             let init = layout.flat(&fx, "init");
@@ -203,18 +178,14 @@ fn run_case(name: &str, device: Device, cuts: &[usize]) -> (Vec<f32>, Vec<f32>, 
         }
         let params = gather(&shards, 0);
         let (worst, differing) = compare(&layout, &params, &fx, &format!("single.param.{k}"));
-        assert!(
-            worst <= 1e-6,
-            "{name} step {k}: max relative difference {worst:e} from torch"
-        );
+        assert!(worst <= 1e-6, "{name} step {k}: max relative difference {worst:e} from torch");
         if k + 1 == steps {
-            println!("{name} on {device:?}, cuts {cuts:?}: {differing} values not bitwise equal to torch, max rel {worst:e}");
+            println!(
+                "{name} on {device:?}, cuts {cuts:?}: {differing} values not bitwise equal to torch, max rel {worst:e}"
+            );
         }
         for (o, v) in params.iter().enumerate() {
-            let in_param = layout
-                .segments()
-                .iter()
-                .any(|s| (s.start..s.start + s.len).contains(&o));
+            let in_param = layout.segments().iter().any(|s| (s.start..s.start + s.len).contains(&o));
             if !in_param {
                 assert_eq!(*v, 0.0, "{name} step {k}: padding element {o} moved");
             }
@@ -232,10 +203,7 @@ fn adamw_matches_torch_single_tensor_on_cpu() {
         let (m_rel, m_diff) = compare(&layout, &m, &fx, "single.exp_avg");
         let (v_rel, v_diff) = compare(&layout, &v, &fx, "single.exp_avg_sq");
         println!("{name}: moments not bitwise equal: {m_diff} exp_avg, {v_diff} exp_avg_sq");
-        assert!(
-            m_rel <= 1e-6 && v_rel <= 1e-6,
-            "{name}: moments off by {m_rel:e} / {v_rel:e}"
-        );
+        assert!(m_rel <= 1e-6 && v_rel <= 1e-6, "{name}: moments off by {m_rel:e} / {v_rel:e}");
     }
 }
 
@@ -245,11 +213,7 @@ fn adamw_sharded_like_zero_ranks_matches_torch() {
     for name in ["adamw_nanogpt.safetensors", "adamw_betas.safetensors"] {
         let fx = Fixture::load(name);
         let layout = Layout::new(fx.meta_json("shapes"));
-        let cuts = [
-            layout.offsets[3] + 101,
-            layout.offsets[4] + 17,
-            layout.offsets[5] - 1,
-        ];
+        let cuts = [layout.offsets[3] + 101, layout.offsets[4] + 17, layout.offsets[5] - 1];
         run_case(name, Device::Cpu, &cuts);
     }
 }
@@ -287,9 +251,7 @@ fn adamw_state_round_trip_resumes_exactly() {
     let lrs: Vec<u64> = fx.meta_json("lrs");
     let cfg = config(&fx);
     let init = Tensor::from_slice(&layout.flat(&fx, "init"));
-    let grads: Vec<Tensor> = (0..12)
-        .map(|k| Tensor::from_slice(&layout.flat(&fx, &format!("grad.{k}"))))
-        .collect();
+    let grads: Vec<Tensor> = (0..12).map(|k| Tensor::from_slice(&layout.flat(&fx, &format!("grad.{k}")))).collect();
 
     let mut straight = AdamW::new(layout.numel, layout.segments(), cfg, Device::Cpu).unwrap();
     let mut p1 = init.copy();
@@ -315,24 +277,14 @@ fn adamw_state_round_trip_resumes_exactly() {
     assert_eq!(resumed.step_count(), 12);
 
     let short = Tensor::zeros([layout.numel as i64 - 1], (Kind::Float, Device::Cpu));
-    assert!(matches!(
-        resumed.load_state(&short, &v, 3),
-        Err(OptimError::BadTensor { .. })
-    ));
+    assert!(matches!(resumed.load_state(&short, &v, 3), Err(OptimError::BadTensor { .. })));
 }
 
 #[test]
 fn adamw_rejects_bad_input_without_panicking() {
     let cfg = AdamWConfig::default();
-    let seg = |start, len| Segment {
-        start,
-        len,
-        decay: true,
-    };
-    assert!(matches!(
-        AdamW::new(10, vec![seg(8, 3)], cfg, Device::Cpu),
-        Err(OptimError::SegmentOutOfRange { .. })
-    ));
+    let seg = |start, len| Segment { start, len, decay: true };
+    assert!(matches!(AdamW::new(10, vec![seg(8, 3)], cfg, Device::Cpu), Err(OptimError::SegmentOutOfRange { .. })));
     assert!(matches!(
         AdamW::new(10, vec![seg(5, 3), seg(0, 6)], cfg, Device::Cpu),
         Err(OptimError::SegmentOverlap { .. })
@@ -341,58 +293,21 @@ fn adamw_rejects_bad_input_without_panicking() {
         AdamW::new(10, vec![seg(usize::MAX, 2)], cfg, Device::Cpu),
         Err(OptimError::SegmentOutOfRange { .. })
     ));
-    let bad_beta = AdamWConfig {
-        betas: (1.0, 0.9),
-        ..cfg
-    };
-    assert!(matches!(
-        AdamW::new(10, vec![], bad_beta, Device::Cpu),
-        Err(OptimError::Config(_))
-    ));
+    let bad_beta = AdamWConfig { betas: (1.0, 0.9), ..cfg };
+    assert!(matches!(AdamW::new(10, vec![], bad_beta, Device::Cpu), Err(OptimError::Config(_))));
     let bad_eps = AdamWConfig { eps: -1.0, ..cfg };
-    assert!(matches!(
-        AdamW::new(10, vec![], bad_eps, Device::Cpu),
-        Err(OptimError::Config(_))
-    ));
+    assert!(matches!(AdamW::new(10, vec![], bad_eps, Device::Cpu), Err(OptimError::Config(_))));
 
-    let mut opt = AdamW::new(
-        10,
-        vec![
-            seg(0, 4),
-            Segment {
-                start: 4,
-                len: 6,
-                decay: false,
-            },
-        ],
-        cfg,
-        Device::Cpu,
-    )
-    .unwrap();
+    let mut opt =
+        AdamW::new(10, vec![seg(0, 4), Segment { start: 4, len: 6, decay: false }], cfg, Device::Cpu).unwrap();
     let mut p = Tensor::zeros([10], (Kind::Float, Device::Cpu));
     let g = Tensor::ones([10], (Kind::Float, Device::Cpu));
     let g_short = Tensor::ones([9], (Kind::Float, Device::Cpu));
     let g_half = Tensor::ones([10], (Kind::Half, Device::Cpu));
-    assert!(matches!(
-        opt.step(&mut p, &g_short, 1e-3),
-        Err(OptimError::BadTensor {
-            what: "gradient shard",
-            ..
-        })
-    ));
-    assert!(matches!(
-        opt.step(&mut p, &g_half, 1e-3),
-        Err(OptimError::BadTensor { .. })
-    ));
-    assert!(matches!(
-        opt.step(&mut p, &g, f64::NAN),
-        Err(OptimError::BadLr(_))
-    ));
-    assert_eq!(
-        opt.step_count(),
-        0,
-        "a rejected step must not advance the count"
-    );
+    assert!(matches!(opt.step(&mut p, &g_short, 1e-3), Err(OptimError::BadTensor { what: "gradient shard", .. })));
+    assert!(matches!(opt.step(&mut p, &g_half, 1e-3), Err(OptimError::BadTensor { .. })));
+    assert!(matches!(opt.step(&mut p, &g, f64::NAN), Err(OptimError::BadLr(_))));
+    assert_eq!(opt.step_count(), 0, "a rejected step must not advance the count");
     opt.step(&mut p, &g, 1e-3).unwrap();
     // First step of Adam moves every element by about -lr (the gradient's sign).
     for x in to_vec(&p) {
@@ -425,10 +340,7 @@ fn grad_norm_and_clipping_match_torch() {
             .sum();
         let norm = sum_sq.sqrt();
         let want = f64::from_bits(case.total_norm);
-        assert!(
-            (norm - want).abs() <= 1e-6 * want,
-            "case {c}: norm {norm} vs torch {want}"
-        );
+        assert!((norm - want).abs() <= 1e-6 * want, "case {c}: norm {norm} vs torch {want}");
         let coef = clip_coef(norm, f64::from_bits(case.max_norm));
         let mut g = Tensor::from_slice(&flat);
         if coef < 1.0 {
@@ -444,10 +356,7 @@ fn grad_norm_and_clipping_match_torch() {
 #[test]
 fn grad_norm_flags_non_finite() {
     let t = Tensor::from_slice(&[1.0f32, f32::INFINITY, 2.0]);
-    assert!(!local_grad_norm_sq(&t)
-        .unwrap()
-        .double_value(&[])
-        .is_finite());
+    assert!(!local_grad_norm_sq(&t).unwrap().double_value(&[]).is_finite());
     let t = Tensor::from_slice(&[1.0f32, f32::NAN, 2.0]);
     assert!(local_grad_norm_sq(&t).unwrap().double_value(&[]).is_nan());
 }
@@ -465,9 +374,7 @@ fn schedules_match_nanogpt_and_deepspeed() {
     let path = fixture("schedules.json");
     let text = std::fs::read_to_string(&path).unwrap();
     let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let f = |v: &serde_json::Value, k: &str| {
-        f64::from_bits(v[k].as_u64().unwrap_or_else(|| panic!("{k}")))
-    };
+    let f = |v: &serde_json::Value, k: &str| f64::from_bits(v[k].as_u64().unwrap_or_else(|| panic!("{k}")));
     let u = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap_or_else(|| panic!("{k}"));
     let mut checked = 0;
     for s in doc["schedules"].as_array().unwrap() {
@@ -508,29 +415,15 @@ fn schedules_match_nanogpt_and_deepspeed() {
             _ => panic!("schedule type {ty}"),
         };
         sched.validate().unwrap();
-        let lrs: Vec<f64> = s["lrs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| f64::from_bits(x.as_u64().unwrap()))
-            .collect();
+        let lrs: Vec<f64> = s["lrs"].as_array().unwrap().iter().map(|x| f64::from_bits(x.as_u64().unwrap())).collect();
         let its: Vec<u64> = match s.get("its") {
-            Some(a) => a
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_u64().unwrap())
-                .collect(),
+            Some(a) => a.as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect(),
             None => (0..lrs.len() as u64).collect(),
         };
         for (it, want) in its.iter().zip(&lrs) {
             let got = sched.lr(*it);
             // The same IEEE operations in the same order as the Python: bit-for-bit equal.
-            assert_eq!(
-                got.to_bits(),
-                want.to_bits(),
-                "{sched:?} at step {it}: {got:e} vs {want:e}"
-            );
+            assert_eq!(got.to_bits(), want.to_bits(), "{sched:?} at step {it}: {got:e} vs {want:e}");
             checked += 1;
         }
     }
@@ -552,22 +445,12 @@ fn schedules_serde_and_validation() {
         warmup_type: WarmupType::Log,
     };
     assert!(matches!(bad.validate(), Err(OptimError::Schedule(_))));
-    let neg = LrSchedule::NanoGpt {
-        warmup_iters: 1,
-        lr_decay_iters: 2,
-        max_lr: -1.0,
-        min_lr: 0.0,
-        decay: Decay::Cosine,
-    };
+    let neg =
+        LrSchedule::NanoGpt { warmup_iters: 1, lr_decay_iters: 2, max_lr: -1.0, min_lr: 0.0, decay: Decay::Cosine };
     assert!(neg.validate().is_err());
     // nanoGPT divides by zero here; zerokit has nothing left to decay and returns min_lr.
-    let flat = LrSchedule::NanoGpt {
-        warmup_iters: 5,
-        lr_decay_iters: 5,
-        max_lr: 1.0,
-        min_lr: 0.1,
-        decay: Decay::Cosine,
-    };
+    let flat =
+        LrSchedule::NanoGpt { warmup_iters: 5, lr_decay_iters: 5, max_lr: 1.0, min_lr: 0.1, decay: Decay::Cosine };
     assert_eq!(flat.lr(5), 0.1);
     assert_eq!(flat.lr(4), 1.0 * 5.0 / 6.0);
 }

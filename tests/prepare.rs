@@ -20,19 +20,12 @@ fn fixture(name: &str) -> Value {
 }
 
 fn prepare(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_prepare"))
-        .args(args)
-        .output()
-        .expect("prepare runs")
+    Command::new(env!("CARGO_BIN_EXE_prepare")).args(args).output().expect("prepare runs")
 }
 
 fn ok(args: &[&str]) {
     let out = prepare(args);
-    assert!(
-        out.status.success(),
-        "prepare {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "prepare {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// Runs a failing case: non-zero exit, `needle` in the message, no output directory and no
@@ -40,10 +33,7 @@ fn ok(args: &[&str]) {
 fn fails(args: &[&str], out: &Path, needle: &str) -> String {
     let res = prepare(args);
     let stderr = String::from_utf8_lossy(&res.stderr).into_owned();
-    assert!(
-        !res.status.success(),
-        "prepare {args:?} should fail; stderr: {stderr}"
-    );
+    assert!(!res.status.success(), "prepare {args:?} should fail; stderr: {stderr}");
     assert!(stderr.contains(needle), "stderr lacks {needle:?}: {stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(!out.exists(), "{} exists after a failure", out.display());
@@ -83,27 +73,15 @@ fn s(p: &Path) -> &str {
 #[test]
 fn token_ids_match_tiktoken_on_tricky_strings() {
     let cases = fixture("cases.json");
-    for (encoding, key) in [
-        (Encoding::R50kBase, "r50k_base"),
-        (Encoding::P50kBase, "p50k_base"),
-    ] {
+    for (encoding, key) in [(Encoding::R50kBase, "r50k_base"), (Encoding::P50kBase, "p50k_base")] {
         let tok = Tokenizer::new(encoding).unwrap();
         for case in cases["cases"].as_array().unwrap() {
             let text = case["text"].as_str().unwrap();
-            let want: Vec<u32> = case["ids"][key]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_u64().unwrap() as u32)
-                .collect();
+            let want: Vec<u32> =
+                case["ids"][key].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
             let got = tok.encode_ordinary(text);
             assert_eq!(got, want, "{key} case {}", case["name"]);
-            assert_eq!(
-                tok.decode_bytes(&got).unwrap(),
-                text.as_bytes(),
-                "{key} round trip {}",
-                case["name"]
-            );
+            assert_eq!(tok.decode_bytes(&got).unwrap(), text.as_bytes(), "{key} round trip {}", case["name"]);
         }
     }
 }
@@ -132,13 +110,7 @@ fn shakespeare_is_byte_identical_to_nanogpt() {
     let tmp = tempfile::tempdir().unwrap();
     let input = root().join("data/tinyshakespeare.txt");
     // Default settings, then one thread with tiny chunks: both must give nanoGPT's bytes.
-    for (name, extra) in [
-        ("default", vec![]),
-        (
-            "one-thread",
-            vec!["--threads", "1", "--chunk-bytes", "3000"],
-        ),
-    ] {
+    for (name, extra) in [("default", vec![]), ("one-thread", vec!["--threads", "1", "--chunk-bytes", "3000"])] {
         let out = tmp.path().join(name);
         let mut args = vec![s(&input), "--out", s(&out)];
         args.extend(extra);
@@ -146,15 +118,8 @@ fn shakespeare_is_byte_identical_to_nanogpt() {
         let m = meta(&out);
         for split in ["train", "val"] {
             let sha = zerokit::fsutil::sha256_file(&out.join(format!("{split}.bin"))).unwrap();
-            assert_eq!(
-                sha,
-                want[split]["sha256"].as_str().unwrap(),
-                "{name} {split}.bin"
-            );
-            assert_eq!(
-                m["splits"][split]["tokens"], want[split]["tokens"],
-                "{name} {split}"
-            );
+            assert_eq!(sha, want[split]["sha256"].as_str().unwrap(), "{name} {split}.bin");
+            assert_eq!(m["splits"][split]["tokens"], want[split]["tokens"], "{name} {split}");
             assert_eq!(m["splits"][split]["sha256"].as_str().unwrap(), sha);
         }
         assert_eq!(want["train"]["tokens"], 301966);
@@ -164,10 +129,7 @@ fn shakespeare_is_byte_identical_to_nanogpt() {
         assert_eq!(m["eot_token"], EOT);
         assert_eq!(m["vocab_size"], 50257);
         assert_eq!(m["inputs"][0]["bytes"], 1115394);
-        assert_eq!(
-            m["inputs"][0]["sha256"].as_str().unwrap(),
-            zerokit::fsutil::sha256_file(&input).unwrap()
-        );
+        assert_eq!(m["inputs"][0]["sha256"].as_str().unwrap(), zerokit::fsutil::sha256_file(&input).unwrap());
         assert_eq!(m["command"][1], s(&input));
     }
 }
@@ -194,11 +156,7 @@ fn mixed_corpus(dir: &Path) -> Vec<String> {
     }
     fs::write(dir.join("b/c.jsonl"), jsonl).unwrap();
     let d = paras[140..400].join("\n\n") + " \u{1f980} caf\u{e9} \u{4e2d}\u{6587}\n";
-    fs::write(
-        dir.join("b/nested/d.txt.zst"),
-        zstd::encode_all(d.as_bytes(), 3).unwrap(),
-    )
-    .unwrap();
+    fs::write(dir.join("b/nested/d.txt.zst"), zstd::encode_all(d.as_bytes(), 3).unwrap()).unwrap();
     docs.push(d);
     let mut jsonl = String::new();
     for p in &paras[400..700] {
@@ -206,11 +164,7 @@ fn mixed_corpus(dir: &Path) -> Vec<String> {
         jsonl.push('\n');
         docs.push(p.to_string());
     }
-    fs::write(
-        dir.join("b/nested/e.jsonl.zst"),
-        zstd::encode_all(jsonl.as_bytes(), 3).unwrap(),
-    )
-    .unwrap();
+    fs::write(dir.join("b/nested/e.jsonl.zst"), zstd::encode_all(jsonl.as_bytes(), 3).unwrap()).unwrap();
     let z = paras[700..].join("\n\n");
     fs::write(dir.join("z.txt"), &z).unwrap();
     docs.push(z);
@@ -225,15 +179,10 @@ fn documents_mode_layout_and_thread_determinism() {
     let docs = mixed_corpus(&corpus);
     let mut outputs = Vec::new();
     // A window of one chunk per thread makes the reader wait on nearly every chunk.
-    for (threads, chunk, in_flight) in [
-        ("1", "262144", "32"),
-        ("1", "700", "32"),
-        ("2", "5000", "1"),
-        ("8", "300", "2"),
-    ] {
-        let out = tmp
-            .path()
-            .join(format!("out-{threads}-{chunk}-{in_flight}"));
+    for (threads, chunk, in_flight) in
+        [("1", "262144", "32"), ("1", "700", "32"), ("2", "5000", "1"), ("8", "300", "2")]
+    {
+        let out = tmp.path().join(format!("out-{threads}-{chunk}-{in_flight}"));
         ok(&[
             s(&corpus),
             "--out",
@@ -247,11 +196,7 @@ fn documents_mode_layout_and_thread_determinism() {
             "--val-fraction",
             "0.2",
         ]);
-        outputs.push((
-            fs::read(out.join("train.bin")).unwrap(),
-            fs::read(out.join("val.bin")).unwrap(),
-            out,
-        ));
+        outputs.push((fs::read(out.join("train.bin")).unwrap(), fs::read(out.join("val.bin")).unwrap(), out));
     }
     for o in &outputs[1..] {
         assert!(
@@ -264,19 +209,9 @@ fn documents_mode_layout_and_thread_determinism() {
     let out = &outputs[0].2;
     let m = meta(out);
     assert_eq!(m["mode"], "documents");
-    let names: Vec<String> = m["inputs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| i["path"].as_str().unwrap().to_string())
-        .collect();
-    let expect = [
-        "a.txt",
-        "b/c.jsonl",
-        "b/nested/d.txt.zst",
-        "b/nested/e.jsonl.zst",
-        "z.txt",
-    ];
+    let names: Vec<String> =
+        m["inputs"].as_array().unwrap().iter().map(|i| i["path"].as_str().unwrap().to_string()).collect();
+    let expect = ["a.txt", "b/c.jsonl", "b/nested/d.txt.zst", "b/nested/e.jsonl.zst", "z.txt"];
     assert_eq!(names.len(), expect.len(), "{names:?}");
     for (n, e) in names.iter().zip(expect) {
         assert!(n.ends_with(e), "{names:?}");
@@ -307,24 +242,11 @@ fn documents_mode_layout_and_thread_determinism() {
             vi += 1;
         }
     }
-    assert!(
-        val.len() > 20 && train.len() > 300,
-        "train {} val {}",
-        train.len(),
-        val.len()
-    );
+    assert!(val.len() > 20 && train.len() > 300, "train {} val {}", train.len(), val.len());
 
     // Another seed, another assignment.
     let other = tmp.path().join("seed");
-    ok(&[
-        s(&corpus),
-        "--out",
-        s(&other),
-        "--val-fraction",
-        "0.2",
-        "--seed",
-        "1",
-    ]);
+    ok(&[s(&corpus), "--out", s(&other), "--val-fraction", "0.2", "--seed", "1"]);
     assert_ne!(fs::read(other.join("val.bin")).unwrap(), outputs[0].1);
 }
 
@@ -336,34 +258,16 @@ fn wide_encodings_write_uint32_and_say_so() {
         "Token ids above 65535 need four bytes: \u{4e2d}\u{6587}, emoji \u{1f980}, and plain English text. ".repeat(40);
     fs::write(&input, &text).unwrap();
     let out = tmp.path().join("out");
-    ok(&[
-        s(&input),
-        "--out",
-        s(&out),
-        "--encoding",
-        "o200k_base",
-        "--chunk-bytes",
-        "500",
-    ]);
+    ok(&[s(&input), "--out", s(&out), "--encoding", "o200k_base", "--chunk-bytes", "500"]);
     let m = meta(&out);
     assert_eq!(m["dtype"], "uint32");
     assert_eq!(m["encoding"], "o200k_base");
     assert_eq!(m["vocab_size"], 200019);
     let n = text.chars().count();
-    let cut = text
-        .char_indices()
-        .nth((n as f64 * 0.9) as usize)
-        .unwrap()
-        .0;
+    let cut = text.char_indices().nth((n as f64 * 0.9) as usize).unwrap().0;
     let tok = Tokenizer::new(Encoding::O200kBase).unwrap();
-    assert_eq!(
-        tokens(&out.join("train.bin"), 4),
-        tok.encode_ordinary(&text[..cut])
-    );
-    assert_eq!(
-        tokens(&out.join("val.bin"), 4),
-        tok.encode_ordinary(&text[cut..])
-    );
+    assert_eq!(tokens(&out.join("train.bin"), 4), tok.encode_ordinary(&text[..cut]));
+    assert_eq!(tokens(&out.join("val.bin"), 4), tok.encode_ordinary(&text[cut..]));
     assert!(tokens(&out.join("train.bin"), 4).iter().any(|&t| t > 65535));
 }
 
@@ -397,11 +301,7 @@ fn bad_inputs_fail_cleanly() {
     bytes.extend([0xff, 0xfe]);
     bytes.extend(b" more");
     fs::write(&bad_utf8, &bytes).unwrap();
-    let msg = fails(
-        &[s(&bad_utf8), "--out", &o],
-        &out,
-        "invalid UTF-8 at byte offset 17",
-    );
+    let msg = fails(&[s(&bad_utf8), "--out", &o], &out, "invalid UTF-8 at byte offset 17");
     assert!(msg.contains("bad.txt"), "{msg}");
     // With --lossy the same file goes through, invalid bytes replaced.
     ok(&[s(&bad_utf8), "--out", &o, "--lossy"]);
@@ -409,121 +309,59 @@ fn bad_inputs_fail_cleanly() {
 
     let zbad = t.join("bad.txt.zst");
     fs::write(&zbad, zstd::encode_all(&bytes[..], 3).unwrap()).unwrap();
-    fails(
-        &[s(&zbad), "--out", &o],
-        &out,
-        "bad.txt.zst: invalid UTF-8 at byte offset 17 of the decompressed stream",
-    );
+    fails(&[s(&zbad), "--out", &o], &out, "bad.txt.zst: invalid UTF-8 at byte offset 17 of the decompressed stream");
 
     let jsonl_utf8 = t.join("u.jsonl");
     let mut j = b"{\"text\": \"ok\"}\n{\"text\": \"bad ".to_vec();
     j.extend([0xc3, 0x28]);
     j.extend(b"\"}\n");
     fs::write(&jsonl_utf8, &j).unwrap();
-    fails(
-        &[s(&jsonl_utf8), "--out", &o],
-        &out,
-        "u.jsonl: invalid UTF-8 at byte offset 29 (line 2)",
-    );
+    fails(&[s(&jsonl_utf8), "--out", &o], &out, "u.jsonl: invalid UTF-8 at byte offset 29 (line 2)");
 
     let malformed = t.join("m.jsonl");
-    fs::write(
-        &malformed,
-        "{\"text\": \"one\"}\n\n{\"text\": \"two\"\n{\"text\": \"three\"}\n",
-    )
-    .unwrap();
-    fails(
-        &[s(&good), s(&malformed), "--out", &o],
-        &out,
-        "m.jsonl:3: malformed JSON line",
-    );
+    fs::write(&malformed, "{\"text\": \"one\"}\n\n{\"text\": \"two\"\n{\"text\": \"three\"}\n").unwrap();
+    fails(&[s(&good), s(&malformed), "--out", &o], &out, "m.jsonl:3: malformed JSON line");
 
     let missing = t.join("f.jsonl");
     fs::write(&missing, "{\"text\": \"one\"}\n{\"body\": \"two\"}\n").unwrap();
-    fails(
-        &[s(&missing), "--out", &o],
-        &out,
-        "f.jsonl:2: missing field \"text\"",
-    );
-    let msg = fails(
-        &[s(&missing), "--out", &o, "--field", "body"],
-        &out,
-        "f.jsonl:1: missing field \"body\"",
-    );
+    fails(&[s(&missing), "--out", &o], &out, "f.jsonl:2: missing field \"text\"");
+    let msg = fails(&[s(&missing), "--out", &o, "--field", "body"], &out, "f.jsonl:1: missing field \"body\"");
     assert!(msg.contains("--field"), "{msg}");
     let not_string = t.join("n.jsonl");
     fs::write(&not_string, "{\"text\": 5}\n").unwrap();
-    fails(
-        &[s(&not_string), "--out", &o],
-        &out,
-        "n.jsonl:1: field \"text\" is a number",
-    );
+    fails(&[s(&not_string), "--out", &o], &out, "n.jsonl:1: field \"text\" is a number");
 
     let empty = t.join("empty.txt");
     fs::write(&empty, "").unwrap();
-    fails(
-        &[s(&good), s(&empty), "--out", &o],
-        &out,
-        "empty.txt: empty input",
-    );
+    fails(&[s(&good), s(&empty), "--out", &o], &out, "empty.txt: empty input");
     let blank = t.join("blank.jsonl");
     fs::write(&blank, "\n  \n").unwrap();
-    fails(
-        &[s(&good), s(&blank), "--out", &o],
-        &out,
-        "blank.jsonl: empty input (no JSON lines)",
-    );
+    fails(&[s(&good), s(&blank), "--out", &o], &out, "blank.jsonl: empty input (no JSON lines)");
     let empty_dir = t.join("emptydir");
     fs::create_dir(&empty_dir).unwrap();
     fails(&[s(&empty_dir), "--out", &o], &out, "emptydir: empty input");
 
-    fails(
-        &[s(&t.join("nope.txt")), "--out", &o],
-        &out,
-        "nope.txt: no such file or directory",
-    );
+    fails(&[s(&t.join("nope.txt")), "--out", &o], &out, "nope.txt: no such file or directory");
     let unreadable = t.join("secret.txt");
     fs::write(&unreadable, "text").unwrap();
     use std::os::unix::fs::PermissionsExt;
     fs::set_permissions(&unreadable, fs::Permissions::from_mode(0o000)).unwrap();
     if fs::File::open(&unreadable).is_err() {
         // Not root: permissions hold.
-        fails(
-            &[s(&unreadable), "--out", &o],
-            &out,
-            "secret.txt: Permission denied",
-        );
+        fails(&[s(&unreadable), "--out", &o], &out, "secret.txt: Permission denied");
     }
     let corrupt = t.join("c.jsonl.zst");
     fs::write(&corrupt, b"this is not a zstd frame at all").unwrap();
-    fails(
-        &[s(&corrupt), "--out", &o],
-        &out,
-        "c.jsonl.zst: corrupt or truncated zstd stream",
-    );
-    let long: String = (0..2000)
-        .map(|i| format!("{{\"text\": \"document {i}\"}}\n"))
-        .collect();
+    fails(&[s(&corrupt), "--out", &o], &out, "c.jsonl.zst: corrupt or truncated zstd stream");
+    let long: String = (0..2000).map(|i| format!("{{\"text\": \"document {i}\"}}\n")).collect();
     let full = zstd::encode_all(long.as_bytes(), 3).unwrap();
     let truncated = t.join("t.jsonl.zst");
     fs::write(&truncated, &full[..full.len() / 2]).unwrap();
-    fails(
-        &[s(&truncated), "--out", &o],
-        &out,
-        "t.jsonl.zst: corrupt or truncated zstd stream",
-    );
+    fails(&[s(&truncated), "--out", &o], &out, "t.jsonl.zst: corrupt or truncated zstd stream");
 
     // Too few documents for a val split, and nonsense arguments.
-    fails(
-        &[s(&good), s(&good), "--out", &o, "--val-fraction", "0.01"],
-        &out,
-        "no documents fell in the val split",
-    );
-    fails(
-        &[s(&good), "--out", &o, "--val-fraction", "1.5"],
-        &out,
-        "--val-fraction 1.5 is not in [0, 1)",
-    );
+    fails(&[s(&good), s(&good), "--out", &o, "--val-fraction", "0.01"], &out, "no documents fell in the val split");
+    fails(&[s(&good), "--out", &o, "--val-fraction", "1.5"], &out, "--val-fraction 1.5 is not in [0, 1)");
 }
 
 #[test]
@@ -534,10 +372,7 @@ fn zero_val_fraction_writes_an_empty_val_split() {
     let out = tmp.path().join("out");
     ok(&[s(&input), "--out", s(&out), "--val-fraction", "0"]);
     assert_eq!(fs::read(out.join("val.bin")).unwrap().len(), 0);
-    assert_eq!(
-        tokens(&out.join("train.bin"), 2),
-        vec![64, EOT, 65, 269, EOT]
-    );
+    assert_eq!(tokens(&out.join("train.bin"), 2), vec![64, EOT, 65, 269, EOT]);
 }
 
 /// `RUST_LOG=debug` reports the serial stages' CPU and the fixed phases, in the lines that
@@ -551,29 +386,14 @@ fn debug_log_reports_serial_stages_and_phases() {
     fs::write(&input, line.repeat(2000)).unwrap();
     let out = tmp.path().join("out");
     let res = Command::new(env!("CARGO_BIN_EXE_prepare"))
-        .args([
-            s(&input),
-            "--out",
-            s(&out),
-            "--threads",
-            "2",
-            "--chunk-bytes",
-            "4096",
-        ])
+        .args([s(&input), "--out", s(&out), "--threads", "2", "--chunk-bytes", "4096"])
         .env("RUST_LOG", "debug")
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&res.stderr);
     assert!(res.status.success(), "{err}");
-    let has =
-        |prefix: &str, inner: &str| err.lines().any(|l| l.contains(prefix) && l.contains(inner));
-    assert!(
-        has(
-            "serial stages: reader ",
-            " s waiting for tokenizing), reordering "
-        ),
-        "{err}"
-    );
+    let has = |prefix: &str, inner: &str| err.lines().any(|l| l.contains(prefix) && l.contains(inner));
+    assert!(has("serial stages: reader ", " s waiting for tokenizing), reordering "), "{err}");
     assert!(has("serial stages: ", "train.bin written with "), "{err}");
     assert!(has("phases: set-up ", ", finishing "), "{err}");
     let hashed: Vec<u64> = err

@@ -3,9 +3,7 @@
 
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
-use zerokit::scaler::{
-    has_overflow, overflow_flag, LossScaler, ScalerConfig, ScalerError, StepDecision,
-};
+use zerokit::scaler::{has_overflow, overflow_flag, LossScaler, ScalerConfig, ScalerError, StepDecision};
 
 #[derive(serde::Deserialize)]
 struct Case {
@@ -38,35 +36,16 @@ fn replays_deepspeed_dynamic_loss_scaler_exactly() {
             let overflow = o == b'1';
             match scaler.update(overflow) {
                 Ok(decision) => {
-                    assert!(
-                        case.error_at.is_none_or(|e| i < e),
-                        "{cfg:?}: step {i} should have failed"
-                    );
+                    assert!(case.error_at.is_none_or(|e| i < e), "{cfg:?}: step {i} should have failed");
                     let want_skip = case.skipped.as_bytes()[i] == b'1';
-                    assert_eq!(
-                        decision == StepDecision::Skip,
-                        want_skip,
-                        "{cfg:?} step {i}"
-                    );
-                    assert_eq!(
-                        scaler.scale().to_bits(),
-                        case.scale[i].to_bits(),
-                        "{cfg:?} step {i}: scale"
-                    );
-                    assert_eq!(
-                        scaler.state().cur_hysteresis,
-                        case.hysteresis[i],
-                        "{cfg:?} step {i}: hysteresis"
-                    );
+                    assert_eq!(decision == StepDecision::Skip, want_skip, "{cfg:?} step {i}");
+                    assert_eq!(scaler.scale().to_bits(), case.scale[i].to_bits(), "{cfg:?} step {i}: scale");
+                    assert_eq!(scaler.state().cur_hysteresis, case.hysteresis[i], "{cfg:?} step {i}: hysteresis");
                     assert_eq!(scaler.state().cur_iter, i as u64 + 1);
                     steps += 1;
                 }
                 Err(ScalerError::AtMinimum(s)) => {
-                    assert_eq!(
-                        case.error_at,
-                        Some(i),
-                        "{cfg:?}: unexpected error at step {i}"
-                    );
+                    assert_eq!(case.error_at, Some(i), "{cfg:?}: unexpected error at step {i}");
                     assert_eq!(s, cfg.min_loss_scale);
                     break;
                 }
@@ -98,10 +77,7 @@ fn state_round_trip_resumes_exactly() {
 
 #[test]
 fn static_scale_and_disabled() {
-    let cfg = ScalerConfig {
-        loss_scale: 128.0,
-        ..ScalerConfig::default()
-    };
+    let cfg = ScalerConfig { loss_scale: 128.0, ..ScalerConfig::default() };
     let mut s = LossScaler::new(cfg).unwrap();
     assert_eq!(s.scale(), 128.0);
     assert_eq!(s.update(true).unwrap(), StepDecision::Skip);
@@ -119,33 +95,13 @@ fn static_scale_and_disabled() {
 fn rejects_bad_config_and_state() {
     let bad = |c: ScalerConfig| matches!(LossScaler::new(c), Err(ScalerError::Config(_)));
     let d = ScalerConfig::default();
-    assert!(bad(ScalerConfig {
-        loss_scale: -1.0,
-        ..d.clone()
-    }));
-    assert!(bad(ScalerConfig {
-        loss_scale: f64::NAN,
-        ..d.clone()
-    }));
-    assert!(bad(ScalerConfig {
-        loss_scale_window: 0,
-        ..d.clone()
-    }));
-    assert!(bad(ScalerConfig {
-        min_loss_scale: 0.0,
-        ..d.clone()
-    }));
-    assert!(bad(ScalerConfig {
-        hysteresis: 0,
-        ..d.clone()
-    }));
+    assert!(bad(ScalerConfig { loss_scale: -1.0, ..d.clone() }));
+    assert!(bad(ScalerConfig { loss_scale: f64::NAN, ..d.clone() }));
+    assert!(bad(ScalerConfig { loss_scale_window: 0, ..d.clone() }));
+    assert!(bad(ScalerConfig { min_loss_scale: 0.0, ..d.clone() }));
+    assert!(bad(ScalerConfig { hysteresis: 0, ..d.clone() }));
     // A static scale ignores the dynamic knobs, as DeepSpeed's validation does.
-    assert!(LossScaler::new(ScalerConfig {
-        loss_scale: 4.0,
-        loss_scale_window: 0,
-        ..d.clone()
-    })
-    .is_ok());
+    assert!(LossScaler::new(ScalerConfig { loss_scale: 4.0, loss_scale_window: 0, ..d.clone() }).is_ok());
 
     let mut s = LossScaler::new(d).unwrap();
     let st = s.state().clone();
@@ -157,11 +113,7 @@ fn rejects_bad_config_and_state() {
     assert!(s.load_state(with(&|x| x.cur_scale = 0.0)).is_err());
     assert!(s.load_state(with(&|x| x.cur_hysteresis = 3)).is_err());
     assert!(s.load_state(with(&|x| x.last_overflow_iter = 5)).is_err());
-    assert_eq!(
-        s.state(),
-        &st,
-        "a rejected state leaves the scaler as it was"
-    );
+    assert_eq!(s.state(), &st, "a rejected state leaves the scaler as it was");
 }
 
 #[test]
@@ -177,11 +129,7 @@ fn ignores_deepspeed_keys_it_does_not_own() {
 
 #[test]
 fn overflow_check_finds_inf_and_nan() {
-    let devices = if zerokit::device::load_cuda() {
-        vec![Device::Cpu, Device::Cuda(0)]
-    } else {
-        vec![Device::Cpu]
-    };
+    let devices = if zerokit::device::load_cuda() { vec![Device::Cpu, Device::Cuda(0)] } else { vec![Device::Cpu] };
     for dev in devices {
         for kind in [Kind::Float, Kind::Half, Kind::BFloat16] {
             let clean = Tensor::randn([10_001], (Kind::Float, dev)).to_kind(kind);
@@ -191,10 +139,7 @@ fn overflow_check_finds_inf_and_nan() {
                 let _ = t.narrow(0, 7777, 1).fill_(bad);
                 assert!(has_overflow(&t).unwrap(), "{bad} in {kind:?} on {dev:?}");
                 let flag = overflow_flag(&t).unwrap();
-                assert_eq!(
-                    (flag.kind(), flag.dim(), flag.device()),
-                    (Kind::Float, 0, dev)
-                );
+                assert_eq!((flag.kind(), flag.dim(), flag.device()), (Kind::Float, 0, dev));
                 assert_eq!(flag.double_value(&[]), 1.0);
             }
             // fp16's largest finite values: the fp32-accumulated sum stays finite.

@@ -22,15 +22,9 @@ fn dataset(dir: &Path) {
         let mut bytes = Vec::with_capacity(n * 2);
         let mut prev = 0u16;
         for _ in 0..n {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             let r = (s >> 33) as u16;
-            let t = if r % 4 == 0 {
-                r % VOCAB
-            } else {
-                (prev * 7 + 3) % VOCAB
-            };
+            let t = if r % 4 == 0 { r % VOCAB } else { (prev * 7 + 3) % VOCAB };
             bytes.extend_from_slice(&t.to_le_bytes());
             prev = t;
         }
@@ -65,11 +59,8 @@ comm_timeout = 60"#,
     );
     let key = |l: &str| l.split('=').next().unwrap_or("").trim().to_string();
     let extra: Vec<&str> = extra.lines().filter(|l| !l.trim().is_empty()).collect();
-    let mut lines: Vec<String> = base
-        .lines()
-        .filter(|b| !extra.iter().any(|e| key(e) == key(b)))
-        .map(String::from)
-        .collect();
+    let mut lines: Vec<String> =
+        base.lines().filter(|b| !extra.iter().any(|e| key(e) == key(b))).map(String::from).collect();
     lines.extend(extra.iter().map(|e| e.to_string()));
     let p = dir.join("config.toml");
     std::fs::write(&p, lines.join("\n") + "\n").unwrap();
@@ -87,9 +78,7 @@ struct Run {
 fn train_command(cfg: &Path, launch: &[String], env: &[(&str, &str)]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_train"));
     cmd.arg(cfg).args(launch);
-    cmd.env("ZEROKIT_NO_CUDA", "1")
-        .env_remove("RANK")
-        .env_remove("WORLD_SIZE");
+    cmd.env("ZEROKIT_NO_CUDA", "1").env_remove("RANK").env_remove("WORLD_SIZE");
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -108,35 +97,18 @@ fn losses(out: &Path) -> Vec<(u64, f64)> {
 fn train(dir: &Path, data: &Path, nproc: usize, extra: &str, env: &[(&str, &str)]) -> Run {
     std::fs::create_dir_all(dir).unwrap();
     let cfg = config(dir, data, extra);
-    let launch = [
-        "--nproc-per-node".to_string(),
-        nproc.to_string(),
-        "--master-port".into(),
-        port().to_string(),
-    ];
+    let launch = ["--nproc-per-node".to_string(), nproc.to_string(), "--master-port".into(), port().to_string()];
     let o = train_command(&cfg, &launch, env).output().unwrap();
     let out = dir.join("out");
-    Run {
-        ok: o.status.success(),
-        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
-        losses: losses(&out),
-        out,
-    }
+    Run { ok: o.status.success(), stderr: String::from_utf8_lossy(&o.stderr).into_owned(), losses: losses(&out), out }
 }
 
 fn assert_close(a: &[(u64, f64)], b: &[(u64, f64)], rel: f64, what: &str) {
-    assert_eq!(
-        a.len(),
-        b.len(),
-        "{what}: different numbers of logged steps"
-    );
+    assert_eq!(a.len(), b.len(), "{what}: different numbers of logged steps");
     for ((sa, la), (sb, lb)) in a.iter().zip(b) {
         assert_eq!(sa, sb);
         let d = (la - lb).abs() / la.abs().max(1e-12);
-        assert!(
-            d <= rel,
-            "{what}: step {sa}: loss {la} vs {lb} (relative {d:.2e} > {rel:.0e})"
-        );
+        assert!(d <= rel, "{what}: step {sa}: loss {la} vs {lb} (relative {d:.2e} > {rel:.0e})");
     }
 }
 
@@ -149,28 +121,13 @@ fn n_ranks_match_one_rank_at_every_stage() {
     let reference = train(&tmp.path().join("ref"), &data, 1, "batch_size = 12", &[]);
     assert!(reference.ok, "{}", reference.stderr);
     assert_eq!(reference.losses.len(), 20);
-    assert!(
-        reference.losses[19].1 < reference.losses[0].1 - 0.3,
-        "loss should fall: {:?}",
-        reference.losses
-    );
+    assert!(reference.losses[19].1 < reference.losses[0].1 - 0.3, "loss should fall: {:?}", reference.losses);
     for stage in 0..=2 {
         for n in [2usize, 3, 4] {
             let extra = format!("batch_size = {}\nzero_stage = {stage}", 12 / n);
-            let r = train(
-                &tmp.path().join(format!("s{stage}n{n}")),
-                &data,
-                n,
-                &extra,
-                &[],
-            );
+            let r = train(&tmp.path().join(format!("s{stage}n{n}")), &data, n, &extra, &[]);
             assert!(r.ok, "stage {stage}, {n} ranks: {}", r.stderr);
-            assert_close(
-                &r.losses,
-                &reference.losses,
-                1e-6,
-                &format!("stage {stage}, {n} ranks"),
-            );
+            assert_close(&r.losses, &reference.losses, 1e-6, &format!("stage {stage}, {n} ranks"));
         }
     }
 }
@@ -180,24 +137,14 @@ fn two_nodes_from_a_hostfile_with_uneven_slots_match_one_rank() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     dataset(&data);
-    let reference = train(
-        &tmp.path().join("ref"),
-        &data,
-        1,
-        "batch_size = 12\nmax_iters = 6",
-        &[],
-    );
+    let reference = train(&tmp.path().join("ref"), &data, 1, "batch_size = 12\nmax_iters = 6", &[]);
     assert!(reference.ok, "{}", reference.stderr);
     // Node 0 runs rank 0, node 1 ranks 1 and 2: the same command on both, as on a real cluster.
     let dir = tmp.path().join("nodes");
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = config(&dir, &data, "batch_size = 4\nzero_stage = 2\nmax_iters = 6");
     let hostfile = dir.join("hostfile");
-    std::fs::write(
-        &hostfile,
-        "# DeepSpeed style\nnode-a slots=1\nnode-b.cluster slots=2  # two ranks\n",
-    )
-    .unwrap();
+    std::fs::write(&hostfile, "# DeepSpeed style\nnode-a slots=1\nnode-b.cluster slots=2  # two ranks\n").unwrap();
     let p = port().to_string();
     let node = |r: &str| {
         let launch: Vec<String> = [
@@ -213,29 +160,17 @@ fn two_nodes_from_a_hostfile_with_uneven_slots_match_one_rank() {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        train_command(&cfg, &launch, &[])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
+        train_command(&cfg, &launch, &[]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
     };
     let (n1, n0) = (node("1"), node("0"));
-    let (o1, o0) = (
-        n1.wait_with_output().unwrap(),
-        n0.wait_with_output().unwrap(),
-    );
+    let (o1, o0) = (n1.wait_with_output().unwrap(), n0.wait_with_output().unwrap());
     assert!(
         o0.status.success() && o1.status.success(),
         "{}\n{}",
         String::from_utf8_lossy(&o0.stderr),
         String::from_utf8_lossy(&o1.stderr)
     );
-    assert_close(
-        &losses(&dir.join("out")),
-        &reference.losses,
-        1e-6,
-        "2 nodes (1 + 2 ranks), stage 2",
-    );
+    assert_close(&losses(&dir.join("out")), &reference.losses, 1e-6, "2 nodes (1 + 2 ranks), stage 2");
 }
 
 #[test]
@@ -244,55 +179,27 @@ fn a_new_run_refuses_an_out_dir_with_checkpoints_and_changes_nothing() {
     let data = tmp.path().join("data");
     dataset(&data);
     let dir = tmp.path().join("run");
-    let first = train(
-        &dir,
-        &data,
-        1,
-        "max_iters = 4\neval_interval = 2\nalways_save_checkpoint = true",
-        &[],
-    );
+    let first = train(&dir, &data, 1, "max_iters = 4\neval_interval = 2\nalways_save_checkpoint = true", &[]);
     assert!(first.ok, "{}", first.stderr);
     let listing = |d: &Path| {
         let mut v: Vec<(String, u64)> = std::fs::read_dir(d)
             .unwrap()
             .map(|e| e.unwrap())
-            .map(|e| {
-                (
-                    e.file_name().to_string_lossy().into_owned(),
-                    e.metadata().unwrap().len(),
-                )
-            })
+            .map(|e| (e.file_name().to_string_lossy().into_owned(), e.metadata().unwrap().len()))
             .collect();
         v.sort();
         v
     };
-    let before = (
-        listing(&first.out),
-        std::fs::read(first.out.join("latest")).unwrap(),
-    );
-    let again = train(
-        &dir,
-        &data,
-        1,
-        "max_iters = 3\neval_interval = 1\nalways_save_checkpoint = true",
-        &[],
-    );
+    let before = (listing(&first.out), std::fs::read(first.out.join("latest")).unwrap());
+    let again = train(&dir, &data, 1, "max_iters = 3\neval_interval = 1\nalways_save_checkpoint = true", &[]);
     assert!(!again.ok);
     assert!(
-        again
-            .stderr
-            .contains("already holds checkpoints of an earlier run")
+        again.stderr.contains("already holds checkpoints of an earlier run")
             && again.stderr.contains("init_from=resume"),
         "{}",
         again.stderr
     );
-    assert_eq!(
-        (
-            listing(&first.out),
-            std::fs::read(first.out.join("latest")).unwrap()
-        ),
-        before
-    );
+    assert_eq!((listing(&first.out), std::fs::read(first.out.join("latest")).unwrap()), before);
 }
 
 #[test]
@@ -300,36 +207,14 @@ fn slurm_batch_scripts_launch_and_srun_tasks_are_ranks() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     dataset(&data);
-    let reference = train(
-        &tmp.path().join("ref"),
-        &data,
-        1,
-        "batch_size = 8\nmax_iters = 4",
-        &[],
-    );
+    let reference = train(&tmp.path().join("ref"), &data, 1, "batch_size = 8\nmax_iters = 4", &[]);
     assert!(reference.ok, "{}", reference.stderr);
     // An sbatch script's environment (SLURM_PROCID=0 for tasks it has not started): zerokit's
     // launcher still starts the two ranks asked for.
-    let sbatch = [
-        ("SLURM_PROCID", "0"),
-        ("SLURM_NTASKS", "4"),
-        ("SLURM_LOCALID", "0"),
-        ("SLURM_JOB_ID", "7"),
-    ];
-    let r = train(
-        &tmp.path().join("sbatch"),
-        &data,
-        2,
-        "batch_size = 4\nmax_iters = 4",
-        &sbatch,
-    );
+    let sbatch = [("SLURM_PROCID", "0"), ("SLURM_NTASKS", "4"), ("SLURM_LOCALID", "0"), ("SLURM_JOB_ID", "7")];
+    let r = train(&tmp.path().join("sbatch"), &data, 2, "batch_size = 4\nmax_iters = 4", &sbatch);
     assert!(r.ok, "{}", r.stderr);
-    assert_close(
-        &r.losses,
-        &reference.losses,
-        1e-6,
-        "launcher inside an sbatch script",
-    );
+    assert_close(&r.losses, &reference.losses, 1e-6, "launcher inside an sbatch script");
     // Two srun tasks: each process is a rank, told by Slurm's variables alone.
     let dir = tmp.path().join("srun");
     std::fs::create_dir_all(&dir).unwrap();
@@ -346,23 +231,14 @@ fn slurm_batch_scripts_launch_and_srun_tasks_are_ranks() {
                 ("MASTER_ADDR", "127.0.0.1"),
                 ("MASTER_PORT", p.as_str()),
             ];
-            train_command(&cfg, &[], &env)
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
+            train_command(&cfg, &[], &env).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
         })
         .collect();
     for t in tasks {
         let o = t.wait_with_output().unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     }
-    assert_close(
-        &losses(&dir.join("out")),
-        &reference.losses,
-        1e-6,
-        "two srun tasks",
-    );
+    assert_close(&losses(&dir.join("out")), &reference.losses, 1e-6, "two srun tasks");
 }
 
 #[test]
@@ -371,43 +247,14 @@ fn models_that_cannot_serve_the_config_are_refused_with_the_reason() {
     let data = tmp.path().join("data");
     dataset(&data);
     let dir = tmp.path().join("run");
-    let first = train(
-        &dir,
-        &data,
-        1,
-        "max_iters = 2\neval_interval = 2\nalways_save_checkpoint = true",
-        &[],
-    );
+    let first = train(&dir, &data, 1, "max_iters = 2\neval_interval = 2\nalways_save_checkpoint = true", &[]);
     assert!(first.ok, "{}", first.stderr);
-    let longer = train(
-        &dir,
-        &data,
-        1,
-        "init_from = \"resume\"\nmax_iters = 4\nblock_size = 32",
-        &[],
-    );
+    let longer = train(&dir, &data, 1, "init_from = \"resume\"\nmax_iters = 4\nblock_size = 32", &[]);
     assert!(!longer.ok);
-    assert!(
-        longer
-            .stderr
-            .contains("block_size 32 is larger than the model's 16 positions"),
-        "{}",
-        longer.stderr
-    );
-    let hub = train(
-        &tmp.path().join("hub"),
-        &data,
-        1,
-        "init_from = \"gpt2\"",
-        &[],
-    );
+    assert!(longer.stderr.contains("block_size 32 is larger than the model's 16 positions"), "{}", longer.stderr);
+    let hub = train(&tmp.path().join("hub"), &data, 1, "init_from = \"gpt2\"", &[]);
     assert!(!hub.ok);
-    assert!(
-        hub.stderr
-            .contains("init_from = \"gpt2\": not a directory. zerokit downloads nothing"),
-        "{}",
-        hub.stderr
-    );
+    assert!(hub.stderr.contains("init_from = \"gpt2\": not a directory. zerokit downloads nothing"), "{}", hub.stderr);
 }
 
 #[test]
@@ -418,22 +265,10 @@ fn gradient_accumulation_matches_a_larger_micro_batch() {
     let reference = train(&tmp.path().join("ref"), &data, 1, "batch_size = 8", &[]);
     assert!(reference.ok, "{}", reference.stderr);
     for stage in 0..=2 {
-        let extra =
-            format!("batch_size = 2\ngradient_accumulation_steps = 2\nzero_stage = {stage}");
-        let r = train(
-            &tmp.path().join(format!("acc{stage}")),
-            &data,
-            2,
-            &extra,
-            &[],
-        );
+        let extra = format!("batch_size = 2\ngradient_accumulation_steps = 2\nzero_stage = {stage}");
+        let r = train(&tmp.path().join(format!("acc{stage}")), &data, 2, &extra, &[]);
         assert!(r.ok, "{}", r.stderr);
-        assert_close(
-            &r.losses,
-            &reference.losses,
-            1e-6,
-            &format!("stage {stage}, accumulation 2 x 2 ranks"),
-        );
+        assert_close(&r.losses, &reference.losses, 1e-6, &format!("stage {stage}, accumulation 2 x 2 ranks"));
     }
 }
 
@@ -449,71 +284,41 @@ fn resume_is_exact_and_works_on_another_world_size() {
     let part = tmp.path().join("part");
     let first = train(&part, &data, 2, &format!("{common}\nmax_iters = 10"), &[]);
     assert!(first.ok, "{}", first.stderr);
-    assert_eq!(
-        std::fs::read_to_string(first.out.join("latest"))
-            .unwrap()
-            .trim(),
-        "step_00000010"
-    );
-    let resumed = train(
-        &part,
-        &data,
-        2,
-        &format!("{common}\ninit_from = \"resume\""),
-        &[],
-    );
+    assert_eq!(std::fs::read_to_string(first.out.join("latest")).unwrap().trim(), "step_00000010");
+    let resumed = train(&part, &data, 2, &format!("{common}\ninit_from = \"resume\""), &[]);
     assert!(resumed.ok, "{}", resumed.stderr);
-    let tail: Vec<_> = resumed
-        .losses
-        .iter()
-        .filter(|(s, _)| *s > 10)
-        .copied()
-        .collect();
-    let want: Vec<_> = full
-        .losses
-        .iter()
-        .filter(|(s, _)| *s > 10)
-        .copied()
-        .collect();
+    let tail: Vec<_> = resumed.losses.iter().filter(|(s, _)| *s > 10).copied().collect();
+    let want: Vec<_> = full.losses.iter().filter(|(s, _)| *s > 10).copied().collect();
     assert_close(&tail, &want, 0.0, "resume on the same world size");
 
     // Saved on 2 ranks at stage 2, continued on 3 ranks at stage 1 and on 1 rank at stage 0.
     for (n, stage) in [(3usize, 1u8), (1, 0)] {
         let d = tmp.path().join(format!("re{n}"));
         std::fs::create_dir_all(d.join("out")).unwrap();
-        copy_dir(
-            &first.out.join("step_00000010"),
-            &d.join("out/step_00000010"),
-        );
+        copy_dir(&first.out.join("step_00000010"), &d.join("out/step_00000010"));
         std::fs::write(d.join("out/latest"), "step_00000010\n").unwrap();
-        let extra = format!(
-            "batch_size = {}\nzero_stage = {stage}\neval_interval = 10\ninit_from = \"resume\"",
-            6 / n
-        );
+        let extra = format!("batch_size = {}\nzero_stage = {stage}\neval_interval = 10\ninit_from = \"resume\"", 6 / n);
         let r = train(&d, &data, n, &extra, &[]);
         assert!(r.ok, "{}", r.stderr);
         let tail: Vec<_> = r.losses.iter().filter(|(s, _)| *s > 10).copied().collect();
-        assert_close(
-            &tail,
-            &want,
-            1e-5,
-            &format!("resume on {n} ranks at stage {stage}"),
-        );
+        assert_close(&tail, &want, 1e-5, &format!("resume on {n} ranks at stage {stage}"));
     }
 
     // Tokens seen add up across runs with different global batches (16 tokens a sequence).
     let d = tmp.path().join("tokens");
     std::fs::create_dir_all(d.join("out")).unwrap();
-    copy_dir(
-        &first.out.join("step_00000010"),
-        &d.join("out/step_00000010"),
-    );
+    copy_dir(&first.out.join("step_00000010"), &d.join("out/step_00000010"));
     std::fs::write(d.join("out/latest"), "step_00000010\n").unwrap();
-    let r = train(&d, &data, 1, "batch_size = 2\nmax_iters = 12\neval_interval = 2\nalways_save_checkpoint = true\ninit_from = \"resume\"", &[]);
+    let r = train(
+        &d,
+        &data,
+        1,
+        "batch_size = 2\nmax_iters = 12\neval_interval = 2\nalways_save_checkpoint = true\ninit_from = \"resume\"",
+        &[],
+    );
     assert!(r.ok, "{}", r.stderr);
     let m: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(r.out.join("step_00000012/manifest.json")).unwrap())
-            .unwrap();
+        serde_json::from_slice(&std::fs::read(r.out.join("step_00000012/manifest.json")).unwrap()).unwrap();
     assert_eq!(m["tokens_seen"].as_u64(), Some(10 * 6 * 16 + 2 * 2 * 16));
 }
 
@@ -531,20 +336,11 @@ fn a_dead_rank_ends_the_job_with_its_name() {
     let data = tmp.path().join("data");
     dataset(&data);
     let t = std::time::Instant::now();
-    let r = train(
-        &tmp.path().join("dead"),
-        &data,
-        3,
-        "batch_size = 2\nzero_stage = 2",
-        &[("ZEROKIT_TEST_EXIT", "1:5")],
-    );
+    let r =
+        train(&tmp.path().join("dead"), &data, 3, "batch_size = 2\nzero_stage = 2", &[("ZEROKIT_TEST_EXIT", "1:5")]);
     assert!(!r.ok);
     assert!(r.stderr.contains("rank 1 failed"), "{}", r.stderr);
-    assert!(
-        t.elapsed().as_secs() < 60,
-        "the job took {:?} to stop",
-        t.elapsed()
-    );
+    assert!(t.elapsed().as_secs() < 60, "the job took {:?} to stop", t.elapsed());
 }
 
 #[test]
@@ -553,40 +349,14 @@ fn a_crash_during_save_leaves_latest_loadable() {
     let data = tmp.path().join("data");
     dataset(&data);
     let common = "batch_size = 3\nzero_stage = 1\nalways_save_checkpoint = true\neval_interval = 5";
-    let r = train(
-        &tmp.path().join("crash"),
-        &data,
-        2,
-        common,
-        &[("ZEROKIT_TEST_CRASH_DURING_SAVE", "10")],
-    );
+    let r = train(&tmp.path().join("crash"), &data, 2, common, &[("ZEROKIT_TEST_CRASH_DURING_SAVE", "10")]);
     assert!(!r.ok, "the save hook should have killed rank 0");
-    assert_eq!(
-        std::fs::read_to_string(r.out.join("latest"))
-            .unwrap()
-            .trim(),
-        "step_00000005"
-    );
-    assert!(
-        r.out.join(".step_00000010.partial").exists(),
-        "the interrupted save stays in its .partial directory"
-    );
+    assert_eq!(std::fs::read_to_string(r.out.join("latest")).unwrap().trim(), "step_00000005");
+    assert!(r.out.join(".step_00000010.partial").exists(), "the interrupted save stays in its .partial directory");
     assert!(!r.out.join("step_00000010").exists());
-    let resumed = train(
-        &tmp.path().join("crash"),
-        &data,
-        2,
-        &format!("{common}\ninit_from = \"resume\"\nmax_iters = 12"),
-        &[],
-    );
+    let resumed =
+        train(&tmp.path().join("crash"), &data, 2, &format!("{common}\ninit_from = \"resume\"\nmax_iters = 12"), &[]);
     assert!(resumed.ok, "{}", resumed.stderr);
-    assert!(
-        resumed.stderr.contains("resumed from") && resumed.stderr.contains("at step 5"),
-        "{}",
-        resumed.stderr
-    );
-    assert!(
-        !resumed.out.join(".step_00000010.partial").exists(),
-        "a later save cleans up the partial"
-    );
+    assert!(resumed.stderr.contains("resumed from") && resumed.stderr.contains("at step 5"), "{}", resumed.stderr);
+    assert!(!resumed.out.join(".step_00000010.partial").exists(), "a later save cleans up the partial");
 }

@@ -67,18 +67,12 @@ pub fn read_header(path: &Path) -> Result<Header, Vec<String>> {
     let line = |msg: String| format!("{}: {msg}", path.display());
     let one = |msg: String| vec![line(msg)];
     let mut f = File::open(path).map_err(|e| one(format!("cannot open: {e}")))?;
-    let file_len = f
-        .metadata()
-        .map_err(|e| one(format!("cannot stat: {e}")))?
-        .len();
+    let file_len = f.metadata().map_err(|e| one(format!("cannot stat: {e}")))?.len();
     if file_len < 8 {
-        return Err(one(format!(
-            "{file_len} bytes, too short for a safetensors file (8-byte header length)"
-        )));
+        return Err(one(format!("{file_len} bytes, too short for a safetensors file (8-byte header length)")));
     }
     let mut len8 = [0u8; 8];
-    f.read_exact(&mut len8)
-        .map_err(|e| one(format!("cannot read the header length: {e}")))?;
+    f.read_exact(&mut len8).map_err(|e| one(format!("cannot read the header length: {e}")))?;
     let n = u64::from_le_bytes(len8);
     if n > file_len - 8 {
         return Err(one(format!(
@@ -86,16 +80,12 @@ pub fn read_header(path: &Path) -> Result<Header, Vec<String>> {
         )));
     }
     if n > MAX_HEADER {
-        return Err(one(format!(
-            "header length {n} exceeds the {MAX_HEADER}-byte limit"
-        )));
+        return Err(one(format!("header length {n} exceeds the {MAX_HEADER}-byte limit")));
     }
     let mut head = vec![0u8; n as usize];
-    f.read_exact(&mut head)
-        .map_err(|e| one(format!("cannot read the {n}-byte header: {e}")))?;
+    f.read_exact(&mut head).map_err(|e| one(format!("cannot read the {n}-byte header: {e}")))?;
     let text = std::str::from_utf8(&head).map_err(|e| one(format!("header is not UTF-8 ({e})")))?;
-    let json: Value =
-        serde_json::from_str(text).map_err(|e| one(format!("header is not valid JSON ({e})")))?;
+    let json: Value = serde_json::from_str(text).map_err(|e| one(format!("header is not valid JSON ({e})")))?;
     let Value::Object(obj) = json else {
         return Err(one("header is not a JSON object".into()));
     };
@@ -114,9 +104,7 @@ pub fn read_header(path: &Path) -> Result<Header, Vec<String>> {
                             Some(s) => {
                                 metadata.insert(k.clone(), s.to_string());
                             }
-                            None => problems.push(line(format!(
-                                "__metadata__ entry {k:?} is {x}, not a string"
-                            ))),
+                            None => problems.push(line(format!("__metadata__ entry {k:?} is {x}, not a string"))),
                         }
                     }
                 }
@@ -170,26 +158,15 @@ pub fn read_header(path: &Path) -> Result<Header, Vec<String>> {
         )));
     }
     if problems.is_empty() {
-        Ok(Header {
-            path: path.to_path_buf(),
-            file_len,
-            data_start,
-            metadata,
-            tensors,
-        })
+        Ok(Header { path: path.to_path_buf(), file_len, data_start, metadata, tensors })
     } else {
         Err(problems)
     }
 }
 
 fn tensor_entry(name: &str, v: &Value) -> Result<HeaderTensor, String> {
-    let obj = v
-        .as_object()
-        .ok_or_else(|| format!("entry is {v}, not an object"))?;
-    if let Some(k) = obj
-        .keys()
-        .find(|k| !matches!(k.as_str(), "dtype" | "shape" | "data_offsets"))
-    {
+    let obj = v.as_object().ok_or_else(|| format!("entry is {v}, not an object"))?;
+    if let Some(k) = obj.keys().find(|k| !matches!(k.as_str(), "dtype" | "shape" | "data_offsets")) {
         return Err(format!("unexpected field {k:?}"));
     }
     let dname = obj.get("dtype").ok_or("no dtype")?;
@@ -210,9 +187,7 @@ fn tensor_entry(name: &str, v: &Value) -> Result<HeaderTensor, String> {
         .ok_or_else(|| format!("data_offsets {off_v} is not a pair of non-negative integers"))?;
     let (begin, end) = (offs[0], offs[1]);
     if begin > end {
-        return Err(format!(
-            "data_offsets [{begin}, {end}] end before they begin"
-        ));
+        return Err(format!("data_offsets [{begin}, {end}] end before they begin"));
     }
     let bits = shape
         .iter()
@@ -229,13 +204,7 @@ fn tensor_entry(name: &str, v: &Value) -> Result<HeaderTensor, String> {
             bits / 8
         ));
     }
-    Ok(HeaderTensor {
-        name: name.to_string(),
-        dtype,
-        shape,
-        begin,
-        end,
-    })
+    Ok(HeaderTensor { name: name.to_string(), dtype, shape, begin, end })
 }
 
 #[cfg(test)]
@@ -254,9 +223,7 @@ mod tests {
 
     fn problems(header: &str, data: usize) -> String {
         let d = tempfile::tempdir().unwrap();
-        read_header(&file(d.path(), header, data))
-            .unwrap_err()
-            .join("\n")
+        read_header(&file(d.path(), header, data)).unwrap_err().join("\n")
     }
 
     #[test]
@@ -265,13 +232,7 @@ mod tests {
         let h = r#"{"__metadata__":{"k":"v"},"b":{"dtype":"BF16","shape":[3],"data_offsets":[16,22]},"a":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]},"e":{"dtype":"I64","shape":[0],"data_offsets":[22,22]}}"#;
         let p = file(d.path(), h, 22);
         let got = read_header(&p).unwrap();
-        assert_eq!(
-            got.tensors
-                .iter()
-                .map(|t| t.name.as_str())
-                .collect::<Vec<_>>(),
-            ["a", "b", "e"]
-        );
+        assert_eq!(got.tensors.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), ["a", "b", "e"]);
         assert_eq!(got.metadata["k"], "v");
         let bytes = std::fs::read(&p).unwrap();
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
@@ -279,10 +240,7 @@ mod tests {
             let v = st.tensor(&t.name).unwrap();
             assert_eq!(v.dtype(), t.dtype);
             assert_eq!(v.data().len() as u64, t.bytes());
-            assert_eq!(
-                v.data().as_ptr() as u64 - bytes.as_ptr() as u64,
-                got.span(t).0
-            );
+            assert_eq!(v.data().as_ptr() as u64 - bytes.as_ptr() as u64, got.span(t).0);
         }
     }
 
@@ -292,45 +250,20 @@ mod tests {
         assert!(problems(&format!("{{{ok}}}"), 12).contains("4 bytes after the last tensor"));
         assert!(problems(&format!("{{{ok}}}"), 6)
             .contains("tensor a ends at byte 8 of the data region, but the file holds only 6"));
-        let p = problems(
-            r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#,
-            8,
-        );
+        let p = problems(r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#, 8);
+        assert!(p.contains("tensor a: data_offsets [0, 8] hold 8 bytes, but F32 [3] needs 12"), "{p}");
+        let p = problems(&format!(r#"{{{ok},"b":{{"dtype":"F16","shape":[2],"data_offsets":[6,10]}}}}"#), 10);
+        assert!(p.contains("tensor b (bytes 6..10) overlaps tensor a"), "{p}");
+        let p = problems(&format!(r#"{{{ok},"b":{{"dtype":"F16","shape":[2],"data_offsets":[10,14]}}}}"#), 14);
+        assert!(p.contains("bytes 8..10 of the data region belong to no tensor"), "{p}");
         assert!(
-            p.contains("tensor a: data_offsets [0, 8] hold 8 bytes, but F32 [3] needs 12"),
-            "{p}"
+            problems(r#"{"a":{"dtype":"F31","shape":[2],"data_offsets":[0,8]}}"#, 8).contains("unknown dtype \"F31\"")
         );
-        let p = problems(
-            &format!(r#"{{{ok},"b":{{"dtype":"F16","shape":[2],"data_offsets":[6,10]}}}}"#),
-            10,
-        );
+        assert!(problems(r#"{"a":{"dtype":"F32","shape":[-2],"data_offsets":[0,8]}}"#, 8)
+            .contains("not a list of non-negative"));
         assert!(
-            p.contains("tensor b (bytes 6..10) overlaps tensor a"),
-            "{p}"
+            problems(r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[8,0]}}"#, 8).contains("end before they begin")
         );
-        let p = problems(
-            &format!(r#"{{{ok},"b":{{"dtype":"F16","shape":[2],"data_offsets":[10,14]}}}}"#),
-            14,
-        );
-        assert!(
-            p.contains("bytes 8..10 of the data region belong to no tensor"),
-            "{p}"
-        );
-        assert!(problems(
-            r#"{"a":{"dtype":"F31","shape":[2],"data_offsets":[0,8]}}"#,
-            8
-        )
-        .contains("unknown dtype \"F31\""));
-        assert!(problems(
-            r#"{"a":{"dtype":"F32","shape":[-2],"data_offsets":[0,8]}}"#,
-            8
-        )
-        .contains("not a list of non-negative"));
-        assert!(problems(
-            r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[8,0]}}"#,
-            8
-        )
-        .contains("end before they begin"));
         assert!(problems(r#"{"a": 3}"#, 0).contains("not an object"));
         assert!(problems(r#"{"a"#, 0).contains("not valid JSON"));
         assert!(problems(r#"{"__metadata__":{"k":1}}"#, 0).contains("not a string"));
@@ -339,7 +272,6 @@ mod tests {
         std::fs::write(&p, [1u8, 2, 3]).unwrap();
         assert!(read_header(&p).unwrap_err()[0].contains("too short"));
         std::fs::write(&p, 1000u64.to_le_bytes()).unwrap();
-        assert!(read_header(&p).unwrap_err()[0]
-            .contains("header length 1000 runs past the end of the file (8 bytes)"));
+        assert!(read_header(&p).unwrap_err()[0].contains("header length 1000 runs past the end of the file (8 bytes)"));
     }
 }

@@ -88,11 +88,7 @@ pub struct PartitionPiece {
 /// The command: the text summary, or the JSON form.
 pub fn run(args: &InspectArgs) -> Result<String, CkptError> {
     let i = inspect(&args.path, args.tag.as_deref(), args.tensors)?;
-    Ok(if args.json {
-        serde_json::to_string_pretty(&i).expect("an inspection serializes") + "\n"
-    } else {
-        render(&i)
-    })
+    Ok(if args.json { serde_json::to_string_pretty(&i).expect("an inspection serializes") + "\n" } else { render(&i) })
 }
 
 /// Describes `path`; under a root, the tag `tag` names or else the one `latest` names (else the
@@ -105,15 +101,11 @@ pub fn inspect(path: &Path, tag: Option<&str>, tensors: bool) -> Result<Inspecti
                 Some(t) => t.to_string(),
                 None => match &listing.latest {
                     Some(l) if listing.tags.contains(l) => l.clone(),
-                    _ => listing
-                        .tags
-                        .last()
-                        .cloned()
-                        .ok_or_else(|| CkptError::NoSuchTag {
-                            path: root.clone(),
-                            tag: listing.latest.clone().unwrap_or_default(),
-                            available: String::new(),
-                        })?,
+                    _ => listing.tags.last().cloned().ok_or_else(|| CkptError::NoSuchTag {
+                        path: root.clone(),
+                        tag: listing.latest.clone().unwrap_or_default(),
+                        available: String::new(),
+                    })?,
                 },
             };
             let dir = tag_dir(&root, &listing, &name)?;
@@ -189,10 +181,7 @@ fn zerokit(dir: &Path, tensors: bool) -> Result<Inspection, CkptError> {
     i.parameters = m.layout.num_params() as u64;
     i.learning_rate = m.optimizer.get("lr").and_then(|v| v.as_f64());
     i.loss_scale = m.loss_scaler.get("cur_scale").and_then(|v| v.as_f64());
-    i.files = file_sizes(
-        dir,
-        std::iter::once("manifest.json".to_string()).chain(m.files.keys().cloned()),
-    );
+    i.files = file_sizes(dir, std::iter::once("manifest.json".to_string()).chain(m.files.keys().cloned()));
     if tensors {
         // The table walks the layout's pieces, which index its parameter table: refuse a layout
         // that does not hold together rather than describe it wrongly.
@@ -213,8 +202,7 @@ fn zerokit(dir: &Path, tensors: bool) -> Result<Inspection, CkptError> {
             }
         }
         let dtype = m.dtypes.get("model").cloned().unwrap_or_default();
-        let es = crate::interop::torch_pickle::DType::from_safetensors_name(&dtype)
-            .map_or(0, |d| d.size()) as u64;
+        let es = crate::interop::torch_pickle::DType::from_safetensors_name(&dtype).map_or(0, |d| d.size()) as u64;
         i.tensors = Some(
             l.params
                 .iter()
@@ -257,32 +245,15 @@ fn deepspeed(dir: &Path, tensors: bool) -> Result<Inspection, CkptError> {
     i.world_size = Some(world);
     i.partitions = Some(world);
 
-    let model_path = dir.join(if stage <= 2 {
-        "mp_rank_00_model_states.pt"
-    } else {
-        "zero_pp_rank_0_mp_rank_00_model_states.pt"
-    });
+    let model_path =
+        dir.join(if stage <= 2 { "mp_rank_00_model_states.pt" } else { "zero_pp_rank_0_mp_rank_00_model_states.pt" });
     let model = TorchFile::open(&model_path)?;
     let root = model.root();
-    i.format_version = root
-        .get("ds_version")
-        .and_then(Value::as_str)
-        .map(str::to_string);
-    i.step = root
-        .get("global_steps")
-        .and_then(Value::as_int)
-        .map(|s| s as u64);
-    i.samples_seen = root
-        .get("global_samples")
-        .and_then(Value::as_int)
-        .map(|s| s as u64);
-    let buffers: BTreeSet<&str> = root
-        .get("buffer_names")
-        .and_then(Value::as_seq)
-        .unwrap_or(&[])
-        .iter()
-        .filter_map(Value::as_str)
-        .collect();
+    i.format_version = root.get("ds_version").and_then(Value::as_str).map(str::to_string);
+    i.step = root.get("global_steps").and_then(Value::as_int).map(|s| s as u64);
+    i.samples_seen = root.get("global_samples").and_then(Value::as_int).map(|s| s as u64);
+    let buffers: BTreeSet<&str> =
+        root.get("buffer_names").and_then(Value::as_seq).unwrap_or(&[]).iter().filter_map(Value::as_str).collect();
     let tied: BTreeSet<&str> = root
         .get("shared_params")
         .and_then(Value::dict_items)
@@ -292,16 +263,12 @@ fn deepspeed(dir: &Path, tensors: bool) -> Result<Inspection, CkptError> {
         .collect();
     // The compute dtype: a parameter's tensor in the module (stage 3 keeps empty placeholders,
     // still of that dtype).
-    let model_dtype = root
-        .get("module")
-        .and_then(Value::dict_items)
-        .and_then(|items| {
-            items.iter().find_map(|(k, v)| {
-                let name = k.as_str()?;
-                (!buffers.contains(name))
-                    .then(|| v.as_tensor().map(|t| t.dtype.safetensors_name()))?
-            })
-        });
+    let model_dtype = root.get("module").and_then(Value::dict_items).and_then(|items| {
+        items.iter().find_map(|(k, v)| {
+            let name = k.as_str()?;
+            (!buffers.contains(name)).then(|| v.as_tensor().map(|t| t.dtype.safetensors_name()))?
+        })
+    });
     if let Some(d) = model_dtype {
         i.dtypes.insert("model".into(), d.into());
     }
@@ -309,26 +276,15 @@ fn deepspeed(dir: &Path, tensors: bool) -> Result<Inspection, CkptError> {
 
     // Rank 0's optimizer file: loss scale, learning rate, moment dtype.
     let optim_path = std::fs::read_dir(dir)
-        .map_err(|e| CkptError::Io {
-            path: dir.to_path_buf(),
-            source: e,
-        })?
+        .map_err(|e| CkptError::Io { path: dir.to_path_buf(), source: e })?
         .flatten()
         .map(|e| e.path())
-        .find(|p| {
-            p.to_string_lossy()
-                .ends_with("zero_pp_rank_0_mp_rank_00_optim_states.pt")
-        });
+        .find(|p| p.to_string_lossy().ends_with("zero_pp_rank_0_mp_rank_00_optim_states.pt"));
     if let Some(op) = optim_path {
         let opt = TorchFile::open(&op)?;
         if let Some(osd) = opt.root().get("optimizer_state_dict") {
-            i.loss_scale = osd
-                .get("loss_scaler")
-                .and_then(|s| field(s, "cur_scale"))
-                .and_then(number);
-            let inner = osd
-                .get("base_optimizer_state")
-                .or_else(|| osd.get("optimizer_state_dict"));
+            i.loss_scale = osd.get("loss_scaler").and_then(|s| field(s, "cur_scale")).and_then(number);
+            let inner = osd.get("base_optimizer_state").or_else(|| osd.get("optimizer_state_dict"));
             i.learning_rate = inner
                 .and_then(|s| s.get("param_groups"))
                 .and_then(Value::as_seq)
@@ -342,8 +298,7 @@ fn deepspeed(dir: &Path, tensors: bool) -> Result<Inspection, CkptError> {
                 .and_then(|(_, st)| st.get("exp_avg"))
                 .and_then(Value::as_tensor);
             if let Some(t) = moment {
-                i.dtypes
-                    .insert("optimizer".into(), t.dtype.safetensors_name().into());
+                i.dtypes.insert("optimizer".into(), t.dtype.safetensors_name().into());
             }
         }
     }
@@ -355,10 +310,7 @@ fn deepspeed(dir: &Path, tensors: bool) -> Result<Inspection, CkptError> {
         .map(|t| t.numel())
         .sum();
     let names = std::fs::read_dir(dir)
-        .map_err(|e| CkptError::Io {
-            path: dir.to_path_buf(),
-            source: e,
-        })?
+        .map_err(|e| CkptError::Io { path: dir.to_path_buf(), source: e })?
         .flatten()
         .filter(|e| e.path().is_file())
         .map(|e| e.file_name().to_string_lossy().into_owned());
@@ -382,12 +334,7 @@ fn deepspeed(dir: &Path, tensors: bool) -> Result<Inspection, CkptError> {
 }
 
 /// Rows, parameter count and dtypes of safetensors files (`dir`-relative names).
-fn safetensors_rows(
-    dir: &Path,
-    files: &[String],
-    i: &mut Inspection,
-    tensors: bool,
-) -> Result<(), CkptError> {
+fn safetensors_rows(dir: &Path, files: &[String], i: &mut Inspection, tensors: bool) -> Result<(), CkptError> {
     let mut rows = Vec::new();
     let mut dtypes = BTreeSet::new();
     for f in files {
@@ -405,10 +352,7 @@ fn safetensors_rows(
             });
         }
     }
-    i.dtypes.insert(
-        "tensors".into(),
-        dtypes.into_iter().collect::<Vec<_>>().join(","),
-    );
+    i.dtypes.insert("tensors".into(), dtypes.into_iter().collect::<Vec<_>>().join(","));
     if tensors {
         i.tensors = Some(rows);
     }
@@ -418,11 +362,7 @@ fn safetensors_rows(
 fn safetensors_file(path: &Path, tensors: bool) -> Result<Inspection, CkptError> {
     let mut i = empty(Format::Safetensors, path);
     let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .unwrap_or_default()
-        .to_string_lossy()
-        .into_owned();
+    let name = path.file_name().unwrap_or_default().to_string_lossy().into_owned();
     safetensors_rows(dir, std::slice::from_ref(&name), &mut i, tensors)?;
     i.files = file_sizes(dir, [name]);
     Ok(i)
@@ -438,27 +378,16 @@ pub fn hf_weight_files(dir: &Path) -> Result<(Vec<String>, Option<ShardIndex>), 
     }
     let ip = dir.join(hf::INDEX_FILE);
     let damaged = |msg: String| CkptError::Damaged(vec![format!("{}: {msg}", ip.display())]);
-    let text = std::fs::read_to_string(&ip).map_err(|e| CkptError::Io {
-        path: ip.clone(),
-        source: e,
-    })?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| damaged(format!("not valid JSON ({e})")))?;
-    let map = v
-        .get("weight_map")
-        .and_then(|m| m.as_object())
-        .ok_or_else(|| damaged("no weight_map object".into()))?;
+    let text = std::fs::read_to_string(&ip).map_err(|e| CkptError::Io { path: ip.clone(), source: e })?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| damaged(format!("not valid JSON ({e})")))?;
+    let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| damaged("no weight_map object".into()))?;
     let mut weight_map = BTreeMap::new();
     for (k, f) in map {
         match f.as_str() {
             Some(f) if super::valid_tag_name(f) => {
                 weight_map.insert(k.clone(), f.to_string());
             }
-            _ => {
-                return Err(damaged(format!(
-                    "{k} maps to {f}, not a file name in this directory"
-                )))
-            }
+            _ => return Err(damaged(format!("{k} maps to {f}, not a file name in this directory"))),
         }
     }
     let files: BTreeSet<String> = weight_map.values().cloned().collect();
@@ -473,9 +402,7 @@ fn hf_dir(dir: &Path, tensors: bool) -> Result<Inspection, CkptError> {
     // A GPT-2 config in zerokit's terms when it is one, else the file as it is.
     i.model_config = match hf::read_config(&cpath) {
         Ok(c) => serde_json::to_value::<GptConfig>(c).ok(),
-        Err(_) => std::fs::read_to_string(&cpath)
-            .ok()
-            .and_then(|s| serde_json::from_str(&s).ok()),
+        Err(_) => std::fs::read_to_string(&cpath).ok().and_then(|s| serde_json::from_str(&s).ok()),
     };
     let mut names: Vec<String> = files.clone();
     names.push(hf::CONFIG_FILE.into());
@@ -519,11 +446,7 @@ pub fn human_bytes(n: u64) -> String {
 fn in_order<'a>(items: impl Iterator<Item = (&'a str, String)>, first: &[&str]) -> String {
     let mut items: Vec<(&str, String)> = items.collect();
     items.sort_by_key(|(k, _)| first.iter().position(|f| f == k).unwrap_or(first.len()));
-    items
-        .iter()
-        .map(|(k, v)| format!("{k} {v}"))
-        .collect::<Vec<_>>()
-        .join(", ")
+    items.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ")
 }
 
 fn config_line(v: &serde_json::Value) -> String {
@@ -531,14 +454,7 @@ fn config_line(v: &serde_json::Value) -> String {
         Some(o) => in_order(
             o.iter()
                 .filter(|(_, x)| x.is_number() || x.is_string() || x.is_boolean())
-                .map(|(k, x)| {
-                    (
-                        k.as_str(),
-                        x.as_str()
-                            .map(str::to_string)
-                            .unwrap_or_else(|| x.to_string()),
-                    )
-                }),
+                .map(|(k, x)| (k.as_str(), x.as_str().map(str::to_string).unwrap_or_else(|| x.to_string()))),
             &["n_layer", "n_head", "n_embd", "block_size", "vocab_size"],
         ),
         None => v.to_string(),
@@ -552,13 +468,7 @@ pub fn render(i: &Inspection) -> String {
         Format::Zerokit => format!(" (format version {v})"),
         _ => format!(" (saved by deepspeed {v})"),
     });
-    let _ = writeln!(
-        s,
-        "{}{}: {}",
-        i.format.describe(),
-        version.unwrap_or_default(),
-        i.path.display()
-    );
+    let _ = writeln!(s, "{}{}: {}", i.format.describe(), version.unwrap_or_default(), i.path.display());
     let mut row = |k: &str, v: String| {
         let _ = writeln!(s, "  {k:<14}{v}");
     };
@@ -566,13 +476,7 @@ pub fn render(i: &Inspection) -> String {
         let mut tags: Vec<String> = i
             .tags
             .iter()
-            .map(|t| {
-                if Some(t) == i.latest.as_ref() {
-                    format!("{t} (latest)")
-                } else {
-                    t.clone()
-                }
-            })
+            .map(|t| if Some(t) == i.latest.as_ref() { format!("{t} (latest)") } else { t.clone() })
             .collect();
         if let Some(l) = i.latest.as_ref().filter(|l| !i.tags.contains(l)) {
             tags.push(format!("latest names {l:?}, which is missing"));
@@ -597,20 +501,13 @@ pub fn render(i: &Inspection) -> String {
     if let Some(v) = i.zero_stage {
         row(
             "ZeRO stage",
-            format!(
-                "{v} ({} partition{})",
-                i.partitions.unwrap_or(0),
-                if i.partitions == Some(1) { "" } else { "s" }
-            ),
+            format!("{v} ({} partition{})", i.partitions.unwrap_or(0), if i.partitions == Some(1) { "" } else { "s" }),
         );
     }
     if !i.dtypes.is_empty() {
         row(
             "dtypes",
-            in_order(
-                i.dtypes.iter().map(|(k, v)| (k.as_str(), v.clone())),
-                &["model", "master", "optimizer"],
-            ),
+            in_order(i.dtypes.iter().map(|(k, v)| (k.as_str(), v.clone())), &["model", "master", "optimizer"]),
         );
     }
     if let Some(c) = &i.model_config {
@@ -624,10 +521,7 @@ pub fn render(i: &Inspection) -> String {
         row("loss scale", format!("{v}"));
     }
     let total: u64 = i.files.iter().map(|f| f.bytes).sum();
-    row(
-        "files",
-        format!("{} ({})", i.files.len(), human_bytes(total)),
-    );
+    row("files", format!("{} ({})", i.files.len(), human_bytes(total)));
     let w = i.files.iter().map(|f| f.name.len()).max().unwrap_or(0);
     for f in &i.files {
         let _ = writeln!(s, "    {:<w$}  {:>10}", f.name, human_bytes(f.bytes));
@@ -651,13 +545,7 @@ pub fn render(i: &Inspection) -> String {
                         .collect::<Vec<_>>()
                         .join(" ")
                 });
-                [
-                    t.name.clone(),
-                    format!("{:?}", t.shape),
-                    t.dtype.clone(),
-                    thousands(t.bytes),
-                    parts,
-                ]
+                [t.name.clone(), format!("{:?}", t.shape), t.dtype.clone(), thousands(t.bytes), parts]
             })
             .collect();
         let head = [
@@ -665,22 +553,10 @@ pub fn render(i: &Inspection) -> String {
             "shape",
             "dtype",
             "bytes",
-            if rows.iter().any(|t| t.partitions.is_some()) {
-                "partitions: rank [elements)@offset"
-            } else {
-                ""
-            },
+            if rows.iter().any(|t| t.partitions.is_some()) { "partitions: rank [elements)@offset" } else { "" },
         ];
-        let widths: Vec<usize> = (0..4)
-            .map(|c| {
-                cells
-                    .iter()
-                    .map(|r| r[c].len())
-                    .chain([head[c].len()])
-                    .max()
-                    .unwrap_or(0)
-            })
-            .collect();
+        let widths: Vec<usize> =
+            (0..4).map(|c| cells.iter().map(|r| r[c].len()).chain([head[c].len()]).max().unwrap_or(0)).collect();
         let mut put = |r: &[String; 5]| {
             let l = format!(
                 "  {:<a$}  {:<b$}  {:<c$}  {:>d$}  {}",

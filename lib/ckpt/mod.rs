@@ -26,16 +26,9 @@ pub enum CkptError {
     )]
     UnknownFormat(PathBuf),
     #[error("{path}: no tag {tag:?} here (tags: {available})")]
-    NoSuchTag {
-        path: PathBuf,
-        tag: String,
-        available: String,
-    },
+    NoSuchTag { path: PathBuf, tag: String, available: String },
     #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
     #[error(transparent)]
@@ -48,10 +41,7 @@ pub enum CkptError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CkptError + '_ {
-    move |source| CkptError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| CkptError::Io { path: path.to_path_buf(), source }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -117,10 +107,7 @@ pub fn detect(path: &Path) -> Result<Target, CkptError> {
     }
     // A root: `latest` names a tag of some format, or some subdirectory is one.
     if let Some(name) = read_latest(path)? {
-        if let Some(f) = valid_tag_name(&name)
-            .then(|| format_of_tag(&path.join(&name)))
-            .flatten()
-        {
+        if let Some(f) = valid_tag_name(&name).then(|| format_of_tag(&path.join(&name))).flatten() {
             return Ok(Target::Root(f, path.to_path_buf()));
         }
     }
@@ -221,11 +208,7 @@ pub fn list_root(dir: &Path, format: Format) -> Result<RootListing, CkptError> {
         .filter(|n| n.starts_with('.') && n.ends_with(".partial"))
         .collect();
     partial.sort();
-    Ok(RootListing {
-        tags,
-        latest: read_latest(dir)?,
-        partial,
-    })
+    Ok(RootListing { tags, latest: read_latest(dir)?, partial })
 }
 
 /// The tag directory `--tag` names under a root.
@@ -233,11 +216,7 @@ fn tag_dir(root: &Path, listing: &RootListing, tag: &str) -> Result<PathBuf, Ckp
     if valid_tag_name(tag) && listing.tags.iter().any(|t| t == tag) {
         return Ok(root.join(tag));
     }
-    Err(CkptError::NoSuchTag {
-        path: root.to_path_buf(),
-        tag: tag.to_string(),
-        available: listing.tags.join(", "),
-    })
+    Err(CkptError::NoSuchTag { path: root.to_path_buf(), tag: tag.to_string(), available: listing.tags.join(", ") })
 }
 
 /// `ckpt inspect`'s arguments.
@@ -280,35 +259,20 @@ mod tests {
     fn tags_sort_by_their_step() {
         let mut v = vec!["global_step10", "global_step9", "global_step100", "best"];
         v.sort_by_key(|t| tag_order(t));
-        assert_eq!(
-            v,
-            ["best", "global_step9", "global_step10", "global_step100"]
-        );
+        assert_eq!(v, ["best", "global_step9", "global_step10", "global_step100"]);
     }
 
     #[test]
     fn detects_what_a_path_is() {
         let d = tempfile::tempdir().unwrap();
-        assert!(matches!(
-            detect(&d.path().join("nope")),
-            Err(CkptError::NotFound(_))
-        ));
+        assert!(matches!(detect(&d.path().join("nope")), Err(CkptError::NotFound(_))));
         assert!(matches!(detect(d.path()), Err(CkptError::UnknownFormat(_))));
         let tag = d.path().join("step_00000001");
         std::fs::create_dir(&tag).unwrap();
         std::fs::write(tag.join("rank_00000.safetensors"), b"").unwrap();
-        assert_eq!(
-            detect(&tag).unwrap(),
-            Target::Tag(Format::Zerokit, tag.clone())
-        );
-        assert_eq!(
-            detect(d.path()).unwrap(),
-            Target::Root(Format::Zerokit, d.path().to_path_buf())
-        );
+        assert_eq!(detect(&tag).unwrap(), Target::Tag(Format::Zerokit, tag.clone()));
+        assert_eq!(detect(d.path()).unwrap(), Target::Root(Format::Zerokit, d.path().to_path_buf()));
         std::fs::write(d.path().join("notes.txt"), b"hello").unwrap();
-        assert!(matches!(
-            detect(&d.path().join("notes.txt")),
-            Err(CkptError::UnknownFormat(_))
-        ));
+        assert!(matches!(detect(&d.path().join("notes.txt")), Err(CkptError::UnknownFormat(_))));
     }
 }

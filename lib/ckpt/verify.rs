@@ -13,9 +13,7 @@
 //! zip recorded for every storage of every file; `--scan` adds NaN/Inf in every float storage.
 
 use super::header::{read_header, Header};
-use super::{
-    list_root, tag_dir, valid_tag_name, CkptError, Format, RootListing, Target, VerifyArgs,
-};
+use super::{list_root, tag_dir, valid_tag_name, CkptError, Format, RootListing, Target, VerifyArgs};
 use crate::checkpoint::{self, FileEntry, Manifest, PartitionReader, PARTITION_TENSORS};
 use crate::convert::{self, ShardedSource};
 use crate::interop::deepspeed::{self, DeepSpeedSource};
@@ -101,11 +99,7 @@ pub fn verify(args: &VerifyArgs) -> Result<VerifyReport, CkptError> {
     info!(
         "checked {}: {}",
         r.checked.join(", "),
-        if r.is_intact() {
-            "intact".to_string()
-        } else {
-            format!("{} problem(s)", r.problems.len())
-        }
+        if r.is_intact() { "intact".to_string() } else { format!("{} problem(s)", r.problems.len()) }
     );
     Ok(r)
 }
@@ -128,26 +122,17 @@ fn check_latest(root: &Path, listing: &RootListing, format: Format, r: &mut Veri
         _ => deepspeed::is_deepspeed_dir(d),
     };
     let problem = match &listing.latest {
-        None if format == Format::Zerokit => {
-            Some("missing: nothing names the newest complete tag".to_string())
-        }
+        None if format == Format::Zerokit => Some("missing: nothing names the newest complete tag".to_string()),
         None => {
-            r.notes.push(format!(
-                "{}: none (DeepSpeed loads need an explicit tag)",
-                path.display()
-            ));
+            r.notes.push(format!("{}: none (DeepSpeed loads need an explicit tag)", path.display()));
             None
         }
         Some(name) if name.is_empty() => Some("is empty".into()),
-        Some(name) if !valid_tag_name(name) => {
-            Some(format!("names {name:?}, not a tag directory name"))
+        Some(name) if !valid_tag_name(name) => Some(format!("names {name:?}, not a tag directory name")),
+        Some(name) if !root.join(name).is_dir() => Some(format!("names tag {name:?}, which does not exist")),
+        Some(name) if !complete(&root.join(name)) => {
+            Some(format!("names tag {name:?}, which is not a complete checkpoint (no manifest.json)"))
         }
-        Some(name) if !root.join(name).is_dir() => {
-            Some(format!("names tag {name:?}, which does not exist"))
-        }
-        Some(name) if !complete(&root.join(name)) => Some(format!(
-            "names tag {name:?}, which is not a complete checkpoint (no manifest.json)"
-        )),
         Some(_) => None,
     };
     if let Some(p) = problem {
@@ -166,10 +151,7 @@ fn line(path: &Path, msg: impl std::fmt::Display) -> String {
 pub fn verify_zerokit_tag(dir: &Path, scan: bool) -> Vec<String> {
     let mpath = dir.join("manifest.json");
     if !mpath.is_file() {
-        return vec![line(
-            &mpath,
-            "missing: the tag is incomplete (an interrupted save, or the file was removed)",
-        )];
+        return vec![line(&mpath, "missing: the tag is incomplete (an interrupted save, or the file was removed)")];
     }
     let m = match checkpoint::read_manifest(dir) {
         Ok(m) => m,
@@ -198,10 +180,7 @@ pub fn verify_zerokit_tag(dir: &Path, scan: bool) -> Vec<String> {
         .filter(|(name, _)| {
             let ok = valid_tag_name(name) && *name != "manifest.json";
             if !ok {
-                p.push(line(
-                    &mpath,
-                    format!("lists {name:?}, not a file of the tag directory"),
-                ));
+                p.push(line(&mpath, format!("lists {name:?}, not a file of the tag directory")));
             }
             ok
         })
@@ -209,11 +188,7 @@ pub fn verify_zerokit_tag(dir: &Path, scan: bool) -> Vec<String> {
     if let Ok(rd) = std::fs::read_dir(dir) {
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with("rank_")
-                && name.ends_with(".safetensors")
-                && parts > 0
-                && !required.contains(&name)
-            {
+            if name.starts_with("rank_") && name.ends_with(".safetensors") && parts > 0 && !required.contains(&name) {
                 p.push(line(
                     &e.path(),
                     format!("a rank file beyond the layout's {parts} partitions (left from another run?)"),
@@ -224,16 +199,8 @@ pub fn verify_zerokit_tag(dir: &Path, scan: bool) -> Vec<String> {
 
     // Sizes and hashes, in parallel: on a large checkpoint this is the disk-bound bulk of the work.
     let total: u64 = listed.iter().map(|(_, e)| e.bytes).sum();
-    let pb = logging::progress_bar(
-        total,
-        "verify {msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
-    );
-    pb.set_message(
-        dir.file_name()
-            .unwrap_or_default()
-            .to_string_lossy()
-            .into_owned(),
-    );
+    let pb = logging::progress_bar(total, "verify {msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}");
+    pb.set_message(dir.file_name().unwrap_or_default().to_string_lossy().into_owned());
     let hashed: Vec<String> = listed
         .par_iter()
         .filter_map(|(name, entry)| {
@@ -250,13 +217,9 @@ pub fn verify_zerokit_tag(dir: &Path, scan: bool) -> Vec<String> {
     let cpath = dir.join(hf::CONFIG_FILE);
     if cpath.is_file() {
         match hf::read_config(&cpath) {
-            Ok(c) if Some(c) != cfg => p.push(line(
-                &cpath,
-                format!(
-                    "describes {c:?}, manifest.json's model_config is {}",
-                    m.model_config
-                ),
-            )),
+            Ok(c) if Some(c) != cfg => {
+                p.push(line(&cpath, format!("describes {c:?}, manifest.json's model_config is {}", m.model_config)))
+            }
             Ok(_) => {}
             Err(e) => p.push(e.to_string()),
         }
@@ -326,19 +289,13 @@ fn manifest_problems(dir: &Path, m: &Manifest) -> Vec<String> {
     let mut bad = |msg: String| p.push(line(&mpath, msg));
     let dir_name = dir.file_name().unwrap_or_default().to_string_lossy();
     if m.tag != dir_name {
-        bad(format!(
-            "tag {:?}, but the directory is named {dir_name:?}",
-            m.tag
-        ));
+        bad(format!("tag {:?}, but the directory is named {dir_name:?}", m.tag));
     }
     if m.world_size == 0 {
         bad("world_size is 0".into());
     }
     if m.zero_stage > 2 {
-        bad(format!(
-            "zero_stage {} is not one zerokit trains with (0, 1, 2)",
-            m.zero_stage
-        ));
+        bad(format!("zero_stage {} is not one zerokit trains with (0, 1, 2)", m.zero_stage));
     } else {
         let want = if m.zero_stage == 0 { 1 } else { m.world_size };
         if m.layout.parts != want {
@@ -348,16 +305,10 @@ fn manifest_problems(dir: &Path, m: &Manifest) -> Vec<String> {
             ));
         }
     }
-    for (role, allowed) in [
-        ("model", &["F32", "F16", "BF16"][..]),
-        ("master", &["F32"]),
-        ("optimizer", &["F32"]),
-    ] {
+    for (role, allowed) in [("model", &["F32", "F16", "BF16"][..]), ("master", &["F32"]), ("optimizer", &["F32"])] {
         match m.dtypes.get(role) {
             Some(d) if allowed.contains(&d.as_str()) => {}
-            Some(d) => bad(format!(
-                "dtypes.{role} is {d:?}, expected one of {allowed:?}"
-            )),
+            Some(d) => bad(format!("dtypes.{role} is {d:?}, expected one of {allowed:?}")),
             None => bad(format!("dtypes.{role} is missing")),
         }
     }
@@ -365,29 +316,16 @@ fn manifest_problems(dir: &Path, m: &Manifest) -> Vec<String> {
         bad("optimizer.step is missing".into());
     }
     match serde_json::from_value::<GptConfig>(m.model_config.clone()) {
-        Err(e) => p.push(line(
-            &mpath,
-            format!("model_config is not a GPT-2 shape ({e})"),
-        )),
+        Err(e) => p.push(line(&mpath, format!("model_config is not a GPT-2 shape ({e})"))),
         Ok(cfg) => {
             let want: BTreeMap<String, Vec<usize>> = cfg
                 .param_specs()
                 .into_iter()
                 .map(|s| (s.name, s.shape.iter().map(|&d| d as usize).collect()))
                 .collect();
-            let have: BTreeMap<String, Vec<usize>> = m
-                .layout
-                .params
-                .iter()
-                .map(|s| (s.name.clone(), s.shape.clone()))
-                .collect();
-            p.extend(compare_tables(
-                &mpath,
-                "model_config",
-                &want,
-                "layout",
-                &have,
-            ));
+            let have: BTreeMap<String, Vec<usize>> =
+                m.layout.params.iter().map(|s| (s.name.clone(), s.shape.clone())).collect();
+            p.extend(compare_tables(&mpath, "model_config", &want, "layout", &have));
         }
     }
     p
@@ -405,32 +343,18 @@ fn compare_tables(
     for (k, sa) in a {
         match b.get(k) {
             None => diffs.push(format!("{k} is in the {a_name} but not in the {b_name}")),
-            Some(sb) if sa != sb => diffs.push(format!(
-                "{k} has shape {sb:?} in the {b_name}, {sa:?} in the {a_name}"
-            )),
+            Some(sb) if sa != sb => diffs.push(format!("{k} has shape {sb:?} in the {b_name}, {sa:?} in the {a_name}")),
             _ => {}
         }
     }
     diffs.extend(
-        b.keys()
-            .filter(|k| !a.contains_key(*k))
-            .map(|k| format!("{k} is in the {b_name} but not in the {a_name}")),
+        b.keys().filter(|k| !a.contains_key(*k)).map(|k| format!("{k} is in the {b_name} but not in the {a_name}")),
     );
     const SHOWN: usize = 4;
     let n = diffs.len();
-    let mut out: Vec<String> = diffs
-        .into_iter()
-        .take(SHOWN)
-        .map(|d| line(path, d))
-        .collect();
+    let mut out: Vec<String> = diffs.into_iter().take(SHOWN).map(|d| line(path, d)).collect();
     if n > SHOWN {
-        out.push(line(
-            path,
-            format!(
-                "{} more differences between the {a_name} and the {b_name}",
-                n - SHOWN
-            ),
-        ));
+        out.push(line(path, format!("{} more differences between the {a_name} and the {b_name}", n - SHOWN)));
     }
     out
 }
@@ -464,15 +388,8 @@ pub fn layout_problems(l: &FlatLayout, file: &Path) -> Vec<String> {
             ));
         }
         match l.buckets.get(s.bucket) {
-            None => bad(format!(
-                "{}: bucket {} does not exist ({} buckets)",
-                s.name,
-                s.bucket,
-                l.buckets.len()
-            )),
-            Some(b) if !b.params.contains(&i) => {
-                bad(format!("{}: not listed in its bucket {}", s.name, s.bucket))
-            }
+            None => bad(format!("{}: bucket {} does not exist ({} buckets)", s.name, s.bucket, l.buckets.len())),
+            Some(b) if !b.params.contains(&i) => bad(format!("{}: not listed in its bucket {}", s.name, s.bucket)),
             _ => {}
         }
     }
@@ -483,18 +400,12 @@ pub fn layout_problems(l: &FlatLayout, file: &Path) -> Vec<String> {
         let mut members = Vec::new();
         for &pi in &b.params {
             let Some(s) = l.params.get(pi) else {
-                bad(format!(
-                    "bucket {bi} lists parameter {pi}, but there are {}",
-                    l.params.len()
-                ));
+                bad(format!("bucket {bi} lists parameter {pi}, but there are {}", l.params.len()));
                 continue;
             };
             listed[pi] += 1;
             if s.bucket != bi {
-                bad(format!(
-                    "bucket {bi} lists {}, whose bucket is {}",
-                    s.name, s.bucket
-                ));
+                bad(format!("bucket {bi} lists {}, whose bucket is {}", s.name, s.bucket));
             }
             members.push((s.offset, s.numel, &s.name));
         }
@@ -505,9 +416,7 @@ pub fn layout_problems(l: &FlatLayout, file: &Path) -> Vec<String> {
         let mut pos = 0usize;
         for (off, n, name) in members {
             if off > pos {
-                bad(format!(
-                    "bucket {bi}: elements {pos}..{off} belong to no parameter (before {name})"
-                ));
+                bad(format!("bucket {bi}: elements {pos}..{off} belong to no parameter (before {name})"));
             } else if off < pos {
                 bad(format!(
                     "bucket {bi}: {name} at offset {off} overlaps the parameter before it (which ends at {pos})"
@@ -516,10 +425,7 @@ pub fn layout_problems(l: &FlatLayout, file: &Path) -> Vec<String> {
             pos = pos.max(off.saturating_add(n));
         }
         if pos != b.numel {
-            bad(format!(
-                "bucket {bi}: its parameters cover {pos} elements, numel says {}",
-                b.numel
-            ));
+            bad(format!("bucket {bi}: its parameters cover {pos} elements, numel says {}", b.numel));
         }
         let want_padded = b.numel.div_ceil(unit).saturating_mul(unit);
         if b.padded != want_padded {
@@ -529,22 +435,13 @@ pub fn layout_problems(l: &FlatLayout, file: &Path) -> Vec<String> {
             ));
         }
         if b.shard.checked_mul(l.parts) != Some(b.padded) {
-            bad(format!(
-                "bucket {bi}: shard {} x {} partitions is not its padded size {}",
-                b.shard, l.parts, b.padded
-            ));
+            bad(format!("bucket {bi}: shard {} x {} partitions is not its padded size {}", b.shard, l.parts, b.padded));
         }
         if b.flat_offset != flat {
-            bad(format!(
-                "bucket {bi}: flat_offset {}, but the buckets before it end at {flat}",
-                b.flat_offset
-            ));
+            bad(format!("bucket {bi}: flat_offset {}, but the buckets before it end at {flat}", b.flat_offset));
         }
         if b.shard_offset != part {
-            bad(format!(
-                "bucket {bi}: shard_offset {}, but the shards before it end at {part}",
-                b.shard_offset
-            ));
+            bad(format!("bucket {bi}: shard_offset {}, but the shards before it end at {part}", b.shard_offset));
         }
         flat = flat.saturating_add(b.padded);
         part = part.saturating_add(b.shard);
@@ -555,16 +452,10 @@ pub fn layout_problems(l: &FlatLayout, file: &Path) -> Vec<String> {
         }
     }
     if l.total != flat {
-        bad(format!(
-            "total {} is not the sum of the padded buckets, {flat}",
-            l.total
-        ));
+        bad(format!("total {} is not the sum of the padded buckets, {flat}", l.total));
     }
     if l.partition != part {
-        bad(format!(
-            "partition {} is not the sum of the shards, {part}",
-            l.partition
-        ));
+        bad(format!("partition {} is not the sum of the shards, {part}", l.partition));
     }
     if !p.is_empty() {
         return p;
@@ -597,10 +488,7 @@ pub fn layout_problems(l: &FlatLayout, file: &Path) -> Vec<String> {
             if off != pos {
                 p.push(line(
                     file,
-                    format!(
-                        "layout: the partitions hold {} from element {off}, expected {pos}",
-                        l.params[pi].name
-                    ),
+                    format!("layout: the partitions hold {} from element {off}, expected {pos}", l.params[pi].name),
                 ));
             }
             pos = off + len;
@@ -608,10 +496,7 @@ pub fn layout_problems(l: &FlatLayout, file: &Path) -> Vec<String> {
         if pos != l.params[pi].numel {
             p.push(line(
                 file,
-                format!(
-                    "layout: the partitions hold {pos} of {}'s {} elements",
-                    l.params[pi].name, l.params[pi].numel
-                ),
+                format!("layout: the partitions hold {pos} of {}'s {} elements", l.params[pi].name, l.params[pi].numel),
             ));
         }
     }
@@ -642,38 +527,14 @@ fn model_file_problems(h: &Header, m: &Manifest) -> Vec<String> {
     let want_dtype = m.dtypes.get("model").map(String::as_str).unwrap_or("?");
     for t in &h.tensors {
         if t.dtype.to_string() != want_dtype {
-            p.push(line(
-                &h.path,
-                format!(
-                    "{} is {}, manifest.json's model dtype is {want_dtype}",
-                    t.name, t.dtype
-                ),
-            ));
+            p.push(line(&h.path, format!("{} is {}, manifest.json's model dtype is {want_dtype}", t.name, t.dtype)));
         }
     }
-    let want: BTreeMap<String, Vec<usize>> = m
-        .layout
-        .params
-        .iter()
-        .map(|s| (s.name.clone(), s.shape.clone()))
-        .collect();
-    let have: BTreeMap<String, Vec<usize>> = h
-        .tensors
-        .iter()
-        .map(|t| {
-            (
-                t.name.clone(),
-                t.shape.iter().map(|&d| d as usize).collect(),
-            )
-        })
-        .collect();
-    p.extend(compare_tables(
-        &h.path,
-        "manifest's layout",
-        &want,
-        "model file",
-        &have,
-    ));
+    let want: BTreeMap<String, Vec<usize>> =
+        m.layout.params.iter().map(|s| (s.name.clone(), s.shape.clone())).collect();
+    let have: BTreeMap<String, Vec<usize>> =
+        h.tensors.iter().map(|t| (t.name.clone(), t.shape.iter().map(|&d| d as usize).collect())).collect();
+    p.extend(compare_tables(&h.path, "manifest's layout", &want, "model file", &have));
     p
 }
 
@@ -683,14 +544,10 @@ fn rank_file_problems(h: &Header, m: &Manifest, r: usize) -> Vec<String> {
     for name in PARTITION_TENSORS {
         match h.get(name) {
             None => bad(format!("has no tensor {name}")),
-            Some(t)
-                if t.dtype != safetensors::Dtype::F32 || t.shape != [m.layout.partition as u64] =>
-            {
-                bad(format!(
-                    "{name} is {} {:?}, the layout's partition is F32 [{}]",
-                    t.dtype, t.shape, m.layout.partition
-                ))
-            }
+            Some(t) if t.dtype != safetensors::Dtype::F32 || t.shape != [m.layout.partition as u64] => bad(format!(
+                "{name} is {} {:?}, the layout's partition is F32 [{}]",
+                t.dtype, t.shape, m.layout.partition
+            )),
             _ => {}
         }
     }
@@ -699,29 +556,15 @@ fn rank_file_problems(h: &Header, m: &Manifest, r: usize) -> Vec<String> {
             bad(format!("unexpected tensor {}", t.name));
         }
     }
-    let meta = |k: &str| {
-        h.metadata
-            .get(k)
-            .map_or("none".to_string(), |v| format!("{v:?}"))
-    };
+    let meta = |k: &str| h.metadata.get(k).map_or("none".to_string(), |v| format!("{v:?}"));
     if meta("format") != "\"zerokit-rank\"" {
-        bad(format!(
-            "metadata format is {}, not \"zerokit-rank\"",
-            meta("format")
-        ));
+        bad(format!("metadata format is {}, not \"zerokit-rank\"", meta("format")));
     }
     if meta("rank") != format!("\"{r}\"") {
-        bad(format!(
-            "metadata says rank {}, the file name says {r}",
-            meta("rank")
-        ));
+        bad(format!("metadata says rank {}, the file name says {r}", meta("rank")));
     }
     if meta("parts") != format!("\"{}\"", m.layout.parts) {
-        bad(format!(
-            "metadata says {} partitions, manifest.json says {}",
-            meta("parts"),
-            m.layout.parts
-        ));
+        bad(format!("metadata says {} partitions, manifest.json says {}", meta("parts"), m.layout.parts));
     }
     p
 }
@@ -729,12 +572,7 @@ fn rank_file_problems(h: &Header, m: &Manifest, r: usize) -> Vec<String> {
 /// Reads `[start, start+len)` of a file in chunks of at most CHUNK bytes.
 const CHUNK: u64 = 8 << 20;
 
-fn for_chunks(
-    path: &Path,
-    start: u64,
-    len: u64,
-    mut f: impl FnMut(u64, &[u8]),
-) -> Result<(), String> {
+fn for_chunks(path: &Path, start: u64, len: u64, mut f: impl FnMut(u64, &[u8])) -> Result<(), String> {
     let file = File::open(path).map_err(|e| line(path, e))?;
     let mut buf = vec![0u8; CHUNK.min(len) as usize];
     let mut off = 0;
@@ -757,19 +595,14 @@ fn padding_problems(h: &Header, gaps: &[(usize, usize)]) -> Vec<String> {
         let (start, _) = h.span(t);
         let (mut count, mut first) = (0u64, None);
         for &(a, b) in gaps {
-            let r = for_chunks(
-                &h.path,
-                start + 4 * a as u64,
-                4 * (b - a) as u64,
-                |off, bytes| {
-                    for (k, c) in bytes.chunks_exact(4).enumerate() {
-                        if f32::from_le_bytes(c.try_into().expect("4 bytes")) != 0.0 {
-                            count += 1;
-                            first.get_or_insert(a + off as usize / 4 + k);
-                        }
+            let r = for_chunks(&h.path, start + 4 * a as u64, 4 * (b - a) as u64, |off, bytes| {
+                for (k, c) in bytes.chunks_exact(4).enumerate() {
+                    if f32::from_le_bytes(c.try_into().expect("4 bytes")) != 0.0 {
+                        count += 1;
+                        first.get_or_insert(a + off as usize / 4 + k);
                     }
-                },
-            );
+                }
+            });
             if let Err(e) = r {
                 p.push(e);
             }
@@ -806,29 +639,20 @@ impl Tally {
     fn add_bytes(&mut self, bytes: &[u8], dtype: DType, base: u64) {
         match dtype {
             DType::F32 => bytes.chunks_exact(4).enumerate().for_each(|(k, c)| {
-                self.add(
-                    base + k as u64,
-                    f32::from_le_bytes(c.try_into().expect("4 bytes")) as f64,
-                )
+                self.add(base + k as u64, f32::from_le_bytes(c.try_into().expect("4 bytes")) as f64)
             }),
-            DType::F64 => bytes.chunks_exact(8).enumerate().for_each(|(k, c)| {
-                self.add(
-                    base + k as u64,
-                    f64::from_le_bytes(c.try_into().expect("8 bytes")),
-                )
-            }),
-            DType::F16 => bytes.chunks_exact(2).enumerate().for_each(|(k, c)| {
-                self.add(
-                    base + k as u64,
-                    half::f16::from_le_bytes([c[0], c[1]]).to_f64(),
-                )
-            }),
-            DType::BF16 => bytes.chunks_exact(2).enumerate().for_each(|(k, c)| {
-                self.add(
-                    base + k as u64,
-                    half::bf16::from_le_bytes([c[0], c[1]]).to_f64(),
-                )
-            }),
+            DType::F64 => bytes
+                .chunks_exact(8)
+                .enumerate()
+                .for_each(|(k, c)| self.add(base + k as u64, f64::from_le_bytes(c.try_into().expect("8 bytes")))),
+            DType::F16 => bytes
+                .chunks_exact(2)
+                .enumerate()
+                .for_each(|(k, c)| self.add(base + k as u64, half::f16::from_le_bytes([c[0], c[1]]).to_f64())),
+            DType::BF16 => bytes
+                .chunks_exact(2)
+                .enumerate()
+                .for_each(|(k, c)| self.add(base + k as u64, half::bf16::from_le_bytes([c[0], c[1]]).to_f64())),
             _ => {}
         }
     }
@@ -840,11 +664,7 @@ fn locate(l: &FlatLayout, pieces: &[Piece], i: u64) -> String {
     let k = pieces.partition_point(|pc| pc.partition_offset + pc.len <= i);
     match pieces.get(k) {
         Some(pc) if pc.partition_offset <= i => {
-            format!(
-                "{} element {}",
-                l.params[pc.param].name,
-                pc.param_offset + i - pc.partition_offset
-            )
+            format!("{} element {}", l.params[pc.param].name, pc.param_offset + i - pc.partition_offset)
         }
         _ => "padding".into(),
     }
@@ -854,10 +674,7 @@ fn locate(l: &FlatLayout, pieces: &[Piece], i: u64) -> String {
 /// non-negative.
 fn scan_rank_files(headers: &[Header], l: &FlatLayout) -> Vec<String> {
     let total: u64 = headers.iter().map(|h| h.file_len).sum();
-    let pb = logging::progress_bar(
-        total,
-        "scan [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
-    );
+    let pb = logging::progress_bar(total, "scan [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}");
     let out = headers
         .par_iter()
         .flat_map_iter(|h| {
@@ -896,11 +713,7 @@ fn scan_model_file(dir: &Path, h: &Header, m: &Manifest) -> Vec<String> {
         Ok(r) => r,
         Err(e) => return vec![e.to_string()],
     };
-    let Some(dtype) = m
-        .dtypes
-        .get("model")
-        .and_then(|d| DType::from_safetensors_name(d))
-    else {
+    let Some(dtype) = m.dtypes.get("model").and_then(|d| DType::from_safetensors_name(d)) else {
         return vec![];
     };
     let es = dtype.size() as u64;
@@ -957,22 +770,18 @@ fn scan_safetensors_values(h: &Header) -> Vec<String> {
     h.tensors
         .par_iter()
         .filter_map(|t| {
-            let dtype =
-                DType::from_safetensors_name(&t.dtype.to_string()).filter(|d| d.is_float())?;
+            let dtype = DType::from_safetensors_name(&t.dtype.to_string()).filter(|d| d.is_float())?;
             let mut tally = Tally::default();
             let (s, e) = h.span(t);
-            if let Err(err) = for_chunks(&h.path, s, e - s, |off, b| {
-                tally.add_bytes(b, dtype, off / dtype.size() as u64)
-            }) {
+            if let Err(err) =
+                for_chunks(&h.path, s, e - s, |off, b| tally.add_bytes(b, dtype, off / dtype.size() as u64))
+            {
                 return Some(err);
             }
             let (i, x) = tally.first_nonfinite?;
             Some(line(
                 &h.path,
-                format!(
-                    "{} holds {} non-finite value(s) (first: {x} at element {i})",
-                    t.name, tally.nonfinite
-                ),
+                format!("{} holds {} non-finite value(s) (first: {x} at element {i})", t.name, tally.nonfinite),
             ))
         })
         .collect()
@@ -1016,20 +825,13 @@ fn check_hf_dir(dir: &Path, scan: bool) -> Vec<String> {
                         if map.get(&t.name) != Some(f) {
                             p.push(line(
                                 ipath,
-                                format!(
-                                    "{} is stored in {f} but the index lists it in {:?}",
-                                    t.name,
-                                    map.get(&t.name)
-                                ),
+                                format!("{} is stored in {f} but the index lists it in {:?}", t.name, map.get(&t.name)),
                             ));
                         }
                     }
                     for (name, file) in map.iter().filter(|(_, file)| *file == f) {
                         if h.get(name).is_none() {
-                            p.push(line(
-                                ipath,
-                                format!("lists {name} in {file}, which does not hold it"),
-                            ));
+                            p.push(line(ipath, format!("lists {name} in {file}, which does not hold it")));
                         }
                     }
                 }
@@ -1058,33 +860,13 @@ pub fn verify_deepspeed_tag(dir: &Path, scan: bool) -> Vec<String> {
     };
     let world = src.as_ref().map(|s| s.world_size());
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| e.path())
-                .filter(|f| f.to_string_lossy().ends_with("_states.pt"))
-                .collect()
-        })
+        .map(|rd| rd.flatten().map(|e| e.path()).filter(|f| f.to_string_lossy().ends_with("_states.pt")).collect())
         .unwrap_or_default();
     files.sort();
-    let total: u64 = files
-        .iter()
-        .filter_map(|f| f.metadata().ok())
-        .map(|m| m.len())
-        .sum();
-    let pb = logging::progress_bar(
-        total,
-        "verify {msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
-    );
-    pb.set_message(
-        dir.file_name()
-            .unwrap_or_default()
-            .to_string_lossy()
-            .into_owned(),
-    );
-    let per_file: Vec<String> = files
-        .par_iter()
-        .flat_map_iter(|f| check_torch_file(f, world, scan, &pb))
-        .collect();
+    let total: u64 = files.iter().filter_map(|f| f.metadata().ok()).map(|m| m.len()).sum();
+    let pb = logging::progress_bar(total, "verify {msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}");
+    pb.set_message(dir.file_name().unwrap_or_default().to_string_lossy().into_owned());
+    let per_file: Vec<String> = files.par_iter().flat_map_iter(|f| check_torch_file(f, world, scan, &pb)).collect();
     pb.finish_and_clear();
     p.extend(per_file);
     // The fp32 master weights are scanned through the consolidation plan: stage 3 leaves the
@@ -1106,10 +888,7 @@ pub fn verify_deepspeed_tag(dir: &Path, scan: bool) -> Vec<String> {
             if let Some((i, x)) = tally.first_nonfinite {
                 p.push(line(
                     dir,
-                    format!(
-                        "{} holds {} non-finite value(s) (first: {x} at element {i})",
-                        t.name, tally.nonfinite
-                    ),
+                    format!("{} holds {} non-finite value(s) (first: {x} at element {i})", t.name, tally.nonfinite),
                 ));
             }
         }
@@ -1139,23 +918,16 @@ fn tensor_refs<'a>(v: &'a Value, at: &str, out: &mut Vec<(String, &'a TensorRef)
     };
     match v {
         Value::Tensor(t) => out.push((at.to_string(), t)),
-        Value::List(xs) | Value::Tuple(xs) => xs
-            .iter()
-            .enumerate()
-            .for_each(|(i, x)| tensor_refs(x, &join(&i.to_string()), out)),
-        Value::Dict(items) => items
-            .iter()
-            .for_each(|(k, x)| tensor_refs(x, &join(&key(k)), out)),
-        Value::Object {
-            args, state, items, ..
-        } => {
+        Value::List(xs) | Value::Tuple(xs) => {
+            xs.iter().enumerate().for_each(|(i, x)| tensor_refs(x, &join(&i.to_string()), out))
+        }
+        Value::Dict(items) => items.iter().for_each(|(k, x)| tensor_refs(x, &join(&key(k)), out)),
+        Value::Object { args, state, items, .. } => {
             args.iter().for_each(|x| tensor_refs(x, at, out));
             if let Some(s) = state {
                 tensor_refs(s, at, out);
             }
-            items
-                .iter()
-                .for_each(|(k, x)| tensor_refs(x, &join(&key(k)), out));
+            items.iter().for_each(|(k, x)| tensor_refs(x, &join(&key(k)), out));
         }
         _ => {}
     }
@@ -1163,26 +935,15 @@ fn tensor_refs<'a>(v: &'a Value, at: &str, out: &mut Vec<(String, &'a TensorRef)
 
 /// One torch file: it opens, its model states agree on the world size, every storage matches
 /// the CRC-32 the zip recorded, and with `scan` every float storage is finite.
-fn check_torch_file(
-    path: &Path,
-    world: Option<usize>,
-    scan: bool,
-    pb: &ProgressBar,
-) -> Vec<String> {
+fn check_torch_file(path: &Path, world: Option<usize>, scan: bool, pb: &ProgressBar) -> Vec<String> {
     let tf = match TorchFile::open(path) {
         Ok(f) => f,
         Err(e) => return vec![e.to_string()],
     };
     let mut p = Vec::new();
-    if let (Some(w), Some(dp)) = (
-        world,
-        tf.root().get("dp_world_size").and_then(Value::as_int),
-    ) {
+    if let (Some(w), Some(dp)) = (world, tf.root().get("dp_world_size").and_then(Value::as_int)) {
         if dp != w as i64 {
-            p.push(line(
-                path,
-                format!("dp_world_size {dp}, but the optimizer files were saved by {w} ranks"),
-            ));
+            p.push(line(path, format!("dp_world_size {dp}, but the optimizer files were saved by {w} ranks")));
         }
     }
     let mut refs = Vec::new();
@@ -1225,10 +986,7 @@ fn check_torch_file(
             if let Some((i, x)) = tally.first_nonfinite {
                 p.push(line(
                     path,
-                    format!(
-                        "{at} holds {} non-finite value(s) (first: {x} at element {i})",
-                        tally.nonfinite
-                    ),
+                    format!("{at} holds {} non-finite value(s) (first: {x} at element {i})", tally.nonfinite),
                 ));
             }
             if let (Some((i, x)), true) = (tally.first_negative, at.ends_with("exp_avg_sq")) {

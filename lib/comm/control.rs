@@ -26,24 +26,13 @@ pub struct ControlPlane {
 
 fn io_err(rank: usize, peer: usize, what: &str, timeout: Duration, e: std::io::Error) -> CommError {
     match e.kind() {
-        ErrorKind::WouldBlock | ErrorKind::TimedOut => CommError::Timeout {
-            rank,
-            peer,
-            what: what.to_string(),
-            timeout,
-        },
-        ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset | ErrorKind::BrokenPipe => {
-            CommError::Peer {
-                rank,
-                peer,
-                msg: format!("rank {peer} exited or closed its connection during {what}"),
-            }
+        ErrorKind::WouldBlock | ErrorKind::TimedOut => {
+            CommError::Timeout { rank, peer, what: what.to_string(), timeout }
         }
-        _ => CommError::Peer {
-            rank,
-            peer,
-            msg: format!("{what}: {e}"),
-        },
+        ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset | ErrorKind::BrokenPipe => {
+            CommError::Peer { rank, peer, msg: format!("rank {peer} exited or closed its connection during {what}") }
+        }
+        _ => CommError::Peer { rank, peer, msg: format!("{what}: {e}") },
     }
 }
 
@@ -68,12 +57,7 @@ fn read_frame(s: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
 impl ControlPlane {
     /// The control plane of a world of one: no sockets, every collective is the identity.
     pub fn single() -> Self {
-        ControlPlane {
-            rank: 0,
-            world: 1,
-            timeout: Duration::from_secs(0),
-            role: Role::Root { peers: Vec::new() },
-        }
+        ControlPlane { rank: 0, world: 1, timeout: Duration::from_secs(0), role: Role::Root { peers: Vec::new() } }
     }
 
     /// Connects all ranks. Rank 0 listens on the rendezvous address; the others retry until it is
@@ -82,46 +66,32 @@ impl ControlPlane {
         let addr = format!("{}:{}", rdv.master_addr, rdv.master_port);
         let (rank, world, timeout) = (rdv.rank, rdv.world, rdv.timeout);
         let deadline = Instant::now() + timeout;
-        let rdv_err = |msg: String| CommError::Rendezvous {
-            addr: addr.clone(),
-            msg,
-        };
+        let rdv_err = |msg: String| CommError::Rendezvous { addr: addr.clone(), msg };
         if world == 1 {
             return Ok(Self::single());
         }
         let role = if rank == 0 {
-            let listener = TcpListener::bind(&addr)
-                .map_err(|e| rdv_err(format!("rank 0 cannot listen: {e}")))?;
-            listener
-                .set_nonblocking(true)
-                .map_err(|e| rdv_err(e.to_string()))?;
+            let listener = TcpListener::bind(&addr).map_err(|e| rdv_err(format!("rank 0 cannot listen: {e}")))?;
+            listener.set_nonblocking(true).map_err(|e| rdv_err(e.to_string()))?;
             let mut peers: Vec<Option<TcpStream>> = (1..world).map(|_| None).collect();
             let mut joined = 0;
             while joined < world - 1 {
                 match listener.accept() {
                     Ok((mut s, _)) => {
-                        s.set_nonblocking(false)
-                            .map_err(|e| rdv_err(e.to_string()))?;
+                        s.set_nonblocking(false).map_err(|e| rdv_err(e.to_string()))?;
                         s.set_nodelay(true).ok();
                         s.set_read_timeout(Some(timeout)).ok();
-                        let (kind, hello) =
-                            read_frame(&mut s).map_err(|e| rdv_err(format!("bad hello: {e}")))?;
+                        let (kind, hello) = read_frame(&mut s).map_err(|e| rdv_err(format!("bad hello: {e}")))?;
                         if kind != HELLO || hello.len() != 24 || &hello[..8] != MAGIC {
-                            return Err(rdv_err(
-                                "a connection that is not a zerokit rank arrived".into(),
-                            ));
+                            return Err(rdv_err("a connection that is not a zerokit rank arrived".into()));
                         }
                         let r = u64::from_le_bytes(hello[8..16].try_into().expect("8")) as usize;
                         let w = u64::from_le_bytes(hello[16..24].try_into().expect("8")) as usize;
                         if w != world {
-                            return Err(rdv_err(format!(
-                                "rank {r} has world size {w}, rank 0 has {world}"
-                            )));
+                            return Err(rdv_err(format!("rank {r} has world size {w}, rank 0 has {world}")));
                         }
                         if r == 0 || r >= world || peers[r - 1].is_some() {
-                            return Err(rdv_err(format!(
-                                "rank {r} joined twice or is out of range (world {world})"
-                            )));
+                            return Err(rdv_err(format!("rank {r} joined twice or is out of range (world {world})")));
                         }
                         peers[r - 1] = Some(s);
                         joined += 1;
@@ -144,9 +114,7 @@ impl ControlPlane {
                     Err(e) => return Err(rdv_err(e.to_string())),
                 }
             }
-            Role::Root {
-                peers: peers.into_iter().map(|p| p.expect("all joined")).collect(),
-            }
+            Role::Root { peers: peers.into_iter().map(|p| p.expect("all joined")).collect() }
         } else {
             let mut s = loop {
                 match TcpStream::connect(&addr) {
@@ -167,12 +135,7 @@ impl ControlPlane {
             write_frame(&mut s, HELLO, &hello).map_err(|e| rdv_err(e.to_string()))?;
             Role::Leaf { root: s }
         };
-        Ok(ControlPlane {
-            rank,
-            world,
-            timeout,
-            role,
-        })
+        Ok(ControlPlane { rank, world, timeout, role })
     }
 
     pub fn rank(&self) -> usize {
@@ -189,11 +152,7 @@ impl ControlPlane {
     }
 
     /// Rank 0 receives every rank's payload (index = rank); the others receive None.
-    pub fn gather(
-        &mut self,
-        payload: &[u8],
-        what: &str,
-    ) -> Result<Option<Vec<Vec<u8>>>, CommError> {
+    pub fn gather(&mut self, payload: &[u8], what: &str) -> Result<Option<Vec<Vec<u8>>>, CommError> {
         let (rank, timeout) = (self.rank, self.timeout);
         match &mut self.role {
             Role::Leaf { root } => {
@@ -211,11 +170,7 @@ impl ControlPlane {
                         Ok((ABORT, msg)) => {
                             let msg = String::from_utf8_lossy(&msg).into_owned();
                             self.relay_abort(k + 1, &msg);
-                            return Err(CommError::Aborted {
-                                rank,
-                                peer: k + 1,
-                                msg,
-                            });
+                            return Err(CommError::Aborted { rank, peer: k + 1, msg });
                         }
                         Ok((kind, _)) => {
                             return Err(CommError::Protocol {
@@ -253,10 +208,7 @@ impl ControlPlane {
                     let (peer, msg) = parse_abort(&text);
                     Err(CommError::Aborted { rank, peer, msg })
                 }
-                Ok((kind, _)) => Err(CommError::Protocol {
-                    rank,
-                    msg: format!("unexpected frame {kind} from rank 0"),
-                }),
+                Ok((kind, _)) => Err(CommError::Protocol { rank, msg: format!("unexpected frame {kind} from rank 0") }),
                 Err(e) => Err(io_err(rank, 0, what, timeout, e)),
             },
         }
@@ -272,11 +224,7 @@ impl ControlPlane {
                     if p.len() != bytes.len() {
                         return Err(CommError::Protocol {
                             rank: self.rank,
-                            msg: format!(
-                                "rank {r} sent {} values for {what}, expected {}",
-                                p.len() / 8,
-                                values.len()
-                            ),
+                            msg: format!("rank {r} sent {} values for {what}, expected {}", p.len() / 8, values.len()),
                         });
                     }
                     for (a, c) in acc.iter_mut().zip(p.chunks_exact(8)) {

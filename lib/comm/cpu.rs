@@ -38,11 +38,7 @@ impl CpuComm {
                         let rank = self.ctl.rank();
                         let err = CommError::Protocol {
                             rank,
-                            msg: format!(
-                                "{what}: rank {r} sent {} bytes, rank 0 has {}",
-                                p.len(),
-                                mine.len()
-                            ),
+                            msg: format!("{what}: rank {r} sent {} bytes, rank 0 has {}", p.len(), mine.len()),
                         };
                         self.ctl.abort(&err.to_string());
                         return Err(err);
@@ -59,10 +55,7 @@ impl CpuComm {
 
 fn check_cpu(t: &Tensor, rank: usize) -> Result<(), CommError> {
     if t.device() != Device::Cpu {
-        return Err(CommError::Protocol {
-            rank,
-            msg: "the CPU backend got a GPU tensor".into(),
-        });
+        return Err(CommError::Protocol { rank, msg: "the CPU backend got a GPU tensor".into() });
     }
     Ok(())
 }
@@ -89,18 +82,11 @@ impl Collectives for CpuComm {
         if input.numel() as i64 != n * self.world() as i64 {
             return Err(CommError::Protocol {
                 rank: self.rank(),
-                msg: format!(
-                    "reduce_scatter: input {} is not world {} x output {}",
-                    input.numel(),
-                    self.world(),
-                    n
-                ),
+                msg: format!("reduce_scatter: input {} is not world {} x output {}", input.numel(), self.world(), n),
             });
         }
         let sum = self.summed(input, "reduce_scatter")?;
-        output
-            .view(-1)
-            .copy_(&sum.narrow(0, self.rank() as i64 * n, n));
+        output.view(-1).copy_(&sum.narrow(0, self.rank() as i64 * n, n));
         Ok(())
     }
 
@@ -125,10 +111,7 @@ impl Collectives for CpuComm {
             None => self.ctl.broadcast(None, "all_gather")?,
         };
         if reply.len() != total as usize * buffer.kind().elt_size_in_bytes() {
-            return Err(CommError::Protocol {
-                rank: self.rank(),
-                msg: "all_gather: ranks disagree on sizes".into(),
-            });
+            return Err(CommError::Protocol { rank: self.rank(), msg: "all_gather: ranks disagree on sizes".into() });
         }
         flat.copy_(&from_bytes(&reply, buffer, total as usize));
         Ok(())

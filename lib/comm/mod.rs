@@ -20,28 +20,15 @@ use tch::Tensor;
 #[derive(Debug, thiserror::Error)]
 pub enum CommError {
     #[error("rank {rank}: connection to rank {peer} failed: {msg}")]
-    Peer {
-        rank: usize,
-        peer: usize,
-        msg: String,
-    },
+    Peer { rank: usize, peer: usize, msg: String },
     #[error("rank {rank}: timed out after {timeout:?} waiting for rank {peer} ({what})")]
-    Timeout {
-        rank: usize,
-        peer: usize,
-        what: String,
-        timeout: Duration,
-    },
+    Timeout { rank: usize, peer: usize, what: String, timeout: Duration },
     #[error("rendezvous at {addr}: {msg}")]
     Rendezvous { addr: String, msg: String },
     #[error("rank {rank}: protocol error: {msg}")]
     Protocol { rank: usize, msg: String },
     #[error("rank {rank}: rank {peer} reported a failure: {msg}")]
-    Aborted {
-        rank: usize,
-        peer: usize,
-        msg: String,
-    },
+    Aborted { rank: usize, peer: usize, msg: String },
     #[error("NCCL: {0}")]
     Nccl(String),
     #[error("tensor: {0}")]

@@ -28,11 +28,7 @@ fn object_file(handle: *mut c_void, name: &str) -> Option<PathBuf> {
         if libc::dladdr(addr, &mut info) == 0 || info.dli_fname.is_null() {
             return None;
         }
-        let p = PathBuf::from(
-            CStr::from_ptr(info.dli_fname)
-                .to_string_lossy()
-                .into_owned(),
-        );
+        let p = PathBuf::from(CStr::from_ptr(info.dli_fname).to_string_lossy().into_owned());
         Some(p.canonicalize().unwrap_or(p))
     }
 }
@@ -65,12 +61,7 @@ fn first_loadable(names: &[String]) -> Option<PathBuf> {
 pub fn use_torch_nccl() -> Result<(), CommError> {
     let torch = {
         // SAFETY: RTLD_NOLOAD only looks the library up among those already loaded.
-        let h = unsafe {
-            libc::dlopen(
-                c"libnccl.so.2".as_ptr(),
-                libc::RTLD_LAZY | libc::RTLD_NOLOAD,
-            )
-        };
+        let h = unsafe { libc::dlopen(c"libnccl.so.2".as_ptr(), libc::RTLD_LAZY | libc::RTLD_NOLOAD) };
         if h.is_null() {
             return Ok(());
         }
@@ -85,28 +76,16 @@ pub fn use_torch_nccl() -> Result<(), CommError> {
         return Ok(());
     }
     let problem = match &found {
-        Some(f) => format!(
-            "cudarc would load {} while libtorch uses {}",
-            f.display(),
-            torch.display()
-        ),
-        None => format!(
-            "cudarc finds no NCCL under its names ({}) while libtorch uses {}",
-            candidates[0],
-            torch.display()
-        ),
+        Some(f) => format!("cudarc would load {} while libtorch uses {}", f.display(), torch.display()),
+        None => {
+            format!("cudarc finds no NCCL under its names ({}) while libtorch uses {}", candidates[0], torch.display())
+        }
     };
     if std::env::var_os(REEXEC_MARK).is_some() {
-        return Err(CommError::Nccl(format!(
-            "{problem}, even after putting a link to it first on LD_LIBRARY_PATH"
-        )));
+        return Err(CommError::Nccl(format!("{problem}, even after putting a link to it first on LD_LIBRARY_PATH")));
     }
-    let dir = link_dir(&torch)
-        .map_err(|e| CommError::Nccl(format!("{problem}; cannot make the link folder: {e}")))?;
-    tracing::debug!(
-        "{problem}: re-executing with {} first on LD_LIBRARY_PATH",
-        dir.display()
-    );
+    let dir = link_dir(&torch).map_err(|e| CommError::Nccl(format!("{problem}; cannot make the link folder: {e}")))?;
+    tracing::debug!("{problem}: re-executing with {} first on LD_LIBRARY_PATH", dir.display());
     let path = match std::env::var_os("LD_LIBRARY_PATH") {
         Some(old) if !old.is_empty() => {
             let mut p = dir.clone().into_os_string();
@@ -116,17 +95,15 @@ pub fn use_torch_nccl() -> Result<(), CommError> {
         }
         _ => dir.clone().into_os_string(),
     };
-    let exe = std::env::current_exe()
-        .map_err(|e| CommError::Nccl(format!("{problem}; cannot find this executable: {e}")))?;
+    let exe =
+        std::env::current_exe().map_err(|e| CommError::Nccl(format!("{problem}; cannot find this executable: {e}")))?;
     use std::os::unix::process::CommandExt;
     let err = std::process::Command::new(exe)
         .args(std::env::args_os().skip(1))
         .env("LD_LIBRARY_PATH", path)
         .env(REEXEC_MARK, &dir)
         .exec();
-    Err(CommError::Nccl(format!(
-        "{problem}; re-executing failed: {err}"
-    )))
+    Err(CommError::Nccl(format!("{problem}; re-executing failed: {err}")))
 }
 
 /// A private folder holding `libnccl.so` -> `target`, made atomically (safe for concurrent ranks).
@@ -158,8 +135,7 @@ fn nccl_identity() -> String {
         }
         _ => "unknown".into(),
     };
-    let file = first_loadable(&cudarc::get_lib_name_candidates("nccl"))
-        .map_or("?".into(), |p| p.display().to_string());
+    let file = first_loadable(&cudarc::get_lib_name_candidates("nccl")).map_or("?".into(), |p| p.display().to_string());
     format!("NCCL {version} from {file}")
 }
 
@@ -207,8 +183,7 @@ impl NcclComm {
         let dev = cu::device::get(device as i32).map_err(|e| cuda_err("cuDeviceGet", e))?;
         // SAFETY: the primary context is the one libtorch's runtime calls use on this device.
         let ctx = unsafe {
-            let ctx = cu::primary_ctx::retain(dev)
-                .map_err(|e| cuda_err("cuDevicePrimaryCtxRetain", e))?;
+            let ctx = cu::primary_ctx::retain(dev).map_err(|e| cuda_err("cuDevicePrimaryCtxRetain", e))?;
             cu::ctx::set_current(ctx).map_err(|e| cuda_err("cuCtxSetCurrent", e))?;
             ctx
         };
@@ -223,10 +198,7 @@ impl NcclComm {
         };
         let mut id = ncsys::ncclUniqueId { internal: [0; 128] };
         if id_bytes.len() != id.internal.len() {
-            return Err(CommError::Protocol {
-                rank,
-                msg: "NCCL unique id has the wrong size".into(),
-            });
+            return Err(CommError::Protocol { rank, msg: "NCCL unique id has the wrong size".into() });
         }
         for (d, s) in id.internal.iter_mut().zip(&id_bytes) {
             *d = *s as _;
@@ -236,12 +208,10 @@ impl NcclComm {
         let status = unsafe { nc::comm_init_rank(&mut comm, world as i32, id, rank as i32) }
             .map_err(|e| nccl_err("ncclCommInitRank", e))?;
         if status != nc::NcclStatus::Success || comm.is_null() {
-            return Err(CommError::Nccl(
-                "ncclCommInitRank did not complete (blocking mode expected)".into(),
-            ));
+            return Err(CommError::Nccl("ncclCommInitRank did not complete (blocking mode expected)".into()));
         }
-        let stream = cu::stream::create(cu::stream::StreamKind::NonBlocking)
-            .map_err(|e| cuda_err("cuStreamCreate", e))?;
+        let stream =
+            cu::stream::create(cu::stream::StreamKind::NonBlocking).map_err(|e| cuda_err("cuStreamCreate", e))?;
         let flags = cusys::CUevent_flags::CU_EVENT_DISABLE_TIMING;
         let compute_done = cu::event::create(flags).map_err(|e| cuda_err("cuEventCreate", e))?;
         let comm_done = cu::event::create(flags).map_err(|e| cuda_err("cuEventCreate", e))?;
@@ -260,17 +230,7 @@ impl NcclComm {
             // SAFETY: _exit ends the process at once; nothing after it runs.
             unsafe { libc::_exit(1) }
         });
-        Ok(NcclComm {
-            ctl,
-            comm,
-            stream,
-            compute_done,
-            comm_done,
-            in_flight: Vec::new(),
-            device,
-            ctx,
-            watchdog,
-        })
+        Ok(NcclComm { ctl, comm, stream, compute_done, comm_done, in_flight: Vec::new(), device, ctx, watchdog })
     }
 
     fn check(&self, t: &Tensor) -> Result<(), CommError> {
@@ -333,9 +293,7 @@ impl Collectives for NcclComm {
         self.check(input)?;
         self.check(output)?;
         if input.numel() != output.numel() * self.world() || input.kind() != output.kind() {
-            return Err(CommError::Nccl(
-                "reduce_scatter: input must be world x output, same dtype".into(),
-            ));
+            return Err(CommError::Nccl("reduce_scatter: input must be world x output, same dtype".into()));
         }
         // SAFETY: both buffers are live device memory of the stated sizes, kept alive in in_flight.
         unsafe {
@@ -360,9 +318,7 @@ impl Collectives for NcclComm {
         self.check(buffer)?;
         let world = self.world();
         if buffer.numel() % world != 0 {
-            return Err(CommError::Nccl(
-                "all_gather: buffer not divisible by world".into(),
-            ));
+            return Err(CommError::Nccl("all_gather: buffer not divisible by world".into()));
         }
         let n = buffer.numel() / world;
         let elt = buffer.kind().elt_size_in_bytes();
@@ -370,14 +326,7 @@ impl Collectives for NcclComm {
         // SAFETY: in-place form (sendbuff = recvbuff + rank*n), both inside the live buffer.
         unsafe {
             let send = base.add(self.rank() * n * elt) as *const c_void;
-            nc::all_gather(
-                send,
-                base as *mut c_void,
-                n,
-                dtype(buffer.kind())?,
-                self.comm,
-                self.nccl_stream(),
-            )
+            nc::all_gather(send, base as *mut c_void, n, dtype(buffer.kind())?, self.comm, self.nccl_stream())
         }
         .map_err(|e| nccl_err("ncclAllGather", e))?;
         self.in_flight.push(buffer.shallow_clone());
@@ -390,14 +339,9 @@ impl Collectives for NcclComm {
         // made another device's context current on this thread, so ours is made current first.
         unsafe {
             cu::ctx::set_current(self.ctx).map_err(|e| cuda_err("cuCtxSetCurrent", e))?;
-            cu::event::record(self.compute_done, cu::stream::null())
-                .map_err(|e| cuda_err("cuEventRecord", e))?;
-            cu::stream::wait_event(
-                self.stream,
-                self.compute_done,
-                cusys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
-            )
-            .map_err(|e| cuda_err("cuStreamWaitEvent", e))
+            cu::event::record(self.compute_done, cu::stream::null()).map_err(|e| cuda_err("cuEventRecord", e))?;
+            cu::stream::wait_event(self.stream, self.compute_done, cusys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT)
+                .map_err(|e| cuda_err("cuStreamWaitEvent", e))
         }
     }
 
@@ -406,8 +350,7 @@ impl Collectives for NcclComm {
         // SAFETY: as above.
         unsafe {
             cu::ctx::set_current(self.ctx).map_err(|e| cuda_err("cuCtxSetCurrent", e))?;
-            cu::event::record(self.comm_done, self.stream)
-                .map_err(|e| cuda_err("cuEventRecord", e))?;
+            cu::event::record(self.comm_done, self.stream).map_err(|e| cuda_err("cuEventRecord", e))?;
             cu::stream::wait_event(
                 cu::stream::null(),
                 self.comm_done,

@@ -20,19 +20,15 @@ pub struct Rendezvous {
 pub struct RendezvousError(pub String);
 
 fn var(names: &[&str]) -> Option<(String, String)> {
-    names
-        .iter()
-        .find_map(|n| std::env::var(n).ok().map(|v| (n.to_string(), v)))
+    names.iter().find_map(|n| std::env::var(n).ok().map(|v| (n.to_string(), v)))
 }
 
 fn num(names: &[&str]) -> Result<Option<usize>, RendezvousError> {
     match var(names) {
         None => Ok(None),
-        Some((n, v)) => v
-            .trim()
-            .parse()
-            .map(Some)
-            .map_err(|_| RendezvousError(format!("{n}={v} is not a non-negative integer"))),
+        Some((n, v)) => {
+            v.trim().parse().map(Some).map_err(|_| RendezvousError(format!("{n}={v} is not a non-negative integer")))
+        }
     }
 }
 
@@ -57,8 +53,7 @@ impl Rendezvous {
     pub fn from_env(timeout: Duration) -> Result<Self, RendezvousError> {
         // Slurm's task variables describe this process only inside an srun step: a batch script
         // also has SLURM_PROCID=0 and SLURM_NTASKS, for tasks it has not started.
-        let in_srun = std::env::var_os("SLURM_STEP_ID").is_some()
-            || std::env::var_os("SLURM_STEPID").is_some();
+        let in_srun = std::env::var_os("SLURM_STEP_ID").is_some() || std::env::var_os("SLURM_STEPID").is_some();
         let pick = |torch: &'static str, slurm: &'static str| {
             if in_srun {
                 vec![torch, slurm]
@@ -71,55 +66,32 @@ impl Rendezvous {
         let (world, rank) = match (world, rank) {
             (None, None) => return Ok(Self::single(timeout)),
             (Some(w), Some(r)) => (w, r),
-            (Some(_), None) => {
-                return Err(RendezvousError("WORLD_SIZE is set but RANK is not".into()))
-            }
-            (None, Some(_)) => {
-                return Err(RendezvousError("RANK is set but WORLD_SIZE is not".into()))
-            }
+            (Some(_), None) => return Err(RendezvousError("WORLD_SIZE is set but RANK is not".into())),
+            (None, Some(_)) => return Err(RendezvousError("RANK is set but WORLD_SIZE is not".into())),
         };
         if world == 0 || rank >= world {
-            return Err(RendezvousError(format!(
-                "RANK {rank} is not below WORLD_SIZE {world}"
-            )));
+            return Err(RendezvousError(format!("RANK {rank} is not below WORLD_SIZE {world}")));
         }
         let local_rank = num(&pick("LOCAL_RANK", "SLURM_LOCALID"))?.unwrap_or(rank);
         let local_world = num(&pick("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"))?.unwrap_or(world);
         let master_addr = match var(&["MASTER_ADDR"]) {
             Some((_, a)) => a,
             None if world == 1 => "127.0.0.1".into(),
-            None => {
-                return Err(RendezvousError(
-                    "MASTER_ADDR is not set (rank 0's host name or address)".into(),
-                ))
-            }
+            None => return Err(RendezvousError("MASTER_ADDR is not set (rank 0's host name or address)".into())),
         };
         let master_port: u16 = match var(&["MASTER_PORT"]) {
-            Some((_, p)) => p
-                .trim()
-                .parse()
-                .map_err(|_| RendezvousError(format!("MASTER_PORT={p} is not a port")))?,
+            Some((_, p)) => p.trim().parse().map_err(|_| RendezvousError(format!("MASTER_PORT={p} is not a port")))?,
             None => 29500,
         };
         // torchrun's agent already listens on MASTER_PORT with its own store (the workers join it
         // as clients), so under torchrun rank 0's control plane takes the next port.
         let master_port = if var(&["TORCHELASTIC_RUN_ID"]).is_some() {
-            master_port.checked_add(1).ok_or_else(|| {
-                RendezvousError(
-                    "MASTER_PORT 65535 leaves no port for zerokit under torchrun".into(),
-                )
-            })?
+            master_port
+                .checked_add(1)
+                .ok_or_else(|| RendezvousError("MASTER_PORT 65535 leaves no port for zerokit under torchrun".into()))?
         } else {
             master_port
         };
-        Ok(Rendezvous {
-            rank,
-            world,
-            local_rank,
-            local_world,
-            master_addr,
-            master_port,
-            timeout,
-        })
+        Ok(Rendezvous { rank, world, local_rank, local_world, master_addr, master_port, timeout })
     }
 }

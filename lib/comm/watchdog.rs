@@ -31,9 +31,7 @@ impl Watchdog {
             .spawn(move || {
                 while !s.load(Ordering::Acquire) {
                     std::thread::sleep(poll);
-                    let idle = start
-                        .elapsed()
-                        .saturating_sub(Duration::from_millis(l.load(Ordering::Acquire)));
+                    let idle = start.elapsed().saturating_sub(Duration::from_millis(l.load(Ordering::Acquire)));
                     if idle > timeout && !s.load(Ordering::Acquire) {
                         on_expire(idle);
                         return;
@@ -41,18 +39,12 @@ impl Watchdog {
                 }
             })
             .expect("spawning the watchdog thread");
-        Watchdog {
-            start,
-            last,
-            stop,
-            handle: Some(handle),
-        }
+        Watchdog { start, last, stop, handle: Some(handle) }
     }
 
     /// Records progress.
     pub fn beat(&self) {
-        self.last
-            .store(self.start.elapsed().as_millis() as u64, Ordering::Release);
+        self.last.store(self.start.elapsed().as_millis() as u64, Ordering::Release);
     }
 }
 
@@ -73,24 +65,14 @@ mod tests {
     #[test]
     fn beats_keep_it_quiet_and_silence_fires_it_once() {
         let (tx, rx) = mpsc::channel();
-        let w = Watchdog::start(Duration::from_millis(300), move |idle| {
-            tx.send(idle).unwrap()
-        });
+        let w = Watchdog::start(Duration::from_millis(300), move |idle| tx.send(idle).unwrap());
         for _ in 0..10 {
             std::thread::sleep(Duration::from_millis(60));
             w.beat();
         }
-        assert!(
-            rx.try_recv().is_err(),
-            "fired although beats came every 60 ms"
-        );
-        let idle = rx
-            .recv_timeout(Duration::from_secs(5))
-            .expect("fires after 300 ms of silence");
-        assert!(
-            idle > Duration::from_millis(300) && idle < Duration::from_secs(2),
-            "{idle:?}"
-        );
+        assert!(rx.try_recv().is_err(), "fired although beats came every 60 ms");
+        let idle = rx.recv_timeout(Duration::from_secs(5)).expect("fires after 300 ms of silence");
+        assert!(idle > Duration::from_millis(300) && idle < Duration::from_secs(2), "{idle:?}");
         drop(w);
         assert!(rx.try_recv().is_err(), "fires once");
     }
@@ -98,9 +80,7 @@ mod tests {
     #[test]
     fn dropping_it_stops_it() {
         let (tx, rx) = mpsc::channel::<Duration>();
-        drop(Watchdog::start(Duration::from_millis(50), move |i| {
-            tx.send(i).unwrap()
-        }));
+        drop(Watchdog::start(Duration::from_millis(50), move |i| tx.send(i).unwrap()));
         assert!(rx.recv_timeout(Duration::from_millis(300)).is_err());
     }
 }

@@ -27,11 +27,7 @@ pub struct ClassTable {
 fn ranges(pattern: &str) -> Vec<(u32, u32)> {
     let hir = regex_syntax::parse(pattern).expect("static Unicode class pattern parses");
     match hir.kind() {
-        HirKind::Class(HirClass::Unicode(c)) => c
-            .ranges()
-            .iter()
-            .map(|r| (r.start() as u32, r.end() as u32))
-            .collect(),
+        HirKind::Class(HirClass::Unicode(c)) => c.ranges().iter().map(|r| (r.start() as u32, r.end() as u32)).collect(),
         _ => unreachable!("{pattern} is a single Unicode class"),
     }
 }
@@ -40,11 +36,7 @@ impl ClassTable {
     fn build() -> Self {
         let mut flat = vec![Class::Other; char::MAX as usize + 1];
         // The three classes are disjoint in Unicode; later writes could not overwrite earlier ones.
-        for (pattern, class) in [
-            (r"\p{L}", Class::Letter),
-            (r"\p{N}", Class::Number),
-            (r"\s", Class::Space),
-        ] {
+        for (pattern, class) in [(r"\p{L}", Class::Letter), (r"\p{N}", Class::Number), (r"\s", Class::Space)] {
             for (lo, hi) in ranges(pattern) {
                 flat[lo as usize..=hi as usize].fill(class);
             }

@@ -41,25 +41,13 @@ pub struct Input {
 
 impl Input {
     fn from_path(path: PathBuf, bytes: u64) -> Self {
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().to_lowercase())
-            .unwrap_or_default();
+        let name = path.file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_default();
         let (zstd, inner) = match name.strip_suffix(".zst") {
             Some(inner) => (true, inner.to_string()),
             None => (false, name),
         };
-        let format = if inner.ends_with(".jsonl") || inner.ends_with(".ndjson") {
-            Format::Jsonl
-        } else {
-            Format::Text
-        };
-        Input {
-            path,
-            format,
-            zstd,
-            bytes,
-        }
+        let format = if inner.ends_with(".jsonl") || inner.ends_with(".ndjson") { Format::Jsonl } else { Format::Text };
+        Input { path, format, zstd, bytes }
     }
 }
 
@@ -77,10 +65,7 @@ pub fn discover(paths: &[PathBuf]) -> Result<Vec<Input>, DataError> {
             let mut files = Vec::new();
             walk(path, &mut files)?;
             if files.is_empty() {
-                return Err(DataError::EmptyInput(
-                    path.clone(),
-                    "directory holds no files",
-                ));
+                return Err(DataError::EmptyInput(path.clone(), "directory holds no files"));
             }
             files.sort();
             for f in files {
@@ -164,29 +149,14 @@ impl Stream {
     pub fn open(input: &Input, progress: &ProgressBar) -> Result<Self, DataError> {
         let file = File::open(&input.path).map_err(|e| DataError::io(&input.path, e))?;
         // Reads are of LineReader's and TextChunker's 1 MiB buffers: 16 MiB may wait for the hash.
-        let tally = Arc::new(Mutex::new(Tally {
-            sha: BackgroundSha256::new(16),
-            bytes: 0,
-            file_failed: false,
-        }));
-        let raw = TallyReader {
-            file,
-            tally: tally.clone(),
-            progress: progress.clone(),
-        };
+        let tally = Arc::new(Mutex::new(Tally { sha: BackgroundSha256::new(16), bytes: 0, file_failed: false }));
+        let raw = TallyReader { file, tally: tally.clone(), progress: progress.clone() };
         let reader: Box<dyn Read + Send> = if input.zstd {
-            Box::new(
-                zstd::stream::read::Decoder::new(raw).map_err(|e| DataError::io(&input.path, e))?,
-            )
+            Box::new(zstd::stream::read::Decoder::new(raw).map_err(|e| DataError::io(&input.path, e))?)
         } else {
             Box::new(raw)
         };
-        Ok(Stream {
-            input: input.clone(),
-            reader,
-            tally,
-            offset: 0,
-        })
+        Ok(Stream { input: input.clone(), reader, tally, offset: 0 })
     }
 
     /// Reads up to `buf.len()` bytes of content; 0 at the end.
@@ -206,10 +176,7 @@ impl Stream {
     fn error(&self, e: io::Error) -> DataError {
         let file_failed = self.tally.lock().map(|t| t.file_failed).unwrap_or(true);
         if self.input.zstd && !file_failed {
-            DataError::Zstd {
-                path: self.input.path.clone(),
-                message: e.to_string(),
-            }
+            DataError::Zstd { path: self.input.path.clone(), message: e.to_string() }
         } else {
             DataError::io(&self.input.path, e)
         }
@@ -384,10 +351,7 @@ impl LineReader {
             Ok(n) => n,
             Err(e) => {
                 let inner = self.reader.get_mut();
-                return Err(inner
-                    .1
-                    .take()
-                    .unwrap_or_else(|| DataError::io(&inner.0.input.path, e)));
+                return Err(inner.1.take().unwrap_or_else(|| DataError::io(&inner.0.input.path, e)));
             }
         };
         if n == 0 {
@@ -429,8 +393,8 @@ pub fn jsonl_document(line: &[u8], field: &str, lossy: bool) -> Result<String, L
         Err(e) if !lossy => return Err(LineError::Utf8(e.valid_up_to())),
         Err(_) => String::from_utf8_lossy(line),
     };
-    let mut map: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text)
-        .map_err(|e| LineError::Other(format!("malformed JSON line: {e}")))?;
+    let mut map: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&text).map_err(|e| LineError::Other(format!("malformed JSON line: {e}")))?;
     match map.remove(field) {
         Some(serde_json::Value::String(s)) => Ok(s),
         Some(other) => Err(LineError::Other(format!(
@@ -444,9 +408,7 @@ pub fn jsonl_document(line: &[u8], field: &str, lossy: bool) -> Result<String, L
                 serde_json::Value::String(_) => unreachable!("strings are taken above"),
             }
         ))),
-        None => Err(LineError::Other(format!(
-            "missing field \"{field}\" (choose the field with --field)"
-        ))),
+        None => Err(LineError::Other(format!("missing field \"{field}\" (choose the field with --field)"))),
     }
 }
 
@@ -461,19 +423,10 @@ mod tests {
     use crate::data::tokenize::{Encoding, Tokenizer};
     use sha2::{Digest, Sha256};
 
-    fn chunks(
-        bytes: &[u8],
-        chunk: usize,
-        lossy: bool,
-        zstd: bool,
-    ) -> Result<Vec<String>, DataError> {
+    fn chunks(bytes: &[u8], chunk: usize, lossy: bool, zstd: bool) -> Result<Vec<String>, DataError> {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(if zstd { "t.txt.zst" } else { "t.txt" });
-        let stored = if zstd {
-            zstd::encode_all(bytes, 1).unwrap()
-        } else {
-            bytes.to_vec()
-        };
+        let stored = if zstd { zstd::encode_all(bytes, 1).unwrap() } else { bytes.to_vec() };
         fs::write(&path, &stored).unwrap();
         let input = discover(&[path]).unwrap().remove(0);
         let tok = Tokenizer::new(Encoding::R50kBase).unwrap();
@@ -491,8 +444,7 @@ mod tests {
 
     #[test]
     fn chunks_rejoin_to_the_text_across_multibyte_reads() {
-        let text =
-            "Mixed \u{4e2d}\u{6587} text, caf\u{e9} and \u{1f980} emoji: it's 42! ".repeat(50);
+        let text = "Mixed \u{4e2d}\u{6587} text, caf\u{e9} and \u{1f980} emoji: it's 42! ".repeat(50);
         for (chunk, zstd) in [(17, false), (64, true), (1000, false)] {
             let parts = chunks(text.as_bytes(), chunk, false, zstd).unwrap();
             assert!(parts.len() > 1);
@@ -508,39 +460,21 @@ mod tests {
         let err = chunks(&bytes, 16, false, false).unwrap_err().to_string();
         assert!(err.contains("invalid UTF-8 at byte offset 101"), "{err}");
         let err = chunks(&bytes, 16, false, true).unwrap_err().to_string();
-        assert!(
-            err.contains("byte offset 101 of the decompressed stream"),
-            "{err}"
-        );
+        assert!(err.contains("byte offset 101 of the decompressed stream"), "{err}");
         let text = chunks(&bytes, 16, true, false).unwrap().concat();
         assert_eq!(text, String::from_utf8_lossy(&bytes));
         // A sequence cut short by the end of the file.
         let mut cut = "abc ".repeat(10).into_bytes();
         cut.extend([0xe4, 0xb8]);
-        assert!(chunks(&cut, 16, false, false)
-            .unwrap_err()
-            .to_string()
-            .contains("offset 40"));
-        assert_eq!(
-            chunks(&cut, 16, true, false).unwrap().concat(),
-            String::from_utf8_lossy(&cut)
-        );
+        assert!(chunks(&cut, 16, false, false).unwrap_err().to_string().contains("offset 40"));
+        assert_eq!(chunks(&cut, 16, true, false).unwrap().concat(), String::from_utf8_lossy(&cut));
     }
 
     #[test]
     fn jsonl_lines_give_their_field() {
-        assert_eq!(
-            jsonl_document(br#"{"text": "a\nb", "x": [1]}"#, "text", false),
-            Ok("a\nb".to_string())
-        );
-        assert_eq!(
-            jsonl_document(b"{\"t\": \"\xff\"}", "t", false),
-            Err(LineError::Utf8(7))
-        );
-        assert_eq!(
-            jsonl_document(b"{\"t\": \"\xff\"}", "t", true),
-            Ok("\u{fffd}".to_string())
-        );
+        assert_eq!(jsonl_document(br#"{"text": "a\nb", "x": [1]}"#, "text", false), Ok("a\nb".to_string()));
+        assert_eq!(jsonl_document(b"{\"t\": \"\xff\"}", "t", false), Err(LineError::Utf8(7)));
+        assert_eq!(jsonl_document(b"{\"t\": \"\xff\"}", "t", true), Ok("\u{fffd}".to_string()));
         assert!(
             matches!(jsonl_document(b"[1, 2]", "text", false), Err(LineError::Other(m)) if m.contains("malformed"))
         );

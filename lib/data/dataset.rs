@@ -29,10 +29,7 @@ impl TokenDataset {
         if bytes % dtype.size() as u64 != 0 {
             return Err(DataError::Dataset {
                 path,
-                message: format!(
-                    "size {bytes} bytes is not a whole number of {} tokens",
-                    dtype.name()
-                ),
+                message: format!("size {bytes} bytes is not a whole number of {} tokens", dtype.name()),
             });
         }
         let len = (bytes / dtype.size() as u64) as usize;
@@ -44,12 +41,7 @@ impl TokenDataset {
             // `prepare` (atomically renamed into place) and not modified afterwards.
             Some(unsafe { Mmap::map(&file) }.map_err(|e| DataError::io(&path, e))?)
         };
-        let ds = TokenDataset {
-            path,
-            map,
-            dtype,
-            len,
-        };
+        let ds = TokenDataset { path, map, dtype, len };
         ds.check_vocab(vocab_size)?;
         Ok(ds)
     }
@@ -125,12 +117,7 @@ impl TokenDataset {
         Ok(())
     }
 
-    fn fill(
-        &self,
-        starts: impl Iterator<Item = usize>,
-        batch: usize,
-        block: usize,
-    ) -> (Vec<i64>, Vec<i64>) {
+    fn fill(&self, starts: impl Iterator<Item = usize>, batch: usize, block: usize) -> (Vec<i64>, Vec<i64>) {
         let mut x = Vec::with_capacity(batch * block);
         let mut y = Vec::with_capacity(batch * block);
         for p in starts {
@@ -175,12 +162,7 @@ impl TokenDataset {
 
     /// Deterministic evaluation batches: batch number `index` of consecutive non-overlapping
     /// windows (wrapping). Batches `0..ceil(num_windows / batch)` cover every window once.
-    pub fn sequential_batch(
-        &self,
-        index: u64,
-        batch: usize,
-        block: usize,
-    ) -> Result<(Vec<i64>, Vec<i64>), DataError> {
+    pub fn sequential_batch(&self, index: u64, batch: usize, block: usize) -> Result<(Vec<i64>, Vec<i64>), DataError> {
         self.check_window(batch, block)?;
         let windows = self.num_windows(block) as u128;
         let first = index as u128 * batch as u128;
@@ -196,20 +178,14 @@ fn read_dtype(dir: &Path) -> Result<Dtype, DataError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Dtype::U16),
         Err(e) => return Err(DataError::io(&meta, e)),
     };
-    let bad = |message: String| DataError::Dataset {
-        path: meta.clone(),
-        message,
-    };
-    let value: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+    let bad = |message: String| DataError::Dataset { path: meta.clone(), message };
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
     match value.get("dtype") {
         // A meta.json without dtype (nanoGPT's char-level meta.pkl has no JSON twin) means uint16.
         None => Ok(Dtype::U16),
-        Some(serde_json::Value::String(s)) => Dtype::from_name(s).ok_or_else(|| {
-            bad(format!(
-                "unsupported dtype \"{s}\" (expected uint16 or uint32)"
-            ))
-        }),
+        Some(serde_json::Value::String(s)) => {
+            Dtype::from_name(s).ok_or_else(|| bad(format!("unsupported dtype \"{s}\" (expected uint16 or uint32)")))
+        }
         Some(other) => Err(bad(format!("dtype is {other}, expected a string"))),
     }
 }

@@ -41,10 +41,7 @@ impl Dtype {
     /// vocabulary chose the dtype).
     pub fn encode(self, ids: &[u32]) -> Vec<u8> {
         match self {
-            Dtype::U16 => ids
-                .iter()
-                .flat_map(|&id| (id as u16).to_le_bytes())
-                .collect(),
+            Dtype::U16 => ids.iter().flat_map(|&id| (id as u16).to_le_bytes()).collect(),
             Dtype::U32 => ids.iter().flat_map(|&id| id.to_le_bytes()).collect(),
         }
     }
@@ -61,10 +58,7 @@ impl Dtype {
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error(transparent)]
     Fs(#[from] crate::fsutil::FsError),
     #[error("{0}: no such file or directory")]
@@ -74,19 +68,11 @@ pub enum DataError {
     #[error(
         "{path}: invalid UTF-8 at byte offset {offset}{detail} (pass --lossy to replace invalid bytes with U+FFFD)"
     )]
-    InvalidUtf8 {
-        path: PathBuf,
-        offset: u64,
-        detail: String,
-    },
+    InvalidUtf8 { path: PathBuf, offset: u64, detail: String },
     #[error("{path}: corrupt or truncated zstd stream: {message}")]
     Zstd { path: PathBuf, message: String },
     #[error("{path}:{line}: {message}")]
-    Jsonl {
-        path: PathBuf,
-        line: u64,
-        message: String,
-    },
+    Jsonl { path: PathBuf, line: u64, message: String },
     #[error("{0}")]
     Split(String),
     #[error("invalid argument: {0}")]
@@ -99,9 +85,6 @@ pub enum DataError {
 
 impl DataError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        DataError::Io {
-            path: path.into(),
-            source,
-        }
+        DataError::Io { path: path.into(), source }
     }
 }

@@ -137,18 +137,9 @@ pub(crate) fn splitmix64(x: u64) -> u64 {
 enum Work {
     /// A piece of one document's text; `eot` on the document's last piece; `count_doc` on one
     /// piece of each document (its last; in chars mode the first of each side).
-    Text {
-        text: String,
-        split: Split,
-        eot: bool,
-        count_doc: bool,
-    },
+    Text { text: String, split: Split, eot: bool, count_doc: bool },
     /// Consecutive JSONL lines of one file, in one buffer.
-    Lines {
-        input: usize,
-        buf: Vec<u8>,
-        lines: Vec<Line>,
-    },
+    Lines { input: usize, buf: Vec<u8>, lines: Vec<Line> },
 }
 
 struct Line {
@@ -180,12 +171,7 @@ impl Ctx<'_> {
         let (mut train, mut val) = (Vec::new(), Vec::new());
         let (mut train_docs, mut val_docs) = (0u64, 0u64);
         match work {
-            Work::Text {
-                text,
-                split,
-                eot,
-                count_doc,
-            } => {
+            Work::Text { text, split, eot, count_doc } => {
                 let (tokens, docs) = match split {
                     Split::Train => (&mut train, &mut train_docs),
                     Split::Val => (&mut val, &mut val_docs),
@@ -199,30 +185,23 @@ impl Ctx<'_> {
             Work::Lines { input, buf, lines } => {
                 let path = &self.inputs[input].path;
                 for line in lines {
-                    let text =
-                        corpus::jsonl_document(&buf[line.range], &self.args.field, self.args.lossy)
-                            .map_err(|e| match e {
-                                LineError::Utf8(at) => DataError::InvalidUtf8 {
-                                    path: path.clone(),
-                                    offset: line.offset + at as u64,
-                                    detail: format!(
-                                        " (line {}{})",
-                                        line.number,
-                                        if self.inputs[input].zstd {
-                                            " of the decompressed stream"
-                                        } else {
-                                            ""
-                                        }
-                                    ),
-                                },
-                                LineError::Other(message) => DataError::Jsonl {
-                                    path: path.clone(),
-                                    line: line.number,
-                                    message,
-                                },
-                            })?;
-                    let (tokens, docs) = if is_val(self.args.seed, line.doc, self.args.val_fraction)
-                    {
+                    let text = corpus::jsonl_document(&buf[line.range], &self.args.field, self.args.lossy).map_err(
+                        |e| match e {
+                            LineError::Utf8(at) => DataError::InvalidUtf8 {
+                                path: path.clone(),
+                                offset: line.offset + at as u64,
+                                detail: format!(
+                                    " (line {}{})",
+                                    line.number,
+                                    if self.inputs[input].zstd { " of the decompressed stream" } else { "" }
+                                ),
+                            },
+                            LineError::Other(message) => {
+                                DataError::Jsonl { path: path.clone(), line: line.number, message }
+                            }
+                        },
+                    )?;
+                    let (tokens, docs) = if is_val(self.args.seed, line.doc, self.args.val_fraction) {
                         (&mut val, &mut val_docs)
                     } else {
                         (&mut train, &mut train_docs)
@@ -233,12 +212,7 @@ impl Ctx<'_> {
                 }
             }
         }
-        Ok(Produced {
-            train: self.dtype.encode(&train),
-            val: self.dtype.encode(&val),
-            train_docs,
-            val_docs,
-        })
+        Ok(Produced { train: self.dtype.encode(&train), val: self.dtype.encode(&val), train_docs, val_docs })
     }
 }
 
@@ -335,24 +309,13 @@ impl Reader<'_> {
 
     fn chunker(&self, input: &Input) -> Result<TextChunker<'_>, DataError> {
         let stream = Stream::open(input, &self.progress)?;
-        Ok(TextChunker::new(
-            stream,
-            self.ctx.tokenizer,
-            self.ctx.args.chunk_bytes,
-            self.ctx.args.lossy,
-        ))
+        Ok(TextChunker::new(stream, self.ctx.tokenizer, self.ctx.args.chunk_bytes, self.ctx.args.lossy))
     }
 
     fn record(&mut self, stream: Stream) -> Result<(), DataError> {
         let input = stream.input.clone();
         let (bytes, sha256) = stream.finish()?;
-        self.records.push(InputRecord {
-            path: input.path,
-            format: input.format,
-            zstd: input.zstd,
-            bytes,
-            sha256,
-        });
+        self.records.push(InputRecord { path: input.path, format: input.format, zstd: input.zstd, bytes, sha256 });
         Ok(())
     }
 
@@ -380,11 +343,7 @@ impl Reader<'_> {
             } else if seen >= train_chars {
                 parts.push((text, Split::Val));
             } else {
-                let at = text
-                    .char_indices()
-                    .nth((train_chars - seen) as usize)
-                    .map(|(b, _)| b)
-                    .unwrap_or(text.len());
+                let at = text.char_indices().nth((train_chars - seen) as usize).map(|(b, _)| b).unwrap_or(text.len());
                 let (a, b) = text.split_at(at);
                 parts.push((a.to_string(), Split::Train));
                 parts.push((b.to_string(), Split::Val));
@@ -394,12 +353,7 @@ impl Reader<'_> {
                 // Count the one document on each side once, on its first piece.
                 let f = &mut first[split as usize];
                 let count_doc = std::mem::replace(f, false);
-                out.push(Work::Text {
-                    text,
-                    split,
-                    eot: false,
-                    count_doc,
-                })?;
+                out.push(Work::Text { text, split, eot: false, count_doc })?;
             }
         }
         // Both passes read the same bytes; finish() checks the file did not change between them.
@@ -407,18 +361,10 @@ impl Reader<'_> {
         Ok(())
     }
 
-    fn read_text_document(
-        &mut self,
-        i: usize,
-        doc: &mut u64,
-        out: &mut Dispatcher,
-    ) -> Result<(), ReadFail> {
+    fn read_text_document(&mut self, i: usize, doc: &mut u64, out: &mut Dispatcher) -> Result<(), ReadFail> {
         let input = self.ctx.inputs[i].clone();
-        let split = if is_val(self.ctx.args.seed, *doc, self.ctx.args.val_fraction) {
-            Split::Val
-        } else {
-            Split::Train
-        };
+        let split =
+            if is_val(self.ctx.args.seed, *doc, self.ctx.args.val_fraction) { Split::Val } else { Split::Train };
         *doc += 1;
         let mut chunker = self.chunker(&input)?;
         // One chunk of look-ahead tells which piece is the document's last (it gets the EOT).
@@ -429,24 +375,14 @@ impl Reader<'_> {
         while let Some(text) = current {
             let next = chunker.next_chunk()?;
             let last = next.is_none();
-            out.push(Work::Text {
-                text,
-                split,
-                eot: last,
-                count_doc: last,
-            })?;
+            out.push(Work::Text { text, split, eot: last, count_doc: last })?;
             current = next;
         }
         self.record(chunker.into_stream())?;
         Ok(())
     }
 
-    fn read_jsonl(
-        &mut self,
-        i: usize,
-        doc: &mut u64,
-        out: &mut Dispatcher,
-    ) -> Result<(), ReadFail> {
+    fn read_jsonl(&mut self, i: usize, doc: &mut u64, out: &mut Dispatcher) -> Result<(), ReadFail> {
         let input = self.ctx.inputs[i].clone();
         let mut lines = LineReader::new(Stream::open(&input, &self.progress)?);
         // Sized for a whole piece up front: growing by doubling would copy each piece again.
@@ -480,11 +416,7 @@ impl Reader<'_> {
             }
         }
         if !piece_lines.is_empty() {
-            out.push(Work::Lines {
-                input: i,
-                buf,
-                lines: piece_lines,
-            })?;
+            out.push(Work::Lines { input: i, buf, lines: piece_lines })?;
         }
         if *doc == first_doc {
             return Err(DataError::EmptyInput(input.path.clone(), "no JSON lines").into());
@@ -534,13 +466,7 @@ impl TokenWriter {
                 Ok((file, sha.finish(), thread_cpu_seconds()))
             })
             .map_err(|e| DataError::io(&path, e))?;
-        Ok(TokenWriter {
-            path,
-            tx: Some(tx),
-            worker: Some(worker),
-            tokens: 0,
-            dtype,
-        })
+        Ok(TokenWriter { path, tx: Some(tx), worker: Some(worker), tokens: 0, dtype })
     }
 
     /// Appends tokens in the file's byte form (`Dtype::encode`).
@@ -560,14 +486,8 @@ impl TokenWriter {
         match self.worker.take().map(|w| w.join()) {
             Some(Ok(Ok(done))) => Ok(done),
             Some(Ok(Err(e))) => Err(DataError::io(&self.path, e)),
-            Some(Err(_)) => Err(DataError::Split(format!(
-                "{}: the writing thread panicked",
-                self.path.display()
-            ))),
-            None => Err(DataError::io(
-                &self.path,
-                std::io::Error::other("written after a write error"),
-            )),
+            Some(Err(_)) => Err(DataError::Split(format!("{}: the writing thread panicked", self.path.display()))),
+            None => Err(DataError::io(&self.path, std::io::Error::other("written after a write error"))),
         }
     }
 
@@ -602,23 +522,16 @@ const BAR: &str =
 pub fn prepare(args: &PrepareArgs, command: &[String]) -> Result<PrepareSummary, DataError> {
     let started = Instant::now();
     if !(0.0..1.0).contains(&args.val_fraction) {
-        return Err(DataError::Args(format!(
-            "--val-fraction {} is not in [0, 1)",
-            args.val_fraction
-        )));
+        return Err(DataError::Args(format!("--val-fraction {} is not in [0, 1)", args.val_fraction)));
     }
     if args.chunk_bytes == 0 || args.chunks_in_flight == 0 || args.field.is_empty() {
-        return Err(DataError::Args(
-            "--chunk-bytes, --chunks-in-flight and --field must not be empty".into(),
-        ));
+        return Err(DataError::Args("--chunk-bytes, --chunks-in-flight and --field must not be empty".into()));
     }
     let inputs = corpus::discover(&args.inputs)?;
     let dir = AtomicDir::create(&args.out, args.force)?;
     let tokenizer = Tokenizer::new(args.encoding)?;
     let threads = match args.threads {
-        0 => std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1),
+        0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         n => n,
     };
     let pool = rayon::ThreadPoolBuilder::new()
@@ -626,11 +539,7 @@ pub fn prepare(args: &PrepareArgs, command: &[String]) -> Result<PrepareSummary,
         .thread_name(|i| format!("prepare-{i}"))
         .build()
         .map_err(|e| DataError::Args(format!("cannot start {threads} threads: {e}")))?;
-    let mode = if inputs.len() == 1 && inputs[0].format == Format::Text {
-        Mode::Chars
-    } else {
-        Mode::Documents
-    };
+    let mode = if inputs.len() == 1 && inputs[0].format == Format::Text { Mode::Chars } else { Mode::Documents };
     let input_bytes: u64 = inputs.iter().map(|i| i.bytes).sum();
     let passes = if mode == Mode::Chars { 2 } else { 1 };
     tracing::info!(
@@ -644,49 +553,35 @@ pub fn prepare(args: &PrepareArgs, command: &[String]) -> Result<PrepareSummary,
     let dtype = args.encoding.dtype();
     let mut train = TokenWriter::create(dir.path().join("train.bin"), dtype)?;
     let mut val = TokenWriter::create(dir.path().join("val.bin"), dtype)?;
-    let ctx = Ctx {
-        args,
-        inputs: &inputs,
-        tokenizer: &tokenizer,
-        eot: args.encoding.eot(),
-        dtype,
-    };
+    let ctx = Ctx { args, inputs: &inputs, tokenizer: &tokenizer, eot: args.encoding.eot(), dtype };
     let (mut train_docs, mut val_docs) = (0u64, 0u64);
 
     let setup_done = started.elapsed().as_secs_f64();
     let (results_tx, results_rx) = channel::<Numbered>();
     let (permits_tx, permits_rx) = sync_channel::<()>(args.chunks_in_flight * threads);
     let records = std::thread::scope(|s| -> Result<Vec<InputRecord>, DataError> {
-        let reader = std::thread::Builder::new()
-            .name("reader".into())
-            .spawn_scoped(s, || {
-                let cpu0 = thread_cpu_seconds();
-                let mut reader = Reader {
+        let reader = std::thread::Builder::new().name("reader".into()).spawn_scoped(s, || {
+            let cpu0 = thread_cpu_seconds();
+            let mut reader = Reader { ctx: &ctx, mode, progress: progress.clone(), records: Vec::new() };
+            // The scope runs this closure on the reader thread and waits for every piece it
+            // spawned onto the pool.
+            let dispatched = pool.in_place_scope(|scope| {
+                let mut out = Dispatcher {
+                    scope,
                     ctx: &ctx,
-                    mode,
-                    progress: progress.clone(),
-                    records: Vec::new(),
+                    results: results_tx,
+                    permits: permits_tx,
+                    next: 0,
+                    waited: Default::default(),
                 };
-                // The scope runs this closure on the reader thread and waits for every piece it
-                // spawned onto the pool.
-                let dispatched = pool.in_place_scope(|scope| {
-                    let mut out = Dispatcher {
-                        scope,
-                        ctx: &ctx,
-                        results: results_tx,
-                        permits: permits_tx,
-                        next: 0,
-                        waited: Default::default(),
-                    };
-                    if let Err(ReadFail::Error(e)) = reader.run(&mut out) {
-                        out.fail(e);
-                    }
-                    (out.next, out.waited.as_secs_f64())
-                });
-                (reader.records, dispatched, thread_cpu_seconds() - cpu0)
+                if let Err(ReadFail::Error(e)) = reader.run(&mut out) {
+                    out.fail(e);
+                }
+                (out.next, out.waited.as_secs_f64())
             });
-        let reader =
-            reader.map_err(|e| DataError::Split(format!("cannot start the reader thread: {e}")))?;
+            (reader.records, dispatched, thread_cpu_seconds() - cpu0)
+        });
+        let reader = reader.map_err(|e| DataError::Split(format!("cannot start the reader thread: {e}")))?;
         let writer_cpu0 = thread_cpu_seconds();
         let written = write_in_order(
             results_rx,
@@ -699,9 +594,8 @@ pub fn prepare(args: &PrepareArgs, command: &[String]) -> Result<PrepareSummary,
             &mut val_docs,
         );
         let writer_cpu = thread_cpu_seconds() - writer_cpu0;
-        let (records, (dispatched, reader_waited), reader_cpu) = reader
-            .join()
-            .map_err(|_| DataError::Split("a tokenizing thread panicked".into()))?;
+        let (records, (dispatched, reader_waited), reader_cpu) =
+            reader.join().map_err(|_| DataError::Split("a tokenizing thread panicked".into()))?;
         // The serial stages' CPU time (these two, and each file's writing thread, logged at its
         // finish) bounds the throughput any thread count can reach: input bytes / the largest.
         tracing::debug!(
@@ -710,9 +604,7 @@ pub fn prepare(args: &PrepareArgs, command: &[String]) -> Result<PrepareSummary,
         );
         let written = written?;
         if written != dispatched {
-            return Err(DataError::Split(format!(
-                "{written} of {dispatched} pieces were written"
-            )));
+            return Err(DataError::Split(format!("{written} of {dispatched} pieces were written")));
         }
         Ok(records)
     });

@@ -106,11 +106,7 @@ impl Tokenizer {
         } else {
             Engine::Tiktoken(core)
         };
-        Ok(Tokenizer {
-            encoding,
-            engine,
-            uid: NEXT_UID.fetch_add(1, Ordering::Relaxed),
-        })
+        Ok(Tokenizer { encoding, engine, uid: NEXT_UID.fetch_add(1, Ordering::Relaxed) })
     }
 
     pub fn encoding(&self) -> Encoding {
@@ -134,13 +130,10 @@ impl Tokenizer {
 
     /// The bytes of `ids` (special tokens as their text), for checks and debugging.
     pub fn decode_bytes(&self, ids: &[u32]) -> Result<Vec<u8>, DataError> {
-        self.encoding.core().decode_bytes(ids).map_err(|e| {
-            DataError::Encoding(format!(
-                "{}: cannot decode token {}",
-                self.encoding.name(),
-                e.token
-            ))
-        })
+        self.encoding
+            .core()
+            .decode_bytes(ids)
+            .map_err(|e| DataError::Encoding(format!("{}: cannot decode token {}", self.encoding.name(), e.token)))
     }
 
     /// The largest `p` in `[min, text.len())`, `p > 0`, such that encoding `text[..p]` and
@@ -165,11 +158,7 @@ impl Tokenizer {
             if let Some((nc, ncls)) = next {
                 let p = i + c.len_utf8();
                 if p >= min && class != Class::Space {
-                    let cut = if gpt2 {
-                        ncls == Class::Space || (ncls != class && c != '\'')
-                    } else {
-                        nc == ' '
-                    };
+                    let cut = if gpt2 { ncls == Class::Space || (ncls != class && c != '\'') } else { nc == ' ' };
                     if cut {
                         return Some(p);
                     }
@@ -201,12 +190,7 @@ fn ascii_classes() -> &'static [Class; 128] {
 
 impl<'a> Pieces<'a> {
     pub fn new(text: &'a str) -> Self {
-        Pieces {
-            text: text.as_bytes(),
-            pos: 0,
-            table: charclass::table(),
-            ascii: ascii_classes(),
-        }
+        Pieces { text: text.as_bytes(), pos: 0, table: charclass::table(), ascii: ascii_classes() }
     }
 
     /// Class and byte length of the character at `i` (a character boundary).
@@ -332,29 +316,23 @@ fn pair(a: u32, b: u32) -> u64 {
 impl Bpe {
     /// Rebuilds the rank table from tiktoken-rs's decoder, skipping special tokens.
     fn from_core(encoding: Encoding, core: &CoreBPE) -> Result<Self, DataError> {
-        let specials: Vec<u32> = core
-            .special_tokens()
-            .into_iter()
-            .flat_map(|s| core.encode_with_special_tokens(s))
-            .collect();
+        let specials: Vec<u32> =
+            core.special_tokens().into_iter().flat_map(|s| core.encode_with_special_tokens(s)).collect();
         let mut vocab = FxHashMap::default();
         for id in 0..encoding.vocab_size() as u32 {
             if specials.contains(&id) {
                 continue;
             }
             let bytes = core.decode_bytes(&[id]).map_err(|_| {
-                DataError::Encoding(format!(
-                    "{}: rank {id} is missing from the embedded table",
-                    encoding.name()
-                ))
+                DataError::Encoding(format!("{}: rank {id} is missing from the embedded table", encoding.name()))
             })?;
             vocab.insert(bytes.into_boxed_slice(), id);
         }
         let mut byte_ids = [0u32; 256];
         for b in 0..=255u8 {
-            byte_ids[b as usize] = *vocab.get(&[b][..]).ok_or_else(|| {
-                DataError::Encoding(format!("{}: byte {b:#04x} has no token", encoding.name()))
-            })?;
+            byte_ids[b as usize] = *vocab
+                .get(&[b][..])
+                .ok_or_else(|| DataError::Encoding(format!("{}: byte {b:#04x} has no token", encoding.name())))?;
         }
         let mut merges = FxHashMap::default();
         for (bytes, &id) in &vocab {
@@ -364,11 +342,7 @@ impl Bpe {
                 }
             }
         }
-        Ok(Bpe {
-            vocab,
-            byte_ids,
-            merges,
-        })
+        Ok(Bpe { vocab, byte_ids, merges })
     }
 
     #[inline(always)]
@@ -453,8 +427,7 @@ impl Bpe {
             let p = pos as usize;
             let right = next[p];
             // Skip entries for parts merged away (ids reset to MAX) or pairs that changed.
-            if ids[p] == u32::MAX || right >= end || self.rank(ids[p], ids[right as usize]) != rank
-            {
+            if ids[p] == u32::MAX || right >= end || self.rank(ids[p], ids[right as usize]) != rank {
                 continue;
             }
             let r = right as usize;
@@ -494,11 +467,8 @@ mod tests {
 
     #[test]
     fn pieces_follow_the_gpt2_pattern() {
-        let split = |s: &str| -> Vec<String> {
-            Pieces::new(s)
-                .map(|p| String::from_utf8(p.to_vec()).unwrap())
-                .collect()
-        };
+        let split =
+            |s: &str| -> Vec<String> { Pieces::new(s).map(|p| String::from_utf8(p.to_vec()).unwrap()).collect() };
         assert_eq!(split("Hello world"), ["Hello", " world"]);
         assert_eq!(split("a  b"), ["a", " ", " b"]);
         assert_eq!(split("x \n y"), ["x", " \n", " y"]);
@@ -541,11 +511,7 @@ mod tests {
     fn cuts_never_change_the_tokens() {
         let text =
             "The quick (brown) fox's 3rd jump, \u{4e2d}\u{6587}\u{3002}  \n\tdone!! 42x 'quoted' \u{1f980}\r\n  end   ";
-        for enc in [
-            Encoding::R50kBase,
-            Encoding::Cl100kBase,
-            Encoding::O200kBase,
-        ] {
+        for enc in [Encoding::R50kBase, Encoding::Cl100kBase, Encoding::O200kBase] {
             let tok = Tokenizer::new(enc).unwrap();
             let whole = tok.encode_ordinary(text);
             let mut end = text.len();

@@ -32,10 +32,7 @@ pub enum DeepSpeedError {
     #[error(transparent)]
     Torch(#[from] TorchError),
     #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("{0}: missing rank file {1} (the checkpoint was saved by {2} ranks)")]
     MissingRank(PathBuf, String, usize),
     #[error("{path}: {what}")]
@@ -45,10 +42,7 @@ pub enum DeepSpeedError {
 }
 
 fn layout(path: &Path, what: impl Into<String>) -> DeepSpeedError {
-    DeepSpeedError::Layout {
-        path: path.to_path_buf(),
-        what: what.into(),
-    }
+    DeepSpeedError::Layout { path: path.to_path_buf(), what: what.into() }
 }
 
 /// A run of elements of one tensor inside one rank file.
@@ -102,15 +96,10 @@ fn parse_rank_name(name: &str, suffix: &str) -> Option<(String, usize, usize)> {
 }
 
 fn req<'a>(v: &'a Value, key: &str, path: &Path) -> Result<&'a Value, DeepSpeedError> {
-    v.get(key)
-        .ok_or_else(|| layout(path, format!("has no '{key}' entry")))
+    v.get(key).ok_or_else(|| layout(path, format!("has no '{key}' entry")))
 }
 
-fn shapes_of(
-    v: &Value,
-    path: &Path,
-    what: &str,
-) -> Result<Vec<(String, Vec<u64>)>, DeepSpeedError> {
+fn shapes_of(v: &Value, path: &Path, what: &str) -> Result<Vec<(String, Vec<u64>)>, DeepSpeedError> {
     let items = match v {
         Value::Dict(items) => items.as_slice(),
         _ => return Err(layout(path, format!("'{what}' is not a name -> shape map"))),
@@ -119,10 +108,7 @@ fn shapes_of(
         .iter()
         .map(|(k, s)| match (k.as_str(), s.as_shape()) {
             (Some(k), Some(s)) => Ok((k.to_string(), s)),
-            _ => Err(layout(
-                path,
-                format!("'{what}' has a malformed entry {k:?}"),
-            )),
+            _ => Err(layout(path, format!("'{what}' has a malformed entry {k:?}"))),
         })
         .collect()
 }
@@ -130,10 +116,7 @@ fn shapes_of(
 impl DeepSpeedSource {
     /// Opens the tag directory `dir` (holding the rank files).
     pub fn open(dir: &Path) -> Result<Self, DeepSpeedError> {
-        let io = |e| DeepSpeedError::Io {
-            path: dir.to_path_buf(),
-            source: e,
-        };
+        let io = |e| DeepSpeedError::Io { path: dir.to_path_buf(), source: e };
         let mut optim: Vec<(String, usize, usize, PathBuf)> = vec![];
         let mut stage3_models: Vec<(usize, usize, PathBuf)> = vec![];
         let mut model_mp: Vec<PathBuf> = vec![];
@@ -152,14 +135,23 @@ impl DeepSpeedSource {
             if model_mp.is_empty() && stage3_models.is_empty() {
                 return Err(DeepSpeedError::NotDeepSpeed(dir.to_path_buf()));
             }
-            return Err(layout(dir, "has model states but no *_optim_states.pt files: not a ZeRO checkpoint (or they are missing)"));
+            return Err(layout(
+                dir,
+                "has model states but no *_optim_states.pt files: not a ZeRO checkpoint (or they are missing)",
+            ));
         }
         if let Some((_, _, m, p)) = optim.iter().find(|o| o.2 != 0) {
-            return Err(layout(p, format!("model-parallel rank {m}: tensor/pipeline-parallel checkpoints are not supported")));
+            return Err(layout(
+                p,
+                format!("model-parallel rank {m}: tensor/pipeline-parallel checkpoints are not supported"),
+            ));
         }
         let prefixes: HashSet<&str> = optim.iter().map(|o| o.0.as_str()).collect();
         if prefixes.len() > 1 {
-            return Err(layout(dir, format!("mixes optimizer files of different kinds (prefixes {prefixes:?}): files from several runs?")));
+            return Err(layout(
+                dir,
+                format!("mixes optimizer files of different kinds (prefixes {prefixes:?}): files from several runs?"),
+            ));
         }
         let prefix = optim[0].0.clone();
         optim.sort_by_key(|o| o.1);
@@ -169,11 +161,7 @@ impl DeepSpeedSource {
         let rank0_path = optim[0].3.clone();
         if optim[0].1 != 0 {
             let want = dir.join(format!("{prefix}zero_pp_rank_0_mp_rank_00_optim_states.pt"));
-            return Err(DeepSpeedError::MissingRank(
-                dir.to_path_buf(),
-                want.display().to_string(),
-                optim.len(),
-            ));
+            return Err(DeepSpeedError::MissingRank(dir.to_path_buf(), want.display().to_string(), optim.len()));
         }
         let f0 = TorchFile::open(&rank0_path)?;
         let osd0 = req(f0.root(), "optimizer_state_dict", &rank0_path)?;
@@ -186,14 +174,8 @@ impl DeepSpeedSource {
         let world = partition_count(osd0, &rank0_path)?;
         for r in 0..world {
             if !optim.iter().any(|o| o.1 == r) {
-                let want = dir.join(format!(
-                    "{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
-                ));
-                return Err(DeepSpeedError::MissingRank(
-                    dir.to_path_buf(),
-                    want.display().to_string(),
-                    world,
-                ));
+                let want = dir.join(format!("{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt"));
+                return Err(DeepSpeedError::MissingRank(dir.to_path_buf(), want.display().to_string(), world));
             }
         }
         if let Some(extra) = optim.iter().find(|o| o.1 >= world) {
@@ -203,11 +185,7 @@ impl DeepSpeedSource {
                 rank0_path.display()
             )));
         }
-        let ds_version = f0
-            .root()
-            .get("ds_version")
-            .and_then(Value::as_str)
-            .map(str::to_string);
+        let ds_version = f0.root().get("ds_version").and_then(Value::as_str).map(str::to_string);
         files.push(f0);
         for o in &optim[1..] {
             let f = TorchFile::open(&o.3)?;
@@ -228,11 +206,7 @@ impl DeepSpeedSource {
         let model_paths: Vec<PathBuf> = if stage <= 2 {
             let p = dir.join("mp_rank_00_model_states.pt");
             if !p.exists() {
-                return Err(DeepSpeedError::MissingRank(
-                    dir.to_path_buf(),
-                    p.display().to_string(),
-                    world,
-                ));
+                return Err(DeepSpeedError::MissingRank(dir.to_path_buf(), p.display().to_string(), world));
             }
             vec![p]
         } else {
@@ -242,11 +216,7 @@ impl DeepSpeedSource {
                     if p.exists() {
                         Ok(p)
                     } else {
-                        Err(DeepSpeedError::MissingRank(
-                            dir.to_path_buf(),
-                            p.display().to_string(),
-                            world,
-                        ))
+                        Err(DeepSpeedError::MissingRank(dir.to_path_buf(), p.display().to_string(), world))
                     }
                 })
                 .collect::<Result<_, _>>()?
@@ -255,11 +225,7 @@ impl DeepSpeedSource {
         for p in &model_paths {
             files.push(TorchFile::open(p)?);
         }
-        let bit16 = if prefix.starts_with("bf16") {
-            "bf16"
-        } else {
-            "fp16"
-        };
+        let bit16 = if prefix.starts_with("bf16") { "bf16" } else { "fp16" };
         let mut src = DeepSpeedSource {
             dir: dir.to_path_buf(),
             stage,
@@ -283,31 +249,16 @@ impl DeepSpeedSource {
     }
 
     /// A contiguous tensor of file `file` as a piece, elements [from, from+n).
-    fn piece(
-        &self,
-        file: usize,
-        t: &TensorRef,
-        from: u64,
-        n: u64,
-    ) -> Result<Piece, DeepSpeedError> {
+    fn piece(&self, file: usize, t: &TensorRef, from: u64, n: u64) -> Result<Piece, DeepSpeedError> {
         let (start, len) = self.files[file].tensor_span(t)?;
         let es = t.dtype.size() as u64;
         if (from + n) * es > len {
             return Err(layout(
                 self.files[file].path(),
-                format!(
-                    "tensor of {} elements is read past its end (elements {from}..{})",
-                    len / es,
-                    from + n
-                ),
+                format!("tensor of {} elements is read past its end (elements {from}..{})", len / es, from + n),
             ));
         }
-        Ok(Piece {
-            file,
-            tensor: t.clone(),
-            start: start + from * es,
-            len: n * es,
-        })
+        Ok(Piece { file, tensor: t.clone(), start: start + from * es, len: n * es })
     }
 
     /// Takes `n` elements starting at `offset` of the concatenation `parts` (file, tensor).
@@ -333,10 +284,7 @@ impl DeepSpeedSource {
             offset = 0;
         }
         if n > 0 {
-            return Err(layout(
-                &self.dir,
-                "the fp32 partitions are shorter than the parameter shapes require",
-            ));
+            return Err(layout(&self.dir, "the fp32 partitions are shorter than the parameter shapes require"));
         }
         Ok(())
     }
@@ -350,17 +298,9 @@ impl DeepSpeedSource {
         pieces: Vec<Piece>,
     ) -> Result<(), DeepSpeedError> {
         if self.by_name.contains_key(&name) {
-            return Err(layout(
-                &self.dir,
-                format!("tensor name {name} appears twice"),
-            ));
+            return Err(layout(&self.dir, format!("tensor name {name} appears twice")));
         }
-        let info = TensorInfo {
-            name: name.clone(),
-            shape: shape.iter().map(|&d| d as usize).collect(),
-            dtype,
-            frozen,
-        };
+        let info = TensorInfo { name: name.clone(), shape: shape.iter().map(|&d| d as usize).collect(), dtype, frozen };
         self.by_name.insert(name, self.tensors.len());
         self.tensors.push(Planned { info, pieces });
         Ok(())
@@ -387,15 +327,9 @@ impl DeepSpeedSource {
                 if !buffer_names.iter().any(|b| b == name) {
                     continue;
                 }
-                let t = v
-                    .as_tensor()
-                    .ok_or_else(|| layout(&mpath, format!("buffer {name} is not a tensor")))?;
+                let t = v.as_tensor().ok_or_else(|| layout(&mpath, format!("buffer {name} is not a tensor")))?;
                 let piece = self.piece(model_base, t, 0, t.numel())?;
-                let dtype = if t.dtype.is_float() {
-                    DType::F32
-                } else {
-                    t.dtype
-                };
+                let dtype = if t.dtype.is_float() { DType::F32 } else { t.dtype };
                 self.push(name.to_string(), t.shape.clone(), dtype, false, vec![piece])?;
             }
         }
@@ -418,17 +352,12 @@ impl DeepSpeedSource {
                     .and_then(|d| d.get(name))
                     .and_then(Value::as_tensor)
                     .cloned()
-                    .ok_or_else(|| {
-                        layout(&fp, format!("frozen parameter {name} has no fragment"))
-                    })?;
+                    .ok_or_else(|| layout(&fp, format!("frozen parameter {name} has no fragment")))?;
                 parts.push((f, frag));
             }
             let dtype = parts[0].1.dtype;
             if parts.iter().any(|p| p.1.dtype != dtype) {
-                return Err(layout(
-                    &mpath,
-                    format!("frozen parameter {name} has fragments of different dtypes"),
-                ));
+                return Err(layout(&mpath, format!("frozen parameter {name} has fragments of different dtypes")));
             }
             let mut pieces = vec![];
             self.take_from(&parts, 0, numel, &mut pieces)?;
@@ -443,11 +372,7 @@ impl DeepSpeedSource {
             .iter()
             .map(|g| shapes_of(g, &mpath, "param_shapes"))
             .collect::<Result<_, _>>()?;
-        let key = if self.stage <= 2 {
-            "single_partition_of_fp32_groups"
-        } else {
-            "fp32_flat_groups"
-        };
+        let key = if self.stage <= 2 { "single_partition_of_fp32_groups" } else { "fp32_flat_groups" };
         let mut flat: Vec<Vec<TensorRef>> = vec![];
         for r in 0..world {
             let p = self.files[r].path().to_path_buf();
@@ -456,23 +381,13 @@ impl DeepSpeedSource {
                 .as_seq()
                 .ok_or_else(|| layout(&p, format!("'{key}' is not a list")))?
                 .iter()
-                .map(|t| {
-                    t.as_tensor()
-                        .cloned()
-                        .ok_or_else(|| layout(&p, format!("'{key}' holds a non-tensor")))
-                })
+                .map(|t| t.as_tensor().cloned().ok_or_else(|| layout(&p, format!("'{key}' holds a non-tensor"))))
                 .collect::<Result<Vec<_>, _>>()?;
             if let Some(t) = g.iter().find(|t| t.dtype != DType::F32) {
-                return Err(layout(
-                    &p,
-                    format!("fp32 master weights stored as {:?}", t.dtype),
-                ));
+                return Err(layout(&p, format!("fp32 master weights stored as {:?}", t.dtype)));
             }
             if r > 0 && g.len() != flat[0].len() {
-                return Err(layout(
-                    &p,
-                    format!("has {} flat groups, rank 0 has {}", g.len(), flat[0].len()),
-                ));
+                return Err(layout(&p, format!("has {} flat groups, rank 0 has {}", g.len(), flat[0].len())));
             }
             flat.push(g);
         }
@@ -493,28 +408,19 @@ impl DeepSpeedSource {
             if groups.len() != flat[0].len() {
                 return Err(layout(
                     &mpath,
-                    format!(
-                        "lists {} parameter groups but the optimizer files hold {}",
-                        groups.len(),
-                        flat[0].len()
-                    ),
+                    format!("lists {} parameter groups but the optimizer files hold {}", groups.len(), flat[0].len()),
                 ));
             }
             let align = 2 * world as u64;
             for (gi, shapes) in groups.iter().enumerate() {
-                let parts: Vec<(usize, TensorRef)> =
-                    (0..world).map(|r| (r, flat[r][gi].clone())).collect();
+                let parts: Vec<(usize, TensorRef)> = (0..world).map(|r| (r, flat[r][gi].clone())).collect();
                 let avail: u64 = parts.iter().map(|p| p.1.numel()).sum();
                 let pads = paddings.as_ref().and_then(|p| p.get(gi));
                 if let Some(p) = pads {
                     if p.len() != shapes.len() {
                         return Err(layout(
                             self.files[0].path(),
-                            format!(
-                                "group {gi}: {} alignment paddings for {} parameters",
-                                p.len(),
-                                shapes.len()
-                            ),
+                            format!("group {gi}: {} alignment paddings for {} parameters", p.len(), shapes.len()),
                         ));
                     }
                 }
@@ -556,8 +462,7 @@ impl DeepSpeedSource {
                         if left == 0 {
                             break;
                         }
-                        let parts: Vec<(usize, TensorRef)> =
-                            g.iter().map(|t| (r, t.clone())).collect();
+                        let parts: Vec<(usize, TensorRef)> = g.iter().map(|t| (r, t.clone())).collect();
                         let k = left.min(part);
                         self.take_from(&parts, offset, k, &mut pieces)?;
                         left -= k;
@@ -614,10 +519,7 @@ impl ShardedSource for DeepSpeedSource {
             self.stage,
             self.world_size,
             self.bit16,
-            self.ds_version
-                .as_ref()
-                .map(|v| format!(", saved by deepspeed {v}"))
-                .unwrap_or_default()
+            self.ds_version.as_ref().map(|v| format!(", saved by deepspeed {v}")).unwrap_or_default()
         )
     }
 
@@ -636,21 +538,13 @@ impl ShardedSource for DeepSpeedSource {
             .filter(|p| seen.insert((p.file, p.tensor.storage_key.as_str())))
             .map(|p| (p.file, &p.tensor))
             .collect();
-        let results: Vec<Result<(), TorchError>> = storages
-            .par_iter()
-            .map(|&(f, t)| self.files[f].verify_storage(t))
-            .collect();
-        results
-            .into_iter()
-            .collect::<Result<(), _>>()
-            .map_err(Into::into)
+        let results: Vec<Result<(), TorchError>> =
+            storages.par_iter().map(|&(f, t)| self.files[f].verify_storage(t)).collect();
+        results.into_iter().collect::<Result<(), _>>().map_err(Into::into)
     }
 
     fn read_range(&self, name: &str, start: u64, out: &mut [u8]) -> Result<(), SourceError> {
-        let i = *self
-            .by_name
-            .get(name)
-            .ok_or_else(|| format!("{}: no tensor named {name}", self.dir.display()))?;
+        let i = *self.by_name.get(name).ok_or_else(|| format!("{}: no tensor named {name}", self.dir.display()))?;
         let end = start + out.len() as u64;
         // Pieces are consecutive runs of the tensor's bytes: copy the part of each that overlaps.
         let (mut at, mut filled) = (0u64, 0usize);
@@ -666,11 +560,9 @@ impl ShardedSource for DeepSpeedSource {
             at += p.len;
         }
         if filled != out.len() {
-            return Err(format!(
-                "{}: {name}: bytes {start}..{end} lie beyond its {at} bytes",
-                self.dir.display()
-            )
-            .into());
+            return Err(
+                format!("{}: {name}: bytes {start}..{end} lie beyond its {at} bytes", self.dir.display()).into()
+            );
         }
         Ok(())
     }

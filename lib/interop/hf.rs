@@ -22,17 +22,12 @@ pub const INDEX_FILE: &str = "model.safetensors.index.json";
 #[derive(Debug, thiserror::Error)]
 pub enum HfError {
     #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error(transparent)]
     Fs(#[from] FsError),
     #[error("{path}: bad config.json: {msg}")]
     Config { path: PathBuf, msg: String },
-    #[error(
-        "{path}: no {WEIGHTS_FILE} or {INDEX_FILE} (only safetensors checkpoints are read here)"
-    )]
+    #[error("{path}: no {WEIGHTS_FILE} or {INDEX_FILE} (only safetensors checkpoints are read here)")]
     NoWeights { path: PathBuf },
     #[error("{path}: bad shard index: {msg}")]
     Index { path: PathBuf, msg: String },
@@ -43,28 +38,11 @@ pub enum HfError {
     #[error("{path}: unexpected tensor {key} (not a parameter of this GPT-2 config)")]
     Unexpected { path: PathBuf, key: String },
     #[error("{path}: tensor {key} is a second copy of {name} (first seen as {first})")]
-    Duplicate {
-        path: PathBuf,
-        key: String,
-        name: String,
-        first: String,
-    },
-    #[error(
-        "{path}: tensor {key} has shape {found:?}, expected {expected:?} for this config{hint}"
-    )]
-    Shape {
-        path: PathBuf,
-        key: String,
-        found: Vec<usize>,
-        expected: Vec<i64>,
-        hint: &'static str,
-    },
+    Duplicate { path: PathBuf, key: String, name: String, first: String },
+    #[error("{path}: tensor {key} has shape {found:?}, expected {expected:?} for this config{hint}")]
+    Shape { path: PathBuf, key: String, found: Vec<usize>, expected: Vec<i64>, hint: &'static str },
     #[error("{path}: tensor {key} has dtype {dtype}, expected F32, F16 or BF16")]
-    Dtype {
-        path: PathBuf,
-        key: String,
-        dtype: String,
-    },
+    Dtype { path: PathBuf, key: String, dtype: String },
     #[error("{path}: lm_head.weight differs from {WTE}; zerokit's GPT-2 ties them")]
     Untied { path: PathBuf },
     #[error("{path}: libtorch: {source}")]
@@ -72,37 +50,22 @@ pub enum HfError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> HfError + '_ {
-    move |source| HfError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| HfError::Io { path: path.to_path_buf(), source }
 }
 
 fn torch_err(path: &Path) -> impl FnOnce(TchError) -> HfError + '_ {
-    move |source| HfError::Torch {
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| HfError::Torch { path: path.to_path_buf(), source }
 }
 
 /// Reads the GPT-2 shape from config.json (`path` is the file or its directory), refusing
 /// configs whose arithmetic differs from the model here (exact GELU, another LayerNorm eps,
 /// untied head, a non-4x MLP, unscaled or layer-scaled attention, cross-attention).
 pub fn read_config(path: &Path) -> Result<GptConfig, HfError> {
-    let file = if path.is_dir() {
-        path.join(CONFIG_FILE)
-    } else {
-        path.to_path_buf()
-    };
+    let file = if path.is_dir() { path.join(CONFIG_FILE) } else { path.to_path_buf() };
     let text = std::fs::read_to_string(&file).map_err(io_err(&file))?;
-    let bad = |msg: String| HfError::Config {
-        path: file.clone(),
-        msg,
-    };
+    let bad = |msg: String| HfError::Config { path: file.clone(), msg };
     let v: Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
-    let obj = v
-        .as_object()
-        .ok_or_else(|| bad("not a JSON object".into()))?;
+    let obj = v.as_object().ok_or_else(|| bad("not a JSON object".into()))?;
 
     let size = |key: &str| -> Result<Option<usize>, HfError> {
         match obj.get(key) {
@@ -140,47 +103,29 @@ pub fn read_config(path: &Path) -> Result<GptConfig, HfError> {
         vocab_size: required("vocab_size")?,
     };
     // gelu_new, gelu_fast and gelu_pytorch_tanh are all the tanh approximation.
-    let act = obj
-        .get("activation_function")
-        .and_then(Value::as_str)
-        .unwrap_or("gelu_new");
+    let act = obj.get("activation_function").and_then(Value::as_str).unwrap_or("gelu_new");
     if !matches!(act, "gelu_new" | "gelu_fast" | "gelu_pytorch_tanh") {
-        return Err(bad(format!(
-            "activation_function {act:?} is not the tanh GELU of GPT-2"
-        )));
+        return Err(bad(format!("activation_function {act:?} is not the tanh GELU of GPT-2")));
     }
     if let Some(x) = obj.get("layer_norm_epsilon") {
-        let eps = x
-            .as_f64()
-            .ok_or_else(|| bad(format!("layer_norm_epsilon must be a number, got {x}")))?;
+        let eps = x.as_f64().ok_or_else(|| bad(format!("layer_norm_epsilon must be a number, got {x}")))?;
         if (eps - LAYER_NORM_EPS).abs() > 1e-12 {
-            return Err(bad(format!(
-                "layer_norm_epsilon {eps} is not GPT-2's {LAYER_NORM_EPS}"
-            )));
+            return Err(bad(format!("layer_norm_epsilon {eps} is not GPT-2's {LAYER_NORM_EPS}")));
         }
     }
     if let Some(n_inner) = size("n_inner")? {
         if n_inner != 4 * n_embd {
-            return Err(bad(format!(
-                "n_inner {n_inner} is not 4 * n_embd = {}",
-                4 * n_embd
-            )));
+            return Err(bad(format!("n_inner {n_inner} is not 4 * n_embd = {}", 4 * n_embd)));
         }
     }
     if !flag("scale_attn_weights", true)? {
-        return Err(bad(
-            "scale_attn_weights false (unscaled attention) is not supported".into(),
-        ));
+        return Err(bad("scale_attn_weights false (unscaled attention) is not supported".into()));
     }
     if flag("scale_attn_by_inverse_layer_idx", false)? {
-        return Err(bad(
-            "scale_attn_by_inverse_layer_idx true is not supported".into()
-        ));
+        return Err(bad("scale_attn_by_inverse_layer_idx true is not supported".into()));
     }
     if !flag("tie_word_embeddings", true)? {
-        return Err(bad(
-            "tie_word_embeddings false (separate lm_head) is not supported".into(),
-        ));
+        return Err(bad("tie_word_embeddings false (separate lm_head) is not supported".into()));
     }
     if flag("add_cross_attention", false)? {
         return Err(bad("add_cross_attention true is not supported".into()));
@@ -292,31 +237,19 @@ fn weight_files(dir: &Path) -> Result<(Vec<PathBuf>, Option<ShardIndex>), HfErro
     }
     let index_path = dir.join(INDEX_FILE);
     if !index_path.is_file() {
-        return Err(HfError::NoWeights {
-            path: dir.to_path_buf(),
-        });
+        return Err(HfError::NoWeights { path: dir.to_path_buf() });
     }
-    let bad = |msg: String| HfError::Index {
-        path: index_path.clone(),
-        msg,
-    };
+    let bad = |msg: String| HfError::Index { path: index_path.clone(), msg };
     let text = std::fs::read_to_string(&index_path).map_err(io_err(&index_path))?;
     let v: Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
-    let map = v
-        .get("weight_map")
-        .and_then(Value::as_object)
-        .ok_or_else(|| bad("no weight_map object".into()))?;
+    let map = v.get("weight_map").and_then(Value::as_object).ok_or_else(|| bad("no weight_map object".into()))?;
     let mut weight_map = BTreeMap::new();
     let mut files: Vec<String> = Vec::new();
     for (key, file) in map {
-        let file = file
-            .as_str()
-            .ok_or_else(|| bad(format!("{key} maps to {file}, not a file name")))?;
+        let file = file.as_str().ok_or_else(|| bad(format!("{key} maps to {file}, not a file name")))?;
         // Shards live beside the index; a path elsewhere is not a checkpoint we wrote or trust.
         if file.is_empty() || file.contains('/') || file.contains('\\') || file == ".." {
-            return Err(bad(format!(
-                "{key} maps to {file:?}, not a file name in this directory"
-            )));
+            return Err(bad(format!("{key} maps to {file:?}, not a file name in this directory")));
         }
         if !files.iter().any(|f| f == file) {
             files.push(file.to_string());
@@ -324,13 +257,7 @@ fn weight_files(dir: &Path) -> Result<(Vec<PathBuf>, Option<ShardIndex>), HfErro
         weight_map.insert(key.clone(), file.to_string());
     }
     files.sort();
-    Ok((
-        files.iter().map(|f| dir.join(f)).collect(),
-        Some(ShardIndex {
-            path: index_path,
-            weight_map,
-        }),
-    ))
+    Ok((files.iter().map(|f| dir.join(f)).collect(), Some(ShardIndex { path: index_path, weight_map })))
 }
 
 fn map_file(path: &Path) -> Result<Mmap, HfError> {
@@ -349,18 +276,12 @@ pub fn load_tensors(
     kind: Kind,
 ) -> Result<Vec<(String, Tensor)>, HfError> {
     let (paths, index) = weight_files(dir)?;
-    let maps = paths
-        .iter()
-        .map(|p| map_file(p))
-        .collect::<Result<Vec<_>, _>>()?;
+    let maps = paths.iter().map(|p| map_file(p)).collect::<Result<Vec<_>, _>>()?;
     let files = paths
         .iter()
         .zip(&maps)
         .map(|(p, m)| {
-            SafeTensors::deserialize(m).map_err(|e| HfError::Safetensors {
-                path: p.clone(),
-                msg: e.to_string(),
-            })
+            SafeTensors::deserialize(m).map_err(|e| HfError::Safetensors { path: p.clone(), msg: e.to_string() })
         })
         .collect::<Result<Vec<_>, _>>()?;
 
@@ -371,46 +292,28 @@ pub fn load_tensors(
     for (fi, st) in files.iter().enumerate() {
         let path = &paths[fi];
         for (key, view) in st.iter() {
-            if let Some(ShardIndex {
-                path: index_path,
-                weight_map,
-            }) = &index
-            {
+            if let Some(ShardIndex { path: index_path, weight_map }) = &index {
                 let listed = weight_map.get(key).map(String::as_str);
                 let here = path.file_name().and_then(|n| n.to_str());
                 if listed != here {
                     return Err(HfError::Index {
                         path: index_path.clone(),
-                        msg: format!(
-                            "{key} is stored in {} but the index lists it in {listed:?}",
-                            path.display()
-                        ),
+                        msg: format!("{key} is stored in {} but the index lists it in {listed:?}", path.display()),
                     });
                 }
             }
             if kind_of(view.dtype()).is_none() {
-                return Err(HfError::Dtype {
-                    path: path.clone(),
-                    key: key.into(),
-                    dtype: view.dtype().to_string(),
-                });
+                return Err(HfError::Dtype { path: path.clone(), key: key.into(), dtype: view.dtype().to_string() });
             }
             match classify(key) {
                 Key::MaskBuffer => {}
                 Key::LmHead => lm_head = Some((fi, view)),
                 Key::Param(name) => {
                     let Some(spec) = wanted.get(name.as_str()) else {
-                        return Err(HfError::Unexpected {
-                            path: path.clone(),
-                            key: key.into(),
-                        });
+                        return Err(HfError::Unexpected { path: path.clone(), key: key.into() });
                     };
                     if view.shape().len() != spec.shape.len()
-                        || view
-                            .shape()
-                            .iter()
-                            .zip(&spec.shape)
-                            .any(|(&a, &b)| a as i64 != b)
+                        || view.shape().iter().zip(&spec.shape).any(|(&a, &b)| a as i64 != b)
                     {
                         let transposed = view.shape().len() == 2
                             && view.shape()[0] as i64 == spec.shape[1]
@@ -440,20 +343,12 @@ pub fn load_tensors(
             }
         }
     }
-    if let Some(ShardIndex {
-        path: index_path,
-        weight_map,
-    }) = &index
-    {
-        let stored: std::collections::HashSet<&str> =
-            files.iter().flat_map(|st| st.names()).collect();
+    if let Some(ShardIndex { path: index_path, weight_map }) = &index {
+        let stored: std::collections::HashSet<&str> = files.iter().flat_map(|st| st.names()).collect();
         if let Some(key) = weight_map.keys().find(|k| !stored.contains(k.as_str())) {
             return Err(HfError::Index {
                 path: index_path.clone(),
-                msg: format!(
-                    "{key} is listed in {} but not stored there",
-                    weight_map[key]
-                ),
+                msg: format!("{key} is listed in {} but not stored there", weight_map[key]),
             });
         }
     }
@@ -465,24 +360,16 @@ pub fn load_tensors(
         }
     };
     if let Some(spec) = specs.iter().find(|s| !found.contains_key(&s.name)) {
-        return Err(HfError::Missing {
-            path: where_(),
-            name: spec.name.clone(),
-        });
+        return Err(HfError::Missing { path: where_(), name: spec.name.clone() });
     }
     if let Some((fi, head)) = &lm_head {
         let (_, _, wte) = &found[WTE];
         if !same_values(head, wte).map_err(torch_err(&paths[*fi]))? {
-            return Err(HfError::Untied {
-                path: paths[*fi].clone(),
-            });
+            return Err(HfError::Untied { path: paths[*fi].clone() });
         }
     }
 
-    let total: u64 = specs
-        .iter()
-        .map(|s| found[&s.name].2.data().len() as u64)
-        .sum();
+    let total: u64 = specs.iter().map(|s| found[&s.name].2.data().len() as u64).sum();
     let pb = crate::logging::progress_bar(total, "load {bar:40} {bytes}/{total_bytes} {eta}");
     let mut out = Vec::with_capacity(specs.len());
     for spec in specs {
@@ -495,12 +382,7 @@ pub fn load_tensors(
         out.push((spec.name.clone(), t));
     }
     pb.finish_and_clear();
-    tracing::info!(
-        "loaded {} tensors ({} bytes) from {}",
-        out.len(),
-        total,
-        dir.display()
-    );
+    tracing::info!("loaded {} tensors ({} bytes) from {}", out.len(), total, dir.display());
     Ok(out)
 }
 
@@ -519,9 +401,7 @@ fn same_values(a: &TensorView<'_>, b: &TensorView<'_>) -> Result<bool, TchError>
     if a.dtype() == b.dtype() {
         return Ok(a.data() == b.data());
     }
-    Ok(to_tensor(a)?
-        .f_to_kind(Kind::Float)?
-        .equal(&to_tensor(b)?.f_to_kind(Kind::Float)?))
+    Ok(to_tensor(a)?.f_to_kind(Kind::Float)?.equal(&to_tensor(b)?.f_to_kind(Kind::Float)?))
 }
 
 /// A parameter staged on the host for serialisation.
@@ -554,21 +434,11 @@ impl View for HostTensor {
 
 /// Writes config.json and model.safetensors for `tensors` (canonical names, all of `kind`) into
 /// `dir`, atomically: the directory appears complete or not at all.
-pub fn save(
-    dir: &Path,
-    cfg: &GptConfig,
-    kind: Kind,
-    tensors: &[(String, Tensor)],
-    force: bool,
-) -> Result<(), HfError> {
+pub fn save(dir: &Path, cfg: &GptConfig, kind: Kind, tensors: &[(String, Tensor)], force: bool) -> Result<(), HfError> {
     let out = AtomicDir::create(dir, force)?;
     let st_path = out.path().join(WEIGHTS_FILE);
-    let total: usize = tensors
-        .iter()
-        .map(|(_, t)| t.numel() * kind.elt_size_in_bytes())
-        .sum();
-    let pb =
-        crate::logging::progress_bar(total as u64, "save {bar:40} {bytes}/{total_bytes} {eta}");
+    let total: usize = tensors.iter().map(|(_, t)| t.numel() * kind.elt_size_in_bytes()).sum();
+    let pb = crate::logging::progress_bar(total as u64, "save {bar:40} {bytes}/{total_bytes} {eta}");
     let mut staged = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
         let tensor = t
@@ -578,38 +448,16 @@ pub fn save(
             .map_err(torch_err(dir))?;
         let shape = tensor.size().iter().map(|&d| d as usize).collect();
         let bytes = tensor.numel() * kind.elt_size_in_bytes();
-        staged.push((
-            name.clone(),
-            HostTensor {
-                tensor,
-                dtype: dtype_of(kind),
-                shape,
-                bytes,
-                pb: pb.clone(),
-            },
-        ));
+        staged.push((name.clone(), HostTensor { tensor, dtype: dtype_of(kind), shape, bytes, pb: pb.clone() }));
     }
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::tensor::serialize_to_file(staged, Some(metadata), &st_path).map_err(|e| {
-        HfError::Safetensors {
-            path: st_path.clone(),
-            msg: e.to_string(),
-        }
-    })?;
+    safetensors::tensor::serialize_to_file(staged, Some(metadata), &st_path)
+        .map_err(|e| HfError::Safetensors { path: st_path.clone(), msg: e.to_string() })?;
     // serialize_to_file does not fsync; the directory rename below must not outrun the data.
-    File::open(&st_path)
-        .and_then(|f| f.sync_all())
-        .map_err(io_err(&st_path))?;
-    fsutil::write_atomic(
-        &out.path().join(CONFIG_FILE),
-        config_json(cfg, kind).as_bytes(),
-    )?;
+    File::open(&st_path).and_then(|f| f.sync_all()).map_err(io_err(&st_path))?;
+    fsutil::write_atomic(&out.path().join(CONFIG_FILE), config_json(cfg, kind).as_bytes())?;
     pb.finish_and_clear();
     out.commit()?;
-    tracing::info!(
-        "saved {} tensors ({total} bytes) to {}",
-        tensors.len(),
-        dir.display()
-    );
+    tracing::info!("saved {} tensors ({total} bytes) to {}", tensors.len(), dir.display());
     Ok(())
 }

@@ -34,10 +34,7 @@ impl TensorSpec {
 pub fn header_bytes(tensors: &[TensorSpec], metadata: &BTreeMap<String, String>) -> Vec<u8> {
     let mut map = serde_json::Map::new();
     if !metadata.is_empty() {
-        map.insert(
-            "__metadata__".into(),
-            serde_json::to_value(metadata).expect("strings serialize"),
-        );
+        map.insert("__metadata__".into(), serde_json::to_value(metadata).expect("strings serialize"));
     }
     let mut off = 0u64;
     for t in tensors {
@@ -97,13 +94,9 @@ pub fn index_json(weight_map: &BTreeMap<String, String>, total_size: u64) -> ser
 /// Parses sizes as transformers spells them: "5GB" (10^9), "500MiB" (2^20), or plain bytes.
 pub fn parse_size(s: &str) -> Result<u64, SafetensorsOutError> {
     let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let num: f64 = num
-        .parse()
-        .map_err(|_| SafetensorsOutError::BadSize(s.into()))?;
+    let num: f64 = num.parse().map_err(|_| SafetensorsOutError::BadSize(s.into()))?;
     let mul: f64 = match unit.trim().to_ascii_uppercase().as_str() {
         "" | "B" => 1.0,
         "KB" => 1e3,
@@ -127,20 +120,12 @@ mod tests {
     use super::*;
 
     fn spec(name: &str, dtype: DType, shape: &[usize]) -> TensorSpec {
-        TensorSpec {
-            name: name.into(),
-            dtype,
-            shape: shape.to_vec(),
-        }
+        TensorSpec { name: name.into(), dtype, shape: shape.to_vec() }
     }
 
     #[test]
     fn header_then_tensors_in_order_reads_back_with_the_safetensors_crate() {
-        let specs = vec![
-            spec("b", DType::F32, &[2, 3]),
-            spec("a", DType::BF16, &[3]),
-            spec("i", DType::I64, &[1]),
-        ];
+        let specs = vec![spec("b", DType::F32, &[2, 3]), spec("a", DType::BF16, &[3]), spec("i", DType::I64, &[1])];
         let mut meta = BTreeMap::new();
         meta.insert("format".to_string(), "pt".to_string());
         let f: Vec<u8> = (0..6).flat_map(|i| (i as f32).to_le_bytes()).collect();
@@ -156,22 +141,13 @@ mod tests {
         assert_eq!(st.tensor("i").unwrap().data(), &7i64.to_le_bytes());
         let (_, m) = safetensors::SafeTensors::read_metadata(&buf).unwrap();
         assert_eq!(m.metadata().as_ref().unwrap()["format"], "pt");
-        assert_eq!(
-            (u64::from_le_bytes(buf[..8].try_into().unwrap()) + 8) % 8,
-            0
-        );
+        assert_eq!((u64::from_le_bytes(buf[..8].try_into().unwrap()) + 8) % 8, 0);
     }
 
     #[test]
     fn shards_split_greedily_and_big_tensors_stand_alone() {
-        let specs: Vec<_> = [10, 10, 30, 5, 5]
-            .iter()
-            .map(|&n| spec("t", DType::U8, &[n]))
-            .collect();
-        assert_eq!(
-            plan_shards(&specs, 20),
-            vec![vec![0, 1], vec![2], vec![3, 4]]
-        );
+        let specs: Vec<_> = [10, 10, 30, 5, 5].iter().map(|&n| spec("t", DType::U8, &[n])).collect();
+        assert_eq!(plan_shards(&specs, 20), vec![vec![0, 1], vec![2], vec![3, 4]]);
         assert_eq!(plan_shards(&specs, 1000), vec![vec![0, 1, 2, 3, 4]]);
         assert_eq!(plan_shards(&[], 10), vec![Vec::<usize>::new()]);
         assert_eq!(shard_file_name(1, 3), "model-00002-of-00003.safetensors");

@@ -17,26 +17,15 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum TorchError {
     #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("{path}: not a readable torch zip file: {what}")]
     Zip { path: PathBuf, what: String },
     #[error("{path}: corrupted pickle (data.pkl) at byte {pos}: {what}")]
-    Pickle {
-        path: PathBuf,
-        pos: usize,
-        what: String,
-    },
+    Pickle { path: PathBuf, pos: usize, what: String },
     #[error("{path}: unsupported torch file: {what}")]
     Unsupported { path: PathBuf, what: String },
     #[error("{path}: storage {key} is corrupted: {what}")]
-    Storage {
-        path: PathBuf,
-        key: String,
-        what: String,
-    },
+    Storage { path: PathBuf, key: String, what: String },
 }
 
 /// Element types of torch storages that zerokit reads.
@@ -191,10 +180,7 @@ impl Value {
             Value::Object { items, .. } => items,
             _ => return None,
         };
-        items
-            .iter()
-            .find(|(k, _)| matches!(k, Value::Str(s) if s == key))
-            .map(|(_, v)| v)
+        items.iter().find(|(k, _)| matches!(k, Value::Str(s) if s == key)).map(|(_, v)| v)
     }
 
     pub fn dict_items(&self) -> Option<&[(Value, Value)]> {
@@ -243,10 +229,7 @@ impl Value {
 
     /// A shape: `torch.Size` (decoded as a tuple), a list or tuple of ints.
     pub fn as_shape(&self) -> Option<Vec<u64>> {
-        self.as_seq()?
-            .iter()
-            .map(|d| d.as_int().and_then(|i| u64::try_from(i).ok()))
-            .collect()
+        self.as_seq()?.iter().map(|d| d.as_int().and_then(|i| u64::try_from(i).ok())).collect()
     }
 }
 
@@ -272,17 +255,12 @@ const KNOWN_VERSIONS: &[&str] = &["1", "2", "3"];
 
 impl TorchFile {
     pub fn open(path: &Path) -> Result<TorchFile, TorchError> {
-        let io = |e| TorchError::Io {
-            path: path.to_path_buf(),
-            source: e,
-        };
+        let io = |e| TorchError::Io { path: path.to_path_buf(), source: e };
         let file = File::open(path).map_err(io)?;
         // SAFETY: the mapping is read-only; checkpoints are not modified while being converted.
         let map = unsafe { Mmap::map(&file) }.map_err(io)?;
-        let entries = read_central_directory(&map).map_err(|what| TorchError::Zip {
-            path: path.to_path_buf(),
-            what,
-        })?;
+        let entries =
+            read_central_directory(&map).map_err(|what| TorchError::Zip { path: path.to_path_buf(), what })?;
         let pkl = entries
             .keys()
             .filter(|k| k.ends_with("data.pkl") && k.matches('/').count() <= 1)
@@ -293,20 +271,12 @@ impl TorchFile {
                 what: "no data.pkl entry (a legacy pre-1.6 torch file, or not a torch file)".into(),
             })?;
         let prefix = pkl.trim_end_matches("data.pkl").to_string();
-        let mut tf = TorchFile {
-            path: path.to_path_buf(),
-            map,
-            entries,
-            prefix,
-            root: Value::None,
-        };
+        let mut tf = TorchFile { path: path.to_path_buf(), map, entries, prefix, root: Value::None };
         for name in [".data/version", "version"] {
             if let Some(bytes) = tf.entry_bytes(&format!("{}{}", tf.prefix, name)) {
                 let v = String::from_utf8_lossy(bytes).trim().to_string();
                 if !KNOWN_VERSIONS.contains(&v.as_str()) {
-                    return Err(
-                        tf.unsupported(format!("unknown serialization format version {v:?}"))
-                    );
+                    return Err(tf.unsupported(format!("unknown serialization format version {v:?}")));
                 }
             }
         }
@@ -316,13 +286,11 @@ impl TorchFile {
             }
         }
         let data = tf.entry_bytes(&pkl).expect("entry listed");
-        let root = Unpickler::new(data)
-            .run()
-            .map_err(|(pos, what)| TorchError::Pickle {
-                path: path.to_path_buf(),
-                pos,
-                what,
-            })?;
+        let root = Unpickler::new(data).run().map_err(|(pos, what)| TorchError::Pickle {
+            path: path.to_path_buf(),
+            pos,
+            what,
+        })?;
         tf.root = root;
         Ok(tf)
     }
@@ -337,10 +305,7 @@ impl TorchFile {
     }
 
     fn unsupported(&self, what: String) -> TorchError {
-        TorchError::Unsupported {
-            path: self.path.clone(),
-            what,
-        }
+        TorchError::Unsupported { path: self.path.clone(), what }
     }
 
     fn entry_bytes(&self, name: &str) -> Option<&[u8]> {
@@ -352,31 +317,16 @@ impl TorchFile {
     /// Checks the view against its storage entry, so a truncated or inconsistent file is an
     /// error here rather than a wrong read later.
     pub fn tensor_span(&self, t: &TensorRef) -> Result<(u64, u64), TorchError> {
-        let storage_err = |what: String| TorchError::Storage {
-            path: self.path.clone(),
-            key: t.storage_key.clone(),
-            what,
-        };
+        let storage_err =
+            |what: String| TorchError::Storage { path: self.path.clone(), key: t.storage_key.clone(), what };
         if !t.is_contiguous() {
-            return Err(storage_err(format!(
-                "non-contiguous view (shape {:?}, stride {:?})",
-                t.shape, t.stride
-            )));
+            return Err(storage_err(format!("non-contiguous view (shape {:?}, stride {:?})", t.shape, t.stride)));
         }
         let name = format!("{}data/{}", self.prefix, t.storage_key);
-        let e = self
-            .entries
-            .get(&name)
-            .ok_or_else(|| storage_err("its zip entry is missing".into()))?;
+        let e = self.entries.get(&name).ok_or_else(|| storage_err("its zip entry is missing".into()))?;
         let es = t.dtype.size() as u64;
-        let start = t
-            .offset
-            .checked_mul(es)
-            .ok_or_else(|| storage_err("offset overflows".into()))?;
-        let len = t
-            .numel()
-            .checked_mul(es)
-            .ok_or_else(|| storage_err("size overflows".into()))?;
+        let start = t.offset.checked_mul(es).ok_or_else(|| storage_err("offset overflows".into()))?;
+        let len = t.numel().checked_mul(es).ok_or_else(|| storage_err("size overflows".into()))?;
         if start.checked_add(len).is_none_or(|end| end > e.size) {
             return Err(storage_err(format!(
                 "view of {len} bytes at byte {start} exceeds the entry's {} bytes",
@@ -422,10 +372,7 @@ impl TorchFile {
             return Err(TorchError::Storage {
                 path: self.path.clone(),
                 key: t.storage_key.clone(),
-                what: format!(
-                    "CRC-32 {got:08x} does not match the recorded {:08x}",
-                    e.crc32
-                ),
+                what: format!("CRC-32 {got:08x} does not match the recorded {:08x}", e.crc32),
             });
         }
         Ok(())
@@ -439,21 +386,15 @@ impl TorchFile {
 }
 
 fn u16_at(b: &[u8], at: usize) -> Result<u16, String> {
-    b.get(at..at + 2)
-        .map(|s| u16::from_le_bytes([s[0], s[1]]))
-        .ok_or_else(|| "truncated".to_string())
+    b.get(at..at + 2).map(|s| u16::from_le_bytes([s[0], s[1]])).ok_or_else(|| "truncated".to_string())
 }
 
 fn u32_at(b: &[u8], at: usize) -> Result<u32, String> {
-    b.get(at..at + 4)
-        .map(|s| u32::from_le_bytes(s.try_into().unwrap()))
-        .ok_or_else(|| "truncated".to_string())
+    b.get(at..at + 4).map(|s| u32::from_le_bytes(s.try_into().unwrap())).ok_or_else(|| "truncated".to_string())
 }
 
 fn u64_at(b: &[u8], at: usize) -> Result<u64, String> {
-    b.get(at..at + 8)
-        .map(|s| u64::from_le_bytes(s.try_into().unwrap()))
-        .ok_or_else(|| "truncated".to_string())
+    b.get(at..at + 8).map(|s| u64::from_le_bytes(s.try_into().unwrap())).ok_or_else(|| "truncated".to_string())
 }
 
 /// Parses the zip's end records and central directory (zip64 included: optimizer files of
@@ -461,10 +402,7 @@ fn u64_at(b: &[u8], at: usize) -> Result<u64, String> {
 fn read_central_directory(b: &[u8]) -> Result<HashMap<String, Entry>, String> {
     const EOCD: u32 = 0x0605_4b50;
     if b.len() < 22 {
-        return Err(format!(
-            "file is {} bytes, too short for a zip archive (truncated?)",
-            b.len()
-        ));
+        return Err(format!("file is {} bytes, too short for a zip archive (truncated?)", b.len()));
     }
     let lowest = b.len().saturating_sub(22 + 65535);
     let eocd = (lowest..=b.len() - 22)
@@ -487,10 +425,7 @@ fn read_central_directory(b: &[u8]) -> Result<HashMap<String, Entry>, String> {
         cd_size = u64_at(b, z64 + 40)?;
         cd_off = u64_at(b, z64 + 48)?;
     }
-    if cd_off
-        .checked_add(cd_size)
-        .is_none_or(|end| end > b.len() as u64)
-    {
+    if cd_off.checked_add(cd_size).is_none_or(|end| end > b.len() as u64) {
         return Err("central directory lies outside the file (truncated?)".into());
     }
     let mut entries = HashMap::new();
@@ -507,9 +442,7 @@ fn read_central_directory(b: &[u8]) -> Result<HashMap<String, Entry>, String> {
         let xlen = u16_at(b, p + 30)? as usize;
         let clen = u16_at(b, p + 32)? as usize;
         let mut local = u32_at(b, p + 42)? as u64;
-        let name = b
-            .get(p + 46..p + 46 + nlen)
-            .ok_or("truncated central directory")?;
+        let name = b.get(p + 46..p + 46 + nlen).ok_or("truncated central directory")?;
         let name = String::from_utf8_lossy(name).into_owned();
         // Zip64 extra field: the 64-bit values, in this order, for each field saturated above.
         let mut x = p + 46 + nlen;
@@ -529,38 +462,20 @@ fn read_central_directory(b: &[u8]) -> Result<HashMap<String, Entry>, String> {
             x += 4 + len;
         }
         if method != 0 {
-            return Err(format!(
-                "entry {name} is compressed (method {method}); torch stores entries uncompressed"
-            ));
+            return Err(format!("entry {name} is compressed (method {method}); torch stores entries uncompressed"));
         }
         if csize != usize_ {
-            return Err(format!(
-                "entry {name}: stored sizes disagree ({csize} vs {usize_})"
-            ));
+            return Err(format!("entry {name}: stored sizes disagree ({csize} vs {usize_})"));
         }
         let l = local as usize;
         if u32_at(b, l).ok() != Some(0x0403_4b50) {
-            return Err(format!(
-                "entry {name}: local header missing at byte {l} (truncated?)"
-            ));
+            return Err(format!("entry {name}: local header missing at byte {l} (truncated?)"));
         }
         let data_start = local + 30 + u16_at(b, l + 26)? as u64 + u16_at(b, l + 28)? as u64;
-        if data_start
-            .checked_add(csize)
-            .is_none_or(|end| end > b.len() as u64)
-        {
-            return Err(format!(
-                "entry {name}: data runs past the end of the file (truncated?)"
-            ));
+        if data_start.checked_add(csize).is_none_or(|end| end > b.len() as u64) {
+            return Err(format!("entry {name}: data runs past the end of the file (truncated?)"));
         }
-        entries.insert(
-            name,
-            Entry {
-                data_start,
-                size: csize,
-                crc32,
-            },
-        );
+        entries.insert(name, Entry { data_start, size: csize, crc32 });
         p = xend + clen;
     }
     Ok(entries)
@@ -583,14 +498,7 @@ const MAX_DEPTH: usize = 512;
 
 impl<'a> Unpickler<'a> {
     fn new(data: &'a [u8]) -> Self {
-        Unpickler {
-            data,
-            pos: 0,
-            stack: vec![],
-            marks: vec![],
-            memo: HashMap::new(),
-            arena: vec![],
-        }
+        Unpickler { data, pos: 0, stack: vec![], marks: vec![], memo: HashMap::new(), arena: vec![] }
     }
 
     fn err<T>(&self, what: impl Into<String>) -> PResult<T> {
@@ -619,10 +527,7 @@ impl<'a> Unpickler<'a> {
 
     fn line(&mut self) -> PResult<String> {
         let rest = &self.data[self.pos..];
-        let n = rest
-            .iter()
-            .position(|&c| c == b'\n')
-            .ok_or((self.pos, "unterminated line".to_string()))?;
+        let n = rest.iter().position(|&c| c == b'\n').ok_or((self.pos, "unterminated line".to_string()))?;
         let s = String::from_utf8_lossy(&rest[..n]).into_owned();
         self.pos += n + 1;
         Ok(s)
@@ -657,11 +562,7 @@ impl<'a> Unpickler<'a> {
 
     fn top_mut(&mut self) -> PResult<&mut Value> {
         let pos = self.pos;
-        let top = self
-            .stack
-            .last()
-            .cloned()
-            .ok_or((pos, "stack underflow".to_string()))?;
+        let top = self.stack.last().cloned().ok_or((pos, "stack underflow".to_string()))?;
         match top {
             Value::Ref(i) => Ok(&mut self.arena[i]),
             _ => Err((pos, "expected a container on the stack".to_string())),
@@ -704,11 +605,7 @@ impl<'a> Unpickler<'a> {
                     if n > 8 {
                         return self.err(format!("integer of {n} bytes is too large"));
                     }
-                    let mut buf = if b.last().is_some_and(|&x| x & 0x80 != 0) {
-                        [0xFFu8; 8]
-                    } else {
-                        [0u8; 8]
-                    };
+                    let mut buf = if b.last().is_some_and(|&x| x & 0x80 != 0) { [0xFFu8; 8] } else { [0u8; 8] };
                     buf[..n].copy_from_slice(b);
                     self.stack.push(Value::Int(i64::from_le_bytes(buf)));
                 }
@@ -722,10 +619,7 @@ impl<'a> Unpickler<'a> {
                     let v = match l.as_str() {
                         "00" => Value::Bool(false),
                         "01" => Value::Bool(true),
-                        s => Value::Int(
-                            s.parse()
-                                .map_err(|_| (self.pos, format!("bad INT {s:?}")))?,
-                        ),
+                        s => Value::Int(s.parse().map_err(|_| (self.pos, format!("bad INT {s:?}")))?),
                     };
                     self.stack.push(v);
                 }
@@ -744,14 +638,12 @@ impl<'a> Unpickler<'a> {
                 b'U' => {
                     let n = self.u8()? as usize;
                     let b = self.take(n)?;
-                    self.stack
-                        .push(Value::Str(String::from_utf8_lossy(b).into_owned()));
+                    self.stack.push(Value::Str(String::from_utf8_lossy(b).into_owned()));
                 }
                 b'T' => {
                     let n = self.u32()? as usize;
                     let b = self.take(n)?;
-                    self.stack
-                        .push(Value::Str(String::from_utf8_lossy(b).into_owned()));
+                    self.stack.push(Value::Str(String::from_utf8_lossy(b).into_owned()));
                 }
                 b'C' => {
                     let n = self.u8()? as usize;
@@ -842,9 +734,7 @@ impl<'a> Unpickler<'a> {
                     let name = self.pop()?;
                     let module = self.pop()?;
                     match (module, name) {
-                        (Value::Str(module), Value::Str(name)) => {
-                            self.stack.push(Value::Global { module, name })
-                        }
+                        (Value::Str(module), Value::Str(name)) => self.stack.push(Value::Global { module, name }),
                         _ => return self.err("STACK_GLOBAL needs two strings"),
                     }
                 }
@@ -888,11 +778,7 @@ impl<'a> Unpickler<'a> {
                     self.pop()?;
                 }
                 b'2' => {
-                    let v = self
-                        .stack
-                        .last()
-                        .cloned()
-                        .ok_or((self.pos, "DUP on empty stack".to_string()))?;
+                    let v = self.stack.last().cloned().ok_or((self.pos, "DUP on empty stack".to_string()))?;
                     self.stack.push(v);
                 }
                 0x95 => {
@@ -938,11 +824,7 @@ impl<'a> Unpickler<'a> {
     }
 
     fn memo_put(&mut self, i: u32) -> PResult<()> {
-        let v = self
-            .stack
-            .last()
-            .cloned()
-            .ok_or((self.pos, "memoize on empty stack".to_string()))?;
+        let v = self.stack.last().cloned().ok_or((self.pos, "memoize on empty stack".to_string()))?;
         self.memo.insert(i, v);
         Ok(())
     }
@@ -1004,12 +886,10 @@ impl<'a> Unpickler<'a> {
             ("torch._utils", "_rebuild_tensor_v2" | "_rebuild_tensor" | "_rebuild_tensor_v3") => {
                 self.rebuild_tensor(&args)?
             }
-            ("torch._utils", "_rebuild_parameter" | "_rebuild_parameter_with_state") => {
-                match args.into_iter().next() {
-                    Some(t @ Value::Tensor(_)) => t,
-                    _ => return self.err("_rebuild_parameter without a tensor"),
-                }
-            }
+            ("torch._utils", "_rebuild_parameter" | "_rebuild_parameter_with_state") => match args.into_iter().next() {
+                Some(t @ Value::Tensor(_)) => t,
+                _ => return self.err("_rebuild_parameter without a tensor"),
+            },
             // Tensors and parameters saved with extra Python state (DeepSpeed's ds_id, ...):
             // (rebuild function, type, its arguments, state); only the tensor matters.
             ("torch._tensor", "_rebuild_from_type_v2") => {
@@ -1043,13 +923,7 @@ impl<'a> Unpickler<'a> {
                 Some(Value::Str(s)) => Value::Bytes(s.chars().map(|c| c as u32 as u8).collect()),
                 _ => Value::Bytes(vec![]),
             },
-            _ => self.alloc(Value::Object {
-                module,
-                name,
-                args,
-                state: None,
-                items: vec![],
-            }),
+            _ => self.alloc(Value::Object { module, name, args, state: None, items: vec![] }),
         })
     }
 
@@ -1062,16 +936,14 @@ impl<'a> Unpickler<'a> {
         let shape = args.get(2).and_then(Value::as_shape);
         let stride = args.get(3).and_then(Value::as_shape);
         match (offset, shape, stride) {
-            (Some(offset), Some(shape), Some(stride)) if shape.len() == stride.len() => {
-                Ok(Value::Tensor(TensorRef {
-                    storage_key: key,
-                    dtype,
-                    storage_numel,
-                    offset: offset as u64,
-                    shape,
-                    stride,
-                }))
-            }
+            (Some(offset), Some(shape), Some(stride)) if shape.len() == stride.len() => Ok(Value::Tensor(TensorRef {
+                storage_key: key,
+                dtype,
+                storage_numel,
+                offset: offset as u64,
+                shape,
+                stride,
+            })),
             _ => self.err("malformed _rebuild_tensor arguments"),
         }
     }
@@ -1084,34 +956,15 @@ impl<'a> Unpickler<'a> {
         let d = depth + 1;
         Ok(match v {
             Value::Ref(i) => self.resolve(self.arena[i].clone(), d)?,
-            Value::List(v) => Value::List(
-                v.into_iter()
-                    .map(|x| self.resolve(x, d))
-                    .collect::<PResult<_>>()?,
-            ),
-            Value::Tuple(v) => Value::Tuple(
-                v.into_iter()
-                    .map(|x| self.resolve(x, d))
-                    .collect::<PResult<_>>()?,
-            ),
+            Value::List(v) => Value::List(v.into_iter().map(|x| self.resolve(x, d)).collect::<PResult<_>>()?),
+            Value::Tuple(v) => Value::Tuple(v.into_iter().map(|x| self.resolve(x, d)).collect::<PResult<_>>()?),
             Value::Dict(v) => Value::Dict(
-                v.into_iter()
-                    .map(|(k, x)| Ok((self.resolve(k, d)?, self.resolve(x, d)?)))
-                    .collect::<PResult<_>>()?,
+                v.into_iter().map(|(k, x)| Ok((self.resolve(k, d)?, self.resolve(x, d)?))).collect::<PResult<_>>()?,
             ),
-            Value::Object {
+            Value::Object { module, name, args, state, items } => Value::Object {
                 module,
                 name,
-                args,
-                state,
-                items,
-            } => Value::Object {
-                module,
-                name,
-                args: args
-                    .into_iter()
-                    .map(|x| self.resolve(x, d))
-                    .collect::<PResult<_>>()?,
+                args: args.into_iter().map(|x| self.resolve(x, d)).collect::<PResult<_>>()?,
                 state: match state {
                     Some(s) => Some(Box::new(self.resolve(*s, d)?)),
                     None => None,
@@ -1149,8 +1002,7 @@ mod tests {
     #[test]
     fn enum_members_read_as_ints_and_long1_signs() {
         // ZeroStageEnum(2) and LONG1 -1
-        let p =
-            b"\x80\x02cdeepspeed.runtime.zero.config\nZeroStageEnum\nK\x02\x85R\x8a\x01\xff\x86.";
+        let p = b"\x80\x02cdeepspeed.runtime.zero.config\nZeroStageEnum\nK\x02\x85R\x8a\x01\xff\x86.";
         let v = parse_pickle(p).unwrap();
         let t = v.as_seq().unwrap();
         assert_eq!(t[0].as_int(), Some(2));

@@ -29,10 +29,7 @@ pub enum ZerokitSourceError {
 }
 
 fn invalid(path: &Path, msg: impl Into<String>) -> ZerokitSourceError {
-    ZerokitSourceError::Invalid {
-        path: path.to_path_buf(),
-        msg: msg.into(),
-    }
+    ZerokitSourceError::Invalid { path: path.to_path_buf(), msg: msg.into() }
 }
 
 /// Whether `dir` looks like a zerokit checkpoint tag: a manifest, or rank files (a tag whose
@@ -62,51 +59,32 @@ impl ZerokitSource {
         }
         let m = checkpoint::read_manifest(dir)?;
         check_rank_files(dir, &m)?;
-        let cfg: GptConfig = serde_json::from_value(m.model_config.clone()).map_err(|e| {
-            invalid(
-                &manifest_path,
-                format!("model_config is not a GPT-2 configuration: {e}"),
-            )
-        })?;
-        cfg.validate()
-            .map_err(|e| invalid(&manifest_path, format!("model_config: {e}")))?;
+        let cfg: GptConfig = serde_json::from_value(m.model_config.clone())
+            .map_err(|e| invalid(&manifest_path, format!("model_config is not a GPT-2 configuration: {e}")))?;
+        cfg.validate().map_err(|e| invalid(&manifest_path, format!("model_config: {e}")))?;
         let specs = cfg.param_specs();
-        let stored: HashMap<&str, &[usize]> = m
-            .layout
-            .params
-            .iter()
-            .map(|p| (p.name.as_str(), p.shape.as_slice()))
-            .collect();
+        let stored: HashMap<&str, &[usize]> =
+            m.layout.params.iter().map(|p| (p.name.as_str(), p.shape.as_slice())).collect();
         for s in &specs {
             let want: Vec<usize> = s.shape.iter().map(|&d| d as usize).collect();
             match stored.get(s.name.as_str()) {
                 None => {
                     return Err(invalid(
                         &manifest_path,
-                        format!(
-                            "layout has no parameter {} (model_config {cfg:?} needs it)",
-                            s.name
-                        ),
+                        format!("layout has no parameter {} (model_config {cfg:?} needs it)", s.name),
                     ))
                 }
                 Some(got) if *got != want.as_slice() => {
                     return Err(invalid(
                         &manifest_path,
-                        format!(
-                            "layout gives {} the shape {got:?}, model_config needs {want:?}",
-                            s.name
-                        ),
+                        format!("layout gives {} the shape {got:?}, model_config needs {want:?}", s.name),
                     ))
                 }
                 Some(_) => {}
             }
         }
         if stored.len() != specs.len() {
-            let extra: Vec<&str> = stored
-                .keys()
-                .filter(|n| !specs.iter().any(|s| s.name == **n))
-                .copied()
-                .collect();
+            let extra: Vec<&str> = stored.keys().filter(|n| !specs.iter().any(|s| s.name == **n)).copied().collect();
             return Err(invalid(
                 &manifest_path,
                 format!("layout holds parameters that GPT-2 does not have: {extra:?}"),
@@ -122,11 +100,7 @@ impl ZerokitSource {
             })
             .collect();
         let reader = PartitionReader::open(dir)?;
-        Ok(ZerokitSource {
-            reader,
-            cfg,
-            tensors,
-        })
+        Ok(ZerokitSource { reader, cfg, tensors })
     }
 }
 
@@ -141,10 +115,7 @@ fn check_rank_files(dir: &Path, m: &Manifest) -> Result<(), ZerokitSourceError> 
         let entry = m.files.get(&name).ok_or_else(|| {
             invalid(
                 &manifest_path,
-                format!(
-                    "does not list {name}, which its layout of {} partitions needs",
-                    m.layout.parts
-                ),
+                format!("does not list {name}, which its layout of {} partitions needs", m.layout.parts),
             )
         })?;
         let md = match std::fs::metadata(&path) {
@@ -202,11 +173,9 @@ impl ShardedSource for ZerokitSource {
 
     fn read_range(&self, name: &str, start: u64, out: &mut [u8]) -> Result<(), SourceError> {
         if start % 4 != 0 || out.len() % 4 != 0 {
-            return Err(format!(
-                "{}: {name}: byte range not aligned to fp32 elements",
-                self.reader.dir.display()
-            )
-            .into());
+            return Err(
+                format!("{}: {name}: byte range not aligned to fp32 elements", self.reader.dir.display()).into()
+            );
         }
         let (at, n) = (start as usize / 4, out.len() / 4);
         let mut buf = vec![0f32; n];
@@ -226,11 +195,7 @@ impl ShardedSource for ZerokitSource {
     fn verify(&self) -> Result<(), SourceError> {
         let m = &self.reader.manifest;
         let bytes: u64 = m.files.values().map(|f| f.bytes).sum();
-        info!(
-            "verifying {} files ({:.2} GB) against manifest.json",
-            m.files.len(),
-            bytes as f64 / 1e9
-        );
+        info!("verifying {} files ({:.2} GB) against manifest.json", m.files.len(), bytes as f64 / 1e9);
         let problems = checkpoint::check_files(&self.reader.dir, m);
         if problems.is_empty() {
             Ok(())

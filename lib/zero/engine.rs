@@ -96,11 +96,7 @@ fn bucket_of(name: &str, n_layer: usize) -> Result<usize, String> {
         return Ok(0);
     }
     if let Some(rest) = name.strip_prefix("transformer.h.") {
-        let i: usize = rest
-            .split('.')
-            .next()
-            .and_then(|s| s.parse().ok())
-            .ok_or(format!("bad name {name}"))?;
+        let i: usize = rest.split('.').next().and_then(|s| s.parse().ok()).ok_or(format!("bad name {name}"))?;
         return Ok(n_layer - 1 - i);
     }
     if name == "transformer.wte.weight" || name == "transformer.wpe.weight" {
@@ -112,11 +108,7 @@ fn bucket_of(name: &str, n_layer: usize) -> Result<usize, String> {
 impl Engine {
     /// Takes a model built (or loaded) in fp32 on `cfg.device`; every rank must pass identical
     /// weights. Converts it to the compute dtype with its tensors viewing one flat buffer.
-    pub fn new(
-        mut model: Gpt,
-        cfg: EngineConfig,
-        comm: Box<dyn Collectives>,
-    ) -> Result<Self, ZeroError> {
+    pub fn new(mut model: Gpt, cfg: EngineConfig, comm: Box<dyn Collectives>) -> Result<Self, ZeroError> {
         let n_layer = model.config().n_layer;
         let named = model.named_parameters();
         let specs = named
@@ -138,29 +130,19 @@ impl Engine {
         let flat32 = Tensor::zeros([layout.total as i64], (Kind::Float, model.device()));
         for (i, (_, t)) in named.iter().enumerate() {
             let off = layout.flat_offset(i) as i64;
-            flat32
-                .narrow(0, off, t.numel() as i64)
-                .copy_(&t.detach().to_kind(Kind::Float).view(-1));
+            flat32.narrow(0, off, t.numel() as i64).copy_(&t.detach().to_kind(Kind::Float).view(-1));
         }
         let master = Tensor::zeros([layout.partition as i64], opts);
         for b in &layout.buckets {
-            let src = flat32.narrow(
-                0,
-                (b.flat_offset + part_rank * b.shard) as i64,
-                b.shard as i64,
-            );
-            master
-                .narrow(0, b.shard_offset as i64, b.shard as i64)
-                .copy_(&src);
+            let src = flat32.narrow(0, (b.flat_offset + part_rank * b.shard) as i64, b.shard as i64);
+            master.narrow(0, b.shard_offset as i64, b.shard as i64).copy_(&src);
         }
         let model_flat = flat32.to_kind(cfg.kind).to_device(cfg.device);
         drop(flat32);
         let mut handles = Vec::with_capacity(named.len());
         for (i, (_, t)) in named.into_iter().enumerate() {
             let mut t = t;
-            let view = model_flat
-                .narrow(0, layout.flat_offset(i) as i64, t.numel() as i64)
-                .view(t.size().as_slice());
+            let view = model_flat.narrow(0, layout.flat_offset(i) as i64, t.numel() as i64).view(t.size().as_slice());
             t.set_data(&view);
             handles.push(t);
         }
@@ -168,20 +150,12 @@ impl Engine {
         let segments = layout
             .pieces(part_rank)
             .iter()
-            .map(|p| Segment {
-                start: p.partition_offset,
-                len: p.len,
-                decay: layout.params[p.param].decay,
-            })
+            .map(|p| Segment { start: p.partition_offset, len: p.len, decay: layout.params[p.param].decay })
             .collect();
         let opt = AdamW::new(layout.partition, segments, cfg.adamw, cfg.device)?;
-        let scaler = if cfg.kind == Kind::Half {
-            Some(LossScaler::new(cfg.scaler.clone())?)
-        } else {
-            None
-        };
-        let accum = (cfg.stage < 2 && cfg.grad_accum > 1)
-            .then(|| Tensor::zeros([layout.total as i64], (cfg.kind, cfg.device)));
+        let scaler = if cfg.kind == Kind::Half { Some(LossScaler::new(cfg.scaler.clone())?) } else { None };
+        let accum =
+            (cfg.stage < 2 && cfg.grad_accum > 1).then(|| Tensor::zeros([layout.total as i64], (cfg.kind, cfg.device)));
         let grad = Tensor::zeros([layout.partition as i64], opts);
         let slot_grads = (0..layout.params.len()).map(|_| None).collect();
         Ok(Engine {
@@ -212,11 +186,7 @@ impl Engine {
     }
 
     fn slot(&self, name: &str) -> usize {
-        self.layout
-            .params
-            .iter()
-            .position(|p| p.name == name)
-            .expect("model parameter is in the layout")
+        self.layout.params.iter().position(|p| p.name == name).expect("model parameter is in the layout")
     }
 
     /// One micro-step: forward and backward of a micro-batch `x` -> `y` ([B, T] token ids).
@@ -284,12 +254,7 @@ impl Engine {
 
         // Embeddings: wte collects both of its gradients.
         let wpe = self.slot("transformer.wpe.weight");
-        let mut g = vjp(
-            &x0,
-            &grad_h,
-            &[&self.handles[wte], &self.handles[wpe]],
-            false,
-        );
+        let mut g = vjp(&x0, &grad_h, &[&self.handles[wte], &self.handles[wpe]], false);
         self.slot_grads[wpe] = g.pop();
         self.slot_grads[wte] = Some(g.pop().expect("grad of wte") + wte_head);
         self.bucket_ready(n_layer)?;
@@ -304,12 +269,9 @@ impl Engine {
         let opts = (self.cfg.kind, self.cfg.device);
         let buf = Tensor::zeros([bk.padded as i64], opts);
         for &s in &bk.params {
-            let g = self.slot_grads[s]
-                .take()
-                .expect("gradient computed before its bucket is ready");
+            let g = self.slot_grads[s].take().expect("gradient computed before its bucket is ready");
             let p = &self.layout.params[s];
-            buf.narrow(0, p.offset as i64, p.numel as i64)
-                .copy_(&g.view(-1));
+            buf.narrow(0, p.offset as i64, p.numel as i64).copy_(&g.view(-1));
         }
         let last_micro = self.micro + 1 == self.cfg.grad_accum;
         let (full, from_accum) = match &self.accum {
@@ -340,12 +302,7 @@ impl Engine {
             self.comm.reduce_scatter_sum(&full, &out)?;
             Some(out)
         };
-        self.pending = Some(Pending {
-            bucket: b,
-            full,
-            shard,
-            from_accum,
-        });
+        self.pending = Some(Pending { bucket: b, full, shard, from_accum });
         Ok(())
     }
 
@@ -359,11 +316,7 @@ impl Engine {
                 let _ = dst.g_add_(s);
             }
             None => {
-                let _ = dst.g_add_(&p.full.narrow(
-                    0,
-                    (self.part_rank() * bk.shard) as i64,
-                    bk.shard as i64,
-                ));
+                let _ = dst.g_add_(&p.full.narrow(0, (self.part_rank() * bk.shard) as i64, bk.shard as i64));
             }
         }
         if p.from_accum {
@@ -384,21 +337,14 @@ impl Engine {
         let world = self.comm.world();
         let scale = self.scaler.as_ref().map_or(1.0, |s| s.scale());
         let micro = self.micro.max(1);
-        let _ = self
-            .grad
-            .g_mul_scalar_(1.0 / (world as f64 * micro as f64 * scale));
+        let _ = self.grad.g_mul_scalar_(1.0 / (world as f64 * micro as f64 * scale));
         // One host round trip per step carries the squared norm (non-finite exactly when some
         // gradient is inf/nan, so it doubles as the overflow check) and the loss. With stage 0
         // every rank holds the same full gradient: only rank 0 contributes it.
         let contributes = self.layout.parts > 1 || self.comm.rank() == 0;
-        let local = Tensor::stack(
-            &[
-                local_grad_norm_sq(&self.grad)?,
-                self.loss_sum.to_kind(Kind::Double) / micro as f64,
-            ],
-            0,
-        )
-        .to_device(Device::Cpu);
+        let local =
+            Tensor::stack(&[local_grad_norm_sq(&self.grad)?, self.loss_sum.to_kind(Kind::Double) / micro as f64], 0)
+                .to_device(Device::Cpu);
         let mut stats: Vec<f64> = Vec::<f64>::try_from(&local)?;
         if !contributes {
             stats[0] = 0.0;
@@ -420,12 +366,7 @@ impl Engine {
         };
         if skip {
             let _ = self.grad.zero_();
-            return Ok(StepStats {
-                loss,
-                grad_norm: norm,
-                skipped: true,
-                loss_scale: scale,
-            });
+            return Ok(StepStats { loss, grad_norm: norm, skipped: true, loss_scale: scale });
         }
         if self.cfg.grad_clip > 0.0 {
             let c = clip_coef(norm, self.cfg.grad_clip);
@@ -436,31 +377,20 @@ impl Engine {
         self.opt.step(&mut self.master, &self.grad, lr)?;
         let _ = self.grad.zero_();
         self.publish_weights()?;
-        Ok(StepStats {
-            loss,
-            grad_norm: norm,
-            skipped: false,
-            loss_scale: scale,
-        })
+        Ok(StepStats { loss, grad_norm: norm, skipped: false, loss_scale: scale })
     }
 
     /// Copies the updated master partition into the model's flat buffer and all-gathers it.
     pub fn publish_weights(&mut self) -> Result<(), ZeroError> {
         let pr = self.part_rank();
         for b in &self.layout.buckets {
-            let mut dst =
-                self.model_flat
-                    .narrow(0, (b.flat_offset + pr * b.shard) as i64, b.shard as i64);
+            let mut dst = self.model_flat.narrow(0, (b.flat_offset + pr * b.shard) as i64, b.shard as i64);
             dst.copy_(&self.master.narrow(0, b.shard_offset as i64, b.shard as i64));
         }
         if self.layout.parts > 1 {
             self.comm.wait_compute()?;
             for b in &self.layout.buckets {
-                self.comm.all_gather_in_place(&self.model_flat.narrow(
-                    0,
-                    b.flat_offset as i64,
-                    b.padded as i64,
-                ))?;
+                self.comm.all_gather_in_place(&self.model_flat.narrow(0, b.flat_offset as i64, b.padded as i64))?;
             }
             self.comm.wait_comm()?;
         }

@@ -70,14 +70,7 @@ impl FlatLayout {
         let n_buckets = params.iter().map(|p| p.2 + 1).max().unwrap_or(0);
         let mut slots = Vec::with_capacity(params.len());
         let mut buckets: Vec<Bucket> = (0..n_buckets)
-            .map(|_| Bucket {
-                params: vec![],
-                numel: 0,
-                padded: 0,
-                flat_offset: 0,
-                shard: 0,
-                shard_offset: 0,
-            })
+            .map(|_| Bucket { params: vec![], numel: 0, padded: 0, flat_offset: 0, shard: 0, shard_offset: 0 })
             .collect();
         for (name, shape, b) in params {
             let numel = shape.iter().product::<usize>();
@@ -106,13 +99,7 @@ impl FlatLayout {
             flat += b.padded;
             part += b.shard;
         }
-        Ok(FlatLayout {
-            parts,
-            params: slots,
-            buckets,
-            total: flat,
-            partition: part,
-        })
+        Ok(FlatLayout { parts, params: slots, buckets, total: flat, partition: part })
     }
 
     pub fn num_params(&self) -> usize {
@@ -176,10 +163,7 @@ mod tests {
                         used[pc.partition_offset + k] += 1;
                     }
                 }
-                assert!(
-                    used.iter().all(|&u| u <= 1),
-                    "pieces overlap in rank {r}'s partition"
-                );
+                assert!(used.iter().all(|&u| u <= 1), "pieces overlap in rank {r}'s partition");
             }
             assert!(seen.iter().flatten().all(|&c| c == 1), "parts={parts}");
             assert_eq!(l.partition * parts, l.total);

@@ -9,11 +9,7 @@ use tch::Tensor;
 /// The reference environment's interpreter; tests that need it fail (not skip) without it.
 pub fn python() -> PathBuf {
     let py = Path::new(env!("CARGO_MANIFEST_DIR")).join(".deps/py/bin/python");
-    assert!(
-        py.exists(),
-        "{} not found: run `make pyenv` to create the Python reference environment",
-        py.display()
-    );
+    assert!(py.exists(), "{} not found: run `make pyenv` to create the Python reference environment", py.display());
     py
 }
 
@@ -25,13 +21,7 @@ pub fn transformers_logits(dir: &Path, tokens: &Tensor) -> Tensor {
     let out_path = work.join("hf_logits.safetensors");
     Tensor::write_safetensors(&[("tokens", tokens)], &tok_path).unwrap();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/check_hf_roundtrip.py");
-    let out = Command::new(python())
-        .arg(&script)
-        .arg(dir)
-        .arg(&tok_path)
-        .arg(&out_path)
-        .output()
-        .unwrap();
+    let out = Command::new(python()).arg(&script).arg(dir).arg(&tok_path).arg(&out_path).output().unwrap();
     assert!(
         out.status.success(),
         "check_hf_roundtrip.py failed:\n{}\n{}",
@@ -65,18 +55,9 @@ pub fn convert_args(ckpt: &Path, out: &Path) -> zerokit::convert::ConvertArgs {
 
 /// The MiB figure of zero-to-fp32's `--report-peak-rss` line in `stderr`.
 pub fn peak_rss_mib(stderr: &str) -> f64 {
-    let line = stderr
-        .lines()
-        .find(|l| l.contains("peak RSS:"))
-        .unwrap_or_else(|| panic!("no peak RSS line in {stderr}"));
-    line.split("peak RSS:")
-        .nth(1)
-        .unwrap()
-        .trim()
-        .trim_end_matches("MiB")
-        .trim()
-        .parse()
-        .unwrap()
+    let line =
+        stderr.lines().find(|l| l.contains("peak RSS:")).unwrap_or_else(|| panic!("no peak RSS line in {stderr}"));
+    line.split("peak RSS:").nth(1).unwrap().trim().trim_end_matches("MiB").trim().parse().unwrap()
 }
 
 /// Writes `<split>.bin` token files of pseudo-random ids below `vocab` (a fixed LCG per split,
@@ -86,9 +67,7 @@ pub fn random_tokens(dir: &Path, vocab: u16, splits: &[(&str, usize, u64)]) {
     for &(split, n, mut s) in splits {
         let mut bytes = Vec::with_capacity(n * 2);
         for _ in 0..n {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             bytes.extend_from_slice(&(((s >> 33) as u16) % vocab).to_le_bytes());
         }
         std::fs::write(dir.join(format!("{split}.bin")), bytes).unwrap();
@@ -122,23 +101,14 @@ pub fn assert_conversion_streams(src: &Path, out: &Path, tensor_mib: f64) {
     let full = run(&["--max-shard-size", "100MB"]);
     eprintln!("peak RSS: dry run {dry:.1} MiB, conversion {full:.1} MiB");
     // About 12 MiB per thread: a 4 MiB unit read, its mapped pages, allocator slack.
-    assert!(
-        full - dry < 2.0 * tensor_mib,
-        "peak RSS {full:.1} MiB vs {dry:.1} MiB dry: not streaming"
-    );
+    assert!(full - dry < 2.0 * tensor_mib, "peak RSS {full:.1} MiB vs {dry:.1} MiB dry: not streaming");
 }
 
 /// The fp32 master partition of a DeepSpeed ZeRO-1/2 rank's optimizer file (its first group).
 pub fn deepspeed_fp32_partition(
     tf: &zerokit::interop::torch_pickle::TorchFile,
 ) -> &zerokit::interop::torch_pickle::TensorRef {
-    tf.root()
-        .get("optimizer_state_dict")
-        .unwrap()
-        .get("single_partition_of_fp32_groups")
-        .unwrap()
-        .as_seq()
-        .unwrap()[0]
+    tf.root().get("optimizer_state_dict").unwrap().get("single_partition_of_fp32_groups").unwrap().as_seq().unwrap()[0]
         .as_tensor()
         .unwrap()
 }
