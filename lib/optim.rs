@@ -402,9 +402,7 @@ impl LrSchedule {
                 nanogpt_lr(it, warmup_iters, lr_decay_iters, max_lr, min_lr, decay)
             }
             LrSchedule::WarmupLR { warmup_min_lr, warmup_max_lr, warmup_num_steps, warmup_type } => {
-                let Some(last) = it.checked_sub(1) else {
-                    return warmup_min_lr;
-                };
+                let Some(last) = it.checked_sub(1) else { return warmup_min_lr };
                 let gamma = ds_warmup_gamma(last, warmup_num_steps, warmup_type).unwrap_or(1.0);
                 warmup_min_lr + (warmup_max_lr - warmup_min_lr) * gamma
             }
@@ -415,9 +413,7 @@ impl LrSchedule {
                 warmup_num_steps,
                 warmup_type,
             } => {
-                let Some(last) = it.checked_sub(1) else {
-                    return warmup_min_lr;
-                };
+                let Some(last) = it.checked_sub(1) else { return warmup_min_lr };
                 let warmup = warmup_num_steps.max(2);
                 let gamma = ds_warmup_gamma(last, warmup_num_steps, warmup_type).unwrap_or_else(|| {
                     let num = total_num_steps as f64 - last as f64;
@@ -434,9 +430,7 @@ impl LrSchedule {
                 cos_min_ratio,
                 warmup_type,
             } => {
-                let Some(last) = it.checked_sub(1) else {
-                    return 0.0;
-                };
+                let Some(last) = it.checked_sub(1) else { return 0.0 };
                 let warmup = warmup_num_steps.max(2);
                 let ratio = match ds_warmup_gamma(last, warmup_num_steps, warmup_type) {
                     Some(r) => warmup_min_ratio + r * (1.0 - warmup_min_ratio),

@@ -49,13 +49,7 @@ const EVAL_SALT: u64 = 0x9e37_79b9_7f4a_7c15;
 /// Resolves device and dtype names for this rank.
 pub fn resolve_device(cfg: &TrainConfig, local_rank: usize) -> Result<(Device, Kind), TrainError> {
     // A rank sees either its one GPU (zerokit's launcher, Slurm) or all of the node's (torchrun).
-    let gpu = || {
-        if tch::Cuda::device_count() == 1 {
-            0
-        } else {
-            local_rank
-        }
-    };
+    let gpu = || if tch::Cuda::device_count() == 1 { 0 } else { local_rank };
     let device = match cfg.device.as_str() {
         "auto" if crate::device::load_cuda() => Device::Cuda(gpu()),
         "cuda" if crate::device::load_cuda() => Device::Cuda(gpu()),

@@ -130,9 +130,7 @@ fn nccl_identity() -> String {
     let mut v: i32 = 0;
     // SAFETY: v is a valid out-pointer.
     let version = match unsafe { ncsys::ncclGetVersion(&mut v) } {
-        ncsys::ncclResult_t::ncclSuccess => {
-            format!("{}.{}.{}", v / 10000, (v / 100) % 100, v % 100)
-        }
+        ncsys::ncclResult_t::ncclSuccess => format!("{}.{}.{}", v / 10000, (v / 100) % 100, v % 100),
         _ => "unknown".into(),
     };
     let file = first_loadable(&cudarc::get_lib_name_candidates("nccl")).map_or("?".into(), |p| p.display().to_string());

@@ -54,13 +54,7 @@ impl Rendezvous {
         // Slurm's task variables describe this process only inside an srun step: a batch script
         // also has SLURM_PROCID=0 and SLURM_NTASKS, for tasks it has not started.
         let in_srun = std::env::var_os("SLURM_STEP_ID").is_some() || std::env::var_os("SLURM_STEPID").is_some();
-        let pick = |torch: &'static str, slurm: &'static str| {
-            if in_srun {
-                vec![torch, slurm]
-            } else {
-                vec![torch]
-            }
-        };
+        let pick = |torch: &'static str, slurm: &'static str| if in_srun { vec![torch, slurm] } else { vec![torch] };
         let world = num(&pick("WORLD_SIZE", "SLURM_NTASKS"))?;
         let rank = num(&pick("RANK", "SLURM_PROCID"))?;
         let (world, rank) = match (world, rank) {
