@@ -207,6 +207,15 @@ pub fn read_manifest(tag_dir: &Path) -> Result<Manifest, CheckpointError> {
     Ok(m)
 }
 
+/// Part of a range of one parameter's elements that one rank file holds: the rank, the byte
+/// offset in its mapping, and where those elements go (from the range's start) and how many.
+struct Span {
+    rank: usize,
+    at: usize,
+    dst: usize,
+    len: usize,
+}
+
 /// Read access to the partition tensors of a saved checkpoint, for any target layout: resume on
 /// another world size or stage, and conversion to a consolidated model.
 pub struct PartitionReader {
@@ -252,26 +261,20 @@ impl PartitionReader {
     /// Copies elements [offset, offset+out.len()) of parameter `name`'s `tensor` (one of
     /// PARTITION_TENSORS) into `out`.
     pub fn read(&self, tensor: &str, name: &str, offset: usize, out: &mut [f32]) -> Result<(), CheckpointError> {
-        let layout = &self.manifest.layout;
-        let (k, pi) = self.locate(tensor, name)?;
-        if offset + out.len() > layout.params[pi].numel {
-            return Err(invalid(&self.dir, format!("{name}: range beyond its {} elements", layout.params[pi].numel)));
-        }
-        let mut filled = 0;
-        for (r, pc) in &self.pieces[pi] {
-            let (s, e) = (pc.param_offset.max(offset), (pc.param_offset + pc.len).min(offset + out.len()));
-            if s >= e {
-                continue;
+        for sp in self.spans(tensor, name, offset, out.len())? {
+            let bytes = &self.maps[sp.rank][sp.at..sp.at + sp.len * 4];
+            for (k, c) in bytes.chunks_exact(4).enumerate() {
+                out[sp.dst + k] = f32::from_le_bytes(c.try_into().expect("4 bytes"));
             }
-            let data = &self.maps[*r][self.starts[*r][k]..];
-            let from = (pc.partition_offset + s - pc.param_offset) * 4;
-            for (k, c) in data[from..from + (e - s) * 4].chunks_exact(4).enumerate() {
-                out[s - offset + k] = f32::from_le_bytes(c.try_into().expect("4 bytes"));
-            }
-            filled += e - s;
         }
-        if filled != out.len() {
-            return Err(invalid(&self.dir, format!("{name}: the rank files cover {filled} of {} elements", out.len())));
+        Ok(())
+    }
+
+    /// The same elements as `read` as the files store them, little-endian fp32 (4 bytes each):
+    /// a plain copy for callers that want bytes.
+    pub fn read_bytes(&self, tensor: &str, name: &str, offset: usize, out: &mut [u8]) -> Result<(), CheckpointError> {
+        for sp in self.spans(tensor, name, offset, out.len() / 4)? {
+            out[sp.dst * 4..(sp.dst + sp.len) * 4].copy_from_slice(&self.maps[sp.rank][sp.at..sp.at + sp.len * 4]);
         }
         Ok(())
     }
@@ -280,15 +283,33 @@ impl PartitionReader {
     /// from this process's resident set (see [`fsutil::release_mapped`]), so streaming a whole
     /// checkpoint through `read` keeps memory bounded by what the caller holds.
     pub fn release(&self, tensor: &str, name: &str, offset: usize, len: usize) -> Result<(), CheckpointError> {
+        for sp in self.spans(tensor, name, offset, len)? {
+            fsutil::release_mapped(&self.maps[sp.rank], sp.at, sp.len * 4);
+        }
+        Ok(())
+    }
+
+    /// Where elements [offset, offset+len) of parameter `name`'s `tensor` lie in the rank files,
+    /// after checking that the range is inside the parameter and that the files cover all of it.
+    fn spans(&self, tensor: &str, name: &str, offset: usize, len: usize) -> Result<Vec<Span>, CheckpointError> {
         let (k, pi) = self.locate(tensor, name)?;
+        let numel = self.manifest.layout.params[pi].numel;
+        if offset + len > numel {
+            return Err(invalid(&self.dir, format!("{name}: range beyond its {numel} elements")));
+        }
+        let mut spans = Vec::new();
         for (r, pc) in &self.pieces[pi] {
             let (s, e) = (pc.param_offset.max(offset), (pc.param_offset + pc.len).min(offset + len));
             if s < e {
                 let at = self.starts[*r][k] + (pc.partition_offset + s - pc.param_offset) * 4;
-                fsutil::release_mapped(&self.maps[*r], at, (e - s) * 4);
+                spans.push(Span { rank: *r, at, dst: s - offset, len: e - s });
             }
         }
-        Ok(())
+        let filled: usize = spans.iter().map(|sp| sp.len).sum();
+        if filled != len {
+            return Err(invalid(&self.dir, format!("{name}: the rank files cover {filled} of {len} elements")));
+        }
+        Ok(spans)
     }
 
     /// Indices of a PARTITION_TENSORS entry and of a parameter in the layout.

@@ -184,7 +184,7 @@ impl Drop for AtomicDir {
 
 /// SHA-256 computed on a thread of its own: `update` hands the bytes over and returns, so the
 /// hash (one core's worth, about 1.5 GB/s with SHA instructions) runs beside the reading or
-/// writing that produces them instead of in series with it. A few buffers are in flight at most.
+/// writing that produces them instead of in series with it. At most `depth` buffers wait (`new`).
 pub struct BackgroundSha256 {
     tx: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
     worker: Option<std::thread::JoinHandle<(Sha256, u64, f64)>>,

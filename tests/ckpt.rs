@@ -102,10 +102,6 @@ fn verify(path: &Path, extra: &[&str]) -> Out {
     ckpt(&args)
 }
 
-fn manifest(tag: &Path) -> Value {
-    serde_json::from_slice(&std::fs::read(tag.join("manifest.json")).unwrap()).unwrap()
-}
-
 /// Records a file's new size and hash in the manifest, so only the deeper checks can catch
 /// what was changed in it.
 fn rehash(tag: &Path, name: &str) {
@@ -308,7 +304,7 @@ fn verify_names_each_corruption() {
             "data in padding",
             |root| {
                 let t = root.join(TAGS[1]);
-                let m = manifest(&t);
+                let m = common::manifest(&t);
                 let b = &m["layout"]["buckets"][0];
                 // The first padding element of bucket 0, by the format's definition.
                 let q = b["numel"].as_u64().unwrap() as usize;
@@ -371,7 +367,7 @@ fn scan_finds_bad_values_that_hashes_cannot() {
     // NaN in a master weight (the manifest re-hashed, as a buggy writer would have): only --scan sees it.
     let (_t, root) = copy();
     let t = root.join(TAGS[1]);
-    let (rank, pos) = partition_position(&manifest(&t), name, k);
+    let (rank, pos) = partition_position(&common::manifest(&t), name, k);
     let file = format!("rank_{rank:05}.safetensors");
     write_f32(&t.join(&file), "master", pos, f32::NAN);
     rehash(&t, &file);
@@ -390,7 +386,7 @@ fn scan_finds_bad_values_that_hashes_cannot() {
     // A negative second moment.
     let (_t, root) = copy();
     let t = root.join(TAGS[1]);
-    let (rank, pos) = partition_position(&manifest(&t), name, k);
+    let (rank, pos) = partition_position(&common::manifest(&t), name, k);
     let file = format!("rank_{rank:05}.safetensors");
     write_f32(&t.join(&file), "exp_avg_sq", pos, -1.0);
     rehash(&t, &file);
@@ -430,7 +426,7 @@ fn json_of(path: &Path, extra: &[&str]) -> Value {
 #[test]
 fn inspect_reports_what_the_checkpoint_holds() {
     let root = trained();
-    let m = manifest(&root.join(TAGS[1]));
+    let m = common::manifest(&root.join(TAGS[1]));
     let i: Inspection = inspect(root, None, true).unwrap();
     assert_eq!(i.schema, SCHEMA);
     assert_eq!(i.tags, TAGS);

@@ -99,7 +99,7 @@ fn read_tensors(path: &Path) -> Tensors {
 /// arithmetic: element i of a parameter at offset o in bucket b lies at bucket position o + i,
 /// on rank (o + i) / shard_b, at partition position shard_offset_b + (o + i) mod shard_b.
 fn assemble_master(tag: &Path) -> BTreeMap<String, (Vec<usize>, Vec<u8>)> {
-    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(tag.join("manifest.json")).unwrap()).unwrap();
+    let m = common::manifest(tag);
     let layout = &m["layout"];
     let parts = layout["parts"].as_u64().unwrap() as usize;
     let ranks: Vec<Vec<u8>> = (0..parts)
@@ -213,8 +213,7 @@ fn output_is_the_fp32_master_bit_for_bit_at_every_stage_and_world_size() {
 fn directory_output_has_config_json_in_the_output_dtype() {
     let tmp = tempfile::tempdir().unwrap();
     let case = &checkpoints()[2];
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(latest_tag(&case.root).join("manifest.json")).unwrap()).unwrap();
+    let manifest = common::manifest(&latest_tag(&case.root));
     for (dtype, name) in [(OutDtype::Fp32, "float32"), (OutDtype::Fp16, "float16"), (OutDtype::Bf16, "bfloat16")] {
         let out = tmp.path().join(name);
         let mut a = common::convert_args(&case.root, &out);

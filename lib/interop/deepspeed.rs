@@ -538,6 +538,8 @@ impl ShardedSource for DeepSpeedSource {
             .filter(|p| seen.insert((p.file, p.tensor.storage_key.as_str())))
             .map(|p| (p.file, &p.tensor))
             .collect();
+        // Collected in order, so the error reported is the first storage's whichever thread
+        // finished first.
         let results: Vec<Result<(), TorchError>> =
             storages.par_iter().map(|&(f, t)| self.files[f].verify_storage(t)).collect();
         results.into_iter().collect::<Result<(), _>>().map_err(Into::into)

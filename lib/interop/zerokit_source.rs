@@ -178,12 +178,8 @@ impl ShardedSource for ZerokitSource {
             );
         }
         let (at, n) = (start as usize / 4, out.len() / 4);
-        let mut buf = vec![0f32; n];
-        self.reader.read("master", name, at, &mut buf)?;
+        self.reader.read_bytes("master", name, at, out)?;
         self.reader.release("master", name, at, n)?;
-        for (o, x) in out.chunks_exact_mut(4).zip(&buf) {
-            o.copy_from_slice(&x.to_le_bytes());
-        }
         Ok(())
     }
 

@@ -106,8 +106,9 @@ fn bucket_of(name: &str, n_layer: usize) -> Result<usize, String> {
 }
 
 impl Engine {
-    /// Takes a model built (or loaded) in fp32 on `cfg.device`; every rank must pass identical
-    /// weights. Converts it to the compute dtype with its tensors viewing one flat buffer.
+    /// Takes a model built (or loaded) in fp32, on the host or on `cfg.device`; every rank must
+    /// pass identical weights. Moves it to `cfg.device` in the compute dtype, its tensors viewing
+    /// one flat buffer.
     pub fn new(mut model: Gpt, cfg: EngineConfig, comm: Box<dyn Collectives>) -> Result<Self, ZeroError> {
         let n_layer = model.config().n_layer;
         let named = model.named_parameters();

@@ -74,12 +74,16 @@ pub fn random_tokens(dir: &Path, vocab: u16, splits: &[(&str, usize, u64)]) {
     }
 }
 
+/// A zerokit checkpoint tag's manifest.json.
+pub fn manifest(tag: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(tag.join("manifest.json")).unwrap()).unwrap()
+}
+
 /// Rewrites a zerokit checkpoint tag's manifest.json through `f`.
 pub fn edit_manifest(tag: &Path, f: impl FnOnce(&mut serde_json::Value)) {
-    let p = tag.join("manifest.json");
-    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+    let mut m = manifest(tag);
     f(&mut m);
-    std::fs::write(&p, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+    std::fs::write(tag.join("manifest.json"), serde_json::to_vec_pretty(&m).unwrap()).unwrap();
 }
 
 /// Converts `src` into `out` with 2 threads and checks that the peak RSS stays within two
