@@ -72,6 +72,14 @@ def cpu_name():
     return platform.processor() or "unknown"
 
 
+def own_seconds(stderr):
+    """prepare's own time, from its summary line: the run less process start-up."""
+    m = re.search(r"tokens \(\d+ docs\), ([\d.]+) s, ", stderr)
+    if not m:
+        sys.exit(f"no summary line in prepare's output:\n{stderr}")
+    return float(m.group(1))
+
+
 def run_prepare(binary, inputs, out, threads, extra=()):
     cmd = [binary, *inputs, "--out", out, "--threads", str(threads), *extra]
     # A fresh output each time, as on a first run: replacing an earlier one (--force) would add
@@ -92,11 +100,10 @@ def run_prepare(binary, inputs, out, threads, extra=()):
         sys.exit(f"prepare failed: {' '.join(cmd)}\n{stderr}")
     with open(os.path.join(out, "meta.json")) as f:
         meta = json.load(f)
-    # prepare's own time (its summary line): the run less process start-up (loading libtorch,
-    # which every zerokit binary links, costs about 0.3 s whatever the corpus).
     meta["_cpu_s"] = usage.ru_utime + usage.ru_stime
-    m = re.search(r"tokens \(\d+ docs\), ([\d.]+) s, ", stderr)
-    meta["_pipeline_s"] = float(m.group(1)) if m else None
+    # prepare's own time: the run less process start-up (loading libtorch, which every zerokit
+    # binary links, costs about 0.3 s whatever the corpus).
+    meta["_pipeline_s"] = own_seconds(stderr)
     m = re.search(r"serial stages: reader ([\d.]+) s CPU \(([\d.]+) s waiting for tokenizing\), reordering ([\d.]+) s CPU", stderr)
     files = [float(x) for x in re.findall(r"serial stages: \S+ written with ([\d.]+) s CPU", stderr)]
     hashes = [float(x) for x in re.findall(r"serial stages: sha256 of \d+ bytes with ([\d.]+) s CPU", stderr)]
@@ -196,7 +203,7 @@ def scaling(args, tmp):
         if any(p.returncode != 0 for p in procs):
             sys.exit("an independent prepare run failed")
         # Their own times (start-up excluded, as in the column compared): the slowest sets the pace.
-        own = max(float(re.search(r"tokens \(\d+ docs\), ([\d.]+) s, ", e).group(1)) for e in errs)
+        own = max(own_seconds(e) for e in errs)
         r["independent_MBps"] = n * piece_size / own / 1e6
         for k in range(n):
             shutil.rmtree(os.path.join(tmp, f"indep{k}"), ignore_errors=True)
