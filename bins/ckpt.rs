@@ -33,7 +33,7 @@ fn run() -> anyhow::Result<()> {
         Command::Inspect(args) => print!("{}", zerokit::ckpt::inspect::run(&args)?),
         Command::Verify(args) => match zerokit::ckpt::verify::verify(&args) {
             Ok(report) => {
-                for p in &report.problems {
+                for p in report.problems.iter().chain(&report.unreadable) {
                     println!("{p}");
                 }
                 std::process::exit(report.exit_code());

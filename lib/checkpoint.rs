@@ -7,6 +7,7 @@
 //! intact.
 
 use crate::fsutil::{self, FsError};
+use crate::tags::{self, TagError};
 use crate::zero::layout::{FlatLayout, Piece};
 use memmap2::Mmap;
 use safetensors::SafeTensors;
@@ -31,6 +32,8 @@ pub enum CheckpointError {
     Invalid { path: PathBuf, msg: String },
     #[error("tensor: {0}")]
     Tensor(#[from] tch::TchError),
+    #[error(transparent)]
+    Tag(#[from] TagError),
 }
 
 fn invalid(path: &Path, msg: impl Into<String>) -> CheckpointError {
@@ -163,32 +166,12 @@ pub fn write_safetensors(
 }
 
 /// Finds the tag directory: `path` itself when it holds a manifest, else the tag that `tag`
-/// names or `latest` points to under `path`.
+/// names or `latest` points to under `path` (lib/tags.rs checks that it stays inside `path`).
 pub fn resolve(path: &Path, tag: Option<&str>) -> Result<PathBuf, CheckpointError> {
-    if let Some(t) = tag {
-        let dir = path.join(t);
-        if !dir.join("manifest.json").is_file() {
-            return Err(invalid(&dir, "no manifest.json: not a complete zerokit checkpoint tag"));
-        }
-        return Ok(dir);
-    }
-    if path.join("manifest.json").is_file() {
+    if tag.is_none() && path.join("manifest.json").is_file() {
         return Ok(path.to_path_buf());
     }
-    let latest = path.join("latest");
-    let name = fs::read_to_string(&latest).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            invalid(path, "neither a checkpoint tag (manifest.json) nor a checkpoint root (latest)")
-        } else {
-            FsError::io(&latest, e).into()
-        }
-    })?;
-    let name = name.trim();
-    let dir = path.join(name);
-    if name.is_empty() || name.contains('/') || !dir.join("manifest.json").is_file() {
-        return Err(invalid(&latest, format!("names tag {name:?}, which is not a complete checkpoint")));
-    }
-    Ok(dir)
+    Ok(tags::resolve(path, tag, &|d| d.join("manifest.json").is_file())?)
 }
 
 pub fn read_manifest(tag_dir: &Path) -> Result<Manifest, CheckpointError> {

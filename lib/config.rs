@@ -168,6 +168,37 @@ fn type_name(v: &toml::Value) -> &'static str {
     }
 }
 
+/// "unknown key" with the nearest valid key when one is close (a typo), and every valid key.
+fn unknown_key(key: &str, defaults: &toml::Table) -> String {
+    let mut valid: Vec<&str> = defaults.keys().map(String::as_str).chain(["lr_schedule"]).collect();
+    valid.sort_unstable();
+    valid.dedup();
+    let nearest = valid
+        .iter()
+        .map(|v| (edit_distance(&key.to_lowercase(), v), *v))
+        .min()
+        .filter(|(d, v)| *d <= 2.max(v.len() / 3))
+        .map(|(_, v)| format!(" (did you mean `{v}`?)"))
+        .unwrap_or_default();
+    format!("unknown key `{key}`{nearest}; valid keys: {}", valid.join(", "))
+}
+
+/// Levenshtein distance (insertions, deletions, substitutions), for suggesting keys.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diag = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let next = (row[j + 1] + 1).min(row[j] + 1).min(diag + usize::from(ca != *cb));
+            diag = row[j + 1];
+            row[j + 1] = next;
+        }
+    }
+    row[b.len()]
+}
+
 /// Checks `value` against the type of `key`'s default. Integers are accepted for float keys
 /// (`learning_rate = 1`). Err: what is wrong, naming the key.
 fn check_type(key: &str, value: toml::Value, defaults: &toml::Table) -> Result<toml::Value, String> {
@@ -179,7 +210,7 @@ fn check_type(key: &str, value: toml::Value, defaults: &toml::Table) -> Result<t
         };
     }
     let Some(default) = defaults.get(key) else {
-        return Err(format!("unknown key `{key}`"));
+        return Err(unknown_key(key, defaults));
     };
     match (default, value) {
         (V::Float(_), V::Integer(i)) => Ok(V::Float(i as f64)),

@@ -7,11 +7,12 @@
 //! cast and write at their final offsets, in any order. Each worker holds one unit (stored and
 //! output dtype): peak memory is a few MiB per thread plus fixed overhead, whatever the model.
 
-use crate::fsutil::{AtomicDir, AtomicFile, FsError};
+use crate::fsutil::{self, AtomicDir, AtomicFile, FsError};
 use crate::interop::deepspeed::{self, DeepSpeedError, DeepSpeedSource};
 use crate::interop::safetensors_out::{self, SafetensorsOutError, TensorSpec};
 use crate::interop::torch_pickle::DType;
 use crate::interop::zerokit_source::{self, ZerokitSource, ZerokitSourceError};
+use crate::tags::{self, TagError};
 use rayon::prelude::*;
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -85,13 +86,13 @@ pub enum ConvertError {
     Source(SourceError),
     #[error("{0}: not a directory")]
     NotADir(PathBuf),
-    #[error("{path}: names tag {tag:?}, but {dir} does not exist")]
-    BadLatest { path: PathBuf, tag: String, dir: PathBuf },
+    #[error(transparent)]
+    Tag(#[from] TagError),
     #[error("{0}: not a checkpoint zero-to-fp32 can read (neither zerokit nor DeepSpeed files found)")]
     UnknownFormat(PathBuf),
     #[error("--max-shard-size: {0}")]
     ShardSize(SafetensorsOutError),
-    #[error("--threads: {0}")]
+    #[error("{0}")]
     Threads(String),
 }
 
@@ -167,25 +168,17 @@ pub struct Summary {
     pub peak_rss_bytes: Option<u64>,
 }
 
-/// Finds the tag directory: `--tag`, else the tag the root's `latest` names, else the path itself.
+/// Finds the tag directory: `--tag`, else `checkpoint` itself when it is a tag, else the tag the
+/// root's `latest` names (lib/tags.rs checks that it stays inside the root).
 pub fn resolve_tag_dir(checkpoint: &Path, tag: Option<&str>) -> Result<PathBuf, ConvertError> {
     if !checkpoint.is_dir() {
         return Err(ConvertError::NotADir(checkpoint.to_path_buf()));
     }
-    if let Some(tag) = tag {
-        let dir = checkpoint.join(tag);
-        return if dir.is_dir() { Ok(dir) } else { Err(ConvertError::NotADir(dir)) };
+    let is_tag = |d: &Path| zerokit_source::is_zerokit_dir(d) || deepspeed::is_deepspeed_dir(d);
+    if tag.is_none() && is_tag(checkpoint) {
+        return Ok(checkpoint.to_path_buf());
     }
-    let latest = checkpoint.join("latest");
-    if latest.is_file() {
-        let tag = std::fs::read_to_string(&latest).map_err(|e| FsError::io(&latest, e))?.trim().to_string();
-        let dir = checkpoint.join(&tag);
-        if !dir.is_dir() {
-            return Err(ConvertError::BadLatest { path: latest, tag, dir });
-        }
-        return Ok(dir);
-    }
-    Ok(checkpoint.to_path_buf())
+    Ok(tags::resolve(checkpoint, tag, &is_tag)?)
 }
 
 /// Opens whichever supported checkpoint `checkpoint` is.
@@ -202,11 +195,12 @@ pub fn open_source(checkpoint: &Path, tag: Option<&str>) -> Result<Box<dyn Shard
 
 /// The command: open, convert, log the summary.
 pub fn run(args: &ConvertArgs) -> Result<Summary, ConvertError> {
+    fsutil::clean_up_on_signals();
     let source = open_source(&args.checkpoint, args.tag.as_deref())?;
     let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(args.threads)
+        .num_threads(crate::cli::threads(args.threads).map_err(ConvertError::Threads)?)
         .build()
-        .map_err(|e| ConvertError::Threads(e.to_string()))?;
+        .map_err(|e| ConvertError::Threads(format!("cannot start the worker threads: {e}")))?;
     let summary = pool.install(|| convert(source.as_ref(), args))?;
     if let Some(rss) = summary.peak_rss_bytes {
         info!("peak RSS: {:.1} MiB", rss as f64 / 1048576.0);
@@ -226,6 +220,7 @@ fn out_dtype(stored: DType, want: DType) -> DType {
 /// Consolidates `source` into `args.output`.
 pub fn convert(source: &dyn ShardedSource, args: &ConvertArgs) -> Result<Summary, ConvertError> {
     let start = Instant::now();
+    fsutil::refuse_overlap(&args.output, &[&args.checkpoint])?;
     let want = args.dtype.dtype();
     let infos: Vec<TensorInfo> = source.describe().into_iter().filter(|t| !(args.exclude_frozen && t.frozen)).collect();
     let specs: Vec<TensorSpec> = infos

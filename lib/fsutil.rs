@@ -13,12 +13,83 @@ pub enum FsError {
     Io { path: PathBuf, source: io::Error },
     #[error("{0}: already exists (pass --force to replace it)")]
     Exists(PathBuf),
+    #[error("{output}: {how} the input {input}; refusing to write there (--force never replaces an input)")]
+    Overlaps { output: PathBuf, input: PathBuf, how: &'static str },
 }
 
 impl FsError {
+    /// An I/O error on `path`, named as the user knows it (see [`shown`]).
     pub fn io(path: impl Into<PathBuf>, source: io::Error) -> Self {
-        FsError::Io { path: path.into(), source }
+        FsError::Io { path: shown(&path.into()), source }
     }
+}
+
+/// The path a user asked for, for messages: each component that is this process's temporary name
+/// for an output (`.NAME.tmp-PID`, see [`temp_sibling`]) or a checkpoint save in progress
+/// (`.NAME.partial`) becomes `NAME`. A write error in the middle of building `out/` then names
+/// `out/train.bin`, not `.out.tmp-4242/train.bin`.
+pub fn shown(path: &Path) -> PathBuf {
+    let suffix = format!(".tmp-{}", std::process::id());
+    path.components()
+        .map(|c| {
+            let s = c.as_os_str().to_string_lossy();
+            let hidden = s.strip_prefix('.');
+            match hidden.and_then(|n| n.strip_suffix(&suffix).or_else(|| n.strip_suffix(".partial"))) {
+                Some(name) if !name.is_empty() => std::ffi::OsString::from(name),
+                _ => c.as_os_str().to_os_string(),
+            }
+        })
+        .collect()
+}
+
+/// `path` made absolute with symbolic links resolved, for comparing paths: the longest existing
+/// ancestor is canonicalized and the components that do not exist yet are appended to it.
+pub fn canonical_lenient(path: &Path) -> Result<PathBuf, FsError> {
+    let abs = std::path::absolute(path).map_err(|e| FsError::io(path, e))?;
+    let mut base = abs.as_path();
+    let mut rest = Vec::new();
+    loop {
+        match base.canonicalize() {
+            Ok(mut out) => {
+                for c in rest.iter().rev() {
+                    out.push(c);
+                }
+                return Ok(out);
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => match (base.file_name(), base.parent()) {
+                (Some(name), Some(parent)) => {
+                    rest.push(name.to_os_string());
+                    base = parent;
+                }
+                _ => return Err(FsError::io(path, e)),
+            },
+            Err(e) => return Err(FsError::io(path, e)),
+        }
+    }
+}
+
+/// Refuses an output that would remove or replace an input: `output` is one of `inputs`,
+/// contains one (replacing it deletes the input), or lies inside one and already exists
+/// (replacing it changes the input). Canonical paths are compared, so `.`, `..` and symbolic
+/// links do not hide an overlap. A new path inside an input directory is allowed: it replaces
+/// nothing. Every tool calls this before it writes, whatever `--force` says.
+pub fn refuse_overlap(output: &Path, inputs: &[&Path]) -> Result<(), FsError> {
+    let out = canonical_lenient(output)?;
+    let exists = fs::symlink_metadata(output).is_ok();
+    for input in inputs {
+        let inp = canonical_lenient(input)?;
+        let how = if out == inp {
+            "is"
+        } else if inp.starts_with(&out) {
+            "contains"
+        } else if exists && out.starts_with(&inp) {
+            "lies inside"
+        } else {
+            continue;
+        };
+        return Err(FsError::Overlaps { output: output.to_path_buf(), input: input.to_path_buf(), how });
+    }
+    Ok(())
 }
 
 /// A temporary sibling name for `path`: same directory (so rename is atomic), hidden, unique to
@@ -26,6 +97,65 @@ impl FsError {
 pub fn temp_sibling(path: &Path) -> PathBuf {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+}
+
+/// Temporary outputs of this process that exist now ([`AtomicFile`], [`AtomicDir`]): what a
+/// signal handler removes before the process ends.
+static TEMPS: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+fn track(tmp: &Path) {
+    TEMPS.lock().unwrap_or_else(|p| p.into_inner()).push(tmp.to_path_buf());
+}
+
+fn untrack(tmp: &Path) {
+    TEMPS.lock().unwrap_or_else(|p| p.into_inner()).retain(|t| t != tmp);
+}
+
+/// On SIGINT, SIGTERM or SIGHUP, removes every temporary output in progress, then ends the
+/// process as the signal would have (so a parent sees the signal). Without it, Ctrl-C in the
+/// middle of `prepare` or `zero-to-fp32` leaves a hidden `.OUT.tmp-PID` behind. SIGKILL cannot
+/// be caught: [`remove_stale_temps`] removes what such a death leaves, on the next run.
+pub fn clean_up_on_signals() {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]) else { return };
+        let _ = std::thread::Builder::new().name("signals".into()).spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                // Held to the end: nothing registers a new temporary after the sweep.
+                let temps = TEMPS.lock().unwrap_or_else(|p| p.into_inner());
+                for t in temps.iter() {
+                    let _ = fs::remove_dir_all(t).or_else(|_| fs::remove_file(t));
+                }
+                let _ = signal_hook::low_level::emulate_default_handler(sig);
+                std::process::exit(128 + sig);
+            }
+        });
+    });
+}
+
+/// Whether process `pid` exists (on this host). A process we may not signal still exists.
+fn process_alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists and may be signalled.
+    unsafe { libc::kill(pid, 0) == 0 || *libc::__errno_location() != libc::ESRCH }
+}
+
+/// Removes the temporary siblings of `path` (`.NAME.tmp-PID`, `.NAME.old-PID`) that a process
+/// killed outright left behind: those whose PID no longer exists. A live process's are its own.
+pub fn remove_stale_temps(path: &Path) {
+    let (Some(name), Some(dir)) = (path.file_name(), path.parent()) else { return };
+    let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+    let Ok(entries) = fs::read_dir(dir) else { return };
+    let stem = format!(".{}.", name.to_string_lossy());
+    for e in entries.flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = n.strip_prefix(&stem) else { continue };
+        let pid = rest.strip_prefix("tmp-").or_else(|| rest.strip_prefix("old-")).and_then(|p| p.parse::<i32>().ok());
+        if let Some(pid) = pid.filter(|&p| p > 0 && p as u32 != std::process::id() && !process_alive(p)) {
+            tracing::info!("removing {}, left by process {pid}, which no longer runs", e.path().display());
+            let _ = fs::remove_dir_all(e.path()).or_else(|_| fs::remove_file(e.path()));
+        }
+    }
 }
 
 /// A file written under a temporary name and renamed onto its final name by `commit`. Dropped
@@ -40,8 +170,10 @@ pub struct AtomicFile {
 impl AtomicFile {
     pub fn create(final_path: impl Into<PathBuf>) -> Result<Self, FsError> {
         let final_path = final_path.into();
+        remove_stale_temps(&final_path);
         let tmp_path = temp_sibling(&final_path);
         let file = File::create(&tmp_path).map_err(|e| FsError::io(&tmp_path, e))?;
+        track(&tmp_path);
         Ok(AtomicFile { final_path, tmp_path, writer: Some(BufWriter::with_capacity(1 << 20, file)) })
     }
 
@@ -68,6 +200,7 @@ impl AtomicFile {
         file.sync_all().map_err(|e| FsError::io(&self.tmp_path, e))?;
         drop(file);
         fs::rename(&self.tmp_path, &self.final_path).map_err(|e| FsError::io(&self.final_path, e))?;
+        untrack(&self.tmp_path);
         sync_parent(&self.final_path);
         Ok(self.final_path.clone())
     }
@@ -86,6 +219,7 @@ impl Drop for AtomicFile {
     fn drop(&mut self) {
         if self.writer.take().is_some() {
             let _ = fs::remove_file(&self.tmp_path);
+            untrack(&self.tmp_path);
         }
     }
 }
@@ -137,11 +271,13 @@ impl AtomicDir {
         if final_path.exists() && !force {
             return Err(FsError::Exists(final_path));
         }
+        remove_stale_temps(&final_path);
         let tmp_path = temp_sibling(&final_path);
         if tmp_path.exists() {
             fs::remove_dir_all(&tmp_path).map_err(|e| FsError::io(&tmp_path, e))?;
         }
         fs::create_dir_all(&tmp_path).map_err(|e| FsError::io(&tmp_path, e))?;
+        track(&tmp_path);
         Ok(AtomicDir { final_path, tmp_path, done: false })
     }
 
@@ -165,6 +301,7 @@ impl AtomicDir {
             None
         };
         fs::rename(&self.tmp_path, &self.final_path).map_err(|e| FsError::io(&self.final_path, e))?;
+        untrack(&self.tmp_path);
         sync_parent(&self.final_path);
         self.done = true;
         if let Some(old) = old {
@@ -178,6 +315,7 @@ impl Drop for AtomicDir {
     fn drop(&mut self) {
         if !self.done {
             let _ = fs::remove_dir_all(&self.tmp_path);
+            untrack(&self.tmp_path);
         }
     }
 }
@@ -310,6 +448,68 @@ mod tests {
         fs::write(d.path().join("new"), b"y").unwrap();
         d.commit().unwrap();
         assert!(target.join("new").exists() && !target.join("keep").exists());
+    }
+
+    #[test]
+    fn outputs_that_would_replace_an_input_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let ck = d.path().join("ckpt");
+        fs::create_dir_all(ck.join("step_1")).unwrap();
+        fs::write(ck.join("step_1/rank_00000.safetensors"), b"x").unwrap();
+        fs::write(ck.join("latest"), b"step_1").unwrap();
+        std::os::unix::fs::symlink(&ck, d.path().join("link")).unwrap();
+        let refused = |out: &Path, how: &str| {
+            let e = refuse_overlap(out, &[&ck]).unwrap_err().to_string();
+            assert!(e.contains(how) && e.contains("--force never"), "{}: {e}", out.display());
+        };
+        refused(&ck, "is the input");
+        refused(&ck.join("step_1/../."), "is the input");
+        refused(&d.path().join("link"), "is the input");
+        refused(d.path(), "contains the input");
+        refused(&ck.join("step_1"), "lies inside the input");
+        refused(&ck.join("latest"), "lies inside the input");
+        refused(&d.path().join("link/step_1/rank_00000.safetensors"), "lies inside the input");
+        // New paths beside or inside the input replace nothing.
+        refuse_overlap(&d.path().join("model.safetensors"), &[&ck]).unwrap();
+        refuse_overlap(&ck.join("model.safetensors"), &[&ck]).unwrap();
+        refuse_overlap(&d.path().join("ckpt2"), &[&ck]).unwrap();
+        refuse_overlap(&d.path().join("new/deeper/out"), &[&ck]).unwrap();
+    }
+
+    #[test]
+    fn errors_name_the_output_not_its_temporary() {
+        let out = Path::new("/data/out");
+        let inner = temp_sibling(out).join("train.bin");
+        assert_eq!(shown(&inner), Path::new("/data/out/train.bin"));
+        assert_eq!(shown(&temp_sibling(&inner)), Path::new("/data/out/train.bin"));
+        // Another process's temporary, or a user's own dot-file, is left as it is.
+        assert_eq!(shown(Path::new("a/.x.tmp-1")), Path::new("a/.x.tmp-1"));
+        let e = AtomicFile::create(temp_sibling(Path::new("/nonexistent-dir/m.safetensors")).join("f")).err().unwrap();
+        assert!(e.to_string().starts_with("/nonexistent-dir/m.safetensors/f:"), "{e}");
+    }
+
+    #[test]
+    fn stale_temporaries_of_dead_processes_are_removed() {
+        let d = tempfile::tempdir().unwrap();
+        let out = d.path().join("out");
+        // A PID above the kernel's limit never runs; our own PID and the user's files stay.
+        let dead = d.path().join(".out.tmp-2147483647");
+        let ours = temp_sibling(&out);
+        for p in [&dead, &ours, &d.path().join(".out.tmp-x"), &d.path().join(".other.tmp-2147483647")] {
+            fs::create_dir(p).unwrap();
+        }
+        fs::write(d.path().join(".out.old-2147483647"), b"").unwrap();
+        remove_stale_temps(&out);
+        let mut left: Vec<String> =
+            fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        left.sort();
+        let mut want = vec![
+            ".other.tmp-2147483647".to_string(),
+            ".out.tmp-x".into(),
+            ours.file_name().unwrap().to_string_lossy().into(),
+        ];
+        want.sort();
+        assert_eq!(left, want);
     }
 
     #[test]

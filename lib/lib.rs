@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 pub mod ckpt;
+pub mod cli;
 pub mod comm;
 pub mod config;
 pub mod convert;
@@ -17,5 +18,6 @@ pub mod model;
 pub mod optim;
 pub mod plot;
 pub mod scaler;
+pub mod tags;
 pub mod train;
 pub mod zero;

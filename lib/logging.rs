@@ -12,7 +12,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{filter::LevelFilter, EnvFilter, Layer};
 
 static PROGRESS: OnceLock<MultiProgress> = OnceLock::new();
-static CONSOLE_RANK0: OnceLock<bool> = OnceLock::new();
+static RANK: OnceLock<usize> = OnceLock::new();
 
 fn multi() -> &'static MultiProgress {
     PROGRESS.get_or_init(MultiProgress::new)
@@ -20,7 +20,7 @@ fn multi() -> &'static MultiProgress {
 
 /// Whether this process owns the console (rank 0, or a single-process tool).
 pub fn is_console_rank() -> bool {
-    *CONSOLE_RANK0.get().unwrap_or(&true)
+    RANK.get().is_none_or(|&r| r == 0)
 }
 
 #[derive(Clone, Copy)]
@@ -47,7 +47,7 @@ impl<'a> MakeWriter<'a> for ConsoleWriter {
 /// when given, receives every event of this rank at debug level. RUST_LOG overrides the console
 /// level. Safe to call more than once (later calls are ignored).
 pub fn init(rank: usize, log_file: Option<&Path>) -> std::io::Result<()> {
-    let _ = CONSOLE_RANK0.set(rank == 0);
+    let _ = RANK.set(rank);
     let console = (rank == 0).then(|| {
         let filter = EnvFilter::builder().with_default_directive(LevelFilter::INFO.into()).from_env_lossy();
         tracing_subscriber::fmt::layer()
@@ -96,11 +96,21 @@ pub fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 /// A fatal message: into this rank's log, and on the console once (through tracing on rank 0,
-/// directly on the others' stderr, which their launcher shows).
+/// directly on the others' stderr, which their launcher shows). Ranks share one terminal, and
+/// `eprintln!` writes a line in pieces that other processes' lines cut into: the line, prefixed
+/// with the rank, goes out in one write (atomic on a pipe up to PIPE_BUF, 4 KiB).
 pub fn report(msg: &str) {
     tracing::error!("{msg}");
     if INITIALIZED.get().is_none() || !is_console_rank() {
-        multi().suspend(|| eprintln!("{msg}"));
+        // Before `init` (an error in set-up) the rank is still known from the launcher's RANK.
+        let rank = RANK.get().copied().or_else(|| std::env::var("RANK").ok()?.parse().ok());
+        let text = match rank {
+            Some(r) if r > 0 => format!("[rank {r}] {msg}\n"),
+            _ => format!("{msg}\n"),
+        };
+        multi().suspend(|| {
+            let _ = std::io::stderr().lock().write_all(text.as_bytes());
+        });
     }
 }
 

@@ -352,13 +352,12 @@ pub fn fit(mut cfg: TrainConfig) -> Result<(), TrainError> {
             let dt = t0.elapsed().as_secs_f64() / (step - start).min(cfg.log_interval).max(1) as f64;
             let tok_s = tokens_per_step as f64 / dt;
             let mfu = if device.is_cuda() { 100.0 * tok_s / world as f64 * flops_per_token / PEAK_FLOPS } else { 0.0 };
-            let skipped = if st.skipped {
-                format!(
-                    " (step skipped: overflow, loss scale now {})",
-                    engine.scaler.as_ref().map_or(1.0, |s| s.scale())
-                )
-            } else {
-                String::new()
+            // Only fp16 scales its loss; in fp32 and bf16 a skipped step means the gradient
+            // itself was NaN or Inf.
+            let skipped = match (st.skipped, &engine.scaler) {
+                (false, _) => String::new(),
+                (true, Some(s)) => format!(" (step skipped: overflow, loss scale now {})", s.scale()),
+                (true, None) => " (step skipped: non-finite gradient)".to_string(),
             };
             let mem = if device.is_cuda() { crate::device::gpu_memory_used() } else { None };
             let mem_gib = mem.map(|b| b as f64 / (1u64 << 30) as f64);

@@ -460,7 +460,7 @@ fn bad_overrides_name_the_key() {
         ("max_iters=-5", &["max_iters", "non-negative"]),
         ("decay_lr=yes", &["decay_lr", "true or false"]),
         ("learning_rate=fast", &["learning_rate", "number"]),
-        ("lerning_rate=1e-3", &["lerning_rate", "unknown key"]),
+        ("lerning_rate=1e-3", &["lerning_rate", "unknown key", "did you mean `learning_rate`?", "valid keys: "]),
         ("max_iters", &["max_iters", "KEY=VALUE"]),
     ];
     for (o, words) in cases {
@@ -476,7 +476,8 @@ fn bad_overrides_name_the_key() {
 fn toml_errors_name_file_and_key() {
     let s = Scratch::new();
     let cases: &[(&str, &[&str])] = &[
-        ("n_layers = 4\n", &["n_layers", "unknown key"]),
+        ("n_layers = 4\n", &["n_layers", "unknown key", "did you mean `n_layer`?", "max_iters, "]),
+        ("zzzzzz = 4\n", &["unknown key `zzzzzz`; valid keys: "]),
         ("max_iters = \"300\"\n", &["max_iters", "integer"]),
         ("decay_lr = 1\n", &["decay_lr", "true or false"]),
         ("dataset = 3\n", &["dataset", "string"]),

@@ -360,3 +360,43 @@ fn a_crash_during_save_leaves_latest_loadable() {
     assert!(resumed.stderr.contains("resumed from") && resumed.stderr.contains("at step 5"), "{}", resumed.stderr);
     assert!(!resumed.out.join(".step_00000010.partial").exists(), "a later save cleans up the partial");
 }
+
+/// The same configuration error on every rank reaches the console as whole lines, one per rank,
+/// each saying which rank it came from (they used to cut into each other).
+#[test]
+fn an_error_on_several_ranks_prints_whole_lines() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    dataset(&data);
+    let run = train(
+        &tmp.path().join("a"),
+        &data,
+        2,
+        "train_batch_size = 3\nbatch_size = 0\ngradient_accumulation_steps = 0",
+        &[],
+    );
+    assert!(!run.ok);
+    let lines: Vec<&str> = run.stderr.lines().filter(|l| l.contains("train_batch_size 3")).collect();
+    let want = "error: train_batch_size 3 is not a multiple of the world size 2";
+    assert!(lines.iter().any(|l| l.starts_with(want)), "{}", run.stderr);
+    assert!(lines.iter().any(|l| l.starts_with(&format!("[rank 1] {want}"))), "{}", run.stderr);
+    assert!(lines.iter().all(|l| l.starts_with(want) || l.starts_with(&format!("[rank 1] {want}"))), "{}", run.stderr);
+}
+
+/// In fp32 nothing scales the loss: a skipped step says its gradient was not finite, not that a
+/// loss scale (which does not exist) overflowed.
+#[test]
+fn fp32_skips_are_not_reported_as_loss_scale_overflows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    dataset(&data);
+    let run = train(
+        &tmp.path().join("a"),
+        &data,
+        1,
+        "learning_rate = 1e30\nmin_lr = 1e30\nmax_iters = 4\ngrad_clip = 0.0",
+        &[],
+    );
+    assert!(run.stderr.contains("(step skipped: non-finite gradient)"), "{}", run.stderr);
+    assert!(!run.stderr.contains("loss scale"), "{}", run.stderr);
+}

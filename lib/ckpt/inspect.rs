@@ -10,6 +10,7 @@ use crate::interop::deepspeed::DeepSpeedSource;
 use crate::interop::hf;
 use crate::interop::torch_pickle::{TorchFile, Value};
 use crate::model::GptConfig;
+use crate::tags::Latest;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -100,10 +101,13 @@ pub fn inspect(path: &Path, tag: Option<&str>, tensors: bool) -> Result<Inspecti
             let name = match tag {
                 Some(t) => t.to_string(),
                 None => match &listing.latest {
-                    Some(l) if listing.tags.contains(l) => l.clone(),
+                    Latest::Names(l) if listing.tags.contains(l) => l.clone(),
                     _ => listing.tags.last().cloned().ok_or_else(|| CkptError::NoSuchTag {
                         path: root.clone(),
-                        tag: listing.latest.clone().unwrap_or_default(),
+                        tag: match &listing.latest {
+                            Latest::Names(l) => l.clone(),
+                            _ => String::new(),
+                        },
                         available: String::new(),
                     })?,
                 },
@@ -112,7 +116,10 @@ pub fn inspect(path: &Path, tag: Option<&str>, tensors: bool) -> Result<Inspecti
             let mut i = inspect_tag(format, &dir, tensors)?;
             i.path = root;
             i.tags = listing.tags;
-            i.latest = listing.latest;
+            i.latest = match listing.latest {
+                Latest::Names(l) => Some(l),
+                _ => None,
+            };
             Ok(i)
         }
         Target::Tag(format, dir) => inspect_tag(format, &dir, tensors),
@@ -384,7 +391,7 @@ pub fn hf_weight_files(dir: &Path) -> Result<(Vec<String>, Option<ShardIndex>), 
     let mut weight_map = BTreeMap::new();
     for (k, f) in map {
         match f.as_str() {
-            Some(f) if super::valid_tag_name(f) => {
+            Some(f) if crate::tags::valid_tag_name(f) => {
                 weight_map.insert(k.clone(), f.to_string());
             }
             _ => return Err(damaged(format!("{k} maps to {f}, not a file name in this directory"))),

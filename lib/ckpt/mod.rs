@@ -11,6 +11,7 @@ use crate::checkpoint::{self, CheckpointError};
 use crate::interop::deepspeed::{self, DeepSpeedError};
 use crate::interop::hf;
 use crate::interop::torch_pickle::TorchError;
+use crate::tags::{self, Latest, TagError};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 
@@ -31,6 +32,8 @@ pub enum CkptError {
     Io { path: PathBuf, source: std::io::Error },
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Tag(#[from] TagError),
     #[error(transparent)]
     DeepSpeed(#[from] DeepSpeedError),
     #[error(transparent)]
@@ -106,8 +109,9 @@ pub fn detect(path: &Path) -> Result<Target, CkptError> {
         return Ok(Target::Tag(f, path.to_path_buf()));
     }
     // A root: `latest` names a tag of some format, or some subdirectory is one.
-    if let Some(name) = read_latest(path)? {
-        if let Some(f) = valid_tag_name(&name).then(|| format_of_tag(&path.join(&name))).flatten() {
+    let latest = tags::read_latest(path)?;
+    if let Latest::Names(name) = &latest {
+        if let Some(f) = format_of_tag(&path.join(name)) {
             return Ok(Target::Root(f, path.to_path_buf()));
         }
     }
@@ -116,7 +120,7 @@ pub fn detect(path: &Path) -> Result<Target, CkptError> {
             return Ok(Target::Root(f, path.to_path_buf()));
         }
     }
-    if let Some(name) = read_latest(path)? {
+    if let Latest::Names(name) = &latest {
         // Every tag is gone, `latest` still names one: say which format it was.
         if name.starts_with("step_") {
             return Ok(Target::Root(Format::Zerokit, path.to_path_buf()));
@@ -132,28 +136,15 @@ pub fn detect(path: &Path) -> Result<Target, CkptError> {
 }
 
 fn looks_like_safetensors(path: &Path) -> bool {
-    if path.extension().is_some_and(|e| e == "safetensors") {
-        return true;
-    }
+    path.extension().is_some_and(|e| e == "safetensors") || safetensors_content(path)
+}
+
+/// Whether a file starts as safetensors does: an 8-byte length, then a JSON object.
+pub(crate) fn safetensors_content(path: &Path) -> bool {
     let mut head = [0u8; 9];
     std::fs::File::open(path)
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head))
         .is_ok_and(|_| head[8] == b'{')
-}
-
-/// A tag name that stays inside its root.
-fn valid_tag_name(name: &str) -> bool {
-    !name.is_empty() && name != "." && name != ".." && !name.contains('/') && !name.contains('\\')
-}
-
-/// The contents of `dir/latest`, trimmed; None when there is no such file.
-pub fn read_latest(dir: &Path) -> Result<Option<String>, CkptError> {
-    let p = dir.join("latest");
-    match std::fs::read_to_string(&p) {
-        Ok(s) => Ok(Some(s.trim().to_string())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(io_err(&p)(e)),
-    }
 }
 
 /// Visible subdirectories, sorted.
@@ -170,27 +161,20 @@ fn subdirs(dir: &Path) -> Result<Vec<String>, CkptError> {
     Ok(out)
 }
 
-/// Orders tag names by their trailing number (global_step9 before global_step10).
-fn tag_order(name: &str) -> (String, u64, String) {
-    let digits = name.len() - name.trim_end_matches(|c: char| c.is_ascii_digit()).len();
-    let (stem, num) = name.split_at(name.len() - digits);
-    (stem.to_string(), num.parse().unwrap_or(0), name.to_string())
-}
-
 /// The tags under a root, and what `latest` says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RootListing {
     /// Tag directories of the root's format, in step order. zerokit tags without a manifest are
     /// listed (verify reports them).
     pub tags: Vec<String>,
-    /// The contents of `latest`, if the file exists.
-    pub latest: Option<String>,
+    /// What `latest` says.
+    pub latest: Latest,
     /// Saves that were interrupted (`.step_N.partial`): harmless, removed by the next save.
     pub partial: Vec<String>,
 }
 
 pub fn list_root(dir: &Path, format: Format) -> Result<RootListing, CkptError> {
-    let mut tags: Vec<String> = subdirs(dir)?
+    let mut found: Vec<String> = subdirs(dir)?
         .into_iter()
         .filter(|name| {
             let sub = dir.join(name);
@@ -200,7 +184,7 @@ pub fn list_root(dir: &Path, format: Format) -> Result<RootListing, CkptError> {
             }
         })
         .collect();
-    tags.sort_by_key(|t| tag_order(t));
+    found.sort_by_key(|t| tags::tag_order(t));
     let mut partial: Vec<String> = std::fs::read_dir(dir)
         .map_err(io_err(dir))?
         .flatten()
@@ -208,12 +192,12 @@ pub fn list_root(dir: &Path, format: Format) -> Result<RootListing, CkptError> {
         .filter(|n| n.starts_with('.') && n.ends_with(".partial"))
         .collect();
     partial.sort();
-    Ok(RootListing { tags, latest: read_latest(dir)?, partial })
+    Ok(RootListing { tags: found, latest: tags::read_latest(dir)?, partial })
 }
 
 /// The tag directory `--tag` names under a root.
 fn tag_dir(root: &Path, listing: &RootListing, tag: &str) -> Result<PathBuf, CkptError> {
-    if valid_tag_name(tag) && listing.tags.iter().any(|t| t == tag) {
+    if tags::valid_tag_name(tag) && listing.tags.iter().any(|t| t == tag) {
         return Ok(root.join(tag));
     }
     Err(CkptError::NoSuchTag { path: root.to_path_buf(), tag: tag.to_string(), available: listing.tags.join(", ") })
@@ -254,13 +238,6 @@ pub struct VerifyArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn tags_sort_by_their_step() {
-        let mut v = vec!["global_step10", "global_step9", "global_step100", "best"];
-        v.sort_by_key(|t| tag_order(t));
-        assert_eq!(v, ["best", "global_step9", "global_step10", "global_step100"]);
-    }
 
     #[test]
     fn detects_what_a_path_is() {

@@ -13,7 +13,7 @@
 //! zip recorded for every storage of every file; `--scan` adds NaN/Inf in every float storage.
 
 use super::header::{read_header, Header};
-use super::{list_root, tag_dir, valid_tag_name, CkptError, Format, RootListing, Target, VerifyArgs};
+use super::{list_root, tag_dir, CkptError, Format, RootListing, Target, VerifyArgs};
 use crate::checkpoint::{self, FileEntry, Manifest, PartitionReader, PARTITION_TENSORS};
 use crate::convert::{self, ShardedSource};
 use crate::interop::deepspeed::{self, DeepSpeedSource};
@@ -21,6 +21,7 @@ use crate::interop::hf;
 use crate::interop::torch_pickle::{DType, TensorRef, TorchFile, Value};
 use crate::logging;
 use crate::model::GptConfig;
+use crate::tags::{valid_tag_name, Latest};
 use crate::zero::layout::{FlatLayout, Piece, ALIGN};
 use indicatif::ProgressBar;
 use rayon::prelude::*;
@@ -39,19 +40,23 @@ pub struct VerifyReport {
     pub problems: Vec<String>,
     /// Harmless findings (an interrupted save's directory).
     pub notes: Vec<String>,
+    /// Files verify could not read at all (permission denied, I/O errors, not the format they
+    /// claim to be): nothing can be said of them, so the exit status is 2, not 1.
+    pub unreadable: Vec<String>,
 }
 
 impl VerifyReport {
     pub fn is_intact(&self) -> bool {
-        self.problems.is_empty()
+        self.problems.is_empty() && self.unreadable.is_empty()
     }
 
-    /// 0 when intact, 1 when not (2, unreadable, is an `Err` from [`verify`]).
+    /// 0 when intact, 1 when damaged, 2 when something could not be read (also what an `Err`
+    /// from [`verify`] means).
     pub fn exit_code(&self) -> i32 {
-        if self.is_intact() {
-            0
-        } else {
-            1
+        match (self.unreadable.is_empty(), self.problems.is_empty()) {
+            (false, _) => 2,
+            (true, false) => 1,
+            (true, true) => 0,
         }
     }
 }
@@ -59,7 +64,7 @@ impl VerifyReport {
 /// Runs every check on `args.path`. `Err` means there was nothing verify could read (no such
 /// path, not a known checkpoint format, no such tag).
 pub fn verify(args: &VerifyArgs) -> Result<VerifyReport, CkptError> {
-    let mut r = VerifyReport::default();
+    let mut r = VerifyReport { unreadable: unreadable_files(&args.path), ..Default::default() };
     match super::detect(&args.path)? {
         Target::Root(format, root) => {
             let listing = list_root(&root, format)?;
@@ -83,7 +88,11 @@ pub fn verify(args: &VerifyArgs) -> Result<VerifyReport, CkptError> {
         Target::Tag(format, dir) => verify_tag(format, &dir, args.scan, &mut r),
         Target::SafetensorsFile(path) => {
             r.checked.push(path.display().to_string());
-            r.problems.extend(check_safetensors(&path, args.scan));
+            if super::safetensors_content(&path) {
+                r.problems.extend(check_safetensors(&path, args.scan));
+            } else if r.unreadable.is_empty() {
+                r.unreadable.push(line(&path, "not a safetensors file (no JSON header after the 8-byte length)"));
+            }
         }
         Target::HfDir(dir) => {
             r.checked.push(dir.display().to_string());
@@ -104,6 +113,33 @@ pub fn verify(args: &VerifyArgs) -> Result<VerifyReport, CkptError> {
     Ok(r)
 }
 
+/// Every file under `path` (itself, or two levels of a root's tags) that cannot be opened and read,
+/// each a line naming it. A missing file is damage, reported by the checks; this is for files
+/// that exist but that this user or the disk cannot read.
+fn unreadable_files(path: &Path) -> Vec<String> {
+    fn probe(p: &Path, depth: usize, out: &mut Vec<String>) {
+        let Ok(meta) = std::fs::metadata(p) else { return };
+        if meta.is_dir() {
+            if depth == 0 {
+                return;
+            }
+            match std::fs::read_dir(p) {
+                Ok(rd) => rd.flatten().for_each(|e| probe(&e.path(), depth - 1, out)),
+                Err(e) => out.push(line(p, format!("cannot be read: {e}"))),
+            }
+        } else if meta.is_file() {
+            let mut one = [0u8; 1];
+            if let Err(e) = File::open(p).and_then(|f| f.read_at(&mut one, 0)) {
+                out.push(line(p, format!("cannot be read: {e}")));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    probe(path, 2, &mut out);
+    out.sort();
+    out
+}
+
 fn verify_tag(format: Format, dir: &Path, scan: bool, r: &mut VerifyReport) {
     r.checked.push(dir.display().to_string());
     let problems = match format {
@@ -122,18 +158,19 @@ fn check_latest(root: &Path, listing: &RootListing, format: Format, r: &mut Veri
         _ => deepspeed::is_deepspeed_dir(d),
     };
     let problem = match &listing.latest {
-        None if format == Format::Zerokit => Some("missing: nothing names the newest complete tag".to_string()),
-        None => {
+        Latest::Missing if format == Format::Zerokit => {
+            Some("missing: nothing names the newest complete tag".to_string())
+        }
+        Latest::Missing => {
             r.notes.push(format!("{}: none (DeepSpeed loads need an explicit tag)", path.display()));
             None
         }
-        Some(name) if name.is_empty() => Some("is empty".into()),
-        Some(name) if !valid_tag_name(name) => Some(format!("names {name:?}, not a tag directory name")),
-        Some(name) if !root.join(name).is_dir() => Some(format!("names tag {name:?}, which does not exist")),
-        Some(name) if !complete(&root.join(name)) => {
+        Latest::Bad(what) => Some(what.clone()),
+        Latest::Names(name) if !root.join(name).is_dir() => Some(format!("names tag {name:?}, which does not exist")),
+        Latest::Names(name) if !complete(&root.join(name)) => {
             Some(format!("names tag {name:?}, which is not a complete checkpoint (no manifest.json)"))
         }
-        Some(_) => None,
+        Latest::Names(_) => None,
     };
     if let Some(p) = problem {
         r.problems.push(format!("{}: {p}", path.display()));

@@ -52,13 +52,16 @@ impl Input {
 }
 
 /// Expands files and directories into the list of input files, in order: arguments as given,
-/// each directory's files (recursively, hidden names skipped) sorted by path. Empty files are
-/// rejected here, before any work.
+/// each directory's files (recursively, hidden names skipped) sorted by path. Empty files,
+/// dangling links and inputs that are not regular files are rejected here, before any work.
 pub fn discover(paths: &[PathBuf]) -> Result<Vec<Input>, DataError> {
     let mut inputs = Vec::new();
     for path in paths {
         let meta = fs::metadata(path).map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => DataError::NotFound(path.clone()),
+            io::ErrorKind::NotFound => match fs::read_link(path) {
+                Ok(to) => dangling(path, &to),
+                Err(_) => DataError::NotFound(path.clone()),
+            },
             _ => DataError::io(path, e),
         })?;
         if meta.is_dir() {
@@ -72,8 +75,17 @@ pub fn discover(paths: &[PathBuf]) -> Result<Vec<Input>, DataError> {
                 let len = fs::metadata(&f).map_err(|e| DataError::io(&f, e))?.len();
                 inputs.push(Input::from_path(f, len));
             }
-        } else {
+        } else if meta.is_file() {
             inputs.push(Input::from_path(path.clone(), meta.len()));
+        } else {
+            // A pipe (`prepare <(cmd)`), a socket or a device: its size is unknown (0), and a
+            // single text input is read twice (once to count, once to split).
+            return Err(DataError::BadInput(
+                path.clone(),
+                "not a regular file (a pipe or device?): prepare needs files it can size and read twice; \
+                 write the stream to a file first (.zst files are read as they are)"
+                    .into(),
+            ));
         }
     }
     for input in &inputs {
@@ -86,6 +98,10 @@ pub fn discover(paths: &[PathBuf]) -> Result<Vec<Input>, DataError> {
     Ok(inputs)
 }
 
+fn dangling(link: &Path, to: &Path) -> DataError {
+    DataError::BadInput(link.to_path_buf(), format!("a symbolic link to {}, which does not exist", to.display()))
+}
+
 fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), DataError> {
     for entry in fs::read_dir(dir).map_err(|e| DataError::io(dir, e))? {
         let entry = entry.map_err(|e| DataError::io(dir, e))?;
@@ -96,9 +112,24 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), DataError> {
         let kind = entry.file_type().map_err(|e| DataError::io(&path, e))?;
         if kind.is_dir() {
             walk(&path, out)?;
-        } else if kind.is_file() || (kind.is_symlink() && path.is_file()) {
-            // Symbolic links to files are followed, links to directories are not (no cycles).
+        } else if kind.is_file() {
             out.push(path);
+        } else if kind.is_symlink() {
+            // Links to files are followed; links to directories are not (no cycles), and a
+            // dangling link is an error: a corpus silently missing a file is a wrong corpus.
+            match fs::metadata(&path) {
+                Ok(m) if m.is_file() => out.push(path),
+                Ok(m) if m.is_dir() => {
+                    tracing::warn!("{}: a symbolic link to a directory, not followed", path.display())
+                }
+                Ok(_) => tracing::warn!("{}: a link to something that is not a regular file, skipped", path.display()),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    return Err(dangling(&path, &fs::read_link(&path).unwrap_or_default()))
+                }
+                Err(e) => return Err(DataError::io(&path, e)),
+            }
+        } else {
+            tracing::warn!("{}: not a regular file (a pipe, socket or device), skipped", path.display());
         }
     }
     Ok(())

@@ -65,6 +65,8 @@ pub enum DataError {
     NotFound(PathBuf),
     #[error("{0}: empty input ({1})")]
     EmptyInput(PathBuf, &'static str),
+    #[error("{0}: {1}")]
+    BadInput(PathBuf, String),
     #[error(
         "{path}: invalid UTF-8 at byte offset {offset}{detail} (pass --lossy to replace invalid bytes with U+FFFD)"
     )]
@@ -85,6 +87,6 @@ pub enum DataError {
 
 impl DataError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        DataError::Io { path: path.into(), source }
+        DataError::Io { path: crate::fsutil::shown(&path.into()), source }
     }
 }

@@ -521,19 +521,19 @@ const BAR: &str =
 /// Runs `prepare`. `command` is the command line recorded in meta.json.
 pub fn prepare(args: &PrepareArgs, command: &[String]) -> Result<PrepareSummary, DataError> {
     let started = Instant::now();
+    fsutil::clean_up_on_signals();
     if !(0.0..1.0).contains(&args.val_fraction) {
         return Err(DataError::Args(format!("--val-fraction {} is not in [0, 1)", args.val_fraction)));
     }
     if args.chunk_bytes == 0 || args.chunks_in_flight == 0 || args.field.is_empty() {
         return Err(DataError::Args("--chunk-bytes, --chunks-in-flight and --field must not be empty".into()));
     }
+    let threads = crate::cli::threads(args.threads).map_err(DataError::Args)?;
     let inputs = corpus::discover(&args.inputs)?;
+    let given = args.inputs.iter().map(PathBuf::as_path);
+    fsutil::refuse_overlap(&args.out, &given.chain(inputs.iter().map(|i| i.path.as_path())).collect::<Vec<_>>())?;
     let dir = AtomicDir::create(&args.out, args.force)?;
     let tokenizer = Tokenizer::new(args.encoding)?;
-    let threads = match args.threads {
-        0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-        n => n,
-    };
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .thread_name(|i| format!("prepare-{i}"))
