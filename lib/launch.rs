@@ -183,6 +183,17 @@ pub fn spawn_local_ranks(a: &LaunchArgs) -> Result<(), LaunchError> {
     }
     let exe = std::env::current_exe().map_err(|e| LaunchError::Spawn { rank: 0, source: e })?;
     let args: Vec<String> = std::env::args().skip(1).collect();
+    // Ranks on one node share its cores: each libtorch would otherwise start a thread per core
+    // and N ranks would oversubscribe them N times (torchrun sets 1; we divide the cores).
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let omp = std::env::var("OMP_NUM_THREADS").ok().filter(|v| !v.is_empty());
+    let threads = omp.clone().unwrap_or_else(|| (cores / plan.local).max(1).to_string());
+    if omp.is_none() && plan.local > 1 {
+        tracing::info!(
+            "{} local ranks share {cores} cores: OMP_NUM_THREADS={threads} each (set it to override)",
+            plan.local
+        );
+    }
     let mut children: Vec<(usize, Child)> = Vec::new();
     for local in 0..plan.local {
         let rank = plan.first_rank + local;
@@ -193,7 +204,8 @@ pub fn spawn_local_ranks(a: &LaunchArgs) -> Result<(), LaunchError> {
             .env("WORLD_SIZE", plan.world.to_string())
             .env("LOCAL_WORLD_SIZE", plan.local.to_string())
             .env("MASTER_ADDR", &plan.master_addr)
-            .env("MASTER_PORT", plan.master_port.to_string());
+            .env("MASTER_PORT", plan.master_port.to_string())
+            .env("OMP_NUM_THREADS", &threads);
         // Each rank sees one GPU, so device indices never mix inside a process.
         let visible = a.gpus.clone().or_else(|| std::env::var("CUDA_VISIBLE_DEVICES").ok());
         let gpu = match &visible {

@@ -171,6 +171,13 @@ pub fn fit(mut cfg: TrainConfig) -> Result<(), TrainError> {
         None
     };
     info!("zerokit train: {world} rank(s), device {device:?}, dtype {kind:?}, ZeRO stage {}", cfg.zero_stage);
+    if device == Device::Cpu {
+        // Every rank's file says it; the launcher divides the cores among local ranks.
+        tracing::debug!("intra-op threads: {}", tch::get_num_threads());
+        if kind == Kind::Half {
+            tracing::warn!("fp16 on CPU is slow (CPUs have no fast fp16 matmuls): bf16 or fp32 is what CPU runs want");
+        }
+    }
     info!("resolved configuration:\n{}", cfg.to_toml());
 
     // A new run never mixes its checkpoints with an earlier run's (retention and `latest` would

@@ -376,13 +376,15 @@ fn unsupported_values_are_refused_by_name() {
 
 #[test]
 fn bad_json_names_file_and_line() {
-    let msg = refusal("{\n  \"train_batch_size\": 8,\n  \"fp16\": {\"enabled\": true,}\n}\n");
+    // Trailing commas and comments are Hjson, which DeepSpeed reads (see
+    // deepspeed_configs_parse_as_deepspeed_parses_them); a bracket that does not close is not.
+    let msg = refusal("{\n  \"train_batch_size\": 8,\n  \"fp16\": {\"enabled\": true]\n}\n");
     assert!(msg.contains("line 3"), "{msg}");
     let msg = refusal("{\"train_batch_size\": 8");
     assert!(msg.contains("line 1"), "{msg}");
     // from_deepspeed_json alone names the path it is given.
-    let e = from_deepspeed_json(Path::new("conf/ds.json"), "{,}").unwrap_err().to_string();
-    assert!(e.starts_with("conf/ds.json:") && e.contains("line 1 column 2"), "{e}");
+    let e = from_deepspeed_json(Path::new("conf/ds.json"), "{\"a\" 1}").unwrap_err().to_string();
+    assert!(e.starts_with("conf/ds.json:") && e.contains("line 1 column"), "{e}");
 }
 
 fn shakespeare() -> PathBuf {
@@ -539,5 +541,143 @@ fn to_toml_round_trips() {
     let doc = fixture("mapping.json");
     for case in doc["mapped"].as_array().unwrap() {
         round_trip(&load_ds(&case["config"], &[]).unwrap());
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Configuration files as users keep them (lib/config/files.rs), against the tools users run on
+// them: DeepSpeed's own loader, PyYAML and nanoGPT's exec (tools/gen_config_file_fixtures.py).
+
+fn files_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/config/files")
+}
+
+fn cfg_value(cfg: &TrainConfig, key: &str) -> toml::Value {
+    match toml::Value::try_from(cfg).unwrap() {
+        toml::Value::Table(t) => t.get(key).cloned().unwrap_or_else(|| panic!("no key {key}")),
+        _ => unreachable!(),
+    }
+}
+
+/// JSON equality with numbers compared by value: Python's hjson reads `1.0` and `5e8` as ints.
+fn same_json(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => x.as_f64() == y.as_f64(),
+        (Value::Array(x), Value::Array(y)) => x.len() == y.len() && x.iter().zip(y).all(|(p, q)| same_json(p, q)),
+        (Value::Object(x), Value::Object(y)) => {
+            x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| same_json(v, w)))
+        }
+        _ => a == b,
+    }
+}
+
+#[test]
+fn deepspeed_configs_parse_as_deepspeed_parses_them() {
+    let expected = fixture("files/expected.json");
+    let cases = expected["deepspeed"].as_object().unwrap();
+    assert!(cases.len() >= 4);
+    for (name, want) in cases {
+        let path = files_dir().join(name);
+        let got = zerokit::config::files::deepspeed(&path);
+        match want.get("ok") {
+            Some(ok) => assert!(same_json(&got.unwrap(), ok), "{name}: DeepSpeed reads {ok}"),
+            None => {
+                let e = got.unwrap_err().to_string();
+                assert!(want["error"].as_str().unwrap().contains("Duplicate keys"), "{name}: {want}");
+                assert!(
+                    e.contains(&path.display().to_string()) && e.contains("duplicate key \"zero_optimization\""),
+                    "{e}"
+                );
+            }
+        }
+    }
+    // The guide's commented ds_config trains: the same configuration as its plain-JSON twin.
+    let commented = TrainConfig::load(None, Some(&files_dir().join("ds_config_zero2.json")), &[]).unwrap();
+    let s = Scratch::new();
+    let plain = s.file("plain.json", &expected["deepspeed"]["ds_config_zero2.json"]["ok"].to_string());
+    assert_eq!(commented, TrainConfig::load(None, Some(&plain), &[]).unwrap());
+    assert_eq!((commented.zero_stage, commented.dtype.as_str()), (2, "fp16"));
+}
+
+#[test]
+fn yaml_configs_read_like_toml_with_a_nested_deepspeed_block() {
+    let expected = fixture("files/expected.json");
+    let yaml = files_dir().join("config.yaml");
+    let file = zerokit::config::files::read(&yaml).unwrap();
+    assert_eq!(file.deepspeed.unwrap().1, expected["yaml"]["config.yaml"]["deepspeed"]);
+    let from_yaml = TrainConfig::load(Some(&yaml), None, &[]).unwrap();
+    let from_toml =
+        TrainConfig::load(Some(&files_dir().join("config.toml")), Some(&files_dir().join("ds_of_yaml.json")), &[])
+            .unwrap();
+    assert_eq!(from_yaml, from_toml);
+    for (key, want) in expected["yaml"]["config.yaml"].as_object().unwrap() {
+        if key != "deepspeed" {
+            let got = serde_json::to_value(cfg_value(&from_yaml, key)).unwrap();
+            assert!(got == *want || got.as_f64() == want.as_f64() && want.is_number(), "{key}: {got} vs PyYAML {want}");
+        }
+    }
+    // The same keys and the same errors as TOML, naming the file.
+    let s = Scratch::new();
+    for (text, words) in [
+        ("n_layers: 4\n", &["n_layers", "did you mean `n_layer`?"][..]),
+        ("max_iters: \"300\"\n", &["max_iters", "integer"]),
+        ("decay_lr: 1\n", &["decay_lr", "true or false"]),
+        ("- a\n- b\n", &["mapping"]),
+        ("max_iters: [1\n", &["invalid YAML"]),
+    ] {
+        let p = s.file("bad.yaml", text);
+        let e = TrainConfig::load(Some(&p), None, &[]).unwrap_err().to_string();
+        assert!(e.contains(&p.display().to_string()), "{text:?}: {e}");
+        for w in words {
+            assert!(e.contains(w), "{text:?}: {e}");
+        }
+    }
+    let p = s.file("two.yaml", "deepspeed:\n  zero_optimization:\n    stage: 1\n");
+    let e = TrainConfig::load(Some(&p), Some(&files_dir().join("ds_of_yaml.json")), &[]).unwrap_err().to_string();
+    assert!(e.contains("a second DeepSpeed config"), "{e}");
+}
+
+#[test]
+fn nanogpt_python_configs_read_as_nanogpt_reads_them() {
+    let expected = fixture("files/expected.json");
+    for (name, globals) in expected["nanogpt"].as_object().unwrap() {
+        let cfg = TrainConfig::load(Some(&files_dir().join(name)), None, &[]).unwrap();
+        for (key, want) in globals.as_object().unwrap() {
+            if key.starts_with("wandb")
+                || ["compile", "dtype", "dataset", "deepspeed_config", "dropout", "bias"].contains(&key.as_str())
+            {
+                continue;
+            }
+            // What the DeepSpeed config sets (batch, optimizer, clipping) wins, as under DeepSpeed.
+            let ds_keys =
+                ["gradient_accumulation_steps", "batch_size", "learning_rate", "beta1", "beta2", "weight_decay"];
+            if name == "train_shakespeare_ds.py" && ds_keys.contains(&key.as_str()) {
+                continue;
+            }
+            let got = serde_json::to_value(cfg_value(&cfg, key)).unwrap();
+            assert!(got == *want || got.as_f64() == want.as_f64() && want.is_number(), "{name} {key}: {got} vs {want}");
+        }
+    }
+    let cfg = TrainConfig::load(Some(&files_dir().join("train_shakespeare_ds.py")), None, &[]).unwrap();
+    // nanoGPT's dataset name is a folder under data/; its dtype names are torch's; the DeepSpeed
+    // config it names (beside it) sets the stage and, with fp16 enabled, the precision.
+    assert_eq!(cfg.dataset, Path::new("data/shakespeare"));
+    assert_eq!((cfg.zero_stage, cfg.dtype.as_str(), cfg.batch_size), (2, "fp16", 8));
+    let s = Scratch::new();
+    let py = s.file("bf.py", "dtype = 'bfloat16'\n");
+    assert_eq!(TrainConfig::load(Some(&py), None, &[]).unwrap().dtype, "bf16");
+    for (text, words) in [
+        ("dropout = 0.2\n", &["line 1", "dropout", "without dropout"][..]),
+        ("import os\n", &["line 1", "not a `key = value` line"]),
+        ("n_layer = 4\nbatch_size = os.environ['B']\n", &["line 2", "batch_size", "does not run Python"]),
+        ("n_layers = 4\n", &["unknown key `n_layers`"]),
+        ("max_iters = '300'\n", &["max_iters", "integer"]),
+    ] {
+        let p = s.file("bad.py", text);
+        let e = TrainConfig::load(Some(&p), None, &[]).unwrap_err().to_string();
+        assert!(e.contains(&p.display().to_string()), "{text:?}: {e}");
+        for w in words {
+            assert!(e.contains(w), "{text:?}: {e}");
+        }
     }
 }

@@ -400,3 +400,23 @@ fn fp32_skips_are_not_reported_as_loss_scale_overflows() {
     assert!(run.stderr.contains("(step skipped: non-finite gradient)"), "{}", run.stderr);
     assert!(!run.stderr.contains("loss scale"), "{}", run.stderr);
 }
+
+/// zerokit's launcher divides the node's cores among its local ranks (torchrun sets 1): two
+/// ranks that each start a thread per core run several times slower on a small machine.
+#[test]
+fn local_ranks_share_the_cores() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    dataset(&data);
+    let run = train(&tmp.path().join("a"), &data, 2, "max_iters = 1", &[]);
+    assert!(run.ok, "{}", run.stderr);
+    let cores = std::thread::available_parallelism().unwrap().get();
+    for r in 0..2 {
+        let log = std::fs::read_to_string(run.out.join(format!("logs/rank{r:03}.log"))).unwrap();
+        assert!(log.contains(&format!("intra-op threads: {}", (cores / 2).max(1))), "rank {r}: {log}");
+    }
+    let run = train(&tmp.path().join("b"), &data, 2, "max_iters = 1\ndtype = \"fp16\"", &[("OMP_NUM_THREADS", "1")]);
+    let log = std::fs::read_to_string(run.out.join("logs/rank001.log")).unwrap();
+    assert!(log.contains("intra-op threads: 1"), "{log}");
+    assert_eq!(run.stderr.matches("fp16 on CPU is slow").count(), 1, "{}", run.stderr);
+}

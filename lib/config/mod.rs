@@ -2,6 +2,8 @@
 //! with `--set key=value`, printed back resolved at start. Unknown keys are errors that name the
 //! key. A DeepSpeed JSON config is translated into the same structure (`from_deepspeed_json`).
 
+pub mod files;
+
 use crate::optim::{Decay, LrSchedule};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -239,19 +241,30 @@ impl TrainConfig {
     /// Loads `path` (TOML) or the defaults, then a DeepSpeed JSON config on top, then
     /// `KEY=VALUE` overrides, then validates.
     pub fn load(path: Option<&Path>, deepspeed: Option<&Path>, overrides: &[String]) -> Result<Self, ConfigError> {
-        let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| ConfigError::Io { path: p.into(), source: e });
         let defaults = default_table();
         let mut table = toml::Table::new();
+        let mut embedded = None;
         if let Some(p) = path {
             let parse_err = |msg: String| ConfigError::Parse { path: p.into(), msg };
-            let file = read(p)?.parse::<toml::Table>().map_err(|e| parse_err(e.to_string()))?;
-            for (k, v) in file {
+            let file = files::read(p)?;
+            for (k, v) in file.table {
                 let v = check_type(&k, v, &defaults).map_err(parse_err)?;
                 table.insert(k, v);
             }
+            embedded = file.deepspeed;
         }
-        if let Some(p) = deepspeed {
-            table.extend(from_deepspeed_json(p, &read(p)?)?);
+        let ds = match (deepspeed, embedded) {
+            (Some(p), Some((named, _))) => {
+                return Err(ConfigError::Parse {
+                    path: p.into(),
+                    msg: format!("a second DeepSpeed config: {} already gives one", named.display()),
+                })
+            }
+            (Some(p), None) => Some((p.to_path_buf(), files::deepspeed(p)?)),
+            (None, embedded) => embedded,
+        };
+        if let Some((p, v)) = &ds {
+            table.extend(from_deepspeed_value(p, v)?);
         }
         for o in overrides {
             let (k, v) = o.split_once('=').ok_or_else(|| ConfigError::Override(o.clone()))?;
@@ -435,10 +448,14 @@ const DS_GRADIENT_CLIPPING: f64 = 1.0;
 /// TOML's values play the client optimizer's part, as nanoGPT's own AdamW does under DeepSpeed.
 /// Keys zerokit does not honour are reported by name, all at once.
 pub fn from_deepspeed_json(path: &Path, text: &str) -> Result<toml::Table, ConfigError> {
+    from_deepspeed_value(path, &files::parse_deepspeed(path, text)?)
+}
+
+/// A DeepSpeed config, already parsed, into zerokit's keys (see `from_deepspeed_json`).
+pub fn from_deepspeed_value(path: &Path, v: &serde_json::Value) -> Result<toml::Table, ConfigError> {
     use serde_json::Value;
     use toml::Value as T;
     let err = |msg: String| ConfigError::Parse { path: path.into(), msg };
-    let v: Value = serde_json::from_str(text).map_err(|e| err(format!("invalid JSON: {e}")))?;
     let obj = v.as_object().ok_or_else(|| err("expected a JSON object".into()))?;
     let num = |v: &Value, key: &str| {
         v.as_f64().filter(|x| x.is_finite()).ok_or_else(|| err(format!("{key} = {v}: expected a number")))
