@@ -4,7 +4,8 @@
 #                GPT-2, fp32, 20 steps), launched by zerokit itself and by `torchrun --no-python`;
 #   bench        GPT-2 XL (or $MODEL), fp16, seq 1024, micro-batch 8 per GPU: zerokit stage 2 on
 #                1 GPU and on all GPUs (scaling), next to the peers of tools/bench_zero_peer.py
-#                ($PEERS: DeepSpeed ZeRO-2, PyTorch DDP, FSDP SHARD_GRAD_OP) on all GPUs;
+#                ($PEERS: DeepSpeed ZeRO-2, PyTorch DDP, DDP + torch.compile, FSDP SHARD_GRAD_OP)
+#                on all GPUs, on the same tokens (train.bin) as zerokit;
 #   nodes        two simulated nodes (half the GPUs each) talking over sockets only (NCCL's P2P,
 #                shared memory and InfiniBand off), GPT-2 124M, against the same GPUs as one node;
 #   curve        GPT-2 124M trained on tiny Shakespeare, on 1 GPU and on all GPUs at the same
@@ -19,7 +20,7 @@ MODEL=${MODEL:-gpt2-xl}
 BATCH=${BATCH:-8}
 STEPS=${STEPS:-12}
 WARMUP=${WARMUP:-4}
-PEERS=${PEERS:-"deepspeed ddp fsdp"}
+PEERS=${PEERS:-"deepspeed ddp ddp-compile fsdp"}
 OUTDIR=${OUT:-bench/results}
 mkdir -p "$OUTDIR"
 RESULTS="$OUTDIR/multi.jsonl"
@@ -112,11 +113,14 @@ if has bench; then
   done
   install_deepspeed
   for peer in $PEERS; do
-    with_peak timeout 300 torchrun --nproc-per-node "$NGPU" --master-port "$(port)" tools/bench_zero_peer.py --peer "$peer" \
-      --model "$MODEL" --batch $BATCH --steps $STEPS --warmup $WARMUP > "$work/$peer.out" 2> "$work/$peer.err"
-    line=$(tail -1 "$work/$peer.out")
-    if [ -n "$line" ]; then echo "${line%\}}, \"peak_used_gib_nvidia_smi\": $PEAK}" | tee -a "$RESULTS"
-    else { echo "== $peer"; tail -20 "$work/$peer.err"; } >> "$FAIL"; fi
+    # torch.compile of GPT-2 XL in every rank takes minutes: a longer limit than zerokit's.
+    with_peak timeout 600 torchrun --nproc-per-node "$NGPU" --master-port "$(port)" tools/bench_zero_peer.py --peer "$peer" \
+      --model "$MODEL" --dtype fp16 --batch $BATCH --steps $STEPS --warmup $WARMUP --data "$work/data" \
+      > "$work/$peer.out" 2> "$work/$peer.err"; rc=$?
+    line=$(grep '^{"peer"' "$work/$peer.out" | tail -1)
+    [ -n "$line" ] || line="{\"peer\": \"$peer\", \"model\": \"$MODEL\", \"gpus\": $NGPU, \"error\": \"exit $rc, no result line\"}"
+    echo "${line%\}}, \"exit\": $rc, \"peak_used_gib_nvidia_smi\": $PEAK}" | tee -a "$RESULTS"
+    [ $rc -eq 0 ] || { echo "== $peer (exit $rc)"; tail -20 "$work/$peer.err"; } >> "$FAIL"
   done
 fi
 

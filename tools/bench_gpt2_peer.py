@@ -1,86 +1,73 @@
 #!/usr/bin/env python3
-"""Peer benchmark for `train` on one GPU: the same GPT-2, batch and precision in PyTorch, eager
-and torch.compile. Prints one JSON line per run with tokens/s, MFU and peak memory.
+"""One-GPU peers of `train` on the same GPT-2, batch, precision and tokens (tools/peer_gpt2.py):
 
-    python3 tools/bench_gpt2_peer.py --model gpt2-xl --dtype bf16 --batch 8 --mode eager
+    python3 tools/bench_gpt2_peer.py --mode eager|compile|deepspeed --model gpt2-xl --dtype fp16 \
+        --batch 8 --data DIR
 
-The model is transformers' GPT2LMHeadModel with scaled_dot_product_attention, vocab padded to
-50304 as nanoGPT does; the step is forward, backward, clip 1.0 and fused AdamW. bf16 runs under
-autocast with fp32 parameters; fp16 uses autocast plus torch.amp.GradScaler.
+eager and compile: fp32 weights, autocast to the compute dtype, GradScaler for fp16, clip 1.0,
+fused AdamW, TF32 on; compile wraps the model (loss included) in torch.compile. deepspeed: ZeRO-2
+as ../shared/GPU.md ran it (overlap_comm, contiguous gradients, 5e8 buckets, dynamic fp16 loss
+scale, torch AdamW passed in), as one process: the rendezvous variables get defaults here, so no
+launcher is needed. Prints one JSON line (the last line of stdout): tokens/s, MFU, median step,
+peak memory, the losses of every step and the settings; on failure a line with "error".
+`--device cpu` with `--model tiny` is a smoke test.
 """
-import argparse, json, statistics, time
+import argparse
+import json
+import os
+import socket
+import statistics
+import sys
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
 
-PRESETS = {
-    "gpt2": (12, 12, 768),
-    "gpt2-medium": (24, 16, 1024),
-    "gpt2-large": (36, 20, 1280),
-    "gpt2-xl": (48, 25, 1600),
-}
-PEAK_FLOPS = 989e12
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import peer_gpt2 as pg  # noqa: E402
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(a):
+    device = torch.device(a.device, 0) if a.device == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if a.mode == "deepspeed":
+        for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+            os.environ.setdefault(k, v)
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    pg.set_tf32()
+    model = pg.build_model(a.model, a.seq, device, a.seed)
+    dtype = pg.DTYPES[a.dtype]
+    peer, settings = pg.make_peer(a.mode, model, dtype, device, a.batch, a.compile_mode, a.ds_fused_adamw)
+    batches = pg.make_batches(a.warmup + a.steps, a.batch, a.seq, a.seed, 0, device, a.data)
+    times, losses, skipped = pg.measure(peer, batches, a.warmup, device)
+    cuda = device.type == "cuda"
+    peak = [f() / 2**30 if cuda else None for f in (torch.cuda.max_memory_allocated, torch.cuda.max_memory_reserved)]
+    out = pg.result(f"pytorch-{a.mode}" if a.mode != "deepspeed" else "deepspeed", a, model, 1,
+                    statistics.median(times), losses.tolist(), skipped, *peak, settings, device)
+    if a.mode == "deepspeed":
+        import deepspeed.comm as dist
+        dist.destroy_process_group()
+    return out
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="gpt2")
-    ap.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=1024)
-    ap.add_argument("--mode", choices=["eager", "compile"], default="eager")
-    ap.add_argument("--warmup", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=12)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mode", choices=["eager", "compile", "deepspeed"], default="eager")
+    pg.add_common_args(ap, "gpt2")
     a = ap.parse_args()
-
-    L, H, C = PRESETS[a.model]
-    cfg = GPT2Config(n_layer=L, n_head=H, n_embd=C, n_positions=a.seq, vocab_size=50304,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    torch.manual_seed(0)
-    dev = "cuda"
-    cfg._attn_implementation = "sdpa"
-    model = GPT2LMHeadModel(cfg).to(dev)
-    n_params = sum(p.numel() for p in model.parameters())
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=6e-4, betas=(0.9, 0.95), fused=True)
-    dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=a.dtype == "fp16")
-    fwd = torch.compile(model) if a.mode == "compile" else model
-    x = torch.randint(0, 50257, (a.batch, a.seq), device=dev)
-    y = torch.randint(0, 50257, (a.batch, a.seq), device=dev)
-
-    def step():
-        with torch.autocast("cuda", dtype=dtype):
-            loss = fwd(input_ids=x, labels=None).logits.float()
-            loss = torch.nn.functional.cross_entropy(loss.view(-1, loss.size(-1)), y.view(-1))
-        scaler.scale(loss).backward()
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        return loss
-
-    times = []
-    for i in range(a.warmup + a.steps):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        loss = step()
-        torch.cuda.synchronize()
-        if i >= a.warmup:
-            times.append(time.perf_counter() - t)
-    dt = statistics.median(times)
-    tok_s = a.batch * a.seq / dt
-    flops_per_token = 6 * n_params + 12 * L * C * a.seq
-    print(json.dumps({
-        "peer": f"pytorch-{a.mode}", "model": a.model, "dtype": a.dtype, "batch": a.batch, "seq": a.seq,
-        "params": n_params, "step_ms": dt * 1e3, "tokens_per_s": tok_s,
-        "mfu": tok_s * flops_per_token / PEAK_FLOPS, "loss": float(loss),
-        "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
-        "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
-    }), flush=True)
+    if a.steps < 1 or a.warmup < 0 or a.batch < 1:
+        ap.error("--steps and --batch must be positive, --warmup not negative")
+    try:
+        line, rc = run(a), 0
+    except Exception as e:
+        line, rc = pg.error_line(f"pytorch-{a.mode}" if a.mode != "deepspeed" else "deepspeed", a, e), 1
+    print(json.dumps(line), flush=True)
+    sys.exit(rc)
 
 
 if __name__ == "__main__":
