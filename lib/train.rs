@@ -525,6 +525,10 @@ pub struct FitArgs {
     /// Override a key, e.g. --set max_iters=100 --set dtype=fp16 (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
+    /// Passed by DeepSpeed's launcher (`--local_rank=N`) and by torch.distributed.launch; the
+    /// environment (LOCAL_RANK) already carries the rank, so it is accepted and not used.
+    #[arg(long = "local_rank", alias = "local-rank", hide = true)]
+    pub local_rank: Option<usize>,
     #[command(flatten)]
     pub launch: LaunchArgs,
 }

@@ -96,14 +96,16 @@ fn toml_batch_resolution() {
         TrainConfig::load(Some(&p), None, &["batch_size=8".into(), "gradient_accumulation_steps=0".into()]).unwrap();
     cfg.resolve_batch(2).unwrap();
     assert_eq!((cfg.batch_size, cfg.gradient_accumulation_steps), (8, 2));
-    // The TOML defaults (batch_size 12, accumulation 1) contradict a global batch of 32.
+    // A global batch alone: the defaults (batch_size 12, accumulation 1) give way, as under
+    // DeepSpeed, which derives what is left out (accumulation 1, the micro-batch from the world).
     let p = s.file("c.toml", "train_batch_size = 32\n");
-    let err = TrainConfig::load(Some(&p), None, &[]).unwrap().resolve_batch(1).unwrap_err().to_string();
-    assert!(err.contains("train_batch_size 32 != batch_size") && err.contains("world size 1"), "{err}");
+    let mut cfg = TrainConfig::load(Some(&p), None, &[]).unwrap();
+    cfg.resolve_batch(2).unwrap();
+    assert_eq!((cfg.batch_size, cfg.gradient_accumulation_steps, cfg.train_batch_size), (16, 1, 32));
     // Without train_batch_size nothing is derived: the global batch is the product.
     let mut cfg = TrainConfig::load(None, None, &[]).unwrap();
     cfg.resolve_batch(3).unwrap();
-    assert_eq!((cfg.batch_size, cfg.gradient_accumulation_steps, cfg.train_batch_size), (12, 1, 0));
+    assert_eq!((cfg.batch_size, cfg.gradient_accumulation_steps, cfg.train_batch_size), (12, 1, 36));
 }
 
 #[test]
@@ -679,5 +681,34 @@ fn nanogpt_python_configs_read_as_nanogpt_reads_them() {
         for w in words {
             assert!(e.contains(w), "{text:?}: {e}");
         }
+    }
+}
+
+#[test]
+fn a_global_batch_derives_the_factor_left_out() {
+    let s = Scratch::new();
+    // TOML with the global and micro batches only: accumulation is derived, as DeepSpeed does.
+    let p = s.file("tb.toml", "train_batch_size = 32\nbatch_size = 4\n");
+    let mut cfg = TrainConfig::load(Some(&p), None, &[]).unwrap();
+    cfg.resolve_batch(2).unwrap();
+    assert_eq!((cfg.train_batch_size, cfg.batch_size, cfg.gradient_accumulation_steps), (32, 4, 4));
+    // All three given and at odds: the message says how to derive one.
+    let p = s.file("tb3.toml", "train_batch_size = 32\nbatch_size = 4\ngradient_accumulation_steps = 1\n");
+    let e = TrainConfig::load(Some(&p), None, &[]).unwrap().resolve_batch(2).unwrap_err().to_string();
+    assert!(e.contains("set it to 0, to derive it"), "{e}");
+    // Without a global batch, the one in effect is what the configuration prints and saves.
+    let mut cfg =
+        TrainConfig::load(None, None, &["batch_size=3".into(), "gradient_accumulation_steps=2".into()]).unwrap();
+    cfg.resolve_batch(4).unwrap();
+    assert_eq!(cfg.train_batch_size, 24);
+    assert!(cfg.to_toml().contains("train_batch_size = 24"), "{}", cfg.to_toml());
+}
+
+#[test]
+fn the_deepspeed_launchers_local_rank_argument_is_accepted() {
+    use clap::Parser;
+    for args in [&["train", "--local_rank=3", "c.toml"][..], &["train", "c.toml", "--local-rank", "3"]] {
+        let cli = zerokit::train::TrainCli::try_parse_from(args).unwrap();
+        assert_eq!(cli.fit.config.as_deref(), Some(Path::new("c.toml")), "{args:?}");
     }
 }

@@ -273,6 +273,13 @@ impl TrainConfig {
                 override_value(k, v, &defaults).map_err(|msg| ConfigError::BadOverride { arg: o.clone(), msg })?;
             table.insert(k.to_string(), value);
         }
+        // As in DeepSpeed, a global batch with only one of its two factors given derives the
+        // other: the defaults (batch_size 12, accumulation 1) must not contradict it.
+        if table.get("train_batch_size").and_then(toml::Value::as_integer).is_some_and(|tb| tb > 0) {
+            for k in ["batch_size", "gradient_accumulation_steps"] {
+                table.entry(k).or_insert(toml::Value::Integer(0));
+            }
+        }
         let origin = path.or(deepspeed).map(Path::to_path_buf).unwrap_or_else(|| "(defaults)".into());
         // The schedule's rate parameters that DeepSpeed takes from the optimizer follow the
         // final learning_rate, --set included.
@@ -321,6 +328,7 @@ impl TrainConfig {
     pub fn resolve_batch(&mut self, world: usize) -> Result<(), ConfigError> {
         let tb = self.train_batch_size;
         if tb == 0 {
+            self.train_batch_size = self.batch_size * self.gradient_accumulation_steps * world;
             return Ok(());
         }
         let split = |by: usize, what: String| {
@@ -343,11 +351,14 @@ impl TrainConfig {
             (mb, ga) => {
                 if mb * ga * world != tb {
                     return Err(ConfigError::Invalid(format!(
-                        "train_batch_size {tb} != {MB} {mb} x gradient_accumulation_steps {ga} x world size {world}"
+                        "train_batch_size {tb} != {MB} {mb} x gradient_accumulation_steps {ga} x world size {world} \
+                         (leave one of the three out, or set it to 0, to derive it)"
                     )));
                 }
             }
         }
+        // What is in effect, for the printed configuration and the manifest.
+        self.train_batch_size = self.batch_size * self.gradient_accumulation_steps * world;
         Ok(())
     }
 
