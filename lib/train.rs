@@ -350,6 +350,9 @@ pub fn fit(mut cfg: TrainConfig) -> Result<(), TrainError> {
             engine.forward_backward(&x, &y)?;
         }
         let st = engine.step(lr)?;
+        if let Some(p) = &mut engine.profile {
+            info!("step {}: {}", step + 1, p.take());
+        }
         step += 1;
         tokens_seen += tokens_per_step;
         exit_hook(rank, step);

@@ -80,6 +80,8 @@ pub struct Engine {
     grad: Tensor,
     /// Full-size gradient accumulation buffer (stages 0 and 1 with accumulation only).
     accum: Option<Tensor>,
+    /// Phase timings (ZEROKIT_PROFILE=1).
+    pub profile: Option<super::profile::PhaseTimer>,
     pub opt: AdamW,
     pub scaler: Option<LossScaler>,
     handles: Vec<Tensor>,
@@ -159,6 +161,7 @@ impl Engine {
             (cfg.stage < 2 && cfg.grad_accum > 1).then(|| Tensor::zeros([layout.total as i64], (cfg.kind, cfg.device)));
         let grad = Tensor::zeros([layout.partition as i64], opts);
         let slot_grads = (0..layout.params.len()).map(|_| None).collect();
+        let profile = super::profile::PhaseTimer::from_env(cfg.device);
         Ok(Engine {
             model,
             layout,
@@ -168,6 +171,7 @@ impl Engine {
             master,
             grad,
             accum,
+            profile,
             opt,
             scaler,
             handles,
@@ -196,6 +200,8 @@ impl Engine {
         let scale = self.scaler.as_ref().map_or(1.0, |s| s.scale());
         let ckpt = self.cfg.activation_checkpointing;
 
+        // The first mark of a step starts its clock; later ones time the batches between micro-steps.
+        self.mark("next micro-batch");
         // Forward, cut at block boundaries so backward can run (and recompute) block by block.
         let x0 = self.model.embed(x);
         let mut h = x0.detach();
@@ -212,8 +218,10 @@ impl Engine {
                 saved.push((leaf, Some(out)));
             }
         }
+        self.mark("forward");
         // Head and loss, forward and backward in chunks: ln_f and the lm_head side of the tied wte.
         let head = self.model.head_backward(&h, y, scale)?;
+        self.mark("head and loss");
         self.loss_sum += head.loss;
         let (lnf_w, lnf_b, wte) = (
             self.slot("transformer.ln_f.weight"),
@@ -260,8 +268,15 @@ impl Engine {
         self.slot_grads[wte] = Some(g.pop().expect("grad of wte") + wte_head);
         self.bucket_ready(n_layer)?;
         self.flush_pending()?;
+        self.mark("backward and reduction");
         self.micro += 1;
         Ok(())
+    }
+
+    fn mark(&mut self, phase: &'static str) {
+        if let Some(p) = &mut self.profile {
+            p.mark(phase);
+        }
     }
 
     /// Bucket `b`'s gradients are all in `slot_grads`: pack them and start their reduction.
@@ -352,6 +367,7 @@ impl Engine {
         }
         self.comm.all_reduce_scalars(&mut stats)?;
         let (norm, loss) = (stats[0].sqrt(), stats[1] / world as f64);
+        self.mark("gradient norm");
         let overflow = !norm.is_finite();
         let _ = self.loss_sum.zero_();
         self.micro = 0;
@@ -377,7 +393,9 @@ impl Engine {
         }
         self.opt.step(&mut self.master, &self.grad, lr)?;
         let _ = self.grad.zero_();
+        self.mark("adamw");
         self.publish_weights()?;
+        self.mark("publish weights");
         Ok(StepStats { loss, grad_norm: norm, skipped: false, loss_scale: scale })
     }
 
