@@ -385,10 +385,7 @@ pub fn fit(mut cfg: TrainConfig) -> Result<(), TrainError> {
                     keep_last: cfg.keep_last,
                     best: best_tag.clone(),
                 };
-                if let Some(h) = hashes.take() {
-                    h.settle(engine.comm.control())?;
-                    info!("the checkpoint resumed from matches its manifest's sha256");
-                }
+                settle(&mut hashes, &mut engine)?;
                 let dir = checkpoint::save(&mut engine, &cfg.out_dir, &info)?;
                 info!("saved checkpoint {}", dir.display());
             }
@@ -451,10 +448,7 @@ pub fn fit(mut cfg: TrainConfig) -> Result<(), TrainError> {
     }
     pb.finish_and_clear();
     // A run that never saved still says whether what it resumed from was intact.
-    if let Some(h) = hashes.take() {
-        h.settle(engine.comm.control())?;
-        info!("the checkpoint resumed from matches its manifest's sha256");
-    }
+    settle(&mut hashes, &mut engine)?;
     engine.comm.barrier()?;
     if rank == 0 && cfg.sample_tokens > 0 {
         let text = sample_text(
@@ -466,6 +460,16 @@ pub fn fit(mut cfg: TrainConfig) -> Result<(), TrainError> {
             cfg.seed,
         )?;
         info!("sample:\n{text}");
+    }
+    Ok(())
+}
+
+/// Waits for the background hashes of the checkpoint the run resumed from, if not done yet
+/// (collective): before the first save, which may replace or retire what was resumed from.
+fn settle(hashes: &mut Option<ResumeHashes>, engine: &mut Engine) -> Result<(), TrainError> {
+    if let Some(h) = hashes.take() {
+        h.settle(engine.comm.control())?;
+        info!("the checkpoint resumed from matches its manifest's sha256");
     }
     Ok(())
 }

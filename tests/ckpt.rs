@@ -205,7 +205,7 @@ fn verify_names_each_corruption() {
                 std::fs::OpenOptions::new().write(true).open(&p).unwrap().set_len(n - 1000).unwrap();
             },
             vec![
-                "step_00000004/rank_00000.safetensors: size 174392 bytes, manifest.json says 175392".into(),
+                "step_00000004/rank_00000.safetensors: size 174440 bytes, manifest.json says 175440".into(),
                 "step_00000004/rank_00000.safetensors: tensor exp_avg_sq ends at byte 175104 of the data region, but the file holds only 174104 data bytes (truncated?)".into(),
             ],
         ),

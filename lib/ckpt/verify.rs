@@ -118,15 +118,17 @@ fn check_latest(root: &Path, listing: &RootListing, format: Format, r: &mut Veri
     // A first save puts its tag in place, then writes `latest`: a crash between the two leaves
     // one complete tag and no `latest`, which `train` writes when it resumes here. With two
     // tags `latest` has existed, so its absence is damage.
-    if format == Format::Zerokit && listing.latest.is_none() && listing.tags.len() == 1 {
-        if root.join(&listing.tags[0]).join("manifest.json").is_file() {
-            r.notes.push(format!(
-                "{}: missing; the first save stopped before writing it (harmless: resuming writes it, naming {})",
-                path.display(),
-                listing.tags[0]
-            ));
-            return;
-        }
+    if format == Format::Zerokit
+        && listing.latest.is_none()
+        && listing.tags.len() == 1
+        && root.join(&listing.tags[0]).join("manifest.json").is_file()
+    {
+        r.notes.push(format!(
+            "{}: missing; the first save stopped before writing it (harmless: resuming writes it, naming {})",
+            path.display(),
+            listing.tags[0]
+        ));
+        return;
     }
     let complete = |d: &Path| match format {
         Format::Zerokit => d.join("manifest.json").is_file(),
