@@ -183,13 +183,21 @@ fn evaluate(
     Ok((sums[0] / n, sums[1] / n))
 }
 
+/// Appends one JSON line. The line goes out in one write: formatted straight into the file, a
+/// value is many small writes, and a run killed between two of them leaves half a line that the
+/// next run's first line would be glued to (and lost with). A line left unfinished anyway (a
+/// crash of an older zerokit) is ended first.
 fn append_jsonl(path: &Path, v: serde_json::Value) -> Result<(), TrainError> {
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(|e| crate::fsutil::FsError::io(path, e))?;
-    writeln!(f, "{v}").map_err(|e| crate::fsutil::FsError::io(path, e))?;
+    use std::os::unix::fs::FileExt;
+    let io = |e| crate::fsutil::FsError::io(path, e);
+    let mut f = std::fs::OpenOptions::new().create(true).read(true).append(true).open(path).map_err(io)?;
+    let len = f.metadata().map_err(io)?.len();
+    let mut last = [b'\n'];
+    if len > 0 {
+        f.read_exact_at(&mut last, len - 1).map_err(io)?;
+    }
+    let line = format!("{}{v}\n", if last[0] == b'\n' { "" } else { "\n" });
+    f.write_all(line.as_bytes()).map_err(io)?;
     Ok(())
 }
 

@@ -205,6 +205,14 @@ fn attempt(dir: &Path, data: &Path, nproc: usize, env: &[(&str, &str)], kill: Ki
     assert_verifies(&out, &what);
     if let Outcome::Completed = outcome {
         assert_eq!(final_files(&out), want.files, "{what}: the final tag differs from the uninterrupted run's");
+        // Whatever earlier crashes of the chain left was cleared.
+        let hidden: Vec<String> = std::fs::read_dir(&out)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".step_") || n.starts_with(".latest"))
+            .collect();
+        assert!(hidden.is_empty(), "{what}: left behind: {hidden:?}");
     }
     outcome
 }
