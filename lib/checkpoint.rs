@@ -4,7 +4,14 @@
 //! `rank_NNNNN.safetensors` (a rank's partition of the fp32 master weights and Adam moments).
 //! A save is built in `.TAG.partial` and renamed into place only when every file is written and
 //! hashed; `latest` moves after that, so a crash at any moment leaves the previous checkpoint
-//! intact.
+//! intact. A tag is retired by renaming it out of the namespace (`.TAG.deleting`) before it is
+//! deleted, and a re-saved step swaps the new tag with the old in one rename, so no crash leaves
+//! a half-written or half-deleted tag under a tag name; what a crash does leave is hidden and
+//! cleared by [`recover_root`] when the next run starts.
+//!
+//! Readers check cheaply, from sizes and safetensors headers, that every file is the one the
+//! manifest describes ([`check_tag`]; rank files carry their rank, partition count, world size,
+//! stage and step, model.safetensors its step), and hash on request ([`check_files`]).
 
 use crate::fsutil::{self, FsError};
 use crate::tags::{self, TagError};
@@ -17,12 +24,19 @@ use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Duration;
 use tch::{Device, Kind, Tensor};
 
 pub const FORMAT: &str = "zerokit-checkpoint";
 pub const VERSION: u32 = 1;
 /// The three fp32 partition tensors in every rank file.
 pub const PARTITION_TENSORS: [&str; 3] = ["master", "exp_avg", "exp_avg_sq"];
+/// The safetensors metadata `format` of a rank file, and of model.safetensors (transformers
+/// requires "pt" there).
+pub const RANK_FORMAT: &str = "zerokit-rank";
+pub const MODEL_FORMAT: &str = "pt";
+pub const MODEL_FILE: &str = "model.safetensors";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
@@ -80,6 +94,49 @@ pub fn rank_file_name(rank: usize) -> String {
 }
 
 const TAG_PREFIX: &str = "step_";
+
+/// What a crash can leave in a checkpoint root: hidden directories named after a tag, never a
+/// tag name. `ckpt verify` notes them as harmless; [`recover_root`] clears them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Leftover {
+    /// `.TAG.partial`: a save that did not finish.
+    Partial,
+    /// `.TAG.deleting`: a tag that retention (or a re-save of its step) was removing.
+    Deleting,
+    /// `.TAG.replaced`: a tag a re-save of its step moved aside on a filesystem that cannot swap
+    /// two directories in one rename; it is put back if its replacement never arrived.
+    Replaced,
+}
+
+const LEFTOVERS: [(Leftover, &str); 3] =
+    [(Leftover::Partial, ".partial"), (Leftover::Deleting, ".deleting"), (Leftover::Replaced, ".replaced")];
+
+impl Leftover {
+    fn suffix(self) -> &'static str {
+        LEFTOVERS.iter().find(|(k, _)| *k == self).map(|(_, s)| *s).expect("every kind has a suffix")
+    }
+
+    /// The hidden name of this kind of leftover for `tag`.
+    pub fn name(self, tag: &str) -> String {
+        format!(".{tag}{}", self.suffix())
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            Leftover::Partial => "an interrupted save (harmless; removed when the next run starts)",
+            Leftover::Deleting => "a tag that was being removed when a run stopped (harmless; removed when the next run starts)",
+            Leftover::Replaced => {
+                "a tag that a re-save of its step was replacing when a run stopped (harmless; the next run keeps whichever is complete)"
+            }
+        }
+    }
+}
+
+/// The kind of leftover `name` (a root's entry) is, and the tag it belongs to.
+pub fn leftover(name: &str) -> Option<(Leftover, &str)> {
+    let rest = name.strip_prefix('.').filter(|r| r.starts_with(TAG_PREFIX))?;
+    LEFTOVERS.iter().find_map(|&(kind, suffix)| rest.strip_suffix(suffix).map(|tag| (kind, tag)))
+}
 
 pub fn tag_name(step: u64) -> String {
     format!("{TAG_PREFIX}{step:08}")
@@ -190,6 +247,132 @@ pub fn read_manifest(tag_dir: &Path) -> Result<Manifest, CheckpointError> {
     Ok(m)
 }
 
+/// Which file of a tag a safetensors file is meant to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TagFile {
+    Model,
+    Rank(usize),
+}
+
+/// Where the safetensors metadata of a file contradicts its being `file` of the tag `m`
+/// describes, one message per disagreement (empty when it fits): the file's own record of which
+/// rank, partition count, world size, ZeRO stage and step it belongs to. A rank file renamed,
+/// swapped with another or copied from another tag or run is caught here, from the header
+/// alone. `world_size`, `zero_stage` and `step` (and model.safetensors' `step`) are checked
+/// where present: checkpoints saved before zerokit wrote them have only format, rank and parts.
+/// The one definition of a file's identity: every reader and `ckpt verify` go through it.
+pub fn identity_problems(file: TagFile, meta: &BTreeMap<String, String>, m: &Manifest) -> Vec<String> {
+    let mut p = Vec::new();
+    let shown = |k: &str| meta.get(k).map_or("none".to_string(), |v| format!("{v:?}"));
+    let format = if file == TagFile::Model { MODEL_FORMAT } else { RANK_FORMAT };
+    if meta.get("format").map(String::as_str) != Some(format) {
+        p.push(format!("metadata format is {}, not {format:?}", shown("format")));
+    }
+    let optional = |key: &str, what: &str, want: String| {
+        meta.get(key)
+            .filter(|v| **v != want)
+            .map(|_| format!("metadata says {what} {}, manifest.json says {want}", shown(key)))
+    };
+    if let TagFile::Rank(r) = file {
+        p.extend(optional("world_size", "world size", m.world_size.to_string()));
+        p.extend(optional("zero_stage", "ZeRO stage", m.zero_stage.to_string()));
+        if meta.get("rank") != Some(&r.to_string()) {
+            p.push(format!("metadata says rank {}, the file name says {r}", shown("rank")));
+        }
+        if meta.get("parts") != Some(&m.layout.parts.to_string()) {
+            p.push(format!("metadata says {} partitions, manifest.json says {}", shown("parts"), m.layout.parts));
+        }
+    }
+    p.extend(optional("step", "step", m.step.to_string()));
+    p
+}
+
+/// The metadata a save writes into rank file `rank` of `engine`'s partitions at `step`.
+fn rank_metadata(engine: &crate::zero::Engine, rank: usize, step: u64) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("format".to_string(), RANK_FORMAT.to_string()),
+        ("rank".to_string(), rank.to_string()),
+        ("parts".to_string(), engine.layout.parts.to_string()),
+        ("world_size".to_string(), engine.comm.world().to_string()),
+        ("zero_stage".to_string(), engine.cfg.stage.to_string()),
+        ("step".to_string(), step.to_string()),
+    ])
+}
+
+/// Checks that file `name` of a tag exists with the size its manifest records.
+fn check_size(tag_dir: &Path, name: &str, entry: &FileEntry, m: &Manifest) -> Result<(), CheckpointError> {
+    let path = tag_dir.join(name);
+    let md = match fs::metadata(&path) {
+        Ok(md) => md,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(invalid(
+                &path,
+                format!(
+                    "missing (manifest.json lists it; the checkpoint was saved by {} ranks at ZeRO stage {}, in {} partitions)",
+                    m.world_size, m.zero_stage, m.layout.parts
+                ),
+            ))
+        }
+        Err(e) => return Err(FsError::io(&path, e).into()),
+    };
+    if md.len() != entry.bytes {
+        return Err(invalid(
+            &path,
+            format!("{} bytes, manifest.json records {}: the file is truncated or was replaced", md.len(), entry.bytes),
+        ));
+    }
+    Ok(())
+}
+
+/// Maps the safetensors file `name` of a tag after checking it is listed, has its recorded
+/// size, has a valid header, and carries the identity of `file` in that tag. Touches the
+/// header's pages only.
+fn open_tag_file(tag_dir: &Path, m: &Manifest, name: &str, file: TagFile) -> Result<Mmap, CheckpointError> {
+    let path = tag_dir.join(name);
+    let entry = m
+        .files
+        .get(name)
+        .ok_or_else(|| invalid(&tag_dir.join("manifest.json"), format!("does not list {name}, which the tag needs")))?;
+    check_size(tag_dir, name, entry, m)?;
+    let f = File::open(&path).map_err(|e| FsError::io(&path, e))?;
+    // SAFETY: checkpoint files are never modified in place (tags are immutable once renamed).
+    let map = unsafe { Mmap::map(&f) }.map_err(|e| FsError::io(&path, e))?;
+    let (_, header) = SafeTensors::read_metadata(&map).map_err(|e| invalid(&path, format!("bad safetensors: {e}")))?;
+    let meta: BTreeMap<String, String> = header.metadata().clone().unwrap_or_default().into_iter().collect();
+    let problems = identity_problems(file, &meta, m);
+    if !problems.is_empty() {
+        let what = match file {
+            TagFile::Rank(r) => format!("rank {r}'s partition"),
+            TagFile::Model => "the model".to_string(),
+        };
+        return Err(invalid(
+            &path,
+            format!(
+                "{}: not {what} of {} (renamed, swapped, or copied from another tag or run?)",
+                problems.join("; "),
+                m.tag
+            ),
+        ));
+    }
+    Ok(map)
+}
+
+/// Everything a reader checks before trusting a tag, cheaply (sizes and safetensors headers;
+/// no tensor data is read and nothing is hashed, see [`check_files`] for that): every file the
+/// manifest lists exists with its recorded size, and model.safetensors and each rank file the
+/// layout needs parse and carry this tag's identity ([`identity_problems`]). `train` resume and
+/// `train sample` call it; [`PartitionReader::open`] checks the rank files the same way.
+pub fn check_tag(tag_dir: &Path, m: &Manifest) -> Result<(), CheckpointError> {
+    for (name, entry) in &m.files {
+        check_size(tag_dir, name, entry, m)?;
+    }
+    open_tag_file(tag_dir, m, MODEL_FILE, TagFile::Model)?;
+    for r in 0..m.layout.parts {
+        open_tag_file(tag_dir, m, &rank_file_name(r), TagFile::Rank(r))?;
+    }
+    Ok(())
+}
+
 /// Part of a range of one parameter's elements that one rank file holds: the rank, the byte
 /// offset in its mapping, and where those elements go (from the range's start) and how many.
 struct Span {
@@ -200,7 +383,8 @@ struct Span {
 }
 
 /// Read access to the partition tensors of a saved checkpoint, for any target layout: resume on
-/// another world size or stage, and conversion to a consolidated model.
+/// another world size or stage, and conversion to a consolidated model. Opening checks each rank
+/// file's size, header and identity (as [`check_tag`] does) before anything is read.
 pub struct PartitionReader {
     pub dir: PathBuf,
     pub manifest: Manifest,
@@ -220,9 +404,7 @@ impl PartitionReader {
         let mut pieces: Vec<Vec<(usize, Piece)>> = vec![Vec::new(); layout.params.len()];
         for r in 0..layout.parts {
             let path = tag_dir.join(rank_file_name(r));
-            let f = File::open(&path).map_err(|e| FsError::io(&path, e))?;
-            // SAFETY: checkpoint files are never modified in place (tags are immutable once renamed).
-            let map = unsafe { Mmap::map(&f) }.map_err(|e| FsError::io(&path, e))?;
+            let map = open_tag_file(tag_dir, &manifest, &rank_file_name(r), TagFile::Rank(r))?;
             let st = SafeTensors::deserialize(&map).map_err(|e| invalid(&path, format!("bad safetensors: {e}")))?;
             let mut start = [0usize; 3];
             for (k, name) in PARTITION_TENSORS.iter().enumerate() {
@@ -354,16 +536,15 @@ pub fn check_file(tag_dir: &Path, name: &str, entry: &FileEntry) -> Option<Strin
 }
 
 /// Keeps the newest `keep_last` tags (by step), `best` (if any) and `saved` (the tag `latest`
-/// now names, even when tags of higher steps exist); removes the other complete tags and any
-/// `.partial` left by an interrupted save.
+/// now names, even when tags of higher steps exist); retires the other complete tags (see
+/// [`retire`]) and clears what earlier crashes left ([`recover_root`]).
 pub fn apply_retention(root: &Path, keep_last: usize, best: Option<&str>, saved: &str) -> Result<(), CheckpointError> {
+    recover_root(root)?;
     let mut tags = Vec::new();
     for e in fs::read_dir(root).map_err(|e| FsError::io(root, e))? {
         let e = e.map_err(|e| FsError::io(root, e))?;
         let name = e.file_name().to_string_lossy().into_owned();
-        if name.starts_with(&format!(".{TAG_PREFIX}")) && name.ends_with(".partial") {
-            let _ = fs::remove_dir_all(e.path());
-        } else if name.starts_with(TAG_PREFIX) && e.path().join("manifest.json").is_file() {
+        if name.starts_with(TAG_PREFIX) && e.path().join("manifest.json").is_file() {
             tags.push(name);
         }
     }
@@ -371,10 +552,135 @@ pub fn apply_retention(root: &Path, keep_last: usize, best: Option<&str>, saved:
     let keep_from = tags.len().saturating_sub(keep_last.max(1));
     for (i, t) in tags.iter().enumerate() {
         if i < keep_from && Some(t.as_str()) != best && t != saved {
-            fs::remove_dir_all(root.join(t)).map_err(|e| FsError::io(root.join(t), e))?;
+            retire(root, &root.join(t), t)?;
         }
     }
     Ok(())
+}
+
+/// Removes the directory `dir` holding tag `tag`'s files without ever leaving part of it under a
+/// tag name: it is renamed out of the namespace (`.TAG.deleting`, one atomic rename) and only
+/// then deleted, so a crash mid-way leaves a hidden leftover, not a half-deleted tag that
+/// `latest`, resume or `ckpt verify` would trip on.
+fn retire(root: &Path, dir: &Path, tag: &str) -> Result<(), CheckpointError> {
+    let aside = root.join(Leftover::Deleting.name(tag));
+    if aside.exists() {
+        fs::remove_dir_all(&aside).map_err(|e| FsError::io(&aside, e))?;
+    }
+    fs::rename(dir, &aside).map_err(|e| FsError::io(dir, e))?;
+    fsutil::sync_parent(&aside);
+    save_point("retire: moved aside", tag);
+    fs::remove_dir_all(&aside).map_err(|e| FsError::io(&aside, e))?;
+    save_point("retire: removed", tag);
+    Ok(())
+}
+
+/// Puts the finished save `partial` in place as `root/tag`. A re-save of a step (a run resumed
+/// from an earlier tag, after a crash that kept a later one) swaps the two directories in one
+/// rename where the filesystem can (Linux renameat2 RENAME_EXCHANGE), so `tag` is a complete
+/// tag at every instant; elsewhere the old tag is moved to `.TAG.replaced` first, and
+/// [`recover_root`] puts it back if a crash comes before its replacement is in place.
+fn put_in_place(root: &Path, partial: &Path, tag: &str) -> Result<PathBuf, CheckpointError> {
+    let dir = root.join(tag);
+    if !dir.exists() {
+        fs::rename(partial, &dir).map_err(|e| FsError::io(&dir, e))?;
+        fsutil::sync_parent(&dir);
+        save_point("tag in place", tag);
+        return Ok(dir);
+    }
+    match exchange(partial, &dir) {
+        Ok(()) => {
+            fsutil::sync_parent(&dir);
+            save_point("tag in place (exchanged with the old one)", tag);
+            // `partial` now holds the old tag.
+            retire(root, partial, tag)?;
+        }
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)) => {
+            let aside = root.join(Leftover::Replaced.name(tag));
+            fs::rename(&dir, &aside).map_err(|e| FsError::io(&dir, e))?;
+            fsutil::sync_parent(&aside);
+            save_point("old tag moved aside", tag);
+            fs::rename(partial, &dir).map_err(|e| FsError::io(&dir, e))?;
+            fsutil::sync_parent(&dir);
+            save_point("tag in place", tag);
+            fs::remove_dir_all(&aside).map_err(|e| FsError::io(&aside, e))?;
+        }
+        Err(e) => return Err(FsError::io(&dir, e).into()),
+    }
+    Ok(dir)
+}
+
+/// Swaps two directory entries atomically (renameat2 with RENAME_EXCHANGE).
+fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(std::io::Error::other);
+    let (ca, cb) = (c(a)?, c(b)?);
+    // SAFETY: both paths are NUL-terminated strings that outlive the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_renameat2,
+            libc::AT_FDCWD,
+            ca.as_ptr(),
+            libc::AT_FDCWD,
+            cb.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Brings a checkpoint root back to a clean state after a crash; `train` runs it under the run
+/// lock before anything else touches the root (and retention after every save). Interrupted
+/// saves (`.TAG.partial`) and half-removed tags (`.TAG.deleting`) are deleted, a tag that a
+/// re-save moved aside (`.TAG.replaced`) is put back if its replacement never arrived, stray
+/// temporary copies of `latest` are removed, and a root whose first save stopped between putting
+/// its tag in place and writing `latest` gets `latest` naming its newest complete tag. Returns
+/// one line per thing done. A missing root is left alone.
+pub fn recover_root(root: &Path) -> Result<Vec<String>, CheckpointError> {
+    let mut done = Vec::new();
+    let Ok(entries) = fs::read_dir(root) else {
+        return Ok(done);
+    };
+    let mut tags = Vec::new();
+    for e in entries {
+        let e = e.map_err(|e| FsError::io(root, e))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        let path = e.path();
+        match leftover(&name) {
+            Some((Leftover::Replaced, tag)) if !root.join(tag).exists() && path.join("manifest.json").is_file() => {
+                fs::rename(&path, root.join(tag)).map_err(|e| FsError::io(&path, e))?;
+                fsutil::sync_parent(&path);
+                done.push(format!("{}: put back as {tag} (its re-save did not finish)", path.display()));
+                tags.push(tag.to_string());
+            }
+            Some((kind, _)) => {
+                fs::remove_dir_all(&path).map_err(|e| FsError::io(&path, e))?;
+                done.push(format!("{}: removed, {}", path.display(), kind.describe()));
+            }
+            // fsutil::write_atomic's temporary name for `latest`, left by a crash mid-write.
+            None if name.starts_with(".latest.tmp-") => {
+                fs::remove_file(&path).map_err(|e| FsError::io(&path, e))?;
+                done.push(format!("{}: removed, an unfinished write of latest", path.display()));
+            }
+            None if name.starts_with(TAG_PREFIX) && path.join("manifest.json").is_file() => tags.push(name),
+            None => {}
+        }
+    }
+    let latest = root.join("latest");
+    if !latest.exists() {
+        if let Some(newest) = tags.iter().max() {
+            fsutil::write_atomic(&latest, format!("{newest}\n").as_bytes())?;
+            done.push(format!(
+                "{}: written, naming {newest} (the first save stopped before it wrote latest)",
+                latest.display()
+            ));
+        }
+    }
+    Ok(done)
 }
 
 /// What the trainer records with a save besides the engine's state.
@@ -391,22 +697,38 @@ pub struct SaveInfo {
     pub best: Option<String>,
 }
 
-/// Test hook: set to a step number to make rank 0 die in the middle of that step's save, after
-/// the rank files are written and before the tag is complete (CI checks that `latest` stays
-/// loadable).
-const CRASH_HOOK: &str = "ZEROKIT_TEST_CRASH_DURING_SAVE";
+/// Test hooks, at every point of a save and of retention where a crash leaves a different state
+/// on disk: ZEROKIT_TEST_SAVE_PAUSE_MS=N sleeps N ms there, widening the moments a kill from
+/// outside can land in (tests/crash.rs); ZEROKIT_TEST_CRASH_AT="POINT@TAG" aborts the process at
+/// that point for that tag. Each point is logged at debug level first, so the rank's log tells
+/// where a kill landed.
+fn save_point(point: &str, tag: &str) {
+    tracing::debug!("checkpoint {tag}: {point}");
+    static PAUSE: OnceLock<Option<Duration>> = OnceLock::new();
+    static CRASH: OnceLock<Option<String>> = OnceLock::new();
+    let pause = PAUSE.get_or_init(|| {
+        std::env::var("ZEROKIT_TEST_SAVE_PAUSE_MS").ok().and_then(|v| v.parse().ok()).map(Duration::from_millis)
+    });
+    if let Some(d) = pause {
+        std::thread::sleep(*d);
+    }
+    if CRASH.get_or_init(|| std::env::var("ZEROKIT_TEST_CRASH_AT").ok()).as_deref() == Some(&format!("{point}@{tag}")) {
+        std::process::abort();
+    }
+}
 
 /// Saves `engine` as tag `step_NNNNNNNN` under `root`. Collective: every rank calls it.
 pub fn save(engine: &mut crate::zero::Engine, root: &Path, info: &SaveInfo) -> Result<PathBuf, CheckpointError> {
     let rank = engine.comm.rank();
     let tag = tag_name(info.step);
-    let partial = root.join(format!(".{tag}.partial"));
+    let partial = root.join(Leftover::Partial.name(&tag));
     if rank == 0 {
         fs::create_dir_all(root).map_err(|e| FsError::io(root, e))?;
         if partial.exists() {
             fs::remove_dir_all(&partial).map_err(|e| FsError::io(&partial, e))?;
         }
         fs::create_dir(&partial).map_err(|e| FsError::io(&partial, e))?;
+        save_point("partial created", &tag);
     }
     comm_step(engine.comm.control().barrier("checkpoint start"), &partial)?;
 
@@ -419,13 +741,9 @@ pub fn save(engine: &mut crate::zero::Engine, root: &Path, info: &SaveInfo) -> R
             ("exp_avg".to_string(), m.shallow_clone()),
             ("exp_avg_sq".to_string(), v.shallow_clone()),
         ];
-        let meta = BTreeMap::from([
-            ("format".to_string(), "zerokit-rank".to_string()),
-            ("rank".to_string(), r.to_string()),
-            ("parts".to_string(), engine.layout.parts.to_string()),
-        ]);
         let name = rank_file_name(r);
-        let entry = write_safetensors(&partial.join(&name), &tensors, &meta)?;
+        let entry = write_safetensors(&partial.join(&name), &tensors, &rank_metadata(engine, r, info.step))?;
+        save_point("rank file written", &tag);
         mine = serde_json::to_vec(&(name, entry)).expect("entry serializes");
     }
     let gathered = comm_step(engine.comm.control().gather(&mine, "checkpoint files"), &partial)?;
@@ -459,16 +777,14 @@ fn finish_save(
             serde_json::from_slice(&payload).map_err(|e| invalid(partial, format!("bad file report: {e}")))?;
         files.insert(name, entry);
     }
-    if std::env::var(CRASH_HOOK).ok().and_then(|v| v.parse::<u64>().ok()) == Some(info.step) {
-        std::process::abort();
-    }
+    save_point("rank files gathered", tag);
     let named: Vec<(String, Tensor)> = engine.model.named_parameters();
     let kind = engine.cfg.kind;
-    let model_meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
-    files.insert(
-        "model.safetensors".into(),
-        write_safetensors(&partial.join("model.safetensors"), &named, &model_meta)?,
-    );
+    // "format": "pt" is what transformers requires; the step ties the file to its tag.
+    let model_meta =
+        BTreeMap::from([("format".to_string(), MODEL_FORMAT.to_string()), ("step".to_string(), info.step.to_string())]);
+    files.insert(MODEL_FILE.into(), write_safetensors(&partial.join(MODEL_FILE), &named, &model_meta)?);
+    save_point("model written", tag);
     // With config.json the tag is also a Hugging Face model directory (GPT2LMHeadModel loads it).
     let hf_config = engine.model.config().to_hf_config_json(kind);
     fsutil::write_atomic(&partial.join("config.json"), hf_config.as_bytes())?;
@@ -509,16 +825,107 @@ fn finish_save(
     let text = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");
     fsutil::write_atomic(&partial.join("manifest.json"), &text)?;
     fsutil::sync_parent(&partial.join("manifest.json"));
-    let dir = root.join(tag);
-    if dir.exists() {
-        // Saving the same step twice (a resumed run): the new save replaces the old one.
-        fs::remove_dir_all(&dir).map_err(|e| FsError::io(&dir, e))?;
-    }
-    fs::rename(partial, &dir).map_err(|e| FsError::io(&dir, e))?;
-    fsutil::sync_parent(&dir);
+    save_point("manifest written", tag);
+    let dir = put_in_place(root, partial, tag)?;
     fsutil::write_atomic(&root.join("latest"), format!("{tag}\n").as_bytes())?;
+    save_point("latest written", tag);
     apply_retention(root, info.keep_last, info.best.as_deref(), tag)?;
     Ok(dir)
+}
+
+/// The files of a tag that `rank` hashes when a run resumes from it (see [`ResumeHashes`]):
+/// each rank file once, by the lowest rank whose partition of `layout` (the resuming run's)
+/// reads from it, so the bytes are hashed on the node that just read them and the work is
+/// spread over ranks as the reading was; the files training does not read (model.safetensors,
+/// config.json, and a rank file holding only padding) by rank 0.
+pub fn resume_hash_share(m: &Manifest, layout: &FlatLayout, rank: usize) -> Vec<String> {
+    let old = &m.layout;
+    let index: BTreeMap<&str, usize> = old.params.iter().enumerate().map(|(i, p)| (p.name.as_str(), i)).collect();
+    // Per old parameter: (old rank, first element, elements) of each piece.
+    let mut held: Vec<Vec<(usize, usize, usize)>> = vec![Vec::new(); old.params.len()];
+    for r in 0..old.parts {
+        for pc in old.pieces(r) {
+            held[pc.param].push((r, pc.param_offset, pc.len));
+        }
+    }
+    // At stage 0 every rank loads the one partition: rank 0 stands for all of them.
+    let mut reader: Vec<Option<usize>> = vec![None; old.parts];
+    for part in 0..layout.parts {
+        for pc in layout.pieces(part) {
+            let Some(&oi) = index.get(layout.params[pc.param].name.as_str()) else { continue };
+            for &(r, off, len) in &held[oi] {
+                if off < pc.param_offset + pc.len && pc.param_offset < off + len {
+                    reader[r].get_or_insert(part);
+                }
+            }
+        }
+    }
+    let ranks: BTreeMap<String, usize> = (0..old.parts).map(|r| (rank_file_name(r), reader[r].unwrap_or(0))).collect();
+    m.files.keys().filter(|name| ranks.get(*name).copied().unwrap_or(0) == rank).cloned().collect()
+}
+
+/// The sha256 check of the tag a run resumed from, against its manifest. Resume checks sizes
+/// and headers before training ([`check_tag`]) but hashing a large checkpoint takes a while, so
+/// it runs on a thread of its own beside training; [`ResumeHashes::settle`] waits for it, and
+/// the trainer settles before its first save, so a damaged file is reported before that save
+/// (or its retention) replaces or removes anything.
+pub struct ResumeHashes {
+    dir: PathBuf,
+    files: usize,
+    worker: Option<std::thread::JoinHandle<Vec<String>>>,
+}
+
+impl ResumeHashes {
+    /// Starts hashing `names` (files of the tag `m` at `tag_dir`) on a new thread.
+    pub fn start(tag_dir: &Path, m: &Manifest, names: Vec<String>) -> Self {
+        let dir = tag_dir.to_path_buf();
+        let entries: Vec<(String, FileEntry)> =
+            names.into_iter().filter_map(|n| m.files.get(&n).map(|e| (n, e.clone()))).collect();
+        let files = entries.len();
+        let d = dir.clone();
+        let worker = std::thread::Builder::new()
+            .name("resume-sha256".into())
+            .spawn(move || entries.iter().filter_map(|(n, e)| check_file(&d, n, e)).collect())
+            .expect("a thread can be started");
+        ResumeHashes { dir, files, worker: Some(worker) }
+    }
+
+    /// How many files this rank hashes.
+    pub fn files(&self) -> usize {
+        self.files
+    }
+
+    /// Waits for this rank's hashes and combines every rank's on rank 0. Collective. Every rank
+    /// returns the same error, naming each damaged file, when any file failed.
+    pub fn settle(mut self, ctl: &mut crate::comm::ControlPlane) -> Result<(), CheckpointError> {
+        let mine: Vec<String> = match self.worker.take().map(|w| w.join()) {
+            Some(Ok(p)) => p,
+            Some(Err(_)) => vec![format!("{}: the sha256 thread failed", self.dir.display())],
+            None => Vec::new(),
+        };
+        let what = "resumed checkpoint hashes";
+        let encode = |v: &Vec<String>| serde_json::to_vec(v).expect("strings serialize");
+        let all: Vec<String> = match comm_step(ctl.gather(&encode(&mine), what), &self.dir)? {
+            Some(each) => {
+                let all: Vec<String> =
+                    each.iter().flat_map(|p| serde_json::from_slice::<Vec<String>>(p).unwrap_or_default()).collect();
+                comm_step(ctl.broadcast(Some(&encode(&all)), what), &self.dir)?;
+                all
+            }
+            None => serde_json::from_slice(&comm_step(ctl.broadcast(None, what), &self.dir)?).unwrap_or_default(),
+        };
+        if all.is_empty() {
+            return Ok(());
+        }
+        Err(invalid(
+            &self.dir,
+            format!(
+                "the checkpoint this run resumed from is damaged (found by the sha256 check that runs beside \
+                 training; the run stopped before saving, so nothing was replaced or removed): {}",
+                all.join("; ")
+            ),
+        ))
+    }
 }
 
 /// Restores the engine's partitions, optimizer and loss-scaler state from a tag, whatever world
@@ -562,6 +969,84 @@ pub fn load(engine: &mut crate::zero::Engine, tag_dir: &Path) -> Result<Manifest
 mod tests {
     use super::*;
 
+    fn listing(root: &Path) -> Vec<String> {
+        let mut left: Vec<String> =
+            fs::read_dir(root).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        left.sort();
+        left
+    }
+
+    fn tag(root: &Path, name: &str, files: &[&str]) {
+        fs::create_dir_all(root.join(name)).unwrap();
+        for f in files {
+            fs::write(root.join(name).join(f), name).unwrap();
+        }
+    }
+
+    #[test]
+    fn leftover_names_round_trip() {
+        for kind in [Leftover::Partial, Leftover::Deleting, Leftover::Replaced] {
+            assert_eq!(leftover(&kind.name("step_00000007")), Some((kind, "step_00000007")));
+        }
+        assert_eq!(leftover("step_00000007"), None);
+        assert_eq!(leftover(".latest.tmp-12"), None);
+        assert_eq!(leftover(".other.partial"), None);
+    }
+
+    /// What kill -9 leaves at each moment of a save or of retention, and what start-up makes of it.
+    #[test]
+    fn recovery_clears_what_a_crash_leaves_and_keeps_every_complete_tag() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        tag(root, "step_00000002", &["manifest.json", "config.json"]);
+        // Killed while retention deleted step 1 (moved aside first), while saving step 5, while
+        // writing `latest`, and between the two renames of a re-save of step 4 (its old tag
+        // aside, the new one not yet in place).
+        tag(root, ".step_00000001.deleting", &["config.json"]);
+        tag(root, ".step_00000005.partial", &["rank_00000.safetensors"]);
+        fs::write(root.join(".latest.tmp-4242"), "step_00000004\n").unwrap();
+        tag(root, ".step_00000004.replaced", &["manifest.json", "model.safetensors"]);
+        fs::write(root.join("latest"), "step_00000004\n").unwrap();
+        let done = recover_root(root).unwrap();
+        assert_eq!(done.len(), 4, "{done:?}");
+        assert_eq!(listing(root), ["latest", "step_00000002", "step_00000004"]);
+        assert_eq!(
+            fs::read_to_string(root.join("step_00000004/model.safetensors")).unwrap(),
+            ".step_00000004.replaced"
+        );
+        // A re-save that did finish: the moved-aside old tag goes.
+        tag(root, ".step_00000004.replaced", &["manifest.json"]);
+        recover_root(root).unwrap();
+        assert_eq!(listing(root), ["latest", "step_00000002", "step_00000004"]);
+        assert!(recover_root(root).unwrap().is_empty(), "a clean root needs nothing");
+    }
+
+    #[test]
+    fn recovery_writes_latest_when_the_first_save_stopped_before_it() {
+        let d = tempfile::tempdir().unwrap();
+        tag(d.path(), "step_00000003", &["manifest.json"]);
+        let done = recover_root(d.path()).unwrap();
+        assert!(done[0].contains("naming step_00000003"), "{done:?}");
+        assert_eq!(fs::read_to_string(d.path().join("latest")).unwrap(), "step_00000003\n");
+        // Nothing saved yet: nothing to name.
+        let e = tempfile::tempdir().unwrap();
+        tag(e.path(), ".step_00000001.partial", &[]);
+        recover_root(e.path()).unwrap();
+        assert!(listing(e.path()).is_empty());
+        assert!(recover_root(&e.path().join("missing")).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_re_save_replaces_the_old_tag_in_one_step() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        tag(root, "step_00000004", &["manifest.json", "old"]);
+        tag(root, ".step_00000004.partial", &["manifest.json", "new"]);
+        put_in_place(root, &root.join(".step_00000004.partial"), "step_00000004").unwrap();
+        assert_eq!(listing(root), ["step_00000004"]);
+        assert!(root.join("step_00000004/new").exists() && !root.join("step_00000004/old").exists());
+    }
+
     #[test]
     fn retention_keeps_the_newest_the_best_and_the_tag_just_saved() {
         let root = tempfile::tempdir().unwrap();
@@ -570,11 +1055,9 @@ mod tests {
             fs::write(root.path().join(t).join("manifest.json"), "{}").unwrap();
         }
         fs::create_dir_all(root.path().join(".step_00000040.partial")).unwrap();
+        fs::write(root.path().join("latest"), "step_00000003\n").unwrap();
         // A tag saved below older, higher-numbered tags stays: `latest` names it.
         apply_retention(root.path(), 1, Some("step_00000010"), "step_00000003").unwrap();
-        let mut left: Vec<String> =
-            fs::read_dir(root.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-        left.sort();
-        assert_eq!(left, ["step_00000003", "step_00000010", "step_00000030"]);
+        assert_eq!(listing(root.path()), ["latest", "step_00000003", "step_00000010", "step_00000030"]);
     }
 }

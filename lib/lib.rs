@@ -12,6 +12,7 @@ pub mod device;
 pub mod fsutil;
 pub mod interop;
 pub mod launch;
+pub mod lock;
 pub mod logging;
 pub mod memory;
 pub mod model;

@@ -1,12 +1,13 @@
 //! The training loop: nanoGPT's train.py over the ZeRO engine. Every rank runs it; rank 0 alone
 //! prints, writes metrics.jsonl and the loss plot, and coordinates checkpoints.
 
-use crate::checkpoint::{self, SaveInfo};
+use crate::checkpoint::{self, ResumeHashes, SaveInfo};
 use crate::comm::{Collectives, ControlPlane, CpuComm, Rendezvous};
 use crate::config::TrainConfig;
 use crate::data::dataset::TokenDataset;
 use crate::data::tokenize::{Encoding, Tokenizer};
 use crate::launch::{self, LaunchArgs};
+use crate::lock::RunLock;
 use crate::model::{Gpt, GptConfig};
 use crate::optim::AdamWConfig;
 use crate::scaler::ScalerConfig;
@@ -35,6 +36,8 @@ pub enum TrainError {
     Model(#[from] crate::model::ModelError),
     #[error(transparent)]
     Fs(#[from] crate::fsutil::FsError),
+    #[error(transparent)]
+    Lock(#[from] crate::lock::LockError),
     #[error("{0}")]
     Other(String),
 }
@@ -81,12 +84,52 @@ pub fn model_config(cfg: &TrainConfig) -> Result<GptConfig, TrainError> {
     Ok(m)
 }
 
-fn connect(rdv: &Rendezvous, device: Device) -> Result<Box<dyn Collectives>, TrainError> {
-    let ctl = if rdv.world == 1 { ControlPlane::single() } else { ControlPlane::connect(rdv)? };
+fn collectives(ctl: ControlPlane, device: Device) -> Result<Box<dyn Collectives>, TrainError> {
     Ok(match device {
-        Device::Cuda(i) if rdv.world > 1 => Box::new(crate::comm::nccl::NcclComm::new(ctl, i)?),
+        Device::Cuda(i) if ctl.world() > 1 => Box::new(crate::comm::nccl::NcclComm::new(ctl, i)?),
         _ => Box::new(CpuComm::new(ctl)),
     })
+}
+
+/// Rank 0 takes the run lock on `out_dir` and tells every rank whether the run goes on; the other
+/// ranks wait for that answer before they write anything (their log files included), so a run
+/// refused because another holds the directory leaves no trace in it. One rule whatever started
+/// the ranks (zerokit's launcher, torchrun, srun) and however many nodes: the lock lives where
+/// rank 0 runs, on the directory every node shares. A new run also refuses a directory holding an
+/// earlier run's checkpoints: checked before the lock (read-only, so such a refusal touches
+/// nothing) and again under it. Returns the lock on rank 0.
+fn take_out_dir(cfg: &TrainConfig, ctl: &mut ControlPlane) -> Result<Option<RunLock>, TrainError> {
+    const WHAT: &str = "run lock";
+    if ctl.rank() != 0 {
+        let answer = ctl.broadcast(None, WHAT)?;
+        if answer.is_empty() {
+            return Ok(None);
+        }
+        return Err(TrainError::Other(format!("rank 0 did not start the run: {}", String::from_utf8_lossy(&answer))));
+    }
+    let fresh = || match checkpoint::any_checkpoint(&cfg.out_dir) {
+        // A new run never mixes its checkpoints with an earlier run's (retention and `latest`
+        // would interleave them): nothing the user has is overwritten or removed.
+        Some(old) if cfg.init_from != "resume" => Err(TrainError::Other(format!(
+            "{} already holds checkpoints of an earlier run ({old}): continue it with --set init_from=resume, \
+             or train into another out_dir",
+            cfg.out_dir.display()
+        ))),
+        _ => Ok(()),
+    };
+    let taken = fresh()
+        .and_then(|_| RunLock::acquire(&cfg.out_dir).map_err(TrainError::from))
+        .and_then(|lock| fresh().map(|_| lock));
+    match taken {
+        Ok(lock) => {
+            ctl.broadcast(Some(b""), WHAT)?;
+            Ok(Some(lock))
+        }
+        Err(e) => {
+            let _ = ctl.broadcast(Some(e.to_string().as_bytes()), WHAT);
+            Err(e)
+        }
+    }
 }
 
 /// x and y of micro-step `micro` of optimizer step `step` on this rank. Row g of the global
@@ -140,13 +183,21 @@ fn evaluate(
     Ok((sums[0] / n, sums[1] / n))
 }
 
+/// Appends one JSON line. The line goes out in one write: formatted straight into the file, a
+/// value is many small writes, and a run killed between two of them leaves half a line that the
+/// next run's first line would be glued to (and lost with). A line left unfinished anyway (a
+/// crash of an older zerokit) is ended first.
 fn append_jsonl(path: &Path, v: serde_json::Value) -> Result<(), TrainError> {
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(|e| crate::fsutil::FsError::io(path, e))?;
-    writeln!(f, "{v}").map_err(|e| crate::fsutil::FsError::io(path, e))?;
+    use std::os::unix::fs::FileExt;
+    let io = |e| crate::fsutil::FsError::io(path, e);
+    let mut f = std::fs::OpenOptions::new().create(true).read(true).append(true).open(path).map_err(io)?;
+    let len = f.metadata().map_err(io)?.len();
+    let mut last = [b'\n'];
+    if len > 0 {
+        f.read_exact_at(&mut last, len - 1).map_err(io)?;
+    }
+    let line = format!("{}{v}\n", if last[0] == b'\n' { "" } else { "\n" });
+    f.write_all(line.as_bytes()).map_err(io)?;
     Ok(())
 }
 
@@ -155,8 +206,22 @@ pub fn fit(mut cfg: TrainConfig) -> Result<(), TrainError> {
     let rdv = Rendezvous::from_env(Duration::from_secs(cfg.comm_timeout))?;
     cfg.resolve_batch(rdv.world)?;
     let (rank, world) = (rdv.rank, rdv.world);
+    let mut ctl = if world == 1 { ControlPlane::single() } else { ControlPlane::connect(&rdv)? };
+    let _lock = take_out_dir(&cfg, &mut ctl)?;
     crate::logging::init(rank, Some(&cfg.out_dir.join("logs").join(format!("rank{rank:03}.log"))))
         .map_err(|e| TrainError::Other(format!("{}: cannot open the log file: {e}", cfg.out_dir.display())))?;
+    // What a crashed run left (an interrupted save, a half-retired tag) is cleared under the lock
+    // before any rank reads the root.
+    if rank == 0 {
+        match checkpoint::recover_root(&cfg.out_dir) {
+            Ok(done) => done.iter().for_each(|d| info!("recovered: {d}")),
+            Err(e) => {
+                ctl.abort(&e.to_string());
+                return Err(e.into());
+            }
+        }
+    }
+    ctl.barrier("start-up recovery")?;
     let (device, kind) = resolve_device(&cfg, rdv.local_rank)?;
     if device.is_cuda() && world > 1 {
         crate::comm::nccl::use_torch_nccl()?;
@@ -180,24 +245,23 @@ pub fn fit(mut cfg: TrainConfig) -> Result<(), TrainError> {
     }
     info!("resolved configuration:\n{}", cfg.to_toml());
 
-    // A new run never mixes its checkpoints with an earlier run's (retention and `latest` would
-    // interleave them): nothing the user has is overwritten or removed.
-    if cfg.init_from != "resume" {
-        if let Some(old) = checkpoint::any_checkpoint(&cfg.out_dir) {
-            return Err(TrainError::Other(format!(
-                "{} already holds checkpoints of an earlier run ({old}): continue it with --set init_from=resume, \
-                 or train into another out_dir",
-                cfg.out_dir.display()
-            )));
-        }
-    }
     // The model starts in fp32 on the host of every rank with identical weights; the engine
     // moves it to the device in the compute kind.
     let resume_dir = (cfg.init_from == "resume").then(|| checkpoint::resolve(&cfg.out_dir, None)).transpose()?;
-    let mcfg = match &resume_dir {
-        Some(dir) => serde_json::from_value(checkpoint::read_manifest(dir)?.model_config)
+    // Sizes and headers (each file's identity included) before anything else: a damaged or
+    // misplaced file stops the run here. The hashes follow in the background (below).
+    let resume_manifest = match &resume_dir {
+        Some(dir) => {
+            let m = checkpoint::read_manifest(dir)?;
+            checkpoint::check_tag(dir, &m)?;
+            Some(m)
+        }
+        None => None,
+    };
+    let mcfg = match (&resume_dir, &resume_manifest) {
+        (Some(dir), Some(m)) => serde_json::from_value(m.model_config.clone())
             .map_err(|e| TrainError::Other(format!("{}: model_config: {e}", dir.display())))?,
-        None => model_config(&cfg)?,
+        _ => model_config(&cfg)?,
     };
     let model = match cfg.init_from.as_str() {
         "scratch" | "resume" => Gpt::new(&mcfg, Device::Cpu, Kind::Float, cfg.seed)?,
@@ -252,15 +316,20 @@ pub fn fit(mut cfg: TrainConfig) -> Result<(), TrainError> {
             raise_error_at_min_scale: false,
         },
     };
-    let comm = connect(&rdv, device)?;
+    let comm = collectives(ctl, device)?;
     let mut engine = Engine::new(model, ecfg, comm)?;
     let mut start = 0u64;
     let mut best_val = f64::INFINITY;
     let mut best_tag: Option<String> = None;
     let mut stale_evals = 0;
     let mut tokens_seen = 0u64;
+    let mut hashes: Option<ResumeHashes> = None;
     if let Some(dir) = &resume_dir {
         let m = checkpoint::load(&mut engine, dir)?;
+        let share = checkpoint::resume_hash_share(&m, &engine.layout, rank);
+        let h = ResumeHashes::start(dir, &m, share);
+        info!("checking the sha256 of {} file(s) of {} in the background (rank 0's share)", h.files(), dir.display());
+        hashes = Some(h);
         start = m.step;
         tokens_seen = m.tokens_seen;
         best_val = m.metrics.get("best_val_loss").and_then(|v| v.as_f64()).unwrap_or(f64::INFINITY);
@@ -331,6 +400,7 @@ pub fn fit(mut cfg: TrainConfig) -> Result<(), TrainError> {
                     keep_last: cfg.keep_last,
                     best: best_tag.clone(),
                 };
+                settle(&mut hashes, &mut engine)?;
                 let dir = checkpoint::save(&mut engine, &cfg.out_dir, &info)?;
                 info!("saved checkpoint {}", dir.display());
             }
@@ -394,6 +464,8 @@ pub fn fit(mut cfg: TrainConfig) -> Result<(), TrainError> {
         }
     }
     pb.finish_and_clear();
+    // A run that never saved still says whether what it resumed from was intact.
+    settle(&mut hashes, &mut engine)?;
     engine.comm.barrier()?;
     if rank == 0 && cfg.sample_tokens > 0 {
         let text = sample_text(
@@ -405,6 +477,16 @@ pub fn fit(mut cfg: TrainConfig) -> Result<(), TrainError> {
             cfg.seed,
         )?;
         info!("sample:\n{text}");
+    }
+    Ok(())
+}
+
+/// Waits for the background hashes of the checkpoint the run resumed from, if not done yet
+/// (collective): before the first save, which may replace or retire what was resumed from.
+fn settle(hashes: &mut Option<ResumeHashes>, engine: &mut Engine) -> Result<(), TrainError> {
+    if let Some(h) = hashes.take() {
+        h.settle(engine.comm.control())?;
+        info!("the checkpoint resumed from matches its manifest's sha256");
     }
     Ok(())
 }
@@ -490,6 +572,7 @@ pub fn sample_from_checkpoint(
 ) -> Result<String, TrainError> {
     // A tag directory is also a Hugging Face model directory (config.json + model.safetensors).
     let dir = checkpoint::resolve(path, None)?;
+    checkpoint::check_tag(&dir, &checkpoint::read_manifest(&dir)?)?;
     let device = crate::device::parse_device(device).map_err(TrainError::Other)?;
     let (model, _) = Gpt::load_hf(&dir, device, Kind::Float)?;
     sample_text(&model, prompt, tokens, temperature, top_k, seed)

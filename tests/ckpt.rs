@@ -9,6 +9,8 @@
 
 mod common;
 
+use common::tiny::copy_dir;
+use common::{rehash, swap_files};
 use safetensors::SafeTensors;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -60,18 +62,6 @@ fn trained() -> &'static Path {
     })
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        if e.path().is_dir() {
-            copy_dir(&e.path(), &to.join(e.file_name()));
-        } else {
-            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-        }
-    }
-}
-
 /// A private copy of the trained root.
 fn copy() -> (tempfile::TempDir, PathBuf) {
     let t = tempfile::tempdir().unwrap();
@@ -100,14 +90,6 @@ fn verify(path: &Path, extra: &[&str]) -> Out {
     let mut args = vec!["verify", p];
     args.extend_from_slice(extra);
     ckpt(&args)
-}
-
-/// Records a file's new size and hash in the manifest, so only the deeper checks can catch
-/// what was changed in it.
-fn rehash(tag: &Path, name: &str) {
-    let bytes = std::fs::read(tag.join(name)).unwrap();
-    let sha = zerokit::fsutil::sha256_file(&tag.join(name)).unwrap();
-    common::edit_manifest(tag, |m| m["files"][name] = json!({"bytes": bytes.len(), "sha256": sha}));
 }
 
 /// Rewrites a safetensors header in place (same length, space-padded as the format allows).
@@ -223,7 +205,7 @@ fn verify_names_each_corruption() {
                 std::fs::OpenOptions::new().write(true).open(&p).unwrap().set_len(n - 1000).unwrap();
             },
             vec![
-                "step_00000004/rank_00000.safetensors: size 174392 bytes, manifest.json says 175392".into(),
+                "step_00000004/rank_00000.safetensors: size 174440 bytes, manifest.json says 175440".into(),
                 "step_00000004/rank_00000.safetensors: tensor exp_avg_sq ends at byte 175104 of the data region, but the file holds only 174104 data bytes (truncated?)".into(),
             ],
         ),
@@ -290,15 +272,26 @@ fn verify_names_each_corruption() {
         ),
         (
             "rank files swapped",
+            |root| swap_files(&root.join(TAGS[1]), "rank_00000.safetensors", "rank_00001.safetensors"),
+            vec!["step_00000004/rank_00000.safetensors: metadata says rank \"1\", the file name says 0".into()],
+        ),
+        (
+            "a rank file copied from another tag of the run",
             |root| {
                 let t = root.join(TAGS[1]);
-                std::fs::rename(t.join("rank_00000.safetensors"), t.join("tmp")).unwrap();
-                std::fs::rename(t.join("rank_00001.safetensors"), t.join("rank_00000.safetensors")).unwrap();
-                std::fs::rename(t.join("tmp"), t.join("rank_00001.safetensors")).unwrap();
-                rehash(&t, "rank_00000.safetensors");
+                std::fs::copy(root.join(TAGS[0]).join("rank_00001.safetensors"), t.join("rank_00001.safetensors")).unwrap();
                 rehash(&t, "rank_00001.safetensors");
             },
-            vec!["step_00000004/rank_00000.safetensors: metadata says rank \"1\", the file name says 0".into()],
+            vec!["step_00000004/rank_00001.safetensors: metadata says step \"2\", manifest.json says 4".into()],
+        ),
+        (
+            "the model file of another tag",
+            |root| {
+                let t = root.join(TAGS[1]);
+                std::fs::copy(root.join(TAGS[0]).join("model.safetensors"), t.join("model.safetensors")).unwrap();
+                rehash(&t, "model.safetensors");
+            },
+            vec!["step_00000004/model.safetensors: metadata says step \"2\", manifest.json says 4".into()],
         ),
         (
             "data in padding",
@@ -358,6 +351,34 @@ fn verify_names_each_corruption() {
     std::fs::remove_file(root.join(TAGS[0]).join("rank_00000.safetensors")).unwrap();
     assert_eq!(verify(&root, &["--tag", TAGS[1]]).code, 0);
     assert_reports(&verify(&root, &[]), &root, &["step_00000002/rank_00000.safetensors: missing"], "other tag");
+}
+
+/// What a crash leaves (lib/checkpoint.rs `Leftover`, and a first save stopped before `latest`)
+/// is harmless: verify notes it on stderr and passes; with two tags a missing `latest` is damage.
+#[test]
+fn crash_leftovers_are_noted_not_reported() {
+    let (_t, root) = copy();
+    copy_dir(&root.join(TAGS[0]), &root.join(".step_00000002.deleting"));
+    std::fs::remove_file(root.join(".step_00000002.deleting/manifest.json")).unwrap();
+    std::fs::create_dir(root.join(".step_00000006.partial")).unwrap();
+    copy_dir(&root.join(TAGS[0]), &root.join(".step_00000004.replaced"));
+    let out = verify(&root, &[]);
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    for want in [
+        ".step_00000002.deleting: a tag that was being removed when a run stopped (harmless",
+        ".step_00000006.partial: an interrupted save (harmless",
+        ".step_00000004.replaced: a tag that a re-save of its step was replacing",
+    ] {
+        assert!(out.stderr.contains(want), "{want:?} not in\n{}", out.stderr);
+    }
+
+    // One complete tag and no `latest`: the first save stopped between its two renames.
+    let (_t, root) = copy();
+    std::fs::remove_dir_all(root.join(TAGS[1])).unwrap();
+    std::fs::remove_file(root.join("latest")).unwrap();
+    let out = verify(&root, &[]);
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    assert!(out.stderr.contains("latest: missing; the first save stopped before writing it"), "{}", out.stderr);
 }
 
 #[test]

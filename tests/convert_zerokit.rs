@@ -373,6 +373,19 @@ fn damaged_checkpoints_are_refused_naming_the_file() {
     common::edit_manifest(&tag, |m| m["model_config"]["n_embd"] = 64.into());
     assert_refused(&root, &[], &["manifest.json", "shape"]);
 
+    // Rank files swapped, the manifest's sizes and hashes updated to match: each file's own
+    // record of its rank tells.
+    let (root, tag) = fresh("swapped");
+    common::swap_files(&tag, "rank_00000.safetensors", "rank_00002.safetensors");
+    assert_refused(&root, &[], &["rank_00000.safetensors: metadata says rank \"2\", the file name says 0"]);
+
+    // A rank file copied from the run's previous tag: its step tells.
+    let (root, tag) = fresh("other-tag");
+    let earlier = checkpoints()[2].root.join("step_00000002/rank_00001.safetensors");
+    std::fs::copy(earlier, tag.join("rank_00001.safetensors")).unwrap();
+    common::rehash(&tag, "rank_00001.safetensors");
+    assert_refused(&root, &[], &["rank_00001.safetensors: metadata says step \"2\", manifest.json says 3"]);
+
     // A flipped bit in a master weight keeps every size: --verify's hashes catch it.
     let (root, tag) = fresh("bitflip");
     let f = tag.join("rank_00001.safetensors");

@@ -169,7 +169,8 @@ pub struct RootListing {
     pub tags: Vec<String>,
     /// What `latest` says.
     pub latest: Latest,
-    /// Saves that were interrupted (`.step_N.partial`): harmless, removed by the next save.
+    /// What crashes left (`.step_N.partial`, `.step_N.deleting`, ...: see
+    /// [`checkpoint::Leftover`]): harmless, cleared when the next run starts.
     pub partial: Vec<String>,
 }
 
@@ -189,7 +190,7 @@ pub fn list_root(dir: &Path, format: Format) -> Result<RootListing, CkptError> {
         .map_err(io_err(dir))?
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with('.') && n.ends_with(".partial"))
+        .filter(|n| checkpoint::leftover(n).is_some())
         .collect();
     partial.sort();
     Ok(RootListing { tags: found, latest: tags::read_latest(dir)?, partial })

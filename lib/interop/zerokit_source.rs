@@ -11,7 +11,7 @@
 //! stored once, as `GPT2LMHeadModel` expects), so the output needs no renaming; tensors come out
 //! in the model's canonical order (wte, wpe, h.0 ... h.{L-1}, ln_f).
 
-use crate::checkpoint::{self, CheckpointError, Manifest, PartitionReader};
+use crate::checkpoint::{self, CheckpointError, PartitionReader};
 use crate::convert::{ShardedSource, SourceError, TensorInfo};
 use crate::interop::torch_pickle::DType;
 use crate::model::GptConfig;
@@ -47,8 +47,10 @@ pub struct ZerokitSource {
 
 impl ZerokitSource {
     /// Opens the tag directory `dir`. Every rank file the layout needs must be present with the
-    /// size manifest.json records (a truncated or replaced file is named before anything is read),
-    /// and the layout must hold exactly the parameters of the GPT-2 that `model_config` describes.
+    /// size manifest.json records and carry its own identity in its header (rank, partitions,
+    /// world size, stage, step: a truncated, replaced, swapped or misplaced file is named before
+    /// anything is read, see [`PartitionReader::open`]), and the layout must hold exactly the
+    /// parameters of the GPT-2 that `model_config` describes.
     pub fn open(dir: &Path) -> Result<Self, ZerokitSourceError> {
         let manifest_path = dir.join("manifest.json");
         if !manifest_path.is_file() {
@@ -57,8 +59,8 @@ impl ZerokitSource {
                 "missing: not a complete zerokit checkpoint tag (a save that did not finish leaves its rank files without a manifest)",
             ));
         }
-        let m = checkpoint::read_manifest(dir)?;
-        check_rank_files(dir, &m)?;
+        let reader = PartitionReader::open(dir)?;
+        let m = &reader.manifest;
         let cfg: GptConfig = serde_json::from_value(m.model_config.clone())
             .map_err(|e| invalid(&manifest_path, format!("model_config is not a GPT-2 configuration: {e}")))?;
         cfg.validate().map_err(|e| invalid(&manifest_path, format!("model_config: {e}")))?;
@@ -99,50 +101,8 @@ impl ZerokitSource {
                 frozen: false,
             })
             .collect();
-        let reader = PartitionReader::open(dir)?;
         Ok(ZerokitSource { reader, cfg, tensors })
     }
-}
-
-/// Each rank file the layout needs exists with the size manifest.json records. Cheap (metadata
-/// only), and it names a missing or truncated file before PartitionReader's mapping would fail
-/// with a less direct safetensors error.
-fn check_rank_files(dir: &Path, m: &Manifest) -> Result<(), ZerokitSourceError> {
-    let manifest_path = dir.join("manifest.json");
-    for r in 0..m.layout.parts {
-        let name = checkpoint::rank_file_name(r);
-        let path = dir.join(&name);
-        let entry = m.files.get(&name).ok_or_else(|| {
-            invalid(
-                &manifest_path,
-                format!("does not list {name}, which its layout of {} partitions needs", m.layout.parts),
-            )
-        })?;
-        let md = match std::fs::metadata(&path) {
-            Ok(md) => md,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(invalid(
-                    &path,
-                    format!(
-                        "missing (manifest.json lists it; the checkpoint was saved by {} ranks at ZeRO stage {}, in {} partitions)",
-                        m.world_size, m.zero_stage, m.layout.parts
-                    ),
-                ))
-            }
-            Err(e) => return Err(invalid(&path, e.to_string())),
-        };
-        if md.len() != entry.bytes {
-            return Err(invalid(
-                &path,
-                format!(
-                    "{} bytes, manifest.json records {}: the file is truncated or was replaced",
-                    md.len(),
-                    entry.bytes
-                ),
-            ));
-        }
-    }
-    Ok(())
 }
 
 fn kind_of(dtype: DType) -> Kind {

@@ -1,6 +1,9 @@
-//! Helpers shared by integration tests: the Python reference environment, transformers, and
-//! zero-to-fp32's arguments. Each test binary uses only some of them.
+//! Helpers shared by integration tests: the Python reference environment, transformers,
+//! zero-to-fp32's arguments, manifest edits, tiny training runs (`tiny`). Each test binary uses
+//! only some of them.
 #![allow(dead_code)]
+
+pub mod tiny;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -84,6 +87,25 @@ pub fn edit_manifest(tag: &Path, f: impl FnOnce(&mut serde_json::Value)) {
     let mut m = manifest(tag);
     f(&mut m);
     std::fs::write(tag.join("manifest.json"), serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+}
+
+/// Records a file's new size and hash in its tag's manifest, so only deeper checks than sizes
+/// and hashes can catch what was changed in it.
+pub fn rehash(tag: &Path, name: &str) {
+    let bytes = std::fs::metadata(tag.join(name)).unwrap().len();
+    let sha = zerokit::fsutil::sha256_file(&tag.join(name)).unwrap();
+    edit_manifest(tag, |m| m["files"][name] = serde_json::json!({"bytes": bytes, "sha256": sha}));
+}
+
+/// Swaps two files of a tag and records both in its manifest: sizes and hashes then agree, and
+/// only the files' own identity (their safetensors metadata) tells them apart.
+pub fn swap_files(tag: &Path, a: &str, b: &str) {
+    let tmp = tag.join(".swap");
+    std::fs::rename(tag.join(a), &tmp).unwrap();
+    std::fs::rename(tag.join(b), tag.join(a)).unwrap();
+    std::fs::rename(&tmp, tag.join(b)).unwrap();
+    rehash(tag, a);
+    rehash(tag, b);
 }
 
 /// Converts `src` into `out` with 2 threads and checks that the peak RSS stays within two

@@ -1,0 +1,253 @@
+//! What `train` checks about the directory and the checkpoint it starts from, through the real
+//! binaries on CPU ranks: one run per `out_dir` (a second is refused, naming the holder), rank
+//! and model files that are not the tag's own refused by resume and `train sample` (from their
+//! headers, before anything is read or written), a damaged file reported by resume's background
+//! hashes before its first save, and a checkpoint saved before files carried their step still
+//! read by every tool.
+
+mod common;
+
+use common::tiny::{config, copy_dir, dataset, launch_args, losses, train, train_command};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Names of a root's entries, sorted.
+fn listing(root: &Path) -> Vec<String> {
+    let mut v: Vec<String> =
+        std::fs::read_dir(root).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    v.sort();
+    v
+}
+
+/// Starts `train` in its own process group (so the whole job can be killed at once).
+fn spawn(cfg: &Path, nproc: usize) -> Child {
+    train_command(cfg, &launch_args(nproc), &[])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .unwrap()
+}
+
+fn kill_job(mut job: Child) {
+    // SAFETY: signals the process group spawn() created; no memory is involved.
+    unsafe { libc::kill(-(job.id() as i32), libc::SIGKILL) };
+    job.wait().unwrap();
+}
+
+/// Waits until `out_dir/train.lock` names a holder; returns (pid, host).
+fn holder(out: &Path) -> (u32, String) {
+    let t = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(out.join("train.lock")).unwrap_or_default();
+        if let Some(rest) = text.trim().strip_prefix("pid ") {
+            let (pid, host) = rest.split_once(" on host ").unwrap();
+            return (pid.parse().unwrap(), host.to_string());
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "no run took the lock on {}", out.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn run_out(cmd: &mut Command) -> (bool, String) {
+    let o: Output = cmd.output().unwrap();
+    (o.status.success(), String::from_utf8_lossy(&o.stderr).into_owned())
+}
+
+#[test]
+fn a_second_run_on_the_same_out_dir_is_refused_naming_the_holder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    dataset(&data);
+    let dir = tmp.path().join("run");
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("out");
+    // Long runs that save nothing for a while: two new runs started together, then two resumes.
+    let long = "max_iters = 100000\neval_interval = 100000\neval_iters = 1";
+    let first = config(&dir, &data, long);
+    let a = spawn(&first, 2);
+    let (pid, host) = holder(&out);
+    let t = Instant::now();
+    while !std::fs::read_to_string(out.join("logs/rank000.log")).unwrap_or_default().contains("rank(s)") {
+        assert!(t.elapsed() < Duration::from_secs(60), "the first run never logged its start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(Path::new(&format!("/proc/{pid}")).exists(), "the lock names pid {pid}, which is not running");
+    let other = tmp.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    let second = config(&other, &data, &format!("out_dir = \"{}\"\nmax_iters = 4", out.display()));
+    let (ok, err) = run_out(&mut train_command(&second, &[], &[]));
+    assert!(!ok, "a second new run was accepted");
+    assert!(
+        err.contains(&format!("{} is in use by another train run (pid {pid} on host {host};", out.display())),
+        "{err}"
+    );
+    // Refused before it wrote anything: its log line would say 1 rank, the holder's says 2.
+    let log = std::fs::read_to_string(out.join("logs/rank000.log")).unwrap();
+    assert!(log.contains("2 rank(s)") && !log.contains("1 rank(s)"), "{log}");
+    kill_job(a);
+
+    // A checkpoint, then a resume holding the directory and a second resume.
+    let saved = train(&dir, &data, 2, "max_iters = 2\neval_interval = 2\nalways_save_checkpoint = true", &[]);
+    assert!(saved.ok, "{}", saved.stderr);
+    let resume = config(&dir, &data, &format!("{long}\ninit_from = \"resume\""));
+    let a = spawn(&resume, 2);
+    let before = std::fs::read_to_string(out.join("train.lock")).unwrap();
+    let (pid, host) = loop {
+        let h = holder(&out);
+        if format!("pid {} on host {}\n", h.0, h.1) != before {
+            break h;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let (ok, err) = run_out(&mut train_command(&resume, &launch_args(2), &[]));
+    assert!(!ok, "a second resume was accepted");
+    assert!(err.contains(&format!("is in use by another train run (pid {pid} on host {host};")), "{err}");
+    // kill -9 releases the lock with the process: the next resume runs.
+    kill_job(a);
+    let again = train(&dir, &data, 2, "max_iters = 4\neval_interval = 2\ninit_from = \"resume\"", &[]);
+    assert!(again.ok, "{}", again.stderr);
+}
+
+/// A 2-rank ZeRO-2 run saving at steps 2 and 4; returns its root.
+fn two_tags(dir: &Path, data: &Path) -> PathBuf {
+    let r = train(dir, data, 2, "batch_size = 3\nzero_stage = 2\nmax_iters = 4\neval_interval = 2\nalways_save_checkpoint = true\nkeep_last = 2", &[]);
+    assert!(r.ok, "{}", r.stderr);
+    assert_eq!(listing(&r.out.join("step_00000004")).len(), 5);
+    r.out
+}
+
+#[test]
+fn files_that_are_not_the_tags_own_are_refused_by_resume_and_sample() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    dataset(&data);
+    let root = two_tags(&tmp.path().join("src"), &data);
+    type Damage = fn(&Path);
+    let cases: [(&str, Damage, &str); 3] = [
+        (
+            "rank files swapped",
+            |tag| common::swap_files(tag, "rank_00000.safetensors", "rank_00001.safetensors"),
+            "step_00000004/rank_00000.safetensors: metadata says rank \"1\", the file name says 0",
+        ),
+        (
+            "a rank file of the previous tag",
+            |tag| {
+                std::fs::copy(
+                    tag.with_file_name("step_00000002/rank_00001.safetensors"),
+                    tag.join("rank_00001.safetensors"),
+                )
+                .unwrap();
+                common::rehash(tag, "rank_00001.safetensors");
+            },
+            "step_00000004/rank_00001.safetensors: metadata says step \"2\", manifest.json says 4",
+        ),
+        (
+            "the model of the previous tag",
+            |tag| {
+                std::fs::copy(tag.with_file_name("step_00000002/model.safetensors"), tag.join("model.safetensors"))
+                    .unwrap();
+                common::rehash(tag, "model.safetensors");
+            },
+            "step_00000004/model.safetensors: metadata says step \"2\", manifest.json says 4",
+        ),
+    ];
+    for (what, damage, want) in cases {
+        let dir = tmp.path().join(what.replace(' ', "-"));
+        copy_dir(&root, &dir.join("out"));
+        damage(&dir.join("out/step_00000004"));
+        let metrics = std::fs::read_to_string(dir.join("out/metrics.jsonl")).unwrap();
+        let before = listing(&dir.join("out"));
+        let r = train(&dir, &data, 2, "batch_size = 3\nmax_iters = 8\neval_interval = 2\ninit_from = \"resume\"", &[]);
+        assert!(!r.ok, "{what}: resume accepted it");
+        assert!(r.stderr.contains(want), "{what}: {}", r.stderr);
+        // Refused before training: not a step logged, nothing saved or removed.
+        assert_eq!(std::fs::read_to_string(dir.join("out/metrics.jsonl")).unwrap(), metrics, "{what}");
+        let mut now = listing(&dir.join("out"));
+        now.retain(|n| n != "train.lock");
+        assert_eq!(now, before.into_iter().filter(|n| n != "train.lock").collect::<Vec<_>>(), "{what}");
+
+        let (ok, err) = run_out(Command::new(env!("CARGO_BIN_EXE_train")).args([
+            "sample",
+            dir.join("out").to_str().unwrap(),
+            "--prompt",
+            "A",
+            "--tokens",
+            "3",
+            "--device",
+            "cpu",
+        ]));
+        assert!(!ok && err.contains(want), "{what}: sample: {err}");
+    }
+    let (ok, err) = run_out(Command::new(env!("CARGO_BIN_EXE_train")).args([
+        "sample",
+        root.to_str().unwrap(),
+        "--prompt",
+        "A",
+        "--tokens",
+        "3",
+        "--device",
+        "cpu",
+    ]));
+    assert!(ok, "sample of the intact checkpoint: {err}");
+}
+
+#[test]
+fn resume_reports_a_damaged_file_before_its_first_save() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    dataset(&data);
+    let dir = tmp.path().join("run");
+    let root = two_tags(&dir, &data);
+    // One byte of rank 1's exp_avg_sq, far from its header: sizes and headers stay intact, only
+    // the sha256 differs, and only rank 1 (the rank that reads the file) hashes it.
+    let f = root.join("step_00000004/rank_00001.safetensors");
+    let mut b = std::fs::read(&f).unwrap();
+    let at = b.len() - 40;
+    b[at] ^= 0x04;
+    std::fs::write(&f, b).unwrap();
+    let before = listing(&root);
+    let r = train(&dir, &data, 2, "batch_size = 3\nmax_iters = 8\neval_interval = 2\ninit_from = \"resume\"", &[]);
+    assert!(!r.ok, "the resumed run saved over a damaged checkpoint");
+    for want in [
+        "the checkpoint this run resumed from is damaged",
+        "step_00000004/rank_00001.safetensors: sha256 ",
+        "does not match manifest.json",
+    ] {
+        assert!(r.stderr.contains(want), "{want:?} not in {}", r.stderr);
+    }
+    assert_eq!(listing(&root), before, "nothing was saved or removed");
+    assert_eq!(std::fs::read_to_string(root.join("latest")).unwrap(), "step_00000004\n");
+    // It trained in the meantime (the check runs beside training), and stopped at its first save.
+    assert!(losses(&root).iter().any(|&(s, _)| s == 6), "no step after the resume was trained");
+}
+
+/// tests/fixtures/zerokit/v1_s2_w2: saved by zerokit before rank files recorded their world
+/// size, stage and step, and model.safetensors its step (tools/gen_zerokit_v1_fixture.sh).
+#[test]
+fn a_checkpoint_saved_before_files_carried_their_step_still_reads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    dataset(&data);
+    let dir = tmp.path().join("run");
+    let root = dir.join("out");
+    copy_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/zerokit/v1_s2_w2"), &root);
+    let tool = |bin: &str, args: &[&str]| run_out(Command::new(bin).args(args));
+    let r = root.to_str().unwrap();
+    let (ok, err) = tool(env!("CARGO_BIN_EXE_ckpt"), &["verify", r, "--scan"]);
+    assert!(ok, "verify: {err}");
+    let hf = tmp.path().join("hf");
+    let (ok, err) = tool(env!("CARGO_BIN_EXE_zero-to-fp32"), &[r, hf.to_str().unwrap()]);
+    assert!(ok, "zero-to-fp32: {err}");
+    let (ok, err) =
+        tool(env!("CARGO_BIN_EXE_train"), &["sample", r, "--prompt", "A", "--tokens", "3", "--device", "cpu"]);
+    assert!(ok, "sample: {err}");
+    let resumed = train(&dir, &data, 2, "batch_size = 2\nzero_stage = 2\nmax_iters = 4\neval_interval = 2\nalways_save_checkpoint = true\ninit_from = \"resume\"", &[]);
+    assert!(resumed.ok, "resume: {}", resumed.stderr);
+    assert!(resumed.stderr.contains("resumed from") && resumed.stderr.contains("at step 2"), "{}", resumed.stderr);
+    // Old and new tags side by side verify.
+    let (ok, err) = tool(env!("CARGO_BIN_EXE_ckpt"), &["verify", r]);
+    assert!(ok, "verify after the resume: {err}");
+}
