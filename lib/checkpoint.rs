@@ -1036,6 +1036,69 @@ mod tests {
         assert!(recover_root(&e.path().join("missing")).unwrap().is_empty());
     }
 
+    /// A manifest of a layout of two buckets over `parts` partitions, listing every file.
+    fn manifest_of(parts: usize) -> Manifest {
+        let params = [("a".to_string(), vec![300], 0), ("b".to_string(), vec![40, 10], 1)];
+        let layout = FlatLayout::new(&params, parts).unwrap();
+        let entry = FileEntry { bytes: 0, sha256: String::new() };
+        let mut files: BTreeMap<String, FileEntry> = (0..parts).map(|r| (rank_file_name(r), entry.clone())).collect();
+        files.insert(MODEL_FILE.into(), entry.clone());
+        files.insert("config.json".into(), entry);
+        let null = serde_json::Value::Null;
+        Manifest {
+            format: FORMAT.into(),
+            version: VERSION,
+            tag: tag_name(4),
+            step: 4,
+            tokens_seen: 0,
+            world_size: parts,
+            zero_stage: 2,
+            dtypes: BTreeMap::new(),
+            model_config: null.clone(),
+            config: null.clone(),
+            layout,
+            optimizer: null.clone(),
+            loss_scaler: null.clone(),
+            data: null.clone(),
+            metrics: null,
+            files,
+        }
+    }
+
+    #[test]
+    fn resume_hashes_every_file_once_on_a_rank_that_reads_it() {
+        let old = manifest_of(2);
+        // The same world size: rank r hashes its own file; rank 0 also the files nobody trains on.
+        let same = FlatLayout::new(&[("a".into(), vec![300], 0), ("b".into(), vec![40, 10], 1)], 2).unwrap();
+        assert_eq!(resume_hash_share(&old, &same, 0), ["config.json", MODEL_FILE, "rank_00000.safetensors"]);
+        assert_eq!(resume_hash_share(&old, &same, 1), ["rank_00001.safetensors"]);
+        // Stage 0 on 3 ranks (one partition, loaded by all): rank 0 alone.
+        let one = FlatLayout::new(&[("a".into(), vec![300], 0), ("b".into(), vec![40, 10], 1)], 1).unwrap();
+        assert_eq!(resume_hash_share(&old, &one, 0).len(), 4);
+        assert!(resume_hash_share(&old, &one, 1).is_empty() && resume_hash_share(&old, &one, 2).is_empty());
+        // 4 partitions from 2: each old file once, by the lowest rank whose partition reads it.
+        let four = FlatLayout::new(&[("a".into(), vec![300], 0), ("b".into(), vec![40, 10], 1)], 4).unwrap();
+        let shares: Vec<Vec<String>> = (0..4).map(|r| resume_hash_share(&old, &four, r)).collect();
+        let mut all: Vec<String> = shares.concat();
+        all.sort();
+        assert_eq!(all, ["config.json", MODEL_FILE, "rank_00000.safetensors", "rank_00001.safetensors"]);
+        for (r, share) in shares.iter().enumerate() {
+            for f in share.iter().filter(|f| f.starts_with("rank_")) {
+                let old_rank: usize = f[5..10].parse().unwrap();
+                let reads = |part: usize| {
+                    four.pieces(part).iter().any(|pc| {
+                        old.layout.pieces(old_rank).iter().any(|o| {
+                            o.param == pc.param
+                                && o.param_offset < pc.param_offset + pc.len
+                                && pc.param_offset < o.param_offset + o.len
+                        })
+                    })
+                };
+                assert!(reads(r) && (0..r).all(|p| !reads(p)), "rank {r} hashes {f}");
+            }
+        }
+    }
+
     #[test]
     fn a_re_save_replaces_the_old_tag_in_one_step() {
         let d = tempfile::tempdir().unwrap();
