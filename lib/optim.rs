@@ -6,14 +6,30 @@
 //! is padding. The update is elementwise, so it runs on the whole flat at once; only the
 //! decoupled weight decay looks at segments (nanoGPT decays parameters of two or more dims).
 //!
-//! tch 0.24 exposes neither `_fused_adamw_` nor the `_foreach_*` ops, so the step is a short
-//! sequence of in-place whole-flat libtorch ops, the same ops and scalars as PyTorch's
-//! single-tensor `torch.optim.AdamW` (`foreach=False, fused=False`). On the CPU that made the
-//! fixtures the result is bitwise equal to torch's; torch's own CPU results differ by an ulp
-//! between hosts (152 of 23k values on an H100 host), and CUDA kernels contract to fma, so
-//! tests/optim.rs holds it to 1e-6 relative everywhere. The flat is processed in chunks so that
-//! two bounded scratch buffers replace PyTorch's full-size `denom` temporary.
+//! The step is libtorch's `_fused_adamw_`, the kernel of torch.optim.AdamW(fused=True): one pass
+//! that reads p, g, m, v and writes p, m, v. The sequence of whole-flat ops it replaces makes ten
+//! (44.6 ms of a 238 ms GPT-2 XL step on an H200, where torch's fused AdamW takes about 9 on the
+//! same 1.56B parameters). tch 0.24 exposes neither it nor the `_foreach_*` ops, so build.rs
+//! compiles a small C++ shim, lib/optim/fused_adamw.cpp, against libtorch's headers. The op takes
+//! lists of tensors and one weight decay per call: the flats go in as views, the decaying runs
+//! in one call with the decay folded in (no separate pass over the weights), the rest (1-D
+//! parameters, padding) in a second call without. The views are cut once and reused.
+//!
+//! The unfused path stays as the fallback for a device whose backend registers no fused kernel
+//! (libtorch has one for CPU and, once lib/device.rs has loaded libtorch_cuda.so, for CUDA), and
+//! as the reference in tests. It runs the same ops and scalars as PyTorch's single-tensor
+//! `torch.optim.AdamW` (`foreach=False, fused=False`), in chunks so that two bounded scratch
+//! buffers replace PyTorch's full-size `denom` temporary; on the CPU that made the fixtures it is
+//! bitwise equal to torch's. The fused path is bitwise equal there to torch's fused CPU kernel,
+//! which differs from the single-tensor path by an ulp here and there (its second-moment
+//! multiply-add is contracted to an fma). torch's own CPU results also differ by an ulp between
+//! hosts (152 of 23k values on an H100 host), and on CUDA kernels contract to fma and the fused
+//! kernel decays in double, so tests/optim.rs holds both paths to 1e-6 relative of torch and the
+//! fused path to 2.5e-7 (parameters) and 5e-7 (moments) of the unfused one.
 
+mod fused;
+
+use fused::{FusedError, FusedViews};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
@@ -33,6 +49,8 @@ pub enum OptimError {
     Schedule(String),
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
+    #[error("AdamW fused step (libtorch _fused_adamw_): {0}")]
+    Fused(String),
 }
 
 /// torch.optim.AdamW's hyper-parameters. `lr` is the base learning rate; `AdamW::step` takes the
@@ -83,10 +101,23 @@ pub struct Segment {
     pub decay: bool,
 }
 
-/// Elements per chunk of the update: two scratch buffers of this size (256 MiB each) replace
-/// PyTorch's full-size temporaries (1.5 GiB for a GPT-2 XL quarter shard). Smaller chunks made
-/// the step launch-bound on an H100 (2M elements: 17.6 ms for 389M elements; 16M: 15.9 ms).
+/// Elements per chunk of the unfused update: two scratch buffers of this size (256 MiB each)
+/// replace PyTorch's full-size temporaries (1.5 GiB for a GPT-2 XL quarter shard). Smaller
+/// chunks made the step launch-bound on an H100 (2M elements: 17.6 ms for 389M elements; 16M:
+/// 15.9 ms). The fused path needs no scratch; it cuts its views at the same length, which keeps
+/// every tensor's element count far inside the 32-bit counts of CUDA's multi-tensor kernels
+/// (some torch versions hold them in an `int`).
 const CHUNK: usize = 1 << 26;
+
+/// Which implementation runs `AdamW::step`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdamWKernel {
+    /// libtorch's `_fused_adamw_` through lib/optim/fused_adamw.cpp (the default).
+    Fused,
+    /// torch's single-tensor AdamW as a sequence of whole-flat ops: the fallback for a device
+    /// without a fused kernel, and the reference the fused path is tested against.
+    Unfused,
+}
 
 /// AdamW state for one flat fp32 shard: both moments on the shard's device and the step count.
 pub struct AdamW {
@@ -99,6 +130,15 @@ pub struct AdamW {
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
     step: u64,
+    kernel: AdamWKernel,
+    /// Elements per chunk (unfused) and per view (fused).
+    chunk: usize,
+    /// The fused path's pieces as (start, len): the decay runs, and everything else.
+    decay_pieces: Vec<(usize, usize)>,
+    plain_pieces: Vec<(usize, usize)>,
+    /// The fused op reads the step count from a tensor on the shard's device.
+    step_tensor: Option<Tensor>,
+    fused_views: Option<FusedViews>,
     scratch: Option<(Tensor, Tensor)>,
 }
 
@@ -110,6 +150,7 @@ impl std::fmt::Debug for AdamW {
             .field("device", &self.device)
             .field("segments", &self.segments.len())
             .field("step", &self.step)
+            .field("kernel", &self.kernel)
             .finish()
     }
 }
@@ -166,7 +207,7 @@ impl AdamW {
         }
         let opts = (Kind::Float, device);
         let n = numel as i64;
-        Ok(AdamW {
+        let mut opt = AdamW {
             cfg,
             numel,
             device,
@@ -175,8 +216,65 @@ impl AdamW {
             exp_avg: Tensor::f_zeros([n], opts)?,
             exp_avg_sq: Tensor::f_zeros([n], opts)?,
             step: 0,
+            kernel: AdamWKernel::Fused,
+            chunk: CHUNK,
+            decay_pieces: Vec::new(),
+            plain_pieces: Vec::new(),
+            step_tensor: None,
+            fused_views: None,
             scratch: None,
-        })
+        };
+        opt.cut_pieces();
+        Ok(opt)
+    }
+
+    /// The fused path's views: decay runs and the gaps between them (1-D parameters, padding),
+    /// each cut into pieces of at most `chunk` elements.
+    fn cut_pieces(&mut self) {
+        let chunk = self.chunk;
+        let cut = |out: &mut Vec<(usize, usize)>, start: usize, len: usize| {
+            let mut o = 0;
+            while o < len {
+                let l = chunk.min(len - o);
+                out.push((start + o, l));
+                o += l;
+            }
+        };
+        let (mut decay, mut plain) = (Vec::new(), Vec::new());
+        let mut pos = 0;
+        for &(start, len) in &self.decay_runs {
+            cut(&mut plain, pos, start - pos);
+            cut(&mut decay, start, len);
+            pos = start + len;
+        }
+        cut(&mut plain, pos, self.numel - pos);
+        self.decay_pieces = decay;
+        self.plain_pieces = plain;
+        self.fused_views = None;
+    }
+
+    /// The implementation the next step uses: `Fused` unless set otherwise or unless the fused
+    /// op turned out to have no kernel for this device.
+    pub fn kernel(&self) -> AdamWKernel {
+        self.kernel
+    }
+
+    pub fn set_kernel(&mut self, kernel: AdamWKernel) {
+        self.kernel = kernel;
+        if kernel == AdamWKernel::Unfused {
+            self.fused_views = None;
+        }
+    }
+
+    /// Elements per chunk of the update (default 2^26): bounds the unfused path's scratch
+    /// buffers and the fused path's views. Tests use small values to cross chunk boundaries.
+    pub fn set_chunk_len(&mut self, chunk: usize) -> Result<(), OptimError> {
+        if chunk == 0 {
+            return Err(OptimError::Config(format!("chunk length {chunk} must be positive")));
+        }
+        self.chunk = chunk;
+        self.cut_pieces();
+        Ok(())
     }
 
     pub fn config(&self) -> &AdamWConfig {
@@ -200,7 +298,9 @@ impl AdamW {
     /// semantics: `p *= 1 - lr*wd` on decaying segments, `m = lerp(m, g, 1-b1)`,
     /// `v = b2*v + (1-b2)*g*g`, `p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)`.
     /// `grad` is the unscaled, clipped fp32 gradient shard. Padding elements are updated like
-    /// the others (they are never read), so their gradient must be finite (zero).
+    /// the others (they are never read), so their gradient must be finite (zero). The fused path
+    /// keeps its views of `params` and `grad` (and so keeps them allocated) for the next step,
+    /// which reuses them when it gets the same flats, as the engine's steps do.
     pub fn step(&mut self, params: &mut Tensor, grad: &Tensor, lr: f64) -> Result<(), OptimError> {
         check_flat("parameter shard", params, self.numel, self.device)?;
         check_flat("gradient shard", grad, self.numel, self.device)?;
@@ -210,10 +310,45 @@ impl AdamW {
         tch::no_grad(|| self.step_inner(params, grad, lr))
     }
 
-    // libtorch's in-place ops also return a handle to their output, which is not needed here.
-    #[allow(unused_must_use)]
     fn step_inner(&mut self, params: &Tensor, grad: &Tensor, lr: f64) -> Result<(), OptimError> {
         self.step += 1;
+        if self.kernel == AdamWKernel::Fused {
+            match self.step_fused(params, grad, lr) {
+                Ok(()) => return Ok(()),
+                Err(FusedError::NoKernel(msg)) => {
+                    tracing::warn!(
+                        "AdamW: libtorch has no fused kernel for {:?} ({msg}); using the unfused path",
+                        self.device
+                    );
+                    self.set_kernel(AdamWKernel::Unfused);
+                }
+                Err(FusedError::Torch(msg)) => return Err(OptimError::Fused(msg)),
+            }
+        }
+        self.step_unfused(params, grad, lr)
+    }
+
+    fn step_fused(&mut self, params: &Tensor, grad: &Tensor, lr: f64) -> Result<(), FusedError> {
+        if !self.fused_views.as_ref().is_some_and(|v| v.cut_from(params, grad)) {
+            // Dropped first: the old views keep the previous flats allocated.
+            self.fused_views = None;
+            let flats = [params, grad, &self.exp_avg, &self.exp_avg_sq];
+            self.fused_views = Some(FusedViews::cut(flats, &self.decay_pieces, &self.plain_pieces)?);
+        }
+        let step_tensor = match &mut self.step_tensor {
+            Some(t) => t,
+            None => self.step_tensor.insert(Tensor::f_zeros([], (Kind::Float, self.device))?),
+        };
+        // torch keeps the step of the fused op in an fp32 tensor, as here: exact to 2^24 steps.
+        let _ = step_tensor.f_fill_(self.step as f64)?;
+        let AdamWConfig { betas, eps, weight_decay, .. } = self.cfg;
+        let views = self.fused_views.as_ref().expect("cut above");
+        views.run(step_tensor, lr, betas, weight_decay, eps)
+    }
+
+    // libtorch's in-place ops also return a handle to their output, which is not needed here.
+    #[allow(unused_must_use)]
+    fn step_unfused(&mut self, params: &Tensor, grad: &Tensor, lr: f64) -> Result<(), OptimError> {
         let AdamWConfig { betas: (b1, b2), eps, weight_decay, .. } = self.cfg;
         // Every scalar below is computed in f64 exactly as torch/optim/adam.py computes it in
         // Python floats, so libtorch receives the same scalars and rounds the same way.
@@ -232,7 +367,7 @@ impl AdamW {
         if self.numel == 0 {
             return Ok(());
         }
-        let chunk = CHUNK.min(self.numel);
+        let chunk = self.chunk.min(self.numel);
         if self.scratch.as_ref().map(|(a, _)| a.size()[0] as usize) != Some(chunk) {
             let opts = (Kind::Float, self.device);
             self.scratch = Some((Tensor::f_empty([chunk as i64], opts)?, Tensor::f_empty([chunk as i64], opts)?));
