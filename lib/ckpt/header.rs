@@ -64,10 +64,17 @@ impl Header {
 /// Reads and checks the header of `path`. On failure, every problem found, each a full line
 /// naming the file.
 pub fn read_header(path: &Path) -> Result<Header, Vec<String>> {
-    let line = |msg: String| format!("{}: {msg}", path.display());
-    let one = |msg: String| vec![line(msg)];
+    let one = |msg: String| vec![format!("{}: {msg}", path.display())];
     let mut f = File::open(path).map_err(|e| one(format!("cannot open: {e}")))?;
     let file_len = f.metadata().map_err(|e| one(format!("cannot stat: {e}")))?.len();
+    parse_header(path, file_len, &mut f)
+}
+
+/// [`read_header`] of a file of `file_len` bytes whose beginning `f` reads (`path` only names it
+/// in messages).
+pub fn parse_header(path: &Path, file_len: u64, f: &mut impl Read) -> Result<Header, Vec<String>> {
+    let line = |msg: String| format!("{}: {msg}", path.display());
+    let one = |msg: String| vec![line(msg)];
     if file_len < 8 {
         return Err(one(format!("{file_len} bytes, too short for a safetensors file (8-byte header length)")));
     }
