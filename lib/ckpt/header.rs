@@ -126,7 +126,8 @@ pub fn parse_header(path: &Path, file_len: u64, f: &mut impl Read) -> Result<Hea
     }
 
     tensors.sort_by(|a, b| (a.begin, a.end, &a.name).cmp(&(b.begin, b.end, &b.name)));
-    // Tiling: walk the spans in order; empty tensors take no bytes and may sit anywhere in range.
+    // Tiling: walk the spans in order. An empty tensor too must sit where the spans before it
+    // end, as the safetensors crate (which zerokit loads with) requires.
     let mut pos = 0u64;
     let mut last: Option<&str> = None;
     for t in &tensors {
@@ -135,9 +136,6 @@ pub fn parse_header(path: &Path, file_len: u64, f: &mut impl Read) -> Result<Hea
                 "tensor {} ends at byte {} of the data region, but the file holds only {data_len} data bytes (truncated?)",
                 t.name, t.end
             )));
-        }
-        if t.begin == t.end {
-            continue;
         }
         if t.begin > pos {
             problems.push(line(format!(
@@ -274,6 +272,12 @@ mod tests {
         assert!(problems(r#"{"a": 3}"#, 0).contains("not an object"));
         assert!(problems(r#"{"a"#, 0).contains("not valid JSON"));
         assert!(problems(r#"{"__metadata__":{"k":1}}"#, 0).contains("not a string"));
+        // An empty tensor inside another's span: no bytes overlap, but the crate refuses it.
+        let p = problems(&format!(r#"{{{ok},"e":{{"dtype":"F32","shape":[0],"data_offsets":[4,4]}}}}"#), 8);
+        assert!(p.contains("tensor e (bytes 4..4) overlaps tensor a"), "{p}");
+        let h = format!(r#"{{{ok},"e":{{"dtype":"F32","shape":[0],"data_offsets":[4,4]}}}}"#);
+        let bytes = [&(h.len() as u64).to_le_bytes()[..], h.as_bytes(), &[0; 8]].concat();
+        assert!(safetensors::SafeTensors::deserialize(&bytes).is_err());
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("short");
         std::fs::write(&p, [1u8, 2, 3]).unwrap();
