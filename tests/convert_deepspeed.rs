@@ -296,6 +296,29 @@ fn a_central_directory_at_odds_with_the_local_headers_is_refused() {
     fails_naming(&dir, file, &want);
 }
 
+/// A parameter shape whose element count overflows 64 bits (a pickle written wrong, under a valid
+/// CRC-32): an error naming the file, where the count used to wrap (to 0 here, which converted
+/// into a [2^40, 2^40] tensor with no bytes).
+#[test]
+fn shapes_beyond_64_bits_are_refused() {
+    use torchsave::P;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = synthetic_stage2(tmp.path(), &[("w".into(), 0)], 1);
+    let shapes = P::OrderedDict(vec![("w".into(), P::Size(vec![1 << 40, 1 << 40]))]);
+    let model = P::Dict(vec![
+        ("module".into(), P::OrderedDict(vec![])),
+        ("buffer_names".into(), P::List(vec![])),
+        ("param_shapes".into(), P::List(vec![shapes])),
+        ("shared_params".into(), P::Dict(vec![])),
+    ]);
+    torchsave::save(&dir.join("mp_rank_00_model_states.pt"), &model, &[]);
+    fails_naming(
+        &dir,
+        "mp_rank_00_model_states.pt",
+        "w: shape [1099511627776, 1099511627776] has more elements than 64 bits count",
+    );
+}
+
 /// Two ranks' optimizer files swapped (stage 3 partitions every parameter alike, so the files
 /// agree in every size): torch named each archive after its file, and that name gives them away.
 #[test]
