@@ -45,3 +45,23 @@ pyenv:
 .PHONY: bench-prepare
 bench-prepare: build pyenv
 	.deps/py/bin/python tools/bench_prepare.py --bin $(BIN)/prepare $(BENCH_ARGS)
+
+# Coverage-guided fuzzing (docs/fuzzing.md): each cargo-fuzz target for FUZZ_SECS seconds, one
+# job (the cores are shared), from the committed corpus fuzz/corpus/<target>, keeping what it
+# finds in target/fuzz-corpus/<target>; a crash or a broken oracle stops it and leaves the input
+# in fuzz/artifacts/<target>. The suite's own bounded run is tests/fuzz.rs (ZEROKIT_FUZZ_SECS).
+# cargo-fuzz needs nightly flags: RUSTC_BOOTSTRAP lets the stable toolchain take them.
+FUZZ_SECS ?= 60
+FUZZ_TARGETS ?= torch_zip torch_pickle deepspeed safetensors manifest
+FUZZ := env -u CARGO_TARGET_DIR RUSTC_BOOTSTRAP=1 $(CARGO) fuzz
+.PHONY: fuzz
+fuzz: setup
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	@for t in $(FUZZ_TARGETS); do \
+	  mkdir -p target/fuzz-corpus/$$t; \
+	  $(FUZZ) run -s none --codegen-units 16 $$t target/fuzz-corpus/$$t fuzz/corpus/$$t -- \
+	    -max_total_time=$(FUZZ_SECS) -timeout=10 \
+	    -rss_limit_mb=2048 -jobs=1 -workers=1 -print_final_stats=1 || exit 1; \
+	  cat fuzz-0.log; rm -f fuzz-0.log; \
+	  if ls fuzz/artifacts/$$t/* >/dev/null 2>&1; then echo "fuzz $$t: failing inputs in fuzz/artifacts/$$t"; exit 1; fi; \
+	done

@@ -244,6 +244,7 @@ pub fn read_manifest(tag_dir: &Path) -> Result<Manifest, CheckpointError> {
             format!("format version {} is not supported (this zerokit reads {VERSION})", m.version),
         ));
     }
+    m.layout.validate(m.world_size, m.zero_stage).map_err(|e| invalid(&path, e))?;
     Ok(m)
 }
 

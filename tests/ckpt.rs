@@ -8,6 +8,8 @@
 //! code under test. DeepSpeed cases use the real DeepSpeed checkpoints in tests/fixtures.
 
 mod common;
+#[path = "common/torch_zip.rs"]
+mod torch_zip;
 
 use common::tiny::copy_dir;
 use common::{rehash, swap_files};
@@ -227,10 +229,9 @@ fn verify_names_each_corruption() {
                     p["shape"] = json!([95, 32]);
                 })
             },
+            // The layout is checked as the manifest is read, before anything else uses it.
             vec![
                 "step_00000004/manifest.json: layout: transformer.wte.weight: shape [95, 32] has 3040 elements, numel says 3072".into(),
-                "step_00000004/manifest.json: transformer.wte.weight has shape [95, 32] in the layout, [96, 32] in the model_config".into(),
-                "step_00000004/model.safetensors: transformer.wte.weight has shape [96, 32] in the model file, [95, 32] in the manifest's layout".into(),
             ],
         ),
         (
@@ -379,6 +380,52 @@ fn crash_leftovers_are_noted_not_reported() {
     let out = verify(&root, &[]);
     assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
     assert!(out.stderr.contains("latest: missing; the first save stopped before writing it"), "{}", out.stderr);
+}
+
+/// A manifest whose layout or run shape is out of range (parameter or bucket indices, stage,
+/// world size, offsets) is refused as the manifest is read, naming it: zero-to-fp32, the reader
+/// of rank files that resume uses, and verify. Indices out of range used to panic (exit 101).
+#[test]
+fn a_manifest_out_of_range_is_refused_where_it_is_read() {
+    type Edit = fn(&mut Value);
+    let cases: Vec<(&str, Edit, &str)> = vec![
+        (
+            "bucket lists a parameter that does not exist",
+            |m| m["layout"]["buckets"][0]["params"].as_array_mut().unwrap().push(json!(10_000)),
+            "layout: bucket 0 lists parameter 10000, but there are 28",
+        ),
+        (
+            "parameter in a bucket that does not exist",
+            |m| m["layout"]["params"][3]["bucket"] = json!(99),
+            "bucket 99 does not exist",
+        ),
+        ("stage 3", |m| m["zero_stage"] = json!(3), "zero_stage 3 is not one zerokit trains with (0, 1, 2)"),
+        ("world size 0", |m| m["world_size"] = json!(0), "world_size is 0"),
+        (
+            "a parameter past its bucket",
+            |m| m["layout"]["params"][0]["offset"] = json!(1u64 << 40),
+            "belong to no parameter",
+        ),
+        (
+            "shard offsets not the running sum",
+            |m| m["layout"]["buckets"][1]["shard_offset"] = json!(7),
+            "layout: bucket 1: shard_offset 7, but the shards before it end at",
+        ),
+    ];
+    for (what, edit, want) in cases {
+        let (_t, root) = copy();
+        let tag = root.join(TAGS[1]);
+        common::edit_manifest(&tag, edit);
+        let o = Command::new(env!("CARGO_BIN_EXE_zero-to-fp32")).arg(&root).arg(root.join("hf")).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{what}: zero-to-fp32 exit status; stderr:\n{err}");
+        assert!(err.contains("step_00000004/manifest.json: ") && err.contains(want), "{what}: {err}");
+        let e = zerokit::checkpoint::PartitionReader::open(&tag).err().unwrap_or_else(|| panic!("{what}: opened"));
+        assert!(e.to_string().contains(want), "{what}: {e}");
+        let out = verify(&root, &[]);
+        assert_reports(&out, &root, &["step_00000004/manifest.json: "], what);
+        assert!(out.stdout.contains(want), "{what}: {}", out.stdout);
+    }
 }
 
 #[test]
@@ -637,6 +684,25 @@ fn deepspeed_damage_is_named() {
         ],
         "flipped byte",
     );
+
+    // A flipped byte inside data.pkl that leaves a valid pickle, naming a parameter otherwise
+    // (its last occurrence, in param_shapes): only the CRC-32 of the zip entry shows it.
+    let (_t, root) = fresh();
+    let f = tag(&root).join("mp_rank_00_model_states.pt");
+    let mut b = std::fs::read(&f).unwrap();
+    let e = torch_zip::find(&b, "/data.pkl").unwrap();
+    let name = b"transformer.h.0.attn.c_attn.weight";
+    let at = e.data + b[e.data..e.data + e.size].windows(name.len()).rposition(|w| w == name).unwrap();
+    b[at + name.len() - 1] ^= 1;
+    std::fs::write(&f, b).unwrap();
+    for extra in [&[][..], &["--scan"][..]] {
+        assert_reports(
+            &verify(&root, extra),
+            &root,
+            &["global_step3/mp_rank_00_model_states.pt: zip entry mp_rank_00_model_states/data.pkl is corrupted: CRC-32"],
+            "flipped byte in data.pkl",
+        );
+    }
 
     // A rank file from a run on more ranks.
     let (_t, root) = fresh();

@@ -12,6 +12,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 mod common;
+#[path = "common/torch_zip.rs"]
+mod torch_zip;
 
 use zerokit::convert::{self, OutDtype};
 
@@ -199,33 +201,14 @@ fn truncated_files_are_named() {
     }
 }
 
-/// Finds a zip entry's data by its local header, for surgical damage.
-fn entry_data(buf: &[u8], suffix: &str) -> (usize, usize) {
-    let mut i = 0;
-    while i + 30 < buf.len() {
-        if buf[i..i + 4] == [0x50, 0x4b, 0x03, 0x04] {
-            let n = u16::from_le_bytes([buf[i + 26], buf[i + 27]]) as usize;
-            let x = u16::from_le_bytes([buf[i + 28], buf[i + 29]]) as usize;
-            let size = u32::from_le_bytes(buf[i + 18..i + 22].try_into().unwrap()) as usize;
-            let name = String::from_utf8_lossy(&buf[i + 30..i + 30 + n]).into_owned();
-            if name.ends_with(suffix) {
-                return (i + 30 + n + x, size);
-            }
-        }
-        i += 1;
-    }
-    panic!("no entry {suffix}");
-}
-
 #[test]
 fn corrupted_pickle_storage_and_version_are_errors() {
     let tmp = tempfile::tempdir().unwrap();
     let file = "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt";
-    // A damaged pickle opcode.
+    // A damaged pickle opcode, with the CRC-32 a buggy writer would have recorded for it.
     let dir = copy_case("s2_bf16_w2", &tmp.path().join("a"));
     let mut buf = std::fs::read(dir.join(file)).unwrap();
-    let (at, _) = entry_data(&buf, "data.pkl");
-    buf[at + 2] = 0xff;
+    torch_zip::rewrite(&mut buf, "/data.pkl", |b| b[2] = 0xff);
     std::fs::write(dir.join(file), &buf).unwrap();
     fails_naming(&dir, file, "pickle");
     // Flipped bits in the fp32 weights: caught by the zip's CRC.
@@ -234,19 +217,123 @@ fn corrupted_pickle_storage_and_version_are_errors() {
     let src = zerokit::interop::torch_pickle::TorchFile::open(&dir.join(file)).unwrap();
     let key = common::deepspeed_fp32_partition(&src).storage_key.clone();
     drop(src);
-    let (at, _) = entry_data(&buf, &format!("data/{key}"));
+    let at = torch_zip::find(&buf, &format!("data/{key}")).unwrap().data;
     buf[at + 5] ^= 0x10;
     std::fs::write(dir.join(file), &buf).unwrap();
     fails_naming(&dir, file, "crc");
-    // A serialization format version from the future.
+    // A serialization format version from the future (its CRC-32 recorded to match).
     let dir = copy_case("s2_bf16_w2", &tmp.path().join("c"));
     let mut buf = std::fs::read(dir.join(file)).unwrap();
-    // (torch writes sizes after the data, so the local header's size field is 0 here.)
-    let (at, _) = entry_data(&buf, "/version");
-    assert_eq!(buf[at], b'3');
-    buf[at] = b'9';
+    torch_zip::rewrite(&mut buf, "/version", |b| {
+        assert_eq!(b[0], b'3');
+        b[0] = b'9';
+    });
     std::fs::write(dir.join(file), &buf).unwrap();
-    fails_naming(&dir, file, "version");
+    fails_naming(&dir, file, "unknown serialization format version \"9\"");
+}
+
+/// A flipped byte inside data.pkl can leave a valid pickle that names a tensor differently: only
+/// the CRC-32 the zip recorded for the entry shows it. zero-to-fp32 refuses, naming the file and
+/// the entry, where it used to write the model with the tensor renamed.
+#[test]
+fn a_flipped_byte_in_the_pickle_is_caught_by_the_entry_crc() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = copy_case("s2_bf16_w2", tmp.path());
+    let file = "mp_rank_00_model_states.pt";
+    let mut buf = std::fs::read(dir.join(file)).unwrap();
+    let e = torch_zip::find(&buf, "/data.pkl").unwrap();
+    let name = b"transformer.h.0.attn.c_attn.weight";
+    let at = e.data + buf[e.data..e.data + e.size].windows(name.len()).rposition(|w| w == name).unwrap();
+    // The last occurrence, in param_shapes, names the output tensor: ...c_attn.weighu.
+    buf[at + name.len() - 1] ^= 1;
+    std::fs::write(dir.join(file), &buf).unwrap();
+    let out = tmp.path().join("o.safetensors");
+    let o = Command::new(env!("CARGO_BIN_EXE_zero-to-fp32")).arg(&dir).arg(&out).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    let want = format!("global_step3/{file}: zip entry mp_rank_00_model_states/data.pkl is corrupted: CRC-32 ");
+    assert!(err.contains(&want), "no {want:?} in:\n{err}");
+    assert!(!out.exists());
+}
+
+/// Two entries of one name: the second's bytes, with their own valid CRC-32, would stand in for
+/// the first's. Here the model file's serialization id (40 bytes) takes the name of the integer
+/// buffer stored before it (40 bytes), which zero-to-fp32 used to write as the buffer's values.
+#[test]
+fn a_zip_entry_named_twice_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = copy_case("s2_bf16_w2", tmp.path());
+    let file = "mp_rank_00_model_states.pt";
+    let mut buf = std::fs::read(dir.join(file)).unwrap();
+    let (id, buffer) =
+        (torch_zip::find(&buf, "/.data/serialization_id").unwrap(), torch_zip::find(&buf, "/data/1").unwrap());
+    assert!(id.size == buffer.size && id.data > buffer.data);
+    torch_zip::rename(&mut buf, "/.data/serialization_id", "/data/1", true);
+    std::fs::write(dir.join(file), &buf).unwrap();
+    fails_naming(&dir, file, "entry mp_rank_00_model_states/data/1 appears twice");
+}
+
+/// The central directory alone damaged so that two storages of one size swap names: each name
+/// then leads to the other's bytes, under the CRC-32 recorded for them. Here the fp32 master
+/// partition and an Adam moment, which zero-to-fp32 used to convert as the weights; the local
+/// headers still name each entry, and the reader compares.
+#[test]
+fn a_central_directory_at_odds_with_the_local_headers_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = copy_case("s2_bf16_w2", tmp.path());
+    let file = "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt";
+    let tf = zerokit::interop::torch_pickle::TorchFile::open(&dir.join(file)).unwrap();
+    let master = common::deepspeed_fp32_partition(&tf).storage_key.clone();
+    drop(tf);
+    let mut buf = std::fs::read(dir.join(file)).unwrap();
+    let (m, moment) = (format!("/data/{master}"), "/data/1");
+    assert_eq!(torch_zip::find(&buf, &m).unwrap().size, torch_zip::find(&buf, moment).unwrap().size);
+    torch_zip::rename(&mut buf, moment, "/data/x", false);
+    torch_zip::rename(&mut buf, &m, moment, false);
+    torch_zip::rename(&mut buf, "/data/x", &m, false);
+    std::fs::write(dir.join(file), &buf).unwrap();
+    let want = format!("entry bf16_zero_pp_rank_0_mp_rank_00_optim_states/data/{master}: its local header at byte");
+    fails_naming(&dir, file, &want);
+}
+
+/// A parameter shape whose element count overflows 64 bits (a pickle written wrong, under a valid
+/// CRC-32): an error naming the file, where the count used to wrap (to 0 here, which converted
+/// into a [2^40, 2^40] tensor with no bytes).
+#[test]
+fn shapes_beyond_64_bits_are_refused() {
+    use torchsave::P;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = synthetic_stage2(tmp.path(), &[("w".into(), 0)], 1);
+    let shapes = P::OrderedDict(vec![("w".into(), P::Size(vec![1 << 40, 1 << 40]))]);
+    let model = P::Dict(vec![
+        ("module".into(), P::OrderedDict(vec![])),
+        ("buffer_names".into(), P::List(vec![])),
+        ("param_shapes".into(), P::List(vec![shapes])),
+        ("shared_params".into(), P::Dict(vec![])),
+    ]);
+    torchsave::save(&dir.join("mp_rank_00_model_states.pt"), &model, &[]);
+    fails_naming(
+        &dir,
+        "mp_rank_00_model_states.pt",
+        "w: shape [1099511627776, 1099511627776] has more elements than 64 bits count",
+    );
+}
+
+/// Two ranks' optimizer files swapped (stage 3 partitions every parameter alike, so the files
+/// agree in every size): torch named each archive after its file, and that name gives them away.
+#[test]
+fn rank_files_swapped_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = copy_case("s3_bf16_w4", tmp.path());
+    let (a, b) = ("bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt", "bf16_zero_pp_rank_2_mp_rank_00_optim_states.pt");
+    std::fs::rename(dir.join(a), dir.join("tmp")).unwrap();
+    std::fs::rename(dir.join(b), dir.join(a)).unwrap();
+    std::fs::rename(dir.join("tmp"), dir.join(b)).unwrap();
+    fails_naming(
+        &dir,
+        a,
+        "holds the archive torch wrote as bf16_zero_pp_rank_2_mp_rank_00_optim_states.pt: the file was renamed, or swapped",
+    );
 }
 
 #[test]

@@ -64,10 +64,17 @@ impl Header {
 /// Reads and checks the header of `path`. On failure, every problem found, each a full line
 /// naming the file.
 pub fn read_header(path: &Path) -> Result<Header, Vec<String>> {
-    let line = |msg: String| format!("{}: {msg}", path.display());
-    let one = |msg: String| vec![line(msg)];
+    let one = |msg: String| vec![format!("{}: {msg}", path.display())];
     let mut f = File::open(path).map_err(|e| one(format!("cannot open: {e}")))?;
     let file_len = f.metadata().map_err(|e| one(format!("cannot stat: {e}")))?.len();
+    parse_header(path, file_len, &mut f)
+}
+
+/// [`read_header`] of a file of `file_len` bytes whose beginning `f` reads (`path` only names it
+/// in messages).
+pub fn parse_header(path: &Path, file_len: u64, f: &mut impl Read) -> Result<Header, Vec<String>> {
+    let line = |msg: String| format!("{}: {msg}", path.display());
+    let one = |msg: String| vec![line(msg)];
     if file_len < 8 {
         return Err(one(format!("{file_len} bytes, too short for a safetensors file (8-byte header length)")));
     }
@@ -119,7 +126,8 @@ pub fn read_header(path: &Path) -> Result<Header, Vec<String>> {
     }
 
     tensors.sort_by(|a, b| (a.begin, a.end, &a.name).cmp(&(b.begin, b.end, &b.name)));
-    // Tiling: walk the spans in order; empty tensors take no bytes and may sit anywhere in range.
+    // Tiling: walk the spans in order. An empty tensor too must sit where the spans before it
+    // end, as the safetensors crate (which zerokit loads with) requires.
     let mut pos = 0u64;
     let mut last: Option<&str> = None;
     for t in &tensors {
@@ -128,9 +136,6 @@ pub fn read_header(path: &Path) -> Result<Header, Vec<String>> {
                 "tensor {} ends at byte {} of the data region, but the file holds only {data_len} data bytes (truncated?)",
                 t.name, t.end
             )));
-        }
-        if t.begin == t.end {
-            continue;
         }
         if t.begin > pos {
             problems.push(line(format!(
@@ -267,6 +272,12 @@ mod tests {
         assert!(problems(r#"{"a": 3}"#, 0).contains("not an object"));
         assert!(problems(r#"{"a"#, 0).contains("not valid JSON"));
         assert!(problems(r#"{"__metadata__":{"k":1}}"#, 0).contains("not a string"));
+        // An empty tensor inside another's span: no bytes overlap, but the crate refuses it.
+        let p = problems(&format!(r#"{{{ok},"e":{{"dtype":"F32","shape":[0],"data_offsets":[4,4]}}}}"#), 8);
+        assert!(p.contains("tensor e (bytes 4..4) overlaps tensor a"), "{p}");
+        let h = format!(r#"{{{ok},"e":{{"dtype":"F32","shape":[0],"data_offsets":[4,4]}}}}"#);
+        let bytes = [&(h.len() as u64).to_le_bytes()[..], h.as_bytes(), &[0; 8]].concat();
+        assert!(safetensors::SafeTensors::deserialize(&bytes).is_err());
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("short");
         std::fs::write(&p, [1u8, 2, 3]).unwrap();

@@ -99,6 +99,30 @@ fn req<'a>(v: &'a Value, key: &str, path: &Path) -> Result<&'a Value, DeepSpeedE
     v.get(key).ok_or_else(|| layout(path, format!("has no '{key}' entry")))
 }
 
+/// Elements of a tensor of `shape`, which must be countable in 64 bits.
+fn numel(shape: &[u64], path: &Path, name: &str) -> Result<u64, DeepSpeedError> {
+    shape
+        .iter()
+        .try_fold(1u64, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| layout(path, format!("{name}: shape {shape:?} has more elements than 64 bits count")))
+}
+
+/// torch.save names the archive inside a file after the file (`<stem>/data.pkl`). A rank file
+/// whose archive bears another rank file's name was renamed or swapped with it, and would put
+/// that rank's partition in this one's place; a file written through a stream (`archive/`) says
+/// nothing either way.
+fn check_archive_name(f: &TorchFile) -> Result<(), DeepSpeedError> {
+    let stem = f.path().file_stem().unwrap_or_default().to_string_lossy();
+    let name = f.archive_name();
+    if (name.ends_with("_optim_states") || name.ends_with("_model_states")) && name != stem {
+        return Err(layout(
+            f.path(),
+            format!("holds the archive torch wrote as {name}.pt: the file was renamed, or swapped with another rank's"),
+        ));
+    }
+    Ok(())
+}
+
 fn shapes_of(v: &Value, path: &Path, what: &str) -> Result<Vec<(String, Vec<u64>)>, DeepSpeedError> {
     let items = match v {
         Value::Dict(items) => items.as_slice(),
@@ -164,6 +188,7 @@ impl DeepSpeedSource {
             return Err(DeepSpeedError::MissingRank(dir.to_path_buf(), want.display().to_string(), optim.len()));
         }
         let f0 = TorchFile::open(&rank0_path)?;
+        check_archive_name(&f0)?;
         let osd0 = req(f0.root(), "optimizer_state_dict", &rank0_path)?;
         let stage = req(osd0, "zero_stage", &rank0_path)?
             .as_int()
@@ -189,6 +214,7 @@ impl DeepSpeedSource {
         files.push(f0);
         for o in &optim[1..] {
             let f = TorchFile::open(&o.3)?;
+            check_archive_name(&f)?;
             let osd = req(f.root(), "optimizer_state_dict", &o.3)?;
             let w = partition_count(osd, &o.3)?;
             let s = req(osd, "zero_stage", &o.3)?.as_int();
@@ -223,7 +249,9 @@ impl DeepSpeedSource {
         };
         let model_base = files.len();
         for p in &model_paths {
-            files.push(TorchFile::open(p)?);
+            let f = TorchFile::open(p)?;
+            check_archive_name(&f)?;
+            files.push(f);
         }
         let bit16 = if prefix.starts_with("bf16") { "bf16" } else { "fp16" };
         let mut src = DeepSpeedSource {
@@ -340,7 +368,7 @@ impl DeepSpeedSource {
             _ => vec![],
         };
         for (name, shape) in &frozen_shapes {
-            let numel: u64 = shape.iter().product();
+            let numel = numel(shape, &mpath, name)?;
             let mut parts = vec![];
             let nfiles = if self.stage == 3 { world } else { 1 };
             for r in 0..nfiles {
@@ -414,7 +442,7 @@ impl DeepSpeedSource {
             let align = 2 * world as u64;
             for (gi, shapes) in groups.iter().enumerate() {
                 let parts: Vec<(usize, TensorRef)> = (0..world).map(|r| (r, flat[r][gi].clone())).collect();
-                let avail: u64 = parts.iter().map(|p| p.1.numel()).sum();
+                let avail = parts.iter().fold(0u64, |a, p| a.saturating_add(p.1.numel()));
                 let pads = paddings.as_ref().and_then(|p| p.get(gi));
                 if let Some(p) = pads {
                     if p.len() != shapes.len() {
@@ -426,11 +454,14 @@ impl DeepSpeedSource {
                 }
                 let mut offset = 0u64;
                 for (pi, (name, shape)) in shapes.iter().enumerate() {
-                    let numel: u64 = shape.iter().product();
+                    let numel = numel(shape, &mpath, name)?;
                     let mut pieces = vec![];
                     self.take_from(&parts, offset, numel, &mut pieces)?;
                     self.push(name.clone(), shape.clone(), DType::F32, false, pieces)?;
-                    offset += numel + pads.map_or(0, |p| p[pi]);
+                    offset =
+                        offset.checked_add(numel).and_then(|o| o.checked_add(pads.map_or(0, |p| p[pi]))).ok_or_else(
+                            || layout(self.files[0].path(), format!("group {gi}: alignment paddings overflow")),
+                        )?;
                 }
                 // The saved partitions drop the group's tail padding, which is below 2 x world
                 // size; anything else means the shapes and the flat groups disagree.
@@ -441,9 +472,10 @@ impl DeepSpeedSource {
                 }
             }
         } else {
-            let per_rank: u64 = flat[0].iter().map(|t| t.numel()).sum();
+            let count = |g: &[TensorRef]| g.iter().fold(0u64, |a, t| a.saturating_add(t.numel()));
+            let per_rank = count(&flat[0]);
             for (r, g) in flat.iter().enumerate() {
-                let n: u64 = g.iter().map(|t| t.numel()).sum();
+                let n = count(g);
                 if n != per_rank {
                     return Err(layout(
                         self.files[r].path(),
@@ -454,7 +486,7 @@ impl DeepSpeedSource {
             let mut offset = 0u64;
             for shapes in &groups {
                 for (name, shape) in shapes {
-                    let numel: u64 = shape.iter().product();
+                    let numel = numel(shape, &mpath, name)?;
                     let part = numel.div_ceil(world as u64);
                     let mut pieces = vec![];
                     let mut left = numel;
@@ -468,7 +500,7 @@ impl DeepSpeedSource {
                         left -= k;
                     }
                     self.push(name.clone(), shape.clone(), DType::F32, false, pieces)?;
-                    offset += part;
+                    offset = offset.saturating_add(part);
                 }
             }
             if offset != per_rank {

@@ -26,6 +26,8 @@ pub enum TorchError {
     Unsupported { path: PathBuf, what: String },
     #[error("{path}: storage {key} is corrupted: {what}")]
     Storage { path: PathBuf, key: String, what: String },
+    #[error("{path}: zip entry {entry} is corrupted: {what}")]
+    Entry { path: PathBuf, entry: String, what: String },
 }
 
 /// Element types of torch storages that zerokit reads.
@@ -241,10 +243,27 @@ struct Entry {
     crc32: u32,
 }
 
+/// The bytes of an archive: the file mapped ([`TorchFile::open`]) or a buffer
+/// ([`TorchFile::from_bytes`]).
+enum Data {
+    Mapped(Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Data {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Data::Mapped(m) => m,
+            Data::Owned(v) => v,
+        }
+    }
+}
+
 /// A memory-mapped `torch.save` archive and its decoded pickle.
 pub struct TorchFile {
     path: PathBuf,
-    map: Mmap,
+    data: Data,
     entries: HashMap<String, Entry>,
     prefix: String,
     root: Value,
@@ -259,8 +278,17 @@ impl TorchFile {
         let file = File::open(path).map_err(io)?;
         // SAFETY: the mapping is read-only; checkpoints are not modified while being converted.
         let map = unsafe { Mmap::map(&file) }.map_err(io)?;
+        Self::parse(path, Data::Mapped(map))
+    }
+
+    /// The archive held in `bytes`, as if read from `path` (which only names it in errors).
+    pub fn from_bytes(path: &Path, bytes: Vec<u8>) -> Result<TorchFile, TorchError> {
+        Self::parse(path, Data::Owned(bytes))
+    }
+
+    fn parse(path: &Path, data: Data) -> Result<TorchFile, TorchError> {
         let entries =
-            read_central_directory(&map).map_err(|what| TorchError::Zip { path: path.to_path_buf(), what })?;
+            read_central_directory(&data).map_err(|what| TorchError::Zip { path: path.to_path_buf(), what })?;
         let pkl = entries
             .keys()
             .filter(|k| k.ends_with("data.pkl") && k.matches('/').count() <= 1)
@@ -271,21 +299,22 @@ impl TorchFile {
                 what: "no data.pkl entry (a legacy pre-1.6 torch file, or not a torch file)".into(),
             })?;
         let prefix = pkl.trim_end_matches("data.pkl").to_string();
-        let mut tf = TorchFile { path: path.to_path_buf(), map, entries, prefix, root: Value::None };
+        let mut tf = TorchFile { path: path.to_path_buf(), data, entries, prefix, root: Value::None };
         for name in [".data/version", "version"] {
-            if let Some(bytes) = tf.entry_bytes(&format!("{}{}", tf.prefix, name)) {
-                let v = String::from_utf8_lossy(bytes).trim().to_string();
+            if let Some(bytes) = tf.entry(&format!("{}{}", tf.prefix, name))? {
+                let v: String = String::from_utf8_lossy(bytes).trim().chars().take(40).collect();
                 if !KNOWN_VERSIONS.contains(&v.as_str()) {
                     return Err(tf.unsupported(format!("unknown serialization format version {v:?}")));
                 }
             }
         }
-        if let Some(bo) = tf.entry_bytes(&format!("{}byteorder", tf.prefix)) {
+        if let Some(bo) = tf.entry(&format!("{}byteorder", tf.prefix))? {
             if bo != b"little" {
-                return Err(tf.unsupported(format!("byte order {:?}", String::from_utf8_lossy(bo))));
+                let bo: String = String::from_utf8_lossy(bo).chars().take(40).collect();
+                return Err(tf.unsupported(format!("byte order {bo:?}")));
             }
         }
-        let data = tf.entry_bytes(&pkl).expect("entry listed");
+        let data = tf.entry(&pkl)?.expect("entry listed");
         let root = Unpickler::new(data).run().map_err(|(pos, what)| TorchError::Pickle {
             path: path.to_path_buf(),
             pos,
@@ -293,6 +322,12 @@ impl TorchFile {
         })?;
         tf.root = root;
         Ok(tf)
+    }
+
+    /// The name torch gave the archive when it wrote it: the entries' common prefix, which
+    /// `torch.save(obj, path)` takes from the file name (`archive` when it wrote to a stream).
+    pub fn archive_name(&self) -> &str {
+        self.prefix.trim_end_matches('/')
     }
 
     pub fn path(&self) -> &Path {
@@ -308,9 +343,41 @@ impl TorchFile {
         TorchError::Unsupported { path: self.path.clone(), what }
     }
 
-    fn entry_bytes(&self, name: &str) -> Option<&[u8]> {
-        let e = self.entries.get(name)?;
-        Some(&self.map[e.data_start as usize..(e.data_start + e.size) as usize])
+    /// The whole of entry `name`, checked against the CRC-32 the zip recorded for it: every
+    /// entry other than the storages is read through here. None if the archive has no such entry.
+    fn entry(&self, name: &str) -> Result<Option<&[u8]>, TorchError> {
+        let Some(e) = self.entries.get(name) else { return Ok(None) };
+        let got = self.crc32(e);
+        if got != e.crc32 {
+            return Err(TorchError::Entry {
+                path: self.path.clone(),
+                entry: name.to_string(),
+                what: crc_mismatch(got, e.crc32),
+            });
+        }
+        Ok(Some(self.bytes(e.data_start, e.size)))
+    }
+
+    /// The CRC-32 of an entry's bytes as they are now. Chunks are hashed in parallel (rayon's
+    /// current pool) and combined in order: a GPT-2 XL rank's fp32 partition is one 1.5 GB
+    /// storage. Releases the pages it touched.
+    fn crc32(&self, e: &Entry) -> u32 {
+        const CHUNK: u64 = 4 << 20;
+        let parts: Vec<crc32fast::Hasher> = (0..e.size.div_ceil(CHUNK))
+            .into_par_iter()
+            .map(|k| {
+                let (off, n) = (k * CHUNK, CHUNK.min(e.size - k * CHUNK));
+                let mut h = crc32fast::Hasher::new();
+                h.update(self.bytes(e.data_start + off, n));
+                self.release(e.data_start + off, n);
+                h
+            })
+            .collect();
+        let mut h = crc32fast::Hasher::new();
+        for part in &parts {
+            h.combine(part);
+        }
+        h.finalize()
     }
 
     /// Where a contiguous tensor's bytes lie in this file: (absolute byte offset, byte length).
@@ -338,42 +405,21 @@ impl TorchFile {
 
     /// The bytes of a span from [`tensor_span`](Self::tensor_span).
     pub fn bytes(&self, start: u64, len: u64) -> &[u8] {
-        &self.map[start as usize..(start + len) as usize]
+        &self.data[start as usize..(start + len) as usize]
     }
 
     /// Checks the CRC-32 the zip recorded for a tensor's whole storage entry. Catches bit rot and
-    /// torn copies that leave sizes intact. Releases the pages it touched.
+    /// torn copies that leave sizes intact. Storages are read in parts (a tensor's span, 4 MiB at a
+    /// time), so they are checked here, once, rather than on every read as `entry` does.
+    /// Releases the pages it touched.
     pub fn verify_storage(&self, t: &TensorRef) -> Result<(), TorchError> {
         let name = format!("{}data/{}", self.prefix, t.storage_key);
-        let e = self.entries.get(&name).ok_or_else(|| TorchError::Storage {
-            path: self.path.clone(),
-            key: t.storage_key.clone(),
-            what: "its zip entry is missing".into(),
-        })?;
-        // Chunks are hashed in parallel (rayon's current pool) and combined in order: a
-        // GPT-2 XL rank's fp32 partition is one 1.5 GB storage.
-        const CHUNK: u64 = 4 << 20;
-        let parts: Vec<crc32fast::Hasher> = (0..e.size.div_ceil(CHUNK))
-            .into_par_iter()
-            .map(|k| {
-                let (off, n) = (k * CHUNK, CHUNK.min(e.size - k * CHUNK));
-                let mut h = crc32fast::Hasher::new();
-                h.update(self.bytes(e.data_start + off, n));
-                self.release(e.data_start + off, n);
-                h
-            })
-            .collect();
-        let mut h = crc32fast::Hasher::new();
-        for part in &parts {
-            h.combine(part);
-        }
-        let got = h.finalize();
+        let storage_err =
+            |what: String| TorchError::Storage { path: self.path.clone(), key: t.storage_key.clone(), what };
+        let e = self.entries.get(&name).ok_or_else(|| storage_err("its zip entry is missing".into()))?;
+        let got = self.crc32(e);
         if got != e.crc32 {
-            return Err(TorchError::Storage {
-                path: self.path.clone(),
-                key: t.storage_key.clone(),
-                what: format!("CRC-32 {got:08x} does not match the recorded {:08x}", e.crc32),
-            });
+            return Err(storage_err(crc_mismatch(got, e.crc32)));
         }
         Ok(())
     }
@@ -381,31 +427,47 @@ impl TorchFile {
     /// Drops the mapped pages of a byte range from this process's resident set (the page cache
     /// keeps them): see [`crate::fsutil::release_mapped`].
     pub fn release(&self, start: u64, len: u64) {
-        crate::fsutil::release_mapped(&self.map, start as usize, len as usize);
+        if let Data::Mapped(map) = &self.data {
+            crate::fsutil::release_mapped(map, start as usize, len as usize);
+        }
     }
 }
 
-fn u16_at(b: &[u8], at: usize) -> Result<u16, String> {
-    b.get(at..at + 2).map(|s| u16::from_le_bytes([s[0], s[1]])).ok_or_else(|| "truncated".to_string())
+fn crc_mismatch(got: u32, recorded: u32) -> String {
+    format!("CRC-32 {got:08x} does not match the recorded {recorded:08x}")
 }
 
-fn u32_at(b: &[u8], at: usize) -> Result<u32, String> {
-    b.get(at..at + 4).map(|s| u32::from_le_bytes(s.try_into().unwrap())).ok_or_else(|| "truncated".to_string())
+/// `n` bytes at `at`, or an error for a range past the end (or past any address).
+fn slice_at(b: &[u8], at: u64, n: usize) -> Result<&[u8], String> {
+    usize::try_from(at)
+        .ok()
+        .and_then(|at| b.get(at..at.checked_add(n)?))
+        .ok_or_else(|| format!("a {n}-byte field at byte {at} lies past the end of the file (truncated?)"))
 }
 
-fn u64_at(b: &[u8], at: usize) -> Result<u64, String> {
-    b.get(at..at + 8).map(|s| u64::from_le_bytes(s.try_into().unwrap())).ok_or_else(|| "truncated".to_string())
+fn u16_at(b: &[u8], at: u64) -> Result<u16, String> {
+    slice_at(b, at, 2).map(|s| u16::from_le_bytes([s[0], s[1]]))
+}
+
+fn u32_at(b: &[u8], at: u64) -> Result<u32, String> {
+    slice_at(b, at, 4).map(|s| u32::from_le_bytes(s.try_into().expect("4 bytes")))
+}
+
+fn u64_at(b: &[u8], at: u64) -> Result<u64, String> {
+    slice_at(b, at, 8).map(|s| u64::from_le_bytes(s.try_into().expect("8 bytes")))
 }
 
 /// Parses the zip's end records and central directory (zip64 included: optimizer files of
-/// large models exceed 4 GiB) into entry name -> data location.
+/// large models exceed 4 GiB) into entry name -> data location. Every offset and size is checked
+/// against the file, so a damaged directory is an error, never a read elsewhere.
 fn read_central_directory(b: &[u8]) -> Result<HashMap<String, Entry>, String> {
     const EOCD: u32 = 0x0605_4b50;
-    if b.len() < 22 {
-        return Err(format!("file is {} bytes, too short for a zip archive (truncated?)", b.len()));
+    let len = b.len() as u64;
+    if len < 22 {
+        return Err(format!("file is {len} bytes, too short for a zip archive (truncated?)"));
     }
-    let lowest = b.len().saturating_sub(22 + 65535);
-    let eocd = (lowest..=b.len() - 22)
+    let lowest = len.saturating_sub(22 + 65535);
+    let eocd = (lowest..=len - 22)
         .rev()
         .find(|&i| u32_at(b, i).ok() == Some(EOCD))
         .ok_or("no end-of-central-directory record (truncated or not a zip file)")?;
@@ -417,7 +479,7 @@ fn read_central_directory(b: &[u8]) -> Result<HashMap<String, Entry>, String> {
         if u32_at(b, loc)? != 0x0706_4b50 {
             return Err("zip64 end-of-central-directory locator missing".into());
         }
-        let z64 = u64_at(b, loc + 8)? as usize;
+        let z64 = u64_at(b, loc + 8)?;
         if u32_at(b, z64)? != 0x0606_4b50 {
             return Err("zip64 end-of-central-directory record missing".into());
         }
@@ -425,11 +487,11 @@ fn read_central_directory(b: &[u8]) -> Result<HashMap<String, Entry>, String> {
         cd_size = u64_at(b, z64 + 40)?;
         cd_off = u64_at(b, z64 + 48)?;
     }
-    if cd_off.checked_add(cd_size).is_none_or(|end| end > b.len() as u64) {
+    if cd_off.checked_add(cd_size).is_none_or(|end| end > len) {
         return Err("central directory lies outside the file (truncated?)".into());
     }
     let mut entries = HashMap::new();
-    let mut p = cd_off as usize;
+    let mut p = cd_off;
     for _ in 0..count {
         if u32_at(b, p)? != 0x0201_4b50 {
             return Err(format!("bad central directory entry at byte {p}"));
@@ -438,28 +500,31 @@ fn read_central_directory(b: &[u8]) -> Result<HashMap<String, Entry>, String> {
         let crc32 = u32_at(b, p + 16)?;
         let mut csize = u32_at(b, p + 20)? as u64;
         let mut usize_ = u32_at(b, p + 24)? as u64;
-        let nlen = u16_at(b, p + 28)? as usize;
-        let xlen = u16_at(b, p + 30)? as usize;
-        let clen = u16_at(b, p + 32)? as usize;
+        let nlen = u16_at(b, p + 28)? as u64;
+        let xlen = u16_at(b, p + 30)? as u64;
+        let clen = u16_at(b, p + 32)? as u64;
         let mut local = u32_at(b, p + 42)? as u64;
-        let name = b.get(p + 46..p + 46 + nlen).ok_or("truncated central directory")?;
+        let name = slice_at(b, p + 46, nlen as usize).map_err(|_| "truncated central directory")?;
         let name = String::from_utf8_lossy(name).into_owned();
         // Zip64 extra field: the 64-bit values, in this order, for each field saturated above.
         let mut x = p + 46 + nlen;
         let xend = x + xlen;
         while x + 4 <= xend {
             let id = u16_at(b, x)?;
-            let len = u16_at(b, x + 2)? as usize;
+            let n = u16_at(b, x + 2)? as u64;
             if id == 0x0001 {
                 let mut q = x + 4;
                 for field in [&mut usize_, &mut csize, &mut local] {
                     if *field == 0xFFFF_FFFF {
+                        if q + 8 > x + 4 + n {
+                            return Err(format!("entry {name}: zip64 extra field too short"));
+                        }
                         *field = u64_at(b, q)?;
                         q += 8;
                     }
                 }
             }
-            x += 4 + len;
+            x += 4 + n;
         }
         if method != 0 {
             return Err(format!("entry {name} is compressed (method {method}); torch stores entries uncompressed"));
@@ -467,22 +532,36 @@ fn read_central_directory(b: &[u8]) -> Result<HashMap<String, Entry>, String> {
         if csize != usize_ {
             return Err(format!("entry {name}: stored sizes disagree ({csize} vs {usize_})"));
         }
-        let l = local as usize;
-        if u32_at(b, l).ok() != Some(0x0403_4b50) {
-            return Err(format!("entry {name}: local header missing at byte {l} (truncated?)"));
+        if u32_at(b, local).ok() != Some(0x0403_4b50) {
+            return Err(format!("entry {name}: local header missing at byte {local} (truncated?)"));
         }
-        let data_start = local + 30 + u16_at(b, l + 26)? as u64 + u16_at(b, l + 28)? as u64;
-        if data_start.checked_add(csize).is_none_or(|end| end > b.len() as u64) {
+        let local_nlen = u16_at(b, local + 26)? as u64;
+        // Names are the only link from the directory to the bytes that each CRC-32 covers.
+        let local_name = slice_at(b, local + 30, local_nlen as usize)?;
+        if local_name != name.as_bytes() {
+            let local_name = String::from_utf8_lossy(local_name);
+            return Err(format!("entry {name}: its local header at byte {local} names it {local_name}"));
+        }
+        let data_start = local + 30 + local_nlen + u16_at(b, local + 28)? as u64;
+        if data_start.checked_add(csize).is_none_or(|end| end > len) {
             return Err(format!("entry {name}: data runs past the end of the file (truncated?)"));
         }
-        entries.insert(name, Entry { data_start, size: csize, crc32 });
+        // A second entry of the same name would make one storage's bytes stand in for another's
+        // (each with its own valid CRC).
+        if entries.insert(name.clone(), Entry { data_start, size: csize, crc32 }).is_some() {
+            return Err(format!("entry {name} appears twice in the central directory"));
+        }
         p = xend + clen;
     }
     Ok(entries)
 }
 
-/// A pickle virtual machine that only builds data. Mutable containers live in an arena and
-/// are referenced from the stack and memo, because pickles fill a container after memoizing it.
+/// A pickle virtual machine that only builds data. Containers live in an arena and are
+/// referenced from the stack and memo, because pickles fill a container after memoizing it; so
+/// does anything memoized or duplicated, so that sharing a value costs nothing until the result
+/// is built. Building it ([`resolve`](Self::resolve)) copies every shared value where it is used:
+/// a pickle a few bytes long can share its way to an exponential size, so that copying is
+/// bounded by a budget proportional to the pickle's length, and nesting by [`MAX_DEPTH`].
 struct Unpickler<'a> {
     data: &'a [u8],
     pos: usize,
@@ -490,15 +569,58 @@ struct Unpickler<'a> {
     marks: Vec<usize>,
     memo: HashMap<u32, Value>,
     arena: Vec<Value>,
+    /// Values built by `resolve` so far, and the most it may build.
+    work: std::cell::Cell<usize>,
+    budget: usize,
 }
 
 type PResult<T> = Result<T, (usize, String)>;
 
 const MAX_DEPTH: usize = 512;
 
+/// The values a pickle may expand to: a fixed allowance plus this many per byte. Real torch
+/// pickles share little (tensors named twice, repeated strings): every DeepSpeed fixture builds
+/// fewer values than it has bytes.
+const BUDGET_BASE: usize = 1 << 20;
+const BUDGET_PER_BYTE: usize = 32;
+
+/// At most this much of a value is quoted in an error message.
+const QUOTE: usize = 160;
+
+/// A value's `Debug` form, cut at [`QUOTE`] bytes: the value may be large or deeply nested.
+fn quote(v: &Value) -> String {
+    struct Capped(String);
+    impl std::fmt::Write for Capped {
+        fn write_str(&mut self, s: &str) -> std::fmt::Result {
+            if self.0.len() + s.len() > QUOTE {
+                let room = QUOTE - self.0.len();
+                let cut = (0..=room).rev().find(|&i| s.is_char_boundary(i)).unwrap_or(0);
+                self.0.push_str(&s[..cut]);
+                return Err(std::fmt::Error);
+            }
+            self.0.push_str(s);
+            Ok(())
+        }
+    }
+    let mut out = Capped(String::new());
+    if std::fmt::write(&mut out, format_args!("{v:?}")).is_err() {
+        out.0.push_str("...");
+    }
+    out.0
+}
+
 impl<'a> Unpickler<'a> {
     fn new(data: &'a [u8]) -> Self {
-        Unpickler { data, pos: 0, stack: vec![], marks: vec![], memo: HashMap::new(), arena: vec![] }
+        Unpickler {
+            data,
+            pos: 0,
+            stack: vec![],
+            marks: vec![],
+            memo: HashMap::new(),
+            arena: vec![],
+            work: std::cell::Cell::new(0),
+            budget: BUDGET_BASE.saturating_add(BUDGET_PER_BYTE.saturating_mul(data.len())),
+        }
     }
 
     fn err<T>(&self, what: impl Into<String>) -> PResult<T> {
@@ -544,6 +666,18 @@ impl<'a> Unpickler<'a> {
         }
     }
 
+    /// The top of the stack, moved into the arena if it is not there yet, so that it can be
+    /// shared (memoized, duplicated) by reference.
+    fn top_shared(&mut self) -> PResult<Value> {
+        let pos = self.pos;
+        let top = self.stack.last_mut().ok_or((pos, "stack underflow".to_string()))?;
+        if !matches!(top, Value::Ref(_)) {
+            let v = std::mem::replace(top, Value::Ref(self.arena.len()));
+            self.arena.push(v);
+        }
+        Ok(self.stack.last().expect("checked above").clone())
+    }
+
     fn pop_mark(&mut self) -> PResult<Vec<Value>> {
         let m = match self.marks.pop() {
             Some(m) => m,
@@ -562,10 +696,10 @@ impl<'a> Unpickler<'a> {
 
     fn top_mut(&mut self) -> PResult<&mut Value> {
         let pos = self.pos;
-        let top = self.stack.last().cloned().ok_or((pos, "stack underflow".to_string()))?;
-        match top {
-            Value::Ref(i) => Ok(&mut self.arena[i]),
-            _ => Err((pos, "expected a container on the stack".to_string())),
+        match self.stack.last() {
+            Some(&Value::Ref(i)) => Ok(&mut self.arena[i]),
+            Some(_) => Err((pos, "expected a container on the stack".to_string())),
+            None => Err((pos, "stack underflow".to_string())),
         }
     }
 
@@ -663,10 +797,16 @@ impl<'a> Unpickler<'a> {
                     let v = self.alloc(Value::Dict(vec![]));
                     self.stack.push(v);
                 }
-                b')' => self.stack.push(Value::Tuple(vec![])),
+                // Tuples go to the arena too: nested directly, a few bytes per level could nest them
+                // deeper than the stack can drop.
+                b')' => {
+                    let v = self.alloc(Value::Tuple(vec![]));
+                    self.stack.push(v);
+                }
                 b't' => {
                     let items = self.pop_mark()?;
-                    self.stack.push(Value::Tuple(items));
+                    let v = self.alloc(Value::Tuple(items));
+                    self.stack.push(v);
                 }
                 0x85..=0x87 => {
                     let n = (op - 0x84) as usize;
@@ -674,7 +814,8 @@ impl<'a> Unpickler<'a> {
                         return self.err("stack underflow in TUPLE");
                     }
                     let items = self.stack.split_off(self.stack.len() - n);
-                    self.stack.push(Value::Tuple(items));
+                    let v = self.alloc(Value::Tuple(items));
+                    self.stack.push(v);
                 }
                 b'l' => {
                     let items = self.pop_mark()?;
@@ -731,8 +872,8 @@ impl<'a> Unpickler<'a> {
                     self.stack.push(Value::Global { module, name });
                 }
                 0x93 => {
-                    let name = self.pop()?;
-                    let module = self.pop()?;
+                    let name = self.pop_resolved()?;
+                    let module = self.pop_resolved()?;
                     match (module, name) {
                         (Value::Str(module), Value::Str(name)) => self.stack.push(Value::Global { module, name }),
                         _ => return self.err("STACK_GLOBAL needs two strings"),
@@ -760,7 +901,7 @@ impl<'a> Unpickler<'a> {
                 b'b' => {
                     let state = self.pop()?;
                     let pos = self.pos;
-                    if let Some(Value::Ref(i)) = self.stack.last().cloned() {
+                    if let Some(&Value::Ref(i)) = self.stack.last() {
                         if let Value::Object { state: s, .. } = &mut self.arena[i] {
                             *s = Some(Box::new(state));
                         }
@@ -778,7 +919,7 @@ impl<'a> Unpickler<'a> {
                     self.pop()?;
                 }
                 b'2' => {
-                    let v = self.stack.last().cloned().ok_or((self.pos, "DUP on empty stack".to_string()))?;
+                    let v = self.top_shared()?;
                     self.stack.push(v);
                 }
                 0x95 => {
@@ -824,7 +965,7 @@ impl<'a> Unpickler<'a> {
     }
 
     fn memo_put(&mut self, i: u32) -> PResult<()> {
-        let v = self.stack.last().cloned().ok_or((self.pos, "memoize on empty stack".to_string()))?;
+        let v = self.top_shared()?;
         self.memo.insert(i, v);
         Ok(())
     }
@@ -845,10 +986,10 @@ impl<'a> Unpickler<'a> {
         let pid = self.resolve(pid, 0)?;
         let items = match &pid {
             Value::Tuple(items) if items.len() >= 5 => items,
-            _ => return self.err(format!("unexpected persistent id {pid:?}")),
+            _ => return self.err(format!("unexpected persistent id {}", quote(&pid))),
         };
         if items[0].as_str() != Some("storage") {
-            return self.err(format!("unexpected persistent id kind {:?}", items[0]));
+            return self.err(format!("unexpected persistent id kind {}", quote(&items[0])));
         }
         let dtype = match &items[1] {
             Value::Global { name, .. } => DType::from_storage_class(name),
@@ -858,12 +999,12 @@ impl<'a> Unpickler<'a> {
         };
         let dtype = match dtype {
             Some(d) => d,
-            None => return self.err(format!("unsupported storage type {:?}", items[1])),
+            None => return self.err(format!("unsupported storage type {}", quote(&items[1]))),
         };
         let key = match &items[2] {
             Value::Str(s) => s.clone(),
             Value::Int(i) => i.to_string(),
-            other => return self.err(format!("bad storage key {other:?}")),
+            other => return self.err(format!("bad storage key {}", quote(other))),
         };
         let numel = match items[4].as_int() {
             Some(n) if n >= 0 => n as u64,
@@ -873,14 +1014,14 @@ impl<'a> Unpickler<'a> {
     }
 
     fn reduce(&mut self, callable: Value, args: Value) -> PResult<Value> {
-        let (module, name) = match callable {
+        let (module, name) = match self.resolve(callable, 0)? {
             Value::Global { module, name } => (module, name),
-            other => return self.err(format!("call of a non-global {other:?}")),
+            other => return self.err(format!("call of a non-global {}", quote(&other))),
         };
         let args = self.resolve(args, 0)?;
         let args = match args {
             Value::Tuple(a) => a,
-            other => return self.err(format!("call arguments are not a tuple: {other:?}")),
+            other => return self.err(format!("call arguments are not a tuple: {}", quote(&other))),
         };
         Ok(match (module.as_str(), name.as_str()) {
             ("torch._utils", "_rebuild_tensor_v2" | "_rebuild_tensor" | "_rebuild_tensor_v3") => {
@@ -935,7 +1076,12 @@ impl<'a> Unpickler<'a> {
         let offset = args.get(1).and_then(Value::as_int).filter(|&o| o >= 0);
         let shape = args.get(2).and_then(Value::as_shape);
         let stride = args.get(3).and_then(Value::as_shape);
+        // Element counts (and the partial products a contiguity check forms) must fit in 64 bits.
+        let countable = |s: &[u64]| s.iter().try_fold(1u64, |a, &d| a.checked_mul(d.max(1))).is_some();
         match (offset, shape, stride) {
+            (Some(_), Some(shape), Some(_)) if !countable(&shape) => {
+                self.err(format!("tensor shape {shape:?} has more elements than 64 bits count"))
+            }
             (Some(offset), Some(shape), Some(stride)) if shape.len() == stride.len() => Ok(Value::Tensor(TensorRef {
                 storage_key: key,
                 dtype,
@@ -948,11 +1094,29 @@ impl<'a> Unpickler<'a> {
         }
     }
 
-    /// Replaces arena references by their (finished) contents.
+    fn pop_resolved(&mut self) -> PResult<Value> {
+        let v = self.pop()?;
+        self.resolve(v, 0)
+    }
+
+    /// Replaces arena references by their (finished) contents, within the budget.
     fn resolve(&self, v: Value, depth: usize) -> PResult<Value> {
         if depth > MAX_DEPTH {
             return self.err("nesting too deep (cyclic pickle?)");
         }
+        let size = match &v {
+            Value::Str(s) => s.len(),
+            Value::Bytes(b) => b.len(),
+            _ => 0,
+        };
+        let work = self.work.get().saturating_add(1 + size / 32);
+        if work > self.budget {
+            return self.err(format!(
+                "the pickle expands to more than {} values (a value shared too many times?)",
+                self.budget
+            ));
+        }
+        self.work.set(work);
         let d = depth + 1;
         Ok(match v {
             Value::Ref(i) => self.resolve(self.arena[i].clone(), d)?,
@@ -1018,5 +1182,70 @@ mod tests {
         assert!(parse_pickle(b"\x80\x02h\x07.").is_err());
         assert!(parse_pickle(b"\x80\x02\xff").is_err());
         assert!(parse_pickle(b"\x80\x09N.").is_err());
+    }
+
+    /// List k holds list k-1 twice, by memo reference: 7 bytes a level, 2^k values built.
+    #[test]
+    fn shared_references_cannot_expand_without_bound() {
+        let mut p = b"\x80\x02]q\x00".to_vec();
+        for k in 1..64u8 {
+            p.extend_from_slice(&[b'(', b'h', k - 1, b'h', k - 1, b'l', b'q', k]);
+        }
+        p.push(b'.');
+        let t = std::time::Instant::now();
+        let (_, what) = parse_pickle(&p).unwrap_err();
+        assert!(what.contains("expands to more than"), "{what}");
+        assert!(t.elapsed().as_secs() < 5, "{:?}", t.elapsed());
+        // The same with DUP instead of the memo.
+        let mut p = b"\x80\x02]".to_vec();
+        for _ in 0..64 {
+            p.extend_from_slice(b"2\x86");
+        }
+        p.push(b'.');
+        assert!(parse_pickle(&p).unwrap_err().1.contains("expands to more than"));
+    }
+
+    /// A million tuples nested one byte a level: an error, not a stack overflow on the way (the
+    /// nesting is never built directly) or when dropped.
+    #[test]
+    fn deep_nesting_is_an_error() {
+        let mut p = b"\x80\x02)".to_vec();
+        p.extend(std::iter::repeat_n(0x85u8, 1_000_000));
+        p.push(b'.');
+        let (_, what) = parse_pickle(&p).unwrap_err();
+        assert!(what.contains("nesting too deep"), "{what}");
+        // As the callable or the arguments of a call, which error messages quote.
+        let mut p = b"\x80\x02)".to_vec();
+        p.extend(std::iter::repeat_n(0x85u8, 1_000_000));
+        p.extend_from_slice(b")R.");
+        assert!(parse_pickle(&p).is_err());
+    }
+
+    /// BUILD and memoizing on a large value built by a call (torch.Size of a long list) cost
+    /// nothing per operation: they used to copy the whole value each time.
+    #[test]
+    fn operations_on_a_large_value_do_not_copy_it() {
+        let mut p = b"\x80\x02ctorch\nSize\n](".to_vec();
+        for _ in 0..100_000 {
+            p.extend_from_slice(b"K\x01");
+        }
+        p.extend_from_slice(b"e\x85R");
+        for _ in 0..100_000 {
+            p.extend_from_slice(b"Nb");
+        }
+        p.push(b'.');
+        let t = std::time::Instant::now();
+        let v = parse_pickle(&p).unwrap();
+        assert_eq!(v.as_shape().map(|s| s.len()), Some(100_000));
+        assert!(t.elapsed().as_secs() < 5, "{:?}", t.elapsed());
+    }
+
+    #[test]
+    fn tensor_shapes_must_be_countable() {
+        // _rebuild_tensor_v2(storage, 0, (2^40, 2^40), (1, 1), False, OrderedDict())
+        let mut p = b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n((X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x01tQK\x00".to_vec();
+        p.extend_from_slice(b"\x8a\x06\x00\x00\x00\x00\x00\x01\x8a\x06\x00\x00\x00\x00\x00\x01\x86K\x01K\x01\x86\x89ccollections\nOrderedDict\n)RtR.");
+        let (_, what) = parse_pickle(&p).unwrap_err();
+        assert!(what.contains("more elements than 64 bits count"), "{what}");
     }
 }

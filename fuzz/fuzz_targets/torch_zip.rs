@@ -1,0 +1,6 @@
+#![no_main]
+
+#[path = "../../tests/common/fuzz_targets.rs"]
+mod fuzz_targets;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| fuzz_targets::torch_zip(data));
