@@ -3,6 +3,9 @@
 //! not files, signals in the middle of a write, and `ckpt verify`'s exit statuses. Each test runs
 //! the real binaries.
 
+mod common;
+
+use common::tiny::copy_dir;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -15,18 +18,6 @@ fn run(bin: &str, args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
 
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    fs::create_dir_all(to).unwrap();
-    for e in fs::read_dir(from).unwrap().flatten() {
-        let dst = to.join(e.file_name());
-        if e.path().is_dir() {
-            copy_dir(&e.path(), &dst);
-        } else {
-            fs::copy(e.path(), dst).unwrap();
-        }
-    }
 }
 
 /// Every file under `dir` with its bytes, to show that nothing changed.
