@@ -243,7 +243,6 @@ pub fn fit(mut cfg: TrainConfig) -> Result<(), TrainError> {
             tracing::warn!("fp16 on CPU is slow (CPUs have no fast fp16 matmuls): bf16 or fp32 is what CPU runs want");
         }
     }
-    info!("resolved configuration:\n{}", cfg.to_toml());
 
     // The model starts in fp32 on the host of every rank with identical weights; the engine
     // moves it to the device in the compute kind.
@@ -281,6 +280,10 @@ pub fn fit(mut cfg: TrainConfig) -> Result<(), TrainError> {
             cfg.block_size, mcfg.block_size, mcfg.block_size
         )));
     }
+    // The configuration as in effect, printed and saved: a preset's or a loaded model's shape,
+    // not the custom-model defaults it replaced.
+    (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.vocab_size) = (mcfg.n_layer, mcfg.n_head, mcfg.n_embd, mcfg.vocab_size);
+    info!("resolved configuration:\n{}", cfg.to_toml());
     let n_params = mcfg.num_params();
     info!(
         "model: {} layers, {} heads, {} embd, block {}, vocab {}: {:.2}M parameters",

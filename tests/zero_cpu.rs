@@ -315,3 +315,18 @@ fn local_ranks_share_the_cores() {
     assert!(log.contains("intra-op threads: 1"), "{log}");
     assert_eq!(run.stderr.matches("fp16 on CPU is slow").count(), 1, "{}", run.stderr);
 }
+
+/// The configuration printed at start and saved in the manifest shows the model in effect: a
+/// preset's shape, not the custom-model defaults (n_layer 4, n_embd 128) it replaced.
+#[test]
+fn the_printed_configuration_shows_the_presets_shape() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    dataset(&data);
+    let extra = "model = \"gpt2\"\nblock_size = 8\nbatch_size = 1\nmax_iters = 1\neval_iters = 1\nlog_interval = 1";
+    let run = train(&tmp.path().join("a"), &data, 1, extra, &[]);
+    assert!(run.ok, "{}", run.stderr);
+    for want in ["n_layer = 12", "n_head = 12", "n_embd = 768"] {
+        assert!(run.stderr.contains(want), "{want} not in\n{}", run.stderr);
+    }
+}
