@@ -116,6 +116,11 @@ pub enum Offload {
     OptimizerAndParams,
 }
 
+/// Whether `train` can run this stage and offload today (stages 0-2, nothing offloaded).
+pub fn trainable(stage: u8, offload: Offload) -> bool {
+    stage <= 2 && offload == Offload::None
+}
+
 impl Offload {
     fn label(self) -> &'static str {
         match self {
@@ -209,6 +214,8 @@ pub struct Row {
     pub cpu_per_node: u64,
     /// Largest micro-batch whose total fits the usable GPU memory (0: not even one sequence).
     pub max_micro_batch: u64,
+    /// Whether `train` runs this stage and offload today ([`trainable`]); the others are plans.
+    pub trainable: bool,
     /// None for stages 0 and 1, which DeepSpeed has no estimator for.
     pub deepspeed: Option<DeepSpeedFigures>,
 }
@@ -510,6 +517,7 @@ pub fn estimate(s: &Setup, usable_gpu_memory: u64) -> Result<Estimate, MemoryErr
                 gpu_total: gpu.total(),
                 cpu_per_node: cpu_per_node(s, stage, offload),
                 max_micro_batch: max_micro_batch(s, stage, offload, usable_gpu_memory),
+                trainable: trainable(stage, offload),
                 deepspeed: deepspeed_figures(s, stage, offload),
             }
         })
@@ -694,7 +702,14 @@ pub fn render(est: &Estimate, model_name: &str, gpu_memory: u64) -> String {
             r.max_micro_batch,
             gib(r.cpu_per_node)
         );
+        if !r.trainable {
+            // The figure is real, the row is a plan: say so on the row itself.
+            out.pop();
+            out.push_str("   *\n");
+        }
     }
+    let _ =
+        writeln!(out, "* estimate only: `train` runs stages 0-2 without offload; ZeRO-3 and offload are not in it yet");
     let _ = writeln!(out);
     let _ =
         writeln!(out, "DeepSpeed's estimators (params + grads + optimizer state only; buffer factor 1.5, zero_init):");

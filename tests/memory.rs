@@ -179,10 +179,20 @@ fn cli_table_json_and_errors() {
     let table = run(&args(&["--model", "gpt2-xl", "--gpus-per-node", "4", "--dtype", "fp16"])).unwrap();
     assert!(table.contains("1557.6M parameters"), "{table}");
     assert_eq!(table.lines().filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit())).count(), 8 + 5);
+    // Rows `train` cannot run yet (stage 3, offload) are marked, on the row and in the JSON.
+    let marked: Vec<&str> = table.lines().filter(|l| l.ends_with("   *")).collect();
+    assert_eq!(marked.len(), 5, "{table}");
+    assert!(marked
+        .iter()
+        .all(|l| l.contains("optimizer") || l.contains("opt+params") || l.trim_start().starts_with('3')));
+    assert!(table.contains("* estimate only: `train` runs stages 0-2 without offload"), "{table}");
     let json = run(&args(&["--model", "gpt2", "--n-layer", "6", "--json", "--activation-checkpointing"])).unwrap();
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(v["setup"]["model"]["n_layer"], 6);
     assert_eq!(v["rows"].as_array().unwrap().len(), 8);
+    let trainable: Vec<bool> =
+        v["rows"].as_array().unwrap().iter().map(|r| r["trainable"].as_bool().unwrap()).collect();
+    assert_eq!(trainable, [true, true, false, true, false, false, false, false]);
     assert_eq!(
         v["rows"][3]["gpu_total"],
         v["rows"][3]["gpu"]["params"].as_u64().unwrap()
