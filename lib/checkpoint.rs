@@ -13,9 +13,11 @@
 //! manifest describes ([`check_tag`]; rank files carry their rank, partition count, world size,
 //! stage and step, model.safetensors its step), and hash on request ([`check_files`]).
 
+use crate::comm::{Collectives, CommError, ControlPlane};
 use crate::fsutil::{self, FsError};
 use crate::tags::{self, TagError};
 use crate::zero::layout::{FlatLayout, Piece};
+use crate::zero::{PartitionState, ZeroState};
 use memmap2::Mmap;
 use safetensors::SafeTensors;
 use serde::{Deserialize, Serialize};
@@ -288,14 +290,14 @@ pub fn identity_problems(file: TagFile, meta: &BTreeMap<String, String>, m: &Man
     p
 }
 
-/// The metadata a save writes into rank file `rank` of `engine`'s partitions at `step`.
-fn rank_metadata(engine: &crate::zero::Engine, rank: usize, step: u64) -> BTreeMap<String, String> {
+/// The metadata a save writes into the rank file of `state`'s partition at `step`.
+fn rank_metadata(state: &ZeroState, step: u64) -> BTreeMap<String, String> {
     BTreeMap::from([
         ("format".to_string(), RANK_FORMAT.to_string()),
-        ("rank".to_string(), rank.to_string()),
-        ("parts".to_string(), engine.layout.parts.to_string()),
-        ("world_size".to_string(), engine.comm.world().to_string()),
-        ("zero_stage".to_string(), engine.cfg.stage.to_string()),
+        ("rank".to_string(), state.partition.to_string()),
+        ("parts".to_string(), state.layout.parts.to_string()),
+        ("world_size".to_string(), state.world.to_string()),
+        ("zero_stage".to_string(), state.stage.to_string()),
         ("step".to_string(), step.to_string()),
     ])
 }
@@ -494,21 +496,21 @@ impl PartitionReader {
         Ok((k, pi))
     }
 
-    /// Fills `dst` (a partition of `layout`, fp32, any device) with `tensor` of this checkpoint.
-    pub fn fill_partition(
+    /// `tensor` of this checkpoint as partition `part` of `layout` (fp32, on `device`), whatever
+    /// layout it was saved with.
+    pub fn read_partition(
         &self,
         tensor: &str,
         layout: &FlatLayout,
-        rank: usize,
-        dst: &Tensor,
-    ) -> Result<(), CheckpointError> {
+        part: usize,
+        device: Device,
+    ) -> Result<Tensor, CheckpointError> {
         let mut host = vec![0f32; layout.partition];
-        for p in layout.pieces(rank) {
+        for p in layout.pieces(part) {
             let name = &layout.params[p.param].name;
             self.read(tensor, name, p.param_offset, &mut host[p.partition_offset..p.partition_offset + p.len])?;
         }
-        dst.shallow_clone().copy_(&Tensor::from_slice(&host).to_device(dst.device()));
-        Ok(())
+        Ok(Tensor::from_slice(&host).to_device(device))
     }
 }
 
@@ -698,6 +700,13 @@ pub struct SaveInfo {
     pub best: Option<String>,
 }
 
+/// The model as a tag stores it: its parameters (in the compute dtype) and the Hugging Face
+/// config.json that makes the tag a model directory transformers loads.
+pub struct ModelFiles {
+    pub tensors: Vec<(String, Tensor)>,
+    pub hf_config: String,
+}
+
 /// Test hooks, at every point of a save and of retention where a crash leaves a different state
 /// on disk: ZEROKIT_TEST_SAVE_PAUSE_MS=N sleeps N ms there, widening the moments a kill from
 /// outside can land in (tests/crash.rs); ZEROKIT_TEST_CRASH_AT="POINT@TAG" aborts the process at
@@ -718,9 +727,16 @@ fn save_point(point: &str, tag: &str) {
     }
 }
 
-/// Saves `engine` as tag `step_NNNNNNNN` under `root`. Collective: every rank calls it.
-pub fn save(engine: &mut crate::zero::Engine, root: &Path, info: &SaveInfo) -> Result<PathBuf, CheckpointError> {
-    let rank = engine.comm.rank();
+/// Saves this rank's `state` as tag `step_NNNNNNNN` under `root`; rank 0 also writes `model`
+/// (other ranks may pass None). Collective: every rank calls it.
+pub fn save(
+    comm: &mut dyn Collectives,
+    state: &ZeroState,
+    model: Option<&ModelFiles>,
+    root: &Path,
+    info: &SaveInfo,
+) -> Result<PathBuf, CheckpointError> {
+    let rank = comm.rank();
     let tag = tag_name(info.step);
     let partial = root.join(Leftover::Partial.name(&tag));
     if rank == 0 {
@@ -731,41 +747,41 @@ pub fn save(engine: &mut crate::zero::Engine, root: &Path, info: &SaveInfo) -> R
         fs::create_dir(&partial).map_err(|e| FsError::io(&partial, e))?;
         save_point("partial created", &tag);
     }
-    comm_step(engine.comm.control().barrier("checkpoint start"), &partial)?;
+    comm_step(comm.control().barrier("checkpoint start"), &partial)?;
 
     let mut mine = Vec::new();
-    if engine.layout.parts > 1 || rank == 0 {
-        let r = if engine.layout.parts > 1 { rank } else { 0 };
-        let (m, v, _) = engine.opt.state();
+    if state.saves {
         let tensors = vec![
-            ("master".to_string(), engine.master.shallow_clone()),
-            ("exp_avg".to_string(), m.shallow_clone()),
-            ("exp_avg_sq".to_string(), v.shallow_clone()),
+            ("master".to_string(), state.master.shallow_clone()),
+            ("exp_avg".to_string(), state.exp_avg.shallow_clone()),
+            ("exp_avg_sq".to_string(), state.exp_avg_sq.shallow_clone()),
         ];
-        let name = rank_file_name(r);
-        let entry = write_safetensors(&partial.join(&name), &tensors, &rank_metadata(engine, r, info.step))?;
+        let name = rank_file_name(state.partition);
+        let entry = write_safetensors(&partial.join(&name), &tensors, &rank_metadata(state, info.step))?;
         save_point("rank file written", &tag);
         mine = serde_json::to_vec(&(name, entry)).expect("entry serializes");
     }
-    let gathered = comm_step(engine.comm.control().gather(&mine, "checkpoint files"), &partial)?;
-    let result = match gathered {
-        Some(all) => finish_save(engine, root, &partial, &tag, info, all),
-        None => Ok(root.join(&tag)),
+    let gathered = comm_step(comm.control().gather(&mine, "checkpoint files"), &partial)?;
+    let result = match (gathered, model) {
+        (Some(all), Some(model)) => finish_save(state, model, root, &partial, &tag, info, all),
+        (Some(_), None) => Err(invalid(&partial, "rank 0 saves the model, but none was given")),
+        (None, _) => Ok(root.join(&tag)),
     };
     if let Err(e) = &result {
-        engine.comm.abort(&format!("checkpoint save failed on rank 0: {e}"));
+        comm.abort(&format!("checkpoint save failed on rank 0: {e}"));
     }
     let dir = result?;
-    comm_step(engine.comm.control().barrier("checkpoint end"), &partial)?;
+    comm_step(comm.control().barrier("checkpoint end"), &partial)?;
     Ok(dir)
 }
 
-fn comm_step<T>(r: Result<T, crate::comm::CommError>, path: &Path) -> Result<T, CheckpointError> {
+fn comm_step<T>(r: Result<T, CommError>, path: &Path) -> Result<T, CheckpointError> {
     r.map_err(|e| invalid(path, format!("checkpoint save: {e}")))
 }
 
 fn finish_save(
-    engine: &mut crate::zero::Engine,
+    state: &ZeroState,
+    model: &ModelFiles,
     root: &Path,
     partial: &Path,
     tag: &str,
@@ -779,46 +795,43 @@ fn finish_save(
         files.insert(name, entry);
     }
     save_point("rank files gathered", tag);
-    let named: Vec<(String, Tensor)> = engine.model.named_parameters();
-    let kind = engine.cfg.kind;
     // "format": "pt" is what transformers requires; the step ties the file to its tag.
     let model_meta =
         BTreeMap::from([("format".to_string(), MODEL_FORMAT.to_string()), ("step".to_string(), info.step.to_string())]);
-    files.insert(MODEL_FILE.into(), write_safetensors(&partial.join(MODEL_FILE), &named, &model_meta)?);
+    files.insert(MODEL_FILE.into(), write_safetensors(&partial.join(MODEL_FILE), &model.tensors, &model_meta)?);
     save_point("model written", tag);
-    // With config.json the tag is also a Hugging Face model directory (GPT2LMHeadModel loads it).
-    let hf_config = engine.model.config().to_hf_config_json(kind);
-    fsutil::write_atomic(&partial.join("config.json"), hf_config.as_bytes())?;
+    // With config.json the tag is also a Hugging Face model directory.
+    let hf_config = model.hf_config.as_bytes();
+    fsutil::write_atomic(&partial.join("config.json"), hf_config)?;
     files.insert(
         "config.json".into(),
-        FileEntry { bytes: hf_config.len() as u64, sha256: hex::encode(Sha256::digest(hf_config.as_bytes())) },
+        FileEntry { bytes: hf_config.len() as u64, sha256: hex::encode(Sha256::digest(hf_config)) },
     );
-    let (_, _, opt_step) = engine.opt.state();
-    let a = &engine.cfg.adamw;
+    let a = &state.adamw;
     let manifest = Manifest {
         format: FORMAT.into(),
         version: VERSION,
         tag: tag.into(),
         step: info.step,
         tokens_seen: info.tokens_seen,
-        world_size: engine.comm.world(),
-        zero_stage: engine.cfg.stage,
+        world_size: state.world,
+        zero_stage: state.stage,
         dtypes: BTreeMap::from([
-            ("model".to_string(), dtype_name(kind).to_string()),
+            ("model".to_string(), dtype_name(state.kind).to_string()),
             ("master".to_string(), "F32".to_string()),
             ("optimizer".to_string(), "F32".to_string()),
         ]),
         model_config: info.model_config.clone(),
         config: info.config.clone(),
-        layout: engine.layout.clone(),
+        layout: state.layout.clone(),
         optimizer: serde_json::json!({
-            "type": "adamw", "step": opt_step, "lr": info.lr, "betas": [a.betas.0, a.betas.1],
+            "type": "adamw", "step": state.optimizer_step, "lr": info.lr, "betas": [a.betas.0, a.betas.1],
             "eps": a.eps, "weight_decay": a.weight_decay,
         }),
-        loss_scaler: engine
+        loss_scaler: state
             .scaler
             .as_ref()
-            .map_or(serde_json::Value::Null, |s| serde_json::to_value(s.state()).expect("state serializes")),
+            .map_or(serde_json::Value::Null, |s| serde_json::to_value(s).expect("state serializes")),
         data: info.data.clone(),
         metrics: info.metrics.clone(),
         files,
@@ -898,7 +911,7 @@ impl ResumeHashes {
 
     /// Waits for this rank's hashes and combines every rank's on rank 0. Collective. Every rank
     /// returns the same error, naming each damaged file, when any file failed.
-    pub fn settle(mut self, ctl: &mut crate::comm::ControlPlane) -> Result<(), CheckpointError> {
+    pub fn settle(mut self, ctl: &mut ControlPlane) -> Result<(), CheckpointError> {
         let mine: Vec<String> = match self.worker.take().map(|w| w.join()) {
             Some(Ok(p)) => p,
             Some(Err(_)) => vec![format!("{}: the sha256 thread failed", self.dir.display())],
@@ -929,41 +942,40 @@ impl ResumeHashes {
     }
 }
 
-/// Restores the engine's partitions, optimizer and loss-scaler state from a tag, whatever world
-/// size and stage it was saved with. Collective: every rank calls it.
-pub fn load(engine: &mut crate::zero::Engine, tag_dir: &Path) -> Result<Manifest, CheckpointError> {
+/// Reads partition `part` of `layout` (the resuming engine's: `ZeroState::layout` and
+/// `partition`) with its optimizer and loss-scaler state from a tag, whatever world size and
+/// stage the tag was saved with, onto `device`. `heartbeat` runs between the large reads (a
+/// rank that reads for long still tells the others it is alive).
+pub fn load(
+    tag_dir: &Path,
+    layout: &FlatLayout,
+    part: usize,
+    device: Device,
+    heartbeat: &mut dyn FnMut(),
+) -> Result<(Manifest, PartitionState), CheckpointError> {
     let reader = PartitionReader::open(tag_dir)?;
     let m = &reader.manifest;
-    let ours: Vec<(&str, &[usize])> =
-        engine.layout.params.iter().map(|p| (p.name.as_str(), p.shape.as_slice())).collect();
+    let ours: Vec<(&str, &[usize])> = layout.params.iter().map(|p| (p.name.as_str(), p.shape.as_slice())).collect();
     let theirs: Vec<(&str, &[usize])> = m.layout.params.iter().map(|p| (p.name.as_str(), p.shape.as_slice())).collect();
     if ours.len() != theirs.len() || ours.iter().any(|o| !theirs.contains(o)) {
         return Err(invalid(tag_dir, "the checkpoint's parameters differ from this model's (names or shapes)"));
     }
-    let pr = if engine.layout.parts > 1 { engine.comm.rank() } else { 0 };
-    reader.fill_partition("master", &engine.layout, pr, &engine.master)?;
-    engine.comm.heartbeat();
-    let m1 = engine.master.zeros_like();
-    let v1 = engine.master.zeros_like();
-    reader.fill_partition("exp_avg", &engine.layout, pr, &m1)?;
-    engine.comm.heartbeat();
-    reader.fill_partition("exp_avg_sq", &engine.layout, pr, &v1)?;
-    engine.comm.heartbeat();
-    let step = m
+    let mut read = |tensor: &str| {
+        let t = reader.read_partition(tensor, layout, part, device);
+        heartbeat();
+        t
+    };
+    let (master, exp_avg, exp_avg_sq) = (read("master")?, read("exp_avg")?, read("exp_avg_sq")?);
+    let optimizer_step = m
         .optimizer
         .get("step")
         .and_then(|s| s.as_u64())
         .ok_or_else(|| invalid(tag_dir, "manifest optimizer.step missing"))?;
-    engine.opt.load_state(&m1, &v1, step).map_err(|e| invalid(tag_dir, format!("optimizer state: {e}")))?;
-    if let Some(s) = &mut engine.scaler {
-        if !m.loss_scaler.is_null() {
-            let st = serde_json::from_value(m.loss_scaler.clone())
-                .map_err(|e| invalid(tag_dir, format!("loss_scaler: {e}")))?;
-            s.load_state(st).map_err(|e| invalid(tag_dir, format!("loss_scaler: {e}")))?;
-        }
-    }
-    engine.publish_weights().map_err(|e| invalid(tag_dir, format!("publishing weights: {e}")))?;
-    Ok(reader.manifest)
+    let scaler = match &m.loss_scaler {
+        serde_json::Value::Null => None,
+        v => Some(serde_json::from_value(v.clone()).map_err(|e| invalid(tag_dir, format!("loss_scaler: {e}")))?),
+    };
+    Ok((reader.manifest, PartitionState { master, exp_avg, exp_avg_sq, optimizer_step, scaler }))
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 use tch::{Device, Kind, Tensor};
 use zerokit::convert::{self, OutDtype};
-use zerokit::model::Gpt;
+use zerokit::interop::hf;
 
 const VOCAB: u16 = 96;
 
@@ -247,7 +247,7 @@ fn tokens() -> Tensor {
 }
 
 fn zerokit_logits(dir: &Path, idx: &Tensor) -> Tensor {
-    let (model, _) = Gpt::load_hf(dir, Device::Cpu, Kind::Float).unwrap();
+    let (model, _) = hf::load_gpt2(dir, Device::Cpu, Kind::Float).unwrap();
     tch::no_grad(|| model.forward(idx))
 }
 

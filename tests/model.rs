@@ -8,8 +8,8 @@ use common::transformers_logits;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
-use zerokit::interop::hf::HfError;
-use zerokit::model::{vjp, Gpt, GptConfig, ModelError, PRESETS};
+use zerokit::interop::hf::{self, HfError};
+use zerokit::model::{vjp, Gpt, GptConfig, Model, ModelError, PRESETS};
 
 fn fixture_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gpt2")
@@ -44,18 +44,15 @@ fn small_cfg() -> GptConfig {
 
 /// A model whose every parameter is far from its init, so biases and LayerNorms matter.
 fn perturbed_model(cfg: &GptConfig, kind: Kind, seed: u64) -> Gpt {
-    let mut model = Gpt::new(cfg, Device::Cpu, kind, seed).unwrap();
+    let model = Gpt::new(cfg, Device::Cpu, kind, seed).unwrap();
     tch::manual_seed(seed as i64);
-    let noisy: Vec<(String, Tensor)> = model
-        .state_dict()
-        .into_iter()
-        .map(|(n, t)| {
+    tch::no_grad(|| {
+        for (_, mut t) in model.named_parameters() {
             let noise = Tensor::randn(t.size(), (Kind::Float, Device::Cpu)) * 0.1;
             let v = t.to_kind(Kind::Float) * 5.0 + noise;
-            (n, v)
-        })
-        .collect();
-    model.load_named(&noisy).unwrap();
+            t.copy_(&v);
+        }
+    });
     model
 }
 
@@ -66,7 +63,7 @@ fn tokens(b: i64, t: i64, vocab: i64, seed: i64) -> Tensor {
 
 #[test]
 fn logits_and_loss_match_transformers_fp32() {
-    let (model, cfg) = Gpt::load_hf(&fixture_model(), Device::Cpu, Kind::Float).unwrap();
+    let (model, cfg) = hf::load_gpt2(&fixture_model(), Device::Cpu, Kind::Float).unwrap();
     assert_eq!(cfg, small_cfg());
     let batch = batch();
     let logits = tch::no_grad(|| model.forward(&batch["tokens"]));
@@ -89,7 +86,7 @@ fn half_and_bf16_track_the_fp32_reference() {
     // bf16 keeps 8 bits of mantissa, fp16 11: relative errors of about 1e-2 and 1e-3 after
     // three layers (measured 1.1e-2 and 1.0e-3); the bounds leave a factor of 3 to 4.
     for (kind, tol) in [(Kind::Half, 0.004), (Kind::BFloat16, 0.04)] {
-        let (model, _) = Gpt::load_hf(&fixture_model(), Device::Cpu, kind).unwrap();
+        let (model, _) = hf::load_gpt2(&fixture_model(), Device::Cpu, kind).unwrap();
         assert!(model.named_parameters().iter().all(|(_, p)| p.kind() == kind));
         let logits = tch::no_grad(|| model.forward(&batch["tokens"]));
         assert_eq!(logits.kind(), kind);
@@ -110,7 +107,7 @@ fn saved_models_load_into_transformers_with_the_same_logits() {
     let cfg = GptConfig { n_layer: 2, n_head: 2, n_embd: 16, block_size: 24, vocab_size: 50 };
     let model = perturbed_model(&cfg, Kind::Float, 11);
     let dir = tmp.path().join("fp32");
-    model.save_hf(&dir, false).unwrap();
+    hf::save_gpt2(&model, &dir, false).unwrap();
     let idx = tokens(3, 24, 50, 5);
     let ours = tch::no_grad(|| model.forward(&idx));
     let theirs = transformers_logits(&dir, &idx);
@@ -121,8 +118,8 @@ fn saved_models_load_into_transformers_with_the_same_logits() {
     // bf16 storage: transformers reads the same values zerokit reads back.
     let model = perturbed_model(&cfg, Kind::BFloat16, 12);
     let dir = tmp.path().join("bf16");
-    model.save_hf(&dir, false).unwrap();
-    let (back, _) = Gpt::load_hf(&dir, Device::Cpu, Kind::Float).unwrap();
+    hf::save_gpt2(&model, &dir, false).unwrap();
+    let (back, _) = hf::load_gpt2(&dir, Device::Cpu, Kind::Float).unwrap();
     let ours = tch::no_grad(|| back.forward(&idx));
     let theirs = transformers_logits(&dir, &idx);
     let d = max_abs_diff(&ours, &theirs);
@@ -136,25 +133,25 @@ fn save_then_load_is_exact_in_every_kind() {
     for kind in [Kind::Float, Kind::Half, Kind::BFloat16] {
         let model = perturbed_model(&cfg, kind, 3);
         let dir = tmp.path().join(format!("{kind:?}"));
-        model.save_hf(&dir, false).unwrap();
+        hf::save_gpt2(&model, &dir, false).unwrap();
         let names: Vec<String> = read_st(&dir.join("model.safetensors")).into_keys().collect();
         assert_eq!(names.len(), 2 + 12 * cfg.n_layer + 2, "lm_head must not be stored");
-        let (back, back_cfg) = Gpt::load_hf(&dir, Device::Cpu, kind).unwrap();
+        let (back, back_cfg) = hf::load_gpt2(&dir, Device::Cpu, kind).unwrap();
         assert_eq!(back_cfg, cfg);
         for ((n, a), (m, b)) in model.named_parameters().iter().zip(back.named_parameters()) {
             assert_eq!(n, &m);
             assert_eq!(b.kind(), kind);
             assert!(a.equal(&b), "{kind:?} {n} changed in the round trip");
         }
-        assert_eq!(GptConfig::from_hf_config(&dir).unwrap(), cfg);
+        assert_eq!(hf::read_config(&dir).unwrap(), cfg);
     }
     // An existing directory is replaced only with force.
     let model = perturbed_model(&cfg, Kind::Float, 4);
     let dir = tmp.path().join("Float");
-    let err = model.save_hf(&dir, false).unwrap_err().to_string();
+    let err = hf::save_gpt2(&model, &dir, false).unwrap_err().to_string();
     assert!(err.contains("already exists"), "{err}");
-    model.save_hf(&dir, true).unwrap();
-    let (back, _) = Gpt::load_hf(&dir, Device::Cpu, Kind::Float).unwrap();
+    hf::save_gpt2(&model, &dir, true).unwrap();
+    let (back, _) = hf::load_gpt2(&dir, Device::Cpu, Kind::Float).unwrap();
     assert!(back.named_parameters()[5].1.equal(&model.named_parameters()[5].1));
 }
 
@@ -175,8 +172,8 @@ fn reference_logits() -> Tensor {
     batch().remove("logits").unwrap()
 }
 
-fn logits_of(dir: &Path) -> Result<Tensor, ModelError> {
-    let (model, _) = Gpt::load_hf(dir, Device::Cpu, Kind::Float)?;
+fn logits_of(dir: &Path) -> Result<Tensor, HfError> {
+    let (model, _) = hf::load_gpt2(dir, Device::Cpu, Kind::Float)?;
     Ok(tch::no_grad(|| model.forward(&batch()["tokens"])))
 }
 
@@ -206,7 +203,7 @@ fn old_key_style_mask_buffers_and_a_tied_lm_head_are_accepted() {
     v[last].1 = &wte + 1e-3;
     write_variant(&dir, &v);
     let err = logits_of(&dir).unwrap_err();
-    assert!(matches!(err, ModelError::Hf(HfError::Untied { .. })), "{err}");
+    assert!(matches!(err, HfError::Untied { .. }), "{err}");
     assert!(err.to_string().contains("model.safetensors"), "{err}");
 }
 
@@ -331,9 +328,9 @@ fn bad_config_json_is_refused_with_the_reason() {
     let dir = tmp.path().join("garbage");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("config.json"), "{ not json").unwrap();
-    let err = GptConfig::from_hf_config(&dir).unwrap_err().to_string();
+    let err = hf::read_config(&dir).unwrap_err().to_string();
     assert!(err.contains("bad config.json"), "{err}");
-    let err = GptConfig::from_hf_config(&tmp.path().join("nowhere")).unwrap_err().to_string();
+    let err = hf::read_config(&tmp.path().join("nowhere")).unwrap_err().to_string();
     assert!(err.contains("nowhere"), "{err}");
 }
 
@@ -352,10 +349,10 @@ fn presets_have_the_published_parameter_counts() {
     assert_eq!(PRESETS.len(), 4);
     assert!(matches!(GptConfig::preset("gpt3"), Err(ModelError::UnknownPreset(_))));
     let cfg = GptConfig::preset("gpt2-medium").unwrap();
-    let json = cfg.to_hf_config_json(Kind::BFloat16);
+    let json = hf::config_json(&cfg, Kind::BFloat16);
     let tmp = tempfile::tempdir().unwrap();
     std::fs::write(tmp.path().join("config.json"), &json).unwrap();
-    assert_eq!(GptConfig::from_hf_config(tmp.path()).unwrap(), cfg);
+    assert_eq!(hf::read_config(tmp.path()).unwrap(), cfg);
     assert!(json.contains("\"dtype\": \"bfloat16\""));
 }
 
@@ -378,7 +375,7 @@ fn named_parameters_are_canonical_and_repointable() {
     assert_eq!(named[1].0, "transformer.wpe.weight");
     assert_eq!(named[2].0, "transformer.h.0.ln_1.weight");
     assert_eq!(named.last().unwrap().0, "transformer.ln_f.bias");
-    assert_eq!(model.block_parameter_names(1), named[14..26].iter().map(|(n, _)| n.clone()).collect::<Vec<_>>());
+    assert_eq!(model.block_parameters(1), named[14..26].iter().map(|(n, _)| n.clone()).collect::<Vec<_>>());
 
     // What ZeRO does: copy every parameter into one flat buffer and re-point it there.
     let idx = tokens(2, 16, 1000, 9);
@@ -438,7 +435,7 @@ fn split_forward_and_blockwise_backward_give_the_plain_gradients() {
             None => g,
         });
     };
-    let head_names = model.head_parameter_names();
+    let head_names = model.head_parameters();
     let mut wrt: Vec<&Tensor> = vec![inputs.last().unwrap()];
     wrt.extend(head_names.iter().map(|n| &params[index[n]].1));
     let grads = Tensor::run_backward(&[&loss], &wrt, false, false);
@@ -447,7 +444,7 @@ fn split_forward_and_blockwise_backward_give_the_plain_gradients() {
         add(n, g.shallow_clone());
     }
     for i in (0..cfg.n_layer).rev() {
-        let names = model.block_parameter_names(i);
+        let names = model.block_parameters(i);
         let mut wrt: Vec<&Tensor> = vec![&inputs[i]];
         wrt.extend(names.iter().map(|n| &params[index[n]].1));
         let grads = vjp(&outputs[i], &grad_x, &wrt, false);
@@ -456,7 +453,7 @@ fn split_forward_and_blockwise_backward_give_the_plain_gradients() {
             add(n, g.shallow_clone());
         }
     }
-    let names = model.embed_parameter_names();
+    let names = model.embed_parameters();
     let wrt: Vec<&Tensor> = names.iter().map(|n| &params[index[n]].1).collect();
     for (n, g) in names.iter().zip(vjp(&x0, &grad_x, &wrt, false)) {
         add(n, g);
@@ -574,7 +571,7 @@ fn cuda_matches_the_reference_when_present() {
     let reference = &batch["logits"];
     let scale = reference.abs().max().double_value(&[]);
     for (kind, tol) in [(Kind::Float, 1e-4), (Kind::Half, 0.004), (Kind::BFloat16, 0.04)] {
-        let (model, _) = Gpt::load_hf(&fixture_model(), cuda, kind).unwrap();
+        let (model, _) = hf::load_gpt2(&fixture_model(), cuda, kind).unwrap();
         let logits = tch::no_grad(|| model.forward(&batch["tokens"].to_device(cuda)));
         assert_eq!(logits.device(), cuda);
         let d = max_abs_diff(&logits.to_device(Device::Cpu), reference);
@@ -621,8 +618,10 @@ fn chunked_head_backward_matches_one_pass() {
         assert!(err <= 1e-5 * size.max(1e-12), "{what}: max difference {err:e} against max {size:e}");
     };
     close(&chunked.loss, &loss, "loss");
-    close(&chunked.ln_f_weight, &plain[0], "ln_f.weight");
-    close(&chunked.ln_f_bias, &plain[1], "ln_f.bias");
-    close(&chunked.wte, &plain[2], "wte");
+    let names: Vec<&str> = chunked.params.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["transformer.ln_f.weight", "transformer.ln_f.bias", "transformer.wte.weight"]);
+    close(&chunked.params[0].1, &plain[0], "ln_f.weight");
+    close(&chunked.params[1].1, &plain[1], "ln_f.bias");
+    close(&chunked.params[2].1, &plain[2], "wte");
     close(&chunked.input, &plain[3], "input");
 }

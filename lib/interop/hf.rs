@@ -5,7 +5,8 @@
 //! stored `lm_head.weight` equal to wte are accepted on the way in.
 
 use crate::fsutil::{self, AtomicDir, FsError};
-use crate::model::{GptConfig, ParamSpec, LAYER_NORM_EPS, WTE};
+use crate::model::gpt2::{check_kind, Gpt, GptConfig, ModelError, ParamSpec, LAYER_NORM_EPS, WTE};
+use crate::model::Model;
 use memmap2::Mmap;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView, View};
 use serde_json::{json, Value};
@@ -47,6 +48,8 @@ pub enum HfError {
     Untied { path: PathBuf },
     #[error("{path}: libtorch: {source}")]
     Torch { path: PathBuf, source: TchError },
+    #[error(transparent)]
+    Model(#[from] ModelError),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> HfError + '_ {
@@ -460,4 +463,23 @@ pub fn save(dir: &Path, cfg: &GptConfig, kind: Kind, tensors: &[(String, Tensor)
     out.commit()?;
     tracing::info!("saved {} tensors ({total} bytes) to {}", tensors.len(), dir.display());
     Ok(())
+}
+
+/// Loads a Hugging Face GPT-2 directory (config.json with model.safetensors or a sharded
+/// model.safetensors.index.json) into a model of `kind` on `device`.
+pub fn load_gpt2(path: &Path, device: Device, kind: Kind) -> Result<(Gpt, GptConfig), HfError> {
+    check_kind(kind)?;
+    let cfg = read_config(path)?;
+    cfg.validate().map_err(|e| HfError::Config { path: path.join(CONFIG_FILE), msg: e.to_string() })?;
+    let named = load_tensors(path, &cfg.param_specs(), device, kind)?;
+    let model = Gpt::from_named(&cfg, device, kind, named)?;
+    Ok((model, cfg))
+}
+
+/// Writes `model` as a GPT2LMHeadModel directory (config.json + model.safetensors, parameters
+/// in the model's kind, the tied lm_head stored once as transformer.wte.weight), atomically; an
+/// existing `dir` is replaced only with `force`.
+pub fn save_gpt2(model: &Gpt, dir: &Path, force: bool) -> Result<(), HfError> {
+    let tensors: Vec<(String, Tensor)> = model.named_parameters().into_iter().map(|(n, t)| (n, t.detach())).collect();
+    save(dir, model.config(), model.kind(), &tensors, force)
 }

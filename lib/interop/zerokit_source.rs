@@ -144,7 +144,7 @@ impl ShardedSource for ZerokitSource {
     }
 
     fn hf_config(&self, dtype: DType) -> Option<serde_json::Value> {
-        let text = self.cfg.to_hf_config_json(kind_of(dtype));
+        let text = crate::interop::hf::config_json(&self.cfg, kind_of(dtype));
         Some(serde_json::from_str(&text).expect("config_json writes valid JSON"))
     }
 

@@ -10,9 +10,10 @@
 
 use super::layout::FlatLayout;
 use crate::comm::{Collectives, CommError};
-use crate::model::{vjp, Gpt};
+use crate::model::{vjp, Model};
 use crate::optim::{clip_coef, local_grad_norm_sq, AdamW, AdamWConfig, OptimError, Segment};
-use crate::scaler::{LossScaler, ScalerConfig, ScalerError, StepDecision};
+use crate::scaler::{LossScaler, ScalerConfig, ScalerError, ScalerState, StepDecision};
+use std::collections::HashMap;
 use tch::{Device, Kind, Tensor};
 
 #[derive(Debug, thiserror::Error)]
@@ -67,61 +68,145 @@ struct Pending {
     from_accum: bool,
 }
 
-pub struct Engine {
-    pub model: Gpt,
+/// This rank's training state, as a checkpoint stores it and gives it back.
+pub struct ZeroState {
+    pub stage: u8,
+    pub world: usize,
+    /// The compute dtype of the model's weights.
+    pub kind: Kind,
     pub layout: FlatLayout,
-    pub cfg: EngineConfig,
-    pub comm: Box<dyn Collectives>,
+    /// Which partition of `layout` this rank holds.
+    pub partition: usize,
+    /// This rank is the one that saves `partition`: with stage 0 every rank holds the same
+    /// partition, and rank 0 alone writes it.
+    pub saves: bool,
+    /// fp32 master weights, Adam's moments (this rank's partition) and Adam's step count.
+    pub master: Tensor,
+    pub exp_avg: Tensor,
+    pub exp_avg_sq: Tensor,
+    pub optimizer_step: u64,
+    pub adamw: AdamWConfig,
+    /// The dynamic loss scaler's state (fp16 only).
+    pub scaler: Option<ScalerState>,
+}
+
+/// The partition state a checkpoint gives back to [`Engine::load_state`]: this rank's partition
+/// of the engine's layout (`ZeroState::layout`, `partition`), fp32, on any device.
+pub struct PartitionState {
+    pub master: Tensor,
+    pub exp_avg: Tensor,
+    pub exp_avg_sq: Tensor,
+    pub optimizer_step: u64,
+    pub scaler: Option<ScalerState>,
+}
+
+pub struct Engine<M: Model> {
+    pub model: M,
+    layout: FlatLayout,
+    cfg: EngineConfig,
+    comm: Box<dyn Collectives>,
     /// All parameters in the compute dtype, padded; the model's tensors are views into it.
     model_flat: Tensor,
     /// This rank's partition of the fp32 master weights.
-    pub master: Tensor,
+    master: Tensor,
     /// This rank's partition of the fp32 gradient, summed over micro-steps and ranks.
     grad: Tensor,
     /// Full-size gradient accumulation buffer (stages 0 and 1 with accumulation only).
     accum: Option<Tensor>,
     /// Phase timings (ZEROKIT_PROFILE=1).
     pub profile: Option<super::profile::PhaseTimer>,
-    pub opt: AdamW,
-    pub scaler: Option<LossScaler>,
+    opt: AdamW,
+    scaler: Option<LossScaler>,
     handles: Vec<Tensor>,
+    /// Slots of the parameters the head, each block and the embedding use.
+    head_slots: Vec<usize>,
+    block_slots: Vec<Vec<usize>>,
+    embed_slots: Vec<usize>,
+    /// Buckets completed by each backward unit: 0 the head, 1 + j the j-th block from the last,
+    /// n_blocks + 1 the embedding.
+    ready_after: Vec<Vec<usize>>,
     micro: usize,
     loss_sum: Tensor,
     pending: Option<Pending>,
     slot_grads: Vec<Option<Tensor>>,
 }
 
-/// Which bucket a GPT-2 parameter belongs to: buckets follow gradient readiness, so ln_f goes
-/// with the last block, block i with bucket n_layer-1-i, the (tied) embeddings last.
-fn bucket_of(name: &str, n_layer: usize) -> Result<usize, String> {
-    if name.starts_with("transformer.ln_f.") {
-        return Ok(0);
-    }
-    if let Some(rest) = name.strip_prefix("transformer.h.") {
-        let i: usize = rest.split('.').next().and_then(|s| s.parse().ok()).ok_or(format!("bad name {name}"))?;
-        return Ok(n_layer - 1 - i);
-    }
-    if name == "transformer.wte.weight" || name == "transformer.wpe.weight" {
-        return Ok(n_layer);
-    }
-    Err(format!("parameter {name} has no bucket"))
+/// Where each parameter goes and when its bucket is complete, from what the model declares:
+/// the slots of every block's and the embedding's parameters, and the buckets each backward
+/// unit completes (see `Engine::ready_after`). A bucket is complete after the last unit that
+/// uses one of its parameters; buckets must complete in their order, so that reductions are
+/// issued in layout order on every rank.
+struct Plan {
+    bucket_of: Vec<usize>,
+    head_slots: Vec<usize>,
+    block_slots: Vec<Vec<usize>>,
+    embed_slots: Vec<usize>,
+    ready_after: Vec<Vec<usize>>,
 }
 
-impl Engine {
+fn plan<M: Model>(model: &M, names: &[String]) -> Result<Plan, String> {
+    let slot: HashMap<&str, usize> = names.iter().enumerate().map(|(i, n)| (n.as_str(), i)).collect();
+    let slots = |list: Vec<String>| -> Result<Vec<usize>, String> {
+        list.iter()
+            .map(|n| slot.get(n.as_str()).copied().ok_or(format!("the model names {n}, not a parameter")))
+            .collect()
+    };
+    let n = model.n_blocks();
+    // Backward units: 0 the head, 1 + j block n-1-j, n + 1 the embedding.
+    let mut last_unit = vec![None::<usize>; names.len()];
+    let mut uses = |unit: usize, list: &[usize]| list.iter().for_each(|&s| last_unit[s] = Some(unit));
+    let head_slots = slots(model.head_parameters())?;
+    uses(0, &head_slots);
+    let block_slots = (0..n).map(|i| slots(model.block_parameters(i))).collect::<Result<Vec<_>, _>>()?;
+    for i in (0..n).rev() {
+        uses(n - i, &block_slots[i]);
+    }
+    let embed_slots = slots(model.embed_parameters())?;
+    uses(n + 1, &embed_slots);
+    let mut bucket_of = vec![None::<usize>; names.len()];
+    let mut ready_after = vec![Vec::new(); n + 2];
+    let mut prev = 0;
+    for (b, list) in model.buckets().into_iter().enumerate() {
+        let members = slots(list)?;
+        let Some(unit) = members.iter().map(|&s| last_unit[s]).max() else {
+            return Err(format!("bucket {b} holds no parameters"));
+        };
+        let unit = unit.ok_or(format!("bucket {b} holds a parameter no piece of the model uses"))?;
+        if unit < prev {
+            return Err(format!(
+                "bucket {b} is complete before bucket {}: buckets must be in gradient-ready order",
+                b - 1
+            ));
+        }
+        prev = unit;
+        ready_after[unit].push(b);
+        for s in members {
+            if bucket_of[s].replace(b).is_some() {
+                return Err(format!("parameter {} is in two buckets", names[s]));
+            }
+        }
+    }
+    let bucket_of = bucket_of
+        .into_iter()
+        .enumerate()
+        .map(|(s, b)| b.ok_or(format!("parameter {} is in no bucket", names[s])))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Plan { bucket_of, head_slots, block_slots, embed_slots, ready_after })
+}
+
+impl<M: Model> Engine<M> {
     /// Takes a model built (or loaded) in fp32, on the host or on `cfg.device`; every rank must
     /// pass identical weights. Moves it to `cfg.device` in the compute dtype, its tensors viewing
     /// one flat buffer.
-    pub fn new(mut model: Gpt, cfg: EngineConfig, comm: Box<dyn Collectives>) -> Result<Self, ZeroError> {
-        let n_layer = model.config().n_layer;
+    pub fn new(mut model: M, cfg: EngineConfig, comm: Box<dyn Collectives>) -> Result<Self, ZeroError> {
         let named = model.named_parameters();
-        let specs = named
+        let names: Vec<String> = named.iter().map(|(n, _)| n.clone()).collect();
+        let plan = plan(&model, &names).map_err(ZeroError::Layout)?;
+        let specs: Vec<(String, Vec<usize>, usize)> = named
             .iter()
-            .map(|(n, t)| {
-                let shape = t.size().iter().map(|&d| d as usize).collect();
-                bucket_of(n, n_layer).map(|b| (n.clone(), shape, b))
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(ZeroError::Layout)?;
+            .zip(&plan.bucket_of)
+            .map(|((n, t), &b)| (n.clone(), t.size().iter().map(|&d| d as usize).collect(), b))
+            .collect();
         let parts = if cfg.stage == 0 { 1 } else { comm.world() };
         let layout = FlatLayout::new(&specs, parts).map_err(ZeroError::Layout)?;
         let part_rank = if parts == 1 { 0 } else { comm.rank() };
@@ -130,7 +215,8 @@ impl Engine {
         // The fp32 flat copy is assembled where the model was built (train builds it on the host):
         // built on the GPU, its per-parameter blocks would stay in libtorch's cache after the
         // conversion, GiBs that nvidia-smi counts and that only an out-of-memory retry returns.
-        let flat32 = Tensor::zeros([layout.total as i64], (Kind::Float, model.device()));
+        let built_on = named.first().map_or(cfg.device, |(_, t)| t.device());
+        let flat32 = Tensor::zeros([layout.total as i64], (Kind::Float, built_on));
         for (i, (_, t)) in named.iter().enumerate() {
             let off = layout.flat_offset(i) as i64;
             flat32.narrow(0, off, t.numel() as i64).copy_(&t.detach().to_kind(Kind::Float).view(-1));
@@ -175,6 +261,10 @@ impl Engine {
             opt,
             scaler,
             handles,
+            head_slots: plan.head_slots,
+            block_slots: plan.block_slots,
+            embed_slots: plan.embed_slots,
+            ready_after: plan.ready_after,
             micro: 0,
             loss_sum: Tensor::zeros([], opts),
             pending: None,
@@ -182,6 +272,8 @@ impl Engine {
         })
     }
 
+    /// The stage rule: stages 1 and 2 partition over the ranks, stage 0 gives every rank the one
+    /// partition 0.
     fn part_rank(&self) -> usize {
         if self.layout.parts == 1 {
             0
@@ -190,13 +282,50 @@ impl Engine {
         }
     }
 
-    fn slot(&self, name: &str) -> usize {
-        self.layout.params.iter().position(|p| p.name == name).expect("model parameter is in the layout")
+    /// This rank's partition is its own: no other rank holds the same one, or this is the rank
+    /// that stands for all of them (rank 0 at stage 0).
+    fn owns_partition(&self) -> bool {
+        self.layout.parts > 1 || self.comm.rank() == 0
+    }
+
+    pub fn layout(&self) -> &FlatLayout {
+        &self.layout
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    pub fn comm(&mut self) -> &mut dyn Collectives {
+        self.comm.as_mut()
+    }
+
+    /// The current loss scale (1 without fp16's loss scaling).
+    pub fn loss_scale(&self) -> Option<f64> {
+        self.scaler.as_ref().map(LossScaler::scale)
+    }
+
+    /// Records a gradient of parameter `slot`; a parameter used by several pieces of the model
+    /// (a tied embedding) sums them.
+    fn add_grad(&mut self, slot: usize, g: Tensor) {
+        let sum = match self.slot_grads[slot].take() {
+            Some(prev) => prev + g,
+            None => g,
+        };
+        self.slot_grads[slot] = Some(sum);
+    }
+
+    /// Backward unit `unit` is done: start the reduction of the buckets it completed.
+    fn unit_done(&mut self, unit: usize) -> Result<(), ZeroError> {
+        for b in self.ready_after[unit].clone() {
+            self.bucket_ready(b)?;
+        }
+        Ok(())
     }
 
     /// One micro-step: forward and backward of a micro-batch `x` -> `y` ([B, T] token ids).
     pub fn forward_backward(&mut self, x: &Tensor, y: &Tensor) -> Result<(), ZeroError> {
-        let n_layer = self.model.config().n_layer;
+        let n = self.model.n_blocks();
         let scale = self.scaler.as_ref().map_or(1.0, |s| s.scale());
         let ckpt = self.cfg.activation_checkpointing;
 
@@ -205,8 +334,8 @@ impl Engine {
         // Forward, cut at block boundaries so backward can run (and recompute) block by block.
         let x0 = self.model.embed(x);
         let mut h = x0.detach();
-        let mut saved: Vec<(Tensor, Option<Tensor>)> = Vec::with_capacity(n_layer);
-        for i in 0..n_layer {
+        let mut saved: Vec<(Tensor, Option<Tensor>)> = Vec::with_capacity(n);
+        for i in 0..n {
             if ckpt {
                 let out = tch::no_grad(|| self.model.block(i, &h));
                 saved.push((h, None));
@@ -219,22 +348,19 @@ impl Engine {
             }
         }
         self.mark("forward");
-        // Head and loss, forward and backward in chunks: ln_f and the lm_head side of the tied wte.
         let head = self.model.head_backward(&h, y, scale)?;
         self.mark("head and loss");
         self.loss_sum += head.loss;
-        let (lnf_w, lnf_b, wte) = (
-            self.slot("transformer.ln_f.weight"),
-            self.slot("transformer.ln_f.bias"),
-            self.slot("transformer.wte.weight"),
-        );
+        // The head gives its gradients in the order of head_parameters.
+        for (s, (name, g)) in self.head_slots.clone().into_iter().zip(head.params) {
+            debug_assert_eq!(self.layout.params[s].name, name);
+            self.add_grad(s, g);
+        }
+        self.unit_done(0)?;
         let mut grad_h = head.input;
-        let wte_head = head.wte;
-        self.slot_grads[lnf_b] = Some(head.ln_f_bias);
-        self.slot_grads[lnf_w] = Some(head.ln_f_weight);
 
-        // Blocks, last first: each finished block completes a bucket.
-        for i in (0..n_layer).rev() {
+        // Blocks, last first: each finished block may complete buckets.
+        for i in (0..n).rev() {
             let (leaf, out) = saved.pop().expect("one saved input per block");
             let (leaf, out) = match out {
                 Some(out) => (leaf, out),
@@ -244,29 +370,27 @@ impl Engine {
                     (leaf, out)
                 }
             };
-            let b = n_layer - 1 - i;
-            let block_slots: Vec<usize> = self.layout.buckets[b]
-                .params
-                .iter()
-                .copied()
-                .filter(|&s| self.layout.params[s].name.starts_with("transformer.h."))
-                .collect();
+            let block_slots = self.block_slots[i].clone();
             let mut inputs: Vec<&Tensor> = block_slots.iter().map(|&s| &self.handles[s]).collect();
             inputs.push(&leaf);
             let mut g = vjp(&out, &grad_h, &inputs, false);
             grad_h = g.pop().expect("grad of block input");
             for (s, gr) in block_slots.into_iter().zip(g) {
-                self.slot_grads[s] = Some(gr);
+                self.add_grad(s, gr);
             }
-            self.bucket_ready(b)?;
+            self.unit_done(n - i)?;
         }
 
-        // Embeddings: wte collects both of its gradients.
-        let wpe = self.slot("transformer.wpe.weight");
-        let mut g = vjp(&x0, &grad_h, &[&self.handles[wte], &self.handles[wpe]], false);
-        self.slot_grads[wpe] = g.pop();
-        self.slot_grads[wte] = Some(g.pop().expect("grad of wte") + wte_head);
-        self.bucket_ready(n_layer)?;
+        // The embedding.
+        let embed_slots = self.embed_slots.clone();
+        if !embed_slots.is_empty() {
+            let inputs: Vec<&Tensor> = embed_slots.iter().map(|&s| &self.handles[s]).collect();
+            let g = vjp(&x0, &grad_h, &inputs, false);
+            for (s, gr) in embed_slots.into_iter().zip(g) {
+                self.add_grad(s, gr);
+            }
+        }
+        self.unit_done(n + 1)?;
         self.flush_pending()?;
         self.mark("backward and reduction");
         self.micro += 1;
@@ -357,7 +481,7 @@ impl Engine {
         // One host round trip per step carries the squared norm (non-finite exactly when some
         // gradient is inf/nan, so it doubles as the overflow check) and the loss. With stage 0
         // every rank holds the same full gradient: only rank 0 contributes it.
-        let contributes = self.layout.parts > 1 || self.comm.rank() == 0;
+        let contributes = self.owns_partition();
         let local =
             Tensor::stack(&[local_grad_norm_sq(&self.grad)?, self.loss_sum.to_kind(Kind::Double) / micro as f64], 0)
                 .to_device(Device::Cpu);
@@ -400,7 +524,7 @@ impl Engine {
     }
 
     /// Copies the updated master partition into the model's flat buffer and all-gathers it.
-    pub fn publish_weights(&mut self) -> Result<(), ZeroError> {
+    fn publish_weights(&mut self) -> Result<(), ZeroError> {
         let pr = self.part_rank();
         for b in &self.layout.buckets {
             let mut dst = self.model_flat.narrow(0, (b.flat_offset + pr * b.shard) as i64, b.shard as i64);
@@ -418,6 +542,44 @@ impl Engine {
 
     /// Loss of `x` -> `y` on this rank, without gradients.
     pub fn eval_loss(&self, x: &Tensor, y: &Tensor) -> f64 {
-        tch::no_grad(|| Gpt::loss(&self.model.forward(x), y).double_value(&[]))
+        self.model.eval_loss(x, y).double_value(&[])
+    }
+
+    /// This rank's state for a checkpoint (shallow handles: no copy).
+    pub fn state(&self) -> ZeroState {
+        let (exp_avg, exp_avg_sq, optimizer_step) = self.opt.state();
+        ZeroState {
+            stage: self.cfg.stage,
+            world: self.comm.world(),
+            kind: self.cfg.kind,
+            layout: self.layout.clone(),
+            partition: self.part_rank(),
+            saves: self.owns_partition(),
+            master: self.master.shallow_clone(),
+            exp_avg: exp_avg.shallow_clone(),
+            exp_avg_sq: exp_avg_sq.shallow_clone(),
+            optimizer_step,
+            adamw: self.cfg.adamw,
+            scaler: self.scaler.as_ref().map(|s| s.state().clone()),
+        }
+    }
+
+    /// Restores this rank's partition (read for `state().layout` and `state().partition`) and
+    /// publishes the weights to the model. Collective at stages 1 and 2 (the all-gather).
+    pub fn load_state(&mut self, st: PartitionState) -> Result<(), ZeroError> {
+        if st.master.size() != self.master.size() || st.master.kind() != Kind::Float {
+            return Err(ZeroError::Layout(format!(
+                "master weights of {:?} {:?} for a partition of [{}] Float",
+                st.master.kind(),
+                st.master.size(),
+                self.layout.partition
+            )));
+        }
+        tch::no_grad(|| self.master.f_copy_(&st.master))?;
+        self.opt.load_state(&st.exp_avg, &st.exp_avg_sq, st.optimizer_step)?;
+        if let (Some(s), Some(state)) = (&mut self.scaler, st.scaler) {
+            s.load_state(state)?;
+        }
+        self.publish_weights()
     }
 }

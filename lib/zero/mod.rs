@@ -5,5 +5,5 @@ mod engine;
 pub mod layout;
 pub mod profile;
 
-pub use engine::{Engine, EngineConfig, StepStats, ZeroError};
+pub use engine::{Engine, EngineConfig, PartitionState, StepStats, ZeroError, ZeroState};
 pub use layout::FlatLayout;

@@ -9,10 +9,9 @@
 //! flat ZeRO buffer through the handles of `named_parameters` and runs the model piecewise
 //! (`embed`, `block`, `head`) to overlap gradient reduction with backward.
 
-use crate::interop::hf::{self, HfError};
+use super::{HeadGrads, Model};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::path::Path;
 use tch::{Device, Kind, Reduction, TchError, Tensor};
 
 /// LayerNorm epsilon of every GPT-2 checkpoint.
@@ -56,8 +55,6 @@ pub enum ModelError {
     Params(String),
     #[error("bad generate input: {0}")]
     Generate(String),
-    #[error(transparent)]
-    Hf(#[from] HfError),
     #[error("libtorch: {0}")]
     Torch(#[from] TchError),
 }
@@ -156,16 +153,6 @@ impl GptConfig {
         let (c, v, t, l) = (self.n_embd, self.vocab_size, self.block_size, self.n_layer);
         let block = 2 * 2 * c + (c * 3 * c + 3 * c) + (c * c + c) + (c * 4 * c + 4 * c) + (4 * c * c + c);
         v * c + t * c + l * block + 2 * c
-    }
-
-    /// Reads a Hugging Face GPT-2 config.json (or the one inside a model directory).
-    pub fn from_hf_config(path: &Path) -> Result<GptConfig, ModelError> {
-        Ok(hf::read_config(path)?)
-    }
-
-    /// A GPT2LMHeadModel config.json for this shape, parameters stored as `kind`.
-    pub fn to_hf_config_json(&self, kind: Kind) -> String {
-        hf::config_json(self, kind)
     }
 }
 
@@ -339,8 +326,9 @@ impl Gpt {
         Gpt::from_named(cfg, device, kind, named)
     }
 
-    /// Builds the model from tensors that are already of the right kind, device and shape.
-    fn from_named(
+    /// Builds the model from tensors that are already of the right kind, device and shape
+    /// (interop::hf loads them from a Hugging Face directory).
+    pub fn from_named(
         cfg: &GptConfig,
         device: Device,
         kind: Kind,
@@ -394,105 +382,9 @@ impl Gpt {
         self.kind
     }
 
-    /// Records where the parameters live after their data were replaced in place (the ZeRO
-    /// engine points them into its flat buffers, possibly on another device and kind).
-    pub fn set_placement(&mut self, device: Device, kind: Kind) {
-        self.device = device;
-        self.kind = kind;
-    }
-
     /// Name, shape and weight-decay flag of every parameter, in canonical order.
     pub fn param_specs(&self) -> Vec<ParamSpec> {
         self.cfg.param_specs()
-    }
-
-    /// Shallow handles to every parameter in canonical order. A handle shares the parameter's
-    /// TensorImpl: `set_data` on it re-points the model's own parameter (how ZeRO moves
-    /// parameters into its flat buffer), and its `grad()` is the parameter's gradient.
-    pub fn named_parameters(&self) -> Vec<(String, Tensor)> {
-        let mut out = Vec::with_capacity(2 + 12 * self.cfg.n_layer + 2);
-        out.push((WTE.to_string(), self.wte.shallow_clone()));
-        out.push((WPE.to_string(), self.wpe.shallow_clone()));
-        for (i, block) in self.h.iter().enumerate() {
-            for (suffix, t) in BLOCK_PARAMS.iter().zip(block.tensors()) {
-                out.push((block_param_name(i, suffix), t.shallow_clone()));
-            }
-        }
-        out.push((LN_F_WEIGHT.to_string(), self.ln_f.weight.shallow_clone()));
-        out.push((LN_F_BIAS.to_string(), self.ln_f.bias.shallow_clone()));
-        out
-    }
-
-    /// The parameters as detached tensors (no autograd history, same storage), for saving.
-    pub fn state_dict(&self) -> Vec<(String, Tensor)> {
-        self.named_parameters().into_iter().map(|(n, t)| (n, t.detach())).collect()
-    }
-
-    /// Names of the parameters block `i` uses.
-    pub fn block_parameter_names(&self, i: usize) -> Vec<String> {
-        assert!(i < self.cfg.n_layer, "block {i} of a {}-layer model", self.cfg.n_layer);
-        BLOCK_PARAMS.iter().map(|s| block_param_name(i, s)).collect()
-    }
-
-    /// Names of the parameters `embed` uses.
-    pub fn embed_parameter_names(&self) -> Vec<String> {
-        vec![WTE.to_string(), WPE.to_string()]
-    }
-
-    /// Names of the parameters `head` uses. wte is shared with `embed`: its gradient is complete
-    /// only after the backward of both.
-    pub fn head_parameter_names(&self) -> Vec<String> {
-        vec![LN_F_WEIGHT.to_string(), LN_F_BIAS.to_string(), WTE.to_string()]
-    }
-
-    /// Copies values into the parameters (converting kind and device), in place so that handles
-    /// and flat-buffer views stay valid. The names must be exactly the model's, shapes equal.
-    pub fn load_named(&mut self, tensors: &[(String, Tensor)]) -> Result<(), ModelError> {
-        let specs = self.cfg.param_specs();
-        let given: HashMap<&str, &Tensor> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-        if given.len() != tensors.len() {
-            return Err(ModelError::Params("a parameter name is given twice".into()));
-        }
-        for spec in &specs {
-            match given.get(spec.name.as_str()) {
-                None => return Err(ModelError::Params(format!("missing {}", spec.name))),
-                Some(t) if t.size() != spec.shape => {
-                    return Err(ModelError::Params(format!(
-                        "{} has shape {:?}, expected {:?}",
-                        spec.name,
-                        t.size(),
-                        spec.shape
-                    )))
-                }
-                Some(_) => {}
-            }
-        }
-        if given.len() != specs.len() {
-            let known: std::collections::HashSet<&str> = specs.iter().map(|s| s.name.as_str()).collect();
-            let extra = given.keys().find(|n| !known.contains(*n)).expect("more names than specs");
-            return Err(ModelError::Params(format!("unexpected {extra}")));
-        }
-        tch::no_grad(|| -> Result<(), ModelError> {
-            for (name, mut p) in self.named_parameters() {
-                p.f_copy_(given[name.as_str()])?;
-            }
-            Ok(())
-        })
-    }
-
-    /// Token plus position embeddings: idx [B, T] (Int64, T <= block_size) to [B, T, C].
-    pub fn embed(&self, idx: &Tensor) -> Tensor {
-        let t = idx.size()[1];
-        assert!(t as usize <= self.cfg.block_size, "sequence length {t} exceeds block_size {}", self.cfg.block_size);
-        let pos = Tensor::arange(t, (Kind::Int64, idx.device()));
-        let tok_emb = Tensor::embedding(&self.wte, idx, -1, false, false);
-        let pos_emb = Tensor::embedding(&self.wpe, &pos, -1, false, false);
-        tok_emb + pos_emb
-    }
-
-    /// Transformer block `i` on the residual stream x [B, T, C].
-    pub fn block(&self, i: usize, x: &Tensor) -> Tensor {
-        self.h[i].forward(x, self.cfg.n_head as i64)
     }
 
     /// Final LayerNorm and the logits through the tied embedding: [B, T, C] to [B, T, V].
@@ -519,24 +411,6 @@ impl Gpt {
             -1,
             0.0,
         )
-    }
-
-    /// Loads a Hugging Face GPT-2 directory (config.json with model.safetensors or a sharded
-    /// model.safetensors.index.json) into a model of `kind` on `device`.
-    pub fn load_hf(path: &Path, device: Device, kind: Kind) -> Result<(Gpt, GptConfig), ModelError> {
-        check_kind(kind)?;
-        let cfg = hf::read_config(path)?;
-        cfg.validate().map_err(|e| HfError::Config { path: path.join("config.json"), msg: e.to_string() })?;
-        let named = hf::load_tensors(path, &cfg.param_specs(), device, kind)?;
-        let model = Gpt::from_named(&cfg, device, kind, named)?;
-        Ok((model, cfg))
-    }
-
-    /// Writes a GPT2LMHeadModel directory (config.json + model.safetensors, parameters in the
-    /// model's kind, the tied lm_head stored once as transformer.wte.weight), atomically; an
-    /// existing `dir` is replaced only with `force`.
-    pub fn save_hf(&self, dir: &Path, force: bool) -> Result<(), ModelError> {
-        Ok(hf::save(dir, &self.cfg, self.kind, &self.state_dict(), force)?)
     }
 
     /// nanoGPT's sampling: `max_new_tokens` times, crop the context to block_size, take the last
@@ -600,20 +474,12 @@ impl Gpt {
     }
 }
 
-fn check_kind(kind: Kind) -> Result<(), ModelError> {
+/// The parameter kinds GPT-2 runs in.
+pub fn check_kind(kind: Kind) -> Result<(), ModelError> {
     match kind {
         Kind::Float | Kind::Half | Kind::BFloat16 => Ok(()),
         k => Err(ModelError::Kind(k)),
     }
-}
-
-/// Backward of `y` seeded with the gradient `grad_y` (a vector-Jacobian product), returning the
-/// gradients of `inputs` without accumulating them into `.grad`. This is the block-by-block
-/// backward of the split forward: tch's run_backward seeds with ones, so the seed is folded in as
-/// sum(y * grad_y), whose gradient with respect to y is exactly grad_y.
-pub fn vjp(y: &Tensor, grad_y: &Tensor, inputs: &[&Tensor], keep_graph: bool) -> Vec<Tensor> {
-    let seeded = (y * grad_y.detach()).sum(Kind::Float);
-    Tensor::run_backward(&[seeded], inputs, keep_graph, false)
 }
 
 /// Tokens per chunk of the head's backward: the [tokens, V] logits, their fp32 copy and their
@@ -622,23 +488,73 @@ pub fn vjp(y: &Tensor, grad_y: &Tensor, inputs: &[&Tensor], keep_graph: bool) ->
 /// large enough to run at full speed.
 pub const HEAD_CHUNK_TOKENS: usize = 2048;
 
-/// The head's loss and its gradients, from `Gpt::head_backward`.
-pub struct HeadGrads {
-    /// Mean cross-entropy (fp32 scalar, unscaled).
-    pub loss: Tensor,
-    /// Gradients of `loss * scale`.
-    pub ln_f_weight: Tensor,
-    pub ln_f_bias: Tensor,
-    pub wte: Tensor,
-    pub input: Tensor,
-}
+impl Model for Gpt {
+    /// Shallow handles to every parameter in canonical order. A handle shares the parameter's
+    /// TensorImpl: `set_data` on it re-points the model's own parameter (how ZeRO moves
+    /// parameters into its flat buffer), and its `grad()` is the parameter's gradient.
+    fn named_parameters(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::with_capacity(2 + 12 * self.cfg.n_layer + 2);
+        out.push((WTE.to_string(), self.wte.shallow_clone()));
+        out.push((WPE.to_string(), self.wpe.shallow_clone()));
+        for (i, block) in self.h.iter().enumerate() {
+            for (suffix, t) in BLOCK_PARAMS.iter().zip(block.tensors()) {
+                out.push((block_param_name(i, suffix), t.shallow_clone()));
+            }
+        }
+        out.push((LN_F_WEIGHT.to_string(), self.ln_f.weight.shallow_clone()));
+        out.push((LN_F_BIAS.to_string(), self.ln_f.bias.shallow_clone()));
+        out
+    }
 
-impl Gpt {
+    /// The last block's bucket also takes ln_f (ready after the head, tiny on its own), block i
+    /// is bucket n_layer-1-i, and the embeddings come last: wte's gradient is complete only
+    /// after the embedding's backward adds to the head's.
+    fn buckets(&self) -> Vec<Vec<String>> {
+        let l = self.cfg.n_layer;
+        let mut buckets: Vec<Vec<String>> = (0..l).rev().map(|i| self.block_parameters(i)).collect();
+        buckets[0].extend([LN_F_WEIGHT.to_string(), LN_F_BIAS.to_string()]);
+        buckets.push(self.embed_parameters());
+        buckets
+    }
+
+    fn n_blocks(&self) -> usize {
+        self.cfg.n_layer
+    }
+
+    fn embed_parameters(&self) -> Vec<String> {
+        vec![WTE.to_string(), WPE.to_string()]
+    }
+
+    fn block_parameters(&self, i: usize) -> Vec<String> {
+        assert!(i < self.cfg.n_layer, "block {i} of a {}-layer model", self.cfg.n_layer);
+        BLOCK_PARAMS.iter().map(|s| block_param_name(i, s)).collect()
+    }
+
+    /// ln_f and the lm_head, which is wte (tied).
+    fn head_parameters(&self) -> Vec<String> {
+        vec![LN_F_WEIGHT.to_string(), LN_F_BIAS.to_string(), WTE.to_string()]
+    }
+
+    /// Token plus position embeddings: idx [B, T] (Int64, T <= block_size) to [B, T, C].
+    fn embed(&self, idx: &Tensor) -> Tensor {
+        let t = idx.size()[1];
+        assert!(t as usize <= self.cfg.block_size, "sequence length {t} exceeds block_size {}", self.cfg.block_size);
+        let pos = Tensor::arange(t, (Kind::Int64, idx.device()));
+        let tok_emb = Tensor::embedding(&self.wte, idx, -1, false, false);
+        let pos_emb = Tensor::embedding(&self.wpe, &pos, -1, false, false);
+        tok_emb + pos_emb
+    }
+
+    /// Transformer block `i` on the residual stream x [B, T, C].
+    fn block(&self, i: usize, x: &Tensor) -> Tensor {
+        self.h[i].forward(x, self.cfg.n_head as i64)
+    }
+
     /// Forward and backward of the head (ln_f, the tied lm_head and the mean cross-entropy over
     /// targets != -1) on the last block's output `x` [B, T, C], in chunks of whole sequences of
     /// about `HEAD_CHUNK_TOKENS` tokens. Gives the same loss and gradients as one pass, without
     /// ever holding the whole [B, T, V] logits.
-    pub fn head_backward(&self, x: &Tensor, targets: &Tensor, scale: f64) -> Result<HeadGrads, TchError> {
+    fn head_backward(&self, x: &Tensor, targets: &Tensor, scale: f64) -> Result<HeadGrads, TchError> {
         let (b, t) = (x.size()[0], x.size()[1]);
         let per = ((HEAD_CHUNK_TOKENS as i64) / t.max(1)).clamp(1, b.max(1));
         // The mean's denominator over the whole micro-batch, kept on the device (no host sync).
@@ -675,8 +591,19 @@ impl Gpt {
             loss += part.detach();
             start += n;
         }
-        let [ln_f_weight, ln_f_bias, wte] = grads.expect("a micro-batch has at least one sequence");
-        Ok(HeadGrads { loss, ln_f_weight, ln_f_bias, wte, input: Tensor::f_cat(&inputs, 0)? })
+        let params = self.head_parameters().into_iter().zip(grads.expect("a micro-batch has at least one sequence"));
+        Ok(HeadGrads { loss, input: Tensor::f_cat(&inputs, 0)?, params: params.collect() })
+    }
+
+    fn eval_loss(&self, idx: &Tensor, targets: &Tensor) -> Tensor {
+        tch::no_grad(|| Gpt::loss(&self.forward(idx), targets))
+    }
+
+    /// Records where the parameters live after their data were replaced in place (the ZeRO
+    /// engine points them into its flat buffers, possibly on another device and kind).
+    fn set_placement(&mut self, device: Device, kind: Kind) {
+        self.device = device;
+        self.kind = kind;
     }
 }
 

@@ -1,0 +1,322 @@
+//! What the training loop calls: batches, evaluation, checkpoints, logging and the end of a run.
+
+use super::setup::Run;
+use super::{TrainError, TrainState};
+use crate::checkpoint::{self, Manifest, ModelFiles, SaveInfo};
+use crate::interop::hf;
+use crate::model::Model;
+use crate::zero::StepStats;
+use std::io::Write;
+use std::ops::ControlFlow;
+use std::path::Path;
+use std::time::Instant;
+use tch::Tensor;
+use tracing::info;
+
+/// Peak dense fp16/bf16 tensor throughput of an H100/H200 SXM, the MFU denominator nanoGPT and
+/// llm.c use for these GPUs.
+const PEAK_FLOPS: f64 = 989e12;
+
+/// Salt that separates the training-split batches used for evaluation from training batches.
+const EVAL_SALT: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// Evaluated losses by step, (train, val).
+pub(super) type Evals = (Vec<(f64, f64)>, Vec<(f64, f64)>);
+
+/// Where the batches stand in a checkpoint (`data` in its manifest).
+#[derive(serde::Serialize)]
+struct DataPosition {
+    seed: u64,
+    next_step: u64,
+    batch_size: usize,
+    gradient_accumulation_steps: usize,
+}
+
+/// The evaluation a checkpoint was saved at and the state early stopping needs (`metrics` in
+/// its manifest). Checkpoints of earlier versions may lack the later fields.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavedMetrics {
+    #[serde(default)]
+    train_loss: Option<f64>,
+    #[serde(default)]
+    val_loss: Option<f64>,
+    #[serde(default)]
+    best_val_loss: Option<f64>,
+    #[serde(default)]
+    best_tag: Option<String>,
+    #[serde(default)]
+    stale_evals: u64,
+}
+
+/// Where training stood at the checkpoint `m`.
+pub(super) fn resumed_state(m: &Manifest) -> Result<TrainState, String> {
+    let saved: SavedMetrics = serde_json::from_value(m.metrics.clone()).map_err(|e| format!("metrics: {e}"))?;
+    Ok(TrainState {
+        step: m.step,
+        tokens_seen: m.tokens_seen,
+        best_val_loss: saved.best_val_loss,
+        best_tag: saved.best_tag,
+        stale_evals: saved.stale_evals,
+    })
+}
+
+impl Run {
+    /// x and y of micro-step `micro` of the current step on this rank. Row g of the global
+    /// batch is drawn from its own stream (seed, g, step), so the global batch does not depend
+    /// on how it is split into ranks and micro-batches, and resuming recomputes it exactly.
+    pub fn train_batch(&self, micro: usize) -> Result<(Tensor, Tensor), TrainError> {
+        let (b, t) = (self.cfg.batch_size, self.cfg.block_size);
+        let (mut xs, mut ys) = (Vec::with_capacity(b * t), Vec::with_capacity(b * t));
+        for row in 0..b {
+            let g = (micro * self.world + self.rank) * b + row;
+            let (x, y) = self.train.random_batch(self.cfg.seed, g, self.state.step, 1, t)?;
+            xs.extend(x);
+            ys.extend(y);
+        }
+        Ok((self.tensor(&xs), self.tensor(&ys)))
+    }
+
+    /// A [batch_size, block_size] batch of token ids on the device.
+    fn tensor(&self, ids: &[i64]) -> Tensor {
+        Tensor::from_slice(ids).view([self.cfg.batch_size as i64, self.cfg.block_size as i64]).to_device(self.device)
+    }
+
+    /// Whether this step is evaluated: every eval_interval and at the end (eval_iters = 0 turns
+    /// evaluation and checkpointing off, for benchmarks); a resumed run's first step was
+    /// evaluated (and saved) by the run it continues.
+    pub fn eval_due(&self) -> bool {
+        let step = self.state.step;
+        let resumed_here = self.resumed_from.is_some() && step == self.start;
+        self.cfg.eval_iters > 0 && !resumed_here && (step % self.cfg.eval_interval == 0 || step == self.cfg.max_iters)
+    }
+
+    /// Mean loss over eval_iters batches of each split, averaged over ranks.
+    fn evaluate(&mut self) -> Result<(f64, f64), TrainError> {
+        let (b, t) = (self.cfg.batch_size, self.cfg.block_size);
+        let mut sums = [0.0f64; 2];
+        for k in 0..self.cfg.eval_iters {
+            let index = k * self.world as u64 + self.rank as u64;
+            let batches = [
+                self.train.random_batch(self.cfg.seed ^ EVAL_SALT, self.rank, k, b, t)?,
+                self.val.sequential_batch(index, b, t)?,
+            ];
+            for (i, (x, y)) in batches.into_iter().enumerate() {
+                sums[i] += self.engine.eval_loss(&self.tensor(&x), &self.tensor(&y));
+            }
+            self.engine.comm().heartbeat();
+        }
+        self.engine.comm().all_reduce_scalars(&mut sums)?;
+        let n = (self.cfg.eval_iters.max(1) * self.world as u64) as f64;
+        Ok((sums[0] / n, sums[1] / n))
+    }
+
+    /// Evaluates, records and plots the losses, saves a checkpoint when the validation loss
+    /// improved (or always_save_checkpoint), and says whether to stop early (patience).
+    pub fn evaluate_and_save(&mut self, lr: f64) -> Result<ControlFlow<()>, TrainError> {
+        let (tl, vl) = self.evaluate()?;
+        let step = self.state.step;
+        info!("step {step}: train loss {tl:.4}, val loss {vl:.4}");
+        if self.rank == 0 {
+            append_jsonl(&self.metrics_path, serde_json::json!({"step": step, "train_loss": tl, "val_loss": vl}))?;
+            self.evals.0.push((step as f64, tl));
+            self.evals.1.push((step as f64, vl));
+            write_plot(&self.cfg.out_dir, &self.evals);
+        }
+        let improved = vl < self.state.best_val_loss.unwrap_or(f64::INFINITY);
+        if improved {
+            self.state.best_val_loss = Some(vl);
+            self.state.stale_evals = 0;
+        } else {
+            self.state.stale_evals += 1;
+        }
+        if step > self.start && (improved || self.cfg.always_save_checkpoint) {
+            if improved {
+                self.state.best_tag = Some(checkpoint::tag_name(step));
+            }
+            self.save(lr, tl, vl)?;
+        }
+        self.interval_start = Instant::now();
+        if self.cfg.patience > 0 && self.state.stale_evals >= self.cfg.patience {
+            info!("early stop: val loss has not improved for {} evaluations", self.state.stale_evals);
+            return Ok(ControlFlow::Break(()));
+        }
+        Ok(ControlFlow::Continue(()))
+    }
+
+    /// Saves a checkpoint of the current step (collective).
+    fn save(&mut self, lr: f64, train_loss: f64, val_loss: f64) -> Result<(), TrainError> {
+        let (cfg, st) = (&self.cfg, &self.state);
+        let info = SaveInfo {
+            step: st.step,
+            tokens_seen: st.tokens_seen,
+            model_config: serde_json::to_value(self.model_cfg).expect("config serializes"),
+            config: serde_json::to_value(cfg).expect("config serializes"),
+            lr,
+            data: serde_json::to_value(DataPosition {
+                seed: cfg.seed,
+                next_step: st.step,
+                batch_size: cfg.batch_size,
+                gradient_accumulation_steps: cfg.gradient_accumulation_steps,
+            })
+            .expect("position serializes"),
+            metrics: serde_json::to_value(SavedMetrics {
+                train_loss: Some(train_loss),
+                val_loss: Some(val_loss),
+                best_val_loss: st.best_val_loss,
+                best_tag: st.best_tag.clone(),
+                stale_evals: st.stale_evals,
+            })
+            .expect("metrics serialize"),
+            keep_last: cfg.keep_last,
+            best: st.best_tag.clone(),
+        };
+        self.settle()?;
+        let state = self.engine.state();
+        let model = (self.rank == 0).then(|| ModelFiles {
+            tensors: self.engine.model.named_parameters(),
+            hf_config: hf::config_json(&self.model_cfg, state.kind),
+        });
+        let dir = checkpoint::save(self.engine.comm(), &state, model.as_ref(), &self.cfg.out_dir, &info)?;
+        info!("saved checkpoint {}", dir.display());
+        Ok(())
+    }
+
+    /// Waits for the background hashes of the checkpoint the run resumed from, if not done yet
+    /// (collective): before the first save, which may replace or retire what was resumed from.
+    fn settle(&mut self) -> Result<(), TrainError> {
+        if let Some(h) = self.hashes.take() {
+            h.settle(self.engine.comm().control())?;
+            info!("the checkpoint resumed from matches its manifest's sha256");
+        }
+        Ok(())
+    }
+
+    /// Logs a step that just finished: its phase timings when profiling, and every
+    /// log_interval steps and every skipped step its loss, speed and memory.
+    pub fn log_step(&mut self, st: &StepStats, lr: f64) -> Result<(), TrainError> {
+        let step = self.state.step;
+        if let Some(p) = &mut self.engine.profile {
+            info!("step {step}: {}", p.take());
+        }
+        exit_hook(self.rank, step);
+        self.progress.inc(1);
+        if step % self.cfg.log_interval != 0 && !st.skipped {
+            return Ok(());
+        }
+        let dt =
+            self.interval_start.elapsed().as_secs_f64() / (step - self.start).min(self.cfg.log_interval).max(1) as f64;
+        let tok_s = self.tokens_per_step as f64 / dt;
+        let cuda = self.device.is_cuda();
+        let mfu = if cuda { 100.0 * tok_s / self.world as f64 * self.flops_per_token / PEAK_FLOPS } else { 0.0 };
+        // Only fp16 scales its loss; in fp32 and bf16 a skipped step means the gradient itself
+        // was NaN or Inf.
+        let skipped = match (st.skipped, self.engine.loss_scale()) {
+            (false, _) => String::new(),
+            (true, Some(s)) => format!(" (step skipped: overflow, loss scale now {s})"),
+            (true, None) => " (step skipped: non-finite gradient)".to_string(),
+        };
+        let mem_gib =
+            if cuda { crate::device::gpu_memory_used() } else { None }.map(|b| b as f64 / (1u64 << 30) as f64);
+        let mfu_txt = match mem_gib {
+            Some(g) => format!(", mfu {mfu:.1}%, mem {g:.1} GiB"),
+            None if cuda => format!(", mfu {mfu:.1}%"),
+            None => String::new(),
+        };
+        info!(
+            "iter {step}: loss {:.4}, time {:.1}ms, {:.0} tokens/s{mfu_txt}, lr {lr:.3e}, norm {:.3}{skipped}",
+            st.loss,
+            dt * 1e3,
+            tok_s,
+            st.grad_norm
+        );
+        self.progress.set_message(format!("loss {:.4}", st.loss));
+        if self.rank == 0 {
+            append_jsonl(
+                &self.metrics_path,
+                serde_json::json!({"step": step, "loss": st.loss, "lr": lr, "time_ms": dt * 1e3, "tokens_per_s": tok_s, "mfu": mfu, "grad_norm": st.grad_norm, "loss_scale": st.loss_scale, "skipped": st.skipped, "gpu_mem_gib": mem_gib}),
+            )?;
+        }
+        self.interval_start = Instant::now();
+        Ok(())
+    }
+
+    /// The end of a run: the resumed checkpoint's hashes settled (a run that never saved still
+    /// says whether what it resumed from was intact), every rank done, and rank 0's sample.
+    pub fn finish(mut self) -> Result<(), TrainError> {
+        self.progress.finish_and_clear();
+        self.settle()?;
+        self.engine.comm().barrier()?;
+        if self.rank == 0 && self.cfg.sample_tokens > 0 {
+            let c = &self.cfg;
+            let text = super::sample::text(
+                &self.engine.model,
+                &c.sample_prompt,
+                c.sample_tokens,
+                c.sample_temperature,
+                c.sample_top_k,
+                c.seed,
+            )?;
+            info!("sample:\n{text}");
+        }
+        Ok(())
+    }
+}
+
+/// Appends one JSON line. The line goes out in one write: formatted straight into the file, a
+/// value is many small writes, and a run killed between two of them leaves half a line that the
+/// next run's first line would be glued to (and lost with). A line left unfinished anyway (a
+/// crash of an older zerokit) is ended first.
+pub(super) fn append_jsonl(path: &Path, v: serde_json::Value) -> Result<(), TrainError> {
+    use std::os::unix::fs::FileExt;
+    let io = |e| crate::fsutil::FsError::io(path, e);
+    let mut f = std::fs::OpenOptions::new().create(true).read(true).append(true).open(path).map_err(io)?;
+    let len = f.metadata().map_err(io)?.len();
+    let mut last = [b'\n'];
+    if len > 0 {
+        f.read_exact_at(&mut last, len - 1).map_err(io)?;
+    }
+    let line = format!("{}{v}\n", if last[0] == b'\n' { "" } else { "\n" });
+    f.write_all(line.as_bytes()).map_err(io)?;
+    Ok(())
+}
+
+/// The evaluations (train, val) that metrics.jsonl holds up to `upto`, for the plot of a resumed run.
+pub(super) fn earlier_evals(path: &Path, upto: u64) -> Evals {
+    let mut evals = (Vec::new(), Vec::new());
+    for v in std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+    {
+        if let (Some(s), Some(t), Some(vl)) = (v["step"].as_u64(), v["train_loss"].as_f64(), v["val_loss"].as_f64()) {
+            if s <= upto {
+                evals.0.push((s as f64, t));
+                evals.1.push((s as f64, vl));
+            }
+        }
+    }
+    evals
+}
+
+/// Test hook: ZEROKIT_TEST_EXIT=RANK:STEP makes that rank exit with status 3 after that step,
+/// as a crashed rank would (CI checks that the job then ends with a message naming it).
+fn exit_hook(rank: usize, step: u64) {
+    if let Ok(v) = std::env::var("ZEROKIT_TEST_EXIT") {
+        if v.split_once(':').and_then(|(r, s)| Some((r.parse::<usize>().ok()?, s.parse::<u64>().ok()?)))
+            == Some((rank, step))
+        {
+            std::process::exit(3);
+        }
+    }
+}
+
+fn write_plot(out_dir: &Path, evals: &Evals) {
+    use crate::plot::{write_loss_plot, Series};
+    let series = [
+        Series { label: "train".into(), color: [31, 119, 180], points: evals.0.clone() },
+        Series { label: "val".into(), color: [255, 127, 14], points: evals.1.clone() },
+    ];
+    if let Err(e) = write_loss_plot(&out_dir.join("loss.png"), "loss", &series, 800, 500) {
+        tracing::warn!("loss plot not written: {e}");
+    }
+}

@@ -1,0 +1,351 @@
+//! Everything before the first step: ranks and the control plane, the run lock, logging,
+//! recovery of what a crash left, device and dtype, the model, the engine, and the state a
+//! resumed run continues from.
+
+use super::{TrainError, TrainState};
+use crate::checkpoint::{self, Manifest, ResumeHashes};
+use crate::comm::{Collectives, ControlPlane, CpuComm, Rendezvous};
+use crate::config::TrainConfig;
+use crate::data::dataset::TokenDataset;
+use crate::interop::hf;
+use crate::lock::RunLock;
+use crate::model::{Gpt, GptConfig};
+use crate::optim::{AdamWConfig, LrSchedule};
+use crate::scaler::ScalerConfig;
+use crate::zero::{Engine, EngineConfig};
+use indicatif::ProgressBar;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tch::{Device, Kind, Tensor};
+use tracing::info;
+
+/// A training run on this rank: what the loop in [`super::fit`] works with.
+pub(super) struct Run {
+    pub cfg: TrainConfig,
+    pub rank: usize,
+    pub world: usize,
+    pub device: Device,
+    pub engine: Engine<Gpt>,
+    pub model_cfg: GptConfig,
+    pub state: TrainState,
+    /// The step this process started at (the resumed checkpoint's, or 0).
+    pub start: u64,
+    /// The checkpoint this run resumed from.
+    pub resumed_from: Option<PathBuf>,
+    /// The sha256 check of that checkpoint, running beside training until settled.
+    pub hashes: Option<ResumeHashes>,
+    pub train: TokenDataset,
+    pub val: TokenDataset,
+    pub schedule: LrSchedule,
+    pub tokens_per_step: u64,
+    pub flops_per_token: f64,
+    pub metrics_path: PathBuf,
+    /// Evaluated losses by step, (train, val), for the plot.
+    pub evals: super::run::Evals,
+    pub progress: ProgressBar,
+    /// When the current logging interval started.
+    pub interval_start: Instant,
+    /// Held by rank 0 for the whole run.
+    _lock: Option<RunLock>,
+}
+
+impl Run {
+    pub fn start(mut cfg: TrainConfig) -> Result<Run, TrainError> {
+        let rdv = Rendezvous::from_env(Duration::from_secs(cfg.comm_timeout))?;
+        cfg.resolve_batch(rdv.world)?;
+        let (rank, world) = (rdv.rank, rdv.world);
+        let mut ctl = if world == 1 { ControlPlane::single() } else { ControlPlane::connect(&rdv)? };
+        let lock = take_out_dir(&cfg, &mut ctl)?;
+        crate::logging::init(rank, Some(&cfg.out_dir.join("logs").join(format!("rank{rank:03}.log"))))
+            .map_err(|e| TrainError::Other(format!("{}: cannot open the log file: {e}", cfg.out_dir.display())))?;
+        recover(&cfg, &mut ctl)?;
+        let (device, kind) = resolve_device(&cfg, rdv.local_rank)?;
+        if device.is_cuda() && world > 1 {
+            crate::comm::nccl::use_torch_nccl()?;
+        }
+        tch::manual_seed(cfg.seed as i64);
+        let context_bytes = context_memory(device);
+        info!("zerokit train: {world} rank(s), device {device:?}, dtype {kind:?}, ZeRO stage {}", cfg.zero_stage);
+        if device == Device::Cpu {
+            // Every rank's file says it; the launcher divides the cores among local ranks.
+            tracing::debug!("intra-op threads: {}", tch::get_num_threads());
+            if kind == Kind::Half {
+                tracing::warn!(
+                    "fp16 on CPU is slow (CPUs have no fast fp16 matmuls): bf16 or fp32 is what CPU runs want"
+                );
+            }
+        }
+
+        let resume = resume_point(&cfg)?;
+        let model = initial_model(&cfg, resume.as_ref())?;
+        let model_cfg = *model.config();
+        if cfg.block_size > model_cfg.block_size {
+            let from = resume.as_ref().map_or(cfg.init_from.clone(), |(d, _)| d.display().to_string());
+            return Err(TrainError::Other(format!(
+                "block_size {} is larger than the model's {} positions ({from}): set block_size to at most {}",
+                cfg.block_size, model_cfg.block_size, model_cfg.block_size
+            )));
+        }
+        // The configuration as in effect, printed and saved: a preset's or a loaded model's shape,
+        // not the custom-model defaults it replaced.
+        (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.vocab_size) =
+            (model_cfg.n_layer, model_cfg.n_head, model_cfg.n_embd, model_cfg.vocab_size);
+        info!("resolved configuration:\n{}", cfg.to_toml());
+        let n_params = model_cfg.num_params();
+        info!(
+            "model: {} layers, {} heads, {} embd, block {}, vocab {}: {:.2}M parameters",
+            model_cfg.n_layer,
+            model_cfg.n_head,
+            model_cfg.n_embd,
+            model_cfg.block_size,
+            model_cfg.vocab_size,
+            n_params as f64 / 1e6
+        );
+
+        let comm = collectives(ctl, device)?;
+        let mut engine = Engine::new(model, engine_config(&cfg, device, kind), comm)?;
+        let mut state = TrainState { step: 0, tokens_seen: 0, best_val_loss: None, best_tag: None, stale_evals: 0 };
+        let mut hashes = None;
+        if let Some((dir, _)) = &resume {
+            let (resumed, h) = resume_engine(&mut engine, dir, rank)?;
+            state = resumed;
+            hashes = Some(h);
+        }
+
+        let train = TokenDataset::open(&cfg.dataset, "train", model_cfg.vocab_size)?;
+        let val = TokenDataset::open(&cfg.dataset, "val", model_cfg.vocab_size)?;
+        let start = state.step;
+        let metrics_path = cfg.out_dir.join("metrics.jsonl");
+        // The plot continues the curve of the run being resumed.
+        let evals = if resume.is_some() { super::run::earlier_evals(&metrics_path, start) } else { Default::default() };
+        let progress = crate::logging::progress_bar(
+            cfg.max_iters - start.min(cfg.max_iters),
+            "{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}",
+        );
+        if let (Some(b), 0) = (context_bytes, rank) {
+            let gib = b as f64 / (1u64 << 30) as f64;
+            info!("GPU memory in use before the model: {gib:.2} GiB (CUDA context)");
+            super::run::append_jsonl(&metrics_path, serde_json::json!({"step": start, "gpu_context_gib": gib}))?;
+        }
+        Ok(Run {
+            schedule: cfg.lr_schedule(),
+            tokens_per_step: (cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps * world) as u64,
+            flops_per_token: 6.0 * n_params as f64
+                + 12.0 * (model_cfg.n_layer * model_cfg.n_embd * model_cfg.block_size) as f64,
+            cfg,
+            rank,
+            world,
+            device,
+            engine,
+            model_cfg,
+            state,
+            start,
+            resumed_from: resume.map(|(d, _)| d),
+            hashes,
+            train,
+            val,
+            metrics_path,
+            evals,
+            progress,
+            interval_start: Instant::now(),
+            _lock: lock,
+        })
+    }
+}
+
+/// Resolves device and dtype names for this rank.
+pub fn resolve_device(cfg: &TrainConfig, local_rank: usize) -> Result<(Device, Kind), TrainError> {
+    // A rank sees either its one GPU (zerokit's launcher, Slurm) or all of the node's (torchrun).
+    let gpu = || if tch::Cuda::device_count() == 1 { 0 } else { local_rank };
+    let device = match cfg.device.as_str() {
+        "auto" if crate::device::load_cuda() => Device::Cuda(gpu()),
+        "cuda" if crate::device::load_cuda() => Device::Cuda(gpu()),
+        spec => crate::device::parse_device(spec).map_err(TrainError::Other)?,
+    };
+    let kind = match (cfg.dtype.as_str(), device) {
+        ("fp32", _) | ("auto", Device::Cpu) => Kind::Float,
+        ("bf16", _) | ("auto", _) => Kind::BFloat16,
+        ("fp16", _) => Kind::Half,
+        (d, _) => return Err(TrainError::Other(format!("unknown dtype {d}"))),
+    };
+    Ok((device, kind))
+}
+
+/// The model shape the configuration asks for: a preset, or `custom` with its own sizes.
+pub fn model_config(cfg: &TrainConfig) -> Result<GptConfig, TrainError> {
+    let mut m = if cfg.model == "custom" {
+        GptConfig {
+            n_layer: cfg.n_layer,
+            n_head: cfg.n_head,
+            n_embd: cfg.n_embd,
+            block_size: cfg.block_size,
+            vocab_size: cfg.vocab_size,
+        }
+    } else {
+        GptConfig::preset(&cfg.model)?
+    };
+    m.block_size = cfg.block_size;
+    m.vocab_size = cfg.vocab_size;
+    Ok(m)
+}
+
+/// The engine's settings: the configuration's optimizer, loss scaling and ZeRO sections, on
+/// the resolved device and dtype.
+fn engine_config(cfg: &TrainConfig, device: Device, kind: Kind) -> EngineConfig {
+    EngineConfig {
+        stage: cfg.zero_stage,
+        grad_accum: cfg.gradient_accumulation_steps,
+        grad_clip: cfg.grad_clip,
+        activation_checkpointing: cfg.activation_checkpointing,
+        kind,
+        device,
+        adamw: AdamWConfig {
+            lr: cfg.learning_rate,
+            betas: (cfg.beta1, cfg.beta2),
+            eps: cfg.eps,
+            weight_decay: cfg.weight_decay,
+        },
+        scaler: ScalerConfig {
+            loss_scale: cfg.loss_scale,
+            initial_scale_power: cfg.initial_scale_power,
+            loss_scale_window: cfg.loss_scale_window,
+            hysteresis: cfg.hysteresis,
+            consecutive_hysteresis: cfg.consecutive_hysteresis,
+            min_loss_scale: cfg.min_loss_scale,
+            // Training keeps going at the minimum scale, skipping overflowing steps, and says so.
+            raise_error_at_min_scale: false,
+        },
+    }
+}
+
+fn collectives(ctl: ControlPlane, device: Device) -> Result<Box<dyn Collectives>, TrainError> {
+    Ok(match device {
+        Device::Cuda(i) if ctl.world() > 1 => Box::new(crate::comm::nccl::NcclComm::new(ctl, i)?),
+        _ => Box::new(CpuComm::new(ctl)),
+    })
+}
+
+/// What the device holds before zerokit allocates anything (the CUDA context, mostly), so that
+/// measured peaks can be set against `ckpt estimate`, which leaves it out.
+fn context_memory(device: Device) -> Option<u64> {
+    if !device.is_cuda() {
+        return None;
+    }
+    let _ = Tensor::zeros([1], (Kind::Float, device));
+    crate::device::gpu_memory_used()
+}
+
+/// Rank 0 takes the run lock on `out_dir` and tells every rank whether the run goes on; the other
+/// ranks wait for that answer before they write anything (their log files included), so a run
+/// refused because another holds the directory leaves no trace in it. One rule whatever started
+/// the ranks (zerokit's launcher, torchrun, srun) and however many nodes: the lock lives where
+/// rank 0 runs, on the directory every node shares. A new run also refuses a directory holding an
+/// earlier run's checkpoints: checked before the lock (read-only, so such a refusal touches
+/// nothing) and again under it. Returns the lock on rank 0.
+fn take_out_dir(cfg: &TrainConfig, ctl: &mut ControlPlane) -> Result<Option<RunLock>, TrainError> {
+    const WHAT: &str = "run lock";
+    if ctl.rank() != 0 {
+        let answer = ctl.broadcast(None, WHAT)?;
+        if answer.is_empty() {
+            return Ok(None);
+        }
+        return Err(TrainError::Other(format!("rank 0 did not start the run: {}", String::from_utf8_lossy(&answer))));
+    }
+    let fresh = || match checkpoint::any_checkpoint(&cfg.out_dir) {
+        // A new run never mixes its checkpoints with an earlier run's (retention and `latest`
+        // would interleave them): nothing the user has is overwritten or removed.
+        Some(old) if cfg.init_from != "resume" => Err(TrainError::Other(format!(
+            "{} already holds checkpoints of an earlier run ({old}): continue it with --set init_from=resume, \
+             or train into another out_dir",
+            cfg.out_dir.display()
+        ))),
+        _ => Ok(()),
+    };
+    let taken = fresh()
+        .and_then(|_| RunLock::acquire(&cfg.out_dir).map_err(TrainError::from))
+        .and_then(|lock| fresh().map(|_| lock));
+    match taken {
+        Ok(lock) => {
+            ctl.broadcast(Some(b""), WHAT)?;
+            Ok(Some(lock))
+        }
+        Err(e) => {
+            let _ = ctl.broadcast(Some(e.to_string().as_bytes()), WHAT);
+            Err(e)
+        }
+    }
+}
+
+/// What a crashed run left (an interrupted save, a half-retired tag) is cleared by rank 0 under
+/// the lock before any rank reads the root.
+fn recover(cfg: &TrainConfig, ctl: &mut ControlPlane) -> Result<(), TrainError> {
+    if ctl.rank() == 0 {
+        match checkpoint::recover_root(&cfg.out_dir) {
+            Ok(done) => done.iter().for_each(|d| info!("recovered: {d}")),
+            Err(e) => {
+                ctl.abort(&e.to_string());
+                return Err(e.into());
+            }
+        }
+    }
+    ctl.barrier("start-up recovery")?;
+    Ok(())
+}
+
+/// The tag a resumed run continues from, with its manifest. Sizes and headers (each file's
+/// identity included) are checked before anything else, so a damaged or misplaced file stops
+/// the run here; the hashes follow in the background ([`resume_engine`]).
+fn resume_point(cfg: &TrainConfig) -> Result<Option<(PathBuf, Manifest)>, TrainError> {
+    if cfg.init_from != "resume" {
+        return Ok(None);
+    }
+    let dir = checkpoint::resolve(&cfg.out_dir, None)?;
+    let m = checkpoint::read_manifest(&dir)?;
+    checkpoint::check_tag(&dir, &m)?;
+    Ok(Some((dir, m)))
+}
+
+/// The model a run starts from, in fp32 on the host with identical weights on every rank (the
+/// engine moves it to the device in the compute kind): fresh (from the seed), the resumed
+/// checkpoint's shape, or a Hugging Face directory's weights.
+fn initial_model(cfg: &TrainConfig, resume: Option<&(PathBuf, Manifest)>) -> Result<Gpt, TrainError> {
+    let shape = match resume {
+        Some((dir, m)) => serde_json::from_value(m.model_config.clone())
+            .map_err(|e| TrainError::Other(format!("{}: model_config: {e}", dir.display())))?,
+        None => model_config(cfg)?,
+    };
+    Ok(match cfg.init_from.as_str() {
+        "scratch" | "resume" => Gpt::new(&shape, Device::Cpu, Kind::Float, cfg.seed)?,
+        dir if !Path::new(dir).is_dir() => {
+            return Err(TrainError::Other(format!(
+                "init_from = {dir:?}: not a directory. zerokit downloads nothing: give a local Hugging Face GPT-2 \
+                 directory (config.json and model.safetensors), \"scratch\" or \"resume\""
+            )))
+        }
+        dir => hf::load_gpt2(Path::new(dir), Device::Cpu, Kind::Float)?.0,
+    })
+}
+
+/// Loads the engine's partition from the tag at `dir` and starts the background sha256 check of
+/// this rank's share of its files; returns where training stood.
+fn resume_engine(engine: &mut Engine<Gpt>, dir: &Path, rank: usize) -> Result<(TrainState, ResumeHashes), TrainError> {
+    let want = engine.state();
+    let device = engine.config().device;
+    let (m, part) = {
+        let comm = engine.comm();
+        checkpoint::load(dir, &want.layout, want.partition, device, &mut || comm.heartbeat())?
+    };
+    drop(want);
+    engine.load_state(part).map_err(|e| TrainError::Other(format!("{}: restoring the engine: {e}", dir.display())))?;
+    let h = ResumeHashes::start(dir, &m, checkpoint::resume_hash_share(&m, engine.layout(), rank));
+    info!("checking the sha256 of {} file(s) of {} in the background (rank 0's share)", h.files(), dir.display());
+    let state = super::run::resumed_state(&m).map_err(|e| TrainError::Other(format!("{}: {e}", dir.display())))?;
+    info!(
+        "resumed from {} at step {} (saved on {} rank(s), stage {})",
+        dir.display(),
+        state.step,
+        m.world_size,
+        m.zero_stage
+    );
+    Ok((state, h))
+}

@@ -1,0 +1,407 @@
+//! The ZeRO engine in process: ranks as threads over the CPU backend, no binaries. N ranks at
+//! every stage match one rank on the same global batch; `state()` / `load_state()` through a
+//! checkpoint move a run between world sizes and stages without changing what it computes; and
+//! the engine, which knows no model, trains a small model that is not GPT-2, its gradient norm
+//! equal to plain autograd's over the whole batch.
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::time::Duration;
+use tch::{Device, Kind, TchError, Tensor};
+use zerokit::checkpoint::{self, ModelFiles, SaveInfo};
+use zerokit::comm::{Collectives, ControlPlane, CpuComm, Rendezvous};
+use zerokit::model::{Gpt, GptConfig, HeadGrads, Model};
+use zerokit::optim::AdamWConfig;
+use zerokit::scaler::ScalerConfig;
+use zerokit::zero::{Engine, EngineConfig};
+
+/// Runs `f` on `n` ranks, each a thread with its own control plane and CPU collectives.
+fn ranks<T: Send>(n: usize, f: impl Fn(Box<dyn Collectives>) -> T + Sync) -> Vec<T> {
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    std::thread::scope(|s| {
+        let f = &f;
+        let handles: Vec<_> = (0..n)
+            .map(|rank| {
+                s.spawn(move || {
+                    let rdv = Rendezvous {
+                        rank,
+                        world: n,
+                        local_rank: rank,
+                        local_world: n,
+                        master_addr: "127.0.0.1".into(),
+                        master_port: port,
+                        timeout: Duration::from_secs(60),
+                    };
+                    f(Box::new(CpuComm::new(ControlPlane::connect(&rdv).unwrap())))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+fn engine_config(stage: u8, grad_accum: usize) -> EngineConfig {
+    EngineConfig {
+        stage,
+        grad_accum,
+        grad_clip: 1.0,
+        activation_checkpointing: false,
+        kind: Kind::Float,
+        device: Device::Cpu,
+        adamw: AdamWConfig { lr: 3e-3, ..AdamWConfig::default() },
+        scaler: ScalerConfig::default(),
+    }
+}
+
+const VOCAB: i64 = 64;
+const SEQ: i64 = 8;
+/// Sequences in each step's global batch.
+const GLOBAL: usize = 12;
+
+/// Token `t` of row `g` of step `step`: a pure function, so every rank draws the same global
+/// batch without sharing a generator.
+fn token(step: u64, g: usize, t: i64) -> i64 {
+    // A learnable pattern: position and row decide the token up to a little noise.
+    (mix(step, (g as u64) << 20 ^ t as u64) % 4) as i64 + (t * 7 + g as i64) % (VOCAB - 4)
+}
+
+/// SplitMix64's finaliser over (a, b): well-mixed bits from a pure function.
+fn mix(a: u64, b: u64) -> u64 {
+    let mut z = a.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ b.wrapping_add(0x632B_E59B_D9B4_E019);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Rows `rows` of step `step`'s global batch: inputs and next-token targets.
+fn batch(step: u64, rows: std::ops::Range<usize>) -> (Tensor, Tensor) {
+    let seq = |g: usize| (0..=SEQ).map(|t| token(step, g, t)).collect::<Vec<_>>();
+    let all: Vec<Vec<i64>> = rows.map(seq).collect();
+    let b = all.len() as i64;
+    let x: Vec<i64> = all.iter().flat_map(|s| s[..SEQ as usize].to_vec()).collect();
+    let y: Vec<i64> = all.iter().flat_map(|s| s[1..].to_vec()).collect();
+    (Tensor::from_slice(&x).view([b, SEQ]), Tensor::from_slice(&y).view([b, SEQ]))
+}
+
+/// Trains `steps` steps (at lr 3e-3) on this rank's share of each global batch (micro-step m of rank r
+/// takes rows ((m * world + r) * b ..), as `train` does); returns the step losses and the
+/// final weights.
+fn train<M: Model>(
+    e: &mut Engine<M>,
+    world: usize,
+    rank: usize,
+    accum: usize,
+    steps: std::ops::Range<u64>,
+) -> Vec<f64> {
+    train_at(e, world, rank, accum, steps, 3e-3)
+}
+
+fn train_at<M: Model>(
+    e: &mut Engine<M>,
+    world: usize,
+    rank: usize,
+    accum: usize,
+    steps: std::ops::Range<u64>,
+    lr: f64,
+) -> Vec<f64> {
+    let b = GLOBAL / (world * accum);
+    let mut losses = Vec::new();
+    for step in steps {
+        for m in 0..accum {
+            let first = (m * world + rank) * b;
+            let (x, y) = batch(step, first..first + b);
+            e.forward_backward(&x, &y).unwrap();
+        }
+        losses.push(e.step(lr).unwrap().loss);
+    }
+    losses
+}
+
+fn weights<M: Model>(e: &Engine<M>) -> Vec<(String, Vec<f32>)> {
+    e.model
+        .named_parameters()
+        .into_iter()
+        .map(|(n, t)| (n, Vec::<f32>::try_from(t.detach().view(-1)).unwrap()))
+        .collect()
+}
+
+fn assert_close(a: &[f64], b: &[f64], tol: f64, what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}");
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!((x - y).abs() <= tol * y.abs().max(1.0), "{what}: step {i}: {x} vs {y}");
+    }
+}
+
+fn assert_weights_close(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)], tol: f32, what: &str) {
+    for ((n, x), (m, y)) in a.iter().zip(b) {
+        assert_eq!(n, m);
+        let worst = x.iter().zip(y).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+        assert!(worst <= tol, "{what}: {n} differs by {worst}");
+    }
+}
+
+fn gpt() -> Gpt {
+    let cfg = GptConfig { n_layer: 2, n_head: 2, n_embd: 16, block_size: SEQ as usize, vocab_size: VOCAB as usize };
+    Gpt::new(&cfg, Device::Cpu, Kind::Float, 7).unwrap()
+}
+
+#[test]
+fn n_ranks_match_one_rank_at_every_stage_with_accumulation() {
+    let reference = ranks(1, |comm| {
+        let mut e = Engine::new(gpt(), engine_config(0, 1), comm).unwrap();
+        (train(&mut e, 1, 0, 1, 0..6), weights(&e))
+    })
+    .remove(0);
+    assert!(reference.0[5] < reference.0[0], "the loss falls: {:?}", reference.0);
+    for stage in 0..=2u8 {
+        for (world, accum) in [(2, 1), (3, 1), (2, 3)] {
+            let what = format!("stage {stage}, {world} ranks, {accum} micro-steps");
+            let out = ranks(world, |comm| {
+                let rank = comm.rank();
+                let mut e = Engine::new(gpt(), engine_config(stage, accum), comm).unwrap();
+                (train(&mut e, world, rank, accum, 0..6), weights(&e))
+            });
+            for (rank, (losses, w)) in out.iter().enumerate() {
+                assert_close(losses, &reference.0, 1e-5, &format!("{what}, rank {rank}"));
+                assert_weights_close(w, &reference.1, 2e-5, &format!("{what}, rank {rank}"));
+            }
+        }
+    }
+}
+
+/// Saves every rank's state through a checkpoint, as `train` does.
+fn save<M: Model>(e: &mut Engine<M>, root: &Path, step: u64) {
+    let info = SaveInfo {
+        step,
+        tokens_seen: 0,
+        model_config: serde_json::json!({}),
+        config: serde_json::json!({}),
+        lr: 3e-3,
+        data: serde_json::json!({}),
+        metrics: serde_json::json!({}),
+        keep_last: 0,
+        best: None,
+    };
+    let state = e.state();
+    let rank = e.comm().rank();
+    let model = (rank == 0).then(|| ModelFiles { tensors: e.model.named_parameters(), hf_config: "{}".into() });
+    checkpoint::save(e.comm(), &state, model.as_ref(), root, &info).unwrap();
+}
+
+fn resume<M: Model>(e: &mut Engine<M>, root: &Path) {
+    let want = e.state();
+    let tag = checkpoint::resolve(root, None).unwrap();
+    let (_, part) = checkpoint::load(&tag, &want.layout, want.partition, Device::Cpu, &mut || {}).unwrap();
+    e.load_state(part).unwrap();
+}
+
+#[test]
+fn state_moves_between_world_sizes_and_stages_through_a_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let reference = ranks(1, |comm| {
+        let mut e = Engine::new(gpt(), engine_config(0, 1), comm).unwrap();
+        train(&mut e, 1, 0, 1, 0..6)
+    })
+    .remove(0);
+    // Three steps on 3 ranks at stage 2, saved; the next three on 2 ranks at stage 1, and on 1.
+    let root = tmp.path().join("run");
+    ranks(3, |comm| {
+        let rank = comm.rank();
+        let mut e = Engine::new(gpt(), engine_config(2, 1), comm).unwrap();
+        train(&mut e, 3, rank, 1, 0..3);
+        save(&mut e, &root, 3);
+    });
+    for (world, stage) in [(2usize, 1u8), (1, 0)] {
+        let out = ranks(world, |comm| {
+            let rank = comm.rank();
+            // A different seed: every weight must come from the checkpoint.
+            let cfg =
+                GptConfig { n_layer: 2, n_head: 2, n_embd: 16, block_size: SEQ as usize, vocab_size: VOCAB as usize };
+            let mut e =
+                Engine::new(Gpt::new(&cfg, Device::Cpu, Kind::Float, 99).unwrap(), engine_config(stage, 1), comm)
+                    .unwrap();
+            resume(&mut e, &root);
+            train(&mut e, world, rank, 1, 3..6)
+        });
+        for losses in out {
+            assert_close(&losses, &reference[3..], 1e-5, &format!("resumed on {world} ranks at stage {stage}"));
+        }
+    }
+}
+
+/// A model that is not GPT-2: token embedding, residual tanh MLP blocks, an untied linear head.
+struct TinyLm {
+    embed: Tensor,
+    blocks: Vec<(Tensor, Tensor)>,
+    head: Tensor,
+}
+
+impl TinyLm {
+    fn new(blocks: usize, c: i64) -> TinyLm {
+        // Values from a pure function of (seed, index): ranks build the model in their own
+        // threads, where libtorch's global generator would race.
+        let p = |shape: &[i64], seed: u64| {
+            let n: i64 = shape.iter().product();
+            let v: Vec<f32> =
+                (0..n).map(|i| ((mix(seed, i as u64) >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.6).collect();
+            Tensor::from_slice(&v).view(shape).set_requires_grad(true)
+        };
+        TinyLm {
+            embed: p(&[VOCAB, c], 1),
+            blocks: (0..blocks).map(|i| (p(&[c, c], 10 + i as u64), p(&[c], 20 + i as u64))).collect(),
+            head: p(&[c, VOCAB], 2),
+        }
+    }
+
+    fn logits(&self, idx: &Tensor) -> Tensor {
+        let mut x = self.embed(idx);
+        for i in 0..self.blocks.len() {
+            x = self.block(i, &x);
+        }
+        x.matmul(&self.head)
+    }
+}
+
+fn loss(logits: &Tensor, targets: &Tensor) -> Tensor {
+    logits.view([-1, VOCAB]).cross_entropy_for_logits(&targets.view([-1]))
+}
+
+impl Model for TinyLm {
+    fn named_parameters(&self) -> Vec<(String, Tensor)> {
+        let mut out = vec![("embed".to_string(), self.embed.shallow_clone())];
+        for (i, (w, b)) in self.blocks.iter().enumerate() {
+            out.push((format!("block{i}.w"), w.shallow_clone()));
+            out.push((format!("block{i}.b"), b.shallow_clone()));
+        }
+        out.push(("head".to_string(), self.head.shallow_clone()));
+        out
+    }
+
+    /// One bucket per block, the head with the last block, the embedding alone.
+    fn buckets(&self) -> Vec<Vec<String>> {
+        let n = self.blocks.len();
+        let mut buckets: Vec<Vec<String>> = (0..n).rev().map(|i| self.block_parameters(i)).collect();
+        buckets[0].push("head".into());
+        buckets.push(self.embed_parameters());
+        buckets
+    }
+
+    fn n_blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    fn embed_parameters(&self) -> Vec<String> {
+        vec!["embed".into()]
+    }
+
+    fn block_parameters(&self, i: usize) -> Vec<String> {
+        vec![format!("block{i}.w"), format!("block{i}.b")]
+    }
+
+    fn head_parameters(&self) -> Vec<String> {
+        vec!["head".into()]
+    }
+
+    fn embed(&self, idx: &Tensor) -> Tensor {
+        Tensor::embedding(&self.embed, idx, -1, false, false)
+    }
+
+    fn block(&self, i: usize, x: &Tensor) -> Tensor {
+        let (w, b) = &self.blocks[i];
+        x + (x.matmul(w) + b).tanh()
+    }
+
+    fn head_backward(&self, x: &Tensor, targets: &Tensor, scale: f64) -> Result<HeadGrads, TchError> {
+        let x = x.detach().set_requires_grad(true);
+        let l = loss(&x.matmul(&self.head), targets);
+        let mut g = Tensor::f_run_backward(&[&l * scale], &[&self.head, &x], false, false)?;
+        let input = g.pop().unwrap();
+        Ok(HeadGrads { loss: l.detach(), input, params: vec![("head".into(), g.pop().unwrap())] })
+    }
+
+    fn eval_loss(&self, idx: &Tensor, targets: &Tensor) -> Tensor {
+        tch::no_grad(|| loss(&self.logits(idx), targets))
+    }
+
+    fn set_placement(&mut self, _: Device, _: Kind) {}
+}
+
+#[test]
+fn the_engine_trains_a_model_that_is_not_gpt2() {
+    // The independent reference: plain autograd over the whole first batch.
+    let plain = TinyLm::new(3, 12);
+    let (x, y) = batch(0, 0..GLOBAL);
+    let l = loss(&plain.logits(&x), &y);
+    let params: Vec<Tensor> = plain.named_parameters().into_iter().map(|(_, t)| t).collect();
+    let grads = Tensor::run_backward(&[&l], &params.iter().collect::<Vec<_>>(), false, false);
+    let norm = grads.iter().map(|g| g.square().sum(Kind::Double).double_value(&[])).sum::<f64>().sqrt();
+
+    for (world, stage) in [(1usize, 0u8), (2, 2), (3, 1)] {
+        let out = ranks(world, |comm| {
+            let rank = comm.rank();
+            let mut e = Engine::new(TinyLm::new(3, 12), engine_config(stage, 1), comm).unwrap();
+            let b = GLOBAL / world;
+            let (x, y) = batch(0, rank * b..(rank + 1) * b);
+            e.forward_backward(&x, &y).unwrap();
+            let first = e.step(3e-3).unwrap();
+            let later = train_at(&mut e, world, rank, 1, 1..40, 3e-2);
+            (first, later)
+        });
+        for (first, later) in out {
+            let what = format!("{world} ranks, stage {stage}");
+            assert!((first.loss - l.double_value(&[])).abs() < 1e-5, "{what}: loss {} vs {}", first.loss, l);
+            assert!(
+                (first.grad_norm - norm).abs() < 1e-5 * norm,
+                "{what}: gradient norm {} vs {norm}",
+                first.grad_norm
+            );
+            assert!(later[38] < 0.8 * first.loss, "{what}: the loss falls: {} -> {}", first.loss, later[38]);
+        }
+    }
+}
+
+#[test]
+fn a_model_whose_buckets_are_out_of_gradient_order_is_refused() {
+    struct Reversed(TinyLm);
+    impl Model for Reversed {
+        fn named_parameters(&self) -> Vec<(String, Tensor)> {
+            self.0.named_parameters()
+        }
+        fn buckets(&self) -> Vec<Vec<String>> {
+            let mut b = self.0.buckets();
+            b.reverse();
+            b
+        }
+        fn n_blocks(&self) -> usize {
+            self.0.n_blocks()
+        }
+        fn embed_parameters(&self) -> Vec<String> {
+            self.0.embed_parameters()
+        }
+        fn block_parameters(&self, i: usize) -> Vec<String> {
+            self.0.block_parameters(i)
+        }
+        fn head_parameters(&self) -> Vec<String> {
+            self.0.head_parameters()
+        }
+        fn embed(&self, idx: &Tensor) -> Tensor {
+            self.0.embed(idx)
+        }
+        fn block(&self, i: usize, x: &Tensor) -> Tensor {
+            self.0.block(i, x)
+        }
+        fn head_backward(&self, x: &Tensor, t: &Tensor, s: f64) -> Result<HeadGrads, TchError> {
+            self.0.head_backward(x, t, s)
+        }
+        fn eval_loss(&self, idx: &Tensor, t: &Tensor) -> Tensor {
+            self.0.eval_loss(idx, t)
+        }
+        fn set_placement(&mut self, d: Device, k: Kind) {
+            self.0.set_placement(d, k)
+        }
+    }
+    let err =
+        ranks(1, |comm| Engine::new(Reversed(TinyLm::new(2, 8)), engine_config(0, 1), comm).err().unwrap().to_string())
+            .remove(0);
+    assert!(err.contains("gradient-ready order"), "{err}");
+}
