@@ -8,7 +8,8 @@
 # Default runs: gpt2:bf16:16 gpt2-xl:fp16:8 gpt2-xl:bf16:8 (the batch defaults to 16 for gpt2,
 # 8 for the others). PEERS (default "zerokit eager compile deepspeed") picks the contenders,
 # DS_DTYPES (default fp16) the precisions DeepSpeed runs in; STEPS timed steps after WARMUP;
-# PEER_ARGS more arguments for every peer (e.g. --compile-mode max-autotune, --ds-fused-adamw).
+# PEER_ARGS more arguments for every peer (e.g. --compile-mode max-autotune, --ds-fused-adamw);
+# ZK_BINS the zerokit builds to run (default train).
 # Each contender's JSON line, with device, date, commit and its command, goes to stdout and
 # $OUT/single.jsonl (bench/results/single.jsonl without OUT); the call's table to single.md.
 # A contender that fails or outlasts TIMEOUT seconds gets a line with its error; the rest run on.
@@ -20,13 +21,16 @@ STEPS=${STEPS:-12}
 WARMUP=${WARMUP:-4}
 SEQ=${SEQ:-1024}
 PEER_ARGS=${PEER_ARGS:-}
+# Train binaries in .carry/bin to run as zerokit, e.g. "train train-a04011c" to set a change
+# against the build before it (the second is labelled zerokit-a04011c).
+ZK_BINS=${ZK_BINS:-train}
 TIMEOUT=${TIMEOUT:-420}
 OUTDIR=${OUT:-bench/results}
 mkdir -p "$OUTDIR"
 RESULTS="$OUTDIR/single.jsonl"
 source bench/gpu_env.sh
 
-BENCH_COMMAND="PEERS=\"$PEERS\" DS_DTYPES=\"$DS_DTYPES\" STEPS=$STEPS WARMUP=$WARMUP SEQ=$SEQ PEER_ARGS=\"$PEER_ARGS\" bash bench/gpu_single.sh $RUNS"
+BENCH_COMMAND="ZK_BINS=\"$ZK_BINS\" PEERS=\"$PEERS\" DS_DTYPES=\"$DS_DTYPES\" STEPS=$STEPS WARMUP=$WARMUP SEQ=$SEQ PEER_ARGS=\"$PEER_ARGS\" bash bench/gpu_single.sh $RUNS"
 DEVICE="$(nvidia-smi -L | wc -l)x $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1) ($(hostname))"
 DATE=$(date -u +%Y-%m-%d)
 COMMIT=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
@@ -98,14 +102,17 @@ for run in $RUNS; do
   IFS=: read -r model dtype batch <<< "$run"
   [ -n "$batch" ] || { batch=8; [ "$model" = gpt2 ] && batch=16; }
   if has zerokit; then
-    dir="$work/zk-$model-$dtype-$batch"
-    cmd=(.carry/bin/train --set model="$model" --set block_size=$SEQ --set vocab_size=50304
-         --set batch_size="$batch" --set max_iters=$((STEPS + WARMUP)) --set eval_iters=0 --set log_interval=1
-         --set dtype="$dtype" --set device=cuda --set sample_tokens=0 --set dataset="$work/data"
-         --set out_dir="$dir" --set warmup_iters=0)
-    log "zerokit $model $dtype mb$batch"
-    with_peak timeout -k 10 "$TIMEOUT" "${cmd[@]}" > "$dir.log" 2>&1
-    record zerokit "$model" "$dtype" "$batch" "$dir/metrics.jsonl" "$dir.log" "${cmd[*]}"
+    for bin in $ZK_BINS; do
+      label=zerokit; [ "$bin" = train ] || label="zerokit-${bin#train-}"
+      dir="$work/zk-$bin-$model-$dtype-$batch"
+      cmd=(.carry/bin/$bin --set model="$model" --set block_size=$SEQ --set vocab_size=50304
+           --set batch_size="$batch" --set max_iters=$((STEPS + WARMUP)) --set eval_iters=0 --set log_interval=1
+           --set dtype="$dtype" --set device=cuda --set sample_tokens=0 --set dataset="$work/data"
+           --set out_dir="$dir" --set warmup_iters=0)
+      log "$label $model $dtype mb$batch"
+      with_peak timeout -k 10 "$TIMEOUT" "${cmd[@]}" > "$dir.log" 2>&1
+      record "$label" "$model" "$dtype" "$batch" "$dir/metrics.jsonl" "$dir.log" "${cmd[*]}"
+    done
   fi
   for mode in eager compile deepspeed; do
     has "$mode" || continue

@@ -224,30 +224,35 @@ fn resume_reports_a_damaged_file_before_its_first_save() {
     assert!(losses(&root).iter().any(|&(s, _)| s == 6), "no step after the resume was trained");
 }
 
-/// tests/fixtures/zerokit/v1_s2_w2: saved by zerokit before rank files recorded their world
-/// size, stage and step, and model.safetensors its step (tools/gen_zerokit_v1_fixture.sh).
+/// Checkpoints of format version 1 as earlier builds saved them (tools/gen_zerokit_v1_fixture.sh):
+/// v1_s2_w2 from before rank files recorded their world size, stage and step, and
+/// model.safetensors its step; v1_s1_w2_a04011c from the build before issue 12 restructured the
+/// engine and the checkpoint code. Each verifies, converts, samples and resumes (at another
+/// stage for the second).
 #[test]
-fn a_checkpoint_saved_before_files_carried_their_step_still_reads() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("data");
-    dataset(&data);
-    let dir = tmp.path().join("run");
-    let root = dir.join("out");
-    copy_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/zerokit/v1_s2_w2"), &root);
-    let tool = |bin: &str, args: &[&str]| run_out(Command::new(bin).args(args));
-    let r = root.to_str().unwrap();
-    let (ok, err) = tool(env!("CARGO_BIN_EXE_ckpt"), &["verify", r, "--scan"]);
-    assert!(ok, "verify: {err}");
-    let hf = tmp.path().join("hf");
-    let (ok, err) = tool(env!("CARGO_BIN_EXE_zero-to-fp32"), &[r, hf.to_str().unwrap()]);
-    assert!(ok, "zero-to-fp32: {err}");
-    let (ok, err) =
-        tool(env!("CARGO_BIN_EXE_train"), &["sample", r, "--prompt", "A", "--tokens", "3", "--device", "cpu"]);
-    assert!(ok, "sample: {err}");
-    let resumed = train(&dir, &data, 2, "batch_size = 2\nzero_stage = 2\nmax_iters = 4\neval_interval = 2\nalways_save_checkpoint = true\ninit_from = \"resume\"", &[]);
-    assert!(resumed.ok, "resume: {}", resumed.stderr);
-    assert!(resumed.stderr.contains("resumed from") && resumed.stderr.contains("at step 2"), "{}", resumed.stderr);
-    // Old and new tags side by side verify.
-    let (ok, err) = tool(env!("CARGO_BIN_EXE_ckpt"), &["verify", r]);
-    assert!(ok, "verify after the resume: {err}");
+fn checkpoints_saved_by_earlier_builds_still_read() {
+    for fixture in ["v1_s2_w2", "v1_s1_w2_a04011c"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        dataset(&data);
+        let dir = tmp.path().join("run");
+        let root = dir.join("out");
+        copy_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/zerokit").join(fixture), &root);
+        let tool = |bin: &str, args: &[&str]| run_out(Command::new(bin).args(args));
+        let r = root.to_str().unwrap();
+        let (ok, err) = tool(env!("CARGO_BIN_EXE_ckpt"), &["verify", r, "--scan"]);
+        assert!(ok, "{fixture}: verify: {err}");
+        let hf = tmp.path().join("hf");
+        let (ok, err) = tool(env!("CARGO_BIN_EXE_zero-to-fp32"), &[r, hf.to_str().unwrap()]);
+        assert!(ok, "{fixture}: zero-to-fp32: {err}");
+        let (ok, err) =
+            tool(env!("CARGO_BIN_EXE_train"), &["sample", r, "--prompt", "A", "--tokens", "3", "--device", "cpu"]);
+        assert!(ok, "{fixture}: sample: {err}");
+        let resumed = train(&dir, &data, 2, "batch_size = 2\nzero_stage = 2\nmax_iters = 4\neval_interval = 2\nalways_save_checkpoint = true\ninit_from = \"resume\"", &[]);
+        assert!(resumed.ok, "{fixture}: resume: {}", resumed.stderr);
+        assert!(resumed.stderr.contains("resumed from") && resumed.stderr.contains("at step 2"), "{}", resumed.stderr);
+        // Old and new tags side by side verify.
+        let (ok, err) = tool(env!("CARGO_BIN_EXE_ckpt"), &["verify", r]);
+        assert!(ok, "{fixture}: verify after the resume: {err}");
+    }
 }

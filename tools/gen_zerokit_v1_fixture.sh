@@ -8,10 +8,15 @@
 #     tools/gen_zerokit_v1_fixture.sh PATH/TO/train-of-98b033a
 #
 # Writes tests/fixtures/zerokit/v1_s2_w2/ (2 CPU ranks, ZeRO-2, bf16, one save at step 2).
+# The same run by another build and stage, as a fixture of its own (issue 12 restructured the
+# engine and the checkpoint code: what the build before it saved must still load):
+#
+#     STAGE=1 tools/gen_zerokit_v1_fixture.sh PATH/TO/train-of-a04011c v1_s1_w2_a04011c
 set -euo pipefail
-train=${1:?usage: $0 TRAIN_BINARY (built from commit 98b033a)}
+train=${1:?usage: $0 TRAIN_BINARY (built from commit 98b033a) [FIXTURE_NAME]}
+stage=${STAGE:-2}
 repo=$(cd "$(dirname "$0")/.." && pwd)
-out=$repo/tests/fixtures/zerokit/v1_s2_w2
+out=$repo/tests/fixtures/zerokit/${2:-v1_s2_w2}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 # Pseudo-random ids below 96, as tests/common::random_tokens writes them.
@@ -35,7 +40,7 @@ n_embd = 16
 block_size = 16
 vocab_size = 96
 batch_size = 2
-zero_stage = 2
+zero_stage = $stage
 dtype = "bf16"
 device = "cpu"
 max_iters = 2
