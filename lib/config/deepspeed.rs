@@ -6,7 +6,7 @@
 //! what follows the key, serde_path_to_error says which key it was.
 
 use super::{files, schedule_params, ConfigError};
-use serde::de::{DeserializeOwned, Deserializer, Error as _};
+use serde::de::{DeserializeOwned, Deserializer, Error as _, IgnoredAny};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
@@ -175,7 +175,7 @@ impl Check for TypeName {
     }
 }
 
-/// Any value: a key zerokit accepts without reading it, or one read once another key is known.
+/// Any value, read once another key is known.
 enum Any {}
 impl Check for Any {
     type Out = Value;
@@ -242,17 +242,17 @@ struct Zero {
     // Bucketing, overlap and reduce-scatter are how zerokit always works (its buckets are per
     // transformer block); none of them changes the numbers, so any value is accepted.
     #[serde(rename = "overlap_comm")]
-    _overlap_comm: Given<Any>,
+    _overlap_comm: IgnoredAny,
     #[serde(rename = "contiguous_gradients")]
-    _contiguous_gradients: Given<Any>,
+    _contiguous_gradients: IgnoredAny,
     #[serde(rename = "reduce_scatter")]
-    _reduce_scatter: Given<Any>,
+    _reduce_scatter: IgnoredAny,
     #[serde(rename = "allgather_partitions")]
-    _allgather_partitions: Given<Any>,
+    _allgather_partitions: IgnoredAny,
     #[serde(rename = "reduce_bucket_size")]
-    _reduce_bucket_size: Given<Any>,
+    _reduce_bucket_size: IgnoredAny,
     #[serde(rename = "allgather_bucket_size")]
-    _allgather_bucket_size: Given<Any>,
+    _allgather_bucket_size: IgnoredAny,
     #[serde(flatten)]
     rest: Rest,
 }
