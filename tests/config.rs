@@ -376,6 +376,58 @@ fn unsupported_values_are_refused_by_name() {
     }
 }
 
+/// The whole message for cases where the rules interact: which error comes first, which keys
+/// are named, and in what order.
+#[test]
+fn deepspeed_errors_name_the_first_wrong_value_or_every_unhonoured_key() {
+    let cases: &[(&str, &str)] = &[
+        // A null is a value given, not a key left out.
+        (r#"{"train_batch_size": 8, "fp16": {"loss_scale": null}}"#, "fp16.loss_scale = null: expected a number"),
+        // The optimizer's type is checked before its params (HF Trainer configs hold "auto").
+        (
+            r#"{"train_batch_size": 8, "optimizer": {"type": "Lamb", "params": {"lr": "auto"}}}"#,
+            r#"optimizer.type "Lamb": zerokit implements AdamW (DeepSpeed's "AdamW" or "Adam")"#,
+        ),
+        // A parameter the scheduler type does not take is named, not checked.
+        (
+            r#"{"train_batch_size": 8, "scheduler": {"type": "WarmupLR", "params": {"total_num_steps": -1}}}"#,
+            "keys zerokit does not honour: scheduler.params.total_num_steps",
+        ),
+        // A wrong value wins over unknown keys; the first in the order of the keys.
+        (
+            r#"{"zz": 1, "gradient_clipping": -1, "fp16": {"hysteresis": 2.5}}"#,
+            "fp16.hysteresis = 2.5: expected a non-negative integer",
+        ),
+        (
+            r#"{"train_batch_size": 8, "zz": 1, "fp16": {"b": 1, "a": 2}, "activation_checkpointing": {"x": 1},
+                "optimizer": {"type": "AdamW", "params": {"amsgrad": true}, "foo": 1}}"#,
+            "keys zerokit does not honour: activation_checkpointing.x, fp16.a, fp16.b, optimizer.foo, \
+             optimizer.params.amsgrad, zz",
+        ),
+        (r#"{"train_batch_size": 8, "bf16": true}"#, "bf16: expected an object"),
+        (
+            r#"{"train_batch_size": 8, "optimizer": {"type": "AdamW", "params": 3}}"#,
+            "optimizer.params: expected an object",
+        ),
+        (
+            r#"{"train_batch_size": 8, "optimizer": {"type": "AdamW", "params": {"betas": [0.9, "x"]}}}"#,
+            r#"optimizer.params.betas = "x": expected a number"#,
+        ),
+        (
+            r#"{"train_batch_size": 8, "zero_optimization": {"stage": 3.0}}"#,
+            "zero_optimization.stage = 3: zerokit implements stages 0, 1 and 2",
+        ),
+        (
+            r#"{"train_batch_size": 8, "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 8.0}}}"#,
+            "scheduler.params.warmup_num_steps = 8.0: expected a non-negative integer",
+        ),
+    ];
+    for (json, want) in cases {
+        let got = from_deepspeed_json(Path::new("ds.json"), json).map(|t| t.to_string()).map_err(|e| e.to_string());
+        assert_eq!(got, Err(format!("ds.json: {want}")), "{json}");
+    }
+}
+
 #[test]
 fn bad_json_names_file_and_line() {
     // Trailing commas and comments are Hjson, which DeepSpeed reads (see
