@@ -764,3 +764,32 @@ fn the_deepspeed_launchers_local_rank_argument_is_accepted() {
         assert_eq!(cli.fit.config.as_deref(), Some(Path::new("c.toml")), "{args:?}");
     }
 }
+
+/// The engine's settings come from the configuration: the optimizer's keys, and the loss
+/// scaler's keys by name (training never raises at the minimum scale).
+#[test]
+fn the_engine_settings_are_the_configuration_s() {
+    let cfg = zerokit::config::TrainConfig::load(
+        None,
+        None,
+        &[
+            "learning_rate=1e-3".into(),
+            "beta2=0.99".into(),
+            "zero_stage=2".into(),
+            "initial_scale_power=12".into(),
+            "hysteresis=3".into(),
+            "min_loss_scale=0.5".into(),
+            "consecutive_hysteresis=true".into(),
+            "loss_scale_window=200".into(),
+        ],
+    )
+    .unwrap();
+    let e = cfg.engine(tch::Device::Cpu, tch::Kind::Half);
+    assert_eq!((e.stage, e.adamw.lr, e.adamw.betas), (2, 1e-3, (0.9, 0.99)));
+    let s = e.scaler;
+    assert_eq!(
+        (s.loss_scale, s.initial_scale_power, s.hysteresis, s.min_loss_scale, s.consecutive_hysteresis),
+        (0.0, 12, 3, 0.5, true)
+    );
+    assert_eq!((s.loss_scale_window, s.raise_error_at_min_scale), (200, false));
+}

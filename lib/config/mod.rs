@@ -7,7 +7,9 @@ pub mod files;
 
 pub use deepspeed::{from_deepspeed_json, from_deepspeed_value};
 
-use crate::optim::{Decay, LrSchedule};
+use crate::optim::{AdamWConfig, Decay, LrSchedule};
+use crate::scaler::ScalerConfig;
+use crate::zero::EngineConfig;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -241,6 +243,36 @@ fn override_value(key: &str, raw: &str, defaults: &toml::Table) -> Result<toml::
 }
 
 impl TrainConfig {
+    /// The ZeRO engine's settings, derived from this configuration on the resolved device and
+    /// compute dtype.
+    pub fn engine(&self, device: tch::Device, kind: tch::Kind) -> EngineConfig {
+        EngineConfig {
+            stage: self.zero_stage,
+            grad_accum: self.gradient_accumulation_steps,
+            grad_clip: self.grad_clip,
+            activation_checkpointing: self.activation_checkpointing,
+            kind,
+            device,
+            adamw: AdamWConfig {
+                lr: self.learning_rate,
+                betas: (self.beta1, self.beta2),
+                eps: self.eps,
+                weight_decay: self.weight_decay,
+            },
+            scaler: self.scaler(),
+        }
+    }
+
+    /// The loss scaler's settings: the keys this configuration shares by name with
+    /// ScalerConfig (the same fields, kept flat here, see the struct), read through serde so that
+    /// a field added to both is carried without being listed again. Training keeps going at the
+    /// minimum scale, skipping overflowing steps, and says so (DeepSpeed would raise).
+    pub fn scaler(&self) -> ScalerConfig {
+        let table = toml::Table::try_from(self).expect("the configuration serializes to TOML");
+        let scaler = ScalerConfig::deserialize(table).expect("the scaler keys have the scaler's types");
+        ScalerConfig { raise_error_at_min_scale: false, ..scaler }
+    }
+
     /// Loads `path` (TOML) or the defaults, then a DeepSpeed JSON config on top, then
     /// `KEY=VALUE` overrides, then validates.
     pub fn load(path: Option<&Path>, deepspeed: Option<&Path>, overrides: &[String]) -> Result<Self, ConfigError> {

@@ -10,9 +10,8 @@ use crate::data::dataset::TokenDataset;
 use crate::interop::hf;
 use crate::lock::RunLock;
 use crate::model::{Gpt, GptConfig};
-use crate::optim::{AdamWConfig, LrSchedule};
-use crate::scaler::ScalerConfig;
-use crate::zero::{Engine, EngineConfig};
+use crate::optim::LrSchedule;
+use crate::zero::Engine;
 use indicatif::ProgressBar;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -103,7 +102,7 @@ impl Run {
         );
 
         let comm = collectives(ctl, device)?;
-        let mut engine = Engine::new(model, engine_config(&cfg, device, kind), comm)?;
+        let mut engine = Engine::new(model, cfg.engine(device, kind), comm)?;
         let mut state = TrainState { step: 0, tokens_seen: 0, best_val_loss: None, best_tag: None, stale_evals: 0 };
         let mut hashes = None;
         if let Some((dir, _)) = &resume {
@@ -187,35 +186,6 @@ pub fn model_config(cfg: &TrainConfig) -> Result<GptConfig, TrainError> {
     m.block_size = cfg.block_size;
     m.vocab_size = cfg.vocab_size;
     Ok(m)
-}
-
-/// The engine's settings: the configuration's optimizer, loss scaling and ZeRO sections, on
-/// the resolved device and dtype.
-fn engine_config(cfg: &TrainConfig, device: Device, kind: Kind) -> EngineConfig {
-    EngineConfig {
-        stage: cfg.zero_stage,
-        grad_accum: cfg.gradient_accumulation_steps,
-        grad_clip: cfg.grad_clip,
-        activation_checkpointing: cfg.activation_checkpointing,
-        kind,
-        device,
-        adamw: AdamWConfig {
-            lr: cfg.learning_rate,
-            betas: (cfg.beta1, cfg.beta2),
-            eps: cfg.eps,
-            weight_decay: cfg.weight_decay,
-        },
-        scaler: ScalerConfig {
-            loss_scale: cfg.loss_scale,
-            initial_scale_power: cfg.initial_scale_power,
-            loss_scale_window: cfg.loss_scale_window,
-            hysteresis: cfg.hysteresis,
-            consecutive_hysteresis: cfg.consecutive_hysteresis,
-            min_loss_scale: cfg.min_loss_scale,
-            // Training keeps going at the minimum scale, skipping overflowing steps, and says so.
-            raise_error_at_min_scale: false,
-        },
-    }
 }
 
 fn collectives(ctl: ControlPlane, device: Device) -> Result<Box<dyn Collectives>, TrainError> {
