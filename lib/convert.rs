@@ -233,7 +233,7 @@ pub fn convert(source: &dyn ShardedSource, args: &ConvertArgs) -> Result<Summary
     let shards = if single {
         vec![(0..specs.len()).collect()]
     } else {
-        let max = safetensors_out::parse_size(&args.max_shard_size).map_err(ConvertError::ShardSize)?;
+        let max = safetensors_out::parse_shard_size(&args.max_shard_size).map_err(ConvertError::ShardSize)?;
         safetensors_out::plan_shards(&specs, max)
     };
     let names: Vec<String> = if single {

@@ -3,9 +3,11 @@
 //! hashing for manifests.
 
 use sha2::{Digest, Sha256};
-use std::fs::{self, File};
+use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use tempfile::TempPath;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FsError {
@@ -25,16 +27,21 @@ impl FsError {
 }
 
 /// The path a user asked for, for messages: each component that is this process's temporary name
-/// for an output (`.NAME.tmp-PID`, see [`temp_sibling`]) or a checkpoint save in progress
-/// (`.NAME.partial`) becomes `NAME`. A write error in the middle of building `out/` then names
-/// `out/train.bin`, not `.out.tmp-4242/train.bin`.
+/// for an output (`.NAME.tmp-PID`, see [`temp_sibling`], or [`AtomicFile`]'s
+/// `.NAME.tmp-PID.RANDOM`) or a checkpoint save in progress (`.NAME.partial`) becomes `NAME`. A
+/// write error in the middle of building `out/` then names `out/train.bin`, not
+/// `.out.tmp-4242/train.bin`.
 pub fn shown(path: &Path) -> PathBuf {
-    let suffix = format!(".tmp-{}", std::process::id());
+    let marker = format!(".tmp-{}", std::process::id());
+    fn ours<'a>(n: &'a str, marker: &str) -> Option<&'a str> {
+        let (name, rest) = n.rsplit_once(marker)?;
+        (rest.is_empty() || rest.starts_with('.')).then_some(name)
+    }
     path.components()
         .map(|c| {
             let s = c.as_os_str().to_string_lossy();
             let hidden = s.strip_prefix('.');
-            match hidden.and_then(|n| n.strip_suffix(&suffix).or_else(|| n.strip_suffix(".partial"))) {
+            match hidden.and_then(|n| ours(n, &marker).or_else(|| n.strip_suffix(".partial"))) {
                 Some(name) if !name.is_empty() => std::ffi::OsString::from(name),
                 _ => c.as_os_str().to_os_string(),
             }
@@ -140,8 +147,9 @@ fn process_alive(pid: i32) -> bool {
     unsafe { libc::kill(pid, 0) == 0 || *libc::__errno_location() != libc::ESRCH }
 }
 
-/// Removes the temporary siblings of `path` (`.NAME.tmp-PID`, `.NAME.old-PID`) that a process
-/// killed outright left behind: those whose PID no longer exists. A live process's are its own.
+/// Removes the temporary siblings of `path` (`.NAME.tmp-PID`, `.NAME.tmp-PID.RANDOM`,
+/// `.NAME.old-PID`) that a process killed outright left behind: those whose PID no longer
+/// exists. A live process's are its own.
 pub fn remove_stale_temps(path: &Path) {
     let (Some(name), Some(dir)) = (path.file_name(), path.parent()) else { return };
     let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
@@ -150,7 +158,9 @@ pub fn remove_stale_temps(path: &Path) {
     for e in entries.flatten() {
         let n = e.file_name().to_string_lossy().into_owned();
         let Some(rest) = n.strip_prefix(&stem) else { continue };
-        let pid = rest.strip_prefix("tmp-").or_else(|| rest.strip_prefix("old-")).and_then(|p| p.parse::<i32>().ok());
+        let pid = rest.strip_prefix("tmp-").or_else(|| rest.strip_prefix("old-"));
+        // AtomicFile's temporaries carry a random part after the PID.
+        let pid = pid.and_then(|p| p.split_once('.').map_or(p, |(pid, _)| pid).parse::<i32>().ok());
         if let Some(pid) = pid.filter(|&p| p > 0 && p as u32 != std::process::id() && !process_alive(p)) {
             tracing::info!("removing {}, left by process {pid}, which no longer runs", e.path().display());
             let _ = fs::remove_dir_all(e.path()).or_else(|_| fs::remove_file(e.path()));
@@ -161,20 +171,34 @@ pub fn remove_stale_temps(path: &Path) {
 /// A file written under a temporary name and renamed onto its final name by `commit`. Dropped
 /// without `commit` (an error, a panic), the temporary file is removed and the final name is
 /// untouched.
+///
+/// The temporary is tempfile's, in the final name's directory (so the rename is atomic) and
+/// named `.NAME.tmp-PID.RANDOM`: hidden, unique even among this process's writers of one
+/// name, and with the PID by which [`remove_stale_temps`] finds those of a process killed
+/// outright.
 pub struct AtomicFile {
     final_path: PathBuf,
-    tmp_path: PathBuf,
-    writer: Option<BufWriter<File>>,
+    /// The writer and the temporary's name, which removes the file when dropped; None once
+    /// committed.
+    temp: Option<(BufWriter<File>, TempPath)>,
 }
 
 impl AtomicFile {
     pub fn create(final_path: impl Into<PathBuf>) -> Result<Self, FsError> {
         let final_path = final_path.into();
         remove_stale_temps(&final_path);
-        let tmp_path = temp_sibling(&final_path);
-        let file = File::create(&tmp_path).map_err(|e| FsError::io(&tmp_path, e))?;
+        let dir = final_path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let name = final_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let prefix = format!(".{name}.tmp-{}.", std::process::id());
+        // Opened by hand rather than by tempfile's default, whose mode is 0600: an output is
+        // created as File::create would (0666 less the umask), and tempfile does not wrap the
+        // open's error in one that names the temporary.
+        let open = |p: &Path| OpenOptions::new().write(true).create_new(true).mode(0o666).open(p);
+        let temp =
+            tempfile::Builder::new().prefix(&prefix).make_in(dir, open).map_err(|e| FsError::io(&final_path, e))?;
+        let (file, tmp_path) = temp.into_parts();
         track(&tmp_path);
-        Ok(AtomicFile { final_path, tmp_path, writer: Some(BufWriter::with_capacity(1 << 20, file)) })
+        Ok(AtomicFile { final_path, temp: Some((BufWriter::with_capacity(1 << 20, file), tmp_path)) })
     }
 
     pub fn path(&self) -> &Path {
@@ -182,7 +206,7 @@ impl AtomicFile {
     }
 
     pub fn writer(&mut self) -> &mut BufWriter<File> {
-        self.writer.as_mut().expect("writer is present until commit")
+        &mut self.temp.as_mut().expect("writer is present until commit").0
     }
 
     /// The file itself, for positional writes (`FileExt::write_all_at`) from several threads;
@@ -193,14 +217,19 @@ impl AtomicFile {
         Ok(w.get_ref())
     }
 
-    /// Flushes, fsyncs and renames onto the final name.
+    /// Flushes, fsyncs and renames onto the final name. On failure the temporary is removed.
     pub fn commit(mut self) -> Result<PathBuf, FsError> {
-        let w = self.writer.take().expect("writer is present until commit");
-        let file = w.into_inner().map_err(|e| FsError::io(&self.tmp_path, e.into_error()))?;
-        file.sync_all().map_err(|e| FsError::io(&self.tmp_path, e))?;
-        drop(file);
-        fs::rename(&self.tmp_path, &self.final_path).map_err(|e| FsError::io(&self.final_path, e))?;
-        untrack(&self.tmp_path);
+        let (w, tmp_path) = self.temp.take().expect("writer is present until commit");
+        let tracked = tmp_path.to_path_buf();
+        // Errors name the output; a failure drops `tmp_path`, which removes the temporary.
+        let io_err = |e| FsError::io(&self.final_path, e);
+        let done = w.into_inner().map_err(|e| io_err(e.into_error())).and_then(|file| {
+            file.sync_all().map_err(io_err)?;
+            drop(file);
+            tmp_path.persist(&self.final_path).map_err(|e| io_err(e.error))
+        });
+        untrack(&tracked);
+        done?;
         sync_parent(&self.final_path);
         Ok(self.final_path.clone())
     }
@@ -217,9 +246,11 @@ impl Write for AtomicFile {
 
 impl Drop for AtomicFile {
     fn drop(&mut self) {
-        if self.writer.take().is_some() {
-            let _ = fs::remove_file(&self.tmp_path);
-            untrack(&self.tmp_path);
+        if let Some((w, tmp_path)) = self.temp.take() {
+            // The buffered bytes are dropped unwritten: the file is removed anyway.
+            let _ = w.into_parts();
+            untrack(&tmp_path);
+            drop(tmp_path);
         }
     }
 }
@@ -394,25 +425,18 @@ pub fn sha256_file(path: &Path) -> Result<String, FsError> {
 /// resident set (the page cache keeps them, and a later read faults them back in). Streaming a
 /// many-GB file through a mapping would otherwise count every page ever touched against peak RSS.
 pub fn release_mapped(map: &memmap2::Mmap, start: usize, len: usize) {
-    // SAFETY: sysconf has no preconditions.
-    let page = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
-        p if p > 0 => p as usize,
-        _ => 4096,
-    };
-    // The range is widened to whole pages and by the kernel's fault-around window (64 KiB, which
-    // a fault maps around itself) on each side: pages a neighbouring range faulted in, possibly
-    // on another thread after this one was done, are dropped too. Dropping a page someone still
-    // reads only costs them a refault from the page cache, never wrong data.
+    // The range is widened by the kernel's fault-around window (64 KiB, which a fault maps around
+    // itself) on each side, and memmap2 widens it to whole pages: pages a neighbouring range
+    // faulted in, possibly on another thread after this one was done, are dropped too. Dropping
+    // a page someone still reads only costs them a refault from the page cache, never wrong data.
     const FAULT_AROUND: usize = 64 << 10;
-    let begin = start.saturating_sub(FAULT_AROUND) / page * page;
-    let end = (start + len + FAULT_AROUND).div_ceil(page) * page;
-    let end = end.min(map.len().div_ceil(page) * page);
+    let begin = start.saturating_sub(FAULT_AROUND).min(map.len());
+    let end = start.saturating_add(len).saturating_add(FAULT_AROUND).min(map.len());
     if end > begin {
-        // SAFETY: the range lies inside the mapping's pages (the mapping starts page-aligned);
-        // on a read-only file mapping MADV_DONTNEED only drops page-table entries.
-        unsafe {
-            libc::madvise(map.as_ptr().add(begin) as *mut libc::c_void, end - begin, libc::MADV_DONTNEED);
-        }
+        // SAFETY: on a read-only file mapping MADV_DONTNEED only drops page-table entries; the
+        // next access reads the same bytes from the page cache. A failure only leaves pages
+        // resident.
+        let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, begin, end - begin) };
     }
 }
 

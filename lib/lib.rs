@@ -21,4 +21,5 @@ pub mod plot;
 pub mod scaler;
 pub mod tags;
 pub mod train;
+pub mod units;
 pub mod zero;

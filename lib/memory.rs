@@ -6,6 +6,8 @@
 //! estimate_zero3_model_states_mem_needs) are reproduced exactly in `deepspeed_zero2` and
 //! `deepspeed_zero3`, and shown beside zerokit's figures.
 
+use crate::model::GptConfig;
+use crate::units::{parse_size, SizeError};
 use serde::Serialize;
 use std::fmt::Write as _;
 
@@ -17,8 +19,8 @@ pub enum MemoryError {
     Shape(String),
     #[error("invalid setup: {0}")]
     Setup(String),
-    #[error("cannot read '{0}' as a size (examples: 80GiB, 141GB, 1.5TiB, 1000000)")]
-    BadSize(String),
+    #[error(transparent)]
+    BadSize(#[from] SizeError),
     #[error("JSON output: {0}")]
     Json(#[from] serde_json::Error),
 }
@@ -39,15 +41,17 @@ pub struct ModelShape {
 }
 
 impl ModelShape {
+    /// The shape of one of the model's presets ([`GptConfig::preset`]).
     pub fn preset(name: &str) -> Result<Self, MemoryError> {
-        let (n_layer, n_head, n_embd) = match name {
-            "gpt2" => (12, 12, 768),
-            "gpt2-medium" => (24, 16, 1024),
-            "gpt2-large" => (36, 20, 1280),
-            "gpt2-xl" => (48, 25, 1600),
-            _ => return Err(MemoryError::UnknownPreset(name.to_string())),
-        };
-        Ok(ModelShape { n_layer, n_head, n_embd, vocab_size: 50257, block_size: 1024 })
+        let c = GptConfig::preset(name).map_err(|_| MemoryError::UnknownPreset(name.to_string()))?;
+        let n = |v: usize| v as u64;
+        Ok(ModelShape {
+            n_layer: n(c.n_layer),
+            n_head: n(c.n_head),
+            n_embd: n(c.n_embd),
+            vocab_size: n(c.vocab_size),
+            block_size: n(c.block_size),
+        })
     }
 
     pub fn validate(&self) -> Result<(), MemoryError> {
@@ -529,31 +533,6 @@ pub fn estimate(s: &Setup, usable_gpu_memory: u64) -> Result<Estimate, MemoryErr
         usable_gpu_memory,
         rows,
     })
-}
-
-/// Reads sizes such as `80GiB`, `141GB`, `80G` (binary), `1.5TiB` or a plain byte count.
-pub fn parse_size(text: &str) -> Result<u64, MemoryError> {
-    let t = text.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let value: f64 = num.parse().map_err(|_| MemoryError::BadSize(text.to_string()))?;
-    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1.0,
-        "k" | "kib" => 1024.0,
-        "m" | "mib" => 1024f64.powi(2),
-        "g" | "gib" => 1024f64.powi(3),
-        "t" | "tib" => 1024f64.powi(4),
-        "kb" => 1e3,
-        "mb" => 1e6,
-        "gb" => 1e9,
-        "tb" => 1e12,
-        _ => return Err(MemoryError::BadSize(text.to_string())),
-    };
-    let bytes = value * mult;
-    if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
-        return Err(MemoryError::BadSize(text.to_string()));
-    }
-    Ok(bytes as u64)
 }
 
 /// `ckpt estimate`'s arguments.

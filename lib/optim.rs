@@ -277,23 +277,6 @@ impl AdamW {
         Ok(())
     }
 
-    pub fn config(&self) -> &AdamWConfig {
-        &self.cfg
-    }
-
-    pub fn numel(&self) -> usize {
-        self.numel
-    }
-
-    pub fn segments(&self) -> &[Segment] {
-        &self.segments
-    }
-
-    /// Steps taken so far (torch's `state['step']`).
-    pub fn step_count(&self) -> u64 {
-        self.step
-    }
-
     /// One AdamW step at learning rate `lr` on the whole shard, with torch.optim.AdamW's
     /// semantics: `p *= 1 - lr*wd` on decaying segments, `m = lerp(m, g, 1-b1)`,
     /// `v = b2*v + (1-b2)*g*g`, `p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)`.

@@ -1,6 +1,7 @@
 //! fp16 loss scaling with DeepSpeed's rules (the `fp16` block of a DeepSpeed config and
-//! deepspeed/runtime/fp16/loss_scaler.py's DynamicLossScaler), and the cheap overflow check that
-//! decides whether a step is applied.
+//! deepspeed/runtime/fp16/loss_scaler.py's DynamicLossScaler): whether a step is applied, given
+//! whether its gradients overflowed (which the engine reads off the gradient norm,
+//! [`crate::optim::local_grad_norm_sq`]).
 //!
 //! Dynamic scaling starts at `2^initial_scale_power`. An overflowing step is skipped; it spends
 //! one unit of hysteresis, and once none is left (or hysteresis is 1) it halves the scale, never
@@ -9,7 +10,6 @@
 //! is refilled; with `consecutive_hysteresis` every clean step refills it.
 
 use serde::{Deserialize, Serialize};
-use tch::{Kind, Tensor};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ScalerError {
@@ -22,8 +22,6 @@ pub enum ScalerError {
     AtMinimum(f64),
     #[error("fp16 loss scaling: checkpointed scaler state is invalid: {0}")]
     BadState(String),
-    #[error("libtorch: {0}")]
-    Torch(#[from] tch::TchError),
 }
 
 /// DeepSpeed's `fp16` block (field names and defaults as in DeepSpeed, so the block
@@ -119,12 +117,6 @@ impl LossScaler {
         Ok(LossScaler { cfg, state })
     }
 
-    /// A static scale of 1: what bf16 and fp32 training use (DeepSpeed does the same).
-    pub fn disabled() -> Self {
-        let cfg = ScalerConfig { loss_scale: 1.0, ..ScalerConfig::default() };
-        LossScaler::new(cfg).expect("a static scale of 1 is valid")
-    }
-
     pub fn config(&self) -> &ScalerConfig {
         &self.cfg
     }
@@ -208,18 +200,4 @@ impl LossScaler {
         self.state = state;
         Ok(())
     }
-}
-
-/// A 0-dim fp32 tensor on `grad`'s device: 1 when `grad` holds an inf or a nan, else 0. One
-/// reduction (an fp32-accumulated sum, which is non-finite exactly when an element is, barring a
-/// sum beyond 3.4e38; DeepSpeed's check is the same), and no host sync: ranks all-reduce (max)
-/// the flags, then read one number.
-pub fn overflow_flag(grad: &Tensor) -> Result<Tensor, ScalerError> {
-    let sum = grad.f_sum(Kind::Float)?;
-    Ok(sum.f_isfinite()?.f_logical_not()?.f_to_kind(Kind::Float)?)
-}
-
-/// `overflow_flag` read back on the host, for a single process.
-pub fn has_overflow(grad: &Tensor) -> Result<bool, ScalerError> {
-    Ok(overflow_flag(grad)?.f_double_value(&[])? != 0.0)
 }

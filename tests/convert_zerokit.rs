@@ -55,36 +55,19 @@ fn checkpoints() -> &'static [Case] {
     })
 }
 
-/// Runs `train` on `nproc` CPU ranks with the GPT-2 `model` describes; returns the checkpoint
-/// root.
+/// Runs `train` on `nproc` CPU ranks with the GPT-2 `model` describes (common::tiny's
+/// base keys, then these runs' schedule, then `extra`); returns the checkpoint root.
 fn train(dir: &Path, data: &Path, nproc: usize, model: &str, extra: &str) -> PathBuf {
-    std::fs::create_dir_all(dir).unwrap();
-    let out = dir.join("out");
-    let cfg = dir.join("config.toml");
-    let text = format!(
-        "dataset = \"{}\"\nout_dir = \"{}\"\n{model}\n\
-         eval_iters = 1\nlog_interval = 1\nlearning_rate = 3e-3\nwarmup_iters = 1\nlr_decay_iters = 3\nmin_lr = 3e-4\n\
-         device = \"cpu\"\nsample_tokens = 0\ncomm_timeout = 60\n{extra}\n",
-        data.display(),
-        out.display()
+    let keys = format!(
+        "{model}
+eval_iters = 1
+warmup_iters = 1
+lr_decay_iters = 3
+{extra}"
     );
-    std::fs::write(&cfg, text).unwrap();
-    // Distinct per test process and run, away from common services.
-    static PORT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
-    let port = 30000 + (std::process::id() % 20000) as u16 + PORT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-    let o = Command::new(env!("CARGO_BIN_EXE_train"))
-        .arg(&cfg)
-        .arg("--nproc-per-node")
-        .arg(nproc.to_string())
-        .arg("--master-port")
-        .arg(port.to_string())
-        .env("ZEROKIT_NO_CUDA", "1")
-        .env_remove("RANK")
-        .env_remove("WORLD_SIZE")
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "train {}: {}", dir.display(), String::from_utf8_lossy(&o.stderr));
-    out
+    let run = common::tiny::train(dir, data, nproc, &keys, &[]);
+    assert!(run.ok, "train {}: {}", dir.display(), run.stderr);
+    run.out
 }
 
 type Tensors = BTreeMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)>;

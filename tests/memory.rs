@@ -5,7 +5,7 @@ use clap::Parser;
 use std::path::Path;
 use zerokit::memory::{
     activation_bytes, block_activation_bytes, deepspeed_zero2, deepspeed_zero3, estimate, gpu_breakdown,
-    loss_saved_bytes, parse_size, run, Dtype, EstimateArgs, MemoryError, ModelShape, Offload, Setup, CONFIGS,
+    loss_saved_bytes, run, Dtype, EstimateArgs, MemoryError, ModelShape, Offload, Setup, CONFIGS,
 };
 
 fn fixture(name: &str) -> serde_json::Value {
@@ -209,16 +209,4 @@ fn cli_table_json_and_errors() {
     assert!(matches!(run(&args(&["--seq-len", "2048"])), Err(MemoryError::Setup(_))));
     assert!(matches!(run(&args(&["--nodes", "0"])), Err(MemoryError::Setup(_))));
     assert!(matches!(run(&args(&["--gpu-memory", "lots"])), Err(MemoryError::BadSize(_))));
-}
-
-#[test]
-fn sizes_parse() {
-    assert_eq!(parse_size("80GiB").unwrap(), 80 << 30);
-    assert_eq!(parse_size("80G").unwrap(), 80 << 30);
-    assert_eq!(parse_size("141GB").unwrap(), 141_000_000_000);
-    assert_eq!(parse_size("1.5TiB").unwrap(), 3 << 39);
-    assert_eq!(parse_size(" 1024 ").unwrap(), 1024);
-    for bad in ["", "GiB", "1.2.3G", "-5G", "10 parsecs"] {
-        assert!(parse_size(bad).is_err(), "{bad}");
-    }
 }

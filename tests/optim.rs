@@ -182,7 +182,7 @@ fn run_case(
         for (lo, hi, opt, p) in shards.iter_mut() {
             let g = Tensor::from_slice(&grad[*lo..*hi]).to_device(device);
             opt.step(p, &g, f64::from_bits(*lr)).unwrap();
-            assert_eq!(opt.step_count(), k as u64 + 1);
+            assert_eq!(opt.state().2, k as u64 + 1);
             assert_eq!(opt.kernel(), kernel, "{name} on {device:?}: the {kernel:?} path must run, not a fallback");
         }
         let params = gather(&shards, 0);
@@ -317,11 +317,9 @@ fn adamw_fused_matches_unfused_across_chunks_decay_runs_and_padding() {
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU: run with --ignored on a GPU machine"]
 fn adamw_on_cuda_matches_torch() {
-    if !zerokit::device::load_cuda() {
-        eprintln!("no CUDA device: skipped");
-        return;
-    }
+    assert!(zerokit::device::load_cuda(), "no CUDA device");
     for kernel in [AdamWKernel::Fused, AdamWKernel::Unfused] {
         for name in ["adamw_nanogpt.safetensors", "adamw_betas.safetensors"] {
             run_case(name, Device::Cuda(0), &[], kernel);
@@ -362,7 +360,7 @@ fn adamw_state_round_trip_resumes_exactly() {
     }
     assert_eq!(to_vec(&p1), to_vec(&p2));
     assert_eq!(to_vec(straight.state().1), to_vec(resumed.state().1));
-    assert_eq!(resumed.step_count(), 12);
+    assert_eq!(resumed.state().2, 12);
 
     let short = Tensor::zeros([layout.numel as i64 - 1], (Kind::Float, Device::Cpu));
     assert!(matches!(resumed.load_state(&short, &v, 3), Err(OptimError::BadTensor { .. })));
@@ -396,7 +394,7 @@ fn adamw_rejects_bad_input_without_panicking() {
     assert!(matches!(opt.step(&mut p, &g_half, 1e-3), Err(OptimError::BadTensor { .. })));
     assert!(matches!(opt.step(&mut p, &g, f64::NAN), Err(OptimError::BadLr(_))));
     assert!(matches!(opt.set_chunk_len(0), Err(OptimError::Config(_))));
-    assert_eq!(opt.step_count(), 0, "a rejected step must not advance the count");
+    assert_eq!(opt.state().2, 0, "a rejected step must not advance the count");
     opt.step(&mut p, &g, 1e-3).unwrap();
     // First step of Adam moves every element by about -lr (the gradient's sign).
     for x in to_vec(&p) {

@@ -11,6 +11,7 @@ use crate::interop::hf;
 use crate::interop::torch_pickle::{TorchFile, Value};
 use crate::model::GptConfig;
 use crate::tags::Latest;
+use crate::units::human_bytes;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -435,20 +436,6 @@ fn thousands(n: u64) -> String {
     out
 }
 
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
-    if n < 1024 {
-        return format!("{n} B");
-    }
-    let mut x = n as f64 / 1024.0;
-    let mut u = 0;
-    while x >= 1024.0 && u + 1 < UNITS.len() {
-        x /= 1024.0;
-        u += 1;
-    }
-    format!("{x:.1} {}", UNITS[u])
-}
-
 /// "k v, k v", the keys in `first` leading in that order, the rest after them.
 fn in_order<'a>(items: impl Iterator<Item = (&'a str, String)>, first: &[&str]) -> String {
     let mut items: Vec<(&str, String)> = items.collect();
@@ -595,8 +582,5 @@ mod tests {
     fn numbers_read_well() {
         assert_eq!(thousands(0), "0");
         assert_eq!(thousands(124475904), "124,475,904");
-        assert_eq!(human_bytes(807), "807 B");
-        assert_eq!(human_bytes(60696), "59.3 KiB");
-        assert_eq!(human_bytes(3 << 30), "3.0 GiB");
     }
 }

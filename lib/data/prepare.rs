@@ -19,6 +19,7 @@ use super::tokenize::{Encoding, Tokenizer};
 use super::{DataError, Dtype};
 use crate::fsutil::{self, thread_cpu_seconds, AtomicDir, BackgroundSha256};
 use crate::logging;
+use crate::units::human_bytes;
 use indicatif::ProgressBar;
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -748,19 +749,6 @@ fn check_splits(
         )));
     }
     Ok(())
-}
-
-fn human_bytes(n: u64) -> String {
-    let n = n as f64;
-    if n >= 1e9 {
-        format!("{:.2} GB", n / 1e9)
-    } else if n >= 1e6 {
-        format!("{:.1} MB", n / 1e6)
-    } else if n >= 1e3 {
-        format!("{:.1} kB", n / 1e3)
-    } else {
-        format!("{n} B")
-    }
 }
 
 #[cfg(test)]
