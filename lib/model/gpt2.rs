@@ -99,15 +99,6 @@ impl GptConfig {
         Ok(GptConfig { n_layer, n_head, n_embd, block_size: 1024, vocab_size: 50257 })
     }
 
-    /// The same model with the vocabulary rounded up to a multiple of `multiple` (64 gives
-    /// nanoGPT's 50304).
-    pub fn with_vocab_padded_to(mut self, multiple: usize) -> GptConfig {
-        if multiple > 0 {
-            self.vocab_size = self.vocab_size.div_ceil(multiple) * multiple;
-        }
-        self
-    }
-
     pub fn validate(&self) -> Result<(), ModelError> {
         let bad = |m: String| Err(ModelError::Config(m));
         if self.n_layer == 0 || self.n_head == 0 || self.n_embd == 0 {
@@ -124,10 +115,6 @@ impl GptConfig {
             return bad(format!("{self:?} is too large"));
         }
         Ok(())
-    }
-
-    pub fn head_dim(&self) -> usize {
-        self.n_embd / self.n_head
     }
 
     /// Every parameter in canonical order: wte, wpe, h.0.*, ..., h.{L-1}.*, ln_f.*.
@@ -380,11 +367,6 @@ impl Gpt {
 
     pub fn kind(&self) -> Kind {
         self.kind
-    }
-
-    /// Name, shape and weight-decay flag of every parameter, in canonical order.
-    pub fn param_specs(&self) -> Vec<ParamSpec> {
-        self.cfg.param_specs()
     }
 
     /// Final LayerNorm and the logits through the tied embedding: [B, T, C] to [B, T, V].
