@@ -239,109 +239,63 @@ fn u16_at(b: &[u8], at: u64) -> Result<u16, String> {
     slice_at(b, at, 2).map(|s| u16::from_le_bytes([s[0], s[1]]))
 }
 
-fn u32_at(b: &[u8], at: u64) -> Result<u32, String> {
-    slice_at(b, at, 4).map(|s| u32::from_le_bytes(s.try_into().expect("4 bytes")))
+/// What the zip crate reports about a directory it cannot read, in this module's words.
+fn directory_error(e: zip::result::ZipError) -> String {
+    match e {
+        zip::result::ZipError::InvalidArchive("Could not find central directory end") => {
+            "no end-of-central-directory record (truncated or not a zip file)".into()
+        }
+        zip::result::ZipError::Io(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            "the central directory runs past the end of the file (truncated?)".into()
+        }
+        e => e.to_string(),
+    }
 }
 
-fn u64_at(b: &[u8], at: u64) -> Result<u64, String> {
-    slice_at(b, at, 8).map(|s| u64::from_le_bytes(s.try_into().expect("8 bytes")))
-}
-
-/// Parses the zip's end records and central directory (zip64 included: optimizer files of
-/// large models exceed 4 GiB) into entry name -> data location. Every offset and size is checked
-/// against the file, so a damaged directory is an error, never a read elsewhere.
+/// Reads the zip's central directory (zip64 included: optimizer files of large models exceed
+/// 4 GiB) through the zip crate, into entry name -> where its bytes lie in `b`: torch stores
+/// entries uncompressed, so every storage is read in place from the memory map. Every entry is
+/// checked against the file, so a damaged directory is an error, never a read elsewhere: stored,
+/// sizes that agree, a local header that names it as the directory does, its bytes inside the
+/// file, and no second entry of its name.
 fn read_central_directory(b: &[u8]) -> Result<HashMap<String, Entry>, String> {
-    const EOCD: u32 = 0x0605_4b50;
     let len = b.len() as u64;
     if len < 22 {
         return Err(format!("file is {len} bytes, too short for a zip archive (truncated?)"));
     }
-    let lowest = len.saturating_sub(22 + 65535);
-    let eocd = (lowest..=len - 22)
-        .rev()
-        .find(|&i| u32_at(b, i).ok() == Some(EOCD))
-        .ok_or("no end-of-central-directory record (truncated or not a zip file)")?;
-    let mut count = u16_at(b, eocd + 10)? as u64;
-    let mut cd_size = u32_at(b, eocd + 12)? as u64;
-    let mut cd_off = u32_at(b, eocd + 16)? as u64;
-    if count == 0xFFFF || cd_size == 0xFFFF_FFFF || cd_off == 0xFFFF_FFFF {
-        let loc = eocd.checked_sub(20).ok_or("zip64 locator missing")?;
-        if u32_at(b, loc)? != 0x0706_4b50 {
-            return Err("zip64 end-of-central-directory locator missing".into());
-        }
-        let z64 = u64_at(b, loc + 8)?;
-        if u32_at(b, z64)? != 0x0606_4b50 {
-            return Err("zip64 end-of-central-directory record missing".into());
-        }
-        count = u64_at(b, z64 + 32)?;
-        cd_size = u64_at(b, z64 + 40)?;
-        cd_off = u64_at(b, z64 + 48)?;
-    }
-    if cd_off.checked_add(cd_size).is_none_or(|end| end > len) {
-        return Err("central directory lies outside the file (truncated?)".into());
-    }
+    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(b)).map_err(directory_error)?;
     let mut entries = HashMap::new();
-    let mut p = cd_off;
-    for _ in 0..count {
-        if u32_at(b, p)? != 0x0201_4b50 {
-            return Err(format!("bad central directory entry at byte {p}"));
-        }
-        let method = u16_at(b, p + 10)?;
-        let crc32 = u32_at(b, p + 16)?;
-        let mut csize = u32_at(b, p + 20)? as u64;
-        let mut usize_ = u32_at(b, p + 24)? as u64;
-        let nlen = u16_at(b, p + 28)? as u64;
-        let xlen = u16_at(b, p + 30)? as u64;
-        let clen = u16_at(b, p + 32)? as u64;
-        let mut local = u32_at(b, p + 42)? as u64;
-        let name = slice_at(b, p + 46, nlen as usize).map_err(|_| "truncated central directory")?;
-        let name = String::from_utf8_lossy(name).into_owned();
-        // Zip64 extra field: the 64-bit values, in this order, for each field saturated above.
-        let mut x = p + 46 + nlen;
-        let xend = x + xlen;
-        while x + 4 <= xend {
-            let id = u16_at(b, x)?;
-            let n = u16_at(b, x + 2)? as u64;
-            if id == 0x0001 {
-                let mut q = x + 4;
-                for field in [&mut usize_, &mut csize, &mut local] {
-                    if *field == 0xFFFF_FFFF {
-                        if q + 8 > x + 4 + n {
-                            return Err(format!("entry {name}: zip64 extra field too short"));
-                        }
-                        *field = u64_at(b, q)?;
-                        q += 8;
-                    }
-                }
+    for i in 0..zip.len() {
+        let e = zip.by_index_raw(i).map_err(|e| match e {
+            zip::result::ZipError::InvalidArchive("Invalid local file header") => {
+                format!("entry {i} of the central directory: local header missing (truncated?)")
             }
-            x += 4 + n;
-        }
-        if method != 0 {
+            e => directory_error(e),
+        })?;
+        let name = String::from_utf8_lossy(e.name_raw()).into_owned();
+        let (local, size, crc32) = (e.header_start(), e.compressed_size(), e.crc32());
+        if e.compression() != zip::CompressionMethod::Stored {
+            let method = u16_at(b, e.central_header_start() + 10)?;
             return Err(format!("entry {name} is compressed (method {method}); torch stores entries uncompressed"));
         }
-        if csize != usize_ {
-            return Err(format!("entry {name}: stored sizes disagree ({csize} vs {usize_})"));
+        if size != e.size() {
+            return Err(format!("entry {name}: stored sizes disagree ({size} vs {})", e.size()));
         }
-        if u32_at(b, local).ok() != Some(0x0403_4b50) {
-            return Err(format!("entry {name}: local header missing at byte {local} (truncated?)"));
-        }
-        let local_nlen = u16_at(b, local + 26)? as u64;
         // Names are the only link from the directory to the bytes that each CRC-32 covers.
-        let local_name = slice_at(b, local + 30, local_nlen as usize)?;
-        if local_name != name.as_bytes() {
+        let local_name = slice_at(b, local + 30, u16_at(b, local + 26)? as usize)?;
+        if local_name != e.name_raw() {
             let local_name = String::from_utf8_lossy(local_name);
             return Err(format!("entry {name}: its local header at byte {local} names it {local_name}"));
         }
-        let data_start = local + 30 + local_nlen + u16_at(b, local + 28)? as u64;
-        if data_start.checked_add(csize).is_none_or(|end| end > len) {
+        let data_start = e.data_start();
+        if data_start.checked_add(size).is_none_or(|end| end > len) {
             return Err(format!("entry {name}: data runs past the end of the file (truncated?)"));
         }
         // A second entry of the same name would make one storage's bytes stand in for another's
         // (each with its own valid CRC).
-        if entries.insert(name.clone(), Entry { data_start, size: csize, crc32 }).is_some() {
+        if entries.insert(name.clone(), Entry { data_start, size, crc32 }).is_some() {
             return Err(format!("entry {name} appears twice in the central directory"));
         }
-        p = xend + clen;
     }
     Ok(entries)
 }
