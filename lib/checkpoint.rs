@@ -159,7 +159,7 @@ pub fn any_checkpoint(root: &Path) -> Option<String> {
 }
 
 /// Finds the tag directory: `path` itself when it holds a manifest, else the tag that `tag`
-/// names or `latest` points to under `path` (lib/tags.rs checks that it stays inside `path`).
+/// names or `latest` points to under `path` (lib/formats/tags.rs checks that it stays inside `path`).
 pub fn resolve(path: &Path, tag: Option<&str>) -> Result<PathBuf, CheckpointError> {
     if tag.is_none() && path.join("manifest.json").is_file() {
         return Ok(path.to_path_buf());

@@ -1,11 +1,11 @@
 //! zero-to-fp32: consolidates a sharded training checkpoint into one set of full tensors, written
 //! as safetensors (one file, or a Hugging Face directory with shards and an index).
 //!
-//! Sources implement [`ShardedSource`] (lib/formats/source.rs): they describe their tensors up front and hand out byte
-//! ranges of them from any thread. Since every tensor's place in the output is known from the
-//! shapes alone, the work is cut into units of
-//! [`UNIT_ELEMS`](crate::formats::source::UNIT_ELEMS) elements that worker threads read,
-//! cast and write at their final offsets, in any order. Each worker holds one unit (stored and
+//! Sources implement [`ShardedSource`] (lib/formats/source.rs): they describe their tensors up
+//! front and hand out byte ranges of them from any thread. Since every tensor's place in the
+//! output is known from the shapes alone, the work is cut into units of
+//! [`UNIT_ELEMS`](crate::formats::source::UNIT_ELEMS) elements that worker threads read, cast
+//! and write at their final offsets, in any order. Each worker holds one unit (stored and
 //! output dtype): peak memory is a few MiB per thread plus fixed overhead, whatever the model.
 
 use crate::formats::dtype::{cast, DType};
@@ -121,7 +121,7 @@ pub struct Summary {
 }
 
 /// Finds the tag directory: `--tag`, else `checkpoint` itself when it is a tag, else the tag the
-/// root's `latest` names (lib/tags.rs checks that it stays inside the root).
+/// root's `latest` names (lib/formats/tags.rs checks that it stays inside the root).
 pub fn resolve_tag_dir(checkpoint: &Path, tag: Option<&str>) -> Result<PathBuf, ConvertError> {
     if !checkpoint.is_dir() {
         return Err(ConvertError::NotADir(checkpoint.to_path_buf()));

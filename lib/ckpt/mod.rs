@@ -238,25 +238,6 @@ pub struct VerifyArgs {
     pub scan: bool,
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn detects_what_a_path_is() {
-        let d = tempfile::tempdir().unwrap();
-        assert!(matches!(detect(&d.path().join("nope")), Err(CkptError::NotFound(_))));
-        assert!(matches!(detect(d.path()), Err(CkptError::UnknownFormat(_))));
-        let tag = d.path().join("step_00000001");
-        std::fs::create_dir(&tag).unwrap();
-        std::fs::write(tag.join("rank_00000.safetensors"), b"").unwrap();
-        assert_eq!(detect(&tag).unwrap(), Target::Tag(Format::Zerokit, tag.clone()));
-        assert_eq!(detect(d.path()).unwrap(), Target::Root(Format::Zerokit, d.path().to_path_buf()));
-        std::fs::write(d.path().join("notes.txt"), b"hello").unwrap();
-        assert!(matches!(detect(&d.path().join("notes.txt")), Err(CkptError::UnknownFormat(_))));
-    }
-}
-
 /// The weight files of a Hugging Face directory, and for a sharded one its index
 /// (path, tensor -> file).
 pub type ShardIndex = (PathBuf, BTreeMap<String, String>);
@@ -281,4 +262,23 @@ pub fn hf_weight_files(dir: &Path) -> Result<(Vec<String>, Option<ShardIndex>), 
     }
     let files: BTreeSet<String> = weight_map.values().cloned().collect();
     Ok((files.into_iter().collect(), Some((ip, weight_map))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn detects_what_a_path_is() {
+        let d = tempfile::tempdir().unwrap();
+        assert!(matches!(detect(&d.path().join("nope")), Err(CkptError::NotFound(_))));
+        assert!(matches!(detect(d.path()), Err(CkptError::UnknownFormat(_))));
+        let tag = d.path().join("step_00000001");
+        std::fs::create_dir(&tag).unwrap();
+        std::fs::write(tag.join("rank_00000.safetensors"), b"").unwrap();
+        assert_eq!(detect(&tag).unwrap(), Target::Tag(Format::Zerokit, tag.clone()));
+        assert_eq!(detect(d.path()).unwrap(), Target::Root(Format::Zerokit, d.path().to_path_buf()));
+        std::fs::write(d.path().join("notes.txt"), b"hello").unwrap();
+        assert!(matches!(detect(&d.path().join("notes.txt")), Err(CkptError::UnknownFormat(_))));
+    }
 }
