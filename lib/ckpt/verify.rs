@@ -670,7 +670,7 @@ fn scan_safetensors_values(h: &Header) -> Vec<String> {
     h.tensors
         .par_iter()
         .filter_map(|t| {
-            let dtype = DType::from_safetensors_name(&t.dtype.to_string()).filter(|d| d.is_float())?;
+            let dtype = DType::from_safetensors(t.dtype).filter(|d| d.is_float())?;
             let mut tally = Tally::default();
             let (s, e) = h.span(t);
             if let Err(err) =
