@@ -266,9 +266,11 @@ fn read_central_directory(b: &[u8]) -> Result<HashMap<String, Entry>, String> {
     let mut zip = zip::ZipArchive::new(std::io::Cursor::new(b)).map_err(directory_error)?;
     let mut entries = HashMap::new();
     for i in 0..zip.len() {
+        // The crate reads the entry's local header here (for where its data starts); the entry
+        // has no name to report until that succeeds.
         let e = zip.by_index_raw(i).map_err(|e| match e {
-            zip::result::ZipError::InvalidArchive("Invalid local file header") => {
-                format!("entry {i} of the central directory: local header missing (truncated?)")
+            zip::result::ZipError::InvalidArchive("Invalid local file header") | zip::result::ZipError::Io(_) => {
+                format!("entry {i} of the central directory: no local header where it says (truncated?)")
             }
             e => directory_error(e),
         })?;
