@@ -14,21 +14,24 @@
 //! stage and step, model.safetensors its step), and hash on request ([`check_files`]).
 
 use crate::comm::{Collectives, CommError, ControlPlane};
+use crate::formats::dtype::{DType, DTypeError};
 use crate::fsutil::{self, FsError};
-use crate::tags::{self, TagError};
+// Manifests record each file's size and sha256 as the safetensors writer reports them.
+pub use crate::formats::safetensors::FileEntry;
+use crate::formats::safetensors::{write_tensors, SafetensorsError};
+use crate::formats::tags::{self, TagError};
 use crate::zero::layout::{FlatLayout, Piece};
-use crate::zero::{PartitionState, ZeroState};
+use crate::zero::state::{PartitionState, ZeroState};
 use memmap2::Mmap;
 use safetensors::SafeTensors;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 pub const FORMAT: &str = "zerokit-checkpoint";
 pub const VERSION: u32 = 1;
@@ -50,16 +53,14 @@ pub enum CheckpointError {
     Tensor(#[from] tch::TchError),
     #[error(transparent)]
     Tag(#[from] TagError),
+    #[error(transparent)]
+    Write(#[from] SafetensorsError),
+    #[error(transparent)]
+    Dtype(#[from] DTypeError),
 }
 
 fn invalid(path: &Path, msg: impl Into<String>) -> CheckpointError {
     CheckpointError::Invalid { path: path.to_path_buf(), msg: msg.into() }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct FileEntry {
-    pub bytes: u64,
-    pub sha256: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -159,73 +160,8 @@ pub fn any_checkpoint(root: &Path) -> Option<String> {
     tags.into_iter().next()
 }
 
-/// safetensors dtype name of a tch kind.
-pub fn dtype_name(kind: Kind) -> &'static str {
-    match kind {
-        Kind::Float => "F32",
-        Kind::Half => "F16",
-        Kind::BFloat16 => "BF16",
-        Kind::Double => "F64",
-        Kind::Int64 => "I64",
-        _ => "U8",
-    }
-}
-
-/// Writes `tensors` as one safetensors file at `path` (atomically), streaming device tensors to
-/// disk in chunks so host memory stays bounded. Returns the file's size and sha256.
-pub fn write_safetensors(
-    path: &Path,
-    tensors: &[(String, Tensor)],
-    metadata: &BTreeMap<String, String>,
-) -> Result<FileEntry, CheckpointError> {
-    let mut header = serde_json::Map::new();
-    if !metadata.is_empty() {
-        header.insert("__metadata__".into(), serde_json::to_value(metadata).expect("strings serialize"));
-    }
-    let mut offset = 0usize;
-    for (name, t) in tensors {
-        let n = t.numel() * t.kind().elt_size_in_bytes();
-        header.insert(
-            name.clone(),
-            serde_json::json!({"dtype": dtype_name(t.kind()), "shape": t.size(), "data_offsets": [offset, offset + n]}),
-        );
-        offset += n;
-    }
-    let mut head = serde_json::to_vec(&serde_json::Value::Object(header)).expect("header serializes");
-    while head.len() % 8 != 0 {
-        head.push(b' ');
-    }
-    let mut file = fsutil::AtomicFile::create(path)?;
-    let mut hasher = Sha256::new();
-    let mut put = |f: &mut fsutil::AtomicFile, bytes: &[u8]| -> Result<(), CheckpointError> {
-        hasher.update(bytes);
-        f.write_all(bytes).map_err(|e| FsError::io(path, e))?;
-        Ok(())
-    };
-    put(&mut file, &(head.len() as u64).to_le_bytes())?;
-    put(&mut file, &head)?;
-    const CHUNK: i64 = 16 << 20; // elements per device-to-host copy
-    let mut buf = Vec::new();
-    for (_, t) in tensors {
-        let flat = t.detach().contiguous().view(-1);
-        let elt = t.kind().elt_size_in_bytes();
-        let mut start = 0;
-        while start < flat.numel() as i64 {
-            let len = CHUNK.min(flat.numel() as i64 - start);
-            let part = flat.narrow(0, start, len).to_device(Device::Cpu);
-            buf.resize(len as usize * elt, 0);
-            part.f_copy_data_u8(&mut buf, len as usize)?;
-            put(&mut file, &buf)?;
-            start += len;
-        }
-    }
-    let size = 8 + head.len() as u64 + offset as u64;
-    file.commit()?;
-    Ok(FileEntry { bytes: size, sha256: hex::encode(hasher.finalize()) })
-}
-
 /// Finds the tag directory: `path` itself when it holds a manifest, else the tag that `tag`
-/// names or `latest` points to under `path` (lib/tags.rs checks that it stays inside `path`).
+/// names or `latest` points to under `path` (lib/formats/tags.rs checks that it stays inside `path`).
 pub fn resolve(path: &Path, tag: Option<&str>) -> Result<PathBuf, CheckpointError> {
     if tag.is_none() && path.join("manifest.json").is_file() {
         return Ok(path.to_path_buf());
@@ -757,7 +693,7 @@ pub fn save(
             ("exp_avg_sq".to_string(), state.exp_avg_sq.shallow_clone()),
         ];
         let name = rank_file_name(state.partition);
-        let entry = write_safetensors(&partial.join(&name), &tensors, &rank_metadata(state, info.step))?;
+        let entry = write_tensors(&partial.join(&name), &tensors, None, &rank_metadata(state, info.step), None)?;
         save_point("rank file written", &tag);
         mine = serde_json::to_vec(&(name, entry)).expect("entry serializes");
     }
@@ -798,7 +734,7 @@ fn finish_save(
     // "format": "pt" is what transformers requires; the step ties the file to its tag.
     let model_meta =
         BTreeMap::from([("format".to_string(), MODEL_FORMAT.to_string()), ("step".to_string(), info.step.to_string())]);
-    files.insert(MODEL_FILE.into(), write_safetensors(&partial.join(MODEL_FILE), &model.tensors, &model_meta)?);
+    files.insert(MODEL_FILE.into(), write_tensors(&partial.join(MODEL_FILE), &model.tensors, None, &model_meta, None)?);
     save_point("model written", tag);
     // With config.json the tag is also a Hugging Face model directory.
     let hf_config = model.hf_config.as_bytes();
@@ -817,7 +753,7 @@ fn finish_save(
         world_size: state.world,
         zero_stage: state.stage,
         dtypes: BTreeMap::from([
-            ("model".to_string(), dtype_name(state.kind).to_string()),
+            ("model".to_string(), DType::from_kind(state.kind)?.safetensors_name().to_string()),
             ("master".to_string(), "F32".to_string()),
             ("optimizer".to_string(), "F32".to_string()),
         ]),

@@ -1,18 +1,21 @@
 //! zero-to-fp32: consolidates a sharded training checkpoint into one set of full tensors, written
 //! as safetensors (one file, or a Hugging Face directory with shards and an index).
 //!
-//! Sources implement [`ShardedSource`]: they describe their tensors up front and hand out byte
-//! ranges of them from any thread. Since every tensor's place in the output is known from the
-//! shapes alone, the work is cut into units of [`UNIT_ELEMS`] elements that worker threads read,
-//! cast and write at their final offsets, in any order. Each worker holds one unit (stored and
+//! Sources implement [`ShardedSource`] (lib/formats/source.rs): they describe their tensors up
+//! front and hand out byte ranges of them from any thread. Since every tensor's place in the
+//! output is known from the shapes alone, the work is cut into units of
+//! [`UNIT_ELEMS`](crate::formats::source::UNIT_ELEMS) elements that worker threads read, cast
+//! and write at their final offsets, in any order. Each worker holds one unit (stored and
 //! output dtype): peak memory is a few MiB per thread plus fixed overhead, whatever the model.
 
-use crate::fsutil::{self, AtomicDir, AtomicFile, FsError};
+use crate::formats::dtype::{cast, DType};
+use crate::formats::safetensors::{self as st, SafetensorsError, TensorSpec};
+use crate::formats::source::{units, ShardedSource, SourceError, TensorInfo};
+use crate::formats::tags::{self, TagError};
+use crate::fsutil::{self, AtomicDir, FsError};
 use crate::interop::deepspeed::{self, DeepSpeedError, DeepSpeedSource};
-use crate::interop::safetensors_out::{self, SafetensorsOutError, TensorSpec};
-use crate::interop::torch_pickle::DType;
 use crate::interop::zerokit_source::{self, ZerokitSource, ZerokitSourceError};
-use crate::tags::{self, TagError};
+use crate::units::{parse_size, SizeError};
 use rayon::prelude::*;
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -20,57 +23,6 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tracing::info;
-
-/// Errors a source reports while reading; they name their file.
-pub type SourceError = Box<dyn std::error::Error + Send + Sync>;
-
-/// One tensor of a source, as stored.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TensorInfo {
-    pub name: String,
-    pub shape: Vec<usize>,
-    /// The stored dtype of the bytes `read_range` returns.
-    pub dtype: DType,
-    /// Not trained (excluded by `--exclude-frozen`).
-    pub frozen: bool,
-}
-
-impl TensorInfo {
-    pub fn numel(&self) -> u64 {
-        self.shape.iter().product::<usize>() as u64
-    }
-}
-
-/// A checkpoint that can be consolidated piece by piece, from several threads at once.
-pub trait ShardedSource: Sync {
-    /// One line for the log, e.g. "DeepSpeed ZeRO-2 checkpoint, 4 ranks, fp16".
-    fn format(&self) -> String;
-    /// Every tensor of the consolidated model, in output order.
-    fn describe(&self) -> Vec<TensorInfo>;
-    /// Checks that reading relies on, run once before the first `read_range` (DeepSpeed: the
-    /// CRC-32 of every storage that is read), in parallel on rayon's current pool.
-    fn prepare(&self) -> Result<(), SourceError> {
-        Ok(())
-    }
-    /// Bytes [start, start + out.len()) of tensor `name`, little-endian in its
-    /// `TensorInfo::dtype`, into `out`. Ranges are whole elements.
-    fn read_range(&self, name: &str, start: u64, out: &mut [u8]) -> Result<(), SourceError>;
-    /// A transformers `config.json` for the model with its floating-point parameters stored as
-    /// `dtype`, when the source knows the architecture.
-    fn hf_config(&self, dtype: DType) -> Option<serde_json::Value>;
-    /// Checks the whole source against its own integrity records before anything is converted
-    /// (`--verify`), naming every damaged file.
-    fn verify(&self) -> Result<(), SourceError>;
-}
-
-/// Elements per unit of work: small enough that a worker's buffers stay at a few MiB, large
-/// enough that the per-unit system calls cost nothing.
-pub const UNIT_ELEMS: u64 = 1 << 20;
-
-/// The units of a tensor of `numel` elements: (first element, element count).
-pub fn units(numel: u64) -> impl Iterator<Item = (u64, u64)> {
-    (0..numel.div_ceil(UNIT_ELEMS)).map(move |k| (k * UNIT_ELEMS, UNIT_ELEMS.min(numel - k * UNIT_ELEMS)))
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConvertError {
@@ -80,8 +32,8 @@ pub enum ConvertError {
     Zerokit(#[from] ZerokitSourceError),
     #[error(transparent)]
     Fs(#[from] FsError),
-    #[error("{path}: {source}")]
-    Write { path: PathBuf, source: SafetensorsOutError },
+    #[error(transparent)]
+    Write(#[from] SafetensorsError),
     #[error("{0}")]
     Source(SourceError),
     #[error("{0}: not a directory")]
@@ -91,7 +43,7 @@ pub enum ConvertError {
     #[error("{0}: not a checkpoint zero-to-fp32 can read (neither zerokit nor DeepSpeed files found)")]
     UnknownFormat(PathBuf),
     #[error("--max-shard-size: {0}")]
-    ShardSize(SafetensorsOutError),
+    ShardSize(SizeError),
     #[error("{0}")]
     Threads(String),
 }
@@ -169,7 +121,7 @@ pub struct Summary {
 }
 
 /// Finds the tag directory: `--tag`, else `checkpoint` itself when it is a tag, else the tag the
-/// root's `latest` names (lib/tags.rs checks that it stays inside the root).
+/// root's `latest` names (lib/formats/tags.rs checks that it stays inside the root).
 pub fn resolve_tag_dir(checkpoint: &Path, tag: Option<&str>) -> Result<PathBuf, ConvertError> {
     if !checkpoint.is_dir() {
         return Err(ConvertError::NotADir(checkpoint.to_path_buf()));
@@ -233,13 +185,12 @@ pub fn convert(source: &dyn ShardedSource, args: &ConvertArgs) -> Result<Summary
     let shards = if single {
         vec![(0..specs.len()).collect()]
     } else {
-        let max = safetensors_out::parse_shard_size(&args.max_shard_size).map_err(ConvertError::ShardSize)?;
-        safetensors_out::plan_shards(&specs, max)
+        st::plan_shards(&specs, shard_size(&args.max_shard_size)?)
     };
     let names: Vec<String> = if single {
         vec![args.output.file_name().unwrap_or_default().to_string_lossy().into_owned()]
     } else {
-        (0..shards.len()).map(|k| safetensors_out::shard_file_name(k, shards.len())).collect()
+        (0..shards.len()).map(|k| st::shard_file_name(k, shards.len())).collect()
     };
     info!("{}: {}", args.checkpoint.display(), source.format());
     if args.verify {
@@ -297,24 +248,16 @@ pub fn convert(source: &dyn ShardedSource, args: &ConvertArgs) -> Result<Summary
             Some(d) => d.path().join(&names[k]),
             None => args.output.clone(),
         };
-        // Errors name the file the user asked for, not the temporary one.
-        let shown = match &dir {
-            Some(_) => args.output.join(&names[k]),
-            None => args.output.clone(),
-        };
-        let werr = |e: std::io::Error| ConvertError::Write { path: shown.clone(), source: e.into() };
-        let mut file = AtomicFile::create(&final_path)?;
+        // Errors name the file the user asked for, not the temporary one (fsutil::shown).
+        let werr = |e: std::io::Error| ConvertError::Write(SafetensorsError::write(&final_path, e));
         let shard_specs: Vec<TensorSpec> = shard.iter().map(|&i| specs[i].clone()).collect();
-        let header = safetensors_out::header_bytes(&shard_specs, &meta);
-        let out = file.positional().map_err(werr)?;
-        out.write_all_at(&header, 0).map_err(werr)?;
-        let mut at = header.len() as u64;
+        let mut file = st::Writer::create(&final_path, &shard_specs, &meta)?;
         let mut work = Vec::new();
-        for &i in shard {
-            work.extend(units(infos[i].numel()).map(|(e0, n)| (i, at, e0, n)));
-            at += specs[i].nbytes();
+        for (j, &i) in shard.iter().enumerate() {
+            work.extend(units(infos[i].numel()).map(|(e0, n)| (i, file.start(j), e0, n)));
             weight_map.insert(infos[i].name.clone(), names[k].clone());
         }
+        let out = file.positional()?;
         work.par_iter().try_for_each_init(
             || (Vec::new(), Vec::new()),
             |(raw, cast_buf), &(i, tensor_at, e0, n)| {
@@ -332,14 +275,11 @@ pub fn convert(source: &dyn ShardedSource, args: &ConvertArgs) -> Result<Summary
                 Ok::<(), ConvertError>(())
             },
         )?;
-        file.commit().map_err(|e| match e {
-            FsError::Io { source, .. } => werr(source),
-            other => other.into(),
-        })?;
+        file.commit()?;
     }
     if let Some(d) = dir {
         if names.len() > 1 {
-            let index = safetensors_out::index_json(&weight_map, total_bytes);
+            let index = st::index_json(&weight_map, total_bytes);
             crate::fsutil::write_atomic(
                 &d.path().join("model.safetensors.index.json"),
                 &serde_json::to_vec_pretty(&index).expect("json serializes"),
@@ -384,63 +324,6 @@ fn write_unit(file: &File, offset: u64, bytes: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Converts little-endian elements between dtypes, rounding to nearest-even as torch's `.to()`.
-pub fn cast(src: &[u8], from: DType, to: DType, out: &mut Vec<u8>) {
-    out.clear();
-    out.reserve(src.len() / from.size() * to.size());
-    let n = src.len() / from.size();
-    match (from, to) {
-        (DType::F32, DType::F16) => {
-            for c in src.chunks_exact(4) {
-                let x = f32::from_le_bytes(c.try_into().unwrap());
-                out.extend_from_slice(&half::f16::from_f32(x).to_le_bytes());
-            }
-        }
-        (DType::F32, DType::BF16) => {
-            for c in src.chunks_exact(4) {
-                let x = f32::from_le_bytes(c.try_into().unwrap());
-                out.extend_from_slice(&half::bf16::from_f32(x).to_le_bytes());
-            }
-        }
-        _ => {
-            for i in 0..n {
-                let x = read_f64(&src[i * from.size()..], from);
-                write_f64(out, x, to);
-            }
-        }
-    }
-}
-
-fn read_f64(b: &[u8], d: DType) -> f64 {
-    match d {
-        DType::F64 => f64::from_le_bytes(b[..8].try_into().unwrap()),
-        DType::F32 => f32::from_le_bytes(b[..4].try_into().unwrap()) as f64,
-        DType::F16 => half::f16::from_le_bytes([b[0], b[1]]).to_f64(),
-        DType::BF16 => half::bf16::from_le_bytes([b[0], b[1]]).to_f64(),
-        // Integer tensors are never cast (out_dtype keeps them), so this is unreachable in use.
-        DType::I64 => i64::from_le_bytes(b[..8].try_into().unwrap()) as f64,
-        DType::I32 => i32::from_le_bytes(b[..4].try_into().unwrap()) as f64,
-        DType::I16 => i16::from_le_bytes([b[0], b[1]]) as f64,
-        DType::I8 => b[0] as i8 as f64,
-        DType::U8 | DType::Bool => b[0] as f64,
-    }
-}
-
-fn write_f64(out: &mut Vec<u8>, x: f64, d: DType) {
-    match d {
-        // f64 -> f32 -> half would round twice; go straight from f64.
-        DType::F64 => out.extend_from_slice(&x.to_le_bytes()),
-        DType::F32 => out.extend_from_slice(&(x as f32).to_le_bytes()),
-        DType::F16 => out.extend_from_slice(&half::f16::from_f64(x).to_le_bytes()),
-        DType::BF16 => out.extend_from_slice(&half::bf16::from_f64(x).to_le_bytes()),
-        DType::I64 => out.extend_from_slice(&(x as i64).to_le_bytes()),
-        DType::I32 => out.extend_from_slice(&(x as i32).to_le_bytes()),
-        DType::I16 => out.extend_from_slice(&(x as i16).to_le_bytes()),
-        DType::I8 => out.push(x as i8 as u8),
-        DType::U8 | DType::Bool => out.push(x as u8),
-    }
-}
-
 /// This process's peak resident set (VmHWM), on Linux.
 pub fn peak_rss() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -449,25 +332,21 @@ pub fn peak_rss() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// `--max-shard-size`: a size ([`parse_size`]) of at least one byte.
+fn shard_size(s: &str) -> Result<u64, ConvertError> {
+    parse_size(s).ok().filter(|&n| n >= 1).ok_or_else(|| ConvertError::ShardSize(SizeError(s.into())))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn casts_round_to_nearest_even_like_torch() {
-        // 1 + 2^-8 + 2^-9 lies above the bf16 midpoint: rounds up; 1 + 2^-8 is a tie: to even.
-        let xs = [1.0f32 + 1.0 / 256.0 + 1.0 / 512.0, 1.0 + 1.0 / 256.0, -2.5, 65520.0];
-        let src: Vec<u8> = xs.iter().flat_map(|x| x.to_le_bytes()).collect();
-        let mut out = vec![];
-        cast(&src, DType::F32, DType::BF16, &mut out);
-        let got: Vec<u16> = out.chunks(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
-        assert_eq!(got, vec![0x3f81, 0x3f80, 0xc020, 0x4780]);
-        cast(&src, DType::F32, DType::F16, &mut out);
-        let got: Vec<u16> = out.chunks(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
-        // 65520 overflows half's range on rounding: inf, as torch gives.
-        assert_eq!(got, vec![0x3c06, 0x3c04, 0xc100, 0x7c00]);
-        let mut back = vec![];
-        cast(&out, DType::F16, DType::F32, &mut back);
-        assert_eq!(f32::from_le_bytes(back[8..12].try_into().unwrap()), -2.5);
+    fn shard_sizes_parse_like_transformers() {
+        assert_eq!(shard_size("5GB").unwrap(), 5_000_000_000);
+        assert_eq!(shard_size("2MiB").unwrap(), 2 << 20);
+        assert_eq!(shard_size("1234").unwrap(), 1234);
+        assert!(shard_size("lots").is_err());
+        assert!(shard_size("0").is_err());
     }
 }

@@ -6,6 +6,7 @@
 //! estimate_zero3_model_states_mem_needs) are reproduced exactly in `deepspeed_zero2` and
 //! `deepspeed_zero3`, and shown beside zerokit's figures.
 
+use crate::formats::dtype::DType;
 use crate::model::GptConfig;
 use crate::units::{parse_size, SizeError};
 use serde::Serialize;
@@ -86,6 +87,9 @@ impl ModelShape {
     }
 }
 
+/// The precision a training set-up keeps its parameters and activations in (`--dtype`): a
+/// choice of the estimate, named as DeepSpeed's configs name it; its tensors' element type is a
+/// [`DType`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Dtype {
@@ -103,11 +107,17 @@ impl Dtype {
         }
     }
 
-    pub fn bytes(self) -> u64 {
+    /// The element type of tensors stored in this precision.
+    pub fn tensor_dtype(self) -> DType {
         match self {
-            Dtype::Fp32 => 4,
-            Dtype::Fp16 | Dtype::Bf16 => 2,
+            Dtype::Fp32 => DType::F32,
+            Dtype::Fp16 => DType::F16,
+            Dtype::Bf16 => DType::BF16,
         }
+    }
+
+    pub fn bytes(self) -> u64 {
+        self.tensor_dtype().size() as u64
     }
 }
 

@@ -646,7 +646,7 @@ fn deepspeed_damage_is_named() {
     // A flipped byte inside the fp32 partition's storage: the zip's CRC-32 catches it.
     let (_t, root) = fresh();
     let f = tag(&root).join("bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt");
-    let tf = zerokit::interop::torch_pickle::TorchFile::open(&f).unwrap();
+    let tf = zerokit::formats::torch_zip::TorchFile::open(&f).unwrap();
     let part = common::deepspeed_fp32_partition(&tf).clone();
     let (start, len) = tf.tensor_span(&part).unwrap();
     drop(tf);

@@ -214,7 +214,7 @@ fn corrupted_pickle_storage_and_version_are_errors() {
     // Flipped bits in the fp32 weights: caught by the zip's CRC.
     let dir = copy_case("s2_bf16_w2", &tmp.path().join("b"));
     let mut buf = std::fs::read(dir.join(file)).unwrap();
-    let src = zerokit::interop::torch_pickle::TorchFile::open(&dir.join(file)).unwrap();
+    let src = zerokit::formats::torch_zip::TorchFile::open(&dir.join(file)).unwrap();
     let key = common::deepspeed_fp32_partition(&src).storage_key.clone();
     drop(src);
     let at = torch_zip::find(&buf, &format!("data/{key}")).unwrap().data;
@@ -282,7 +282,7 @@ fn a_central_directory_at_odds_with_the_local_headers_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = copy_case("s2_bf16_w2", tmp.path());
     let file = "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt";
-    let tf = zerokit::interop::torch_pickle::TorchFile::open(&dir.join(file)).unwrap();
+    let tf = zerokit::formats::torch_zip::TorchFile::open(&dir.join(file)).unwrap();
     let master = common::deepspeed_fp32_partition(&tf).storage_key.clone();
     drop(tf);
     let mut buf = std::fs::read(dir.join(file)).unwrap();

@@ -96,6 +96,12 @@ pub fn parse_header(path: &Path, file_len: u64, f: &mut impl Read) -> Result<Hea
     let Value::Object(obj) = json else {
         return Err(one("header is not a JSON object".into()));
     };
+    // A JSON object keeps the last of two equal keys; the safetensors crate reads (and may
+    // refuse) every one, so a name given twice would be checked here in one form and read there
+    // in another.
+    if let Some(name) = repeated_key(text) {
+        return Err(one(format!("{name} appears twice in the header")));
+    }
 
     let data_start = 8 + n;
     let data_len = file_len - data_start;
@@ -212,6 +218,30 @@ fn tensor_entry(name: &str, v: &Value) -> Result<HeaderTensor, String> {
     Ok(HeaderTensor { name: name.to_string(), dtype, shape, begin, end })
 }
 
+/// The first top-level key of a JSON object that appears twice, if any.
+fn repeated_key(text: &str) -> Option<String> {
+    struct Keys;
+    impl<'de> serde::de::Visitor<'de> for Keys {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            let mut repeated = None;
+            while let Some(k) = map.next_key::<String>()? {
+                map.next_value::<serde::de::IgnoredAny>()?;
+                if repeated.is_none() && !seen.insert(k.clone()) {
+                    repeated = Some(k);
+                }
+            }
+            Ok(repeated)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_str(text);
+    serde::Deserializer::deserialize_map(&mut de, Keys).ok().flatten()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -278,6 +308,12 @@ mod tests {
         let h = format!(r#"{{{ok},"e":{{"dtype":"F32","shape":[0],"data_offsets":[4,4]}}}}"#);
         let bytes = [&(h.len() as u64).to_le_bytes()[..], h.as_bytes(), &[0; 8]].concat();
         assert!(safetensors::SafeTensors::deserialize(&bytes).is_err());
+        // A name given twice, the first time with a dtype the crate refuses (a fuzzing find):
+        // a JSON object would keep only the second.
+        let h = format!(r#"{{"a":{{"dtype":"Bt","shape":[2],"data_offsets":[0,8]}},{ok}}}"#);
+        let bytes = [&(h.len() as u64).to_le_bytes()[..], h.as_bytes(), &[0; 8]].concat();
+        assert!(safetensors::SafeTensors::deserialize(&bytes).is_err());
+        assert!(problems(&h, 8).contains("a appears twice in the header"), "{}", problems(&h, 8));
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("short");
         std::fs::write(&p, [1u8, 2, 3]).unwrap();

@@ -3,14 +3,16 @@
 //! tensor data, so it is instant on any checkpoint size.
 
 use super::header::read_header;
-use super::{list_root, tag_dir, verify, CkptError, Format, InspectArgs, Target};
+use super::{hf_weight_files, layout, list_root, tag_dir, CkptError, Format, InspectArgs, Target};
 use crate::checkpoint::{self, Manifest};
-use crate::convert::ShardedSource;
+use crate::formats::dtype::DType;
+use crate::formats::source::ShardedSource;
+use crate::formats::tags::Latest;
+use crate::formats::torch_pickle::Value;
+use crate::formats::torch_zip::TorchFile;
 use crate::interop::deepspeed::DeepSpeedSource;
 use crate::interop::hf;
-use crate::interop::torch_pickle::{TorchFile, Value};
 use crate::model::GptConfig;
-use crate::tags::Latest;
 use crate::units::human_bytes;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -193,7 +195,7 @@ fn zerokit(dir: &Path, tensors: bool) -> Result<Inspection, CkptError> {
     if tensors {
         // The table walks the layout's pieces, which index its parameter table: refuse a layout
         // that does not hold together rather than describe it wrongly.
-        let lp = verify::layout_problems(&m.layout, &dir.join("manifest.json"));
+        let lp = layout::layout_problems(&m.layout, &dir.join("manifest.json"));
         if !lp.is_empty() {
             return Err(CkptError::Damaged(lp));
         }
@@ -210,7 +212,7 @@ fn zerokit(dir: &Path, tensors: bool) -> Result<Inspection, CkptError> {
             }
         }
         let dtype = m.dtypes.get("model").cloned().unwrap_or_default();
-        let es = crate::interop::torch_pickle::DType::from_safetensors_name(&dtype).map_or(0, |d| d.size()) as u64;
+        let es = DType::from_safetensors_name(&dtype).map_or(0, |d| d.size()) as u64;
         i.tensors = Some(
             l.params
                 .iter()
@@ -374,32 +376,6 @@ fn safetensors_file(path: &Path, tensors: bool) -> Result<Inspection, CkptError>
     safetensors_rows(dir, std::slice::from_ref(&name), &mut i, tensors)?;
     i.files = file_sizes(dir, [name]);
     Ok(i)
-}
-
-/// The weight files of a Hugging Face directory, and for a sharded one its index
-/// (path, tensor -> file).
-pub type ShardIndex = (PathBuf, BTreeMap<String, String>);
-
-pub fn hf_weight_files(dir: &Path) -> Result<(Vec<String>, Option<ShardIndex>), CkptError> {
-    if dir.join(hf::WEIGHTS_FILE).is_file() {
-        return Ok((vec![hf::WEIGHTS_FILE.into()], None));
-    }
-    let ip = dir.join(hf::INDEX_FILE);
-    let damaged = |msg: String| CkptError::Damaged(vec![format!("{}: {msg}", ip.display())]);
-    let text = std::fs::read_to_string(&ip).map_err(|e| CkptError::Io { path: ip.clone(), source: e })?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| damaged(format!("not valid JSON ({e})")))?;
-    let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| damaged("no weight_map object".into()))?;
-    let mut weight_map = BTreeMap::new();
-    for (k, f) in map {
-        match f.as_str() {
-            Some(f) if crate::tags::valid_tag_name(f) => {
-                weight_map.insert(k.clone(), f.to_string());
-            }
-            _ => return Err(damaged(format!("{k} maps to {f}, not a file name in this directory"))),
-        }
-    }
-    let files: BTreeSet<String> = weight_map.values().cloned().collect();
-    Ok((files.into_iter().collect(), Some((ip, weight_map))))
 }
 
 fn hf_dir(dir: &Path, tensors: bool) -> Result<Inspection, CkptError> {

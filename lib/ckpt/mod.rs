@@ -5,14 +5,16 @@
 
 pub mod header;
 pub mod inspect;
+pub mod layout;
 pub mod verify;
 
 use crate::checkpoint::{self, CheckpointError};
+use crate::formats::tags::{self, Latest, TagError};
+use crate::formats::torch_zip::TorchError;
 use crate::interop::deepspeed::{self, DeepSpeedError};
 use crate::interop::hf;
-use crate::interop::torch_pickle::TorchError;
-use crate::tags::{self, Latest, TagError};
 use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 /// What stops inspect or verify before they can look at a checkpoint's contents. `ckpt verify`
@@ -234,6 +236,32 @@ pub struct VerifyArgs {
     /// moments, and (zerokit) the model file against the fp32 master weights.
     #[arg(long)]
     pub scan: bool,
+}
+
+/// The weight files of a Hugging Face directory, and for a sharded one its index
+/// (path, tensor -> file).
+pub type ShardIndex = (PathBuf, BTreeMap<String, String>);
+
+pub fn hf_weight_files(dir: &Path) -> Result<(Vec<String>, Option<ShardIndex>), CkptError> {
+    if dir.join(hf::WEIGHTS_FILE).is_file() {
+        return Ok((vec![hf::WEIGHTS_FILE.into()], None));
+    }
+    let ip = dir.join(hf::INDEX_FILE);
+    let damaged = |msg: String| CkptError::Damaged(vec![format!("{}: {msg}", ip.display())]);
+    let text = std::fs::read_to_string(&ip).map_err(|e| CkptError::Io { path: ip.clone(), source: e })?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| damaged(format!("not valid JSON ({e})")))?;
+    let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| damaged("no weight_map object".into()))?;
+    let mut weight_map = BTreeMap::new();
+    for (k, f) in map {
+        match f.as_str() {
+            Some(f) if tags::valid_tag_name(f) => {
+                weight_map.insert(k.clone(), f.to_string());
+            }
+            _ => return Err(damaged(format!("{k} maps to {f}, not a file name in this directory"))),
+        }
+    }
+    let files: BTreeSet<String> = weight_map.values().cloned().collect();
+    Ok((files.into_iter().collect(), Some((ip, weight_map))))
 }
 
 #[cfg(test)]

@@ -15,13 +15,15 @@
 use super::header::{read_header, Header};
 use super::{list_root, tag_dir, CkptError, Format, RootListing, Target, VerifyArgs};
 use crate::checkpoint::{self, FileEntry, Manifest, PartitionReader, TagFile, PARTITION_TENSORS};
-use crate::convert::{self, ShardedSource};
+use crate::formats::dtype::{cast, DType};
+use crate::formats::source::{units, ShardedSource};
+use crate::formats::tags::{valid_tag_name, Latest};
+use crate::formats::torch_pickle::{TensorRef, Value};
+use crate::formats::torch_zip::TorchFile;
 use crate::interop::deepspeed::{self, DeepSpeedSource};
 use crate::interop::hf;
-use crate::interop::torch_pickle::{DType, TensorRef, TorchFile, Value};
 use crate::logging;
 use crate::model::GptConfig;
-use crate::tags::{valid_tag_name, Latest};
 use crate::zero::layout::{FlatLayout, Piece};
 use indicatif::ProgressBar;
 use rayon::prelude::*;
@@ -208,7 +210,7 @@ pub fn verify_zerokit_tag(dir: &Path, scan: bool) -> Vec<String> {
         Err(e) => return vec![e.to_string()],
     };
     let mut p = manifest_problems(dir, &m);
-    let layout = layout_problems(&m.layout, &mpath);
+    let layout = super::layout::layout_problems(&m.layout, &mpath);
     let layout_ok = layout.is_empty();
     p.extend(layout);
     let parts = if layout_ok { m.layout.parts } else { 0 };
@@ -407,60 +409,6 @@ fn compare_tables(
         out.push(line(path, format!("{} more differences between the {a_name} and the {b_name}", n - SHOWN)));
     }
     out
-}
-
-/// A manifest layout checked against the format's rules, without trusting any of its derived
-/// numbers: parameter sizes, bucket membership and tiling, padding exactly as declared (each
-/// bucket rounded up to a multiple of parts x ALIGN, no more), offsets and totals, and then
-/// the partitions of every rank tiling every parameter exactly once. One line per problem.
-pub fn layout_problems(l: &FlatLayout, file: &Path) -> Vec<String> {
-    // Well-formedness is FlatLayout's own check (read_manifest runs it too); verify adds the
-    // partitions' coverage below, which costs a pass per rank.
-    let mut p: Vec<String> = l.problems().into_iter().map(|m| line(file, format!("layout: {m}"))).collect();
-    if !p.is_empty() {
-        return p;
-    }
-    // The layout is well formed; now its partitions: within bounds, disjoint, and together
-    // holding every element of every parameter exactly once.
-    let mut covered: Vec<Vec<(usize, usize)>> = vec![Vec::new(); l.params.len()];
-    for r in 0..l.parts {
-        let mut pieces = l.pieces(r);
-        pieces.sort_by_key(|pc| pc.partition_offset);
-        let mut end = 0;
-        for pc in &pieces {
-            if pc.partition_offset < end || pc.partition_offset + pc.len > l.partition {
-                p.push(line(
-                    file,
-                    format!(
-                        "layout: rank {r}'s partition: a piece of {} at {} overlaps another or exceeds {}",
-                        l.params[pc.param].name, pc.partition_offset, l.partition
-                    ),
-                ));
-            }
-            end = pc.partition_offset + pc.len;
-            covered[pc.param].push((pc.param_offset, pc.len));
-        }
-    }
-    for (pi, c) in covered.iter_mut().enumerate() {
-        c.sort();
-        let mut pos = 0;
-        for &(off, len) in c.iter() {
-            if off != pos {
-                p.push(line(
-                    file,
-                    format!("layout: the partitions hold {} from element {off}, expected {pos}", l.params[pi].name),
-                ));
-            }
-            pos = off + len;
-        }
-        if pos != l.params[pi].numel {
-            p.push(line(
-                file,
-                format!("layout: the partitions hold {pos} of {}'s {} elements", l.params[pi].name, l.params[pi].numel),
-            ));
-        }
-    }
-    p
 }
 
 /// The positions of rank `r`'s partition that no parameter covers, as [start, end) ranges.
@@ -688,9 +636,9 @@ fn scan_model_file(dir: &Path, h: &Header, m: &Manifest) -> Vec<String> {
                 }
                 master_bytes.clear();
                 master_bytes.extend(master.iter().flat_map(|x| x.to_le_bytes()));
-                convert::cast(&master_bytes, DType::F32, dtype, &mut want);
+                cast(&master_bytes, DType::F32, dtype, &mut want);
                 if want != bytes {
-                    convert::cast(bytes, dtype, DType::F32, &mut have32);
+                    cast(bytes, dtype, DType::F32, &mut have32);
                     for (k, (a, b)) in bytes.chunks_exact(es as usize).zip(want.chunks_exact(es as usize)).enumerate() {
                         if a != b {
                             differ += 1;
@@ -722,7 +670,7 @@ fn scan_safetensors_values(h: &Header) -> Vec<String> {
     h.tensors
         .par_iter()
         .filter_map(|t| {
-            let dtype = DType::from_safetensors_name(&t.dtype.to_string()).filter(|d| d.is_float())?;
+            let dtype = DType::from_safetensors(t.dtype).filter(|d| d.is_float())?;
             let mut tally = Tally::default();
             let (s, e) = h.span(t);
             if let Err(err) =
@@ -760,7 +708,7 @@ fn check_hf_dir(dir: &Path, scan: bool) -> Vec<String> {
             }
         }
     }
-    let (files, index) = match super::inspect::hf_weight_files(dir) {
+    let (files, index) = match super::hf_weight_files(dir) {
         Ok(x) => x,
         Err(e) => {
             p.push(e.to_string());
@@ -829,7 +777,7 @@ pub fn verify_deepspeed_tag(dir: &Path, scan: bool) -> Vec<String> {
         'tensors: for t in src.describe().into_iter().filter(|t| t.dtype.is_float()) {
             let mut tally = Tally::default();
             let size = t.dtype.size() as u64;
-            for (e0, n) in convert::units(t.numel()) {
+            for (e0, n) in units(t.numel()) {
                 buf.resize((n * size) as usize, 0);
                 if let Err(e) = src.read_range(&t.name, e0 * size, &mut buf) {
                     p.push(e.to_string());

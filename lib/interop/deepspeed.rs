@@ -21,8 +21,10 @@
 //! Every tensor is planned as a list of byte ranges in the memory-mapped rank files, so reading
 //! one parameter touches only its own bytes, and the Adam moments are never read at all.
 
-use crate::convert::{ShardedSource, SourceError, TensorInfo};
-use crate::interop::torch_pickle::{DType, TensorRef, TorchError, TorchFile, Value};
+use crate::formats::dtype::DType;
+use crate::formats::source::{ShardedSource, SourceError, TensorInfo};
+use crate::formats::torch_pickle::{TensorRef, Value};
+use crate::formats::torch_zip::{TorchError, TorchFile};
 use rayon::prelude::*;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};

@@ -4,13 +4,14 @@
 //! `transformer.` prefix, the `attn.bias`/`attn.masked_bias` mask buffers of old checkpoints and a
 //! stored `lm_head.weight` equal to wte are accepted on the way in.
 
+use crate::formats::dtype::{DType, DTypeError};
+use crate::formats::safetensors::{write_tensors, SafetensorsError};
 use crate::fsutil::{self, AtomicDir, FsError};
 use crate::model::gpt2::{check_kind, Gpt, GptConfig, ModelError, ParamSpec, LAYER_NORM_EPS, WTE};
 use crate::model::Model;
 use memmap2::Mmap;
-use safetensors::tensor::{Dtype, SafeTensors, TensorView, View};
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde_json::{json, Value};
-use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -48,6 +49,10 @@ pub enum HfError {
     Untied { path: PathBuf },
     #[error("{path}: libtorch: {source}")]
     Torch { path: PathBuf, source: TchError },
+    #[error("{path}: {source}")]
+    Kind { path: PathBuf, source: DTypeError },
+    #[error(transparent)]
+    Write(#[from] SafetensorsError),
     #[error(transparent)]
     Model(#[from] ModelError),
 }
@@ -209,21 +214,9 @@ fn classify(key: &str) -> Key {
     Key::Param(format!("transformer.{rest}"))
 }
 
+/// The libtorch kind of a stored dtype that loads as a GPT-2 parameter (F32, F16 or BF16).
 fn kind_of(dtype: Dtype) -> Option<Kind> {
-    match dtype {
-        Dtype::F32 => Some(Kind::Float),
-        Dtype::F16 => Some(Kind::Half),
-        Dtype::BF16 => Some(Kind::BFloat16),
-        _ => None,
-    }
-}
-
-fn dtype_of(kind: Kind) -> Dtype {
-    match kind {
-        Kind::Half => Dtype::F16,
-        Kind::BFloat16 => Dtype::BF16,
-        _ => Dtype::F32,
-    }
+    DType::from_safetensors(dtype).filter(|d| matches!(d, DType::F32 | DType::F16 | DType::BF16)).map(DType::kind)
 }
 
 /// model.safetensors.index.json: where each tensor of a sharded checkpoint is stored.
@@ -407,57 +400,18 @@ fn same_values(a: &TensorView<'_>, b: &TensorView<'_>) -> Result<bool, TchError>
     Ok(to_tensor(a)?.f_to_kind(Kind::Float)?.equal(&to_tensor(b)?.f_to_kind(Kind::Float)?))
 }
 
-/// A parameter staged on the host for serialisation.
-struct HostTensor {
-    tensor: Tensor,
-    dtype: Dtype,
-    shape: Vec<usize>,
-    bytes: usize,
-    pb: indicatif::ProgressBar,
-}
-
-impl View for HostTensor {
-    fn dtype(&self) -> Dtype {
-        self.dtype
-    }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> Cow<'_, [u8]> {
-        let mut buf = vec![0u8; self.bytes];
-        // Cannot fail: a contiguous CPU tensor of exactly this many bytes.
-        self.tensor.copy_data_u8(&mut buf, self.tensor.numel());
-        self.pb.inc(self.bytes as u64);
-        Cow::Owned(buf)
-    }
-    fn data_len(&self) -> usize {
-        self.bytes
-    }
-}
-
 /// Writes config.json and model.safetensors for `tensors` (canonical names, all of `kind`) into
 /// `dir`, atomically: the directory appears complete or not at all.
 pub fn save(dir: &Path, cfg: &GptConfig, kind: Kind, tensors: &[(String, Tensor)], force: bool) -> Result<(), HfError> {
+    let dtype = DType::from_kind(kind).map_err(|source| HfError::Kind { path: dir.to_path_buf(), source })?;
     let out = AtomicDir::create(dir, force)?;
-    let st_path = out.path().join(WEIGHTS_FILE);
-    let total: usize = tensors.iter().map(|(_, t)| t.numel() * kind.elt_size_in_bytes()).sum();
+    let total: usize = tensors.iter().map(|(_, t)| t.numel() * dtype.size()).sum();
     let pb = crate::logging::progress_bar(total as u64, "save {bar:40} {bytes}/{total_bytes} {eta}");
-    let mut staged = Vec::with_capacity(tensors.len());
-    for (name, t) in tensors {
-        let tensor = t
-            .f_to_device(Device::Cpu)
-            .and_then(|t| t.f_to_kind(kind))
-            .and_then(|t| t.f_contiguous())
-            .map_err(torch_err(dir))?;
-        let shape = tensor.size().iter().map(|&d| d as usize).collect();
-        let bytes = tensor.numel() * kind.elt_size_in_bytes();
-        staged.push((name.clone(), HostTensor { tensor, dtype: dtype_of(kind), shape, bytes, pb: pb.clone() }));
-    }
-    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::tensor::serialize_to_file(staged, Some(metadata), &st_path)
-        .map_err(|e| HfError::Safetensors { path: st_path.clone(), msg: e.to_string() })?;
-    // serialize_to_file does not fsync; the directory rename below must not outrun the data.
-    File::open(&st_path).and_then(|f| f.sync_all()).map_err(io_err(&st_path))?;
+    // In name order, where transformers' own writer (the safetensors crate) puts them.
+    let mut sorted: Vec<(String, Tensor)> = tensors.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    let metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+    write_tensors(&out.path().join(WEIGHTS_FILE), &sorted, Some(dtype), &metadata, Some(&pb))?;
     fsutil::write_atomic(&out.path().join(CONFIG_FILE), config_json(cfg, kind).as_bytes())?;
     pb.finish_and_clear();
     out.commit()?;

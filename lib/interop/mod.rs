@@ -1,9 +1,7 @@
-//! Other tools' formats: Hugging Face model directories, torch checkpoint files, DeepSpeed ZeRO
-//! checkpoints, streaming safetensors output;
-//! and zerokit's own checkpoints as a zero-to-fp32 source.
+//! Other tools' checkpoints and model directories: Hugging Face model directories, DeepSpeed ZeRO
+//! checkpoints, and zerokit's own checkpoints as a zero-to-fp32 source. The file formats they
+//! are made of (safetensors, torch zip and pickle) are `formats`.
 
 pub mod deepspeed;
 pub mod hf;
-pub mod safetensors_out;
-pub mod torch_pickle;
 pub mod zerokit_source;

@@ -12,12 +12,11 @@
 //! in the model's canonical order (wte, wpe, h.0 ... h.{L-1}, ln_f).
 
 use crate::checkpoint::{self, CheckpointError, PartitionReader};
-use crate::convert::{ShardedSource, SourceError, TensorInfo};
-use crate::interop::torch_pickle::DType;
+use crate::formats::dtype::DType;
+use crate::formats::source::{ShardedSource, SourceError, TensorInfo};
 use crate::model::GptConfig;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use tch::Kind;
 use tracing::info;
 
 #[derive(Debug, thiserror::Error)]
@@ -105,14 +104,6 @@ impl ZerokitSource {
     }
 }
 
-fn kind_of(dtype: DType) -> Kind {
-    match dtype {
-        DType::F16 => Kind::Half,
-        DType::BF16 => Kind::BFloat16,
-        _ => Kind::Float,
-    }
-}
-
 impl ShardedSource for ZerokitSource {
     fn format(&self) -> String {
         let m = &self.reader.manifest;
@@ -144,7 +135,7 @@ impl ShardedSource for ZerokitSource {
     }
 
     fn hf_config(&self, dtype: DType) -> Option<serde_json::Value> {
-        let text = crate::interop::hf::config_json(&self.cfg, kind_of(dtype));
+        let text = crate::interop::hf::config_json(&self.cfg, dtype.kind());
         Some(serde_json::from_str(&text).expect("config_json writes valid JSON"))
     }
 

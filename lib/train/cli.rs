@@ -1,7 +1,8 @@
 //! The `train` command line: fit (the default) or sample, and the panic hook that turns
 //! libtorch's failures into errors with the way out.
 
-use super::{fit, sample, TrainError};
+use super::state::TrainError;
+use super::{fit, sample};
 use crate::config::TrainConfig;
 use crate::launch::{self, LaunchArgs};
 use std::path::PathBuf;

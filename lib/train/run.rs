@@ -1,14 +1,13 @@
 //! What the training loop calls: batches, evaluation, checkpoints, logging and the end of a run.
 
+use super::metrics::{append_jsonl, write_plot};
 use super::setup::Run;
-use super::{TrainError, TrainState};
-use crate::checkpoint::{self, Manifest, ModelFiles, SaveInfo};
+use super::state::TrainError;
+use crate::checkpoint::{self, ModelFiles, SaveInfo};
 use crate::interop::hf;
 use crate::model::Model;
 use crate::zero::StepStats;
-use std::io::Write;
 use std::ops::ControlFlow;
-use std::path::Path;
 use std::time::Instant;
 use tch::Tensor;
 use tracing::info;
@@ -20,9 +19,6 @@ const PEAK_FLOPS: f64 = 989e12;
 /// Salt that separates the training-split batches used for evaluation from training batches.
 const EVAL_SALT: u64 = 0x9e37_79b9_7f4a_7c15;
 
-/// Evaluated losses by step, (train, val).
-pub(super) type Evals = (Vec<(f64, f64)>, Vec<(f64, f64)>);
-
 /// Where the batches stand in a checkpoint (`data` in its manifest).
 #[derive(serde::Serialize)]
 struct DataPosition {
@@ -30,34 +26,6 @@ struct DataPosition {
     next_step: u64,
     batch_size: usize,
     gradient_accumulation_steps: usize,
-}
-
-/// The evaluation a checkpoint was saved at and the state early stopping needs (`metrics` in
-/// its manifest). Checkpoints of earlier versions may lack the later fields.
-#[derive(serde::Serialize, serde::Deserialize)]
-struct SavedMetrics {
-    #[serde(default)]
-    train_loss: Option<f64>,
-    #[serde(default)]
-    val_loss: Option<f64>,
-    #[serde(default)]
-    best_val_loss: Option<f64>,
-    #[serde(default)]
-    best_tag: Option<String>,
-    #[serde(default)]
-    stale_evals: u64,
-}
-
-/// Where training stood at the checkpoint `m`.
-pub(super) fn resumed_state(m: &Manifest) -> Result<TrainState, String> {
-    let saved: SavedMetrics = serde_json::from_value(m.metrics.clone()).map_err(|e| format!("metrics: {e}"))?;
-    Ok(TrainState {
-        step: m.step,
-        tokens_seen: m.tokens_seen,
-        best_val_loss: saved.best_val_loss,
-        best_tag: saved.best_tag,
-        stale_evals: saved.stale_evals,
-    })
 }
 
 impl Run {
@@ -159,14 +127,7 @@ impl Run {
                 gradient_accumulation_steps: cfg.gradient_accumulation_steps,
             })
             .expect("position serializes"),
-            metrics: serde_json::to_value(SavedMetrics {
-                train_loss: Some(train_loss),
-                val_loss: Some(val_loss),
-                best_val_loss: st.best_val_loss,
-                best_tag: st.best_tag.clone(),
-                stale_evals: st.stale_evals,
-            })
-            .expect("metrics serialize"),
+            metrics: st.metrics(train_loss, val_loss),
             keep_last: cfg.keep_last,
             best: st.best_tag.clone(),
         };
@@ -262,42 +223,6 @@ impl Run {
     }
 }
 
-/// Appends one JSON line. The line goes out in one write: formatted straight into the file, a
-/// value is many small writes, and a run killed between two of them leaves half a line that the
-/// next run's first line would be glued to (and lost with). A line left unfinished anyway (a
-/// crash of an older zerokit) is ended first.
-pub(super) fn append_jsonl(path: &Path, v: serde_json::Value) -> Result<(), TrainError> {
-    use std::os::unix::fs::FileExt;
-    let io = |e| crate::fsutil::FsError::io(path, e);
-    let mut f = std::fs::OpenOptions::new().create(true).read(true).append(true).open(path).map_err(io)?;
-    let len = f.metadata().map_err(io)?.len();
-    let mut last = [b'\n'];
-    if len > 0 {
-        f.read_exact_at(&mut last, len - 1).map_err(io)?;
-    }
-    let line = format!("{}{v}\n", if last[0] == b'\n' { "" } else { "\n" });
-    f.write_all(line.as_bytes()).map_err(io)?;
-    Ok(())
-}
-
-/// The evaluations (train, val) that metrics.jsonl holds up to `upto`, for the plot of a resumed run.
-pub(super) fn earlier_evals(path: &Path, upto: u64) -> Evals {
-    let mut evals = (Vec::new(), Vec::new());
-    for v in std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-    {
-        if let (Some(s), Some(t), Some(vl)) = (v["step"].as_u64(), v["train_loss"].as_f64(), v["val_loss"].as_f64()) {
-            if s <= upto {
-                evals.0.push((s as f64, t));
-                evals.1.push((s as f64, vl));
-            }
-        }
-    }
-    evals
-}
-
 /// Test hook: ZEROKIT_TEST_EXIT=RANK:STEP makes that rank exit with status 3 after that step,
 /// as a crashed rank would (CI checks that the job then ends with a message naming it).
 fn exit_hook(rank: usize, step: u64) {
@@ -307,16 +232,5 @@ fn exit_hook(rank: usize, step: u64) {
         {
             std::process::exit(3);
         }
-    }
-}
-
-fn write_plot(out_dir: &Path, evals: &Evals) {
-    use crate::plot::{write_loss_plot, Series};
-    let series = [
-        Series { label: "train".into(), color: [31, 119, 180], points: evals.0.clone() },
-        Series { label: "val".into(), color: [255, 127, 14], points: evals.1.clone() },
-    ];
-    if let Err(e) = write_loss_plot(&out_dir.join("loss.png"), "loss", &series, 800, 500) {
-        tracing::warn!("loss plot not written: {e}");
     }
 }

@@ -1,7 +1,7 @@
 //! Text from a model with nanoGPT's sampling: at the end of a run, and `train sample` from a
 //! checkpoint.
 
-use super::TrainError;
+use super::state::TrainError;
 use crate::checkpoint;
 use crate::data::tokenize::{Encoding, Tokenizer};
 use crate::interop::hf;

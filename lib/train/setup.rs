@@ -2,7 +2,8 @@
 //! recovery of what a crash left, device and dtype, the model, the engine, and the state a
 //! resumed run continues from.
 
-use super::{TrainError, TrainState};
+use super::metrics::{append_jsonl, earlier_evals, Evals};
+use super::state::{TrainError, TrainState};
 use crate::checkpoint::{self, Manifest, ResumeHashes};
 use crate::comm::{Collectives, ControlPlane, CpuComm, Rendezvous};
 use crate::config::TrainConfig;
@@ -40,7 +41,7 @@ pub(super) struct Run {
     pub flops_per_token: f64,
     pub metrics_path: PathBuf,
     /// Evaluated losses by step, (train, val), for the plot.
-    pub evals: super::run::Evals,
+    pub evals: Evals,
     pub progress: ProgressBar,
     /// When the current logging interval started.
     pub interval_start: Instant,
@@ -116,7 +117,7 @@ impl Run {
         let start = state.step;
         let metrics_path = cfg.out_dir.join("metrics.jsonl");
         // The plot continues the curve of the run being resumed.
-        let evals = if resume.is_some() { super::run::earlier_evals(&metrics_path, start) } else { Default::default() };
+        let evals = if resume.is_some() { earlier_evals(&metrics_path, start) } else { Default::default() };
         let progress = crate::logging::progress_bar(
             cfg.max_iters - start.min(cfg.max_iters),
             "{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}",
@@ -124,7 +125,7 @@ impl Run {
         if let (Some(b), 0) = (context_bytes, rank) {
             let gib = b as f64 / (1u64 << 30) as f64;
             info!("GPU memory in use before the model: {gib:.2} GiB (CUDA context)");
-            super::run::append_jsonl(&metrics_path, serde_json::json!({"step": start, "gpu_context_gib": gib}))?;
+            append_jsonl(&metrics_path, serde_json::json!({"step": start, "gpu_context_gib": gib}))?;
         }
         Ok(Run {
             schedule: cfg.lr_schedule(),
@@ -309,7 +310,7 @@ fn resume_engine(engine: &mut Engine<Gpt>, dir: &Path, rank: usize) -> Result<(T
     engine.load_state(part).map_err(|e| TrainError::Other(format!("{}: restoring the engine: {e}", dir.display())))?;
     let h = ResumeHashes::start(dir, &m, checkpoint::resume_hash_share(&m, engine.layout(), rank));
     info!("checking the sha256 of {} file(s) of {} in the background (rank 0's share)", h.files(), dir.display());
-    let state = super::run::resumed_state(&m).map_err(|e| TrainError::Other(format!("{}: {e}", dir.display())))?;
+    let state = TrainState::resumed(&m).map_err(|e| TrainError::Other(format!("{}: {e}", dir.display())))?;
     info!(
         "resumed from {} at step {} (saved on {} rank(s), stage {})",
         dir.display(),

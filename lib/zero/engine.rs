@@ -9,10 +9,11 @@
 //!          reduce-scattered during backward and only this rank's fp32 gradient shard is kept.
 
 use super::layout::FlatLayout;
+use super::state::{PartitionState, ZeroState};
 use crate::comm::{Collectives, CommError};
 use crate::model::{vjp, Model};
 use crate::optim::{clip_coef, local_grad_norm_sq, AdamW, AdamWConfig, OptimError, Segment};
-use crate::scaler::{LossScaler, ScalerConfig, ScalerError, ScalerState, StepDecision};
+use crate::scaler::{LossScaler, ScalerConfig, ScalerError, StepDecision};
 use std::collections::HashMap;
 use tch::{Device, Kind, Tensor};
 
@@ -66,38 +67,6 @@ struct Pending {
     shard: Option<Tensor>,
     /// `full` is a view of the accumulation buffer, to be zeroed once consumed.
     from_accum: bool,
-}
-
-/// This rank's training state, as a checkpoint stores it and gives it back.
-pub struct ZeroState {
-    pub stage: u8,
-    pub world: usize,
-    /// The compute dtype of the model's weights.
-    pub kind: Kind,
-    pub layout: FlatLayout,
-    /// Which partition of `layout` this rank holds.
-    pub partition: usize,
-    /// This rank is the one that saves `partition`: with stage 0 every rank holds the same
-    /// partition, and rank 0 alone writes it.
-    pub saves: bool,
-    /// fp32 master weights, Adam's moments (this rank's partition) and Adam's step count.
-    pub master: Tensor,
-    pub exp_avg: Tensor,
-    pub exp_avg_sq: Tensor,
-    pub optimizer_step: u64,
-    pub adamw: AdamWConfig,
-    /// The dynamic loss scaler's state (fp16 only).
-    pub scaler: Option<ScalerState>,
-}
-
-/// The partition state a checkpoint gives back to [`Engine::load_state`]: this rank's partition
-/// of the engine's layout (`ZeroState::layout`, `partition`), fp32, on any device.
-pub struct PartitionState {
-    pub master: Tensor,
-    pub exp_avg: Tensor,
-    pub exp_avg_sq: Tensor,
-    pub optimizer_step: u64,
-    pub scaler: Option<ScalerState>,
 }
 
 pub struct Engine<M: Model> {

@@ -1,9 +1,11 @@
 //! ZeRO data parallelism: the flat layout and its partition (`layout`), the training step
-//! (`engine`) and its phase timings (`profile`).
+//! (`engine`), its state as checkpoints keep it (`state`) and its phase timings (`profile`).
 
 mod engine;
 pub mod layout;
 pub mod profile;
+pub mod state;
 
-pub use engine::{Engine, EngineConfig, PartitionState, StepStats, ZeroError, ZeroState};
+pub use engine::{Engine, EngineConfig, StepStats, ZeroError};
 pub use layout::FlatLayout;
+pub use state::{PartitionState, ZeroState};

@@ -18,9 +18,10 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use zerokit::checkpoint::{self, PartitionReader};
-use zerokit::convert::{ShardedSource, TensorInfo};
+use zerokit::formats::source::{ShardedSource, TensorInfo};
+use zerokit::formats::torch_pickle::{TensorRef, Value};
+use zerokit::formats::torch_zip::TorchFile;
 use zerokit::interop::deepspeed::DeepSpeedSource;
-use zerokit::interop::torch_pickle::{TensorRef, TorchFile, Value};
 use zerokit::interop::zerokit_source::ZerokitSource;
 
 pub type Target = fn(&[u8]);

@@ -132,8 +132,8 @@ pub fn assert_conversion_streams(src: &Path, out: &Path, tensor_mib: f64) {
 
 /// The fp32 master partition of a DeepSpeed ZeRO-1/2 rank's optimizer file (its first group).
 pub fn deepspeed_fp32_partition(
-    tf: &zerokit::interop::torch_pickle::TorchFile,
-) -> &zerokit::interop::torch_pickle::TensorRef {
+    tf: &zerokit::formats::torch_zip::TorchFile,
+) -> &zerokit::formats::torch_pickle::TensorRef {
     tf.root().get("optimizer_state_dict").unwrap().get("single_partition_of_fp32_groups").unwrap().as_seq().unwrap()[0]
         .as_tensor()
         .unwrap()
