@@ -83,20 +83,12 @@ fn batch(step: u64, rows: std::ops::Range<usize>) -> (Tensor, Tensor) {
     (Tensor::from_slice(&x).view([b, SEQ]), Tensor::from_slice(&y).view([b, SEQ]))
 }
 
-/// Trains `steps` steps (at lr 3e-3) on this rank's share of each global batch (micro-step m of rank r
-/// takes rows ((m * world + r) * b ..), as `train` does); returns the step losses and the
-/// final weights.
-fn train<M: Model>(
-    e: &mut Engine<M>,
-    world: usize,
-    rank: usize,
-    accum: usize,
-    steps: std::ops::Range<u64>,
-) -> Vec<f64> {
-    train_at(e, world, rank, accum, steps, 3e-3)
-}
+/// Learning rate of the GPT-2 runs.
+const LR: f64 = 3e-3;
 
-fn train_at<M: Model>(
+/// Trains `steps` steps at `lr` on this rank's share of each global batch (micro-step m of rank
+/// r takes rows ((m * world + r) * b ..), as `train` does); returns the step losses.
+fn train<M: Model>(
     e: &mut Engine<M>,
     world: usize,
     rank: usize,
@@ -149,7 +141,7 @@ fn gpt() -> Gpt {
 fn n_ranks_match_one_rank_at_every_stage_with_accumulation() {
     let reference = ranks(1, |comm| {
         let mut e = Engine::new(gpt(), engine_config(0, 1), comm).unwrap();
-        (train(&mut e, 1, 0, 1, 0..6), weights(&e))
+        (train(&mut e, 1, 0, 1, 0..6, LR), weights(&e))
     })
     .remove(0);
     assert!(reference.0[5] < reference.0[0], "the loss falls: {:?}", reference.0);
@@ -159,7 +151,7 @@ fn n_ranks_match_one_rank_at_every_stage_with_accumulation() {
             let out = ranks(world, |comm| {
                 let rank = comm.rank();
                 let mut e = Engine::new(gpt(), engine_config(stage, accum), comm).unwrap();
-                (train(&mut e, world, rank, accum, 0..6), weights(&e))
+                (train(&mut e, world, rank, accum, 0..6, LR), weights(&e))
             });
             for (rank, (losses, w)) in out.iter().enumerate() {
                 assert_close(losses, &reference.0, 1e-5, &format!("{what}, rank {rank}"));
@@ -176,7 +168,7 @@ fn save<M: Model>(e: &mut Engine<M>, root: &Path, step: u64) {
         tokens_seen: 0,
         model_config: serde_json::json!({}),
         config: serde_json::json!({}),
-        lr: 3e-3,
+        lr: LR,
         data: serde_json::json!({}),
         metrics: serde_json::json!({}),
         keep_last: 0,
@@ -200,7 +192,7 @@ fn state_moves_between_world_sizes_and_stages_through_a_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
     let reference = ranks(1, |comm| {
         let mut e = Engine::new(gpt(), engine_config(0, 1), comm).unwrap();
-        train(&mut e, 1, 0, 1, 0..6)
+        train(&mut e, 1, 0, 1, 0..6, LR)
     })
     .remove(0);
     // Three steps on 3 ranks at stage 2, saved; the next three on 2 ranks at stage 1, and on 1.
@@ -208,7 +200,7 @@ fn state_moves_between_world_sizes_and_stages_through_a_checkpoint() {
     ranks(3, |comm| {
         let rank = comm.rank();
         let mut e = Engine::new(gpt(), engine_config(2, 1), comm).unwrap();
-        train(&mut e, 3, rank, 1, 0..3);
+        train(&mut e, 3, rank, 1, 0..3, LR);
         save(&mut e, &root, 3);
     });
     for (world, stage) in [(2usize, 1u8), (1, 0)] {
@@ -221,7 +213,7 @@ fn state_moves_between_world_sizes_and_stages_through_a_checkpoint() {
                 Engine::new(Gpt::new(&cfg, Device::Cpu, Kind::Float, 99).unwrap(), engine_config(stage, 1), comm)
                     .unwrap();
             resume(&mut e, &root);
-            train(&mut e, world, rank, 1, 3..6)
+            train(&mut e, world, rank, 1, 3..6, LR)
         });
         for losses in out {
             assert_close(&losses, &reference[3..], 1e-5, &format!("resumed on {world} ranks at stage {stage}"));
@@ -343,8 +335,8 @@ fn the_engine_trains_a_model_that_is_not_gpt2() {
             let b = GLOBAL / world;
             let (x, y) = batch(0, rank * b..(rank + 1) * b);
             e.forward_backward(&x, &y).unwrap();
-            let first = e.step(3e-3).unwrap();
-            let later = train_at(&mut e, world, rank, 1, 1..40, 3e-2);
+            let first = e.step(LR).unwrap();
+            let later = train(&mut e, world, rank, 1, 1..40, 3e-2);
             (first, later)
         });
         for (first, later) in out {
