@@ -20,7 +20,7 @@ build: setup
 
 # Tokenize the shipped Shakespeare text into nanoGPT-compatible train.bin/val.bin.
 prepare: build
-	$(BIN)/prepare data/tinyshakespeare.txt --out out/shakespeare --force
+	$(BIN)/prepare data/tinyshakespeare.txt --out data/shakespeare --force
 
 # Train on the prepared data with the default configuration.
 train: build

@@ -145,6 +145,11 @@ pub fn tag_name(step: u64) -> String {
     format!("{TAG_PREFIX}{step:08}")
 }
 
+/// The tag every run saves when it ends, whatever its validation loss did (`out/final`, as the
+/// DeepSpeed guides' `save_checkpoint(out_dir, tag="final")`). Retention keeps it: it retires
+/// `step_N` tags only.
+pub const FINAL_TAG: &str = "final";
+
 /// What shows that `root` already holds checkpoints, complete or not: its `latest` file, else
 /// its first tag. None for a fresh (or missing) directory.
 pub fn any_checkpoint(root: &Path) -> Option<String> {
@@ -624,6 +629,8 @@ pub fn recover_root(root: &Path) -> Result<Vec<String>, CheckpointError> {
 
 /// What the trainer records with a save besides the engine's state.
 pub struct SaveInfo {
+    /// The tag to save as: `tag_name(step)`, or a name such as [`FINAL_TAG`].
+    pub tag: String,
     pub step: u64,
     pub tokens_seen: u64,
     pub model_config: serde_json::Value,
@@ -663,7 +670,7 @@ fn save_point(point: &str, tag: &str) {
     }
 }
 
-/// Saves this rank's `state` as tag `step_NNNNNNNN` under `root`; rank 0 also writes `model`
+/// Saves this rank's `state` as tag `info.tag` under `root`; rank 0 also writes `model`
 /// (other ranks may pass None). Collective: every rank calls it.
 pub fn save(
     comm: &mut dyn Collectives,
@@ -673,7 +680,10 @@ pub fn save(
     info: &SaveInfo,
 ) -> Result<PathBuf, CheckpointError> {
     let rank = comm.rank();
-    let tag = tag_name(info.step);
+    let tag = info.tag.clone();
+    if !tags::valid_tag_name(&tag) {
+        return Err(invalid(root, format!("{tag:?} is not a valid tag name")));
+    }
     let partial = root.join(Leftover::Partial.name(&tag));
     if rank == 0 {
         fs::create_dir_all(root).map_err(|e| FsError::io(root, e))?;

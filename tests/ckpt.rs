@@ -23,7 +23,8 @@ use zerokit::ckpt::inspect::{inspect, Inspection, SCHEMA};
 const VOCAB: u16 = 96;
 const TAGS: [&str; 2] = ["step_00000002", "step_00000004"];
 
-/// The trained checkpoint root (out/ of a 4-step run saving at steps 2 and 4).
+/// The trained checkpoint root (out/ of a 4-step run saving at steps 2 and 4), without the
+/// run's `final` tag.
 fn trained() -> &'static Path {
     static ROOT: OnceLock<PathBuf> = OnceLock::new();
     ROOT.get_or_init(|| {
@@ -41,6 +42,11 @@ fn trained() -> &'static Path {
         for t in TAGS {
             assert!(out.join(t).join("manifest.json").is_file(), "no tag {t}");
         }
+        // The run ended with the tag `final` (a copy of step 4, tests/run_checks.rs checks it);
+        // the cases here are about step tags and `latest` naming the newest of them.
+        assert_eq!(std::fs::read_to_string(out.join("latest")).unwrap(), "final\n");
+        std::fs::remove_dir_all(out.join("final")).unwrap();
+        std::fs::write(out.join("latest"), format!("{}\n", TAGS[1])).unwrap();
         out
     })
 }

@@ -452,7 +452,7 @@ fn shakespeare_toml_loads() {
     cfg.resolve_batch(1).unwrap();
     assert_eq!((cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size), (4, 4, 128, 64));
     assert_eq!((cfg.batch_size, cfg.gradient_accumulation_steps, cfg.max_iters), (8, 1, 300));
-    assert_eq!(cfg.dataset, PathBuf::from("out/shakespeare"));
+    assert_eq!(cfg.dataset, PathBuf::from("data/shakespeare"));
     assert_eq!(cfg.sample_prompt, "\n");
     assert_eq!(
         cfg.lr_schedule(),

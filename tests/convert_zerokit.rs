@@ -42,7 +42,8 @@ fn checkpoints() -> &'static [Case] {
         RUNS.iter()
             .map(|&(stage, n, dtype)| {
                 let name = format!("s{stage}_w{n}_{dtype}");
-                // Saves at steps 2 and 3: `latest` names step 3, --tag can pick step 2.
+                // Saves at steps 2 and 3, then `final` (step 3), which `latest` names; --tag can
+                // pick step 2.
                 let extra = format!(
                     "zero_stage = {stage}\ndtype = \"{dtype}\"\nbatch_size = {}\nmax_iters = 3\neval_interval = 2\nalways_save_checkpoint = true",
                     6 / n
@@ -129,7 +130,11 @@ fn output_is_the_fp32_master_bit_for_bit_at_every_stage_and_world_size() {
     let tmp = tempfile::tempdir().unwrap();
     for case in checkpoints() {
         let latest = latest_tag(&case.root);
-        assert!(latest.ends_with("step_00000003"), "{}: {}", case.name, latest.display());
+        // Every run ends with the tag `final`, which `latest` then names (here at step 3).
+        assert!(latest.ends_with("final"), "{}: {}", case.name, latest.display());
+        let m: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(latest.join("manifest.json")).unwrap()).unwrap();
+        assert_eq!(m["step"].as_u64(), Some(3), "{}", case.name);
         // The root (following `latest`), the tag directory itself, and --tag for the older save.
         for (label, ckpt, tag, tag_dir) in [
             ("root", case.root.clone(), None, latest.clone()),

@@ -45,8 +45,11 @@ fn loss_rows(out: &Path) -> Vec<(u64, u64)> {
     common::tiny::losses(out).into_iter().map(|(s, l)| (s, l.to_bits())).collect()
 }
 
-fn tag_step(tag: &str) -> u64 {
-    tag.trim().strip_prefix("step_").and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("not a tag: {tag}"))
+/// The step a tag of `out` was saved at, from its manifest (`final` names no step).
+fn tag_step(out: &Path, tag: &str) -> u64 {
+    let path = out.join(tag.trim()).join("manifest.json");
+    let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    m["step"].as_u64().unwrap_or_else(|| panic!("{}: no step", path.display()))
 }
 
 /// The tag a resume starts from: what `latest` names, or (a first save stopped before writing
@@ -149,7 +152,7 @@ fn attempt(dir: &Path, data: &Path, nproc: usize, env: &[(&str, &str)], kill: Ki
     std::fs::create_dir_all(dir).unwrap();
     let out = dir.join("out");
     let resume = out.exists() && checkpoint::any_checkpoint(&out).is_some();
-    let from = resume.then(|| tag_step(&resume_tag(&out)));
+    let from = resume.then(|| tag_step(&out, &resume_tag(&out)));
     let init = if resume { "resume" } else { "scratch" };
     let cfg = config(dir, data, &format!("{}\ninit_from = \"{init}\"", extra(nproc)));
     let before = loss_rows(&out).len();
@@ -267,7 +270,7 @@ fn kill_9_at_random_moments_of_saves_and_retention() {
             // uninterrupted run, which a resumed run may outlive.
             let out = dir.join("out");
             let done =
-                (out.exists() && checkpoint::any_checkpoint(&out).is_some()).then(|| tag_step(&resume_tag(&out)));
+                (out.exists() && checkpoint::any_checkpoint(&out).is_some()).then(|| tag_step(&out, &resume_tag(&out)));
             let left = (12 - done.unwrap_or(0)) / 2;
             let kill = if rng.unit() < 0.8 && left > 0 {
                 let save = 1 + (rng.unit() * left as f64) as usize;

@@ -164,6 +164,7 @@ fn n_ranks_match_one_rank_at_every_stage_with_accumulation() {
 /// Saves every rank's state through a checkpoint, as `train` does.
 fn save<M: Model>(e: &mut Engine<M>, root: &Path, step: u64) {
     let info = SaveInfo {
+        tag: checkpoint::tag_name(step),
         step,
         tokens_seen: 0,
         model_config: serde_json::json!({}),

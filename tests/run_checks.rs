@@ -116,6 +116,10 @@ fn two_tags(dir: &Path, data: &Path) -> PathBuf {
     let r = train(dir, data, 2, "batch_size = 3\nzero_stage = 2\nmax_iters = 4\neval_interval = 2\nalways_save_checkpoint = true\nkeep_last = 2", &[]);
     assert!(r.ok, "{}", r.stderr);
     assert_eq!(listing(&r.out.join("step_00000004")).len(), 5);
+    // Without the run's `final` tag (every_run_ends_with_a_final_tag_that_every_tool_takes is
+    // about it), so that `latest` names step 4, the tag the cases below damage.
+    std::fs::remove_dir_all(r.out.join("final")).unwrap();
+    std::fs::write(r.out.join("latest"), "step_00000004\n").unwrap();
     r.out
 }
 
@@ -255,4 +259,92 @@ fn checkpoints_saved_by_earlier_builds_still_read() {
         let (ok, err) = tool(env!("CARGO_BIN_EXE_ckpt"), &["verify", r]);
         assert!(ok, "{fixture}: verify after the resume: {err}");
     }
+}
+
+/// Every run ends with the tag `final` (issue 14): whatever val loss did, kept by retention,
+/// named by `latest`, and a tag like any other for zero-to-fp32, sample, inspect, verify and
+/// resume; the resumed run ends with a new `final` at its own last step.
+#[test]
+fn every_run_ends_with_a_final_tag_that_every_tool_takes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    dataset(&data);
+    let dir = tmp.path().join("run");
+    // keep_last = 1 and a val loss that improves at every evaluation: retention keeps one
+    // step tag, and final beside it.
+    let first = train(&dir, &data, 2, "max_iters = 6\neval_interval = 2\nkeep_last = 1\nzero_stage = 1", &[]);
+    assert!(first.ok, "{}", first.stderr);
+    let root = first.out.clone();
+    assert_eq!(std::fs::read_to_string(root.join("latest")).unwrap(), "final\n");
+    let tags: Vec<String> = listing(&root).into_iter().filter(|n| n == "final" || n.starts_with("step_")).collect();
+    assert_eq!(tags, ["final", "step_00000006"]);
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("final/manifest.json")).unwrap()).unwrap();
+    assert_eq!((manifest["tag"].as_str(), manifest["step"].as_u64()), (Some("final"), Some(6)));
+
+    let tool = |bin: &str, args: &[&str]| run_out(Command::new(bin).args(args));
+    let r = root.to_str().unwrap();
+    let fin = root.join("final");
+    let st = tmp.path().join("model.safetensors");
+    for (bin, args) in [
+        (env!("CARGO_BIN_EXE_ckpt"), vec!["verify", r]),
+        (env!("CARGO_BIN_EXE_zero-to-fp32"), vec![fin.to_str().unwrap(), st.to_str().unwrap()]),
+        (
+            env!("CARGO_BIN_EXE_train"),
+            vec!["sample", fin.to_str().unwrap(), "--prompt", "A", "--tokens", "3", "--device", "cpu"],
+        ),
+    ] {
+        let (ok, err) = tool(bin, &args);
+        assert!(ok, "{bin} {args:?}: {err}");
+    }
+    let o = Command::new(env!("CARGO_BIN_EXE_ckpt")).args(["inspect", r]).output().unwrap();
+    let shown = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success() && shown.contains("final (latest)"), "{shown}");
+    // It shows the run's best tag and its val loss (issue 14, item 9).
+    assert!(shown.lines().any(|l| l.contains("best") && l.contains("step_00000006 (val loss ")), "{shown}");
+
+    // Resume from the root: `latest` names final, at step 6; the run goes on to 8 and ends with
+    // a new final there. An early stop ends with final too (patience 1 at an eval that does not
+    // improve is likely but not certain, so only the normal end is pinned).
+    let resumed = train(&dir, &data, 1, "max_iters = 8\neval_interval = 2\nkeep_last = 1\ninit_from = \"resume\"", &[]);
+    assert!(resumed.ok, "{}", resumed.stderr);
+    assert!(resumed.stderr.contains("/final at step 6"), "{}", resumed.stderr);
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("final/manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["step"].as_u64(), Some(8));
+    let (ok, err) = tool(env!("CARGO_BIN_EXE_ckpt"), &["verify", r]);
+    assert!(ok, "verify after the resume: {err}");
+}
+
+/// `--resume-from` continues from a chosen tag of out_dir, or from a tag directory anywhere
+/// (issue 14): the guides' `load_checkpoint(dir, tag)`.
+#[test]
+fn resume_from_a_named_tag_or_a_tag_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    dataset(&data);
+    let dir = tmp.path().join("run");
+    let first = train(&dir, &data, 1, "max_iters = 4\neval_interval = 2\nalways_save_checkpoint = true", &[]);
+    assert!(first.ok, "{}", first.stderr);
+    let resume = |dir: &Path, extra: &str, from: &str| {
+        let cfg = config(dir, &data, extra);
+        run_out(&mut train_command(&cfg, &["--resume-from".to_string(), from.to_string()], &[]))
+    };
+    // A tag name under out_dir, behind `latest` (which names final, at step 4).
+    let (ok, err) = resume(&dir, "max_iters = 3\neval_interval = 2", "step_00000002");
+    assert!(ok && err.contains("step_00000002 at step 2"), "{err}");
+    // A tag directory of another run, into a fresh out_dir.
+    let other = tmp.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    let tag = first.out.join("step_00000004");
+    let (ok, err) = resume(&other, "max_iters = 5\neval_interval = 2", tag.to_str().unwrap());
+    assert!(ok && err.contains("step_00000004 at step 4"), "{err}");
+    assert!(other.join("out/final/manifest.json").is_file());
+    // A tag that is not there is named, with the tags that are.
+    let (ok, err) = resume(&dir, "max_iters = 3", "step_00000009");
+    assert!(!ok && err.contains("no tag \"step_00000009\"") && err.contains("tags here: final, "), "{err}");
+    // resume_from without init_from = "resume" is refused, saying how.
+    let cfg = config(&dir, &data, "resume_from = \"step_00000002\"");
+    let (ok, err) = run_out(&mut train_command(&cfg, &[], &[]));
+    assert!(!ok && err.contains("needs init_from = \"resume\""), "{err}");
 }

@@ -180,7 +180,9 @@ fn resume_is_exact_and_works_on_another_world_size() {
     let part = tmp.path().join("part");
     let first = train(&part, &data, 2, &format!("{common}\nmax_iters = 10"), &[]);
     assert!(first.ok, "{}", first.stderr);
-    assert_eq!(std::fs::read_to_string(first.out.join("latest")).unwrap().trim(), "step_00000010");
+    // The run ended with `final` (step 10), which `latest` names and the resume continues from.
+    assert_eq!(std::fs::read_to_string(first.out.join("latest")).unwrap().trim(), "final");
+    assert!(first.out.join("step_00000010/manifest.json").is_file());
     let resumed = train(&part, &data, 2, &format!("{common}\ninit_from = \"resume\""), &[]);
     assert!(resumed.ok, "{}", resumed.stderr);
     let tail: Vec<_> = resumed.losses.iter().filter(|(s, _)| *s > 10).copied().collect();

@@ -55,6 +55,11 @@ pub struct Inspection {
     pub learning_rate: Option<f64>,
     /// The fp16 loss scale (null when the run kept none).
     pub loss_scale: Option<f64>,
+    /// zerokit: the validation loss of the evaluation the tag was saved at.
+    pub val_loss: Option<f64>,
+    /// zerokit: the best validation loss of the run up to this tag, and the tag saved at it.
+    pub best_val_loss: Option<f64>,
+    pub best_tag: Option<String>,
     /// Files of the tag (or the file itself), sizes on disk.
     pub files: Vec<FileInfo>,
     /// With `--tensors`: every tensor.
@@ -158,6 +163,9 @@ fn empty(format: Format, path: &Path) -> Inspection {
         parameters: 0,
         learning_rate: None,
         loss_scale: None,
+        val_loss: None,
+        best_val_loss: None,
+        best_tag: None,
         files: vec![],
         tensors: None,
     }
@@ -191,6 +199,9 @@ fn zerokit(dir: &Path, tensors: bool) -> Result<Inspection, CkptError> {
     i.parameters = m.layout.num_params() as u64;
     i.learning_rate = m.optimizer.get("lr").and_then(|v| v.as_f64());
     i.loss_scale = m.loss_scaler.get("cur_scale").and_then(|v| v.as_f64());
+    i.val_loss = m.metrics.get("val_loss").and_then(|v| v.as_f64());
+    i.best_val_loss = m.metrics.get("best_val_loss").and_then(|v| v.as_f64());
+    i.best_tag = m.metrics.get("best_tag").and_then(|v| v.as_str()).map(String::from);
     i.files = file_sizes(dir, std::iter::once("manifest.json".to_string()).chain(m.files.keys().cloned()));
     if tensors {
         // The table walks the layout's pieces, which index its parameter table: refuse a layout
@@ -489,6 +500,14 @@ pub fn render(i: &Inspection) -> String {
     }
     if let Some(v) = i.loss_scale {
         row("loss scale", format!("{v}"));
+    }
+    if let Some(v) = i.val_loss {
+        row("val loss", format!("{v:.4}"));
+    }
+    match (&i.best_tag, i.best_val_loss) {
+        (Some(t), Some(v)) => row("best", format!("{t} (val loss {v:.4})")),
+        (None, Some(v)) => row("best", format!("val loss {v:.4}")),
+        _ => {}
     }
     let total: u64 = i.files.iter().map(|f| f.bytes).sum();
     row("files", format!("{} ({})", i.files.len(), human_bytes(total)));

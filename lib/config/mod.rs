@@ -37,6 +37,9 @@ pub struct TrainConfig {
     pub out_dir: PathBuf,
     /// "scratch", "resume" (latest checkpoint in out_dir) or a Hugging Face GPT-2 directory.
     pub init_from: String,
+    /// With init_from = "resume": the tag to continue from, a tag name under out_dir
+    /// ("step_00000300", "final") or a tag directory anywhere; empty: the tag `latest` names.
+    pub resume_from: String,
     pub eval_interval: u64,
     pub log_interval: u64,
     pub eval_iters: u64,
@@ -105,9 +108,10 @@ pub struct TrainConfig {
 impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
-            dataset: "out/shakespeare".into(),
-            out_dir: "out/train".into(),
+            dataset: "data/shakespeare".into(),
+            out_dir: "out".into(),
             init_from: "scratch".into(),
+            resume_from: String::new(),
             eval_interval: 250,
             log_interval: 10,
             eval_iters: 20,
@@ -332,6 +336,12 @@ impl TrainConfig {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
+        if !self.resume_from.is_empty() && self.init_from != "resume" {
+            return bad(format!(
+                "resume_from = {:?} needs init_from = \"resume\" (init_from is {:?}); `train --resume-from TAG` sets both",
+                self.resume_from, self.init_from
+            ));
+        }
         if self.zero_stage > 2 {
             return bad(format!("zero_stage = {}: zerokit implements stages 0, 1 and 2", self.zero_stage));
         }

@@ -44,6 +44,10 @@ pub struct FitArgs {
     /// environment (LOCAL_RANK) already carries the rank, so it is accepted and not used.
     #[arg(long = "local_rank", alias = "local-rank", hide = true)]
     pub local_rank: Option<usize>,
+    /// Continue from this tag of out_dir (e.g. step_00000300, final) or this tag directory:
+    /// the same as --set init_from=resume --set resume_from=TAG.
+    #[arg(long = "resume-from", value_name = "TAG|DIR")]
+    pub resume_from: Option<String>,
     #[command(flatten)]
     pub launch: LaunchArgs,
 }
@@ -108,7 +112,11 @@ pub fn run_cli(cli: TrainCli) -> Result<(), TrainError> {
 }
 
 fn run_fit(a: FitArgs) -> Result<(), TrainError> {
-    let cfg = TrainConfig::load(a.config.as_deref(), a.deepspeed.as_deref(), &a.set)?;
+    let mut set = a.set.clone();
+    if let Some(tag) = &a.resume_from {
+        set.extend(["init_from=resume".to_string(), format!("resume_from={tag}")]);
+    }
+    let cfg = TrainConfig::load(a.config.as_deref(), a.deepspeed.as_deref(), &set)?;
     if a.launch.launches() && !launch::is_launched_rank() {
         return launch::spawn_local_ranks(&a.launch).map_err(|e| TrainError::Other(e.to_string()));
     }

@@ -82,6 +82,7 @@ impl Run {
     /// improved (or always_save_checkpoint), and says whether to stop early (patience).
     pub fn evaluate_and_save(&mut self, lr: f64) -> Result<ControlFlow<()>, TrainError> {
         let (tl, vl) = self.evaluate()?;
+        self.last_eval = Some((tl, vl));
         let step = self.state.step;
         info!("step {step}: train loss {tl:.4}, val loss {vl:.4}");
         if self.rank == 0 {
@@ -101,7 +102,7 @@ impl Run {
             if improved {
                 self.state.best_tag = Some(checkpoint::tag_name(step));
             }
-            self.save(lr, tl, vl)?;
+            self.save(&checkpoint::tag_name(step), lr)?;
         }
         self.interval_start = Instant::now();
         if self.cfg.patience > 0 && self.state.stale_evals >= self.cfg.patience {
@@ -111,10 +112,11 @@ impl Run {
         Ok(ControlFlow::Continue(()))
     }
 
-    /// Saves a checkpoint of the current step (collective).
-    fn save(&mut self, lr: f64, train_loss: f64, val_loss: f64) -> Result<(), TrainError> {
+    /// Saves the current step as `tag` (collective), with the last evaluation's losses.
+    fn save(&mut self, tag: &str, lr: f64) -> Result<(), TrainError> {
         let (cfg, st) = (&self.cfg, &self.state);
         let info = SaveInfo {
+            tag: tag.to_string(),
             step: st.step,
             tokens_seen: st.tokens_seen,
             model_config: serde_json::to_value(self.model_cfg).expect("config serializes"),
@@ -127,7 +129,7 @@ impl Run {
                 gradient_accumulation_steps: cfg.gradient_accumulation_steps,
             })
             .expect("position serializes"),
-            metrics: st.metrics(train_loss, val_loss),
+            metrics: st.metrics(self.last_eval),
             keep_last: cfg.keep_last,
             best: st.best_tag.clone(),
         };
@@ -201,10 +203,22 @@ impl Run {
         Ok(())
     }
 
-    /// The end of a run: the resumed checkpoint's hashes settled (a run that never saved still
+    /// Every run ends with the tag `final`, whatever its validation loss did, unless
+    /// checkpointing is off (eval_iters = 0) or this process only reopened that same tag.
+    fn save_final(&mut self) -> Result<(), TrainError> {
+        let reopened = self.resumed_from.as_ref().is_some_and(|d| d.ends_with(checkpoint::FINAL_TAG));
+        if self.cfg.eval_iters == 0 || (reopened && self.state.step == self.start) {
+            return Ok(());
+        }
+        let lr = self.schedule.lr(self.state.step);
+        self.save(checkpoint::FINAL_TAG, lr)
+    }
+
+    /// The end of a run: the final tag, the resumed checkpoint's hashes settled (a run that never saved still
     /// says whether what it resumed from was intact), every rank done, and rank 0's sample.
     pub fn finish(mut self) -> Result<(), TrainError> {
         self.progress.finish_and_clear();
+        self.save_final()?;
         self.settle()?;
         self.engine.comm().barrier()?;
         if self.rank == 0 && self.cfg.sample_tokens > 0 {

@@ -45,6 +45,8 @@ pub(super) struct Run {
     pub progress: ProgressBar,
     /// When the current logging interval started.
     pub interval_start: Instant,
+    /// The losses (train, val) of this process's last evaluation.
+    pub last_eval: Option<(f64, f64)>,
     /// Held by rank 0 for the whole run.
     _lock: Option<RunLock>,
 }
@@ -148,6 +150,7 @@ impl Run {
             evals,
             progress,
             interval_start: Instant::now(),
+            last_eval: None,
             _lock: lock,
         })
     }
@@ -263,14 +266,19 @@ fn recover(cfg: &TrainConfig, ctl: &mut ControlPlane) -> Result<(), TrainError> 
     Ok(())
 }
 
-/// The tag a resumed run continues from, with its manifest. Sizes and headers (each file's
+/// The tag a resumed run continues from (`resume_from`, else the one `latest` names), with its
+/// manifest. Sizes and headers (each file's
 /// identity included) are checked before anything else, so a damaged or misplaced file stops
 /// the run here; the hashes follow in the background ([`resume_engine`]).
 fn resume_point(cfg: &TrainConfig) -> Result<Option<(PathBuf, Manifest)>, TrainError> {
     if cfg.init_from != "resume" {
         return Ok(None);
     }
-    let dir = checkpoint::resolve(&cfg.out_dir, None)?;
+    let dir = match cfg.resume_from.as_str() {
+        "" => checkpoint::resolve(&cfg.out_dir, None)?,
+        d if Path::new(d).join("manifest.json").is_file() => PathBuf::from(d),
+        tag => checkpoint::resolve(&cfg.out_dir, Some(tag))?,
+    };
     let m = checkpoint::read_manifest(&dir)?;
     checkpoint::check_tag(&dir, &m)?;
     Ok(Some((dir, m)))

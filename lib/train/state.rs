@@ -73,11 +73,12 @@ impl TrainState {
         })
     }
 
-    /// What a checkpoint saved now records under `metrics`.
-    pub(super) fn metrics(&self, train_loss: f64, val_loss: f64) -> serde_json::Value {
+    /// What a checkpoint saved now records under `metrics`, with the last evaluation's
+    /// (train, val) losses when this process made one.
+    pub(super) fn metrics(&self, last_eval: Option<(f64, f64)>) -> serde_json::Value {
         serde_json::to_value(SavedMetrics {
-            train_loss: Some(train_loss),
-            val_loss: Some(val_loss),
+            train_loss: last_eval.map(|e| e.0),
+            val_loss: last_eval.map(|e| e.1),
             best_val_loss: self.best_val_loss,
             best_tag: self.best_tag.clone(),
             stale_evals: self.stale_evals,
