@@ -622,3 +622,67 @@ fn chunked_head_backward_matches_one_pass() {
     close(&chunked.params[2].1, &plain[2], "wte");
     close(&chunked.input, &plain[3], "input");
 }
+
+/// `train eval` on a Hugging Face directory: the mean loss over every non-overlapping window of a
+/// token file (the last batch partial), against transformers' logits on the same windows.
+#[test]
+fn eval_matches_transformers_on_every_window() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("model");
+    let (model, cfg) = hf::load_gpt2(&fixture_model(), Device::Cpu, Kind::Float).unwrap();
+    hf::save_gpt2(&model, &dir, false).unwrap();
+    // 5 windows of 16 + 1 tokens and 3 left over; 2 windows a batch, so the third batch is partial.
+    let ids: Vec<u16> = (0..84u64).map(|i| ((i * 7919 + 13) % cfg.vocab_size as u64) as u16).collect();
+    let bin = tmp.path().join("held_out.bin");
+    std::fs::write(&bin, ids.iter().flat_map(|t| t.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_train"))
+        .args(["eval", dir.to_str().unwrap(), "--split", bin.to_str().unwrap()])
+        .args(["--block-size", "16", "--batch-size", "2", "--device", "cpu", "--json"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let got: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!((got["windows"].as_u64(), got["tokens"].as_u64()), (Some(5), Some(80)));
+
+    let windows: Vec<i64> = (0..5).flat_map(|w| ids[w * 16..w * 16 + 17].iter().map(|&t| t as i64)).collect();
+    let windows = Tensor::from_slice(&windows).view([5, 17]);
+    let (x, y) = (windows.narrow(1, 0, 16), windows.narrow(1, 1, 16));
+    let logits = transformers_logits(&dir, &x.contiguous());
+    let want = logits.view([-1, cfg.vocab_size as i64]).cross_entropy_for_logits(&y.contiguous().view([-1]));
+    let want = want.double_value(&[]);
+    let loss = got["loss"].as_f64().unwrap();
+    assert!((loss - want).abs() < 1e-5, "eval loss {loss}, transformers {want}");
+    assert!((got["perplexity"].as_f64().unwrap() - want.exp()).abs() < 1e-3 * want.exp());
+}
+
+/// `train sample` takes a Hugging Face directory; under a launcher only rank 0 answers; a split
+/// that is not there is named.
+#[test]
+fn sample_and_eval_take_a_model_directory_and_answer_on_rank_0_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = fixture_model();
+    let train = |args: &[&str], env: &[(&str, &str)]| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_train"));
+        c.args(args).env_remove("RANK").env_remove("WORLD_SIZE");
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c.output().unwrap()
+    };
+    let sample = ["sample", dir.to_str().unwrap(), "--prompt", "A", "--tokens", "4", "--device", "cpu"];
+    let o = train(&sample, &[]);
+    assert!(o.status.success() && !o.stdout.is_empty(), "{}", String::from_utf8_lossy(&o.stderr));
+    let torchrun = [
+        ("RANK", "1"),
+        ("WORLD_SIZE", "2"),
+        ("LOCAL_RANK", "1"),
+        ("MASTER_ADDR", "127.0.0.1"),
+        ("MASTER_PORT", "29999"),
+    ];
+    let o = train(&sample, &torchrun);
+    assert!(o.status.success() && o.stdout.is_empty(), "rank 1 printed {:?}", String::from_utf8_lossy(&o.stdout));
+    let data = tmp.path().to_str().unwrap();
+    let o = train(&["eval", dir.to_str().unwrap(), "--dataset", data, "--split", "test", "--device", "cpu"], &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("test.bin"), "{err}");
+}

@@ -293,6 +293,7 @@ fn every_run_ends_with_a_final_tag_that_every_tool_takes() {
             env!("CARGO_BIN_EXE_train"),
             vec!["sample", fin.to_str().unwrap(), "--prompt", "A", "--tokens", "3", "--device", "cpu"],
         ),
+        (env!("CARGO_BIN_EXE_train"), vec!["eval", r, "--dataset", data.to_str().unwrap(), "--device", "cpu"]),
     ] {
         let (ok, err) = tool(bin, &args);
         assert!(ok, "{bin} {args:?}: {err}");

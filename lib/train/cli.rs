@@ -1,8 +1,8 @@
-//! The `train` command line: fit (the default) or sample, and the panic hook that turns
+//! The `train` command line: fit (the default), sample or eval, and the panic hook that turns
 //! libtorch's failures into errors with the way out.
 
 use super::state::TrainError;
-use super::{fit, sample};
+use super::{eval, fit, sample};
 use crate::config::TrainConfig;
 use crate::launch::{self, LaunchArgs};
 use std::path::PathBuf;
@@ -26,8 +26,10 @@ pub struct TrainCli {
 pub enum TrainCommand {
     /// Train (the default when no subcommand is given).
     Fit(FitArgs),
-    /// Generate text from a checkpoint.
+    /// Generate text from a checkpoint or a Hugging Face directory.
     Sample(SampleArgs),
+    /// Loss and perplexity of a checkpoint or a Hugging Face directory on a token split.
+    Eval(EvalArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -53,8 +55,31 @@ pub struct FitArgs {
 }
 
 #[derive(Debug, Clone, clap::Args)]
+pub struct EvalArgs {
+    /// Checkpoint root (its latest tag), tag directory, or Hugging Face GPT-2 directory.
+    pub checkpoint: PathBuf,
+    /// Directory with the split files (from `prepare`).
+    #[arg(long, default_value = "data/shakespeare")]
+    pub dataset: PathBuf,
+    /// A split of --dataset (val, test, train: DIR/SPLIT.bin) or a .bin token file.
+    #[arg(long, default_value = "val")]
+    pub split: String,
+    /// Tokens of context per window (default and maximum: the model's positions).
+    #[arg(long)]
+    pub block_size: Option<usize>,
+    /// Windows per forward pass.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, clap::Args)]
 pub struct SampleArgs {
-    /// Checkpoint root (its latest tag) or tag directory.
+    /// Checkpoint root (its latest tag), tag directory, or Hugging Face GPT-2 directory.
     pub checkpoint: PathBuf,
     #[arg(long, default_value = "\n")]
     pub prompt: String,
@@ -95,10 +120,27 @@ fn install_panic_hook() {
     }));
 }
 
+/// Whether this process is rank 0 of a launched job (torchrun, srun, DeepSpeed's launcher), or
+/// runs alone.
+fn is_rank0() -> bool {
+    crate::comm::Rendezvous::from_env(std::time::Duration::from_secs(1)).map_or(true, |r| r.rank == 0)
+}
+
 /// The `train` binary's one call.
 pub fn run_cli(cli: TrainCli) -> Result<(), TrainError> {
     install_panic_hook();
     match cli.command {
+        // Under a launcher every rank runs the command; rank 0 alone answers.
+        Some(TrainCommand::Sample(_) | TrainCommand::Eval(_)) if !is_rank0() => Ok(()),
+        Some(TrainCommand::Eval(a)) => {
+            let (model, dir) = eval::load_model(&a.checkpoint, &a.device)?;
+            let e = eval::evaluate(&model, &dir, &a.dataset, &a.split, a.block_size, a.batch_size)?;
+            match a.json {
+                true => println!("{}", serde_json::to_string_pretty(&e).expect("an evaluation serializes")),
+                false => println!("{}", eval::render(&e)),
+            }
+            Ok(())
+        }
         Some(TrainCommand::Sample(a)) => {
             let prompt = a.prompt.replace("\\n", "\n");
             let text =

@@ -4,16 +4,17 @@
 //! `setup` does everything before the first step (ranks, the run lock, device, model, engine,
 //! resume), `run` what the loop calls (batches, evaluation, checkpoints, logging), `metrics`
 //! metrics.jsonl and the loss plot, `state` what a run carries between steps, `sample` text
-//! generation, `cli` the command line. [`fit`] is the loop itself.
+//! generation, `eval` loss and perplexity on a split, `cli` the command line. [`fit`] is the loop itself.
 
 mod cli;
+pub mod eval;
 mod metrics;
 mod run;
 mod sample;
 mod setup;
 mod state;
 
-pub use cli::{run_cli, FitArgs, SampleArgs, TrainCli, TrainCommand};
+pub use cli::{run_cli, EvalArgs, FitArgs, SampleArgs, TrainCli, TrainCommand};
 pub use sample::{from_checkpoint as sample_from_checkpoint, text as sample_text};
 pub use setup::{model_config, resolve_device};
 pub use state::{TrainError, TrainState};

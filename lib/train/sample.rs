@@ -2,12 +2,10 @@
 //! checkpoint.
 
 use super::state::TrainError;
-use crate::checkpoint;
 use crate::data::tokenize::{Encoding, Tokenizer};
-use crate::interop::hf;
 use crate::model::Gpt;
 use std::path::Path;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 /// Generates text from `model` with nanoGPT's sampling (temperature, top-k, seeded).
 pub fn text(
@@ -34,7 +32,8 @@ pub fn text(
     Ok(String::from_utf8_lossy(&bpe.decode_bytes(&ids)?).into_owned())
 }
 
-/// `train sample`: text from a checkpoint (a root, its `latest` followed, or a tag directory).
+/// `train sample`: text from a checkpoint (a root, its `latest` followed, or a tag directory) or
+/// a Hugging Face directory.
 pub fn from_checkpoint(
     path: &Path,
     prompt: &str,
@@ -44,10 +43,6 @@ pub fn from_checkpoint(
     seed: u64,
     device: &str,
 ) -> Result<String, TrainError> {
-    // A tag directory is also a Hugging Face model directory (config.json + model.safetensors).
-    let dir = checkpoint::resolve(path, None)?;
-    checkpoint::check_tag(&dir, &checkpoint::read_manifest(&dir)?)?;
-    let device = crate::device::parse_device(device).map_err(TrainError::Other)?;
-    let (model, _) = hf::load_gpt2(&dir, device, Kind::Float)?;
+    let (model, _) = super::eval::load_model(path, device)?;
     text(&model, prompt, tokens, temperature, top_k, seed)
 }
