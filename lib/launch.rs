@@ -3,6 +3,7 @@
 //! or a DeepSpeed hostfile) the same command runs on every node. If any rank fails, the others are stopped and
 //! the job ends with a message naming the rank.
 
+use std::net::{IpAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::Duration;
@@ -31,6 +32,100 @@ pub struct LaunchArgs {
     /// every host; each one starts its slots' ranks.
     #[arg(long)]
     pub hostfile: Option<PathBuf>,
+    /// With --hostfile, how the nodes start: `none` (run the same command on every node; each
+    /// finds its own line), `ssh` (this command starts every node's ranks over ssh, in the same
+    /// directory, as the deepspeed launcher does with pdsh) or `print` (print each node's
+    /// command, for pdsh, clush or a scheduler, and exit).
+    #[arg(long, value_enum, default_value_t = NodeLauncher::None)]
+    pub launcher: NodeLauncher,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum NodeLauncher {
+    None,
+    Ssh,
+    Print,
+}
+
+/// Everything this machine answers to: its host name and the addresses of its interfaces (and
+/// those its own name resolves to), so a hostfile line may name it either way.
+#[derive(Debug, Clone, Default)]
+pub struct ThisHost {
+    pub names: Vec<String>,
+    pub addrs: Vec<IpAddr>,
+}
+
+impl ThisHost {
+    /// A host known by `name` alone (tests, and machines whose addresses cannot be read).
+    pub fn named(name: &str) -> ThisHost {
+        ThisHost { names: vec![name.to_string()], addrs: Vec::new() }
+    }
+
+    /// This machine.
+    pub fn current() -> ThisHost {
+        let name = hostname();
+        let mut addrs = interface_addrs();
+        addrs.extend(resolve(&name));
+        addrs.sort();
+        addrs.dedup();
+        ThisHost { names: vec![name], addrs }
+    }
+
+    /// Whether the hostfile's `entry` names this machine: an address of it, its name (full or
+    /// short), or a name that resolves to one of its addresses.
+    pub fn is(&self, entry: &str) -> bool {
+        if let Ok(ip) = entry.parse::<IpAddr>() {
+            return self.addrs.contains(&ip);
+        }
+        self.names.iter().any(|n| same_host(n, entry)) || resolve(entry).iter().any(|ip| self.addrs.contains(ip))
+    }
+
+    fn describe(&self) -> String {
+        let addrs: Vec<String> = self.addrs.iter().map(IpAddr::to_string).collect();
+        format!(
+            "names {} and addresses {}",
+            self.names.join(", "),
+            if addrs.is_empty() { "(none read)".into() } else { addrs.join(", ") }
+        )
+    }
+}
+
+/// The addresses `name` resolves to (/etc/hosts, DNS); none when it does not resolve.
+fn resolve(name: &str) -> Vec<IpAddr> {
+    (name, 0).to_socket_addrs().map(|a| a.map(|s| s.ip()).collect()).unwrap_or_default()
+}
+
+/// The addresses of this machine's network interfaces (loopback included).
+fn interface_addrs() -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list we only read and then free with freeifaddrs;
+    // each ifa_addr is checked for null and read as the sockaddr type its family says.
+    unsafe {
+        if libc::getifaddrs(&mut head) != 0 {
+            return out;
+        }
+        let mut cur = head;
+        while !cur.is_null() {
+            let a = (*cur).ifa_addr;
+            if !a.is_null() {
+                match (*a).sa_family as i32 {
+                    libc::AF_INET => {
+                        let v4 = &*(a as *const libc::sockaddr_in);
+                        out.push(IpAddr::from(u32::from_be(v4.sin_addr.s_addr).to_be_bytes()));
+                    }
+                    libc::AF_INET6 => {
+                        let v6 = &*(a as *const libc::sockaddr_in6);
+                        out.push(IpAddr::from(v6.sin6_addr.s6_addr));
+                    }
+                    _ => {}
+                }
+            }
+            cur = (*cur).ifa_next;
+        }
+        libc::freeifaddrs(head);
+    }
+    out
 }
 
 /// What this node starts: ranks first_rank .. first_rank + local of world.
@@ -96,8 +191,8 @@ impl LaunchArgs {
         self.hostfile.is_some() || self.nproc_per_node.unwrap_or(1) > 1 || self.nnodes.unwrap_or(1) > 1
     }
 
-    /// The ranks this node starts. `host` is this machine's name (used with a hostfile only).
-    pub fn plan(&self, host: &str) -> Result<NodePlan, LaunchError> {
+    /// The ranks this node starts. `this` is this machine (used with a hostfile only).
+    pub fn plan(&self, this: &ThisHost) -> Result<NodePlan, LaunchError> {
         let Some(path) = &self.hostfile else {
             let (nproc, nnodes, node) =
                 (self.nproc_per_node.unwrap_or(1), self.nnodes.unwrap_or(1), self.node_rank.unwrap_or(0));
@@ -133,9 +228,27 @@ impl LaunchArgs {
                     hosts.len()
                 )))
             }
-            None => hosts.iter().position(|(h, _)| same_host(h, host)).ok_or_else(|| {
-                LaunchError::Invalid(format!("this host ({host}) is not in {}: pass --node-rank", path.display()))
-            })?,
+            None => {
+                let mine: Vec<usize> = (0..hosts.len()).filter(|&i| this.is(&hosts[i].0)).collect();
+                match mine[..] {
+                    [i] => i,
+                    [] => {
+                        return Err(LaunchError::Invalid(format!(
+                            "this host is not in {} (tried its {}): pass --node-rank",
+                            path.display(),
+                            this.describe()
+                        )))
+                    }
+                    _ => {
+                        let names: Vec<&str> = mine.iter().map(|&i| hosts[i].0.as_str()).collect();
+                        return Err(LaunchError::Invalid(format!(
+                            "this host is each of {} in {}: pass --node-rank",
+                            names.join(", "),
+                            path.display()
+                        )));
+                    }
+                }
+            }
         };
         let slots = hosts[node].1;
         if let Some(n) = self.nproc_per_node.filter(|&n| n != slots) {
@@ -172,9 +285,13 @@ pub fn is_launched_rank() -> bool {
     std::env::var_os("RANK").is_some()
 }
 
-/// Re-executes this binary with the same arguments once per local rank and waits for them.
+/// Re-executes this binary with the same arguments once per local rank and waits for them;
+/// with `--launcher ssh|print` and a hostfile, starts (or prints) every node's command instead.
 pub fn spawn_local_ranks(a: &LaunchArgs) -> Result<(), LaunchError> {
-    let plan = a.plan(&hostname())?;
+    if let (Some(path), true) = (&a.hostfile, a.launcher != NodeLauncher::None) {
+        return launch_nodes(a, path);
+    }
+    let plan = a.plan(&ThisHost::current())?;
     if let Some(g) = &a.gpus {
         let n = g.split(',').filter(|s| !s.trim().is_empty()).count();
         if n < plan.local {
@@ -223,23 +340,110 @@ pub fn spawn_local_ranks(a: &LaunchArgs) -> Result<(), LaunchError> {
             }
         }
     }
+    wait_all(&mut children).map_err(|(rank, status)| LaunchError::RankFailed { rank, status })
+}
+
+/// Environment variables a node's ranks get from this one (the deepspeed launcher exports the
+/// same kinds): NCCL's and zerokit's settings, thread counts, library paths.
+fn exported_env() -> Vec<(String, String)> {
+    let wanted = |k: &str| {
+        ["NCCL_", "ZEROKIT_", "TORCH_", "CUDA_"].iter().any(|p| k.starts_with(p))
+            || ["OMP_NUM_THREADS", "LD_LIBRARY_PATH", "RUST_LOG"].contains(&k)
+    };
+    let mut v: Vec<(String, String)> = std::env::vars().filter(|(k, _)| wanted(k)).collect();
+    v.sort();
+    v
+}
+
+/// A word for a POSIX shell.
+fn shell_quote(s: &str) -> String {
+    if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,@%+".contains(c)) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+/// This invocation's arguments without the ones that say where it runs (`--launcher`,
+/// `--node-rank`), which each node's command sets anew.
+fn node_args(args: &[String]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut skip = false;
+    for a in args {
+        if std::mem::take(&mut skip) {
+            continue;
+        }
+        match a.as_str() {
+            "--launcher" | "--node-rank" | "--node_rank" => skip = true,
+            s if s.starts_with("--launcher=") || s.starts_with("--node-rank=") || s.starts_with("--node_rank=") => {}
+            _ => out.push(a.clone()),
+        }
+    }
+    out
+}
+
+/// The shell command that starts node `node`'s ranks: this directory, this binary, the same
+/// arguments and settings, and its node rank.
+pub fn node_command(node: usize, exe: &Path, args: &[String], cwd: &Path, env: &[(String, String)]) -> String {
+    let mut words = vec!["cd".to_string(), shell_quote(&cwd.to_string_lossy()), "&&".into(), "env".into()];
+    words.extend(env.iter().map(|(k, v)| shell_quote(&format!("{k}={v}"))));
+    words.push(shell_quote(&exe.to_string_lossy()));
+    words.extend(node_args(args).iter().map(|a| shell_quote(a)));
+    words.extend(["--launcher".into(), "none".into(), "--node-rank".into(), node.to_string()]);
+    words.join(" ")
+}
+
+/// `--launcher ssh|print`: every host of the hostfile runs this command with its node rank,
+/// over `ssh HOST` (BatchMode: keys, not passwords), all at once; the job ends when they all
+/// have, or when one fails (the others are stopped), naming it.
+fn launch_nodes(a: &LaunchArgs, path: &Path) -> Result<(), LaunchError> {
+    let text = std::fs::read_to_string(path).map_err(|e| LaunchError::Invalid(format!("{}: {e}", path.display())))?;
+    let hosts = parse_hostfile(path, &text)?;
+    let exe = std::env::current_exe().map_err(|e| LaunchError::Spawn { rank: 0, source: e })?;
+    let cwd = std::env::current_dir().map_err(|e| LaunchError::Spawn { rank: 0, source: e })?;
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let env = exported_env();
+    let commands: Vec<String> = (0..hosts.len()).map(|i| node_command(i, &exe, &args, &cwd, &env)).collect();
+    if a.launcher == NodeLauncher::Print {
+        for ((host, _), cmd) in hosts.iter().zip(&commands) {
+            println!("ssh {} {}", shell_quote(host), shell_quote(cmd));
+        }
+        return Ok(());
+    }
+    let mut nodes: Vec<(usize, Child)> = Vec::new();
+    for (i, ((host, _), cmd)) in hosts.iter().zip(&commands).enumerate() {
+        match Command::new("ssh").args(["-o", "BatchMode=yes", host.as_str(), cmd.as_str()]).spawn() {
+            Ok(c) => nodes.push((i, c)),
+            Err(e) => {
+                stop_all(&mut nodes);
+                return Err(LaunchError::Invalid(format!("cannot run ssh for {host}: {e}")));
+            }
+        }
+    }
+    wait_all(&mut nodes).map_err(|(i, status)| {
+        LaunchError::Invalid(format!("node {i} ({}) failed ({status}); the other nodes were stopped", hosts[i].0))
+    })
+}
+
+/// Waits for every child; on the first that fails, stops the rest and returns its index and
+/// exit status.
+fn wait_all(children: &mut [(usize, Child)]) -> Result<(), (usize, String)> {
     loop {
         let mut running = 0;
         for i in 0..children.len() {
-            let (rank, child) = &mut children[i];
+            let (id, child) = &mut children[i];
             match child.try_wait() {
                 Ok(Some(st)) if !st.success() => {
-                    let rank = *rank;
-                    let status = st.to_string();
-                    stop_all(&mut children);
-                    return Err(LaunchError::RankFailed { rank, status });
+                    let id = *id;
+                    stop_all(children);
+                    return Err((id, st.to_string()));
                 }
                 Ok(Some(_)) => {}
                 Ok(None) => running += 1,
                 Err(e) => {
-                    let rank = *rank;
-                    stop_all(&mut children);
-                    return Err(LaunchError::Spawn { rank, source: e });
+                    let id = *id;
+                    stop_all(children);
+                    return Err((id, e.to_string()));
                 }
             }
         }

@@ -69,6 +69,43 @@ fn two_nodes_from_a_hostfile_with_uneven_slots_match_one_rank() {
     assert_close(&losses(&dir.join("out")), &reference.losses, 1e-6, "2 nodes (1 + 2 ranks), stage 2");
 }
 
+/// `--launcher ssh`: one command starts every node of a hostfile over ssh, each with its node
+/// rank, in the same directory. `ssh` here is a stand-in on PATH that runs the command on this
+/// machine (CI has no ssh server); what it is given is what `ssh HOST CMD` would run there.
+#[test]
+fn a_hostfile_launched_over_ssh_matches_one_rank() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    dataset(&data);
+    let reference = train(&tmp.path().join("ref"), &data, 1, "batch_size = 12\nmax_iters = 6", &[]);
+    assert!(reference.ok, "{}", reference.stderr);
+    let bin = tmp.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let log = tmp.path().join("ssh.log");
+    let ssh = bin.join("ssh");
+    // ssh -o BatchMode=yes HOST CMD: record the host, run CMD.
+    std::fs::write(&ssh, format!("#!/bin/sh\necho \"$3\" >> {}\nexec sh -c \"$4\"\n", log.display())).unwrap();
+    std::fs::set_permissions(&ssh, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let dir = tmp.path().join("nodes");
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = config(&dir, &data, "batch_size = 4\nzero_stage = 2\nmax_iters = 6");
+    let hostfile = dir.join("hostfile");
+    std::fs::write(&hostfile, "127.0.0.1 slots=1\nlocalhost slots=2\n").unwrap();
+    let launch: Vec<String> =
+        ["--hostfile", hostfile.to_str().unwrap(), "--launcher", "ssh", "--master-port", &port().to_string()]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
+    let o = train_command(&cfg, &launch, &[("PATH", &path)]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let hosts = std::fs::read_to_string(&log).unwrap();
+    let mut hosts: Vec<&str> = hosts.lines().collect();
+    hosts.sort();
+    assert_eq!(hosts, ["127.0.0.1", "localhost"], "one ssh per host");
+    assert_close(&losses(&dir.join("out")), &reference.losses, 1e-6, "hostfile over ssh (1 + 2 ranks), stage 2");
+}
+
 #[test]
 fn a_new_run_refuses_an_out_dir_with_checkpoints_and_changes_nothing() {
     let tmp = tempfile::tempdir().unwrap();
