@@ -793,3 +793,22 @@ fn the_engine_settings_are_the_configuration_s() {
     );
     assert_eq!((s.loss_scale_window, s.raise_error_at_min_scale), (200, false));
 }
+
+/// DeepSpeed's "tensorboard" monitor section sets tensorboard_dir (output_path/job_name, with
+/// DeepSpeed's default job name); disabled, it sets nothing; its unknown keys are named.
+#[test]
+fn deepspeed_tensorboard_section_sets_the_event_directory() {
+    let dir = |json: &str| {
+        from_deepspeed_json(Path::new("ds.json"), json).map(|t| t.get("tensorboard_dir").map(|v| v.to_string()))
+    };
+    let on =
+        r#"{"train_batch_size": 8, "tensorboard": {"enabled": true, "output_path": "runs/tb", "job_name": "gpt2"}}"#;
+    assert_eq!(dir(on).unwrap().as_deref(), Some(r#""runs/tb/gpt2""#));
+    let default_name = r#"{"train_batch_size": 8, "tensorboard": {"enabled": true, "output_path": "tb/"}}"#;
+    assert_eq!(dir(default_name).unwrap().as_deref(), Some(r#""tb/DeepSpeedJobName""#));
+    let off = r#"{"train_batch_size": 8, "tensorboard": {"enabled": false, "output_path": "x"}}"#;
+    assert_eq!(dir(off).unwrap(), None);
+    let odd = r#"{"train_batch_size": 8, "tensorboard": {"enabled": true, "flush_secs": 5}}"#;
+    let e = dir(odd).unwrap_err().to_string();
+    assert!(e.contains("keys zerokit does not honour: tensorboard.flush_secs"), "{e}");
+}

@@ -349,3 +349,54 @@ fn resume_from_a_named_tag_or_a_tag_directory() {
     let (ok, err) = run_out(&mut train_command(&cfg, &[], &[]));
     assert!(!ok && err.contains("needs init_from = \"resume\""), "{err}");
 }
+
+/// `tensorboard_dir`: event files that TensorBoard's own reader (tools/read_tfevents.py) reads
+/// back with the values metrics.jsonl holds; a resumed run adds a file beside the first.
+#[test]
+fn tensorboard_events_hold_what_metrics_jsonl_holds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    dataset(&data);
+    let dir = tmp.path().join("run");
+    let tb = tmp.path().join("tb");
+    let keys = format!("eval_interval = 2\ntensorboard_dir = \"{}\"", tb.display());
+    let first = train(&dir, &data, 2, &format!("{keys}\nmax_iters = 4"), &[]);
+    assert!(first.ok, "{}", first.stderr);
+    let resumed = train(&dir, &data, 2, &format!("{keys}\nmax_iters = 6\ninit_from = \"resume\""), &[]);
+    assert!(resumed.ok, "{}", resumed.stderr);
+    assert_eq!(std::fs::read_dir(&tb).unwrap().count(), 2, "one event file per run");
+
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/read_tfevents.py");
+    let o = Command::new(common::python()).arg(script).arg(&tb).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let got: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let series = |tag: &str| -> Vec<(u64, f64)> {
+        got[tag]
+            .as_array()
+            .unwrap_or_else(|| panic!("no {tag} in {got}"))
+            .iter()
+            .map(|p| (p[0].as_u64().unwrap(), p[1].as_f64().unwrap()))
+            .collect()
+    };
+    let loss = series("train/loss");
+    let want = losses(&first.out);
+    assert_eq!(loss.iter().map(|p| p.0).collect::<Vec<_>>(), want.iter().map(|p| p.0).collect::<Vec<_>>());
+    for ((s, a), (_, b)) in loss.iter().zip(&want) {
+        assert_eq!(*a as f32, *b as f32, "train/loss at step {s}");
+    }
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(first.out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &serde_json::Value| v.get("val_loss").is_some())
+        .collect();
+    let val = series("eval/val_loss");
+    assert_eq!(val.len(), rows.len());
+    for (p, r) in val.iter().zip(&rows) {
+        assert_eq!((p.0, p.1 as f32), (r["step"].as_u64().unwrap(), r["val_loss"].as_f64().unwrap() as f32));
+    }
+    for tag in ["train/lr", "train/grad_norm", "train/tokens_per_s", "eval/train_loss"] {
+        assert!(!series(tag).is_empty(), "{tag}");
+    }
+    assert!(got.get("train/loss_scale").is_none(), "fp32 keeps no loss scale");
+}

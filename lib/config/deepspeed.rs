@@ -175,6 +175,15 @@ impl Check for TypeName {
     }
 }
 
+/// A string.
+enum Text {}
+impl Check for Text {
+    type Out = String;
+    fn check(v: &Value) -> Result<String, String> {
+        v.as_str().map(String::from).ok_or_else(|| expected(v, "a string"))
+    }
+}
+
 /// Any value, read once another key is known.
 enum Any {}
 impl Check for Any {
@@ -231,8 +240,34 @@ struct DeepSpeed {
     bfloat16: Given<Section<Bf16>>,
     optimizer: Given<Optimizer>,
     scheduler: Given<Scheduler>,
+    tensorboard: Given<Section<Tensorboard>>,
     #[serde(flatten)]
     rest: Rest,
+}
+
+/// DeepSpeed's TensorBoard monitor: event files under output_path/job_name.
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct Tensorboard {
+    enabled: Given<Flag>,
+    output_path: Given<Text>,
+    job_name: Given<Text>,
+    #[serde(flatten)]
+    rest: Rest,
+}
+
+impl Tensorboard {
+    /// zerokit's tensorboard_dir, when enabled: output_path/job_name with DeepSpeed's default job
+    /// name; an empty output_path is `tensorboard` under the working directory (DeepSpeed's
+    /// falls back to a directory under the home directory named after a cluster job id).
+    fn dir(self) -> Option<String> {
+        if !self.enabled.0.unwrap_or(false) {
+            return None;
+        }
+        let base = self.output_path.0.filter(|p| !p.is_empty()).unwrap_or_else(|| "tensorboard".into());
+        let job = self.job_name.0.unwrap_or_else(|| "DeepSpeedJobName".into());
+        Some(std::path::Path::new(&base).join(job).to_string_lossy().into_owned())
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -423,6 +458,7 @@ impl DeepSpeed {
             ("optimizer", self.optimizer.0.as_ref().map(|s| &s.rest)),
             ("optimizer.params", self.optimizer.0.as_ref().map(|s| &s.params.rest)),
             ("scheduler", self.scheduler.0.as_ref().map(|s| &s.rest)),
+            ("tensorboard", self.tensorboard.0.as_ref().map(|s| &s.rest)),
         ];
         for (section, rest) in rests {
             let path = section.split('.').map(String::from);
@@ -482,6 +518,9 @@ impl DeepSpeed {
         }
         if let Some(s) = self.scheduler.0 {
             t.insert("lr_schedule".into(), T::Table(s.table()));
+        }
+        if let Some(dir) = self.tensorboard.0.and_then(Tensorboard::dir) {
+            t.insert("tensorboard_dir".into(), dir.into());
         }
         Ok(t)
     }

@@ -49,6 +49,9 @@ pub struct TrainConfig {
     pub patience: u64,
     /// Checkpoints kept besides the best one.
     pub keep_last: usize,
+    /// TensorBoard event files go here when set (loss, lr, grad norm, loss scale, tokens/s,
+    /// MFU, memory, eval losses); empty: none.
+    pub tensorboard_dir: String,
     // model
     /// "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl" or "custom" (n_layer, n_head, n_embd).
     pub model: String,
@@ -118,6 +121,7 @@ impl Default for TrainConfig {
             always_save_checkpoint: false,
             patience: 0,
             keep_last: 2,
+            tensorboard_dir: String::new(),
             model: "custom".into(),
             n_layer: 4,
             n_head: 4,

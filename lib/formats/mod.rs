@@ -7,5 +7,6 @@ pub mod dtype;
 pub mod safetensors;
 pub mod source;
 pub mod tags;
+pub mod tfevents;
 pub mod torch_pickle;
 pub mod torch_zip;

@@ -86,6 +86,7 @@ impl Run {
         let step = self.state.step;
         info!("step {step}: train loss {tl:.4}, val loss {vl:.4}");
         if self.rank == 0 {
+            self.tensorboard_scalars(step, &[("eval/train_loss", tl), ("eval/val_loss", vl)]);
             append_jsonl(&self.metrics_path, serde_json::json!({"step": step, "train_loss": tl, "val_loss": vl}))?;
             self.evals.0.push((step as f64, tl));
             self.evals.1.push((step as f64, vl));
@@ -194,6 +195,20 @@ impl Run {
         );
         self.progress.set_message(format!("loss {:.4}", st.loss));
         if self.rank == 0 {
+            let mut scalars = vec![
+                ("train/loss", st.loss),
+                ("train/lr", lr),
+                ("train/grad_norm", st.grad_norm),
+                ("train/tokens_per_s", tok_s),
+            ];
+            if self.engine.loss_scale().is_some() {
+                scalars.push(("train/loss_scale", st.loss_scale));
+            }
+            if cuda {
+                scalars.push(("train/mfu", mfu));
+            }
+            scalars.extend(mem_gib.map(|g| ("train/gpu_mem_gib", g)));
+            self.tensorboard_scalars(step, &scalars);
             append_jsonl(
                 &self.metrics_path,
                 serde_json::json!({"step": step, "loss": st.loss, "lr": lr, "time_ms": dt * 1e3, "tokens_per_s": tok_s, "mfu": mfu, "grad_norm": st.grad_norm, "loss_scale": st.loss_scale, "skipped": st.skipped, "gpu_mem_gib": mem_gib}),
@@ -201,6 +216,17 @@ impl Run {
         }
         self.interval_start = Instant::now();
         Ok(())
+    }
+
+    /// Writes scalars to the TensorBoard event file, if there is one; a failed write is a
+    /// warning and ends the file, not the run.
+    fn tensorboard_scalars(&mut self, step: u64, values: &[(&str, f64)]) {
+        if let Some(w) = &mut self.tensorboard {
+            if let Err(e) = w.scalars(step, values) {
+                tracing::warn!("{}: {e}; no more TensorBoard events this run", w.path().display());
+                self.tensorboard = None;
+            }
+        }
     }
 
     /// Every run ends with the tag `final`, whatever its validation loss did, unless

@@ -8,6 +8,7 @@ use crate::checkpoint::{self, Manifest, ResumeHashes};
 use crate::comm::{Collectives, ControlPlane, CpuComm, Rendezvous};
 use crate::config::TrainConfig;
 use crate::data::dataset::TokenDataset;
+use crate::formats::tfevents::EventWriter;
 use crate::interop::hf;
 use crate::lock::RunLock;
 use crate::model::{Gpt, GptConfig};
@@ -47,6 +48,8 @@ pub(super) struct Run {
     pub interval_start: Instant,
     /// The losses (train, val) of this process's last evaluation.
     pub last_eval: Option<(f64, f64)>,
+    /// Rank 0's TensorBoard event file (`tensorboard_dir`).
+    pub tensorboard: Option<EventWriter>,
     /// Held by rank 0 for the whole run.
     _lock: Option<RunLock>,
 }
@@ -124,6 +127,15 @@ impl Run {
             cfg.max_iters - start.min(cfg.max_iters),
             "{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}",
         );
+        let tensorboard = match (cfg.tensorboard_dir.as_str(), rank) {
+            ("", _) | (_, 1..) => None,
+            (dir, _) => {
+                let w = EventWriter::create(Path::new(dir), &crate::launch::hostname())
+                    .map_err(|e| TrainError::Other(format!("tensorboard_dir {dir}: {e}")))?;
+                info!("TensorBoard events: {}", w.path().display());
+                Some(w)
+            }
+        };
         if let (Some(b), 0) = (context_bytes, rank) {
             let gib = b as f64 / (1u64 << 30) as f64;
             info!("GPU memory in use before the model: {gib:.2} GiB (CUDA context)");
@@ -151,6 +163,7 @@ impl Run {
             progress,
             interval_start: Instant::now(),
             last_eval: None,
+            tensorboard,
             _lock: lock,
         })
     }
