@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Reference fixtures for tests/llama.rs: small random LlamaForCausalLM models saved by
 transformers (save_pretrained, safetensors), a batch of tokens, transformers' fp32 logits on it
-and the loss for known targets, one directory per case under tests/fixtures/llama/.
+(and its bf16 logits, the model loaded in bf16) and the loss for known targets, one directory per
+case under tests/fixtures/llama/.
 
 Run with the reference environment (make pyenv), on CPU, in seconds:
     .deps/py/bin/python tools/gen_llama_fixtures.py tests/fixtures/llama
@@ -75,8 +76,13 @@ def make(out: str, name: str, extra: dict) -> None:
         logits = model(tokens).logits.float()
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
         short = model(tokens[:, :7]).logits.float()
+        # The saved model loaded in bf16 as a user loads it (from_pretrained keeps the rope
+        # frequencies in fp32, where model.to(bfloat16) would round them), computed in bf16.
+        bf16 = LlamaForCausalLM.from_pretrained(os.path.join(case, "model"), dtype=torch.bfloat16).eval()
+        logits_bf16 = bf16(tokens).logits
     save_file({"tokens": tokens.contiguous(), "targets": targets.contiguous(),
-               "logits": logits.contiguous(), "logits_prefix7": short.contiguous()},
+               "logits": logits.contiguous(), "logits_prefix7": short.contiguous(),
+               "logits_bf16": logits_bf16.contiguous()},
               os.path.join(case, "batch.safetensors"))
     with open(os.path.join(case, "expected.json"), "w") as f:
         json.dump({"loss": loss.item(), "seed": SEED, "torch": torch.__version__,
