@@ -13,7 +13,7 @@ use tch::{Device, Kind, Tensor};
 use zerokit::interop::hf::HfError;
 use zerokit::interop::hf_llama::{self, load_llama, save_llama};
 use zerokit::model::{self, vjp, Llama, LlamaConfig, Model, RopeScaling};
-use zerokit::zero::Engine;
+use zerokit::zero::{Engine, EngineConfig};
 
 const CASES: [&str; 2] = ["gqa_llama3_tied", "untied_bias"];
 
@@ -204,7 +204,7 @@ fn mean(x: &[f64]) -> f64 {
 }
 
 #[test]
-fn n_ranks_at_stages_1_and_2_match_one_rank() {
+fn n_ranks_at_stages_1_and_2_match_one_rank_with_and_without_recomputation() {
     for tied in [true, false] {
         let cfg = small(tied);
         let llama = || Llama::new(&cfg, Device::Cpu, Kind::Float, 7).unwrap();
@@ -217,18 +217,20 @@ fn n_ranks_at_stages_1_and_2_match_one_rank() {
         // Each step draws another batch, so compare the first and last five steps.
         let (first, last) = (mean(&losses[..5]), mean(&losses[losses.len() - 5..]));
         assert!(last < first - 0.2, "tied {tied}: the loss falls: {losses:?}");
-        for stage in [1u8, 2] {
-            for world in [2usize, 3] {
-                let what = format!("tied {tied}, stage {stage}, {world} ranks");
-                let out = ranks(world, |comm| {
-                    let rank = comm.rank();
-                    let mut e = Engine::new(llama(), engine_config(stage, 1), comm).unwrap();
-                    (train(&mut e, world, rank, 1, STEPS, ENGINE_LR), weights(&e))
-                });
-                for (rank, (losses, w)) in out.iter().enumerate() {
-                    assert_close(losses, &reference.0, 1e-5, &format!("{what}, rank {rank}"));
-                    assert_weights_close(w, &reference.1, 2e-5, &format!("{what}, rank {rank}"));
-                }
+        // The last run recomputes each block in backward (activation checkpointing).
+        for (stage, world, recompute) in
+            [(1u8, 2usize, false), (1, 3, false), (2, 2, false), (2, 3, false), (2, 2, true)]
+        {
+            let what = format!("tied {tied}, stage {stage}, {world} ranks, recompute {recompute}");
+            let out = ranks(world, |comm| {
+                let rank = comm.rank();
+                let cfg = EngineConfig { activation_checkpointing: recompute, ..engine_config(stage, 1) };
+                let mut e = Engine::new(llama(), cfg, comm).unwrap();
+                (train(&mut e, world, rank, 1, STEPS, ENGINE_LR), weights(&e))
+            });
+            for (rank, (losses, w)) in out.iter().enumerate() {
+                assert_close(losses, &reference.0, 1e-5, &format!("{what}, rank {rank}"));
+                assert_weights_close(w, &reference.1, 2e-5, &format!("{what}, rank {rank}"));
             }
         }
     }
