@@ -1,14 +1,18 @@
-//! Hugging Face GPT-2 model directories, both ways: config.json plus model.safetensors (or shards
-//! listed in model.safetensors.index.json). Names are transformers' GPT-2 names and weights keep
-//! their Conv1D [in, out] layout, so moving weights is a copy; the older key style without the
-//! `transformer.` prefix, the `attn.bias`/`attn.masked_bias` mask buffers of old checkpoints and a
-//! stored `lm_head.weight` equal to wte are accepted on the way in.
+//! Hugging Face model directories, both ways: config.json plus model.safetensors (or shards
+//! listed in model.safetensors.index.json). The safetensors reading and writing here serve every
+//! model family (`Family` says how a family's stored keys map to its parameters); the GPT-2
+//! config and directories are here too, Llama's in `interop::hf_llama`.
+//!
+//! GPT-2: names are transformers' GPT-2 names and weights keep their Conv1D [in, out] layout, so
+//! moving weights is a copy; the older key style without the `transformer.` prefix, the
+//! `attn.bias`/`attn.masked_bias` mask buffers of old checkpoints and a stored `lm_head.weight`
+//! equal to wte are accepted on the way in.
 
 use crate::formats::dtype::{DType, DTypeError};
 use crate::formats::safetensors::{write_tensors, SafetensorsError};
 use crate::fsutil::{self, AtomicDir, FsError};
-use crate::model::gpt2::{check_kind, Gpt, GptConfig, ModelError, ParamSpec, LAYER_NORM_EPS, WTE};
-use crate::model::Model;
+use crate::model::gpt2::{check_kind, Gpt, GptConfig, ModelError, LAYER_NORM_EPS, WTE};
+use crate::model::{Model, ParamSpec};
 use memmap2::Mmap;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde_json::{json, Value};
@@ -37,16 +41,16 @@ pub enum HfError {
     Safetensors { path: PathBuf, msg: String },
     #[error("{path}: missing tensor {name}")]
     Missing { path: PathBuf, name: String },
-    #[error("{path}: unexpected tensor {key} (not a parameter of this GPT-2 config)")]
-    Unexpected { path: PathBuf, key: String },
+    #[error("{path}: unexpected tensor {key} (not a parameter of this {family} config)")]
+    Unexpected { path: PathBuf, key: String, family: &'static str },
     #[error("{path}: tensor {key} is a second copy of {name} (first seen as {first})")]
     Duplicate { path: PathBuf, key: String, name: String, first: String },
     #[error("{path}: tensor {key} has shape {found:?}, expected {expected:?} for this config{hint}")]
     Shape { path: PathBuf, key: String, found: Vec<usize>, expected: Vec<i64>, hint: &'static str },
     #[error("{path}: tensor {key} has dtype {dtype}, expected F32, F16 or BF16")]
     Dtype { path: PathBuf, key: String, dtype: String },
-    #[error("{path}: lm_head.weight differs from {WTE}; zerokit's GPT-2 ties them")]
-    Untied { path: PathBuf },
+    #[error("{path}: {key} differs from {name}; {why}")]
+    Untied { path: PathBuf, key: String, name: String, why: &'static str },
     #[error("{path}: libtorch: {source}")]
     Torch { path: PathBuf, source: TchError },
     #[error("{path}: {source}")]
@@ -141,7 +145,7 @@ pub fn read_config(path: &Path) -> Result<GptConfig, HfError> {
     Ok(cfg)
 }
 
-fn kind_name(kind: Kind) -> &'static str {
+pub(crate) fn kind_name(kind: Kind) -> &'static str {
     match kind {
         Kind::Half => "float16",
         Kind::BFloat16 => "bfloat16",
@@ -192,29 +196,54 @@ pub fn config_json(cfg: &GptConfig, kind: Kind) -> String {
     s
 }
 
-/// What a checkpoint key is, in zerokit's terms.
-enum Key {
+/// What a stored key is to a model family.
+pub enum Key {
+    /// The parameter of this name (or a stored copy of a tied one, see `Family::tied`).
     Param(String),
-    LmHead,
-    /// The causal-mask buffers old transformers versions saved; derived, not learned.
-    MaskBuffer,
+    /// A buffer older transformers versions saved (GPT-2's causal masks, Llama's rope
+    /// frequencies): derived, not learned, skipped.
+    Buffer,
 }
 
-fn classify(key: &str) -> Key {
+/// How a model family's checkpoints name and lay out its parameters, for `load_tensors`.
+pub struct Family {
+    /// The family's name in messages ("GPT-2").
+    pub name: &'static str,
+    /// The parameter (or buffer) a stored key is.
+    pub classify: fn(&str) -> Key,
+    /// (stored key, parameter): a key that, when it is not itself a parameter of the config, is a
+    /// second copy of the parameter tied to it; loaded only if equal to it.
+    pub tied: (&'static str, &'static str),
+    /// Why a tied copy must be equal, for the message when it is not.
+    pub untied_why: &'static str,
+    /// Said when a stored matrix has the expected shape transposed.
+    pub transposed_hint: &'static str,
+}
+
+/// GPT-2's keys: `transformer.` optional, old mask buffers skipped, lm_head tied to wte.
+pub const GPT2: Family = Family {
+    name: "GPT-2",
+    classify: classify_gpt2,
+    tied: ("lm_head.weight", WTE),
+    untied_why: "zerokit's GPT-2 ties them",
+    transposed_hint: " (transposed: an nn.Linear [out, in] weight; GPT-2 stores Conv1D [in, out])",
+};
+
+fn classify_gpt2(key: &str) -> Key {
     if key == "lm_head.weight" {
-        return Key::LmHead;
+        return Key::Param(key.into());
     }
     let rest = key.strip_prefix("transformer.").unwrap_or(key);
     let parts: Vec<&str> = rest.split('.').collect();
     if let ["h", i, "attn", "bias" | "masked_bias"] = parts.as_slice() {
         if i.parse::<usize>().is_ok() {
-            return Key::MaskBuffer;
+            return Key::Buffer;
         }
     }
     Key::Param(format!("transformer.{rest}"))
 }
 
-/// The libtorch kind of a stored dtype that loads as a GPT-2 parameter (F32, F16 or BF16).
+/// The libtorch kind of a stored dtype that loads as a parameter (F32, F16 or BF16).
 fn kind_of(dtype: Dtype) -> Option<Kind> {
     DType::from_safetensors(dtype).filter(|d| matches!(d, DType::F32 | DType::F16 | DType::BF16)).map(DType::kind)
 }
@@ -263,10 +292,12 @@ fn map_file(path: &Path) -> Result<Mmap, HfError> {
     unsafe { Mmap::map(&file) }.map_err(io_err(path))
 }
 
-/// Loads the parameters `specs` names from a model directory, in `specs` order, as `kind` on
-/// `device`. Every check (names, shapes, dtypes, the tied head) runs before any data is copied.
+/// Loads the parameters `specs` names from a model directory of `family`, in `specs` order, as
+/// `kind` on `device`. Every check (names, shapes, dtypes, a tied copy) runs before any data is
+/// copied.
 pub fn load_tensors(
     dir: &Path,
+    family: &Family,
     specs: &[ParamSpec],
     device: Device,
     kind: Kind,
@@ -284,7 +315,8 @@ pub fn load_tensors(
     let wanted: HashMap<&str, &ParamSpec> = specs.iter().map(|s| (s.name.as_str(), s)).collect();
     // canonical name -> (file index, key as stored, view)
     let mut found: HashMap<String, (usize, String, TensorView<'_>)> = HashMap::new();
-    let mut lm_head: Option<(usize, TensorView<'_>)> = None;
+    let (tied_key, tied_to) = family.tied;
+    let mut tied_copy: Option<(usize, TensorView<'_>)> = None;
     for (fi, st) in files.iter().enumerate() {
         let path = &paths[fi];
         for (key, view) in st.iter() {
@@ -301,12 +333,14 @@ pub fn load_tensors(
             if kind_of(view.dtype()).is_none() {
                 return Err(HfError::Dtype { path: path.clone(), key: key.into(), dtype: view.dtype().to_string() });
             }
-            match classify(key) {
-                Key::MaskBuffer => {}
-                Key::LmHead => lm_head = Some((fi, view)),
+            match (family.classify)(key) {
+                Key::Buffer => {}
+                Key::Param(name) if name == tied_key && !wanted.contains_key(name.as_str()) => {
+                    tied_copy = Some((fi, view))
+                }
                 Key::Param(name) => {
                     let Some(spec) = wanted.get(name.as_str()) else {
-                        return Err(HfError::Unexpected { path: path.clone(), key: key.into() });
+                        return Err(HfError::Unexpected { path: path.clone(), key: key.into(), family: family.name });
                     };
                     if view.shape().len() != spec.shape.len()
                         || view.shape().iter().zip(&spec.shape).any(|(&a, &b)| a as i64 != b)
@@ -319,11 +353,7 @@ pub fn load_tensors(
                             key: key.into(),
                             found: view.shape().to_vec(),
                             expected: spec.shape.clone(),
-                            hint: if transposed {
-                                " (transposed: an nn.Linear [out, in] weight; GPT-2 stores Conv1D [in, out])"
-                            } else {
-                                ""
-                            },
+                            hint: if transposed { family.transposed_hint } else { "" },
                         });
                     }
                     if let Some((_, first, _)) = found.get(&name) {
@@ -358,10 +388,18 @@ pub fn load_tensors(
     if let Some(spec) = specs.iter().find(|s| !found.contains_key(&s.name)) {
         return Err(HfError::Missing { path: where_(), name: spec.name.clone() });
     }
-    if let Some((fi, head)) = &lm_head {
-        let (_, _, wte) = &found[WTE];
-        if !same_values(head, wte).map_err(torch_err(&paths[*fi]))? {
-            return Err(HfError::Untied { path: paths[*fi].clone() });
+    if let Some((fi, copy)) = &tied_copy {
+        // A tied copy of a parameter the config does not have is a tensor that does not belong.
+        let Some((_, _, param)) = found.get(tied_to) else {
+            return Err(HfError::Unexpected { path: paths[*fi].clone(), key: tied_key.into(), family: family.name });
+        };
+        if !same_values(copy, param).map_err(torch_err(&paths[*fi]))? {
+            return Err(HfError::Untied {
+                path: paths[*fi].clone(),
+                key: tied_key.into(),
+                name: tied_to.into(),
+                why: family.untied_why,
+            });
         }
     }
 
@@ -400,9 +438,15 @@ fn same_values(a: &TensorView<'_>, b: &TensorView<'_>) -> Result<bool, TchError>
     Ok(to_tensor(a)?.f_to_kind(Kind::Float)?.equal(&to_tensor(b)?.f_to_kind(Kind::Float)?))
 }
 
-/// Writes config.json and model.safetensors for `tensors` (canonical names, all of `kind`) into
-/// `dir`, atomically: the directory appears complete or not at all.
-pub fn save(dir: &Path, cfg: &GptConfig, kind: Kind, tensors: &[(String, Tensor)], force: bool) -> Result<(), HfError> {
+/// Writes `config_json` as config.json and model.safetensors for `tensors` (canonical names, all
+/// of `kind`) into `dir`, atomically: the directory appears complete or not at all.
+pub fn save(
+    dir: &Path,
+    config_json: &str,
+    kind: Kind,
+    tensors: &[(String, Tensor)],
+    force: bool,
+) -> Result<(), HfError> {
     let dtype = DType::from_kind(kind).map_err(|source| HfError::Kind { path: dir.to_path_buf(), source })?;
     let out = AtomicDir::create(dir, force)?;
     let total: usize = tensors.iter().map(|(_, t)| t.numel() * dtype.size()).sum();
@@ -412,7 +456,7 @@ pub fn save(dir: &Path, cfg: &GptConfig, kind: Kind, tensors: &[(String, Tensor)
     sorted.sort_by(|a, b| a.0.cmp(&b.0));
     let metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
     write_tensors(&out.path().join(WEIGHTS_FILE), &sorted, Some(dtype), &metadata, Some(&pb))?;
-    fsutil::write_atomic(&out.path().join(CONFIG_FILE), config_json(cfg, kind).as_bytes())?;
+    fsutil::write_atomic(&out.path().join(CONFIG_FILE), config_json.as_bytes())?;
     pb.finish_and_clear();
     out.commit()?;
     tracing::info!("saved {} tensors ({total} bytes) to {}", tensors.len(), dir.display());
@@ -425,7 +469,7 @@ pub fn load_gpt2(path: &Path, device: Device, kind: Kind) -> Result<(Gpt, GptCon
     check_kind(kind)?;
     let cfg = read_config(path)?;
     cfg.validate().map_err(|e| HfError::Config { path: path.join(CONFIG_FILE), msg: e.to_string() })?;
-    let named = load_tensors(path, &cfg.param_specs(), device, kind)?;
+    let named = load_tensors(path, &GPT2, &cfg.param_specs(), device, kind)?;
     let model = Gpt::from_named(&cfg, device, kind, named)?;
     Ok((model, cfg))
 }
@@ -435,5 +479,5 @@ pub fn load_gpt2(path: &Path, device: Device, kind: Kind) -> Result<(Gpt, GptCon
 /// existing `dir` is replaced only with `force`.
 pub fn save_gpt2(model: &Gpt, dir: &Path, force: bool) -> Result<(), HfError> {
     let tensors: Vec<(String, Tensor)> = model.named_parameters().into_iter().map(|(n, t)| (n, t.detach())).collect();
-    save(dir, model.config(), model.kind(), &tensors, force)
+    save(dir, &config_json(model.config(), model.kind()), model.kind(), &tensors, force)
 }

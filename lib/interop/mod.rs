@@ -4,4 +4,5 @@
 
 pub mod deepspeed;
 pub mod hf;
+pub mod hf_llama;
 pub mod zerokit_source;

@@ -9,10 +9,11 @@
 //! flat ZeRO buffer through the handles of `named_parameters` and runs the model piecewise
 //! (`embed`, `block`, `head`) to overlap gradient reduction with backward.
 
-use super::{HeadGrads, Model};
+use super::init::{init_params, Init, SplitMix64};
+use super::{head_backward_in_chunks, HeadGrads, Model, ParamSpec};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use tch::{Device, Kind, Reduction, TchError, Tensor};
+use tch::{Device, Kind, TchError, Tensor};
 
 /// LayerNorm epsilon of every GPT-2 checkpoint.
 pub const LAYER_NORM_EPS: f64 = 1e-5;
@@ -47,6 +48,8 @@ pub const LN_F_BIAS: &str = "transformer.ln_f.bias";
 pub enum ModelError {
     #[error("invalid GPT-2 config: {0}")]
     Config(String),
+    #[error("invalid Llama config: {0}")]
+    LlamaConfig(String),
     #[error("unknown model preset '{0}' (expected one of gpt2, gpt2-medium, gpt2-large, gpt2-xl)")]
     UnknownPreset(String),
     #[error("unsupported parameter kind {0:?} (expected Float, Half or BFloat16)")]
@@ -69,21 +72,6 @@ pub struct GptConfig {
     pub n_embd: usize,
     pub block_size: usize,
     pub vocab_size: usize,
-}
-
-/// One parameter of the canonical list: its transformers name, shape, and whether AdamW decays it
-/// (matrices and embeddings do; biases and LayerNorm gains do not, as in nanoGPT).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ParamSpec {
-    pub name: String,
-    pub shape: Vec<i64>,
-    pub weight_decay: bool,
-}
-
-impl ParamSpec {
-    pub fn numel(&self) -> usize {
-        self.shape.iter().product::<i64>() as usize
-    }
 }
 
 impl GptConfig {
@@ -120,10 +108,7 @@ impl GptConfig {
     /// Every parameter in canonical order: wte, wpe, h.0.*, ..., h.{L-1}.*, ln_f.*.
     pub fn param_specs(&self) -> Vec<ParamSpec> {
         let (c, v, t) = (self.n_embd as i64, self.vocab_size as i64, self.block_size as i64);
-        let spec = |name: String, shape: Vec<i64>| {
-            let weight_decay = shape.len() >= 2;
-            ParamSpec { name, shape, weight_decay }
-        };
+        let spec = ParamSpec::new;
         let mut specs = vec![spec(WTE.into(), vec![v, c]), spec(WPE.into(), vec![t, c])];
         for i in 0..self.n_layer {
             for (suffix, shape) in BLOCK_PARAMS.iter().zip(block_shapes(c)) {
@@ -177,12 +162,6 @@ fn init_of(name: &str, n_layer: usize) -> Init {
     } else {
         Init::Normal(INIT_STD)
     }
-}
-
-enum Init {
-    Normal(f64),
-    Zeros,
-    Ones,
 }
 
 /// A Conv1D in transformers' sense: a linear layer whose weight is stored [in, out].
@@ -293,23 +272,7 @@ impl Gpt {
             cfg.n_embd,
             total
         );
-        let pb = crate::logging::progress_bar(total as u64, "init {bar:40} {percent}% {eta}");
-        let mut named = Vec::with_capacity(specs.len());
-        for (index, spec) in specs.iter().enumerate() {
-            let host = match init_of(&spec.name, cfg.n_layer) {
-                Init::Normal(std) => {
-                    let mut v = vec![0f32; spec.numel()];
-                    fill_normal(&mut v, std, stream_key(seed, index as u64));
-                    Tensor::f_from_slice(&v)?
-                }
-                Init::Zeros => Tensor::f_zeros([spec.numel() as i64], (Kind::Float, Device::Cpu))?,
-                Init::Ones => Tensor::f_ones([spec.numel() as i64], (Kind::Float, Device::Cpu))?,
-            };
-            let t = host.f_view(spec.shape.as_slice())?.f_to_kind(kind)?.f_to_device(device)?;
-            named.push((spec.name.clone(), t));
-            pb.inc(spec.numel() as u64);
-        }
-        pb.finish_and_clear();
+        let named = init_params(&specs, seed, device, kind, |spec| init_of(&spec.name, cfg.n_layer))?;
         Gpt::from_named(cfg, device, kind, named)
     }
 
@@ -385,14 +348,7 @@ impl Gpt {
 
     /// Mean cross-entropy over targets != -1, computed in fp32 whatever the logits' kind.
     pub fn loss(logits: &Tensor, targets: &Tensor) -> Tensor {
-        let v = *logits.size().last().expect("logits are [.., V]");
-        logits.to_kind(Kind::Float).view([-1, v]).cross_entropy_loss(
-            &targets.view([-1]),
-            None::<Tensor>,
-            Reduction::Mean,
-            -1,
-            0.0,
-        )
+        super::loss(logits, targets)
     }
 
     /// nanoGPT's sampling: `max_new_tokens` times, crop the context to block_size, take the last
@@ -456,19 +412,13 @@ impl Gpt {
     }
 }
 
-/// The parameter kinds GPT-2 runs in.
+/// The parameter kinds the models run in.
 pub fn check_kind(kind: Kind) -> Result<(), ModelError> {
     match kind {
         Kind::Float | Kind::Half | Kind::BFloat16 => Ok(()),
         k => Err(ModelError::Kind(k)),
     }
 }
-
-/// Tokens per chunk of the head's backward: the [tokens, V] logits, their fp32 copy and their
-/// gradient exist for one chunk at a time (about 1.2 GB at 2048 tokens and V = 50304 in fp16,
-/// where a whole micro-batch of 8 x 1024 would take 4.9 GB), while each chunk's products stay
-/// large enough to run at full speed.
-pub const HEAD_CHUNK_TOKENS: usize = 2048;
 
 impl Model for Gpt {
     /// Shallow handles to every parameter in canonical order. A handle shares the parameter's
@@ -532,49 +482,11 @@ impl Model for Gpt {
         self.h[i].forward(x, self.cfg.n_head as i64)
     }
 
-    /// Forward and backward of the head (ln_f, the tied lm_head and the mean cross-entropy over
-    /// targets != -1) on the last block's output `x` [B, T, C], in chunks of whole sequences of
-    /// about `HEAD_CHUNK_TOKENS` tokens. Gives the same loss and gradients as one pass, without
-    /// ever holding the whole [B, T, V] logits.
+    /// Forward and backward of the head: ln_f, the tied lm_head and the mean cross-entropy over
+    /// targets != -1, in chunks (see `model::head_backward_in_chunks`).
     fn head_backward(&self, x: &Tensor, targets: &Tensor, scale: f64) -> Result<HeadGrads, TchError> {
-        let (b, t) = (x.size()[0], x.size()[1]);
-        let per = ((HEAD_CHUNK_TOKENS as i64) / t.max(1)).clamp(1, b.max(1));
-        // The mean's denominator over the whole micro-batch, kept on the device (no host sync).
-        let count = targets.ne(-1).sum(Kind::Float);
-        let mut loss = Tensor::zeros([], (Kind::Float, x.device()));
-        let mut grads: Option<[Tensor; 3]> = None;
-        let mut inputs = Vec::new();
-        let mut start = 0;
-        while start < b {
-            let n = per.min(b - start);
-            let xc = x.narrow(0, start, n).detach().set_requires_grad(true);
-            let logits = self.head(&xc);
-            let v = logits.size()[2];
-            let sum = logits.to_kind(Kind::Float).view([-1, v]).f_cross_entropy_loss(
-                &targets.narrow(0, start, n).reshape([-1]),
-                None::<Tensor>,
-                Reduction::Sum,
-                -1,
-                0.0,
-            )?;
-            let part = sum / &count;
-            let mut g = Tensor::f_run_backward(
-                &[&part * scale],
-                &[&self.ln_f.weight, &self.ln_f.bias, &self.wte, &xc],
-                false,
-                false,
-            )?;
-            inputs.push(g.pop().expect("grad of the chunk's input"));
-            let chunk_grads: [Tensor; 3] = [g.remove(0), g.remove(0), g.remove(0)];
-            grads = Some(match grads {
-                None => chunk_grads,
-                Some([w, bi, e]) => [w + &chunk_grads[0], bi + &chunk_grads[1], e + &chunk_grads[2]],
-            });
-            loss += part.detach();
-            start += n;
-        }
-        let params = self.head_parameters().into_iter().zip(grads.expect("a micro-batch has at least one sequence"));
-        Ok(HeadGrads { loss, input: Tensor::f_cat(&inputs, 0)?, params: params.collect() })
+        let params = [&self.ln_f.weight, &self.ln_f.bias, &self.wte];
+        head_backward_in_chunks(x, targets, scale, self.head_parameters(), &params, |x| self.head(x))
     }
 
     fn eval_loss(&self, idx: &Tensor, targets: &Tensor) -> Tensor {
@@ -608,83 +520,9 @@ fn sample(probs: &[f32], u: f64) -> usize {
     last
 }
 
-/// SplitMix64 (Steele, Lea, Flood 2014): a tiny, well-mixed generator whose n-th output is a pure
-/// function of (seed, n), which lets initialisation fill chunks in parallel deterministically.
-struct SplitMix64 {
-    state: u64,
-}
-
-const GOLDEN_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
-
-fn mix64(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-impl SplitMix64 {
-    fn new(seed: u64) -> Self {
-        SplitMix64 { state: seed }
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(GOLDEN_GAMMA);
-        mix64(self.state)
-    }
-
-    fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
-    }
-}
-
-/// The stream of parameter `index` for a model seed: distinct, decorrelated per parameter.
-fn stream_key(seed: u64, index: u64) -> u64 {
-    mix64(seed ^ mix64(index.wrapping_add(1).wrapping_mul(GOLDEN_GAMMA)))
-}
-
-/// Fills `out` with N(0, std) by Box-Muller on the SplitMix64 stream `key`: element pair p uses
-/// outputs 2p and 2p+1 of the stream, so chunks are filled in parallel with identical results.
-fn fill_normal(out: &mut [f32], std: f64, key: u64) {
-    use rayon::prelude::*;
-    const CHUNK: usize = 1 << 16; // even, so chunks start on pair boundaries
-    out.par_chunks_mut(CHUNK).enumerate().for_each(|(ci, chunk)| {
-        let mut rng = SplitMix64::new(key.wrapping_add(((ci * CHUNK) as u64).wrapping_mul(GOLDEN_GAMMA)));
-        for pair in chunk.chunks_mut(2) {
-            // u1 in (0, 1] keeps ln finite.
-            let u1 = ((rng.next_u64() >> 11) + 1) as f64 * (1.0 / (1u64 << 53) as f64);
-            let u2 = rng.next_f64();
-            let r = (-2.0 * u1.ln()).sqrt() * std;
-            let (s, c) = (std::f64::consts::TAU * u2).sin_cos();
-            pair[0] = (r * c) as f32;
-            if pair.len() > 1 {
-                pair[1] = (r * s) as f32;
-            }
-        }
-    });
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn normal_fill_is_chunk_independent_and_normal() {
-        let n = (1 << 16) * 3 + 5;
-        let mut a = vec![0f32; n];
-        fill_normal(&mut a, 0.02, stream_key(7, 3));
-        // The same stream element by element, without chunking.
-        let mut rng = SplitMix64::new(stream_key(7, 3));
-        for p in 0..n.div_ceil(2) {
-            let u1 = ((rng.next_u64() >> 11) + 1) as f64 * (1.0 / (1u64 << 53) as f64);
-            let u2 = rng.next_f64();
-            let r = (-2.0 * u1.ln()).sqrt() * 0.02;
-            assert_eq!(a[2 * p], (r * (std::f64::consts::TAU * u2).cos()) as f32);
-        }
-        let mean = a.iter().map(|&x| x as f64).sum::<f64>() / n as f64;
-        let var = a.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n as f64;
-        assert!(mean.abs() < 2e-4, "mean {mean}");
-        assert!((var.sqrt() - 0.02).abs() < 2e-4, "std {}", var.sqrt());
-    }
 
     #[test]
     fn sample_follows_the_cdf() {

@@ -1,12 +1,42 @@
 //! Models, and the contract between a model and the ZeRO engine ([`Model`]). The engine knows
 //! no model: this trait tells it which parameters exist, which of them each piece of the
-//! forward uses, and in which order their gradients become ready; GPT-2 ([`gpt2`]) is one
-//! implementation.
+//! forward uses, and in which order their gradients become ready. GPT-2 ([`gpt2`]) and Llama
+//! ([`llama`]) implement it; [`init`] is their shared seeded initialisation.
 
 pub mod gpt2;
+pub mod init;
+pub mod llama;
 
-pub use gpt2::{Gpt, GptConfig, ModelError, ParamSpec, HEAD_CHUNK_TOKENS, INIT_STD, LAYER_NORM_EPS, PRESETS};
-use tch::{Device, Kind, TchError, Tensor};
+pub use gpt2::{Gpt, GptConfig, ModelError, INIT_STD, LAYER_NORM_EPS, PRESETS};
+pub use llama::{Llama, LlamaConfig, RopeScaling};
+use tch::{Device, Kind, Reduction, TchError, Tensor};
+
+/// One parameter of the canonical list: its transformers name, shape, and whether AdamW decays it
+/// (matrices and embeddings do; biases and norm gains do not, as in nanoGPT).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParamSpec {
+    pub name: String,
+    pub shape: Vec<i64>,
+    pub weight_decay: bool,
+}
+
+impl ParamSpec {
+    /// A parameter decayed when it is a matrix or an embedding (two or more dimensions).
+    pub fn new(name: String, shape: Vec<i64>) -> ParamSpec {
+        let weight_decay = shape.len() >= 2;
+        ParamSpec { name, shape, weight_decay }
+    }
+
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product::<i64>() as usize
+    }
+}
+
+/// Tokens per chunk of the head's backward: the [tokens, V] logits, their fp32 copy and their
+/// gradient exist for one chunk at a time (about 1.2 GB at 2048 tokens and V = 50304 in fp16,
+/// where a whole micro-batch of 8 x 1024 would take 4.9 GB), while each chunk's products stay
+/// large enough to run at full speed.
+pub const HEAD_CHUNK_TOKENS: usize = 2048;
 
 /// What the ZeRO engine needs of a model to train it.
 ///
@@ -60,4 +90,63 @@ pub struct HeadGrads {
 pub fn vjp(y: &Tensor, grad_y: &Tensor, inputs: &[&Tensor], keep_graph: bool) -> Vec<Tensor> {
     let seeded = (y * grad_y.detach()).sum(Kind::Float);
     Tensor::run_backward(&[seeded], inputs, keep_graph, false)
+}
+
+/// Mean cross-entropy over targets != -1, computed in fp32 whatever the logits' kind.
+pub fn loss(logits: &Tensor, targets: &Tensor) -> Tensor {
+    let v = *logits.size().last().expect("logits are [.., V]");
+    logits.to_kind(Kind::Float).view([-1, v]).cross_entropy_loss(
+        &targets.view([-1]),
+        None::<Tensor>,
+        Reduction::Mean,
+        -1,
+        0.0,
+    )
+}
+
+/// [`Model::head_backward`] for a head `head` ([B, T, C] to logits [B, T, V]) whose parameters
+/// are `params`, named `names`: forward and backward of the head and the mean cross-entropy over
+/// targets != -1 (in fp32), in chunks of whole sequences of about `HEAD_CHUNK_TOKENS` tokens. Gives
+/// the same loss and gradients as one pass, without ever holding the whole [B, T, V] logits.
+pub(crate) fn head_backward_in_chunks(
+    x: &Tensor,
+    targets: &Tensor,
+    scale: f64,
+    names: Vec<String>,
+    params: &[&Tensor],
+    head: impl Fn(&Tensor) -> Tensor,
+) -> Result<HeadGrads, TchError> {
+    let (b, t) = (x.size()[0], x.size()[1]);
+    let per = ((HEAD_CHUNK_TOKENS as i64) / t.max(1)).clamp(1, b.max(1));
+    // The mean's denominator over the whole micro-batch, kept on the device (no host sync).
+    let count = targets.ne(-1).sum(Kind::Float);
+    let mut loss = Tensor::zeros([], (Kind::Float, x.device()));
+    let mut grads: Option<Vec<Tensor>> = None;
+    let mut inputs = Vec::new();
+    let mut start = 0;
+    while start < b {
+        let n = per.min(b - start);
+        let xc = x.narrow(0, start, n).detach().set_requires_grad(true);
+        let logits = head(&xc);
+        let v = logits.size()[2];
+        let sum = logits.to_kind(Kind::Float).view([-1, v]).f_cross_entropy_loss(
+            &targets.narrow(0, start, n).reshape([-1]),
+            None::<Tensor>,
+            Reduction::Sum,
+            -1,
+            0.0,
+        )?;
+        let part = sum / &count;
+        let wrt: Vec<&Tensor> = params.iter().copied().chain([&xc]).collect();
+        let mut g = Tensor::f_run_backward(&[&part * scale], &wrt, false, false)?;
+        inputs.push(g.pop().expect("grad of the chunk's input"));
+        grads = Some(match grads {
+            None => g,
+            Some(acc) => acc.into_iter().zip(g).map(|(a, c)| a + c).collect(),
+        });
+        loss += part.detach();
+        start += n;
+    }
+    let params = names.into_iter().zip(grads.expect("a micro-batch has at least one sequence"));
+    Ok(HeadGrads { loss, input: Tensor::f_cat(&inputs, 0)?, params: params.collect() })
 }

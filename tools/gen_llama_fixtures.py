@@ -1,0 +1,100 @@
+#!/usr/bin/env python3
+"""Reference fixtures for tests/llama.rs: small random LlamaForCausalLM models saved by
+transformers (save_pretrained, safetensors), a batch of tokens, transformers' fp32 logits on it
+(and its bf16 logits, the model loaded in bf16) and the loss for known targets, one directory per
+case under tests/fixtures/llama/.
+
+Run with the reference environment (make pyenv), on CPU, in seconds:
+    .deps/py/bin/python tools/gen_llama_fixtures.py tests/fixtures/llama
+
+Cases:
+- gqa_llama3_tied: 4 query heads sharing 2 key/value heads, Llama 3's rope scaling (with an
+  original context of 16 positions, so that the 32-token batch meets the low-, medium- and
+  high-frequency regimes of the scaling), the lm_head tied to the embedding.
+- untied_bias: a Qwen2-like shape: untied lm_head, biases on q/k/v/o, plain rope with another
+  base, and a head_dim (24) given explicitly, not hidden_size / heads.
+
+Weights are drawn far from Llama's own init (std 0.02 gives near-uniform logits that would hide
+bugs): RMSNorm gains around 1, non-zero biases, matrices of std 1/sqrt(fan_in), so every
+parameter visibly moves the logits.
+"""
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+SEED = 1234
+BATCH, SEQ = 2, 32
+COMMON = dict(hidden_size=64, num_hidden_layers=2, vocab_size=256, max_position_embeddings=64,
+              rms_norm_eps=1e-5, hidden_act="silu", bos_token_id=None, eos_token_id=None,
+              pad_token_id=None, attention_dropout=0.0)
+CASES = {
+    "gqa_llama3_tied": dict(
+        intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+        tie_word_embeddings=True, attention_bias=False,
+        rope_parameters=dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0,
+                             high_freq_factor=4.0, original_max_position_embeddings=16)),
+    "untied_bias": dict(
+        intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+        tie_word_embeddings=False, attention_bias=True,
+        rope_parameters=dict(rope_type="default", rope_theta=50000.0)),
+}
+
+
+def perturb(model: LlamaForCausalLM) -> None:
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif name.endswith(".bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+            elif "embed_tokens" in name:
+                p.copy_(0.5 * torch.randn_like(p))
+            else:  # nn.Linear weights, [out, in]
+                p.copy_(torch.randn_like(p) / p.shape[1] ** 0.5)
+
+
+def make(out: str, name: str, extra: dict) -> None:
+    torch.manual_seed(SEED)
+    cfg = LlamaConfig(**COMMON, **extra)
+    model = LlamaForCausalLM(cfg).eval()
+    perturb(model)
+    if cfg.tie_word_embeddings:
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    case = os.path.join(out, name)
+    model.save_pretrained(os.path.join(case, "model"))
+
+    tokens = torch.randint(0, cfg.vocab_size, (BATCH, SEQ), dtype=torch.int64)
+    targets = torch.randint(0, cfg.vocab_size, (BATCH, SEQ), dtype=torch.int64)
+    targets[0, :5] = -1  # nanoGPT's ignore_index, which zerokit's loss uses
+    targets[1, -3:] = -1
+    with torch.no_grad():
+        logits = model(tokens).logits.float()
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        short = model(tokens[:, :7]).logits.float()
+        # The saved model loaded in bf16 as a user loads it (from_pretrained keeps the rope
+        # frequencies in fp32, where model.to(bfloat16) would round them), computed in bf16.
+        bf16 = LlamaForCausalLM.from_pretrained(os.path.join(case, "model"), dtype=torch.bfloat16).eval()
+        logits_bf16 = bf16(tokens).logits
+    save_file({"tokens": tokens.contiguous(), "targets": targets.contiguous(),
+               "logits": logits.contiguous(), "logits_prefix7": short.contiguous(),
+               "logits_bf16": logits_bf16.contiguous()},
+              os.path.join(case, "batch.safetensors"))
+    with open(os.path.join(case, "expected.json"), "w") as f:
+        json.dump({"loss": loss.item(), "seed": SEED, "torch": torch.__version__,
+                   "transformers": __import__("transformers").__version__}, f, indent=2)
+        f.write("\n")
+    print(f"wrote {case}: loss {loss.item():.6f}, logits std {logits.std().item():.3f}")
+
+
+def main(out: str) -> None:
+    for name, extra in CASES.items():
+        make(out, name, extra)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "tests/fixtures/llama")
