@@ -11,7 +11,8 @@
 use crate::formats::dtype::{DType, DTypeError};
 use crate::formats::safetensors::{write_tensors, SafetensorsError};
 use crate::fsutil::{self, AtomicDir, FsError};
-use crate::model::gpt2::{check_kind, Gpt, GptConfig, ModelError, LAYER_NORM_EPS, WTE};
+use crate::model::gpt2::{Gpt, GptConfig, LAYER_NORM_EPS, WTE};
+use crate::model::{check_kind, ModelError};
 use crate::model::{Model, ParamSpec};
 use memmap2::Mmap;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};

@@ -5,7 +5,7 @@
 //! one (`rope_theta` with `rope_scaling`), and written in transformers 5's.
 
 use super::hf::{self, kind_name, Family, HfError, Key, CONFIG_FILE};
-use crate::model::gpt2::check_kind;
+use crate::model::check_kind;
 use crate::model::llama::{Llama, LlamaConfig, RopeScaling, EMBED};
 use crate::model::Model;
 use serde_json::{json, Map, Value};

@@ -10,9 +10,8 @@
 //! (`embed`, `block`, `head`) to overlap gradient reduction with backward.
 
 use super::init::{init_params, Init, SplitMix64};
-use super::{head_backward_in_chunks, HeadGrads, Model, ParamSpec};
+use super::{check_kind, head_backward_in_chunks, HeadGrads, Model, ModelError, NamedParams, ParamSpec};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 use tch::{Device, Kind, TchError, Tensor};
 
 /// LayerNorm epsilon of every GPT-2 checkpoint.
@@ -43,24 +42,6 @@ pub const WTE: &str = "transformer.wte.weight";
 pub const WPE: &str = "transformer.wpe.weight";
 pub const LN_F_WEIGHT: &str = "transformer.ln_f.weight";
 pub const LN_F_BIAS: &str = "transformer.ln_f.bias";
-
-#[derive(Debug, thiserror::Error)]
-pub enum ModelError {
-    #[error("invalid GPT-2 config: {0}")]
-    Config(String),
-    #[error("invalid Llama config: {0}")]
-    LlamaConfig(String),
-    #[error("unknown model preset '{0}' (expected one of gpt2, gpt2-medium, gpt2-large, gpt2-xl)")]
-    UnknownPreset(String),
-    #[error("unsupported parameter kind {0:?} (expected Float, Half or BFloat16)")]
-    Kind(Kind),
-    #[error("parameter set does not match the model: {0}")]
-    Params(String),
-    #[error("bad generate input: {0}")]
-    Generate(String),
-    #[error("libtorch: {0}")]
-    Torch(#[from] TchError),
-}
 
 /// The shape of a GPT-2. `vocab_size` may be padded beyond the tokenizer's 50257 (nanoGPT uses
 /// 50304, a multiple of 64, for faster matrix products); padded rows are never produced by the
@@ -284,20 +265,8 @@ impl Gpt {
         kind: Kind,
         named: Vec<(String, Tensor)>,
     ) -> Result<Gpt, ModelError> {
-        let mut map: HashMap<String, Tensor> = named.into_iter().collect();
-        for spec in cfg.param_specs() {
-            let t = map.get(&spec.name).ok_or_else(|| ModelError::Params(format!("missing {}", spec.name)))?;
-            if t.size() != spec.shape {
-                return Err(ModelError::Params(format!(
-                    "{} has shape {:?}, expected {:?}",
-                    spec.name,
-                    t.size(),
-                    spec.shape
-                )));
-            }
-        }
-        let mut take =
-            |name: &str| -> Tensor { map.remove(name).expect("presence checked above").set_requires_grad(true) };
+        let mut params = NamedParams::new(&cfg.param_specs(), named)?;
+        let mut take = |name: &str| params.take(name);
         let wte = take(WTE);
         let wpe = take(WPE);
         let h = (0..cfg.n_layer)
@@ -314,9 +283,6 @@ impl Gpt {
             })
             .collect();
         let ln_f = LayerNorm { weight: take(LN_F_WEIGHT), bias: take(LN_F_BIAS) };
-        if let Some(extra) = map.keys().next() {
-            return Err(ModelError::Params(format!("unexpected {extra}")));
-        }
         Ok(Gpt { cfg: *cfg, device, kind, wte, wpe, h, ln_f })
     }
 
@@ -409,14 +375,6 @@ impl Gpt {
             }
             Ok(idx)
         })
-    }
-}
-
-/// The parameter kinds the models run in.
-pub fn check_kind(kind: Kind) -> Result<(), ModelError> {
-    match kind {
-        Kind::Float | Kind::Half | Kind::BFloat16 => Ok(()),
-        k => Err(ModelError::Kind(k)),
     }
 }
 

@@ -9,11 +9,9 @@
 //! layout, so Hugging Face checkpoints move in and out with a plain copy. As for GPT-2, the engine
 //! re-points them into its flat buffer and runs the model piecewise (`embed`, `block`, head).
 
-use super::gpt2::{check_kind, ModelError};
 use super::init::{init_params, Init};
-use super::{head_backward_in_chunks, loss, HeadGrads, Model, ParamSpec};
+use super::{check_kind, head_backward_in_chunks, loss, HeadGrads, Model, ModelError, NamedParams, ParamSpec};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 use tch::{Device, Kind, TchError, Tensor};
 
 pub const EMBED: &str = "model.embed_tokens.weight";
@@ -354,20 +352,8 @@ impl Llama {
         named: Vec<(String, Tensor)>,
     ) -> Result<Llama, ModelError> {
         cfg.validate()?;
-        let mut map: HashMap<String, Tensor> = named.into_iter().collect();
-        for spec in cfg.param_specs() {
-            let t = map.get(&spec.name).ok_or_else(|| ModelError::Params(format!("missing {}", spec.name)))?;
-            if t.size() != spec.shape {
-                return Err(ModelError::Params(format!(
-                    "{} has shape {:?}, expected {:?}",
-                    spec.name,
-                    t.size(),
-                    spec.shape
-                )));
-            }
-        }
-        let mut take =
-            |name: &str| -> Tensor { map.remove(name).expect("presence checked above").set_requires_grad(true) };
+        let mut params = NamedParams::new(&cfg.param_specs(), named)?;
+        let mut take = |name: &str| params.take(name);
         let eps = cfg.rms_norm_eps;
         let embed_tokens = take(EMBED);
         let layers = (0..cfg.num_hidden_layers)
@@ -399,9 +385,6 @@ impl Llama {
             .collect();
         let norm = RmsNorm { weight: take(NORM), eps };
         let lm_head = (!cfg.tie_word_embeddings).then(|| take(LM_HEAD));
-        if let Some(extra) = map.keys().next() {
-            return Err(ModelError::Params(format!("unexpected {extra}")));
-        }
         let inv_freq = inv_freq(cfg).f_to_device(device)?;
         Ok(Llama { cfg: cfg.clone(), device, kind, embed_tokens, layers, norm, lm_head, inv_freq })
     }

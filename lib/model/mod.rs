@@ -7,9 +7,66 @@ pub mod gpt2;
 pub mod init;
 pub mod llama;
 
-pub use gpt2::{Gpt, GptConfig, ModelError, INIT_STD, LAYER_NORM_EPS, PRESETS};
+pub use gpt2::{Gpt, GptConfig, INIT_STD, LAYER_NORM_EPS, PRESETS};
 pub use llama::{Llama, LlamaConfig, RopeScaling};
+use std::collections::HashMap;
 use tch::{Device, Kind, Reduction, TchError, Tensor};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("invalid GPT-2 config: {0}")]
+    Config(String),
+    #[error("invalid Llama config: {0}")]
+    LlamaConfig(String),
+    #[error("unknown model preset '{0}' (expected one of gpt2, gpt2-medium, gpt2-large, gpt2-xl)")]
+    UnknownPreset(String),
+    #[error("unsupported parameter kind {0:?} (expected Float, Half or BFloat16)")]
+    Kind(Kind),
+    #[error("parameter set does not match the model: {0}")]
+    Params(String),
+    #[error("bad generate input: {0}")]
+    Generate(String),
+    #[error("libtorch: {0}")]
+    Torch(#[from] TchError),
+}
+
+/// The parameter kinds the models run in.
+pub fn check_kind(kind: Kind) -> Result<(), ModelError> {
+    match kind {
+        Kind::Float | Kind::Half | Kind::BFloat16 => Ok(()),
+        k => Err(ModelError::Kind(k)),
+    }
+}
+
+/// A model's parameters by name, checked against its specs (every one present with its shape,
+/// nothing else) and handed out one by one as leaf tensors that require grad.
+pub(crate) struct NamedParams(HashMap<String, Tensor>);
+
+impl NamedParams {
+    pub(crate) fn new(specs: &[ParamSpec], named: Vec<(String, Tensor)>) -> Result<NamedParams, ModelError> {
+        let map: HashMap<String, Tensor> = named.into_iter().collect();
+        for spec in specs {
+            let t = map.get(&spec.name).ok_or_else(|| ModelError::Params(format!("missing {}", spec.name)))?;
+            if t.size() != spec.shape {
+                return Err(ModelError::Params(format!(
+                    "{} has shape {:?}, expected {:?}",
+                    spec.name,
+                    t.size(),
+                    spec.shape
+                )));
+            }
+        }
+        if let Some(extra) = map.keys().find(|k| !specs.iter().any(|s| &s.name == *k)) {
+            return Err(ModelError::Params(format!("unexpected {extra}")));
+        }
+        Ok(NamedParams(map))
+    }
+
+    /// The parameter `name`, which `new` checked is there.
+    pub(crate) fn take(&mut self, name: &str) -> Tensor {
+        self.0.remove(name).expect("presence checked in NamedParams::new").set_requires_grad(true)
+    }
+}
 
 /// One parameter of the canonical list: its transformers name, shape, and whether AdamW decays it
 /// (matrices and embeddings do; biases and norm gains do not, as in nanoGPT).
