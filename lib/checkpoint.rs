@@ -159,7 +159,11 @@ pub fn any_checkpoint(root: &Path) -> Option<String> {
     let mut tags: Vec<String> = fs::read_dir(root)
         .ok()?
         .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
-        .filter(|n| n.starts_with(TAG_PREFIX))
+        // A step tag even incomplete, and any complete named tag (a run's `final` saved just
+        // before a crash that came ahead of its `latest`).
+        .filter(|n| {
+            n.starts_with(TAG_PREFIX) || (tags::valid_tag_name(n) && root.join(n).join("manifest.json").is_file())
+        })
         .collect();
     tags.sort();
     tags.into_iter().next()
@@ -953,6 +957,23 @@ mod tests {
     }
 
     /// What kill -9 leaves at each moment of a save or of retention, and what start-up makes of it.
+    /// What makes a root an earlier run's: `latest`, a step tag (complete or not), or a complete
+    /// named tag; not a directory that only looks like one.
+    #[test]
+    fn any_checkpoint_sees_named_tags_too() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        fs::create_dir_all(root.join("logs")).unwrap();
+        fs::create_dir_all(root.join("final")).unwrap();
+        assert_eq!(any_checkpoint(root), None, "an empty `final` is no tag");
+        tag(root, "final", &["manifest.json"]);
+        assert_eq!(any_checkpoint(root).as_deref(), Some("final"));
+        fs::create_dir_all(root.join("step_00000002")).unwrap();
+        assert_eq!(any_checkpoint(root).as_deref(), Some("final"));
+        fs::write(root.join("latest"), "final\n").unwrap();
+        assert_eq!(any_checkpoint(root).as_deref(), Some("latest"));
+    }
+
     #[test]
     fn recovery_clears_what_a_crash_leaves_and_keeps_every_complete_tag() {
         let d = tempfile::tempdir().unwrap();

@@ -291,7 +291,9 @@ pub fn spawn_local_ranks(a: &LaunchArgs) -> Result<(), LaunchError> {
     if let (Some(path), true) = (&a.hostfile, a.launcher != NodeLauncher::None) {
         return launch_nodes(a, path);
     }
-    let plan = a.plan(&ThisHost::current())?;
+    // Only a hostfile needs this machine's names and addresses (reading them may wait on DNS).
+    let this = if a.hostfile.is_some() { ThisHost::current() } else { ThisHost::default() };
+    let plan = a.plan(&this)?;
     if let Some(g) = &a.gpus {
         let n = g.split(',').filter(|s| !s.trim().is_empty()).count();
         if n < plan.local {
