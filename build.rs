@@ -12,16 +12,20 @@ fn main() {
         let root = root.canonicalize().unwrap_or_else(|_| root.to_path_buf());
         println!("cargo:rustc-link-arg=-Wl,-rpath,{}", root.join("lib").display());
     }
-    compile_fused_adamw();
+    compile_shims();
 }
 
-/// lib/optim/fused_adamw.cpp reaches libtorch's `_fused_adamw_`, which tch does not expose. It is
+/// The C++ shims reach what tch does not expose: lib/optim/fused_adamw.cpp libtorch's
+/// `_fused_adamw_`, lib/device_context.cpp its attention and determinism settings. They are
 /// compiled as tch's own C++ layer is (torch-sys's build script): the same headers, C++17, and
 /// the same `_GLIBCXX_USE_CXX11_ABI`, so that the at::Tensor behind a tch handle has one layout
 /// on both sides. libtorch itself is linked through torch-sys.
-fn compile_fused_adamw() {
-    let src = "lib/optim/fused_adamw.cpp";
-    println!("cargo:rerun-if-changed={src}");
+fn compile_shims() {
+    let sources = ["lib/optim/fused_adamw.cpp", "lib/device_context.cpp"];
+    let src = sources.join(", ");
+    for s in sources {
+        println!("cargo:rerun-if-changed={s}");
+    }
     // torch-sys's `links = "tch"` metadata: the lib directory of the libtorch it found, however it
     // found it (LIBTORCH, LIBTORCH_USE_PYTORCH, a system install).
     let include_root = match std::env::var("LIBTORCH_INCLUDE") {
@@ -53,6 +57,6 @@ fn compile_fused_adamw() {
         .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
         // libtorch's headers are not warning-clean; this file's own warnings are kept.
         .flag_if_supported("-Wno-unused-parameter")
-        .file(src)
-        .compile("zerokit_fused_adamw");
+        .files(sources)
+        .compile("zerokit_shims");
 }

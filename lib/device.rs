@@ -62,3 +62,47 @@ pub fn gpu_memory_used() -> Option<u64> {
     let (free, total) = cu::mem_get_info().ok()?;
     Some(total.saturating_sub(free) as u64)
 }
+
+extern "C" {
+    // lib/device_context.cpp; each returns NULL or a malloc'd error message.
+    fn zerokit_sdp_prefer(first: i32) -> *mut std::ffi::c_char;
+    fn zerokit_set_deterministic(on: bool, warn_only: bool) -> *mut std::ffi::c_char;
+}
+
+/// The attention kernel families `attention` may name, as libtorch numbers them (at::SDPBackend).
+pub const ATTENTION_BACKENDS: [(&str, i32); 5] =
+    [("auto", -1), ("math", 0), ("flash", 1), ("efficient", 2), ("cudnn", 3)];
+
+fn shim_result(msg: *mut std::ffi::c_char) -> Result<(), String> {
+    if msg.is_null() {
+        return Ok(());
+    }
+    // SAFETY: a NUL-terminated string from strdup, freed here once.
+    let text = unsafe { std::ffi::CStr::from_ptr(msg) }.to_string_lossy().into_owned();
+    unsafe { libc::free(msg as *mut libc::c_void) };
+    Err(text)
+}
+
+/// Makes libtorch try the attention kernels `name` names first ("auto": libtorch's own order,
+/// flash attention first). Process-wide; kernels that cannot run a call are still skipped.
+pub fn prefer_attention(name: &str) -> Result<(), String> {
+    let (_, code) = ATTENTION_BACKENDS.iter().find(|(n, _)| *n == name).ok_or_else(|| {
+        let names: Vec<&str> = ATTENTION_BACKENDS.iter().map(|(n, _)| *n).collect();
+        format!("attention = {name:?}: expected one of {}", names.join(", "))
+    })?;
+    // SAFETY: plain call into the shim; it catches every C++ exception.
+    shim_result(unsafe { zerokit_sdp_prefer(*code) })
+}
+
+/// Deterministic kernels everywhere libtorch has them, so that two runs with the same seed and
+/// configuration give bitwise-identical results: libtorch's deterministic algorithms (warning
+/// once where an op has none), cuDNN without benchmarking, and cuBLAS with a fixed workspace
+/// (which cuBLAS reads when its first handle is made, so call this before any CUDA work).
+pub fn set_deterministic(on: bool) -> Result<(), String> {
+    if on && std::env::var_os("CUBLAS_WORKSPACE_CONFIG").is_none() {
+        // Set during start-up, before the threads that read the environment exist.
+        std::env::set_var("CUBLAS_WORKSPACE_CONFIG", ":4096:8");
+    }
+    // SAFETY: plain call into the shim; it catches every C++ exception.
+    shim_result(unsafe { zerokit_set_deterministic(on, true) })
+}

@@ -12,6 +12,7 @@ pub mod device;
 pub mod formats;
 pub mod fsutil;
 pub mod interop;
+pub mod kernels;
 pub mod launch;
 pub mod lock;
 pub mod logging;

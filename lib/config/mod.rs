@@ -91,6 +91,16 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Seconds a rank waits for the others before the job is ended.
     pub comm_timeout: u64,
+    /// Attention kernels tried first on CUDA: "auto" (libtorch's order: flash attention first),
+    /// "flash", "cudnn", "efficient" or "math".
+    pub attention: String,
+    /// Bitwise-reproducible runs: the same seed, world size and configuration give the same
+    /// losses and weights (libtorch's deterministic kernels, cuBLAS's fixed workspace).
+    pub deterministic: bool,
+    /// Log where each step's time goes (data, forward, head and loss, backward, communication
+    /// wait, gradient norm, AdamW, weight all-gather), averaged over each log interval. The device
+    /// is synchronized at each phase boundary, which costs some speed.
+    pub profile: bool,
     // fp16 loss scaling (DeepSpeed's fp16 block). The same fields as scaler::ScalerConfig, kept
     // flat here so they are top-level keys: serde's flatten cannot be combined with
     // deny_unknown_fields, which names unknown keys.
@@ -149,6 +159,9 @@ impl Default for TrainConfig {
             activation_checkpointing: false,
             seed: 1337,
             comm_timeout: 300,
+            attention: "auto".into(),
+            deterministic: false,
+            profile: false,
             loss_scale: 0.0,
             initial_scale_power: 16,
             loss_scale_window: 1000,
@@ -268,6 +281,7 @@ impl TrainConfig {
                 weight_decay: self.weight_decay,
             },
             scaler: self.scaler(),
+            profile: self.profile,
         }
     }
 
@@ -354,6 +368,10 @@ impl TrainConfig {
         }
         if self.block_size == 0 {
             return bad("block_size must be at least 1".into());
+        }
+        if !crate::device::ATTENTION_BACKENDS.iter().any(|(n, _)| *n == self.attention) {
+            let names: Vec<&str> = crate::device::ATTENTION_BACKENDS.iter().map(|(n, _)| *n).collect();
+            return bad(format!("attention = {:?}: expected one of {}", self.attention, names.join(", ")));
         }
         if !["auto", "fp32", "bf16", "fp16"].contains(&self.dtype.as_str()) {
             return bad(format!("dtype = {:?}: expected auto, fp32, bf16 or fp16", self.dtype));

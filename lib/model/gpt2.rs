@@ -443,8 +443,8 @@ impl Model for Gpt {
     /// Forward and backward of the head: ln_f, the tied lm_head and the mean cross-entropy over
     /// targets != -1, in chunks (see `model::head_backward_in_chunks`).
     fn head_backward(&self, x: &Tensor, targets: &Tensor, scale: f64) -> Result<HeadGrads, TchError> {
-        let params = [&self.ln_f.weight, &self.ln_f.bias, &self.wte];
-        head_backward_in_chunks(x, targets, scale, self.head_parameters(), &params, |x| self.head(x))
+        let norm = [&self.ln_f.weight, &self.ln_f.bias];
+        head_backward_in_chunks(x, targets, scale, self.head_parameters(), &norm, &self.wte, |x| self.ln_f.forward(x))
     }
 
     fn eval_loss(&self, idx: &Tensor, targets: &Tensor) -> Tensor {

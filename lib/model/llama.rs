@@ -488,8 +488,10 @@ impl Model for Llama {
 
     /// The final norm, lm_head and the fp32 mean cross-entropy over targets != -1, in chunks.
     fn head_backward(&self, x: &Tensor, targets: &Tensor, scale: f64) -> Result<HeadGrads, TchError> {
-        let params = [&self.norm.weight, self.lm_head_weight()];
-        head_backward_in_chunks(x, targets, scale, self.head_parameters(), &params, |x| self.head(x))
+        let norm = [&self.norm.weight];
+        head_backward_in_chunks(x, targets, scale, self.head_parameters(), &norm, self.lm_head_weight(), |x| {
+            self.norm.forward(x)
+        })
     }
 
     fn eval_loss(&self, idx: &Tensor, targets: &Tensor) -> Tensor {

@@ -7,6 +7,7 @@ pub mod gpt2;
 pub mod init;
 pub mod llama;
 
+use crate::kernels;
 pub use gpt2::{Gpt, GptConfig, INIT_STD, LAYER_NORM_EPS, PRESETS};
 pub use llama::{Llama, LlamaConfig, RopeScaling};
 use std::collections::HashMap;
@@ -161,49 +162,58 @@ pub fn loss(logits: &Tensor, targets: &Tensor) -> Tensor {
     )
 }
 
-/// [`Model::head_backward`] for a head `head` ([B, T, C] to logits [B, T, V]) whose parameters
-/// are `params`, named `names`: forward and backward of the head and the mean cross-entropy over
-/// targets != -1 (in fp32), in chunks of whole sequences of about `HEAD_CHUNK_TOKENS` tokens. Gives
-/// the same loss and gradients as one pass, without ever holding the whole [B, T, V] logits.
+/// [`Model::head_backward`] for a head whose logits are `norm(x) @ weight^T` ([B, T, C] to
+/// [B, T, V]), with the norm's parameters `norm_params`; `names` names the norm's parameters and
+/// then the weight. Forward and backward of the head and the mean cross-entropy over targets != -1
+/// (in fp32), in chunks of whole sequences of about `HEAD_CHUNK_TOKENS` tokens: the same loss and
+/// gradients as one pass, without ever holding the whole [B, T, V] logits.
+///
+/// The projection and the loss are written out rather than left to autograd: the logits are
+/// computed without a graph, [`kernels::classifier`] turns them into their own gradient in place
+/// (one kernel on GPUs, where autograd would make an fp32 copy and four more passes), and the two
+/// products of the backward follow. Only the norm goes through autograd.
 pub(crate) fn head_backward_in_chunks(
     x: &Tensor,
     targets: &Tensor,
     scale: f64,
     names: Vec<String>,
-    params: &[&Tensor],
-    head: impl Fn(&Tensor) -> Tensor,
+    norm_params: &[&Tensor],
+    weight: &Tensor,
+    norm: impl Fn(&Tensor) -> Tensor,
 ) -> Result<HeadGrads, TchError> {
-    let (b, t) = (x.size()[0], x.size()[1]);
+    let (b, t, c) = (x.size()[0], x.size()[1], x.size()[2]);
     let per = ((HEAD_CHUNK_TOKENS as i64) / t.max(1)).clamp(1, b.max(1));
     // The mean's denominator over the whole micro-batch, kept on the device (no host sync).
     let count = targets.ne(-1).sum(Kind::Float);
+    let w = weight.detach();
     let mut loss = Tensor::zeros([], (Kind::Float, x.device()));
-    let mut grads: Option<Vec<Tensor>> = None;
+    let mut norm_grads: Option<Vec<Tensor>> = None;
+    let mut weight_grad: Option<Tensor> = None;
     let mut inputs = Vec::new();
     let mut start = 0;
     while start < b {
         let n = per.min(b - start);
         let xc = x.narrow(0, start, n).detach().set_requires_grad(true);
-        let logits = head(&xc);
-        let v = logits.size()[2];
-        let sum = logits.to_kind(Kind::Float).view([-1, v]).f_cross_entropy_loss(
-            &targets.narrow(0, start, n).reshape([-1]),
-            None::<Tensor>,
-            Reduction::Sum,
-            -1,
-            0.0,
-        )?;
-        let part = sum / &count;
-        let wrt: Vec<&Tensor> = params.iter().copied().chain([&xc]).collect();
-        let mut g = Tensor::f_run_backward(&[&part * scale], &wrt, false, false)?;
+        let y = norm(&xc);
+        let y2 = y.detach().f_reshape([-1, c])?;
+        let logits = y2.f_mm(&w.f_tr()?)?;
+        let rows = kernels::classifier(&logits, &targets.narrow(0, start, n).f_reshape([-1])?, &count, scale)?;
+        loss += rows.f_sum(Kind::Float)?.f_div(&count)?;
+        // `logits` now holds the gradient of loss * scale with respect to them.
+        let grad_y = logits.f_mm(&w)?.f_view_as(&y)?;
+        weight_grad = Some(match weight_grad {
+            None => logits.f_tr()?.f_mm(&y2)?,
+            Some(acc) => acc.f_addmm(&logits.f_tr()?, &y2)?,
+        });
+        let wrt: Vec<&Tensor> = norm_params.iter().copied().chain([&xc]).collect();
+        let mut g = vjp(&y, &grad_y, &wrt, false);
         inputs.push(g.pop().expect("grad of the chunk's input"));
-        grads = Some(match grads {
+        norm_grads = Some(match norm_grads {
             None => g,
             Some(acc) => acc.into_iter().zip(g).map(|(a, c)| a + c).collect(),
         });
-        loss += part.detach();
         start += n;
     }
-    let params = names.into_iter().zip(grads.expect("a micro-batch has at least one sequence"));
-    Ok(HeadGrads { loss, input: Tensor::f_cat(&inputs, 0)?, params: params.collect() })
+    let grads = norm_grads.expect("a micro-batch has at least one sequence").into_iter().chain(weight_grad);
+    Ok(HeadGrads { loss, input: Tensor::f_cat(&inputs, 0)?, params: names.into_iter().zip(grads).collect() })
 }

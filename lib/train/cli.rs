@@ -50,6 +50,10 @@ pub struct FitArgs {
     /// the same as --set init_from=resume --set resume_from=TAG.
     #[arg(long = "resume-from", value_name = "TAG|DIR")]
     pub resume_from: Option<String>,
+    /// Log where each step's time goes, averaged over each log interval: the same as
+    /// --set profile=true.
+    #[arg(long)]
+    pub profile: bool,
     #[command(flatten)]
     pub launch: LaunchArgs,
 }
@@ -157,6 +161,9 @@ fn run_fit(a: FitArgs) -> Result<(), TrainError> {
     let mut set = a.set.clone();
     if let Some(tag) = &a.resume_from {
         set.extend(["init_from=resume".to_string(), format!("resume_from={tag}")]);
+    }
+    if a.profile {
+        set.push("profile=true".into());
     }
     let cfg = TrainConfig::load(a.config.as_deref(), a.deepspeed.as_deref(), &set)?;
     if a.launch.launches() && !launch::is_launched_rank() {

@@ -81,6 +81,9 @@ impl Run {
     /// Evaluates, records and plots the losses, saves a checkpoint when the validation loss
     /// improved (or always_save_checkpoint), and says whether to stop early (patience).
     pub fn evaluate_and_save(&mut self, lr: f64) -> Result<ControlFlow<()>, TrainError> {
+        if let Some(p) = &mut self.engine.profile {
+            p.pause();
+        }
         let (tl, vl) = self.evaluate()?;
         self.last_eval = Some((tl, vl));
         let step = self.state.step;
@@ -159,13 +162,13 @@ impl Run {
     /// log_interval steps and every skipped step its loss, speed and memory.
     pub fn log_step(&mut self, st: &StepStats, lr: f64) -> Result<(), TrainError> {
         let step = self.state.step;
-        if let Some(p) = &mut self.engine.profile {
-            info!("step {step}: {}", p.take());
-        }
         exit_hook(self.rank, step);
         self.progress.inc(1);
         if step % self.cfg.log_interval != 0 && !st.skipped {
             return Ok(());
+        }
+        if let Some(report) = self.engine.profile.as_mut().and_then(|p| p.report()) {
+            info!("profile at step {step}, mean per step {report}");
         }
         let dt =
             self.interval_start.elapsed().as_secs_f64() / (step - self.start).min(self.cfg.log_interval).max(1) as f64;

@@ -65,6 +65,12 @@ impl Run {
             .map_err(|e| TrainError::Other(format!("{}: cannot open the log file: {e}", cfg.out_dir.display())))?;
         recover(&cfg, &mut ctl)?;
         let (device, kind) = resolve_device(&cfg, rdv.local_rank)?;
+        if device.is_cuda() {
+            crate::device::prefer_attention(&cfg.attention).map_err(TrainError::Other)?;
+        }
+        if cfg.deterministic {
+            crate::device::set_deterministic(true).map_err(TrainError::Other)?;
+        }
         if device.is_cuda() && world > 1 {
             crate::comm::nccl::use_torch_nccl()?;
         }

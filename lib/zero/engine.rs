@@ -44,6 +44,8 @@ pub struct EngineConfig {
     pub adamw: AdamWConfig,
     /// Used when `kind` is Half.
     pub scaler: ScalerConfig,
+    /// Time the phases of each step (see `zero::profile`).
+    pub profile: bool,
 }
 
 /// What one optimizer step did.
@@ -82,7 +84,7 @@ pub struct Engine<M: Model> {
     grad: Tensor,
     /// Full-size gradient accumulation buffer (stages 0 and 1 with accumulation only).
     accum: Option<Tensor>,
-    /// Phase timings (ZEROKIT_PROFILE=1).
+    /// Phase timings (`profile = true`).
     pub profile: Option<super::profile::PhaseTimer>,
     opt: AdamW,
     scaler: Option<LossScaler>,
@@ -216,7 +218,7 @@ impl<M: Model> Engine<M> {
             (cfg.stage < 2 && cfg.grad_accum > 1).then(|| Tensor::zeros([layout.total as i64], (cfg.kind, cfg.device)));
         let grad = Tensor::zeros([layout.partition as i64], opts);
         let slot_grads = (0..layout.params.len()).map(|_| None).collect();
-        let profile = super::profile::PhaseTimer::from_env(cfg.device);
+        let profile = cfg.profile.then(|| super::profile::PhaseTimer::new(cfg.device));
         Ok(Engine {
             model,
             layout,
@@ -299,7 +301,7 @@ impl<M: Model> Engine<M> {
         let ckpt = self.cfg.activation_checkpointing;
 
         // The first mark of a step starts its clock; later ones time the batches between micro-steps.
-        self.mark("next micro-batch");
+        self.mark("data");
         // Forward, cut at block boundaries so backward can run (and recompute) block by block.
         let x0 = self.model.embed(x);
         let mut h = x0.detach();
@@ -360,8 +362,9 @@ impl<M: Model> Engine<M> {
             }
         }
         self.unit_done(n + 1)?;
+        self.mark("backward");
         self.flush_pending()?;
-        self.mark("backward and reduction");
+        self.mark("communication wait");
         self.micro += 1;
         Ok(())
     }
@@ -476,6 +479,9 @@ impl<M: Model> Engine<M> {
         };
         if skip {
             let _ = self.grad.zero_();
+            if let Some(p) = &mut self.profile {
+                p.end_step();
+            }
             return Ok(StepStats { loss, grad_norm: norm, skipped: true, loss_scale: scale });
         }
         if self.cfg.grad_clip > 0.0 {
@@ -488,7 +494,10 @@ impl<M: Model> Engine<M> {
         let _ = self.grad.zero_();
         self.mark("adamw");
         self.publish_weights()?;
-        self.mark("publish weights");
+        self.mark("weight all-gather");
+        if let Some(p) = &mut self.profile {
+            p.end_step();
+        }
         Ok(StepStats { loss, grad_norm: norm, skipped: false, loss_scale: scale })
     }
 

@@ -46,6 +46,7 @@ pub fn engine_config(stage: u8, grad_accum: usize) -> EngineConfig {
         device: Device::Cpu,
         adamw: AdamWConfig { lr: 3e-3, ..AdamWConfig::default() },
         scaler: ScalerConfig::default(),
+        profile: false,
     }
 }
 

@@ -1,0 +1,224 @@
+//! zerokit's own CUDA kernels, for the places where eager libtorch makes several passes over
+//! large tensors that one kernel can make once. Each kernel is CUDA C source compiled at run time
+//! by NVRTC (loaded dynamically through cudarc, from the CUDA build of libtorch's own libnvrtc),
+//! so the build needs no CUDA, as for NCCL. Each has a reference written in libtorch ops, which
+//! runs on CPU and wherever NVRTC is missing, and which tests/kernels.rs holds the kernel to.
+//!
+//! Kernels run on the legacy default stream, libtorch's compute stream in zerokit, so they are
+//! ordered with the ops around them without events.
+//!
+//! `ZEROKIT_FUSED=0` turns the kernels off (the references run instead), for comparisons.
+
+use cudarc::driver::{result as cu, sys as cusys};
+use std::ffi::{c_void, CString};
+use std::sync::OnceLock;
+use tch::{Device, Kind, TchError, Tensor};
+
+const CLASSIFIER_SRC: &str = include_str!("classifier.cu");
+/// Threads per row of the classifier: enough 16-byte loads in flight to stream a 100 KB row.
+const CLASSIFIER_THREADS: u32 = 1024;
+
+/// The loaded module of one device. CUDA function handles are plain pointers into the driver's
+/// module, valid in the device's primary context for the life of the process.
+struct Loaded {
+    device: usize,
+    ctx: cusys::CUcontext,
+    classifier: [cusys::CUfunction; 3],
+}
+
+// SAFETY: CUfunction and CUcontext handles may be used from any thread; a launch makes the
+// context current first.
+unsafe impl Send for Loaded {}
+unsafe impl Sync for Loaded {}
+
+static LOADED: OnceLock<Result<Loaded, String>> = OnceLock::new();
+
+fn disabled() -> bool {
+    std::env::var("ZEROKIT_FUSED").is_ok_and(|v| v == "0")
+}
+
+/// Compiles and loads the kernels for `device` once per process (a rank drives one device).
+/// Err says why the kernels are not available; the callers then run the references.
+fn loaded(device: usize) -> Result<&'static Loaded, String> {
+    let l = LOADED.get_or_init(|| {
+        let l = load(device);
+        match &l {
+            Ok(_) => tracing::info!("fused kernels compiled by NVRTC for cuda:{device}"),
+            Err(e) => tracing::warn!("fused kernels unavailable ({e}); running libtorch's ops instead"),
+        }
+        l
+    });
+    match l {
+        Ok(l) if l.device == device => Ok(l),
+        Ok(l) => Err(format!("kernels were loaded for cuda:{}, not cuda:{device}", l.device)),
+        Err(e) => Err(e.clone()),
+    }
+}
+
+fn load(device: usize) -> Result<Loaded, String> {
+    // SAFETY: only asks the dynamic loader whether one of NVRTC's names resolves.
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Err("libnvrtc was not found on the library path".into());
+    }
+    let opts = cudarc::nvrtc::CompileOptions {
+        arch: Some(arch(device)?),
+        options: vec!["--std=c++17".into()],
+        name: Some("classifier.cu".into()),
+        ..Default::default()
+    };
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(CLASSIFIER_SRC, opts).map_err(|e| format!("NVRTC: {e}"))?;
+    let image = CString::new(ptx.to_src()).map_err(|_| "NVRTC returned PTX with a NUL byte".to_string())?;
+    let ctx = primary_context(device)?;
+    // SAFETY: `image` is NUL-terminated PTX text; the module is never unloaded.
+    let module = unsafe { cu::module::load_data(image.as_ptr() as *const c_void) }
+        .map_err(|e| format!("cuModuleLoadData: {e:?}"))?;
+    let get = |name: &str| {
+        let n = CString::new(name).expect("static kernel name");
+        // SAFETY: `module` is live; the name is NUL-terminated.
+        unsafe { cu::module::get_function(module, n) }.map_err(|e| format!("cuModuleGetFunction {name}: {e:?}"))
+    };
+    Ok(Loaded { device, ctx, classifier: [get("classifier_f32")?, get("classifier_bf16")?, get("classifier_f16")?] })
+}
+
+/// The device's virtual architecture, so NVRTC emits PTX the driver compiles for this GPU.
+fn arch(device: usize) -> Result<&'static str, String> {
+    cu::init().map_err(|e| format!("cuInit: {e:?}"))?;
+    let dev = cu::device::get(device as i32).map_err(|e| format!("cuDeviceGet: {e:?}"))?;
+    let attr = |a| unsafe { cu::device::get_attribute(dev, a) }.map_err(|e| format!("cuDeviceGetAttribute: {e:?}"));
+    let major = attr(cusys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
+    let minor = attr(cusys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
+    // The kernels convert with cvt.rn.bf16.f32, an sm_80 instruction.
+    Ok(match (major, minor) {
+        (m, _) if m >= 10 => "compute_100",
+        (9, _) => "compute_90",
+        (8, n) if n >= 9 => "compute_89",
+        (8, 6..=8) => "compute_86",
+        (8, 0..=5) => "compute_80",
+        (m, n) => return Err(format!("compute capability {m}.{n} is below the 8.0 the kernels need")),
+    })
+}
+
+/// The device's primary context, the one libtorch's runtime calls use, made current here.
+fn primary_context(device: usize) -> Result<cusys::CUcontext, String> {
+    cu::init().map_err(|e| format!("cuInit: {e:?}"))?;
+    let dev = cu::device::get(device as i32).map_err(|e| format!("cuDeviceGet: {e:?}"))?;
+    // SAFETY: retaining the primary context is reference-counted and it is never released: it
+    // lives as long as libtorch's.
+    unsafe {
+        let ctx = cu::primary_ctx::retain(dev).map_err(|e| format!("cuDevicePrimaryCtxRetain: {e:?}"))?;
+        cu::ctx::set_current(ctx).map_err(|e| format!("cuCtxSetCurrent: {e:?}"))?;
+        Ok(ctx)
+    }
+}
+
+/// The fused kernels for tensors on `device`, if they are on a GPU and available.
+fn kernels_for(device: Device) -> Option<&'static Loaded> {
+    match device {
+        Device::Cuda(i) if !disabled() => loaded(i).ok(),
+        _ => None,
+    }
+}
+
+/// Whether [`classifier`] runs zerokit's kernel for tensors on `device` (else its reference).
+pub fn fused_on(device: Device) -> bool {
+    kernels_for(device).is_some()
+}
+
+/// Softmax cross-entropy of `logits` [N, V] (fp32, fp16 or bf16, contiguous) against `targets`
+/// [N] (Int64; -1 is ignored), computed in fp32, and its gradient written over the logits:
+/// `logits <- (softmax(logits) - onehot(targets)) * scale / count` for every counted row, zero for
+/// ignored rows. `count` is a one-element fp32 tensor on the logits' device (the number of counted
+/// targets in the whole micro-batch, so chunks of it add up), so that nothing waits for the host.
+/// Returns the per-row losses [N] in fp32 (zero for ignored rows).
+pub fn classifier(logits: &Tensor, targets: &Tensor, count: &Tensor, scale: f64) -> Result<Tensor, TchError> {
+    let size = logits.size();
+    let shape_ok = size.len() == 2 && targets.size() == [size[0]] && targets.kind() == Kind::Int64;
+    if !shape_ok || !logits.is_contiguous() || count.kind() != Kind::Float || count.numel() != 1 {
+        return Err(TchError::Kind(format!(
+            "classifier: logits {size:?} {:?} (contiguous: {}), targets {:?} {:?}, count {:?}",
+            logits.kind(),
+            logits.is_contiguous(),
+            targets.size(),
+            targets.kind(),
+            count.kind()
+        )));
+    }
+    match kernels_for(logits.device()) {
+        Some(k) => launch_classifier(k, logits, targets, count, scale),
+        None => classifier_reference(logits, targets, count, scale),
+    }
+}
+
+/// [`classifier`] in libtorch ops: an fp32 copy of the logits, log-softmax, and the gradient
+/// of the mean cross-entropy written back in the logits' kind.
+pub fn classifier_reference(logits: &Tensor, targets: &Tensor, count: &Tensor, scale: f64) -> Result<Tensor, TchError> {
+    let lf = logits.f_to_kind(Kind::Float)?;
+    let counted = targets.f_ne(-1)?;
+    let safe = targets.f_clamp_min(0)?.f_unsqueeze(1)?;
+    let lse = lf.f_logsumexp([1], true)?;
+    let picked = lf.f_gather(1, &safe, false)?;
+    let losses = (&lse - picked).f_squeeze_dim(1)?.f_mul(&counted.f_to_kind(Kind::Float)?)?;
+    let mut grad = (lf - lse).f_exp()?;
+    let one = Tensor::f_ones([targets.size()[0], 1], (Kind::Float, logits.device()))?;
+    grad = grad.f_scatter_add(1, &safe, &one.f_neg()?)?;
+    let g = counted.f_to_kind(Kind::Float)?.f_unsqueeze(1)?.f_mul(&(count.f_reciprocal()? * scale))?;
+    logits.shallow_clone().f_copy_(&grad.f_mul(&g)?)?;
+    Ok(losses)
+}
+
+fn launch_classifier(
+    k: &Loaded,
+    logits: &Tensor,
+    targets: &Tensor,
+    count: &Tensor,
+    scale: f64,
+) -> Result<Tensor, TchError> {
+    let (n, v) = (logits.size()[0], logits.size()[1]);
+    let which = match logits.kind() {
+        Kind::Float => 0,
+        Kind::BFloat16 => 1,
+        Kind::Half => 2,
+        other => return Err(TchError::Kind(format!("classifier: logits of kind {other:?}"))),
+    };
+    let device = logits.device();
+    let (targets, count) = (targets.f_to_device(device)?.f_contiguous()?, count.f_to_device(device)?);
+    let losses = Tensor::f_empty([n], (Kind::Float, device))?;
+    if n == 0 {
+        return Ok(losses);
+    }
+    if v > i32::MAX as i64 || n > i32::MAX as i64 {
+        return Err(TchError::Kind(format!("classifier: logits {n} x {v} exceed the kernel's 32-bit grid")));
+    }
+    let elem = logits.kind().elt_size_in_bytes() as i64;
+    let mut data = logits.data_ptr();
+    let vectorized = i32::from((data as usize) % 16 == 0 && (v * elem) % 16 == 0);
+    let (mut t, mut l, mut c) = (targets.data_ptr(), losses.data_ptr(), count.data_ptr());
+    let (mut scale, mut v32, mut vec) = (scale as f32, v as i32, vectorized);
+    let mut params: [*mut c_void; 7] = [
+        &mut data as *mut _ as *mut c_void,
+        &mut t as *mut _ as *mut c_void,
+        &mut l as *mut _ as *mut c_void,
+        &mut c as *mut _ as *mut c_void,
+        &mut scale as *mut _ as *mut c_void,
+        &mut v32 as *mut _ as *mut c_void,
+        &mut vec as *mut _ as *mut c_void,
+    ];
+    // SAFETY: the context is live for the process (retained, never released).
+    unsafe { cu::ctx::set_current(k.ctx) }.map_err(|e| TchError::Kind(format!("cuCtxSetCurrent: {e:?}")))?;
+    // SAFETY: the function takes (T*, const i64*, float*, const float*, float, int, int), matching
+    // `params`; every pointer is a live, contiguous device tensor of the checked shape, kept alive
+    // by the caller (logits, losses) or by the caching allocator's stream order (targets, count
+    // copies are freed only after work queued on this stream).
+    unsafe {
+        cu::launch_kernel(
+            k.classifier[which],
+            (n as u32, 1, 1),
+            (CLASSIFIER_THREADS, 1, 1),
+            0,
+            std::ptr::null_mut(),
+            &mut params,
+        )
+    }
+    .map_err(|e| TchError::Kind(format!("classifier launch: {e:?}")))?;
+    Ok(losses)
+}

@@ -1,0 +1,175 @@
+//! zerokit's fused kernels (lib/kernels) against libtorch. On CPU: the classifier's reference (the
+//! path CPU runs take, and the yardstick of the kernel) against libtorch's own cross-entropy and
+//! autograd. On a GPU machine (`--ignored`): the NVRTC kernel against that reference in every
+//! kind and on odd shapes, the head's backward built on it against plain autograd, and two
+//! deterministic training runs compared bit for bit.
+
+mod common;
+
+use common::tiny::{config, dataset, launch_args, train_command};
+use std::path::Path;
+use tch::{Device, Kind, Reduction, Tensor};
+use zerokit::kernels::{classifier, classifier_reference, fused_on};
+use zerokit::model::{Gpt, GptConfig, Model};
+
+/// Random logits [n, v] of `kind` with a wide spread, targets with some ignored (-1) rows, and
+/// the count of a micro-batch larger than this chunk (so the gradient is not just the chunk's
+/// mean).
+fn case(n: i64, v: i64, kind: Kind, device: Device, seed: i64) -> (Tensor, Tensor, Tensor) {
+    tch::manual_seed(seed);
+    let logits = (Tensor::randn([n, v], (Kind::Float, device)) * 4.0).to_kind(kind);
+    let targets = Tensor::randint(v, [n], (Kind::Int64, device));
+    if n > 2 {
+        let _ = targets.narrow(0, 1, 1).fill_(-1);
+        let _ = targets.narrow(0, n - 1, 1).fill_(v - 1);
+    }
+    let counted = targets.ne(-1).sum(Kind::Float).double_value(&[]);
+    let count = Tensor::from_slice(&[(counted + 3.0) as f32]).to_device(device);
+    (logits, targets, count)
+}
+
+fn max_abs(t: &Tensor) -> f64 {
+    t.abs().max().double_value(&[])
+}
+
+/// The reference against libtorch's cross-entropy (summed, over counted rows) and the gradient
+/// autograd gives for `sum / count * scale`, through the fp32 upcast the models use.
+#[test]
+fn classifier_reference_matches_cross_entropy_and_autograd() {
+    for (kind, tol) in [(Kind::Float, 1e-6), (Kind::BFloat16, 1e-2), (Kind::Half, 2e-3)] {
+        let (logits, targets, count) = case(7, 37, kind, Device::Cpu, 1);
+        let scale = 1024.0;
+        let leaf = logits.detach().set_requires_grad(true);
+        let sum = leaf.to_kind(Kind::Float).cross_entropy_loss(&targets, None::<Tensor>, Reduction::Sum, -1, 0.0);
+        let scaled = &sum / &count * scale;
+        let grad = Tensor::run_backward(&[&scaled], &[&leaf], false, false).pop().unwrap();
+
+        let work = logits.copy();
+        let rows = classifier_reference(&work, &targets, &count, scale).unwrap();
+        assert_eq!(rows.kind(), Kind::Float);
+        assert_eq!(rows.double_value(&[1]), 0.0, "an ignored row has no loss");
+        let loss_err = (rows.sum(Kind::Float) - &sum).abs().double_value(&[]) / sum.double_value(&[]);
+        assert!(loss_err < 1e-6, "{kind:?}: loss relative error {loss_err:e}");
+        assert_eq!(work.kind(), kind);
+        let err = max_abs(&(work.to_kind(Kind::Float) - grad.to_kind(Kind::Float))) / max_abs(&grad);
+        assert!(err <= tol, "{kind:?}: gradient relative error {err:e} (tolerance {tol:e})");
+        assert_eq!(max_abs(&work.narrow(0, 1, 1)), 0.0, "an ignored row has no gradient");
+    }
+}
+
+/// The fused kernel against the reference on the GPU, in fp32, bf16 and fp16, on the
+/// vectorized path (V a multiple of 8, GPT-2's padded 50304) and the scalar one (odd V, one
+/// column, one row). fp32 agrees to float rounding; bf16 and fp16 to one unit in the last place
+/// of the stored gradient, since both compute in fp32 and round once.
+#[test]
+#[ignore = "needs a CUDA GPU: run with --ignored on a GPU machine"]
+fn classifier_kernel_matches_the_reference_on_cuda() {
+    assert!(zerokit::device::load_cuda(), "no CUDA device");
+    let cuda = Device::Cuda(0);
+    assert!(fused_on(cuda), "the fused kernels did not compile or load (see the log)");
+    let shapes = [(64i64, 50304i64), (33, 50257), (5, 7), (1, 1), (3, 1000), (17, 4096)];
+    for (kind, ulp) in [(Kind::Float, 2e-6), (Kind::BFloat16, 1.0 / 128.0), (Kind::Half, 1.0 / 1024.0)] {
+        for (i, &(n, v)) in shapes.iter().enumerate() {
+            let (logits, targets, count) = case(n, v, kind, cuda, 10 + i as i64);
+            let scale = 65536.0;
+            let (a, b) = (logits.copy(), logits.copy());
+            let rows_k = classifier(&a, &targets, &count, scale).unwrap();
+            let rows_r = classifier_reference(&b, &targets, &count, scale).unwrap();
+            let loss_err = max_abs(&(&rows_k - &rows_r)) / max_abs(&rows_r).max(1e-30);
+            assert!(loss_err < 1e-5, "{kind:?} {n}x{v}: row losses differ by {loss_err:e} relative");
+            let (a, b) = (a.to_kind(Kind::Float), b.to_kind(Kind::Float));
+            // Per element: within `ulp` of the larger magnitude (one unit in the last place), or
+            // below fp32 noise for the tiny probabilities.
+            let floor = 1e-7 * scale / count.double_value(&[]);
+            let bound = a.abs().maximum(&b.abs()) * ulp + floor;
+            let over = ((&a - &b).abs() - bound).max().double_value(&[]);
+            assert!(over <= 0.0, "{kind:?} {n}x{v}: gradient outside one ulp by {over:e}");
+            eprintln!("{kind:?} {n}x{v}: row losses within {loss_err:.1e}, gradient within one ulp");
+        }
+    }
+    // A target outside the vocabulary gives a NaN loss rather than a wrong number.
+    let (logits, _, count) = case(2, 9, Kind::Float, cuda, 3);
+    let targets = Tensor::from_slice(&[0i64, 9]).to_device(cuda);
+    let rows = classifier(&logits, &targets, &count, 1.0).unwrap();
+    assert!(rows.double_value(&[1]).is_nan() && rows.double_value(&[0]).is_finite());
+}
+
+/// GPT-2's head backward on the GPU (fused classifier, written-out products, autograd only for
+/// ln_f) against plain autograd through libtorch's cross-entropy, in fp32 and bf16, over several
+/// chunks with ignored targets and a loss scale.
+#[test]
+#[ignore = "needs a CUDA GPU: run with --ignored on a GPU machine"]
+fn head_backward_matches_autograd_on_cuda() {
+    assert!(zerokit::device::load_cuda(), "no CUDA device");
+    let cuda = Device::Cuda(0);
+    let cfg = GptConfig { n_layer: 1, n_head: 2, n_embd: 64, block_size: 1024, vocab_size: 50304 };
+    for (kind, tol) in [(Kind::Float, 1e-5), (Kind::BFloat16, 2e-2)] {
+        let model = Gpt::new(&cfg, cuda, kind, 5).unwrap();
+        let (b, t) = (5i64, 1024i64);
+        tch::manual_seed(3);
+        let x = Tensor::randn([b, t, 64], (kind, cuda));
+        let targets = Tensor::randint(cfg.vocab_size as i64, [b, t], (Kind::Int64, cuda));
+        let _ = targets.narrow(1, 0, 100).fill_(-1);
+        let scale = 64.0;
+        let params = model.named_parameters();
+        let get = |n: &str| params.iter().find(|(k, _)| k == n).unwrap().1.shallow_clone();
+        let (w, bias, wte) =
+            (get("transformer.ln_f.weight"), get("transformer.ln_f.bias"), get("transformer.wte.weight"));
+        let leaf = x.detach().set_requires_grad(true);
+        let loss = Gpt::loss(&model.head(&leaf), &targets);
+        let plain = Tensor::run_backward(&[&loss * scale], &[&w, &bias, &wte, &leaf], false, false);
+        let fused = model.head_backward(&x, &targets, scale).unwrap();
+        let close = |a: &Tensor, b: &Tensor, what: &str| {
+            let err = max_abs(&(a.to_kind(Kind::Float) - b.to_kind(Kind::Float)));
+            let size = max_abs(&b.to_kind(Kind::Float));
+            eprintln!("{kind:?} {what}: max difference {err:.2e} against max {size:.2e}");
+            assert!(err <= tol * size.max(1e-12), "{kind:?} {what}: {err:e} against {size:e}");
+        };
+        close(&fused.loss, &loss, "loss");
+        close(&fused.params[0].1, &plain[0], "ln_f.weight");
+        close(&fused.params[1].1, &plain[1], "ln_f.bias");
+        close(&fused.params[2].1, &plain[2], "wte");
+        close(&fused.input, &plain[3], "input");
+    }
+}
+
+fn file_bytes(p: &Path) -> Vec<u8> {
+    std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// `deterministic = true`: two GPU runs with the same seed and configuration give the same
+/// losses and the same final weights, bit for bit.
+#[test]
+#[ignore = "needs a CUDA GPU: run with --ignored on a GPU machine"]
+fn deterministic_runs_are_bitwise_identical_on_cuda() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    dataset(&data);
+    let mut finals = Vec::new();
+    let mut metrics = Vec::new();
+    for run in ["a", "b"] {
+        let dir = tmp.path().join(run);
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = config(
+            &dir,
+            &data,
+            "device = \"cuda\"\ndtype = \"bf16\"\nn_layer = 4\nn_head = 4\nn_embd = 256\nblock_size = 256\n\
+             batch_size = 8\nmax_iters = 30\ndeterministic = true",
+        );
+        let out = train_command(&cfg, &launch_args(1), &[]).output().unwrap();
+        assert!(out.status.success(), "run {run}: {}", String::from_utf8_lossy(&out.stderr));
+        finals.push(file_bytes(&dir.join("out/final/model.safetensors")));
+        let m = String::from_utf8(file_bytes(&dir.join("out/metrics.jsonl"))).unwrap();
+        // Timings differ between runs; the losses, norms and scales must not.
+        let values: Vec<String> = m
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                format!("{} {} {}", v["step"], v["loss"], v["grad_norm"])
+            })
+            .collect();
+        metrics.push(values);
+    }
+    assert_eq!(metrics[0], metrics[1], "the two runs' losses differ");
+    assert!(finals[0] == finals[1], "the two runs' final weights differ");
+}
