@@ -7,7 +7,8 @@
 # and the test binaries in .carry/tests (strip -o .carry/tests/NAME target/release/deps/NAME-HASH):
 #   COMMIT=$(git rev-parse --short HEAD) RUNS="gpt2:bf16:16" bash bench/gpu_kernels.sh
 # Variants: train (fused kernels, libtorch's attention order), train-unfused (ZEROKIT_FUSED=0:
-# libtorch's ops for the classifier), train-cudnn (attention = "cudnn"). TESTS=0 skips the tests,
+# libtorch's ops for the classifier), train-cudnn (attention = "cudnn"), train-det
+# (deterministic = true). ZK_BINS picks among them; TESTS=0 skips the tests,
 # PROFILE=0 the profiles, PEERS (default "zerokit compile") goes to gpu_single.sh.
 set -uo pipefail
 source bench/gpu_env.sh
@@ -17,7 +18,8 @@ mkdir -p "$OUTDIR"
 mkdir -p /work target/release && ln -sfn "$PWD" /work/main && ln -sf "$PWD/.carry/bin/train" target/release/train
 printf '#!/bin/sh\nZEROKIT_FUSED=0 exec "$(dirname "$0")/train" "$@"\n' > .carry/bin/train-unfused
 printf '#!/bin/sh\nexec "$(dirname "$0")/train" --set attention=cudnn "$@"\n' > .carry/bin/train-cudnn
-chmod +x .carry/bin/train-unfused .carry/bin/train-cudnn
+printf '#!/bin/sh\nexec "$(dirname "$0")/train" --set deterministic=true "$@"\n' > .carry/bin/train-det
+chmod +x .carry/bin/train-unfused .carry/bin/train-cudnn .carry/bin/train-det
 RUNS=${RUNS:-gpt2:bf16:16 gpt2-xl:fp16:8}
 
 if [ "${TESTS:-1}" != 0 ]; then

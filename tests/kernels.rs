@@ -138,7 +138,8 @@ fn file_bytes(p: &Path) -> Vec<u8> {
 }
 
 /// `deterministic = true`: two GPU runs with the same seed and configuration give the same
-/// losses and the same final weights, bit for bit.
+/// losses and the same final weights, bit for bit. A third run without it says (without
+/// asserting: libtorch's default kernels may happen to agree) whether it differs.
 #[test]
 #[ignore = "needs a CUDA GPU: run with --ignored on a GPU machine"]
 fn deterministic_runs_are_bitwise_identical_on_cuda() {
@@ -147,16 +148,18 @@ fn deterministic_runs_are_bitwise_identical_on_cuda() {
     dataset(&data);
     let mut finals = Vec::new();
     let mut metrics = Vec::new();
-    for run in ["a", "b"] {
+    for (run, deterministic) in [("a", true), ("b", true), ("c", false)] {
         let dir = tmp.path().join(run);
         std::fs::create_dir_all(&dir).unwrap();
         let cfg = config(
             &dir,
             &data,
-            "device = \"cuda\"\ndtype = \"bf16\"\nn_layer = 4\nn_head = 4\nn_embd = 256\nblock_size = 256\n\
-             batch_size = 8\nmax_iters = 30\ndeterministic = true",
+            &format!(
+                "device = \"cuda\"\ndtype = \"bf16\"\nn_layer = 4\nn_head = 12\nn_embd = 768\nblock_size = 512\n\
+             batch_size = 8\nmax_iters = 20\ndeterministic = {deterministic}"
+            ),
         );
-        let out = train_command(&cfg, &launch_args(1), &[]).output().unwrap();
+        let out = train_command(&cfg, &launch_args(1), &[]).env_remove("ZEROKIT_NO_CUDA").output().unwrap();
         assert!(out.status.success(), "run {run}: {}", String::from_utf8_lossy(&out.stderr));
         finals.push(file_bytes(&dir.join("out/final/model.safetensors")));
         let m = String::from_utf8(file_bytes(&dir.join("out/metrics.jsonl"))).unwrap();
@@ -170,6 +173,11 @@ fn deterministic_runs_are_bitwise_identical_on_cuda() {
             .collect();
         metrics.push(values);
     }
-    assert_eq!(metrics[0], metrics[1], "the two runs' losses differ");
-    assert!(finals[0] == finals[1], "the two runs' final weights differ");
+    assert_eq!(metrics[0], metrics[1], "the two deterministic runs' losses differ");
+    assert!(finals[0] == finals[1], "the two deterministic runs' final weights differ");
+    let first = metrics[0].iter().zip(&metrics[2]).position(|(a, b)| a != b);
+    eprintln!(
+        "without deterministic: weights {}, first differing metrics line {first:?}",
+        if finals[2] == finals[0] { "identical" } else { "differ" }
+    );
 }

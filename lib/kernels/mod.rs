@@ -152,17 +152,16 @@ pub fn classifier(logits: &Tensor, targets: &Tensor, count: &Tensor, scale: f64)
 /// [`classifier`] in libtorch ops: an fp32 copy of the logits, log-softmax, and the gradient
 /// of the mean cross-entropy written back in the logits' kind.
 pub fn classifier_reference(logits: &Tensor, targets: &Tensor, count: &Tensor, scale: f64) -> Result<Tensor, TchError> {
-    let lf = logits.f_to_kind(Kind::Float)?;
-    let counted = targets.f_ne(-1)?;
+    let counted = targets.f_ne(-1)?.f_to_kind(Kind::Float)?;
     let safe = targets.f_clamp_min(0)?.f_unsqueeze(1)?;
-    let lse = lf.f_logsumexp([1], true)?;
-    let picked = lf.f_gather(1, &safe, false)?;
-    let losses = (&lse - picked).f_squeeze_dim(1)?.f_mul(&counted.f_to_kind(Kind::Float)?)?;
-    let mut grad = (lf - lse).f_exp()?;
-    let one = Tensor::f_ones([targets.size()[0], 1], (Kind::Float, logits.device()))?;
-    grad = grad.f_scatter_add(1, &safe, &one.f_neg()?)?;
-    let g = counted.f_to_kind(Kind::Float)?.f_unsqueeze(1)?.f_mul(&(count.f_reciprocal()? * scale))?;
-    logits.shallow_clone().f_copy_(&grad.f_mul(&g)?)?;
+    // log-probabilities in fp32, then turned into the gradient in place.
+    let mut p = logits.f_to_kind(Kind::Float)?.f_log_softmax(1, Kind::Float)?;
+    let losses = p.f_gather(1, &safe, false)?.f_squeeze_dim(1)?.f_neg()?.f_mul(&counted)?;
+    let _ = p.f_exp_()?;
+    let minus_one = Tensor::f_full([targets.size()[0], 1], -1.0, (Kind::Float, logits.device()))?;
+    let _ = p.f_scatter_add_(1, &safe, &minus_one)?;
+    let _ = p.f_mul_(&counted.f_unsqueeze(1)?.f_mul(&(count.f_reciprocal()? * scale))?)?;
+    logits.shallow_clone().f_copy_(&p)?;
     Ok(losses)
 }
 
