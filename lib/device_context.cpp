@@ -50,10 +50,14 @@ extern "C" char* zerokit_sdp_prefer(int32_t first) {
 }
 
 // torch.use_deterministic_algorithms(on) plus cuDNN's deterministic, non-benchmarking mode.
-// warn_only: an op with no deterministic kernel warns instead of failing the run.
+// warn_only: an op with no deterministic kernel warns instead of failing the run; but libtorch's
+// flash and memory-efficient attention take their deterministic backward only when warn_only is
+// off. Filling fresh allocations with NaN (libtorch's default in this mode) is turned off: it
+// costs a pass over every new tensor, and no zerokit op reads memory it did not write.
 extern "C" char* zerokit_set_deterministic(bool on, bool warn_only) {
   try {
     at::globalContext().setDeterministicAlgorithms(on, warn_only);
+    at::globalContext().setDeterministicFillUninitializedMemory(false);
     at::globalContext().setDeterministicCuDNN(on);
     if (on) at::globalContext().setBenchmarkCuDNN(false);
     return nullptr;
