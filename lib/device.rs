@@ -67,6 +67,8 @@ extern "C" {
     // lib/device_context.cpp; each returns NULL or a malloc'd error message.
     fn zerokit_sdp_prefer(first: i32) -> *mut std::ffi::c_char;
     fn zerokit_set_deterministic(on: bool, warn_only: bool) -> *mut std::ffi::c_char;
+    fn zerokit_trace_start() -> *mut std::ffi::c_char;
+    fn zerokit_trace_stop(path: *const std::ffi::c_char) -> *mut std::ffi::c_char;
 }
 
 /// The attention kernel families `attention` may name, as libtorch numbers them (at::SDPBackend).
@@ -107,4 +109,18 @@ pub fn set_deterministic(on: bool) -> Result<(), String> {
     }
     // SAFETY: plain call into the shim; it catches every C++ exception.
     shim_result(unsafe { zerokit_set_deterministic(on, false) })
+}
+
+/// Starts libtorch's profiler (Kineto: host operators, and device kernels through CUPTI on CUDA
+/// builds) until [`trace_stop`].
+pub fn trace_start() -> Result<(), String> {
+    // SAFETY: plain call into the shim; it catches every C++ exception.
+    shim_result(unsafe { zerokit_trace_start() })
+}
+
+/// Stops the profiler and saves what it saw as a Chrome trace (chrome://tracing, Perfetto).
+pub fn trace_stop(path: &std::path::Path) -> Result<(), String> {
+    let c = CString::new(path.to_string_lossy().as_bytes()).map_err(|_| format!("{}: NUL in path", path.display()))?;
+    // SAFETY: `c` is NUL-terminated and outlives the call.
+    shim_result(unsafe { zerokit_trace_stop(c.as_ptr()) })
 }

@@ -1,15 +1,19 @@
 // libtorch's process-wide settings that tch does not expose: which scaled-dot-product attention
-// kernels are tried first, and deterministic algorithms. Compiled by build.rs as
+// kernels are tried first, deterministic algorithms, and its profiler's kernel traces. Compiled
+// by build.rs as
 // lib/optim/fused_adamw.cpp is (same headers, same C++ ABI); the caller is lib/device.rs.
 //
 // No C++ exception may unwind into Rust: errors come back as a malloc'd message the caller frees.
 
 #include <ATen/Context.h>
+#include <torch/csrc/autograd/profiler_kineto.h>
 #include <c10/util/Exception.h>
 
 #include <cstdint>
 #include <cstring>
 #include <exception>
+#include <set>
+#include <string>
 #include <vector>
 
 namespace {
@@ -60,6 +64,36 @@ extern "C" char* zerokit_set_deterministic(bool on, bool warn_only) {
     at::globalContext().setDeterministicFillUninitializedMemory(false);
     at::globalContext().setDeterministicCuDNN(on);
     if (on) at::globalContext().setBenchmarkCuDNN(false);
+    return nullptr;
+  } catch (const c10::Error& e) {
+    return message(e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    return message(e.what());
+  }
+}
+
+// A kernel-level trace through libtorch's own profiler (Kineto, with CUPTI on CUDA builds):
+// every operator on the host and every kernel on the device between start and stop, saved by
+// stop as a Chrome trace (chrome://tracing, Perfetto) at `path`.
+extern "C" char* zerokit_trace_start() {
+  try {
+    using namespace torch::profiler::impl;
+    const ProfilerConfig config(ProfilerState::KINETO);
+    const std::set<ActivityType> activities = {ActivityType::CPU, ActivityType::CUDA};
+    torch::autograd::profiler::prepareProfiler(config, activities);
+    torch::autograd::profiler::enableProfiler(config, activities);
+    return nullptr;
+  } catch (const c10::Error& e) {
+    return message(e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    return message(e.what());
+  }
+}
+
+extern "C" char* zerokit_trace_stop(const char* path) {
+  try {
+    auto result = torch::autograd::profiler::disableProfiler();
+    if (result) result->save(path);
     return nullptr;
   } catch (const c10::Error& e) {
     return message(e.what_without_backtrace());

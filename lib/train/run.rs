@@ -158,10 +158,29 @@ impl Run {
         Ok(())
     }
 
+    /// With `profile`, a kernel-level trace of one step after a warm-up of three goes to
+    /// out_dir/logs/trace_rankNNN_step_N.json (a Chrome trace; `tools/trace_summary.py` totals
+    /// its kernels). Called as each step ends: the trace starts after one and stops after the next.
+    fn trace_step(&mut self, step: u64) {
+        const WARM_UP: u64 = 3;
+        let traced = self.start + WARM_UP + 1;
+        if !self.cfg.profile || !(step + 1 == traced || step == traced) {
+            return;
+        }
+        let path = self.cfg.out_dir.join("logs").join(format!("trace_rank{:03}_step{step}.json", self.rank));
+        let done = if step == traced { crate::device::trace_stop(&path) } else { crate::device::trace_start() };
+        match done {
+            Ok(()) if step == traced => info!("kernel trace of step {step}: {}", path.display()),
+            Ok(()) => {}
+            Err(e) => tracing::warn!("kernel trace of step {traced}: {e}"),
+        }
+    }
+
     /// Logs a step that just finished: its phase timings when profiling, and every
     /// log_interval steps and every skipped step its loss, speed and memory.
     pub fn log_step(&mut self, st: &StepStats, lr: f64) -> Result<(), TrainError> {
         let step = self.state.step;
+        self.trace_step(step);
         exit_hook(self.rank, step);
         self.progress.inc(1);
         if step % self.cfg.log_interval != 0 && !st.skipped {
