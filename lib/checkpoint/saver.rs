@@ -168,7 +168,8 @@ impl Saver {
         if mode == SaveMode::Blocking {
             self.wait(comm)?;
         }
-        // What the lead compares with DeepSpeed's save_checkpoint: how long training stood still.
+        // The stall this save cost training, to set against a synchronous save such as
+        // DeepSpeed's save_checkpoint.
         let stall = t0.elapsed();
         let how = match mode {
             SaveMode::Background => format!(
