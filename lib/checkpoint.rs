@@ -2,9 +2,10 @@
 //! directory per save and a `latest` file naming the newest complete tag. A tag holds
 //! `manifest.json`, `model.safetensors` (the model in its compute dtype, transformers' names) and
 //! `rank_NNNNN.safetensors` (a rank's partition of the fp32 master weights and Adam moments).
-//! A save is built in `.TAG.partial` and renamed into place only when every file is written and
-//! hashed; `latest` moves after that, so a crash at any moment leaves the previous checkpoint
-//! intact. A tag is retired by renaming it out of the namespace (`.TAG.deleting`) before it is
+//! A save is built in `.TAG.partial` and renamed into place only when every file is written,
+//! hashed and synced; `latest` moves after that, so a crash at any moment leaves the previous
+//! checkpoint intact. [`saver`] runs saves: by default it copies the state to host memory and
+//! writes in the background while training goes on. A tag is retired by renaming it out of the namespace (`.TAG.deleting`) before it is
 //! deleted, and a re-saved step swaps the new tag with the old in one rename, so no crash leaves
 //! a half-written or half-deleted tag under a tag name; what a crash does leave is hidden and
 //! cleared by [`recover_root`] when the next run starts.
@@ -33,6 +34,8 @@ use std::sync::OnceLock;
 use std::time::Duration;
 use tch::{Device, Tensor};
 
+pub mod saver;
+
 pub const FORMAT: &str = "zerokit-checkpoint";
 pub const VERSION: u32 = 1;
 /// The three fp32 partition tensors in every rank file.
@@ -57,6 +60,10 @@ pub enum CheckpointError {
     Write(#[from] SafetensorsError),
     #[error(transparent)]
     Dtype(#[from] DTypeError),
+    /// A save that failed on a background thread or on another rank, reported where training
+    /// next meets the saver.
+    #[error("saving {tag}: {msg}")]
+    Save { tag: String, msg: String },
 }
 
 fn invalid(path: &Path, msg: impl Into<String>) -> CheckpointError {
@@ -655,108 +662,115 @@ pub struct ModelFiles {
 }
 
 /// Test hooks, at every point of a save and of retention where a crash leaves a different state
-/// on disk: ZEROKIT_TEST_SAVE_PAUSE_MS=N sleeps N ms there, widening the moments a kill from
-/// outside can land in (tests/crash.rs); ZEROKIT_TEST_CRASH_AT="POINT@TAG" aborts the process at
-/// that point for that tag. Each point is logged at debug level first, so the rank's log tells
-/// where a kill landed.
+/// on disk. ZEROKIT_TEST_SAVE_PAUSE_MS=N sleeps N ms at every point, widening the moments a kill
+/// from outside can land in (tests/crash.rs); ZEROKIT_TEST_SAVE_PAUSE_MS="N:POINT@TAG" sleeps at
+/// that one point only (a test holds a background write open while training goes on).
+/// ZEROKIT_TEST_CRASH_AT="POINT@TAG" aborts the process at that point for that tag. A point runs
+/// on the thread that reaches it: training's for "partial created", the background writer's for
+/// the rest ([`saver`]). Each point is logged at debug level first, so the rank's log tells where
+/// a kill landed.
 fn save_point(point: &str, tag: &str) {
     tracing::debug!("checkpoint {tag}: {point}");
-    static PAUSE: OnceLock<Option<Duration>> = OnceLock::new();
+    static PAUSE: OnceLock<Option<(Duration, Option<String>)>> = OnceLock::new();
     static CRASH: OnceLock<Option<String>> = OnceLock::new();
     let pause = PAUSE.get_or_init(|| {
-        std::env::var("ZEROKIT_TEST_SAVE_PAUSE_MS").ok().and_then(|v| v.parse().ok()).map(Duration::from_millis)
+        let v = std::env::var("ZEROKIT_TEST_SAVE_PAUSE_MS").ok()?;
+        let (ms, at) = match v.split_once(':') {
+            Some((ms, at)) => (ms, Some(at.to_string())),
+            None => (v.as_str(), None),
+        };
+        Some((Duration::from_millis(ms.trim().parse().ok()?), at))
     });
-    if let Some(d) = pause {
-        std::thread::sleep(*d);
+    let here = format!("{point}@{tag}");
+    if let Some((d, at)) = pause {
+        if at.as_ref().is_none_or(|a| *a == here) {
+            std::thread::sleep(*d);
+        }
     }
-    if CRASH.get_or_init(|| std::env::var("ZEROKIT_TEST_CRASH_AT").ok()).as_deref() == Some(&format!("{point}@{tag}")) {
+    if CRASH.get_or_init(|| std::env::var("ZEROKIT_TEST_CRASH_AT").ok()).as_deref() == Some(&here) {
         std::process::abort();
     }
 }
 
-/// Saves this rank's `state` as tag `info.tag` under `root`; rank 0 also writes `model`
-/// (other ranks may pass None). Collective: every rank calls it.
-pub fn save(
-    comm: &mut dyn Collectives,
-    state: &ZeroState,
-    model: Option<&ModelFiles>,
-    root: &Path,
-    info: &SaveInfo,
-) -> Result<PathBuf, CheckpointError> {
-    let rank = comm.rank();
-    let tag = info.tag.clone();
-    if !tags::valid_tag_name(&tag) {
+/// Opens a save of `tag` under `root`: rank 0 makes `.TAG.partial` afresh (removing what an
+/// earlier attempt left there), and every rank waits until it exists. Collective. Returns it.
+fn begin_save(comm: &mut dyn Collectives, root: &Path, tag: &str) -> Result<PathBuf, CheckpointError> {
+    if !tags::valid_tag_name(tag) {
         return Err(invalid(root, format!("{tag:?} is not a valid tag name")));
     }
-    let partial = root.join(Leftover::Partial.name(&tag));
-    if rank == 0 {
+    let partial = root.join(Leftover::Partial.name(tag));
+    if comm.rank() == 0 {
         fs::create_dir_all(root).map_err(|e| FsError::io(root, e))?;
         if partial.exists() {
             fs::remove_dir_all(&partial).map_err(|e| FsError::io(&partial, e))?;
         }
         fs::create_dir(&partial).map_err(|e| FsError::io(&partial, e))?;
-        save_point("partial created", &tag);
+        save_point("partial created", tag);
     }
     comm_step(comm.control().barrier("checkpoint start"), &partial)?;
+    Ok(partial)
+}
 
-    let mut mine = Vec::new();
-    if state.saves {
-        let tensors = vec![
-            ("master".to_string(), state.master.shallow_clone()),
-            ("exp_avg".to_string(), state.exp_avg.shallow_clone()),
-            ("exp_avg_sq".to_string(), state.exp_avg_sq.shallow_clone()),
-        ];
-        let name = rank_file_name(state.partition);
-        let entry = write_tensors(&partial.join(&name), &tensors, None, &rank_metadata(state, info.step), None)?;
-        save_point("rank file written", &tag);
-        mine = serde_json::to_vec(&(name, entry)).expect("entry serializes");
+/// Writes `state`'s partition file into `partial` when this rank is the one that saves it, and
+/// returns its name and manifest entry (size and sha256, hashed as it is written; the file is
+/// synced before it gets its name).
+fn write_rank_file(
+    partial: &Path,
+    state: &ZeroState,
+    step: u64,
+    tag: &str,
+) -> Result<Option<(String, FileEntry)>, CheckpointError> {
+    if !state.saves {
+        return Ok(None);
     }
-    let gathered = comm_step(comm.control().gather(&mine, "checkpoint files"), &partial)?;
-    let result = match (gathered, model) {
-        (Some(all), Some(model)) => finish_save(state, model, root, &partial, &tag, info, all),
-        (Some(_), None) => Err(invalid(&partial, "rank 0 saves the model, but none was given")),
-        (None, _) => Ok(root.join(&tag)),
-    };
-    if let Err(e) = &result {
-        comm.abort(&format!("checkpoint save failed on rank 0: {e}"));
-    }
-    let dir = result?;
-    comm_step(comm.control().barrier("checkpoint end"), &partial)?;
-    Ok(dir)
+    let tensors = vec![
+        ("master".to_string(), state.master.shallow_clone()),
+        ("exp_avg".to_string(), state.exp_avg.shallow_clone()),
+        ("exp_avg_sq".to_string(), state.exp_avg_sq.shallow_clone()),
+    ];
+    let name = rank_file_name(state.partition);
+    let entry = write_tensors(&partial.join(&name), &tensors, None, &rank_metadata(state, step), None)?;
+    save_point("rank file written", tag);
+    Ok(Some((name, entry)))
+}
+
+/// Writes rank 0's model files into `partial`: model.safetensors and config.json, with their
+/// manifest entries.
+fn write_model_files(
+    partial: &Path,
+    model: &ModelFiles,
+    step: u64,
+    tag: &str,
+) -> Result<Vec<(String, FileEntry)>, CheckpointError> {
+    // "format": "pt" is what transformers requires; the step ties the file to its tag.
+    let model_meta =
+        BTreeMap::from([("format".to_string(), MODEL_FORMAT.to_string()), ("step".to_string(), step.to_string())]);
+    let weights = write_tensors(&partial.join(MODEL_FILE), &model.tensors, None, &model_meta, None)?;
+    save_point("model written", tag);
+    // With config.json the tag is also a Hugging Face model directory.
+    let hf_config = model.hf_config.as_bytes();
+    fsutil::write_atomic(&partial.join("config.json"), hf_config)?;
+    let config = FileEntry { bytes: hf_config.len() as u64, sha256: hex::encode(Sha256::digest(hf_config)) };
+    Ok(vec![(MODEL_FILE.to_string(), weights), ("config.json".to_string(), config)])
 }
 
 fn comm_step<T>(r: Result<T, CommError>, path: &Path) -> Result<T, CheckpointError> {
     r.map_err(|e| invalid(path, format!("checkpoint save: {e}")))
 }
 
+/// Rank 0, once every rank's files in `partial` are written and synced (`files`: all of them):
+/// the manifest, the tag put in place, `latest` moved to it, and retention. Each step is durable
+/// before the next begins, so a crash anywhere leaves either the previous `latest` and a hidden
+/// leftover, or the new tag complete.
 fn finish_save(
     state: &ZeroState,
-    model: &ModelFiles,
     root: &Path,
     partial: &Path,
-    tag: &str,
     info: &SaveInfo,
-    gathered: Vec<Vec<u8>>,
+    files: BTreeMap<String, FileEntry>,
 ) -> Result<PathBuf, CheckpointError> {
-    let mut files = BTreeMap::new();
-    for payload in gathered.into_iter().filter(|p| !p.is_empty()) {
-        let (name, entry): (String, FileEntry) =
-            serde_json::from_slice(&payload).map_err(|e| invalid(partial, format!("bad file report: {e}")))?;
-        files.insert(name, entry);
-    }
+    let tag = info.tag.as_str();
     save_point("rank files gathered", tag);
-    // "format": "pt" is what transformers requires; the step ties the file to its tag.
-    let model_meta =
-        BTreeMap::from([("format".to_string(), MODEL_FORMAT.to_string()), ("step".to_string(), info.step.to_string())]);
-    files.insert(MODEL_FILE.into(), write_tensors(&partial.join(MODEL_FILE), &model.tensors, None, &model_meta, None)?);
-    save_point("model written", tag);
-    // With config.json the tag is also a Hugging Face model directory.
-    let hf_config = model.hf_config.as_bytes();
-    fsutil::write_atomic(&partial.join("config.json"), hf_config)?;
-    files.insert(
-        "config.json".into(),
-        FileEntry { bytes: hf_config.len() as u64, sha256: hex::encode(Sha256::digest(hf_config)) },
-    );
     let a = &state.adamw;
     let manifest = Manifest {
         format: FORMAT.into(),

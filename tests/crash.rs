@@ -16,7 +16,7 @@
 
 mod common;
 
-use common::tiny::{config, dataset, launch_args, train_command};
+use common::tiny::{config, dataset, launch_args, train, train_command};
 use std::collections::BTreeMap;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -142,7 +142,12 @@ enum Outcome {
 enum KillAt {
     Never,
     After(Duration),
-    InSave { save: usize, after: Duration },
+    InSave {
+        save: usize,
+        after: Duration,
+    },
+    /// As soon as metrics.jsonl holds the loss of this step.
+    AtStep(u64),
 }
 
 /// One run of a chain in `dir`: a resume when the root holds a checkpoint, else a new run, killed
@@ -181,7 +186,8 @@ fn attempt(dir: &Path, data: &Path, nproc: usize, env: &[(&str, &str)], kill: Ki
                 (t, kill) = (Instant::now(), KillAt::After(after));
             }
         }
-        if matches!(kill, KillAt::After(k) if t.elapsed() >= k) {
+        let stepped = |step| loss_rows(&out).iter().skip(before).any(|r| r.0 == step);
+        if matches!(kill, KillAt::After(k) if t.elapsed() >= k) || matches!(kill, KillAt::AtStep(s) if stepped(s)) {
             // SAFETY: signals the process group spawn() created; no memory is involved.
             unsafe { libc::kill(-(job.id() as i32), libc::SIGKILL) };
             job.wait().unwrap();
@@ -353,4 +359,120 @@ fn a_crash_at_each_point_of_a_save_leaves_a_root_that_verifies_and_resumes_exact
     crash(&dir, "tag in place (exchanged with the old one)", "step_00000004");
     assert!(dir.join("out/.step_00000004.partial/manifest.json").is_file(), "the old tag waits to be retired");
     assert!(matches!(attempt(&dir, &data, 2, &[], KillAt::Never, &want), Outcome::Completed));
+}
+
+/// The files of tag `tag` of `out` but its manifest (which records the configuration), with their
+/// sha256.
+fn tag_files(out: &Path, tag: &str) -> BTreeMap<String, String> {
+    let dir = out.join(tag);
+    std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "manifest.json")
+        .map(|n| (n.clone(), zerokit::fsutil::sha256_file(&dir.join(&n)).unwrap()))
+        .collect()
+}
+
+fn rank0_log(out: &Path) -> String {
+    std::fs::read_to_string(out.join("logs/rank000.log")).unwrap_or_default()
+}
+
+/// A kill -9 while a save writes in the background and training has gone past it (the writers
+/// of step 4 held at their first point): `latest` still names step 2, step 4 is only a hidden
+/// `.partial`, the root verifies, and the resumed run continues exactly. A save that made
+/// training wait for its files would have moved `latest` to step 4 before step 5 was trained.
+#[test]
+fn a_kill_during_a_background_write_leaves_the_previous_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    dataset(&data);
+    let want = reference(&tmp.path().join("ref"), &data, 2, &[]);
+    let dir = tmp.path().join("killed");
+    let hold = [("ZEROKIT_TEST_SAVE_PAUSE_MS", "20000:writing@step_00000004")];
+    assert!(matches!(attempt(&dir, &data, 2, &hold, KillAt::AtStep(5), &want), Outcome::Killed));
+    let out = dir.join("out");
+    assert_eq!(std::fs::read_to_string(out.join("latest")).unwrap(), "step_00000002\n");
+    assert!(out.join(".step_00000004.partial").is_dir() && !out.join("step_00000004").exists());
+    assert!(!out.join(".step_00000004.partial/manifest.json").exists());
+    let log = rank0_log(&out);
+    assert!(
+        log.contains("save of step_00000004: training paused") && log.contains("writing in the background"),
+        "{log}"
+    );
+    assert!(matches!(attempt(&dir, &data, 2, &[], KillAt::Never, &want), Outcome::Completed));
+}
+
+/// A save called while the one before is still writing (step 2's writers held 4 s) waits for
+/// it: every tag completes and verifies, and each holds the state of its own step, byte for byte
+/// what a run that saves synchronously (`async_save = false`) writes, though training went on
+/// while the host copies were written.
+#[test]
+fn a_save_while_one_is_writing_waits_for_it_and_both_complete() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    dataset(&data);
+    let base = "batch_size = 3\nzero_stage = 2\nmax_iters = 8\neval_interval = 2\neval_iters = 1\n\
+                always_save_checkpoint = true\nkeep_last = 10";
+    let threads = ("OMP_NUM_THREADS", THREADS);
+    let sync = train(&tmp.path().join("sync"), &data, 2, &format!("{base}\nasync_save = false"), &[threads]);
+    assert!(sync.ok, "{}", sync.stderr);
+    let hold = [("ZEROKIT_TEST_SAVE_PAUSE_MS", "4000:writing@step_00000002"), threads];
+    let bg = train(&tmp.path().join("async"), &data, 2, base, &hold);
+    assert!(bg.ok, "{}", bg.stderr);
+    assert_eq!(
+        bg.losses.iter().map(|(s, l)| (*s, l.to_bits())).collect::<Vec<_>>(),
+        sync.losses.iter().map(|(s, l)| (*s, l.to_bits())).collect::<Vec<_>>()
+    );
+    for tag in ["step_00000002", "step_00000004", "step_00000006", "step_00000008", "final"] {
+        assert_eq!(tag_files(&bg.out, tag), tag_files(&sync.out, tag), "{tag}");
+        let o = Command::new(env!("CARGO_BIN_EXE_ckpt")).arg("verify").arg(bg.out.join(tag)).output().unwrap();
+        assert!(o.status.success(), "{tag}: {}", String::from_utf8_lossy(&o.stdout));
+    }
+    assert_eq!(std::fs::read_to_string(bg.out.join("latest")).unwrap(), "final\n");
+    let log = rank0_log(&bg.out);
+    let line = log.lines().find(|l| l.contains("save of step_00000004: training paused")).expect("step 4 saved");
+    let waited: f64 = line.split("previous save ").nth(1).and_then(|r| r.split(' ').next()).unwrap().parse().unwrap();
+    assert!(waited >= 1.0, "the save of step 4 did not wait for step 2's: {line}");
+    let at = |needle: &str| log.find(needle).unwrap_or_else(|| panic!("{needle:?} not in {log}"));
+    assert!(at("/step_00000002: ") < at("save of step_00000004: training paused"), "{log}");
+    let sync_log = rank0_log(&sync.out);
+    assert!(sync_log.contains("save of step_00000004: training paused") && sync_log.contains("a blocking save"));
+}
+
+/// A background write that fails (its `.partial` removed under it while its writers are held)
+/// ends the run at the next step with an error naming the tag and the file, on every rank, and
+/// leaves `latest` on the previous tag.
+#[test]
+fn a_failed_background_write_ends_the_run_with_its_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    dataset(&data);
+    let dir = tmp.path().join("run");
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = config(&dir, &data, &extra(2));
+    let hold = [("ZEROKIT_TEST_SAVE_PAUSE_MS", "3000:writing@step_00000004")];
+    let job = train_command(&cfg, &launch_args(2), &hold)
+        .env("OMP_NUM_THREADS", THREADS)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = dir.join("out");
+    let t = Instant::now();
+    while !rank0_log(&out).contains("checkpoint step_00000004: writing") {
+        assert!(t.elapsed() < Duration::from_secs(60), "the save of step 4 never started");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::fs::remove_dir_all(out.join(".step_00000004.partial")).unwrap();
+    let o = job.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("saving step_00000004: the save failed in the background")
+            && err.contains("step_00000004/rank_0000"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(out.join("latest")).unwrap(), "step_00000002\n");
+    assert_verifies(&out, "after a failed background write");
 }

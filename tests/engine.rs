@@ -9,6 +9,7 @@ mod common;
 use common::engine::*;
 use std::path::Path;
 use tch::{Device, Kind, TchError, Tensor};
+use zerokit::checkpoint::saver::{SaveMode, Saver};
 use zerokit::checkpoint::{self, ModelFiles, SaveInfo};
 use zerokit::model::{Gpt, GptConfig, HeadGrads, Model};
 use zerokit::zero::Engine;
@@ -59,7 +60,7 @@ fn save<M: Model>(e: &mut Engine<M>, root: &Path, step: u64) {
     let state = e.state();
     let rank = e.comm().rank();
     let model = (rank == 0).then(|| ModelFiles { tensors: e.model.named_parameters(), hf_config: "{}".into() });
-    checkpoint::save(e.comm(), &state, model.as_ref(), root, &info).unwrap();
+    Saver::new().save(e.comm(), &state, model.as_ref(), root, info, SaveMode::Blocking).unwrap();
 }
 
 fn resume<M: Model>(e: &mut Engine<M>, root: &Path) {

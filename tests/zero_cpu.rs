@@ -220,11 +220,30 @@ fn resume_is_exact_and_works_on_another_world_size() {
     // The run ended with `final` (step 10), which `latest` names and the resume continues from.
     assert_eq!(std::fs::read_to_string(first.out.join("latest")).unwrap().trim(), "final");
     assert!(first.out.join("step_00000010/manifest.json").is_file());
+    // step 10 was saved in the background (async_save's default), `final` at the same step by a
+    // blocking save: the same files, byte for byte.
+    let log = std::fs::read_to_string(first.out.join("logs/rank000.log")).unwrap();
+    assert!(log.contains("save of step_00000010: training paused") && log.contains("writing in the background"));
+    assert!(log.contains("save of final: training paused") && log.contains("a blocking save"));
+    for f in ["model.safetensors", "rank_00000.safetensors", "rank_00001.safetensors", "config.json"] {
+        let read = |tag: &str| std::fs::read(first.out.join(tag).join(f)).unwrap();
+        assert!(read("step_00000010") == read("final"), "{f} differs between step_00000010 and final");
+    }
     let resumed = train(&part, &data, 2, &format!("{common}\ninit_from = \"resume\""), &[]);
     assert!(resumed.ok, "{}", resumed.stderr);
     let tail: Vec<_> = resumed.losses.iter().filter(|(s, _)| *s > 10).copied().collect();
     let want: Vec<_> = full.losses.iter().filter(|(s, _)| *s > 10).copied().collect();
     assert_close(&tail, &want, 0.0, "resume on the same world size");
+
+    // From the tag saved in the background, on the same world size: exactly the same losses.
+    let d = tmp.path().join("from_background");
+    std::fs::create_dir_all(d.join("out")).unwrap();
+    copy_dir(&first.out.join("step_00000010"), &d.join("out/step_00000010"));
+    std::fs::write(d.join("out/latest"), "step_00000010\n").unwrap();
+    let r = train(&d, &data, 2, &format!("{common}\ninit_from = \"resume\""), &[]);
+    assert!(r.ok, "{}", r.stderr);
+    let tail: Vec<_> = r.losses.iter().filter(|(s, _)| *s > 10).copied().collect();
+    assert_close(&tail, &want, 0.0, "resume from a tag saved in the background");
 
     // Saved on 2 ranks at stage 2, continued on 3 ranks at stage 1 and on 1 rank at stage 0.
     for (n, stage) in [(3usize, 1u8), (1, 0)] {

@@ -49,6 +49,10 @@ pub struct TrainConfig {
     pub patience: u64,
     /// Checkpoints kept besides the best one.
     pub keep_last: usize,
+    /// Save in the background: copy the state to host memory (twice the state's size in host
+    /// memory while training), let training go on while the files are written. false: training
+    /// waits for every save, with no host copy.
+    pub async_save: bool,
     /// TensorBoard event files go here when set (loss, lr, grad norm, loss scale, tokens/s,
     /// MFU, memory, eval losses); empty: none.
     pub tensorboard_dir: String,
@@ -131,6 +135,7 @@ impl Default for TrainConfig {
             always_save_checkpoint: false,
             patience: 0,
             keep_last: 2,
+            async_save: true,
             tensorboard_dir: String::new(),
             model: "custom".into(),
             n_layer: 4,

@@ -43,6 +43,8 @@ pub fn fit(cfg: TrainConfig) -> Result<(), TrainError> {
         run.state.step += 1;
         run.state.tokens_seen += run.tokens_per_step;
         run.log_step(&stats, lr)?;
+        // A checkpoint writing in the background: are every rank's files in yet?
+        run.save_progress()?;
     }
     run.finish()
 }

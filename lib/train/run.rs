@@ -3,6 +3,7 @@
 use super::metrics::{append_jsonl, write_plot};
 use super::setup::Run;
 use super::state::TrainError;
+use crate::checkpoint::saver::SaveMode;
 use crate::checkpoint::{self, ModelFiles, SaveInfo};
 use crate::interop::hf;
 use crate::model::Model;
@@ -106,7 +107,8 @@ impl Run {
             if improved {
                 self.state.best_tag = Some(checkpoint::tag_name(step));
             }
-            self.save(&checkpoint::tag_name(step), lr)?;
+            let mode = if self.cfg.async_save { SaveMode::Background } else { SaveMode::Blocking };
+            self.save(&checkpoint::tag_name(step), lr, mode)?;
         }
         self.interval_start = Instant::now();
         if self.cfg.patience > 0 && self.state.stale_evals >= self.cfg.patience {
@@ -116,8 +118,9 @@ impl Run {
         Ok(ControlFlow::Continue(()))
     }
 
-    /// Saves the current step as `tag` (collective), with the last evaluation's losses.
-    fn save(&mut self, tag: &str, lr: f64) -> Result<(), TrainError> {
+    /// Saves the current step as `tag` (collective), with the last evaluation's losses; in the
+    /// background, the save returns once the state is copied to host memory.
+    fn save(&mut self, tag: &str, lr: f64, mode: SaveMode) -> Result<(), TrainError> {
         let (cfg, st) = (&self.cfg, &self.state);
         let info = SaveInfo {
             tag: tag.to_string(),
@@ -143,9 +146,15 @@ impl Run {
             tensors: self.engine.model.named_parameters(),
             hf_config: hf::config_json(&self.model_cfg, state.kind),
         });
-        let dir = checkpoint::save(self.engine.comm(), &state, model.as_ref(), &self.cfg.out_dir, &info)?;
-        info!("saved checkpoint {}", dir.display());
+        self.saver.save(self.engine.comm(), &state, model.as_ref(), &self.cfg.out_dir, info, mode)?;
         Ok(())
+    }
+
+    /// Between steps, while a save writes in the background: whether every rank's files are in
+    /// (collective; a small control-plane exchange, no rank waits on another's disk). A save that
+    /// failed in the background ends the run here.
+    pub fn save_progress(&mut self) -> Result<(), TrainError> {
+        Ok(self.saver.poll(self.engine.comm())?)
     }
 
     /// Waits for the background hashes of the checkpoint the run resumed from, if not done yet
@@ -252,21 +261,24 @@ impl Run {
     }
 
     /// Every run ends with the tag `final`, whatever its validation loss did, unless
-    /// checkpointing is off (eval_iters = 0) or this process only reopened that same tag.
+    /// checkpointing is off (eval_iters = 0) or this process only reopened that same tag. It is
+    /// a blocking save (nothing is left to overlap it), after the save still writing, if any.
     fn save_final(&mut self) -> Result<(), TrainError> {
         let reopened = self.resumed_from.as_ref().is_some_and(|d| d.ends_with(checkpoint::FINAL_TAG));
         if self.cfg.eval_iters == 0 || (reopened && self.state.step == self.start) {
             return Ok(());
         }
         let lr = self.schedule.lr(self.state.step);
-        self.save(checkpoint::FINAL_TAG, lr)
+        self.save(checkpoint::FINAL_TAG, lr, SaveMode::Blocking)
     }
 
-    /// The end of a run: the final tag, the resumed checkpoint's hashes settled (a run that never saved still
-    /// says whether what it resumed from was intact), every rank done, and rank 0's sample.
+    /// The end of a run: the final tag, every save complete, the resumed checkpoint's hashes
+    /// settled (a run that never saved still says whether what it resumed from was intact), every
+    /// rank done, and rank 0's sample.
     pub fn finish(mut self) -> Result<(), TrainError> {
         self.progress.finish_and_clear();
         self.save_final()?;
+        self.saver.wait(self.engine.comm())?;
         self.settle()?;
         self.engine.comm().barrier()?;
         if self.rank == 0 && self.cfg.sample_tokens > 0 {

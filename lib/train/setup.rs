@@ -4,6 +4,7 @@
 
 use super::metrics::{append_jsonl, earlier_evals, Evals};
 use super::state::{TrainError, TrainState};
+use crate::checkpoint::saver::Saver;
 use crate::checkpoint::{self, Manifest, ResumeHashes};
 use crate::comm::{Collectives, ControlPlane, CpuComm, Rendezvous};
 use crate::config::TrainConfig;
@@ -35,6 +36,8 @@ pub(super) struct Run {
     pub resumed_from: Option<PathBuf>,
     /// The sha256 check of that checkpoint, running beside training until settled.
     pub hashes: Option<ResumeHashes>,
+    /// Checkpoint saves, the one still writing in the background included.
+    pub saver: Saver,
     pub train: TokenDataset,
     pub val: TokenDataset,
     pub schedule: LrSchedule,
@@ -162,6 +165,7 @@ impl Run {
             start,
             resumed_from: resume.map(|(d, _)| d),
             hashes,
+            saver: Saver::new(),
             train,
             val,
             metrics_path,
