@@ -8,8 +8,10 @@
 #   COMMIT=$(git rev-parse --short HEAD) RUNS="gpt2:bf16:16" bash bench/gpu_kernels.sh
 # Variants: train (fused kernels, libtorch's attention order), train-unfused (ZEROKIT_FUSED=0:
 # libtorch's ops for the classifier), train-cudnn (attention = "cudnn"), train-det
-# (deterministic = true). ZK_BINS picks among them; TESTS=0 skips the tests,
-# PROFILE=0 the profiles, PEERS (default "zerokit compile") goes to gpu_single.sh.
+# (deterministic = true). ZK_BINS picks among them for the benchmark, PROFILE_BINS (default
+# train) for the profiles, each of which also writes a kernel trace of one step, totalled by
+# tools/trace_summary.py. TESTS=0 skips the tests, PROFILE=0 the profiles, BENCH=0 the
+# benchmark; PEERS (default "zerokit compile") goes to gpu_single.sh.
 set -uo pipefail
 source bench/gpu_env.sh
 OUTDIR=${OUT:-bench/results}
@@ -35,7 +37,7 @@ if [ "${PROFILE:-1}" != 0 ]; then
   random_tokens "$work/data"
   for run in $RUNS; do
     IFS=: read -r model dtype batch <<< "$run"
-    for bin in train train-unfused train-cudnn; do
+    for bin in ${PROFILE_BINS:-train}; do
       dir="$work/$bin-$model"
       .carry/bin/$bin --profile --set model="$model" --set block_size=1024 --set vocab_size=50304 \
         --set batch_size="$batch" --set max_iters=14 --set eval_iters=0 --set log_interval=7 \
@@ -43,9 +45,13 @@ if [ "${PROFILE:-1}" != 0 ]; then
         --set out_dir="$dir" --set warmup_iters=0 > "$dir.log" 2>&1
       echo "$bin $model $dtype mb$batch: $(grep -h 'profile at step 14' "$dir/logs/rank000.log" | sed 's/.*profile at/profile at/')" |
         tee -a "$OUTDIR/profile.txt"
+      for t in "$dir"/logs/trace_*.json; do
+        [ -f "$t" ] && python3 tools/trace_summary.py "$t" --top 30 | tee "$OUTDIR/trace-$bin-$model-$dtype.txt"
+      done
     done
   done
   rm -rf "$work"
 fi
 
-ZK_BINS="${ZK_BINS:-train train-unfused train-cudnn}" PEERS="${PEERS:-zerokit compile}" bash bench/gpu_single.sh $RUNS
+[ "${BENCH:-1}" = 0 ] ||
+  ZK_BINS="${ZK_BINS:-train train-unfused train-cudnn}" PEERS="${PEERS:-zerokit compile}" bash bench/gpu_single.sh $RUNS
