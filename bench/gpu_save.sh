@@ -4,7 +4,10 @@
 # the same GPT-2 XL run, in one call. Run on the GPU machine from the repo root, the release
 # binaries in .carry/bin and DeepSpeed's wheels in .carry/whl (../shared/GPU.md):
 #   COMMIT=$(git rev-parse --short HEAD) bash bench/gpu_save.sh [MODEL:DTYPE:BATCH]
-# (default gpt2-xl:fp16:8). zerokit trains 12 steps and saves step 6 and step 12 (plus `final`);
+# (default gpt2-xl:fp16:8). zerokit trains ITERS steps (default 12) and saves every EVERY (default
+# 6) plus `final`, with async_save in each of ASYNC (default "true false"). A background write
+# that is still going when the next save comes makes that save wait: give EVERY enough steps
+# for the disk to write a checkpoint;
 # its rank 0 log gives each save's stall ("save of TAG: training paused S s") and background
 # write time ("saved checkpoint DIR: B written, hashed and synced in T s"), and metrics.jsonl
 # the step times around the background write. Checkpoints go under WORK (default /tmp): a local
@@ -24,11 +27,11 @@ work=$(mktemp -d -p "${WORK:-/tmp}")
 random_tokens "$work/data"
 df -h "$work" | tail -1
 
-for async in true false; do
+for async in ${ASYNC:-true false}; do
   dir="$work/zk-$async"
   .carry/bin/train --set model="$model" --set block_size=1024 --set vocab_size=50304 \
-    --set batch_size="$batch" --set dtype="$dtype" --set device=cuda --set max_iters=12 \
-    --set eval_interval=6 --set eval_iters=1 --set always_save_checkpoint=true --set keep_last=1 \
+    --set batch_size="$batch" --set dtype="$dtype" --set device=cuda --set max_iters=${ITERS:-12} \
+    --set eval_interval=${EVERY:-6} --set eval_iters=1 --set always_save_checkpoint=true --set keep_last=1 \
     --set log_interval=1 --set sample_tokens=0 --set warmup_iters=0 --set async_save=$async \
     --set dataset="$work/data" --set out_dir="$dir" > "$dir.log" 2>&1
   python3 - "$dir" "$async" "$model" "$dtype" "$batch" "$DEVICE" "$DATE" "$COMMIT" <<'PY' | tee -a "$RESULTS"

@@ -67,8 +67,6 @@ struct Pending {
     full: Tensor,
     /// This rank's reduced shard (stages 1 and 2), or None when `full` is the result.
     shard: Option<Tensor>,
-    /// `full` is a view of the accumulation buffer, to be zeroed once consumed.
-    from_accum: bool,
 }
 
 pub struct Engine<M: Model> {
@@ -379,23 +377,32 @@ impl<M: Model> Engine<M> {
     fn bucket_ready(&mut self, b: usize) -> Result<(), ZeroError> {
         let bk = self.layout.buckets[b].clone();
         let opts = (self.cfg.kind, self.cfg.device);
-        let buf = Tensor::zeros([bk.padded as i64], opts);
+        // The parameters tile [0, numel) of the bucket; only the padding needs zeros.
+        let buf = Tensor::empty([bk.padded as i64], opts);
+        if bk.padded > bk.numel {
+            let _ = buf.narrow(0, bk.numel as i64, (bk.padded - bk.numel) as i64).zero_();
+        }
         for &s in &bk.params {
             let g = self.slot_grads[s].take().expect("gradient computed before its bucket is ready");
             let p = &self.layout.params[s];
             buf.narrow(0, p.offset as i64, p.numel as i64).copy_(&g.view(-1));
         }
         let last_micro = self.micro + 1 == self.cfg.grad_accum;
-        let (full, from_accum) = match &self.accum {
+        let full = match &self.accum {
             Some(acc) => {
                 let mut slice = acc.narrow(0, bk.flat_offset as i64, bk.padded as i64);
-                let _ = slice.g_add_(&buf);
+                // The first micro-step overwrites what the last step left (no zeroing pass).
+                if self.micro == 0 {
+                    slice.copy_(&buf);
+                } else {
+                    let _ = slice.g_add_(&buf);
+                }
                 if !last_micro {
                     return Ok(()); // stages 0/1 communicate once per optimizer step
                 }
-                (slice, true)
+                slice
             }
-            None => (buf, false),
+            None => buf,
         };
         if let Some(p) = self.pending.take() {
             self.comm.wait_comm()?;
@@ -414,25 +421,27 @@ impl<M: Model> Engine<M> {
             self.comm.reduce_scatter_sum(&full, &out)?;
             Some(out)
         };
-        self.pending = Some(Pending { bucket: b, full, shard, from_accum });
+        self.pending = Some(Pending { bucket: b, full, shard });
         Ok(())
     }
 
     /// Adds a reduced bucket into this rank's fp32 gradient partition (compute stream, after
     /// `wait_comm`).
-    fn finish(&mut self, mut p: Pending) {
+    fn finish(&mut self, p: Pending) {
         let bk = &self.layout.buckets[p.bucket];
         let mut dst = self.grad.narrow(0, bk.shard_offset as i64, bk.shard as i64);
-        match &p.shard {
-            Some(s) => {
-                let _ = dst.g_add_(s);
-            }
-            None => {
-                let _ = dst.g_add_(&p.full.narrow(0, (self.part_rank() * bk.shard) as i64, bk.shard as i64));
-            }
-        }
-        if p.from_accum {
-            let _ = p.full.zero_();
+        let src = match &p.shard {
+            Some(s) => s.shallow_clone(),
+            None => p.full.narrow(0, (self.part_rank() * bk.shard) as i64, bk.shard as i64),
+        };
+        // A step's first contribution to its shard overwrites it (one converting copy) rather
+        // than adding to zeros, so the fp32 gradient needs no zeroing pass after the step: with
+        // an accumulation buffer (stages 0/1) a bucket arrives once per step, without one at
+        // every micro-step.
+        if self.accum.is_some() || self.micro == 0 {
+            dst.copy_(&src);
+        } else {
+            let _ = dst.g_add_(&src);
         }
     }
 
@@ -478,7 +487,6 @@ impl<M: Model> Engine<M> {
             }
         };
         if skip {
-            let _ = self.grad.zero_();
             if let Some(p) = &mut self.profile {
                 p.end_step();
             }
@@ -491,7 +499,6 @@ impl<M: Model> Engine<M> {
             }
         }
         self.opt.step(&mut self.master, &self.grad, lr)?;
-        let _ = self.grad.zero_();
         self.mark("adamw");
         self.publish_weights()?;
         self.mark("weight all-gather");
