@@ -1,6 +1,6 @@
 //! Llama through the tools, with the real binaries on CPU ranks: `train` from a preset (resumed
-//! on another world size and stage to the same losses), `ckpt verify`/`inspect` on its
-//! checkpoints; and the round trip a user makes: a transformers-saved directory
+//! on another world size and stage to the same losses), `ckpt verify`/`inspect`/`estimate` on
+//! its checkpoints; and the round trip a user makes: a transformers-saved directory
 //! (sharded with an index, from tools/gen_llama_hf_dir.py; and a single-file tied one) loaded with
 //! `init_from`, trained, converted by zero-to-fp32 and loaded back into transformers with no
 //! missing or unexpected keys, the same logits and the same greedy tokens as zerokit's; `train
@@ -72,6 +72,9 @@ fn a_llama_preset_trains_resumes_and_its_checkpoints_go_through_the_tools() {
     let file = fixture("hf_sharded/config.json");
     let run = train(&tmp.path().join("file"), &data, 1, &format!("model = \"{}\"\nmax_iters = 2", file.display()));
     assert!(run.stderr.contains("Llama, 2 layers, 4 heads (2 key/value), hidden 32, MLP 64"), "{}", run.stderr);
+
+    let (ok, text) = tool(env!("CARGO_BIN_EXE_ckpt"), &["estimate", "--model", root_s]);
+    assert!(ok && text.contains("Llama, 2 layers, 4 heads (2 key/value") && text.contains("sequence 16"), "{text}");
 }
 
 #[test]
