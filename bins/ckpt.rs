@@ -13,7 +13,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Estimate GPU and CPU memory per ZeRO stage for a GPT-2 model and a cluster shape.
+    /// Estimate GPU and CPU memory per ZeRO stage for a GPT-2 or Llama model and a cluster shape.
     Estimate(zerokit::memory::EstimateArgs),
     /// Summarize a zerokit or DeepSpeed checkpoint, a safetensors file or a model directory.
     Inspect(zerokit::ckpt::InspectArgs),

@@ -1,4 +1,4 @@
-//! `train`: GPT-2 training with ZeRO data parallelism. See `train --help` and docs/user-guide.md.
+//! `train`: GPT-2 and Llama training with ZeRO data parallelism. See `train --help` and docs/user-guide.md.
 use clap::Parser;
 
 fn run() -> anyhow::Result<()> {

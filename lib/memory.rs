@@ -1,21 +1,30 @@
-//! Memory estimates for training GPT-2 with ZeRO stages 0-3: per GPU (parameters, gradients,
-//! optimizer state, activations, logits, communication buffers) and per node (CPU), with and
-//! without offload, and the largest micro-batch that fits. docs/estimate.md derives every term.
+//! Memory estimates for training GPT-2 and Llama with ZeRO stages 0-3: per GPU (parameters,
+//! gradients, optimizer state, activations, logits, communication buffers) and per node (CPU),
+//! with and without offload, and the largest micro-batch that fits. docs/estimate.md derives
+//! every term. The model is a `model::ModelConfig` (a preset, a config.json, a checkpoint's), so
+//! parameter counts and layers are the model's own; the activation terms are written once for
+//! both families from a few per-family facts ([`Dims`]).
 //!
 //! DeepSpeed's own model-state estimators (estimate_zero2_model_states_mem_needs and
 //! estimate_zero3_model_states_mem_needs) are reproduced exactly in `deepspeed_zero2` and
 //! `deepspeed_zero3`, and shown beside zerokit's figures.
 
+use crate::checkpoint;
 use crate::formats::dtype::DType;
-use crate::model::GptConfig;
+use crate::interop::hf_model;
+use crate::model::{ModelConfig, ModelError};
 use crate::units::{parse_size, SizeError};
-use serde::Serialize;
+use serde::{Serialize, Serializer};
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::path::Path;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
-    #[error("unknown model preset '{0}' (expected gpt2, gpt2-medium, gpt2-large or gpt2-xl)")]
+    #[error("unknown model preset '{0}' (expected one of {presets}, a config.json or a checkpoint)", presets = crate::model::preset_names().join(", "))]
     UnknownPreset(String),
+    #[error("{0}")]
+    Source(String),
     #[error("invalid model shape: {0}")]
     Shape(String),
     #[error("invalid setup: {0}")]
@@ -28,62 +37,124 @@ pub enum MemoryError {
 
 const GIB: f64 = (1u64 << 30) as f64;
 
-/// The dimensions that decide GPT-2's memory (transformers' GPT2Config names in comments).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct ModelShape {
-    pub n_layer: u64,
-    pub n_head: u64,
-    /// hidden size C (n_embd)
-    pub n_embd: u64,
-    /// V (vocab_size); the LM head is tied to the token embedding
-    pub vocab_size: u64,
-    /// maximum sequence length (n_positions)
-    pub block_size: u64,
+/// The model being estimated, whichever family (serialized as a checkpoint manifest records it).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelShape(pub ModelConfig);
+
+impl Serialize for ModelShape {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.to_manifest().serialize(s)
+    }
+}
+
+/// The sizes the activation terms are written in, and the few facts where the families differ.
+#[derive(Debug, Clone, Copy)]
+pub struct Dims {
+    pub layers: u64,
+    pub heads: u64,
+    pub kv_heads: u64,
+    pub head_dim: u64,
+    /// C, the residual stream's width
+    pub hidden: u64,
+    /// F, the MLP's inner width
+    pub ffn: u64,
+    pub vocab: u64,
+    /// Llama: RMSNorm, a gated (SwiGLU) MLP and rotary positions; GPT-2: LayerNorm, GELU and
+    /// learned position embeddings.
+    pub llama: bool,
 }
 
 impl ModelShape {
-    /// The shape of one of the model's presets ([`GptConfig::preset`]).
+    /// A GPT-2 or Llama preset ([`ModelConfig::preset`]).
     pub fn preset(name: &str) -> Result<Self, MemoryError> {
-        let c = GptConfig::preset(name).map_err(|_| MemoryError::UnknownPreset(name.to_string()))?;
-        let n = |v: usize| v as u64;
-        Ok(ModelShape {
-            n_layer: n(c.n_layer),
-            n_head: n(c.n_head),
-            n_embd: n(c.n_embd),
-            vocab_size: n(c.vocab_size),
-            block_size: n(c.block_size),
-        })
+        ModelConfig::preset(name).map(ModelShape).map_err(|_| MemoryError::UnknownPreset(name.to_string()))
     }
 
     pub fn validate(&self) -> Result<(), MemoryError> {
-        let s = self;
-        if s.n_layer == 0 || s.n_head == 0 || s.n_embd == 0 || s.vocab_size == 0 || s.block_size == 0 {
-            return Err(MemoryError::Shape(format!("every dimension must be positive: {s:?}")));
-        }
-        if s.n_embd % s.n_head != 0 {
-            return Err(MemoryError::Shape(format!("n_embd {} is not a multiple of n_head {}", s.n_embd, s.n_head)));
-        }
-        Ok(())
+        self.0.validate().map_err(|e: ModelError| MemoryError::Shape(e.to_string()))
     }
 
-    /// Parameters of one block: ln_1, c_attn, attn.c_proj, ln_2, c_fc, mlp.c_proj (weights and
-    /// biases): 12 C^2 + 13 C.
-    pub fn block_params(&self) -> u64 {
-        let c = self.n_embd;
-        12 * c * c + 13 * c
+    pub fn dims(&self) -> Dims {
+        let n = |v: usize| v as u64;
+        match &self.0 {
+            ModelConfig::Gpt2(c) => Dims {
+                layers: n(c.n_layer),
+                heads: n(c.n_head),
+                kv_heads: n(c.n_head),
+                head_dim: n(c.n_embd / c.n_head.max(1)),
+                hidden: n(c.n_embd),
+                ffn: n(4 * c.n_embd),
+                vocab: n(c.vocab_size),
+                llama: false,
+            },
+            ModelConfig::Llama(c) => Dims {
+                layers: n(c.num_hidden_layers),
+                heads: n(c.num_attention_heads),
+                kv_heads: n(c.num_key_value_heads),
+                head_dim: n(c.head_dim),
+                hidden: n(c.hidden_size),
+                ffn: n(c.intermediate_size),
+                vocab: n(c.vocab_size),
+                llama: true,
+            },
+        }
     }
 
-    /// All parameters, the tied LM head counted once (as DeepSpeed's model_to_params does).
+    /// The longest sequence the model takes.
+    pub fn positions(&self) -> u64 {
+        self.0.positions() as u64
+    }
+
+    /// All parameters, a tied LM head counted once (as DeepSpeed's model_to_params does).
     pub fn num_params(&self) -> u64 {
-        let c = self.n_embd;
-        self.vocab_size * c + self.block_size * c + self.n_layer * self.block_params() + 2 * c
+        self.0.num_params() as u64
     }
 
     /// DeepSpeed's "largest layer": the most parameters held directly by one module
-    /// (`parameters(recurse=False)`): the token embedding for every GPT-2 size.
+    /// (`parameters(recurse=False)`): the token embedding (or an untied lm_head) for every
+    /// preset.
     pub fn largest_layer_params(&self) -> u64 {
-        let c = self.n_embd;
-        [self.vocab_size * c, self.block_size * c, 4 * c * c + 4 * c, 3 * c * c + 3 * c].into_iter().max().unwrap_or(0)
+        let mut modules: BTreeMap<String, u64> = BTreeMap::new();
+        for spec in self.0.param_specs() {
+            let module = spec.name.rsplit_once('.').map_or(spec.name.as_str(), |(m, _)| m);
+            *modules.entry(module.to_string()).or_default() += spec.numel() as u64;
+        }
+        modules.into_values().max().unwrap_or(0)
+    }
+
+    /// The sequence length estimated when none is given: GPT-2's positions; for a Llama with
+    /// rope scaling the context it was pretrained at (original_max_position_embeddings, 8192 for
+    /// Llama 3) rather than the 131072 positions scaling reaches.
+    pub fn default_seq_len(&self) -> u64 {
+        match &self.0 {
+            ModelConfig::Llama(c) => {
+                c.rope_scaling.map_or(self.positions(), |r| r.original_max_position_embeddings as u64)
+            }
+            ModelConfig::Gpt2(_) => self.positions(),
+        }
+    }
+
+    /// The first line of the report.
+    fn describe(&self) -> String {
+        let d = self.dims();
+        match &self.0 {
+            ModelConfig::Gpt2(c) => format!(
+                "{} layers, {} heads, n_embd {}, vocab {}, block {}",
+                d.layers, d.heads, d.hidden, d.vocab, c.block_size
+            ),
+            ModelConfig::Llama(c) => format!(
+                "Llama, {} layers, {} heads ({} key/value, head_dim {}), hidden {}, SwiGLU {}, vocab {}, {} positions, {} head",
+                d.layers,
+                d.heads,
+                d.kv_heads,
+                d.head_dim,
+                d.hidden,
+                d.ffn,
+                d.vocab,
+                c.max_position_embeddings,
+                if c.tie_word_embeddings { "tied" } else { "untied" }
+            ),
+        }
     }
 }
 
@@ -167,13 +238,17 @@ pub struct Setup {
 impl Setup {
     pub fn validate(&self) -> Result<(), MemoryError> {
         self.model.validate()?;
+        if self.dropout && self.model.dims().llama {
+            return Err(MemoryError::Setup("dropout: Llama has no residual dropout to keep masks for".into()));
+        }
         if self.gpus_per_node == 0 || self.nodes == 0 {
             return Err(MemoryError::Setup("gpus per node and nodes must be at least 1".into()));
         }
-        if self.seq_len == 0 || self.seq_len > self.model.block_size {
+        if self.seq_len == 0 || self.seq_len > self.model.positions() {
             return Err(MemoryError::Setup(format!(
-                "sequence length {} must be in 1..={} (the model's block size)",
-                self.seq_len, self.model.block_size
+                "sequence length {} must be in 1..={} (the model's positions)",
+                self.seq_len,
+                self.model.positions()
             )));
         }
         if self.grad_accum == 0 {
@@ -256,36 +331,58 @@ pub const CONFIGS: [(u8, Offload); 8] = [
     (3, Offload::OptimizerAndParams),
 ];
 
+/// Bytes per token a norm keeps, its output included (the next matrix product saves it).
+/// LayerNorm: its input and output (e each) and its mean and rstd (fp32 on CUDA). zerokit's
+/// RMSNorm (transformers' LlamaRMSNorm): the fp32 copy of its input (the input itself in fp32),
+/// the input times rsqrt cast back (e) that the gain's product keeps, its output (e), and the
+/// fp32 rsqrt.
+fn norm_bytes(d: &Dims, e: u64) -> u64 {
+    if d.llama {
+        (4 + 2 * e) * d.hidden + 4
+    } else {
+        2 * e * d.hidden + 2 * 4
+    }
+}
+
 /// Activation bytes autograd keeps per transformer block for one micro-batch, with libtorch's
-/// scaled_dot_product_attention (flash or memory-efficient: O(T), no T x T matrix).
-/// In units of B*T*C elements of the compute dtype: ln_1 input 1, c_attn input 1, qkv 3
-/// (saved by attention), attention output 1 (= c_proj input, the same storage), ln_2 input 1,
-/// c_fc input 1, gelu input 4, mlp c_proj input 4: 16. Plus per token: two layer-norm
-/// mean/rstd pairs (fp32) and the attention logsumexp (fp32, per head).
+/// scaled_dot_product_attention (flash or memory-efficient: O(T), no T x T matrix). Per token:
+/// two norms ([`norm_bytes`], the first one's output is the q/k/v projections' input); q, k and
+/// v as attention saves them (GPT-2: views of c_attn's output; Llama: after rope, which keeps
+/// nothing else, its cos and sin needing no gradient) and the attention output (= the output
+/// projection's input: flash writes [B,T,H,D], so `transpose().contiguous()` is free); the
+/// MLP's saved tensors: GELU's input and output (2F), or SwiGLU's gate, silu(gate), up and their
+/// product (4F). For GPT-2 (F = 4C, q = k = v = C) that is 16·C·e plus the norms' statistics.
+/// Per block besides: the attention logsumexp (fp32, per head) and Llama's cos and sin tables
+/// ([T, head_dim] each).
 pub fn block_activation_bytes(s: &Setup) -> u64 {
-    let (b, t, c, h) = (s.micro_batch, s.seq_len, s.model.n_embd, s.model.n_head);
+    let d = s.model.dims();
+    let (b, t) = (s.micro_batch, s.seq_len);
     let e = s.dtype.bytes();
     let tokens = b * t;
+    let (q, kv) = (d.heads * d.head_dim, d.kv_heads * d.head_dim);
+    let mlp = if d.llama { 4 * d.ffn } else { 2 * d.ffn };
+    let per_token = 2 * norm_bytes(&d, e) + e * (2 * q + 2 * kv) + e * mlp;
     // flash attention (fp16/bf16) keeps logsumexp as [B, H, T]; the memory-efficient kernel
     // (what fp32 gets) pads T to a multiple of 32.
     let lse_t = if s.dtype == Dtype::Fp32 { t.div_ceil(32) * 32 } else { t };
-    let mut bytes = 16 * tokens * c * e + 2 * 2 * tokens * 4 + b * h * lse_t * 4;
+    let rope = if d.llama { 2 * t * d.head_dim * e } else { 0 };
+    let mut bytes = tokens * per_token + b * d.heads * lse_t * 4 + rope;
     if s.dropout {
-        bytes += 2 * tokens * c; // attn and mlp residual dropout masks (bool)
+        bytes += 2 * tokens * d.hidden; // attn and mlp residual dropout masks (bool)
     }
     bytes
 }
 
-/// Activations outside the blocks: token ids and positions kept by the embedding backward, ln_f
-/// input and statistics, the LM head's input, the targets and total weight kept by nll_loss,
-/// and the embedding dropout mask.
+/// Activations outside the blocks: token ids (and GPT-2's positions) kept by the embedding
+/// backward, the final norm (its output is the LM head's input), the targets and total weight
+/// kept by nll_loss, and the embedding dropout mask.
 fn outer_activation_bytes(s: &Setup) -> u64 {
+    let d = s.model.dims();
     let tokens = s.micro_batch * s.seq_len;
-    let c = s.model.n_embd;
-    let e = s.dtype.bytes();
-    let mut bytes = tokens * 8 + s.seq_len * 8 + 2 * tokens * c * e + 2 * tokens * 4 + tokens * 8 + 4;
+    let positions = if d.llama { 0 } else { s.seq_len * 8 };
+    let mut bytes = tokens * 8 + positions + tokens * norm_bytes(&d, s.dtype.bytes()) + tokens * 8 + 4;
     if s.dropout {
-        bytes += tokens * c;
+        bytes += tokens * d.hidden;
     }
     bytes
 }
@@ -295,12 +392,12 @@ fn outer_activation_bytes(s: &Setup) -> u64 {
 pub fn activation_bytes(s: &Setup) -> u64 {
     let block = block_activation_bytes(s);
     let outer = outer_activation_bytes(s);
-    let l = s.model.n_layer;
+    let d = s.model.dims();
     if s.activation_checkpointing {
-        let block_input = s.micro_batch * s.seq_len * s.model.n_embd * s.dtype.bytes();
-        l * block_input + block + outer
+        let block_input = s.micro_batch * s.seq_len * d.hidden * s.dtype.bytes();
+        d.layers * block_input + block + outer
     } else {
-        l * block + outer
+        d.layers * block + outer
     }
 }
 
@@ -313,19 +410,20 @@ pub fn head_chunk_tokens(s: &Setup) -> u64 {
 
 /// The fp32 log-softmax of the logits that cross-entropy saves for backward, for one chunk.
 pub fn loss_saved_bytes(s: &Setup) -> u64 {
-    4 * head_chunk_tokens(s) * s.model.vocab_size
+    4 * head_chunk_tokens(s) * s.model.dims().vocab
 }
 
 /// The loss's peak, reached as a chunk's backward starts: its logits in the compute dtype, the
 /// saved fp32 log-softmax, nll_loss's dense fp32 gradient and the fp32 gradient of the logits
 /// that log_softmax's backward produces from the two. zerokit runs the head chunk by chunk, so
 /// one chunk's worth is alive at a time, not the micro-batch's B*T*V.
-/// With more than one chunk, the token embedding's gradient is summed over chunks: the running
-/// sum and the chunk's own gradient (2·e·V·C) are alive beside it.
+/// With more than one chunk, the head's weight gradient (the tied embedding's or lm_head's) is
+/// summed over chunks: the running sum and the chunk's own gradient (2·e·V·C) are alive beside it.
 pub fn logits_bytes(s: &Setup) -> u64 {
-    let ctv = head_chunk_tokens(s) * s.model.vocab_size;
+    let d = s.model.dims();
+    let ctv = head_chunk_tokens(s) * d.vocab;
     let chunks = (s.micro_batch * s.seq_len).div_ceil(head_chunk_tokens(s));
-    let wte_sum = if chunks > 1 { 2 * s.dtype.bytes() * s.model.vocab_size * s.model.n_embd } else { 0 };
+    let wte_sum = if chunks > 1 { 2 * s.dtype.bytes() * d.vocab * d.hidden } else { 0 };
     ctv * s.dtype.bytes() + loss_saved_bytes(s) + 2 * 4 * ctv + wte_sum
 }
 
@@ -548,18 +646,29 @@ pub fn estimate(s: &Setup, usable_gpu_memory: u64) -> Result<Estimate, MemoryErr
 /// `ckpt estimate`'s arguments.
 #[derive(Debug, Clone, clap::Args)]
 pub struct EstimateArgs {
-    /// Model preset: gpt2, gpt2-medium, gpt2-large or gpt2-xl (the flags below override it).
+    /// Model: a preset (gpt2, gpt2-medium, gpt2-large, gpt2-xl, llama-3.2-1b, llama-3.2-3b,
+    /// llama-3.1-8b, llama-tiny), a Hugging Face config.json or model directory, or a zerokit
+    /// checkpoint (root or tag). The flags below override its sizes.
     #[arg(long, default_value = "gpt2")]
     pub model: String,
+    /// Layers (Llama: num_hidden_layers).
     #[arg(long)]
     pub n_layer: Option<u64>,
+    /// Attention heads (Llama: num_attention_heads; head_dim becomes hidden / heads).
     #[arg(long)]
     pub n_head: Option<u64>,
+    /// Hidden size (Llama: hidden_size).
     #[arg(long)]
     pub n_embd: Option<u64>,
+    /// Key/value heads (Llama only: grouped-query attention).
+    #[arg(long)]
+    pub n_kv_head: Option<u64>,
+    /// MLP inner width (Llama only: intermediate_size; GPT-2's is 4 * n_embd).
+    #[arg(long)]
+    pub ffn: Option<u64>,
     #[arg(long)]
     pub vocab_size: Option<u64>,
-    /// Maximum sequence length of the model (n_positions).
+    /// Maximum sequence length of the model (GPT-2: n_positions; Llama: max_position_embeddings).
     #[arg(long)]
     pub block_size: Option<u64>,
     #[arg(long, default_value_t = 1)]
@@ -570,7 +679,8 @@ pub struct EstimateArgs {
     pub dtype: Dtype,
     #[arg(long, default_value_t = 8)]
     pub micro_batch: u64,
-    /// Tokens per sequence (default: the model's block size).
+    /// Tokens per sequence (default: a checkpoint's training block_size, else GPT-2's block size or
+    /// the context a Llama was pretrained at).
     #[arg(long)]
     pub seq_len: Option<u64>,
     #[arg(long)]
@@ -595,21 +705,70 @@ pub struct EstimateArgs {
     pub json: bool,
 }
 
+/// The model `--model` names, and the sequence length a checkpoint was trained at.
+fn model_source(spec: &str) -> Result<(ModelConfig, Option<u64>), MemoryError> {
+    if let Ok(preset) = ModelConfig::preset(spec) {
+        return Ok((preset, None));
+    }
+    let path = Path::new(spec);
+    let src = |e: String| MemoryError::Source(format!("--model {spec}: {e}"));
+    if path.join("manifest.json").is_file() || path.join("latest").is_file() {
+        let dir = checkpoint::resolve(path, None).map_err(|e| src(e.to_string()))?;
+        let m = checkpoint::read_manifest(&dir).map_err(|e| src(e.to_string()))?;
+        let cfg = ModelConfig::from_manifest(&m.model_config).map_err(|e| src(format!("model_config: {e}")))?;
+        return Ok((cfg, m.config.get("block_size").and_then(serde_json::Value::as_u64)));
+    }
+    if spec.ends_with(".json") || path.is_dir() {
+        return Ok((hf_model::read_config(path).map_err(|e| src(e.to_string()))?, None));
+    }
+    Err(MemoryError::UnknownPreset(spec.to_string()))
+}
+
 impl EstimateArgs {
+    /// The model with the size flags applied.
+    fn model(&self) -> Result<(ModelShape, Option<u64>), MemoryError> {
+        let (mut cfg, trained_seq) = model_source(&self.model)?;
+        let n = |v: u64| v as usize;
+        match &mut cfg {
+            ModelConfig::Gpt2(c) => {
+                if self.n_kv_head.is_some() || self.ffn.is_some() {
+                    return Err(MemoryError::Setup(
+                        "--n-kv-head and --ffn are Llama's (GPT-2 has as many key/value heads as heads and a 4 * n_embd MLP)".into(),
+                    ));
+                }
+                c.n_layer = self.n_layer.map_or(c.n_layer, n);
+                c.n_head = self.n_head.map_or(c.n_head, n);
+                c.n_embd = self.n_embd.map_or(c.n_embd, n);
+                c.vocab_size = self.vocab_size.map_or(c.vocab_size, n);
+                c.block_size = self.block_size.map_or(c.block_size, n);
+            }
+            ModelConfig::Llama(c) => {
+                c.num_hidden_layers = self.n_layer.map_or(c.num_hidden_layers, n);
+                c.num_attention_heads = self.n_head.map_or(c.num_attention_heads, n);
+                c.hidden_size = self.n_embd.map_or(c.hidden_size, n);
+                if self.n_head.is_some() || self.n_embd.is_some() {
+                    c.head_dim = c.hidden_size / c.num_attention_heads.max(1);
+                }
+                c.num_key_value_heads = self.n_kv_head.map_or(c.num_key_value_heads, n);
+                c.intermediate_size = self.ffn.map_or(c.intermediate_size, n);
+                c.vocab_size = self.vocab_size.map_or(c.vocab_size, n);
+                c.max_position_embeddings = self.block_size.map_or(c.max_position_embeddings, n);
+            }
+        }
+        let m = ModelShape(cfg);
+        m.validate()?;
+        Ok((m, trained_seq))
+    }
+
     pub fn setup(&self) -> Result<Setup, MemoryError> {
-        let mut m = ModelShape::preset(&self.model)?;
-        m.n_layer = self.n_layer.unwrap_or(m.n_layer);
-        m.n_head = self.n_head.unwrap_or(m.n_head);
-        m.n_embd = self.n_embd.unwrap_or(m.n_embd);
-        m.vocab_size = self.vocab_size.unwrap_or(m.vocab_size);
-        m.block_size = self.block_size.unwrap_or(m.block_size);
+        let (m, trained_seq) = self.model()?;
         let s = Setup {
+            seq_len: self.seq_len.or(trained_seq).unwrap_or_else(|| m.default_seq_len()),
             model: m,
             gpus_per_node: self.gpus_per_node,
             nodes: self.nodes,
             dtype: self.dtype,
             micro_batch: self.micro_batch,
-            seq_len: self.seq_len.unwrap_or(m.block_size),
             activation_checkpointing: self.activation_checkpointing,
             dropout: self.dropout,
             bucket_elems: self.bucket_elems,
@@ -639,16 +798,11 @@ fn gib(bytes: u64) -> f64 {
 /// The human-readable report.
 pub fn render(est: &Estimate, model_name: &str, gpu_memory: u64) -> String {
     let s = &est.setup;
-    let m = &s.model;
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "model  {model_name}: {} layers, {} heads, n_embd {}, vocab {}, block {}: {:.1}M parameters (largest layer {:.1}M)",
-        m.n_layer,
-        m.n_head,
-        m.n_embd,
-        m.vocab_size,
-        m.block_size,
+        "model  {model_name}: {}: {:.1}M parameters (largest layer {:.1}M)",
+        s.model.describe(),
         est.num_params as f64 / 1e6,
         est.largest_layer_params as f64 / 1e6
     );

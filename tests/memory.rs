@@ -1,5 +1,6 @@
 //! lib/memory.rs against DeepSpeed's estimators, transformers' parameter counts and the bytes
-//! libtorch's autograd really saves (fixtures from tools/gen_memory_fixtures.py).
+//! libtorch's autograd really saves in GPT-2 and Llama forwards (fixtures from
+//! tools/gen_memory_fixtures.py).
 
 use clap::Parser;
 use std::path::Path;
@@ -7,6 +8,7 @@ use zerokit::memory::{
     activation_bytes, block_activation_bytes, deepspeed_zero2, deepspeed_zero3, estimate, gpu_breakdown,
     loss_saved_bytes, run, Dtype, EstimateArgs, MemoryError, ModelShape, Offload, Setup, CONFIGS,
 };
+use zerokit::model::{GptConfig, LlamaConfig, ModelConfig};
 
 fn fixture(name: &str) -> serde_json::Value {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/memory").join(name);
@@ -93,13 +95,14 @@ fn activations_match_what_autograd_saves() {
     for c in doc["cases"].as_array().unwrap() {
         let u = |k: &str| c[k].as_u64().unwrap();
         let dtype = if c["dtype"] == "fp32" { Dtype::Fp32 } else { Dtype::Bf16 };
-        let model = ModelShape {
-            n_layer: u("n_layer"),
-            n_head: u("n_head"),
-            n_embd: u("n_embd"),
-            vocab_size: u("vocab_size"),
+        let n = |k: &str| u(k) as usize;
+        let model = ModelShape(ModelConfig::Gpt2(GptConfig {
+            n_layer: n("n_layer"),
+            n_head: n("n_head"),
+            n_embd: n("n_embd"),
+            vocab_size: n("vocab_size"),
             block_size: 1024,
-        };
+        }));
         let s = setup(model, 1, dtype, u("micro_batch"), u("seq_len"));
         let measured = u("saved_bytes");
         let mut predicted = activation_bytes(&s) + loss_saved_bytes(&s);
@@ -107,7 +110,7 @@ fn activations_match_what_autograd_saves() {
             // On CPU, layer_norm keeps mean/rstd in bf16; on CUDA (what the estimate is for)
             // they are fp32. Two pairs per block, one for ln_f, of B*T values each.
             let tokens = s.micro_batch * s.seq_len;
-            predicted -= (4 * model.n_layer + 2) * tokens * 2;
+            predicted -= (4 * u("n_layer") + 2) * tokens * 2;
         }
         assert_eq!(predicted, measured, "{c}");
     }
@@ -116,11 +119,12 @@ fn activations_match_what_autograd_saves() {
 #[test]
 fn checkpointing_keeps_block_inputs_plus_one_block() {
     let m = ModelShape::preset("gpt2-xl").unwrap();
+    let layers = m.dims().layers;
     let full = setup(m, 4, Dtype::Fp16, 8, 1024);
     let ckpt = Setup { activation_checkpointing: true, ..full.clone() };
     let block = block_activation_bytes(&full);
     let input = 8 * 1024 * 1600 * 2;
-    assert_eq!(activation_bytes(&full) - activation_bytes(&ckpt), (m.n_layer - 1) * block - m.n_layer * input);
+    assert_eq!(activation_bytes(&full) - activation_bytes(&ckpt), (layers - 1) * block - layers * input);
     // 16 B*T*C values plus fp32 statistics and logsumexp per block.
     assert_eq!(block, 16 * 8 * 1024 * 1600 * 2 + 16 * 8 * 1024 + 4 * 8 * 25 * 1024);
 }
@@ -209,4 +213,74 @@ fn cli_table_json_and_errors() {
     assert!(matches!(run(&args(&["--seq-len", "2048"])), Err(MemoryError::Setup(_))));
     assert!(matches!(run(&args(&["--nodes", "0"])), Err(MemoryError::Setup(_))));
     assert!(matches!(run(&args(&["--gpu-memory", "lots"])), Err(MemoryError::BadSize(_))));
+}
+
+#[test]
+fn llama_activations_match_what_autograd_saves() {
+    let doc = fixture("saved_tensors_llama.json");
+    for c in doc["cases"].as_array().unwrap() {
+        let n = |k: &str| c[k].as_u64().unwrap() as usize;
+        let dtype = if c["dtype"] == "fp32" { Dtype::Fp32 } else { Dtype::Bf16 };
+        let mut cfg = LlamaConfig::preset("llama-tiny").unwrap();
+        (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) =
+            (n("n_layer"), n("n_head"), n("n_kv_head"), n("head_dim"));
+        (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.tie_word_embeddings) =
+            (n("n_embd"), n("ffn"), n("vocab_size"), false);
+        let s = setup(ModelShape(ModelConfig::Llama(cfg)), 1, dtype, n("micro_batch") as u64, n("seq_len") as u64);
+        // RMSNorm's statistics are plain ops in the input's dtype or fp32 on every device, so
+        // unlike GPT-2's layer_norm nothing differs between this CPU measurement and CUDA.
+        assert_eq!(activation_bytes(&s) + loss_saved_bytes(&s), c["saved_bytes"].as_u64().unwrap(), "{c}");
+    }
+}
+
+#[test]
+fn llama_presets_config_files_and_checkpoints() {
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: EstimateArgs,
+    }
+    let args = |extra: &[&str]| {
+        let mut v = vec!["estimate"];
+        v.extend_from_slice(extra);
+        Cli::try_parse_from(v).unwrap().args
+    };
+    let json = |extra: &[&str]| -> serde_json::Value {
+        let mut a = extra.to_vec();
+        a.push("--json");
+        serde_json::from_str(&run(&args(&a)).unwrap()).unwrap()
+    };
+    // Meta's Llama 3.1 8B: transformers counts 8,030,261,248 parameters; the largest module is the
+    // embedding or the untied lm_head (V·C); the default sequence is its pretraining context.
+    let table = run(&args(&["--model", "llama-3.1-8b", "--micro-batch", "1"])).unwrap();
+    assert!(table.contains("8030.3M parameters (largest layer 525.3M)"), "{table}");
+    assert!(table.contains("8 key/value, head_dim 128") && table.contains("sequence 8192"), "{table}");
+    // Grouped-query attention keeps k and v at 8 of 32 heads' width: 2·e·(32 - 8)·128 bytes per
+    // token and layer less than full multi-head attention.
+    let gqa = json(&["--model", "llama-3.1-8b", "--micro-batch", "2", "--seq-len", "1024"]);
+    let mha = json(&["--model", "llama-3.1-8b", "--micro-batch", "2", "--seq-len", "1024", "--n-kv-head", "32"]);
+    let act = |v: &serde_json::Value| v["rows"][0]["gpu"]["activations"].as_u64().unwrap();
+    assert_eq!(act(&mha) - act(&gqa), 32 * 2 * 1024 * 2 * 2 * (32 - 8) * 128);
+    assert_eq!(mha["num_params"].as_u64().unwrap() - gqa["num_params"].as_u64().unwrap(), 32 * 2 * 4096 * 24 * 128);
+    // The 128K vocabulary: one chunk of 2048 tokens' logits dominates the head's peak.
+    let small = json(&["--model", "llama-3.2-1b", "--seq-len", "2048", "--vocab-size", "32000"]);
+    let big = json(&["--model", "llama-3.2-1b", "--seq-len", "2048"]);
+    let logits = |v: &serde_json::Value| v["rows"][3]["gpu"]["logits"].as_u64().unwrap();
+    assert_eq!(logits(&big) - logits(&small), (2048 * 2 + 2048 * 4 * 3 + 2 * 2 * 2048) * (128256 - 32000));
+    // A transformers-saved directory: transformers counts 24,736 parameters (tools/gen_llama_hf_dir.py).
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama/hf_sharded");
+    let hf = json(&["--model", dir.to_str().unwrap()]);
+    assert_eq!(hf["num_params"], 24736);
+    assert_eq!(hf["setup"]["model"]["family"], "llama");
+    assert_eq!(hf["setup"]["seq_len"], 16, "the rope scaling's original context");
+    // A zerokit checkpoint: its model, and the sequence length it was trained at.
+    let ckpt = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/zerokit/v1_s2_w2");
+    let z = json(&["--model", ckpt.to_str().unwrap()]);
+    assert_eq!((z["setup"]["model"]["n_layer"].as_u64(), z["setup"]["seq_len"].as_u64()), (Some(1), Some(16)));
+
+    assert!(matches!(run(&args(&["--model", "gpt2", "--n-kv-head", "4"])), Err(MemoryError::Setup(_))));
+    assert!(matches!(run(&args(&["--model", "llama-tiny", "--dropout"])), Err(MemoryError::Setup(_))));
+    assert!(matches!(run(&args(&["--model", "llama-tiny", "--n-kv-head", "3"])), Err(MemoryError::Shape(_))));
+    let e = run(&args(&["--model", "gemma-3-27b"])).unwrap_err().to_string();
+    assert!(e.contains("llama-3.1-8b") && e.contains("config.json"), "{e}");
 }

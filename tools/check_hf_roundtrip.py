@@ -1,13 +1,18 @@
 #!/usr/bin/env python3
-"""Loads a model directory written by zerokit (Gpt::save_hf) into transformers' GPT2LMHeadModel
-and writes its logits on a batch of tokens, for tests/model.rs to compare with zerokit's.
+"""Loads a model directory written by zerokit (a tag, zero-to-fp32's output, a saved model) into
+transformers with AutoModelForCausalLM (GPT2LMHeadModel or LlamaForCausalLM, as config.json
+says) and writes its logits on a batch of tokens, for the tests to compare with zerokit's.
 
     check_hf_roundtrip.py MODEL_DIR TOKENS OUT
 
 TOKENS is a safetensors file with an int64 tensor "tokens" [B, T]; OUT receives "logits" [B, T, V]
-(fp32). Exits non-zero, saying why, when transformers reports missing, unexpected or mismatched
-weights, when lm_head is not tied to wte, or when the stored dtype is not the one config.json names.
+(fp32). When TOKENS also holds "prompt" [B, P] and "max_new_tokens" (one int64), OUT also
+receives "generated": transformers' greedy generate (do_sample=False) of that many tokens after
+the prompt, prompt included. Exits non-zero, saying why, when transformers reports missing,
+unexpected or mismatched weights, when a config that ties lm_head to the embedding loads them
+untied, or when the stored dtype is not the one config.json names.
 """
+import glob
 import os
 import sys
 
@@ -17,30 +22,38 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
-from transformers import GPT2LMHeadModel  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
 
 
 def main(model_dir: str, tokens_path: str, out_path: str) -> int:
-    model, info = GPT2LMHeadModel.from_pretrained(model_dir, output_loading_info=True, dtype="auto")
+    model, info = AutoModelForCausalLM.from_pretrained(model_dir, output_loading_info=True, dtype="auto")
     problems = {k: v for k, v in info.items() if v and k in
                 ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")}
     if problems:
         print(f"{model_dir}: transformers reported {problems}", file=sys.stderr)
         return 1
-    if model.lm_head.weight.data_ptr() != model.transformer.wte.weight.data_ptr():
-        print(f"{model_dir}: lm_head is not tied to transformer.wte", file=sys.stderr)
+    embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    if model.config.tie_word_embeddings and head.data_ptr() != embed.data_ptr():
+        print(f"{model_dir}: lm_head is not tied to the token embedding", file=sys.stderr)
         return 1
-    with safe_open(os.path.join(model_dir, "model.safetensors"), "pt") as f:
-        stored = {f.get_slice(k).get_dtype() for k in f.keys()}
-    if model.dtype != model.transformer.wte.weight.dtype or len(stored) != 1:
+    stored = set()
+    for path in glob.glob(os.path.join(model_dir, "*.safetensors")):
+        with safe_open(path, "pt") as f:
+            stored |= {f.get_slice(k).get_dtype() for k in f.keys()}
+    if model.dtype != embed.dtype or len(stored) != 1:
         print(f"{model_dir}: mixed dtypes {stored}", file=sys.stderr)
         return 1
-    tokens = load_file(tokens_path)["tokens"]
+    inputs = load_file(tokens_path)
+    model = model.float().eval()
     with torch.no_grad():
-        logits = model.float().eval()(tokens).logits.float().contiguous()
-    save_file({"logits": logits}, out_path)
-    print(f"transformers loaded {model_dir} ({model.dtype}, stored {stored.pop()}), "
-          f"logits {tuple(logits.shape)}")
+        out = {"logits": model(inputs["tokens"]).logits.float().contiguous()}
+        if "prompt" in inputs:
+            prompt, n = inputs["prompt"], int(inputs["max_new_tokens"].item())
+            out["generated"] = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                              max_new_tokens=n, min_new_tokens=n, pad_token_id=0).contiguous()
+    save_file(out, out_path)
+    print(f"transformers loaded {model_dir} as {type(model).__name__} ({model.dtype}, stored {stored.pop()}), "
+          f"logits {tuple(out['logits'].shape)}")
     return 0
 
 

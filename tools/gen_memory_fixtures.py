@@ -1,8 +1,9 @@
 """Reference fixtures for lib/memory.rs (tests/memory.rs): DeepSpeed's own model-state memory
 estimators over a grid of model sizes and cluster shapes, and the activation bytes libtorch's
-autograd really saves in a small GPT-2 forward (saved_tensors.json).
+autograd really saves in a small GPT-2 forward (saved_tensors.json) and in a small Llama forward
+(saved_tensors_llama.json; alone with --llama-only, which needs no DeepSpeed).
 
-    DS_ACCELERATOR=cpu .deps/py/bin/python tools/gen_memory_fixtures.py
+    DS_ACCELERATOR=cpu .deps/py/bin/python tools/gen_memory_fixtures.py [--llama-only]
 
 Writes tests/fixtures/memory/deepspeed.json with the parameter counts of transformers' GPT-2
 presets, and the (cpu, gpu) bytes of
@@ -12,6 +13,7 @@ estimate_zero3_model_states_mem_needs, for every combination of their arguments 
 import itertools
 import json
 import os
+import sys
 
 import deepspeed
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
@@ -93,8 +95,82 @@ def measure_saved(n_layer, n_head, n_embd, vocab, batch, seq, dtype):
     return sum(saved.values())
 
 
+def measure_saved_llama(n_layer, n_head, n_kv, head_dim, n_embd, ffn, vocab, batch, seq, dtype):
+    """measure_saved for a Llama written the way lib/model/llama.rs writes it: RMSNorm in fp32
+    cast back, rotary embeddings (cos/sin per block, rotate_half by cat), grouped-query
+    scaled_dot_product_attention (enable_gqa), SwiGLU, an untied head, cross-entropy on fp32
+    logits."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    C, H, KV, D = n_embd, n_head, n_kv, head_dim
+
+    def mk(*shape):
+        return (torch.randn(*shape) * 0.02).to(dtype).requires_grad_()
+
+    def rms(x, w):
+        h = x.float()
+        h = h * (h.pow(2).mean(-1, keepdim=True) + 1e-5).rsqrt()
+        return w * h.to(x.dtype)
+
+    def rope(x, cos, sin):
+        x1, x2 = x[..., :D // 2], x[..., D // 2:]
+        return x * cos + torch.cat((-x2, x1), -1) * sin
+
+    embed, head, norm = mk(vocab, C), mk(vocab, C), mk(C)
+    layers = [[mk(H * D, C), mk(KV * D, C), mk(KV * D, C), mk(C, H * D), mk(ffn, C), mk(ffn, C), mk(C, ffn), mk(C),
+               mk(C)] for _ in range(n_layer)]
+    params = {p.untyped_storage().data_ptr() for p in [embed, head, norm] + [p for l in layers for p in l]}
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, D, 2, dtype=torch.int64).float() / D))
+    idx = torch.randint(0, vocab, (batch, seq))
+    targets = torch.randint(0, vocab, (batch, seq))
+    saved = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            saved[st.data_ptr()] = st.nbytes()
+        return t
+
+    B, T = batch, seq
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        x = F.embedding(idx, embed)
+        for (qw, kw, vw, ow, gw, uw, dw, n1, n2) in layers:
+            freqs = torch.arange(T).float().unsqueeze(-1) * inv_freq
+            emb = torch.cat((freqs, freqs), -1)
+            cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+            h = rms(x, n1)
+            q, k, v = (F.linear(h, w).view(B, T, -1, D).transpose(1, 2) for w in (qw, kw, vw))
+            y = F.scaled_dot_product_attention(rope(q, cos, sin), rope(k, cos, sin), v, is_causal=True,
+                                               enable_gqa=KV != H)
+            x = x + F.linear(y.transpose(1, 2).contiguous().reshape(B, T, -1), ow)
+            h = rms(x, n2)
+            x = x + F.linear(F.silu(F.linear(h, gw)) * F.linear(h, uw), dw)
+        logits = F.linear(rms(x, norm), head)
+        loss = F.cross_entropy(logits.float().view(-1, vocab), targets.view(-1))
+    return sum(saved.values())
+
+
+def llama_cases():
+    import torch
+    cases = []
+    for (L, H, KV, D, C, Fd, V, B, T) in [(2, 4, 2, 16, 64, 176, 500, 2, 64), (1, 4, 4, 24, 64, 96, 257, 1, 32),
+                                         (3, 6, 2, 32, 192, 512, 1000, 3, 96)]:
+        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            cases.append({"n_layer": L, "n_head": H, "n_kv_head": KV, "head_dim": D, "n_embd": C, "ffn": Fd,
+                          "vocab_size": V, "micro_batch": B, "seq_len": T, "dtype": name,
+                          "saved_bytes": measure_saved_llama(L, H, KV, D, C, Fd, V, B, T, dtype)})
+    return {"torch": torch.__version__, "cases": cases}
+
+
 def main():
     os.makedirs(OUT, exist_ok=True)
+    with open(os.path.join(OUT, "saved_tensors_llama.json"), "w") as f:
+        json.dump(llama_cases(), f, indent=1)
+        f.write("\n")
+    if "--llama-only" in sys.argv:
+        return
     presets = gpt2_counts()
     models = list(presets.values()) + OTHER_MODELS
     zero2, zero3 = [], []

@@ -11,8 +11,7 @@ use crate::formats::tags::Latest;
 use crate::formats::torch_pickle::Value;
 use crate::formats::torch_zip::TorchFile;
 use crate::interop::deepspeed::DeepSpeedSource;
-use crate::interop::hf;
-use crate::model::GptConfig;
+use crate::interop::{hf, hf_model};
 use crate::units::human_bytes;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -394,9 +393,9 @@ fn hf_dir(dir: &Path, tensors: bool) -> Result<Inspection, CkptError> {
     let (files, index) = hf_weight_files(dir)?;
     safetensors_rows(dir, &files, &mut i, tensors)?;
     let cpath = dir.join(hf::CONFIG_FILE);
-    // A GPT-2 config in zerokit's terms when it is one, else the file as it is.
-    i.model_config = match hf::read_config(&cpath) {
-        Ok(c) => serde_json::to_value::<GptConfig>(c).ok(),
+    // A GPT-2 or Llama config in zerokit's terms when it is one, else the file as it is.
+    i.model_config = match hf_model::read_config(&cpath) {
+        Ok(c) => Some(c.to_manifest()),
         Err(_) => std::fs::read_to_string(&cpath).ok().and_then(|s| serde_json::from_str(&s).ok()),
     };
     let mut names: Vec<String> = files.clone();
@@ -436,7 +435,21 @@ fn config_line(v: &serde_json::Value) -> String {
             o.iter()
                 .filter(|(_, x)| x.is_number() || x.is_string() || x.is_boolean())
                 .map(|(k, x)| (k.as_str(), x.as_str().map(str::to_string).unwrap_or_else(|| x.to_string()))),
-            &["n_layer", "n_head", "n_embd", "block_size", "vocab_size"],
+            &[
+                "family",
+                "n_layer",
+                "n_head",
+                "n_embd",
+                "block_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "head_dim",
+                "hidden_size",
+                "intermediate_size",
+                "max_position_embeddings",
+                "vocab_size",
+            ],
         ),
         None => v.to_string(),
     }

@@ -21,9 +21,9 @@ use crate::formats::tags::{valid_tag_name, Latest};
 use crate::formats::torch_pickle::{TensorRef, Value};
 use crate::formats::torch_zip::TorchFile;
 use crate::interop::deepspeed::{self, DeepSpeedSource};
-use crate::interop::hf;
+use crate::interop::{hf, hf_model};
 use crate::logging;
-use crate::model::GptConfig;
+use crate::model::ModelConfig;
 use crate::zero::layout::{FlatLayout, Piece};
 use indicatif::ProgressBar;
 use rayon::prelude::*;
@@ -265,11 +265,11 @@ pub fn verify_zerokit_tag(dir: &Path, scan: bool) -> Vec<String> {
     p.extend(hashed);
 
     // config.json against the manifest's model config.
-    let cfg: Option<GptConfig> = serde_json::from_value(m.model_config.clone()).ok();
+    let cfg = ModelConfig::from_manifest(&m.model_config).ok();
     let cpath = dir.join(hf::CONFIG_FILE);
     if cpath.is_file() {
-        match hf::read_config(&cpath) {
-            Ok(c) if Some(c) != cfg => {
+        match hf_model::read_config(&cpath) {
+            Ok(c) if cfg.as_ref() != Some(&c) => {
                 p.push(line(&cpath, format!("describes {c:?}, manifest.json's model_config is {}", m.model_config)))
             }
             Ok(_) => {}
@@ -367,8 +367,8 @@ fn manifest_problems(dir: &Path, m: &Manifest) -> Vec<String> {
     if m.optimizer.get("step").and_then(|s| s.as_u64()).is_none() {
         bad("optimizer.step is missing".into());
     }
-    match serde_json::from_value::<GptConfig>(m.model_config.clone()) {
-        Err(e) => p.push(line(&mpath, format!("model_config is not a GPT-2 shape ({e})"))),
+    match ModelConfig::from_manifest(&m.model_config) {
+        Err(e) => p.push(line(&mpath, format!("model_config: {e}"))),
         Ok(cfg) => {
             let want: BTreeMap<String, Vec<usize>> = cfg
                 .param_specs()

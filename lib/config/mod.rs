@@ -57,7 +57,9 @@ pub struct TrainConfig {
     /// MFU, memory, eval losses); empty: none.
     pub tensorboard_dir: String,
     // model
-    /// "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl" or "custom" (n_layer, n_head, n_embd).
+    /// "custom" (a GPT-2 of n_layer, n_head, n_embd), a preset (gpt2, gpt2-medium, gpt2-large,
+    /// gpt2-xl, llama-3.2-1b, llama-3.2-3b, llama-3.1-8b, llama-tiny), or a Hugging Face
+    /// config.json (a path ending in .json, or a directory holding one).
     pub model: String,
     pub n_layer: usize,
     pub n_head: usize,

@@ -7,14 +7,15 @@
 //! stage and world size; a parameter is read in bounded chunks and its pages are released once
 //! copied, so memory stays at one output tensor. The Adam moments are never touched.
 //!
-//! The layout already holds transformers' GPT-2 names and shapes (lm_head tied to wte and
-//! stored once, as `GPT2LMHeadModel` expects), so the output needs no renaming; tensors come out
-//! in the model's canonical order (wte, wpe, h.0 ... h.{L-1}, ln_f).
+//! The layout already holds transformers' names and shapes for the checkpoint's family (GPT-2's
+//! lm_head tied to wte and stored once, as `GPT2LMHeadModel` expects; Llama's as
+//! `LlamaForCausalLM` names them, lm_head stored only when untied), so the output needs no
+//! renaming; tensors come out in the model's canonical order.
 
 use crate::checkpoint::{self, CheckpointError, PartitionReader};
 use crate::formats::dtype::DType;
 use crate::formats::source::{ShardedSource, SourceError, TensorInfo};
-use crate::model::GptConfig;
+use crate::model::ModelConfig;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tracing::info;
@@ -40,7 +41,7 @@ pub fn is_zerokit_dir(dir: &Path) -> bool {
 /// An opened zerokit checkpoint tag: manifest checked, rank files mapped.
 pub struct ZerokitSource {
     reader: PartitionReader,
-    cfg: GptConfig,
+    cfg: ModelConfig,
     tensors: Vec<TensorInfo>,
 }
 
@@ -49,7 +50,7 @@ impl ZerokitSource {
     /// size manifest.json records and carry its own identity in its header (rank, partitions,
     /// world size, stage, step: a truncated, replaced, swapped or misplaced file is named before
     /// anything is read, see [`PartitionReader::open`]), and the layout must hold exactly the
-    /// parameters of the GPT-2 that `model_config` describes.
+    /// parameters of the model that `model_config` describes.
     pub fn open(dir: &Path) -> Result<Self, ZerokitSourceError> {
         let manifest_path = dir.join("manifest.json");
         if !manifest_path.is_file() {
@@ -60,8 +61,8 @@ impl ZerokitSource {
         }
         let reader = PartitionReader::open(dir)?;
         let m = &reader.manifest;
-        let cfg: GptConfig = serde_json::from_value(m.model_config.clone())
-            .map_err(|e| invalid(&manifest_path, format!("model_config is not a GPT-2 configuration: {e}")))?;
+        let cfg = ModelConfig::from_manifest(&m.model_config)
+            .map_err(|e| invalid(&manifest_path, format!("model_config: {e}")))?;
         cfg.validate().map_err(|e| invalid(&manifest_path, format!("model_config: {e}")))?;
         let specs = cfg.param_specs();
         let stored: HashMap<&str, &[usize]> =
@@ -88,7 +89,7 @@ impl ZerokitSource {
             let extra: Vec<&str> = stored.keys().filter(|n| !specs.iter().any(|s| s.name == **n)).copied().collect();
             return Err(invalid(
                 &manifest_path,
-                format!("layout holds parameters that GPT-2 does not have: {extra:?}"),
+                format!("layout holds parameters that this {} model does not have: {extra:?}", cfg.family()),
             ));
         }
         let tensors: Vec<TensorInfo> = specs
@@ -135,7 +136,7 @@ impl ShardedSource for ZerokitSource {
     }
 
     fn hf_config(&self, dtype: DType) -> Option<serde_json::Value> {
-        let text = crate::interop::hf::config_json(&self.cfg, dtype.kind());
+        let text = super::hf_model::config_json(&self.cfg, dtype.kind());
         Some(serde_json::from_str(&text).expect("config_json writes valid JSON"))
     }
 

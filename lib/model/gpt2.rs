@@ -9,7 +9,8 @@
 //! flat ZeRO buffer through the handles of `named_parameters` and runs the model piecewise
 //! (`embed`, `block`, `head`) to overlap gradient reduction with backward.
 
-use super::init::{init_params, Init, SplitMix64};
+use super::generate::{generate, Context};
+use super::init::{init_params, Init};
 use super::{check_kind, head_backward_in_chunks, HeadGrads, Model, ModelError, NamedParams, ParamSpec};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, TchError, Tensor};
@@ -317,10 +318,8 @@ impl Gpt {
         super::loss(logits, targets)
     }
 
-    /// nanoGPT's sampling: `max_new_tokens` times, crop the context to block_size, take the last
-    /// position's logits / temperature, keep the top_k, and draw from the softmax. temperature 0
-    /// takes the argmax. Draws come from a generator seeded with `seed` (not libtorch's global
-    /// one), so a seed gives the same text on CPU and CUDA up to float ties.
+    /// nanoGPT's sampling over this model's logits ([`super::generate::generate`]), the context
+    /// cropped to block_size.
     pub fn generate(
         &self,
         idx: &Tensor,
@@ -329,52 +328,8 @@ impl Gpt {
         top_k: Option<usize>,
         seed: u64,
     ) -> Result<Tensor, ModelError> {
-        let bad = |m: String| Err(ModelError::Generate(m));
-        if idx.dim() != 2 || idx.kind() != Kind::Int64 {
-            return bad(format!("token ids must be a 2-D Int64 tensor, got {:?} {:?}", idx.kind(), idx.size()));
-        }
-        if idx.size()[1] == 0 {
-            return bad("the prompt is empty".into());
-        }
-        if !(temperature.is_finite() && temperature >= 0.0) {
-            return bad(format!("temperature must be finite and >= 0, got {temperature}"));
-        }
-        if top_k == Some(0) {
-            return bad("top_k must be at least 1".into());
-        }
-        let (lo, hi) = (idx.f_min()?.int64_value(&[]), idx.f_max()?.int64_value(&[]));
-        if lo < 0 || hi as usize >= self.cfg.vocab_size {
-            return bad(format!("token ids must lie in [0, {}), got {lo}..={hi}", self.cfg.vocab_size));
-        }
-        let b = idx.size()[0];
-        let v = self.cfg.vocab_size as i64;
-        let mut rng = SplitMix64::new(seed);
-        tch::no_grad(|| {
-            let mut idx = idx.to_device(self.device);
-            for _ in 0..max_new_tokens {
-                let t = idx.size()[1];
-                let start = (t - self.cfg.block_size as i64).max(0);
-                let idx_cond = idx.narrow(1, start, t - start);
-                let logits = self.forward(&idx_cond).select(1, -1).to_kind(Kind::Float);
-                let next = if temperature == 0.0 {
-                    logits.argmax(-1, true)
-                } else {
-                    let mut logits = logits / temperature;
-                    if let Some(k) = top_k.filter(|&k| (k as i64) < v) {
-                        let (top, _) = logits.topk(k as i64, -1, true, true);
-                        let kth = top.narrow(1, k as i64 - 1, 1);
-                        logits = logits.masked_fill(&logits.lt_tensor(&kth), f64::NEG_INFINITY);
-                    }
-                    let probs = logits.softmax(-1, Kind::Float).to_device(Device::Cpu).contiguous();
-                    let probs = Vec::<f32>::try_from(probs.view([-1]))?;
-                    let picks: Vec<i64> =
-                        probs.chunks(v as usize).map(|row| sample(row, rng.next_f64()) as i64).collect();
-                    Tensor::from_slice(&picks).view([b, 1]).to_device(self.device)
-                };
-                idx = Tensor::cat(&[idx, next], 1);
-            }
-            Ok(idx)
-        })
+        let limits = Context { positions: self.cfg.block_size, vocab_size: self.cfg.vocab_size, device: self.device };
+        generate(|x| self.forward(x), limits, idx, max_new_tokens, temperature, top_k, seed)
     }
 }
 
@@ -459,37 +414,9 @@ impl Model for Gpt {
     }
 }
 
-/// Index drawn from a probability row by inverse CDF at `u` in [0, 1); rows that sum a little
-/// under 1 (rounding) fall back to the last non-zero entry.
-fn sample(probs: &[f32], u: f64) -> usize {
-    let total: f64 = probs.iter().map(|&p| p as f64).sum();
-    let target = u * total;
-    let mut acc = 0.0f64;
-    let mut last = 0;
-    for (i, &p) in probs.iter().enumerate() {
-        if p > 0.0 {
-            acc += p as f64;
-            last = i;
-            if acc > target {
-                return i;
-            }
-        }
-    }
-    last
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sample_follows_the_cdf() {
-        let p = [0.0, 0.25, 0.0, 0.75];
-        assert_eq!(sample(&p, 0.0), 1);
-        assert_eq!(sample(&p, 0.2499), 1);
-        assert_eq!(sample(&p, 0.25), 3);
-        assert_eq!(sample(&p, 0.999_999), 3);
-    }
 
     #[test]
     fn param_specs_count_matches_num_params() {

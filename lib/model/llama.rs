@@ -9,6 +9,7 @@
 //! layout, so Hugging Face checkpoints move in and out with a plain copy. As for GPT-2, the engine
 //! re-points them into its flat buffer and runs the model piecewise (`embed`, `block`, head).
 
+use super::generate::{generate, Context};
 use super::init::{init_params, Init};
 use super::{check_kind, head_backward_in_chunks, loss, HeadGrads, Model, ModelError, NamedParams, ParamSpec};
 use serde::{Deserialize, Serialize};
@@ -17,6 +18,9 @@ use tch::{Device, Kind, TchError, Tensor};
 pub const EMBED: &str = "model.embed_tokens.weight";
 pub const NORM: &str = "model.norm.weight";
 pub const LM_HEAD: &str = "lm_head.weight";
+/// Shapes of Meta's released Llama 3 models as their config.json files give them, and a tiny
+/// one for CPU runs and tests.
+pub const PRESETS: [&str; 4] = ["llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b", "llama-tiny"];
 
 /// Llama 3's rope scaling (rope_type "llama3"): wavelengths longer than the original context /
 /// low_freq_factor are stretched by `factor`, those shorter than original / high_freq_factor are
@@ -55,6 +59,46 @@ pub struct LlamaConfig {
 }
 
 impl LlamaConfig {
+    /// The shape of a preset (see [`PRESETS`]): Llama 3.1 and 3.2 with their 128256-token
+    /// vocabulary, llama3 rope scaling and 131072 positions; `llama-tiny` is a two-layer GQA model
+    /// with GPT-2's padded vocabulary, for CPU runs on `prepare`'s tokens.
+    pub fn preset(name: &str) -> Result<LlamaConfig, ModelError> {
+        // (hidden, intermediate, layers, heads, kv heads, head_dim)
+        let (hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, num_key_value_heads, head_dim) =
+            match name {
+                "llama-3.2-1b" => (2048, 8192, 16, 32, 8, 64),
+                "llama-3.2-3b" => (3072, 8192, 28, 24, 8, 128),
+                "llama-3.1-8b" => (4096, 14336, 32, 32, 8, 128),
+                "llama-tiny" => (64, 176, 2, 4, 2, 16),
+                _ => return Err(ModelError::UnknownPreset(name.to_string())),
+            };
+        let tiny = name == "llama-tiny";
+        let rope_scaling = (!tiny).then_some(RopeScaling {
+            factor: if name == "llama-3.1-8b" { 8.0 } else { 32.0 },
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192,
+        });
+        Ok(LlamaConfig {
+            vocab_size: if tiny { 50304 } else { 128256 },
+            hidden_size,
+            intermediate_size,
+            num_hidden_layers,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            max_position_embeddings: if tiny { 1024 } else { 131072 },
+            rms_norm_eps: 1e-5,
+            rope_theta: if tiny { 10000.0 } else { 500000.0 },
+            rope_scaling,
+            tie_word_embeddings: name != "llama-3.1-8b",
+            attention_bias: false,
+            mlp_bias: false,
+            initializer_range: 0.02,
+            pad_token_id: None,
+        })
+    }
+
     pub fn validate(&self) -> Result<(), ModelError> {
         let bad = |m: String| Err(ModelError::LlamaConfig(m));
         let sizes = [
@@ -418,6 +462,21 @@ impl Llama {
         }
         self.head(&x)
     }
+
+    /// nanoGPT's sampling over this model's logits ([`super::generate::generate`]), the context
+    /// cropped to max_position_embeddings.
+    pub fn generate(
+        &self,
+        idx: &Tensor,
+        max_new_tokens: usize,
+        temperature: f64,
+        top_k: Option<usize>,
+        seed: u64,
+    ) -> Result<Tensor, ModelError> {
+        let c = &self.cfg;
+        let limits = Context { positions: c.max_position_embeddings, vocab_size: c.vocab_size, device: self.device };
+        generate(|x| self.forward(x), limits, idx, max_new_tokens, temperature, top_k, seed)
+    }
 }
 
 impl Model for Llama {
@@ -530,6 +589,20 @@ mod tests {
             initializer_range: 0.02,
             pad_token_id: None,
         }
+    }
+
+    #[test]
+    fn presets_are_valid_with_their_published_sizes() {
+        // Parameter counts as transformers' num_parameters() gives them for Meta's configs.
+        for (name, params) in
+            [("llama-3.2-1b", 1_235_814_400), ("llama-3.2-3b", 3_212_749_824), ("llama-3.1-8b", 8_030_261_248)]
+        {
+            let c = LlamaConfig::preset(name).unwrap();
+            c.validate().unwrap();
+            assert_eq!(c.num_params(), params, "{name}");
+        }
+        LlamaConfig::preset("llama-tiny").unwrap().validate().unwrap();
+        assert!(matches!(LlamaConfig::preset("llama-2-7b"), Err(ModelError::UnknownPreset(_))));
     }
 
     #[test]

@@ -1,12 +1,17 @@
 //! Models, and the contract between a model and the ZeRO engine ([`Model`]). The engine knows
 //! no model: this trait tells it which parameters exist, which of them each piece of the
 //! forward uses, and in which order their gradients become ready. GPT-2 ([`gpt2`]) and Llama
-//! ([`llama`]) implement it; [`init`] is their shared seeded initialisation.
+//! ([`llama`]) implement it; [`init`] is their shared seeded initialisation, [`generate`] their
+//! shared sampling, and [`family`] holds either behind one type (`ModelConfig`, `AnyModel`) for
+//! whatever learns the family only at run time.
 
+pub mod family;
+pub mod generate;
 pub mod gpt2;
 pub mod init;
 pub mod llama;
 
+pub use family::{preset_names, AnyModel, ModelConfig};
 use crate::kernels;
 pub use gpt2::{Gpt, GptConfig, INIT_STD, LAYER_NORM_EPS, PRESETS};
 pub use llama::{Llama, LlamaConfig, RopeScaling};
@@ -19,7 +24,10 @@ pub enum ModelError {
     Config(String),
     #[error("invalid Llama config: {0}")]
     LlamaConfig(String),
-    #[error("unknown model preset '{0}' (expected one of gpt2, gpt2-medium, gpt2-large, gpt2-xl)")]
+    #[error(
+        "unknown model preset '{0}' (expected one of gpt2, gpt2-medium, gpt2-large, gpt2-xl, llama-3.2-1b, \
+         llama-3.2-3b, llama-3.1-8b, llama-tiny)"
+    )]
     UnknownPreset(String),
     #[error("unsupported parameter kind {0:?} (expected Float, Half or BFloat16)")]
     Kind(Kind),

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 #[command(
     name = "train",
     version,
-    about = "Train GPT-2 with ZeRO data parallelism (nanoGPT's train.py, natively)",
+    about = "Train GPT-2 and Llama with ZeRO data parallelism (nanoGPT's train.py, natively)",
     args_conflicts_with_subcommands = true
 )]
 pub struct TrainCli {
@@ -60,7 +60,7 @@ pub struct FitArgs {
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct EvalArgs {
-    /// Checkpoint root (its latest tag), tag directory, or Hugging Face GPT-2 directory.
+    /// Checkpoint root (its latest tag), tag directory, or Hugging Face GPT-2 or Llama directory.
     pub checkpoint: PathBuf,
     /// Directory with the split files (from `prepare`).
     #[arg(long, default_value = "data/shakespeare")]
@@ -68,7 +68,8 @@ pub struct EvalArgs {
     /// A split of --dataset (val, test, train: DIR/SPLIT.bin) or a .bin token file.
     #[arg(long, default_value = "val")]
     pub split: String,
-    /// Tokens of context per window (default and maximum: the model's positions).
+    /// Tokens of context per window (default: the checkpoint's training block_size, else the
+    /// model's positions, which are also the maximum).
     #[arg(long)]
     pub block_size: Option<usize>,
     /// Windows per forward pass.
@@ -83,7 +84,7 @@ pub struct EvalArgs {
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct SampleArgs {
-    /// Checkpoint root (its latest tag), tag directory, or Hugging Face GPT-2 directory.
+    /// Checkpoint root (its latest tag), tag directory, or Hugging Face GPT-2 or Llama directory.
     pub checkpoint: PathBuf,
     #[arg(long, default_value = "\n")]
     pub prompt: String,
@@ -137,8 +138,8 @@ pub fn run_cli(cli: TrainCli) -> Result<(), TrainError> {
         // Under a launcher every rank runs the command; rank 0 alone answers.
         Some(TrainCommand::Sample(_) | TrainCommand::Eval(_)) if !is_rank0() => Ok(()),
         Some(TrainCommand::Eval(a)) => {
-            let (model, dir) = eval::load_model(&a.checkpoint, &a.device)?;
-            let e = eval::evaluate(&model, &dir, &a.dataset, &a.split, a.block_size, a.batch_size)?;
+            let loaded = eval::load_model(&a.checkpoint, &a.device)?;
+            let e = eval::evaluate(&loaded, &a.dataset, &a.split, a.block_size, a.batch_size)?;
             match a.json {
                 true => println!("{}", serde_json::to_string_pretty(&e).expect("an evaluation serializes")),
                 false => println!("{}", eval::render(&e)),

@@ -4,29 +4,40 @@
 use super::state::TrainError;
 use crate::checkpoint;
 use crate::data::dataset::TokenDataset;
-use crate::interop::hf;
-use crate::model::Gpt;
+use crate::interop::{hf, hf_model};
+use crate::model::AnyModel;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use tch::{Kind, Reduction, Tensor};
 
+/// A model loaded for `train eval` or `sample`.
+pub struct Loaded {
+    pub model: AnyModel,
+    /// The directory the weights came from (a tag directory or a Hugging Face directory).
+    pub dir: PathBuf,
+    /// The sequence length the checkpoint was trained at (its run's block_size); None for a
+    /// Hugging Face directory.
+    pub trained_block: Option<usize>,
+}
+
 /// Loads the model at `path` in fp32 on `device`: a zerokit checkpoint root (the tag `latest`
 /// names) or tag (checked against its manifest by size and header first), or a Hugging Face
-/// GPT-2 directory (config.json and model.safetensors, as zero-to-fp32 writes it). Returns the
-/// directory the weights came from.
-pub fn load_model(path: &Path, device: &str) -> Result<(Gpt, PathBuf), TrainError> {
+/// GPT-2 or Llama directory (config.json and model.safetensors, as zero-to-fp32 writes it).
+pub fn load_model(path: &Path, device: &str) -> Result<Loaded, TrainError> {
     let device = crate::device::parse_device(device).map_err(TrainError::Other)?;
     let is_hf = path.join(hf::CONFIG_FILE).is_file() && !path.join("manifest.json").is_file();
-    let dir = if is_hf {
-        path.to_path_buf()
+    let (dir, trained_block) = if is_hf {
+        (path.to_path_buf(), None)
     } else {
         // A tag directory is also a Hugging Face model directory (config.json + model.safetensors).
         let dir = checkpoint::resolve(path, None)?;
-        checkpoint::check_tag(&dir, &checkpoint::read_manifest(&dir)?)?;
-        dir
+        let m = checkpoint::read_manifest(&dir)?;
+        checkpoint::check_tag(&dir, &m)?;
+        let block = m.config.get("block_size").and_then(serde_json::Value::as_u64).map(|b| b as usize);
+        (dir, block)
     };
-    let (model, _) = hf::load_gpt2(&dir, device, Kind::Float)?;
-    Ok((model, dir))
+    let model = hf_model::load(&dir, device, Kind::Float)?;
+    Ok(Loaded { model, dir, trained_block })
 }
 
 /// What `train eval` measured.
@@ -60,23 +71,24 @@ fn split_file(dataset: &Path, split: &str) -> Result<(PathBuf, String), TrainErr
     Ok((dataset.to_path_buf(), split.to_string()))
 }
 
-/// Mean loss of `model` over every non-overlapping window of `block` + 1 tokens of the split
-/// (each window once), `batch` windows at a time.
+/// Mean loss of the loaded model over every non-overlapping window of `block` + 1 tokens of the
+/// split (each window once), `batch` windows at a time. `block` defaults to the length the
+/// checkpoint was trained at, else the model's positions; it is at most the positions.
 pub fn evaluate(
-    model: &Gpt,
-    model_dir: &Path,
+    loaded: &Loaded,
     dataset: &Path,
     split: &str,
     block: Option<usize>,
     batch: usize,
 ) -> Result<Evaluation, TrainError> {
+    let (model, cfg) = (&loaded.model, loaded.model.config());
     let (dir, stem) = split_file(dataset, split)?;
-    let data = TokenDataset::open(&dir, &stem, model.config().vocab_size)?;
-    let block = block.unwrap_or(model.config().block_size).min(model.config().block_size);
+    let data = TokenDataset::open(&dir, &stem, cfg.vocab_size())?;
+    let block = block.or(loaded.trained_block).unwrap_or(cfg.positions()).min(cfg.positions());
     let windows = data.num_windows(block);
     if windows == 0 {
         return Err(TrainError::Other(format!(
-            "{}: {} tokens, fewer than one window of {} + 1",
+            "{}: {} tokens, fewer than one window of {} + 1 (a shorter --block-size fits)",
             data.path().display(),
             data.len(),
             block
@@ -102,7 +114,7 @@ pub fn evaluate(
     let tokens = (windows * block) as u64;
     let loss = sum / tokens as f64;
     Ok(Evaluation {
-        model: model_dir.to_path_buf(),
+        model: loaded.dir.clone(),
         data: data.path().to_path_buf(),
         tokens,
         windows: windows as u64,

@@ -5,7 +5,7 @@ use super::setup::Run;
 use super::state::TrainError;
 use crate::checkpoint::saver::SaveMode;
 use crate::checkpoint::{self, ModelFiles, SaveInfo};
-use crate::interop::hf;
+use crate::interop::hf_model;
 use crate::model::Model;
 use crate::zero::StepStats;
 use std::ops::ControlFlow;
@@ -126,7 +126,7 @@ impl Run {
             tag: tag.to_string(),
             step: st.step,
             tokens_seen: st.tokens_seen,
-            model_config: serde_json::to_value(self.model_cfg).expect("config serializes"),
+            model_config: self.model_cfg.to_manifest(),
             config: serde_json::to_value(cfg).expect("config serializes"),
             lr,
             data: serde_json::to_value(DataPosition {
@@ -144,7 +144,7 @@ impl Run {
         let state = self.engine.state();
         let model = (self.rank == 0).then(|| ModelFiles {
             tensors: self.engine.model.named_parameters(),
-            hf_config: hf::config_json(&self.model_cfg, state.kind),
+            hf_config: hf_model::config_json(&self.model_cfg, state.kind),
         });
         self.saver.save(self.engine.comm(), &state, model.as_ref(), &self.cfg.out_dir, info, mode)?;
         Ok(())

@@ -3,13 +3,15 @@
 
 use super::state::TrainError;
 use crate::data::tokenize::{Encoding, Tokenizer};
-use crate::model::Gpt;
+use crate::model::AnyModel;
 use std::path::Path;
 use tch::{Device, Tensor};
 
-/// Generates text from `model` with nanoGPT's sampling (temperature, top-k, seeded).
+/// Generates text from `model` with nanoGPT's sampling (temperature, top-k, seeded). Text is
+/// GPT-2's BPE, the tokens `prepare` writes, whatever the family (a Llama trained on them
+/// included); ids beyond GPT-2's vocabulary are dropped from the text.
 pub fn text(
-    model: &Gpt,
+    model: &AnyModel,
     prompt: &str,
     tokens: usize,
     temperature: f64,
@@ -43,6 +45,6 @@ pub fn from_checkpoint(
     seed: u64,
     device: &str,
 ) -> Result<String, TrainError> {
-    let (model, _) = super::eval::load_model(path, device)?;
-    text(&model, prompt, tokens, temperature, top_k, seed)
+    let loaded = super::eval::load_model(path, device)?;
+    text(&loaded.model, prompt, tokens, temperature, top_k, seed)
 }

@@ -10,9 +10,9 @@ use crate::comm::{Collectives, ControlPlane, CpuComm, Rendezvous};
 use crate::config::TrainConfig;
 use crate::data::dataset::TokenDataset;
 use crate::formats::tfevents::EventWriter;
-use crate::interop::hf;
+use crate::interop::hf_model;
 use crate::lock::RunLock;
-use crate::model::{Gpt, GptConfig};
+use crate::model::{AnyModel, GptConfig, ModelConfig};
 use crate::optim::LrSchedule;
 use crate::zero::Engine;
 use indicatif::ProgressBar;
@@ -27,8 +27,8 @@ pub(super) struct Run {
     pub rank: usize,
     pub world: usize,
     pub device: Device,
-    pub engine: Engine<Gpt>,
-    pub model_cfg: GptConfig,
+    pub engine: Engine<AnyModel>,
+    pub model_cfg: ModelConfig,
     pub state: TrainState,
     /// The step this process started at (the resumed checkpoint's, or 0).
     pub start: u64,
@@ -92,29 +92,20 @@ impl Run {
 
         let resume = resume_point(&cfg)?;
         let model = initial_model(&cfg, resume.as_ref())?;
-        let model_cfg = *model.config();
-        if cfg.block_size > model_cfg.block_size {
+        let model_cfg = model.config();
+        let positions = model_cfg.positions();
+        if cfg.block_size > positions {
             let from = resume.as_ref().map_or(cfg.init_from.clone(), |(d, _)| d.display().to_string());
             return Err(TrainError::Other(format!(
-                "block_size {} is larger than the model's {} positions ({from}): set block_size to at most {}",
-                cfg.block_size, model_cfg.block_size, model_cfg.block_size
+                "block_size {} is larger than the model's {positions} positions ({from}): set block_size to at most {positions}",
+                cfg.block_size
             )));
         }
         // The configuration as in effect, printed and saved: a preset's or a loaded model's shape,
         // not the custom-model defaults it replaced.
-        (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.vocab_size) =
-            (model_cfg.n_layer, model_cfg.n_head, model_cfg.n_embd, model_cfg.vocab_size);
+        ((cfg.n_layer, cfg.n_head, cfg.n_embd), cfg.vocab_size) = (model_cfg.dims(), model_cfg.vocab_size());
         info!("resolved configuration:\n{}", cfg.to_toml());
-        let n_params = model_cfg.num_params();
-        info!(
-            "model: {} layers, {} heads, {} embd, block {}, vocab {}: {:.2}M parameters",
-            model_cfg.n_layer,
-            model_cfg.n_head,
-            model_cfg.n_embd,
-            model_cfg.block_size,
-            model_cfg.vocab_size,
-            n_params as f64 / 1e6
-        );
+        info!("model: {}", model_cfg.summary());
 
         let comm = collectives(ctl, device)?;
         let mut engine = Engine::new(model, cfg.engine(device, kind), comm)?;
@@ -126,8 +117,8 @@ impl Run {
             hashes = Some(h);
         }
 
-        let train = TokenDataset::open(&cfg.dataset, "train", model_cfg.vocab_size)?;
-        let val = TokenDataset::open(&cfg.dataset, "val", model_cfg.vocab_size)?;
+        let train = TokenDataset::open(&cfg.dataset, "train", model_cfg.vocab_size())?;
+        let val = TokenDataset::open(&cfg.dataset, "val", model_cfg.vocab_size())?;
         let start = state.step;
         let metrics_path = cfg.out_dir.join("metrics.jsonl");
         // The plot continues the curve of the run being resumed.
@@ -153,8 +144,7 @@ impl Run {
         Ok(Run {
             schedule: cfg.lr_schedule(),
             tokens_per_step: (cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps * world) as u64,
-            flops_per_token: 6.0 * n_params as f64
-                + 12.0 * (model_cfg.n_layer * model_cfg.n_embd * model_cfg.block_size) as f64,
+            flops_per_token: model_cfg.flops_per_token(cfg.block_size),
             cfg,
             rank,
             world,
@@ -197,21 +187,32 @@ pub fn resolve_device(cfg: &TrainConfig, local_rank: usize) -> Result<(Device, K
     Ok((device, kind))
 }
 
-/// The model shape the configuration asks for: a preset, or `custom` with its own sizes.
-pub fn model_config(cfg: &TrainConfig) -> Result<GptConfig, TrainError> {
-    let mut m = if cfg.model == "custom" {
-        GptConfig {
+/// The model shape the configuration asks for: `custom` (a GPT-2 of n_layer, n_head, n_embd), a
+/// preset (GPT-2's or Llama's layers and widths, with the run's vocab_size, and for GPT-2 its
+/// block_size as the positions), or else a Hugging Face config.json (a file ending in .json, or a
+/// directory holding one), taken as it is.
+pub fn model_config(cfg: &TrainConfig) -> Result<ModelConfig, TrainError> {
+    let path = Path::new(&cfg.model);
+    let mut m = match ModelConfig::preset(&cfg.model) {
+        _ if cfg.model == "custom" => ModelConfig::Gpt2(GptConfig {
             n_layer: cfg.n_layer,
             n_head: cfg.n_head,
             n_embd: cfg.n_embd,
             block_size: cfg.block_size,
             vocab_size: cfg.vocab_size,
+        }),
+        Ok(m) => m,
+        Err(_) if cfg.model.ends_with(".json") || path.is_dir() => {
+            let m = hf_model::read_config(path)?;
+            m.validate().map_err(|e| TrainError::Other(format!("model = {:?}: {e}", cfg.model)))?;
+            return Ok(m);
         }
-    } else {
-        GptConfig::preset(&cfg.model)?
+        Err(e) => return Err(e.into()),
     };
-    m.block_size = cfg.block_size;
-    m.vocab_size = cfg.vocab_size;
+    if let ModelConfig::Gpt2(c) = &mut m {
+        c.block_size = cfg.block_size;
+    }
+    m.set_vocab_size(cfg.vocab_size);
     Ok(m)
 }
 
@@ -310,27 +311,31 @@ fn resume_point(cfg: &TrainConfig) -> Result<Option<(PathBuf, Manifest)>, TrainE
 /// The model a run starts from, in fp32 on the host with identical weights on every rank (the
 /// engine moves it to the device in the compute kind): fresh (from the seed), the resumed
 /// checkpoint's shape, or a Hugging Face directory's weights.
-fn initial_model(cfg: &TrainConfig, resume: Option<&(PathBuf, Manifest)>) -> Result<Gpt, TrainError> {
+fn initial_model(cfg: &TrainConfig, resume: Option<&(PathBuf, Manifest)>) -> Result<AnyModel, TrainError> {
     let shape = match resume {
-        Some((dir, m)) => serde_json::from_value(m.model_config.clone())
+        Some((dir, m)) => ModelConfig::from_manifest(&m.model_config)
             .map_err(|e| TrainError::Other(format!("{}: model_config: {e}", dir.display())))?,
         None => model_config(cfg)?,
     };
     Ok(match cfg.init_from.as_str() {
-        "scratch" | "resume" => Gpt::new(&shape, Device::Cpu, Kind::Float, cfg.seed)?,
+        "scratch" | "resume" => shape.new_model(Device::Cpu, Kind::Float, cfg.seed)?,
         dir if !Path::new(dir).is_dir() => {
             return Err(TrainError::Other(format!(
                 "init_from = {dir:?}: not a directory. zerokit downloads nothing: give a local Hugging Face GPT-2 \
-                 directory (config.json and model.safetensors), \"scratch\" or \"resume\""
+                 or Llama directory (config.json and model.safetensors or its sharded index), \"scratch\" or \"resume\""
             )))
         }
-        dir => hf::load_gpt2(Path::new(dir), Device::Cpu, Kind::Float)?.0,
+        dir => hf_model::load(Path::new(dir), Device::Cpu, Kind::Float)?,
     })
 }
 
 /// Loads the engine's partition from the tag at `dir` and starts the background sha256 check of
 /// this rank's share of its files; returns where training stood.
-fn resume_engine(engine: &mut Engine<Gpt>, dir: &Path, rank: usize) -> Result<(TrainState, ResumeHashes), TrainError> {
+fn resume_engine(
+    engine: &mut Engine<AnyModel>,
+    dir: &Path,
+    rank: usize,
+) -> Result<(TrainState, ResumeHashes), TrainError> {
     let want = engine.state();
     let device = engine.config().device;
     let (m, part) = {

@@ -17,13 +17,20 @@ pub fn python() -> PathBuf {
     py
 }
 
-/// Loads a model directory into transformers' GPT2LMHeadModel (tools/check_hf_roundtrip.py,
-/// which also fails on missing, unexpected or untied weights) and returns its logits on `tokens`.
+/// Loads a model directory into transformers (AutoModelForCausalLM through
+/// tools/check_hf_roundtrip.py, which also fails on missing, unexpected or untied weights) and
+/// returns its logits on `tokens`.
 pub fn transformers_logits(dir: &Path, tokens: &Tensor) -> Tensor {
+    transformers_outputs(dir, &[("tokens", tokens)]).remove("logits").expect("check_hf_roundtrip.py writes logits")
+}
+
+/// What tools/check_hf_roundtrip.py writes for `inputs` ("tokens", and optionally "prompt" with
+/// "max_new_tokens" for greedy generation), by name.
+pub fn transformers_outputs(dir: &Path, inputs: &[(&str, &Tensor)]) -> std::collections::HashMap<String, Tensor> {
     let work = dir.parent().unwrap();
     let tok_path = work.join("tokens.safetensors");
     let out_path = work.join("hf_logits.safetensors");
-    Tensor::write_safetensors(&[("tokens", tokens)], &tok_path).unwrap();
+    Tensor::write_safetensors(inputs, &tok_path).unwrap();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/check_hf_roundtrip.py");
     let out = Command::new(python()).arg(&script).arg(dir).arg(&tok_path).arg(&out_path).output().unwrap();
     assert!(
@@ -32,12 +39,7 @@ pub fn transformers_logits(dir: &Path, tokens: &Tensor) -> Tensor {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    Tensor::read_safetensors(&out_path)
-        .unwrap()
-        .into_iter()
-        .find(|(n, _)| n == "logits")
-        .expect("check_hf_roundtrip.py writes logits")
-        .1
+    Tensor::read_safetensors(&out_path).unwrap().into_iter().collect()
 }
 
 /// zero-to-fp32's defaults for CHECKPOINT -> OUTPUT (fp32, 5GB shards, nothing optional).
