@@ -811,6 +811,41 @@ fn finish_save(
     Ok(dir)
 }
 
+/// Rank 0: the tag `info.tag` made of the files of `from`, a complete tag of this very state
+/// (the same step) under `root`: they are hard-linked into `partial` (copied and synced where the
+/// filesystem has no hard links), and [`finish_save`] gives the tag its own manifest. A run whose
+/// last evaluation saved the last step ends with `final` this way, without writing the state a
+/// second time or taking its space twice; the files hold no tag name, only the step.
+fn link_tag(
+    state: &ZeroState,
+    root: &Path,
+    partial: &Path,
+    from: &str,
+    info: &SaveInfo,
+) -> Result<PathBuf, CheckpointError> {
+    let src = root.join(from);
+    let m = read_manifest(&src)?;
+    if m.step != info.step || m.world_size != state.world || m.zero_stage != state.stage {
+        return Err(invalid(
+            &src,
+            format!(
+                "holds step {} (world size {}, stage {}), not the state being saved as {} (step {}, world size {}, stage {})",
+                m.step, m.world_size, m.zero_stage, info.tag, info.step, state.world, state.stage
+            ),
+        ));
+    }
+    for name in m.files.keys() {
+        let (a, b) = (src.join(name), partial.join(name));
+        if fs::hard_link(&a, &b).is_err() {
+            fs::copy(&a, &b).map_err(|e| FsError::io(&b, e))?;
+            fs::File::open(&b).and_then(|f| f.sync_all()).map_err(|e| FsError::io(&b, e))?;
+        }
+    }
+    fsutil::sync_parent(&partial.join(MODEL_FILE));
+    save_point("files linked", &info.tag);
+    finish_save(state, root, partial, info, m.files)
+}
+
 /// The files of a tag that `rank` hashes when a run resumes from it (see [`ResumeHashes`]):
 /// each rank file once, by the lowest rank whose partition of `layout` (the resuming run's)
 /// reads from it, so the bytes are hashed on the node that just read them and the work is

@@ -281,6 +281,12 @@ fn every_run_ends_with_a_final_tag_that_every_tool_takes() {
     let manifest: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(root.join("final/manifest.json")).unwrap()).unwrap();
     assert_eq!((manifest["tag"].as_str(), manifest["step"].as_u64()), (Some("final"), Some(6)));
+    // step 6 was saved by its evaluation, so final holds the same files, linked: the same inodes.
+    use std::os::unix::fs::MetadataExt;
+    for file in ["model.safetensors", "rank_00000.safetensors", "rank_00001.safetensors", "config.json"] {
+        let ino = |tag: &str| std::fs::metadata(root.join(tag).join(file)).unwrap().ino();
+        assert_eq!(ino("final"), ino("step_00000006"), "{file} of final is not step 6's");
+    }
 
     let tool = |bin: &str, args: &[&str]| run_out(Command::new(bin).args(args));
     let r = root.to_str().unwrap();

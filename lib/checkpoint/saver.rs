@@ -13,8 +13,8 @@
 //! on any rank's thread comes back as an error at the next poll, save or wait, on every rank.
 
 use super::{
-    begin_save, comm_step, finish_save, write_model_files, write_rank_file, CheckpointError, FileEntry, ModelFiles,
-    SaveInfo,
+    begin_save, comm_step, finish_save, link_tag, write_model_files, write_rank_file, CheckpointError, FileEntry,
+    ModelFiles, SaveInfo,
 };
 use crate::comm::Collectives;
 use crate::units::human_bytes;
@@ -182,6 +182,42 @@ impl Saver {
         };
         info!("save of {tag}: training paused {:.3} s ({how})", stall.as_secs_f64());
         Ok(())
+    }
+
+    /// Saves `state` as `info.tag` from the files of tag `from`, which holds this same state
+    /// (the step `from` was saved at has not moved on): rank 0 links them under the new name and
+    /// writes its manifest, so nothing is copied or written again. The save still writing,
+    /// which may be `from`, is waited for first. Collective; every rank returns rank 0's error.
+    pub fn link(
+        &mut self,
+        comm: &mut dyn Collectives,
+        state: &ZeroState,
+        root: &Path,
+        from: &str,
+        info: SaveInfo,
+    ) -> Result<(), CheckpointError> {
+        let t0 = Instant::now();
+        self.wait(comm)?;
+        let partial = begin_save(comm, root, &info.tag)?;
+        let rank = comm.rank();
+        let outcome = if rank == 0 { link_tag(state, root, &partial, from, &info).map(Some) } else { Ok(None) };
+        let msg = outcome.as_ref().err().map(|e| e.to_string()).unwrap_or_default();
+        let shared =
+            comm_step(comm.control().broadcast((rank == 0).then_some(msg.as_bytes()), "checkpoint linked"), &partial)?;
+        if let Some(dir) = outcome? {
+            info!(
+                "saved checkpoint {}: the files of {from} (the same step), linked in {:.3} s",
+                dir.display(),
+                t0.elapsed().as_secs_f64()
+            );
+        }
+        if shared.is_empty() {
+            return Ok(());
+        }
+        Err(CheckpointError::Save {
+            tag: info.tag,
+            msg: format!("rank 0 could not link {from}'s files: {}", String::from_utf8_lossy(&shared)),
+        })
     }
 
     /// Between steps: whether every rank's files of the save that is out are written, agreed on

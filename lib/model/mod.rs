@@ -11,8 +11,8 @@ pub mod gpt2;
 pub mod init;
 pub mod llama;
 
-pub use family::{preset_names, AnyModel, ModelConfig};
 use crate::kernels;
+pub use family::{preset_names, AnyModel, ModelConfig};
 pub use gpt2::{Gpt, GptConfig, INIT_STD, LAYER_NORM_EPS, PRESETS};
 pub use llama::{Llama, LlamaConfig, RopeScaling};
 use std::collections::HashMap;

@@ -118,11 +118,11 @@ impl Run {
         Ok(ControlFlow::Continue(()))
     }
 
-    /// Saves the current step as `tag` (collective), with the last evaluation's losses; in the
-    /// background, the save returns once the state is copied to host memory.
-    fn save(&mut self, tag: &str, lr: f64, mode: SaveMode) -> Result<(), TrainError> {
+    /// What a save of the current step as `tag` records besides the state: the run's position,
+    /// configuration and the last evaluation's losses.
+    fn save_info(&self, tag: &str, lr: f64) -> SaveInfo {
         let (cfg, st) = (&self.cfg, &self.state);
-        let info = SaveInfo {
+        SaveInfo {
             tag: tag.to_string(),
             step: st.step,
             tokens_seen: st.tokens_seen,
@@ -139,7 +139,13 @@ impl Run {
             metrics: st.metrics(self.last_eval),
             keep_last: cfg.keep_last,
             best: st.best_tag.clone(),
-        };
+        }
+    }
+
+    /// Saves the current step as `tag` (collective), with the last evaluation's losses; in the
+    /// background, the save returns once the state is copied to host memory.
+    fn save(&mut self, tag: &str, lr: f64, mode: SaveMode) -> Result<(), TrainError> {
+        let info = self.save_info(tag, lr);
         self.settle()?;
         let state = self.engine.state();
         let model = (self.rank == 0).then(|| ModelFiles {
@@ -147,6 +153,7 @@ impl Run {
             hf_config: hf_model::config_json(&self.model_cfg, state.kind),
         });
         self.saver.save(self.engine.comm(), &state, model.as_ref(), &self.cfg.out_dir, info, mode)?;
+        self.last_saved = Some((tag.to_string(), self.state.step));
         Ok(())
     }
 
@@ -261,15 +268,28 @@ impl Run {
     }
 
     /// Every run ends with the tag `final`, whatever its validation loss did, unless
-    /// checkpointing is off (eval_iters = 0) or this process only reopened that same tag. It is
-    /// a blocking save (nothing is left to overlap it), after the save still writing, if any.
+    /// checkpointing is off (eval_iters = 0) or this process only reopened that same tag. When
+    /// the last evaluation saved this very step, `final` links that tag's files (nothing is
+    /// written twice); otherwise it is a blocking save (nothing is left to overlap it). Either
+    /// comes after the save still writing, if any.
     fn save_final(&mut self) -> Result<(), TrainError> {
         let reopened = self.resumed_from.as_ref().is_some_and(|d| d.ends_with(checkpoint::FINAL_TAG));
         if self.cfg.eval_iters == 0 || (reopened && self.state.step == self.start) {
             return Ok(());
         }
         let lr = self.schedule.lr(self.state.step);
-        self.save(checkpoint::FINAL_TAG, lr, SaveMode::Blocking)
+        match self.last_saved.clone() {
+            // The last evaluation saved this very step: final takes that tag's files.
+            Some((tag, step)) if step == self.state.step && tag != checkpoint::FINAL_TAG => {
+                let info = self.save_info(checkpoint::FINAL_TAG, lr);
+                self.settle()?;
+                let state = self.engine.state();
+                self.saver.link(self.engine.comm(), &state, &self.cfg.out_dir, &tag, info)?;
+                self.last_saved = Some((checkpoint::FINAL_TAG.to_string(), step));
+                Ok(())
+            }
+            _ => self.save(checkpoint::FINAL_TAG, lr, SaveMode::Blocking),
+        }
     }
 
     /// The end of a run: the final tag, every save complete, the resumed checkpoint's hashes

@@ -38,6 +38,9 @@ pub(super) struct Run {
     pub hashes: Option<ResumeHashes>,
     /// Checkpoint saves, the one still writing in the background included.
     pub saver: Saver,
+    /// The tag this run saved last and its step (`final` links to its files when the run ends
+    /// at that step).
+    pub last_saved: Option<(String, u64)>,
     pub train: TokenDataset,
     pub val: TokenDataset,
     pub schedule: LrSchedule,
@@ -156,6 +159,7 @@ impl Run {
             resumed_from: resume.map(|(d, _)| d),
             hashes,
             saver: Saver::new(),
+            last_saved: None,
             train,
             val,
             metrics_path,
