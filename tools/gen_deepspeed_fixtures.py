@@ -1,11 +1,14 @@
 #!/usr/bin/env python
 """Writes real DeepSpeed ZeRO checkpoints of tiny GPT-2-shaped models, and beside each one
-DeepSpeed's own consolidation of it (reference.safetensors), for tests/convert_deepspeed.rs.
+DeepSpeed's own consolidation of it (reference.safetensors), for tests/convert_deepspeed.rs, and
+of its Adam moments (reference_moments.safetensors), for tests/deepspeed_resume.rs.
 
 Each case trains a few steps with DeepSpeed itself (several processes, gloo) and saves with
 engine.save_checkpoint, so the file layout and pickles are exactly what DeepSpeed writes. The
 reference comes from deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint on the
 saved files, so zerokit is compared with DeepSpeed's own reconstruction, not with a re-derivation.
+The moments' reference is DeepSpeed's universal-checkpoint conversion (deepspeed.checkpoint.
+ds_to_universal, which consolidates fp32 weights, exp_avg and exp_avg_sq per parameter).
 
 Sizes are chosen so that partition padding is needed: the per-group element counts are not
 multiples of 2 * world_size, and stage 3's per-parameter sizes are not multiples of world_size.
@@ -137,6 +140,50 @@ def write_reference(ckpt):
     for script in ("zero_to_fp32.py", "zero_to_torch.py"):
         if os.path.exists(os.path.join(ckpt, script)):
             os.remove(os.path.join(ckpt, script))
+    write_moment_reference(ckpt)
+
+
+def write_moment_reference(ckpt):
+    """DeepSpeed's universal-checkpoint conversion of the tag `latest` names, run as its command
+    line runs it, then its per-parameter exp_avg and exp_avg_sq (trained parameters only: frozen
+    ones have none) written flat as "<name>/exp_avg" and "<name>/exp_avg_sq", with Adam's step in the
+    metadata. --inject_missing_state supplies the universal_checkpoint_info that only Megatron-style
+    clients save (it writes into the output folder, not the input)."""
+    import subprocess
+    import torch
+    from safetensors.torch import save_file
+    with open(os.path.join(ckpt, "latest")) as f:
+        tag = f.read().strip()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "universal")
+        env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"))
+        subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                        os.path.join(ckpt, tag), "--output_folder", out, "--num_extract_workers", "1",
+                        "--num_merge_workers", "1", "--inject_missing_state"],
+                       check=True, env=env, stdout=subprocess.DEVNULL)
+        tensors, steps = {}, set()
+        zero = os.path.join(out, "zero")
+        for name in sorted(os.listdir(zero)):
+            d = os.path.join(zero, name)
+            if not os.path.isdir(d):
+                continue
+            for key in ("exp_avg", "exp_avg_sq"):
+                f = os.path.join(d, key + ".pt")
+                if os.path.exists(f):
+                    # Stages 1-2 save {"param": tensor, ...} in the parameter's shape, stage 3 the
+                    # bare tensor, flat: both are kept flat here.
+                    t = torch.load(f, weights_only=False)
+                    t = t["param"] if isinstance(t, dict) else t
+                    tensors[name + "/" + key] = t.float().reshape(-1).contiguous()
+            if os.path.exists(os.path.join(d, "step.pt")):
+                steps.add(float(torch.load(os.path.join(d, "step.pt"), weights_only=False)))
+        if not steps:
+            # Stage 3's conversion keeps Adam's step only in the common optimizer state.
+            common = torch.load(os.path.join(zero, "optimizer_state.pt"), weights_only=False)
+            steps = {float(st["step"]) for st in common["optimizer_state_dict"]["state"].values()}
+        assert len(steps) == 1, steps
+        save_file(tensors, os.path.join(ckpt, "reference_moments.safetensors"),
+                  metadata={"step": str(int(steps.pop()))})
 
 
 def main():
