@@ -15,6 +15,8 @@ multiples of 2 * world_size, and stage 3's per-parameter sizes are not multiples
 
     # CPU, here (default): every case that DeepSpeed's CPU accelerator can run
     DS_ACCELERATOR=cpu .deps/py/bin/python tools/gen_deepspeed_fixtures.py
+    # DeepSpeed continuing some of the saved runs one step (continued.safetensors beside them)
+    DS_ACCELERATOR=cpu .deps/py/bin/python tools/gen_deepspeed_fixtures.py --continue
     # one GPU per process, for the cases the CPU accelerator cannot run
     .deps/py/bin/python tools/gen_deepspeed_fixtures.py --device cuda --only fp16
 """
@@ -25,6 +27,9 @@ import shutil
 import socket
 import sys
 import tempfile
+
+# Cases --continue continues (no frozen parameter: zerokit trains every parameter).
+CONTINUED = ["s1_fp16_w2", "s2_bf16_w4", "s3_bf16_w2"]
 
 CASES = [
     # name, stage, dtype, world size, freeze wpe, parameter_alignment
@@ -59,7 +64,7 @@ def tiny_gpt2():
     return model
 
 
-def worker(rank, world, port, case, out_root, device, steps):
+def worker(rank, world, port, case, out_root, device, steps, cont=False):
     import torch
     import torch.distributed
     name, stage, dtype, _, freeze, align = case
@@ -109,6 +114,10 @@ def worker(rank, world, port, case, out_root, device, steps):
         print(name, "group numels", numels, flush=True)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
     dev = engine.device
+    if cont:
+        continue_one_step(engine, rank, world, os.path.join(out_root, name))
+        torch.distributed.destroy_process_group()
+        return
     g = torch.Generator().manual_seed(rank)
     for _ in range(steps):
         x = torch.randint(0, 37, (2, 9), generator=g).to(dev)
@@ -122,6 +131,40 @@ def worker(rank, world, port, case, out_root, device, steps):
         write_reference(ckpt)
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
+
+
+def continue_one_step(engine, rank, world, ckpt):
+    """DeepSpeed's own continuation of a saved run: load_checkpoint (the tag `latest` names, with
+    the optimizer state), one step on a fixed batch of 2 sequences of 9 tokens per rank, then
+    rank 0 writes continued.safetensors: the global batch ("batch", ranks' rows in rank order),
+    every parameter's fp32 master weights after the step ("weights/<name>", through
+    safe_get_full_fp32_param, collective at stage 3), and in the metadata the mean loss of the
+    step, the learning rate and the loss scale it used."""
+    import torch
+    import torch.distributed as dist
+    from deepspeed.utils import safe_get_full_fp32_param
+    from safetensors.torch import save_file
+    engine.load_checkpoint(ckpt)
+    step = engine.global_steps
+    scale = engine.optimizer.cur_scale if hasattr(engine.optimizer, "cur_scale") else 1.0
+    x = torch.randint(0, 37, (2, 9), generator=torch.Generator().manual_seed(1000 + rank)).to(engine.device)
+    loss = engine(input_ids=x, labels=x).loss
+    engine.backward(loss)
+    lr = engine.get_lr()[0]
+    engine.step()
+    assert engine.global_steps == step + 1 and engine.skipped_steps == 0, "the continued step was skipped"
+    xs = [torch.zeros_like(x) for _ in range(world)]
+    dist.all_gather(xs, x)
+    mean = loss.detach().float().clone()
+    dist.all_reduce(mean)
+    weights = {"weights/" + n: safe_get_full_fp32_param(p).detach().float().cpu().contiguous()
+               for n, p in engine.module.named_parameters()}
+    if rank == 0:
+        meta = {"loss": repr(mean.item() / world), "lr": repr(float(lr)), "loss_scale": repr(float(scale)),
+                "step": str(step)}
+        save_file({"batch": torch.cat(xs).cpu(), **weights}, os.path.join(ckpt, "continued.safetensors"),
+                  metadata=meta)
+    dist.barrier()
 
 
 def write_reference(ckpt):
@@ -194,6 +237,8 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--references-only", action="store_true",
                     help="recompute the reference files of existing checkpoints, without training")
+    ap.add_argument("--continue", dest="cont", action="store_true",
+                    help="continue the saved runs of CONTINUED one step (continued.safetensors)")
     args = ap.parse_args()
     if args.references_only:
         for case in CASES:
@@ -208,6 +253,12 @@ def main():
     failed = []
     for case in CASES:
         if args.only and args.only not in case[0]:
+            continue
+        if args.cont:
+            if case[0] in CONTINUED:
+                mp.spawn(worker, args=(case[3], free_port(), case, args.out, args.device, args.steps, True),
+                         nprocs=case[3], join=True)
+                print("continued", case[0], flush=True)
             continue
         world = case[3]
         dest = os.path.join(args.out, case[0])
