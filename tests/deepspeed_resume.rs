@@ -313,3 +313,62 @@ fn zerokit_continues_a_deepspeed_run_as_deepspeed_does() {
         assert!(moved > 10.0 * TOL, "{case}: the step moved no weight by more than {moved}");
     }
 }
+
+fn run_out(cmd: &mut std::process::Command) -> (bool, String) {
+    let o = cmd.output().unwrap();
+    (o.status.success(), String::from_utf8_lossy(&o.stderr).into_owned())
+}
+
+/// `train --resume-from` a DeepSpeed root (its `latest` followed) and the `resume_from` key with a
+/// `global_stepN` directory: the run continues at DeepSpeed's step, at another world size and
+/// stage, says what does not carry over, and saves its own checkpoints from there; a model of
+/// another shape is refused naming the file and the tensor.
+#[test]
+fn train_continues_a_deepspeed_checkpoint() {
+    use common::tiny::{config, launch_args, train_command};
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    common::random_tokens(&data, 37, &[("train", 4000, 3), ("val", 1000, 5)]);
+    let keys =
+        "n_layer = 2\nn_head = 3\nn_embd = 9\nblock_size = 8\nmax_iters = 5\neval_interval = 5\nlearning_rate = 1e-2";
+
+    let dir = tmp.path().join("fp16");
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = config(&dir, &data, &format!("{keys}\ndtype = \"fp16\"\nzero_stage = 1"));
+    let mut args = launch_args(2);
+    args.extend(["--resume-from".to_string(), fixtures().join("s2_fp16_w4").display().to_string()]);
+    let (ok, err) = run_out(&mut train_command(&cfg, &args, &[]));
+    assert!(ok, "{err}");
+    for said in [
+        "resumed from the DeepSpeed checkpoint",
+        "DeepSpeed ZeRO-2 checkpoint, 4 ranks, fp16",
+        "step 3, Adam step 3, loss scale 16",
+        "not carried over from DeepSpeed: data position",
+        "frozen parameters: transformer.wpe.weight",
+    ] {
+        assert!(err.contains(said), "{said:?} not in:\n{err}");
+    }
+    assert_eq!(common::manifest(&dir.join("out/final"))["step"], 5);
+
+    let dir = tmp.path().join("bf16");
+    std::fs::create_dir_all(&dir).unwrap();
+    let tag = fixtures().join("s3_bf16_w2/global_step3");
+    let cfg = config(
+        &dir,
+        &data,
+        &format!("{keys}\ndtype = \"bf16\"\ninit_from = \"resume\"\nresume_from = \"{}\"", tag.display()),
+    );
+    let (ok, err) = run_out(&mut train_command(&cfg, &[], &[]));
+    assert!(ok && err.contains("DeepSpeed ZeRO-3 checkpoint, 2 ranks, bf16"), "{err}");
+    assert_eq!(common::manifest(&dir.join("out/final"))["step"], 5);
+
+    let three = keys.replace("n_layer = 2", "n_layer = 3");
+    let cfg = config(&dir, &data, &format!("{three}\ninit_from = \"resume\"\nresume_from = \"{}\"", tag.display()));
+    let (ok, err) = run_out(&mut train_command(&cfg, &[], &[]));
+    assert!(
+        !ok && err.contains(
+            "zero_pp_rank_0_mp_rank_00_model_states.pt: holds no tensor for this run's parameter transformer.h.2."
+        ),
+        "{err}"
+    );
+}

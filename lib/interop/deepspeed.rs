@@ -859,7 +859,8 @@ impl DeepSpeedSource {
         let n = if base.as_seq().is_some() { base.as_seq().map_or(0, <[Value]>::len) } else { groups.len() };
         let mut step: Option<u64> = None;
         for gi in 0..n {
-            let in_state = match self.group_state(base, gi, p)?.get("step") {
+            // A group without Adam state (saved before the first step) has no step to give.
+            let in_state = match self.group_state(base, gi, p).ok().and_then(|st| st.get("step")) {
                 Some(Value::Tensor(t)) => Some(self.scalar(0, t)?),
                 Some(v) => v.as_f64(),
                 None => None,

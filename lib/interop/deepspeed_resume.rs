@@ -258,10 +258,9 @@ impl DeepSpeedResume {
         let step = self.step();
         let mut notes = vec![format!(
             "data position: the DeepSpeed run's dataloader is its training script's and is not in the checkpoint \
-             ({}); zerokit draws the batches of step {} on from its own sampler over `dataset` (seeded by `seed` and \
-             the step), so sequences the DeepSpeed run saw may be seen again and its order is not continued",
+             ({}); zerokit draws the batches from step {step} on from its own sampler over `dataset` (seeded by \
+             `seed` and the step), so sequences the DeepSpeed run saw may be seen again and its order is not continued",
             r.global_samples.map_or("sample count not recorded".into(), |n| format!("it had consumed {n} sequences")),
-            step + 1
         )];
         let ds_lr = r.param_groups.first().and_then(|g| g.lr);
         notes.push(format!(
@@ -280,12 +279,21 @@ impl DeepSpeedResume {
             let groups: Vec<String> = r
                 .param_groups
                 .iter()
-                .map(|g| format!("betas {:?} eps {:?} weight_decay {:?}", g.betas, g.eps, g.weight_decay))
+                .map(|g| {
+                    let or = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+                    format!(
+                        "betas {}, eps {}, weight_decay {}",
+                        or(g.betas.map(|b| format!("({}, {})", b.0, b.1))),
+                        or(g.eps.map(|e| format!("{e:e}"))),
+                        or(g.weight_decay.map(|w| w.to_string()))
+                    )
+                })
                 .collect();
             notes.push(format!(
-                "AdamW settings: zerokit's configuration (betas {:?}, eps {:e}, weight_decay {} on tensors of 2 or more \
-                 dimensions) replaces the DeepSpeed param groups' ({})",
-                a.betas,
+                "AdamW settings: zerokit's configuration (betas ({}, {}), eps {:e}, weight_decay {} on tensors of 2 or \
+                 more dimensions) replaces the DeepSpeed param groups' ({})",
+                a.betas.0,
+                a.betas.1,
                 a.eps,
                 a.weight_decay,
                 groups.join("; ")

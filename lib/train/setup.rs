@@ -293,7 +293,7 @@ enum Resume {
     /// A zerokit tag and its manifest.
     Zerokit(PathBuf, Manifest),
     /// A DeepSpeed ZeRO checkpoint's tag.
-    DeepSpeed(Box<DeepSpeedResume>),
+    DeepSpeed(DeepSpeedResume),
 }
 
 impl Resume {
@@ -333,7 +333,7 @@ fn resume_point(cfg: &TrainConfig) -> Result<Option<Resume>, TrainError> {
 }
 
 fn deepspeed_point(dir: &Path) -> Result<Option<Resume>, TrainError> {
-    Ok(Some(Resume::DeepSpeed(Box::new(DeepSpeedResume::open(dir)?))))
+    Ok(Some(Resume::DeepSpeed(DeepSpeedResume::open(dir)?)))
 }
 
 /// The model a run starts from, in fp32 on the host with identical weights on every rank (the
