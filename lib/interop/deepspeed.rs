@@ -54,6 +54,9 @@ fn layout(path: &Path, what: impl Into<String>) -> DeepSpeedError {
     DeepSpeedError::Layout { path: path.to_path_buf(), what: what.into() }
 }
 
+/// A trainable parameter cut from the flat tensors: name, shape, where its elements lie.
+type CutParam = (String, Vec<u64>, Vec<Piece>);
+
 /// A run of elements of one tensor inside one rank file.
 #[derive(Debug, Clone)]
 struct Piece {
@@ -663,12 +666,7 @@ impl DeepSpeedSource {
 
     /// Cuts each rank's flat tensors (`flat`, of `field`) into the trainable parameters:
     /// (name, shape, pieces), in flat order.
-    #[allow(clippy::type_complexity)]
-    fn cut(
-        &self,
-        flat: &[Vec<TensorRef>],
-        field: Field,
-    ) -> Result<Vec<(String, Vec<u64>, Vec<Piece>)>, DeepSpeedError> {
+    fn cut(&self, flat: &[Vec<TensorRef>], field: Field) -> Result<Vec<CutParam>, DeepSpeedError> {
         let world = self.world_size;
         let mpath = self.model_states_path();
         let mut out = vec![];
