@@ -20,7 +20,7 @@
 use super::deepspeed::{DeepSpeedError, DeepSpeedSource, Field, TrainingRecord};
 use super::hf::{self, Key};
 use crate::formats::dtype::{cast, DType};
-use crate::formats::source::{ShardedSource, SourceError, TensorInfo};
+use crate::formats::source::{units, ShardedSource, SourceError, TensorInfo};
 use crate::model::gpt2::{GptConfig, WPE, WTE};
 use crate::model::ParamSpec;
 use crate::scaler::ScalerState;
@@ -214,13 +214,17 @@ impl DeepSpeedResume {
                     continue;
                 }
                 let dtype = if field == Field::Master { t.dtype } else { DType::F32 };
-                let es = dtype.size();
-                raw.resize(p.len * es, 0u8);
-                self.src.read_field(field, &t.name, (p.param_offset * es) as u64, &mut raw).map_err(read_err)?;
-                cast(&raw, dtype, DType::F32, &mut f32s);
-                let dst = &mut out[k][p.partition_offset..p.partition_offset + p.len];
-                for (d, c) in dst.iter_mut().zip(f32s.chunks_exact(4)) {
-                    *d = f32::from_le_bytes(c.try_into().expect("4 bytes"));
+                let es = dtype.size() as u64;
+                // In units, so the buffers stay small whatever the parameter's size.
+                for (e0, n) in units(p.len as u64) {
+                    raw.resize((n * es) as usize, 0u8);
+                    let at = (p.param_offset as u64 + e0) * es;
+                    self.src.read_field(field, &t.name, at, &mut raw).map_err(read_err)?;
+                    cast(&raw, dtype, DType::F32, &mut f32s);
+                    let from = p.partition_offset + e0 as usize;
+                    for (d, c) in out[k][from..from + n as usize].iter_mut().zip(f32s.chunks_exact(4)) {
+                        *d = f32::from_le_bytes(c.try_into().expect("4 bytes"));
+                    }
                 }
             }
             heartbeat();
