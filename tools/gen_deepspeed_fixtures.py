@@ -1,17 +1,22 @@
 #!/usr/bin/env python
 """Writes real DeepSpeed ZeRO checkpoints of tiny GPT-2-shaped models, and beside each one
-DeepSpeed's own consolidation of it (reference.safetensors), for tests/convert_deepspeed.rs.
+DeepSpeed's own consolidation of it (reference.safetensors), for tests/convert_deepspeed.rs, and
+of its Adam moments (reference_moments.safetensors), for tests/deepspeed_resume.rs.
 
 Each case trains a few steps with DeepSpeed itself (several processes, gloo) and saves with
 engine.save_checkpoint, so the file layout and pickles are exactly what DeepSpeed writes. The
 reference comes from deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint on the
 saved files, so zerokit is compared with DeepSpeed's own reconstruction, not with a re-derivation.
+The moments' reference is DeepSpeed's universal-checkpoint conversion (deepspeed.checkpoint.
+ds_to_universal, which consolidates fp32 weights, exp_avg and exp_avg_sq per parameter).
 
 Sizes are chosen so that partition padding is needed: the per-group element counts are not
 multiples of 2 * world_size, and stage 3's per-parameter sizes are not multiples of world_size.
 
     # CPU, here (default): every case that DeepSpeed's CPU accelerator can run
     DS_ACCELERATOR=cpu .deps/py/bin/python tools/gen_deepspeed_fixtures.py
+    # DeepSpeed continuing some of the saved runs one step (continued.safetensors beside them)
+    DS_ACCELERATOR=cpu .deps/py/bin/python tools/gen_deepspeed_fixtures.py --continue
     # one GPU per process, for the cases the CPU accelerator cannot run
     .deps/py/bin/python tools/gen_deepspeed_fixtures.py --device cuda --only fp16
 """
@@ -22,6 +27,9 @@ import shutil
 import socket
 import sys
 import tempfile
+
+# Cases --continue continues (no frozen parameter: zerokit trains every parameter).
+CONTINUED = ["s1_fp16_w2", "s2_bf16_w4", "s3_bf16_w2"]
 
 CASES = [
     # name, stage, dtype, world size, freeze wpe, parameter_alignment
@@ -56,7 +64,7 @@ def tiny_gpt2():
     return model
 
 
-def worker(rank, world, port, case, out_root, device, steps):
+def worker(rank, world, port, case, out_root, device, steps, cont=False):
     import torch
     import torch.distributed
     name, stage, dtype, _, freeze, align = case
@@ -106,6 +114,10 @@ def worker(rank, world, port, case, out_root, device, steps):
         print(name, "group numels", numels, flush=True)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
     dev = engine.device
+    if cont:
+        continue_one_step(engine, rank, world, os.path.join(out_root, name))
+        torch.distributed.destroy_process_group()
+        return
     g = torch.Generator().manual_seed(rank)
     for _ in range(steps):
         x = torch.randint(0, 37, (2, 9), generator=g).to(dev)
@@ -119,6 +131,40 @@ def worker(rank, world, port, case, out_root, device, steps):
         write_reference(ckpt)
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
+
+
+def continue_one_step(engine, rank, world, ckpt):
+    """DeepSpeed's own continuation of a saved run: load_checkpoint (the tag `latest` names, with
+    the optimizer state), one step on a fixed batch of 2 sequences of 9 tokens per rank, then
+    rank 0 writes continued.safetensors: the global batch ("batch", ranks' rows in rank order),
+    every parameter's fp32 master weights after the step ("weights/<name>", through
+    safe_get_full_fp32_param, collective at stage 3), and in the metadata the mean loss of the
+    step, the learning rate and the loss scale it used."""
+    import torch
+    import torch.distributed as dist
+    from deepspeed.utils import safe_get_full_fp32_param
+    from safetensors.torch import save_file
+    engine.load_checkpoint(ckpt)
+    step = engine.global_steps
+    scale = engine.optimizer.cur_scale if hasattr(engine.optimizer, "cur_scale") else 1.0
+    x = torch.randint(0, 37, (2, 9), generator=torch.Generator().manual_seed(1000 + rank)).to(engine.device)
+    loss = engine(input_ids=x, labels=x).loss
+    engine.backward(loss)
+    lr = engine.get_lr()[0]
+    engine.step()
+    assert engine.global_steps == step + 1 and engine.skipped_steps == 0, "the continued step was skipped"
+    xs = [torch.zeros_like(x) for _ in range(world)]
+    dist.all_gather(xs, x)
+    mean = loss.detach().float().clone()
+    dist.all_reduce(mean)
+    weights = {"weights/" + n: safe_get_full_fp32_param(p).detach().float().cpu().contiguous()
+               for n, p in engine.module.named_parameters()}
+    if rank == 0:
+        meta = {"loss": repr(mean.item() / world), "lr": repr(float(lr)), "loss_scale": repr(float(scale)),
+                "step": str(step)}
+        save_file({"batch": torch.cat(xs).cpu(), **weights}, os.path.join(ckpt, "continued.safetensors"),
+                  metadata=meta)
+    dist.barrier()
 
 
 def write_reference(ckpt):
@@ -137,6 +183,50 @@ def write_reference(ckpt):
     for script in ("zero_to_fp32.py", "zero_to_torch.py"):
         if os.path.exists(os.path.join(ckpt, script)):
             os.remove(os.path.join(ckpt, script))
+    write_moment_reference(ckpt)
+
+
+def write_moment_reference(ckpt):
+    """DeepSpeed's universal-checkpoint conversion of the tag `latest` names, run as its command
+    line runs it, then its per-parameter exp_avg and exp_avg_sq (trained parameters only: frozen
+    ones have none) written flat as "<name>/exp_avg" and "<name>/exp_avg_sq", with Adam's step in the
+    metadata. --inject_missing_state supplies the universal_checkpoint_info that only Megatron-style
+    clients save (it writes into the output folder, not the input)."""
+    import subprocess
+    import torch
+    from safetensors.torch import save_file
+    with open(os.path.join(ckpt, "latest")) as f:
+        tag = f.read().strip()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "universal")
+        env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"))
+        subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                        os.path.join(ckpt, tag), "--output_folder", out, "--num_extract_workers", "1",
+                        "--num_merge_workers", "1", "--inject_missing_state"],
+                       check=True, env=env, stdout=subprocess.DEVNULL)
+        tensors, steps = {}, set()
+        zero = os.path.join(out, "zero")
+        for name in sorted(os.listdir(zero)):
+            d = os.path.join(zero, name)
+            if not os.path.isdir(d):
+                continue
+            for key in ("exp_avg", "exp_avg_sq"):
+                f = os.path.join(d, key + ".pt")
+                if os.path.exists(f):
+                    # Stages 1-2 save {"param": tensor, ...} in the parameter's shape, stage 3 the
+                    # bare tensor, flat: both are kept flat here.
+                    t = torch.load(f, weights_only=False)
+                    t = t["param"] if isinstance(t, dict) else t
+                    tensors[name + "/" + key] = t.float().reshape(-1).contiguous()
+            if os.path.exists(os.path.join(d, "step.pt")):
+                steps.add(float(torch.load(os.path.join(d, "step.pt"), weights_only=False)))
+        if not steps:
+            # Stage 3's conversion keeps Adam's step only in the common optimizer state.
+            common = torch.load(os.path.join(zero, "optimizer_state.pt"), weights_only=False)
+            steps = {float(st["step"]) for st in common["optimizer_state_dict"]["state"].values()}
+        assert len(steps) == 1, steps
+        save_file(tensors, os.path.join(ckpt, "reference_moments.safetensors"),
+                  metadata={"step": str(int(steps.pop()))})
 
 
 def main():
@@ -147,6 +237,8 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--references-only", action="store_true",
                     help="recompute the reference files of existing checkpoints, without training")
+    ap.add_argument("--continue", dest="cont", action="store_true",
+                    help="continue the saved runs of CONTINUED one step (continued.safetensors)")
     args = ap.parse_args()
     if args.references_only:
         for case in CASES:
@@ -161,6 +253,12 @@ def main():
     failed = []
     for case in CASES:
         if args.only and args.only not in case[0]:
+            continue
+        if args.cont:
+            if case[0] in CONTINUED:
+                mp.spawn(worker, args=(case[3], free_port(), case, args.out, args.device, args.steps, True),
+                         nprocs=case[3], join=True)
+                print("continued", case[0], flush=True)
             continue
         world = case[3]
         dest = os.path.join(args.out, case[0])

@@ -242,20 +242,6 @@ fn zerokit(dir: &Path, tensors: bool) -> Result<Inspection, CkptError> {
 }
 
 /// A key of a pickled object: in its dict items or in the state BUILD gave it.
-fn field<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
-    v.get(key).or_else(|| match v {
-        Value::Object { state: Some(s), .. } => s.get(key),
-        _ => None,
-    })
-}
-
-fn number(v: &Value) -> Option<f64> {
-    match v {
-        Value::Float(f) => Some(*f),
-        _ => v.as_int().map(|i| i as f64),
-    }
-}
-
 fn deepspeed(dir: &Path, tensors: bool) -> Result<Inspection, CkptError> {
     let src = DeepSpeedSource::open(dir)?;
     let (stage, world) = (src.stage(), src.world_size());
@@ -303,14 +289,14 @@ fn deepspeed(dir: &Path, tensors: bool) -> Result<Inspection, CkptError> {
     if let Some(op) = optim_path {
         let opt = TorchFile::open(&op)?;
         if let Some(osd) = opt.root().get("optimizer_state_dict") {
-            i.loss_scale = osd.get("loss_scaler").and_then(|s| field(s, "cur_scale")).and_then(number);
+            i.loss_scale = osd.get("loss_scaler").and_then(|s| s.attr("cur_scale")).and_then(Value::as_f64);
             let inner = osd.get("base_optimizer_state").or_else(|| osd.get("optimizer_state_dict"));
             i.learning_rate = inner
                 .and_then(|s| s.get("param_groups"))
                 .and_then(Value::as_seq)
                 .and_then(|g| g.first())
                 .and_then(|g| g.get("lr"))
-                .and_then(number);
+                .and_then(Value::as_f64);
             let moment = inner
                 .and_then(|s| s.get("state"))
                 .and_then(Value::dict_items)

@@ -38,7 +38,8 @@ pub struct TrainConfig {
     /// "scratch", "resume" (latest checkpoint in out_dir) or a Hugging Face GPT-2 directory.
     pub init_from: String,
     /// With init_from = "resume": the tag to continue from, a tag name under out_dir
-    /// ("step_00000300", "final") or a tag directory anywhere; empty: the tag `latest` names.
+    /// ("step_00000300", "final") or a tag directory anywhere, or a DeepSpeed ZeRO checkpoint
+    /// (its root or a `global_stepN` directory); empty: the tag `latest` names.
     pub resume_from: String,
     pub eval_interval: u64,
     pub log_interval: u64,

@@ -128,6 +128,23 @@ impl Value {
         }
     }
 
+    /// A number, integer or float (through [`as_int`](Self::as_int)'s wrappers).
+    pub fn as_f64(&self) -> Option<f64> {
+        match self {
+            Value::Float(f) => Some(*f),
+            _ => self.as_int().map(|i| i as f64),
+        }
+    }
+
+    /// A key of a dict, or an attribute of a pickled object (kept in the state it was built
+    /// with, e.g. DeepSpeed's `DynamicLossScaler.cur_scale`).
+    pub fn attr(&self, key: &str) -> Option<&Value> {
+        self.get(key).or_else(|| match self {
+            Value::Object { state: Some(s), .. } => s.get(key),
+            _ => None,
+        })
+    }
+
     /// A shape: `torch.Size` (decoded as a tuple), a list or tuple of ints.
     pub fn as_shape(&self) -> Option<Vec<u64>> {
         self.as_seq()?.iter().map(|d| d.as_int().and_then(|i| u64::try_from(i).ok())).collect()

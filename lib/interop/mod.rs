@@ -4,6 +4,7 @@
 //! are made of (safetensors, torch zip and pickle) are `formats`.
 
 pub mod deepspeed;
+pub mod deepspeed_resume;
 pub mod hf;
 pub mod hf_llama;
 pub mod hf_model;

@@ -46,8 +46,9 @@ pub struct FitArgs {
     /// environment (LOCAL_RANK) already carries the rank, so it is accepted and not used.
     #[arg(long = "local_rank", alias = "local-rank", hide = true)]
     pub local_rank: Option<usize>,
-    /// Continue from this tag of out_dir (e.g. step_00000300, final) or this tag directory:
-    /// the same as --set init_from=resume --set resume_from=TAG.
+    /// Continue from this tag of out_dir (e.g. step_00000300, final), this tag directory, or a
+    /// DeepSpeed ZeRO checkpoint (root or global_stepN): the same as --set init_from=resume
+    /// --set resume_from=TAG.
     #[arg(long = "resume-from", value_name = "TAG|DIR")]
     pub resume_from: Option<String>,
     /// Log where each step's time goes, averaged over each log interval: the same as

@@ -6,10 +6,12 @@ use super::metrics::{append_jsonl, earlier_evals, Evals};
 use super::state::{TrainError, TrainState};
 use crate::checkpoint::saver::Saver;
 use crate::checkpoint::{self, Manifest, ResumeHashes};
+use crate::ckpt::{self, Format, Target};
 use crate::comm::{Collectives, ControlPlane, CpuComm, Rendezvous};
 use crate::config::TrainConfig;
 use crate::data::dataset::TokenDataset;
 use crate::formats::tfevents::EventWriter;
+use crate::interop::deepspeed_resume::DeepSpeedResume;
 use crate::interop::hf_model;
 use crate::lock::RunLock;
 use crate::model::{AnyModel, GptConfig, ModelConfig};
@@ -93,12 +95,15 @@ impl Run {
             }
         }
 
-        let resume = resume_point(&cfg)?;
+        let mut resume = resume_point(&cfg)?;
         let model = initial_model(&cfg, resume.as_ref())?;
         let model_cfg = model.config();
+        if let Some(Resume::DeepSpeed(ds)) = &mut resume {
+            ds.check(&model_cfg.param_specs())?;
+        }
         let positions = model_cfg.positions();
         if cfg.block_size > positions {
-            let from = resume.as_ref().map_or(cfg.init_from.clone(), |(d, _)| d.display().to_string());
+            let from = resume.as_ref().map_or(cfg.init_from.clone(), |r| r.dir().display().to_string());
             return Err(TrainError::Other(format!(
                 "block_size {} is larger than the model's {positions} positions ({from}): set block_size to at most {positions}",
                 cfg.block_size
@@ -114,10 +119,14 @@ impl Run {
         let mut engine = Engine::new(model, cfg.engine(device, kind), comm)?;
         let mut state = TrainState { step: 0, tokens_seen: 0, best_val_loss: None, best_tag: None, stale_evals: 0 };
         let mut hashes = None;
-        if let Some((dir, _)) = &resume {
-            let (resumed, h) = resume_engine(&mut engine, dir, rank)?;
-            state = resumed;
-            hashes = Some(h);
+        match &resume {
+            Some(Resume::Zerokit(dir, _)) => {
+                let (resumed, h) = resume_engine(&mut engine, dir, rank)?;
+                state = resumed;
+                hashes = Some(h);
+            }
+            Some(Resume::DeepSpeed(ds)) => state = resume_deepspeed(&mut engine, ds, &cfg)?,
+            None => {}
         }
 
         let train = TokenDataset::open(&cfg.dataset, "train", model_cfg.vocab_size())?;
@@ -156,7 +165,7 @@ impl Run {
             model_cfg,
             state,
             start,
-            resumed_from: resume.map(|(d, _)| d),
+            resumed_from: resume.map(|r| r.dir().to_path_buf()),
             hashes,
             saver: Saver::new(),
             last_saved: None,
@@ -294,31 +303,72 @@ fn recover(cfg: &TrainConfig, ctl: &mut ControlPlane) -> Result<(), TrainError> 
     Ok(())
 }
 
-/// The tag a resumed run continues from (`resume_from`, else the one `latest` names), with its
-/// manifest. Sizes and headers (each file's
-/// identity included) are checked before anything else, so a damaged or misplaced file stops
-/// the run here; the hashes follow in the background ([`resume_engine`]).
-fn resume_point(cfg: &TrainConfig) -> Result<Option<(PathBuf, Manifest)>, TrainError> {
+/// What a resumed run continues from.
+enum Resume {
+    /// A zerokit tag and its manifest.
+    Zerokit(PathBuf, Manifest),
+    /// A DeepSpeed ZeRO checkpoint's tag.
+    DeepSpeed(DeepSpeedResume),
+}
+
+impl Resume {
+    fn dir(&self) -> &Path {
+        match self {
+            Resume::Zerokit(d, _) => d,
+            Resume::DeepSpeed(ds) => ds.dir(),
+        }
+    }
+}
+
+/// The tag a resumed run continues from (`resume_from`, else the one `latest` names): a zerokit
+/// tag with its manifest, or a DeepSpeed checkpoint (a `global_stepN` directory or the root whose
+/// `latest` names one, told apart as `ckpt` tells them). A zerokit tag's sizes and headers (each
+/// file's identity included) are checked before anything else, so a damaged or misplaced file
+/// stops the run here; the hashes follow in the background ([`resume_engine`]).
+fn resume_point(cfg: &TrainConfig) -> Result<Option<Resume>, TrainError> {
     if cfg.init_from != "resume" {
         return Ok(None);
     }
     let dir = match cfg.resume_from.as_str() {
         "" => checkpoint::resolve(&cfg.out_dir, None)?,
         d if Path::new(d).join("manifest.json").is_file() => PathBuf::from(d),
+        d if Path::new(d).is_dir() => match ckpt::detect(Path::new(d)) {
+            Ok(Target::Tag(Format::Deepspeed, dir)) => return deepspeed_point(&dir),
+            Ok(Target::Root(Format::Deepspeed, root)) => {
+                let dir = crate::convert::resolve_tag_dir(&root, None).map_err(|e| TrainError::Other(e.to_string()))?;
+                return deepspeed_point(&dir);
+            }
+            _ => checkpoint::resolve(&cfg.out_dir, Some(d))?,
+        },
         tag => checkpoint::resolve(&cfg.out_dir, Some(tag))?,
     };
     let m = checkpoint::read_manifest(&dir)?;
     checkpoint::check_tag(&dir, &m)?;
-    Ok(Some((dir, m)))
+    Ok(Some(Resume::Zerokit(dir, m)))
+}
+
+fn deepspeed_point(dir: &Path) -> Result<Option<Resume>, TrainError> {
+    Ok(Some(Resume::DeepSpeed(DeepSpeedResume::open(dir)?)))
 }
 
 /// The model a run starts from, in fp32 on the host with identical weights on every rank (the
 /// engine moves it to the device in the compute kind): fresh (from the seed), the resumed
 /// checkpoint's shape, or a Hugging Face directory's weights.
-fn initial_model(cfg: &TrainConfig, resume: Option<&(PathBuf, Manifest)>) -> Result<AnyModel, TrainError> {
+fn initial_model(cfg: &TrainConfig, resume: Option<&Resume>) -> Result<AnyModel, TrainError> {
     let shape = match resume {
-        Some((dir, m)) => ModelConfig::from_manifest(&m.model_config)
+        Some(Resume::Zerokit(dir, m)) => ModelConfig::from_manifest(&m.model_config)
             .map_err(|e| TrainError::Other(format!("{}: model_config: {e}", dir.display())))?,
+        // DeepSpeed checkpoints are read with GPT-2's parameter names (interop::deepspeed_resume).
+        Some(Resume::DeepSpeed(ds)) => match model_config(cfg)? {
+            ModelConfig::Gpt2(g) => ModelConfig::Gpt2(ds.model_config(g)?),
+            other => {
+                return Err(TrainError::Other(format!(
+                    "{}: resuming a DeepSpeed checkpoint is implemented for GPT-2 models, not {}",
+                    ds.dir().display(),
+                    other.family()
+                )))
+            }
+        },
         None => model_config(cfg)?,
     };
     Ok(match cfg.init_from.as_str() {
@@ -359,4 +409,35 @@ fn resume_engine(
         m.zero_stage
     );
     Ok((state, h))
+}
+
+/// Loads the engine's partition from a DeepSpeed checkpoint (re-partitioned for this run's layout)
+/// and logs what does not carry over; returns where training stood.
+fn resume_deepspeed(
+    engine: &mut Engine<AnyModel>,
+    ds: &DeepSpeedResume,
+    cfg: &TrainConfig,
+) -> Result<TrainState, TrainError> {
+    let want = engine.state();
+    let part = {
+        let ecfg = engine.config().clone();
+        let comm = engine.comm();
+        ds.load_partition(&want.layout, want.partition, &ecfg, &mut || comm.heartbeat())?
+    };
+    drop(want);
+    let dir = ds.dir().display().to_string();
+    engine.load_state(part).map_err(|e| TrainError::Other(format!("{dir}: restoring the engine: {e}")))?;
+    let step = ds.step();
+    let tokens_seen = ds.record().global_samples.unwrap_or(0) * cfg.block_size as u64;
+    info!(
+        "resumed from the DeepSpeed checkpoint {dir} ({}): step {step}, Adam step {}, {}; tokens seen counted as \
+         global_samples x block_size = {tokens_seen}",
+        ds.describe(),
+        ds.optimizer_step(),
+        engine.loss_scale().map_or("no loss scale".into(), |s| format!("loss scale {s}")),
+    );
+    for note in ds.not_carried_over(engine.config(), cfg.lr_schedule().lr(step)) {
+        tracing::warn!("not carried over from DeepSpeed: {note}");
+    }
+    Ok(TrainState { step, tokens_seen, best_val_loss: None, best_tag: None, stale_evals: 0 })
 }

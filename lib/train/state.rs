@@ -22,6 +22,8 @@ pub enum TrainError {
     #[error(transparent)]
     Hf(#[from] crate::interop::hf::HfError),
     #[error(transparent)]
+    DeepSpeed(#[from] crate::interop::deepspeed_resume::DeepSpeedResumeError),
+    #[error(transparent)]
     Fs(#[from] crate::fsutil::FsError),
     #[error(transparent)]
     Lock(#[from] crate::lock::LockError),
