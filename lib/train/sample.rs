@@ -19,7 +19,7 @@ pub fn text(
     seed: u64,
 ) -> Result<String, TrainError> {
     let bpe = Tokenizer::new(Encoding::R50kBase)?;
-    let mut ids: Vec<i64> = bpe.encode_ordinary(prompt).into_iter().map(|t| t as i64).collect();
+    let mut ids: Vec<i64> = bpe.encode_ordinary(prompt)?.into_iter().map(|t| t as i64).collect();
     if ids.is_empty() {
         ids.push(50256);
     }
@@ -29,8 +29,7 @@ pub fn text(
     let out: Vec<i64> = Vec::<i64>::try_from(out.view(-1).to_device(Device::Cpu))
         .map_err(|e: tch::TchError| TrainError::Other(e.to_string()))?;
     // Padded vocabulary rows (>= 50257) are not tokens: they are dropped from the text.
-    let ids: Vec<u32> =
-        out.iter().filter(|&&t| (t as usize) < bpe.encoding().vocab_size()).map(|&t| t as u32).collect();
+    let ids: Vec<u32> = out.iter().filter(|&&t| (t as usize) < bpe.vocab_size()).map(|&t| t as u32).collect();
     Ok(String::from_utf8_lossy(&bpe.decode_bytes(&ids)?).into_owned())
 }
 
