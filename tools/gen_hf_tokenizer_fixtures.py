@@ -23,7 +23,8 @@ spells a special token is encoded as plain text, as prepare does (only the bound
 special ids).
 
 The two trained tokenizers are trained on a slice of data/tinyshakespeare.txt plus the tricky
-strings (so some non-ASCII merges exist), a few hundred merges each: small enough to commit.
+strings in Latin scripts (so some non-ASCII merges exist, and CJK or emoji fall back to bytes),
+several hundred merges each: small enough to commit.
 
 Run with the reference environment:  .deps/py/bin/python tools/gen_hf_tokenizer_fixtures.py
 Works offline (nothing is downloaded).
@@ -70,9 +71,11 @@ def cases():
 
 
 def training_text(strings):
+    """Shakespeare and the tricky strings written in Latin scripts: characters outside them (CJK,
+    emoji, ...) stay out of the alphabet, so Gemma-style encodes them by byte fallback."""
     with open(os.path.join(ROOT, "data", "tinyshakespeare.txt"), encoding="utf-8") as f:
         text = f.read()[:200_000]
-    return text.split("\n\n") + strings
+    return text.split("\n\n") + [s for s in strings if all(ord(c) < 0x250 for c in s)]
 
 
 def llama3(strings):
