@@ -442,7 +442,9 @@ fn hf_token_ids_match_python_tokenizers() {
     let expected = hf_expected();
     for (name, fx) in expected["tokenizers"].as_object().unwrap() {
         let path = hf_dir().join(fx["file"].as_str().unwrap());
-        let tok = Tokenizer::hugging_face(HfTokenizer::open(&path, hf_choice(name), None).unwrap());
+        let hf = HfTokenizer::open(&path).unwrap();
+        let boundary = hf.boundary(hf_choice(name), None).unwrap();
+        let tok = Tokenizer::hugging_face(hf, boundary);
         assert_eq!(tok.vocab_size() as u64, fx["vocab_size"].as_u64().unwrap(), "{name}");
         let b = tok.boundary();
         let side = if fx["boundary"] == "eos" { Side::After } else { Side::Before };
@@ -554,4 +556,48 @@ fn bad_tokenizer_json_fails_naming_the_file() {
     fs::write(&no_unk, spec.to_string()).unwrap();
     let e = run(&no_unk, &["--boundary", "eos"], "no_unk.json");
     assert!(e.contains("tokenizer"), "{e}");
+}
+
+/// `train sample` encodes prompts and decodes text with the model directory's tokenizer.json, or
+/// the one `prepare` recorded in the run's meta.json (refused once changed), else GPT-2's BPE.
+#[test]
+fn sampling_uses_the_recorded_tokenizer_json() {
+    use zerokit::train::sample::Codec;
+    let expected = hf_expected();
+    let fx = &expected["tokenizers"]["llama3"];
+    let bos = 1200; // <|begin_of_text|>, added just before <|end_of_text|>
+    assert_eq!(fx["boundary_id"], bos + 1);
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    fs::create_dir(&model).unwrap();
+    fs::copy(hf_dir().join("llama3.json"), model.join("tokenizer.json")).unwrap();
+    let check = |codec: &Codec| {
+        for case in fx["cases"].as_array().unwrap() {
+            let text = case["text"].as_str().unwrap();
+            let mut want = vec![bos];
+            want.extend(ids(&case["ids"]));
+            assert_eq!(codec.prompt(text).unwrap(), want, "{text:?}");
+            assert_eq!(codec.decode(&ids(&case["ids"])).unwrap(), text);
+        }
+        assert_eq!(codec.vocab_size(), 1202);
+    };
+    check(&Codec::for_model(Some(&model), None).unwrap());
+
+    // From the run's dataset: prepare records the file; a changed file is refused.
+    let out = tmp.path().join("data");
+    let corpus = hf_dir().join("corpus/b.jsonl");
+    ok(&[s(&corpus), "--out", s(&out), "--tokenizer", s(&model.join("tokenizer.json")), "--val-fraction", "0"]);
+    let empty = tmp.path().join("empty");
+    fs::create_dir(&empty).unwrap();
+    check(&Codec::for_model(Some(&empty), Some(&out)).unwrap());
+    let mut changed = fs::read_to_string(model.join("tokenizer.json")).unwrap();
+    changed.push('\n');
+    fs::write(model.join("tokenizer.json"), changed).unwrap();
+    let err = Codec::for_model(Some(&empty), Some(&out)).err().unwrap().to_string();
+    assert!(err.contains("tokenizer.json: not the tokenizer.json the run's data was prepared with"), "{err}");
+
+    // Without either, GPT-2's BPE, an empty prompt starting from <|endoftext|>.
+    let gpt2 = Codec::for_model(Some(&empty), Some(&empty)).unwrap();
+    assert!(matches!(gpt2, Codec::Gpt2(_)));
+    assert_eq!(gpt2.prompt("").unwrap(), [EOT]);
 }

@@ -69,14 +69,16 @@ pub struct HfTokenizer {
     sha256: String,
     inner: tokenizers::Tokenizer,
     vocab_size: usize,
-    boundary: Boundary,
+    /// A ByteLevel pre-tokenizer or decoder: the GPT-2 line.
+    byte_level: bool,
+    /// The special token the post-processor puts before a single sequence.
+    template_bos: Option<String>,
     cuts_at_spaces: bool,
 }
 
 impl HfTokenizer {
-    /// Reads `path`: a tokenizer.json, or a directory holding one. `token` names the boundary
-    /// token instead of the defaults (`EOS_NAMES`, the post-processor's BOS, `BOS_NAMES`).
-    pub fn open(path: &Path, choice: BoundaryChoice, token: Option<&str>) -> Result<Self, DataError> {
+    /// Reads `path`: a tokenizer.json, or a directory holding one.
+    pub fn open(path: &Path) -> Result<Self, DataError> {
         let path = if path.is_dir() { path.join("tokenizer.json") } else { path.to_path_buf() };
         if !path.exists() {
             return Err(DataError::NotFound(path));
@@ -94,23 +96,36 @@ impl HfTokenizer {
             Some(&max) => max as usize + 1,
             None => return Err(bad("the vocabulary is empty".into())),
         };
-        let byte_level = has_type(&spec["pre_tokenizer"], "ByteLevel") || has_type(&spec["decoder"], "ByteLevel");
+        let sha256 = crate::fsutil::sha256_file(&path)?;
+        Ok(HfTokenizer {
+            byte_level: has_type(&spec["pre_tokenizer"], "ByteLevel") || has_type(&spec["decoder"], "ByteLevel"),
+            template_bos: template_bos(&spec["post_processor"]),
+            cuts_at_spaces: cuts_at_spaces(&spec),
+            path,
+            sha256,
+            inner,
+            vocab_size,
+        })
+    }
+
+    /// The document boundary `choice` asks for. `token` names the token instead of the defaults
+    /// (`EOS_NAMES` after; the post-processor's BOS, then `BOS_NAMES`, before).
+    pub fn boundary(&self, choice: BoundaryChoice, token: Option<&str>) -> Result<Boundary, DataError> {
+        let bad = |message: String| DataError::BadInput(crate::fsutil::shown(&self.path), message);
         let side = match choice {
-            BoundaryChoice::Auto if byte_level => Side::After,
+            BoundaryChoice::Auto if self.byte_level => Side::After,
             BoundaryChoice::Auto => Side::Before,
             BoundaryChoice::Eos => Side::After,
             BoundaryChoice::Bos => Side::Before,
         };
-        let special = |text: &str| -> Option<u32> {
-            let added = spec["added_tokens"].as_array()?;
-            let t = added.iter().find(|t| t["content"] == text && t["special"] == true)?;
-            t["id"].as_u64().and_then(|id| u32::try_from(id).ok())
-        };
+        let added = self.inner.get_added_tokens_decoder();
+        let special = |name: &&&str| added.values().any(|t| t.special && t.content == **name);
         let text = match (token, side) {
             (Some(t), _) => Some(t.to_string()),
-            (None, Side::After) => EOS_NAMES.iter().find(|n| special(n).is_some()).map(|n| n.to_string()),
-            (None, Side::Before) => template_bos(&spec["post_processor"])
-                .or_else(|| BOS_NAMES.iter().find(|n| special(n).is_some()).map(|n| n.to_string())),
+            (None, Side::After) => EOS_NAMES.iter().find(special).map(|n| n.to_string()),
+            (None, Side::Before) => {
+                self.template_bos.clone().or_else(|| BOS_NAMES.iter().find(special).map(|n| n.to_string()))
+            }
         };
         let Some(text) = text else {
             let (what, names) = match side {
@@ -121,12 +136,10 @@ impl HfTokenizer {
                 "no special token among {names}: a document boundary needs {what}; name it with --boundary-token"
             )));
         };
-        let Some(id) = inner.token_to_id(&text) else {
+        let Some(id) = self.inner.token_to_id(&text) else {
             return Err(bad(format!("the boundary token {text:?} is not in the vocabulary")));
         };
-        let cuts_at_spaces = cuts_at_spaces(&spec);
-        let sha256 = crate::fsutil::sha256_file(&path)?;
-        Ok(HfTokenizer { path, sha256, inner, vocab_size, boundary: Boundary { side, id, text }, cuts_at_spaces })
+        Ok(Boundary { side, id, text })
     }
 
     pub fn path(&self) -> &Path {
@@ -142,10 +155,6 @@ impl HfTokenizer {
         self.vocab_size
     }
 
-    pub fn boundary(&self) -> &Boundary {
-        &self.boundary
-    }
-
     /// Appends the ids of `text` (no special tokens added, special-token text as plain text).
     pub fn encode_into(&self, text: &str, out: &mut Vec<u32>) -> Result<(), DataError> {
         let encoding = self
@@ -154,6 +163,16 @@ impl HfTokenizer {
             .map_err(|e| DataError::Encoding(format!("{}: {e}", self.path.display())))?;
         out.extend_from_slice(encoding.get_ids());
         Ok(())
+    }
+
+    /// A prompt's ids as transformers' `tokenizer(prompt)` gives them: with the post-processor's
+    /// special tokens (Llama's and Gemma's BOS).
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>, DataError> {
+        let encoding = self
+            .inner
+            .encode_fast(text, true)
+            .map_err(|e| DataError::Encoding(format!("{}: {e}", self.path.display())))?;
+        Ok(encoding.get_ids().to_vec())
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String, DataError> {

@@ -565,7 +565,11 @@ pub fn prepare(args: &PrepareArgs, command: &[String]) -> Result<PrepareSummary,
     let given = args.inputs.iter().map(PathBuf::as_path);
     fsutil::refuse_overlap(&args.out, &given.chain(inputs.iter().map(|i| i.path.as_path())).collect::<Vec<_>>())?;
     let tokenizer = match &args.tokenizer {
-        Some(path) => Tokenizer::hugging_face(HfTokenizer::open(path, args.boundary, args.boundary_token.as_deref())?),
+        Some(path) => {
+            let hf = HfTokenizer::open(path)?;
+            let boundary = hf.boundary(args.boundary, args.boundary_token.as_deref())?;
+            Tokenizer::hugging_face(hf, boundary)
+        }
         None => Tokenizer::new(args.encoding)?,
     };
     let dir = AtomicDir::create(&args.out, args.force)?;
@@ -658,7 +662,8 @@ pub fn prepare(args: &PrepareArgs, command: &[String]) -> Result<PrepareSummary,
         "format_version": 1,
         "encoding": tokenizer.name(),
         "tokenizer": tokenizer.hf().map(|hf| json!({
-            "path": hf.path().display().to_string(),
+            // Absolute, so `train sample` finds it from the run's dataset whatever its directory.
+            "path": std::fs::canonicalize(hf.path()).unwrap_or_else(|_| hf.path().to_path_buf()).display().to_string(),
             "sha256": hf.sha256(),
         })),
         "vocab_size": tokenizer.vocab_size(),

@@ -87,7 +87,7 @@ pub struct Tokenizer {
 enum Engine {
     Gpt2(Encoding, Box<Bpe>),
     Tiktoken(Encoding, &'static CoreBPE),
-    HuggingFace(Box<HfTokenizer>),
+    HuggingFace(Box<HfTokenizer>, Boundary),
 }
 
 /// Where chunks of a document may be cut (`Tokenizer::find_cut`).
@@ -112,9 +112,10 @@ impl Tokenizer {
         Ok(Self::with(engine))
     }
 
-    /// A Hugging Face tokenizer.json (`HfTokenizer::open`).
-    pub fn hugging_face(hf: HfTokenizer) -> Self {
-        Self::with(Engine::HuggingFace(Box::new(hf)))
+    /// A Hugging Face tokenizer.json with the document boundary it writes
+    /// (`HfTokenizer::boundary`).
+    pub fn hugging_face(hf: HfTokenizer, boundary: Boundary) -> Self {
+        Self::with(Engine::HuggingFace(Box::new(hf), boundary))
     }
 
     fn with(engine: Engine) -> Self {
@@ -126,14 +127,14 @@ impl Tokenizer {
     pub fn name(&self) -> &'static str {
         match &self.engine {
             Engine::Gpt2(e, _) | Engine::Tiktoken(e, _) => e.name(),
-            Engine::HuggingFace(_) => "tokenizer.json",
+            Engine::HuggingFace(..) => "tokenizer.json",
         }
     }
 
     /// The Hugging Face tokenizer behind this one, if it is one.
     pub fn hf(&self) -> Option<&HfTokenizer> {
         match &self.engine {
-            Engine::HuggingFace(hf) => Some(hf),
+            Engine::HuggingFace(hf, _) => Some(hf),
             _ => None,
         }
     }
@@ -142,7 +143,7 @@ impl Tokenizer {
     pub fn vocab_size(&self) -> usize {
         match &self.engine {
             Engine::Gpt2(e, _) | Engine::Tiktoken(e, _) => e.vocab_size(),
-            Engine::HuggingFace(hf) => hf.vocab_size(),
+            Engine::HuggingFace(hf, _) => hf.vocab_size(),
         }
     }
 
@@ -162,7 +163,7 @@ impl Tokenizer {
             Engine::Gpt2(e, _) | Engine::Tiktoken(e, _) => {
                 Boundary { side: Side::After, id: e.eot(), text: "<|endoftext|>".into() }
             }
-            Engine::HuggingFace(hf) => hf.boundary().clone(),
+            Engine::HuggingFace(_, boundary) => boundary.clone(),
         }
     }
 
@@ -179,7 +180,7 @@ impl Tokenizer {
         match &self.engine {
             Engine::Gpt2(_, bpe) => bpe.encode_into(text, self.uid, out),
             Engine::Tiktoken(_, core) => out.extend(core.encode_ordinary(text)),
-            Engine::HuggingFace(hf) => hf.encode_into(text, out)?,
+            Engine::HuggingFace(hf, _) => hf.encode_into(text, out)?,
         }
         Ok(())
     }
@@ -191,7 +192,7 @@ impl Tokenizer {
                 .core()
                 .decode_bytes(ids)
                 .map_err(|err| DataError::Encoding(format!("{}: cannot decode token {}", e.name(), err.token))),
-            Engine::HuggingFace(hf) => hf.decode(ids).map(String::into_bytes),
+            Engine::HuggingFace(hf, _) => hf.decode(ids).map(String::into_bytes),
         }
     }
 
@@ -199,8 +200,8 @@ impl Tokenizer {
         match &self.engine {
             Engine::Gpt2(..) => CutRule::Gpt2Pattern,
             Engine::Tiktoken(..) => CutRule::SpaceAfterNonSpace,
-            Engine::HuggingFace(hf) if hf.cuts_at_spaces() => CutRule::SpaceAfterNonSpace,
-            Engine::HuggingFace(_) => CutRule::Never,
+            Engine::HuggingFace(hf, _) if hf.cuts_at_spaces() => CutRule::SpaceAfterNonSpace,
+            Engine::HuggingFace(..) => CutRule::Never,
         }
     }
 
