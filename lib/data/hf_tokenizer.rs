@@ -175,8 +175,9 @@ impl HfTokenizer {
         Ok(encoding.get_ids().to_vec())
     }
 
-    pub fn decode(&self, ids: &[u32]) -> Result<String, DataError> {
-        self.inner.decode(ids, false).map_err(|e| DataError::Encoding(format!("{}: {e}", self.path.display())))
+    /// The text of `ids`; special tokens left out when `skip_special`, else as their text.
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String, DataError> {
+        self.inner.decode(ids, skip_special).map_err(|e| DataError::Encoding(format!("{}: {e}", self.path.display())))
     }
 
     /// Whether a space after a non-space character is a cut that leaves the tokens unchanged.

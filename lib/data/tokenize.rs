@@ -192,7 +192,7 @@ impl Tokenizer {
                 .core()
                 .decode_bytes(ids)
                 .map_err(|err| DataError::Encoding(format!("{}: cannot decode token {}", e.name(), err.token))),
-            Engine::HuggingFace(hf, _) => hf.decode(ids).map(String::into_bytes),
+            Engine::HuggingFace(hf, _) => hf.decode(ids, false).map(String::into_bytes),
         }
     }
 

@@ -55,6 +55,7 @@ impl Codec {
         }
     }
 
+    /// One more than the largest id that is a token (a model's padded rows are not).
     pub fn vocab_size(&self) -> usize {
         match self {
             Codec::Gpt2(bpe) => bpe.vocab_size(),
@@ -62,10 +63,13 @@ impl Codec {
         }
     }
 
+    /// The text of `ids`: GPT-2's with `<|endoftext|>` as text, a tokenizer.json's without
+    /// special tokens.
     pub fn decode(&self, ids: &[u32]) -> Result<String, TrainError> {
         Ok(match self {
             Codec::Gpt2(bpe) => String::from_utf8_lossy(&bpe.decode_bytes(ids)?).into_owned(),
-            Codec::HuggingFace(hf) => hf.decode(ids)?,
+            // As transformers' examples print samples: without the BOS the prompt was given.
+            Codec::HuggingFace(hf) => hf.decode(ids, true)?,
         })
     }
 }
