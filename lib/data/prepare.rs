@@ -69,8 +69,7 @@ pub struct PrepareArgs {
     /// A Hugging Face tokenizer.json, or a model directory holding one, instead of --encoding.
     #[arg(long, value_name = "PATH", conflicts_with = "encoding")]
     pub tokenizer: Option<PathBuf>,
-    /// Document boundary with --tokenizer: auto (end-of-text after each document for byte-level
-    /// BPE, else the post-processor's beginning-of-sequence token before it), eos or bos.
+    /// Document boundary with --tokenizer (auto: the tokenizer's own convention).
     #[arg(long, value_enum, default_value = "auto", requires = "tokenizer")]
     pub boundary: BoundaryChoice,
     /// The boundary token's text with --tokenizer (default: <|end_of_text|>, <|endoftext|>,
