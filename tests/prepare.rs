@@ -6,7 +6,7 @@ use serde_json::Value;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use zerokit::data::{Encoding, Tokenizer};
+use zerokit::data::{BoundaryChoice, Encoding, HfTokenizer, Side, Tokenizer};
 
 const EOT: u32 = 50256;
 
@@ -79,7 +79,7 @@ fn token_ids_match_tiktoken_on_tricky_strings() {
             let text = case["text"].as_str().unwrap();
             let want: Vec<u32> =
                 case["ids"][key].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
-            let got = tok.encode_ordinary(text);
+            let got = tok.encode_ordinary(text).unwrap();
             assert_eq!(got, want, "{key} case {}", case["name"]);
             assert_eq!(tok.decode_bytes(&got).unwrap(), text.as_bytes(), "{key} round trip {}", case["name"]);
         }
@@ -93,11 +93,11 @@ fn cuts_in_tricky_strings_do_not_change_tokens() {
     let tok = Tokenizer::new(Encoding::R50kBase).unwrap();
     for case in cases["cases"].as_array().unwrap() {
         let text = case["text"].as_str().unwrap();
-        let whole = tok.encode_ordinary(text);
+        let whole = tok.encode_ordinary(text).unwrap();
         let mut end = text.len();
         while let Some(p) = tok.find_cut(&text[..end], 0) {
-            let mut two = tok.encode_ordinary(&text[..p]);
-            two.extend(tok.encode_ordinary(&text[p..]));
+            let mut two = tok.encode_ordinary(&text[..p]).unwrap();
+            two.extend(tok.encode_ordinary(&text[p..]).unwrap());
             assert_eq!(two, whole, "case {} cut at {p}", case["name"]);
             end = p;
         }
@@ -234,7 +234,7 @@ fn documents_mode_layout_and_thread_determinism() {
     assert_eq!(m["splits"]["val"]["documents"], val.len());
     let (mut ti, mut vi) = (0, 0);
     for doc in &docs {
-        let want = tok.encode_ordinary(doc);
+        let want = tok.encode_ordinary(doc).unwrap();
         if ti < train.len() && train[ti] == want {
             ti += 1;
         } else {
@@ -266,8 +266,8 @@ fn wide_encodings_write_uint32_and_say_so() {
     let n = text.chars().count();
     let cut = text.char_indices().nth((n as f64 * 0.9) as usize).unwrap().0;
     let tok = Tokenizer::new(Encoding::O200kBase).unwrap();
-    assert_eq!(tokens(&out.join("train.bin"), 4), tok.encode_ordinary(&text[..cut]));
-    assert_eq!(tokens(&out.join("val.bin"), 4), tok.encode_ordinary(&text[cut..]));
+    assert_eq!(tokens(&out.join("train.bin"), 4), tok.encode_ordinary(&text[..cut]).unwrap());
+    assert_eq!(tokens(&out.join("val.bin"), 4), tok.encode_ordinary(&text[cut..]).unwrap());
     assert!(tokens(&out.join("train.bin"), 4).iter().any(|&t| t > 65535));
 }
 
@@ -410,4 +410,195 @@ fn debug_log_reports_serial_stages_and_phases() {
     got.sort();
     want.sort();
     assert_eq!(got, want, "{err}");
+}
+
+// Hugging Face tokenizer.json files (`--tokenizer`), against the Python `tokenizers` library.
+// Fixtures: tools/gen_hf_tokenizer_fixtures.py.
+
+fn hf_dir() -> PathBuf {
+    root().join("tests/fixtures/tokenizer/hf")
+}
+
+fn hf_expected() -> Value {
+    serde_json::from_str(&fs::read_to_string(hf_dir().join("expected.json")).unwrap()).unwrap()
+}
+
+/// The choice the fixture's boundary needs: its own convention, except the word-level one
+/// (neither byte-level nor with a BOS), which is told.
+fn hf_choice(name: &str) -> BoundaryChoice {
+    if name == "wide" {
+        BoundaryChoice::Eos
+    } else {
+        BoundaryChoice::Auto
+    }
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+#[test]
+fn hf_token_ids_match_python_tokenizers() {
+    let expected = hf_expected();
+    for (name, fx) in expected["tokenizers"].as_object().unwrap() {
+        let path = hf_dir().join(fx["file"].as_str().unwrap());
+        let hf = HfTokenizer::open(&path).unwrap();
+        let boundary = hf.boundary(hf_choice(name), None).unwrap();
+        let tok = Tokenizer::hugging_face(hf, boundary);
+        assert_eq!(tok.vocab_size() as u64, fx["vocab_size"].as_u64().unwrap(), "{name}");
+        let b = tok.boundary();
+        let side = if fx["boundary"] == "eos" { Side::After } else { Side::Before };
+        assert_eq!(
+            (b.side, b.id as u64, b.text.as_str()),
+            (side, fx["boundary_id"].as_u64().unwrap(), fx["boundary_token"].as_str().unwrap()),
+            "{name}"
+        );
+        let mut cuts = 0;
+        for case in fx["cases"].as_array().unwrap() {
+            let text = case["text"].as_str().unwrap();
+            let whole = tok.encode_ordinary(text).unwrap();
+            assert_eq!(whole, ids(&case["ids"]), "{name}: {text:?}");
+            let mut end = text.len();
+            while let Some(p) = tok.find_cut(&text[..end], 0) {
+                let mut two = tok.encode_ordinary(&text[..p]).unwrap();
+                two.extend(tok.encode_ordinary(&text[p..]).unwrap());
+                assert_eq!(two, whole, "{name}: {text:?} cut at {p}");
+                end = p;
+                cuts += 1;
+            }
+        }
+        // Llama 3's pattern over byte-level BPE is cut at spaces; the others are never cut.
+        assert_eq!(cuts > 50, name == "llama3", "{name}: {cuts} cuts");
+    }
+}
+
+#[test]
+fn prepare_with_a_tokenizer_json_writes_pythons_token_stream() {
+    let expected = hf_expected();
+    let corpus: Vec<PathBuf> =
+        expected["corpus"].as_array().unwrap().iter().map(|p| hf_dir().join(p.as_str().unwrap())).collect();
+    let tmp = tempfile::tempdir().unwrap();
+    // A model directory holding tokenizer.json is read as the file itself.
+    let model = tmp.path().join("model");
+    fs::create_dir(&model).unwrap();
+    fs::copy(hf_dir().join("gemma.json"), model.join("tokenizer.json")).unwrap();
+    for (name, fx) in expected["tokenizers"].as_object().unwrap() {
+        let file = hf_dir().join(fx["file"].as_str().unwrap());
+        let tokenizer = if name == "gemma" { model.clone() } else { file.clone() };
+        let want = ids(&fx["stream"]);
+        let wide = fx["vocab_size"].as_u64().unwrap() > 65536;
+        let width = if wide { 4 } else { 2 };
+        // Small chunks, so the long document is cut where the tokenizer allows it, on threads.
+        for (threads, chunk) in [("1", "65536"), ("3", "300")] {
+            let out = tmp.path().join(format!("{name}-{threads}"));
+            let mut args = vec![s(&corpus[0]), s(&corpus[1]), "--out", s(&out), "--tokenizer", s(&tokenizer)];
+            args.extend(["--val-fraction", "0", "--threads", threads, "--chunk-bytes", chunk]);
+            if name == "wide" {
+                args.extend(["--boundary", "eos"]);
+            }
+            ok(&args);
+            assert_eq!(tokens(&out.join("train.bin"), width), want, "{name} with {threads} thread(s)");
+            assert_eq!(fs::metadata(out.join("val.bin")).unwrap().len(), 0);
+            let m = meta(&out);
+            assert_eq!(m["dtype"], if wide { "uint32" } else { "uint16" }, "{name}");
+            assert_eq!(m["encoding"], "tokenizer.json");
+            assert_eq!(m["vocab_size"], fx["vocab_size"]);
+            assert_eq!(m["boundary"]["token"], fx["boundary_id"]);
+            assert_eq!(m["boundary"]["text"], fx["boundary_token"]);
+            assert_eq!(m["boundary"]["side"], if fx["boundary"] == "eos" { "after" } else { "before" });
+            assert_eq!(m["eot_token"], if fx["boundary"] == "eos" { fx["boundary_id"].clone() } else { Value::Null });
+            assert_eq!(m["tokenizer"]["sha256"], zerokit::fsutil::sha256_file(&file).unwrap());
+            assert_eq!(m["splits"]["train"]["documents"], 1 + fs::read_to_string(&corpus[1]).unwrap().lines().count());
+            // What train reads: the dtype from meta.json, every id below the vocabulary.
+            let ds =
+                zerokit::data::TokenDataset::open(&out, "train", fx["vocab_size"].as_u64().unwrap() as usize).unwrap();
+            assert_eq!(ds.len(), want.len());
+        }
+    }
+}
+
+#[test]
+fn bad_tokenizer_json_fails_naming_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let out = t.join("out");
+    let o = s(&out).to_string();
+    let good = t.join("good.txt");
+    fs::write(&good, "A good document with some words in it.").unwrap();
+    let g = s(&good).to_string();
+    let run = |tokenizer: &Path, extra: &[&str], needle: &str| {
+        let mut args = vec![g.as_str(), "--out", o.as_str(), "--tokenizer", s(tokenizer)];
+        args.extend(extra);
+        fails(&args, &out, needle)
+    };
+
+    let not_json = t.join("broken.json");
+    fs::write(&not_json, "{\"version\": \"1.0\", \"model\": ").unwrap();
+    let e = run(&not_json, &[], "not a tokenizer.json (invalid JSON");
+    assert!(e.contains("broken.json"), "{e}");
+    let not_tokenizer = t.join("config.json");
+    fs::write(&not_tokenizer, r#"{"model_type": "llama", "hidden_size": 64}"#).unwrap();
+    let e = run(&not_tokenizer, &[], "not a tokenizer.json the tokenizers library reads");
+    assert!(e.contains("config.json"), "{e}");
+    let empty_dir = t.join("model");
+    fs::create_dir(&empty_dir).unwrap();
+    run(&empty_dir, &[], "model/tokenizer.json: no such file or directory");
+    run(&t.join("missing.json"), &[], "missing.json: no such file or directory");
+    // The word-level fixture has neither a byte-level pre-tokenizer nor a BOS.
+    let wide = hf_dir().join("wide.json");
+    let e = run(&wide, &[], "no special token among <bos>, <s>, <|begin_of_text|>");
+    assert!(e.contains("wide.json") && e.contains("--boundary-token"), "{e}");
+    run(&wide, &["--boundary-token", "<nope>"], "the boundary token \"<nope>\" is not in the vocabulary");
+    // A word-level vocabulary without the unknown token cannot encode an unseen word.
+    let mut spec: Value = serde_json::from_str(&fs::read_to_string(&wide).unwrap()).unwrap();
+    spec["model"]["vocab"].as_object_mut().unwrap().remove("<unk>");
+    let no_unk = t.join("no_unk.json");
+    fs::write(&no_unk, spec.to_string()).unwrap();
+    let e = run(&no_unk, &["--boundary", "eos"], "no_unk.json");
+    assert!(e.contains("tokenizer"), "{e}");
+}
+
+/// `train sample` encodes prompts and decodes text with the model directory's tokenizer.json, or
+/// the one `prepare` recorded in the run's meta.json (refused once changed), else GPT-2's BPE.
+#[test]
+fn sampling_uses_the_recorded_tokenizer_json() {
+    use zerokit::train::sample::Codec;
+    let expected = hf_expected();
+    let fx = &expected["tokenizers"]["llama3"];
+    let bos = 1200; // <|begin_of_text|>, added just before <|end_of_text|>
+    assert_eq!(fx["boundary_id"], bos + 1);
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    fs::create_dir(&model).unwrap();
+    fs::copy(hf_dir().join("llama3.json"), model.join("tokenizer.json")).unwrap();
+    let check = |codec: &Codec| {
+        for case in fx["cases"].as_array().unwrap() {
+            let text = case["text"].as_str().unwrap();
+            let mut want = vec![bos];
+            want.extend(ids(&case["ids"]));
+            assert_eq!(codec.prompt(text).unwrap(), want, "{text:?}");
+            // The text back, without the BOS.
+            assert_eq!(codec.decode(&want).unwrap(), text);
+        }
+        assert_eq!(codec.vocab_size(), 1202);
+    };
+    check(&Codec::for_model(Some(&model), None).unwrap());
+
+    // From the run's dataset: prepare records the file; a changed file is refused.
+    let out = tmp.path().join("data");
+    let corpus = hf_dir().join("corpus/b.jsonl");
+    ok(&[s(&corpus), "--out", s(&out), "--tokenizer", s(&model.join("tokenizer.json")), "--val-fraction", "0"]);
+    let empty = tmp.path().join("empty");
+    fs::create_dir(&empty).unwrap();
+    check(&Codec::for_model(Some(&empty), Some(&out)).unwrap());
+    let mut changed = fs::read_to_string(model.join("tokenizer.json")).unwrap();
+    changed.push('\n');
+    fs::write(model.join("tokenizer.json"), changed).unwrap();
+    let err = Codec::for_model(Some(&empty), Some(&out)).err().unwrap().to_string();
+    assert!(err.contains("tokenizer.json: not the tokenizer.json the run's data was prepared with"), "{err}");
+
+    // Without either, GPT-2's BPE, an empty prompt starting from <|endoftext|>.
+    let gpt2 = Codec::for_model(Some(&empty), Some(&empty)).unwrap();
+    assert!(matches!(gpt2, Codec::Gpt2(_)));
+    assert_eq!(gpt2.prompt("").unwrap(), [EOT]);
 }

@@ -1,14 +1,16 @@
-//! Data: tokenization (`tokenize`), reading corpora (`corpus`), the `prepare` pipeline that
+//! Data: tokenization (`tokenize`; Hugging Face tokenizer.json files in `hf_tokenizer`), reading corpora (`corpus`), the `prepare` pipeline that
 //! writes nanoGPT-compatible token files (`prepare`), and the memory-mapped dataset that
 //! training reads them with (`dataset`). docs/prepare.md is the user guide.
 
 mod charclass;
 pub mod corpus;
 pub mod dataset;
+pub mod hf_tokenizer;
 pub mod prepare;
 pub mod tokenize;
 
 pub use dataset::TokenDataset;
+pub use hf_tokenizer::{Boundary, BoundaryChoice, HfTokenizer, Side};
 pub use prepare::{prepare, PrepareArgs, PrepareSummary};
 pub use tokenize::{Encoding, Tokenizer};
 

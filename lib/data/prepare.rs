@@ -7,7 +7,9 @@
 //!   nanoGPT's data/shakespeare/prepare.py does;
 //! - anything else (several files, JSONL): documents, each followed by EOT and sent whole to
 //!   train or val by a hash of (seed, document number), as nanoGPT's data/openwebtext/prepare.py
-//!   appends EOT (its split itself comes from Hugging Face datasets and is not reproduced).
+//!   appends EOT (its split itself comes from Hugging Face datasets and is not reproduced). A
+//!   Hugging Face tokenizer.json may put its boundary token before each document instead
+//!   (`Tokenizer::boundary`).
 //!
 //! One reader thread streams the inputs into chunks cut where tokenization is unaffected and
 //! hands each to a rayon pool as soon as it is read; the main thread writes results back in
@@ -15,6 +17,7 @@
 //! pieces in flight (a fixed number per thread), not by the corpus.
 
 use super::corpus::{self, Format, Input, LineError, LineReader, Stream, TextChunker};
+use super::hf_tokenizer::{Boundary, BoundaryChoice, HfTokenizer, Side};
 use super::tokenize::{Encoding, Tokenizer};
 use super::{DataError, Dtype};
 use crate::fsutil::{self, thread_cpu_seconds, AtomicDir, BackgroundSha256};
@@ -41,7 +44,11 @@ names skipped): plain text, JSONL (one document a line, text in --field) and the
 zstd-compressed forms (.zst). A single plain-text file is split by characters exactly as \
 nanoGPT's data/shakespeare/prepare.py does; otherwise every document is followed by the \
 end-of-text token and sent whole to train or val, as in data/openwebtext/prepare.py.\n\n\
-Writes DIR/train.bin, DIR/val.bin (little-endian uint16 token ids, or uint32 for encodings \
+With --tokenizer, a Hugging Face tokenizer.json (or a model directory holding one) tokenizes \
+instead, and each document gets the tokenizer's own boundary: its end-of-text token after the \
+document for byte-level BPE (Llama 3, Qwen, GPT-2), its beginning-of-sequence token before it \
+otherwise (Gemma, Llama 2, Mistral); --boundary and --boundary-token override.\n\n\
+Writes DIR/train.bin, DIR/val.bin (little-endian uint16 token ids, or uint32 for vocabularies \
 with ids above 65535) and DIR/meta.json. Nothing is written under DIR until everything \
 succeeded. See docs/prepare.md."
 )]
@@ -59,6 +66,16 @@ pub struct PrepareArgs {
     /// Tokenizer encoding (tiktoken's names; gpt2 is r50k_base).
     #[arg(long, value_enum, default_value = "gpt2")]
     pub encoding: Encoding,
+    /// A Hugging Face tokenizer.json, or a model directory holding one, instead of --encoding.
+    #[arg(long, value_name = "PATH", conflicts_with = "encoding")]
+    pub tokenizer: Option<PathBuf>,
+    /// Document boundary with --tokenizer (auto: the tokenizer's own convention).
+    #[arg(long, value_enum, default_value = "auto", requires = "tokenizer")]
+    pub boundary: BoundaryChoice,
+    /// The boundary token's text with --tokenizer (default: <|end_of_text|>, <|endoftext|>,
+    /// <eos> or </s> for eos; the post-processor's, <bos>, <s> or <|begin_of_text|> for bos).
+    #[arg(long, value_name = "TOKEN", requires = "tokenizer")]
+    pub boundary_token: Option<String>,
     /// JSONL field holding the document text.
     #[arg(long, default_value = "text", value_name = "NAME")]
     pub field: String,
@@ -88,7 +105,7 @@ pub struct PrepareArgs {
 pub enum Mode {
     /// One plain-text document split by characters (nanoGPT's shakespeare/prepare.py).
     Chars,
-    /// Documents, each followed by EOT, assigned whole to a split (openwebtext/prepare.py).
+    /// Documents, each with its boundary token, assigned whole to a split (openwebtext/prepare.py).
     Documents,
 }
 
@@ -136,9 +153,10 @@ pub(crate) fn splitmix64(x: u64) -> u64 {
 
 /// A unit of work for one thread.
 enum Work {
-    /// A piece of one document's text; `eot` on the document's last piece; `count_doc` on one
-    /// piece of each document (its last; in chars mode the first of each side).
-    Text { text: String, split: Split, eot: bool, count_doc: bool },
+    /// A piece of one document's text; `first` and `last` on the document's first and last
+    /// pieces (where its boundary goes; both false in chars mode, which has none); `count_doc`
+    /// on one piece of each document (its last; in chars mode the first of each side).
+    Text { text: String, split: Split, first: bool, last: bool, count_doc: bool },
     /// Consecutive JSONL lines of one file, in one buffer.
     Lines { input: usize, buf: Vec<u8>, lines: Vec<Line> },
 }
@@ -163,7 +181,7 @@ struct Ctx<'a> {
     args: &'a PrepareArgs,
     inputs: &'a [Input],
     tokenizer: &'a Tokenizer,
-    eot: u32,
+    boundary: Boundary,
     dtype: Dtype,
 }
 
@@ -172,15 +190,12 @@ impl Ctx<'_> {
         let (mut train, mut val) = (Vec::new(), Vec::new());
         let (mut train_docs, mut val_docs) = (0u64, 0u64);
         match work {
-            Work::Text { text, split, eot, count_doc } => {
+            Work::Text { text, split, first, last, count_doc } => {
                 let (tokens, docs) = match split {
                     Split::Train => (&mut train, &mut train_docs),
                     Split::Val => (&mut val, &mut val_docs),
                 };
-                self.tokenizer.encode_into(&text, tokens);
-                if eot {
-                    tokens.push(self.eot);
-                }
+                self.document(&text, first, last, tokens)?;
                 *docs += count_doc as u64;
             }
             Work::Lines { input, buf, lines } => {
@@ -207,13 +222,26 @@ impl Ctx<'_> {
                     } else {
                         (&mut train, &mut train_docs)
                     };
-                    self.tokenizer.encode_into(&text, tokens);
-                    tokens.push(self.eot);
+                    self.document(&text, true, true, tokens)?;
                     *docs += 1;
                 }
             }
         }
         Ok(Produced { train: self.dtype.encode(&train), val: self.dtype.encode(&val), train_docs, val_docs })
+    }
+
+    /// A piece of a document with the boundary token where it belongs: before the document's
+    /// first piece or after its last.
+    fn document(&self, text: &str, first: bool, last: bool, tokens: &mut Vec<u32>) -> Result<(), DataError> {
+        let Boundary { side, id, .. } = self.boundary;
+        if first && side == Side::Before {
+            tokens.push(id);
+        }
+        self.tokenizer.encode_into(text, tokens)?;
+        if last && side == Side::After {
+            tokens.push(id);
+        }
+        Ok(())
     }
 }
 
@@ -354,7 +382,7 @@ impl Reader<'_> {
                 // Count the one document on each side once, on its first piece.
                 let f = &mut first[split as usize];
                 let count_doc = std::mem::replace(f, false);
-                out.push(Work::Text { text, split, eot: false, count_doc })?;
+                out.push(Work::Text { text, split, first: false, last: false, count_doc })?;
             }
         }
         // Both passes read the same bytes; finish() checks the file did not change between them.
@@ -368,15 +396,17 @@ impl Reader<'_> {
             if is_val(self.ctx.args.seed, *doc, self.ctx.args.val_fraction) { Split::Val } else { Split::Train };
         *doc += 1;
         let mut chunker = self.chunker(&input)?;
-        // One chunk of look-ahead tells which piece is the document's last (it gets the EOT).
+        // One chunk of look-ahead tells which piece is the document's last (an EOT follows it).
         let mut current = chunker.next_chunk()?;
         if current.is_none() {
             return Err(DataError::EmptyInput(input.path.clone(), "no text").into());
         }
+        let mut first = true;
         while let Some(text) = current {
             let next = chunker.next_chunk()?;
             let last = next.is_none();
-            out.push(Work::Text { text, split, eot: last, count_doc: last })?;
+            out.push(Work::Text { text, split, first, last, count_doc: last })?;
+            first = false;
             current = next;
         }
         self.record(chunker.into_stream())?;
@@ -533,8 +563,15 @@ pub fn prepare(args: &PrepareArgs, command: &[String]) -> Result<PrepareSummary,
     let inputs = corpus::discover(&args.inputs)?;
     let given = args.inputs.iter().map(PathBuf::as_path);
     fsutil::refuse_overlap(&args.out, &given.chain(inputs.iter().map(|i| i.path.as_path())).collect::<Vec<_>>())?;
+    let tokenizer = match &args.tokenizer {
+        Some(path) => {
+            let hf = HfTokenizer::open(path)?;
+            let boundary = hf.boundary(args.boundary, args.boundary_token.as_deref())?;
+            Tokenizer::hugging_face(hf, boundary)
+        }
+        None => Tokenizer::new(args.encoding)?,
+    };
     let dir = AtomicDir::create(&args.out, args.force)?;
-    let tokenizer = Tokenizer::new(args.encoding)?;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .thread_name(|i| format!("prepare-{i}"))
@@ -548,13 +585,14 @@ pub fn prepare(args: &PrepareArgs, command: &[String]) -> Result<PrepareSummary,
         inputs.len(),
         human_bytes(input_bytes),
         mode.name(),
-        args.encoding.name()
+        tokenizer.hf().map_or(args.encoding.name().to_string(), |hf| hf.path().display().to_string())
     );
     let progress = logging::progress_bar(input_bytes * passes, BAR);
-    let dtype = args.encoding.dtype();
+    let dtype = tokenizer.dtype();
+    let boundary = tokenizer.boundary();
     let mut train = TokenWriter::create(dir.path().join("train.bin"), dtype)?;
     let mut val = TokenWriter::create(dir.path().join("val.bin"), dtype)?;
-    let ctx = Ctx { args, inputs: &inputs, tokenizer: &tokenizer, eot: args.encoding.eot(), dtype };
+    let ctx = Ctx { args, inputs: &inputs, tokenizer: &tokenizer, boundary: boundary.clone(), dtype };
     let (mut train_docs, mut val_docs) = (0u64, 0u64);
 
     let setup_done = started.elapsed().as_secs_f64();
@@ -621,9 +659,15 @@ pub fn prepare(args: &PrepareArgs, command: &[String]) -> Result<PrepareSummary,
     let meta = json!({
         "format": "zerokit-tokens",
         "format_version": 1,
-        "encoding": args.encoding.name(),
-        "vocab_size": args.encoding.vocab_size(),
-        "eot_token": args.encoding.eot(),
+        "encoding": tokenizer.name(),
+        "tokenizer": tokenizer.hf().map(|hf| json!({
+            // Absolute, so `train sample` finds it from the run's dataset whatever its directory.
+            "path": std::fs::canonicalize(hf.path()).unwrap_or_else(|_| hf.path().to_path_buf()).display().to_string(),
+            "sha256": hf.sha256(),
+        })),
+        "vocab_size": tokenizer.vocab_size(),
+        "eot_token": (boundary.side == Side::After).then_some(boundary.id),
+        "boundary": {"side": boundary.side.name(), "token": boundary.id, "text": boundary.text},
         "dtype": dtype.name(),
         "byte_order": "little",
         "mode": mode.name(),

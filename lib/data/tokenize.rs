@@ -10,6 +10,7 @@
 //! same result, which is what lets one long document be tokenized by many threads.
 
 use super::charclass::{self, Class, ClassTable};
+use super::hf_tokenizer::{Boundary, HfTokenizer, Side};
 use super::{DataError, Dtype};
 use rustc_hash::FxHashMap;
 use std::cell::RefCell;
@@ -61,15 +62,6 @@ impl Encoding {
         }
     }
 
-    /// uint16 when every id fits (nanoGPT's format), else uint32.
-    pub fn dtype(self) -> Dtype {
-        if self.vocab_size() <= 1 << 16 {
-            Dtype::U16
-        } else {
-            Dtype::U32
-        }
-    }
-
     fn core(self) -> &'static CoreBPE {
         match self {
             Encoding::R50kBase => tiktoken_rs::r50k_base_singleton(),
@@ -84,56 +76,133 @@ impl Encoding {
     }
 }
 
-/// An encoder for one encoding. Cheap to share across threads (`&Tokenizer` is `Sync`).
+/// An encoder: one of OpenAI's encodings, or a Hugging Face tokenizer.json
+/// (`super::hf_tokenizer`). Cheap to share across threads (`&Tokenizer` is `Sync`).
 pub struct Tokenizer {
-    encoding: Encoding,
     engine: Engine,
     /// Identifies this tokenizer's entries in the per-thread piece cache.
     uid: usize,
 }
 
 enum Engine {
-    Gpt2(Box<Bpe>),
-    Tiktoken(&'static CoreBPE),
+    Gpt2(Encoding, Box<Bpe>),
+    Tiktoken(Encoding, &'static CoreBPE),
+    HuggingFace(Box<HfTokenizer>, Boundary),
+}
+
+/// Where chunks of a document may be cut (`Tokenizer::find_cut`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum CutRule {
+    /// At a change of character class, or before whitespace (GPT-2's pattern).
+    Gpt2Pattern,
+    /// Only at a space after a non-space character.
+    SpaceAfterNonSpace,
+    /// Never: documents are encoded whole.
+    Never,
 }
 
 impl Tokenizer {
     pub fn new(encoding: Encoding) -> Result<Self, DataError> {
-        static NEXT_UID: AtomicUsize = AtomicUsize::new(1);
         let core = encoding.core();
         let engine = if encoding.uses_gpt2_pattern() {
-            Engine::Gpt2(Box::new(Bpe::from_core(encoding, core)?))
+            Engine::Gpt2(encoding, Box::new(Bpe::from_core(encoding, core)?))
         } else {
-            Engine::Tiktoken(core)
+            Engine::Tiktoken(encoding, core)
         };
-        Ok(Tokenizer { encoding, engine, uid: NEXT_UID.fetch_add(1, Ordering::Relaxed) })
+        Ok(Self::with(engine))
     }
 
-    pub fn encoding(&self) -> Encoding {
-        self.encoding
+    /// A Hugging Face tokenizer.json with the document boundary it writes
+    /// (`HfTokenizer::boundary`).
+    pub fn hugging_face(hf: HfTokenizer, boundary: Boundary) -> Self {
+        Self::with(Engine::HuggingFace(Box::new(hf), boundary))
     }
 
-    /// tiktoken's `encode_ordinary`: special-token text such as `<|endoftext|>` is plain text.
-    pub fn encode_ordinary(&self, text: &str) -> Vec<u32> {
-        let mut out = Vec::with_capacity(text.len() / 3 + 1);
-        self.encode_into(text, &mut out);
-        out
+    fn with(engine: Engine) -> Self {
+        static NEXT_UID: AtomicUsize = AtomicUsize::new(1);
+        Tokenizer { engine, uid: NEXT_UID.fetch_add(1, Ordering::Relaxed) }
     }
 
-    /// Appends the tokens of `text` to `out`.
-    pub fn encode_into(&self, text: &str, out: &mut Vec<u32>) {
+    /// The encoding's name, or `tokenizer.json` for a Hugging Face tokenizer.
+    pub fn name(&self) -> &'static str {
         match &self.engine {
-            Engine::Gpt2(bpe) => bpe.encode_into(text, self.uid, out),
-            Engine::Tiktoken(core) => out.extend(core.encode_ordinary(text)),
+            Engine::Gpt2(e, _) | Engine::Tiktoken(e, _) => e.name(),
+            Engine::HuggingFace(..) => "tokenizer.json",
         }
     }
 
-    /// The bytes of `ids` (special tokens as their text), for checks and debugging.
+    /// The Hugging Face tokenizer behind this one, if it is one.
+    pub fn hf(&self) -> Option<&HfTokenizer> {
+        match &self.engine {
+            Engine::HuggingFace(hf, _) => Some(hf),
+            _ => None,
+        }
+    }
+
+    /// One more than the largest id, special tokens included.
+    pub fn vocab_size(&self) -> usize {
+        match &self.engine {
+            Engine::Gpt2(e, _) | Engine::Tiktoken(e, _) => e.vocab_size(),
+            Engine::HuggingFace(hf, _) => hf.vocab_size(),
+        }
+    }
+
+    /// uint16 when every id fits (nanoGPT's format), else uint32.
+    pub fn dtype(&self) -> Dtype {
+        if self.vocab_size() <= 1 << 16 {
+            Dtype::U16
+        } else {
+            Dtype::U32
+        }
+    }
+
+    /// The token written at each document's edge: `<|endoftext|>` after it for OpenAI's
+    /// encodings, the tokenizer's own convention for a tokenizer.json.
+    pub fn boundary(&self) -> Boundary {
+        match &self.engine {
+            Engine::Gpt2(e, _) | Engine::Tiktoken(e, _) => {
+                Boundary { side: Side::After, id: e.eot(), text: "<|endoftext|>".into() }
+            }
+            Engine::HuggingFace(_, boundary) => boundary.clone(),
+        }
+    }
+
+    /// tiktoken's `encode_ordinary`: special-token text such as `<|endoftext|>` is plain text.
+    pub fn encode_ordinary(&self, text: &str) -> Result<Vec<u32>, DataError> {
+        let mut out = Vec::with_capacity(text.len() / 3 + 1);
+        self.encode_into(text, &mut out)?;
+        Ok(out)
+    }
+
+    /// Appends the tokens of `text` to `out`. Only a tokenizer.json can fail (a model with no
+    /// way to encode a character, such as a word-level vocabulary without an unknown token).
+    pub fn encode_into(&self, text: &str, out: &mut Vec<u32>) -> Result<(), DataError> {
+        match &self.engine {
+            Engine::Gpt2(_, bpe) => bpe.encode_into(text, self.uid, out),
+            Engine::Tiktoken(_, core) => out.extend(core.encode_ordinary(text)),
+            Engine::HuggingFace(hf, _) => hf.encode_into(text, out)?,
+        }
+        Ok(())
+    }
+
+    /// The bytes of `ids` (special tokens as their text), for checks, debugging and sampling.
     pub fn decode_bytes(&self, ids: &[u32]) -> Result<Vec<u8>, DataError> {
-        self.encoding
-            .core()
-            .decode_bytes(ids)
-            .map_err(|e| DataError::Encoding(format!("{}: cannot decode token {}", self.encoding.name(), e.token)))
+        match &self.engine {
+            Engine::Gpt2(e, _) | Engine::Tiktoken(e, _) => e
+                .core()
+                .decode_bytes(ids)
+                .map_err(|err| DataError::Encoding(format!("{}: cannot decode token {}", e.name(), err.token))),
+            Engine::HuggingFace(hf, _) => hf.decode(ids, false).map(String::into_bytes),
+        }
+    }
+
+    fn cut_rule(&self) -> CutRule {
+        match &self.engine {
+            Engine::Gpt2(..) => CutRule::Gpt2Pattern,
+            Engine::Tiktoken(..) => CutRule::SpaceAfterNonSpace,
+            Engine::HuggingFace(hf, _) if hf.cuts_at_spaces() => CutRule::SpaceAfterNonSpace,
+            Engine::HuggingFace(..) => CutRule::Never,
+        }
     }
 
     /// The largest `p` in `[min, text.len())`, `p > 0`, such that encoding `text[..p]` and
@@ -145,10 +214,15 @@ impl Tokenizer {
     /// scanner never looks behind, and the only end-of-text rule (`\s++$`) concerns whitespace,
     /// which a left half never ends with. The other encodings' patterns let punctuation absorb
     /// following newlines and a space-less prefix join letters, so for them only a space after a
-    /// non-space character is a cut.
+    /// non-space character is a cut. A tokenizer.json is cut only where
+    /// `HfTokenizer::cuts_at_spaces` says that same rule holds.
     pub fn find_cut(&self, text: &str, min: usize) -> Option<usize> {
+        let rule = self.cut_rule();
+        if rule == CutRule::Never {
+            return None;
+        }
         let table = charclass::table();
-        let gpt2 = self.encoding.uses_gpt2_pattern();
+        let gpt2 = rule == CutRule::Gpt2Pattern;
         let mut next: Option<(char, Class)> = None;
         for (i, c) in text.char_indices().rev() {
             if i + c.len_utf8() < min {
@@ -484,8 +558,8 @@ mod tests {
     fn large_and_small_merges_agree() {
         let tok = gpt2();
         let bpe = match &tok.engine {
-            Engine::Gpt2(b) => &**b,
-            Engine::Tiktoken(_) => unreachable!("gpt2 runs on zerokit's engine"),
+            Engine::Gpt2(_, b) => &**b,
+            _ => unreachable!("gpt2 runs on zerokit's engine"),
         };
         let mut state = 0x2545F4914F6CDD1Du64;
         let alphabet = b"aaabbbeeehnorst  ";
@@ -513,13 +587,13 @@ mod tests {
             "The quick (brown) fox's 3rd jump, \u{4e2d}\u{6587}\u{3002}  \n\tdone!! 42x 'quoted' \u{1f980}\r\n  end   ";
         for enc in [Encoding::R50kBase, Encoding::Cl100kBase, Encoding::O200kBase] {
             let tok = Tokenizer::new(enc).unwrap();
-            let whole = tok.encode_ordinary(text);
+            let whole = tok.encode_ordinary(text).unwrap();
             let mut end = text.len();
             let mut cuts = 0;
             // Every cut position, not only the last: cut repeatedly from the right.
             while let Some(p) = tok.find_cut(&text[..end], 0) {
-                let mut parts = tok.encode_ordinary(&text[..p]);
-                parts.extend(tok.encode_ordinary(&text[p..]));
+                let mut parts = tok.encode_ordinary(&text[..p]).unwrap();
+                parts.extend(tok.encode_ordinary(&text[p..]).unwrap());
                 assert_eq!(parts, whole, "{} cut at {p}", enc.name());
                 end = p;
                 cuts += 1;
@@ -530,7 +604,7 @@ mod tests {
 
     #[test]
     fn dtype_follows_vocab_size() {
-        assert_eq!(Encoding::R50kBase.dtype(), Dtype::U16);
-        assert_eq!(Encoding::Cl100kBase.dtype(), Dtype::U32);
+        assert_eq!(Tokenizer::new(Encoding::R50kBase).unwrap().dtype(), Dtype::U16);
+        assert_eq!(Tokenizer::new(Encoding::Cl100kBase).unwrap().dtype(), Dtype::U32);
     }
 }

@@ -18,6 +18,9 @@ pub struct Loaded {
     /// The sequence length the checkpoint was trained at (its run's block_size); None for a
     /// Hugging Face directory.
     pub trained_block: Option<usize>,
+    /// The token directory the checkpoint's run trained on (its config's `dataset`); None for a
+    /// Hugging Face directory.
+    pub dataset: Option<PathBuf>,
 }
 
 /// Loads the model at `path` in fp32 on `device`: a zerokit checkpoint root (the tag `latest`
@@ -26,18 +29,19 @@ pub struct Loaded {
 pub fn load_model(path: &Path, device: &str) -> Result<Loaded, TrainError> {
     let device = crate::device::parse_device(device).map_err(TrainError::Other)?;
     let is_hf = path.join(hf::CONFIG_FILE).is_file() && !path.join("manifest.json").is_file();
-    let (dir, trained_block) = if is_hf {
-        (path.to_path_buf(), None)
+    let (dir, trained_block, dataset) = if is_hf {
+        (path.to_path_buf(), None, None)
     } else {
         // A tag directory is also a Hugging Face model directory (config.json + model.safetensors).
         let dir = checkpoint::resolve(path, None)?;
         let m = checkpoint::read_manifest(&dir)?;
         checkpoint::check_tag(&dir, &m)?;
         let block = m.config.get("block_size").and_then(serde_json::Value::as_u64).map(|b| b as usize);
-        (dir, block)
+        let dataset = m.config.get("dataset").and_then(serde_json::Value::as_str).map(PathBuf::from);
+        (dir, block, dataset)
     };
     let model = hf_model::load(&dir, device, Kind::Float)?;
-    Ok(Loaded { model, dir, trained_block })
+    Ok(Loaded { model, dir, trained_block, dataset })
 }
 
 /// What `train eval` measured.

@@ -10,7 +10,7 @@ mod cli;
 pub mod eval;
 mod metrics;
 mod run;
-mod sample;
+pub mod sample;
 mod setup;
 mod state;
 

@@ -303,15 +303,23 @@ impl Run {
         self.engine.comm().barrier()?;
         if self.rank == 0 && self.cfg.sample_tokens > 0 {
             let c = &self.cfg;
-            let text = super::sample::text(
-                &self.engine.model,
-                &c.sample_prompt,
-                c.sample_tokens,
-                c.sample_temperature,
-                c.sample_top_k,
-                c.seed,
-            )?;
-            info!("sample:\n{text}");
+            // Everything is saved by now: a tokenizer that cannot be read costs the sample, not
+            // the run's exit status.
+            match super::sample::Codec::for_model(None, Some(&c.dataset)) {
+                Ok(codec) => {
+                    let text = super::sample::text(
+                        &self.engine.model,
+                        &codec,
+                        &c.sample_prompt,
+                        c.sample_tokens,
+                        c.sample_temperature,
+                        c.sample_top_k,
+                        c.seed,
+                    )?;
+                    info!("sample:\n{text}");
+                }
+                Err(e) => tracing::warn!("no sample: {e}"),
+            }
         }
         Ok(())
     }
