@@ -63,6 +63,24 @@ pub fn gpu_memory_used() -> Option<u64> {
     Some(total.saturating_sub(free) as u64)
 }
 
+/// The primary context of CUDA device `ordinal`, the one libtorch's runtime calls use, retained
+/// (never released: it lives as long as libtorch's) and made current on this thread, with the
+/// device's driver handle. For zerokit's own driver calls (NCCL's streams, its kernels).
+pub fn cuda_primary_context(
+    ordinal: usize,
+) -> Result<(cudarc::driver::sys::CUdevice, cudarc::driver::sys::CUcontext), String> {
+    use cudarc::driver::result as cu;
+    cu::init().map_err(|e| format!("cuInit failed: {e:?}"))?;
+    let dev = cu::device::get(ordinal as i32).map_err(|e| format!("cuDeviceGet failed: {e:?}"))?;
+    // SAFETY: retaining a device's primary context is reference-counted; making it current only
+    // changes this thread's binding.
+    unsafe {
+        let ctx = cu::primary_ctx::retain(dev).map_err(|e| format!("cuDevicePrimaryCtxRetain failed: {e:?}"))?;
+        cu::ctx::set_current(ctx).map_err(|e| format!("cuCtxSetCurrent failed: {e:?}"))?;
+        Ok((dev, ctx))
+    }
+}
+
 extern "C" {
     // lib/device_context.cpp; each returns NULL or a malloc'd error message.
     fn zerokit_sdp_prefer(first: i32) -> *mut std::ffi::c_char;
@@ -72,8 +90,7 @@ extern "C" {
 }
 
 /// The attention kernel families `attention` may name, as libtorch numbers them (at::SDPBackend).
-pub const ATTENTION_BACKENDS: [(&str, i32); 5] =
-    [("auto", -1), ("math", 0), ("flash", 1), ("efficient", 2), ("cudnn", 3)];
+const ATTENTION_BACKENDS: [(&str, i32); 5] = [("auto", -1), ("math", 0), ("flash", 1), ("efficient", 2), ("cudnn", 3)];
 
 fn shim_result(msg: *mut std::ffi::c_char) -> Result<(), String> {
     if msg.is_null() {
@@ -85,15 +102,20 @@ fn shim_result(msg: *mut std::ffi::c_char) -> Result<(), String> {
     Err(text)
 }
 
+/// libtorch's number for the attention kernels `name` names, or why the name is not one.
+pub fn attention_backend(name: &str) -> Result<i32, String> {
+    ATTENTION_BACKENDS.iter().find(|(n, _)| *n == name).map(|(_, code)| *code).ok_or_else(|| {
+        let names: Vec<&str> = ATTENTION_BACKENDS.iter().map(|(n, _)| *n).collect();
+        format!("attention = {name:?}: expected one of {}", names.join(", "))
+    })
+}
+
 /// Makes libtorch try the attention kernels `name` names first ("auto": libtorch's own order,
 /// flash attention first). Process-wide; kernels that cannot run a call are still skipped.
 pub fn prefer_attention(name: &str) -> Result<(), String> {
-    let (_, code) = ATTENTION_BACKENDS.iter().find(|(n, _)| *n == name).ok_or_else(|| {
-        let names: Vec<&str> = ATTENTION_BACKENDS.iter().map(|(n, _)| *n).collect();
-        format!("attention = {name:?}: expected one of {}", names.join(", "))
-    })?;
+    let code = attention_backend(name)?;
     // SAFETY: plain call into the shim; it catches every C++ exception.
-    shim_result(unsafe { zerokit_sdp_prefer(*code) })
+    shim_result(unsafe { zerokit_sdp_prefer(code) })
 }
 
 /// Deterministic kernels, so that two runs with the same seed and configuration give

@@ -199,25 +199,16 @@ impl Saver {
         let t0 = Instant::now();
         self.wait(comm)?;
         let partial = begin_save(comm, root, &info.tag)?;
-        let rank = comm.rank();
-        let outcome = if rank == 0 { link_tag(state, root, &partial, from, &info).map(Some) } else { Ok(None) };
-        let msg = outcome.as_ref().err().map(|e| e.to_string()).unwrap_or_default();
-        let shared =
-            comm_step(comm.control().broadcast((rank == 0).then_some(msg.as_bytes()), "checkpoint linked"), &partial)?;
-        if let Some(dir) = outcome? {
+        let outcome = if comm.rank() == 0 { link_tag(state, root, &partial, from, &info).map(Some) } else { Ok(None) };
+        let doing = format!("link {from}'s files");
+        if let Some(dir) = share_rank0_outcome(comm, outcome, &info.tag, &doing, &partial)? {
             info!(
                 "saved checkpoint {}: the files of {from} (the same step), linked in {:.3} s",
                 dir.display(),
                 t0.elapsed().as_secs_f64()
             );
         }
-        if shared.is_empty() {
-            return Ok(());
-        }
-        Err(CheckpointError::Save {
-            tag: info.tag,
-            msg: format!("rank 0 could not link {from}'s files: {}", String::from_utf8_lossy(&shared)),
-        })
+        Ok(())
     }
 
     /// Between steps: whether every rank's files of the save that is out are written, agreed on
@@ -263,20 +254,7 @@ impl Saver {
                 _ => self.complete(),
             };
         }
-        let msg = outcome.as_ref().err().map(|e| e.to_string()).unwrap_or_default();
-        let rank = comm.rank();
-        let shared = comm_step(
-            comm.control().broadcast((rank == 0).then_some(msg.as_bytes()), "checkpoint finished"),
-            Path::new(&tag),
-        )?;
-        outcome?;
-        if shared.is_empty() {
-            return Ok(());
-        }
-        Err(CheckpointError::Save {
-            tag,
-            msg: format!("rank 0 could not finish it: {}", String::from_utf8_lossy(&shared)),
-        })
+        share_rank0_outcome(comm, outcome, &tag, "finish it", Path::new(&tag))
     }
 
     /// Gathers every rank's report on rank 0 and shares its verdict. When every file is written,
@@ -425,6 +403,29 @@ impl Drop for Saver {
             }
         }
     }
+}
+
+/// Every rank's end of a step that rank 0 finishes alone (a tag's manifest and rename): rank 0's
+/// error, if any, is broadcast, so each rank returns its own error first, else rank 0's, as
+/// "rank 0 could not `doing`". Collective.
+fn share_rank0_outcome<T>(
+    comm: &mut dyn Collectives,
+    outcome: Result<T, CheckpointError>,
+    tag: &str,
+    doing: &str,
+    at: &Path,
+) -> Result<T, CheckpointError> {
+    let msg = outcome.as_ref().err().map(|e| e.to_string()).unwrap_or_default();
+    let rank = comm.rank();
+    let shared = comm_step(comm.control().broadcast((rank == 0).then_some(msg.as_bytes()), "checkpoint finished"), at)?;
+    let value = outcome?;
+    if shared.is_empty() {
+        return Ok(value);
+    }
+    Err(CheckpointError::Save {
+        tag: tag.to_string(),
+        msg: format!("rank 0 could not {doing}: {}", String::from_utf8_lossy(&shared)),
+    })
 }
 
 /// A host tensor shaped like `like`, pinned when `like` is on a CUDA device (device-to-host

@@ -177,14 +177,7 @@ impl NcclComm {
                 "libnccl.so.2 was not found: add the folder holding it to LD_LIBRARY_PATH".into(),
             ));
         }
-        cu::init().map_err(|e| cuda_err("cuInit", e))?;
-        let dev = cu::device::get(device as i32).map_err(|e| cuda_err("cuDeviceGet", e))?;
-        // SAFETY: the primary context is the one libtorch's runtime calls use on this device.
-        let ctx = unsafe {
-            let ctx = cu::primary_ctx::retain(dev).map_err(|e| cuda_err("cuDevicePrimaryCtxRetain", e))?;
-            cu::ctx::set_current(ctx).map_err(|e| cuda_err("cuCtxSetCurrent", e))?;
-            ctx
-        };
+        let (_, ctx) = crate::device::cuda_primary_context(device).map_err(CommError::Nccl)?;
         let (rank, world) = (ctl.rank(), ctl.world());
         tracing::info!("rank {rank}: {} on cuda:{device}", nccl_identity());
         let id_bytes = if rank == 0 {

@@ -377,10 +377,7 @@ impl TrainConfig {
         if self.block_size == 0 {
             return bad("block_size must be at least 1".into());
         }
-        if !crate::device::ATTENTION_BACKENDS.iter().any(|(n, _)| *n == self.attention) {
-            let names: Vec<&str> = crate::device::ATTENTION_BACKENDS.iter().map(|(n, _)| *n).collect();
-            return bad(format!("attention = {:?}: expected one of {}", self.attention, names.join(", ")));
-        }
+        crate::device::attention_backend(&self.attention).map_err(ConfigError::Invalid)?;
         if !["auto", "fp32", "bf16", "fp16"].contains(&self.dtype.as_str()) {
             return bad(format!("dtype = {:?}: expected auto, fp32, bf16 or fp16", self.dtype));
         }

@@ -33,10 +33,6 @@ unsafe impl Sync for Loaded {}
 
 static LOADED: OnceLock<Result<Loaded, String>> = OnceLock::new();
 
-fn disabled() -> bool {
-    std::env::var("ZEROKIT_FUSED").is_ok_and(|v| v == "0")
-}
-
 /// Compiles and loads the kernels for `device` once per process (a rank drives one device).
 /// Err says why the kernels are not available; the callers then run the references.
 fn loaded(device: usize) -> Result<&'static Loaded, String> {
@@ -56,19 +52,22 @@ fn loaded(device: usize) -> Result<&'static Loaded, String> {
 }
 
 fn load(device: usize) -> Result<Loaded, String> {
+    if std::env::var("ZEROKIT_FUSED").is_ok_and(|v| v == "0") {
+        return Err("ZEROKIT_FUSED=0".into());
+    }
     // SAFETY: only asks the dynamic loader whether one of NVRTC's names resolves.
     if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
         return Err("libnvrtc was not found on the library path".into());
     }
+    let (dev, ctx) = crate::device::cuda_primary_context(device)?;
     let opts = cudarc::nvrtc::CompileOptions {
-        arch: Some(arch(device)?),
+        arch: Some(arch(dev)?),
         options: vec!["--std=c++17".into()],
         name: Some("classifier.cu".into()),
         ..Default::default()
     };
     let ptx = cudarc::nvrtc::compile_ptx_with_opts(CLASSIFIER_SRC, opts).map_err(|e| format!("NVRTC: {e}"))?;
     let image = CString::new(ptx.to_src()).map_err(|_| "NVRTC returned PTX with a NUL byte".to_string())?;
-    let ctx = primary_context(device)?;
     // SAFETY: `image` is NUL-terminated PTX text; the module is never unloaded.
     let module = unsafe { cu::module::load_data(image.as_ptr() as *const c_void) }
         .map_err(|e| format!("cuModuleLoadData: {e:?}"))?;
@@ -81,9 +80,8 @@ fn load(device: usize) -> Result<Loaded, String> {
 }
 
 /// The device's virtual architecture, so NVRTC emits PTX the driver compiles for this GPU.
-fn arch(device: usize) -> Result<&'static str, String> {
-    cu::init().map_err(|e| format!("cuInit: {e:?}"))?;
-    let dev = cu::device::get(device as i32).map_err(|e| format!("cuDeviceGet: {e:?}"))?;
+fn arch(dev: cusys::CUdevice) -> Result<&'static str, String> {
+    // SAFETY: `dev` is a valid device handle; the attribute queries only read.
     let attr = |a| unsafe { cu::device::get_attribute(dev, a) }.map_err(|e| format!("cuDeviceGetAttribute: {e:?}"));
     let major = attr(cusys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
     let minor = attr(cusys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
@@ -98,23 +96,10 @@ fn arch(device: usize) -> Result<&'static str, String> {
     })
 }
 
-/// The device's primary context, the one libtorch's runtime calls use, made current here.
-fn primary_context(device: usize) -> Result<cusys::CUcontext, String> {
-    cu::init().map_err(|e| format!("cuInit: {e:?}"))?;
-    let dev = cu::device::get(device as i32).map_err(|e| format!("cuDeviceGet: {e:?}"))?;
-    // SAFETY: retaining the primary context is reference-counted and it is never released: it
-    // lives as long as libtorch's.
-    unsafe {
-        let ctx = cu::primary_ctx::retain(dev).map_err(|e| format!("cuDevicePrimaryCtxRetain: {e:?}"))?;
-        cu::ctx::set_current(ctx).map_err(|e| format!("cuCtxSetCurrent: {e:?}"))?;
-        Ok(ctx)
-    }
-}
-
 /// The fused kernels for tensors on `device`, if they are on a GPU and available.
 fn kernels_for(device: Device) -> Option<&'static Loaded> {
     match device {
-        Device::Cuda(i) if !disabled() => loaded(i).ok(),
+        Device::Cuda(i) => loaded(i).ok(),
         _ => None,
     }
 }
