@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 use zerokit::interop::hf::HfError;
 use zerokit::interop::hf_llama::{self, load_llama, save_llama};
-use zerokit::model::{self, vjp, Llama, LlamaConfig, Model, RopeScaling};
+use zerokit::model::{self, Llama, LlamaConfig, Model, RopeScaling};
 use zerokit::zero::{Engine, EngineConfig};
 
 const CASES: [&str; 2] = ["gqa_llama3_tied", "untied_bias"];
@@ -110,7 +110,6 @@ fn split_forward_and_blockwise_backward_give_the_plain_gradients() {
         let batch = batch(case);
         let (idx, targets) = (&batch["tokens"], &batch["targets"]);
         let params = model.named_parameters();
-        let index: HashMap<String, usize> = params.iter().enumerate().map(|(i, (n, _))| (n.clone(), i)).collect();
 
         // Plain: one forward, one backward.
         let plain_loss = model::loss(&model.forward(idx), targets);
@@ -119,45 +118,14 @@ fn split_forward_and_blockwise_backward_give_the_plain_gradients() {
 
         // Split, as the engine runs it: embed, blocks with detached boundaries, head_backward,
         // then the blocks' backward last first and the embedding's.
-        let leaf = |x: &Tensor| x.detach().set_requires_grad(true);
-        let x0 = model.embed(idx);
-        let mut inputs = vec![leaf(&x0)];
-        let mut outputs = vec![];
-        for i in 0..model.n_blocks() {
-            let y = model.block(i, inputs.last().unwrap());
-            inputs.push(leaf(&y));
-            outputs.push(y);
-        }
-        let head = model.head_backward(inputs.last().unwrap(), targets, 1.0).unwrap();
-        let l = head.loss.double_value(&[]);
+        let mut split_loss = None;
+        let split = common::split_gradients(&model, &params, idx, |x| {
+            let head = model.head_backward(x, targets, 1.0).unwrap();
+            split_loss = Some(head.loss.double_value(&[]));
+            (head.params, head.input)
+        });
+        let l = split_loss.unwrap();
         assert!((l - plain_loss.double_value(&[])).abs() < 1e-6, "{case}: split loss {l} vs {plain_loss}");
-        let mut split: Vec<Option<Tensor>> = (0..params.len()).map(|_| None).collect();
-        let mut add = |name: &str, g: Tensor| {
-            let i = index[name];
-            split[i] = Some(match split[i].take() {
-                Some(acc) => acc + g,
-                None => g,
-            });
-        };
-        for (n, g) in head.params {
-            add(&n, g);
-        }
-        let mut grad_x = head.input;
-        for i in (0..model.n_blocks()).rev() {
-            let names = model.block_parameters(i);
-            let mut wrt: Vec<&Tensor> = vec![&inputs[i]];
-            wrt.extend(names.iter().map(|n| &params[index[n]].1));
-            let grads = vjp(&outputs[i], &grad_x, &wrt, false);
-            grad_x = grads[0].shallow_clone();
-            for (n, g) in names.iter().zip(&grads[1..]) {
-                add(n, g.shallow_clone());
-            }
-        }
-        let names = model.embed_parameters();
-        let wrt: Vec<&Tensor> = names.iter().map(|n| &params[index[n]].1).collect();
-        for (n, g) in names.iter().zip(vjp(&x0, &grad_x, &wrt, false)) {
-            add(n, g);
-        }
         for ((name, _), (want, got)) in params.iter().zip(plain.iter().zip(&split)) {
             let got = got.as_ref().unwrap_or_else(|| panic!("{case}: no split gradient for {name}"));
             let d = max_abs_diff(want, got);

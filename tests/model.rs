@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 use zerokit::interop::hf::{self, HfError};
-use zerokit::model::{vjp, Gpt, GptConfig, Model, ModelError, PRESETS};
+use zerokit::model::{Gpt, GptConfig, Model, ModelError, PRESETS};
 
 fn fixture_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gpt2")
@@ -406,7 +406,6 @@ fn split_forward_and_blockwise_backward_give_the_plain_gradients() {
     let idx = tokens(2, 16, 64, 1);
     let targets = tokens(2, 16, 64, 2);
     let params = model.named_parameters();
-    let index: HashMap<String, usize> = params.iter().enumerate().map(|(i, (n, _))| (n.clone(), i)).collect();
 
     // Plain: one forward, one backward into .grad.
     Gpt::loss(&model.forward(&idx), &targets).backward();
@@ -415,48 +414,17 @@ fn split_forward_and_blockwise_backward_give_the_plain_gradients() {
         let _ = p.grad().zero_();
     }
 
-    // Split: forward piece by piece with detached boundaries, then backward last piece first.
-    let leaf = |x: &Tensor| x.detach().set_requires_grad(true);
-    let x0 = model.embed(&idx);
-    let mut inputs = vec![leaf(&x0)];
-    let mut outputs = vec![];
-    for i in 0..cfg.n_layer {
-        let y = model.block(i, inputs.last().unwrap());
-        inputs.push(leaf(&y));
-        outputs.push(y);
-    }
-    let loss = Gpt::loss(&model.head(inputs.last().unwrap()), &targets);
-    let mut split: Vec<Option<Tensor>> = (0..params.len()).map(|_| None).collect();
-    let mut add = |name: &str, g: Tensor| {
-        let i = index[name];
-        split[i] = Some(match split[i].take() {
-            Some(acc) => acc + g,
-            None => g,
-        });
-    };
-    let head_names = model.head_parameters();
-    let mut wrt: Vec<&Tensor> = vec![inputs.last().unwrap()];
-    wrt.extend(head_names.iter().map(|n| &params[index[n]].1));
-    let grads = Tensor::run_backward(&[&loss], &wrt, false, false);
-    let mut grad_x = grads[0].shallow_clone();
-    for (n, g) in head_names.iter().zip(&grads[1..]) {
-        add(n, g.shallow_clone());
-    }
-    for i in (0..cfg.n_layer).rev() {
-        let names = model.block_parameters(i);
-        let mut wrt: Vec<&Tensor> = vec![&inputs[i]];
-        wrt.extend(names.iter().map(|n| &params[index[n]].1));
-        let grads = vjp(&outputs[i], &grad_x, &wrt, false);
-        grad_x = grads[0].shallow_clone();
-        for (n, g) in names.iter().zip(&grads[1..]) {
-            add(n, g.shallow_clone());
-        }
-    }
-    let names = model.embed_parameters();
-    let wrt: Vec<&Tensor> = names.iter().map(|n| &params[index[n]].1).collect();
-    for (n, g) in names.iter().zip(vjp(&x0, &grad_x, &wrt, false)) {
-        add(n, g);
-    }
+    // Split: forward piece by piece with detached boundaries, then backward last piece first,
+    // the head through plain autograd.
+    let split = common::split_gradients(&model, &params, &idx, |x| {
+        let head_names = model.head_parameters();
+        let loss = Gpt::loss(&model.head(x), &targets);
+        let mut wrt: Vec<&Tensor> = vec![x];
+        wrt.extend(head_names.iter().map(|n| &params.iter().find(|(k, _)| k == n).unwrap().1));
+        let mut grads = Tensor::run_backward(&[&loss], &wrt, false, false);
+        let grad_x = grads.remove(0);
+        (head_names.into_iter().zip(grads).collect(), grad_x)
+    });
     let mut worst = 0f64;
     for ((name, p), (want, got)) in params.iter().zip(plain.iter().zip(&split)) {
         let got = got.as_ref().unwrap_or_else(|| panic!("no split gradient for {name}"));

@@ -141,3 +141,56 @@ pub fn deepspeed_fp32_partition(
         .as_tensor()
         .unwrap()
 }
+
+/// The engine's split pass over `model`, written out for tests: the embedding of `idx`, each
+/// block on a detached copy of the previous output, `head` on the last one (it returns the
+/// head's parameter gradients by name and its input's gradient), then each block's backward last
+/// first and the embedding's. Returns the gradient of every parameter of `params` (the model's
+/// `named_parameters`, in order), None for one that received none.
+pub fn split_gradients(
+    model: &impl zerokit::model::Model,
+    params: &[(String, Tensor)],
+    idx: &Tensor,
+    head: impl FnOnce(&Tensor) -> (Vec<(String, Tensor)>, Tensor),
+) -> Vec<Option<Tensor>> {
+    use zerokit::model::vjp;
+    let index: std::collections::HashMap<&str, usize> =
+        params.iter().enumerate().map(|(i, (n, _))| (n.as_str(), i)).collect();
+    let leaf = |x: &Tensor| x.detach().set_requires_grad(true);
+    let x0 = model.embed(idx);
+    let mut inputs = vec![leaf(&x0)];
+    let mut outputs = vec![];
+    for i in 0..model.n_blocks() {
+        let y = model.block(i, inputs.last().unwrap());
+        inputs.push(leaf(&y));
+        outputs.push(y);
+    }
+    let mut split: Vec<Option<Tensor>> = (0..params.len()).map(|_| None).collect();
+    let mut add = |name: &str, g: Tensor| {
+        let i = index[name];
+        split[i] = Some(match split[i].take() {
+            Some(acc) => acc + g,
+            None => g,
+        });
+    };
+    let (head_grads, mut grad_x) = head(inputs.last().unwrap());
+    for (n, g) in head_grads {
+        add(&n, g);
+    }
+    for i in (0..model.n_blocks()).rev() {
+        let names = model.block_parameters(i);
+        let mut wrt: Vec<&Tensor> = vec![&inputs[i]];
+        wrt.extend(names.iter().map(|n| &params[index[n.as_str()]].1));
+        let grads = vjp(&outputs[i], &grad_x, &wrt, false);
+        grad_x = grads[0].shallow_clone();
+        for (n, g) in names.iter().zip(&grads[1..]) {
+            add(n, g.shallow_clone());
+        }
+    }
+    let names = model.embed_parameters();
+    let wrt: Vec<&Tensor> = names.iter().map(|n| &params[index[n.as_str()]].1).collect();
+    for (n, g) in names.iter().zip(vjp(&x0, &grad_x, &wrt, false)) {
+        add(n, g);
+    }
+    split
+}
