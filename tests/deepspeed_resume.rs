@@ -44,6 +44,11 @@ fn engine(kind: Kind) -> EngineConfig {
         adamw: AdamWConfig::default(),
         scaler: ScalerConfig::default(),
         profile: false,
+        offload_optimizer: false,
+        offload_params: false,
+        pin_memory: false,
+        prefetch_elems: 0,
+        persistence_threshold: 0,
     }
 }
 

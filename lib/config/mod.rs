@@ -94,6 +94,21 @@ pub struct TrainConfig {
     /// "auto" (bf16 on a CUDA device, fp32 on CPU), "fp32", "bf16" or "fp16".
     pub dtype: String,
     pub zero_stage: u8,
+    /// Keep the fp32 master weights and Adam's moments in host memory and run AdamW on the host
+    /// cores (DeepSpeed's offload_optimizer with device "cpu"); stages 1, 2 and 3.
+    pub offload_optimizer: bool,
+    /// Keep the parameter partitions in host memory between uses (DeepSpeed's offload_param with
+    /// device "cpu"); stage 3 only.
+    pub offload_param: bool,
+    /// Host buffers of offloading are page-locked, so copies overlap compute (DeepSpeed's
+    /// pin_memory). Without it the copies are synchronous.
+    pub pin_memory: bool,
+    /// Stage 3: elements of parameters gathered ahead of the block that uses them
+    /// (DeepSpeed's stage3_prefetch_bucket_size); 0 gathers each block only when it runs.
+    pub stage3_prefetch_bucket_size: u64,
+    /// Stage 3: buckets of at most this many elements stay gathered for the whole step
+    /// (DeepSpeed's stage3_param_persistence_threshold, applied to zerokit's buckets).
+    pub stage3_param_persistence_threshold: u64,
     pub activation_checkpointing: bool,
     pub seed: u64,
     /// Seconds a rank waits for the others before the job is ended.
@@ -164,6 +179,11 @@ impl Default for TrainConfig {
             device: "auto".into(),
             dtype: "auto".into(),
             zero_stage: 0,
+            offload_optimizer: false,
+            offload_param: false,
+            pin_memory: true,
+            stage3_prefetch_bucket_size: 50_000_000,
+            stage3_param_persistence_threshold: 100_000,
             activation_checkpointing: false,
             seed: 1337,
             comm_timeout: 300,
@@ -290,6 +310,11 @@ impl TrainConfig {
             },
             scaler: self.scaler(),
             profile: self.profile,
+            offload_optimizer: self.offload_optimizer,
+            offload_params: self.offload_param,
+            pin_memory: self.pin_memory,
+            prefetch_elems: self.stage3_prefetch_bucket_size as usize,
+            persistence_threshold: self.stage3_param_persistence_threshold as usize,
         }
     }
 
@@ -370,6 +395,9 @@ impl TrainConfig {
         }
         if self.zero_stage > 2 {
             return bad(format!("zero_stage = {}: zerokit implements stages 0, 1 and 2", self.zero_stage));
+        }
+        if self.offload_optimizer || self.offload_param {
+            return bad("offload_optimizer and offload_param: offloading is not implemented yet".into());
         }
         if (self.batch_size == 0 || self.gradient_accumulation_steps == 0) && self.train_batch_size == 0 {
             return bad("batch_size and gradient_accumulation_steps must be at least 1".into());

@@ -46,6 +46,17 @@ pub struct EngineConfig {
     pub scaler: ScalerConfig,
     /// Time the phases of each step (see `zero::profile`).
     pub profile: bool,
+    /// fp32 master weights, Adam's moments and the gradient partition live in host memory and
+    /// AdamW runs there (stages 1-3).
+    pub offload_optimizer: bool,
+    /// Stage 3: parameter partitions live in host memory between uses.
+    pub offload_params: bool,
+    /// Host buffers of offloading are page-locked.
+    pub pin_memory: bool,
+    /// Stage 3: elements of later blocks' parameters gathered ahead of use (0: none).
+    pub prefetch_elems: usize,
+    /// Stage 3: buckets of at most this many elements stay gathered for the whole step.
+    pub persistence_threshold: usize,
 }
 
 /// What one optimizer step did.

@@ -47,6 +47,11 @@ pub fn engine_config(stage: u8, grad_accum: usize) -> EngineConfig {
         adamw: AdamWConfig { lr: 3e-3, ..AdamWConfig::default() },
         scaler: ScalerConfig::default(),
         profile: false,
+        offload_optimizer: false,
+        offload_params: false,
+        pin_memory: false,
+        prefetch_elems: 0,
+        persistence_threshold: 0,
     }
 }
 
