@@ -21,7 +21,7 @@ fn main() {
 /// the same `_GLIBCXX_USE_CXX11_ABI`, so that the at::Tensor behind a tch handle has one layout
 /// on both sides. libtorch itself is linked through torch-sys.
 fn compile_shims() {
-    let sources = ["lib/optim/fused_adamw.cpp", "lib/device_context.cpp"];
+    let sources = ["lib/optim/fused_adamw.cpp", "lib/device_context.cpp", "lib/zero/host.cpp"];
     let src = sources.join(", ");
     for s in sources {
         println!("cargo:rerun-if-changed={s}");

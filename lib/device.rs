@@ -92,7 +92,7 @@ extern "C" {
 /// The attention kernel families `attention` may name, as libtorch numbers them (at::SDPBackend).
 const ATTENTION_BACKENDS: [(&str, i32); 5] = [("auto", -1), ("math", 0), ("flash", 1), ("efficient", 2), ("cudnn", 3)];
 
-fn shim_result(msg: *mut std::ffi::c_char) -> Result<(), String> {
+pub(crate) fn shim_result(msg: *mut std::ffi::c_char) -> Result<(), String> {
     if msg.is_null() {
         return Ok(());
     }

@@ -386,7 +386,7 @@ fn a_manifest_out_of_range_is_refused_where_it_is_read() {
             |m| m["layout"]["params"][3]["bucket"] = json!(99),
             "bucket 99 does not exist",
         ),
-        ("stage 3", |m| m["zero_stage"] = json!(3), "zero_stage 3 is not one zerokit trains with (0, 1, 2)"),
+        ("stage 4", |m| m["zero_stage"] = json!(4), "zero_stage 4 is not one zerokit trains with (0, 1, 2, 3)"),
         ("world size 0", |m| m["world_size"] = json!(0), "world_size is 0"),
         (
             "a parameter past its bucket",

@@ -290,8 +290,8 @@ fn deepspeed_refusals_match_deepspeed() {
 fn unhonoured_keys_are_named() {
     let cases: &[(&str, &[&str])] = &[
         (
-            r#"{"train_batch_size": 8, "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}"#,
-            &["zero_optimization.offload_optimizer"],
+            r#"{"train_batch_size": 8, "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu", "buffer_count": 4}}}"#,
+            &["zero_optimization.offload_optimizer.buffer_count"],
         ),
         (
             r#"{"train_batch_size": 8, "activation_checkpointing": {"partition_activations": true}}"#,
@@ -335,10 +335,49 @@ fn unhonoured_keys_are_named() {
     }
 }
 
+/// DeepSpeed's stage-3 and offload keys land on zerokit's: devices "cpu" and "none",
+/// pin_memory (false unless set, as in DeepSpeed), and the prefetch and persistence sizes.
+#[test]
+fn stage_3_and_offload_keys_map() {
+    let ds = serde_json::json!({
+        "train_batch_size": 8,
+        "zero_optimization": {
+            "stage": 3,
+            "offload_optimizer": {"device": "cpu", "pin_memory": true},
+            "offload_param": {"device": "cpu", "pin_memory": true},
+            "stage3_prefetch_bucket_size": 1234,
+            "stage3_param_persistence_threshold": 56,
+            "stage3_max_live_parameters": 1e9,
+            "stage3_max_reuse_distance": 1e9,
+            "stage3_gather_16bit_weights_on_model_save": true
+        }
+    });
+    let c = load_ds(&ds, &[]).unwrap();
+    assert_eq!((c.zero_stage, c.offload_optimizer, c.offload_param, c.pin_memory), (3, true, true, true));
+    assert_eq!((c.stage3_prefetch_bucket_size, c.stage3_param_persistence_threshold), (1234, 56));
+    let ds = serde_json::json!({
+        "train_batch_size": 8,
+        "zero_optimization": {"stage": 1, "offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "none"}}
+    });
+    let c = load_ds(&ds, &[]).unwrap();
+    assert_eq!((c.zero_stage, c.offload_optimizer, c.offload_param, c.pin_memory), (1, true, false, false));
+    // The TOML names, with zerokit's defaults (pinned).
+    let c = TrainConfig::load(None, None, &["zero_stage=3".into(), "offload_param=true".into()]).unwrap();
+    assert_eq!((c.zero_stage, c.offload_optimizer, c.offload_param, c.pin_memory), (3, false, true, true));
+}
+
 #[test]
 fn unsupported_values_are_refused_by_name() {
     let cases: &[(&str, &[&str])] = &[
-        (r#"{"train_batch_size": 8, "zero_optimization": {"stage": 3}}"#, &["zero_optimization.stage = 3"]),
+        (r#"{"train_batch_size": 8, "zero_optimization": {"stage": 5}}"#, &["zero_optimization.stage = 5"]),
+        (
+            r#"{"train_batch_size": 8, "zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}"#,
+            &["zero_stage = 2", "parameter offload needs ZeRO stage 3"],
+        ),
+        (
+            r#"{"train_batch_size": 8, "zero_optimization": {"offload_optimizer": {"device": "cpu"}}}"#,
+            &["zero_stage = 0", "optimizer offload needs ZeRO stage 1, 2 or 3"],
+        ),
         (r#"{"train_batch_size": 8, "optimizer": {"type": "Lamb"}}"#, &["optimizer.type", "Lamb"]),
         (
             r#"{"train_batch_size": 8, "optimizer": {"type": "Adam", "params": {"adam_w_mode": false}}}"#,
@@ -414,8 +453,23 @@ fn deepspeed_errors_name_the_first_wrong_value_or_every_unhonoured_key() {
             r#"optimizer.params.betas = "x": expected a number"#,
         ),
         (
-            r#"{"train_batch_size": 8, "zero_optimization": {"stage": 3.0}}"#,
-            "zero_optimization.stage = 3: zerokit implements stages 0, 1 and 2",
+            r#"{"train_batch_size": 8, "zero_optimization": {"stage": 4.0}}"#,
+            "zero_optimization.stage = 4: zerokit implements stages 0, 1, 2 and 3",
+        ),
+        (
+            r#"{"train_batch_size": 8, "zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}}"#,
+            r#"zero_optimization.offload_param.device = "nvme": zerokit offloads to host memory only ("cpu")"#,
+        ),
+        (
+            r#"{"train_batch_size": 8, "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": true},
+                "offload_param": {"device": "cpu"}}}"#,
+            "zero_optimization.offload_optimizer.pin_memory and offload_param.pin_memory differ: zerokit pins both or neither",
+        ),
+        (
+            r#"{"train_batch_size": 8, "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu", "ratio": 0.5,
+                "nvme_path": "/x"}, "sub_group_size": 1e9}}"#,
+            "keys zerokit does not honour: zero_optimization.offload_optimizer.nvme_path, \
+             zero_optimization.offload_optimizer.ratio, zero_optimization.sub_group_size",
         ),
         (
             r#"{"train_batch_size": 8, "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 8.0}}}"#,

@@ -12,7 +12,7 @@ use tch::{Device, Kind, TchError, Tensor};
 use zerokit::checkpoint::saver::{SaveMode, Saver};
 use zerokit::checkpoint::{self, ModelFiles, SaveInfo};
 use zerokit::model::{Gpt, GptConfig, HeadGrads, Model};
-use zerokit::zero::Engine;
+use zerokit::zero::{Engine, EngineConfig};
 
 fn gpt() -> Gpt {
     let cfg = GptConfig { n_layer: 2, n_head: 2, n_embd: 16, block_size: SEQ as usize, vocab_size: VOCAB as usize };
@@ -23,17 +23,17 @@ fn gpt() -> Gpt {
 fn n_ranks_match_one_rank_at_every_stage_with_accumulation() {
     let reference = ranks(1, |comm| {
         let mut e = Engine::new(gpt(), engine_config(0, 1), comm).unwrap();
-        (train(&mut e, 1, 0, 1, 0..6, LR), weights(&e))
+        (train(&mut e, 1, 0, 1, 0..6, LR), weights(&mut e))
     })
     .remove(0);
     assert!(reference.0[5] < reference.0[0], "the loss falls: {:?}", reference.0);
-    for stage in 0..=2u8 {
+    for stage in 0..=3u8 {
         for (world, accum) in [(2, 1), (3, 1), (2, 3)] {
             let what = format!("stage {stage}, {world} ranks, {accum} micro-steps");
             let out = ranks(world, |comm| {
                 let rank = comm.rank();
                 let mut e = Engine::new(gpt(), engine_config(stage, accum), comm).unwrap();
-                (train(&mut e, world, rank, accum, 0..6, LR), weights(&e))
+                (train(&mut e, world, rank, accum, 0..6, LR), weights(&mut e))
             });
             for (rank, (losses, w)) in out.iter().enumerate() {
                 assert_close(losses, &reference.0, 1e-5, &format!("{what}, rank {rank}"));
@@ -59,7 +59,8 @@ fn save<M: Model>(e: &mut Engine<M>, root: &Path, step: u64) {
     };
     let state = e.state();
     let rank = e.comm().rank();
-    let model = (rank == 0).then(|| ModelFiles { tensors: e.model.named_parameters(), hf_config: "{}".into() });
+    let model = e.model_tensors().unwrap().map(|tensors| ModelFiles { tensors, hf_config: "{}".into() });
+    assert_eq!(model.is_some(), rank == 0);
     Saver::new().save(e.comm(), &state, model.as_ref(), root, info, SaveMode::Blocking).unwrap();
 }
 
@@ -78,28 +79,38 @@ fn state_moves_between_world_sizes_and_stages_through_a_checkpoint() {
         train(&mut e, 1, 0, 1, 0..6, LR)
     })
     .remove(0);
-    // Three steps on 3 ranks at stage 2, saved; the next three on 2 ranks at stage 1, and on 1.
-    let root = tmp.path().join("run");
-    ranks(3, |comm| {
-        let rank = comm.rank();
-        let mut e = Engine::new(gpt(), engine_config(2, 1), comm).unwrap();
-        train(&mut e, 3, rank, 1, 0..3, LR);
-        save(&mut e, &root, 3);
-    });
-    for (world, stage) in [(2usize, 1u8), (1, 0)] {
-        let out = ranks(world, |comm| {
+    // Three steps on 3 ranks at stage 2 (and at stage 3 with the optimizer offloaded), saved; the
+    // next three at other world sizes and stages.
+    for save_stage in [2u8, 3] {
+        let root = tmp.path().join(format!("run{save_stage}"));
+        ranks(3, |comm| {
             let rank = comm.rank();
-            // A different seed: every weight must come from the checkpoint.
-            let cfg =
-                GptConfig { n_layer: 2, n_head: 2, n_embd: 16, block_size: SEQ as usize, vocab_size: VOCAB as usize };
-            let mut e =
-                Engine::new(Gpt::new(&cfg, Device::Cpu, Kind::Float, 99).unwrap(), engine_config(stage, 1), comm)
-                    .unwrap();
-            resume(&mut e, &root);
-            train(&mut e, world, rank, 1, 3..6, LR)
+            let cfg = EngineConfig { offload_optimizer: save_stage == 3, ..engine_config(save_stage, 1) };
+            let mut e = Engine::new(gpt(), cfg, comm).unwrap();
+            train(&mut e, 3, rank, 1, 0..3, LR);
+            save(&mut e, &root, 3);
         });
-        for losses in out {
-            assert_close(&losses, &reference[3..], 1e-5, &format!("resumed on {world} ranks at stage {stage}"));
+        for (world, stage) in [(2usize, 1u8), (1, 0), (2, 3), (1, 3)] {
+            let what = format!("saved at stage {save_stage}, resumed on {world} ranks at stage {stage}");
+            let out = ranks(world, |comm| {
+                let rank = comm.rank();
+                // A different seed: every weight must come from the checkpoint.
+                let cfg = GptConfig {
+                    n_layer: 2,
+                    n_head: 2,
+                    n_embd: 16,
+                    block_size: SEQ as usize,
+                    vocab_size: VOCAB as usize,
+                };
+                let mut e =
+                    Engine::new(Gpt::new(&cfg, Device::Cpu, Kind::Float, 99).unwrap(), engine_config(stage, 1), comm)
+                        .unwrap();
+                resume(&mut e, &root);
+                train(&mut e, world, rank, 1, 3..6, LR)
+            });
+            for losses in out {
+                assert_close(&losses, &reference[3..], 1e-5, &what);
+            }
         }
     }
 }
@@ -128,7 +139,7 @@ impl TinyLm {
         }
     }
 
-    fn logits(&self, idx: &Tensor) -> Tensor {
+    fn forward(&self, idx: &Tensor) -> Tensor {
         let mut x = self.embed(idx);
         for i in 0..self.blocks.len() {
             x = self.block(i, &x);
@@ -194,11 +205,73 @@ impl Model for TinyLm {
         Ok(HeadGrads { loss: l.detach(), input, params: vec![("head".into(), g.pop().unwrap())] })
     }
 
-    fn eval_loss(&self, idx: &Tensor, targets: &Tensor) -> Tensor {
-        tch::no_grad(|| loss(&self.logits(idx), targets))
+    fn logits(&self, x: &Tensor) -> Tensor {
+        x.matmul(&self.head)
     }
 
     fn set_placement(&mut self, _: Device, _: Kind) {}
+}
+
+/// Stage 3 in each of its modes gives one rank's training: parameters gathered and released
+/// with and without recomputation, gathered ahead or not, small buckets kept gathered, the
+/// optimizer and the parameters offloaded, on one rank and several, with accumulation.
+#[test]
+fn stage_3_matches_one_rank_in_every_mode() {
+    let reference = ranks(1, |comm| {
+        let mut e = Engine::new(gpt(), engine_config(0, 1), comm).unwrap();
+        (train(&mut e, 1, 0, 1, 0..4, LR), weights(&mut e))
+    })
+    .remove(0);
+    let modes = [
+        // (ranks, micro-steps, recompute, prefetch, persistence, offload optimizer, offload params)
+        (1, 1, false, 0, 0, false, false),
+        (2, 1, true, 0, 0, false, false),
+        (2, 1, false, 1 << 30, 0, false, false),
+        (3, 1, true, 1 << 30, 1 << 30, false, false),
+        (2, 3, true, 1000, 0, true, false),
+        (3, 2, false, 1000, 0, true, true),
+        (1, 2, true, 1 << 30, 0, true, true),
+    ];
+    for (world, accum, recompute, prefetch, persist, off_opt, off_par) in modes {
+        let what = format!(
+            "{world} ranks, {accum} micro-steps, recompute {recompute}, prefetch {prefetch}, persistence {persist}, \
+             offload optimizer {off_opt}, parameters {off_par}"
+        );
+        let out = ranks(world, |comm| {
+            let rank = comm.rank();
+            let cfg = EngineConfig {
+                activation_checkpointing: recompute,
+                prefetch_elems: prefetch,
+                persistence_threshold: persist,
+                offload_optimizer: off_opt,
+                offload_params: off_par,
+                ..engine_config(3, accum)
+            };
+            let mut e = Engine::new(gpt(), cfg, comm).unwrap();
+            assert!(!e.parameters_resident());
+            let losses = train(&mut e, world, rank, accum, 0..4, LR);
+            let eval = e.eval_loss(&batch(9, 0..2).0, &batch(9, 0..2).1).unwrap();
+            (losses, weights(&mut e), eval)
+        });
+        for (rank, (losses, w, eval)) in out.iter().enumerate() {
+            assert_close(losses, &reference.0, 1e-5, &format!("{what}, rank {rank}"));
+            assert_weights_close(w, &reference.1, 2e-5, &format!("{what}, rank {rank}"));
+            assert!((eval - out[0].2).abs() < 1e-9, "{what}: every rank evaluates the same batch alike");
+        }
+    }
+}
+
+#[test]
+fn offload_and_stage_3_combinations_that_cannot_work_are_refused() {
+    for (stage, off_opt, off_par, want) in [
+        (0u8, true, false, "optimizer offload needs ZeRO stage 1, 2 or 3"),
+        (2, false, true, "parameter offload needs ZeRO stage 3"),
+        (4, false, false, "ZeRO stage 4"),
+    ] {
+        let cfg = EngineConfig { offload_optimizer: off_opt, offload_params: off_par, ..engine_config(stage, 1) };
+        let err = ranks(1, |comm| Engine::new(gpt(), cfg.clone(), comm).err().unwrap().to_string()).remove(0);
+        assert!(err.contains(want), "{err}");
+    }
 }
 
 #[test]
@@ -206,7 +279,7 @@ fn the_engine_trains_a_model_that_is_not_gpt2() {
     // The independent reference: plain autograd over the whole first batch.
     let plain = TinyLm::new(3, 12);
     let (x, y) = batch(0, 0..GLOBAL);
-    let l = loss(&plain.logits(&x), &y);
+    let l = loss(&plain.forward(&x), &y);
     let params: Vec<Tensor> = plain.named_parameters().into_iter().map(|(_, t)| t).collect();
     let grads = Tensor::run_backward(&[&l], &params.iter().collect::<Vec<_>>(), false, false);
     let norm = grads.iter().map(|g| g.square().sum(Kind::Double).double_value(&[])).sum::<f64>().sqrt();
@@ -268,8 +341,8 @@ fn a_model_whose_buckets_are_out_of_gradient_order_is_refused() {
         fn head_backward(&self, x: &Tensor, t: &Tensor, s: f64) -> Result<HeadGrads, TchError> {
             self.0.head_backward(x, t, s)
         }
-        fn eval_loss(&self, idx: &Tensor, t: &Tensor) -> Tensor {
-            self.0.eval_loss(idx, t)
+        fn logits(&self, x: &Tensor) -> Tensor {
+            self.0.logits(x)
         }
         fn set_placement(&mut self, d: Device, k: Kind) {
             self.0.set_placement(d, k)

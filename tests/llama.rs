@@ -172,13 +172,13 @@ fn mean(x: &[f64]) -> f64 {
 }
 
 #[test]
-fn n_ranks_at_stages_1_and_2_match_one_rank_with_and_without_recomputation() {
+fn n_ranks_at_stages_1_to_3_match_one_rank_with_and_without_recomputation() {
     for tied in [true, false] {
         let cfg = small(tied);
         let llama = || Llama::new(&cfg, Device::Cpu, Kind::Float, 7).unwrap();
         let reference = ranks(1, |comm| {
             let mut e = Engine::new(llama(), engine_config(0, 1), comm).unwrap();
-            (train(&mut e, 1, 0, 1, STEPS, ENGINE_LR), weights(&e))
+            (train(&mut e, 1, 0, 1, STEPS, ENGINE_LR), weights(&mut e))
         })
         .remove(0);
         let losses = &reference.0;
@@ -186,15 +186,21 @@ fn n_ranks_at_stages_1_and_2_match_one_rank_with_and_without_recomputation() {
         let (first, last) = (mean(&losses[..5]), mean(&losses[losses.len() - 5..]));
         assert!(last < first - 0.2, "tied {tied}: the loss falls: {losses:?}");
         // The last run recomputes each block in backward (activation checkpointing).
-        for (stage, world, recompute) in
-            [(1u8, 2usize, false), (1, 3, false), (2, 2, false), (2, 3, false), (2, 2, true)]
-        {
+        for (stage, world, recompute) in [
+            (1u8, 2usize, false),
+            (1, 3, false),
+            (2, 2, false),
+            (2, 3, false),
+            (2, 2, true),
+            (3, 2, true),
+            (3, 3, false),
+        ] {
             let what = format!("tied {tied}, stage {stage}, {world} ranks, recompute {recompute}");
             let out = ranks(world, |comm| {
                 let rank = comm.rank();
                 let cfg = EngineConfig { activation_checkpointing: recompute, ..engine_config(stage, 1) };
                 let mut e = Engine::new(llama(), cfg, comm).unwrap();
-                (train(&mut e, world, rank, 1, STEPS, ENGINE_LR), weights(&e))
+                (train(&mut e, world, rank, 1, STEPS, ENGINE_LR), weights(&mut e))
             });
             for (rank, (losses, w)) in out.iter().enumerate() {
                 assert_close(losses, &reference.0, 1e-5, &format!("{what}, rank {rank}"));

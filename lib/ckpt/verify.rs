@@ -346,16 +346,13 @@ fn manifest_problems(dir: &Path, m: &Manifest) -> Vec<String> {
     if m.world_size == 0 {
         bad("world_size is 0".into());
     }
-    if m.zero_stage > 2 {
-        bad(format!("zero_stage {} is not one zerokit trains with (0, 1, 2)", m.zero_stage));
-    } else {
-        let want = if m.zero_stage == 0 { 1 } else { m.world_size };
-        if m.layout.parts != want {
-            bad(format!(
-                "layout has {} partitions, but world_size {} at ZeRO stage {} needs {want}",
-                m.layout.parts, m.world_size, m.zero_stage
-            ));
-        }
+    match crate::zero::layout::parts_for(m.world_size, m.zero_stage) {
+        Err(e) => bad(e),
+        Ok(want) if m.layout.parts != want => bad(format!(
+            "layout has {} partitions, but world_size {} at ZeRO stage {} needs {want}",
+            m.layout.parts, m.world_size, m.zero_stage
+        )),
+        Ok(_) => {}
     }
     for (role, allowed) in [("model", &["F32", "F16", "BF16"][..]), ("master", &["F32"]), ("optimizer", &["F32"])] {
         match m.dtypes.get(role) {

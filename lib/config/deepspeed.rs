@@ -138,8 +138,8 @@ impl Check for Stage {
     type Out = i64;
     fn check(v: &Value) -> Result<i64, String> {
         match Count::check(v)? {
-            stage @ 0..=2 => Ok(stage),
-            stage => Err(format!(" = {stage}: zerokit implements stages 0, 1 and 2")),
+            stage @ 0..=3 => Ok(stage),
+            stage => Err(format!(" = {stage}: zerokit implements stages 0, 1, 2 and 3")),
         }
     }
 }
@@ -288,8 +288,47 @@ struct Zero {
     _reduce_bucket_size: IgnoredAny,
     #[serde(rename = "allgather_bucket_size")]
     _allgather_bucket_size: IgnoredAny,
+    offload_optimizer: Given<Section<Offload>>,
+    offload_param: Given<Section<Offload>>,
+    stage3_prefetch_bucket_size: Given<Count>,
+    stage3_param_persistence_threshold: Given<Count>,
+    // How many gathered parameters may stay live, and for how long: zerokit releases each
+    // block's parameters after the block (keeping the next ones prefetched), which is within
+    // any such limit; only the prefetch size and persistence threshold change what it holds.
+    #[serde(rename = "stage3_max_live_parameters")]
+    _stage3_max_live_parameters: IgnoredAny,
+    #[serde(rename = "stage3_max_reuse_distance")]
+    _stage3_max_reuse_distance: IgnoredAny,
+    // zerokit's rank 0 always gathers the whole model into model.safetensors at a save, which
+    // is what this key asks of DeepSpeed.
+    #[serde(rename = "stage3_gather_16bit_weights_on_model_save")]
+    _stage3_gather_16bit_weights_on_model_save: IgnoredAny,
     #[serde(flatten)]
     rest: Rest,
+}
+
+/// An offload_optimizer or offload_param block. Only the host ("cpu") is a target; "nvme" is
+/// refused by name, as are NVMe's and the partial-offload keys (they stay in `rest`).
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct Offload {
+    device: Given<OffloadDevice>,
+    pin_memory: Given<Flag>,
+    #[serde(flatten)]
+    rest: Rest,
+}
+
+enum OffloadDevice {}
+impl Check for OffloadDevice {
+    type Out = bool;
+    fn check(v: &Value) -> Result<bool, String> {
+        match v.as_str() {
+            Some("cpu") => Ok(true),
+            Some("none") => Ok(false),
+            Some("nvme") => Err(" = \"nvme\": zerokit offloads to host memory only (\"cpu\")".into()),
+            _ => Err(expected(v, "\"cpu\" or \"none\"")),
+        }
+    }
 }
 
 /// DeepSpeedFP16Config's keys, named as zerokit's own.
@@ -452,6 +491,14 @@ impl DeepSpeed {
         }
         let rests = [
             ("zero_optimization", self.zero_optimization.0.as_ref().map(|s| &s.rest)),
+            (
+                "zero_optimization.offload_optimizer",
+                self.zero_optimization.0.as_ref().and_then(|z| z.offload_optimizer.0.as_ref()).map(|s| &s.rest),
+            ),
+            (
+                "zero_optimization.offload_param",
+                self.zero_optimization.0.as_ref().and_then(|z| z.offload_param.0.as_ref()).map(|s| &s.rest),
+            ),
             ("fp16", self.fp16.0.as_ref().map(|s| &s.rest)),
             ("bf16", self.bf16.0.as_ref().map(|s| &s.rest)),
             ("bfloat16", self.bfloat16.0.as_ref().map(|s| &s.rest)),
@@ -499,7 +546,9 @@ impl DeepSpeed {
         if let Some(n) = self.steps_per_print.0 {
             set("log_interval", n.into());
         }
-        set("zero_stage", self.zero_optimization.0.and_then(|z| z.stage.0).unwrap_or(0).into());
+        let zero = self.zero_optimization.0.unwrap_or_default();
+        set("zero_stage", zero.stage.0.unwrap_or(0).into());
+        zero.offload(&mut set)?;
         // Without either block DeepSpeed trains in fp32.
         set(
             "dtype",
@@ -523,6 +572,35 @@ impl DeepSpeed {
             t.insert("tensorboard_dir".into(), dir.into());
         }
         Ok(t)
+    }
+}
+
+impl Zero {
+    /// The offload keys. DeepSpeed's pin_memory defaults to false in each block; zerokit has one
+    /// switch for both, so two blocks that disagree are refused.
+    fn offload(&self, set: &mut impl FnMut(&str, T) -> Option<T>) -> Result<(), String> {
+        let block = |b: &Given<Section<Offload>>| b.0.as_ref().map(|o| (o.device.0.unwrap_or(false), o.pin_memory.0));
+        let (opt, param) = (block(&self.offload_optimizer), block(&self.offload_param));
+        let on = |b: Option<(bool, Option<bool>)>| b.is_some_and(|(d, _)| d);
+        set("offload_optimizer", on(opt).into());
+        set("offload_param", on(param).into());
+        let pins: Vec<bool> =
+            [opt, param].into_iter().flatten().filter(|(d, _)| *d).map(|(_, p)| p.unwrap_or(false)).collect();
+        if pins.iter().any(|p| *p != pins[0]) {
+            return Err("zero_optimization.offload_optimizer.pin_memory and offload_param.pin_memory differ: \
+                        zerokit pins both or neither"
+                .into());
+        }
+        if let Some(p) = pins.first() {
+            set("pin_memory", (*p).into());
+        }
+        if let Some(n) = self.stage3_prefetch_bucket_size.0 {
+            set("stage3_prefetch_bucket_size", n.into());
+        }
+        if let Some(n) = self.stage3_param_persistence_threshold.0 {
+            set("stage3_param_persistence_threshold", n.into());
+        }
+        Ok(())
     }
 }
 

@@ -393,12 +393,10 @@ impl TrainConfig {
                 self.resume_from, self.init_from
             ));
         }
-        if self.zero_stage > 2 {
-            return bad(format!("zero_stage = {}: zerokit implements stages 0, 1 and 2", self.zero_stage));
-        }
-        if self.offload_optimizer || self.offload_param {
-            return bad("offload_optimizer and offload_param: offloading is not implemented yet".into());
-        }
+        // The device and dtype do not change which stages and offloads go together.
+        self.engine(tch::Device::Cpu, tch::Kind::Float)
+            .check()
+            .map_err(|e| ConfigError::Invalid(format!("zero_stage = {}: {e}", self.zero_stage)))?;
         if (self.batch_size == 0 || self.gradient_accumulation_steps == 0) && self.train_batch_size == 0 {
             return bad("batch_size and gradient_accumulation_steps must be at least 1".into());
         }

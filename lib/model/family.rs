@@ -261,6 +261,10 @@ impl Model for AnyModel {
         each!(self, m => m.head_backward(x, targets, scale))
     }
 
+    fn logits(&self, x: &Tensor) -> Tensor {
+        each!(self, m => m.logits(x))
+    }
+
     fn eval_loss(&self, idx: &Tensor, targets: &Tensor) -> Tensor {
         each!(self, m => m.eval_loss(idx, targets))
     }

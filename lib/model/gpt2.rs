@@ -402,8 +402,8 @@ impl Model for Gpt {
         head_backward_in_chunks(x, targets, scale, self.head_parameters(), &norm, &self.wte, |x| self.ln_f.forward(x))
     }
 
-    fn eval_loss(&self, idx: &Tensor, targets: &Tensor) -> Tensor {
-        tch::no_grad(|| Gpt::loss(&self.forward(idx), targets))
+    fn logits(&self, x: &Tensor) -> Tensor {
+        tch::no_grad(|| self.head(x))
     }
 
     /// Records where the parameters live after their data were replaced in place (the ZeRO

@@ -11,7 +11,7 @@
 
 use super::generate::{generate, Context};
 use super::init::{init_params, Init};
-use super::{check_kind, head_backward_in_chunks, loss, HeadGrads, Model, ModelError, NamedParams, ParamSpec};
+use super::{check_kind, head_backward_in_chunks, HeadGrads, Model, ModelError, NamedParams, ParamSpec};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, TchError, Tensor};
 
@@ -553,8 +553,8 @@ impl Model for Llama {
         })
     }
 
-    fn eval_loss(&self, idx: &Tensor, targets: &Tensor) -> Tensor {
-        tch::no_grad(|| loss(&self.forward(idx), targets))
+    fn logits(&self, x: &Tensor) -> Tensor {
+        tch::no_grad(|| self.head(x))
     }
 
     /// Records where the parameters live after the engine re-pointed them, and moves the rope

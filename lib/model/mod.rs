@@ -133,8 +133,18 @@ pub trait Model {
     /// fp32 scalar) and the gradients of `loss * scale` with respect to `x` and to the head's
     /// parameters.
     fn head_backward(&self, x: &Tensor, targets: &Tensor, scale: f64) -> Result<HeadGrads, TchError>;
+    /// Logits [B, T, V] of the last block's output (the head's forward, without gradients).
+    fn logits(&self, x: &Tensor) -> Tensor;
     /// The loss of `idx` -> `targets` without gradients (evaluation).
-    fn eval_loss(&self, idx: &Tensor, targets: &Tensor) -> Tensor;
+    fn eval_loss(&self, idx: &Tensor, targets: &Tensor) -> Tensor {
+        tch::no_grad(|| {
+            let mut x = self.embed(idx);
+            for i in 0..self.n_blocks() {
+                x = self.block(i, &x);
+            }
+            loss(&self.logits(&x), targets)
+        })
+    }
     /// Records where the parameters live after the engine re-pointed them (device and kind).
     fn set_placement(&mut self, device: Device, kind: Kind);
 }

@@ -6,7 +6,6 @@ use super::state::TrainError;
 use crate::checkpoint::saver::SaveMode;
 use crate::checkpoint::{self, ModelFiles, SaveInfo};
 use crate::interop::hf_model;
-use crate::model::Model;
 use crate::zero::StepStats;
 use std::ops::ControlFlow;
 use std::time::Instant;
@@ -70,7 +69,8 @@ impl Run {
                 self.val.sequential_batch(index, b, t)?,
             ];
             for (i, (x, y)) in batches.into_iter().enumerate() {
-                sums[i] += self.engine.eval_loss(&self.tensor(&x), &self.tensor(&y));
+                let (x, y) = (self.tensor(&x), self.tensor(&y));
+                sums[i] += self.engine.eval_loss(&x, &y)?;
             }
             self.engine.comm().heartbeat();
         }
@@ -147,11 +147,10 @@ impl Run {
     fn save(&mut self, tag: &str, lr: f64, mode: SaveMode) -> Result<(), TrainError> {
         let info = self.save_info(tag, lr);
         self.settle()?;
+        let tensors = self.engine.model_tensors()?;
         let state = self.engine.state();
-        let model = (self.rank == 0).then(|| ModelFiles {
-            tensors: self.engine.model.named_parameters(),
-            hf_config: hf_model::config_json(&self.model_cfg, state.kind),
-        });
+        let model = tensors
+            .map(|tensors| ModelFiles { tensors, hf_config: hf_model::config_json(&self.model_cfg, state.kind) });
         self.saver.save(self.engine.comm(), &state, model.as_ref(), &self.cfg.out_dir, info, mode)?;
         self.last_saved = Some((tag.to_string(), self.state.step));
         Ok(())
@@ -301,7 +300,9 @@ impl Run {
         self.saver.wait(self.engine.comm())?;
         self.settle()?;
         self.engine.comm().barrier()?;
-        if self.rank == 0 && self.cfg.sample_tokens > 0 {
+        if self.rank == 0 && self.cfg.sample_tokens > 0 && !self.engine.parameters_resident() {
+            info!("no sample at ZeRO stage 3, where no rank holds the whole model: `train sample --from OUT_DIR` samples the checkpoint");
+        } else if self.rank == 0 && self.cfg.sample_tokens > 0 {
             let c = &self.cfg;
             // Everything is saved by now: a tokenizer that cannot be read costs the sample, not
             // the run's exit status.

@@ -7,11 +7,21 @@
 //!          and reduce-scattered once, bucket by bucket, during the last micro-step's backward.
 //! Stage 2: optimizer state and gradients partitioned; every micro-step's buckets are
 //!          reduce-scattered during backward and only this rank's fp32 gradient shard is kept.
+//! Stage 3: parameters partitioned as well; a bucket's parameters are all-gathered just before
+//!          the piece of the model that uses them runs, and released after (`zero::gather`).
+//!
+//! Optimizer offload (stages 1-3): the fp32 master partition, Adam's moments and the fp32
+//! gradient partition live in host memory (`zero::host`); each reduced bucket shard is copied to
+//! the host as it arrives, while backward runs on, and AdamW runs on the host cores (libtorch's
+//! CPU fused kernel). Parameter offload (stage 3): the compute-dtype shards live in host memory
+//! and are copied to the device bucket by bucket when gathered.
 
+use super::gather::{Pieces, Residency};
+use super::host::{copy_async, host_buffer};
 use super::layout::FlatLayout;
 use super::state::{PartitionState, ZeroState};
 use crate::comm::{Collectives, CommError};
-use crate::model::{vjp, Model};
+use crate::model::{loss, vjp, Model};
 use crate::optim::{clip_coef, local_grad_norm_sq, AdamW, AdamWConfig, OptimError, Segment};
 use crate::scaler::{LossScaler, ScalerConfig, ScalerError, StepDecision};
 use std::collections::HashMap;
@@ -59,6 +69,22 @@ pub struct EngineConfig {
     pub persistence_threshold: usize,
 }
 
+impl EngineConfig {
+    /// The stage and offload combinations the engine implements. Err: what is not, by name.
+    pub fn check(&self) -> Result<(), String> {
+        if self.stage > 3 {
+            return Err(format!("ZeRO stage {} (zerokit has stages 0 to 3)", self.stage));
+        }
+        if self.offload_optimizer && self.stage == 0 {
+            return Err("optimizer offload needs ZeRO stage 1, 2 or 3 (stage 0 keeps no partition to offload)".into());
+        }
+        if self.offload_params && self.stage != 3 {
+            return Err("parameter offload needs ZeRO stage 3 (below it every rank holds all parameters)".into());
+        }
+        Ok(())
+    }
+}
+
 /// What one optimizer step did.
 #[derive(Debug, Clone, Copy)]
 pub struct StepStats {
@@ -85,11 +111,15 @@ pub struct Engine<M: Model> {
     layout: FlatLayout,
     cfg: EngineConfig,
     comm: Box<dyn Collectives>,
-    /// All parameters in the compute dtype, padded; the model's tensors are views into it.
-    model_flat: Tensor,
-    /// This rank's partition of the fp32 master weights.
+    /// All parameters in the compute dtype, padded; the model's tensors are views into it
+    /// (stages 0-2).
+    model_flat: Option<Tensor>,
+    /// Stage 3: this rank's parameter shards and the buckets gathered now.
+    params3: Option<Residency>,
+    /// This rank's partition of the fp32 master weights (in host memory with optimizer offload).
     master: Tensor,
-    /// This rank's partition of the fp32 gradient, summed over micro-steps and ranks.
+    /// This rank's partition of the fp32 gradient, summed over micro-steps and ranks (in host
+    /// memory with optimizer offload).
     grad: Tensor,
     /// Full-size gradient accumulation buffer (stages 0 and 1 with accumulation only).
     accum: Option<Tensor>,
@@ -187,11 +217,21 @@ impl<M: Model> Engine<M> {
             .zip(&plan.bucket_of)
             .map(|((n, t), &b)| (n.clone(), t.size().iter().map(|&d| d as usize).collect(), b))
             .collect();
+        cfg.check().map_err(ZeroError::Layout)?;
         let parts = if cfg.stage == 0 { 1 } else { comm.world() };
         let layout = FlatLayout::new(&specs, parts).map_err(ZeroError::Layout)?;
         let part_rank = if parts == 1 { 0 } else { comm.rank() };
 
         let opts = (Kind::Float, cfg.device);
+        // Where the optimizer's partition lives: the host with optimizer offload.
+        let opt_device = if cfg.offload_optimizer { Device::Cpu } else { cfg.device };
+        let partition_f32 = || -> Result<Tensor, ZeroError> {
+            Ok(if cfg.offload_optimizer {
+                host_buffer(layout.partition, Kind::Float, cfg.pin_memory, cfg.device)?
+            } else {
+                Tensor::f_zeros([layout.partition as i64], opts)?
+            })
+        };
         // The fp32 flat copy is assembled where the model was built (train builds it on the host):
         // built on the GPU, its per-parameter blocks would stay in libtorch's cache after the
         // conversion, GiBs that nvidia-smi counts and that only an out-of-memory retry returns.
@@ -201,19 +241,40 @@ impl<M: Model> Engine<M> {
             let off = layout.flat_offset(i) as i64;
             flat32.narrow(0, off, t.numel() as i64).copy_(&t.detach().to_kind(Kind::Float).view(-1));
         }
-        let master = Tensor::zeros([layout.partition as i64], opts);
+        let master = partition_f32()?;
         for b in &layout.buckets {
             let src = flat32.narrow(0, (b.flat_offset + part_rank * b.shard) as i64, b.shard as i64);
             master.narrow(0, b.shard_offset as i64, b.shard as i64).copy_(&src);
         }
-        let model_flat = flat32.to_kind(cfg.kind).to_device(cfg.device);
+        let model_flat = (cfg.stage < 3).then(|| flat32.to_kind(cfg.kind).to_device(cfg.device));
         drop(flat32);
-        let mut handles = Vec::with_capacity(named.len());
-        for (i, (_, t)) in named.into_iter().enumerate() {
-            let mut t = t;
-            let view = model_flat.narrow(0, layout.flat_offset(i) as i64, t.numel() as i64).view(t.size().as_slice());
-            t.set_data(&view);
-            handles.push(t);
+        let mut handles: Vec<Tensor> = named.into_iter().map(|(_, t)| t).collect();
+        let mut params3 = None;
+        match &model_flat {
+            Some(flat) => {
+                for (i, t) in handles.iter_mut().enumerate() {
+                    let view = flat.narrow(0, layout.flat_offset(i) as i64, t.numel() as i64).view(t.size().as_slice());
+                    t.set_data(&view);
+                }
+            }
+            None => {
+                let pieces = Pieces { embed: &plan.embed_slots, blocks: &plan.block_slots, head: &plan.head_slots };
+                let mut r = Residency::new(
+                    &layout,
+                    &mut handles,
+                    pieces,
+                    part_rank,
+                    cfg.kind,
+                    cfg.device,
+                    cfg.offload_params,
+                    cfg.pin_memory,
+                    !cfg.activation_checkpointing,
+                    cfg.prefetch_elems,
+                    cfg.persistence_threshold,
+                )?;
+                r.refresh(&master, &layout, &mut handles)?;
+                params3 = Some(r);
+            }
         }
         model.set_placement(cfg.device, cfg.kind);
         let segments = layout
@@ -221,11 +282,11 @@ impl<M: Model> Engine<M> {
             .iter()
             .map(|p| Segment { start: p.partition_offset, len: p.len, decay: layout.params[p.param].decay })
             .collect();
-        let opt = AdamW::new(layout.partition, segments, cfg.adamw, cfg.device)?;
+        let opt = AdamW::new(layout.partition, segments, cfg.adamw, opt_device)?;
         let scaler = if cfg.kind == Kind::Half { Some(LossScaler::new(cfg.scaler.clone())?) } else { None };
         let accum =
             (cfg.stage < 2 && cfg.grad_accum > 1).then(|| Tensor::zeros([layout.total as i64], (cfg.kind, cfg.device)));
-        let grad = Tensor::zeros([layout.partition as i64], opts);
+        let grad = partition_f32()?;
         let slot_grads = (0..layout.params.len()).map(|_| None).collect();
         let profile = cfg.profile.then(|| super::profile::PhaseTimer::new(cfg.device));
         Ok(Engine {
@@ -234,6 +295,7 @@ impl<M: Model> Engine<M> {
             cfg,
             comm,
             model_flat,
+            params3,
             master,
             grad,
             accum,
@@ -312,10 +374,14 @@ impl<M: Model> Engine<M> {
         // The first mark of a step starts its clock; later ones time the batches between micro-steps.
         self.mark("data");
         // Forward, cut at block boundaries so backward can run (and recompute) block by block.
+        // Stage 3 gathers each piece's parameters on entering it (positions: see zero::gather).
+        self.enter(0, true)?;
         let x0 = self.model.embed(x);
+        self.leave(0, true);
         let mut h = x0.detach();
         let mut saved: Vec<(Tensor, Option<Tensor>)> = Vec::with_capacity(n);
         for i in 0..n {
+            self.enter(1 + i, true)?;
             if ckpt {
                 let out = tch::no_grad(|| self.model.block(i, &h));
                 saved.push((h, None));
@@ -326,9 +392,12 @@ impl<M: Model> Engine<M> {
                 h = out.detach();
                 saved.push((leaf, Some(out)));
             }
+            self.leave(1 + i, true);
         }
         self.mark("forward");
+        self.enter(n + 1, true)?;
         let head = self.model.head_backward(&h, y, scale)?;
+        self.leave(n + 1, true);
         self.mark("head and loss");
         self.loss_sum += head.loss;
         // The head gives its gradients in the order of head_parameters.
@@ -341,6 +410,8 @@ impl<M: Model> Engine<M> {
 
         // Blocks, last first: each finished block may complete buckets.
         for i in (0..n).rev() {
+            let pos = 2 * n + 1 - i;
+            self.enter(pos, true)?;
             let (leaf, out) = saved.pop().expect("one saved input per block");
             let (leaf, out) = match out {
                 Some(out) => (leaf, out),
@@ -358,6 +429,7 @@ impl<M: Model> Engine<M> {
             for (s, gr) in block_slots.into_iter().zip(g) {
                 self.add_grad(s, gr);
             }
+            self.leave(pos, true);
             self.unit_done(n - i)?;
         }
 
@@ -371,11 +443,31 @@ impl<M: Model> Engine<M> {
             }
         }
         self.unit_done(n + 1)?;
+        if let Some(r) = &mut self.params3 {
+            r.release_all(&self.layout, &mut self.handles, false);
+        }
         self.mark("backward");
         self.flush_pending()?;
         self.mark("communication wait");
         self.micro += 1;
         Ok(())
+    }
+
+    /// Stage 3: gathers the parameters of micro-step position `pos` (see `zero::gather`) and
+    /// prefetches those after it (through the backward when `training`, else the head).
+    fn enter(&mut self, pos: usize, training: bool) -> Result<(), ZeroError> {
+        if let Some(r) = &mut self.params3 {
+            let last = if training { r.last_position() } else { r.head_position() };
+            r.enter(pos, last, &self.layout, &mut self.handles, self.comm.as_mut())?;
+        }
+        Ok(())
+    }
+
+    /// Stage 3: releases what position `pos` gathered and the next one does not use.
+    fn leave(&mut self, pos: usize, training: bool) {
+        if let Some(r) = &mut self.params3 {
+            r.leave(pos, &self.layout, &mut self.handles, training);
+        }
     }
 
     fn mark(&mut self, phase: &'static str) {
@@ -417,7 +509,7 @@ impl<M: Model> Engine<M> {
         };
         if let Some(p) = self.pending.take() {
             self.comm.wait_comm()?;
-            self.finish(p);
+            self.finish(p)?;
         }
         let world = self.comm.world();
         let shard = if world == 1 {
@@ -438,7 +530,7 @@ impl<M: Model> Engine<M> {
 
     /// Adds a reduced bucket into this rank's fp32 gradient partition (compute stream, after
     /// `wait_comm`).
-    fn finish(&mut self, p: Pending) {
+    fn finish(&mut self, p: Pending) -> Result<(), ZeroError> {
         let bk = &self.layout.buckets[p.bucket];
         let mut dst = self.grad.narrow(0, bk.shard_offset as i64, bk.shard as i64);
         let src = match &p.shard {
@@ -449,17 +541,28 @@ impl<M: Model> Engine<M> {
         // than adding to zeros, so the fp32 gradient needs no zeroing pass after the step: with
         // an accumulation buffer (stages 0/1) a bucket arrives once per step, without one at
         // every micro-step.
-        if self.accum.is_some() || self.micro == 0 {
-            dst.copy_(&src);
+        let first = self.accum.is_some() || self.micro == 0;
+        if dst.device() == src.device() {
+            if first {
+                dst.copy_(&src);
+            } else {
+                let _ = dst.g_add_(&src);
+            }
+        } else if first {
+            // Optimizer offload: converted on the device, then copied into the pinned host
+            // partition without waiting (`step` synchronizes before reading it).
+            copy_async(&mut dst, &src.f_to_kind(Kind::Float)?)?;
         } else {
-            let _ = dst.g_add_(&src);
+            // A later micro-step adds on the host: the plain copy waits for the stream.
+            let _ = dst.f_add_(&src.f_to_kind(Kind::Float)?.f_to_device(Device::Cpu)?)?;
         }
+        Ok(())
     }
 
     fn flush_pending(&mut self) -> Result<(), ZeroError> {
         if let Some(p) = self.pending.take() {
             self.comm.wait_comm()?;
-            self.finish(p);
+            self.finish(p)?;
         }
         Ok(())
     }
@@ -469,14 +572,22 @@ impl<M: Model> Engine<M> {
         let world = self.comm.world();
         let scale = self.scaler.as_ref().map_or(1.0, |s| s.scale());
         let micro = self.micro.max(1);
+        if self.cfg.offload_optimizer {
+            // The gradient shards' copies into host memory were queued on the device's stream.
+            if let Device::Cuda(i) = self.cfg.device {
+                tch::Cuda::synchronize(i as i64);
+            }
+        }
         let _ = self.grad.g_mul_scalar_(1.0 / (world as f64 * micro as f64 * scale));
         // One host round trip per step carries the squared norm (non-finite exactly when some
         // gradient is inf/nan, so it doubles as the overflow check) and the loss. With stage 0
         // every rank holds the same full gradient: only rank 0 contributes it.
         let contributes = self.owns_partition();
-        let local =
-            Tensor::stack(&[local_grad_norm_sq(&self.grad)?, self.loss_sum.to_kind(Kind::Double) / micro as f64], 0)
-                .to_device(Device::Cpu);
+        let on_host = |t: Tensor| t.to_device(Device::Cpu);
+        let local = Tensor::stack(
+            &[on_host(local_grad_norm_sq(&self.grad)?), on_host(self.loss_sum.to_kind(Kind::Double) / micro as f64)],
+            0,
+        );
         let mut stats: Vec<f64> = Vec::<f64>::try_from(&local)?;
         if !contributes {
             stats[0] = 0.0;
@@ -519,26 +630,86 @@ impl<M: Model> Engine<M> {
         Ok(StepStats { loss, grad_norm: norm, skipped: false, loss_scale: scale })
     }
 
-    /// Copies the updated master partition into the model's flat buffer and all-gathers it.
+    /// Copies the updated master partition into the model's weights: the flat buffer, all-gathered
+    /// (stages 0-2), or this rank's shards (stage 3, gathered when used).
     fn publish_weights(&mut self) -> Result<(), ZeroError> {
+        let Some(flat) = &self.model_flat else {
+            let r = self.params3.as_mut().expect("stage 3 holds its shards");
+            return r.refresh(&self.master, &self.layout, &mut self.handles);
+        };
         let pr = self.part_rank();
         for b in &self.layout.buckets {
-            let mut dst = self.model_flat.narrow(0, (b.flat_offset + pr * b.shard) as i64, b.shard as i64);
-            dst.copy_(&self.master.narrow(0, b.shard_offset as i64, b.shard as i64));
+            let mut dst = flat.narrow(0, (b.flat_offset + pr * b.shard) as i64, b.shard as i64);
+            let src = self.master.narrow(0, b.shard_offset as i64, b.shard as i64);
+            if src.device() == dst.device() {
+                dst.f_copy_(&src)?;
+            } else {
+                // Optimizer offload: from the pinned host partition, a bucket's shard at a time.
+                dst.f_copy_(&src.f_to_device_(dst.device(), Kind::Float, true, false)?)?;
+            }
         }
         if self.layout.parts > 1 {
             self.comm.wait_compute()?;
             for b in &self.layout.buckets {
-                self.comm.all_gather_in_place(&self.model_flat.narrow(0, b.flat_offset as i64, b.padded as i64))?;
+                self.comm.all_gather_in_place(&flat.narrow(0, b.flat_offset as i64, b.padded as i64))?;
             }
             self.comm.wait_comm()?;
         }
         Ok(())
     }
 
-    /// Loss of `x` -> `y` on this rank, without gradients.
-    pub fn eval_loss(&self, x: &Tensor, y: &Tensor) -> f64 {
-        self.model.eval_loss(x, y).double_value(&[])
+    /// Loss of `x` -> `y` on this rank, without gradients. Collective at stage 3, where the
+    /// pieces' parameters are gathered in turn.
+    pub fn eval_loss(&mut self, x: &Tensor, y: &Tensor) -> Result<f64, ZeroError> {
+        if self.params3.is_none() {
+            return Ok(self.model.eval_loss(x, y).f_double_value(&[])?);
+        }
+        let _guard = tch::no_grad_guard();
+        let n = self.model.n_blocks();
+        self.enter(0, false)?;
+        let mut h = self.model.embed(x);
+        self.leave(0, false);
+        for i in 0..n {
+            self.enter(1 + i, false)?;
+            h = self.model.block(i, &h);
+            self.leave(1 + i, false);
+        }
+        self.enter(n + 1, false)?;
+        let value = loss(&self.model.logits(&h), y).f_double_value(&[])?;
+        if let Some(r) = &mut self.params3 {
+            r.release_all(&self.layout, &mut self.handles, false);
+        }
+        Ok(value)
+    }
+
+    /// The model's parameters in the compute dtype, by name, for rank 0's checkpoint files (None
+    /// on the other ranks). Collective at stage 3 (see `gather_parameters`).
+    pub fn model_tensors(&mut self) -> Result<Option<Vec<(String, Tensor)>>, ZeroError> {
+        let rank0 = self.comm.rank() == 0;
+        self.gather_parameters(rank0)
+    }
+
+    /// The model's whole parameters by name when `keep` (else None): at stages 0-2 the model's own
+    /// tensors; at stage 3 a collective in which every rank takes part in each bucket's gather,
+    /// and the ranks that keep copy the parameters to host memory.
+    pub fn gather_parameters(&mut self, keep: bool) -> Result<Option<Vec<(String, Tensor)>>, ZeroError> {
+        let Some(r) = &mut self.params3 else {
+            return Ok(keep.then(|| self.model.named_parameters()));
+        };
+        let host = r.host_parameters(&self.layout, &mut self.handles, self.comm.as_mut(), keep)?;
+        Ok(keep.then(|| {
+            self.layout
+                .params
+                .iter()
+                .zip(host)
+                .map(|(p, t)| (p.name.clone(), t.expect("every parameter is kept")))
+                .collect()
+        }))
+    }
+
+    /// Whether the model's tensors hold their whole parameters between steps (not at stage 3).
+    pub fn parameters_resident(&self) -> bool {
+        self.params3.is_none()
     }
 
     /// This rank's state for a checkpoint (shallow handles: no copy).

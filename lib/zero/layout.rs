@@ -63,6 +63,17 @@ pub struct Piece {
     pub len: usize,
 }
 
+/// How many partitions the flat state of `world_size` ranks at `zero_stage` has: one copy at
+/// stage 0, one shard per rank at stages 1 to 3 (stage 3 partitions the parameters too, with the
+/// same offsets, so its checkpoints hold the same shards as stage 1's and 2's).
+pub fn parts_for(world_size: usize, zero_stage: u8) -> Result<usize, String> {
+    match zero_stage {
+        0 => Ok(1),
+        1..=3 => Ok(world_size),
+        s => Err(format!("zero_stage {s} is not one zerokit trains with (0, 1, 2, 3)")),
+    }
+}
+
 impl FlatLayout {
     /// `params` are (name, shape, bucket) in any order; buckets are numbered from 0 in
     /// gradient-ready order and each must be non-empty.
@@ -121,16 +132,13 @@ impl FlatLayout {
         if world_size == 0 {
             p.push("world_size is 0".to_string());
         }
-        if zero_stage > 2 {
-            p.push(format!("zero_stage {zero_stage} is not one zerokit trains with (0, 1, 2)"));
-        } else {
-            let want = if zero_stage == 0 { 1 } else { world_size };
-            if self.parts != want {
-                p.push(format!(
-                    "layout has {} partitions, but world_size {world_size} at ZeRO stage {zero_stage} needs {want}",
-                    self.parts
-                ));
-            }
+        match parts_for(world_size, zero_stage) {
+            Err(m) => p.push(m),
+            Ok(want) if self.parts != want => p.push(format!(
+                "layout has {} partitions, but world_size {world_size} at ZeRO stage {zero_stage} needs {want}",
+                self.parts
+            )),
+            Ok(_) => {}
         }
         p.extend(self.problems().into_iter().map(|m| format!("layout: {m}")));
         if p.is_empty() {
@@ -353,7 +361,8 @@ mod tests {
         };
         let keep = |_: &mut FlatLayout| {};
         assert!(bad(keep, 3, 2).contains("layout has 2 partitions, but world_size 3 at ZeRO stage 2 needs 3"));
-        assert!(bad(keep, 2, 3).contains("zero_stage 3 is not one zerokit trains with"));
+        assert!(bad(keep, 2, 4).contains("zero_stage 4 is not one zerokit trains with"));
+        assert!(bad(keep, 3, 3).contains("layout has 2 partitions, but world_size 3 at ZeRO stage 3 needs 3"));
         assert!(bad(keep, 0, 1).contains("world_size is 0"));
         assert!(bad(|l| l.buckets[0].params.push(99), 2, 2).contains("bucket 0 lists parameter 99, but there are 4"));
         assert!(bad(|l| l.params[0].bucket = 7, 2, 2).contains("a: bucket 7 does not exist"));

@@ -1,7 +1,10 @@
 //! ZeRO data parallelism: the flat layout and its partition (`layout`), the training step
-//! (`engine`), its state as checkpoints keep it (`state`) and its phase timings (`profile`).
+//! (`engine`), stage 3's gathered parameters (`gather`), offload's host memory (`host`), its
+//! state as checkpoints keep it (`state`) and its phase timings (`profile`).
 
 mod engine;
+mod gather;
+pub mod host;
 pub mod layout;
 pub mod profile;
 pub mod state;

@@ -111,9 +111,11 @@ pub fn train<M: Model>(
     losses
 }
 
-pub fn weights<M: Model>(e: &Engine<M>) -> Vec<(String, Vec<f32>)> {
-    e.model
-        .named_parameters()
+/// The model's weights as every rank sees them (gathered at stage 3: collective).
+pub fn weights<M: Model>(e: &mut Engine<M>) -> Vec<(String, Vec<f32>)> {
+    e.gather_parameters(true)
+        .unwrap()
+        .unwrap()
         .into_iter()
         .map(|(n, t)| (n, Vec::<f32>::try_from(t.detach().view(-1)).unwrap()))
         .collect()
@@ -127,6 +129,7 @@ pub fn assert_close(a: &[f64], b: &[f64], tol: f64, what: &str) {
 }
 
 pub fn assert_weights_close(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)], tol: f32, what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: parameter count");
     for ((n, x), (m, y)) in a.iter().zip(b) {
         assert_eq!(n, m);
         let worst = x.iter().zip(y).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
