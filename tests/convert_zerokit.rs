@@ -27,8 +27,10 @@ struct Case {
     root: PathBuf,
 }
 
-/// The runs, made once per test binary: (stage, ranks, dtype).
-const RUNS: [(u8, usize, &str); 5] = [(0, 1, "fp32"), (1, 2, "bf16"), (2, 3, "bf16"), (2, 2, "fp32"), (0, 3, "bf16")];
+/// The runs, made once per test binary: (stage, ranks, dtype). The stage-3 run offloads the
+/// optimizer and the parameters too.
+const RUNS: [(u8, usize, &str); 6] =
+    [(0, 1, "fp32"), (1, 2, "bf16"), (2, 3, "bf16"), (2, 2, "fp32"), (0, 3, "bf16"), (3, 2, "bf16")];
 
 fn checkpoints() -> &'static [Case] {
     static CASES: OnceLock<Vec<Case>> = OnceLock::new();
@@ -44,8 +46,9 @@ fn checkpoints() -> &'static [Case] {
                 let name = format!("s{stage}_w{n}_{dtype}");
                 // Saves at steps 2 and 3, then `final` (step 3), which `latest` names; --tag can
                 // pick step 2.
+                let offload = if stage == 3 { "\noffload_optimizer = true\noffload_param = true" } else { "" };
                 let extra = format!(
-                    "zero_stage = {stage}\ndtype = \"{dtype}\"\nbatch_size = {}\nmax_iters = 3\neval_interval = 2\nalways_save_checkpoint = true",
+                    "zero_stage = {stage}{offload}\ndtype = \"{dtype}\"\nbatch_size = {}\nmax_iters = 3\neval_interval = 2\nalways_save_checkpoint = true",
                     6 / n
                 );
                 let tiny = format!("n_layer = 2\nn_head = 2\nn_embd = 32\nblock_size = 16\nvocab_size = {VOCAB}");
@@ -397,4 +400,17 @@ fn peak_memory_is_bounded_by_threads_not_the_model() {
     let extra = "zero_stage = 2\ndtype = \"fp32\"\nbatch_size = 1\nmax_iters = 1\neval_interval = 1\nalways_save_checkpoint = true";
     let root = train(dir, &data, 2, model, extra);
     common::assert_conversion_streams(&root, &dir.join("hf"), (4096 * 1024 * 4) as f64 / 1048576.0);
+}
+
+/// `ckpt verify --scan` and `ckpt inspect` read every run's checkpoint, the stage-3 one saved
+/// with both offloads among them.
+#[test]
+fn ckpt_verifies_and_inspects_the_checkpoint_of_every_stage() {
+    for (case, &(stage, n, _)) in checkpoints().iter().zip(&RUNS) {
+        let tag = case.root.join("final");
+        let problems = zerokit::ckpt::verify::verify_zerokit_tag(&tag, true);
+        assert!(problems.is_empty(), "{}: {problems:?}", case.name);
+        let i = zerokit::ckpt::inspect::inspect(&case.root, None, true).unwrap();
+        assert_eq!((i.zero_stage, i.world_size, i.step), (Some(stage), Some(n), Some(3)), "{}", case.name);
+    }
 }
