@@ -136,8 +136,8 @@ pub struct AdamW {
     /// The fused path's pieces as (start, len): the decay runs, and everything else.
     decay_pieces: Vec<(usize, usize)>,
     plain_pieces: Vec<(usize, usize)>,
-    /// The fused op reads the step count from a tensor on the shard's device.
-    step_tensor: Option<Tensor>,
+    /// The fused kernel's step count and gradient scale, fp32 0-dim tensors on the device.
+    step_tensor: Option<(Tensor, Tensor)>,
     fused_views: Option<FusedViews>,
     scratch: Option<(Tensor, Tensor)>,
 }
@@ -285,18 +285,34 @@ impl AdamW {
     /// keeps its views of `params` and `grad` (and so keeps them allocated) for the next step,
     /// which reuses them when it gets the same flats, as the engine's steps do.
     pub fn step(&mut self, params: &mut Tensor, grad: &Tensor, lr: f64) -> Result<(), OptimError> {
+        self.step_scaled(params, grad, lr, 1.0)
+    }
+
+    /// [`step`](Self::step) on `grad / grad_scale`, which is never formed: the fused kernel
+    /// divides as it reads (torch's `grad_scale` argument), so the engine's unscale and clip
+    /// cost no pass of their own over the gradient. `grad` may be left divided.
+    pub fn step_scaled(
+        &mut self,
+        params: &mut Tensor,
+        grad: &Tensor,
+        lr: f64,
+        grad_scale: f64,
+    ) -> Result<(), OptimError> {
         check_flat("parameter shard", params, self.numel, self.device)?;
         check_flat("gradient shard", grad, self.numel, self.device)?;
         if !(lr >= 0.0 && lr.is_finite()) {
             return Err(OptimError::BadLr(lr));
         }
-        tch::no_grad(|| self.step_inner(params, grad, lr))
+        if !(grad_scale > 0.0 && grad_scale.is_finite()) {
+            return Err(OptimError::Config(format!("gradient scale {grad_scale} is not a finite positive number")));
+        }
+        tch::no_grad(|| self.step_inner(params, grad, lr, grad_scale))
     }
 
-    fn step_inner(&mut self, params: &Tensor, grad: &Tensor, lr: f64) -> Result<(), OptimError> {
+    fn step_inner(&mut self, params: &Tensor, grad: &Tensor, lr: f64, grad_scale: f64) -> Result<(), OptimError> {
         self.step += 1;
         if self.kernel == AdamWKernel::Fused {
-            match self.step_fused(params, grad, lr) {
+            match self.step_fused(params, grad, lr, grad_scale) {
                 Ok(()) => return Ok(()),
                 Err(FusedError::NoKernel(msg)) => {
                     tracing::warn!(
@@ -308,25 +324,38 @@ impl AdamW {
                 Err(FusedError::Torch(msg)) => return Err(OptimError::Fused(msg)),
             }
         }
+        if grad_scale != 1.0 {
+            let _ = grad.shallow_clone().f_div_scalar_(grad_scale)?;
+        }
         self.step_unfused(params, grad, lr)
     }
 
-    fn step_fused(&mut self, params: &Tensor, grad: &Tensor, lr: f64) -> Result<(), FusedError> {
+    fn step_fused(&mut self, params: &Tensor, grad: &Tensor, lr: f64, grad_scale: f64) -> Result<(), FusedError> {
         if !self.fused_views.as_ref().is_some_and(|v| v.cut_from(params, grad)) {
             // Dropped first: the old views keep the previous flats allocated.
             self.fused_views = None;
             let flats = [params, grad, &self.exp_avg, &self.exp_avg_sq];
             self.fused_views = Some(FusedViews::cut(flats, &self.decay_pieces, &self.plain_pieces)?);
         }
-        let step_tensor = match &mut self.step_tensor {
+        let (step_tensor, scale_tensor) = match &mut self.step_tensor {
             Some(t) => t,
-            None => self.step_tensor.insert(Tensor::f_zeros([], (Kind::Float, self.device))?),
+            None => {
+                let opts = (Kind::Float, self.device);
+                self.step_tensor.insert((Tensor::f_zeros([], opts)?, Tensor::f_ones([], opts)?))
+            }
         };
         // torch keeps the step of the fused op in an fp32 tensor, as here: exact to 2^24 steps.
         let _ = step_tensor.f_fill_(self.step as f64)?;
+        // No scale is no division: a step without one is bit for bit the plain step.
+        let scale = if grad_scale == 1.0 {
+            None
+        } else {
+            let _ = scale_tensor.f_fill_(grad_scale)?;
+            Some(&*scale_tensor)
+        };
         let AdamWConfig { betas, eps, weight_decay, .. } = self.cfg;
         let views = self.fused_views.as_ref().expect("cut above");
-        views.run(step_tensor, lr, betas, weight_decay, eps)
+        views.run(step_tensor, lr, betas, weight_decay, eps, scale)
     }
 
     // libtorch's in-place ops also return a handle to their output, which is not needed here.

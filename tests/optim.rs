@@ -541,3 +541,36 @@ fn schedules_serde_and_validation() {
     assert_eq!(flat.lr(5), 0.1);
     assert_eq!(flat.lr(4), 1.0 * 5.0 / 6.0);
 }
+
+/// A step on `g` with `grad_scale` s is the step on `g / s`, for both kernels: the fused one
+/// divides as it reads (torch's `grad_scale`), the unfused one divides first.
+#[test]
+fn adamw_step_scaled_is_the_step_on_the_divided_gradient() {
+    let fx = Fixture::load("adamw_nanogpt.safetensors");
+    let layout = Layout::new(fx.meta_json("shapes"));
+    let lrs: Vec<u64> = fx.meta_json("lrs");
+    let cfg = config(&fx);
+    let init = Tensor::from_slice(&layout.flat(&fx, "init"));
+    for kernel in [AdamWKernel::Fused, AdamWKernel::Unfused] {
+        let mut plain = AdamW::new(layout.numel, layout.segments(), cfg, Device::Cpu).unwrap();
+        let mut scaled = AdamW::new(layout.numel, layout.segments(), cfg, Device::Cpu).unwrap();
+        plain.set_kernel(kernel);
+        scaled.set_kernel(kernel);
+        let (mut p1, mut p2) = (init.copy(), init.copy());
+        for k in 0..6 {
+            let g = Tensor::from_slice(&layout.flat(&fx, &format!("grad.{k}")));
+            // Scales of the engine's kind: loss scale times ranks and micro-steps, over a clip.
+            let s = [1.0, 65536.0 * 3.0, 0.37, 8.0, 1.0 / 3.0, 1e4][k];
+            plain.step(&mut p1, &(&g / s), f64::from_bits(lrs[k])).unwrap();
+            scaled.step_scaled(&mut p2, &g.copy(), f64::from_bits(lrs[k]), s).unwrap();
+        }
+        let (a, b) = (to_vec(&p1), to_vec(&p2));
+        let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs() / x.abs().max(1e-3)).fold(0f32, f32::max);
+        assert!(worst <= 1e-6, "{kernel:?}: relative difference {worst}");
+    }
+    let mut opt = AdamW::new(layout.numel, layout.segments(), cfg, Device::Cpu).unwrap();
+    let g = Tensor::from_slice(&layout.flat(&fx, "grad.0"));
+    for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+        assert!(matches!(opt.step_scaled(&mut init.copy(), &g, 1e-3, bad), Err(OptimError::Config(_))), "{bad}");
+    }
+}

@@ -22,6 +22,7 @@ extern "C" {
         beta2: f64,
         weight_decay: f64,
         eps: f64,
+        grad_scale: *const c_void,
         error: *mut *mut c_char,
     ) -> c_int;
 }
@@ -62,6 +63,7 @@ impl Group {
         betas: (f64, f64),
         weight_decay: f64,
         eps: f64,
+        grad_scale: Option<&Tensor>,
     ) -> Result<(), FusedError> {
         let n = self.views[0].len();
         if n == 0 {
@@ -86,6 +88,7 @@ impl Group {
                 betas.1,
                 weight_decay,
                 eps,
+                grad_scale.map_or(std::ptr::null(), |t| t.as_ptr().cast()),
                 &mut error,
             )
         };
@@ -144,9 +147,10 @@ impl FusedViews {
         betas: (f64, f64),
         weight_decay: f64,
         eps: f64,
+        grad_scale: Option<&Tensor>,
     ) -> Result<(), FusedError> {
-        self.decay.run(step_tensor, lr, betas, weight_decay, eps)?;
-        match self.plain.run(step_tensor, lr, betas, 0.0, eps) {
+        self.decay.run(step_tensor, lr, betas, weight_decay, eps, grad_scale)?;
+        match self.plain.run(step_tensor, lr, betas, 0.0, eps, grad_scale) {
             Err(FusedError::NoKernel(m)) if !self.decay.views[0].is_empty() => Err(FusedError::Torch(m)),
             r => r,
         }

@@ -13,6 +13,7 @@
 #include <cstddef>
 #include <cstring>
 #include <exception>
+#include <optional>
 #include <vector>
 
 namespace {
@@ -43,12 +44,14 @@ std::vector<at::Tensor> list(const at::Tensor* const* tensors, size_t n) {
 extern "C" int zerokit_fused_adamw(const at::Tensor* const* params, const at::Tensor* const* grads,
                                    const at::Tensor* const* exp_avgs, const at::Tensor* const* exp_avg_sqs, size_t n,
                                    const at::Tensor* step_tensor, double lr, double beta1, double beta2,
-                                   double weight_decay, double eps, char** error) {
+                                   double weight_decay, double eps, const at::Tensor* grad_scale,
+                                   char** error) {
   *error = nullptr;
   try {
     const std::vector<at::Tensor> steps(n, *step_tensor);
     at::_fused_adamw_(list(params, n), list(grads, n), list(exp_avgs, n), list(exp_avg_sqs, n), {}, steps, lr, beta1,
-                      beta2, weight_decay, eps, /*amsgrad=*/false, /*maximize=*/false);
+                      beta2, weight_decay, eps, /*amsgrad=*/false, /*maximize=*/false,
+                      grad_scale ? std::optional<at::Tensor>(*grad_scale) : std::nullopt);
     return kOk;
   } catch (const c10::NotImplementedError& e) {
     *error = strdup(e.what_without_backtrace());

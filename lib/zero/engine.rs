@@ -137,6 +137,10 @@ pub struct Engine<M: Model> {
     ready_after: Vec<Vec<usize>>,
     micro: usize,
     loss_sum: Tensor,
+    /// With optimizer offload, when each bucket's gradient arrives once per step: the squared
+    /// norm of the step's gradient, summed on the device as the buckets leave it (fp64), so the
+    /// host does not read its copy for it.
+    device_norm_sq: Option<Tensor>,
     pending: Option<Pending>,
     slot_grads: Vec<Option<Tensor>>,
 }
@@ -286,6 +290,11 @@ impl<M: Model> Engine<M> {
         let scaler = if cfg.kind == Kind::Half { Some(LossScaler::new(cfg.scaler.clone())?) } else { None };
         let accum =
             (cfg.stage < 2 && cfg.grad_accum > 1).then(|| Tensor::zeros([layout.total as i64], (cfg.kind, cfg.device)));
+        // Offloading from a GPU (on the CPU the partition is where the gradient is), with every
+        // bucket arriving once per step (an accumulation buffer, or one micro-step).
+        let device_norm_sq =
+            (cfg.offload_optimizer && cfg.device != Device::Cpu && (accum.is_some() || cfg.grad_accum == 1))
+                .then(|| Tensor::zeros([], (Kind::Double, cfg.device)));
         let grad = partition_f32()?;
         let slot_grads = (0..layout.params.len()).map(|_| None).collect();
         let profile = cfg.profile.then(|| super::profile::PhaseTimer::new(cfg.device));
@@ -309,6 +318,7 @@ impl<M: Model> Engine<M> {
             ready_after: plan.ready_after,
             micro: 0,
             loss_sum: Tensor::zeros([], opts),
+            device_norm_sq,
             pending: None,
             slot_grads,
         })
@@ -551,7 +561,11 @@ impl<M: Model> Engine<M> {
         } else if first {
             // Optimizer offload: converted on the device, then copied into the pinned host
             // partition without waiting (`step` synchronizes before reading it).
-            copy_async(&mut dst, &src.f_to_kind(Kind::Float)?)?;
+            let g = src.f_to_kind(Kind::Float)?;
+            if let Some(acc) = &mut self.device_norm_sq {
+                *acc += g.f_dot(&g)?.f_to_kind(Kind::Double)?;
+            }
+            copy_async(&mut dst, &g)?;
         } else {
             // A later micro-step adds on the host: the plain copy waits for the stream.
             let _ = dst.f_add_(&src.f_to_kind(Kind::Float)?.f_to_device(Device::Cpu)?)?;
@@ -578,14 +592,24 @@ impl<M: Model> Engine<M> {
                 tch::Cuda::synchronize(i as i64);
             }
         }
-        let _ = self.grad.g_mul_scalar_(1.0 / (world as f64 * micro as f64 * scale));
+        // The gradient shard holds the sum over ranks and micro-steps of the scaled gradients.
+        // Its unscaling (and the clip below) is folded into AdamW's read of it, rather than
+        // being passes of their own over the shard (on the host, with offload, they cost as much
+        // as a third of the step).
+        let unscale = 1.0 / (world as f64 * micro as f64 * scale);
         // One host round trip per step carries the squared norm (non-finite exactly when some
         // gradient is inf/nan, so it doubles as the overflow check) and the loss. With stage 0
         // every rank holds the same full gradient: only rank 0 contributes it.
         let contributes = self.owns_partition();
         let on_host = |t: Tensor| t.to_device(Device::Cpu);
         let local = Tensor::stack(
-            &[on_host(local_grad_norm_sq(&self.grad)?), on_host(self.loss_sum.to_kind(Kind::Double) / micro as f64)],
+            &[
+                match &mut self.device_norm_sq {
+                    Some(acc) => on_host(std::mem::replace(acc, acc.zeros_like())),
+                    None => on_host(local_grad_norm_sq(&self.grad)?),
+                },
+                on_host(self.loss_sum.to_kind(Kind::Double) / micro as f64),
+            ],
             0,
         );
         let mut stats: Vec<f64> = Vec::<f64>::try_from(&local)?;
@@ -593,7 +617,7 @@ impl<M: Model> Engine<M> {
             stats[0] = 0.0;
         }
         self.comm.all_reduce_scalars(&mut stats)?;
-        let (norm, loss) = (stats[0].sqrt(), stats[1] / world as f64);
+        let (norm, loss) = (stats[0].sqrt() * unscale, stats[1] / world as f64);
         self.mark("gradient norm");
         let overflow = !norm.is_finite();
         let _ = self.loss_sum.zero_();
@@ -614,13 +638,8 @@ impl<M: Model> Engine<M> {
             }
             return Ok(StepStats { loss, grad_norm: norm, skipped: true, loss_scale: scale });
         }
-        if self.cfg.grad_clip > 0.0 {
-            let c = clip_coef(norm, self.cfg.grad_clip);
-            if c < 1.0 {
-                let _ = self.grad.g_mul_scalar_(c);
-            }
-        }
-        self.opt.step(&mut self.master, &self.grad, lr)?;
+        let clip = if self.cfg.grad_clip > 0.0 { clip_coef(norm, self.cfg.grad_clip) } else { 1.0 };
+        self.opt.step_scaled(&mut self.master, &self.grad, lr, 1.0 / (unscale * clip))?;
         self.mark("adamw");
         self.publish_weights()?;
         self.mark("weight all-gather");
