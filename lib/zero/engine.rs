@@ -17,7 +17,7 @@
 //! and are copied to the device bucket by bucket when gathered.
 
 use super::gather::{Pieces, Residency};
-use super::host::{copy_async, host_buffer};
+use super::host::{host_buffer, CopyStream};
 use super::layout::FlatLayout;
 use super::state::{PartitionState, ZeroState};
 use crate::comm::{Collectives, CommError};
@@ -39,6 +39,8 @@ pub enum ZeroError {
     Scaler(#[from] ScalerError),
     #[error("{0}")]
     Layout(String),
+    #[error("offload: {0}")]
+    Offload(String),
 }
 
 #[derive(Debug, Clone)]
@@ -141,6 +143,8 @@ pub struct Engine<M: Model> {
     /// norm of the step's gradient, summed on the device as the buckets leave it (fp64), so the
     /// host does not read its copy for it.
     device_norm_sq: Option<Tensor>,
+    /// With optimizer offload from a GPU: the stream the gradient shards go to the host on.
+    d2h: Option<CopyStream>,
     pending: Option<Pending>,
     slot_grads: Vec<Option<Tensor>>,
 }
@@ -295,6 +299,10 @@ impl<M: Model> Engine<M> {
         let device_norm_sq =
             (cfg.offload_optimizer && cfg.device != Device::Cpu && (accum.is_some() || cfg.grad_accum == 1))
                 .then(|| Tensor::zeros([], (Kind::Double, cfg.device)));
+        let d2h = match (cfg.offload_optimizer, cfg.device) {
+            (true, Device::Cuda(i)) => Some(CopyStream::new(i).map_err(ZeroError::Offload)?),
+            _ => None,
+        };
         let grad = partition_f32()?;
         let slot_grads = (0..layout.params.len()).map(|_| None).collect();
         let profile = cfg.profile.then(|| super::profile::PhaseTimer::new(cfg.device));
@@ -319,6 +327,7 @@ impl<M: Model> Engine<M> {
             micro: 0,
             loss_sum: Tensor::zeros([], opts),
             device_norm_sq,
+            d2h,
             pending: None,
             slot_grads,
         })
@@ -560,14 +569,20 @@ impl<M: Model> Engine<M> {
             }
         } else if first {
             // Optimizer offload: converted on the device, then copied into the pinned host
-            // partition without waiting (`step` synchronizes before reading it).
-            let g = src.f_to_kind(Kind::Float)?;
+            // partition on the copy stream (`step` waits for it before reading). The copy reads
+            // a tensor of its own: the reduce buffers are written again by later compute, which
+            // is not ordered after the copy stream.
+            let g = if src.kind() == Kind::Float { src.copy() } else { src.f_to_kind(Kind::Float)? };
             if let Some(acc) = &mut self.device_norm_sq {
                 *acc += g.f_dot(&g)?.f_to_kind(Kind::Double)?;
             }
-            copy_async(&mut dst, &g)?;
+            self.d2h.as_mut().expect("offloading from a GPU").copy(&dst, g).map_err(ZeroError::Offload)?;
         } else {
-            // A later micro-step adds on the host: the plain copy waits for the stream.
+            // A later micro-step adds on the host: the plain copy waits for the compute stream,
+            // and the first micro-step's copy into `dst` must have landed.
+            if let Some(d2h) = &mut self.d2h {
+                d2h.wait().map_err(ZeroError::Offload)?;
+            }
             let _ = dst.f_add_(&src.f_to_kind(Kind::Float)?.f_to_device(Device::Cpu)?)?;
         }
         Ok(())
@@ -586,11 +601,9 @@ impl<M: Model> Engine<M> {
         let world = self.comm.world();
         let scale = self.scaler.as_ref().map_or(1.0, |s| s.scale());
         let micro = self.micro.max(1);
-        if self.cfg.offload_optimizer {
-            // The gradient shards' copies into host memory were queued on the device's stream.
-            if let Device::Cuda(i) = self.cfg.device {
-                tch::Cuda::synchronize(i as i64);
-            }
+        if let Some(d2h) = &mut self.d2h {
+            // The gradient shards' copies into host memory were queued on the copy stream.
+            d2h.wait().map_err(ZeroError::Offload)?;
         }
         // The gradient shard holds the sum over ranks and micro-steps of the scaled gradients.
         // Its unscaling (and the clip below) is folded into AdamW's read of it, rather than

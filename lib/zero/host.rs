@@ -91,3 +91,126 @@ pub fn copy_async(dst: &mut Tensor, src: &Tensor) -> Result<(), TchError> {
     let status = unsafe { zerokit_copy_async(dst.as_mut_ptr().cast(), src.as_ptr().cast()) };
     shim_result(status).map_err(TchError::Torch)
 }
+
+/// Device-to-host copies on a stream of their own, so that moving reduced gradients into host
+/// memory overlaps the backward that goes on producing the next ones (on the compute stream the
+/// copies would stall it: 4 bytes a parameter over PCIe every step). Each copy is ordered after
+/// the compute stream's work so far with an event, as the NCCL stream is; its source is kept
+/// alive until the copy is done, then returned to libtorch's allocator.
+pub struct CopyStream {
+    ctx: cudarc::driver::sys::CUcontext,
+    stream: cudarc::driver::sys::CUstream,
+    /// Recorded on the compute stream before each copy.
+    computed: cudarc::driver::sys::CUevent,
+    /// Each queued copy's completion event and its source tensor.
+    in_flight: std::collections::VecDeque<(cudarc::driver::sys::CUevent, Tensor)>,
+    spare: Vec<cudarc::driver::sys::CUevent>,
+}
+
+/// Bytes of copy sources held at most: beyond it `copy` waits for the oldest copies, which keeps
+/// the GPU memory they hold bounded when the link is slower than the backward.
+const IN_FLIGHT_BYTES: usize = 2 << 30;
+
+fn cuda_err(what: &str, e: cudarc::driver::DriverError) -> String {
+    format!("{what} failed: {e:?}")
+}
+
+impl CopyStream {
+    pub fn new(ordinal: usize) -> Result<CopyStream, String> {
+        use cudarc::driver::result as cu;
+        let (_, ctx) = cuda_primary_context(ordinal)?;
+        let stream =
+            cu::stream::create(cu::stream::StreamKind::NonBlocking).map_err(|e| cuda_err("cuStreamCreate", e))?;
+        let computed = cu::event::create(cudarc::driver::sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
+            .map_err(|e| cuda_err("cuEventCreate", e))?;
+        Ok(CopyStream { ctx, stream, computed, in_flight: Default::default(), spare: Vec::new() })
+    }
+
+    /// Queues `dst <- src` (a contiguous device tensor into a contiguous host tensor of the same
+    /// kind and length) after the work queued on the compute stream so far.
+    pub fn copy(&mut self, dst: &Tensor, src: Tensor) -> Result<(), String> {
+        use cudarc::driver::{result as cu, sys};
+        if !(dst.device() == Device::Cpu && src.device().is_cuda() && dst.is_contiguous() && src.is_contiguous())
+            || dst.kind() != src.kind()
+            || dst.numel() != src.numel()
+        {
+            return Err(format!(
+                "device-to-host copy of {:?} {:?} on {:?} into {:?} {:?} on {:?}",
+                src.kind(),
+                src.size(),
+                src.device(),
+                dst.kind(),
+                dst.size(),
+                dst.device()
+            ));
+        }
+        let bytes = src.numel() * src.kind().elt_size_in_bytes();
+        self.reap(bytes)?;
+        // SAFETY: the context, stream and events are live for `self`'s lifetime; `dst` and `src`
+        // hold `bytes` bytes each (checked above); `src` stays alive in `in_flight` until the
+        // copy's event completes, and the host side is read only after `wait`.
+        unsafe {
+            cu::ctx::set_current(self.ctx).map_err(|e| cuda_err("cuCtxSetCurrent", e))?;
+            cu::event::record(self.computed, cu::stream::null()).map_err(|e| cuda_err("cuEventRecord", e))?;
+            cu::stream::wait_event(self.stream, self.computed, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT)
+                .map_err(|e| cuda_err("cuStreamWaitEvent", e))?;
+            sys::cuMemcpyDtoHAsync_v2(dst.data_ptr(), src.data_ptr() as sys::CUdeviceptr, bytes, self.stream)
+                .result()
+                .map_err(|e| cuda_err("cuMemcpyDtoHAsync", e))?;
+            let done = match self.spare.pop() {
+                Some(e) => e,
+                None => cu::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
+                    .map_err(|e| cuda_err("cuEventCreate", e))?,
+            };
+            cu::event::record(done, self.stream).map_err(|e| cuda_err("cuEventRecord", e))?;
+            self.in_flight.push_back((done, src));
+        }
+        Ok(())
+    }
+
+    /// Releases the sources of finished copies; waits for the oldest while the sources still
+    /// held and `more` bytes would exceed IN_FLIGHT_BYTES.
+    fn reap(&mut self, more: usize) -> Result<(), String> {
+        use cudarc::driver::result as cu;
+        let held = |q: &std::collections::VecDeque<(_, Tensor)>| {
+            q.iter().map(|(_, t)| t.numel() * t.kind().elt_size_in_bytes()).sum::<usize>()
+        };
+        while let Some((ev, _)) = self.in_flight.front() {
+            // SAFETY: a live event of this stream.
+            let done = unsafe { cu::event::query(*ev) }.is_ok();
+            if !done {
+                if held(&self.in_flight) + more <= IN_FLIGHT_BYTES {
+                    break;
+                }
+                // SAFETY: as above.
+                unsafe { cu::event::synchronize(*ev) }.map_err(|e| cuda_err("cuEventSynchronize", e))?;
+            }
+            let (ev, _src) = self.in_flight.pop_front().expect("front exists");
+            self.spare.push(ev);
+        }
+        Ok(())
+    }
+
+    /// Waits until every queued copy has landed; then the host side may be read.
+    pub fn wait(&mut self) -> Result<(), String> {
+        // SAFETY: a live stream.
+        unsafe { cudarc::driver::result::stream::synchronize(self.stream) }
+            .map_err(|e| cuda_err("cuStreamSynchronize", e))?;
+        self.spare.extend(self.in_flight.drain(..).map(|(ev, _)| ev));
+        Ok(())
+    }
+}
+
+impl Drop for CopyStream {
+    fn drop(&mut self) {
+        use cudarc::driver::result as cu;
+        let _ = self.wait();
+        // SAFETY: nothing is queued any more; each handle is destroyed once.
+        unsafe {
+            for ev in self.spare.drain(..).chain([self.computed]) {
+                let _ = cu::event::destroy(ev);
+            }
+            let _ = cu::stream::destroy(self.stream);
+        }
+    }
+}
