@@ -440,6 +440,37 @@ fn a_save_while_one_is_writing_waits_for_it_and_both_complete() {
     assert!(sync_log.contains("save of step_00000004: training paused") && sync_log.contains("a blocking save"));
 }
 
+/// With optimizer offload the partition is already in host memory: a background save writes it
+/// in place, with no second copy, and the next optimizer step waits for the writer (held 3 s
+/// here) rather than change it under the writer. Each tag is byte for byte what a synchronous
+/// save writes, and the losses are the same.
+#[test]
+fn an_offloaded_partition_is_saved_in_place_and_the_next_step_waits_for_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    dataset(&data);
+    let base = "batch_size = 3\nzero_stage = 1\noffload_optimizer = true\nmax_iters = 6\neval_interval = 2\n\
+                eval_iters = 1\nalways_save_checkpoint = true\nkeep_last = 10";
+    let threads = ("OMP_NUM_THREADS", THREADS);
+    let sync = train(&tmp.path().join("sync"), &data, 2, &format!("{base}\nasync_save = false"), &[threads]);
+    assert!(sync.ok, "{}", sync.stderr);
+    let hold = [("ZEROKIT_TEST_SAVE_PAUSE_MS", "3000:writing@step_00000002"), threads];
+    let bg = train(&tmp.path().join("async"), &data, 2, base, &hold);
+    assert!(bg.ok, "{}", bg.stderr);
+    assert_eq!(
+        bg.losses.iter().map(|(s, l)| (*s, l.to_bits())).collect::<Vec<_>>(),
+        sync.losses.iter().map(|(s, l)| (*s, l.to_bits())).collect::<Vec<_>>()
+    );
+    for tag in ["step_00000002", "step_00000004", "step_00000006", "final"] {
+        assert_eq!(tag_files(&bg.out, tag), tag_files(&sync.out, tag), "{tag}");
+    }
+    let log = rank0_log(&bg.out);
+    assert!(log.contains("writing in the background, the host partition in place"), "{log}");
+    let line = log.lines().find(|l| l.contains("the optimizer step waited")).expect("the step waited for the writer");
+    let waited: f64 = line.split("waited ").nth(1).and_then(|r| r.split(' ').next()).unwrap().parse().unwrap();
+    assert!(waited >= 1.0, "{line}");
+}
+
 /// A background write that fails (its `.partial` removed under it while its writers are held)
 /// ends the run at the next step with an error naming the tag and the file, on every rank, and
 /// leaves `latest` on the previous tag.

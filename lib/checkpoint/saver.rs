@@ -8,7 +8,9 @@
 //! files are all durable, and a crash at any moment leaves the previous checkpoint intact.
 //!
 //! One save is out at a time, and the host copy is made into buffers kept from one save to the
-//! next: the state takes twice its size in host memory, no more. A save while one is still
+//! next: the state takes twice its size in host memory, no more. A partition that already lives
+//! in host memory (optimizer offload) is written where it is instead ([`SaveMode::InPlace`]), and
+//! the next optimizer step waits for this rank's files ([`Saver::release_state`]). A save while one is still
 //! writing waits for it first ([`Saver::wait`], which the end of a run calls too), and a failure
 //! on any rank's thread comes back as an error at the next poll, save or wait, on every rank.
 
@@ -24,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Instant;
-use tch::{Device, Tensor};
+use tch::Tensor;
 use tracing::info;
 
 /// How [`Saver::save`] runs a save.
@@ -36,6 +38,11 @@ pub enum SaveMode {
     /// no host copy, and training waits for all of it (`async_save = false`, and the last save
     /// of a run, which nothing would overlap).
     Blocking,
+    /// For a partition that already lives in host memory (optimizer offload): write it from
+    /// where it is in the background, with no second copy of it (12 bytes a parameter), while
+    /// forward and backward go on; the next optimizer step, which changes it, first waits for
+    /// this rank's files ([`Saver::release_state`]). The model is copied as in `Background`.
+    InPlace,
 }
 
 /// What one rank tells the others about its files at a step boundary.
@@ -68,6 +75,8 @@ struct Pending {
     mode: SaveMode,
     /// This rank's report once its writer has sent it.
     mine: Option<Report>,
+    /// The writer reads the live partition (SaveMode::InPlace) until `mine` arrives.
+    reads_live: bool,
     /// Where the writer sends it; None once the ranks agreed that every file is written.
     written: Option<mpsc::Receiver<Report>>,
     /// Rank 0: hands every rank's file entries to its writer, which then finishes the tag.
@@ -131,8 +140,10 @@ impl Saver {
         let rank = comm.rank();
         let partial = begin_save(comm, root, &info.tag)?;
         let t1 = Instant::now();
+        let state_saves = state.saves;
         let (state, model, copied) = match mode {
-            SaveMode::Background => self.copy_to_host(state, model)?,
+            SaveMode::Background => self.copy_to_host(state, model, true)?,
+            SaveMode::InPlace => self.copy_to_host(state, model, false)?,
             SaveMode::Blocking => {
                 let live = [&state.master, &state.exp_avg, &state.exp_avg_sq].map(|t| t.shallow_clone());
                 (with_partition(state, live), model.map(shallow), 0)
@@ -161,6 +172,7 @@ impl Saver {
             partial,
             mode,
             mine: None,
+            reads_live: mode == SaveMode::InPlace && state_saves,
             written: Some(report_rx),
             files: files_tx,
             worker,
@@ -174,6 +186,12 @@ impl Saver {
         let how = match mode {
             SaveMode::Background => format!(
                 "previous save {:.3} s, host copy of {} {:.3} s; writing in the background",
+                waited.as_secs_f64(),
+                human_bytes(copied),
+                copy.as_secs_f64()
+            ),
+            SaveMode::InPlace => format!(
+                "previous save {:.3} s, host copy of {} {:.3} s; writing in the background, the host partition in place",
                 waited.as_secs_f64(),
                 human_bytes(copied),
                 copy.as_secs_f64()
@@ -209,6 +227,26 @@ impl Saver {
             );
         }
         Ok(())
+    }
+
+    /// Before the optimizer changes the partition: waits until this rank's writer of an
+    /// [`InPlace`](SaveMode::InPlace) save is done with it (not collective; every other save
+    /// returns at once). Its error, if any, comes back from the next poll, save or wait.
+    pub fn release_state(&mut self) {
+        let Some(p) = &mut self.pending else { return };
+        if !p.reads_live {
+            return;
+        }
+        let t = Instant::now();
+        p.report(true);
+        p.reads_live = false;
+        let waited = t.elapsed().as_secs_f64();
+        if waited > 0.001 {
+            info!(
+                "save of {}: the optimizer step waited {waited:.3} s for the writer to read the host partition",
+                p.tag
+            );
+        }
     }
 
     /// Between steps: whether every rank's files of the save that is out are written, agreed on
@@ -333,7 +371,7 @@ impl Saver {
         };
         if let Some(d) = done {
             let how = match p.mode {
-                SaveMode::Background => "in the background",
+                SaveMode::Background | SaveMode::InPlace => "in the background",
                 SaveMode::Blocking => "while training waited",
             };
             info!(
@@ -348,13 +386,16 @@ impl Saver {
 
     /// Copies what this rank saves into the host buffers (allocated, pinned on CUDA, by the
     /// first save; reused after), returning the copies and their size in bytes.
+    /// With `partition` false the partition is not copied (SaveMode::InPlace).
     fn copy_to_host(
         &mut self,
         state: &ZeroState,
         model: Option<&ModelFiles>,
+        partition: bool,
     ) -> Result<(ZeroState, Option<ModelFiles>, u64), CheckpointError> {
+        let copy_partition = partition && state.saves;
         let mut sources: Vec<&Tensor> = Vec::new();
-        if state.saves {
+        if copy_partition {
             sources.extend([&state.master, &state.exp_avg, &state.exp_avg_sq]);
         }
         if let Some(m) = model {
@@ -377,7 +418,7 @@ impl Saver {
         }
         let bytes = self.host.iter().map(nbytes).sum();
         let mut copies = self.host.iter().map(Tensor::shallow_clone);
-        let partition = if state.saves {
+        let partition = if copy_partition {
             [(); 3].map(|_| copies.next().expect("three partition tensors"))
         } else {
             [&state.master, &state.exp_avg, &state.exp_avg_sq].map(|t| t.shallow_clone())
@@ -428,18 +469,12 @@ fn share_rank0_outcome<T>(
     })
 }
 
-/// A host tensor shaped like `like`, pinned when `like` is on a CUDA device (device-to-host
-/// copies into pinned memory run at the bus's speed, and free the device sooner); pageable
-/// memory if pinning is refused, with a warning.
+/// A host tensor shaped like `like`, pinned (exactly sized, not rounded up as libtorch's pinned
+/// allocator rounds) when `like` is on a CUDA device: device-to-host copies into pinned memory run
+/// at the bus's speed and free the device sooner. Pageable if pinning is refused, with a warning.
 fn host_buffer(like: &Tensor) -> Result<Tensor, CheckpointError> {
-    let host = Tensor::f_empty(like.size(), (like.kind(), Device::Cpu))?;
-    match like.device() {
-        d @ Device::Cuda(_) => Ok(host.f_pin_memory(d).unwrap_or_else(|e| {
-            tracing::warn!("pinned host memory refused ({e}); checkpoints are copied into pageable memory");
-            host
-        })),
-        _ => Ok(host),
-    }
+    let flat = crate::zero::host::host_buffer(like.numel(), like.kind(), true, like.device())?;
+    Ok(flat.f_view(like.size().as_slice())?)
 }
 
 fn nbytes(t: &Tensor) -> u64 {

@@ -39,6 +39,7 @@ pub fn fit(cfg: TrainConfig) -> Result<(), TrainError> {
             let (x, y) = run.train_batch(micro)?;
             run.engine.forward_backward(&x, &y)?;
         }
+        run.release_saved_state();
         let stats = run.engine.step(lr)?;
         run.state.step += 1;
         run.state.tokens_seen += run.tokens_per_step;

@@ -107,7 +107,12 @@ impl Run {
             if improved {
                 self.state.best_tag = Some(checkpoint::tag_name(step));
             }
-            let mode = if self.cfg.async_save { SaveMode::Background } else { SaveMode::Blocking };
+            let mode = match (self.cfg.async_save, self.cfg.offload_optimizer) {
+                (false, _) => SaveMode::Blocking,
+                (true, false) => SaveMode::Background,
+                // The partition is in host memory already: no second host copy of it.
+                (true, true) => SaveMode::InPlace,
+            };
             self.save(&checkpoint::tag_name(step), lr, mode)?;
         }
         self.interval_start = Instant::now();
@@ -154,6 +159,12 @@ impl Run {
         self.saver.save(self.engine.comm(), &state, model.as_ref(), &self.cfg.out_dir, info, mode)?;
         self.last_saved = Some((tag.to_string(), self.state.step));
         Ok(())
+    }
+
+    /// Before the optimizer step: a save writing the host partition in place must be done
+    /// reading it (this rank's files written).
+    pub fn release_saved_state(&mut self) {
+        self.saver.release_state();
     }
 
     /// Between steps, while a save writes in the background: whether every rank's files are in

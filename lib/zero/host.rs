@@ -51,7 +51,9 @@ pub fn host_buffer(numel: usize, kind: Kind, pin: bool, device: Device) -> Resul
             Ok(t) => return Ok(t),
             Err(e) => {
                 static ONCE: std::sync::Once = std::sync::Once::new();
-                ONCE.call_once(|| tracing::warn!("pinned host memory refused ({e}); offload copies will not overlap"));
+                ONCE.call_once(|| tracing::warn!(
+                    "pinned host memory refused ({e}): pageable memory instead, whose copies to and from the GPU wait for it"
+                ));
             }
         }
     }
