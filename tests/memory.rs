@@ -38,11 +38,15 @@ fn setup(model: ModelShape, gpus: u64, dtype: Dtype, b: u64, t: u64) -> Setup {
 #[test]
 fn presets_count_parameters_like_transformers_and_deepspeed() {
     let doc = fixture("deepspeed.json");
-    for (name, counts) in doc["gpt2_presets"].as_object().unwrap() {
+    // GPT-2's from transformers' presets, Llama's from transformers' LlamaForCausalLM at
+    // zerokit's presets, both counted by DeepSpeed's model_to_params.
+    let presets = doc["gpt2_presets"].as_object().unwrap().iter().chain(doc["llama_presets"].as_object().unwrap());
+    for (name, counts) in presets {
         let m = ModelShape::preset(name).unwrap();
         assert_eq!(m.num_params(), counts[0].as_u64().unwrap(), "{name} total");
         assert_eq!(m.largest_layer_params(), counts[1].as_u64().unwrap(), "{name} largest layer");
     }
+    assert_eq!(doc["llama_presets"].as_object().unwrap().len(), 4);
     assert!(matches!(ModelShape::preset("gpt3"), Err(MemoryError::UnknownPreset(_))));
 }
 
@@ -63,6 +67,8 @@ fn deepspeed_formulas_are_reproduced_exactly() {
         assert_eq!(got, (u(&r[8]), u(&r[9]), u(&r[10])), "zero3 {r}");
     }
     assert!(zero2.len() > 300 && zero3.len() > 1000);
+    // The bare states (buffer factor 1.0) the host comparison uses are among them.
+    assert!(zero3.iter().any(|r| r[7].as_f64() == Some(1.0) && r[6].as_bool() == Some(true)));
 }
 
 #[test]
@@ -410,4 +416,89 @@ fn stage_3_and_offload_figures_are_what_the_engine_allocates() {
             }
         }
     }
+}
+
+/// `train`'s host-memory pre-check with given figures: what a node needs, the comparison, and an
+/// error naming the need, what there is and which settings would fit.
+#[test]
+fn host_memory_check_names_the_need_what_there_is_and_the_settings() {
+    use zerokit::memory::host::{check, need, Available, Node};
+    let gib = |b: u64| format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64);
+    let s = setup(ModelShape::preset("llama-3.1-8b").unwrap(), 1, Dtype::Bf16, 1, 1024);
+    let (psi, p) = (s.model.num_params(), sizes(&s, 3, Offload::Optimizer).partition);
+    let node = Node { stage: 3, offload: Offload::Optimizer, local_ranks: 1, rank0: true, gpu: true };
+    let n = need(&s, node);
+    // 16 bytes per element of the partition offloaded, 12 more kept by background saves; rank 0
+    // gathers the model to the host for a save and the save copies it once more.
+    assert_eq!(n.per_rank.steady(), 28 * p);
+    assert_eq!(n.per_rank.startup, 4 * psi + 4 * p + 4 * p);
+    assert_eq!(n.total, 28 * p + 2 * 2 * psi);
+    let fits = Available { bytes: n.total, source: "a given figure".into() };
+    assert_eq!(check(&s, node, &fits).unwrap().total, n.total);
+    let have = Available { bytes: n.total - 1, source: "a given figure".into() };
+    let e = check(&s, node, &have).unwrap_err().to_string();
+    assert!(
+        e.contains(&format!("this node's 1 rank(s) need {} at ZeRO stage 3 with offload optimizer", gib(n.total))),
+        "{e}"
+    );
+    assert!(e.contains(&format!("this machine has {} available (a given figure)", gib(n.total - 1))), "{e}");
+    assert!(e.contains(&format!("{} offloaded optimizer state (16 bytes per parameter", gib(16 * p))), "{e}");
+    let no_saves = need(&Setup { async_save: false, ..s.clone() }, node).total;
+    assert_eq!(no_saves, 16 * p + 2 * psi);
+    assert!(e.contains(&format!("async_save = false ({}: fits)", gib(no_saves))), "{e}");
+    // An H200 host of 128 GiB: not even without background saves (rank 0's gathered copy), but
+    // with the optimizer on the GPU.
+    let h200 = Available { bytes: 128 << 30, source: "MemTotal of an H200 machine".into() };
+    let e = check(&s, node, &h200).unwrap_err().to_string();
+    assert!(e.contains("async_save = false (134.6 GiB: still too much)"), "{e}");
+    assert!(e.contains("offload_optimizer = false (the optimizer state on the GPU) ("), "{e}");
+    // Eight local ranks each build the whole fp32 model at start-up: too many for the node.
+    let s8 = setup(ModelShape::preset("llama-3.1-8b").unwrap(), 8, Dtype::Bf16, 1, 1024);
+    let node8 = Node { local_ranks: 8, ..node };
+    let e = check(&s8, node8, &Available { bytes: 512 << 30, ..h200.clone() }).unwrap_err().to_string();
+    assert!(e.contains("a start-up peak of") && e.contains("at most 7 rank(s) on this node"), "{e}");
+    // On CPU the device's terms are host memory too.
+    let cpu = need(&s, Node { gpu: false, ..node });
+    assert_eq!(cpu.compute, gpu_breakdown(&s, 3, Offload::Optimizer).total() - zerokit::memory::CUDA_RUNTIME_BYTES);
+    assert!(cpu.total > n.total);
+}
+
+/// The readers: MemAvailable, cgroup v2 and v1 limits (trees written here the way the kernel
+/// lays them out), and this machine's own figures.
+#[test]
+fn host_memory_is_read_from_meminfo_and_the_cgroup() {
+    use zerokit::memory::host::{cgroup_available, meminfo_available, read_available};
+    let meminfo = "MemTotal:       24683584 kB\nMemFree:  100 kB\nMemAvailable:   22350952 kB\n";
+    assert_eq!(meminfo_available(meminfo), Some(22350952 * 1024));
+    assert_eq!(meminfo_available("MemTotal: 1 kB\n"), None);
+    let tmp = tempfile::tempdir().unwrap();
+    let write = |rel: &str, text: &str| {
+        let p = tmp.path().join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
+    };
+    // v2: the tightest level wins; inactive file cache counts as free.
+    write("v2/cgroup.controllers", "cpu memory\n");
+    write("v2/memory.max", "max\n");
+    write("v2/job/memory.max", "4294967296\n");
+    write("v2/job/memory.current", "1073741824\n");
+    write("v2/job/step/memory.max", "2147483648\n");
+    write("v2/job/step/memory.current", "1073741824\n");
+    write("v2/job/step/memory.stat", "anon 1\ninactive_file 268435456\nactive_file 5\n");
+    let (room, what) = cgroup_available("0::/job/step\n", &tmp.path().join("v2")).unwrap();
+    assert_eq!(room, (2u64 << 30) - (1 << 30) + (256 << 20));
+    assert!(what.contains("job/step") && what.contains("2.0 GiB"), "{what}");
+    // v1: the memory hierarchy; its "no limit" is the largest page-aligned i64.
+    write("v1/memory/memory.limit_in_bytes", "9223372036854771712\n");
+    write("v1/memory/ci/memory.limit_in_bytes", "8589934592\n");
+    write("v1/memory/ci/memory.usage_in_bytes", "4294967296\n");
+    write("v1/memory/ci/memory.stat", "total_inactive_file 0\n");
+    let proc = "4:memory:/ci\n3:cpuset:/\n0::/\n";
+    assert_eq!(cgroup_available(proc, &tmp.path().join("v1")).unwrap().0, 4 << 30);
+    assert_eq!(cgroup_available("3:cpuset:/\n", &tmp.path().join("v1")), None);
+    // This machine.
+    let have = read_available().unwrap();
+    let real = meminfo_available(&std::fs::read_to_string("/proc/meminfo").unwrap()).unwrap();
+    assert!(have.bytes > 0 && have.bytes <= real + (64 << 20), "{have:?}");
+    assert!(!have.source.is_empty());
 }

@@ -435,7 +435,11 @@ fn host_buffer(like: &Tensor) -> Result<Tensor, CheckpointError> {
     let host = Tensor::f_empty(like.size(), (like.kind(), Device::Cpu))?;
     match like.device() {
         d @ Device::Cuda(_) => Ok(host.f_pin_memory(d).unwrap_or_else(|e| {
-            tracing::warn!("pinned host memory refused ({e}); checkpoints are copied into pageable memory");
+            // Once: a save allocates a buffer per tensor, the model's included.
+            static ONCE: std::sync::Once = std::sync::Once::new();
+            ONCE.call_once(|| {
+                tracing::warn!("pinned host memory refused ({e}); checkpoints are copied into pageable memory")
+            });
             host
         })),
         _ => Ok(host),

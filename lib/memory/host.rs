@@ -188,7 +188,7 @@ pub fn check(s: &Setup, node: Node, have: &Available) -> Result<Need, MemoryErro
     let fit = if per == 0 { node.local_ranks } else { room / per };
     if fit < node.local_ranks {
         fixes.push(format!(
-            "at most {fit} rank(s) on this node (--nproc-per-node; more nodes share the state: each rank holds less)"
+            "at most {fit} rank(s) on this node (--nproc-per-node: each rank builds the whole fp32 model at start-up)"
         ));
     }
     Err(MemoryError::HostTooSmall(format!(
