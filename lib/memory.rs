@@ -1,7 +1,11 @@
 //! Memory estimates for training GPT-2 and Llama with ZeRO stages 0-3: per GPU (parameters,
 //! gradients, optimizer state, activations, logits, communication buffers) and per node (CPU),
 //! with and without offload, and the largest micro-batch that fits. docs/estimate.md derives
-//! every term. The model is a `model::ModelConfig` (a preset, a config.json, a checkpoint's), so
+//! every term. Stage 3 and offload are counted from the engine's own flat layout (`zero::layout`)
+//! and stage-3 schedule (`zero::gather::Schedule`): the partition each rank holds and the
+//! gathered working set the engine's walk over a micro-step reaches. Host memory per rank
+//! ([`host_breakdown`]) is what `train` checks the machine against before it builds anything
+//! (`memory::host`). The model is a `model::ModelConfig` (a preset, a config.json, a checkpoint's), so
 //! parameter counts and layers are the model's own; the activation terms are written once for
 //! both families from a few per-family facts ([`Dims`]).
 //!
@@ -12,8 +16,11 @@
 use crate::checkpoint;
 use crate::formats::dtype::DType;
 use crate::interop::hf_model;
+use crate::model::{gpt2, llama};
 use crate::model::{ModelConfig, ModelError};
 use crate::units::{parse_size, SizeError};
+use crate::zero::gather::Schedule;
+use crate::zero::layout::FlatLayout;
 use serde::{Serialize, Serializer};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -33,7 +40,13 @@ pub enum MemoryError {
     BadSize(#[from] SizeError),
     #[error("JSON output: {0}")]
     Json(#[from] serde_json::Error),
+    #[error("{0}")]
+    HostTooSmall(String),
+    #[error("{0}")]
+    HostMemory(String),
 }
+
+pub mod host;
 
 const GIB: f64 = (1u64 << 30) as f64;
 
@@ -122,6 +135,59 @@ impl ModelShape {
         modules.into_values().max().unwrap_or(0)
     }
 
+    /// The parameters outside the blocks by role, as the family names them: the embedding
+    /// piece's, the final norm's, and the head's weight (the token embedding when tied).
+    fn outer_params(&self) -> (Vec<&'static str>, Vec<&'static str>, &'static str) {
+        match &self.0 {
+            ModelConfig::Gpt2(_) => (vec![gpt2::WTE, gpt2::WPE], vec![gpt2::LN_F_WEIGHT, gpt2::LN_F_BIAS], gpt2::WTE),
+            ModelConfig::Llama(c) => (
+                vec![llama::EMBED],
+                vec![llama::NORM],
+                if c.tie_word_embeddings { llama::EMBED } else { llama::LM_HEAD },
+            ),
+        }
+    }
+
+    /// The engine's flat layout of this model at `parts` partitions, and the buckets its
+    /// embedding, each block and its head use (`zero::gather::Pieces`). The buckets are the ones
+    /// every family declares (`Model::buckets`): an untied head's weight with the final norm
+    /// first, each block's parameters from the last block (with the final norm when the head is
+    /// tied), the embeddings last; tests/memory.rs checks them against the engine's own layout.
+    pub fn stage3_plan(
+        &self,
+        parts: usize,
+    ) -> Result<(FlatLayout, Vec<usize>, Vec<Vec<usize>>, Vec<usize>), MemoryError> {
+        let layers = self.dims().layers as usize;
+        let (embed, norm, head) = self.outer_params();
+        let untied = !embed.contains(&head);
+        let first_block = usize::from(untied);
+        let embed_bucket = first_block + layers;
+        // The block a parameter belongs to: the first all-digit segment of its name.
+        let block_of = |name: &str| name.split('.').find_map(|p| p.parse::<usize>().ok());
+        let mut specs = Vec::new();
+        for spec in self.0.param_specs() {
+            let name = spec.name.as_str();
+            let bucket = if embed.contains(&name) {
+                embed_bucket
+            } else if untied && (name == head || norm.contains(&name)) {
+                0
+            } else if norm.contains(&name) {
+                first_block // with the last block
+            } else if let Some(i) = block_of(name).filter(|&i| i < layers) {
+                first_block + layers - 1 - i
+            } else {
+                return Err(MemoryError::Shape(format!("{name}: a parameter in no bucket of the engine's")));
+            };
+            specs.push((spec.name.clone(), spec.shape.iter().map(|&d| d as usize).collect(), bucket));
+        }
+        let layout = FlatLayout::new(&specs, parts).map_err(MemoryError::Shape)?;
+        let bucket = |n: &str| layout.params.iter().find(|p| p.name == n).map(|p| p.bucket);
+        let embed_uses = embed.iter().filter_map(|n| bucket(n)).collect();
+        let blocks = (0..layers).map(|i| vec![first_block + layers - 1 - i]).collect();
+        let head_uses = norm.iter().chain([&head]).filter_map(|n| bucket(n)).collect();
+        Ok((layout, embed_uses, blocks, head_uses))
+    }
+
     /// The sequence length estimated when none is given: GPT-2's positions; for a Llama with
     /// rope scaling the context it was pretrained at (original_max_position_embeddings, 8192 for
     /// Llama 3) rather than the 131072 positions scaling reaches.
@@ -193,24 +259,40 @@ impl Dtype {
 }
 
 /// Where the optimizer state (and, at stage 3, the parameters) live.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Offload {
     None,
     Optimizer,
+    /// Stage 3's parameter shards only (offload_param without offload_optimizer).
+    Params,
     OptimizerAndParams,
 }
 
-/// Whether `train` can run this stage and offload today (stages 0-2, nothing offloaded).
-pub fn trainable(stage: u8, offload: Offload) -> bool {
-    stage <= 2 && offload == Offload::None
-}
-
 impl Offload {
+    pub fn optimizer(self) -> bool {
+        matches!(self, Offload::Optimizer | Offload::OptimizerAndParams)
+    }
+
+    pub fn params(self) -> bool {
+        matches!(self, Offload::Params | Offload::OptimizerAndParams)
+    }
+
+    /// What the training configuration's offload_optimizer and offload_param ask for.
+    pub fn from_flags(optimizer: bool, params: bool) -> Offload {
+        match (optimizer, params) {
+            (false, false) => Offload::None,
+            (true, false) => Offload::Optimizer,
+            (false, true) => Offload::Params,
+            (true, true) => Offload::OptimizerAndParams,
+        }
+    }
+
     fn label(self) -> &'static str {
         match self {
             Offload::None => "none",
             Offload::Optimizer => "optimizer",
+            Offload::Params => "params",
             Offload::OptimizerAndParams => "opt+params",
         }
     }
@@ -233,6 +315,14 @@ pub struct Setup {
     pub bucket_elems: u64,
     /// Micro-batches accumulated per optimizer step.
     pub grad_accum: u64,
+    /// Stage 3: elements of later blocks' parameters gathered ahead (stage3_prefetch_bucket_size).
+    pub prefetch_elems: u64,
+    /// Stage 3: buckets of at most this many elements stay gathered for the whole step
+    /// (stage3_param_persistence_threshold).
+    pub persistence_threshold: u64,
+    /// Checkpoints are saved in the background (`async_save`), through host buffers kept from
+    /// one save to the next.
+    pub async_save: bool,
 }
 
 impl Setup {
@@ -254,6 +344,7 @@ impl Setup {
         if self.grad_accum == 0 {
             return Err(MemoryError::Setup("gradient accumulation steps must be at least 1".into()));
         }
+        self.model.stage3_plan(1)?;
         Ok(())
     }
 
@@ -300,11 +391,14 @@ pub struct Row {
     pub offload: Offload,
     pub gpu: Breakdown,
     pub gpu_total: u64,
+    /// Host memory of one rank (the one that holds most).
+    pub host: HostBreakdown,
+    /// Host memory of the first node: its ranks at their peaks, rank 0's save copies included.
     pub cpu_per_node: u64,
+    /// Host bytes a rank keeps steadily per parameter of its share (Ψ/d) ([`host_bytes_per_param`]).
+    pub host_bytes_per_param: f64,
     /// Largest micro-batch whose total fits the usable GPU memory (0: not even one sequence).
     pub max_micro_batch: u64,
-    /// Whether `train` runs this stage and offload today ([`trainable`]); the others are plans.
-    pub trainable: bool,
     /// None for stages 0 and 1, which DeepSpeed has no estimator for.
     pub deepspeed: Option<DeepSpeedFigures>,
 }
@@ -320,7 +414,7 @@ pub struct Estimate {
 }
 
 /// The stage/offload combinations reported, in order.
-pub const CONFIGS: [(u8, Offload); 8] = [
+pub const CONFIGS: [(u8, Offload); 9] = [
     (0, Offload::None),
     (1, Offload::None),
     (1, Offload::Optimizer),
@@ -328,6 +422,7 @@ pub const CONFIGS: [(u8, Offload); 8] = [
     (2, Offload::Optimizer),
     (3, Offload::None),
     (3, Offload::Optimizer),
+    (3, Offload::Params),
     (3, Offload::OptimizerAndParams),
 ];
 
@@ -433,32 +528,81 @@ pub fn logits_bytes(s: &Setup) -> u64 {
 /// and libtorch 2.11 (docs/estimate.md: 0.80-0.87 GiB at micro-batch 1 for 124M, 355M and 1.5B).
 pub const CUDA_RUNTIME_BYTES: u64 = 800 << 20;
 
+/// One rank's share of the engine's flat state at a stage, in elements, from its own layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct Sizes {
+    /// The rank's partition (its shard of every bucket, padded): what the fp32 master, Adam's
+    /// moments and the fp32 gradient each hold, and at stage 3 the compute-dtype shards.
+    pub partition: u64,
+    /// The whole padded flat space (the fp32 copy the engine assembles at start-up).
+    pub total: u64,
+    /// The largest bucket, padded (a block's parameters, or the embeddings).
+    pub largest_bucket: u64,
+    /// Stage 3: the most elements of gathered buckets allocated at once over a step (0 when one
+    /// rank's shards, on the device, are the whole buckets).
+    pub gathered: u64,
+}
+
+/// The engine's sizes for this set-up at `stage` (0 with a set-up whose layout cannot be built,
+/// which `Setup::validate` refuses first).
+pub fn sizes(s: &Setup, stage: u8, offload: Offload) -> Sizes {
+    let parts = if stage == 0 { 1 } else { s.world_size() as usize };
+    let Ok((layout, embed, blocks, head)) = s.model.stage3_plan(parts) else {
+        return Sizes::default();
+    };
+    let sizes: Vec<usize> = layout.buckets.iter().map(|b| b.padded).collect();
+    let largest_bucket = sizes.iter().copied().max().unwrap_or(0) as u64;
+    let copies = parts > 1 || offload.params();
+    let gathered = if stage == 3 && copies {
+        let schedule = Schedule::new(
+            sizes,
+            embed,
+            blocks,
+            head,
+            !s.activation_checkpointing,
+            s.prefetch_elems as usize,
+            s.persistence_threshold as usize,
+        );
+        schedule.peak_elems(s.grad_accum as usize) as u64
+    } else {
+        0
+    };
+    Sizes { partition: layout.partition as u64, total: layout.total as u64, largest_bucket, gathered }
+}
+
 /// zerokit's per-GPU breakdown for one stage and offload choice.
 pub fn gpu_breakdown(s: &Setup, stage: u8, offload: Offload) -> Breakdown {
     let psi = s.model.num_params();
-    let lay = s.model.largest_layer_params();
     let d = s.world_size();
     let e = s.dtype.bytes();
     let part = |k: u64| k * psi / d;
-    // Stages 0-2 are zerokit's engine: autograd's compute-dtype gradients live only until their
-    // bucket is reduced into the fp32 gradient shard the optimizer reads (4 bytes/param/d), except
-    // that stages 0-1 accumulate micro-batches in a full compute-dtype buffer. Stage 3 follows
-    // DeepSpeed's accounting (train does not run it).
+    // Stages 0-2: autograd's compute-dtype gradients live only until their bucket is reduced into
+    // the fp32 gradient shard the optimizer reads (4 bytes/param/d), except that stages 0-1
+    // accumulate micro-batches in a full compute-dtype buffer (on the GPU with offload too).
     let accum = if s.grad_accum > 1 { e * psi } else { 0 };
+    let mut comm = e * s.bucket_elems.min(psi);
     let (params, grads, optimizer) = match (stage, offload) {
         (0, _) => (e * psi, 4 * psi + accum, 12 * psi),
-        (1, Offload::None) => (e * psi, part(4) + accum, part(12)),
-        // The full compute-dtype gradient still accumulates on the GPU; its fp32 shard and
-        // the optimizer live on the CPU.
-        (1, _) => (e * psi, e * psi, 0),
-        (2, Offload::None) => (e * psi, part(4), part(12)),
+        (1 | 2, o) if !o.optimizer() => (e * psi, part(4) + if stage == 1 { accum } else { 0 }, part(12)),
+        (1, _) => (e * psi, accum, 0),
         (2, _) => (e * psi, 0, 0),
-        // Stage 3 gathers one layer's parameters (and reduces its gradients) at a time.
-        (_, Offload::None) => (part(e) + e * lay, part(e + 4) + e * lay, part(12)),
-        (_, Offload::Optimizer) => (part(e) + e * lay, e * lay, 0),
-        (_, Offload::OptimizerAndParams) => (e * lay, e * lay, 0),
+        _ => {
+            // Stage 3, from the engine's layout: the rank's compute-dtype shards (unless
+            // offloaded) and the gathered working set its schedule reaches; the fp32 gradient
+            // partition and the optimizer's 12 bytes per element unless offloaded.
+            let z = sizes(s, stage, offload);
+            let p = z.partition;
+            let shard = if offload.params() { 0 } else { e * p };
+            let (g, o) = if offload.optimizer() { (0, 0) } else { (4 * p, 12 * p) };
+            // Gradients in flight, a bucket's worth each: the next block's from autograd, the
+            // bucket packed for its reduce-scatter, the one still being reduced and its reduced
+            // shard (with optimizer offload converted to fp32 before it goes to the host).
+            let shard_max = if d > 1 { z.largest_bucket / d } else { 0 };
+            let to_host = if offload.optimizer() { 4 * z.largest_bucket / d } else { 0 };
+            comm = e * (3 * z.largest_bucket + shard_max) + to_host;
+            (shard + e * z.gathered, g, o)
+        }
     };
-    let comm = e * s.bucket_elems.min(psi);
     Breakdown {
         params,
         grads,
@@ -470,21 +614,72 @@ pub fn gpu_breakdown(s: &Setup, stage: u8, offload: Offload) -> Breakdown {
     }
 }
 
-/// zerokit's CPU memory per node: the larger of start-up (each process materialises the fp32
-/// model once; layer by layer at stage 3) and the offloaded state of the node's ranks.
-pub fn cpu_per_node(s: &Setup, stage: u8, offload: Offload) -> u64 {
+/// Host memory one rank holds, by what it is (bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct HostBreakdown {
+    /// Optimizer offload: the fp32 master partition, Adam's two moments and the fp32 gradient
+    /// partition, 16 bytes per element of the partition, in exactly-sized (pinned) buffers.
+    pub optimizer: u64,
+    /// Parameter offload: the compute-dtype shards, e bytes per element of the partition.
+    pub params: u64,
+    /// Background saves (`async_save`): the copy of the master weights and moments each rank
+    /// that saves its partition keeps from its first save on (12 bytes per element).
+    pub checkpoint: u64,
+    /// Start-up, before the engine releases it: the fp32 model `train` builds on the host, the
+    /// engine's fp32 flat copy of it, the master partition when offloaded, and at stages 0-2 on
+    /// a GPU the compute-dtype copy on its way to the device.
+    pub startup: u64,
+    /// Rank 0 only: the model's tensors of a save in host memory (stage 3 gathers them to the
+    /// host; a background save copies them once more), and at stage 0, where rank 0 alone saves
+    /// the one partition, its background-save copy.
+    pub rank0: u64,
+}
+
+impl HostBreakdown {
+    /// What the rank keeps once training runs.
+    pub fn steady(&self) -> u64 {
+        self.optimizer + self.params + self.checkpoint
+    }
+
+    /// The most the rank holds at once: start-up comes before the state it then keeps.
+    pub fn peak(&self) -> u64 {
+        self.startup.max(self.steady())
+    }
+
+    /// A node of `local` ranks, rank 0's among them when `rank0`.
+    pub fn node(&self, local: u64, rank0: bool) -> u64 {
+        local * self.peak() + if rank0 { self.rank0 } else { 0 }
+    }
+}
+
+/// The host memory of one rank for one stage and offload choice, from the engine's layout
+/// (`gpu`: training runs on a GPU, so the model moves off the host).
+pub fn host_breakdown(s: &Setup, stage: u8, offload: Offload, gpu: bool) -> HostBreakdown {
     let psi = s.model.num_params();
-    let g = s.gpus_per_node;
-    let d = s.world_size();
-    let init = if stage == 3 { 4 * s.model.largest_layer_params() * g } else { 4 * psi * g };
-    // fp32 master, two moments, fp32 gradient; the compute-dtype parameter shard too when
-    // parameters are offloaded.
-    let per_rank = match offload {
-        Offload::None => 0,
-        Offload::Optimizer => 16 * psi / d,
-        Offload::OptimizerAndParams => (16 + s.dtype.bytes()) * psi / d,
-    };
-    init.max(per_rank * g)
+    let e = s.dtype.bytes();
+    let z = sizes(s, stage, offload);
+    let p = z.partition;
+    let opt = if offload.optimizer() { 16 * p } else { 0 };
+    let saved = if s.async_save { 12 * p } else { 0 };
+    let to_device = if gpu && stage < 3 && e != 4 { e * z.total } else { 0 };
+    let startup = 4 * psi + 4 * z.total + if offload.optimizer() { 4 * p } else { 0 } + to_device;
+    let model = e * psi * (u64::from(stage == 3) + u64::from(s.async_save));
+    HostBreakdown {
+        optimizer: opt,
+        params: if offload.params() { e * p } else { 0 },
+        // Stage 0's one partition is saved by rank 0 alone.
+        checkpoint: if stage > 0 { saved } else { 0 },
+        startup,
+        rank0: model + if stage == 0 { saved } else { 0 },
+    }
+}
+
+/// Host bytes per parameter of the model that one rank keeps steadily for its share of it
+/// (steady bytes over Ψ/d): 16 with optimizer offload, 16 + e with the parameters too, 12 more
+/// while background saves keep their buffers.
+pub fn host_bytes_per_param(s: &Setup, host: &HostBreakdown) -> f64 {
+    let share = s.model.num_params() as f64 / s.world_size() as f64;
+    host.steady() as f64 / share
 }
 
 /// DeepSpeed's estimate_zero2_model_states_mem_needs (stage_1_and_2.py): (cpu, gpu) bytes.
@@ -566,16 +761,18 @@ fn py_int(x: f64) -> u64 {
 pub fn deepspeed_figures(s: &Setup, stage: u8, offload: Offload) -> Option<DeepSpeedFigures> {
     let psi = s.model.num_params();
     let (g, n) = (s.gpus_per_node, s.nodes);
-    let (cpu, gpu) = match stage {
-        2 => deepspeed_zero2(psi, g, n, offload != Offload::None, 1.5),
-        3 => {
+    let (cpu, gpu) = match (stage, offload) {
+        // DeepSpeed's estimators have no parameter offload without optimizer offload.
+        (_, Offload::Params) => return None,
+        (2, _) => deepspeed_zero2(psi, g, n, offload.optimizer(), 1.5),
+        (3, _) => {
             let (c, g, _) = deepspeed_zero3(
                 psi,
                 s.model.largest_layer_params(),
                 g,
                 n,
-                offload != Offload::None,
-                offload == Offload::OptimizerAndParams,
+                offload.optimizer(),
+                offload.params(),
                 true,
                 1.5,
             );
@@ -622,14 +819,16 @@ pub fn estimate(s: &Setup, usable_gpu_memory: u64) -> Result<Estimate, MemoryErr
         .iter()
         .map(|&(stage, offload)| {
             let gpu = gpu_breakdown(s, stage, offload);
+            let host = host_breakdown(s, stage, offload, true);
             Row {
                 stage,
                 offload,
                 gpu,
                 gpu_total: gpu.total(),
-                cpu_per_node: cpu_per_node(s, stage, offload),
+                host,
+                cpu_per_node: host.node(s.gpus_per_node, true),
+                host_bytes_per_param: host_bytes_per_param(s, &host),
                 max_micro_batch: max_micro_batch(s, stage, offload, usable_gpu_memory),
-                trainable: trainable(stage, offload),
                 deepspeed: deepspeed_figures(s, stage, offload),
             }
         })
@@ -694,6 +893,23 @@ pub struct EstimateArgs {
     /// Micro-batches accumulated per optimizer step (gradient_accumulation_steps).
     #[arg(long, default_value_t = 1)]
     pub grad_accum: u64,
+    /// Stage 3: elements of later blocks' parameters gathered ahead of use (the
+    /// stage3_prefetch_bucket_size key; 0 gathers each block only when it runs).
+    #[arg(long, default_value_t = 50_000_000)]
+    pub prefetch_elems: u64,
+    /// Stage 3: buckets of at most this many elements stay gathered for the whole step (the
+    /// stage3_param_persistence_threshold key).
+    #[arg(long, default_value_t = 100_000)]
+    pub persistence_threshold: u64,
+    /// Checkpoints are written blocking (async_save = false): no host copy of the state.
+    #[arg(long)]
+    pub no_async_save: bool,
+    /// Only this ZeRO stage's rows.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(0..=3))]
+    pub stage: Option<u8>,
+    /// Only the rows with this offload (none, optimizer, optimizer-and-params).
+    #[arg(long, value_enum)]
+    pub offload: Option<Offload>,
     /// Memory of one GPU, for the largest micro-batch that fits.
     #[arg(long, default_value = "80GiB")]
     pub gpu_memory: String,
@@ -773,6 +989,9 @@ impl EstimateArgs {
             dropout: self.dropout,
             bucket_elems: self.bucket_elems,
             grad_accum: self.grad_accum,
+            prefetch_elems: self.prefetch_elems,
+            persistence_threshold: self.persistence_threshold,
+            async_save: !self.no_async_save,
         };
         s.validate()?;
         Ok(s)
@@ -784,7 +1003,13 @@ pub fn run(args: &EstimateArgs) -> Result<String, MemoryError> {
     let s = args.setup()?;
     let gpu = parse_size(&args.gpu_memory)?;
     let reserve = parse_size(&args.reserve)?;
-    let est = estimate(&s, gpu.saturating_sub(reserve))?;
+    let mut est = estimate(&s, gpu.saturating_sub(reserve))?;
+    est.rows.retain(|r| args.stage.is_none_or(|st| r.stage == st) && args.offload.is_none_or(|o| r.offload == o));
+    if est.rows.is_empty() {
+        return Err(MemoryError::Setup(
+            "no such row: optimizer offload needs stage 1, 2 or 3, parameter offload stage 3".into(),
+        ));
+    }
     if args.json {
         return Ok(serde_json::to_string_pretty(&est)? + "\n");
     }
@@ -793,6 +1018,22 @@ pub fn run(args: &EstimateArgs) -> Result<String, MemoryError> {
 
 fn gib(bytes: u64) -> f64 {
     bytes as f64 / GIB
+}
+
+/// The host-memory bound in bytes per parameter of a rank's share, as the report states it.
+pub fn host_bound_line(s: &Setup) -> String {
+    let e = s.dtype.bytes();
+    let saves = if s.async_save {
+        "; background saves (async_save) keep 12 more while the run lasts: async_save = false for the bound alone"
+    } else {
+        ""
+    };
+    format!(
+        "host bound per rank: 16 bytes per parameter of its share (Ψ/d) with optimizer offload (fp32 master, two \
+         moments, fp32 gradient), {} with the parameters offloaded too{saves}; start-up holds 8 bytes per \
+         parameter of the whole model per rank (+ 4 of its share offloaded) before the engine releases them",
+        16 + e
+    )
 }
 
 /// The human-readable report.
@@ -845,14 +1086,33 @@ pub fn render(est: &Estimate, model_name: &str, gpu_memory: u64) -> String {
             r.max_micro_batch,
             gib(r.cpu_per_node)
         );
-        if !r.trainable {
-            // The figure is real, the row is a plan: say so on the row itself.
-            out.pop();
-            out.push_str("   *\n");
-        }
     }
-    let _ =
-        writeln!(out, "* estimate only: `train` runs stages 0-2 without offload; ZeRO-3 and offload are not in it yet");
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "host GiB per rank{:>40}   steady bytes",
+        format!("per node ({} rank(s) + rank 0's", s.gpus_per_node)
+    );
+    let _ = writeln!(
+        out,
+        "stage offload    offload  saves  start-up    peak                      save copies)   per param"
+    );
+    for r in &est.rows {
+        let h = &r.host;
+        let _ = writeln!(
+            out,
+            "{:>5} {:<10} {:>7.2} {:>6.2} {:>9.2} {:>7.2} {:>32.2}   {:>9.1}",
+            r.stage,
+            r.offload.label(),
+            gib(h.optimizer + h.params),
+            gib(h.checkpoint),
+            gib(h.startup),
+            gib(h.peak()),
+            gib(r.cpu_per_node),
+            r.host_bytes_per_param
+        );
+    }
+    let _ = writeln!(out, "{}", host_bound_line(s));
     let _ = writeln!(out);
     let _ =
         writeln!(out, "DeepSpeed's estimators (params + grads + optimizer state only; buffer factor 1.5, zero_init):");

@@ -6,7 +6,9 @@ autograd really saves in a small GPT-2 forward (saved_tensors.json) and in a sma
     DS_ACCELERATOR=cpu .deps/py/bin/python tools/gen_memory_fixtures.py [--llama-only]
 
 Writes tests/fixtures/memory/deepspeed.json with the parameter counts of transformers' GPT-2
-presets, and the (cpu, gpu) bytes of
+presets and of zerokit's Llama presets (total and DeepSpeed's largest layer, through
+model_to_params, the counting estimate_zero3_model_states_mem_needs_all_live does), and the
+(cpu, gpu) bytes of
 estimate_zero2_model_states_mem_needs and the (cpu, gpu, largest_layer_memory) bytes of
 estimate_zero3_model_states_mem_needs, for every combination of their arguments below.
 """
@@ -27,7 +29,15 @@ PRESETS = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (
 OTHER_MODELS = [(1000000007, 12345679), (7000000000, 262144000), (175000000000, 1207959552), (3, 1)]
 GPUS_PER_NODE = [1, 3, 4, 8]
 NODES = [1, 2, 16]
-FACTORS = [1.5, 1.25]
+# DeepSpeed's default, and 1.0: the bare model states, which zerokit's host figures are
+# compared with.
+FACTORS = [1.5, 1.0]
+# zerokit's Llama presets (lib/model/llama.rs): hidden, intermediate, layers, heads, kv heads,
+# head_dim, vocabulary, tied head.
+LLAMA_PRESETS = {"llama-3.2-1b": (2048, 8192, 16, 32, 8, 64, 128256, True),
+                 "llama-3.2-3b": (3072, 8192, 28, 24, 8, 128, 128256, True),
+                 "llama-3.1-8b": (4096, 14336, 32, 32, 8, 128, 128256, False),
+                 "llama-tiny": (64, 176, 2, 4, 2, 16, 50304, True)}
 
 
 def gpt2_counts():
@@ -44,6 +54,23 @@ def gpt2_counts():
         cfg = GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=50257, n_positions=1024)
         with torch.device("meta"):
             model = GPT2LMHeadModel(cfg)
+        total = sum(p.numel() for p in model.parameters())
+        out[name] = (total, model_to_params(model)[1])
+    return out
+
+
+def llama_counts():
+    """gpt2_counts for transformers' LlamaForCausalLM at zerokit's Llama presets."""
+    import torch
+    from deepspeed.runtime.zero.stage3 import model_to_params
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = {}
+    for name, (c, f, layers, heads, kv, d, v, tied) in LLAMA_PRESETS.items():
+        cfg = LlamaConfig(hidden_size=c, intermediate_size=f, num_hidden_layers=layers, num_attention_heads=heads,
+                          num_key_value_heads=kv, head_dim=d, vocab_size=v, tie_word_embeddings=tied)
+        with torch.device("meta"):
+            model = LlamaForCausalLM(cfg)
         total = sum(p.numel() for p in model.parameters())
         out[name] = (total, model_to_params(model)[1])
     return out
@@ -172,6 +199,7 @@ def main():
     if "--llama-only" in sys.argv:
         return
     presets = gpt2_counts()
+    llamas = llama_counts()
     models = list(presets.values()) + OTHER_MODELS
     zero2, zero3 = [], []
     for (total, largest), g, n, abf in itertools.product(models, GPUS_PER_NODE, NODES, FACTORS):
@@ -193,6 +221,7 @@ def main():
     with open(os.path.join(OUT, "deepspeed.json"), "w") as f:
         json.dump({"deepspeed": deepspeed.__version__,
                    "gpt2_presets": {k: list(v) for k, v in presets.items()},
+                   "llama_presets": {k: list(v) for k, v in llamas.items()},
                    "zero2_columns": "total_params, gpus_per_node, nodes, cpu_offload, buffer_factor, cpu, gpu",
                    "zero3_columns": "total_params, largest_layer_params, gpus_per_node, nodes, cpu_offload, "
                                     "cpu_offload_params, zero_init, buffer_factor, cpu, gpu, largest_layer_memory",

@@ -14,6 +14,7 @@ use crate::formats::tfevents::EventWriter;
 use crate::interop::deepspeed_resume::DeepSpeedResume;
 use crate::interop::hf_model;
 use crate::lock::RunLock;
+use crate::memory;
 use crate::model::{AnyModel, GptConfig, ModelConfig};
 use crate::optim::LrSchedule;
 use crate::zero::Engine;
@@ -96,7 +97,9 @@ impl Run {
         }
 
         let mut resume = resume_point(&cfg)?;
-        let model = initial_model(&cfg, resume.as_ref())?;
+        let shape = initial_shape(&cfg, resume.as_ref())?;
+        check_host_memory(&cfg, &shape, &rdv, device, kind, &mut ctl)?;
+        let model = initial_model(&cfg, shape)?;
         let model_cfg = model.config();
         if let Some(Resume::DeepSpeed(ds)) = &mut resume {
             ds.check(&model_cfg.param_specs())?;
@@ -351,11 +354,9 @@ fn deepspeed_point(dir: &Path) -> Result<Option<Resume>, TrainError> {
     Ok(Some(Resume::DeepSpeed(DeepSpeedResume::open(dir)?)))
 }
 
-/// The model a run starts from, in fp32 on the host with identical weights on every rank (the
-/// engine moves it to the device in the compute kind): fresh (from the seed), the resumed
-/// checkpoint's shape, or a Hugging Face directory's weights.
-fn initial_model(cfg: &TrainConfig, resume: Option<&Resume>) -> Result<AnyModel, TrainError> {
-    let shape = match resume {
+/// The shape of the model a run starts from: the resumed checkpoint's, or the configuration's.
+fn initial_shape(cfg: &TrainConfig, resume: Option<&Resume>) -> Result<ModelConfig, TrainError> {
+    Ok(match resume {
         Some(Resume::Zerokit(dir, m)) => ModelConfig::from_manifest(&m.model_config)
             .map_err(|e| TrainError::Other(format!("{}: model_config: {e}", dir.display())))?,
         // DeepSpeed checkpoints are read with GPT-2's parameter names (interop::deepspeed_resume).
@@ -369,8 +370,79 @@ fn initial_model(cfg: &TrainConfig, resume: Option<&Resume>) -> Result<AnyModel,
                 )))
             }
         },
+        None if cfg.init_from != "scratch" && cfg.init_from != "resume" && Path::new(&cfg.init_from).is_dir() => {
+            hf_model::read_config(Path::new(&cfg.init_from))?
+        }
         None => model_config(cfg)?,
+    })
+}
+
+/// Before any rank builds its model: what this node's ranks will hold in host memory (the
+/// estimate's figures, `memory::host`) against what the machine has. Every rank checks (they
+/// read the same machine) and the ranks agree, so that all stop when one node is too small.
+fn check_host_memory(
+    cfg: &TrainConfig,
+    shape: &ModelConfig,
+    rdv: &Rendezvous,
+    device: Device,
+    kind: Kind,
+    ctl: &mut ControlPlane,
+) -> Result<(), TrainError> {
+    let setup = memory::Setup {
+        model: memory::ModelShape(shape.clone()),
+        // The per-rank figures depend on the world size alone; the node's ranks are counted below.
+        gpus_per_node: rdv.world as u64,
+        nodes: 1,
+        dtype: match kind {
+            Kind::Half => memory::Dtype::Fp16,
+            Kind::BFloat16 => memory::Dtype::Bf16,
+            _ => memory::Dtype::Fp32,
+        },
+        micro_batch: cfg.batch_size as u64,
+        seq_len: cfg.block_size as u64,
+        activation_checkpointing: cfg.activation_checkpointing,
+        dropout: false,
+        bucket_elems: 0,
+        grad_accum: cfg.gradient_accumulation_steps as u64,
+        prefetch_elems: cfg.stage3_prefetch_bucket_size,
+        persistence_threshold: cfg.stage3_param_persistence_threshold,
+        // Runs that never save (eval_iters = 0) keep no save buffers.
+        async_save: cfg.async_save && cfg.eval_iters > 0,
     };
+    let node = memory::host::Node {
+        stage: cfg.zero_stage,
+        offload: memory::Offload::from_flags(cfg.offload_optimizer, cfg.offload_param),
+        local_ranks: rdv.local_world as u64,
+        rank0: rdv.rank == rdv.local_rank,
+        gpu: device.is_cuda(),
+    };
+    let verdict = memory::host::read_available().and_then(|have| memory::host::check(&setup, node, &have));
+    let mut failed = [f64::from(u8::from(verdict.is_err()))];
+    ctl.all_reduce_f64(&mut failed, "host memory check")?;
+    match verdict {
+        Ok(need) => {
+            info!(
+                "host memory: this node's {} rank(s) need {} (per rank {} steady, {} at start-up)",
+                rdv.local_world,
+                crate::units::human_bytes(need.total),
+                crate::units::human_bytes(need.per_rank.steady() + need.compute),
+                crate::units::human_bytes(need.per_rank.startup)
+            );
+            if failed[0] > 0.0 {
+                return Err(TrainError::Other(
+                    "the host memory check failed on another node (its log says what it needs)".into(),
+                ));
+            }
+            Ok(())
+        }
+        Err(e) => Err(TrainError::Other(e.to_string())),
+    }
+}
+
+/// The model a run starts from, in fp32 on the host with identical weights on every rank (the
+/// engine moves it to the device in the compute kind): fresh (from the seed) in `shape`, or a
+/// Hugging Face directory's weights.
+fn initial_model(cfg: &TrainConfig, shape: ModelConfig) -> Result<AnyModel, TrainError> {
     Ok(match cfg.init_from.as_str() {
         "scratch" | "resume" => shape.new_model(Device::Cpu, Kind::Float, cfg.seed)?,
         dir if !Path::new(dir).is_dir() => {

@@ -99,6 +99,25 @@ pub struct StepStats {
     pub loss_scale: f64,
 }
 
+/// Bytes of the state an engine holds, by what it is, read from its tensors (`Engine::held`):
+/// what `ckpt estimate`'s per-rank figures are checked against. Where each lives follows the
+/// configuration (host memory for what is offloaded).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Held {
+    /// Compute-dtype parameters: the whole flat buffer (stages 0-2) or this rank's shards (3).
+    pub params: u64,
+    /// Stage 3: the most bytes of gathered buckets allocated at once so far.
+    pub gathered_peak: u64,
+    /// fp32 master partition.
+    pub master: u64,
+    /// Adam's two moments.
+    pub moments: u64,
+    /// fp32 gradient partition.
+    pub grad: u64,
+    /// Full compute-dtype gradient accumulation buffer (stages 0-1 accumulating).
+    pub accum: u64,
+}
+
 /// Gradients of a bucket handed to a collective that may still be running.
 struct Pending {
     bucket: usize,
@@ -742,6 +761,25 @@ impl<M: Model> Engine<M> {
     /// Whether the model's tensors hold their whole parameters between steps (not at stage 3).
     pub fn parameters_resident(&self) -> bool {
         self.params3.is_none()
+    }
+
+    /// What this rank's engine holds now (see [`Held`]).
+    pub fn held(&self) -> Held {
+        let bytes = |t: &Tensor| (t.numel() * t.kind().elt_size_in_bytes()) as u64;
+        let (exp_avg, exp_avg_sq, _) = self.opt.state();
+        let kind = self.cfg.kind.elt_size_in_bytes() as u64;
+        Held {
+            params: match (&self.model_flat, &self.params3) {
+                (Some(flat), _) => bytes(flat),
+                (None, Some(r)) => r.shard_bytes() as u64,
+                (None, None) => 0,
+            },
+            gathered_peak: self.params3.as_ref().map_or(0, |r| r.peak_allocated as u64 * kind),
+            master: bytes(&self.master),
+            moments: bytes(exp_avg) + bytes(exp_avg_sq),
+            grad: bytes(&self.grad),
+            accum: self.accum.as_ref().map_or(0, bytes),
+        }
     }
 
     /// This rank's state for a checkpoint (shallow handles: no copy).

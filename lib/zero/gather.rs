@@ -23,6 +23,126 @@ use super::ZeroError;
 use crate::comm::Collectives;
 use tch::{Device, Kind, Tensor};
 
+/// What stage 3 gathers, prefetches and releases at each position of a micro-step, apart from
+/// any tensor: [`Residency`] acts on these decisions, and `ckpt estimate` walks the same ones
+/// ([`Schedule::peak_elems`]) for the gathered working set it reports.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Schedule {
+    /// Buckets each position uses.
+    pub uses: Vec<Vec<usize>>,
+    /// Elements of each bucket (padded), as gathered.
+    pub sizes: Vec<usize>,
+    /// Buckets that stay gathered for the whole step (at most the persistence threshold).
+    pub persistent: Vec<bool>,
+    /// Blocks' buckets stay gathered from forward to backward (no activation checkpointing).
+    pub keep_for_backward: bool,
+    pub n_blocks: usize,
+    pub prefetch_elems: usize,
+}
+
+impl Schedule {
+    /// The positions of a model whose embedding, blocks and head use the given buckets
+    /// (`sizes[b]`: bucket b's padded elements).
+    pub fn new(
+        sizes: Vec<usize>,
+        embed: Vec<usize>,
+        blocks: Vec<Vec<usize>>,
+        head: Vec<usize>,
+        keep_for_backward: bool,
+        prefetch_elems: usize,
+        persistence_threshold: usize,
+    ) -> Schedule {
+        let n_blocks = blocks.len();
+        let mut uses = vec![embed];
+        uses.extend(blocks.iter().cloned());
+        uses.push(head);
+        uses.extend(blocks.into_iter().rev());
+        for u in &mut uses {
+            u.sort_unstable();
+            u.dedup();
+        }
+        let persistent = sizes.iter().map(|&n| n <= persistence_threshold).collect();
+        Schedule { uses, sizes, persistent, keep_for_backward, n_blocks, prefetch_elems }
+    }
+
+    pub fn head_position(&self) -> usize {
+        self.n_blocks + 1
+    }
+
+    pub fn last_position(&self) -> usize {
+        self.uses.len() - 1
+    }
+
+    /// The buckets to gather ahead on entering `pos` (whole positions after it, up to `last`,
+    /// while they fit the prefetch size, and at least the next), given which are gathered.
+    pub fn prefetch(&self, pos: usize, last: usize, gathered: &[bool]) -> Vec<usize> {
+        let mut have = gathered.to_vec();
+        let mut out = Vec::new();
+        let mut budget = self.prefetch_elems;
+        for next in pos + 1..=last.min(self.uses.len() - 1) {
+            if budget == 0 {
+                break;
+            }
+            let want: Vec<usize> = self.uses[next].iter().copied().filter(|&b| !have[b]).collect();
+            let elems: usize = want.iter().map(|&b| self.sizes[b]).sum();
+            if next > pos + 1 && elems > budget {
+                break;
+            }
+            for b in want {
+                have[b] = true;
+                out.push(b);
+            }
+            budget = budget.saturating_sub(elems);
+        }
+        out
+    }
+
+    /// The buckets released on leaving `pos`: those the next position does not use, unless
+    /// persistent, or a forward block's kept for its backward. `training`: a backward follows
+    /// this forward (evaluation keeps nothing for one).
+    pub fn releases(&self, pos: usize, training: bool) -> Vec<usize> {
+        let forward_block = (1..=self.n_blocks).contains(&pos);
+        if forward_block && self.keep_for_backward && training {
+            return Vec::new();
+        }
+        let next = self.uses.get(pos + 1);
+        self.uses[pos]
+            .iter()
+            .copied()
+            .filter(|b| !next.is_some_and(|u| u.contains(b)) && !self.persistent[*b])
+            .collect()
+    }
+
+    /// The most elements gathered at once over `micro_steps` training micro-steps of one
+    /// optimizer step, visiting the positions in order as `Engine::forward_backward` does
+    /// (persistent buckets stay gathered from one micro-step to the next; the step's refresh
+    /// releases them).
+    pub fn peak_elems(&self, micro_steps: usize) -> usize {
+        let mut gathered = vec![false; self.sizes.len()];
+        let held = |g: &[bool]| g.iter().zip(&self.sizes).filter(|(g, _)| **g).map(|(_, &n)| n).sum::<usize>();
+        let mut peak = 0;
+        let last = self.last_position();
+        for _ in 0..micro_steps.max(1) {
+            for pos in 0..=last {
+                for &b in &self.uses[pos] {
+                    gathered[b] = true;
+                }
+                for b in self.prefetch(pos, last, &gathered) {
+                    gathered[b] = true;
+                }
+                peak = peak.max(held(&gathered));
+                for b in self.releases(pos, true) {
+                    gathered[b] = false;
+                }
+            }
+            for (g, &p) in gathered.iter_mut().zip(&self.persistent) {
+                *g &= p;
+            }
+        }
+        peak
+    }
+}
+
 pub(super) struct Residency {
     /// This rank's shard of every bucket in the compute dtype, laid out as the partition; in
     /// host memory with parameter offload.
@@ -31,18 +151,17 @@ pub(super) struct Residency {
     full: Vec<Option<Tensor>>,
     /// Some gather was issued and the compute stream has not waited for it yet.
     in_flight: bool,
-    persistent: Vec<bool>,
-    /// Buckets each position uses, and their element counts.
-    uses: Vec<Vec<usize>>,
-    /// Blocks' buckets stay gathered from forward to backward (no activation checkpointing).
-    keep_for_backward: bool,
-    n_blocks: usize,
-    prefetch_elems: usize,
+    schedule: Schedule,
     part_rank: usize,
     device: Device,
     kind: Kind,
     /// What released parameters point at.
     empty: Tensor,
+    /// Elements of gathered buckets allocated now (one rank's shard on its own device is the
+    /// whole bucket, no copy), and the most there have been: what the engine reports as its
+    /// gathered working set.
+    allocated: usize,
+    pub peak_allocated: usize,
 }
 
 /// Where each piece of the model runs in a micro-step's sequence, and which buckets it uses.
@@ -67,17 +186,16 @@ impl Residency {
         prefetch_elems: usize,
         persistence_threshold: usize,
     ) -> Result<Residency, ZeroError> {
-        let buckets_of = |slots: &[usize]| {
-            let mut b: Vec<usize> = slots.iter().map(|&s| layout.params[s].bucket).collect();
-            b.sort_unstable();
-            b.dedup();
-            b
-        };
-        let n = pieces.blocks.len();
-        let mut uses = vec![buckets_of(pieces.embed)];
-        uses.extend(pieces.blocks.iter().map(|s| buckets_of(s)));
-        uses.push(buckets_of(pieces.head));
-        uses.extend(pieces.blocks.iter().rev().map(|s| buckets_of(s)));
+        let buckets_of = |slots: &[usize]| slots.iter().map(|&s| layout.params[s].bucket).collect::<Vec<usize>>();
+        let schedule = Schedule::new(
+            layout.buckets.iter().map(|b| b.padded).collect(),
+            buckets_of(pieces.embed),
+            pieces.blocks.iter().map(|s| buckets_of(s)).collect(),
+            buckets_of(pieces.head),
+            keep_for_backward,
+            prefetch_elems,
+            persistence_threshold,
+        );
         let shard = if offload {
             host_buffer(layout.partition, kind, pin, device)?
         } else {
@@ -92,24 +210,33 @@ impl Residency {
             shard,
             full: (0..layout.buckets.len()).map(|_| None).collect(),
             in_flight: false,
-            persistent: layout.buckets.iter().map(|b| b.padded <= persistence_threshold).collect(),
-            uses,
-            keep_for_backward,
-            n_blocks: n,
-            prefetch_elems,
+            schedule,
             part_rank,
             device,
             kind,
             empty,
+            allocated: 0,
+            peak_allocated: 0,
         })
     }
 
     pub fn head_position(&self) -> usize {
-        self.n_blocks + 1
+        self.schedule.head_position()
     }
 
     pub fn last_position(&self) -> usize {
-        self.uses.len() - 1
+        self.schedule.last_position()
+    }
+
+    /// This rank's compute-dtype shards, in bytes.
+    pub fn shard_bytes(&self) -> usize {
+        self.shard.numel() * self.kind.elt_size_in_bytes()
+    }
+
+    /// Whether a gathered bucket is a tensor of its own: not when this one rank's shard, on the
+    /// device already, is the whole bucket.
+    fn copies(&self, layout: &FlatLayout) -> bool {
+        layout.parts > 1 || self.shard.device() != self.device
     }
 
     /// Starts gathering bucket `b` unless it is gathered.
@@ -119,10 +246,11 @@ impl Residency {
         }
         let bk = &layout.buckets[b];
         let own = self.shard.narrow(0, bk.shard_offset as i64, bk.shard as i64);
-        let full = if layout.parts == 1 && self.shard.device() == self.device {
+        let full = if !self.copies(layout) {
             own // one rank's shard is the whole bucket: no copy
         } else {
             let full = Tensor::f_empty([bk.padded as i64], (self.kind, self.device))?;
+            self.allocated += full.numel();
             let mut mine = full.narrow(0, (self.part_rank * bk.shard) as i64, bk.shard as i64);
             copy_async(&mut mine, &own)?;
             if layout.parts > 1 {
@@ -146,7 +274,7 @@ impl Residency {
         handles: &mut [Tensor],
         comm: &mut dyn Collectives,
     ) -> Result<(), ZeroError> {
-        let need = self.uses[pos].clone();
+        let need = self.schedule.uses[pos].clone();
         for &b in &need {
             self.fetch(b, layout, comm)?;
         }
@@ -162,42 +290,27 @@ impl Residency {
                 handles[s].set_data(&full.narrow(0, p.offset as i64, p.numel as i64).view(shape.as_slice()));
             }
         }
-        // Prefetch: whole positions ahead, while they fit the prefetch size (at least the next).
-        let mut budget = self.prefetch_elems;
-        for next in pos + 1..=last.min(self.uses.len() - 1) {
-            if budget == 0 {
-                break;
-            }
-            let want: Vec<usize> = self.uses[next].iter().copied().filter(|&b| self.full[b].is_none()).collect();
-            let elems: usize = want.iter().map(|&b| layout.buckets[b].padded).sum();
-            if next > pos + 1 && elems > budget {
-                break;
-            }
-            for b in want {
-                self.fetch(b, layout, comm)?;
-            }
-            budget = budget.saturating_sub(elems);
+        let gathered: Vec<bool> = self.full.iter().map(Option::is_some).collect();
+        for b in self.schedule.prefetch(pos, last, &gathered) {
+            self.fetch(b, layout, comm)?;
         }
+        self.peak_allocated = self.peak_allocated.max(self.allocated);
         Ok(())
     }
 
     /// Releases the buckets of `pos` that the next position does not use. `training`: a backward
     /// follows this forward (evaluation keeps nothing for one).
     pub fn leave(&mut self, pos: usize, layout: &FlatLayout, handles: &mut [Tensor], training: bool) {
-        let forward_block = (1..=self.n_blocks).contains(&pos);
-        if forward_block && self.keep_for_backward && training {
-            return;
-        }
-        for b in self.uses[pos].clone() {
-            let next_uses = self.uses.get(pos + 1).is_some_and(|u| u.contains(&b));
-            if !next_uses && !self.persistent[b] {
-                self.release(b, layout, handles);
-            }
+        for b in self.schedule.releases(pos, training) {
+            self.release(b, layout, handles);
         }
     }
 
     fn release(&mut self, b: usize, layout: &FlatLayout, handles: &mut [Tensor]) {
-        if self.full[b].take().is_some() {
+        if let Some(full) = self.full[b].take() {
+            if self.copies(layout) {
+                self.allocated -= full.numel();
+            }
             for &s in &layout.buckets[b].params {
                 handles[s].set_data(&self.empty);
             }
@@ -207,7 +320,7 @@ impl Residency {
     /// Releases every gathered bucket, persistent ones too when `all`.
     pub fn release_all(&mut self, layout: &FlatLayout, handles: &mut [Tensor], all: bool) {
         for b in 0..self.full.len() {
-            if all || !self.persistent[b] {
+            if all || !self.schedule.persistent[b] {
                 self.release(b, layout, handles);
             }
         }

@@ -3,12 +3,12 @@
 //! state as checkpoints keep it (`state`) and its phase timings (`profile`).
 
 mod engine;
-mod gather;
+pub mod gather;
 pub mod host;
 pub mod layout;
 pub mod profile;
 pub mod state;
 
-pub use engine::{Engine, EngineConfig, StepStats, ZeroError};
+pub use engine::{Engine, EngineConfig, Held, StepStats, ZeroError};
 pub use layout::FlatLayout;
 pub use state::{PartitionState, ZeroState};
