@@ -22,7 +22,8 @@
 # (tools/carry_hf_wheels.sh) unless the machine has transformers:
 #   COMMIT=$(git rev-parse --short HEAD) bash bench/gpu_offload.sh
 # Settings: PRESET (llama-3.1-8b), LAYERS ("12 8"), BATCH (4), SEQ (2048), WARMUP (2), STEPS (4),
-# ZK_PARAM (1: also zerokit with offload_param when 150 s are left), TIMEOUT per contender (240 s),
+# ZK_PARAM (1: also zerokit with offload_param when 150 s are left), ZK_BIG (24: zerokit alone at
+# a depth beyond DeepSpeed's host memory, when 150 s are left; empty: not), TIMEOUT per contender (240 s),
 # BUDGET (the seconds all runs must end in: 520), MIN_AVAIL_GIB (4).
 # Time on one H200, estimated per phase: DeepSpeed and transformers installed from the carried
 # wheels 60-90 s; DeepSpeedCPUAdam's cpu_adam op built once with the machine's gcc and ninja
@@ -139,7 +140,7 @@ zl=${ran:-${LAYERS%% *}}
 [ -f "$work/config-$zl.json" ] || shape "$zl"
 cp "$work/config-$zl.json" "$OUTDIR/config.json"
 
-zk() {  # zk NAME MORE_SETTINGS...
+zk() {  # zk NAME MORE_SETTINGS... (at $zl layers)
   local name=$1; shift
   run "$name" "$zl" .carry/bin/train --set model="$work/config-$zl.json" --set block_size="$SEQ" \
     --set batch_size="$BATCH" --set max_iters=$((STEPS + WARMUP)) --set eval_iters=0 --set log_interval=1 \
@@ -150,6 +151,14 @@ zk() {  # zk NAME MORE_SETTINGS...
 zk zerokit-offload-optimizer
 if [ "$ZK_PARAM" = 1 ] && [ $((BUDGET - SECONDS)) -ge 150 ]; then
   zk zerokit-offload-param --set offload_param=true
+fi
+# A depth DeepSpeed's host memory cannot hold (its estimator: 24 B/param with optimizer offload)
+# and zerokit's 16 B/param can: zerokit alone, when time is left (ZK_BIG, default 24 layers).
+ZK_BIG=${ZK_BIG:-24}
+if [ -n "$ZK_BIG" ] && [ "$ZK_BIG" != "$zl" ] && [ $((BUDGET - SECONDS)) -ge 150 ] && shape "$ZK_BIG"; then
+  zl_main=$zl; zl=$ZK_BIG
+  zk zerokit-offload-optimizer-${ZK_BIG}l
+  zl=$zl_main
 fi
 
 # ckpt estimate's stage-3 rows (GPU less the CUDA context, host) beside what zerokit measured.
@@ -178,6 +187,7 @@ print(json.dumps(out))
 PY
 
 cat "$OUTDIR"/deepspeed-zero3.json "$OUTDIR"/zerokit-offload-*.json > "$OUTDIR/all.jsonl" 2>/dev/null
+[ -f "$work/estimate-${ZK_BIG:-none}.json" ] && cp "$work/estimate-$ZK_BIG.json" "$OUTDIR/estimate-${ZK_BIG}l.json"
 python3 - "$OUTDIR/all.jsonl" "$OUTDIR/estimate.json" "$BENCH_COMMAND" "$LAYERS" "$zl" <<'PY' | tee "$OUTDIR/table.md"
 import json, sys
 path, est, command, tried, layers = sys.argv[1:]
