@@ -31,3 +31,30 @@ install_deepspeed() {
   fi
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 }
+
+# with_peak CMD...: runs CMD while sampling GPU 0's used memory every 100 ms (nvidia-smi); sets
+# PEAK (GiB) and RC. Needs $work (the calling script's scratch folder).
+with_peak() {
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -i 0 -lms 100 > "$work/mem" &
+  local smi=$!
+  "$@"; RC=$?
+  kill $smi 2>/dev/null; wait $smi 2>/dev/null
+  PEAK=$(awk 'BEGIN{m=0}{if($1>m)m=$1}END{printf "%.2f", m/1024}' "$work/mem")
+}
+
+# install_hf: transformers and what it imports, from the wheels in .carry/whl-hf
+# (tools/carry_hf_wheels.sh), into /tmp/site-hf when the machine's Python lacks it; exports
+# PYTHONPATH, and PATH for the carried ninja.
+install_hf() {
+  if ! python3 -c 'import transformers' 2>/dev/null; then
+    if [ ! -d .carry/whl-hf ]; then
+      echo "transformers is not installed and .carry/whl-hf is missing (tools/carry_hf_wheels.sh)" >&2
+      return 1
+    fi
+    [ -d /tmp/site-hf/transformers ] ||
+      python3 -m pip install -q --no-index --no-deps --target /tmp/site-hf .carry/whl-hf/*.whl
+    export PYTHONPATH=/tmp/site-hf${PYTHONPATH:+:$PYTHONPATH}
+  fi
+  command -v ninja >/dev/null || export PATH="$PATH:/tmp/site-hf/bin"
+  python3 -c 'import transformers; print("transformers", transformers.__version__)' >&2
+}

@@ -50,52 +50,11 @@ if has deepspeed && [ $need_ds = yes ]; then
   log "done ($((SECONDS - start)) s)"
 fi
 
-# Runs "$@" while sampling the GPU's used memory every 100 ms; sets PEAK (GiB) and RC.
-with_peak() {
-  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -i 0 -lms 100 > "$work/mem" &
-  local smi=$!
-  "$@"; RC=$?
-  kill $smi 2>/dev/null; wait $smi 2>/dev/null
-  PEAK=$(awk 'BEGIN{m=0}{if($1>m)m=$1}END{printf "%.2f", m/1024}' "$work/mem")
-}
-
-# record PEER MODEL DTYPE BATCH OUTFILE LOGFILE COMMAND: one JSON line for the contender, from its
-# own line in OUTFILE (a peer) or from zerokit's metrics.jsonl (OUTFILE ends in .jsonl), with
-# what this call knows added; a contender with no line gets one with the end of its log as error.
+# record PEER MODEL DTYPE BATCH OUTFILE LOGFILE COMMAND: the contender's JSON line
+# (tools/bench_record.py), with what this call knows added.
 record() {
-  python3 - "$@" "$RC" "$PEAK" "$WARMUP" "$STEPS" "$SEQ" "$DEVICE" "$DATE" "$COMMIT" "$BENCH_COMMAND" <<'PY' | tee -a "$RESULTS" "$CALL"
-import json, statistics, sys
-(peer, model, dtype, batch, out, logf, command, rc, peak, warmup, steps, seq,
- device, date, commit, bench_command) = sys.argv[1:]
-batch, rc, warmup, seq = int(batch), int(rc), int(warmup), int(seq)
-def lines(path):
-    try:
-        with open(path) as f:
-            return f.read().splitlines()
-    except FileNotFoundError:
-        return []
-d = None
-if out.endswith("metrics.jsonl"):  # zerokit
-    rows = [json.loads(l) for l in lines(out) if '"time_ms"' in l]
-    timed = [r for r in rows if r["step"] > warmup]
-    if timed:
-        ms = statistics.median(r["time_ms"] for r in timed)
-        d = {"peer": peer, "model": model, "dtype": dtype, "batch": batch, "seq": seq, "gpus": 1,
-             "warmup": warmup, "steps": len(timed), "step_ms": ms, "tokens_per_s": batch * seq / (ms / 1e3),
-             "mfu": statistics.median(r["mfu"] for r in timed) / 100, "loss": rows[-1]["loss"],
-             "losses": [r["loss"] for r in rows], "skipped_steps": sum(r["skipped"] for r in rows)}
-else:
-    found = [l for l in lines(out) if l.startswith('{"peer"')]
-    d = json.loads(found[-1]) if found else None
-if d is None:
-    tail = [l for l in lines(logf) if l.strip()][-3:]
-    why = "timed out" if rc in (124, 137) else f"exit {rc}"
-    d = {"peer": peer, "model": model, "dtype": dtype, "batch": batch, "seq": seq,
-         "error": why + (": " + " / ".join(tail)[-400:] if tail else "")}
-d.update({"exit": rc, "peak_used_gib_nvidia_smi": float(peak), "device": device, "date": date,
-          "commit": commit, "command": command, "bench_command": bench_command})
-print(json.dumps(d), flush=True)
-PY
+  python3 tools/bench_record.py "$@" "$RC" "$PEAK" "$WARMUP" "$STEPS" "$SEQ" "$DEVICE" "$DATE" "$COMMIT" \
+    "$BENCH_COMMAND" | tee -a "$RESULTS" "$CALL"
 }
 
 for run in $RUNS; do
