@@ -371,12 +371,22 @@ fn initial_model(cfg: &TrainConfig, resume: Option<&Resume>) -> Result<AnyModel,
         },
         None => model_config(cfg)?,
     };
+    // A Hugging Face model id (ORG/NAME) that is no local path: its snapshot in the hub cache.
+    let from_hub = match cfg.init_from.as_str() {
+        "scratch" | "resume" => None,
+        given => crate::hub::resolve(given)?,
+    };
+    if let Some(dir) = from_hub {
+        info!("init_from = {:?}: the hub cache's snapshot {}", cfg.init_from, dir.display());
+        return Ok(hf_model::load(&dir, Device::Cpu, Kind::Float)?);
+    }
     Ok(match cfg.init_from.as_str() {
         "scratch" | "resume" => shape.new_model(Device::Cpu, Kind::Float, cfg.seed)?,
         dir if !Path::new(dir).is_dir() => {
             return Err(TrainError::Other(format!(
                 "init_from = {dir:?}: not a directory. zerokit downloads nothing: give a local Hugging Face GPT-2 \
-                 or Llama directory (config.json and model.safetensors or its sharded index), \"scratch\" or \"resume\""
+                 or Llama directory (config.json and model.safetensors or its sharded index), a model id \
+                 (ORG/NAME) in the local hub cache, \"scratch\" or \"resume\""
             )))
         }
         dir => hf_model::load(Path::new(dir), Device::Cpu, Kind::Float)?,
