@@ -22,15 +22,16 @@
 # (tools/carry_hf_wheels.sh) unless the machine has transformers:
 #   COMMIT=$(git rev-parse --short HEAD) bash bench/gpu_offload.sh
 # Settings: PRESET (llama-3.1-8b), LAYERS ("12 8"), BATCH (4), SEQ (2048), WARMUP (2), STEPS (4),
-# ZK_PARAM (1: also zerokit with offload_param when 150 s are left), ZK_BIG (24: zerokit alone at
-# a depth beyond DeepSpeed's host memory, when 150 s are left; empty: not), TIMEOUT per contender (240 s),
-# BUDGET (the seconds all runs must end in: 520), MIN_AVAIL_GIB (4).
+# ZK_PARAM (1: also zerokit with offload_param when 120 s are left), ZK_BIG (24: zerokit alone
+# at a depth beyond DeepSpeed's host memory, when 120 s are left; empty: not), DS_TIMEOUT (200 s) and
+# ZK_TIMEOUT (150 s) per run, BUDGET (the seconds all runs must end in: 520; DeepSpeed's runs leave
+# ZK_TIMEOUT of it to zerokit), MIN_AVAIL_GIB (4).
 # Time on one H200, estimated per phase: DeepSpeed and transformers installed from the carried
 # wheels 60-90 s; DeepSpeedCPUAdam's cpu_adam op built once with the machine's gcc and ninja
 # (under timeout 200) 60-90 s; DeepSpeed at 12 layers 120-150 s (zero.Init, pinned host buffers,
-# 6 steps of 4-6 s); zerokit stage 3 + offload_optimizer 60-90 s; zerokit + offload_param 60-90 s
-# if time is left. About 6-8 min; every run's timeout is cut to what is left of BUDGET, so the
-# whole stays under 9 minutes.
+# 6 steps of 4-6 s; cut at DS_TIMEOUT); zerokit stage 3 + offload_optimizer 60-90 s; zerokit +
+# offload_param 60-90 s if time is left. About 6-8 min; every run's timeout is cut to what is left
+# of BUDGET, so the whole stays under 9 minutes.
 # Writes to $OUT/<date>-offload/ (bench/results/<date>-offload/ without OUT): deepspeed-zero3.json,
 # zerokit-offload-optimizer.json, zerokit-offload-param.json, estimate.json, config.json, table.md
 # and all.jsonl.
@@ -42,7 +43,8 @@ SEQ=${SEQ:-2048}
 WARMUP=${WARMUP:-2}
 STEPS=${STEPS:-4}
 ZK_PARAM=${ZK_PARAM:-1}
-TIMEOUT=${TIMEOUT:-240}
+DS_TIMEOUT=${DS_TIMEOUT:-200}
+ZK_TIMEOUT=${ZK_TIMEOUT:-150}
 BUDGET=${BUDGET:-520}
 MIN_AVAIL_GIB=${MIN_AVAIL_GIB:-4}
 # cpu: a smoke test of this script (PRESET=llama-tiny, DS_ACCELERATOR=cpu, a fake nvidia-smi).
@@ -52,9 +54,10 @@ OUTDIR=${OUT:-bench/results}/$DATE-offload
 mkdir -p "$OUTDIR"
 source bench/gpu_env.sh
 log() { echo "[gpu_offload $(date -u +%H:%M:%S)] $*" >&2; }
-# A run's time limit: TIMEOUT, or what is left of BUDGET if less; 0 when under 30 s are left.
-limit() { local left=$((BUDGET - SECONDS)); [ $left -lt "$TIMEOUT" ] || left=$TIMEOUT; [ $left -ge 30 ] || left=0; echo $left; }
-BENCH_COMMAND="DEV=$DEV PRESET=$PRESET LAYERS=\"$LAYERS\" BATCH=$BATCH SEQ=$SEQ WARMUP=$WARMUP STEPS=$STEPS ZK_PARAM=$ZK_PARAM bash bench/gpu_offload.sh"
+# limit RESERVE CAP: a run's time limit: CAP, or what is left of BUDGET less RESERVE seconds if
+# that is less; 0 when under 30 s are left.
+limit() { local left=$((BUDGET - SECONDS - $1)); [ $left -lt "$2" ] || left=$2; [ $left -ge 30 ] || left=0; echo $left; }
+BENCH_COMMAND="DEV=$DEV PRESET=$PRESET LAYERS=\"$LAYERS\" BATCH=$BATCH SEQ=$SEQ WARMUP=$WARMUP STEPS=$STEPS ZK_PARAM=$ZK_PARAM DS_TIMEOUT=$DS_TIMEOUT ZK_TIMEOUT=$ZK_TIMEOUT BUDGET=$BUDGET bash bench/gpu_offload.sh"
 DEVICE="$(nvidia-smi -L | wc -l)x $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1) ($(hostname)), $(awk '/MemTotal/{printf "%.0f GiB", $2/2^20}' /proc/meminfo) host memory, $(nproc) cores"
 COMMIT=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 work=$(mktemp -d)
@@ -88,12 +91,11 @@ shape() {
       --activation-checkpointing --gpu-memory 140GiB --json > "$work/estimate-$1.json"
 }
 
-# run NAME LAYERS CMD...: CMD under timeout, nvidia-smi's and rss_peak's sampling; the contender's
+# run NAME LAYERS LIMIT CMD...: CMD under timeout LIMIT (0: skipped), nvidia-smi's and rss_peak's sampling; the contender's
 # JSON line in $OUTDIR/NAME.json (with "layers" and the host figures merged in). OUTFILE is
 # $work/NAME.out, or zerokit's metrics.jsonl when NAME starts with zerokit.
 run() {
-  local name=$1 layers=$2; shift 2
-  local t; t=$(limit)
+  local name=$1 layers=$2 t=$3; shift 3
   local out="$work/$name.out"; [[ $name == zerokit* ]] && out="$work/$name/metrics.jsonl"
   if [ "$t" -eq 0 ]; then
     RC=124; PEAK=0; echo "skipped: under 30 s of the ${BUDGET}-s budget left" > "$work/$name.err"
@@ -121,7 +123,7 @@ for n in $LAYERS; do
       > "$OUTDIR/deepspeed-zero3.json"
     break
   fi
-  run deepspeed-zero3 "$n" python3 tools/bench_zero3_peer.py --config "$work/config-$n.json" --name "$PRESET-${n}l" \
+  run deepspeed-zero3 "$n" "$(limit "$ZK_TIMEOUT" "$DS_TIMEOUT")" python3 tools/bench_zero3_peer.py --config "$work/config-$n.json" --name "$PRESET-${n}l" \
     --dtype bf16 --batch "$BATCH" --seq "$SEQ" --warmup "$WARMUP" --steps "$STEPS" --data "$work/data" --device "$DEV"
   cp "$OUTDIR/deepspeed-zero3.json" "$OUTDIR/deepspeed-zero3-${n}l.json"
   if python3 -c 'import json,sys; sys.exit(0 if "tokens_per_s" in json.load(open(sys.argv[1])) else 1)' "$OUTDIR/deepspeed-zero3.json"; then
@@ -140,24 +142,25 @@ zl=${ran:-${LAYERS%% *}}
 [ -f "$work/config-$zl.json" ] || shape "$zl"
 cp "$work/config-$zl.json" "$OUTDIR/config.json"
 
-zk() {  # zk NAME MORE_SETTINGS... (at $zl layers)
+zk() {  # zk NAME MORE_SETTINGS...
   local name=$1; shift
-  run "$name" "$zl" .carry/bin/train --set model="$work/config-$zl.json" --set block_size="$SEQ" \
+  run "$name" "$zl" "$(limit 0 "$ZK_TIMEOUT")" .carry/bin/train --set model="$work/config-$zl.json" --set block_size="$SEQ" \
     --set batch_size="$BATCH" --set max_iters=$((STEPS + WARMUP)) --set eval_iters=0 --set log_interval=1 \
     --set dtype=bf16 --set device="$DEV" --set sample_tokens=0 --set dataset="$work/data" \
     --set out_dir="$work/$name" --set warmup_iters=0 --set zero_stage=3 --set offload_optimizer=true \
     --set activation_checkpointing=true --set pin_memory=true "$@"
 }
 zk zerokit-offload-optimizer
-if [ "$ZK_PARAM" = 1 ] && [ $((BUDGET - SECONDS)) -ge 150 ]; then
+if [ "$ZK_PARAM" = 1 ] && [ $((BUDGET - SECONDS)) -ge 120 ]; then
   zk zerokit-offload-param --set offload_param=true
 fi
 # A depth DeepSpeed's host memory cannot hold (its estimator: 24 B/param with optimizer offload)
 # and zerokit's 16 B/param can: zerokit alone, when time is left (ZK_BIG, default 24 layers).
 ZK_BIG=${ZK_BIG:-24}
-if [ -n "$ZK_BIG" ] && [ "$ZK_BIG" != "$zl" ] && [ $((BUDGET - SECONDS)) -ge 150 ] && shape "$ZK_BIG"; then
+if [ -n "$ZK_BIG" ] && [ "$ZK_BIG" != "$zl" ] && [ $((BUDGET - SECONDS)) -ge 120 ] && shape "$ZK_BIG"; then
   zl_main=$zl; zl=$ZK_BIG
-  zk zerokit-offload-optimizer-${ZK_BIG}l
+  zk "zerokit-offload-optimizer-${ZK_BIG}l"
+  cp "$work/estimate-$ZK_BIG.json" "$OUTDIR/estimate-${ZK_BIG}l.json"
   zl=$zl_main
 fi
 
@@ -187,7 +190,6 @@ print(json.dumps(out))
 PY
 
 cat "$OUTDIR"/deepspeed-zero3.json "$OUTDIR"/zerokit-offload-*.json > "$OUTDIR/all.jsonl" 2>/dev/null
-[ -f "$work/estimate-${ZK_BIG:-none}.json" ] && cp "$work/estimate-$ZK_BIG.json" "$OUTDIR/estimate-${ZK_BIG}l.json"
 python3 - "$OUTDIR/all.jsonl" "$OUTDIR/estimate.json" "$BENCH_COMMAND" "$LAYERS" "$zl" <<'PY' | tee "$OUTDIR/table.md"
 import json, sys
 path, est, command, tried, layers = sys.argv[1:]

@@ -11,6 +11,7 @@ pub mod data;
 pub mod device;
 pub mod formats;
 pub mod fsutil;
+pub mod hub;
 pub mod interop;
 pub mod kernels;
 pub mod launch;

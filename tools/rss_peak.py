@@ -11,9 +11,13 @@ second as a rise over its value before the command started. When MemAvailable fa
 --min-available-gib, the command's process group is killed (SIGKILL) and the JSON says so: a run
 that would push the host into the kernel's OOM killer is ended before it takes the machine down.
 
+The command runs in its own session (so the guard can end its whole tree); a SIGTERM or SIGINT
+to this script (e.g. from `timeout`) is passed on to that tree as SIGKILL, so no part of it
+outlives the limit.
+
 Writes {"host_rss_peak_gib", "host_used_rise_peak_gib", "host_used_before_gib", "host_total_gib",
-"host_min_available_gib", "samples", "killed_for_memory"} to --out (atomically) and exits with the
-command's status (137 when killed).
+"host_min_available_gib", "samples", "killed_for_memory", "terminated"} to --out (atomically)
+and exits with the command's status (137 when killed for memory, 124 when terminated).
 """
 import argparse
 import json
@@ -78,6 +82,9 @@ def main():
     used0 = m0["MemTotal"] - m0["MemAvailable"]
     # Its own session and process group, so the guard can end the whole tree at once.
     proc = subprocess.Popen(cmd, start_new_session=True)
+    stop = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _frame: stop.append(signum))
     peak_rss = peak_rise = samples = 0
     min_avail = m0["MemAvailable"]
     killed = False
@@ -91,6 +98,9 @@ def main():
         samples += 1
         if rc is not None:
             break
+        if stop and not killed:
+            os.killpg(proc.pid, signal.SIGKILL)
+            killed = True
         if not killed and a.min_available_gib > 0 and m["MemAvailable"] < a.min_available_gib * GIB:
             print(f"rss_peak: MemAvailable {m['MemAvailable'] / GIB:.1f} GiB < {a.min_available_gib} GiB: "
                   f"killing {cmd[0]} (process group {proc.pid})", file=sys.stderr, flush=True)
@@ -100,12 +110,12 @@ def main():
     out = {"host_rss_peak_gib": round(peak_rss / GIB, 3), "host_used_rise_peak_gib": round(peak_rise / GIB, 3),
            "host_used_before_gib": round(used0 / GIB, 3), "host_total_gib": round(m0["MemTotal"] / GIB, 3),
            "host_min_available_gib": round(min_avail / GIB, 3), "samples": samples,
-           "killed_for_memory": killed}
+           "killed_for_memory": killed and not stop, "terminated": bool(stop)}
     tmp = a.out + ".tmp"
     with open(tmp, "w") as f:
         json.dump(out, f)
     os.replace(tmp, a.out)
-    sys.exit(137 if killed else (rc if rc >= 0 else 128 - rc))
+    sys.exit(124 if stop else 137 if killed else (rc if rc >= 0 else 128 - rc))
 
 
 if __name__ == "__main__":

@@ -63,6 +63,8 @@ pub enum DataError {
     Io { path: PathBuf, source: std::io::Error },
     #[error(transparent)]
     Fs(#[from] crate::fsutil::FsError),
+    #[error("--tokenizer {0}")]
+    Hub(#[from] crate::hub::HubError),
     #[error("{0}: no such file or directory")]
     NotFound(PathBuf),
     #[error("{0}: empty input ({1})")]

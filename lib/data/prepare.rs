@@ -565,7 +565,9 @@ pub fn prepare(args: &PrepareArgs, command: &[String]) -> Result<PrepareSummary,
     fsutil::refuse_overlap(&args.out, &given.chain(inputs.iter().map(|i| i.path.as_path())).collect::<Vec<_>>())?;
     let tokenizer = match &args.tokenizer {
         Some(path) => {
-            let hf = HfTokenizer::open(path)?;
+            // A model id (ORG/NAME) that is no local path: its snapshot in the hub cache.
+            let local = path.to_str().map(crate::hub::resolve).transpose()?.flatten();
+            let hf = HfTokenizer::open(local.as_deref().unwrap_or(path))?;
             let boundary = hf.boundary(args.boundary, args.boundary_token.as_deref())?;
             Tokenizer::hugging_face(hf, boundary)
         }

@@ -370,9 +370,7 @@ fn initial_shape(cfg: &TrainConfig, resume: Option<&Resume>) -> Result<ModelConf
                 )))
             }
         },
-        None if cfg.init_from != "scratch" && cfg.init_from != "resume" && Path::new(&cfg.init_from).is_dir() => {
-            hf_model::read_config(Path::new(&cfg.init_from))?
-        }
+        None if init_dir(cfg)?.is_some() => hf_model::read_config(&init_dir(cfg)?.expect("checked"))?,
         None => model_config(cfg)?,
     })
 }
@@ -439,16 +437,34 @@ fn check_host_memory(
     }
 }
 
+/// The Hugging Face directory `init_from` names: a local directory, or a model id (ORG/NAME)
+/// that is no local path, as its snapshot in the hub cache (an error when it is not there).
+/// None for "scratch", "resume" and anything else (refused by `initial_model`).
+fn init_dir(cfg: &TrainConfig) -> Result<Option<PathBuf>, TrainError> {
+    Ok(match cfg.init_from.as_str() {
+        "scratch" | "resume" => None,
+        dir if Path::new(dir).is_dir() => Some(PathBuf::from(dir)),
+        given => crate::hub::resolve(given)?,
+    })
+}
+
 /// The model a run starts from, in fp32 on the host with identical weights on every rank (the
 /// engine moves it to the device in the compute kind): fresh (from the seed) in `shape`, or a
 /// Hugging Face directory's weights.
 fn initial_model(cfg: &TrainConfig, shape: ModelConfig) -> Result<AnyModel, TrainError> {
+    if let Some(dir) = init_dir(cfg)? {
+        if dir != Path::new(&cfg.init_from) {
+            info!("init_from = {:?}: the hub cache's snapshot {}", cfg.init_from, dir.display());
+        }
+        return Ok(hf_model::load(&dir, Device::Cpu, Kind::Float)?);
+    }
     Ok(match cfg.init_from.as_str() {
         "scratch" | "resume" => shape.new_model(Device::Cpu, Kind::Float, cfg.seed)?,
         dir if !Path::new(dir).is_dir() => {
             return Err(TrainError::Other(format!(
                 "init_from = {dir:?}: not a directory. zerokit downloads nothing: give a local Hugging Face GPT-2 \
-                 or Llama directory (config.json and model.safetensors or its sharded index), \"scratch\" or \"resume\""
+                 or Llama directory (config.json and model.safetensors or its sharded index), a model id \
+                 (ORG/NAME) in the local hub cache, \"scratch\" or \"resume\""
             )))
         }
         dir => hf_model::load(Path::new(dir), Device::Cpu, Kind::Float)?,

@@ -27,6 +27,8 @@ pub enum TrainError {
     Fs(#[from] crate::fsutil::FsError),
     #[error(transparent)]
     Lock(#[from] crate::lock::LockError),
+    #[error("init_from: {0}")]
+    Hub(#[from] crate::hub::HubError),
     #[error("{0}")]
     Other(String),
 }
