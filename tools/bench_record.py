@@ -55,11 +55,7 @@ def main():
         d = json.loads(found[-1]) if found else None
     if d is None:
         tail = [l for l in lines(logf) if l.strip()][-3:]
-<<<<<<< HEAD
-        why = "timed out" if rc in (124, 137) else f"exit {rc}"
-=======
         why = {124: "timed out", 137: "killed (exit 137: timed out, or host memory)"}.get(rc, f"exit {rc}")
->>>>>>> s9-bench
         d = {"peer": peer, "model": model, "dtype": dtype, "batch": batch, "seq": seq,
              "error": why + (": " + " / ".join(tail)[-400:] if tail else "")}
     d.update({"exit": rc, "peak_used_gib_nvidia_smi": float(peak) if peak else None, "device": device,
