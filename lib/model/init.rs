@@ -26,16 +26,22 @@ pub fn init_params(
     let pb = crate::logging::progress_bar(total as u64, "init {bar:40} {percent}% {eta}");
     let mut named = Vec::with_capacity(specs.len());
     for (index, spec) in specs.iter().enumerate() {
+        // Made in their shape, not viewed into it: a view keeps its base tensor alive in its
+        // autograd metadata, so when the engine re-points the parameters at its own buffers
+        // (`set_data`), the model's fp32 host copy would stay allocated for the whole run.
+        let shape = spec.shape.as_slice();
         let host = match init_of(spec) {
             Init::Normal(std) => {
                 let mut v = vec![0f32; spec.numel()];
                 fill_normal(&mut v, std, stream_key(seed, index as u64));
-                Tensor::f_from_slice(&v)?
+                // SAFETY: the bytes of a live f32 slice, read for the copy only.
+                let bytes = unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), v.len() * 4) };
+                Tensor::f_from_data_size(bytes, shape, Kind::Float)?
             }
-            Init::Zeros => Tensor::f_zeros([spec.numel() as i64], (Kind::Float, Device::Cpu))?,
-            Init::Ones => Tensor::f_ones([spec.numel() as i64], (Kind::Float, Device::Cpu))?,
+            Init::Zeros => Tensor::f_zeros(shape, (Kind::Float, Device::Cpu))?,
+            Init::Ones => Tensor::f_ones(shape, (Kind::Float, Device::Cpu))?,
         };
-        let t = host.f_view(spec.shape.as_slice())?.f_to_kind(kind)?.f_to_device(device)?;
+        let t = host.f_to_kind(kind)?.f_to_device(device)?;
         named.push((spec.name.clone(), t));
         pb.inc(spec.numel() as u64);
     }
