@@ -156,7 +156,7 @@ if [ "$ZK_PARAM" = 1 ] && [ $((BUDGET - SECONDS)) -ge 120 ]; then
 fi
 # A depth DeepSpeed's host memory cannot hold (its estimator: 24 B/param with optimizer offload)
 # and zerokit's 16 B/param can: zerokit alone, when time is left (ZK_BIG, default 24 layers).
-ZK_BIG=${ZK_BIG:-24}
+ZK_BIG=${ZK_BIG-24}
 if [ -n "$ZK_BIG" ] && [ "$ZK_BIG" != "$zl" ] && [ $((BUDGET - SECONDS)) -ge 120 ] && shape "$ZK_BIG"; then
   zl_main=$zl; zl=$ZK_BIG
   zk "zerokit-offload-optimizer-${ZK_BIG}l"
