@@ -646,9 +646,14 @@ impl HostBreakdown {
         self.startup.max(self.steady())
     }
 
-    /// A node of `local` ranks, rank 0's among them when `rank0`.
+    /// A node of `local` ranks, rank 0's among them when `rank0` (its save copies come on top of
+    /// its steady state, after start-up).
     pub fn node(&self, local: u64, rank0: bool) -> u64 {
-        local * self.peak() + if rank0 { self.rank0 } else { 0 }
+        if rank0 && local > 0 {
+            (local - 1) * self.peak() + self.startup.max(self.steady() + self.rank0)
+        } else {
+            local * self.peak()
+        }
     }
 }
 
@@ -1061,18 +1066,18 @@ pub fn render(est: &Estimate, model_name: &str, gpu_memory: u64) -> String {
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "GiB per GPU                                                                          max micro-batch   CPU GiB"
+        "GiB per GPU                                                                          max micro-batch"
     );
     let _ = writeln!(
         out,
-        "stage offload     params   grads   optim  activ  logits   comm   cuda    total   in {:>6.1} GiB       per node",
+        "stage offload     params   grads   optim  activ  logits   comm   cuda    total   in {:>6.1} GiB",
         gib(gpu_memory)
     );
     for r in &est.rows {
         let g = &r.gpu;
         let _ = writeln!(
             out,
-            "{:>5} {:<10} {:>7.2} {:>7.2} {:>7.2} {:>6.2} {:>7.2} {:>6.2} {:>6.2} {:>8.2}   {:>15}   {:>8.2}",
+            "{:>5} {:<10} {:>7.2} {:>7.2} {:>7.2} {:>6.2} {:>7.2} {:>6.2} {:>6.2} {:>8.2}   {:>15}",
             r.stage,
             r.offload.label(),
             gib(g.params),
@@ -1084,7 +1089,6 @@ pub fn render(est: &Estimate, model_name: &str, gpu_memory: u64) -> String {
             gib(g.runtime),
             gib(r.gpu_total),
             r.max_micro_batch,
-            gib(r.cpu_per_node)
         );
     }
     let _ = writeln!(out);

@@ -455,7 +455,7 @@ fn host_memory_check_names_the_need_what_there_is_and_the_settings() {
     // Eight local ranks each build the whole fp32 model at start-up: too many for the node.
     let s8 = setup(ModelShape::preset("llama-3.1-8b").unwrap(), 8, Dtype::Bf16, 1, 1024);
     let node8 = Node { local_ranks: 8, ..node };
-    let e = check(&s8, node8, &Available { bytes: 512 << 30, ..h200.clone() }).unwrap_err().to_string();
+    let e = check(&s8, node8, &Available { bytes: 480 << 30, ..h200.clone() }).unwrap_err().to_string();
     assert!(e.contains("a start-up peak of") && e.contains("at most 7 rank(s) on this node"), "{e}");
     // On CPU the device's terms are host memory too.
     let cpu = need(&s, Node { gpu: false, ..node });
