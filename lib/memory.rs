@@ -153,10 +153,7 @@ impl ModelShape {
     /// every family declares (`Model::buckets`): an untied head's weight with the final norm
     /// first, each block's parameters from the last block (with the final norm when the head is
     /// tied), the embeddings last; tests/memory.rs checks them against the engine's own layout.
-    pub fn stage3_plan(
-        &self,
-        parts: usize,
-    ) -> Result<(FlatLayout, Vec<usize>, Vec<Vec<usize>>, Vec<usize>), MemoryError> {
+    pub fn stage3_plan(&self, parts: usize) -> Result<Stage3Plan, MemoryError> {
         let layers = self.dims().layers as usize;
         let (embed, norm, head) = self.outer_params();
         let untied = !embed.contains(&head);
@@ -185,7 +182,7 @@ impl ModelShape {
         let embed_uses = embed.iter().filter_map(|n| bucket(n)).collect();
         let blocks = (0..layers).map(|i| vec![first_block + layers - 1 - i]).collect();
         let head_uses = norm.iter().chain([&head]).filter_map(|n| bucket(n)).collect();
-        Ok((layout, embed_uses, blocks, head_uses))
+        Ok(Stage3Plan { layout, embed: embed_uses, blocks, head: head_uses })
     }
 
     /// The sequence length estimated when none is given: GPT-2's positions; for a Llama with
@@ -222,6 +219,17 @@ impl ModelShape {
             ),
         }
     }
+}
+
+/// The engine's flat layout of a model and the buckets its pieces use
+/// ([`ModelShape::stage3_plan`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stage3Plan {
+    pub layout: FlatLayout,
+    /// Buckets the embedding, each block (in forward order) and the head use.
+    pub embed: Vec<usize>,
+    pub blocks: Vec<Vec<usize>>,
+    pub head: Vec<usize>,
 }
 
 /// The precision a training set-up keeps its parameters and activations in (`--dtype`): a
@@ -547,7 +555,7 @@ pub struct Sizes {
 /// which `Setup::validate` refuses first).
 pub fn sizes(s: &Setup, stage: u8, offload: Offload) -> Sizes {
     let parts = if stage == 0 { 1 } else { s.world_size() as usize };
-    let Ok((layout, embed, blocks, head)) = s.model.stage3_plan(parts) else {
+    let Ok(Stage3Plan { layout, embed, blocks, head }) = s.model.stage3_plan(parts) else {
         return Sizes::default();
     };
     let sizes: Vec<usize> = layout.buckets.iter().map(|b| b.padded).collect();

@@ -375,7 +375,7 @@ fn stage_3_and_offload_figures_are_what_the_engine_allocates() {
                 ..setup(ModelShape(model.clone()), world as u64, Dtype::Fp32, 1, 8)
             };
             let z = sizes(&s, 3, offload);
-            let (layout, _, _, _) = s.model.stage3_plan(world).unwrap();
+            let layout = s.model.stage3_plan(world).unwrap().layout;
             let held = ranks(world, |comm| {
                 let cfg = EngineConfig {
                     activation_checkpointing: recompute,
