@@ -1,5 +1,5 @@
-//! `ckpt`: checkpoint and memory tools. `ckpt estimate` prints per-GPU and per-node memory for
-//! ZeRO stages 0-3 (docs/estimate.md); `ckpt inspect` summarizes a checkpoint and `ckpt verify`
+//! `ckpt`: checkpoint and memory tools. `ckpt estimate` prints per-GPU and host memory for
+//! ZeRO stages 0-3 and offload (docs/estimate.md); `ckpt inspect` summarizes a checkpoint and `ckpt verify`
 //! checks that it is intact (docs/ckpt.md).
 
 use clap::{Parser, Subcommand};
@@ -13,8 +13,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Estimate GPU and CPU memory per ZeRO stage for a GPT-2 or Llama model and a cluster shape.
-    Estimate(zerokit::memory::EstimateArgs),
+    /// Estimate GPU and host memory per ZeRO stage and offload for a GPT-2 or Llama model and a cluster shape.
+    Estimate(Box<zerokit::memory::EstimateArgs>),
     /// Summarize a zerokit or DeepSpeed checkpoint, a safetensors file or a model directory.
     Inspect(zerokit::ckpt::InspectArgs),
     /// Check a checkpoint: one line per problem; exit 0 intact, 1 not, 2 unreadable.

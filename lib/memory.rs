@@ -153,10 +153,7 @@ impl ModelShape {
     /// every family declares (`Model::buckets`): an untied head's weight with the final norm
     /// first, each block's parameters from the last block (with the final norm when the head is
     /// tied), the embeddings last; tests/memory.rs checks them against the engine's own layout.
-    pub fn stage3_plan(
-        &self,
-        parts: usize,
-    ) -> Result<(FlatLayout, Vec<usize>, Vec<Vec<usize>>, Vec<usize>), MemoryError> {
+    pub fn stage3_plan(&self, parts: usize) -> Result<Stage3Plan, MemoryError> {
         let layers = self.dims().layers as usize;
         let (embed, norm, head) = self.outer_params();
         let untied = !embed.contains(&head);
@@ -185,7 +182,7 @@ impl ModelShape {
         let embed_uses = embed.iter().filter_map(|n| bucket(n)).collect();
         let blocks = (0..layers).map(|i| vec![first_block + layers - 1 - i]).collect();
         let head_uses = norm.iter().chain([&head]).filter_map(|n| bucket(n)).collect();
-        Ok((layout, embed_uses, blocks, head_uses))
+        Ok(Stage3Plan { layout, embed: embed_uses, blocks, head: head_uses })
     }
 
     /// The sequence length estimated when none is given: GPT-2's positions; for a Llama with
@@ -222,6 +219,17 @@ impl ModelShape {
             ),
         }
     }
+}
+
+/// The engine's flat layout of a model and the buckets its pieces use
+/// ([`ModelShape::stage3_plan`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stage3Plan {
+    pub layout: FlatLayout,
+    /// Buckets the embedding, each block (in forward order) and the head use.
+    pub embed: Vec<usize>,
+    pub blocks: Vec<Vec<usize>>,
+    pub head: Vec<usize>,
 }
 
 /// The precision a training set-up keeps its parameters and activations in (`--dtype`): a
@@ -547,7 +555,7 @@ pub struct Sizes {
 /// which `Setup::validate` refuses first).
 pub fn sizes(s: &Setup, stage: u8, offload: Offload) -> Sizes {
     let parts = if stage == 0 { 1 } else { s.world_size() as usize };
-    let Ok((layout, embed, blocks, head)) = s.model.stage3_plan(parts) else {
+    let Ok(Stage3Plan { layout, embed, blocks, head }) = s.model.stage3_plan(parts) else {
         return Sizes::default();
     };
     let sizes: Vec<usize> = layout.buckets.iter().map(|b| b.padded).collect();
@@ -646,9 +654,14 @@ impl HostBreakdown {
         self.startup.max(self.steady())
     }
 
-    /// A node of `local` ranks, rank 0's among them when `rank0`.
+    /// A node of `local` ranks, rank 0's among them when `rank0` (its save copies come on top of
+    /// its steady state, after start-up).
     pub fn node(&self, local: u64, rank0: bool) -> u64 {
-        local * self.peak() + if rank0 { self.rank0 } else { 0 }
+        if rank0 && local > 0 {
+            (local - 1) * self.peak() + self.startup.max(self.steady() + self.rank0)
+        } else {
+            local * self.peak()
+        }
     }
 }
 
@@ -1061,18 +1074,18 @@ pub fn render(est: &Estimate, model_name: &str, gpu_memory: u64) -> String {
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "GiB per GPU                                                                          max micro-batch   CPU GiB"
+        "GiB per GPU                                                                          max micro-batch"
     );
     let _ = writeln!(
         out,
-        "stage offload     params   grads   optim  activ  logits   comm   cuda    total   in {:>6.1} GiB       per node",
+        "stage offload     params   grads   optim  activ  logits   comm   cuda    total   in {:>6.1} GiB",
         gib(gpu_memory)
     );
     for r in &est.rows {
         let g = &r.gpu;
         let _ = writeln!(
             out,
-            "{:>5} {:<10} {:>7.2} {:>7.2} {:>7.2} {:>6.2} {:>7.2} {:>6.2} {:>6.2} {:>8.2}   {:>15}   {:>8.2}",
+            "{:>5} {:<10} {:>7.2} {:>7.2} {:>7.2} {:>6.2} {:>7.2} {:>6.2} {:>6.2} {:>8.2}   {:>15}",
             r.stage,
             r.offload.label(),
             gib(g.params),
@@ -1084,7 +1097,6 @@ pub fn render(est: &Estimate, model_name: &str, gpu_memory: u64) -> String {
             gib(g.runtime),
             gib(r.gpu_total),
             r.max_micro_batch,
-            gib(r.cpu_per_node)
         );
     }
     let _ = writeln!(out);

@@ -375,7 +375,7 @@ fn stage_3_and_offload_figures_are_what_the_engine_allocates() {
                 ..setup(ModelShape(model.clone()), world as u64, Dtype::Fp32, 1, 8)
             };
             let z = sizes(&s, 3, offload);
-            let (layout, _, _, _) = s.model.stage3_plan(world).unwrap();
+            let layout = s.model.stage3_plan(world).unwrap().layout;
             let held = ranks(world, |comm| {
                 let cfg = EngineConfig {
                     activation_checkpointing: recompute,
@@ -455,7 +455,7 @@ fn host_memory_check_names_the_need_what_there_is_and_the_settings() {
     // Eight local ranks each build the whole fp32 model at start-up: too many for the node.
     let s8 = setup(ModelShape::preset("llama-3.1-8b").unwrap(), 8, Dtype::Bf16, 1, 1024);
     let node8 = Node { local_ranks: 8, ..node };
-    let e = check(&s8, node8, &Available { bytes: 512 << 30, ..h200.clone() }).unwrap_err().to_string();
+    let e = check(&s8, node8, &Available { bytes: 480 << 30, ..h200.clone() }).unwrap_err().to_string();
     assert!(e.contains("a start-up peak of") && e.contains("at most 7 rank(s) on this node"), "{e}");
     // On CPU the device's terms are host memory too.
     let cpu = need(&s, Node { gpu: false, ..node });
@@ -501,4 +501,30 @@ fn host_memory_is_read_from_meminfo_and_the_cgroup() {
     let real = meminfo_available(&std::fs::read_to_string("/proc/meminfo").unwrap()).unwrap();
     assert!(have.bytes > 0 && have.bytes <= real + (64 << 20), "{have:?}");
     assert!(!have.source.is_empty());
+}
+
+/// Through the real `train` binary on CPU ranks: a model far larger than any machine's memory is
+/// refused by the pre-check before any rank builds it, with the need and what there is; a tiny
+/// run logs the node's figure and trains.
+#[test]
+fn train_refuses_a_node_too_small_before_building_the_model() {
+    use common::tiny::{dataset, train};
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    dataset(&data);
+    // 64 layers of width 65536: 3.3e12 parameters, tens of TB before the first step.
+    let huge = "n_layer = 64\nn_head = 64\nn_embd = 65536\nzero_stage = 3\noffload_optimizer = true";
+    let r = train(&tmp.path().join("huge"), &data, 2, huge, &[]);
+    assert!(!r.ok);
+    assert!(r.stderr.contains("host memory: this node's 2 rank(s) need"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("at ZeRO stage 3 with offload optimizer") && r.stderr.contains("available ("),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("Settings that lower it"), "{}", r.stderr);
+    let ok = train(&tmp.path().join("tiny"), &data, 1, "max_iters = 2\nzero_stage = 3\noffload_optimizer = true", &[]);
+    assert!(ok.ok, "{}", ok.stderr);
+    let log = std::fs::read_to_string(ok.out.join("logs/rank000.log")).unwrap();
+    assert!(log.contains("host memory: this node's 1 rank(s) need"), "{log}");
 }

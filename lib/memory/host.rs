@@ -185,7 +185,7 @@ pub fn check(s: &Setup, node: Node, have: &Available) -> Result<Need, MemoryErro
     }
     let room = have.bytes.saturating_sub(if node.rank0 { h.rank0 } else { 0 });
     let per = h.peak() + n.compute;
-    let fit = if per == 0 { node.local_ranks } else { room / per };
+    let fit = room.checked_div(per).unwrap_or(node.local_ranks);
     if fit < node.local_ranks {
         fixes.push(format!(
             "at most {fit} rank(s) on this node (--nproc-per-node: each rank builds the whole fp32 model at start-up)"

@@ -14,6 +14,9 @@
 //! in between. Buckets of at most `persistence_threshold` elements stay gathered for the whole
 //! step (DeepSpeed's stage3_param_persistence_threshold, by bucket).
 //!
+//! These decisions are a [`Schedule`], kept apart from the tensors so that `ckpt estimate`
+//! walks the very ones the engine acts on for the gathered working set it reports.
+//!
 //! A released parameter points at an empty tensor: the embedding's backward, which runs without
 //! its weight being gathered again, needs only the token ids.
 
