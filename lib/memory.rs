@@ -631,7 +631,8 @@ pub struct HostBreakdown {
     /// Parameter offload: the compute-dtype shards, e bytes per element of the partition.
     pub params: u64,
     /// Background saves (`async_save`): the copy of the master weights and moments each rank
-    /// that saves its partition keeps from its first save on (12 bytes per element).
+    /// that saves its partition keeps from its first save on (12 bytes per element); none with
+    /// optimizer offload, whose saves write the host partition in place.
     pub checkpoint: u64,
     /// Start-up, before the engine releases it: the fp32 model `train` builds on the host, the
     /// engine's fp32 flat copy of it, the master partition when offloaded, and at stages 0-2 on
@@ -673,7 +674,8 @@ pub fn host_breakdown(s: &Setup, stage: u8, offload: Offload, gpu: bool) -> Host
     let z = sizes(s, stage, offload);
     let p = z.partition;
     let opt = if offload.optimizer() { 16 * p } else { 0 };
-    let saved = if s.async_save { 12 * p } else { 0 };
+    // With optimizer offload a background save writes the host partition in place (no copy).
+    let saved = if s.async_save && !offload.optimizer() { 12 * p } else { 0 };
     let to_device = if gpu && stage < 3 && e != 4 { e * z.total } else { 0 };
     let startup = 4 * psi + 4 * z.total + if offload.optimizer() { 4 * p } else { 0 } + to_device;
     let model = e * psi * (u64::from(stage == 3) + u64::from(s.async_save));
@@ -688,7 +690,8 @@ pub fn host_breakdown(s: &Setup, stage: u8, offload: Offload, gpu: bool) -> Host
 }
 
 /// Host bytes per parameter of the model that one rank keeps steadily for its share of it
-/// (steady bytes over Ψ/d): 16 with optimizer offload, 16 + e with the parameters too, 12 more
+/// (steady bytes over Ψ/d): 16 with optimizer offload (its background saves write in place),
+/// 16 + e with the parameters too; without optimizer offload, 12
 /// while background saves keep their buffers.
 pub fn host_bytes_per_param(s: &Setup, host: &HostBreakdown) -> f64 {
     let share = s.model.num_params() as f64 / s.world_size() as f64;
@@ -1037,7 +1040,8 @@ fn gib(bytes: u64) -> f64 {
 pub fn host_bound_line(s: &Setup) -> String {
     let e = s.dtype.bytes();
     let saves = if s.async_save {
-        "; background saves (async_save) keep 12 more while the run lasts: async_save = false for the bound alone"
+        "; background saves (async_save) write an offloaded partition in place, with no host copy (12 bytes per \
+         parameter of the share without offload)"
     } else {
         ""
     };

@@ -231,7 +231,7 @@ fn cli_table_json_and_errors() {
     // Nine GPU rows, nine host rows, DeepSpeed's five (stages 2 and 3 but parameter offload alone).
     assert_eq!(table.lines().filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit())).count(), 9 + 9 + 5);
     assert!(table.contains("host bound per rank: 16 bytes per parameter") && table.contains("18 with the parameters"));
-    assert!(table.contains("async_save = false"), "{table}");
+    assert!(table.contains("write an offloaded partition in place"), "{table}");
     let json = run(&args(&["--model", "gpt2", "--n-layer", "6", "--json", "--activation-checkpointing"])).unwrap();
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(v["setup"]["model"]["n_layer"], 6);
@@ -428,11 +428,11 @@ fn host_memory_check_names_the_need_what_there_is_and_the_settings() {
     let (psi, p) = (s.model.num_params(), sizes(&s, 3, Offload::Optimizer).partition);
     let node = Node { stage: 3, offload: Offload::Optimizer, local_ranks: 1, rank0: true, gpu: true };
     let n = need(&s, node);
-    // 16 bytes per element of the partition offloaded, 12 more kept by background saves; rank 0
-    // gathers the model to the host for a save and the save copies it once more.
-    assert_eq!(n.per_rank.steady(), 28 * p);
+    // 16 bytes per element of the partition offloaded, which background saves write in place;
+    // rank 0 gathers the model to the host for a save and the save copies it once more.
+    assert_eq!(n.per_rank.steady(), 16 * p);
     assert_eq!(n.per_rank.startup, 4 * psi + 4 * p + 4 * p);
-    assert_eq!(n.total, 28 * p + 2 * 2 * psi);
+    assert_eq!(n.total, 16 * p + 2 * 2 * psi);
     let fits = Available { bytes: n.total, source: "a given figure".into() };
     assert_eq!(check(&s, node, &fits).unwrap().total, n.total);
     let have = Available { bytes: n.total - 1, source: "a given figure".into() };
