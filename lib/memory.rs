@@ -172,34 +172,27 @@ impl ModelShape {
     /// The first line of the report.
     fn describe(&self) -> String {
         let d = self.dims();
+        let attention =
+            format!("{} heads ({} key/value, head_dim {}), hidden {}", d.heads, d.kv_heads, d.head_dim, d.hidden);
         match &self.0 {
             ModelConfig::Gpt2(c) => format!(
                 "{} layers, {} heads, n_embd {}, vocab {}, block {}",
                 d.layers, d.heads, d.hidden, d.vocab, c.block_size
             ),
             ModelConfig::Llama(c) => format!(
-                "Llama, {} layers, {} heads ({} key/value, head_dim {}), hidden {}, SwiGLU {}, vocab {}, {} positions, {} head",
+                "Llama, {} layers, {attention}, SwiGLU {}, vocab {}, {} positions, {} head",
                 d.layers,
-                d.heads,
-                d.kv_heads,
-                d.head_dim,
-                d.hidden,
                 d.ffn,
                 d.vocab,
                 c.max_position_embeddings,
                 if c.tie_word_embeddings { "tied" } else { "untied" }
             ),
             ModelConfig::Gemma(c) => format!(
-                "Gemma ({}), {} layers ({} local, window {}), {} heads ({} key/value, head_dim {}), hidden {}, \
-                 GeGLU {}, vocab {}, {} positions{}{}",
+                "Gemma ({}), {} layers ({} local, window {}), {attention}, GeGLU {}, vocab {}, {} positions{}{}",
                 c.model_type.model_type(),
                 d.layers,
                 d.gemma.map_or(0, |g| g.local_layers),
                 c.sliding_window,
-                d.heads,
-                d.kv_heads,
-                d.head_dim,
-                d.hidden,
                 d.ffn,
                 d.vocab,
                 c.max_position_embeddings,
@@ -805,6 +798,23 @@ fn model_source(spec: &str) -> Result<(ModelConfig, Option<u64>), MemoryError> {
     Err(MemoryError::UnknownPreset(spec.to_string()))
 }
 
+/// The size flags on a decoder's configuration (Llama's and Gemma's share these field names):
+/// heads, width (head_dim following them), key/value heads, MLP, vocabulary and positions.
+macro_rules! resize_decoder {
+    ($args:expr, $c:expr) => {{
+        let (a, c, n) = ($args, $c, |v: u64| v as usize);
+        c.num_attention_heads = a.n_head.map_or(c.num_attention_heads, n);
+        c.hidden_size = a.n_embd.map_or(c.hidden_size, n);
+        if a.n_head.is_some() || a.n_embd.is_some() {
+            c.head_dim = c.hidden_size / c.num_attention_heads.max(1);
+        }
+        c.num_key_value_heads = a.n_kv_head.map_or(c.num_key_value_heads, n);
+        c.intermediate_size = a.ffn.map_or(c.intermediate_size, n);
+        c.vocab_size = a.vocab_size.map_or(c.vocab_size, n);
+        c.max_position_embeddings = a.block_size.map_or(c.max_position_embeddings, n);
+    }};
+}
+
 impl EstimateArgs {
     /// The model with the size flags applied.
     fn model(&self) -> Result<(ModelShape, Option<u64>), MemoryError> {
@@ -825,15 +835,7 @@ impl EstimateArgs {
             }
             ModelConfig::Llama(c) => {
                 c.num_hidden_layers = self.n_layer.map_or(c.num_hidden_layers, n);
-                c.num_attention_heads = self.n_head.map_or(c.num_attention_heads, n);
-                c.hidden_size = self.n_embd.map_or(c.hidden_size, n);
-                if self.n_head.is_some() || self.n_embd.is_some() {
-                    c.head_dim = c.hidden_size / c.num_attention_heads.max(1);
-                }
-                c.num_key_value_heads = self.n_kv_head.map_or(c.num_key_value_heads, n);
-                c.intermediate_size = self.ffn.map_or(c.intermediate_size, n);
-                c.vocab_size = self.vocab_size.map_or(c.vocab_size, n);
-                c.max_position_embeddings = self.block_size.map_or(c.max_position_embeddings, n);
+                resize_decoder!(self, c);
             }
             ModelConfig::Gemma(c) => {
                 if let Some(layers) = self.n_layer.map(n).filter(|&l| l != c.num_hidden_layers) {
@@ -843,15 +845,7 @@ impl EstimateArgs {
                     c.num_hidden_layers = layers;
                     c.layer_types = LayerType::pattern(layers, period);
                 }
-                c.num_attention_heads = self.n_head.map_or(c.num_attention_heads, n);
-                c.hidden_size = self.n_embd.map_or(c.hidden_size, n);
-                if self.n_head.is_some() || self.n_embd.is_some() {
-                    c.head_dim = c.hidden_size / c.num_attention_heads.max(1);
-                }
-                c.num_key_value_heads = self.n_kv_head.map_or(c.num_key_value_heads, n);
-                c.intermediate_size = self.ffn.map_or(c.intermediate_size, n);
-                c.vocab_size = self.vocab_size.map_or(c.vocab_size, n);
-                c.max_position_embeddings = self.block_size.map_or(c.max_position_embeddings, n);
+                resize_decoder!(self, c);
             }
         }
         let m = ModelShape(cfg);

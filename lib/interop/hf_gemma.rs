@@ -7,10 +7,10 @@
 //! `rope_local_base_freq`, `rope_scaling`, `sliding_window_pattern`), and written in
 //! transformers 5's.
 
-use super::hf::{self, kind_name, Family, HfError, Key};
-use super::hf_llama::{check_partial_rotary, Keys};
+use super::hf::{self, Family, HfError, Key};
+use super::hf_llama::{check_partial_rotary, decoder_keys, pretty, refuse, Keys};
 use crate::model::check_kind;
-use crate::model::decoder::EMBED;
+use crate::model::decoder::{DecoderConfig, EMBED};
 use crate::model::gemma::{Gemma, GemmaConfig, GemmaVersion, LayerType};
 use serde_json::{json, Value};
 use std::path::Path;
@@ -110,15 +110,8 @@ pub fn parse_config(v: &Value) -> Result<GemmaConfig, String> {
             return Err(format!("{key} {act:?} is not supported (Gemma's GeGLU uses \"gelu_pytorch_tanh\")"));
         }
     }
-    for key in ["use_bidirectional_attention", "quantization_config"] {
-        if let Some(x) = keys.get(key).filter(|x| **x != Value::Bool(false)) {
-            return Err(format!("{key} {x} is not supported by zerokit's Gemma (causal language models only)"));
-        }
-    }
-    if let Some(p) = keys.number("attention_dropout")?.filter(|&p| p != 0.0) {
-        return Err(format!("attention_dropout {p} is not supported (zerokit trains without dropout)"));
-    }
-    check_partial_rotary(&keys)?;
+    // Bidirectional attention (embedding models) and quantized weights change the arithmetic.
+    refuse(&keys, &["use_bidirectional_attention", "quantization_config"], "Gemma")?;
 
     let num_hidden_layers = keys.required("num_hidden_layers")?;
     let num_attention_heads = keys.required("num_attention_heads")?;
@@ -197,36 +190,20 @@ pub fn config_json(cfg: &GemmaConfig, kind: Kind) -> String {
         ),
     };
     let layer_types: Vec<&str> = cfg.layer_types.iter().map(|t| t.name()).collect();
-    let v = json!({
+    let mut v = decoder_keys(&cfg.arch(), kind);
+    let own = json!({
         "architectures": [architecture],
         "model_type": cfg.model_type.model_type(),
-        "attention_bias": cfg.attention_bias,
-        "attention_dropout": 0.0,
         "attn_logit_softcapping": cfg.attn_logit_softcapping,
-        "dtype": kind_name(kind),
         "final_logit_softcapping": cfg.final_logit_softcapping,
-        "head_dim": cfg.head_dim,
         "hidden_activation": "gelu_pytorch_tanh",
-        "hidden_size": cfg.hidden_size,
-        "initializer_range": cfg.initializer_range,
-        "intermediate_size": cfg.intermediate_size,
         "layer_types": layer_types,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "num_attention_heads": cfg.num_attention_heads,
-        "num_hidden_layers": cfg.num_hidden_layers,
-        "num_key_value_heads": cfg.num_key_value_heads,
-        "pad_token_id": cfg.pad_token_id,
         "query_pre_attn_scalar": cfg.query_pre_attn_scalar,
-        "rms_norm_eps": cfg.rms_norm_eps,
         "rope_parameters": rope,
         "sliding_window": cfg.sliding_window,
-        "tie_word_embeddings": cfg.tie_word_embeddings,
-        "use_cache": true,
-        "vocab_size": cfg.vocab_size,
     });
-    let mut s = serde_json::to_string_pretty(&v).expect("a JSON value serialises");
-    s.push('\n');
-    s
+    v.extend(own.as_object().expect("an object").clone());
+    pretty(v)
 }
 
 /// Loads a Hugging Face Gemma 2 or Gemma 3 text directory (config.json with model.safetensors or

@@ -6,6 +6,7 @@
 
 use super::hf::{self, kind_name, Family, HfError, Key};
 use crate::model::check_kind;
+use crate::model::decoder::{Arch, DecoderConfig};
 use crate::model::llama::{Llama, LlamaConfig, RopeScaling, EMBED};
 use serde_json::{json, Map, Value};
 use std::path::Path;
@@ -117,15 +118,7 @@ pub fn parse_config(v: &Value) -> Result<LlamaConfig, String> {
     if act != "silu" {
         return Err(format!("hidden_act {act:?} is not supported (Llama's SwiGLU uses \"silu\")"));
     }
-    for key in REFUSED_KEYS {
-        if let Some(x) = keys.get(key).filter(|x| **x != Value::Bool(false)) {
-            return Err(format!("{key} {x} is not supported by zerokit's Llama"));
-        }
-    }
-    if let Some(p) = keys.number("attention_dropout")?.filter(|&p| p != 0.0) {
-        return Err(format!("attention_dropout {p} is not supported (zerokit trains without dropout)"));
-    }
-    check_partial_rotary(&keys)?;
+    refuse(&keys, &REFUSED_KEYS, "Llama")?;
 
     let hidden_size = keys.required("hidden_size")?;
     let num_attention_heads = keys.required("num_attention_heads")?;
@@ -152,6 +145,20 @@ pub fn parse_config(v: &Value) -> Result<LlamaConfig, String> {
         initializer_range: keys.number("initializer_range")?.unwrap_or(0.02),
         pad_token_id,
     })
+}
+
+/// The refusals every decoder family's config.json goes through: `refused` keys set to anything
+/// but null or false, a non-zero attention_dropout, a partial_rotary_factor other than 1.
+pub(super) fn refuse(keys: &Keys<'_>, refused: &[&str], family: &str) -> Result<(), String> {
+    for key in refused {
+        if let Some(x) = keys.get(key).filter(|x| **x != Value::Bool(false)) {
+            return Err(format!("{key} {x} is not supported by zerokit's {family}"));
+        }
+    }
+    if let Some(p) = keys.number("attention_dropout")?.filter(|&p| p != 0.0) {
+        return Err(format!("attention_dropout {p} is not supported (zerokit trains without dropout)"));
+    }
+    check_partial_rotary(keys)
 }
 
 pub(super) fn check_partial_rotary(keys: &Keys<'_>) -> Result<(), String> {
@@ -224,30 +231,45 @@ pub fn config_json(cfg: &LlamaConfig, kind: Kind) -> String {
             "rope_type": "llama3",
         });
     }
-    let v = json!({
+    let mut v = decoder_keys(&cfg.arch(), kind);
+    let own = json!({
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
-        "attention_bias": cfg.attention_bias,
+        "hidden_act": "silu",
+        "mlp_bias": cfg.mlp_bias,
+        "rope_parameters": rope,
+    });
+    v.extend(own.as_object().expect("an object").clone());
+    pretty(v)
+}
+
+/// The config.json keys transformers' decoder configs share, from the decoder's [`Arch`], with
+/// dropout off; the family adds its own.
+pub(super) fn decoder_keys(a: &Arch, kind: Kind) -> Map<String, Value> {
+    let v = json!({
+        "attention_bias": a.attention_bias,
         "attention_dropout": 0.0,
         "dtype": kind_name(kind),
-        "head_dim": cfg.head_dim,
-        "hidden_act": "silu",
-        "hidden_size": cfg.hidden_size,
-        "initializer_range": cfg.initializer_range,
-        "intermediate_size": cfg.intermediate_size,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "mlp_bias": cfg.mlp_bias,
-        "num_attention_heads": cfg.num_attention_heads,
-        "num_hidden_layers": cfg.num_hidden_layers,
-        "num_key_value_heads": cfg.num_key_value_heads,
-        "pad_token_id": cfg.pad_token_id,
-        "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_parameters": rope,
-        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "head_dim": a.head_dim,
+        "hidden_size": a.hidden_size,
+        "initializer_range": a.initializer_range,
+        "intermediate_size": a.intermediate_size,
+        "max_position_embeddings": a.max_position_embeddings,
+        "num_attention_heads": a.num_attention_heads,
+        "num_hidden_layers": a.layers.len(),
+        "num_key_value_heads": a.num_key_value_heads,
+        "pad_token_id": a.pad_token_id,
+        "rms_norm_eps": a.rms_norm_eps,
+        "tie_word_embeddings": a.tie_word_embeddings,
         "use_cache": true,
-        "vocab_size": cfg.vocab_size,
+        "vocab_size": a.vocab_size,
     });
-    let mut s = serde_json::to_string_pretty(&v).expect("a JSON value serialises");
+    v.as_object().expect("an object").clone()
+}
+
+/// A config.json's text: pretty, with a final newline.
+pub(super) fn pretty(v: Map<String, Value>) -> String {
+    let mut s = serde_json::to_string_pretty(&Value::Object(v)).expect("a JSON value serialises");
     s.push('\n');
     s
 }

@@ -265,6 +265,16 @@ pub trait DecoderConfig: Clone {
     fn arch(&self) -> Arch;
     /// The family's checks (the shared ones through [`Arch::validate`]).
     fn validate(&self) -> Result<(), ModelError>;
+
+    /// Every parameter in transformers' order ([`Arch::param_specs`]).
+    fn param_specs(&self) -> Vec<ParamSpec> {
+        self.arch().param_specs()
+    }
+
+    /// Parameter count, a tied lm_head counted once.
+    fn num_params(&self) -> usize {
+        self.arch().num_params()
+    }
 }
 
 /// nn.Linear: `x @ weight^T + bias`, weight stored [out, in].

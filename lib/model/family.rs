@@ -6,6 +6,7 @@
 //! (its five sizes, no `family` key, so checkpoints of every earlier version read unchanged),
 //! every other family's with `"family"` naming it.
 
+use super::decoder::DecoderConfig;
 use super::{Gemma, GemmaConfig, Gpt, GptConfig, HeadGrads, Llama, LlamaConfig, Model, ModelError, ParamSpec};
 use serde_json::Value;
 use tch::{Device, Kind, TchError, Tensor};

@@ -9,7 +9,7 @@
 //! This module holds the configuration under transformers' names and the presets.
 
 use super::decoder::{Activation, Arch, Decoder, DecoderConfig, LayerAttention, Rope, RopeKind};
-use super::{ModelError, ParamSpec};
+use super::ModelError;
 use serde::{Deserialize, Serialize};
 
 /// Gemma2ForCausalLM or Gemma3ForCausalLM: the decoder with a Gemma configuration.
@@ -149,16 +149,6 @@ impl GemmaConfig {
         }
         self.arch().validate().map_err(ModelError::GemmaConfig)
     }
-
-    /// Every parameter in transformers' order ([`Arch::param_specs`]).
-    pub fn param_specs(&self) -> Vec<ParamSpec> {
-        self.arch().param_specs()
-    }
-
-    /// Parameter count, a tied lm_head counted once.
-    pub fn num_params(&self) -> usize {
-        self.arch().num_params()
-    }
 }
 
 impl DecoderConfig for GemmaConfig {
@@ -215,6 +205,7 @@ impl DecoderConfig for GemmaConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::decoder::DecoderConfig;
     use crate::model::Model;
     use tch::{Device, Kind};
 

@@ -7,7 +7,7 @@
 
 use super::decoder::{Activation, Arch, Decoder, DecoderConfig, LayerAttention, Rope, RopeKind};
 pub use super::decoder::{RopeScaling, EMBED, LM_HEAD, NORM};
-use super::{ModelError, ParamSpec};
+use super::ModelError;
 use serde::{Deserialize, Serialize};
 
 /// LlamaForCausalLM: the decoder with a Llama configuration.
@@ -86,16 +86,6 @@ impl LlamaConfig {
     pub fn validate(&self) -> Result<(), ModelError> {
         self.arch().validate().map_err(ModelError::LlamaConfig)
     }
-
-    /// Every parameter in transformers' order ([`Arch::param_specs`]).
-    pub fn param_specs(&self) -> Vec<ParamSpec> {
-        self.arch().param_specs()
-    }
-
-    /// Parameter count, a tied lm_head counted once.
-    pub fn num_params(&self) -> usize {
-        self.arch().num_params()
-    }
 }
 
 impl DecoderConfig for LlamaConfig {
@@ -138,7 +128,8 @@ impl DecoderConfig for LlamaConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Model;
+    use crate::model::decoder::DecoderConfig;
+    use crate::model::{Model, ParamSpec};
     use tch::{Device, Kind};
 
     fn cfg(tied: bool, bias: bool) -> LlamaConfig {

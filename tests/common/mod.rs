@@ -3,6 +3,7 @@
 //! only some of them.
 #![allow(dead_code)]
 
+pub mod decoder;
 pub mod engine;
 pub mod tiny;
 
