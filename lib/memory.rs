@@ -407,11 +407,14 @@ fn norm_bytes(d: &Dims, e: u64) -> u64 {
 /// Per block besides: the attention logsumexp (fp32, per head) and Llama's cos and sin tables
 /// ([T, head_dim] each).
 ///
-/// Gemma ([`GemmaDims`]): four norms instead of two; QK-norm's two norms over head_dim (each
-/// fp32 input and normalised copy, e output) on q and k; with soft-capped attention (Gemma 2),
-/// attention written out instead of the fused kernel: k and v repeated to every query head, and
-/// per head the T x T scores' tanh (e), the fp32 softmax and its cast (e) kept for backward; with
-/// a sliding window shorter than the sequence, the fused kernel's T x T mask (e) of a local layer.
+/// Gemma ([`GemmaDims`]): two more norms, after attention and after the MLP, whose outputs go to
+/// the residual sum and are not kept; each norm's (1 + gain) in fp32 ([C], per block); QK-norm's
+/// two norms over head_dim on q and k (fp32 input and normalised copy, rsqrt per head; their
+/// output is not kept, rope's products keep only cos and sin); with soft-capped attention
+/// (Gemma 2), attention written out instead of the fused kernel: k and v repeated to every
+/// query head, and per head the T x T scores' tanh (e), the fp32 softmax and its cast to e (the
+/// same tensor in fp32), and the T x T boolean mask; otherwise a local layer's sliding-window
+/// mask in the compute dtype ([`window_mask_bytes`]; a local block is the largest).
 pub fn block_activation_bytes(s: &Setup) -> u64 {
     let d = s.model.dims();
     let (b, t) = (s.micro_batch, s.seq_len);
@@ -425,33 +428,50 @@ pub fn block_activation_bytes(s: &Setup) -> u64 {
     let lse_t = if s.dtype == Dtype::Fp32 { t.div_ceil(32) * 32 } else { t };
     let rope = if d.llama { 2 * t * d.head_dim * e } else { 0 };
     let mut attention = b * d.heads * lse_t * 4;
+    let mut per_block = 0;
     if let Some(g) = d.gemma {
-        per_token += 2 * norm_bytes(&d, e);
+        per_token += 2 * (norm_bytes(&d, e) - e * d.hidden);
+        per_block += 4 * 4 * d.hidden;
         if g.qk_norm {
-            per_token += (q + kv) * (8 + e);
+            per_token += 8 * (q + kv) + 4 * (d.heads + d.kv_heads);
+            per_block += 2 * 4 * d.head_dim;
         }
         if g.attn_softcap {
             per_token += e * 2 * (q - kv);
-            attention = b * d.heads * t * t * (2 * e + 4) + t * t;
-        } else if g.local_layers > 0 && g.sliding_window < t {
-            attention += t * t * e;
+            let cast = if e == 4 { 0 } else { e };
+            attention = b * d.heads * t * t * (e + 4 + cast) + t * t;
+        } else {
+            attention += window_mask_bytes(s);
         }
     }
-    let mut bytes = tokens * per_token + attention + rope;
+    let mut bytes = tokens * per_token + attention + rope + per_block;
     if s.dropout {
         bytes += 2 * tokens * d.hidden; // attn and mlp residual dropout masks (bool)
     }
     bytes
 }
 
+/// A sliding-window layer's mask, when the window is shorter than the sequence and attention
+/// goes through the fused kernel: [T, T] in the compute dtype.
+fn window_mask_bytes(s: &Setup) -> u64 {
+    match s.model.dims().gemma {
+        Some(g) if !g.attn_softcap && g.local_layers > 0 && g.sliding_window < s.seq_len => {
+            s.seq_len * s.seq_len * s.dtype.bytes()
+        }
+        _ => 0,
+    }
+}
+
 /// Activations outside the blocks: token ids (and GPT-2's positions) kept by the embedding
 /// backward, the final norm (its output is the LM head's input), the targets and total weight
-/// kept by nll_loss, and the embedding dropout mask.
+/// kept by nll_loss, and the embedding dropout mask; Gemma's final norm's (1 + gain) and the
+/// embedding scale (a 0-dim tensor).
 fn outer_activation_bytes(s: &Setup) -> u64 {
     let d = s.model.dims();
     let tokens = s.micro_batch * s.seq_len;
     let positions = if d.llama { 0 } else { s.seq_len * 8 };
-    let mut bytes = tokens * 8 + positions + tokens * norm_bytes(&d, s.dtype.bytes()) + tokens * 8 + 4;
+    let gemma = if d.gemma.is_some() { 4 * d.hidden + s.dtype.bytes() } else { 0 };
+    let mut bytes = tokens * 8 + positions + tokens * norm_bytes(&d, s.dtype.bytes()) + tokens * 8 + 4 + gemma;
     if s.dropout {
         bytes += tokens * d.hidden;
     }
@@ -468,7 +488,9 @@ pub fn activation_bytes(s: &Setup) -> u64 {
         let block_input = s.micro_batch * s.seq_len * d.hidden * s.dtype.bytes();
         d.layers * block_input + block + outer
     } else {
-        d.layers * block + outer
+        // Global layers have no window mask.
+        let global = d.layers - d.gemma.map_or(0, |g| g.local_layers);
+        d.layers * block - global * window_mask_bytes(s) + outer
     }
 }
 
