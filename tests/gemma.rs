@@ -228,3 +228,29 @@ fn a_transformers_gemma_directory_round_trips_through_train_and_zero_to_fp32() {
         round_trip(&case_dir(case).join("model"), &tmp.path().join(case), &data, keys, &tokens, &[]);
     }
 }
+
+#[test]
+fn a_gemma_preset_trains_and_its_checkpoints_go_through_the_tools() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    tiny::dataset(&data);
+    let keys = "model = \"gemma-tiny\"\nmax_iters = 30\nbatch_size = 6\neval_interval = 10\nzero_stage = 2";
+    let run = tiny::train(&tmp.path().join("run"), &data, 2, keys, &[]);
+    assert!(run.ok, "train: {}", run.stderr);
+    let (first, last) = (run.losses[0].1, run.losses.last().unwrap().1);
+    assert!(last < first - 0.5, "gemma-tiny did not learn: loss {first} -> {last}");
+    assert!(run.stderr.contains("Gemma (gemma3_text), 4 layers (2 local with window 64)"), "{}", run.stderr);
+    let manifest = common::manifest(&run.out.join("final"));
+    assert_eq!(manifest["model_config"]["family"], "gemma", "{}", manifest["model_config"]);
+    let root = run.out.to_str().unwrap();
+    let (ok, text) = tool(env!("CARGO_BIN_EXE_ckpt"), &["verify", root]);
+    assert!(ok, "ckpt verify: {text}");
+    let (ok, text) = tool(env!("CARGO_BIN_EXE_ckpt"), &["inspect", root]);
+    assert!(ok && text.contains("family gemma"), "ckpt inspect: {text}");
+    let (ok, text) = tool(env!("CARGO_BIN_EXE_ckpt"), &["estimate", "--model", root]);
+    assert!(ok && text.contains("Gemma (gemma3_text), 4 layers") && text.contains("sequence 16"), "{text}");
+    // "!" is GPT-2's token 0, inside the run's 96-token vocabulary.
+    let args = ["sample", root, "--prompt", "!", "--tokens", "8", "--device", "cpu"];
+    let (ok, text) = tool(env!("CARGO_BIN_EXE_train"), &args);
+    assert!(ok, "train sample: {text}");
+}
