@@ -1,4 +1,4 @@
-//! Memory estimates for training GPT-2 and Llama with ZeRO stages 0-3: per GPU (parameters,
+//! Memory estimates for training GPT-2, Llama and Gemma with ZeRO stages 0-3: per GPU (parameters,
 //! gradients, optimizer state, activations, logits, communication buffers) and per node (CPU),
 //! with and without offload, and the largest micro-batch that fits. docs/estimate.md derives
 //! every term. The model is a `model::ModelConfig` (a preset, a config.json, a checkpoint's), so
@@ -104,7 +104,7 @@ fn decoder_dims(a: &Arch, gemma: bool) -> Dims {
 }
 
 impl ModelShape {
-    /// A GPT-2 or Llama preset ([`ModelConfig::preset`]).
+    /// A GPT-2, Llama or Gemma preset ([`ModelConfig::preset`]).
     pub fn preset(name: &str) -> Result<Self, MemoryError> {
         ModelConfig::preset(name).map(ModelShape).map_err(|_| MemoryError::UnknownPreset(name.to_string()))
     }

@@ -1,5 +1,5 @@
 //! lib/memory.rs against DeepSpeed's estimators, transformers' parameter counts and the bytes
-//! libtorch's autograd really saves in GPT-2 and Llama forwards (fixtures from
+//! libtorch's autograd really saves in GPT-2, Llama and Gemma forwards (fixtures from
 //! tools/gen_memory_fixtures.py).
 
 use clap::Parser;

@@ -1,7 +1,7 @@
 //! Hugging Face model directories, both ways: config.json plus model.safetensors (or shards
 //! listed in model.safetensors.index.json). The safetensors reading and writing here serve every
 //! model family (`Family` says how a family's stored keys map to its parameters); the GPT-2
-//! config and directories are here too, Llama's in `interop::hf_llama`.
+//! config and directories are here too, Llama's in `interop::hf_llama`, Gemma's in `interop::hf_gemma`.
 //!
 //! GPT-2: names are transformers' GPT-2 names and weights keep their Conv1D [in, out] layout, so
 //! moving weights is a copy; the older key style without the `transformer.` prefix, the
