@@ -16,8 +16,8 @@ use common::decoder::{
 };
 use common::engine::{SEQ, VOCAB};
 use common::tiny;
+use common::tool;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use tch::{Device, Kind, Tensor};
 use zerokit::interop::hf::HfError;
 use zerokit::interop::hf_gemma::{self, load_gemma, save_gemma};
@@ -197,12 +197,6 @@ fn older_configs_read_like_transformers_5s() {
     o.insert("rope_local_base_freq".into(), 10000.0.into());
     o.insert("rope_scaling".into(), serde_json::json!({"rope_type": "linear", "factor": 4.0}));
     assert_eq!(hf_gemma::parse_config(&v).unwrap(), load("gemma3_qk_norm", Kind::Float).1);
-}
-
-fn tool(bin: &str, args: &[&str]) -> (bool, String) {
-    let o = Command::new(bin).args(args).env("ZEROKIT_NO_CUDA", "1").output().unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-    (o.status.success(), text)
 }
 
 #[test]

@@ -10,8 +10,8 @@ mod common;
 
 use common::decoder::round_trip;
 use common::tiny::{self, VOCAB};
+use common::tool;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use tch::{Device, Kind, Tensor};
 use zerokit::train::eval;
 
@@ -24,12 +24,6 @@ fn train(dir: &Path, data: &Path, nproc: usize, extra: &str) -> tiny::Run {
     let run = tiny::train(dir, data, nproc, extra, &[]);
     assert!(run.ok, "train in {}: {}", dir.display(), run.stderr);
     run
-}
-
-fn tool(bin: &str, args: &[&str]) -> (bool, String) {
-    let o = Command::new(bin).args(args).env("ZEROKIT_NO_CUDA", "1").output().unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-    (o.status.success(), text)
 }
 
 #[test]

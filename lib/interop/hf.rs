@@ -510,6 +510,19 @@ pub(crate) fn load_decoder<C: DecoderConfig>(
     Ok(Decoder::from_named(cfg, device, kind, named)?)
 }
 
+/// A decoder family's config.json (`path` is the file or its directory), parsed by `parse` and
+/// validated.
+pub(crate) fn read_decoder_config<C: DecoderConfig>(
+    path: &Path,
+    parse: fn(&Value) -> Result<C, String>,
+) -> Result<C, HfError> {
+    read_json_config(path, |v| {
+        let cfg = parse(v)?;
+        cfg.validate().map_err(|e| e.to_string())?;
+        Ok(cfg)
+    })
+}
+
 /// A family's config.json (`path` is the file or its directory), parsed and checked by `parse`,
 /// whose message the error carries with the file's name.
 pub(crate) fn read_json_config<C>(path: &Path, parse: impl Fn(&Value) -> Result<C, String>) -> Result<C, HfError> {

@@ -165,11 +165,7 @@ pub fn parse_config(v: &Value) -> Result<GemmaConfig, String> {
 
 /// Reads a Gemma config.json (`path` is the file or its directory) and validates it.
 pub fn read_config(path: &Path) -> Result<GemmaConfig, HfError> {
-    hf::read_json_config(path, |v| {
-        let cfg = parse_config(v)?;
-        cfg.validate().map_err(|e| e.to_string())?;
-        Ok(cfg)
-    })
+    hf::read_decoder_config(path, parse_config)
 }
 
 /// A Gemma2ForCausalLM or Gemma3ForCausalLM config.json, as transformers 5 writes it, with

@@ -211,11 +211,7 @@ fn rope(keys: &Keys<'_>) -> Result<(f64, Option<RopeScaling>), String> {
 
 /// Reads a Llama config.json (`path` is the file or its directory) and validates it.
 pub fn read_config(path: &Path) -> Result<LlamaConfig, HfError> {
-    hf::read_json_config(path, |v| {
-        let cfg = parse_config(v)?;
-        cfg.validate().map_err(|e| e.to_string())?;
-        Ok(cfg)
-    })
+    hf::read_decoder_config(path, parse_config)
 }
 
 /// A LlamaForCausalLM config.json, as transformers 5 writes it, with dropout off.
