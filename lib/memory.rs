@@ -1,4 +1,4 @@
-//! Memory estimates for training GPT-2 and Llama with ZeRO stages 0-3: per GPU (parameters,
+//! Memory estimates for training GPT-2, Llama and Gemma with ZeRO stages 0-3: per GPU (parameters,
 //! gradients, optimizer state, activations, logits, communication buffers) and per node (CPU),
 //! with and without offload, and the largest micro-batch that fits. docs/estimate.md derives
 //! every term. Stage 3 and offload are counted from the engine's own flat layout (`zero::layout`)
@@ -16,8 +16,9 @@
 use crate::checkpoint;
 use crate::formats::dtype::DType;
 use crate::interop::hf_model;
-use crate::model::{gpt2, llama};
-use crate::model::{ModelConfig, ModelError};
+use crate::model::decoder::{Arch, DecoderConfig};
+use crate::model::gpt2;
+use crate::model::{LayerType, ModelConfig, ModelError};
 use crate::units::{parse_size, SizeError};
 use crate::zero::gather::Schedule;
 use crate::zero::layout::FlatLayout;
@@ -72,13 +73,58 @@ pub struct Dims {
     /// F, the MLP's inner width
     pub ffn: u64,
     pub vocab: u64,
-    /// Llama: RMSNorm, a gated (SwiGLU) MLP and rotary positions; GPT-2: LayerNorm, GELU and
-    /// learned position embeddings.
+    /// Llama and Gemma: RMSNorm, a gated (SwiGLU, GeGLU) MLP and rotary positions; GPT-2:
+    /// LayerNorm, GELU and learned position embeddings.
     pub llama: bool,
+    /// What Gemma adds; None for GPT-2 and Llama.
+    pub gemma: Option<GemmaDims>,
+}
+
+/// Gemma's arithmetic that costs activations: RMSNorms that scale by (1 + gain) in fp32, two
+/// more of them per block (after attention and after the MLP), QK-norm (Gemma 3), soft-capped
+/// attention logits (Gemma 2: attention written out, T x T scores kept), soft-capped final logits
+/// (one more logits-sized tensor in the head) and local layers' sliding window.
+#[derive(Debug, Clone, Copy)]
+pub struct GemmaDims {
+    pub qk_norm: bool,
+    pub attn_softcap: bool,
+    pub final_softcap: bool,
+    pub sliding_window: u64,
+    pub local_layers: u64,
+}
+
+/// The dims of a decoder (Llama, Gemma) from its [`Arch`].
+fn decoder_dims(a: &Arch, gemma: bool) -> Dims {
+    let n = |v: usize| v as u64;
+    let window = a.layers.iter().filter_map(|l| l.window).min().unwrap_or(0);
+    Dims {
+        layers: n(a.layers.len()),
+        heads: n(a.num_attention_heads),
+        kv_heads: n(a.num_key_value_heads),
+        head_dim: n(a.head_dim),
+        hidden: n(a.hidden_size),
+        ffn: n(a.intermediate_size),
+        vocab: n(a.vocab_size),
+        llama: true,
+        gemma: gemma.then(|| GemmaDims {
+            qk_norm: a.qk_norm,
+            attn_softcap: a.attn_softcap.is_some(),
+            final_softcap: a.final_softcap.is_some(),
+            sliding_window: n(window),
+            local_layers: n(a.layers.iter().filter(|l| l.window.is_some()).count()),
+        }),
+    }
+}
+
+/// The outer parameters of the shared decoder (Llama, Gemma): embedding, final norm, and the
+/// head's weight (the embedding when tied).
+fn decoder_outer(tied: bool) -> (Vec<&'static str>, Vec<&'static str>, &'static str) {
+    use crate::model::decoder::{EMBED, LM_HEAD, NORM};
+    (vec![EMBED], vec![NORM], if tied { EMBED } else { LM_HEAD })
 }
 
 impl ModelShape {
-    /// A GPT-2 or Llama preset ([`ModelConfig::preset`]).
+    /// A GPT-2, Llama or Gemma preset ([`ModelConfig::preset`]).
     pub fn preset(name: &str) -> Result<Self, MemoryError> {
         ModelConfig::preset(name).map(ModelShape).map_err(|_| MemoryError::UnknownPreset(name.to_string()))
     }
@@ -99,17 +145,10 @@ impl ModelShape {
                 ffn: n(4 * c.n_embd),
                 vocab: n(c.vocab_size),
                 llama: false,
+                gemma: None,
             },
-            ModelConfig::Llama(c) => Dims {
-                layers: n(c.num_hidden_layers),
-                heads: n(c.num_attention_heads),
-                kv_heads: n(c.num_key_value_heads),
-                head_dim: n(c.head_dim),
-                hidden: n(c.hidden_size),
-                ffn: n(c.intermediate_size),
-                vocab: n(c.vocab_size),
-                llama: true,
-            },
+            ModelConfig::Llama(c) => decoder_dims(&c.arch(), false),
+            ModelConfig::Gemma(c) => decoder_dims(&c.arch(), true),
         }
     }
 
@@ -140,11 +179,8 @@ impl ModelShape {
     fn outer_params(&self) -> (Vec<&'static str>, Vec<&'static str>, &'static str) {
         match &self.0 {
             ModelConfig::Gpt2(_) => (vec![gpt2::WTE, gpt2::WPE], vec![gpt2::LN_F_WEIGHT, gpt2::LN_F_BIAS], gpt2::WTE),
-            ModelConfig::Llama(c) => (
-                vec![llama::EMBED],
-                vec![llama::NORM],
-                if c.tie_word_embeddings { llama::EMBED } else { llama::LM_HEAD },
-            ),
+            ModelConfig::Llama(c) => decoder_outer(c.tie_word_embeddings),
+            ModelConfig::Gemma(c) => decoder_outer(c.tie_word_embeddings),
         }
     }
 
@@ -194,28 +230,45 @@ impl ModelShape {
                 c.rope_scaling.map_or(self.positions(), |r| r.original_max_position_embeddings as u64)
             }
             ModelConfig::Gpt2(_) => self.positions(),
+            // Gemma 3 reaches 131072 positions through linear scaling too; its estimate defaults
+            // to the 8192-token sequences Gemma 2 was trained at, a fine-tuning length.
+            ModelConfig::Gemma(_) => self.positions().min(8192),
         }
     }
 
     /// The first line of the report.
     fn describe(&self) -> String {
         let d = self.dims();
+        let attention =
+            format!("{} heads ({} key/value, head_dim {}), hidden {}", d.heads, d.kv_heads, d.head_dim, d.hidden);
         match &self.0 {
             ModelConfig::Gpt2(c) => format!(
                 "{} layers, {} heads, n_embd {}, vocab {}, block {}",
                 d.layers, d.heads, d.hidden, d.vocab, c.block_size
             ),
             ModelConfig::Llama(c) => format!(
-                "Llama, {} layers, {} heads ({} key/value, head_dim {}), hidden {}, SwiGLU {}, vocab {}, {} positions, {} head",
+                "Llama, {} layers, {attention}, SwiGLU {}, vocab {}, {} positions, {} head",
                 d.layers,
-                d.heads,
-                d.kv_heads,
-                d.head_dim,
-                d.hidden,
                 d.ffn,
                 d.vocab,
                 c.max_position_embeddings,
                 if c.tie_word_embeddings { "tied" } else { "untied" }
+            ),
+            ModelConfig::Gemma(c) => format!(
+                "Gemma ({}), {} layers ({} local, window {}), {attention}, GeGLU {}, vocab {}, {} positions{}{}",
+                c.model_type.model_type(),
+                d.layers,
+                d.gemma.map_or(0, |g| g.local_layers),
+                c.sliding_window,
+                d.ffn,
+                d.vocab,
+                c.max_position_embeddings,
+                if c.attn_logit_softcapping.is_some() || c.final_logit_softcapping.is_some() {
+                    ", soft-capped logits"
+                } else {
+                    ""
+                },
+                if d.gemma.is_some_and(|g| g.qk_norm) { ", QK-norm" } else { "" }
             ),
         }
     }
@@ -438,9 +491,12 @@ pub const CONFIGS: [(u8, Offload); 9] = [
 /// LayerNorm: its input and output (e each) and its mean and rstd (fp32 on CUDA). zerokit's
 /// RMSNorm (transformers' LlamaRMSNorm): the fp32 copy of its input (the input itself in fp32),
 /// the input times rsqrt cast back (e) that the gain's product keeps, its output (e), and the
-/// fp32 rsqrt.
+/// fp32 rsqrt. Gemma's RMSNorm scales in fp32: the fp32 copy of its input, the fp32 normalised
+/// input the (1 + gain) product keeps, its output cast back (e) and the rsqrt.
 fn norm_bytes(d: &Dims, e: u64) -> u64 {
-    if d.llama {
+    if d.gemma.is_some() {
+        (8 + e) * d.hidden + 4
+    } else if d.llama {
         (4 + 2 * e) * d.hidden + 4
     } else {
         2 * e * d.hidden + 2 * 4
@@ -457,6 +513,15 @@ fn norm_bytes(d: &Dims, e: u64) -> u64 {
 /// product (4F). For GPT-2 (F = 4C, q = k = v = C) that is 16·C·e plus the norms' statistics.
 /// Per block besides: the attention logsumexp (fp32, per head) and Llama's cos and sin tables
 /// ([T, head_dim] each).
+///
+/// Gemma ([`GemmaDims`]): two more norms, after attention and after the MLP, whose outputs go to
+/// the residual sum and are not kept; each norm's (1 + gain) in fp32 ([C], per block); QK-norm's
+/// two norms over head_dim on q and k (fp32 input and normalised copy, rsqrt per head; their
+/// output is not kept, rope's products keep only cos and sin); with soft-capped attention
+/// (Gemma 2), attention written out instead of the fused kernel: k and v repeated to every
+/// query head, and per head the T x T scores' tanh (e), the fp32 softmax and its cast to e (the
+/// same tensor in fp32), and the T x T boolean mask; otherwise a local layer's sliding-window
+/// mask in the compute dtype ([`window_mask_bytes`]; a local block is the largest).
 pub fn block_activation_bytes(s: &Setup) -> u64 {
     let d = s.model.dims();
     let (b, t) = (s.micro_batch, s.seq_len);
@@ -464,26 +529,56 @@ pub fn block_activation_bytes(s: &Setup) -> u64 {
     let tokens = b * t;
     let (q, kv) = (d.heads * d.head_dim, d.kv_heads * d.head_dim);
     let mlp = if d.llama { 4 * d.ffn } else { 2 * d.ffn };
-    let per_token = 2 * norm_bytes(&d, e) + e * (2 * q + 2 * kv) + e * mlp;
+    let mut per_token = 2 * norm_bytes(&d, e) + e * (2 * q + 2 * kv) + e * mlp;
     // flash attention (fp16/bf16) keeps logsumexp as [B, H, T]; the memory-efficient kernel
     // (what fp32 gets) pads T to a multiple of 32.
     let lse_t = if s.dtype == Dtype::Fp32 { t.div_ceil(32) * 32 } else { t };
     let rope = if d.llama { 2 * t * d.head_dim * e } else { 0 };
-    let mut bytes = tokens * per_token + b * d.heads * lse_t * 4 + rope;
+    let mut attention = b * d.heads * lse_t * 4;
+    let mut per_block = 0;
+    if let Some(g) = d.gemma {
+        per_token += 2 * (norm_bytes(&d, e) - e * d.hidden);
+        per_block += 4 * 4 * d.hidden;
+        if g.qk_norm {
+            per_token += 8 * (q + kv) + 4 * (d.heads + d.kv_heads);
+            per_block += 2 * 4 * d.head_dim;
+        }
+        if g.attn_softcap {
+            per_token += e * 2 * (q - kv);
+            let cast = if e == 4 { 0 } else { e };
+            attention = b * d.heads * t * t * (e + 4 + cast) + t * t;
+        } else {
+            attention += window_mask_bytes(s);
+        }
+    }
+    let mut bytes = tokens * per_token + attention + rope + per_block;
     if s.dropout {
         bytes += 2 * tokens * d.hidden; // attn and mlp residual dropout masks (bool)
     }
     bytes
 }
 
+/// A sliding-window layer's mask, when the window is shorter than the sequence and attention
+/// goes through the fused kernel: [T, T] in the compute dtype.
+fn window_mask_bytes(s: &Setup) -> u64 {
+    match s.model.dims().gemma {
+        Some(g) if !g.attn_softcap && g.local_layers > 0 && g.sliding_window < s.seq_len => {
+            s.seq_len * s.seq_len * s.dtype.bytes()
+        }
+        _ => 0,
+    }
+}
+
 /// Activations outside the blocks: token ids (and GPT-2's positions) kept by the embedding
 /// backward, the final norm (its output is the LM head's input), the targets and total weight
-/// kept by nll_loss, and the embedding dropout mask.
+/// kept by nll_loss, and the embedding dropout mask; Gemma's final norm's (1 + gain) and the
+/// embedding scale (a 0-dim tensor).
 fn outer_activation_bytes(s: &Setup) -> u64 {
     let d = s.model.dims();
     let tokens = s.micro_batch * s.seq_len;
     let positions = if d.llama { 0 } else { s.seq_len * 8 };
-    let mut bytes = tokens * 8 + positions + tokens * norm_bytes(&d, s.dtype.bytes()) + tokens * 8 + 4;
+    let gemma = if d.gemma.is_some() { 4 * d.hidden + s.dtype.bytes() } else { 0 };
+    let mut bytes = tokens * 8 + positions + tokens * norm_bytes(&d, s.dtype.bytes()) + tokens * 8 + 4 + gemma;
     if s.dropout {
         bytes += tokens * d.hidden;
     }
@@ -500,7 +595,9 @@ pub fn activation_bytes(s: &Setup) -> u64 {
         let block_input = s.micro_batch * s.seq_len * d.hidden * s.dtype.bytes();
         d.layers * block_input + block + outer
     } else {
-        d.layers * block + outer
+        // Global layers have no window mask.
+        let global = d.layers - d.gemma.map_or(0, |g| g.local_layers);
+        d.layers * block - global * window_mask_bytes(s) + outer
     }
 }
 
@@ -527,7 +624,10 @@ pub fn logits_bytes(s: &Setup) -> u64 {
     let ctv = head_chunk_tokens(s) * d.vocab;
     let chunks = (s.micro_batch * s.seq_len).div_ceil(head_chunk_tokens(s));
     let wte_sum = if chunks > 1 { 2 * s.dtype.bytes() * d.vocab * d.hidden } else { 0 };
-    ctv * s.dtype.bytes() + loss_saved_bytes(s) + 2 * 4 * ctv + wte_sum
+    // Gemma 2's final soft-capping keeps tanh(z / cap) beside the capped logits for the
+    // derivative 1 - tanh^2.
+    let softcap = if d.gemma.is_some_and(|g| g.final_softcap) { ctv * s.dtype.bytes() } else { 0 };
+    ctv * s.dtype.bytes() + softcap + loss_saved_bytes(s) + 2 * 4 * ctv + wte_sum
 }
 
 /// Device memory the CUDA runtime takes after the context exists, whatever the model: kernel
@@ -956,6 +1056,23 @@ fn model_source(spec: &str) -> Result<(ModelConfig, Option<u64>), MemoryError> {
     Err(MemoryError::UnknownPreset(spec.to_string()))
 }
 
+/// The size flags on a decoder's configuration (Llama's and Gemma's share these field names):
+/// heads, width (head_dim following them), key/value heads, MLP, vocabulary and positions.
+macro_rules! resize_decoder {
+    ($args:expr, $c:expr) => {{
+        let (a, c, n) = ($args, $c, |v: u64| v as usize);
+        c.num_attention_heads = a.n_head.map_or(c.num_attention_heads, n);
+        c.hidden_size = a.n_embd.map_or(c.hidden_size, n);
+        if a.n_head.is_some() || a.n_embd.is_some() {
+            c.head_dim = c.hidden_size / c.num_attention_heads.max(1);
+        }
+        c.num_key_value_heads = a.n_kv_head.map_or(c.num_key_value_heads, n);
+        c.intermediate_size = a.ffn.map_or(c.intermediate_size, n);
+        c.vocab_size = a.vocab_size.map_or(c.vocab_size, n);
+        c.max_position_embeddings = a.block_size.map_or(c.max_position_embeddings, n);
+    }};
+}
+
 impl EstimateArgs {
     /// The model with the size flags applied.
     fn model(&self) -> Result<(ModelShape, Option<u64>), MemoryError> {
@@ -976,15 +1093,17 @@ impl EstimateArgs {
             }
             ModelConfig::Llama(c) => {
                 c.num_hidden_layers = self.n_layer.map_or(c.num_hidden_layers, n);
-                c.num_attention_heads = self.n_head.map_or(c.num_attention_heads, n);
-                c.hidden_size = self.n_embd.map_or(c.hidden_size, n);
-                if self.n_head.is_some() || self.n_embd.is_some() {
-                    c.head_dim = c.hidden_size / c.num_attention_heads.max(1);
+                resize_decoder!(self, c);
+            }
+            ModelConfig::Gemma(c) => {
+                if let Some(layers) = self.n_layer.map(n).filter(|&l| l != c.num_hidden_layers) {
+                    // Lengthened or shortened in the family's pattern (Gemma 2: every second
+                    // layer global, Gemma 3: every sixth).
+                    let period = c.layer_types.iter().position(|t| *t == LayerType::Full).map_or(layers + 1, |p| p + 1);
+                    c.num_hidden_layers = layers;
+                    c.layer_types = LayerType::pattern(layers, period);
                 }
-                c.num_key_value_heads = self.n_kv_head.map_or(c.num_key_value_heads, n);
-                c.intermediate_size = self.ffn.map_or(c.intermediate_size, n);
-                c.vocab_size = self.vocab_size.map_or(c.vocab_size, n);
-                c.max_position_embeddings = self.block_size.map_or(c.max_position_embeddings, n);
+                resize_decoder!(self, c);
             }
         }
         let m = ModelShape(cfg);

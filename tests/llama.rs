@@ -6,34 +6,20 @@
 
 mod common;
 
-use common::engine::{assert_close, assert_weights_close, engine_config, ranks, train, weights, SEQ, VOCAB};
-use std::collections::HashMap;
+use common::decoder::{
+    assert_bf16_within, assert_logits_match, assert_ranks_match_one_rank, assert_split_gradients_match, Case,
+};
+use common::engine::{SEQ, VOCAB};
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 use zerokit::interop::hf::HfError;
 use zerokit::interop::hf_llama::{self, load_llama, save_llama};
-use zerokit::model::{self, Llama, LlamaConfig, Model, RopeScaling};
-use zerokit::zero::{Engine, EngineConfig};
+use zerokit::model::{Llama, LlamaConfig, Model, RopeScaling};
 
 const CASES: [&str; 2] = ["gqa_llama3_tied", "untied_bias"];
 
 fn case_dir(case: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama").join(case)
-}
-
-fn batch(case: &str) -> HashMap<String, Tensor> {
-    Tensor::read_safetensors(case_dir(case).join("batch.safetensors")).unwrap().into_iter().collect()
-}
-
-fn expected_loss(case: &str) -> f64 {
-    let text = std::fs::read_to_string(case_dir(case).join("expected.json")).unwrap();
-    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    v["loss"].as_f64().unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.size(), b.size());
-    (a.to_kind(Kind::Float) - b.to_kind(Kind::Float)).abs().max().double_value(&[])
 }
 
 fn load(case: &str, kind: Kind) -> (Llama, LlamaConfig) {
@@ -57,81 +43,29 @@ fn configs_read_as_transformers_wrote_them() {
 #[test]
 fn logits_and_loss_match_transformers_fp32() {
     for case in CASES {
-        let (model, _) = load(case, Kind::Float);
-        let batch = batch(case);
-        let logits = tch::no_grad(|| model.forward(&batch["tokens"]));
-        let d = max_abs_diff(&logits, &batch["logits"]);
-        eprintln!("{case}: fp32 max |logits - transformers| = {d:.2e}");
-        assert!(d < 1e-4, "{case}: max |logits - transformers| = {d}");
-        let short = tch::no_grad(|| model.forward(&batch["tokens"].narrow(1, 0, 7)));
-        let d = max_abs_diff(&short, &batch["logits_prefix7"]);
-        assert!(d < 1e-4, "{case}: prefix: max |logits - transformers| = {d}");
-        let loss = model::loss(&logits, &batch["targets"]).double_value(&[]);
-        assert!((loss - expected_loss(case)).abs() < 1e-5, "{case}: loss {loss} vs {}", expected_loss(case));
-        let eval = model.eval_loss(&batch["tokens"], &batch["targets"]).double_value(&[]);
-        assert!((eval - expected_loss(case)).abs() < 1e-5, "{case}: eval_loss {eval}");
+        assert_logits_match(&Case::new("llama", case), &load(case, Kind::Float).0);
     }
 }
 
 #[test]
 fn bf16_matches_transformers_bf16_and_tracks_the_fp32_reference() {
     for case in CASES {
-        let batch = batch(case);
-        let (model, _) = load(case, Kind::BFloat16);
-        assert!(model.named_parameters().iter().all(|(_, p)| p.kind() == Kind::BFloat16));
-        let logits = tch::no_grad(|| model.forward(&batch["tokens"]));
-        assert_eq!(logits.kind(), Kind::BFloat16);
         // Against transformers in bf16: the same operations in the same kinds (the norm in fp32,
         // rope tables cast to bf16), so the logits agree to bf16's rounding of the final values.
         // Measured: 0 (bit-identical on CPU). The bound, one bf16 ulp at the logits' largest
         // magnitude (2^-7 relative), leaves room for another kernel's order of summation only.
-        let scale = batch["logits"].abs().max().double_value(&[]);
-        let d = max_abs_diff(&logits, &batch["logits_bf16"]) / scale;
-        eprintln!("{case}: bf16 relative max |logits - transformers bf16| = {d:.2e}");
-        assert!(d <= 1.0 / 128.0, "{case}: bf16 relative max |logits - transformers bf16| = {d}");
         // Against the fp32 reference: bf16 keeps 8 bits of mantissa (2^-9 = 2e-3 relative per
         // rounding); through two layers of projections, attention and SwiGLU the errors add up to
         // about 1e-2 of the logits' largest value (measured 9.4e-3 and 1.25e-2). The bound, 4e-2,
         // leaves a factor of 3; a wrong kind somewhere costs far more, or far less precision.
-        let d = max_abs_diff(&logits, &batch["logits"]) / scale;
-        eprintln!("{case}: bf16 relative max |logits - fp32 reference| = {d:.2e}");
-        assert!(d < 4e-2, "{case}: bf16 relative max |logits - fp32 reference| = {d}");
-        let loss = model::loss(&logits, &batch["targets"]);
-        assert_eq!(loss.kind(), Kind::Float);
-        let l = loss.double_value(&[]);
-        assert!((l - expected_loss(case)).abs() < 4e-2 * expected_loss(case), "{case}: bf16 loss {l}");
+        assert_bf16_within(&Case::new("llama", case), &load(case, Kind::BFloat16).0, 1.0 / 128.0, 4e-2);
     }
 }
 
 #[test]
 fn split_forward_and_blockwise_backward_give_the_plain_gradients() {
     for case in CASES {
-        let (model, _) = load(case, Kind::Float);
-        let batch = batch(case);
-        let (idx, targets) = (&batch["tokens"], &batch["targets"]);
-        let params = model.named_parameters();
-
-        // Plain: one forward, one backward.
-        let plain_loss = model::loss(&model.forward(idx), targets);
-        let all: Vec<&Tensor> = params.iter().map(|(_, p)| p).collect();
-        let plain = Tensor::run_backward(&[&plain_loss], &all, false, false);
-
-        // Split, as the engine runs it: embed, blocks with detached boundaries, head_backward,
-        // then the blocks' backward last first and the embedding's.
-        let mut split_loss = None;
-        let split = common::split_gradients(&model, &params, idx, |x| {
-            let head = model.head_backward(x, targets, 1.0).unwrap();
-            split_loss = Some(head.loss.double_value(&[]));
-            (head.params, head.input)
-        });
-        let l = split_loss.unwrap();
-        assert!((l - plain_loss.double_value(&[])).abs() < 1e-6, "{case}: split loss {l} vs {plain_loss}");
-        for ((name, _), (want, got)) in params.iter().zip(plain.iter().zip(&split)) {
-            let got = got.as_ref().unwrap_or_else(|| panic!("{case}: no split gradient for {name}"));
-            let d = max_abs_diff(want, got);
-            let scale = want.abs().max().double_value(&[]).max(1e-6);
-            assert!(d <= 1e-5 * scale, "{case}: {name}: split gradient differs by {d} (scale {scale})");
-        }
+        assert_split_gradients_match(&Case::new("llama", case), &load(case, Kind::Float).0);
     }
 }
 
@@ -163,30 +97,12 @@ fn small(tied: bool) -> LlamaConfig {
     }
 }
 
-/// Steps and learning rate of the engine runs: enough for the loss to fall clearly.
-const STEPS: std::ops::Range<u64> = 0..20;
-const ENGINE_LR: f64 = 1e-2;
-
-fn mean(x: &[f64]) -> f64 {
-    x.iter().sum::<f64>() / x.len() as f64
-}
-
 #[test]
 fn n_ranks_at_stages_1_to_3_match_one_rank_with_and_without_recomputation() {
     for tied in [true, false] {
         let cfg = small(tied);
-        let llama = || Llama::new(&cfg, Device::Cpu, Kind::Float, 7).unwrap();
-        let reference = ranks(1, |comm| {
-            let mut e = Engine::new(llama(), engine_config(0, 1), comm).unwrap();
-            (train(&mut e, 1, 0, 1, STEPS, ENGINE_LR), weights(&mut e))
-        })
-        .remove(0);
-        let losses = &reference.0;
-        // Each step draws another batch, so compare the first and last five steps.
-        let (first, last) = (mean(&losses[..5]), mean(&losses[losses.len() - 5..]));
-        assert!(last < first - 0.2, "tied {tied}: the loss falls: {losses:?}");
-        // The last run recomputes each block in backward (activation checkpointing).
-        for (stage, world, recompute) in [
+        // The last runs recompute each block in backward (activation checkpointing).
+        let runs = [
             (1u8, 2usize, false),
             (1, 3, false),
             (2, 2, false),
@@ -194,19 +110,12 @@ fn n_ranks_at_stages_1_to_3_match_one_rank_with_and_without_recomputation() {
             (2, 2, true),
             (3, 2, true),
             (3, 3, false),
-        ] {
-            let what = format!("tied {tied}, stage {stage}, {world} ranks, recompute {recompute}");
-            let out = ranks(world, |comm| {
-                let rank = comm.rank();
-                let cfg = EngineConfig { activation_checkpointing: recompute, ..engine_config(stage, 1) };
-                let mut e = Engine::new(llama(), cfg, comm).unwrap();
-                (train(&mut e, world, rank, 1, STEPS, ENGINE_LR), weights(&mut e))
-            });
-            for (rank, (losses, w)) in out.iter().enumerate() {
-                assert_close(losses, &reference.0, 1e-5, &format!("{what}, rank {rank}"));
-                assert_weights_close(w, &reference.1, 2e-5, &format!("{what}, rank {rank}"));
-            }
-        }
+        ];
+        assert_ranks_match_one_rank(
+            &format!("tied {tied}"),
+            || Llama::new(&cfg, Device::Cpu, Kind::Float, 7).unwrap(),
+            &runs,
+        );
     }
 }
 

@@ -8,12 +8,11 @@
 
 mod common;
 
+use common::decoder::round_trip;
 use common::tiny::{self, VOCAB};
+use common::tool;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use tch::{Device, Kind, Tensor};
-use zerokit::convert;
-use zerokit::interop::hf_model;
 use zerokit::train::eval;
 
 fn fixture(name: &str) -> PathBuf {
@@ -25,17 +24,6 @@ fn train(dir: &Path, data: &Path, nproc: usize, extra: &str) -> tiny::Run {
     let run = tiny::train(dir, data, nproc, extra, &[]);
     assert!(run.ok, "train in {}: {}", dir.display(), run.stderr);
     run
-}
-
-fn tool(bin: &str, args: &[&str]) -> (bool, String) {
-    let o = Command::new(bin).args(args).env("ZEROKIT_NO_CUDA", "1").output().unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-    (o.status.success(), text)
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.size(), b.size());
-    (a - b).abs().max().double_value(&[])
 }
 
 #[test]
@@ -88,30 +76,11 @@ fn a_transformers_llama_directory_round_trips_through_train_and_zero_to_fp32() {
     let new_tokens = 10;
     // Sharded with an index and untied; one file and tied (its vocabulary, 256, exceeds the data's).
     for (name, source) in [("sharded", fixture("hf_sharded")), ("tied", fixture("gqa_llama3_tied/model"))] {
-        let dir = tmp.path().join(name);
-        let keys = format!(
-            "init_from = \"{}\"\nmax_iters = 4\neval_interval = 4\nzero_stage = 1\nbatch_size = 2",
-            source.display()
-        );
-        let run = train(&dir, &data, 2, &keys);
-        let out = dir.join("hf").join("model");
-        std::fs::create_dir_all(out.parent().unwrap()).unwrap();
-        convert::run(&common::convert_args(&run.out, &out)).unwrap();
-
-        let ours = hf_model::load(&out, Device::Cpu, Kind::Float).unwrap();
-        let before = hf_model::load(&source, Device::Cpu, Kind::Float).unwrap();
-        let logits = tch::no_grad(|| ours.forward(&tokens));
-        let moved = max_abs_diff(&logits, &tch::no_grad(|| before.forward(&tokens)));
-        assert!(moved > 1e-3, "{name}: training did not change the model (max |logits delta| {moved})");
-
+        let keys = "max_iters = 4\neval_interval = 4\nzero_stage = 1\nbatch_size = 2";
         let max_new = Tensor::from_slice(&[new_tokens as i64]);
-        let theirs = common::transformers_outputs(
-            &out,
-            &[("tokens", &tokens), ("prompt", &prompt), ("max_new_tokens", &max_new)],
-        );
-        let d = max_abs_diff(&logits, &theirs["logits"]);
-        eprintln!("{name}: max |zerokit - transformers| = {d:.2e}");
-        assert!(d < 1e-4, "{name}: max |zerokit - transformers| = {d}");
+        let inputs = [("prompt", &prompt), ("max_new_tokens", &max_new)];
+        let rt = round_trip(&source, &tmp.path().join(name), &data, keys, &tokens, &inputs);
+        let (ours, theirs, run, out) = (&rt.model, &rt.theirs, &rt.run, &rt.out);
         let greedy = ours.generate(&prompt, new_tokens, 0.0, None, 0).unwrap();
         assert!(
             greedy.equal(&theirs["generated"]),
@@ -121,7 +90,7 @@ fn a_transformers_llama_directory_round_trips_through_train_and_zero_to_fp32() {
 
         // An fp32 run: the checkpoint's own weights are the converted ones, and so is their loss.
         let on_ckpt = eval::evaluate(&eval::load_model(&run.out, "cpu").unwrap(), &data, "val", None, 4).unwrap();
-        let on_hf = eval::evaluate(&eval::load_model(&out, "cpu").unwrap(), &data, "val", Some(16), 4).unwrap();
+        let on_hf = eval::evaluate(&eval::load_model(out, "cpu").unwrap(), &data, "val", Some(16), 4).unwrap();
         assert_eq!(on_ckpt.block_size, 16, "{name}: eval takes the run's block_size");
         assert_eq!(on_ckpt.loss, on_hf.loss, "{name}: train eval on the checkpoint and on its conversion");
         if name == "tied" {

@@ -45,15 +45,17 @@ CASES = {
 }
 
 
-def perturb(model: LlamaForCausalLM) -> None:
+def perturb(model, norm_center: float = 1.0, embed_std: float = 0.5) -> None:
+    """Weights far from the init (shared with gen_gemma_fixtures.py, whose norms add 1 to their
+    gains and so centre them at 0)."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+                p.copy_(norm_center + 0.2 * torch.randn_like(p))
             elif name.endswith(".bias"):
                 p.copy_(0.1 * torch.randn_like(p))
             elif "embed_tokens" in name:
-                p.copy_(0.5 * torch.randn_like(p))
+                p.copy_(embed_std * torch.randn_like(p))
             else:  # nn.Linear weights, [out, in]
                 p.copy_(torch.randn_like(p) / p.shape[1] ** 0.5)
 
@@ -68,8 +70,16 @@ def make(out: str, name: str, extra: dict) -> None:
     case = os.path.join(out, name)
     model.save_pretrained(os.path.join(case, "model"))
 
-    tokens = torch.randint(0, cfg.vocab_size, (BATCH, SEQ), dtype=torch.int64)
-    targets = torch.randint(0, cfg.vocab_size, (BATCH, SEQ), dtype=torch.int64)
+    write_batch(case, model, cfg.vocab_size, LlamaForCausalLM, SEED)
+
+
+def write_batch(case: str, model, vocab: int, model_class, seed: int) -> None:
+    """Under `case` (model/ already saved there): a batch of random tokens and targets (some
+    -1), the model's fp32 logits on it and on its 7-token prefix, the logits of model/ loaded in
+    bf16 by `model_class` as a user loads it, and the loss (`seed`: the case's torch seed, recorded);
+    shared with gen_gemma_fixtures.py."""
+    tokens = torch.randint(0, vocab, (BATCH, SEQ), dtype=torch.int64)
+    targets = torch.randint(0, vocab, (BATCH, SEQ), dtype=torch.int64)
     targets[0, :5] = -1  # nanoGPT's ignore_index, which zerokit's loss uses
     targets[1, -3:] = -1
     with torch.no_grad():
@@ -78,17 +88,18 @@ def make(out: str, name: str, extra: dict) -> None:
         short = model(tokens[:, :7]).logits.float()
         # The saved model loaded in bf16 as a user loads it (from_pretrained keeps the rope
         # frequencies in fp32, where model.to(bfloat16) would round them), computed in bf16.
-        bf16 = LlamaForCausalLM.from_pretrained(os.path.join(case, "model"), dtype=torch.bfloat16).eval()
+        bf16 = model_class.from_pretrained(os.path.join(case, "model"), dtype=torch.bfloat16).eval()
         logits_bf16 = bf16(tokens).logits
     save_file({"tokens": tokens.contiguous(), "targets": targets.contiguous(),
                "logits": logits.contiguous(), "logits_prefix7": short.contiguous(),
                "logits_bf16": logits_bf16.contiguous()},
               os.path.join(case, "batch.safetensors"))
     with open(os.path.join(case, "expected.json"), "w") as f:
-        json.dump({"loss": loss.item(), "seed": SEED, "torch": torch.__version__,
+        json.dump({"loss": loss.item(), "seed": seed, "torch": torch.__version__,
                    "transformers": __import__("transformers").__version__}, f, indent=2)
         f.write("\n")
-    print(f"wrote {case}: loss {loss.item():.6f}, logits std {logits.std().item():.3f}")
+    print(f"wrote {case}: loss {loss.item():.6f}, logits std {logits.std().item():.3f}, "
+          f"max |logits| {logits.abs().max().item():.3f}")
 
 
 def main(out: str) -> None:

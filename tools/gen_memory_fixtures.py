@@ -122,11 +122,16 @@ def measure_saved(n_layer, n_head, n_embd, vocab, batch, seq, dtype):
     return sum(saved.values())
 
 
-def measure_saved_llama(n_layer, n_head, n_kv, head_dim, n_embd, ffn, vocab, batch, seq, dtype):
-    """measure_saved for a Llama written the way lib/model/llama.rs writes it: RMSNorm in fp32
+def measure_saved_llama(n_layer, n_head, n_kv, head_dim, n_embd, ffn, vocab, batch, seq, dtype, gemma=None):
+    """measure_saved for a Llama written the way lib/model/decoder.rs writes it: RMSNorm in fp32
     cast back, rotary embeddings (cos/sin per block, rotate_half by cat), grouped-query
     scaled_dot_product_attention (enable_gqa), SwiGLU, an untied head, cross-entropy on fp32
-    logits."""
+    logits. With `gemma` (a dict: qk_norm, attn_softcap, window, layer_types), the decoder as it
+    runs Gemma: the embedding times sqrt(C) in the compute dtype, RMSNorm scaling by (1 + gain) in
+    fp32, norms after attention and after the MLP, GeGLU, QK-norm, attention written out with
+    soft-capping (k and v repeated, scores soft-capped, masked, softmax in fp32) or SDPA with a
+    sliding-window mask on local layers. The head has no soft-cap here: zerokit's head runs
+    chunk by chunk outside autograd, and the estimate counts it apart (logits_bytes)."""
     import torch
     import torch.nn.functional as F
 
@@ -139,15 +144,37 @@ def measure_saved_llama(n_layer, n_head, n_kv, head_dim, n_embd, ffn, vocab, bat
     def rms(x, w):
         h = x.float()
         h = h * (h.pow(2).mean(-1, keepdim=True) + 1e-5).rsqrt()
+        if gemma:
+            return (h * (w.float() + 1.0)).to(x.dtype)
         return w * h.to(x.dtype)
 
     def rope(x, cos, sin):
         x1, x2 = x[..., :D // 2], x[..., D // 2:]
         return x * cos + torch.cat((-x2, x1), -1) * sin
 
+    def sliding(window):
+        i, j = torch.arange(seq).unsqueeze(1), torch.arange(seq).unsqueeze(0)
+        return (i - j >= 0) & (i - j < window)
+
+    def attention(q, k, v, window):
+        scale = D ** -0.5
+        if gemma and gemma["attn_softcap"]:
+            cap = gemma["attn_softcap"]
+            if KV != H:
+                k, v = k.repeat_interleave(H // KV, 1), v.repeat_interleave(H // KV, 1)
+            scores = torch.tanh(q @ k.transpose(2, 3) * scale / cap) * cap
+            allowed = sliding(window) if window and window < seq else torch.ones(seq, seq, dtype=torch.bool).tril()
+            scores = scores.masked_fill(allowed.logical_not(), float("-inf"))
+            return scores.softmax(-1, dtype=torch.float).to(q.dtype) @ v
+        mask = sliding(window) if window and window < seq else None
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
+                                              enable_gqa=KV != H)
+
+    n_norms = 4 if gemma else 2
+    qk = 2 if gemma and gemma["qk_norm"] else 0
     embed, head, norm = mk(vocab, C), mk(vocab, C), mk(C)
-    layers = [[mk(H * D, C), mk(KV * D, C), mk(KV * D, C), mk(C, H * D), mk(ffn, C), mk(ffn, C), mk(C, ffn), mk(C),
-               mk(C)] for _ in range(n_layer)]
+    layers = [[mk(H * D, C), mk(KV * D, C), mk(KV * D, C), mk(C, H * D), mk(ffn, C), mk(ffn, C), mk(C, ffn)]
+              + [mk(C) for _ in range(n_norms)] + [mk(D) for _ in range(qk)] for _ in range(n_layer)]
     params = {p.untyped_storage().data_ptr() for p in [embed, head, norm] + [p for l in layers for p in l]}
     inv_freq = 1.0 / (10000.0 ** (torch.arange(0, D, 2, dtype=torch.int64).float() / D))
     idx = torch.randint(0, vocab, (batch, seq))
@@ -163,20 +190,50 @@ def measure_saved_llama(n_layer, n_head, n_kv, head_dim, n_embd, ffn, vocab, bat
     B, T = batch, seq
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         x = F.embedding(idx, embed)
-        for (qw, kw, vw, ow, gw, uw, dw, n1, n2) in layers:
+        if gemma:
+            x = x * torch.tensor(C ** 0.5).to(dtype)
+        for i, (qw, kw, vw, ow, gw, uw, dw, *norms) in enumerate(layers):
+            window = gemma["window"] if gemma and gemma["layer_types"][i] == "sliding_attention" else None
             freqs = torch.arange(T).float().unsqueeze(-1) * inv_freq
             emb = torch.cat((freqs, freqs), -1)
             cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
-            h = rms(x, n1)
+            h = rms(x, norms[0])
             q, k, v = (F.linear(h, w).view(B, T, -1, D).transpose(1, 2) for w in (qw, kw, vw))
-            y = F.scaled_dot_product_attention(rope(q, cos, sin), rope(k, cos, sin), v, is_causal=True,
-                                               enable_gqa=KV != H)
-            x = x + F.linear(y.transpose(1, 2).contiguous().reshape(B, T, -1), ow)
-            h = rms(x, n2)
-            x = x + F.linear(F.silu(F.linear(h, gw)) * F.linear(h, uw), dw)
+            if qk:
+                q, k = rms(q, norms[n_norms]), rms(k, norms[n_norms + 1])
+            y = attention(rope(q, cos, sin), rope(k, cos, sin), v, window)
+            a = F.linear(y.transpose(1, 2).contiguous().reshape(B, T, -1), ow)
+            if gemma:
+                x = x + rms(a, norms[1])
+                h = rms(x, norms[2])
+                m = F.linear(F.gelu(F.linear(h, gw), approximate="tanh") * F.linear(h, uw), dw)
+                x = x + rms(m, norms[3])
+            else:
+                x = x + a
+                h = rms(x, norms[1])
+                x = x + F.linear(F.silu(F.linear(h, gw)) * F.linear(h, uw), dw)
         logits = F.linear(rms(x, norm), head)
         loss = F.cross_entropy(logits.float().view(-1, vocab), targets.view(-1))
     return sum(saved.values())
+
+
+def gemma_cases():
+    """Gemma 2-like (soft-capped attention, local layers first, window 16 < T) and Gemma 3-like
+    (QK-norm, SDPA with a sliding-window mask on local layers) measurements."""
+    import torch
+    cases = []
+    for (L, H, KV, D, C, Fd, V, B, T, softcap, qk, window, period) in [
+            (3, 4, 2, 16, 64, 128, 500, 2, 64, 50.0, False, 16, 2),
+            (4, 4, 2, 16, 64, 128, 500, 2, 64, None, True, 16, 3),
+            (2, 4, 4, 32, 96, 192, 300, 1, 32, None, True, 64, 2)]:
+        types = ["full_attention" if (i + 1) % period == 0 else "sliding_attention" for i in range(L)]
+        gemma = {"qk_norm": qk, "attn_softcap": softcap, "window": window, "layer_types": types}
+        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            cases.append({"n_layer": L, "n_head": H, "n_kv_head": KV, "head_dim": D, "n_embd": C, "ffn": Fd,
+                          "vocab_size": V, "micro_batch": B, "seq_len": T, "dtype": name,
+                          "attn_softcap": softcap, "qk_norm": qk, "sliding_window": window, "layer_types": types,
+                          "saved_bytes": measure_saved_llama(L, H, KV, D, C, Fd, V, B, T, dtype, gemma)})
+    return {"torch": torch.__version__, "cases": cases}
 
 
 def llama_cases():
@@ -195,6 +252,9 @@ def main():
     os.makedirs(OUT, exist_ok=True)
     with open(os.path.join(OUT, "saved_tensors_llama.json"), "w") as f:
         json.dump(llama_cases(), f, indent=1)
+        f.write("\n")
+    with open(os.path.join(OUT, "saved_tensors_gemma.json"), "w") as f:
+        json.dump(gemma_cases(), f, indent=1)
         f.write("\n")
     if "--llama-only" in sys.argv:
         return

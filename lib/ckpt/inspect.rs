@@ -379,7 +379,7 @@ fn hf_dir(dir: &Path, tensors: bool) -> Result<Inspection, CkptError> {
     let (files, index) = hf_weight_files(dir)?;
     safetensors_rows(dir, &files, &mut i, tensors)?;
     let cpath = dir.join(hf::CONFIG_FILE);
-    // A GPT-2 or Llama config in zerokit's terms when it is one, else the file as it is.
+    // A GPT-2, Llama or Gemma config in zerokit's terms when it is one, else the file as it is.
     i.model_config = match hf_model::read_config(&cpath) {
         Ok(c) => Some(c.to_manifest()),
         Err(_) => std::fs::read_to_string(&cpath).ok().and_then(|s| serde_json::from_str(&s).ok()),

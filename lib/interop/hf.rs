@@ -1,7 +1,7 @@
 //! Hugging Face model directories, both ways: config.json plus model.safetensors (or shards
 //! listed in model.safetensors.index.json). The safetensors reading and writing here serve every
 //! model family (`Family` says how a family's stored keys map to its parameters); the GPT-2
-//! config and directories are here too, Llama's in `interop::hf_llama`.
+//! config and directories are here too, Llama's in `interop::hf_llama`, Gemma's in `interop::hf_gemma`.
 //!
 //! GPT-2: names are transformers' GPT-2 names and weights keep their Conv1D [in, out] layout, so
 //! moving weights is a copy; the older key style without the `transformer.` prefix, the
@@ -11,6 +11,7 @@
 use crate::formats::dtype::{DType, DTypeError};
 use crate::formats::safetensors::{write_tensors, SafetensorsError};
 use crate::fsutil::{self, AtomicDir, FsError};
+use crate::model::decoder::{Decoder, DecoderConfig};
 use crate::model::gpt2::{Gpt, GptConfig, LAYER_NORM_EPS, WTE};
 use crate::model::{check_kind, ModelError};
 use crate::model::{Model, ParamSpec};
@@ -479,6 +480,55 @@ pub fn load_gpt2(path: &Path, device: Device, kind: Kind) -> Result<(Gpt, GptCon
 /// in the model's kind, the tied lm_head stored once as transformer.wte.weight), atomically; an
 /// existing `dir` is replaced only with `force`.
 pub fn save_gpt2(model: &Gpt, dir: &Path, force: bool) -> Result<(), HfError> {
+    save_model(model, model.kind(), &config_json(model.config(), model.kind()), dir, force)
+}
+
+/// Writes any model's parameters (all of `kind`) with `config_json` as a Hugging Face directory
+/// (see [`save`]).
+pub(crate) fn save_model(
+    model: &impl Model,
+    kind: Kind,
+    config_json: &str,
+    dir: &Path,
+    force: bool,
+) -> Result<(), HfError> {
     let tensors: Vec<(String, Tensor)> = model.named_parameters().into_iter().map(|(n, t)| (n, t.detach())).collect();
-    save(dir, &config_json(model.config(), model.kind()), model.kind(), &tensors, force)
+    save(dir, config_json, kind, &tensors, force)
+}
+
+/// A decoder (Llama, Gemma) of configuration `cfg` from a Hugging Face directory's weights
+/// (model.safetensors or a sharded index), named as `family` names them.
+pub(crate) fn load_decoder<C: DecoderConfig>(
+    path: &Path,
+    family: &Family,
+    cfg: &C,
+    device: Device,
+    kind: Kind,
+) -> Result<Decoder<C>, HfError> {
+    check_kind(kind)?;
+    let named = load_tensors(path, family, &cfg.arch().param_specs(), device, kind)?;
+    Ok(Decoder::from_named(cfg, device, kind, named)?)
+}
+
+/// A decoder family's config.json (`path` is the file or its directory), parsed by `parse` and
+/// validated.
+pub(crate) fn read_decoder_config<C: DecoderConfig>(
+    path: &Path,
+    parse: fn(&Value) -> Result<C, String>,
+) -> Result<C, HfError> {
+    read_json_config(path, |v| {
+        let cfg = parse(v)?;
+        cfg.validate().map_err(|e| e.to_string())?;
+        Ok(cfg)
+    })
+}
+
+/// A family's config.json (`path` is the file or its directory), parsed and checked by `parse`,
+/// whose message the error carries with the file's name.
+pub(crate) fn read_json_config<C>(path: &Path, parse: impl Fn(&Value) -> Result<C, String>) -> Result<C, HfError> {
+    let file = if path.is_dir() { path.join(CONFIG_FILE) } else { path.to_path_buf() };
+    let text = std::fs::read_to_string(&file).map_err(|source| HfError::Io { path: file.clone(), source })?;
+    let bad = |msg: String| HfError::Config { path: file.clone(), msg };
+    let v: Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    parse(&v).map_err(bad)
 }

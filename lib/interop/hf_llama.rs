@@ -4,13 +4,13 @@
 //! writing. config.json is read in transformers 5's form (`rope_parameters`) and in the earlier
 //! one (`rope_theta` with `rope_scaling`), and written in transformers 5's.
 
-use super::hf::{self, kind_name, Family, HfError, Key, CONFIG_FILE};
+use super::hf::{self, kind_name, Family, HfError, Key};
 use crate::model::check_kind;
+use crate::model::decoder::{Arch, DecoderConfig};
 use crate::model::llama::{Llama, LlamaConfig, RopeScaling, EMBED};
-use crate::model::Model;
 use serde_json::{json, Map, Value};
 use std::path::Path;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Kind};
 
 /// Llama's keys: transformers' names as they are; the rope frequencies older versions saved are
 /// skipped; a stored lm_head.weight under a tied config must equal the embedding.
@@ -56,18 +56,18 @@ const ROPE_KEYS: [&str; 8] = [
 ];
 
 /// A config.json object's keys, read with messages that name the key.
-struct Keys<'a> {
-    obj: &'a Map<String, Value>,
+pub(super) struct Keys<'a> {
+    pub(super) obj: &'a Map<String, Value>,
     /// Prefix of key names in messages ("rope_parameters.").
-    prefix: &'a str,
+    pub(super) prefix: &'a str,
 }
 
 impl Keys<'_> {
-    fn get(&self, key: &str) -> Option<&Value> {
+    pub(super) fn get(&self, key: &str) -> Option<&Value> {
         self.obj.get(key).filter(|v| !v.is_null())
     }
 
-    fn size(&self, key: &str) -> Result<Option<usize>, String> {
+    pub(super) fn size(&self, key: &str) -> Result<Option<usize>, String> {
         match self.get(key) {
             None => Ok(None),
             Some(x) => match x.as_u64() {
@@ -77,18 +77,18 @@ impl Keys<'_> {
         }
     }
 
-    fn required(&self, key: &str) -> Result<usize, String> {
+    pub(super) fn required(&self, key: &str) -> Result<usize, String> {
         self.size(key)?.ok_or_else(|| format!("{}{key} is missing", self.prefix))
     }
 
-    fn number(&self, key: &str) -> Result<Option<f64>, String> {
+    pub(super) fn number(&self, key: &str) -> Result<Option<f64>, String> {
         match self.get(key) {
             None => Ok(None),
             Some(x) => x.as_f64().map(Some).ok_or_else(|| format!("{}{key} must be a number, got {x}", self.prefix)),
         }
     }
 
-    fn flag(&self, key: &str, default: bool) -> Result<bool, String> {
+    pub(super) fn flag(&self, key: &str, default: bool) -> Result<bool, String> {
         match self.get(key) {
             None => Ok(default),
             Some(Value::Bool(b)) => Ok(*b),
@@ -96,7 +96,7 @@ impl Keys<'_> {
         }
     }
 
-    fn string(&self, key: &str) -> Result<Option<&str>, String> {
+    pub(super) fn string(&self, key: &str) -> Result<Option<&str>, String> {
         match self.get(key) {
             None => Ok(None),
             Some(x) => x.as_str().map(Some).ok_or_else(|| format!("{}{key} must be a string, got {x}", self.prefix)),
@@ -118,15 +118,7 @@ pub fn parse_config(v: &Value) -> Result<LlamaConfig, String> {
     if act != "silu" {
         return Err(format!("hidden_act {act:?} is not supported (Llama's SwiGLU uses \"silu\")"));
     }
-    for key in REFUSED_KEYS {
-        if let Some(x) = keys.get(key).filter(|x| **x != Value::Bool(false)) {
-            return Err(format!("{key} {x} is not supported by zerokit's Llama"));
-        }
-    }
-    if let Some(p) = keys.number("attention_dropout")?.filter(|&p| p != 0.0) {
-        return Err(format!("attention_dropout {p} is not supported (zerokit trains without dropout)"));
-    }
-    check_partial_rotary(&keys)?;
+    refuse(&keys, &REFUSED_KEYS, "Llama")?;
 
     let hidden_size = keys.required("hidden_size")?;
     let num_attention_heads = keys.required("num_attention_heads")?;
@@ -155,7 +147,21 @@ pub fn parse_config(v: &Value) -> Result<LlamaConfig, String> {
     })
 }
 
-fn check_partial_rotary(keys: &Keys<'_>) -> Result<(), String> {
+/// The refusals every decoder family's config.json goes through: `refused` keys set to anything
+/// but null or false, a non-zero attention_dropout, a partial_rotary_factor other than 1.
+pub(super) fn refuse(keys: &Keys<'_>, refused: &[&str], family: &str) -> Result<(), String> {
+    for key in refused {
+        if let Some(x) = keys.get(key).filter(|x| **x != Value::Bool(false)) {
+            return Err(format!("{key} {x} is not supported by zerokit's {family}"));
+        }
+    }
+    if let Some(p) = keys.number("attention_dropout")?.filter(|&p| p != 0.0) {
+        return Err(format!("attention_dropout {p} is not supported (zerokit trains without dropout)"));
+    }
+    check_partial_rotary(keys)
+}
+
+pub(super) fn check_partial_rotary(keys: &Keys<'_>) -> Result<(), String> {
     match keys.number("partial_rotary_factor")? {
         Some(f) if f != 1.0 => {
             Err(format!("{}partial_rotary_factor {f} is not supported (rope over the whole head only)", keys.prefix))
@@ -205,13 +211,7 @@ fn rope(keys: &Keys<'_>) -> Result<(f64, Option<RopeScaling>), String> {
 
 /// Reads a Llama config.json (`path` is the file or its directory) and validates it.
 pub fn read_config(path: &Path) -> Result<LlamaConfig, HfError> {
-    let file = if path.is_dir() { path.join(CONFIG_FILE) } else { path.to_path_buf() };
-    let text = std::fs::read_to_string(&file).map_err(|source| HfError::Io { path: file.clone(), source })?;
-    let bad = |msg: String| HfError::Config { path: file.clone(), msg };
-    let v: Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
-    let cfg = parse_config(&v).map_err(bad)?;
-    cfg.validate().map_err(|e| bad(e.to_string()))?;
-    Ok(cfg)
+    hf::read_decoder_config(path, parse_config)
 }
 
 /// A LlamaForCausalLM config.json, as transformers 5 writes it, with dropout off.
@@ -227,30 +227,45 @@ pub fn config_json(cfg: &LlamaConfig, kind: Kind) -> String {
             "rope_type": "llama3",
         });
     }
-    let v = json!({
+    let mut v = decoder_keys(&cfg.arch(), kind);
+    let own = json!({
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
-        "attention_bias": cfg.attention_bias,
+        "hidden_act": "silu",
+        "mlp_bias": cfg.mlp_bias,
+        "rope_parameters": rope,
+    });
+    v.extend(own.as_object().expect("an object").clone());
+    pretty(v)
+}
+
+/// The config.json keys transformers' decoder configs share, from the decoder's [`Arch`], with
+/// dropout off; the family adds its own.
+pub(super) fn decoder_keys(a: &Arch, kind: Kind) -> Map<String, Value> {
+    let v = json!({
+        "attention_bias": a.attention_bias,
         "attention_dropout": 0.0,
         "dtype": kind_name(kind),
-        "head_dim": cfg.head_dim,
-        "hidden_act": "silu",
-        "hidden_size": cfg.hidden_size,
-        "initializer_range": cfg.initializer_range,
-        "intermediate_size": cfg.intermediate_size,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "mlp_bias": cfg.mlp_bias,
-        "num_attention_heads": cfg.num_attention_heads,
-        "num_hidden_layers": cfg.num_hidden_layers,
-        "num_key_value_heads": cfg.num_key_value_heads,
-        "pad_token_id": cfg.pad_token_id,
-        "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_parameters": rope,
-        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "head_dim": a.head_dim,
+        "hidden_size": a.hidden_size,
+        "initializer_range": a.initializer_range,
+        "intermediate_size": a.intermediate_size,
+        "max_position_embeddings": a.max_position_embeddings,
+        "num_attention_heads": a.num_attention_heads,
+        "num_hidden_layers": a.layers.len(),
+        "num_key_value_heads": a.num_key_value_heads,
+        "pad_token_id": a.pad_token_id,
+        "rms_norm_eps": a.rms_norm_eps,
+        "tie_word_embeddings": a.tie_word_embeddings,
         "use_cache": true,
-        "vocab_size": cfg.vocab_size,
+        "vocab_size": a.vocab_size,
     });
-    let mut s = serde_json::to_string_pretty(&v).expect("a JSON value serialises");
+    v.as_object().expect("an object").clone()
+}
+
+/// A config.json's text: pretty, with a final newline.
+pub(super) fn pretty(v: Map<String, Value>) -> String {
+    let mut s = serde_json::to_string_pretty(&Value::Object(v)).expect("a JSON value serialises");
     s.push('\n');
     s
 }
@@ -260,15 +275,12 @@ pub fn config_json(cfg: &LlamaConfig, kind: Kind) -> String {
 pub fn load_llama(path: &Path, device: Device, kind: Kind) -> Result<(Llama, LlamaConfig), HfError> {
     check_kind(kind)?;
     let cfg = read_config(path)?;
-    let named = hf::load_tensors(path, &LLAMA, &cfg.param_specs(), device, kind)?;
-    let model = Llama::from_named(&cfg, device, kind, named)?;
-    Ok((model, cfg))
+    Ok((hf::load_decoder(path, &LLAMA, &cfg, device, kind)?, cfg))
 }
 
 /// Writes `model` as a LlamaForCausalLM directory (config.json + model.safetensors, parameters in
 /// the model's kind, a tied lm_head stored once as the embedding), atomically; an existing `dir`
 /// is replaced only with `force`.
 pub fn save_llama(model: &Llama, dir: &Path, force: bool) -> Result<(), HfError> {
-    let tensors: Vec<(String, Tensor)> = model.named_parameters().into_iter().map(|(n, t)| (n, t.detach())).collect();
-    hf::save(dir, &config_json(model.config(), model.kind()), model.kind(), &tensors, force)
+    hf::save_model(model, model.kind(), &config_json(model.config(), model.kind()), dir, force)
 }

@@ -6,7 +6,8 @@
 //! (its five sizes, no `family` key, so checkpoints of every earlier version read unchanged),
 //! every other family's with `"family"` naming it.
 
-use super::{Gpt, GptConfig, HeadGrads, Llama, LlamaConfig, Model, ModelError, ParamSpec};
+use super::decoder::DecoderConfig;
+use super::{Gemma, GemmaConfig, Gpt, GptConfig, HeadGrads, Llama, LlamaConfig, Model, ModelError, ParamSpec};
 use serde_json::Value;
 use tch::{Device, Kind, TchError, Tensor};
 
@@ -15,19 +16,25 @@ use tch::{Device, Kind, TchError, Tensor};
 pub enum ModelConfig {
     Gpt2(GptConfig),
     Llama(LlamaConfig),
+    Gemma(GemmaConfig),
 }
 
 /// Every preset name, GPT-2's first.
 pub fn preset_names() -> Vec<&'static str> {
-    super::gpt2::PRESETS.iter().chain(super::llama::PRESETS.iter()).copied().collect()
+    let (gpt2, llama, gemma) =
+        (super::gpt2::PRESETS.iter(), super::llama::PRESETS.iter(), super::gemma::PRESETS.iter());
+    gpt2.chain(llama).chain(gemma).copied().collect()
 }
 
 impl ModelConfig {
-    /// A GPT-2 or Llama preset by name ([`preset_names`]).
+    /// A GPT-2, Llama or Gemma preset by name ([`preset_names`]).
     pub fn preset(name: &str) -> Result<ModelConfig, ModelError> {
         match GptConfig::preset(name) {
             Ok(c) => Ok(ModelConfig::Gpt2(c)),
-            Err(_) => LlamaConfig::preset(name).map(ModelConfig::Llama),
+            Err(_) => match LlamaConfig::preset(name) {
+                Ok(c) => Ok(ModelConfig::Llama(c)),
+                Err(_) => GemmaConfig::preset(name).map(ModelConfig::Gemma),
+            },
         }
     }
 
@@ -36,6 +43,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Gpt2(_) => "gpt2",
             ModelConfig::Llama(_) => "llama",
+            ModelConfig::Gemma(_) => "gemma",
         }
     }
 
@@ -48,7 +56,8 @@ impl ModelConfig {
         let parsed = match family {
             "gpt2" => serde_json::from_value(v.clone()).map(ModelConfig::Gpt2),
             "llama" => serde_json::from_value(v.clone()).map(ModelConfig::Llama),
-            other => return Err(format!("family {other:?} is not one zerokit knows (gpt2, llama)")),
+            "gemma" => serde_json::from_value(v.clone()).map(ModelConfig::Gemma),
+            other => return Err(format!("family {other:?} is not one zerokit knows (gpt2, llama, gemma)")),
         };
         parsed.map_err(|e| format!("not a {family} configuration: {e}"))
     }
@@ -57,11 +66,8 @@ impl ModelConfig {
     pub fn to_manifest(&self) -> Value {
         match self {
             ModelConfig::Gpt2(c) => serde_json::to_value(c).expect("a config serializes"),
-            ModelConfig::Llama(c) => {
-                let mut v = serde_json::to_value(c).expect("a config serializes");
-                v["family"] = Value::from("llama");
-                v
-            }
+            ModelConfig::Llama(c) => with_family(serde_json::to_value(c), "llama"),
+            ModelConfig::Gemma(c) => with_family(serde_json::to_value(c), "gemma"),
         }
     }
 
@@ -69,6 +75,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Gpt2(c) => c.validate(),
             ModelConfig::Llama(c) => c.validate(),
+            ModelConfig::Gemma(c) => c.validate(),
         }
     }
 
@@ -77,6 +84,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Gpt2(c) => c.param_specs(),
             ModelConfig::Llama(c) => c.param_specs(),
+            ModelConfig::Gemma(c) => c.param_specs(),
         }
     }
 
@@ -85,6 +93,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Gpt2(c) => c.num_params(),
             ModelConfig::Llama(c) => c.num_params(),
+            ModelConfig::Gemma(c) => c.num_params(),
         }
     }
 
@@ -92,6 +101,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Gpt2(c) => c.vocab_size,
             ModelConfig::Llama(c) => c.vocab_size,
+            ModelConfig::Gemma(c) => c.vocab_size,
         }
     }
 
@@ -99,15 +109,17 @@ impl ModelConfig {
         match self {
             ModelConfig::Gpt2(c) => c.vocab_size = v,
             ModelConfig::Llama(c) => c.vocab_size = v,
+            ModelConfig::Gemma(c) => c.vocab_size = v,
         }
     }
 
-    /// The longest sequence the model takes: GPT-2's learned positions, Llama's
+    /// The longest sequence the model takes: GPT-2's learned positions, Llama's and Gemma's
     /// max_position_embeddings.
     pub fn positions(&self) -> usize {
         match self {
             ModelConfig::Gpt2(c) => c.block_size,
             ModelConfig::Llama(c) => c.max_position_embeddings,
+            ModelConfig::Gemma(c) => c.max_position_embeddings,
         }
     }
 
@@ -116,6 +128,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Gpt2(c) => (c.n_layer, c.n_head, c.n_embd),
             ModelConfig::Llama(c) => (c.num_hidden_layers, c.num_attention_heads, c.hidden_size),
+            ModelConfig::Gemma(c) => (c.num_hidden_layers, c.num_attention_heads, c.hidden_size),
         }
     }
 
@@ -125,6 +138,7 @@ impl ModelConfig {
         let (layers, width) = match self {
             ModelConfig::Gpt2(c) => (c.n_layer, c.n_embd),
             ModelConfig::Llama(c) => (c.num_hidden_layers, c.num_attention_heads * c.head_dim),
+            ModelConfig::Gemma(c) => (c.num_hidden_layers, c.num_attention_heads * c.head_dim),
         };
         6.0 * self.num_params() as f64 + 12.0 * (layers * width * seq) as f64
     }
@@ -149,6 +163,20 @@ impl ModelConfig {
                 c.vocab_size,
                 if c.tie_word_embeddings { "tied" } else { "untied" }
             ),
+            ModelConfig::Gemma(c) => format!(
+                "Gemma ({}), {} layers ({} local with window {}), {} heads ({} key/value), hidden {}, MLP {}, \
+                 {} positions, vocab {}: {params:.2}M parameters",
+                c.model_type.model_type(),
+                c.num_hidden_layers,
+                c.layer_types.iter().filter(|t| **t == super::LayerType::Sliding).count(),
+                c.sliding_window,
+                c.num_attention_heads,
+                c.num_key_value_heads,
+                c.hidden_size,
+                c.intermediate_size,
+                c.max_position_embeddings,
+                c.vocab_size
+            ),
         }
     }
 
@@ -157,14 +185,23 @@ impl ModelConfig {
         Ok(match self {
             ModelConfig::Gpt2(c) => AnyModel::Gpt2(Gpt::new(c, device, kind, seed)?),
             ModelConfig::Llama(c) => AnyModel::Llama(Llama::new(c, device, kind, seed)?),
+            ModelConfig::Gemma(c) => AnyModel::Gemma(Gemma::new(c, device, kind, seed)?),
         })
     }
+}
+
+/// A family's configuration as a manifest records it: its fields and `family`.
+fn with_family(v: serde_json::Result<Value>, family: &str) -> Value {
+    let mut v = v.expect("a config serializes");
+    v["family"] = Value::from(family);
+    v
 }
 
 /// A model of any family: the one type the trainer's engine, evaluation and sampling hold.
 pub enum AnyModel {
     Gpt2(Gpt),
     Llama(Llama),
+    Gemma(Gemma),
 }
 
 impl From<Gpt> for AnyModel {
@@ -179,12 +216,19 @@ impl From<Llama> for AnyModel {
     }
 }
 
+impl From<Gemma> for AnyModel {
+    fn from(m: Gemma) -> AnyModel {
+        AnyModel::Gemma(m)
+    }
+}
+
 /// `$body` with `$m` bound to the model inside, whichever family.
 macro_rules! each {
     ($self:expr, $m:ident => $body:expr) => {
         match $self {
             AnyModel::Gpt2($m) => $body,
             AnyModel::Llama($m) => $body,
+            AnyModel::Gemma($m) => $body,
         }
     };
 }
@@ -194,6 +238,7 @@ impl AnyModel {
         match self {
             AnyModel::Gpt2(m) => ModelConfig::Gpt2(*m.config()),
             AnyModel::Llama(m) => ModelConfig::Llama(m.config().clone()),
+            AnyModel::Gemma(m) => ModelConfig::Gemma(m.config().clone()),
         }
     }
 
@@ -290,8 +335,14 @@ mod tests {
             assert_eq!(v["family"], "llama");
             assert_eq!(ModelConfig::from_manifest(&v).unwrap(), llama);
         }
-        let err = ModelConfig::from_manifest(&serde_json::json!({"family": "gemma"})).unwrap_err();
-        assert!(err.contains("gemma"), "{err}");
+        for name in super::super::gemma::PRESETS {
+            let gemma = ModelConfig::preset(name).unwrap();
+            let v = gemma.to_manifest();
+            assert_eq!(v["family"], "gemma");
+            assert_eq!(ModelConfig::from_manifest(&v).unwrap(), gemma);
+        }
+        let err = ModelConfig::from_manifest(&serde_json::json!({"family": "mamba"})).unwrap_err();
+        assert!(err.contains("mamba"), "{err}");
         let err = ModelConfig::from_manifest(&serde_json::json!({"family": "llama", "vocab_size": 5})).unwrap_err();
         assert!(err.contains("not a llama configuration"), "{err}");
     }
@@ -301,7 +352,7 @@ mod tests {
         for name in preset_names() {
             ModelConfig::preset(name).unwrap().validate().unwrap();
         }
-        assert!(matches!(ModelConfig::preset("gemma-3-27b"), Err(ModelError::UnknownPreset(_))));
+        assert!(matches!(ModelConfig::preset("gemma-7b"), Err(ModelError::UnknownPreset(_))));
         let msg = ModelError::UnknownPreset("x".into()).to_string();
         assert!(preset_names().iter().all(|n| msg.contains(n)), "{msg}");
     }

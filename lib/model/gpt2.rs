@@ -11,7 +11,7 @@
 
 use super::generate::{generate, Context};
 use super::init::{init_params, Init};
-use super::{check_kind, head_backward_in_chunks, HeadGrads, Model, ModelError, NamedParams, ParamSpec};
+use super::{check_kind, head_backward_in_chunks, Head, HeadGrads, Model, ModelError, NamedParams, ParamSpec};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, TchError, Tensor};
 
@@ -398,8 +398,13 @@ impl Model for Gpt {
     /// Forward and backward of the head: ln_f, the tied lm_head and the mean cross-entropy over
     /// targets != -1, in chunks (see `model::head_backward_in_chunks`).
     fn head_backward(&self, x: &Tensor, targets: &Tensor, scale: f64) -> Result<HeadGrads, TchError> {
-        let norm = [&self.ln_f.weight, &self.ln_f.bias];
-        head_backward_in_chunks(x, targets, scale, self.head_parameters(), &norm, &self.wte, |x| self.ln_f.forward(x))
+        let head = Head {
+            names: self.head_parameters(),
+            norm_params: vec![&self.ln_f.weight, &self.ln_f.bias],
+            weight: &self.wte,
+            softcap: None,
+        };
+        head_backward_in_chunks(x, targets, scale, head, |x| self.ln_f.forward(x))
     }
 
     fn logits(&self, x: &Tensor) -> Tensor {

@@ -1,11 +1,14 @@
 //! Models, and the contract between a model and the ZeRO engine ([`Model`]). The engine knows
 //! no model: this trait tells it which parameters exist, which of them each piece of the
-//! forward uses, and in which order their gradients become ready. GPT-2 ([`gpt2`]) and Llama
-//! ([`llama`]) implement it; [`init`] is their shared seeded initialisation, [`generate`] their
-//! shared sampling, and [`family`] holds either behind one type (`ModelConfig`, `AnyModel`) for
-//! whatever learns the family only at run time.
+//! forward uses, and in which order their gradients become ready. GPT-2 ([`gpt2`]) and the
+//! decoder ([`decoder`]) that Llama ([`llama`]) and Gemma 2 and 3 ([`gemma`]) configure implement
+//! it; [`init`] is their shared seeded initialisation, [`generate`] their shared sampling, and
+//! [`family`] holds any of them behind one type (`ModelConfig`, `AnyModel`) for whatever learns
+//! the family only at run time.
 
+pub mod decoder;
 pub mod family;
+pub mod gemma;
 pub mod generate;
 pub mod gpt2;
 pub mod init;
@@ -13,6 +16,7 @@ pub mod llama;
 
 use crate::kernels;
 pub use family::{preset_names, AnyModel, ModelConfig};
+pub use gemma::{Gemma, GemmaConfig, GemmaVersion, LayerType};
 pub use gpt2::{Gpt, GptConfig, INIT_STD, LAYER_NORM_EPS, PRESETS};
 pub use llama::{Llama, LlamaConfig, RopeScaling};
 use std::collections::HashMap;
@@ -24,9 +28,11 @@ pub enum ModelError {
     Config(String),
     #[error("invalid Llama config: {0}")]
     LlamaConfig(String),
+    #[error("invalid Gemma config: {0}")]
+    GemmaConfig(String),
     #[error(
         "unknown model preset '{0}' (expected one of gpt2, gpt2-medium, gpt2-large, gpt2-xl, llama-3.2-1b, \
-         llama-3.2-3b, llama-3.1-8b, llama-tiny)"
+         llama-3.2-3b, llama-3.1-8b, llama-tiny, gemma-2-2b, gemma-3-27b, gemma-tiny)"
     )]
     UnknownPreset(String),
     #[error("unsupported parameter kind {0:?} (expected Float, Half or BFloat16)")]
@@ -180,30 +186,42 @@ pub fn loss(logits: &Tensor, targets: &Tensor) -> Tensor {
     )
 }
 
+/// What the chunked head backward computes with: logits are `softcap(norm(x) @ weight^T)`, the
+/// norm having the parameters `norm_params`; `names` names the norm's parameters and then the
+/// weight.
+pub(crate) struct Head<'a> {
+    pub names: Vec<String>,
+    pub norm_params: Vec<&'a Tensor>,
+    pub weight: &'a Tensor,
+    /// Gemma 2's final logit soft-capping, `cap * tanh(z / cap)`; None: the plain projection.
+    pub softcap: Option<f64>,
+}
+
 /// [`Model::head_backward`] for a head whose logits are `norm(x) @ weight^T` ([B, T, C] to
-/// [B, T, V]), with the norm's parameters `norm_params`; `names` names the norm's parameters and
-/// then the weight. Forward and backward of the head and the mean cross-entropy over targets != -1
-/// (in fp32), in chunks of whole sequences of about `HEAD_CHUNK_TOKENS` tokens: the same loss and
-/// gradients as one pass, without ever holding the whole [B, T, V] logits.
+/// [B, T, V]), soft-capped or not (see [`Head`]). Forward and backward of the head and the mean
+/// cross-entropy over targets != -1 (in fp32), in chunks of whole sequences of about
+/// `HEAD_CHUNK_TOKENS` tokens: the same loss and gradients as one pass, without ever holding the
+/// whole [B, T, V] logits.
 ///
 /// The projection and the loss are written out rather than left to autograd: the logits are
 /// computed without a graph, [`kernels::classifier`] turns them into their own gradient in place
 /// (one kernel on GPUs, where autograd would make an fp32 copy and four more passes), and the two
-/// products of the backward follow. Only the norm goes through autograd.
+/// products of the backward follow. Soft-capped, the capped logits `s = cap * t` with
+/// `t = tanh(z / cap)` go through the classifier, and their gradient is carried back to the
+/// projection's `z` by the derivative `1 - t^2` (t is the one extra [chunk, V] tensor this costs).
+/// Only the norm goes through autograd.
 pub(crate) fn head_backward_in_chunks(
     x: &Tensor,
     targets: &Tensor,
     scale: f64,
-    names: Vec<String>,
-    norm_params: &[&Tensor],
-    weight: &Tensor,
+    head: Head<'_>,
     norm: impl Fn(&Tensor) -> Tensor,
 ) -> Result<HeadGrads, TchError> {
     let (b, t, c) = (x.size()[0], x.size()[1], x.size()[2]);
     let per = ((HEAD_CHUNK_TOKENS as i64) / t.max(1)).clamp(1, b.max(1));
     // The mean's denominator over the whole micro-batch, kept on the device (no host sync).
     let count = targets.ne(-1).sum(Kind::Float);
-    let w = weight.detach();
+    let w = head.weight.detach();
     let mut loss = Tensor::zeros([], (Kind::Float, x.device()));
     let mut norm_grads: Option<Vec<Tensor>> = None;
     let mut weight_grad: Option<Tensor> = None;
@@ -214,16 +232,33 @@ pub(crate) fn head_backward_in_chunks(
         let xc = x.narrow(0, start, n).detach().set_requires_grad(true);
         let y = norm(&xc);
         let y2 = y.detach().f_reshape([-1, c])?;
-        let logits = y2.f_mm(&w.f_tr()?)?;
+        let z = y2.f_mm(&w.f_tr()?)?;
+        let (logits, tanh) = match head.softcap {
+            None => (z, None),
+            Some(cap) => {
+                let tanh = z.f_div_scalar(cap)?.f_tanh()?;
+                drop(z);
+                (tanh.f_mul_scalar(cap)?, Some(tanh))
+            }
+        };
         let rows = kernels::classifier(&logits, &targets.narrow(0, start, n).f_reshape([-1])?, &count, scale)?;
         loss += rows.f_sum(Kind::Float)?.f_div(&count)?;
-        // `logits` now holds the gradient of loss * scale with respect to them.
+        // `logits` now holds the gradient of loss * scale with respect to them; soft-capped,
+        // carried back through cap * tanh(z / cap), whose derivative is 1 - tanh^2.
+        let logits = match tanh {
+            None => logits,
+            Some(mut t) => {
+                // 1 - t^2 in t's own storage: no further [chunk, V] tensor.
+                let _ = t.f_mul_(&t.shallow_clone())?.f_neg_()?.f_add_scalar_(1.0)?;
+                logits.f_mul(&t)?
+            }
+        };
         let grad_y = logits.f_mm(&w)?.f_view_as(&y)?;
         weight_grad = Some(match weight_grad {
             None => logits.f_tr()?.f_mm(&y2)?,
             Some(acc) => acc.f_addmm(&logits.f_tr()?, &y2)?,
         });
-        let wrt: Vec<&Tensor> = norm_params.iter().copied().chain([&xc]).collect();
+        let wrt: Vec<&Tensor> = head.norm_params.iter().copied().chain([&xc]).collect();
         let mut g = vjp(&y, &grad_y, &wrt, false);
         inputs.push(g.pop().expect("grad of the chunk's input"));
         norm_grads = Some(match norm_grads {
@@ -233,5 +268,5 @@ pub(crate) fn head_backward_in_chunks(
         start += n;
     }
     let grads = norm_grads.expect("a micro-batch has at least one sequence").into_iter().chain(weight_grad);
-    Ok(HeadGrads { loss, input: Tensor::f_cat(&inputs, 0)?, params: names.into_iter().zip(grads).collect() })
+    Ok(HeadGrads { loss, input: Tensor::f_cat(&inputs, 0)?, params: head.names.into_iter().zip(grads).collect() })
 }

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 #[command(
     name = "train",
     version,
-    about = "Train GPT-2 and Llama with ZeRO data parallelism (nanoGPT's train.py, natively)",
+    about = "Train GPT-2, Llama and Gemma with ZeRO data parallelism (nanoGPT's train.py, natively)",
     args_conflicts_with_subcommands = true
 )]
 pub struct TrainCli {
@@ -61,7 +61,7 @@ pub struct FitArgs {
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct EvalArgs {
-    /// Checkpoint root (its latest tag), tag directory, or Hugging Face GPT-2 or Llama directory.
+    /// Checkpoint root (its latest tag), tag directory, or Hugging Face GPT-2, Llama or Gemma directory.
     pub checkpoint: PathBuf,
     /// Directory with the split files (from `prepare`).
     #[arg(long, default_value = "data/shakespeare")]
@@ -85,7 +85,7 @@ pub struct EvalArgs {
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct SampleArgs {
-    /// Checkpoint root (its latest tag), tag directory, or Hugging Face GPT-2 or Llama directory.
+    /// Checkpoint root (its latest tag), tag directory, or Hugging Face GPT-2, Llama or Gemma directory.
     pub checkpoint: PathBuf,
     #[arg(long, default_value = "\n")]
     pub prompt: String,

@@ -25,7 +25,7 @@ pub struct Loaded {
 
 /// Loads the model at `path` in fp32 on `device`: a zerokit checkpoint root (the tag `latest`
 /// names) or tag (checked against its manifest by size and header first), or a Hugging Face
-/// GPT-2 or Llama directory (config.json and model.safetensors, as zero-to-fp32 writes it).
+/// GPT-2, Llama or Gemma directory (config.json and model.safetensors, as zero-to-fp32 writes it).
 pub fn load_model(path: &Path, device: &str) -> Result<Loaded, TrainError> {
     let device = crate::device::parse_device(device).map_err(TrainError::Other)?;
     let is_hf = path.join(hf::CONFIG_FILE).is_file() && !path.join("manifest.json").is_file();

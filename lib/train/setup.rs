@@ -204,7 +204,7 @@ pub fn resolve_device(cfg: &TrainConfig, local_rank: usize) -> Result<(Device, K
 }
 
 /// The model shape the configuration asks for: `custom` (a GPT-2 of n_layer, n_head, n_embd), a
-/// preset (GPT-2's or Llama's layers and widths, with the run's vocab_size, and for GPT-2 its
+/// preset (GPT-2's, Llama's or Gemma's layers and widths, with the run's vocab_size, and for GPT-2 its
 /// block_size as the positions), or else a Hugging Face config.json (a file ending in .json, or a
 /// directory holding one), taken as it is.
 pub fn model_config(cfg: &TrainConfig) -> Result<ModelConfig, TrainError> {
@@ -462,8 +462,8 @@ fn initial_model(cfg: &TrainConfig, shape: ModelConfig) -> Result<AnyModel, Trai
         "scratch" | "resume" => shape.new_model(Device::Cpu, Kind::Float, cfg.seed)?,
         dir if !Path::new(dir).is_dir() => {
             return Err(TrainError::Other(format!(
-                "init_from = {dir:?}: not a directory. zerokit downloads nothing: give a local Hugging Face GPT-2 \
-                 or Llama directory (config.json and model.safetensors or its sharded index), a model id \
+                "init_from = {dir:?}: not a directory. zerokit downloads nothing: give a local Hugging Face GPT-2, \
+                 Llama or Gemma directory (config.json and model.safetensors or its sharded index), a model id \
                  (ORG/NAME) in the local hub cache, \"scratch\" or \"resume\""
             )))
         }

@@ -3,6 +3,7 @@
 //! only some of them.
 #![allow(dead_code)]
 
+pub mod decoder;
 pub mod engine;
 pub mod tiny;
 
@@ -193,4 +194,11 @@ pub fn split_gradients(
         add(n, g);
     }
     split
+}
+
+/// Runs one of the binaries (CPU only): whether it succeeded, and its stdout and stderr.
+pub fn tool(bin: &str, args: &[&str]) -> (bool, String) {
+    let o = Command::new(bin).args(args).env("ZEROKIT_NO_CUDA", "1").output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    (o.status.success(), text)
 }
