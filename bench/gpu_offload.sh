@@ -88,7 +88,7 @@ shape() {
   .carry/bin/ckpt estimate --model "$PRESET" --n-layer "$1" --vocab-size 128256 --json > "$work/shape-$1.json" &&
     python3 tools/bench_llama_peer.py --write-config "$cfg" --estimate "$work/shape-$1.json" &&
     .carry/bin/ckpt estimate --model "$cfg" --dtype bf16 --micro-batch "$BATCH" --seq-len "$SEQ" \
-      --activation-checkpointing --gpu-memory 140GiB --json > "$work/estimate-$1.json"
+      --activation-checkpointing --gpu-memory 140GiB --no-async-save --json > "$work/estimate-$1.json"
 }
 
 # run NAME LAYERS LIMIT CMD...: CMD under timeout LIMIT (0: skipped), nvidia-smi's and rss_peak's sampling; the contender's
@@ -177,7 +177,9 @@ for name, offload in (("zerokit-offload-optimizer", "optimizer"), ("zerokit-offl
         continue
     zk = json.load(open(path))
     r = {"contender": name, "offload": offload, "estimate_gpu_gib": round(row["gpu_total"] / 2**30, 3),
-         "estimate_host_gib": round(row["cpu_per_node"] / 2**30, 3),
+         # The runs save no checkpoint: the rank's peak, without rank 0's save copies.
+         "estimate_host_gib": round(max(row["host"]["startup"], row["host"]["optimizer"] + row["host"]["params"]
+                                        + row["host"]["checkpoint"]) / 2**30, 3),
          "deepspeed_estimator": {k: round(v / 2**30, 3) for k, v in (row.get("deepspeed") or {}).items()}}
     if zk.get("gpu_mem_peak_gib") is not None and zk.get("gpu_context_gib") is not None:
         g = zk["gpu_mem_peak_gib"] - zk["gpu_context_gib"]
