@@ -777,7 +777,9 @@ pub fn host_breakdown(s: &Setup, stage: u8, offload: Offload, gpu: bool) -> Host
     // With optimizer offload a background save writes the host partition in place (no copy).
     let saved = if s.async_save && !offload.optimizer() { 12 * p } else { 0 };
     let to_device = if gpu && stage < 3 && e != 4 { e * z.total } else { 0 };
-    let startup = 4 * psi + 4 * z.total + if offload.optimizer() { 4 * p } else { 0 } + to_device;
+    // The engine fills its fp32 flat copy as it releases the model's parameters: one of the two
+    // at a time, the larger being the flat copy with its padding.
+    let startup = 4 * psi.max(z.total) + if offload.optimizer() { 4 * p } else { 0 } + to_device;
     let model = e * psi * (u64::from(stage == 3) + u64::from(s.async_save));
     HostBreakdown {
         optimizer: opt,

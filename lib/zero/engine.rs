@@ -263,10 +263,19 @@ impl<M: Model> Engine<M> {
         // built on the GPU, its per-parameter blocks would stay in libtorch's cache after the
         // conversion, GiBs that nvidia-smi counts and that only an out-of-memory retry returns.
         let built_on = named.first().map_or(cfg.device, |(_, t)| t.device());
-        let flat32 = Tensor::zeros([layout.total as i64], (Kind::Float, built_on));
-        for (i, (_, t)) in named.iter().enumerate() {
+        // Start-up holds about one fp32 model, not two: the flat copy is left uninitialised, so
+        // its pages become resident only as each parameter is copied in, and each parameter is
+        // released as soon as it is (only the buckets' padding tails are zeroed).
+        let flat32 = Tensor::f_empty([layout.total as i64], (Kind::Float, built_on))?;
+        let released = Tensor::f_empty([0], (Kind::Float, built_on))?;
+        let mut named = named;
+        for (i, (_, t)) in named.iter_mut().enumerate() {
             let off = layout.flat_offset(i) as i64;
             flat32.narrow(0, off, t.numel() as i64).copy_(&t.detach().to_kind(Kind::Float).view(-1));
+            t.set_data(&released);
+        }
+        for b in &layout.buckets {
+            let _ = flat32.narrow(0, (b.flat_offset + b.numel) as i64, (b.padded - b.numel) as i64).zero_();
         }
         let master = partition_f32()?;
         for b in &layout.buckets {
@@ -280,7 +289,9 @@ impl<M: Model> Engine<M> {
         match &model_flat {
             Some(flat) => {
                 for (i, t) in handles.iter_mut().enumerate() {
-                    let view = flat.narrow(0, layout.flat_offset(i) as i64, t.numel() as i64).view(t.size().as_slice());
+                    let p = &layout.params[i];
+                    let shape: Vec<i64> = p.shape.iter().map(|&d| d as i64).collect();
+                    let view = flat.narrow(0, layout.flat_offset(i) as i64, p.numel as i64).view(shape.as_slice());
                     t.set_data(&view);
                 }
             }
