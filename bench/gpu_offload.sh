@@ -23,7 +23,11 @@
 #   COMMIT=$(git rev-parse --short HEAD) bash bench/gpu_offload.sh
 # Settings: PRESET (llama-3.1-8b), LAYERS ("12 8"), BATCH (4), SEQ (2048), WARMUP (2), STEPS (4),
 # ZK_PARAM (1: also zerokit with offload_param when 120 s are left), ZK_BIG (24: zerokit alone
-# at a depth beyond DeepSpeed's host memory, when 120 s are left; empty: not), DS_TIMEOUT (200 s) and
+# at a depth beyond DeepSpeed's host memory, when 120 s are left; empty: not), ZK_BIG_DTYPE (bf16;
+# fp32 makes a model that does not fit on the GPU without offload, 20 B/param there, but does
+# with it), ZK_BIG_PLAIN (0; 1: the ZK_BIG model also without offload, stage 0, to show it does
+# not fit), SKIP_DS (0; 1: no DeepSpeed, zerokit at the first of LAYERS), SKIP_MAIN (0; 1: only
+# the ZK_BIG runs), DS_TIMEOUT (200 s) and
 # ZK_TIMEOUT (150 s) per run, BUDGET (the seconds all runs must end in: 520; DeepSpeed's runs leave
 # ZK_TIMEOUT of it to zerokit), MIN_AVAIL_GIB (4).
 # Time on one H200, estimated per phase: DeepSpeed and transformers installed from the carried
@@ -43,6 +47,10 @@ SEQ=${SEQ:-2048}
 WARMUP=${WARMUP:-2}
 STEPS=${STEPS:-4}
 ZK_PARAM=${ZK_PARAM:-1}
+ZK_BIG_DTYPE=${ZK_BIG_DTYPE:-bf16}
+ZK_BIG_PLAIN=${ZK_BIG_PLAIN:-0}
+SKIP_DS=${SKIP_DS:-0}
+SKIP_MAIN=${SKIP_MAIN:-0}
 DS_TIMEOUT=${DS_TIMEOUT:-200}
 ZK_TIMEOUT=${ZK_TIMEOUT:-150}
 BUDGET=${BUDGET:-520}
@@ -57,14 +65,14 @@ log() { echo "[gpu_offload $(date -u +%H:%M:%S)] $*" >&2; }
 # limit RESERVE CAP: a run's time limit: CAP, or what is left of BUDGET less RESERVE seconds if
 # that is less; 0 when under 30 s are left.
 limit() { local left=$((BUDGET - SECONDS - $1)); [ $left -lt "$2" ] || left=$2; [ $left -ge 30 ] || left=0; echo $left; }
-BENCH_COMMAND="DEV=$DEV PRESET=$PRESET LAYERS=\"$LAYERS\" BATCH=$BATCH SEQ=$SEQ WARMUP=$WARMUP STEPS=$STEPS ZK_PARAM=$ZK_PARAM DS_TIMEOUT=$DS_TIMEOUT ZK_TIMEOUT=$ZK_TIMEOUT BUDGET=$BUDGET bash bench/gpu_offload.sh"
+BENCH_COMMAND="DEV=$DEV PRESET=$PRESET LAYERS=\"$LAYERS\" BATCH=$BATCH SEQ=$SEQ WARMUP=$WARMUP STEPS=$STEPS ZK_PARAM=$ZK_PARAM ZK_BIG=${ZK_BIG-24} ZK_BIG_DTYPE=$ZK_BIG_DTYPE ZK_BIG_PLAIN=$ZK_BIG_PLAIN SKIP_DS=$SKIP_DS SKIP_MAIN=$SKIP_MAIN DS_TIMEOUT=$DS_TIMEOUT ZK_TIMEOUT=$ZK_TIMEOUT BUDGET=$BUDGET bash bench/gpu_offload.sh"
 DEVICE="$(nvidia-smi -L | wc -l)x $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1) ($(hostname)), $(awk '/MemTotal/{printf "%.0f GiB", $2/2^20}' /proc/meminfo) host memory, $(nproc) cores"
 COMMIT=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 work=$(mktemp -d)
 random_tokens "$work/data"
 
 log "installing DeepSpeed (.carry/whl) and transformers (.carry/whl-hf)"
-install_deepspeed
+[ "$SKIP_DS" = 1 ] || install_deepspeed
 install_hf || exit 1
 log "done ($SECONDS s)"
 # DeepSpeedCPUAdam's op, JIT-built once here so that no timed run pays for it (its build folder
@@ -75,19 +83,21 @@ if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null; then
   CUDA_HOME=$(dirname "$(dirname "$(command -v nvcc)")"); export CUDA_HOME
 fi
 log "building DeepSpeed's cpu_adam op"
-timeout -k 10 200 python3 -c 'from deepspeed.accelerator import get_accelerator as g; g().create_op_builder("CPUAdamBuilder").load()' \
+[ "$SKIP_DS" = 1 ] && LAYERS=${LAYERS%% *}
+[ "$SKIP_DS" = 1 ] || timeout -k 10 200 python3 -c 'from deepspeed.accelerator import get_accelerator as g; g().create_op_builder("CPUAdamBuilder").load()' \
   > "$work/cpu_adam.log" 2>&1
-CPU_ADAM_RC=$?
+CPU_ADAM_RC=$?; [ "$SKIP_DS" = 1 ] && CPU_ADAM_RC=0
 [ $CPU_ADAM_RC -eq 0 ] || { log "cpu_adam build failed (exit $CPU_ADAM_RC):"; tail -20 "$work/cpu_adam.log" >&2; }
 log "done ($SECONDS s)"
 
-# shape N: the config.json of PRESET at N layers (zerokit's own shape, Llama 3's vocabulary) in
-# $work/config-N.json, and its estimate with activation checkpointing in $work/estimate-N.json.
+# shape N [DTYPE]: the config.json of PRESET at N layers (zerokit's own shape, Llama 3's
+# vocabulary) in $work/config-N.json, and its estimate in DTYPE (bf16) with activation
+# checkpointing in $work/estimate-N.json.
 shape() {
   local cfg="$work/config-$1.json"
   .carry/bin/ckpt estimate --model "$PRESET" --n-layer "$1" --vocab-size 128256 --json > "$work/shape-$1.json" &&
     python3 tools/bench_llama_peer.py --write-config "$cfg" --estimate "$work/shape-$1.json" &&
-    .carry/bin/ckpt estimate --model "$cfg" --dtype bf16 --micro-batch "$BATCH" --seq-len "$SEQ" \
+    .carry/bin/ckpt estimate --model "$cfg" --dtype "${2:-bf16}" --micro-batch "$BATCH" --seq-len "$SEQ" \
       --activation-checkpointing --gpu-memory 140GiB --no-async-save --json > "$work/estimate-$1.json"
 }
 
@@ -106,7 +116,7 @@ run() {
   fi
   [[ $name == zerokit* ]] || cp "$work/$name.out.log" "$out"
   echo "{\"layers\": $layers}" > "$work/$name.layers.json"
-  python3 tools/bench_record.py "$name" "$PRESET-${layers}l" bf16 "$BATCH" "$out" "$work/$name.err" "$*" \
+  python3 tools/bench_record.py "$name" "$PRESET-${layers}l" "${DTYPE:-bf16}" "$BATCH" "$out" "$work/$name.err" "$*" \
     "$RC" "$PEAK" "$WARMUP" "$STEPS" "$SEQ" "$DEVICE" "$DATE" "$COMMIT" "$BENCH_COMMAND" \
     "$work/$name.layers.json" "$work/$name.rss.json" > "$OUTDIR/$name.json"
   cat "$OUTDIR/$name.json"
@@ -116,6 +126,7 @@ run() {
 # DeepSpeed first, largest depth first.
 ran=
 for n in $LAYERS; do
+  [ "$SKIP_DS" = 1 ] && break
   shape "$n" || { log "no config for $n layers"; continue; }
   if [ $CPU_ADAM_RC -ne 0 ]; then  # DeepSpeed would wait on the failed build's lock: not run
     printf '{"peer": "deepspeed-zero3", "model": "%s", "layers": %s, "exit": %s, "error": "cpu_adam op build failed: %s"}\n' \
@@ -142,41 +153,61 @@ zl=${ran:-${LAYERS%% *}}
 [ -f "$work/config-$zl.json" ] || shape "$zl"
 cp "$work/config-$zl.json" "$OUTDIR/config.json"
 
-zk() {  # zk NAME MORE_SETTINGS...
+zk() {  # zk NAME MORE_SETTINGS... (in DTYPE, bf16 unless set)
   local name=$1; shift
   run "$name" "$zl" "$(limit 0 "$ZK_TIMEOUT")" .carry/bin/train --set model="$work/config-$zl.json" --set block_size="$SEQ" \
     --set batch_size="$BATCH" --set max_iters=$((STEPS + WARMUP)) --set eval_iters=0 --set log_interval=1 \
-    --set dtype=bf16 --set device="$DEV" --set sample_tokens=0 --set dataset="$work/data" \
+    --set dtype="${DTYPE:-bf16}" --set device="$DEV" --set sample_tokens=0 --set dataset="$work/data" \
     --set out_dir="$work/$name" --set warmup_iters=0 --set zero_stage=3 --set offload_optimizer=true \
     --set activation_checkpointing=true --set pin_memory=true "$@"
 }
-zk zerokit-offload-optimizer
-if [ "$ZK_PARAM" = 1 ] && [ $((BUDGET - SECONDS)) -ge 120 ]; then
-  zk zerokit-offload-param --set offload_param=true
+# Each zerokit run's estimate: NAME ESTIMATE-FILE OFFLOAD lines for the comparison below.
+pairs="$work/pairs"; : > "$pairs"
+if [ "$SKIP_MAIN" != 1 ]; then
+  zk zerokit-offload-optimizer
+  echo "zerokit-offload-optimizer $work/estimate-$zl.json optimizer" >> "$pairs"
+  if [ "$ZK_PARAM" = 1 ] && [ $((BUDGET - SECONDS)) -ge 120 ]; then
+    zk zerokit-offload-param --set offload_param=true
+    echo "zerokit-offload-param $work/estimate-$zl.json optimizer_and_params" >> "$pairs"
+  fi
 fi
 # A depth DeepSpeed's host memory cannot hold (its estimator: 24 B/param with optimizer offload)
 # and zerokit's 16 B/param can: zerokit alone, when time is left (ZK_BIG, default 24 layers).
 ZK_BIG=${ZK_BIG-24}
-if [ -n "$ZK_BIG" ] && [ "$ZK_BIG" != "$zl" ] && [ $((BUDGET - SECONDS)) -ge 120 ] && shape "$ZK_BIG"; then
+if [ -n "$ZK_BIG" ] && [ "$ZK_BIG" != "$zl" ] && [ $((BUDGET - SECONDS)) -ge 120 ] && shape "$ZK_BIG" "$ZK_BIG_DTYPE"; then
   zl_main=$zl; zl=$ZK_BIG
-  zk "zerokit-offload-optimizer-${ZK_BIG}l"
+  big="zerokit-offload-optimizer-${ZK_BIG}l"; [ "$ZK_BIG_DTYPE" = bf16 ] || big="$big-$ZK_BIG_DTYPE"
+  DTYPE=$ZK_BIG_DTYPE zk "$big"
+  echo "$big $work/estimate-$ZK_BIG.json optimizer" >> "$pairs"
+  # The same model without offload (stage 0, the least a single GPU can hold without it): the
+  # estimate says whether it fits, and the run shows what happens.
+  if [ "$ZK_BIG_PLAIN" = 1 ] && [ $((BUDGET - SECONDS)) -ge 60 ]; then
+    DTYPE=$ZK_BIG_DTYPE zk "zerokit-no-offload-${ZK_BIG}l-$ZK_BIG_DTYPE" --set zero_stage=0 --set offload_optimizer=false
+    echo "zerokit-no-offload-${ZK_BIG}l-$ZK_BIG_DTYPE $work/estimate-$ZK_BIG.json none:0" >> "$pairs"
+  fi
   cp "$work/estimate-$ZK_BIG.json" "$OUTDIR/estimate-${ZK_BIG}l.json"
   zl=$zl_main
 fi
 
-# ckpt estimate's stage-3 rows (GPU less the CUDA context, host) beside what zerokit measured.
-python3 - "$work/estimate-$zl.json" "$OUTDIR" <<'PY' | tee "$OUTDIR/estimate.json"
+# ckpt estimate's rows (GPU less the CUDA context, host) beside what each zerokit run measured:
+# stage 3 with the run's offload, or OFFLOAD:STAGE.
+python3 - "$pairs" "$OUTDIR" <<'PY' | tee "$OUTDIR/estimate.json"
 import json, os, sys
-est, outdir = sys.argv[1:]
-e = json.load(open(est))
-out = {"num_params": e["num_params"], "setup": e["setup"], "rows": []}
-for name, offload in (("zerokit-offload-optimizer", "optimizer"), ("zerokit-offload-param", "optimizer_and_params")):
-    row = next((r for r in e["rows"] if r["stage"] == 3 and r["offload"] == offload), None)
+pairs, outdir = sys.argv[1:]
+out = {"rows": []}
+for line in open(pairs):
+    name, est, offload = line.split()
+    offload, _, stage = offload.partition(":")
+    e = json.load(open(est))
+    out.setdefault("num_params", e["num_params"]); out.setdefault("setup", e["setup"])
+    row = next((r for r in e["rows"] if r["stage"] == int(stage or 3) and r["offload"] == offload), None)
     path = os.path.join(outdir, name + ".json")
     if row is None or not os.path.exists(path):
         continue
     zk = json.load(open(path))
-    r = {"contender": name, "offload": offload, "estimate_gpu_gib": round(row["gpu_total"] / 2**30, 3),
+    r = {"contender": name, "offload": offload, "stage": int(stage or 3), "num_params": e["num_params"],
+         "dtype": e["setup"].get("dtype"), "estimate_gpu_gib": round(row["gpu_total"] / 2**30, 3),
+         "fits_140gib": row["gpu_total"] <= 140 * 2**30,
          # The runs save no checkpoint: the rank's peak, without rank 0's save copies.
          "estimate_host_gib": round(max(row["host"]["startup"], row["host"]["optimizer"] + row["host"]["params"]
                                         + row["host"]["checkpoint"]) / 2**30, 3),
@@ -191,7 +222,7 @@ for name, offload in (("zerokit-offload-optimizer", "optimizer"), ("zerokit-offl
 print(json.dumps(out))
 PY
 
-cat "$OUTDIR"/deepspeed-zero3.json "$OUTDIR"/zerokit-offload-*.json > "$OUTDIR/all.jsonl" 2>/dev/null
+cat "$OUTDIR"/deepspeed-zero3.json "$OUTDIR"/zerokit-*.json > "$OUTDIR/all.jsonl" 2>/dev/null
 python3 - "$OUTDIR/all.jsonl" "$OUTDIR/estimate.json" "$BENCH_COMMAND" "$LAYERS" "$zl" <<'PY' | tee "$OUTDIR/table.md"
 import json, sys
 path, est, command, tried, layers = sys.argv[1:]
@@ -199,19 +230,20 @@ rows = [json.loads(l) for l in open(path) if l.strip()]
 e = json.load(open(est))
 f = rows[0] if rows else {}
 print(f"{f.get('device', '?')}, {f.get('date', '?')}, commit {f.get('commit', '?')}, command: `{command}`\n")
-print(f"Llama-3.1-8B shape at {layers} layers (tried, largest first: {tried}): {e['num_params'] / 1e9:.2f}B parameters, "
-      f"bf16, micro-batch {e['setup']['micro_batch']}, sequence {e['setup']['seq_len']}, activation checkpointing; "
+print(f"Llama-3.1-8B shape, DeepSpeed and zerokit at {layers} layers (tried, largest first: {tried}), "
+      f"micro-batch {f.get('batch', '?')}, sequence {f.get('seq', '?')}, activation checkpointing; "
       "the full 32-layer 8B needs 16 B/param of fp32 state on the host, more than this machine holds.\n")
-print("| contender | layers | tokens/s | TFLOPS | step (ms) | GPU peak, nvidia-smi (GiB) | GPU peak, own (GiB) | "
+print("| contender | layers | dtype | tokens/s | TFLOPS | step (ms) | GPU peak, nvidia-smi (GiB) | GPU peak, own (GiB) | "
       "host RSS peak (GiB) | host used rise (GiB) | loss after last step |")
-print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
 for r in rows:
     if "tokens_per_s" not in r:
-        print(f"| {r['peer']} | {r.get('layers', '')} | failed: {str(r.get('error', ''))[:200].replace('|', '/')} | | | | | | | |")
+        print(f"| {r['peer']} | {r.get('layers', '')} | {r.get('dtype', '')} | failed: {str(r.get('error', ''))[:200].replace('|', '/')} | | | "
+              f"{r.get('peak_used_gib_nvidia_smi') or 0:.1f} | | {r.get('host_rss_peak_gib', 0):.1f} | | |")
         continue
     own = r.get("peak_allocated_gib") or r.get("gpu_mem_peak_gib")
     tf = r.get("tflops_per_gpu") or (r["mfu"] * 989 if r.get("mfu") else None)
-    print(f"| {r['peer']} | {r.get('layers', '')} | {r['tokens_per_s']:,.0f} | {'' if tf is None else f'{tf:.1f}'} | "
+    print(f"| {r['peer']} | {r.get('layers', '')} | {r.get('dtype', '')} | {r['tokens_per_s']:,.0f} | {'' if tf is None else f'{tf:.1f}'} | "
           f"{r['step_ms']:.0f} | {r.get('peak_used_gib_nvidia_smi') or 0:.1f} | {'' if own is None else f'{own:.1f}'} | "
           f"{r.get('host_rss_peak_gib', 0):.1f} | {r.get('host_used_rise_peak_gib', 0):.1f} | {r.get('loss', 0):.4f} |")
 ds = next((r for r in rows if r["peer"] == "deepspeed-zero3" and "tokens_per_s" in r), None)
@@ -219,10 +251,10 @@ zk = next((r for r in rows if r["peer"] == "zerokit-offload-optimizer" and "toke
 if ds and zk:
     print(f"\nzerokit (offload_optimizer) against DeepSpeed: {zk['tokens_per_s'] / ds['tokens_per_s']:.2f}x tokens/s, "
           f"host RSS {zk.get('host_rss_peak_gib', 0):.1f} against {ds.get('host_rss_peak_gib', 0):.1f} GiB "
-          f"({zk.get('host_rss_peak_gib', 0) * 2**30 / zk.get('params', e['num_params']):.1f} against "
-          f"{ds.get('host_rss_peak_gib', 0) * 2**30 / ds.get('params', e['num_params']):.1f} bytes per parameter).")
+          f"({zk.get('host_rss_peak_gib', 0) * 2**30 / zk.get('params', e.get('num_params', 1)):.1f} against "
+          f"{ds.get('host_rss_peak_gib', 0) * 2**30 / ds.get('params', e.get('num_params', 1)):.1f} bytes per parameter).")
 for r in e["rows"]:
-    print(f"\nckpt estimate, stage 3, offload {r['offload']}: GPU {r['estimate_gpu_gib']:.2f} GiB"
+    print(f"\nckpt estimate, {r['contender']} ({r['num_params'] / 1e9:.2f}B, {r['dtype']}), stage {r['stage']}, offload {r['offload']}: GPU {r['estimate_gpu_gib']:.2f} GiB"
           + (f" (measured {r['measured_gpu_gib']:.2f} less the CUDA context: {100 * r['gpu_error']:+.1f}%)" if "measured_gpu_gib" in r else "")
           + f", host {r['estimate_host_gib']:.2f} GiB"
           + (f" (measured RSS {r['measured_host_rss_gib']:.2f}: {100 * r['host_error']:+.1f}%)" if "measured_host_rss_gib" in r else ""))

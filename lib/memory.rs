@@ -613,21 +613,26 @@ pub fn loss_saved_bytes(s: &Setup) -> u64 {
     4 * head_chunk_tokens(s) * s.model.dims().vocab
 }
 
-/// The loss's peak, reached as a chunk's backward starts: its logits in the compute dtype, the
-/// saved fp32 log-softmax, nll_loss's dense fp32 gradient and the fp32 gradient of the logits
-/// that log_softmax's backward produces from the two. zerokit runs the head chunk by chunk, so
-/// one chunk's worth is alive at a time, not the micro-batch's B*T*V.
-/// With more than one chunk, the head's weight gradient (the tied embedding's or lm_head's) is
-/// summed over chunks: the running sum and the chunk's own gradient (2·e·V·C) are alive beside it.
+/// The head's peak on a GPU, one chunk at a time (`model::head_backward_in_chunks`): the chunk's
+/// logits in the compute dtype, which zerokit's fused classifier kernel overwrites with their
+/// gradient in place (it keeps no fp32 copy, log-softmax or loss gradient), Gemma 2's
+/// soft-capping's tanh(z / cap) beside them for the derivative 1 - tanh^2, and with more than one
+/// chunk the head weight's gradient summed over chunks: the running sum and the chunk's own
+/// (2·e·V·C).
 pub fn logits_bytes(s: &Setup) -> u64 {
     let d = s.model.dims();
     let ctv = head_chunk_tokens(s) * d.vocab;
     let chunks = (s.micro_batch * s.seq_len).div_ceil(head_chunk_tokens(s));
     let wte_sum = if chunks > 1 { 2 * s.dtype.bytes() * d.vocab * d.hidden } else { 0 };
-    // Gemma 2's final soft-capping keeps tanh(z / cap) beside the capped logits for the
-    // derivative 1 - tanh^2.
     let softcap = if d.gemma.is_some_and(|g| g.final_softcap) { ctv * s.dtype.bytes() } else { 0 };
-    ctv * s.dtype.bytes() + softcap + loss_saved_bytes(s) + 2 * 4 * ctv + wte_sum
+    ctv * s.dtype.bytes() + softcap + wte_sum
+}
+
+/// What the head holds beyond [`logits_bytes`] where the fused classifier does not run (on CPU,
+/// or with `ZEROKIT_FUSED=0`): its libtorch reference keeps an fp32 copy of the chunk's logits,
+/// their log-softmax and the fp32 gradient before writing it back.
+pub fn logits_reference_extra_bytes(s: &Setup) -> u64 {
+    loss_saved_bytes(s) + 2 * 4 * head_chunk_tokens(s) * s.model.dims().vocab
 }
 
 /// Device memory the CUDA runtime takes after the context exists, whatever the model: kernel
@@ -1168,8 +1173,9 @@ pub fn host_bound_line(s: &Setup) -> String {
     };
     format!(
         "host bound per rank: 16 bytes per parameter of its share (Ψ/d) with optimizer offload (fp32 master, two \
-         moments, fp32 gradient), {} with the parameters offloaded too{saves}; start-up holds 8 bytes per \
-         parameter of the whole model per rank (+ 4 of its share offloaded) before the engine releases them",
+         moments, fp32 gradient), {} with the parameters offloaded too{saves}; start-up holds 4 bytes per \
+         parameter of the whole model per rank (the fp32 model, moved into the engine's flat copy as it is \
+         released), + 4 of its share with the optimizer offloaded",
         16 + e
     )
 }

@@ -335,11 +335,13 @@ fn llama_presets_config_files_and_checkpoints() {
     let act = |v: &serde_json::Value| v["rows"][0]["gpu"]["activations"].as_u64().unwrap();
     assert_eq!(act(&mha) - act(&gqa), 32 * 2 * 1024 * 2 * 2 * (32 - 8) * 128);
     assert_eq!(mha["num_params"].as_u64().unwrap() - gqa["num_params"].as_u64().unwrap(), 32 * 2 * 4096 * 24 * 128);
-    // The 128K vocabulary: one chunk of 2048 tokens' logits dominates the head's peak.
+    // The 128K vocabulary: one chunk of 2048 tokens' logits, which the fused classifier
+    // overwrites with their gradient, and the tied head's gradient summed over the chunks
+    // (micro-batch 8: eight chunks), the running sum and one chunk's.
     let small = json(&["--model", "llama-3.2-1b", "--seq-len", "2048", "--vocab-size", "32000"]);
     let big = json(&["--model", "llama-3.2-1b", "--seq-len", "2048"]);
     let logits = |v: &serde_json::Value| v["rows"][3]["gpu"]["logits"].as_u64().unwrap();
-    assert_eq!(logits(&big) - logits(&small), (2048 * 2 + 2048 * 4 * 3 + 2 * 2 * 2048) * (128256 - 32000));
+    assert_eq!(logits(&big) - logits(&small), (2048 * 2 + 2 * 2 * 2048) * (128256 - 32000));
     // A transformers-saved directory: transformers counts 24,736 parameters (tools/gen_llama_hf_dir.py).
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama/hf_sharded");
     let hf = json(&["--model", dir.to_str().unwrap()]);
@@ -451,7 +453,7 @@ fn host_memory_check_names_the_need_what_there_is_and_the_settings() {
     let gib = |b: u64| format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64);
     let s = setup(ModelShape::preset("llama-3.1-8b").unwrap(), 1, Dtype::Bf16, 1, 1024);
     let (psi, p) = (s.model.num_params(), sizes(&s, 3, Offload::Optimizer).partition);
-    let node = Node { stage: 3, offload: Offload::Optimizer, local_ranks: 1, rank0: true, gpu: true };
+    let node = Node { stage: 3, offload: Offload::Optimizer, local_ranks: 1, rank0: true, gpu: true, saves: true };
     let n = need(&s, node);
     // 16 bytes per element of the partition offloaded, which background saves write in place;
     // rank 0 gathers the model to the host for a save and the save copies it once more.
@@ -484,9 +486,18 @@ fn host_memory_check_names_the_need_what_there_is_and_the_settings() {
     let node8 = Node { local_ranks: 8, ..node };
     let e = check(&s8, node8, &Available { bytes: 256 << 30, ..h200.clone() }).unwrap_err().to_string();
     assert!(e.contains("a start-up peak of") && e.contains("at most 6 rank(s) on this node"), "{e}");
-    // On CPU the device's terms are host memory too.
+    // A run that never saves (eval_iters = 0) holds no save copies on rank 0.
+    let unsaved = Node { saves: false, ..node };
+    assert_eq!(need(&s, unsaved).total, 16 * p);
+    assert!(check(&s, unsaved, &h200).is_ok());
+    // On CPU the device's terms are host memory too, the head's with its libtorch reference
+    // (fp32 logits, log-softmax and gradient of one chunk beside the compute-dtype logits).
     let cpu = need(&s, Node { gpu: false, ..node });
-    assert_eq!(cpu.compute, gpu_breakdown(&s, 3, Offload::Optimizer).total() - zerokit::memory::CUDA_RUNTIME_BYTES);
+    let chunk = zerokit::memory::head_chunk_tokens(&s) * 128256;
+    assert_eq!(
+        cpu.compute,
+        gpu_breakdown(&s, 3, Offload::Optimizer).total() - zerokit::memory::CUDA_RUNTIME_BYTES + 12 * chunk
+    );
     assert!(cpu.total > n.total);
 }
 

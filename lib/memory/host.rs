@@ -106,6 +106,8 @@ pub struct Node {
     pub rank0: bool,
     /// Training runs on GPUs; on CPU every device term is host memory too.
     pub gpu: bool,
+    /// The run writes checkpoints (eval_iters > 0): rank 0's save copies are held only then.
+    pub saves: bool,
 }
 
 /// What a node's ranks will hold in host memory.
@@ -122,9 +124,17 @@ pub struct Need {
 
 /// The node's need for set-up `s` (its world size is `s.world_size()`).
 pub fn need(s: &Setup, node: Node) -> Need {
-    let per_rank = host_breakdown(s, node.stage, node.offload, node.gpu);
-    let compute =
-        if node.gpu { 0 } else { gpu_breakdown(s, node.stage, node.offload).total() - super::CUDA_RUNTIME_BYTES };
+    let mut per_rank = host_breakdown(s, node.stage, node.offload, node.gpu);
+    if !node.saves {
+        per_rank.rank0 = 0;
+    }
+    // On CPU the device terms are host memory too, the head's with its libtorch reference.
+    let compute = if node.gpu {
+        0
+    } else {
+        gpu_breakdown(s, node.stage, node.offload).total() - super::CUDA_RUNTIME_BYTES
+            + super::logits_reference_extra_bytes(s)
+    };
     let total = per_rank.node(node.local_ranks, node.rank0) + node.local_ranks * compute;
     Need { per_rank, compute, node, total }
 }

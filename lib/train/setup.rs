@@ -413,6 +413,7 @@ fn check_host_memory(
         local_ranks: rdv.local_world as u64,
         rank0: rdv.rank == rdv.local_rank,
         gpu: device.is_cuda(),
+        saves: cfg.eval_iters > 0,
     };
     let verdict = memory::host::read_available().and_then(|have| memory::host::check(&setup, node, &have));
     let mut failed = [f64::from(u8::from(verdict.is_err()))];
