@@ -16,12 +16,13 @@ fn main() {
 }
 
 /// The C++ shims reach what tch does not expose: lib/optim/fused_adamw.cpp libtorch's
-/// `_fused_adamw_`, lib/device_context.cpp its attention and determinism settings. They are
+/// `_fused_adamw_`, lib/device_context.cpp its attention and determinism settings,
+/// lib/zero/host.cpp exactly sized pinned tensors, lib/kernels/ops.cpp autograd functions. They are
 /// compiled as tch's own C++ layer is (torch-sys's build script): the same headers, C++17, and
 /// the same `_GLIBCXX_USE_CXX11_ABI`, so that the at::Tensor behind a tch handle has one layout
 /// on both sides. libtorch itself is linked through torch-sys.
 fn compile_shims() {
-    let sources = ["lib/optim/fused_adamw.cpp", "lib/device_context.cpp", "lib/zero/host.cpp"];
+    let sources = ["lib/optim/fused_adamw.cpp", "lib/device_context.cpp", "lib/zero/host.cpp", "lib/kernels/ops.cpp"];
     let src = sources.join(", ");
     for s in sources {
         println!("cargo:rerun-if-changed={s}");

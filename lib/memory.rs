@@ -487,20 +487,33 @@ pub const CONFIGS: [(u8, Offload); 9] = [
     (3, Offload::OptimizerAndParams),
 ];
 
-/// Bytes per token a norm keeps, its output included (the next matrix product saves it).
-/// LayerNorm: its input and output (e each) and its mean and rstd (fp32 on CUDA). zerokit's
-/// RMSNorm (transformers' LlamaRMSNorm): the fp32 copy of its input (the input itself in fp32),
-/// the input times rsqrt cast back (e) that the gain's product keeps, its output (e), and the
-/// fp32 rsqrt. Gemma's RMSNorm scales in fp32: the fp32 copy of its input, the fp32 normalised
-/// input the (1 + gain) product keeps, its output cast back (e) and the rsqrt.
+/// Bytes per token a norm keeps on a GPU, its output included (the next matrix product saves
+/// it). LayerNorm: its input and output (e each) and its mean and rstd (fp32 on CUDA). Llama's
+/// RMSNorm, libtorch's fused kernel on a GPU (`kernels::rms_norm`): its input and output (e
+/// each) and the fp32 inverse RMS. Gemma's RMSNorm scales in fp32 in composed ops: the fp32 copy
+/// of its input, the fp32 normalised input the (1 + gain) product keeps, its output cast back
+/// (e) and the rsqrt.
 fn norm_bytes(d: &Dims, e: u64) -> u64 {
     if d.gemma.is_some() {
         (8 + e) * d.hidden + 4
     } else if d.llama {
-        (4 + 2 * e) * d.hidden + 4
+        2 * e * d.hidden + 4
     } else {
         2 * e * d.hidden + 2 * 4
     }
+}
+
+/// What a CPU run's activations hold beyond the GPU's: Llama's RMSNorm runs its composed
+/// reference there, which keeps an fp32 copy of its input (the input itself in fp32) and the
+/// normalised input cast back, where the fused kernel keeps the input: 4 bytes a value more, for
+/// each norm alive (two a block, one block with checkpointing, and the final norm).
+pub fn norm_reference_extra_bytes(s: &Setup) -> u64 {
+    let d = s.model.dims();
+    if !d.llama || d.gemma.is_some() {
+        return 0;
+    }
+    let blocks = if s.activation_checkpointing { 1 } else { d.layers };
+    4 * d.hidden * s.micro_batch * s.seq_len * (2 * blocks + 1)
 }
 
 /// Activation bytes autograd keeps per transformer block for one micro-batch, with libtorch's
@@ -509,8 +522,8 @@ fn norm_bytes(d: &Dims, e: u64) -> u64 {
 /// v as attention saves them (GPT-2: views of c_attn's output; Llama: after rope, which keeps
 /// nothing else, its cos and sin needing no gradient) and the attention output (= the output
 /// projection's input: flash writes [B,T,H,D], so `transpose().contiguous()` is free); the
-/// MLP's saved tensors: GELU's input and output (2F), or SwiGLU's gate, silu(gate), up and their
-/// product (4F). For GPT-2 (F = 4C, q = k = v = C) that is 16·C·e plus the norms' statistics.
+/// MLP's saved tensors: GELU's input and output (2F), or the gated MLP's gate and up
+/// (`kernels::gated_product` recomputes act(gate) in backward) and their product (3F). For GPT-2 (F = 4C, q = k = v = C) that is 16·C·e plus the norms' statistics.
 /// Per block besides: the attention logsumexp (fp32, per head) and Llama's cos and sin tables
 /// ([T, head_dim] each).
 ///
@@ -528,7 +541,7 @@ pub fn block_activation_bytes(s: &Setup) -> u64 {
     let e = s.dtype.bytes();
     let tokens = b * t;
     let (q, kv) = (d.heads * d.head_dim, d.kv_heads * d.head_dim);
-    let mlp = if d.llama { 4 * d.ffn } else { 2 * d.ffn };
+    let mlp = if d.llama { 3 * d.ffn } else { 2 * d.ffn };
     let mut per_token = 2 * norm_bytes(&d, e) + e * (2 * q + 2 * kv) + e * mlp;
     // flash attention (fp16/bf16) keeps logsumexp as [B, H, T]; the memory-efficient kernel
     // (what fp32 gets) pads T to a multiple of 32.
@@ -628,11 +641,12 @@ pub fn logits_bytes(s: &Setup) -> u64 {
     ctv * s.dtype.bytes() + softcap + wte_sum
 }
 
-/// What the head holds beyond [`logits_bytes`] where the fused classifier does not run (on CPU,
-/// or with `ZEROKIT_FUSED=0`): its libtorch reference keeps an fp32 copy of the chunk's logits,
-/// their log-softmax and the fp32 gradient before writing it back.
-pub fn logits_reference_extra_bytes(s: &Setup) -> u64 {
-    loss_saved_bytes(s) + 2 * 4 * head_chunk_tokens(s) * s.model.dims().vocab
+/// What a CPU run holds beyond the GPU estimate, where zerokit's kernels and libtorch's fused
+/// ops give way to their references in composed ops (also what `ZEROKIT_FUSED=0` costs on a
+/// GPU): the head's reference keeps an fp32 copy of the chunk's logits, their log-softmax and the
+/// fp32 gradient before writing it back, and Llama's norms ([`norm_reference_extra_bytes`]).
+pub fn reference_extra_bytes(s: &Setup) -> u64 {
+    loss_saved_bytes(s) + 2 * 4 * head_chunk_tokens(s) * s.model.dims().vocab + norm_reference_extra_bytes(s)
 }
 
 /// Device memory the CUDA runtime takes after the context exists, whatever the model: kernel

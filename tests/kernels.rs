@@ -1,15 +1,19 @@
 //! zerokit's fused kernels (lib/kernels) against libtorch. On CPU: the classifier's reference (the
 //! path CPU runs take, and the yardstick of the kernel) against libtorch's own cross-entropy and
-//! autograd. On a GPU machine (`--ignored`): the NVRTC kernel against that reference in every
-//! kind and on odd shapes, the head's backward built on it against plain autograd, and two
-//! deterministic training runs compared bit for bit.
+//! autograd; the gated MLP's autograd function against the composed ops, bit for bit. On a GPU
+//! machine (`--ignored`): the NVRTC kernel against that reference in every kind and on odd shapes,
+//! the head's backward built on it against plain autograd, libtorch's fused RMSNorm and the gated
+//! product against their references, and two deterministic training runs compared bit for bit.
 
 mod common;
 
 use common::tiny::{config, dataset, launch_args, train_command};
 use std::path::Path;
 use tch::{Device, Kind, Reduction, Tensor};
-use zerokit::kernels::{classifier, classifier_reference, fused_on};
+use zerokit::kernels::{
+    classifier, classifier_reference, fused_on, gated_product, gated_product_reference, rms_norm, rms_norm_reference,
+    Gate,
+};
 use zerokit::model::{Gpt, GptConfig, Model};
 
 /// Random logits [n, v] of `kind` with a wide spread, targets with some ignored (-1) rows, and
@@ -54,6 +58,89 @@ fn classifier_reference_matches_cross_entropy_and_autograd() {
         let err = max_abs(&(work.to_kind(Kind::Float) - grad.to_kind(Kind::Float))) / max_abs(&grad);
         assert!(err <= tol, "{kind:?}: gradient relative error {err:e} (tolerance {tol:e})");
         assert_eq!(max_abs(&work.narrow(0, 1, 1)), 0.0, "an ignored row has no gradient");
+    }
+}
+
+/// Forward output and the gradients of `inputs` for a random upstream gradient, through `f`.
+fn value_and_grads(inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Tensor, seed: i64) -> Vec<Tensor> {
+    let leaves: Vec<Tensor> = inputs.iter().map(|t| t.detach().set_requires_grad(true)).collect();
+    let y = f(&leaves);
+    tch::manual_seed(seed);
+    let g = Tensor::randn(y.size(), (y.kind(), y.device()));
+    let grads = Tensor::run_backward(&[&y * &g], &leaves, false, false);
+    std::iter::once(y.detach()).chain(grads).collect()
+}
+
+/// The gated product keeps only gate and up for backward and recomputes the activation there;
+/// its value and both gradients are bitwise the composed ops', for SiLU and tanh-GELU, in fp32
+/// and bf16, on `device`.
+fn gated_product_is_bitwise_the_composed_ops(device: Device) {
+    for kind in [Kind::Float, Kind::BFloat16, Kind::Half] {
+        if kind == Kind::Half && device == Device::Cpu {
+            continue;
+        }
+        for act in [Gate::Silu, Gate::GeluTanh] {
+            for (i, shape) in [[2i64, 5, 7], [1, 1, 1], [3, 17, 96]].into_iter().enumerate() {
+                tch::manual_seed(i as i64);
+                let gate = (Tensor::randn(shape, (Kind::Float, device)) * 3.0).to_kind(kind);
+                let up = Tensor::randn(shape, (Kind::Float, device)).to_kind(kind);
+                let ours = value_and_grads(&[gate.shallow_clone(), up.shallow_clone()], |t| {
+                    gated_product(&t[0], &t[1], act).unwrap()
+                }, 7);
+                let reference =
+                    value_and_grads(&[gate, up], |t| gated_product_reference(&t[0], &t[1], act), 7);
+                for (what, (a, b)) in ["value", "gate's gradient", "up's gradient"].iter().zip(ours.iter().zip(&reference)) {
+                    assert!(a.equal(b), "{device:?} {kind:?} {act:?} {shape:?}: the {what} differs");
+                }
+            }
+        }
+    }
+    // No gradient wanted: a plain value.
+    let x = Tensor::ones([4], (Kind::Float, device));
+    assert!(!gated_product(&x, &x, Gate::Silu).unwrap().requires_grad());
+}
+
+#[test]
+fn gated_product_matches_the_composed_ops_bitwise_on_cpu() {
+    gated_product_is_bitwise_the_composed_ops(Device::Cpu);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: run with --ignored on a GPU machine"]
+fn gated_product_matches_the_composed_ops_bitwise_on_cuda() {
+    assert!(zerokit::device::load_cuda(), "no CUDA device");
+    gated_product_is_bitwise_the_composed_ops(Device::Cuda(0));
+}
+
+/// libtorch's fused RMSNorm on the GPU against LlamaRMSNorm's composed ops, value and the
+/// gradients of input and gain, on odd and even widths: fp32 within float rounding (1e-5
+/// relative to the largest value), bf16 and fp16 within the one rounding of the product that
+/// differs (the composed ops round the normalised input and then the product; the kernel once),
+/// two units in the last place of the larger magnitude, the gain's gradient (a sum over every
+/// row) within 1e-2 relative.
+#[test]
+#[ignore = "needs a CUDA GPU: run with --ignored on a GPU machine"]
+fn fused_rms_norm_matches_the_composed_ops_on_cuda() {
+    assert!(zerokit::device::load_cuda(), "no CUDA device");
+    let cuda = Device::Cuda(0);
+    for (kind, ulp) in [(Kind::Float, 1e-5), (Kind::BFloat16, 2.0 / 128.0), (Kind::Half, 2.0 / 1024.0)] {
+        for (i, &(rows, width)) in [(64i64, 2048i64), (33, 4095), (3, 7), (1, 1), (17, 4096)].iter().enumerate() {
+            tch::manual_seed(20 + i as i64);
+            let x = (Tensor::randn([rows, width], (Kind::Float, cuda)) * 2.0).to_kind(kind);
+            let w = (Tensor::randn([width], (Kind::Float, cuda)) * 0.1 + 1.0).to_kind(kind);
+            let ours = value_and_grads(&[x.shallow_clone(), w.shallow_clone()], |t| rms_norm(&t[0], &t[1], 1e-5), 5);
+            let reference = value_and_grads(&[x, w], |t| rms_norm_reference(&t[0], &t[1], 1e-5), 5);
+            for (j, (what, (a, b))) in ["value", "input's gradient", "gain's gradient"].iter().zip(ours.iter().zip(&reference)).enumerate() {
+                let (a, b) = (a.to_kind(Kind::Float), b.to_kind(Kind::Float));
+                let over = if j == 2 {
+                    max_abs(&(&a - &b)) - 1e-2 * max_abs(&b).max(1e-30)
+                } else {
+                    ((&a - &b).abs() - a.abs().maximum(&b.abs()) * ulp - 1e-6).max().double_value(&[])
+                };
+                assert!(over <= 0.0, "{kind:?} {rows}x{width}: the {what} is off by {over:e} beyond its bound");
+            }
+            eprintln!("{kind:?} {rows}x{width}: fused RMSNorm within bounds");
+        }
     }
 }
 

@@ -125,7 +125,8 @@ def measure_saved(n_layer, n_head, n_embd, vocab, batch, seq, dtype):
 def measure_saved_llama(n_layer, n_head, n_kv, head_dim, n_embd, ffn, vocab, batch, seq, dtype, gemma=None):
     """measure_saved for a Llama written the way lib/model/decoder.rs writes it: RMSNorm in fp32
     cast back, rotary embeddings (cos/sin per block, rotate_half by cat), grouped-query
-    scaled_dot_product_attention (enable_gqa), SwiGLU, an untied head, cross-entropy on fp32
+    scaled_dot_product_attention (enable_gqa), SwiGLU through an autograd function keeping gate and
+    up (lib/kernels/ops.cpp), an untied head, cross-entropy on fp32
     logits. With `gemma` (a dict: qk_norm, attn_softcap, window, layer_types), the decoder as it
     runs Gemma: the embedding times sqrt(C) in the compute dtype, RMSNorm scaling by (1 + gain) in
     fp32, norms after attention and after the MLP, GeGLU, QK-norm, attention written out with
@@ -147,6 +148,27 @@ def measure_saved_llama(n_layer, n_head, n_kv, head_dim, n_embd, ffn, vocab, bat
         if gemma:
             return (h * (w.float() + 1.0)).to(x.dtype)
         return w * h.to(x.dtype)
+
+    class GatedProduct(torch.autograd.Function):
+        """act(gate) * up keeping gate and up, as lib/kernels/ops.cpp does (act recomputed)."""
+
+        @staticmethod
+        def forward(ctx, gate, up, act):
+            ctx.save_for_backward(gate, up)
+            ctx.act = act
+            return act(gate) * up
+
+        @staticmethod
+        def backward(ctx, grad):
+            gate, up = ctx.saved_tensors
+            with torch.enable_grad():
+                g = gate.detach().requires_grad_()
+                a = ctx.act(g)
+            (grad_gate,) = torch.autograd.grad(a, g, grad * up)
+            return grad_gate, grad * a.detach(), None
+
+    def gelu_tanh(x):
+        return F.gelu(x, approximate="tanh")
 
     def rope(x, cos, sin):
         x1, x2 = x[..., :D // 2], x[..., D // 2:]
@@ -206,12 +228,12 @@ def measure_saved_llama(n_layer, n_head, n_kv, head_dim, n_embd, ffn, vocab, bat
             if gemma:
                 x = x + rms(a, norms[1])
                 h = rms(x, norms[2])
-                m = F.linear(F.gelu(F.linear(h, gw), approximate="tanh") * F.linear(h, uw), dw)
+                m = F.linear(GatedProduct.apply(F.linear(h, gw), F.linear(h, uw), gelu_tanh), dw)
                 x = x + rms(m, norms[3])
             else:
                 x = x + a
                 h = rms(x, norms[1])
-                x = x + F.linear(F.silu(F.linear(h, gw)) * F.linear(h, uw), dw)
+                x = x + F.linear(GatedProduct.apply(F.linear(h, gw), F.linear(h, uw), F.silu), dw)
         logits = F.linear(rms(x, norm), head)
         loss = F.cross_entropy(logits.float().view(-1, vocab), targets.view(-1))
     return sum(saved.values())

@@ -8,6 +8,14 @@
 //! ordered with the ops around them without events.
 //!
 //! `ZEROKIT_FUSED=0` turns the kernels off (the references run instead), for comparisons.
+//!
+//! ops.rs holds the decoder's ops that keep less for backward: the gated MLP's product as an
+//! autograd function of zerokit's own (ops.cpp, compiled against libtorch's headers) and
+//! RMSNorm through libtorch's fused CUDA kernels.
+
+mod ops;
+
+pub use ops::{gated_product, gated_product_reference, rms_norm, rms_norm_reference, Gate};
 
 use cudarc::driver::{result as cu, sys as cusys};
 use std::ffi::{c_void, CString};
@@ -51,8 +59,13 @@ fn loaded(device: usize) -> Result<&'static Loaded, String> {
     }
 }
 
+/// `ZEROKIT_FUSED=0`: the references run instead of the kernels and fused ops.
+fn disabled() -> bool {
+    std::env::var("ZEROKIT_FUSED").is_ok_and(|v| v == "0")
+}
+
 fn load(device: usize) -> Result<Loaded, String> {
-    if std::env::var("ZEROKIT_FUSED").is_ok_and(|v| v == "0") {
+    if disabled() {
         return Err("ZEROKIT_FUSED=0".into());
     }
     // SAFETY: only asks the dynamic loader whether one of NVRTC's names resolves.

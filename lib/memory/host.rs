@@ -128,12 +128,12 @@ pub fn need(s: &Setup, node: Node) -> Need {
     if !node.saves {
         per_rank.rank0 = 0;
     }
-    // On CPU the device terms are host memory too, the head's with its libtorch reference.
+    // On CPU the device terms are host memory too, with the references' extra.
     let compute = if node.gpu {
         0
     } else {
         gpu_breakdown(s, node.stage, node.offload).total() - super::CUDA_RUNTIME_BYTES
-            + super::logits_reference_extra_bytes(s)
+            + super::reference_extra_bytes(s)
     };
     let total = per_rank.node(node.local_ranks, node.rank0) + node.local_ranks * compute;
     Need { per_rank, compute, node, total }

@@ -15,6 +15,7 @@
 //! re-points them into its flat buffer and runs the model piecewise (`embed`, `block`, head).
 
 use super::generate::{generate, Context};
+use crate::kernels;
 use super::init::{init_params, Init};
 use super::{check_kind, head_backward_in_chunks, Head, HeadGrads, Model, ModelError, NamedParams, ParamSpec};
 use serde::{Deserialize, Serialize};
@@ -300,15 +301,13 @@ struct RmsNorm {
 
 impl RmsNorm {
     fn forward(&self, x: &Tensor) -> Tensor {
-        let input_kind = x.kind();
+        if !self.unit_offset {
+            return kernels::rms_norm(x, &self.weight, self.eps);
+        }
         let h = x.to_kind(Kind::Float);
         let variance = h.pow_tensor_scalar(2).mean_dim(-1, true, None);
         let h = h * (variance + self.eps).rsqrt();
-        if self.unit_offset {
-            (h * (self.weight.to_kind(Kind::Float) + 1.0)).to_kind(input_kind)
-        } else {
-            &self.weight * h.to_kind(input_kind)
-        }
+        (h * (self.weight.to_kind(Kind::Float) + 1.0)).to_kind(x.kind())
     }
 }
 
@@ -431,12 +430,13 @@ impl Layer {
                 (x, h)
             }
         };
-        let gate = self.gate_proj.forward(&h);
-        let gate = match arch.activation {
-            Activation::Silu => gate.silu(),
-            Activation::GeluTanh => gate.gelu("tanh"),
+        let act = match arch.activation {
+            Activation::Silu => kernels::Gate::Silu,
+            Activation::GeluTanh => kernels::Gate::GeluTanh,
         };
-        let m = self.down_proj.forward(&(gate * self.up_proj.forward(&h)));
+        let product = kernels::gated_product(&self.gate_proj.forward(&h), &self.up_proj.forward(&h), act)
+            .unwrap_or_else(|e| panic!("the gated MLP's product: {e}"));
+        let m = self.down_proj.forward(&product);
         match &self.feedforward_norms {
             None => x + m,
             Some((_, post)) => x + post.forward(&m),

@@ -1,0 +1,80 @@
+//! The decoder's ops in forms that keep less for backward than libtorch's composed ops:
+//! the gated MLP's product as an autograd function of zerokit's own (ops.cpp), and RMSNorm as
+//! libtorch's fused CUDA kernels on a GPU. Each has a reference in composed ops (what
+//! transformers computes), which tests hold it to.
+
+use std::ffi::c_void;
+use tch::{Kind, TchError, Tensor};
+
+extern "C" {
+    // Tensors are tch handles, which point to at::Tensor as ops.cpp reads them.
+    fn zerokit_gated_product(
+        gate: *const c_void,
+        up: *const c_void,
+        act: i64,
+        out: *mut *mut c_void,
+    ) -> *mut std::ffi::c_char;
+}
+
+/// The gated MLP's activation: SwiGLU's SiLU or GeGLU's tanh-approximated GELU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gate {
+    Silu,
+    GeluTanh,
+}
+
+impl Gate {
+    /// The code ops.cpp reads.
+    fn code(self) -> i64 {
+        match self {
+            Gate::Silu => 0,
+            Gate::GeluTanh => 1,
+        }
+    }
+
+    fn apply(self, x: &Tensor) -> Tensor {
+        match self {
+            Gate::Silu => x.silu(),
+            Gate::GeluTanh => x.gelu("tanh"),
+        }
+    }
+}
+
+/// `act(gate) * up`, keeping only gate and up for backward (act(gate) is recomputed there): one
+/// [tokens, intermediate] tensor a layer less than the composed ops keep, with bitwise the same
+/// values and gradients (the same libtorch calls on the same inputs).
+pub fn gated_product(gate: &Tensor, up: &Tensor, act: Gate) -> Result<Tensor, TchError> {
+    let mut out: *mut c_void = std::ptr::null_mut();
+    // SAFETY: both handles are live tch tensors; the shim writes a new at::Tensor handle to `out`
+    // unless it returns an error, and catches every C++ exception.
+    let status = unsafe { zerokit_gated_product(gate.as_ptr().cast(), up.as_ptr().cast(), act.code(), &mut out) };
+    crate::device::shim_result(status).map_err(TchError::Torch)?;
+    // SAFETY: `out` is a heap at::Tensor handle, which tch takes over (and deletes on drop).
+    Ok(unsafe { Tensor::from_ptr(out.cast()) })
+}
+
+/// [`gated_product`] in composed ops (autograd keeps act(gate) as well).
+pub fn gated_product_reference(gate: &Tensor, up: &Tensor, act: Gate) -> Tensor {
+    act.apply(gate) * up
+}
+
+/// transformers' LlamaRMSNorm over the last dimension: normalised in fp32, cast back to x's kind,
+/// scaled by the gain. On a GPU (unless `ZEROKIT_FUSED=0`) libtorch's fused rms_norm kernels,
+/// one pass each way that keep x and the fp32 inverse RMS for backward, where the composed ops
+/// keep an fp32 copy of x and make about a dozen passes over it; the only difference in the
+/// result is the one rounding of the product (fp32 into x's kind, once rather than twice).
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
+    if x.device().is_cuda() && !super::disabled() {
+        let last = *x.size().last().expect("a normalised tensor has a last dimension");
+        x.rms_norm([last], Some(weight), Some(eps))
+    } else {
+        rms_norm_reference(x, weight, eps)
+    }
+}
+
+/// [`rms_norm`] in composed ops, exactly as LlamaRMSNorm computes it.
+pub fn rms_norm_reference(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
+    let h = x.to_kind(Kind::Float);
+    let variance = h.pow_tensor_scalar(2).mean_dim(-1, true, None);
+    weight * (h * (variance + eps).rsqrt()).to_kind(x.kind())
+}
