@@ -113,11 +113,13 @@ fn gated_product_matches_the_composed_ops_bitwise_on_cuda() {
 }
 
 /// libtorch's fused RMSNorm on the GPU against LlamaRMSNorm's composed ops, value and the
-/// gradients of input and gain, on odd and even widths: fp32 within float rounding (1e-5
-/// relative to the largest value), bf16 and fp16 within the one rounding of the product that
-/// differs (the composed ops round the normalised input and then the product; the kernel once),
-/// two units in the last place of the larger magnitude, the gain's gradient (a sum over every
-/// row) within 1e-2 relative.
+/// gradients of input and gain, on odd and even widths. The value element by element: fp32
+/// within float rounding, bf16 and fp16 within two units in the last place of the larger
+/// magnitude (the composed ops round the normalised input and then the product, the kernel
+/// once). The gradients tensor-wise, against the largest magnitude: the input's gradient
+/// subtracts a row mean, so elements near zero carry the roundings of the larger terms (the
+/// composed backward rounds each step to bf16/fp16), within two units in the last place of the
+/// tensor's largest element; the gain's (a sum over every row) within 1e-2 relative.
 #[test]
 #[ignore = "needs a CUDA GPU: run with --ignored on a GPU machine"]
 fn fused_rms_norm_matches_the_composed_ops_on_cuda() {
@@ -132,10 +134,10 @@ fn fused_rms_norm_matches_the_composed_ops_on_cuda() {
             let reference = value_and_grads(&[x, w], |t| rms_norm_reference(&t[0], &t[1], 1e-5), 5);
             for (j, (what, (a, b))) in ["value", "input's gradient", "gain's gradient"].iter().zip(ours.iter().zip(&reference)).enumerate() {
                 let (a, b) = (a.to_kind(Kind::Float), b.to_kind(Kind::Float));
-                let over = if j == 2 {
-                    max_abs(&(&a - &b)) - 1e-2 * max_abs(&b).max(1e-30)
-                } else {
-                    ((&a - &b).abs() - a.abs().maximum(&b.abs()) * ulp - 1e-6).max().double_value(&[])
+                let over = match j {
+                    0 => ((&a - &b).abs() - a.abs().maximum(&b.abs()) * ulp - 1e-6).max().double_value(&[]),
+                    1 => max_abs(&(&a - &b)) - ulp * max_abs(&b).max(1e-30),
+                    _ => max_abs(&(&a - &b)) - 1e-2 * max_abs(&b).max(1e-30),
                 };
                 assert!(over <= 0.0, "{kind:?} {rows}x{width}: the {what} is off by {over:e} beyond its bound");
             }
