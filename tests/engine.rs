@@ -403,9 +403,14 @@ fn offload_and_stage_3_on_cuda_match_the_device_reference() {
             .remove(0)
         };
         let reference = run(0, false, false, false);
-        for (stage, off_opt, off_par, pin) in
-            [(1, true, false, true), (2, true, false, false), (3, false, false, false), (3, true, true, true)]
-        {
+        for (stage, off_opt, off_par, pin) in [
+            (1, true, false, true),
+            (2, true, false, false),
+            (3, false, false, false),
+            (3, true, true, true),
+            (3, false, true, true),
+            (3, false, true, false),
+        ] {
             let what =
                 format!("{kind:?}, stage {stage}, offload optimizer {off_opt}, parameters {off_par}, pinned {pin}");
             let (losses, w) = run(stage, off_opt, off_par, pin);

@@ -84,12 +84,15 @@ fn gated_product_is_bitwise_the_composed_ops(device: Device) {
                 tch::manual_seed(i as i64);
                 let gate = (Tensor::randn(shape, (Kind::Float, device)) * 3.0).to_kind(kind);
                 let up = Tensor::randn(shape, (Kind::Float, device)).to_kind(kind);
-                let ours = value_and_grads(&[gate.shallow_clone(), up.shallow_clone()], |t| {
-                    gated_product(&t[0], &t[1], act).unwrap()
-                }, 7);
-                let reference =
-                    value_and_grads(&[gate, up], |t| gated_product_reference(&t[0], &t[1], act), 7);
-                for (what, (a, b)) in ["value", "gate's gradient", "up's gradient"].iter().zip(ours.iter().zip(&reference)) {
+                let ours = value_and_grads(
+                    &[gate.shallow_clone(), up.shallow_clone()],
+                    |t| gated_product(&t[0], &t[1], act).unwrap(),
+                    7,
+                );
+                let reference = value_and_grads(&[gate, up], |t| gated_product_reference(&t[0], &t[1], act), 7);
+                for (what, (a, b)) in
+                    ["value", "gate's gradient", "up's gradient"].iter().zip(ours.iter().zip(&reference))
+                {
                     assert!(a.equal(b), "{device:?} {kind:?} {act:?} {shape:?}: the {what} differs");
                 }
             }
@@ -132,7 +135,9 @@ fn fused_rms_norm_matches_the_composed_ops_on_cuda() {
             let w = (Tensor::randn([width], (Kind::Float, cuda)) * 0.1 + 1.0).to_kind(kind);
             let ours = value_and_grads(&[x.shallow_clone(), w.shallow_clone()], |t| rms_norm(&t[0], &t[1], 1e-5), 5);
             let reference = value_and_grads(&[x, w], |t| rms_norm_reference(&t[0], &t[1], 1e-5), 5);
-            for (j, (what, (a, b))) in ["value", "input's gradient", "gain's gradient"].iter().zip(ours.iter().zip(&reference)).enumerate() {
+            for (j, (what, (a, b))) in
+                ["value", "input's gradient", "gain's gradient"].iter().zip(ours.iter().zip(&reference)).enumerate()
+            {
                 let (a, b) = (a.to_kind(Kind::Float), b.to_kind(Kind::Float));
                 let over = match j {
                     0 => ((&a - &b).abs() - a.abs().maximum(&b.abs()) * ulp - 1e-6).max().double_value(&[]),

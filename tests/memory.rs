@@ -6,8 +6,8 @@ use clap::Parser;
 use std::path::Path;
 use zerokit::memory::{
     activation_bytes, block_activation_bytes, deepspeed_zero2, deepspeed_zero3, estimate, gpu_breakdown,
-    host_breakdown, loss_saved_bytes, norm_reference_extra_bytes, run, sizes, Dtype, EstimateArgs, MemoryError, ModelShape, Offload, Setup,
-    CONFIGS,
+    host_breakdown, loss_saved_bytes, norm_reference_extra_bytes, run, sizes, Dtype, EstimateArgs, MemoryError,
+    ModelShape, Offload, Setup, CONFIGS,
 };
 use zerokit::model::{GemmaConfig, GemmaVersion, GptConfig, LayerType, LlamaConfig, ModelConfig};
 

@@ -132,8 +132,7 @@ pub fn need(s: &Setup, node: Node) -> Need {
     let compute = if node.gpu {
         0
     } else {
-        gpu_breakdown(s, node.stage, node.offload).total() - super::CUDA_RUNTIME_BYTES
-            + super::reference_extra_bytes(s)
+        gpu_breakdown(s, node.stage, node.offload).total() - super::CUDA_RUNTIME_BYTES + super::reference_extra_bytes(s)
     };
     let total = per_rank.node(node.local_ranks, node.rank0) + node.local_ranks * compute;
     Need { per_rank, compute, node, total }

@@ -15,9 +15,9 @@
 //! re-points them into its flat buffer and runs the model piecewise (`embed`, `block`, head).
 
 use super::generate::{generate, Context};
-use crate::kernels;
 use super::init::{init_params, Init};
 use super::{check_kind, head_backward_in_chunks, Head, HeadGrads, Model, ModelError, NamedParams, ParamSpec};
+use crate::kernels;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, TchError, Tensor};
 

@@ -20,7 +20,7 @@
 //! A released parameter points at an empty tensor: the embedding's backward, which runs without
 //! its weight being gathered again, needs only the token ids.
 
-use super::host::{copy_async, host_buffer};
+use super::host::{copy_async, host_buffer, CopyStream};
 use super::layout::FlatLayout;
 use super::ZeroError;
 use crate::comm::Collectives;
@@ -154,6 +154,11 @@ pub(super) struct Residency {
     full: Vec<Option<Tensor>>,
     /// Some gather was issued and the compute stream has not waited for it yet.
     in_flight: bool,
+    /// Parameter offload on a GPU: the host shards come up on a copy stream of their own, so a
+    /// prefetched bucket's copy overlaps the compute before it; `ready[b]` is the copy's event,
+    /// which the compute stream waits on before it uses or frees bucket b.
+    h2d: Option<CopyStream>,
+    ready: Vec<Option<cudarc::driver::sys::CUevent>>,
     schedule: Schedule,
     part_rank: usize,
     device: Device,
@@ -209,8 +214,14 @@ impl Residency {
         for h in handles.iter_mut() {
             h.set_data(&empty);
         }
+        let h2d = match device {
+            Device::Cuda(i) if shard.device() == Device::Cpu => Some(CopyStream::new(i).map_err(ZeroError::Offload)?),
+            _ => None,
+        };
         Ok(Residency {
             shard,
+            h2d,
+            ready: (0..layout.buckets.len()).map(|_| None).collect(),
             full: (0..layout.buckets.len()).map(|_| None).collect(),
             in_flight: false,
             schedule,
@@ -255,8 +266,14 @@ impl Residency {
             let full = Tensor::f_empty([bk.padded as i64], (self.kind, self.device))?;
             self.allocated += full.numel();
             let mut mine = full.narrow(0, (self.part_rank * bk.shard) as i64, bk.shard as i64);
-            copy_async(&mut mine, &own)?;
+            match &mut self.h2d {
+                Some(h2d) => self.ready[b] = Some(h2d.to_device(&mine, &own).map_err(ZeroError::Offload)?),
+                None => copy_async(&mut mine, &own)?,
+            }
             if layout.parts > 1 {
+                // The all-gather reads this rank's part once the compute stream's work is done,
+                // so the compute stream first waits for its copy (the overlap is for one rank).
+                self.landed(b)?;
                 comm.wait_compute()?;
                 comm.all_gather_in_place(&full)?;
                 self.in_flight = true;
@@ -280,6 +297,7 @@ impl Residency {
         let need = self.schedule.uses[pos].clone();
         for &b in &need {
             self.fetch(b, layout, comm)?;
+            self.landed(b)?;
         }
         if self.in_flight {
             comm.wait_comm()?;
@@ -301,6 +319,16 @@ impl Residency {
         Ok(())
     }
 
+    /// Orders the compute stream after bucket `b`'s host-to-device copy, if one is pending: before
+    /// the bucket is used (or gathered from: the all-gather runs after the compute stream), and
+    /// before it is freed (the allocator would hand its memory to later compute).
+    fn landed(&mut self, b: usize) -> Result<(), ZeroError> {
+        if let (Some(h2d), Some(ev)) = (&mut self.h2d, self.ready[b].take()) {
+            h2d.compute_waits(ev).map_err(ZeroError::Offload)?;
+        }
+        Ok(())
+    }
+
     /// Releases the buckets of `pos` that the next position does not use. `training`: a backward
     /// follows this forward (evaluation keeps nothing for one).
     pub fn leave(&mut self, pos: usize, layout: &FlatLayout, handles: &mut [Tensor], training: bool) {
@@ -310,6 +338,13 @@ impl Residency {
     }
 
     fn release(&mut self, b: usize, layout: &FlatLayout, handles: &mut [Tensor]) {
+        if let Err(e) = self.landed(b) {
+            // The copy's event could not be waited on: wait for the whole copy stream instead.
+            tracing::warn!("{e}; waiting for every parameter copy before releasing a bucket");
+            if let Some(h2d) = &mut self.h2d {
+                let _ = h2d.wait();
+            }
+        }
         if let Some(full) = self.full[b].take() {
             if self.copies(layout) {
                 self.allocated -= full.numel();
@@ -333,6 +368,10 @@ impl Residency {
     /// on the device or in host memory) converted into them; every gathered bucket is stale.
     pub fn refresh(&mut self, master: &Tensor, layout: &FlatLayout, handles: &mut [Tensor]) -> Result<(), ZeroError> {
         self.release_all(layout, handles, true);
+        // The host shards are about to be written: no copy may still read them.
+        if let Some(h2d) = &mut self.h2d {
+            h2d.wait().map_err(ZeroError::Offload)?;
+        }
         if master.device() == self.shard.device() {
             self.shard.f_copy_(master)?;
         } else {
@@ -361,6 +400,7 @@ impl Residency {
         for b in 0..layout.buckets.len() {
             let was = self.full[b].is_some();
             self.fetch(b, layout, comm)?;
+            self.landed(b)?;
             if self.in_flight {
                 comm.wait_comm()?;
                 self.in_flight = false;

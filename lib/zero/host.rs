@@ -94,9 +94,10 @@ pub fn copy_async(dst: &mut Tensor, src: &Tensor) -> Result<(), TchError> {
     shim_result(status).map_err(TchError::Torch)
 }
 
-/// Device-to-host copies on a stream of their own, so that moving reduced gradients into host
+/// Copies between host and device on a stream of their own: moving reduced gradients into host
 /// memory overlaps the backward that goes on producing the next ones (on the compute stream the
-/// copies would stall it: 4 bytes a parameter over PCIe every step). Each copy is ordered after
+/// copies would stall it: 4 bytes a parameter over PCIe every step), and with parameter offload
+/// the next block's parameters come up while the current one computes. Each copy is ordered after
 /// the compute stream's work so far with an event, as the NCCL stream is; its source is kept
 /// alive until the copy is done, then returned to libtorch's allocator.
 pub struct CopyStream {
@@ -167,6 +168,63 @@ impl CopyStream {
             cu::event::record(done, self.stream).map_err(|e| cuda_err("cuEventRecord", e))?;
             self.in_flight.push_back((done, src));
         }
+        Ok(())
+    }
+
+    /// Queues `dst <- src`, a contiguous page-locked host tensor into a contiguous device tensor
+    /// of the same kind and length, after the work queued on the compute stream so far (`dst`
+    /// may be memory the compute stream used before). Returns the copy's completion event: the
+    /// compute stream must wait on it ([`CopyStream::compute_waits`]) before it reads `dst` or
+    /// frees it. `src` must not be written until then.
+    pub fn to_device(&mut self, dst: &Tensor, src: &Tensor) -> Result<cudarc::driver::sys::CUevent, String> {
+        use cudarc::driver::{result as cu, sys};
+        if !(src.device() == Device::Cpu && dst.device().is_cuda() && dst.is_contiguous() && src.is_contiguous())
+            || dst.kind() != src.kind()
+            || dst.numel() != src.numel()
+        {
+            return Err(format!(
+                "host-to-device copy of {:?} {:?} on {:?} into {:?} {:?} on {:?}",
+                src.kind(),
+                src.size(),
+                src.device(),
+                dst.kind(),
+                dst.size(),
+                dst.device()
+            ));
+        }
+        let bytes = src.numel() * src.kind().elt_size_in_bytes();
+        // SAFETY: the context, stream and events are live for `self`'s lifetime; `dst` and `src`
+        // hold `bytes` bytes each (checked above); the caller keeps both alive and unwritten
+        // until the compute stream has waited on the returned event.
+        unsafe {
+            cu::ctx::set_current(self.ctx).map_err(|e| cuda_err("cuCtxSetCurrent", e))?;
+            cu::event::record(self.computed, cu::stream::null()).map_err(|e| cuda_err("cuEventRecord", e))?;
+            cu::stream::wait_event(self.stream, self.computed, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT)
+                .map_err(|e| cuda_err("cuStreamWaitEvent", e))?;
+            sys::cuMemcpyHtoDAsync_v2(dst.data_ptr() as sys::CUdeviceptr, src.data_ptr(), bytes, self.stream)
+                .result()
+                .map_err(|e| cuda_err("cuMemcpyHtoDAsync", e))?;
+            let done = match self.spare.pop() {
+                Some(e) => e,
+                None => cu::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
+                    .map_err(|e| cuda_err("cuEventCreate", e))?,
+            };
+            cu::event::record(done, self.stream).map_err(|e| cuda_err("cuEventRecord", e))?;
+            Ok(done)
+        }
+    }
+
+    /// Orders the compute stream's later work after the copy `done` ([`CopyStream::to_device`]);
+    /// the event is then free for another copy (a wait takes the event's state when it is queued).
+    pub fn compute_waits(&mut self, done: cudarc::driver::sys::CUevent) -> Result<(), String> {
+        use cudarc::driver::{result as cu, sys};
+        // SAFETY: a live event of this stream, in this context.
+        unsafe {
+            cu::ctx::set_current(self.ctx).map_err(|e| cuda_err("cuCtxSetCurrent", e))?;
+            cu::stream::wait_event(cu::stream::null(), done, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT)
+                .map_err(|e| cuda_err("cuStreamWaitEvent", e))?;
+        }
+        self.spare.push(done);
         Ok(())
     }
 
