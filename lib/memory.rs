@@ -635,10 +635,15 @@ pub fn loss_saved_bytes(s: &Setup) -> u64 {
 pub fn logits_bytes(s: &Setup) -> u64 {
     let d = s.model.dims();
     let ctv = head_chunk_tokens(s) * d.vocab;
-    let chunks = (s.micro_batch * s.seq_len).div_ceil(head_chunk_tokens(s));
-    let wte_sum = if chunks > 1 { 2 * s.dtype.bytes() * d.vocab * d.hidden } else { 0 };
+    let wte_sum = if head_grad_summed(s) { 2 * s.dtype.bytes() * d.vocab * d.hidden } else { 0 };
     let softcap = if d.gemma.is_some_and(|g| g.final_softcap) { ctv * s.dtype.bytes() } else { 0 };
     ctv * s.dtype.bytes() + softcap + wte_sum
+}
+
+/// Whether the head runs in more than one chunk, so that [`logits_bytes`] counts its weight's
+/// gradient (the running sum and a chunk's own).
+fn head_grad_summed(s: &Setup) -> bool {
+    (s.micro_batch * s.seq_len).div_ceil(head_chunk_tokens(s)) > 1
 }
 
 /// What a CPU run holds beyond the GPU estimate, where zerokit's kernels and libtorch's fused
@@ -723,10 +728,13 @@ pub fn gpu_breakdown(s: &Setup, stage: u8, offload: Offload) -> Breakdown {
             let (g, o) = if offload.optimizer() { (0, 0) } else { (4 * p, 12 * p) };
             // Gradients in flight, a bucket's worth each: the next block's from autograd, the
             // bucket packed for its reduce-scatter, the one still being reduced and its reduced
-            // shard (with optimizer offload converted to fp32 before it goes to the host).
+            // shard (with optimizer offload converted to fp32 before it goes to the host). The
+            // largest bucket is the head's or the embedding's; when the head runs in chunks its
+            // weight's gradient, the first from autograd, is already in the logits term.
             let shard_max = if d > 1 { z.largest_bucket / d } else { 0 };
             let to_host = if offload.optimizer() { 4 * z.largest_bucket / d } else { 0 };
-            comm = e * (3 * z.largest_bucket + shard_max) + to_host;
+            let in_flight = if head_grad_summed(s) { 2 } else { 3 };
+            comm = e * (in_flight * z.largest_bucket + shard_max) + to_host;
             (shard + e * z.gathered, g, o)
         }
     };

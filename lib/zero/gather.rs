@@ -376,11 +376,13 @@ impl Residency {
             self.shard.f_copy_(master)?;
         } else {
             // One bucket at a time, so the converting copy needs only a bucket's shard in fp32
-            // on the side it lands on.
+            // on the side it lands on. The move blocks: from the device into host memory an
+            // asynchronous one would land in pinned memory that the host-side conversion reads
+            // before the copy is done (a stale shard, what the GPU test caught).
             for bk in &layout.buckets {
                 let src = master.narrow(0, bk.shard_offset as i64, bk.shard as i64);
                 let mut dst = self.shard.narrow(0, bk.shard_offset as i64, bk.shard as i64);
-                let moved = src.f_to_device_(dst.device(), Kind::Float, true, false)?;
+                let moved = src.f_to_device_(dst.device(), Kind::Float, false, false)?;
                 dst.f_copy_(&moved)?;
             }
         }
