@@ -210,4 +210,31 @@ mod tests {
         let err = explicit(tmp.path()).unwrap_err().to_string();
         assert!(err.contains("neither tokenizer.json nor tokenizer.model"), "{err}");
     }
+
+    #[test]
+    fn a_datasets_recorded_tokenizer_is_copied_with_its_directory_only_while_unchanged() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (tok, data) = (tmp.path().join("tok"), tmp.path().join("data"));
+        std::fs::create_dir_all(&tok).unwrap();
+        std::fs::create_dir_all(&data).unwrap();
+        let file = tok.join("tokenizer.json");
+        std::fs::write(&file, r#"{"model": {}}"#).unwrap();
+        std::fs::write(tok.join("tokenizer_config.json"), "{}").unwrap();
+        let sha256 = crate::fsutil::sha256_file(&file).unwrap();
+        let meta = serde_json::json!({"encoding": "tokenizer.json", "tokenizer": {"path": file, "sha256": sha256}});
+        std::fs::write(data.join("meta.json"), meta.to_string()).unwrap();
+        let run = serde_json::json!({"init_from": "scratch", "model": "llama-tiny", "dataset": data});
+        let Plan::Copy { files, from, .. } = recorded(Some(&run)) else { panic!("{:?}", recorded(Some(&run))) };
+        let names: Vec<&str> = files.iter().map(|(_, n)| n.as_str()).collect();
+        assert_eq!(names, ["tokenizer.json", "tokenizer_config.json"]);
+        assert!(from.contains("the tokenizer of dataset"), "{from}");
+        // Copied only as recorded: a changed file is named, not copied.
+        std::fs::write(&file, r#"{"model": {"x": 1}}"#).unwrap();
+        let Plan::Nothing(why) = recorded(Some(&run)) else { panic!() };
+        assert!(why.contains("sha256 differs") && why.contains("tokenizer.json"), "{why}");
+        // A GPT-2 dataset names its encoding.
+        std::fs::write(data.join("meta.json"), r#"{"encoding": "gpt2", "tokenizer": null}"#).unwrap();
+        let Plan::Nothing(why) = recorded(Some(&run)) else { panic!() };
+        assert!(why.contains("tokenized with \"gpt2\""), "{why}");
+    }
 }
