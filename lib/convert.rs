@@ -214,7 +214,7 @@ pub fn convert(source: &dyn ShardedSource, args: &ConvertArgs) -> Result<Summary
             )))
         }
         (Some(path), false) => Some(tokenizer::explicit(path)?),
-        (None, false) => Some(tokenizer::recorded(source.training_config().as_ref())),
+        (None, false) => Some(tokenizer::recorded(source.training_config().as_ref(), source.init_dir().as_deref())),
         (None, true) => None,
     };
     if args.verify {

@@ -165,6 +165,24 @@ fn mistral_and_qwen2_directories_round_trip_with_their_class_and_tokenizer() {
         }
     }
 
+    // The manifest records the absolute init_from directory, and a resumed run carries it over,
+    // so its conversion still finds the tokenizer.
+    let mistral = tmp.path().join("mistral");
+    let recorded = common::manifest(&mistral.join("out").join("final"))["init_dir"].clone();
+    assert_eq!(recorded, std::fs::canonicalize(&source).unwrap().to_str().unwrap(), "manifest init_dir");
+    let keys = "init_from = \"resume\"\nmax_iters = 6\neval_interval = 2\nzero_stage = 2\nbatch_size = 2";
+    let resumed = tiny::train(&mistral, &data, 2, keys, &[]);
+    assert!(resumed.ok, "resume: {}", resumed.stderr);
+    let final_manifest = common::manifest(&resumed.out.join("final"));
+    assert_eq!((final_manifest["step"].as_u64(), &final_manifest["init_dir"]), (Some(6), &recorded));
+    let out = tmp.path().join("mistral-resumed-hf");
+    let (ok, text) = tool(env!("CARGO_BIN_EXE_zero-to-fp32"), &[resumed.out.to_str().unwrap(), out.to_str().unwrap()]);
+    assert!(ok && text.contains("copied tokenizer.json") && text.contains("the run's init_from"), "{text}");
+    assert_eq!(
+        std::fs::read(out.join("tokenizer.json")).unwrap(),
+        std::fs::read(source.join("tokenizer.json")).unwrap()
+    );
+
     // The Qwen2 run's init_from has no tokenizer, and its dataset records none: the log says which
     // files were not copied and why.
     let ckpt = tmp.path().join("qwen2").join("out");

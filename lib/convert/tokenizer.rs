@@ -96,18 +96,32 @@ pub fn explicit(path: &Path) -> Result<Plan, ConvertError> {
     })
 }
 
-/// The plan from a zerokit run's training configuration (the manifest's `config`; None: a
-/// checkpoint that records none, as DeepSpeed's). The first of init_from, model and the dataset's
-/// recorded tokenizer that names a directory holding a tokenizer is the source.
-pub fn recorded(run: Option<&Value>) -> Plan {
+/// The plan from what a zerokit checkpoint records of its run: `init_dir` (the manifest's
+/// absolute model directory, carried over resumes) and the training configuration (the
+/// manifest's `config`; None: a checkpoint that records none, as DeepSpeed's). The first of
+/// init_dir (or, in checkpoints without it, init_from), model and the dataset's recorded
+/// tokenizer that names a directory holding a tokenizer is the source.
+pub fn recorded(run: Option<&Value>, init_dir: Option<&Path>) -> Plan {
     let Some(run) = run else {
         return Plan::Nothing("the checkpoint does not record which model or tokenizer the run started from".into());
     };
     let mut why = Vec::new();
     let text = |key: &str| run.get(key).and_then(Value::as_str);
-    match text("init_from") {
-        Some(from @ ("scratch" | "resume")) => why.push(format!("init_from = {from:?} names no model directory")),
-        Some(from) => {
+    match (init_dir, text("init_from")) {
+        (Some(dir), _) => {
+            let label = format!("the run's init_from, {}", dir.display());
+            if !dir.is_dir() {
+                why.push(format!("{label}: not there any more"));
+            } else if let Some(plan) = from_dir(dir, label.clone()) {
+                return plan;
+            } else {
+                why.push(format!("{label}: holds no tokenizer.json or tokenizer.model"));
+            }
+        }
+        (None, Some(from @ ("scratch" | "resume"))) => {
+            why.push(format!("init_from = {from:?} names no model directory"))
+        }
+        (None, Some(from)) => {
             let dir = if Path::new(from).is_dir() {
                 Ok(Some(PathBuf::from(from)))
             } else {
@@ -124,7 +138,7 @@ pub fn recorded(run: Option<&Value>) -> Plan {
                 Err(e) => why.push(format!("init_from = {from:?}: {e}")),
             }
         }
-        None => why.push("the run records no init_from".into()),
+        (None, None) => why.push("the run records no init_from".into()),
     }
     if let Some(model) = text("model") {
         // A config.json (or its directory) may sit with its tokenizer; a preset name is no path.
@@ -201,9 +215,9 @@ mod tests {
     fn runs_that_record_no_source_say_why() {
         let tmp = tempfile::tempdir().unwrap();
         let run = serde_json::json!({"init_from": "scratch", "model": "gpt2", "dataset": tmp.path()});
-        let Plan::Nothing(why) = recorded(Some(&run)) else { panic!() };
+        let Plan::Nothing(why) = recorded(Some(&run), None) else { panic!() };
         assert!(why.contains("init_from = \"scratch\"") && why.contains("no meta.json"), "{why}");
-        let Plan::Nothing(why) = recorded(None) else { panic!() };
+        let Plan::Nothing(why) = recorded(None, None) else { panic!() };
         assert!(why.contains("does not record"), "{why}");
         let err = explicit(&tmp.path().join("nope")).unwrap_err().to_string();
         assert!(err.contains("--tokenizer") && err.contains("nope"), "{err}");
@@ -224,17 +238,19 @@ mod tests {
         let meta = serde_json::json!({"encoding": "tokenizer.json", "tokenizer": {"path": file, "sha256": sha256}});
         std::fs::write(data.join("meta.json"), meta.to_string()).unwrap();
         let run = serde_json::json!({"init_from": "scratch", "model": "llama-tiny", "dataset": data});
-        let Plan::Copy { files, from, .. } = recorded(Some(&run)) else { panic!("{:?}", recorded(Some(&run))) };
+        let Plan::Copy { files, from, .. } = recorded(Some(&run), None) else {
+            panic!("{:?}", recorded(Some(&run), None))
+        };
         let names: Vec<&str> = files.iter().map(|(_, n)| n.as_str()).collect();
         assert_eq!(names, ["tokenizer.json", "tokenizer_config.json"]);
         assert!(from.contains("the tokenizer of dataset"), "{from}");
         // Copied only as recorded: a changed file is named, not copied.
         std::fs::write(&file, r#"{"model": {"x": 1}}"#).unwrap();
-        let Plan::Nothing(why) = recorded(Some(&run)) else { panic!() };
+        let Plan::Nothing(why) = recorded(Some(&run), None) else { panic!() };
         assert!(why.contains("sha256 differs") && why.contains("tokenizer.json"), "{why}");
         // A GPT-2 dataset names its encoding.
         std::fs::write(data.join("meta.json"), r#"{"encoding": "gpt2", "tokenizer": null}"#).unwrap();
-        let Plan::Nothing(why) = recorded(Some(&run)) else { panic!() };
+        let Plan::Nothing(why) = recorded(Some(&run), None) else { panic!() };
         assert!(why.contains("tokenized with \"gpt2\""), "{why}");
     }
 }

@@ -47,6 +47,11 @@ pub trait ShardedSource: Sync {
     fn training_config(&self) -> Option<serde_json::Value> {
         None
     }
+    /// The model directory the run's weights started from, when the checkpoint records it
+    /// (zerokit's manifest `init_dir`).
+    fn init_dir(&self) -> Option<std::path::PathBuf> {
+        None
+    }
     /// Checks the whole source against its own integrity records before anything is converted
     /// (`--verify`), naming every damaged file.
     fn verify(&self) -> Result<(), SourceError>;

@@ -144,6 +144,10 @@ impl ShardedSource for ZerokitSource {
         Some(self.reader.manifest.config.clone())
     }
 
+    fn init_dir(&self) -> Option<PathBuf> {
+        self.reader.manifest.init_dir.as_ref().map(PathBuf::from)
+    }
+
     fn verify(&self) -> Result<(), SourceError> {
         let m = &self.reader.manifest;
         let bytes: u64 = m.files.values().map(|f| f.bytes).sum();

@@ -32,6 +32,9 @@ pub(super) struct Run {
     pub device: Device,
     pub engine: Engine<AnyModel>,
     pub model_cfg: ModelConfig,
+    /// The Hugging Face directory the weights started from, as manifests record it
+    /// (`checkpoint::Manifest::init_dir`).
+    pub init_dir: Option<String>,
     pub state: TrainState,
     /// The step this process started at (the resumed checkpoint's, or 0).
     pub start: u64,
@@ -118,6 +121,12 @@ impl Run {
         info!("resolved configuration:\n{}", cfg.to_toml());
         info!("model: {}", model_cfg.summary());
 
+        // Carried over resumes, so that the tokenizer of the model a run started from stays known.
+        let init_dir = match &resume {
+            Some(Resume::Zerokit(_, m)) => m.init_dir.clone(),
+            Some(Resume::DeepSpeed(_)) => None,
+            None => init_dir(&cfg)?.map(|d| std::fs::canonicalize(&d).unwrap_or(d).display().to_string()),
+        };
         let comm = collectives(ctl, device)?;
         let mut engine = Engine::new(model, cfg.engine(device, kind), comm)?;
         let mut state = TrainState { step: 0, tokens_seen: 0, best_val_loss: None, best_tag: None, stale_evals: 0 };
@@ -166,6 +175,7 @@ impl Run {
             device,
             engine,
             model_cfg,
+            init_dir,
             state,
             start,
             resumed_from: resume.map(|r| r.dir().to_path_buf()),
