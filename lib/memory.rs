@@ -976,7 +976,8 @@ pub fn estimate(s: &Setup, usable_gpu_memory: u64) -> Result<Estimate, MemoryErr
 #[derive(Debug, Clone, clap::Args)]
 pub struct EstimateArgs {
     /// Model: a preset (gpt2, gpt2-medium, gpt2-large, gpt2-xl, llama-3.2-1b, llama-3.2-3b,
-    /// llama-3.1-8b, llama-tiny), a Hugging Face config.json or model directory, or a zerokit
+    /// llama-3.1-8b, llama-tiny, mistral-7b, qwen2.5-0.5b, gemma-2-2b, gemma-3-27b, gemma-tiny),
+    /// a Hugging Face config.json or model directory, or a zerokit
     /// checkpoint (root or tag). The flags below override its sizes.
     #[arg(long, default_value = "gpt2")]
     pub model: String,

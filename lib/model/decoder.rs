@@ -1,4 +1,4 @@
-//! The decoder-only transformer that Llama ([`super::llama`]) and Gemma 2 and 3
+//! The decoder-only transformer that Llama, Mistral and Qwen2 ([`super::llama`]) and Gemma 2 and 3
 //! ([`super::gemma`]) are configurations of, written once, to be read beside transformers'
 //! modeling_llama.py, modeling_gemma2.py and modeling_gemma3.py: token embedding (scaled by
 //! sqrt(hidden) for Gemma), layers of RMSNorm, grouped-query attention with rotary positions and

@@ -473,7 +473,7 @@ fn initial_model(cfg: &TrainConfig, shape: ModelConfig) -> Result<AnyModel, Trai
         dir if !Path::new(dir).is_dir() => {
             return Err(TrainError::Other(format!(
                 "init_from = {dir:?}: not a directory. zerokit downloads nothing: give a local Hugging Face GPT-2, \
-                 Llama or Gemma directory (config.json and model.safetensors or its sharded index), a model id \
+                 Llama, Mistral, Qwen2 or Gemma directory (config.json and model.safetensors or its sharded index), a model id \
                  (ORG/NAME) in the local hub cache, \"scratch\" or \"resume\""
             )))
         }
