@@ -85,6 +85,11 @@ pub struct Manifest {
     pub model_config: serde_json::Value,
     /// The full resolved training configuration.
     pub config: serde_json::Value,
+    /// The Hugging Face directory the run's weights started from (`init_from` made absolute, a
+    /// hub id as its cached snapshot), carried over resumes, for zero-to-fp32 to find the
+    /// tokenizer; absent from scratch runs and from checkpoints written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_dir: Option<String>,
     /// Parameter table, buckets, padding and partition sizes.
     pub layout: FlatLayout,
     /// AdamW hyper-parameters, step count and the learning rate of the last step.
@@ -646,6 +651,8 @@ pub struct SaveInfo {
     pub tokens_seen: u64,
     pub model_config: serde_json::Value,
     pub config: serde_json::Value,
+    /// [`Manifest::init_dir`].
+    pub init_dir: Option<String>,
     pub lr: f64,
     pub data: serde_json::Value,
     pub metrics: serde_json::Value,
@@ -787,6 +794,7 @@ fn finish_save(
         ]),
         model_config: info.model_config.clone(),
         config: info.config.clone(),
+        init_dir: info.init_dir.clone(),
         layout: state.layout.clone(),
         optimizer: serde_json::json!({
             "type": "adamw", "step": state.optimizer_step, "lr": info.lr, "betas": [a.betas.0, a.betas.1],
@@ -1085,6 +1093,7 @@ mod tests {
             dtypes: BTreeMap::new(),
             model_config: null.clone(),
             config: null.clone(),
+            init_dir: None,
             layout,
             optimizer: null.clone(),
             loss_scaler: null.clone(),

@@ -7,6 +7,9 @@
 //! [`UNIT_ELEMS`](crate::formats::source::UNIT_ELEMS) elements that worker threads read, cast
 //! and write at their final offsets, in any order. Each worker holds one unit (stored and
 //! output dtype): peak memory is a few MiB per thread plus fixed overhead, whatever the model.
+//! A directory output also gets config.json and the tokenizer's files ([`tokenizer`]).
+
+pub mod tokenizer;
 
 use crate::formats::dtype::{cast, DType};
 use crate::formats::safetensors::{self as st, SafetensorsError, TensorSpec};
@@ -46,6 +49,8 @@ pub enum ConvertError {
     ShardSize(SizeError),
     #[error("{0}")]
     Threads(String),
+    #[error("{0}")]
+    Tokenizer(String),
 }
 
 /// Output floating-point dtype.
@@ -107,6 +112,12 @@ pub struct ConvertArgs {
     /// Worker threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// Tokenizer files for a directory OUTPUT: a directory holding tokenizer.json or
+    /// tokenizer.model (they and tokenizer_config.json, special_tokens_map.json and
+    /// generation_config.json are copied), or a tokenizer.json file. Default: the tokenizer of the
+    /// model or dataset the checkpoint's run started from, when it records one that is here.
+    #[arg(long, value_name = "PATH")]
+    pub tokenizer: Option<PathBuf>,
 }
 
 /// What a conversion produced.
@@ -193,6 +204,19 @@ pub fn convert(source: &dyn ShardedSource, args: &ConvertArgs) -> Result<Summary
         (0..shards.len()).map(|k| st::shard_file_name(k, shards.len())).collect()
     };
     info!("{}: {}", args.checkpoint.display(), source.format());
+    // Decided before the conversion, so that a wrong --tokenizer fails at once.
+    let tokenizer = match (&args.tokenizer, single) {
+        (Some(path), true) => {
+            return Err(ConvertError::Tokenizer(format!(
+                "--tokenizer {}: OUTPUT {} is a single .safetensors file; tokenizer files go into a directory OUTPUT",
+                path.display(),
+                args.output.display()
+            )))
+        }
+        (Some(path), false) => Some(tokenizer::explicit(path)?),
+        (None, false) => Some(tokenizer::recorded(source.training_config().as_ref(), source.init_dir().as_deref())),
+        (None, true) => None,
+    };
     if args.verify {
         source.verify().map_err(ConvertError::Source)?;
     }
@@ -220,6 +244,9 @@ pub fn convert(source: &dyn ShardedSource, args: &ConvertArgs) -> Result<Summary
             names.len(),
             args.output.display()
         );
+        if let Some(t) = &tokenizer {
+            info!("{}", t.describe(false));
+        }
         return Ok(Summary {
             tensors: specs.len(),
             parameters,
@@ -290,6 +317,13 @@ pub fn convert(source: &dyn ShardedSource, args: &ConvertArgs) -> Result<Summary
                 &d.path().join("config.json"),
                 &serde_json::to_vec_pretty(&cfg).expect("json serializes"),
             )?;
+        }
+        if let Some(t) = &tokenizer {
+            t.copy_into(d.path())?;
+            match t {
+                tokenizer::Plan::Copy { .. } => info!("{}", t.describe(true)),
+                tokenizer::Plan::Nothing(_) => tracing::warn!("{}", t.describe(true)),
+            }
         }
         d.commit()?;
     }

@@ -76,6 +76,10 @@ pub struct Dims {
     /// Llama and Gemma: RMSNorm, a gated (SwiGLU, GeGLU) MLP and rotary positions; GPT-2:
     /// LayerNorm, GELU and learned position embeddings.
     pub llama: bool,
+    /// The shortest sliding window (0: none) and how many layers have one (Gemma's local
+    /// layers, Mistral's every layer, Qwen2's from max_window_layers on).
+    pub sliding_window: u64,
+    pub local_layers: u64,
     /// What Gemma adds; None for GPT-2 and Llama.
     pub gemma: Option<GemmaDims>,
 }
@@ -83,14 +87,12 @@ pub struct Dims {
 /// Gemma's arithmetic that costs activations: RMSNorms that scale by (1 + gain) in fp32, two
 /// more of them per block (after attention and after the MLP), QK-norm (Gemma 3), soft-capped
 /// attention logits (Gemma 2: attention written out, T x T scores kept), soft-capped final logits
-/// (one more logits-sized tensor in the head) and local layers' sliding window.
+/// (one more logits-sized tensor in the head).
 #[derive(Debug, Clone, Copy)]
 pub struct GemmaDims {
     pub qk_norm: bool,
     pub attn_softcap: bool,
     pub final_softcap: bool,
-    pub sliding_window: u64,
-    pub local_layers: u64,
 }
 
 /// The dims of a decoder (Llama, Gemma) from its [`Arch`].
@@ -106,12 +108,12 @@ fn decoder_dims(a: &Arch, gemma: bool) -> Dims {
         ffn: n(a.intermediate_size),
         vocab: n(a.vocab_size),
         llama: true,
+        sliding_window: n(window),
+        local_layers: n(a.layers.iter().filter(|l| l.window.is_some()).count()),
         gemma: gemma.then(|| GemmaDims {
             qk_norm: a.qk_norm,
             attn_softcap: a.attn_softcap.is_some(),
             final_softcap: a.final_softcap.is_some(),
-            sliding_window: n(window),
-            local_layers: n(a.layers.iter().filter(|l| l.window.is_some()).count()),
         }),
     }
 }
@@ -145,6 +147,8 @@ impl ModelShape {
                 ffn: n(4 * c.n_embd),
                 vocab: n(c.vocab_size),
                 llama: false,
+                sliding_window: 0,
+                local_layers: 0,
                 gemma: None,
             },
             ModelConfig::Llama(c) => decoder_dims(&c.arch(), false),
@@ -247,8 +251,13 @@ impl ModelShape {
                 d.layers, d.heads, d.hidden, d.vocab, c.block_size
             ),
             ModelConfig::Llama(c) => format!(
-                "Llama, {} layers, {attention}, SwiGLU {}, vocab {}, {} positions, {} head",
+                "{}, {} layers{}, {attention}, SwiGLU {}, vocab {}, {} positions, {} head",
+                c.model_type.name(),
                 d.layers,
+                match c.sliding_window {
+                    Some(w) if d.local_layers > 0 => format!(" ({} with sliding window {w})", d.local_layers),
+                    _ => String::new(),
+                },
                 d.ffn,
                 d.vocab,
                 c.max_position_embeddings,
@@ -258,7 +267,7 @@ impl ModelShape {
                 "Gemma ({}), {} layers ({} local, window {}), {attention}, GeGLU {}, vocab {}, {} positions{}{}",
                 c.model_type.model_type(),
                 d.layers,
-                d.gemma.map_or(0, |g| g.local_layers),
+                d.local_layers,
                 c.sliding_window,
                 d.ffn,
                 d.vocab,
@@ -533,8 +542,9 @@ pub fn norm_reference_extra_bytes(s: &Setup) -> u64 {
 /// output is not kept, rope's products keep only cos and sin); with soft-capped attention
 /// (Gemma 2), attention written out instead of the fused kernel: k and v repeated to every
 /// query head, and per head the T x T scores' tanh (e), the fp32 softmax and its cast to e (the
-/// same tensor in fp32), and the T x T boolean mask; otherwise a local layer's sliding-window
-/// mask in the compute dtype ([`window_mask_bytes`]; a local block is the largest).
+/// same tensor in fp32), and the T x T boolean mask. Any decoder (Gemma, Mistral, Qwen2) with
+/// the fused kernel: a local layer's sliding-window mask in the compute dtype
+/// ([`window_mask_bytes`]; a local block is the largest).
 pub fn block_activation_bytes(s: &Setup) -> u64 {
     let d = s.model.dims();
     let (b, t) = (s.micro_batch, s.seq_len);
@@ -560,10 +570,10 @@ pub fn block_activation_bytes(s: &Setup) -> u64 {
             per_token += e * 2 * (q - kv);
             let cast = if e == 4 { 0 } else { e };
             attention = b * d.heads * t * t * (e + 4 + cast) + t * t;
-        } else {
-            attention += window_mask_bytes(s);
         }
     }
+    // Mistral's, Qwen2's and Gemma 3's windowed layers (none with Gemma 2's written-out attention).
+    attention += window_mask_bytes(s);
     let mut bytes = tokens * per_token + attention + rope + per_block;
     if s.dropout {
         bytes += 2 * tokens * d.hidden; // attn and mlp residual dropout masks (bool)
@@ -574,11 +584,13 @@ pub fn block_activation_bytes(s: &Setup) -> u64 {
 /// A sliding-window layer's mask, when the window is shorter than the sequence and attention
 /// goes through the fused kernel: [T, T] in the compute dtype.
 fn window_mask_bytes(s: &Setup) -> u64 {
-    match s.model.dims().gemma {
-        Some(g) if !g.attn_softcap && g.local_layers > 0 && g.sliding_window < s.seq_len => {
-            s.seq_len * s.seq_len * s.dtype.bytes()
-        }
-        _ => 0,
+    let d = s.model.dims();
+    // Gemma 2's soft-capped attention is written out, its mask inside the scores.
+    let fused = !d.gemma.is_some_and(|g| g.attn_softcap);
+    if fused && d.local_layers > 0 && d.sliding_window < s.seq_len {
+        s.seq_len * s.seq_len * s.dtype.bytes()
+    } else {
+        0
     }
 }
 
@@ -609,7 +621,7 @@ pub fn activation_bytes(s: &Setup) -> u64 {
         d.layers * block_input + block + outer
     } else {
         // Global layers have no window mask.
-        let global = d.layers - d.gemma.map_or(0, |g| g.local_layers);
+        let global = d.layers - d.local_layers;
         d.layers * block - global * window_mask_bytes(s) + outer
     }
 }
@@ -991,7 +1003,8 @@ pub fn estimate(s: &Setup, usable_gpu_memory: u64) -> Result<Estimate, MemoryErr
 #[derive(Debug, Clone, clap::Args)]
 pub struct EstimateArgs {
     /// Model: a preset (gpt2, gpt2-medium, gpt2-large, gpt2-xl, llama-3.2-1b, llama-3.2-3b,
-    /// llama-3.1-8b, llama-tiny), a Hugging Face config.json or model directory, or a zerokit
+    /// llama-3.1-8b, llama-tiny, mistral-7b, qwen2.5-0.5b, gemma-2-2b, gemma-3-27b, gemma-tiny),
+    /// a Hugging Face config.json or model directory, or a zerokit
     /// checkpoint (root or tag). The flags below override its sizes.
     #[arg(long, default_value = "gpt2")]
     pub model: String,

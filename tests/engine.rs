@@ -51,6 +51,7 @@ fn save<M: Model>(e: &mut Engine<M>, root: &Path, step: u64) {
         tokens_seen: 0,
         model_config: serde_json::json!({}),
         config: serde_json::json!({}),
+        init_dir: None,
         lr: LR,
         data: serde_json::json!({}),
         metrics: serde_json::json!({}),

@@ -5,6 +5,10 @@
 //! `init_from`, trained, converted by zero-to-fp32 and loaded back into transformers with no
 //! missing or unexpected keys, the same logits and the same greedy tokens as zerokit's; `train
 //! eval` equal on the checkpoint and on the converted directory; `train sample` on the checkpoint.
+//! The same round trip for Mistral and Qwen2 directories (sliding windows shorter than the
+//! sequence), their class kept in the converted config.json, and zero-to-fp32's tokenizer files:
+//! copied from the init_from directory and loaded by AutoTokenizer, given with `--tokenizer`, or
+//! named in the log as not copied and why.
 
 mod common;
 
@@ -99,5 +103,137 @@ fn a_transformers_llama_directory_round_trips_through_train_and_zero_to_fp32() {
             let (ok, text) = tool(env!("CARGO_BIN_EXE_train"), &args);
             assert!(ok, "train sample: {text}");
         }
+    }
+}
+
+/// `model`'s files and a tokenizer (tests/fixtures/tokenizer's Llama-3-style tokenizer.json, a
+/// tokenizer_config.json and special_tokens_map.json), as a Hub directory holds them, in `dir`.
+fn with_tokenizer(model: &Path, dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    for entry in std::fs::read_dir(model).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
+    }
+    let tokenizers = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizer/hf");
+    std::fs::copy(tokenizers.join("llama3.json"), dir.join("tokenizer.json")).unwrap();
+    let special = r#"{"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}"#;
+    std::fs::write(dir.join("special_tokens_map.json"), special).unwrap();
+    let config = r#"{"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>",
+        "eos_token": "<|end_of_text|>", "model_max_length": 64}"#;
+    std::fs::write(dir.join("tokenizer_config.json"), config).unwrap();
+}
+
+#[test]
+fn mistral_and_qwen2_directories_round_trip_with_their_class_and_tokenizer() {
+    use zerokit::data::HfTokenizer;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    tiny::dataset(&data);
+    tch::manual_seed(0);
+    // 16 tokens, as the training sequences: longer than the fixtures' window of 8.
+    let tokens = Tensor::randint_low(0, VOCAB as i64, [3, 16], (Kind::Int64, Device::Cpu));
+    let source = tmp.path().join("mistral-with-tokenizer");
+    with_tokenizer(&fixture("mistral_window/model"), &source);
+    // Mistral (untied) from a directory with a tokenizer, 2 ranks at stage 2; Qwen2 (tied, q/k/v
+    // biases) from the bare fixture, at stage 3.
+    for (name, source, class, stage) in [
+        ("mistral", source.clone(), "MistralForCausalLM", 2),
+        ("qwen2", fixture("qwen2_window/model"), "Qwen2ForCausalLM", 3),
+    ] {
+        let keys = format!("max_iters = 4\neval_interval = 4\nzero_stage = {stage}\nbatch_size = 2");
+        let rt = round_trip(&source, &tmp.path().join(name), &data, &keys, &tokens, &[]);
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(rt.out.join("config.json")).unwrap()).unwrap();
+        assert_eq!(config["architectures"], serde_json::json!([class]), "{name}");
+        let copied = |f: &str| rt.out.join(f).is_file();
+        if name == "mistral" {
+            // Every tokenizer file of the init_from directory, byte for byte; generation_config.json
+            // too (transformers saved one with the model).
+            for f in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"] {
+                let (a, b) = (std::fs::read(source.join(f)).unwrap(), std::fs::read(rt.out.join(f)).unwrap());
+                assert!(a == b, "{f} differs from the source's");
+            }
+            assert!(!copied("tokenizer.model"));
+            // AutoTokenizer loaded the output directory; its ids are the tokenizer's own.
+            let ours = HfTokenizer::open(&rt.out).unwrap();
+            let mut ids = Vec::new();
+            ours.encode_into(common::TOKENIZER_TEXT, &mut ids).unwrap();
+            let ids: Vec<i64> = ids.into_iter().map(i64::from).collect();
+            assert_eq!(Vec::<i64>::try_from(&rt.theirs["tokenizer_ids"]).unwrap(), ids);
+        } else {
+            assert!(!copied("tokenizer.json") && !rt.theirs.contains_key("tokenizer_ids"));
+        }
+    }
+
+    // The manifest records the absolute init_from directory, and a resumed run carries it over,
+    // so its conversion still finds the tokenizer.
+    let mistral = tmp.path().join("mistral");
+    let recorded = common::manifest(&mistral.join("out").join("final"))["init_dir"].clone();
+    assert_eq!(recorded, std::fs::canonicalize(&source).unwrap().to_str().unwrap(), "manifest init_dir");
+    let keys = "init_from = \"resume\"\nmax_iters = 6\neval_interval = 2\nzero_stage = 2\nbatch_size = 2";
+    let resumed = tiny::train(&mistral, &data, 2, keys, &[]);
+    assert!(resumed.ok, "resume: {}", resumed.stderr);
+    let final_manifest = common::manifest(&resumed.out.join("final"));
+    assert_eq!((final_manifest["step"].as_u64(), &final_manifest["init_dir"]), (Some(6), &recorded));
+    let out = tmp.path().join("mistral-resumed-hf");
+    let (ok, text) = tool(env!("CARGO_BIN_EXE_zero-to-fp32"), &[resumed.out.to_str().unwrap(), out.to_str().unwrap()]);
+    assert!(ok && text.contains("copied tokenizer.json") && text.contains("the run's init_from"), "{text}");
+    assert_eq!(
+        std::fs::read(out.join("tokenizer.json")).unwrap(),
+        std::fs::read(source.join("tokenizer.json")).unwrap()
+    );
+
+    // The Qwen2 run's init_from has no tokenizer, and its dataset records none: the log says which
+    // files were not copied and why.
+    let ckpt = tmp.path().join("qwen2").join("out");
+    let zero_to_fp32 = env!("CARGO_BIN_EXE_zero-to-fp32");
+    let out = tmp.path().join("qwen2-hf");
+    let (ok, text) = tool(zero_to_fp32, &[ckpt.to_str().unwrap(), out.to_str().unwrap()]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("tokenizer files not copied (tokenizer.json, tokenizer_config.json, special_tokens_map.json")
+            && text.contains("holds no tokenizer.json or tokenizer.model")
+            && text.contains("--tokenizer PATH"),
+        "{text}"
+    );
+    // --tokenizer: a directory's files, or one tokenizer.json file.
+    let out = tmp.path().join("qwen2-tok-dir");
+    let args = [ckpt.to_str().unwrap(), out.to_str().unwrap(), "--tokenizer", source.to_str().unwrap()];
+    let (ok, text) = tool(zero_to_fp32, &args);
+    assert!(ok && text.contains("copied tokenizer.json, tokenizer_config.json, special_tokens_map.json"), "{text}");
+    assert!(["tokenizer.json", "tokenizer_config.json", "generation_config.json"]
+        .iter()
+        .all(|f| out.join(f).is_file()));
+    let file = source.join("tokenizer.json");
+    let out = tmp.path().join("qwen2-tok-file");
+    let (ok, text) =
+        tool(zero_to_fp32, &[ckpt.to_str().unwrap(), out.to_str().unwrap(), "--tokenizer", file.to_str().unwrap()]);
+    assert!(ok, "{text}");
+    assert_eq!(std::fs::read(out.join("tokenizer.json")).unwrap(), std::fs::read(&file).unwrap());
+    assert!(!out.join("tokenizer_config.json").exists());
+    // Refused before anything is written: a path that is not there, a file that is no
+    // tokenizer.json, a single-file output.
+    let config = source.join("config.json");
+    let refusals = [
+        (tmp.path().join("nope"), out.with_file_name("r1"), "no such file or directory"),
+        (config.clone(), out.with_file_name("r2"), "not a tokenizer.json"),
+        (file.clone(), out.with_file_name("r3.safetensors"), "single .safetensors file"),
+    ];
+    for (tok, out, why) in refusals {
+        let args = [ckpt.to_str().unwrap(), out.to_str().unwrap(), "--tokenizer", tok.to_str().unwrap()];
+        let (ok, text) = tool(zero_to_fp32, &args);
+        assert!(!ok && text.contains(why) && text.contains(tok.to_str().unwrap()), "{text}");
+        assert!(!out.exists(), "{}", out.display());
+    }
+}
+
+#[test]
+fn ckpt_estimate_knows_the_mistral_and_qwen2_presets() {
+    for (name, what) in [
+        ("mistral-7b", "Mistral, 32 layers (32 with sliding window 4096), 32 heads (8 key/value, head_dim 128)"),
+        ("qwen2.5-0.5b", "Qwen2, 24 layers, 14 heads (2 key/value, head_dim 64)"),
+    ] {
+        let (ok, text) = tool(env!("CARGO_BIN_EXE_ckpt"), &["estimate", "--model", name]);
+        assert!(ok && text.contains(what), "ckpt estimate --model {name}: {text}");
     }
 }

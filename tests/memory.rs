@@ -357,7 +357,7 @@ fn llama_presets_config_files_and_checkpoints() {
     assert!(matches!(run(&args(&["--model", "gpt2", "--n-kv-head", "4"])), Err(MemoryError::Setup(_))));
     assert!(matches!(run(&args(&["--model", "llama-tiny", "--dropout"])), Err(MemoryError::Setup(_))));
     assert!(matches!(run(&args(&["--model", "llama-tiny", "--n-kv-head", "3"])), Err(MemoryError::Shape(_))));
-    let e = run(&args(&["--model", "mistral-7b"])).unwrap_err().to_string();
+    let e = run(&args(&["--model", "llama-2-7b"])).unwrap_err().to_string();
     assert!(e.contains("llama-3.1-8b") && e.contains("config.json"), "{e}");
 }
 

@@ -8,7 +8,9 @@ says) and writes its logits on a batch of tokens, for the tests to compare with 
 TOKENS is a safetensors file with an int64 tensor "tokens" [B, T]; OUT receives "logits" [B, T, V]
 (fp32). When TOKENS also holds "prompt" [B, P] and "max_new_tokens" (one int64), OUT also
 receives "generated": transformers' greedy generate (do_sample=False) of that many tokens after
-the prompt, prompt included. Exits non-zero, saying why, when transformers reports missing,
+the prompt, prompt included. When MODEL_DIR holds tokenizer.json or tokenizer.model, OUT also
+receives "tokenizer_ids": AutoTokenizer's ids of TEXT (below, without special tokens), the
+directory loaded as a user loads it. Exits non-zero, saying why, when transformers reports missing,
 unexpected or mismatched weights, when a config that ties lm_head to the embedding loads them
 untied, or when the stored dtype is not the one config.json names.
 """
@@ -22,7 +24,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+# tests/common/mod.rs's TOKENIZER_TEXT.
+TEXT = "Round trip: zerokit's output loads in AutoTokenizer, ids and all."
 
 
 def main(model_dir: str, tokens_path: str, out_path: str) -> int:
@@ -51,6 +56,10 @@ def main(model_dir: str, tokens_path: str, out_path: str) -> int:
             prompt, n = inputs["prompt"], int(inputs["max_new_tokens"].item())
             out["generated"] = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
                                               max_new_tokens=n, min_new_tokens=n, pad_token_id=0).contiguous()
+    if any(os.path.exists(os.path.join(model_dir, f)) for f in ("tokenizer.json", "tokenizer.model")):
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        out["tokenizer_ids"] = torch.tensor(tok(TEXT, add_special_tokens=False)["input_ids"], dtype=torch.int64)
+        print(f"AutoTokenizer loaded {model_dir} as {type(tok).__name__}")
     save_file(out, out_path)
     print(f"transformers loaded {model_dir} as {type(model).__name__} ({model.dtype}, stored {stored.pop()}), "
           f"logits {tuple(out['logits'].shape)}")

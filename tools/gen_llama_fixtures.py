@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
-"""Reference fixtures for tests/llama.rs: small random LlamaForCausalLM models saved by
-transformers (save_pretrained, safetensors), a batch of tokens, transformers' fp32 logits on it
-(and its bf16 logits, the model loaded in bf16) and the loss for known targets, one directory per
-case under tests/fixtures/llama/.
+"""Reference fixtures for tests/llama.rs: small random LlamaForCausalLM, MistralForCausalLM and
+Qwen2ForCausalLM models saved by transformers (save_pretrained, safetensors), a batch of tokens,
+transformers' fp32 logits on it (and its bf16 logits, the model loaded in bf16) and the loss for
+known targets, one directory per case under tests/fixtures/llama/.
 
 Run with the reference environment (make pyenv), on CPU, in seconds:
-    .deps/py/bin/python tools/gen_llama_fixtures.py tests/fixtures/llama
+    .deps/py/bin/python tools/gen_llama_fixtures.py tests/fixtures/llama [CASE...]
+(no CASE: every case).
 
 Cases:
 - gqa_llama3_tied: 4 query heads sharing 2 key/value heads, Llama 3's rope scaling (with an
@@ -13,6 +14,11 @@ Cases:
   high-frequency regimes of the scaling), the lm_head tied to the embedding.
 - untied_bias: a Qwen2-like shape: untied lm_head, biases on q/k/v/o, plain rope with another
   base, and a head_dim (24) given explicitly, not hidden_size / heads.
+- mistral_window: MistralForCausalLM with a sliding window of 8 on every layer (the batch is 32
+  tokens; its 7-token prefix is shorter than the window), GQA 4/2, an explicit head_dim (24),
+  rope base 1e6, an untied head.
+- qwen2_window: Qwen2ForCausalLM with use_sliding_window and max_window_layers 1 (layer 0 global,
+  layers 1 and 2 with a window of 8), q/k/v biases (none on o_proj), GQA 4/2, a tied head.
 
 Weights are drawn far from Llama's own init (std 0.02 gives near-uniform logits that would hide
 bugs): RMSNorm gains around 1, non-zero biases, matrices of std 1/sqrt(fan_in), so every
@@ -25,7 +31,7 @@ import sys
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, Qwen2Config
 
 SEED = 1234
 BATCH, SEQ = 2, 32
@@ -42,6 +48,16 @@ CASES = {
         intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
         tie_word_embeddings=False, attention_bias=True,
         rope_parameters=dict(rope_type="default", rope_theta=50000.0)),
+    "mistral_window": dict(
+        config_class=MistralConfig, num_hidden_layers=2,
+        intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+        tie_word_embeddings=False, sliding_window=8,
+        rope_parameters=dict(rope_type="default", rope_theta=1e6)),
+    "qwen2_window": dict(
+        config_class=Qwen2Config, num_hidden_layers=3,
+        intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+        tie_word_embeddings=True, use_sliding_window=True, sliding_window=8, max_window_layers=1,
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
 }
 
 
@@ -62,15 +78,23 @@ def perturb(model, norm_center: float = 1.0, embed_std: float = 0.5) -> None:
 
 def make(out: str, name: str, extra: dict) -> None:
     torch.manual_seed(SEED)
-    cfg = LlamaConfig(**COMMON, **extra)
-    model = LlamaForCausalLM(cfg).eval()
+    extra = dict(extra)
+    config_class = extra.pop("config_class", LlamaConfig)
+    cfg = config_class(**{**COMMON, **extra})
+    model = AutoModelForCausalLM.from_config(cfg).eval()
     perturb(model)
+    if config_class is LlamaConfig:
+        assert isinstance(model, LlamaForCausalLM)
+    else:
+        print(f"{name}: {type(model).__name__}, layer windows "
+              f"{[getattr(layer.self_attn, 'sliding_window', cfg.sliding_window) for layer in model.model.layers]}, "
+              f"attention {model.config._attn_implementation}")
     if cfg.tie_word_embeddings:
         assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     case = os.path.join(out, name)
     model.save_pretrained(os.path.join(case, "model"))
 
-    write_batch(case, model, cfg.vocab_size, LlamaForCausalLM, SEED)
+    write_batch(case, model, cfg.vocab_size, AutoModelForCausalLM, SEED)
 
 
 def write_batch(case: str, model, vocab: int, model_class, seed: int) -> None:
@@ -102,10 +126,13 @@ def write_batch(case: str, model, vocab: int, model_class, seed: int) -> None:
           f"max |logits| {logits.abs().max().item():.3f}")
 
 
-def main(out: str) -> None:
+def main(out: str, only: list) -> None:
+    unknown = set(only) - set(CASES)
+    assert not unknown, f"unknown cases {unknown}"
     for name, extra in CASES.items():
-        make(out, name, extra)
+        if not only or name in only:
+            make(out, name, extra)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "tests/fixtures/llama")
+    main(sys.argv[1] if len(sys.argv) > 1 else "tests/fixtures/llama", sys.argv[2:])

@@ -59,7 +59,8 @@ pub struct TrainConfig {
     pub tensorboard_dir: String,
     // model
     /// "custom" (a GPT-2 of n_layer, n_head, n_embd), a preset (gpt2, gpt2-medium, gpt2-large,
-    /// gpt2-xl, llama-3.2-1b, llama-3.2-3b, llama-3.1-8b, llama-tiny), or a Hugging Face
+    /// gpt2-xl, llama-3.2-1b, llama-3.2-3b, llama-3.1-8b, llama-tiny, mistral-7b, qwen2.5-0.5b,
+    /// gemma-2-2b, gemma-3-27b, gemma-tiny), or a Hugging Face
     /// config.json (a path ending in .json, or a directory holding one).
     pub model: String,
     pub n_layer: usize,

@@ -42,6 +42,16 @@ pub trait ShardedSource: Sync {
     /// A transformers `config.json` for the model with its floating-point parameters stored as
     /// `dtype`, when the source knows the architecture.
     fn hf_config(&self, dtype: DType) -> Option<serde_json::Value>;
+    /// The training configuration the checkpoint records (zerokit's manifest `config`: where the
+    /// run's model and tokens came from), if any.
+    fn training_config(&self) -> Option<serde_json::Value> {
+        None
+    }
+    /// The model directory the run's weights started from, when the checkpoint records it
+    /// (zerokit's manifest `init_dir`).
+    fn init_dir(&self) -> Option<std::path::PathBuf> {
+        None
+    }
     /// Checks the whole source against its own integrity records before anything is converted
     /// (`--verify`), naming every damaged file.
     fn verify(&self) -> Result<(), SourceError>;

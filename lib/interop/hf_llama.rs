@@ -1,13 +1,16 @@
-//! Hugging Face Llama directories (LlamaForCausalLM), both ways: config.json read into a
-//! `LlamaConfig`, refusing by name every key whose value would change the arithmetic of the
-//! model zerokit implements, and the weights through `interop::hf`'s safetensors reading and
-//! writing. config.json is read in transformers 5's form (`rope_parameters`) and in the earlier
-//! one (`rope_theta` with `rope_scaling`), and written in transformers 5's.
+//! Hugging Face Llama directories (LlamaForCausalLM, and MistralForCausalLM and
+//! Qwen2ForCausalLM, which are Llama with a sliding window and Qwen2's biases), both ways:
+//! config.json read into a `LlamaConfig` with the class's own defaults for absent keys, refusing
+//! by name every key whose value would change the arithmetic of the model zerokit implements,
+//! and the weights through `interop::hf`'s safetensors reading and writing. config.json is read
+//! in transformers 5's form (`rope_parameters`) and in the earlier one (`rope_theta` with
+//! `rope_scaling`), and written in transformers 5's, as the class it was read as.
 
 use super::hf::{self, kind_name, Family, HfError, Key};
 use crate::model::check_kind;
 use crate::model::decoder::{Arch, DecoderConfig};
-use crate::model::llama::{Llama, LlamaConfig, RopeScaling, EMBED};
+use crate::model::llama::{Llama, LlamaConfig, LlamaVariant, RopeScaling, EMBED};
+use crate::model::LayerType;
 use serde_json::{json, Map, Value};
 use std::path::Path;
 use tch::{Device, Kind};
@@ -30,11 +33,10 @@ fn classify_llama(key: &str) -> Key {
 }
 
 /// Keys of other families' configurations that change the arithmetic whenever they are set
-/// (anything but null or false): sliding windows (Mistral, Qwen2), soft-capping and query
-/// scaling (Gemma), QK-norm, quantized weights. Refused rather than ignored.
-const REFUSED_KEYS: [&str; 8] = [
-    "sliding_window",
-    "use_sliding_window",
+/// (anything but null or false): soft-capping and query scaling (Gemma), QK-norm, quantized
+/// weights, and for model_type "llama" the sliding windows of Mistral and Qwen2
+/// ([`SLIDING_KEYS`]). Refused rather than ignored.
+const REFUSED_KEYS: [&str; 6] = [
     "final_logit_softcapping",
     "attn_logit_softcapping",
     "query_pre_attn_scalar",
@@ -42,6 +44,9 @@ const REFUSED_KEYS: [&str; 8] = [
     "logit_scale",
     "quantization_config",
 ];
+
+/// Mistral's and Qwen2's window keys, which LlamaForCausalLM would ignore.
+const SLIDING_KEYS: [&str; 2] = ["sliding_window", "use_sliding_window"];
 
 /// The keys a rope dictionary may hold.
 const ROPE_KEYS: [&str; 8] = [
@@ -104,46 +109,112 @@ impl Keys<'_> {
     }
 }
 
-/// A LlamaForCausalLM config (the parsed config.json) as a `LlamaConfig`, with transformers'
-/// LlamaConfig defaults for absent keys. Errors name the key.
+/// A LlamaForCausalLM, MistralForCausalLM or Qwen2ForCausalLM config (the parsed config.json,
+/// by its model_type; none: Llama) as a `LlamaConfig`, with transformers' LlamaConfig,
+/// MistralConfig or Qwen2Config defaults for absent keys. Errors name the key.
 pub fn parse_config(v: &Value) -> Result<LlamaConfig, String> {
     let obj = v.as_object().ok_or("not a JSON object")?;
     let keys = Keys { obj, prefix: "" };
-    if let Some(t) = keys.string("model_type")? {
-        if t != "llama" {
-            return Err(format!("model_type is {t:?}, expected \"llama\""));
-        }
-    }
+    let variant = match keys.string("model_type")? {
+        None | Some("llama") => LlamaVariant::Llama,
+        Some("mistral") => LlamaVariant::Mistral,
+        Some("qwen2") => LlamaVariant::Qwen2,
+        Some(t) => return Err(format!("model_type is {t:?}, expected \"llama\", \"mistral\" or \"qwen2\"")),
+    };
+    let name = variant.name();
     let act = keys.string("hidden_act")?.unwrap_or("silu");
     if act != "silu" {
-        return Err(format!("hidden_act {act:?} is not supported (Llama's SwiGLU uses \"silu\")"));
+        return Err(format!("hidden_act {act:?} is not supported ({name}'s SwiGLU uses \"silu\")"));
     }
-    refuse(&keys, &REFUSED_KEYS, "Llama")?;
+    refuse(&keys, &REFUSED_KEYS, name)?;
+    if variant == LlamaVariant::Llama {
+        refuse(&keys, &SLIDING_KEYS, "Llama (model_type \"llama\"; Mistral and Qwen2 have sliding windows)")?;
+    }
+    if variant == LlamaVariant::Mistral && keys.get("layer_types").is_some() {
+        // transformers warns and ignores them: MistralForCausalLM windows every layer alike.
+        return Err("layer_types is not read by MistralForCausalLM (alternating attention is Ministral's, which \
+                    zerokit does not implement)"
+            .into());
+    }
 
     let hidden_size = keys.required("hidden_size")?;
+    let num_hidden_layers = keys.required("num_hidden_layers")?;
     let num_attention_heads = keys.required("num_attention_heads")?;
     let (rope_theta, rope_scaling) = rope(&keys)?;
     let pad_token_id = match keys.get("pad_token_id") {
         None => None,
         Some(x) => Some(x.as_u64().ok_or(format!("pad_token_id must be a token id, got {x}"))? as usize),
     };
+    // A key absent takes the class's default, a null one the value its __post_init__ gives None.
+    let absent = |key: &str| !obj.contains_key(key);
+    let kv_default = match variant {
+        LlamaVariant::Mistral if absent("num_key_value_heads") => 8,
+        LlamaVariant::Qwen2 if absent("num_key_value_heads") => 32,
+        _ => num_attention_heads,
+    };
+    let window_default = |key: &str| if absent(key) { Some(4096) } else { None };
+    let (sliding_window, layer_types, max_window_layers) = match variant {
+        LlamaVariant::Llama => (None, None, None),
+        LlamaVariant::Mistral => (keys.size("sliding_window")?.or(window_default("sliding_window")), None, None),
+        LlamaVariant::Qwen2 => {
+            let window = match keys.flag("use_sliding_window", false)? {
+                true => keys.size("sliding_window")?.or(window_default("sliding_window")),
+                false => None,
+            };
+            let max_window_layers = keys.size("max_window_layers")?.unwrap_or(28);
+            let types = match keys.get("layer_types") {
+                Some(list) => {
+                    let items = list.as_array().ok_or(format!("layer_types must be a list, got {list}"))?;
+                    let parse = |x: &Value| match x.as_str() {
+                        Some("sliding_attention") => Ok(LayerType::Sliding),
+                        Some("full_attention") => Ok(LayerType::Full),
+                        _ => Err(format!("layer_types: {x} is not \"sliding_attention\" or \"full_attention\"")),
+                    };
+                    items.iter().map(parse).collect::<Result<Vec<_>, String>>()?
+                }
+                // Qwen2Config's: the window on the layers from max_window_layers on, if any.
+                None => (0..num_hidden_layers)
+                    .map(|i| match window {
+                        Some(_) if i >= max_window_layers => LayerType::Sliding,
+                        _ => LayerType::Full,
+                    })
+                    .collect(),
+            };
+            (window, Some(types), Some(max_window_layers))
+        }
+    };
+    let (attention_bias, mlp_bias) = match variant {
+        LlamaVariant::Llama => (keys.flag("attention_bias", false)?, keys.flag("mlp_bias", false)?),
+        // Hard-coded by the classes, whatever config.json says.
+        LlamaVariant::Mistral => (false, false),
+        LlamaVariant::Qwen2 => (true, false),
+    };
+    let max_positions = match variant {
+        LlamaVariant::Llama => 2048,
+        LlamaVariant::Mistral => 131072,
+        LlamaVariant::Qwen2 => 32768,
+    };
     Ok(LlamaConfig {
         vocab_size: keys.required("vocab_size")?,
         hidden_size,
         intermediate_size: keys.required("intermediate_size")?,
-        num_hidden_layers: keys.required("num_hidden_layers")?,
+        num_hidden_layers,
         num_attention_heads,
-        num_key_value_heads: keys.size("num_key_value_heads")?.unwrap_or(num_attention_heads),
+        num_key_value_heads: keys.size("num_key_value_heads")?.unwrap_or(kv_default),
         head_dim: keys.size("head_dim")?.unwrap_or(hidden_size / num_attention_heads),
-        max_position_embeddings: keys.size("max_position_embeddings")?.unwrap_or(2048),
+        max_position_embeddings: keys.size("max_position_embeddings")?.unwrap_or(max_positions),
         rms_norm_eps: keys.number("rms_norm_eps")?.unwrap_or(1e-6),
         rope_theta,
         rope_scaling,
         tie_word_embeddings: keys.flag("tie_word_embeddings", false)?,
-        attention_bias: keys.flag("attention_bias", false)?,
-        mlp_bias: keys.flag("mlp_bias", false)?,
+        attention_bias,
+        mlp_bias,
         initializer_range: keys.number("initializer_range")?.unwrap_or(0.02),
         pad_token_id,
+        model_type: variant,
+        sliding_window,
+        layer_types,
+        max_window_layers,
     })
 }
 
@@ -214,7 +285,8 @@ pub fn read_config(path: &Path) -> Result<LlamaConfig, HfError> {
     hf::read_decoder_config(path, parse_config)
 }
 
-/// A LlamaForCausalLM config.json, as transformers 5 writes it, with dropout off.
+/// A LlamaForCausalLM, MistralForCausalLM or Qwen2ForCausalLM config.json (as `cfg.model_type`
+/// says), as transformers 5 writes it, with dropout off.
 pub fn config_json(cfg: &LlamaConfig, kind: Kind) -> String {
     let mut rope = json!({ "rope_theta": cfg.rope_theta, "rope_type": "default" });
     if let Some(s) = &cfg.rope_scaling {
@@ -227,14 +299,38 @@ pub fn config_json(cfg: &LlamaConfig, kind: Kind) -> String {
             "rope_type": "llama3",
         });
     }
+    let variant = cfg.model_type;
     let mut v = decoder_keys(&cfg.arch(), kind);
-    let own = json!({
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+    let mut own = json!({
+        "architectures": [format!("{}ForCausalLM", variant.name())],
+        "model_type": variant.model_type(),
         "hidden_act": "silu",
-        "mlp_bias": cfg.mlp_bias,
         "rope_parameters": rope,
     });
+    let add = |own: &mut Value, more: Value| {
+        own.as_object_mut().expect("an object").extend(more.as_object().expect("an object").clone())
+    };
+    match variant {
+        LlamaVariant::Llama => add(&mut own, json!({ "mlp_bias": cfg.mlp_bias })),
+        LlamaVariant::Mistral => add(&mut own, json!({ "sliding_window": cfg.sliding_window })),
+        LlamaVariant::Qwen2 => {
+            let types = cfg.layer_types.as_deref().unwrap_or_default();
+            let types: Vec<&str> = types.iter().map(|t| t.name()).collect();
+            add(
+                &mut own,
+                json!({
+                    "layer_types": types,
+                    "max_window_layers": cfg.max_window_layers.unwrap_or(cfg.num_hidden_layers),
+                    "sliding_window": cfg.sliding_window,
+                    "use_sliding_window": cfg.sliding_window.is_some(),
+                }),
+            )
+        }
+    }
+    if variant != LlamaVariant::Llama {
+        // Not a key of MistralConfig or Qwen2Config: their biases are fixed by the class.
+        v.remove("attention_bias");
+    }
     v.extend(own.as_object().expect("an object").clone());
     pretty(v)
 }

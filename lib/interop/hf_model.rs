@@ -1,6 +1,6 @@
 //! Hugging Face model directories of any family zerokit implements: which family a config.json
 //! describes (its `model_type`), and loading, saving and config.json writing through that
-//! family's module (`hf` for GPT-2, `hf_llama` for Llama, `hf_gemma` for Gemma 2 and 3).
+//! family's module (`hf` for GPT-2, `hf_llama` for Llama, Mistral and Qwen2, `hf_gemma` for Gemma 2 and 3).
 
 use super::hf::{self, HfError, CONFIG_FILE};
 use super::{hf_gemma, hf_llama};
@@ -10,7 +10,7 @@ use std::path::Path;
 use tch::{Device, Kind};
 
 /// The `model_type`s read here, by family.
-const MODEL_TYPES: &str = "\"gpt2\", \"llama\", \"gemma2\" or \"gemma3_text\"";
+const MODEL_TYPES: &str = "\"gpt2\", \"llama\", \"mistral\", \"qwen2\", \"gemma2\" or \"gemma3_text\"";
 
 /// Reads the configuration of a model directory (or of the config.json `path` names), of the
 /// family its `model_type` says; a config.json without one is read as GPT-2, as before Llama.
@@ -20,7 +20,7 @@ pub fn read_config(path: &Path) -> Result<ModelConfig, HfError> {
     let v: Value =
         serde_json::from_str(&text).map_err(|e| HfError::Config { path: file.clone(), msg: e.to_string() })?;
     match v.get("model_type").and_then(Value::as_str) {
-        Some("llama") => Ok(ModelConfig::Llama(hf_llama::read_config(&file)?)),
+        Some("llama" | "mistral" | "qwen2") => Ok(ModelConfig::Llama(hf_llama::read_config(&file)?)),
         Some("gemma2" | "gemma3_text") => Ok(ModelConfig::Gemma(hf_gemma::read_config(&file)?)),
         None | Some("gpt2") => Ok(ModelConfig::Gpt2(hf::read_config(&file)?)),
         Some(other) => Err(HfError::Config {

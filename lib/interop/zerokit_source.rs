@@ -140,6 +140,14 @@ impl ShardedSource for ZerokitSource {
         Some(serde_json::from_str(&text).expect("config_json writes valid JSON"))
     }
 
+    fn training_config(&self) -> Option<serde_json::Value> {
+        Some(self.reader.manifest.config.clone())
+    }
+
+    fn init_dir(&self) -> Option<PathBuf> {
+        self.reader.manifest.init_dir.as_ref().map(PathBuf::from)
+    }
+
     fn verify(&self) -> Result<(), SourceError> {
         let m = &self.reader.manifest;
         let bytes: u64 = m.files.values().map(|f| f.bytes).sum();

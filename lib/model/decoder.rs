@@ -1,4 +1,4 @@
-//! The decoder-only transformer that Llama ([`super::llama`]) and Gemma 2 and 3
+//! The decoder-only transformer that Llama, Mistral and Qwen2 ([`super::llama`]) and Gemma 2 and 3
 //! ([`super::gemma`]) are configurations of, written once, to be read beside transformers'
 //! modeling_llama.py, modeling_gemma2.py and modeling_gemma3.py: token embedding (scaled by
 //! sqrt(hidden) for Gemma), layers of RMSNorm, grouped-query attention with rotary positions and
@@ -82,7 +82,10 @@ pub struct Arch {
     pub max_position_embeddings: usize,
     pub rms_norm_eps: f64,
     pub tie_word_embeddings: bool,
+    /// Biases on q_proj, k_proj and v_proj.
     pub attention_bias: bool,
+    /// A bias on o_proj: Llama's attention_bias puts one there too, Qwen2's biases stop at v_proj.
+    pub o_proj_bias: bool,
     pub mlp_bias: bool,
     pub pad_token_id: Option<usize>,
     pub initializer_range: f64,
@@ -204,7 +207,8 @@ impl Arch {
         let q = self.num_attention_heads as i64 * hd;
         let kv = self.num_key_value_heads as i64 * hd;
         let f = self.intermediate_size as i64;
-        let (ab, mb, qk, sandwich) = (self.attention_bias, self.mlp_bias, self.qk_norm, self.sandwich_norms);
+        let (ab, ob, mb) = (self.attention_bias, self.o_proj_bias, self.mlp_bias);
+        let (qk, sandwich) = (self.qk_norm, self.sandwich_norms);
         let all = [
             ("self_attn.q_proj.weight", vec![q, c], true),
             ("self_attn.q_proj.bias", vec![q], ab),
@@ -213,7 +217,7 @@ impl Arch {
             ("self_attn.v_proj.weight", vec![kv, c], true),
             ("self_attn.v_proj.bias", vec![kv], ab),
             ("self_attn.o_proj.weight", vec![c, q], true),
-            ("self_attn.o_proj.bias", vec![c], ab),
+            ("self_attn.o_proj.bias", vec![c], ob),
             ("self_attn.q_norm.weight", vec![hd], qk),
             ("self_attn.k_norm.weight", vec![hd], qk),
             ("mlp.gate_proj.weight", vec![f, c], true),
@@ -546,7 +550,7 @@ impl<C: DecoderConfig> Decoder<C> {
                 };
                 let (ab, mb) = (arch.attention_bias, arch.mlp_bias);
                 let (q_proj, k_proj) = (linear("self_attn.q_proj", ab), linear("self_attn.k_proj", ab));
-                let (v_proj, o_proj) = (linear("self_attn.v_proj", ab), linear("self_attn.o_proj", ab));
+                let (v_proj, o_proj) = (linear("self_attn.v_proj", ab), linear("self_attn.o_proj", arch.o_proj_bias));
                 let (gate_proj, up_proj) = (linear("mlp.gate_proj", mb), linear("mlp.up_proj", mb));
                 let down_proj = linear("mlp.down_proj", mb);
                 let mut norm = |name: &str| RmsNorm { weight: take(&layer_param_name(i, name)), eps, unit_offset };

@@ -151,18 +151,27 @@ impl ModelConfig {
                 "GPT-2, {} layers, {} heads, {} embd, block {}, vocab {}: {params:.2}M parameters",
                 c.n_layer, c.n_head, c.n_embd, c.block_size, c.vocab_size
             ),
-            ModelConfig::Llama(c) => format!(
-                "Llama, {} layers, {} heads ({} key/value), hidden {}, MLP {}, {} positions, vocab {}, {} head: \
-                 {params:.2}M parameters",
-                c.num_hidden_layers,
-                c.num_attention_heads,
-                c.num_key_value_heads,
-                c.hidden_size,
-                c.intermediate_size,
-                c.max_position_embeddings,
-                c.vocab_size,
-                if c.tie_word_embeddings { "tied" } else { "untied" }
-            ),
+            ModelConfig::Llama(c) => {
+                let windowed = c.windows().iter().filter(|w| w.is_some()).count();
+                let layers = match c.sliding_window {
+                    Some(w) if windowed > 0 => {
+                        format!("{} layers ({windowed} with sliding window {w})", c.num_hidden_layers)
+                    }
+                    _ => format!("{} layers", c.num_hidden_layers),
+                };
+                format!(
+                    "{}, {layers}, {} heads ({} key/value), hidden {}, MLP {}, {} positions, vocab {}, {} head: \
+                     {params:.2}M parameters",
+                    c.model_type.name(),
+                    c.num_attention_heads,
+                    c.num_key_value_heads,
+                    c.hidden_size,
+                    c.intermediate_size,
+                    c.max_position_embeddings,
+                    c.vocab_size,
+                    if c.tie_word_embeddings { "tied" } else { "untied" }
+                )
+            }
             ModelConfig::Gemma(c) => format!(
                 "Gemma ({}), {} layers ({} local with window {}), {} heads ({} key/value), hidden {}, MLP {}, \
                  {} positions, vocab {}: {params:.2}M parameters",

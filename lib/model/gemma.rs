@@ -181,6 +181,7 @@ impl DecoderConfig for GemmaConfig {
             rms_norm_eps: self.rms_norm_eps,
             tie_word_embeddings: self.tie_word_embeddings,
             attention_bias: self.attention_bias,
+            o_proj_bias: self.attention_bias,
             mlp_bias: false,
             pad_token_id: self.pad_token_id,
             initializer_range: self.initializer_range,

@@ -18,7 +18,7 @@ use crate::kernels;
 pub use family::{preset_names, AnyModel, ModelConfig};
 pub use gemma::{Gemma, GemmaConfig, GemmaVersion, LayerType};
 pub use gpt2::{Gpt, GptConfig, INIT_STD, LAYER_NORM_EPS, PRESETS};
-pub use llama::{Llama, LlamaConfig, RopeScaling};
+pub use llama::{Llama, LlamaConfig, LlamaVariant, RopeScaling};
 use std::collections::HashMap;
 use tch::{Device, Kind, Reduction, TchError, Tensor};
 
@@ -32,7 +32,7 @@ pub enum ModelError {
     GemmaConfig(String),
     #[error(
         "unknown model preset '{0}' (expected one of gpt2, gpt2-medium, gpt2-large, gpt2-xl, llama-3.2-1b, \
-         llama-3.2-3b, llama-3.1-8b, llama-tiny, gemma-2-2b, gemma-3-27b, gemma-tiny)"
+         llama-3.2-3b, llama-3.1-8b, llama-tiny, mistral-7b, qwen2.5-0.5b, gemma-2-2b, gemma-3-27b, gemma-tiny)"
     )]
     UnknownPreset(String),
     #[error("unsupported parameter kind {0:?} (expected Float, Half or BFloat16)")]

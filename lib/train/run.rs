@@ -133,6 +133,7 @@ impl Run {
             tokens_seen: st.tokens_seen,
             model_config: self.model_cfg.to_manifest(),
             config: serde_json::to_value(cfg).expect("config serializes"),
+            init_dir: self.init_dir.clone(),
             lr,
             data: serde_json::to_value(DataPosition {
                 seed: cfg.seed,

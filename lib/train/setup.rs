@@ -32,6 +32,9 @@ pub(super) struct Run {
     pub device: Device,
     pub engine: Engine<AnyModel>,
     pub model_cfg: ModelConfig,
+    /// The Hugging Face directory the weights started from, as manifests record it
+    /// (`checkpoint::Manifest::init_dir`).
+    pub init_dir: Option<String>,
     pub state: TrainState,
     /// The step this process started at (the resumed checkpoint's, or 0).
     pub start: u64,
@@ -118,6 +121,12 @@ impl Run {
         info!("resolved configuration:\n{}", cfg.to_toml());
         info!("model: {}", model_cfg.summary());
 
+        // Carried over resumes, so that the tokenizer of the model a run started from stays known.
+        let init_dir = match &resume {
+            Some(Resume::Zerokit(_, m)) => m.init_dir.clone(),
+            Some(Resume::DeepSpeed(_)) => None,
+            None => init_dir(&cfg)?.map(|d| std::fs::canonicalize(&d).unwrap_or(d).display().to_string()),
+        };
         let comm = collectives(ctl, device)?;
         let mut engine = Engine::new(model, cfg.engine(device, kind), comm)?;
         let mut state = TrainState { step: 0, tokens_seen: 0, best_val_loss: None, best_tag: None, stale_evals: 0 };
@@ -166,6 +175,7 @@ impl Run {
             device,
             engine,
             model_cfg,
+            init_dir,
             state,
             start,
             resumed_from: resume.map(|r| r.dir().to_path_buf()),
@@ -464,7 +474,7 @@ fn initial_model(cfg: &TrainConfig, shape: ModelConfig) -> Result<AnyModel, Trai
         dir if !Path::new(dir).is_dir() => {
             return Err(TrainError::Other(format!(
                 "init_from = {dir:?}: not a directory. zerokit downloads nothing: give a local Hugging Face GPT-2, \
-                 Llama or Gemma directory (config.json and model.safetensors or its sharded index), a model id \
+                 Llama, Mistral, Qwen2 or Gemma directory (config.json and model.safetensors or its sharded index), a model id \
                  (ORG/NAME) in the local hub cache, \"scratch\" or \"resume\""
             )))
         }

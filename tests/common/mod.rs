@@ -43,6 +43,11 @@ pub fn transformers_outputs(dir: &Path, inputs: &[(&str, &Tensor)]) -> std::coll
     Tensor::read_safetensors(&out_path).unwrap().into_iter().collect()
 }
 
+/// The text tools/check_hf_roundtrip.py has AutoTokenizer encode when the directory holds a
+/// tokenizer (its TEXT).
+#[allow(dead_code)]
+pub const TOKENIZER_TEXT: &str = "Round trip: zerokit's output loads in AutoTokenizer, ids and all.";
+
 /// zero-to-fp32's defaults for CHECKPOINT -> OUTPUT (fp32, 5GB shards, nothing optional).
 pub fn convert_args(ckpt: &Path, out: &Path) -> zerokit::convert::ConvertArgs {
     zerokit::convert::ConvertArgs {
@@ -57,6 +62,7 @@ pub fn convert_args(ckpt: &Path, out: &Path) -> zerokit::convert::ConvertArgs {
         report_peak_rss: false,
         verify: false,
         threads: 0,
+        tokenizer: None,
     }
 }
 
