@@ -20,7 +20,7 @@
 //! A released parameter points at an empty tensor: the embedding's backward, which runs without
 //! its weight being gathered again, needs only the token ids.
 
-use super::host::{copy_async, host_buffer, CopyStream};
+use super::host::{copy_async, host_buffer, CopyDone, CopyStream};
 use super::layout::FlatLayout;
 use super::ZeroError;
 use crate::comm::Collectives;
@@ -158,7 +158,7 @@ pub(super) struct Residency {
     /// prefetched bucket's copy overlaps the compute before it; `ready[b]` is the copy's event,
     /// which the compute stream waits on before it uses or frees bucket b.
     h2d: Option<CopyStream>,
-    ready: Vec<Option<cudarc::driver::sys::CUevent>>,
+    ready: Vec<Option<CopyDone>>,
     schedule: Schedule,
     part_rank: usize,
     device: Device,

@@ -110,6 +110,10 @@ pub struct CopyStream {
     spare: Vec<cudarc::driver::sys::CUevent>,
 }
 
+/// A queued host-to-device copy's completion ([`CopyStream::to_device`]), to be handed back to
+/// [`CopyStream::compute_waits`]. Only the copy stream makes one.
+pub struct CopyDone(cudarc::driver::sys::CUevent);
+
 /// Bytes of copy sources held at most: beyond it `copy` waits for the oldest copies, which keeps
 /// the GPU memory they hold bounded when the link is slower than the backward.
 const IN_FLIGHT_BYTES: usize = 2 << 30;
@@ -176,7 +180,7 @@ impl CopyStream {
     /// may be memory the compute stream used before). Returns the copy's completion event: the
     /// compute stream must wait on it ([`CopyStream::compute_waits`]) before it reads `dst` or
     /// frees it. `src` must not be written until then.
-    pub fn to_device(&mut self, dst: &Tensor, src: &Tensor) -> Result<cudarc::driver::sys::CUevent, String> {
+    pub fn to_device(&mut self, dst: &Tensor, src: &Tensor) -> Result<CopyDone, String> {
         use cudarc::driver::{result as cu, sys};
         if !(src.device() == Device::Cpu && dst.device().is_cuda() && dst.is_contiguous() && src.is_contiguous())
             || dst.kind() != src.kind()
@@ -210,21 +214,22 @@ impl CopyStream {
                     .map_err(|e| cuda_err("cuEventCreate", e))?,
             };
             cu::event::record(done, self.stream).map_err(|e| cuda_err("cuEventRecord", e))?;
-            Ok(done)
+            Ok(CopyDone(done))
         }
     }
 
     /// Orders the compute stream's later work after the copy `done` ([`CopyStream::to_device`]);
     /// the event is then free for another copy (a wait takes the event's state when it is queued).
-    pub fn compute_waits(&mut self, done: cudarc::driver::sys::CUevent) -> Result<(), String> {
+    pub fn compute_waits(&mut self, done: CopyDone) -> Result<(), String> {
         use cudarc::driver::{result as cu, sys};
-        // SAFETY: a live event of this stream, in this context.
+        // SAFETY: `done` can only come from this type's `to_device`: a live event, recorded on a
+        // stream of this context.
         unsafe {
             cu::ctx::set_current(self.ctx).map_err(|e| cuda_err("cuCtxSetCurrent", e))?;
-            cu::stream::wait_event(cu::stream::null(), done, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT)
+            cu::stream::wait_event(cu::stream::null(), done.0, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT)
                 .map_err(|e| cuda_err("cuStreamWaitEvent", e))?;
         }
-        self.spare.push(done);
+        self.spare.push(done.0);
         Ok(())
     }
 
