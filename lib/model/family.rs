@@ -7,6 +7,8 @@
 //! every other family's with `"family"` naming it.
 
 use super::decoder::DecoderConfig;
+use super::generate::{generate, Context, Decode, Sampling};
+use super::kv_cache::KvCache;
 use super::{Gemma, GemmaConfig, Gpt, GptConfig, HeadGrads, Llama, LlamaConfig, Model, ModelError, ParamSpec};
 use serde_json::Value;
 use tch::{Device, Kind, TchError, Tensor};
@@ -255,8 +257,8 @@ impl AnyModel {
         each!(self, m => m.forward(idx))
     }
 
-    /// nanoGPT's sampling ([`super::generate::generate`]), the context cropped to the model's
-    /// positions.
+    /// nanoGPT's sampling ([`super::generate::generate`]) with the key/value cache, the context
+    /// cropped to the model's positions.
     pub fn generate(
         &self,
         idx: &Tensor,
@@ -265,7 +267,17 @@ impl AnyModel {
         top_k: Option<usize>,
         seed: u64,
     ) -> Result<Tensor, ModelError> {
-        each!(self, m => m.generate(idx, max_new_tokens, temperature, top_k, seed))
+        generate(self, idx, &Sampling::new(max_new_tokens, temperature, top_k, seed))
+    }
+}
+
+impl Decode for AnyModel {
+    fn context(&self) -> Context {
+        each!(self, m => m.context())
+    }
+
+    fn last_logits(&self, idx: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor, ModelError> {
+        each!(self, m => m.last_logits(idx, cache))
     }
 }
 
