@@ -14,9 +14,9 @@
 //! layout, so Hugging Face checkpoints move in and out with a plain copy. As for GPT-2, the engine
 //! re-points them into its flat buffer and runs the model piecewise (`embed`, `block`, head).
 
-use super::generate::{check_room, generate, Context, Decode, Sampling};
+use super::generate::{generate, Context, Decode, Sampling};
 use super::init::{init_params, Init};
-use super::kv_cache::{attend, Attend, KvCache, LayerKv};
+use super::kv_cache::{attend, Attend, LayerKv};
 use super::{check_kind, head_backward_in_chunks, Head, HeadGrads, Model, ModelError, NamedParams, ParamSpec};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, TchError, Tensor};
@@ -634,13 +634,6 @@ impl<C: DecoderConfig> Decoder<C> {
     ) -> Result<Tensor, ModelError> {
         generate(self, idx, &Sampling::new(max_new_tokens, temperature, top_k, seed))
     }
-
-    /// Layer `i` on x [B, T, C] at positions start..start + T, with its cache or without.
-    fn block_at(&self, i: usize, x: &Tensor, start: i64, cache: Option<&mut LayerKv>) -> Tensor {
-        let attn = self.arch.layers[i];
-        let rope = rope_tables(&self.inv_freqs[attn.rope], start, x.size()[1], x.kind());
-        self.layers[i].forward(x, &self.arch, attn, &rope, cache)
-    }
 }
 
 impl<C: DecoderConfig> Decode for Decoder<C> {
@@ -654,15 +647,20 @@ impl<C: DecoderConfig> Decode for Decoder<C> {
         }
     }
 
-    fn last_logits(&self, idx: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor, ModelError> {
-        let t = idx.size()[1];
-        let past = cache.as_ref().map_or(0, |c| c.len());
-        check_room(past, t as usize, self.arch.max_position_embeddings)?;
-        let mut x = self.embed(idx);
-        for i in 0..self.layers.len() {
-            x = self.block_at(i, &x, past as i64, cache.as_deref_mut().map(|c| c.layer(i)));
-        }
-        Ok(self.head(&x.narrow(1, t - 1, 1)).squeeze_dim(1))
+    /// The token embedding; positions enter through rope in `block_at`.
+    fn embed_at(&self, idx: &Tensor, _start: i64) -> Tensor {
+        self.embed(idx)
+    }
+
+    /// Rope at the positions start..start + T.
+    fn block_at(&self, i: usize, x: &Tensor, start: i64, cache: Option<&mut LayerKv>) -> Tensor {
+        let attn = self.arch.layers[i];
+        let rope = rope_tables(&self.inv_freqs[attn.rope], start, x.size()[1], x.kind());
+        self.layers[i].forward(x, &self.arch, attn, &rope, cache)
+    }
+
+    fn head(&self, x: &Tensor) -> Tensor {
+        Decoder::head(self, x)
     }
 }
 

@@ -8,7 +8,7 @@
 
 use super::decoder::DecoderConfig;
 use super::generate::{generate, Context, Decode, Sampling};
-use super::kv_cache::KvCache;
+use super::kv_cache::LayerKv;
 use super::{Gemma, GemmaConfig, Gpt, GptConfig, HeadGrads, Llama, LlamaConfig, Model, ModelError, ParamSpec};
 use serde_json::Value;
 use tch::{Device, Kind, TchError, Tensor};
@@ -276,8 +276,16 @@ impl Decode for AnyModel {
         each!(self, m => m.context())
     }
 
-    fn last_logits(&self, idx: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor, ModelError> {
-        each!(self, m => m.last_logits(idx, cache))
+    fn embed_at(&self, idx: &Tensor, start: i64) -> Tensor {
+        each!(self, m => m.embed_at(idx, start))
+    }
+
+    fn block_at(&self, i: usize, x: &Tensor, start: i64, cache: Option<&mut LayerKv>) -> Tensor {
+        each!(self, m => m.block_at(i, x, start, cache))
+    }
+
+    fn head(&self, x: &Tensor) -> Tensor {
+        each!(self, m => Decode::head(m, x))
     }
 }
 

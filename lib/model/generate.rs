@@ -9,7 +9,7 @@
 //! same tokens.
 
 use super::init::SplitMix64;
-use super::kv_cache::KvCache;
+use super::kv_cache::{KvCache, LayerKv};
 use super::ModelError;
 use tch::{Device, Kind, Tensor};
 
@@ -25,31 +25,45 @@ pub struct Context {
     pub device: Device,
 }
 
-/// A model sampling runs.
+/// A model sampling runs: its forward in pieces, at any positions, with a layer's cache or
+/// without; [`Decode::last_logits`] puts them together once for every family.
 pub trait Decode {
     fn context(&self) -> Context;
+    /// Token ids [B, T] to the residual stream at positions start..start + T.
+    fn embed_at(&self, idx: &Tensor, start: i64) -> Tensor;
+    /// Layer `i` on the residual stream at positions start..start + T; with its cache, the
+    /// positions after the cached ones (start is the cache's length), whose keys and values join
+    /// the cache.
+    fn block_at(&self, i: usize, x: &Tensor, start: i64, cache: Option<&mut LayerKv>) -> Tensor;
+    /// The head: [B, T, C] to logits [B, T, V].
+    fn head(&self, x: &Tensor) -> Tensor;
 
     /// Logits [B, V] of the last of `idx`'s tokens ([B, t] Int64), which come after the
     /// `cache`'s positions and are added to it; without a cache, `idx` is the whole context,
     /// from position 0. An error when the cache would exceed the model's positions.
-    fn last_logits(&self, idx: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor, ModelError>;
+    fn last_logits(&self, idx: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor, ModelError> {
+        let t = idx.size()[1];
+        let past = cache.as_ref().map_or(0, |c| c.len());
+        let positions = self.context().positions;
+        if t == 0 || past + t as usize > positions {
+            return Err(ModelError::Generate(format!(
+                "{t} new tokens after {past} cached positions: need at least one, and at most the model's \
+                 {positions} positions in all"
+            )));
+        }
+        let mut x = self.embed_at(idx, past as i64);
+        for i in 0..self.context().layers {
+            x = self.block_at(i, &x, past as i64, cache.as_deref_mut().map(|c| c.layer(i)));
+        }
+        // Only the last position's logits: the others would cost a [T, V] product for nothing.
+        Ok(self.head(&x.narrow(1, t - 1, 1)).squeeze_dim(1))
+    }
 
     /// An empty cache for this model.
     fn new_cache(&self) -> KvCache {
         let c = self.context();
         KvCache::new(c.layers, c.positions)
     }
-}
-
-/// The error for `t` new tokens after a cache of `past` positions beyond the model's
-/// `positions` (shared by the models' [`Decode::last_logits`]).
-pub(crate) fn check_room(past: usize, t: usize, positions: usize) -> Result<(), ModelError> {
-    if past + t > positions {
-        return Err(ModelError::Generate(format!(
-            "{t} tokens after {past} cached positions exceed the model's {positions} positions"
-        )));
-    }
-    Ok(())
 }
 
 /// How to sample.

@@ -9,9 +9,9 @@
 //! flat ZeRO buffer through the handles of `named_parameters` and runs the model piecewise
 //! (`embed`, `block`, `head`) to overlap gradient reduction with backward.
 
-use super::generate::{check_room, generate, Context, Decode, Sampling};
+use super::generate::{generate, Context, Decode, Sampling};
 use super::init::{init_params, Init};
-use super::kv_cache::{attend, Attend, KvCache, LayerKv};
+use super::kv_cache::{attend, Attend, LayerKv};
 use super::{check_kind, head_backward_in_chunks, Head, HeadGrads, Model, ModelError, NamedParams, ParamSpec};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, TchError, Tensor};
@@ -326,8 +326,15 @@ impl Gpt {
     ) -> Result<Tensor, ModelError> {
         generate(self, idx, &Sampling::new(max_new_tokens, temperature, top_k, seed))
     }
+}
 
-    /// Token plus position embeddings of idx [B, T] at positions start..start + T.
+impl Decode for Gpt {
+    fn context(&self) -> Context {
+        let c = &self.cfg;
+        Context { positions: c.block_size, vocab_size: c.vocab_size, layers: c.n_layer, device: self.device }
+    }
+
+    /// Token plus position embeddings.
     fn embed_at(&self, idx: &Tensor, start: i64) -> Tensor {
         let t = idx.size()[1];
         let end = start + t;
@@ -337,23 +344,14 @@ impl Gpt {
         let pos_emb = Tensor::embedding(&self.wpe, &pos, -1, false, false);
         tok_emb + pos_emb
     }
-}
 
-impl Decode for Gpt {
-    fn context(&self) -> Context {
-        let c = &self.cfg;
-        Context { positions: c.block_size, vocab_size: c.vocab_size, layers: c.n_layer, device: self.device }
+    /// GPT-2's positions enter through `embed_at`: the block needs no `start`.
+    fn block_at(&self, i: usize, x: &Tensor, _start: i64, cache: Option<&mut LayerKv>) -> Tensor {
+        self.h[i].forward(x, self.cfg.n_head as i64, cache)
     }
 
-    fn last_logits(&self, idx: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor, ModelError> {
-        let t = idx.size()[1];
-        let past = cache.as_ref().map_or(0, |c| c.len());
-        check_room(past, t as usize, self.cfg.block_size)?;
-        let mut x = self.embed_at(idx, past as i64);
-        for (i, block) in self.h.iter().enumerate() {
-            x = block.forward(&x, self.cfg.n_head as i64, cache.as_deref_mut().map(|c| c.layer(i)));
-        }
-        Ok(self.head(&x.narrow(1, t - 1, 1)).squeeze_dim(1))
+    fn head(&self, x: &Tensor) -> Tensor {
+        Gpt::head(self, x)
     }
 }
 
@@ -411,7 +409,7 @@ impl Model for Gpt {
 
     /// Transformer block `i` on the residual stream x [B, T, C].
     fn block(&self, i: usize, x: &Tensor) -> Tensor {
-        self.h[i].forward(x, self.cfg.n_head as i64, None)
+        self.block_at(i, x, 0, None)
     }
 
     /// Forward and backward of the head: ln_f, the tied lm_head and the mean cross-entropy over
