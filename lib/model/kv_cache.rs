@@ -123,6 +123,8 @@ pub(crate) fn attend(k: Tensor, v: Tensor, window: Option<usize>, cache: Option<
         return Attend { k, v, mask: Mask::new(t, 0, 0, window, device) };
     };
     let (past, start) = (c.end, c.start);
+    // Appended by concatenation: one copy of the layer's cache per token, no more traffic than
+    // the attention's own read of it, and no buffer of the whole context held for a short text.
     let (k, v) = match c.kv.take() {
         None => (k, v),
         Some((ck, cv)) => (Tensor::cat(&[ck, k], 2), Tensor::cat(&[cv, v], 2)),
