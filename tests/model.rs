@@ -640,6 +640,12 @@ fn sample_and_eval_take_a_model_directory_and_answer_on_rank_0_only() {
     let sample = ["sample", dir.to_str().unwrap(), "--prompt", "A", "--tokens", "4", "--device", "cpu"];
     let o = train(&sample, &[]);
     assert!(o.status.success() && !o.stdout.is_empty(), "{}", String::from_utf8_lossy(&o.stderr));
+    // The key/value cache changes no token: the same seeded text without it, past the model's 32
+    // positions (tests/kv_cache.rs checks the cache itself).
+    let long = ["sample", dir.to_str().unwrap(), "--prompt", "A", "--tokens", "40", "--device", "cpu", "--seed", "3"];
+    let (cached, uncached) = (train(&long, &[]), train(&[&long[..], &["--no-kv-cache"]].concat(), &[]));
+    assert!(cached.status.success() && uncached.status.success(), "{}", String::from_utf8_lossy(&uncached.stderr));
+    assert_eq!(String::from_utf8_lossy(&cached.stdout), String::from_utf8_lossy(&uncached.stdout));
     let torchrun = [
         ("RANK", "1"),
         ("WORLD_SIZE", "2"),

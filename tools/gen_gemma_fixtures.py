@@ -2,7 +2,8 @@
 """Reference fixtures for tests/gemma.rs: small random Gemma2ForCausalLM and Gemma3ForCausalLM
 models saved by transformers (save_pretrained, safetensors), a batch of tokens, transformers'
 fp32 logits on it (and its bf16 logits, the model loaded in bf16) and the loss for known targets,
-one directory per case under tests/fixtures/gemma/.
+and transformers' greedy generate on two prompts (46 tokens in all, beyond the window of 8), one
+directory per case under tests/fixtures/gemma/.
 
 Run with the reference environment (make pyenv), on CPU, in seconds:
     .deps/py/bin/python tools/gen_gemma_fixtures.py tests/fixtures/gemma
@@ -25,7 +26,7 @@ import sys
 import torch
 from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig
 
-from gen_llama_fixtures import perturb, write_batch
+from gen_llama_fixtures import perturb, write_batch, write_generate
 
 SEED = 4321
 COMMON = dict(hidden_size=32, intermediate_size=64, vocab_size=128, max_position_embeddings=64,
@@ -58,6 +59,7 @@ def make(out: str, name: str, config_class, extra: dict, shard) -> None:
     # transformers runs Gemma 2 with eager attention (its SDPA has no soft-capping), Gemma 3 with SDPA.
     print(f"{name}: transformers' attention {model.config._attn_implementation}")
     write_batch(case, model, cfg.vocab_size, AutoModelForCausalLM, SEED)
+    write_generate(case, model, cfg.vocab_size)
 
 
 def main(out: str) -> None:

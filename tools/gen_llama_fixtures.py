@@ -2,7 +2,8 @@
 """Reference fixtures for tests/llama.rs: small random LlamaForCausalLM, MistralForCausalLM and
 Qwen2ForCausalLM models saved by transformers (save_pretrained, safetensors), a batch of tokens,
 transformers' fp32 logits on it (and its bf16 logits, the model loaded in bf16) and the loss for
-known targets, one directory per case under tests/fixtures/llama/.
+known targets, and transformers' greedy generate on two prompts (generate.safetensors), one
+directory per case under tests/fixtures/llama/.
 
 Run with the reference environment (make pyenv), on CPU, in seconds:
     .deps/py/bin/python tools/gen_llama_fixtures.py tests/fixtures/llama [CASE...]
@@ -35,6 +36,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Mi
 
 SEED = 1234
 BATCH, SEQ = 2, 32
+GEN_PROMPT, GEN_NEW = 6, 40
 COMMON = dict(hidden_size=64, num_hidden_layers=2, vocab_size=256, max_position_embeddings=64,
               rms_norm_eps=1e-5, hidden_act="silu", bos_token_id=None, eos_token_id=None,
               pad_token_id=None, attention_dropout=0.0)
@@ -95,6 +97,7 @@ def make(out: str, name: str, extra: dict) -> None:
     model.save_pretrained(os.path.join(case, "model"))
 
     write_batch(case, model, cfg.vocab_size, AutoModelForCausalLM, SEED)
+    write_generate(case, model, cfg.vocab_size)
 
 
 def write_batch(case: str, model, vocab: int, model_class, seed: int) -> None:
@@ -124,6 +127,27 @@ def write_batch(case: str, model, vocab: int, model_class, seed: int) -> None:
         f.write("\n")
     print(f"wrote {case}: loss {loss.item():.6f}, logits std {logits.std().item():.3f}, "
           f"max |logits| {logits.abs().max().item():.3f}")
+
+
+def write_generate(case: str, model, vocab: int) -> None:
+    """Under `case`: transformers' greedy `generate(do_sample=False)` of GEN_NEW tokens after two
+    random prompts of GEN_PROMPT tokens (longer, in all, than the Gemma cases' sliding window),
+    for the KV-cache tests of tests/kv_cache.rs; shared with gen_gemma_fixtures.py. Drawn after
+    write_batch, so the other files stay as they were. The tokens are checked to be those of
+    generate without transformers' cache too, and the smallest gap between the chosen logit and
+    the runner-up is printed: a near tie would make the fixture fragile."""
+    prompt = torch.randint(0, vocab, (2, GEN_PROMPT), dtype=torch.int64)
+    args = dict(attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=GEN_NEW,
+                min_new_tokens=GEN_NEW, pad_token_id=0, return_dict_in_generate=True, output_logits=True)
+    with torch.no_grad():
+        out = model.generate(prompt, **args)
+        uncached = model.generate(prompt, use_cache=False, **args).sequences
+    assert torch.equal(out.sequences, uncached), "transformers' generate differs with and without its cache"
+    top2 = torch.stack(out.logits, 1).float().topk(2, -1).values
+    gap = (top2[..., 0] - top2[..., 1]).min().item()
+    save_file({"prompt": prompt.contiguous(), "generated": out.sequences.contiguous()},
+              os.path.join(case, "generate.safetensors"))
+    print(f"wrote {case}/generate.safetensors: {GEN_NEW} greedy tokens, smallest top-2 logit gap {gap:.2e}")
 
 
 def main(out: str, only: list) -> None:

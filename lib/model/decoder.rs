@@ -14,8 +14,9 @@
 //! layout, so Hugging Face checkpoints move in and out with a plain copy. As for GPT-2, the engine
 //! re-points them into its flat buffer and runs the model piecewise (`embed`, `block`, head).
 
-use super::generate::{generate, Context};
+use super::generate::{generate, Context, Decode, Sampling};
 use super::init::{init_params, Init};
+use super::kv_cache::{attend, Attend, LayerKv};
 use super::{check_kind, head_backward_in_chunks, Head, HeadGrads, Model, ModelError, NamedParams, ParamSpec};
 use crate::kernels;
 use serde::{Deserialize, Serialize};
@@ -341,10 +342,11 @@ fn inv_freq(rope: &Rope, head_dim: usize) -> Tensor {
     smoothed_inv_freq.where_self(&is_medium_freq, &inv_freq_llama)
 }
 
-/// cos and sin of the rotary embedding for positions 0..t ([t, head_dim], in `kind`), as the
-/// rotary embeddings' forward gives them (the implemented rope types have attention scaling 1).
-fn rope_tables(inv_freq: &Tensor, t: i64, kind: Kind) -> (Tensor, Tensor) {
-    let positions = Tensor::arange(t, (Kind::Int64, inv_freq.device())).to_kind(Kind::Float);
+/// cos and sin of the rotary embedding for positions start..start + t ([t, head_dim], in `kind`),
+/// as the rotary embeddings' forward gives them (the implemented rope types have attention
+/// scaling 1).
+fn rope_tables(inv_freq: &Tensor, start: i64, t: i64, kind: Kind) -> (Tensor, Tensor) {
+    let positions = Tensor::arange_start(start, start + t, (Kind::Int64, inv_freq.device())).to_kind(Kind::Float);
     let freqs = positions.unsqueeze(-1) * inv_freq;
     let emb = Tensor::cat(&[&freqs, &freqs], -1);
     (emb.cos().to_kind(kind), emb.sin().to_kind(kind))
@@ -365,16 +367,6 @@ fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
 /// `cap * tanh(x / cap)`, each step in x's kind as transformers computes it.
 fn softcap(x: &Tensor, cap: f64) -> Tensor {
     (x / cap).tanh() * cap
-}
-
-/// Causal attention limited to the `window` latest positions (key j is seen from query i when
-/// i - window < j <= i, transformers' sliding_window_overlay): a boolean [t, t] mask, true where
-/// attention is allowed.
-fn sliding_mask(t: i64, window: usize, device: Device) -> Tensor {
-    let i = Tensor::arange(t, (Kind::Int64, device)).unsqueeze(1);
-    let j = Tensor::arange(t, (Kind::Int64, device)).unsqueeze(0);
-    let d = &i - &j;
-    d.ge(0).logical_and(&d.lt(window as i64))
 }
 
 struct Layer {
@@ -418,10 +410,18 @@ impl Layer {
     }
 
     /// The decoder layer on x [B, T, C] (LlamaDecoderLayer, Gemma2DecoderLayer,
-    /// Gemma3DecoderLayer).
-    fn forward(&self, x: &Tensor, arch: &Arch, attn: LayerAttention, cos: &Tensor, sin: &Tensor) -> Tensor {
+    /// Gemma3DecoderLayer), cos and sin those of x's positions; with a layer cache, x holds the
+    /// positions after the cached ones, whose keys and values join the cache (see [`attend`]).
+    fn forward(
+        &self,
+        x: &Tensor,
+        arch: &Arch,
+        attn: LayerAttention,
+        rope: &(Tensor, Tensor),
+        cache: Option<&mut LayerKv>,
+    ) -> Tensor {
         let h = self.input_layernorm.forward(x);
-        let a = self.attention(&h, arch, attn, cos, sin);
+        let a = self.attention(&h, arch, attn, rope, cache);
         let (x, h) = match &self.feedforward_norms {
             None => {
                 let x = x + a;
@@ -448,7 +448,14 @@ impl Layer {
     }
 
     /// Self-attention on the normed input h [B, T, C], through o_proj.
-    fn attention(&self, h: &Tensor, arch: &Arch, attn: LayerAttention, cos: &Tensor, sin: &Tensor) -> Tensor {
+    fn attention(
+        &self,
+        h: &Tensor,
+        arch: &Arch,
+        attn: LayerAttention,
+        (cos, sin): &(Tensor, Tensor),
+        cache: Option<&mut LayerKv>,
+    ) -> Tensor {
         let (b, t, _) = h.size3().expect("layer input is [B, T, C]");
         let hd = arch.head_dim as i64;
         // [B, T, heads * hd] to [B, heads, T, hd].
@@ -460,8 +467,8 @@ impl Layer {
             k = kn.forward(&k);
         }
         let (q, k) = (apply_rope(&q, cos, sin), apply_rope(&k, cos, sin));
-        // The window matters only once the sequence is longer than it.
-        let window = attn.window.filter(|&w| (w as i64) < t);
+        // Keys are cached after rope: each keeps the rotation of its own position.
+        let Attend { k, v, mask } = attend(k, v, attn.window, cache);
         let gqa = arch.num_key_value_heads != arch.num_attention_heads;
         let y = match arch.attn_softcap {
             // libtorch's fused attention has no soft-capping: transformers' eager attention,
@@ -471,19 +478,18 @@ impl Layer {
                 let repeat = |m: &Tensor| m.repeat_interleave_self_int(groups, 1, None);
                 let (k, v) = if gqa { (repeat(&k), repeat(&v)) } else { (k, v) };
                 let scores = softcap(&(q.matmul(&k.transpose(2, 3)) * arch.attention_scale), cap);
-                let allowed = match window {
-                    Some(w) => sliding_mask(t, w, h.device()),
-                    None => Tensor::ones([t, t], (Kind::Bool, h.device())).tril(0),
+                let scores = match mask.allowed(t, h.device()) {
+                    Some(allowed) => scores.masked_fill(&allowed.logical_not(), f64::NEG_INFINITY),
+                    None => scores,
                 };
-                let scores = scores.masked_fill(&allowed.logical_not(), f64::NEG_INFINITY);
                 scores.softmax(-1, Kind::Float).to_kind(q.kind()).matmul(&v)
             }
-            // Causal, and enable_gqa lets num_attention_heads / num_key_value_heads query heads
-            // share each key/value head, as transformers' sdpa path does; an explicit mask only
-            // for a sliding window shorter than the sequence.
+            // enable_gqa lets num_attention_heads / num_key_value_heads query heads share each
+            // key/value head, as transformers' sdpa path does; an explicit mask only where the
+            // plain causal one is not it (a sliding window shorter than the sequence, or queries
+            // after cached keys).
             None => {
-                let mask = window.map(|w| sliding_mask(t, w, h.device()));
-                let causal = mask.is_none();
+                let (mask, causal) = mask.sdpa();
                 Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, causal, Some(arch.attention_scale), gqa)
             }
         };
@@ -620,8 +626,8 @@ impl<C: DecoderConfig> Decoder<C> {
         self.head(&x)
     }
 
-    /// nanoGPT's sampling over this model's logits ([`super::generate::generate`]), the context
-    /// cropped to max_position_embeddings.
+    /// nanoGPT's sampling over this model's logits ([`super::generate::generate`]) with the
+    /// key/value cache, the context cropped to max_position_embeddings.
     pub fn generate(
         &self,
         idx: &Tensor,
@@ -630,9 +636,35 @@ impl<C: DecoderConfig> Decoder<C> {
         top_k: Option<usize>,
         seed: u64,
     ) -> Result<Tensor, ModelError> {
+        generate(self, idx, &Sampling::new(max_new_tokens, temperature, top_k, seed))
+    }
+}
+
+impl<C: DecoderConfig> Decode for Decoder<C> {
+    fn context(&self) -> Context {
         let a = &self.arch;
-        let limits = Context { positions: a.max_position_embeddings, vocab_size: a.vocab_size, device: self.device };
-        generate(|x| self.forward(x), limits, idx, max_new_tokens, temperature, top_k, seed)
+        Context {
+            positions: a.max_position_embeddings,
+            vocab_size: a.vocab_size,
+            layers: a.layers.len(),
+            device: self.device,
+        }
+    }
+
+    /// The token embedding; positions enter through rope in `block_at`.
+    fn embed_at(&self, idx: &Tensor, _start: i64) -> Tensor {
+        self.embed(idx)
+    }
+
+    /// Rope at the positions start..start + T.
+    fn block_at(&self, i: usize, x: &Tensor, start: i64, cache: Option<&mut LayerKv>) -> Tensor {
+        let attn = self.arch.layers[i];
+        let rope = rope_tables(&self.inv_freqs[attn.rope], start, x.size()[1], x.kind());
+        self.layers[i].forward(x, &self.arch, attn, &rope, cache)
+    }
+
+    fn head(&self, x: &Tensor) -> Tensor {
+        Decoder::head(self, x)
     }
 }
 
@@ -704,9 +736,7 @@ impl<C: DecoderConfig> Model for Decoder<C> {
     }
 
     fn block(&self, i: usize, x: &Tensor) -> Tensor {
-        let attn = self.arch.layers[i];
-        let (cos, sin) = rope_tables(&self.inv_freqs[attn.rope], x.size()[1], x.kind());
-        self.layers[i].forward(x, &self.arch, attn, &cos, &sin)
+        self.block_at(i, x, 0, None)
     }
 
     /// The final norm, lm_head (soft-capped for Gemma 2) and the fp32 mean cross-entropy over

@@ -7,6 +7,8 @@
 //! every other family's with `"family"` naming it.
 
 use super::decoder::DecoderConfig;
+use super::generate::{generate, Context, Decode, Sampling};
+use super::kv_cache::LayerKv;
 use super::{Gemma, GemmaConfig, Gpt, GptConfig, HeadGrads, Llama, LlamaConfig, Model, ModelError, ParamSpec};
 use serde_json::Value;
 use tch::{Device, Kind, TchError, Tensor};
@@ -264,8 +266,8 @@ impl AnyModel {
         each!(self, m => m.forward(idx))
     }
 
-    /// nanoGPT's sampling ([`super::generate::generate`]), the context cropped to the model's
-    /// positions.
+    /// nanoGPT's sampling ([`super::generate::generate`]) with the key/value cache, the context
+    /// cropped to the model's positions.
     pub fn generate(
         &self,
         idx: &Tensor,
@@ -274,7 +276,25 @@ impl AnyModel {
         top_k: Option<usize>,
         seed: u64,
     ) -> Result<Tensor, ModelError> {
-        each!(self, m => m.generate(idx, max_new_tokens, temperature, top_k, seed))
+        generate(self, idx, &Sampling::new(max_new_tokens, temperature, top_k, seed))
+    }
+}
+
+impl Decode for AnyModel {
+    fn context(&self) -> Context {
+        each!(self, m => m.context())
+    }
+
+    fn embed_at(&self, idx: &Tensor, start: i64) -> Tensor {
+        each!(self, m => m.embed_at(idx, start))
+    }
+
+    fn block_at(&self, i: usize, x: &Tensor, start: i64, cache: Option<&mut LayerKv>) -> Tensor {
+        each!(self, m => m.block_at(i, x, start, cache))
+    }
+
+    fn head(&self, x: &Tensor) -> Tensor {
+        each!(self, m => Decode::head(m, x))
     }
 }
 

@@ -9,8 +9,9 @@
 //! flat ZeRO buffer through the handles of `named_parameters` and runs the model piecewise
 //! (`embed`, `block`, `head`) to overlap gradient reduction with backward.
 
-use super::generate::{generate, Context};
+use super::generate::{generate, Context, Decode, Sampling};
 use super::init::{init_params, Init};
+use super::kv_cache::{attend, Attend, LayerKv};
 use super::{check_kind, head_backward_in_chunks, Head, HeadGrads, Model, ModelError, NamedParams, ParamSpec};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, TchError, Tensor};
@@ -203,23 +204,18 @@ impl Block {
         ]
     }
 
-    fn forward(&self, x: &Tensor, n_head: i64) -> Tensor {
+    /// The block on x [B, T, C]; with a layer cache, x holds the positions after the cached
+    /// ones, whose keys and values join the cache (see [`attend`]).
+    fn forward(&self, x: &Tensor, n_head: i64, cache: Option<&mut LayerKv>) -> Tensor {
         let (b, t, c) = x.size3().expect("block input is [B, T, C]");
         let hd = c / n_head;
         let qkv = self.c_attn.forward(&self.ln_1.forward(x));
         // [B, T, C] each, then [B, nh, T, hd]: heads become a batch dimension for attention.
         let heads = |m: &Tensor| m.view([b, t, n_head, hd]).transpose(1, 2);
         let qkv = qkv.split(c, 2);
-        let y = Tensor::scaled_dot_product_attention(
-            &heads(&qkv[0]),
-            &heads(&qkv[1]),
-            &heads(&qkv[2]),
-            None::<Tensor>,
-            0.0,
-            true,
-            None,
-            false,
-        );
+        let Attend { k, v, mask } = attend(heads(&qkv[1]), heads(&qkv[2]), None, cache);
+        let (mask, causal) = mask.sdpa();
+        let y = Tensor::scaled_dot_product_attention(&heads(&qkv[0]), &k, &v, mask, 0.0, causal, None, false);
         let y = y.transpose(1, 2).contiguous().view([b, t, c]);
         let x = x + self.attn_proj.forward(&y);
         let h = self.c_fc.forward(&self.ln_2.forward(&x)).gelu("tanh");
@@ -318,8 +314,8 @@ impl Gpt {
         super::loss(logits, targets)
     }
 
-    /// nanoGPT's sampling over this model's logits ([`super::generate::generate`]), the context
-    /// cropped to block_size.
+    /// nanoGPT's sampling over this model's logits ([`super::generate::generate`]) with the
+    /// key/value cache, the context cropped to block_size.
     pub fn generate(
         &self,
         idx: &Tensor,
@@ -328,8 +324,34 @@ impl Gpt {
         top_k: Option<usize>,
         seed: u64,
     ) -> Result<Tensor, ModelError> {
-        let limits = Context { positions: self.cfg.block_size, vocab_size: self.cfg.vocab_size, device: self.device };
-        generate(|x| self.forward(x), limits, idx, max_new_tokens, temperature, top_k, seed)
+        generate(self, idx, &Sampling::new(max_new_tokens, temperature, top_k, seed))
+    }
+}
+
+impl Decode for Gpt {
+    fn context(&self) -> Context {
+        let c = &self.cfg;
+        Context { positions: c.block_size, vocab_size: c.vocab_size, layers: c.n_layer, device: self.device }
+    }
+
+    /// Token plus position embeddings.
+    fn embed_at(&self, idx: &Tensor, start: i64) -> Tensor {
+        let t = idx.size()[1];
+        let end = start + t;
+        assert!(end as usize <= self.cfg.block_size, "position {end} exceeds block_size {}", self.cfg.block_size);
+        let pos = Tensor::arange_start(start, end, (Kind::Int64, idx.device()));
+        let tok_emb = Tensor::embedding(&self.wte, idx, -1, false, false);
+        let pos_emb = Tensor::embedding(&self.wpe, &pos, -1, false, false);
+        tok_emb + pos_emb
+    }
+
+    /// GPT-2's positions enter through `embed_at`: the block needs no `start`.
+    fn block_at(&self, i: usize, x: &Tensor, _start: i64, cache: Option<&mut LayerKv>) -> Tensor {
+        self.h[i].forward(x, self.cfg.n_head as i64, cache)
+    }
+
+    fn head(&self, x: &Tensor) -> Tensor {
+        Gpt::head(self, x)
     }
 }
 
@@ -382,17 +404,12 @@ impl Model for Gpt {
 
     /// Token plus position embeddings: idx [B, T] (Int64, T <= block_size) to [B, T, C].
     fn embed(&self, idx: &Tensor) -> Tensor {
-        let t = idx.size()[1];
-        assert!(t as usize <= self.cfg.block_size, "sequence length {t} exceeds block_size {}", self.cfg.block_size);
-        let pos = Tensor::arange(t, (Kind::Int64, idx.device()));
-        let tok_emb = Tensor::embedding(&self.wte, idx, -1, false, false);
-        let pos_emb = Tensor::embedding(&self.wpe, &pos, -1, false, false);
-        tok_emb + pos_emb
+        self.embed_at(idx, 0)
     }
 
     /// Transformer block `i` on the residual stream x [B, T, C].
     fn block(&self, i: usize, x: &Tensor) -> Tensor {
-        self.h[i].forward(x, self.cfg.n_head as i64)
+        self.block_at(i, x, 0, None)
     }
 
     /// Forward and backward of the head: ln_f, the tied lm_head and the mean cross-entropy over

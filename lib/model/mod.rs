@@ -2,7 +2,8 @@
 //! no model: this trait tells it which parameters exist, which of them each piece of the
 //! forward uses, and in which order their gradients become ready. GPT-2 ([`gpt2`]) and the
 //! decoder ([`decoder`]) that Llama ([`llama`]) and Gemma 2 and 3 ([`gemma`]) configure implement
-//! it; [`init`] is their shared seeded initialisation, [`generate`] their shared sampling, and
+//! it; [`init`] is their shared seeded initialisation, [`generate`] their shared sampling (with
+//! [`kv_cache`], the key/value cache and the attention masks), and
 //! [`family`] holds any of them behind one type (`ModelConfig`, `AnyModel`) for whatever learns
 //! the family only at run time.
 
@@ -12,12 +13,15 @@ pub mod gemma;
 pub mod generate;
 pub mod gpt2;
 pub mod init;
+pub mod kv_cache;
 pub mod llama;
 
 use crate::kernels;
 pub use family::{preset_names, AnyModel, ModelConfig};
 pub use gemma::{Gemma, GemmaConfig, GemmaVersion, LayerType};
+pub use generate::{Decode, Sampling};
 pub use gpt2::{Gpt, GptConfig, INIT_STD, LAYER_NORM_EPS, PRESETS};
+pub use kv_cache::KvCache;
 pub use llama::{Llama, LlamaConfig, LlamaVariant, RopeScaling};
 use std::collections::HashMap;
 use tch::{Device, Kind, Reduction, TchError, Tensor};

@@ -5,6 +5,7 @@ use super::state::TrainError;
 use super::{eval, fit, sample};
 use crate::config::TrainConfig;
 use crate::launch::{self, LaunchArgs};
+use crate::model::Sampling;
 use std::path::PathBuf;
 
 /// `train`: fit (the default) or sample.
@@ -99,6 +100,10 @@ pub struct SampleArgs {
     pub seed: u64,
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Recompute the whole context for each new token instead of caching keys and values (the
+    /// same tokens, slower; for comparison).
+    #[arg(long)]
+    pub no_kv_cache: bool,
 }
 
 /// libtorch reports failures inside tensor ops (CUDA out of memory above all) as panics through
@@ -149,8 +154,8 @@ pub fn run_cli(cli: TrainCli) -> Result<(), TrainError> {
         }
         Some(TrainCommand::Sample(a)) => {
             let prompt = a.prompt.replace("\\n", "\n");
-            let text =
-                sample::from_checkpoint(&a.checkpoint, &prompt, a.tokens, a.temperature, a.top_k, a.seed, &a.device)?;
+            let s = Sampling { kv_cache: !a.no_kv_cache, ..sample::sampling(a.tokens, a.temperature, a.top_k, a.seed) };
+            let text = sample::from_checkpoint(&a.checkpoint, &prompt, &s, &a.device)?;
             println!("{text}");
             Ok(())
         }

@@ -320,15 +320,8 @@ impl Run {
             // the run's exit status.
             match super::sample::Codec::for_model(None, Some(&c.dataset)) {
                 Ok(codec) => {
-                    let text = super::sample::text(
-                        &self.engine.model,
-                        &codec,
-                        &c.sample_prompt,
-                        c.sample_tokens,
-                        c.sample_temperature,
-                        c.sample_top_k,
-                        c.seed,
-                    )?;
+                    let s = super::sample::sampling(c.sample_tokens, c.sample_temperature, c.sample_top_k, c.seed);
+                    let text = super::sample::text(&self.engine.model, &codec, &c.sample_prompt, &s)?;
                     info!("sample:\n{text}");
                 }
                 Err(e) => tracing::warn!("no sample: {e}"),

@@ -4,7 +4,8 @@
 use super::state::TrainError;
 use crate::data::hf_tokenizer::HfTokenizer;
 use crate::data::tokenize::{Encoding, Tokenizer};
-use crate::model::AnyModel;
+use crate::model::generate::generate;
+use crate::model::{AnyModel, Sampling};
 use std::path::{Path, PathBuf};
 use tch::{Device, Tensor};
 
@@ -85,21 +86,19 @@ fn recorded_tokenizer(dir: &Path) -> Result<Option<(PathBuf, String)>, TrainErro
     Ok(t["path"].as_str().zip(t["sha256"].as_str()).map(|(p, s)| (PathBuf::from(p), s.to_string())))
 }
 
-/// Generates text from `model` with nanoGPT's sampling (temperature, top-k, seeded), prompt and
-/// text through `codec`; ids beyond its vocabulary (padded rows) are dropped from the text.
-pub fn text(
-    model: &AnyModel,
-    codec: &Codec,
-    prompt: &str,
-    tokens: usize,
-    temperature: f64,
-    top_k: usize,
-    seed: u64,
-) -> Result<String, TrainError> {
+/// nanoGPT's sampling settings as the config and `train sample` give them (`top_k` 0: no top-k),
+/// with the key/value cache.
+pub fn sampling(tokens: usize, temperature: f64, top_k: usize, seed: u64) -> Sampling {
+    Sampling::new(tokens, temperature, (top_k > 0).then_some(top_k), seed)
+}
+
+/// Generates text from `model` with nanoGPT's sampling (temperature, top-k, seeded; see
+/// [`sampling`]), prompt and text through `codec`; ids beyond its vocabulary (padded rows) are
+/// dropped from the text.
+pub fn text(model: &AnyModel, codec: &Codec, prompt: &str, s: &Sampling) -> Result<String, TrainError> {
     let ids: Vec<i64> = codec.prompt(prompt)?.into_iter().map(|t| t as i64).collect();
     let idx = Tensor::from_slice(&ids).view([1, -1]).to_device(model.device());
-    let top_k = (top_k > 0).then_some(top_k);
-    let out = tch::no_grad(|| model.generate(&idx, tokens, temperature, top_k, seed))?;
+    let out = tch::no_grad(|| generate(model, &idx, s))?;
     let out: Vec<i64> = Vec::<i64>::try_from(out.view(-1).to_device(Device::Cpu))
         .map_err(|e: tch::TchError| TrainError::Other(e.to_string()))?;
     let ids: Vec<u32> = out.iter().filter(|&&t| (t as usize) < codec.vocab_size()).map(|&t| t as u32).collect();
@@ -108,16 +107,8 @@ pub fn text(
 
 /// `train sample`: text from a checkpoint (a root, its `latest` followed, or a tag directory) or
 /// a Hugging Face directory, through the tokenizer `Codec::for_model` finds.
-pub fn from_checkpoint(
-    path: &Path,
-    prompt: &str,
-    tokens: usize,
-    temperature: f64,
-    top_k: usize,
-    seed: u64,
-    device: &str,
-) -> Result<String, TrainError> {
+pub fn from_checkpoint(path: &Path, prompt: &str, s: &Sampling, device: &str) -> Result<String, TrainError> {
     let loaded = super::eval::load_model(path, device)?;
     let codec = Codec::for_model(Some(&loaded.dir), loaded.dataset.as_deref())?;
-    text(&loaded.model, &codec, prompt, tokens, temperature, top_k, seed)
+    text(&loaded.model, &codec, prompt, s)
 }
