@@ -186,6 +186,7 @@ if [ -n "$ZK_BIG" ] && [ "$ZK_BIG" != "$zl" ] && [ $((BUDGET - SECONDS)) -ge 120
     echo "zerokit-no-offload-${ZK_BIG}l-$ZK_BIG_DTYPE $work/estimate-$ZK_BIG.json none:0" >> "$pairs"
   fi
   cp "$work/estimate-$ZK_BIG.json" "$OUTDIR/estimate-${ZK_BIG}l.json"
+  cp "$work/config-$ZK_BIG.json" "$OUTDIR/config-${ZK_BIG}l.json"
   zl=$zl_main
 fi
 
