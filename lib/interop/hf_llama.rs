@@ -163,15 +163,7 @@ pub fn parse_config(v: &Value) -> Result<LlamaConfig, String> {
             };
             let max_window_layers = keys.size("max_window_layers")?.unwrap_or(28);
             let types = match keys.get("layer_types") {
-                Some(list) => {
-                    let items = list.as_array().ok_or(format!("layer_types must be a list, got {list}"))?;
-                    let parse = |x: &Value| match x.as_str() {
-                        Some("sliding_attention") => Ok(LayerType::Sliding),
-                        Some("full_attention") => Ok(LayerType::Full),
-                        _ => Err(format!("layer_types: {x} is not \"sliding_attention\" or \"full_attention\"")),
-                    };
-                    items.iter().map(parse).collect::<Result<Vec<_>, String>>()?
-                }
+                Some(list) => super::hf_gemma::parse_layer_types(list)?,
                 // Qwen2Config's: the window on the layers from max_window_layers on, if any.
                 None => (0..num_hidden_layers)
                     .map(|i| match window {

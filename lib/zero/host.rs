@@ -136,42 +136,11 @@ impl CopyStream {
     /// Queues `dst <- src` (a contiguous device tensor into a contiguous host tensor of the same
     /// kind and length) after the work queued on the compute stream so far.
     pub fn copy(&mut self, dst: &Tensor, src: Tensor) -> Result<(), String> {
-        use cudarc::driver::{result as cu, sys};
-        if !(dst.device() == Device::Cpu && src.device().is_cuda() && dst.is_contiguous() && src.is_contiguous())
-            || dst.kind() != src.kind()
-            || dst.numel() != src.numel()
-        {
-            return Err(format!(
-                "device-to-host copy of {:?} {:?} on {:?} into {:?} {:?} on {:?}",
-                src.kind(),
-                src.size(),
-                src.device(),
-                dst.kind(),
-                dst.size(),
-                dst.device()
-            ));
-        }
-        let bytes = src.numel() * src.kind().elt_size_in_bytes();
-        self.reap(bytes)?;
-        // SAFETY: the context, stream and events are live for `self`'s lifetime; `dst` and `src`
-        // hold `bytes` bytes each (checked above); `src` stays alive in `in_flight` until the
-        // copy's event completes, and the host side is read only after `wait`.
-        unsafe {
-            cu::ctx::set_current(self.ctx).map_err(|e| cuda_err("cuCtxSetCurrent", e))?;
-            cu::event::record(self.computed, cu::stream::null()).map_err(|e| cuda_err("cuEventRecord", e))?;
-            cu::stream::wait_event(self.stream, self.computed, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT)
-                .map_err(|e| cuda_err("cuStreamWaitEvent", e))?;
-            sys::cuMemcpyDtoHAsync_v2(dst.data_ptr(), src.data_ptr() as sys::CUdeviceptr, bytes, self.stream)
-                .result()
-                .map_err(|e| cuda_err("cuMemcpyDtoHAsync", e))?;
-            let done = match self.spare.pop() {
-                Some(e) => e,
-                None => cu::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
-                    .map_err(|e| cuda_err("cuEventCreate", e))?,
-            };
-            cu::event::record(done, self.stream).map_err(|e| cuda_err("cuEventRecord", e))?;
-            self.in_flight.push_back((done, src));
-        }
+        self.reap(src.numel() * src.kind().elt_size_in_bytes())?;
+        // `src` stays alive in `in_flight` until the copy's event completes; the host side is
+        // read only after `wait`.
+        let done = self.queue(dst, &src, true)?;
+        self.in_flight.push_back((done, src));
         Ok(())
     }
 
@@ -181,13 +150,22 @@ impl CopyStream {
     /// compute stream must wait on it ([`CopyStream::compute_waits`]) before it reads `dst` or
     /// frees it. `src` must not be written until then.
     pub fn to_device(&mut self, dst: &Tensor, src: &Tensor) -> Result<CopyDone, String> {
+        self.queue(dst, src, false).map(CopyDone)
+    }
+
+    /// One copy on this stream, between device and host (`to_host`) or back, ordered after the
+    /// compute stream's work so far; returns its completion event. The caller keeps both
+    /// tensors alive (and the source unwritten) until the event completes.
+    fn queue(&mut self, dst: &Tensor, src: &Tensor, to_host: bool) -> Result<cudarc::driver::sys::CUevent, String> {
         use cudarc::driver::{result as cu, sys};
-        if !(src.device() == Device::Cpu && dst.device().is_cuda() && dst.is_contiguous() && src.is_contiguous())
+        let (host, device) = if to_host { (dst, src) } else { (src, dst) };
+        if !(host.device() == Device::Cpu && device.device().is_cuda() && dst.is_contiguous() && src.is_contiguous())
             || dst.kind() != src.kind()
             || dst.numel() != src.numel()
         {
             return Err(format!(
-                "host-to-device copy of {:?} {:?} on {:?} into {:?} {:?} on {:?}",
+                "{} copy of {:?} {:?} on {:?} into {:?} {:?} on {:?}",
+                if to_host { "device-to-host" } else { "host-to-device" },
                 src.kind(),
                 src.size(),
                 src.device(),
@@ -198,23 +176,25 @@ impl CopyStream {
         }
         let bytes = src.numel() * src.kind().elt_size_in_bytes();
         // SAFETY: the context, stream and events are live for `self`'s lifetime; `dst` and `src`
-        // hold `bytes` bytes each (checked above); the caller keeps both alive and unwritten
-        // until the compute stream has waited on the returned event.
+        // hold `bytes` bytes each on the sides checked above; the caller keeps them alive.
         unsafe {
             cu::ctx::set_current(self.ctx).map_err(|e| cuda_err("cuCtxSetCurrent", e))?;
             cu::event::record(self.computed, cu::stream::null()).map_err(|e| cuda_err("cuEventRecord", e))?;
             cu::stream::wait_event(self.stream, self.computed, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT)
                 .map_err(|e| cuda_err("cuStreamWaitEvent", e))?;
-            sys::cuMemcpyHtoDAsync_v2(dst.data_ptr() as sys::CUdeviceptr, src.data_ptr(), bytes, self.stream)
-                .result()
-                .map_err(|e| cuda_err("cuMemcpyHtoDAsync", e))?;
+            let copied = if to_host {
+                sys::cuMemcpyDtoHAsync_v2(dst.data_ptr(), src.data_ptr() as sys::CUdeviceptr, bytes, self.stream)
+            } else {
+                sys::cuMemcpyHtoDAsync_v2(dst.data_ptr() as sys::CUdeviceptr, src.data_ptr(), bytes, self.stream)
+            };
+            copied.result().map_err(|e| cuda_err("cuMemcpyAsync", e))?;
             let done = match self.spare.pop() {
                 Some(e) => e,
                 None => cu::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
                     .map_err(|e| cuda_err("cuEventCreate", e))?,
             };
             cu::event::record(done, self.stream).map_err(|e| cuda_err("cuEventRecord", e))?;
-            Ok(CopyDone(done))
+            Ok(done)
         }
     }
 
