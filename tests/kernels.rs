@@ -141,7 +141,8 @@ fn fused_rms_norm_matches_the_composed_ops_on_cuda() {
                 let (a, b) = (a.to_kind(Kind::Float), b.to_kind(Kind::Float));
                 let over = match j {
                     0 => ((&a - &b).abs() - a.abs().maximum(&b.abs()) * ulp - 1e-6).max().double_value(&[]),
-                    1 => max_abs(&(&a - &b)) - ulp * max_abs(&b).max(1e-30),
+                    // A width of one normalises to ±1, whose input gradient is rounding noise.
+                    1 => max_abs(&(&a - &b)) - ulp * max_abs(&b) - 1e-6,
                     _ => max_abs(&(&a - &b)) - 1e-2 * max_abs(&b).max(1e-30),
                 };
                 assert!(over <= 0.0, "{kind:?} {rows}x{width}: the {what} is off by {over:e} beyond its bound");
