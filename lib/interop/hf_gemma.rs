@@ -117,7 +117,7 @@ pub fn parse_config(v: &Value) -> Result<GemmaConfig, String> {
     let num_attention_heads = keys.required("num_attention_heads")?;
     let sliding_window = keys.required("sliding_window")?;
     let layer_types = match keys.get("layer_types") {
-        Some(list) => parse_layer_types(list)?,
+        Some(list) => super::hf_llama::parse_layer_types(list)?,
         None => {
             let period = if gemma3 { keys.size("sliding_window_pattern")?.unwrap_or(6) } else { 2 };
             LayerType::pattern(num_hidden_layers, period)
@@ -207,16 +207,4 @@ pub fn load_gemma(path: &Path, device: Device, kind: Kind) -> Result<(Gemma, Gem
 /// embedding), atomically; an existing `dir` is replaced only with `force`.
 pub fn save_gemma(model: &Gemma, dir: &Path, force: bool) -> Result<(), HfError> {
     hf::save_model(model, model.kind(), &config_json(model.config(), model.kind()), dir, force)
-}
-
-/// transformers' `layer_types` list ("sliding_attention" / "full_attention" per layer), as Gemma 2
-/// and 3 and Qwen2 configs write it.
-pub(super) fn parse_layer_types(list: &Value) -> Result<Vec<LayerType>, String> {
-    let items = list.as_array().ok_or(format!("layer_types must be a list, got {list}"))?;
-    let parse = |x: &Value| match x.as_str() {
-        Some("sliding_attention") => Ok(LayerType::Sliding),
-        Some("full_attention") => Ok(LayerType::Full),
-        _ => Err(format!("layer_types: {x} is not \"sliding_attention\" or \"full_attention\"")),
-    };
-    items.iter().map(parse).collect()
 }

@@ -163,7 +163,7 @@ pub fn parse_config(v: &Value) -> Result<LlamaConfig, String> {
             };
             let max_window_layers = keys.size("max_window_layers")?.unwrap_or(28);
             let types = match keys.get("layer_types") {
-                Some(list) => super::hf_gemma::parse_layer_types(list)?,
+                Some(list) => parse_layer_types(list)?,
                 // Qwen2Config's: the window on the layers from max_window_layers on, if any.
                 None => (0..num_hidden_layers)
                     .map(|i| match window {
@@ -371,4 +371,16 @@ pub fn load_llama(path: &Path, device: Device, kind: Kind) -> Result<(Llama, Lla
 /// is replaced only with `force`.
 pub fn save_llama(model: &Llama, dir: &Path, force: bool) -> Result<(), HfError> {
     hf::save_model(model, model.kind(), &config_json(model.config(), model.kind()), dir, force)
+}
+
+/// transformers' `layer_types` list ("sliding_attention" / "full_attention" per layer), as Gemma 2
+/// and 3 and Qwen2 configs write it.
+pub(super) fn parse_layer_types(list: &Value) -> Result<Vec<LayerType>, String> {
+    let items = list.as_array().ok_or(format!("layer_types must be a list, got {list}"))?;
+    let parse = |x: &Value| match x.as_str() {
+        Some("sliding_attention") => Ok(LayerType::Sliding),
+        Some("full_attention") => Ok(LayerType::Full),
+        _ => Err(format!("layer_types: {x} is not \"sliding_attention\" or \"full_attention\"")),
+    };
+    items.iter().map(parse).collect()
 }
