@@ -866,3 +866,26 @@ fn deepspeed_tensorboard_section_sets_the_event_directory() {
     let e = dir(odd).unwrap_err().to_string();
     assert!(e.contains("keys zerokit does not honour: tensorboard.flush_secs"), "{e}");
 }
+
+/// A preset is the model it names unless `vocab_size` is set: gemma-2-2b trains with Gemma 2's
+/// 256000 rows (2,614,341,888 parameters, as transformers counts them), not GPT-2's 50304, which
+/// only custom and GPT-2 models take by default (nanoGPT's padded vocabulary).
+#[test]
+fn presets_keep_their_own_vocabulary_unless_vocab_size_is_set() {
+    use zerokit::train::model_config;
+    let cfg = |model: &str, vocab: usize| TrainConfig { model: model.into(), vocab_size: vocab, ..Default::default() };
+    for (model, want) in [
+        ("custom", 50304),
+        ("gpt2", 50304),
+        ("llama-3.2-1b", 128256),
+        ("mistral-7b", 32000),
+        ("qwen2.5-0.5b", 151936),
+        ("gemma-2-2b", 256000),
+        ("gemma-3-27b", 262208),
+        ("llama-tiny", 50304),
+    ] {
+        assert_eq!(model_config(&cfg(model, 0)).unwrap().vocab_size(), want, "{model}");
+        assert_eq!(model_config(&cfg(model, 1000)).unwrap().vocab_size(), 1000, "{model} with vocab_size 1000");
+    }
+    assert_eq!(model_config(&cfg("gemma-2-2b", 0)).unwrap().num_params(), 2_614_341_888);
+}

@@ -67,6 +67,7 @@ pub struct TrainConfig {
     pub n_head: usize,
     pub n_embd: usize,
     pub block_size: usize,
+    /// Embedding rows; 0: the model's own (a Llama or Gemma preset's, 50304 for GPT-2).
     pub vocab_size: usize,
     // batch
     /// Micro-batch per rank (0: derived from train_batch_size).
@@ -161,7 +162,7 @@ impl Default for TrainConfig {
             n_head: 4,
             n_embd: 128,
             block_size: 128,
-            vocab_size: 50304,
+            vocab_size: 0,
             batch_size: 12,
             train_batch_size: 0,
             gradient_accumulation_steps: 1,

@@ -213,10 +213,16 @@ pub fn resolve_device(cfg: &TrainConfig, local_rank: usize) -> Result<(Device, K
     Ok((device, kind))
 }
 
+/// GPT-2's vocabulary in a scratch run when `vocab_size` is 0: nanoGPT's 50304, the tokenizer's
+/// 50257 padded to a multiple of 64 for faster matrix products.
+pub const GPT2_PADDED_VOCAB: usize = 50304;
+
 /// The model shape the configuration asks for: `custom` (a GPT-2 of n_layer, n_head, n_embd), a
-/// preset (GPT-2's, Llama's or Gemma's layers and widths, with the run's vocab_size, and for GPT-2 its
-/// block_size as the positions), or else a Hugging Face config.json (a file ending in .json, or a
-/// directory holding one), taken as it is.
+/// preset (GPT-2's, Llama's or Gemma's layers and widths, and for GPT-2 its block_size as the
+/// positions), or else a Hugging Face config.json (a file ending in .json, or a directory holding
+/// one), taken as it is. `vocab_size` 0 keeps the model's own vocabulary: a Llama or Gemma
+/// preset's, and for GPT-2 nanoGPT's 50304 (50257 padded to a multiple of 64); any other value
+/// replaces it.
 pub fn model_config(cfg: &TrainConfig) -> Result<ModelConfig, TrainError> {
     let path = Path::new(&cfg.model);
     let mut m = match ModelConfig::preset(&cfg.model) {
@@ -225,7 +231,7 @@ pub fn model_config(cfg: &TrainConfig) -> Result<ModelConfig, TrainError> {
             n_head: cfg.n_head,
             n_embd: cfg.n_embd,
             block_size: cfg.block_size,
-            vocab_size: cfg.vocab_size,
+            vocab_size: GPT2_PADDED_VOCAB,
         }),
         Ok(m) => m,
         Err(_) if cfg.model.ends_with(".json") || path.is_dir() => {
@@ -237,8 +243,11 @@ pub fn model_config(cfg: &TrainConfig) -> Result<ModelConfig, TrainError> {
     };
     if let ModelConfig::Gpt2(c) = &mut m {
         c.block_size = cfg.block_size;
+        c.vocab_size = GPT2_PADDED_VOCAB;
     }
-    m.set_vocab_size(cfg.vocab_size);
+    if cfg.vocab_size != 0 {
+        m.set_vocab_size(cfg.vocab_size);
+    }
     Ok(m)
 }
 
