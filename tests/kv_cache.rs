@@ -207,3 +207,68 @@ fn gemma_greedy_equals_transformers_generate_past_the_sliding_window() {
         assert_matches_transformers(case, &model, &gen);
     }
 }
+
+/// bf16 on a GPU, where `train sample` runs: along the cached greedy sequence, every step's
+/// cached last-position logits agree with the training forward's within BF16_TOL of the largest
+/// logit, and the cache's greedy choice is the forward's unless the forward's two best logits are
+/// within twice that (a near tie that bf16 rounding may break either way). The two paths round
+/// differently (one row against T rows in the products, attention over the cache against the
+/// fused causal kernel): bf16 keeps 8 bits, 2^-8 = 0.4% of a value, over a few layers of sums.
+const BF16_TOL: f64 = 3e-2;
+
+fn assert_cache_close_in_bf16(name: &str, model: &(impl Decode + Forward), prompt: &Tensor, new_tokens: usize) {
+    let greedy = Sampling::new(new_tokens, 0.0, None, 0);
+    let cached = sampled(model, prompt, greedy, true).to_device(Device::Cpu);
+    let t0 = prompt.size()[1];
+    let steps = cached.size()[1].min(model.context().positions as i64);
+    let mut cache = model.new_cache();
+    let (mut worst, mut ties) = (0.0f64, 0);
+    for end in t0..=steps {
+        let start = cache.len() as i64;
+        let logits = tch::no_grad(|| model.last_logits(&cached.narrow(1, start, end - start), Some(&mut cache)))
+            .unwrap()
+            .to_kind(Kind::Float)
+            .to_device(Device::Cpu);
+        let reference = tch::no_grad(|| model.forward(&cached.narrow(1, 0, end)))
+            .select(1, -1)
+            .to_kind(Kind::Float)
+            .to_device(Device::Cpu);
+        let scale = reference.abs().max().double_value(&[]).max(1.0);
+        let d = (&logits - &reference).abs().max().double_value(&[]);
+        worst = worst.max(d / scale);
+        assert!(
+            d <= BF16_TOL * scale,
+            "{name}: after {end} tokens, max |cached - uncached| = {d:e}, largest logit {scale}"
+        );
+        if end < cached.size()[1] {
+            let top2 = reference.topk(2, -1, true, true).0;
+            for row in 0..cached.size()[0] {
+                let chosen = cached.int64_value(&[row, end]);
+                let gap = top2.double_value(&[row, 0]) - top2.double_value(&[row, 1]);
+                if chosen != reference.get(row).argmax(0, false).int64_value(&[]) {
+                    assert!(gap <= 2.0 * BF16_TOL * scale, "{name}: row {row}, token {end}: the cache chose {chosen} where the forward's best leads by {gap}");
+                    ties += 1;
+                }
+            }
+        }
+    }
+    eprintln!("{name} (bf16, CUDA): {} cached steps, max |cached - uncached| = {worst:.2e} of the largest logit, {ties} near ties decided otherwise", steps - t0 + 1);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: run with --ignored on a GPU machine"]
+fn cached_sampling_in_bf16_on_cuda() {
+    let (dev, bf16) = (Device::Cuda(0), Kind::BFloat16);
+    let cfg = GptConfig { n_layer: 2, n_head: 2, n_embd: 64, block_size: 32, vocab_size: 96 };
+    let model = Gpt::new(&cfg, dev, bf16, 3).unwrap();
+    perturb(&model, 1.0, 3);
+    assert_cache_close_in_bf16("gpt2-tiny", &model, &prompt(2, 5, 96, 1), 40);
+    let cfg = LlamaConfig::preset("llama-tiny").unwrap();
+    let model = Llama::new(&cfg, dev, bf16, 5).unwrap();
+    perturb(&model, 1.0, 5);
+    assert_cache_close_in_bf16("llama-tiny", &model, &prompt(2, 6, cfg.vocab_size as i64, 3), 60);
+    let cfg = GemmaConfig { sliding_window: 16, ..GemmaConfig::preset("gemma-tiny").unwrap() };
+    let model = Gemma::new(&cfg, dev, bf16, 7).unwrap();
+    perturb(&model, 0.0, 7);
+    assert_cache_close_in_bf16("gemma-tiny, window 16", &model, &prompt(2, 6, cfg.vocab_size as i64, 5), 60);
+}
