@@ -531,8 +531,10 @@ pub fn norm_reference_extra_bytes(s: &Setup) -> u64 {
 /// v as attention saves them (GPT-2: views of c_attn's output; Llama: after rope, which keeps
 /// nothing else, its cos and sin needing no gradient) and the attention output (= the output
 /// projection's input: flash writes [B,T,H,D], so `transpose().contiguous()` is free); the
-/// MLP's saved tensors: GELU's input and output (2F), or the gated MLP's gate and up
-/// (`kernels::gated_product` recomputes act(gate) in backward) and their product (3F). For GPT-2 (F = 4C, q = k = v = C) that is 16·C·e plus the norms' statistics.
+/// MLP's saved tensors: GPT-2's GELU input (F; `kernels::activated_linear` recomputes GELU in
+/// backward for the projection's weight gradient), or the gated MLP's gate and up
+/// (`kernels::gated_product` recomputes act(gate) in backward) and their product (3F). For GPT-2
+/// (F = 4C, q = k = v = C) that is 12·C·e plus the norms' statistics.
 /// Per block besides: the attention logsumexp (fp32, per head) and Llama's cos and sin tables
 /// ([T, head_dim] each).
 ///
@@ -551,7 +553,7 @@ pub fn block_activation_bytes(s: &Setup) -> u64 {
     let e = s.dtype.bytes();
     let tokens = b * t;
     let (q, kv) = (d.heads * d.head_dim, d.kv_heads * d.head_dim);
-    let mlp = if d.llama { 3 * d.ffn } else { 2 * d.ffn };
+    let mlp = if d.llama { 3 * d.ffn } else { d.ffn };
     let mut per_token = 2 * norm_bytes(&d, e) + e * (2 * q + 2 * kv) + e * mlp;
     // flash attention (fp16/bf16) keeps logsumexp as [B, H, T]; the memory-efficient kernel
     // (what fp32 gets) pads T to a multiple of 32.

@@ -11,8 +11,8 @@ use common::tiny::{config, dataset, launch_args, train_command};
 use std::path::Path;
 use tch::{Device, Kind, Reduction, Tensor};
 use zerokit::kernels::{
-    classifier, classifier_reference, fused_on, gated_product, gated_product_reference, rms_norm, rms_norm_reference,
-    Gate,
+    activated_linear, activated_linear_reference, classifier, classifier_reference, fused_on, gated_product,
+    gated_product_reference, rms_norm, rms_norm_reference, Gate,
 };
 use zerokit::model::{Gpt, GptConfig, Model};
 
@@ -113,6 +113,54 @@ fn gated_product_matches_the_composed_ops_bitwise_on_cpu() {
 fn gated_product_matches_the_composed_ops_bitwise_on_cuda() {
     assert!(zerokit::device::load_cuda(), "no CUDA device");
     gated_product_is_bitwise_the_composed_ops(Device::Cuda(0));
+}
+
+/// GPT-2's MLP projection on its GELU keeps only the pre-activation for backward; its value and
+/// the gradients of pre-activation, weight and bias are bitwise the composed ops' (addmm on
+/// gelu), in every kind, on odd shapes and GPT-2's, on `device`.
+fn activated_linear_is_bitwise_the_composed_ops(device: Device) {
+    for kind in [Kind::Float, Kind::BFloat16, Kind::Half] {
+        if kind == Kind::Half && device == Device::Cpu {
+            continue;
+        }
+        for act in [Gate::GeluTanh, Gate::Silu] {
+            for (i, (rows, n_in, n_out)) in
+                [(5i64, 7i64, 3i64), (1, 1, 1), (33, 96, 24), (64, 256, 64)].into_iter().enumerate()
+            {
+                tch::manual_seed(10 + i as i64);
+                let pre = (Tensor::randn([rows, n_in], (Kind::Float, device)) * 3.0).to_kind(kind);
+                let weight = (Tensor::randn([n_in, n_out], (Kind::Float, device)) / (n_in as f64).sqrt()).to_kind(kind);
+                let bias = (Tensor::randn([n_out], (Kind::Float, device)) * 0.1).to_kind(kind);
+                let inputs = [pre, weight, bias];
+                let ours = value_and_grads(&inputs, |t| activated_linear(&t[0], &t[1], &t[2], act).unwrap(), 9);
+                let reference = value_and_grads(&inputs, |t| activated_linear_reference(&t[0], &t[1], &t[2], act), 9);
+                for (what, (a, b)) in ["value", "pre's gradient", "weight's gradient", "bias's gradient"]
+                    .iter()
+                    .zip(ours.iter().zip(&reference))
+                {
+                    assert!(
+                        a.equal(b),
+                        "{device:?} {kind:?} {act:?} [{rows}, {n_in}] x [{n_in}, {n_out}]: the {what} differs"
+                    );
+                }
+            }
+        }
+    }
+    let x = Tensor::ones([2, 3], (Kind::Float, device));
+    let err = activated_linear(&x, &x, &x, Gate::GeluTanh).unwrap_err().to_string();
+    assert!(err.contains("bias [out]"), "{err}");
+}
+
+#[test]
+fn activated_linear_matches_the_composed_ops_bitwise_on_cpu() {
+    activated_linear_is_bitwise_the_composed_ops(Device::Cpu);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: run with --ignored on a GPU machine"]
+fn activated_linear_matches_the_composed_ops_bitwise_on_cuda() {
+    assert!(zerokit::device::load_cuda(), "no CUDA device");
+    activated_linear_is_bitwise_the_composed_ops(Device::Cuda(0));
 }
 
 /// libtorch's fused RMSNorm on the GPU against LlamaRMSNorm's composed ops, value and the

@@ -163,19 +163,24 @@ fn checkpointing_keeps_block_inputs_plus_one_block() {
     let block = block_activation_bytes(&full);
     let input = 8 * 1024 * 1600 * 2;
     assert_eq!(activation_bytes(&full) - activation_bytes(&ckpt), (layers - 1) * block - layers * input);
-    // 16 B*T*C values plus fp32 statistics and logsumexp per block.
-    assert_eq!(block, 16 * 8 * 1024 * 1600 * 2 + 16 * 8 * 1024 + 4 * 8 * 25 * 1024);
+    // 12 B*T*C values (GPT-2: the MLP keeps its GELU input, not its output) plus fp32 statistics
+    // and logsumexp per block.
+    assert_eq!(block, 12 * 8 * 1024 * 1600 * 2 + 16 * 8 * 1024 + 4 * 8 * 25 * 1024);
 }
 
 #[test]
 fn reference_run_is_near_the_measured_peers() {
     // 4 x H200, GPT-2 XL fp16, sequence 1024, micro-batch 8: DeepSpeed ZeRO-2 peaked at 31.0 GiB
-    // and FSDP SHARD_GRAD_OP at 31.0 GiB per GPU. Stage 2 should land within 15%.
+    // and FSDP SHARD_GRAD_OP at 31.0 GiB per GPU. Their nanoGPT model keeps each MLP's GELU output
+    // for backward, which zerokit's does not (kernels::activated_linear: 4·C values a token and
+    // layer, 4.7 GiB here): stage 2 should land below them, and within 15% with that added back.
     let s = setup(ModelShape::preset("gpt2-xl").unwrap(), 4, Dtype::Fp16, 8, 1024);
     let est = estimate(&s, 78 << 30).unwrap();
     let stage2 = est.rows.iter().find(|r| r.stage == 2 && r.offload == Offload::None).unwrap();
     let gib = stage2.gpu_total as f64 / (1u64 << 30) as f64;
-    assert!((gib - 31.0).abs() / 31.0 < 0.15, "stage 2 estimate {gib:.2} GiB");
+    let gelu_outputs = (48u64 * 8 * 1024 * 6400 * 2) as f64 / (1u64 << 30) as f64;
+    assert!(gib < 31.0, "stage 2 estimate {gib:.2} GiB");
+    assert!((gib + gelu_outputs - 31.0).abs() / 31.0 < 0.15, "stage 2 estimate {gib:.2} GiB + {gelu_outputs:.2}");
     // More sharding never costs more GPU memory, offload never more than no offload.
     let total = |st, off| est.rows.iter().find(|r| r.stage == st && r.offload == off).unwrap().gpu_total;
     assert!(total(0, Offload::None) > total(1, Offload::None));

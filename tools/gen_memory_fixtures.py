@@ -76,10 +76,36 @@ def llama_counts():
     return out
 
 
+def activated_linear():
+    """bias + gelu(pre) @ W keeping pre, as lib/kernels/ops.cpp's ActivatedLinear does for GPT-2's
+    MLP projection (gelu recomputed in backward)."""
+    import torch
+    import torch.nn.functional as F
+
+    class ActivatedLinear(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, pre, w, b):
+            ctx.save_for_backward(pre, w)
+            return F.linear(F.gelu(pre, approximate="tanh"), w, b)
+
+        @staticmethod
+        def backward(ctx, grad):
+            pre, w = ctx.saved_tensors
+            with torch.enable_grad():
+                p = pre.detach().requires_grad_()
+                a = F.gelu(p, approximate="tanh")
+            grad_a = grad @ w
+            (grad_pre,) = torch.autograd.grad(a, p, grad_a)
+            g2 = grad.reshape(-1, grad.shape[-1])
+            return grad_pre, g2.t() @ a.detach().reshape(-1, a.shape[-1]), g2.sum(0)
+
+    return ActivatedLinear.apply
+
+
 def measure_saved(n_layer, n_head, n_embd, vocab, batch, seq, dtype):
     """Bytes autograd saves for backward in one forward of a GPT-2 written the way zerokit's
-    tch model is (layer_norm, linear, scaled_dot_product_attention, tanh GELU, tied LM head,
-    cross-entropy on fp32 logits), counted by storage through saved_tensors_hooks, parameters
+    tch model is (layer_norm, linear, scaled_dot_product_attention, the MLP projection on its tanh
+    GELU keeping only the pre-activation, tied LM head, cross-entropy on fp32 logits), counted by storage through saved_tensors_hooks, parameters
     excluded. Runs on CPU, where SDPA is the flash kernel (O(T) memory, like CUDA's)."""
     import torch
     import torch.nn.functional as F
@@ -106,6 +132,7 @@ def measure_saved(n_layer, n_head, n_embd, vocab, batch, seq, dtype):
         return t
 
     B, T = batch, seq
+    act_linear = activated_linear()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         x = F.embedding(idx, wte) + F.embedding(torch.arange(T), wpe)
         for (l1w, l1b, aw, ab, pw, pb, l2w, l2b, fw, fb, p2w, p2b) in blocks:
@@ -115,7 +142,7 @@ def measure_saved(n_layer, n_head, n_embd, vocab, batch, seq, dtype):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             x = x + F.linear(y.transpose(1, 2).contiguous().view(B, T, C), pw, pb)
             h = F.layer_norm(x, (C,), l2w, l2b)
-            x = x + F.linear(F.gelu(F.linear(h, fw, fb), approximate="tanh"), p2w, p2b)
+            x = x + act_linear(F.linear(h, fw, fb), p2w, p2b)
         x = F.layer_norm(x, (C,), *lnf)
         logits = F.linear(x, wte)
         loss = F.cross_entropy(logits.float().view(-1, vocab), targets.view(-1))

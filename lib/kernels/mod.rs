@@ -15,7 +15,10 @@
 
 mod ops;
 
-pub use ops::{gated_product, gated_product_reference, rms_norm, rms_norm_reference, Gate};
+pub use ops::{
+    activated_linear, activated_linear_reference, gated_product, gated_product_reference, rms_norm, rms_norm_reference,
+    Gate,
+};
 
 use cudarc::driver::{result as cu, sys as cusys};
 use std::ffi::{c_void, CString};

@@ -7,6 +7,7 @@
 // No C++ exception may unwind into Rust: errors come back as a malloc'd message the caller frees.
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/gelu.h>
 #include <ATen/ops/gelu_backward.h>
 #include <ATen/ops/silu.h>
@@ -57,6 +58,36 @@ struct GatedProduct : public torch::autograd::Function<GatedProduct> {
   }
 };
 
+// bias + act(pre) @ weight, a Conv1D (weight [in, out], pre [rows, in]) applied to an activation:
+// GPT-2's MLP projection on GELU(c_fc). Composed, autograd keeps pre (for the activation's
+// derivative) and act(pre) (the product's input); this keeps pre and recomputes act(pre) in
+// backward for the weight's gradient: one [tokens, 4 * hidden] tensor less per layer, for one
+// more elementwise pass. The backward makes libtorch's own calls for addmm's gradients of
+// row-major operands (grad @ weight^T, act^T @ grad, the bias's sum over rows) and the
+// activation's, so values and gradients are bitwise the composed ops'.
+struct ActivatedLinear : public torch::autograd::Function<ActivatedLinear> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& pre, const at::Tensor& weight,
+                            const at::Tensor& bias, int64_t act) {
+    ctx->save_for_backward({pre, weight});
+    ctx->saved_data["act"] = act;
+    return at::addmm(bias, activation(pre, act), weight);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& pre = saved[0];
+    const at::Tensor& weight = saved[1];
+    const int64_t act = ctx->saved_data["act"].toInt();
+    const at::Tensor& grad = grads[0];
+    at::Tensor grad_weight = activation(pre, act).t().mm(grad);
+    at::Tensor grad_bias = grad.sum(0);
+    at::Tensor grad_act = grad.mm(weight.t());
+    at::Tensor grad_pre =
+        act == kSilu ? at::silu_backward(grad_act, pre) : at::gelu_backward(grad_act, pre, "tanh");
+    return {grad_pre, grad_weight, grad_bias, at::Tensor()};
+  }
+};
+
 char* message(const char* what) { return strdup(what); }
 
 }  // namespace
@@ -66,6 +97,22 @@ extern "C" char* zerokit_gated_product(const at::Tensor* gate, const at::Tensor*
   try {
     TORCH_CHECK(act == kSilu || act == kGeluTanh, "unknown activation code ", act);
     *out = new at::Tensor(GatedProduct::apply(*gate, *up, act));
+    return nullptr;
+  } catch (const c10::Error& e) {
+    return message(e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    return message(e.what());
+  }
+}
+
+// *out = bias + act(pre) @ weight through ActivatedLinear (a new tensor handle the caller owns).
+extern "C" char* zerokit_activated_linear(const at::Tensor* pre, const at::Tensor* weight, const at::Tensor* bias,
+                                          int64_t act, at::Tensor** out) {
+  try {
+    TORCH_CHECK(act == kSilu || act == kGeluTanh, "unknown activation code ", act);
+    TORCH_CHECK(pre->dim() == 2 && weight->dim() == 2 && bias->dim() == 1, "activated_linear takes pre [rows, in], ",
+                "weight [in, out] and bias [out], not ", pre->sizes(), ", ", weight->sizes(), " and ", bias->sizes());
+    *out = new at::Tensor(ActivatedLinear::apply(*pre, *weight, *bias, act));
     return nullptr;
   } catch (const c10::Error& e) {
     return message(e.what_without_backtrace());

@@ -1,5 +1,6 @@
-//! The decoder's ops in forms that keep less for backward than libtorch's composed ops:
-//! the gated MLP's product as an autograd function of zerokit's own (ops.cpp), and RMSNorm as
+//! The models' ops in forms that keep less for backward than libtorch's composed ops:
+//! the gated MLP's product and GPT-2's MLP projection on its GELU as autograd functions of
+//! zerokit's own (ops.cpp), and RMSNorm as
 //! libtorch's fused CUDA kernels on a GPU. Each has a reference in composed ops (what
 //! transformers computes), which tests hold it to.
 
@@ -11,6 +12,13 @@ extern "C" {
     fn zerokit_gated_product(
         gate: *const c_void,
         up: *const c_void,
+        act: i64,
+        out: *mut *mut c_void,
+    ) -> *mut std::ffi::c_char;
+    fn zerokit_activated_linear(
+        pre: *const c_void,
+        weight: *const c_void,
+        bias: *const c_void,
         act: i64,
         out: *mut *mut c_void,
     ) -> *mut std::ffi::c_char;
@@ -56,6 +64,32 @@ pub fn gated_product(gate: &Tensor, up: &Tensor, act: Gate) -> Result<Tensor, Tc
 /// [`gated_product`] in composed ops (autograd keeps act(gate) as well).
 pub fn gated_product_reference(gate: &Tensor, up: &Tensor, act: Gate) -> Tensor {
     act.apply(gate) * up
+}
+
+/// `bias + act(pre) @ weight` for pre [rows, in] and a Conv1D weight [in, out] (GPT-2's MLP
+/// projection on GELU(c_fc)), keeping only pre for backward (act(pre) is recomputed there): one
+/// [tokens, in] tensor a layer less than the composed ops keep, with bitwise the same values and
+/// gradients.
+pub fn activated_linear(pre: &Tensor, weight: &Tensor, bias: &Tensor, act: Gate) -> Result<Tensor, TchError> {
+    let mut out: *mut c_void = std::ptr::null_mut();
+    // SAFETY: as in `gated_product`: live handles in, a new handle out unless an error comes back.
+    let status = unsafe {
+        zerokit_activated_linear(
+            pre.as_ptr().cast(),
+            weight.as_ptr().cast(),
+            bias.as_ptr().cast(),
+            act.code(),
+            &mut out,
+        )
+    };
+    crate::device::shim_result(status).map_err(TchError::Torch)?;
+    // SAFETY: `out` is a heap at::Tensor handle, which tch takes over (and deletes on drop).
+    Ok(unsafe { Tensor::from_ptr(out.cast()) })
+}
+
+/// [`activated_linear`] in composed ops (autograd keeps act(pre) as well).
+pub fn activated_linear_reference(pre: &Tensor, weight: &Tensor, bias: &Tensor, act: Gate) -> Tensor {
+    bias.addmm(&act.apply(pre), weight)
 }
 
 /// transformers' LlamaRMSNorm over the last dimension: normalised in fp32, cast back to x's kind,

@@ -13,6 +13,7 @@ use super::generate::{generate, Context, Decode, Sampling};
 use super::init::{init_params, Init};
 use super::kv_cache::{attend, Attend, LayerKv};
 use super::{check_kind, head_backward_in_chunks, Head, HeadGrads, Model, ModelError, NamedParams, ParamSpec};
+use crate::kernels;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, TchError, Tensor};
 
@@ -162,6 +163,17 @@ impl Conv1D {
         *out_shape.last_mut().unwrap() = self.weight.size()[1];
         self.bias.addmm(&x.reshape([-1, n_in]), &self.weight).view(out_shape.as_slice())
     }
+
+    /// `forward(gelu(pre))` through `kernels::activated_linear`, which keeps pre for backward
+    /// but not gelu(pre): the MLP's largest saved tensor but one, 4·C a token and layer.
+    fn forward_gelu(&self, pre: &Tensor) -> Tensor {
+        let mut out_shape = pre.size();
+        let n_in = *out_shape.last().expect("Conv1D input has at least one dimension");
+        *out_shape.last_mut().unwrap() = self.weight.size()[1];
+        kernels::activated_linear(&pre.reshape([-1, n_in]), &self.weight, &self.bias, kernels::Gate::GeluTanh)
+            .expect("activated_linear on a GPT-2 MLP's shapes")
+            .view(out_shape.as_slice())
+    }
 }
 
 struct LayerNorm {
@@ -218,8 +230,8 @@ impl Block {
         let y = Tensor::scaled_dot_product_attention(&heads(&qkv[0]), &k, &v, mask, 0.0, causal, None, false);
         let y = y.transpose(1, 2).contiguous().view([b, t, c]);
         let x = x + self.attn_proj.forward(&y);
-        let h = self.c_fc.forward(&self.ln_2.forward(&x)).gelu("tanh");
-        x + self.mlp_proj.forward(&h)
+        let pre = self.c_fc.forward(&self.ln_2.forward(&x));
+        x + self.mlp_proj.forward_gelu(&pre)
     }
 }
 
