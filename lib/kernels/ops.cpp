@@ -88,35 +88,36 @@ struct ActivatedLinear : public torch::autograd::Function<ActivatedLinear> {
   }
 };
 
-char* message(const char* what) { return strdup(what); }
+// Runs f, turning any C++ exception into a malloc'd message for the Rust caller (nullptr: none).
+template <typename F>
+char* guarded(F&& f) {
+  try {
+    f();
+    return nullptr;
+  } catch (const c10::Error& e) {
+    return strdup(e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    return strdup(e.what());
+  }
+}
 
 }  // namespace
 
 // *out = act(gate) * up through GatedProduct (a new tensor handle the caller owns).
 extern "C" char* zerokit_gated_product(const at::Tensor* gate, const at::Tensor* up, int64_t act, at::Tensor** out) {
-  try {
+  return guarded([&] {
     TORCH_CHECK(act == kSilu || act == kGeluTanh, "unknown activation code ", act);
     *out = new at::Tensor(GatedProduct::apply(*gate, *up, act));
-    return nullptr;
-  } catch (const c10::Error& e) {
-    return message(e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    return message(e.what());
-  }
+  });
 }
 
 // *out = bias + act(pre) @ weight through ActivatedLinear (a new tensor handle the caller owns).
 extern "C" char* zerokit_activated_linear(const at::Tensor* pre, const at::Tensor* weight, const at::Tensor* bias,
                                           int64_t act, at::Tensor** out) {
-  try {
+  return guarded([&] {
     TORCH_CHECK(act == kSilu || act == kGeluTanh, "unknown activation code ", act);
     TORCH_CHECK(pre->dim() == 2 && weight->dim() == 2 && bias->dim() == 1, "activated_linear takes pre [rows, in], ",
                 "weight [in, out] and bias [out], not ", pre->sizes(), ", ", weight->sizes(), " and ", bias->sizes());
     *out = new at::Tensor(ActivatedLinear::apply(*pre, *weight, *bias, act));
-    return nullptr;
-  } catch (const c10::Error& e) {
-    return message(e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    return message(e.what());
-  }
+  });
 }

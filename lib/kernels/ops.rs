@@ -56,9 +56,7 @@ pub fn gated_product(gate: &Tensor, up: &Tensor, act: Gate) -> Result<Tensor, Tc
     // SAFETY: both handles are live tch tensors; the shim writes a new at::Tensor handle to `out`
     // unless it returns an error, and catches every C++ exception.
     let status = unsafe { zerokit_gated_product(gate.as_ptr().cast(), up.as_ptr().cast(), act.code(), &mut out) };
-    crate::device::shim_result(status).map_err(TchError::Torch)?;
-    // SAFETY: `out` is a heap at::Tensor handle, which tch takes over (and deletes on drop).
-    Ok(unsafe { Tensor::from_ptr(out.cast()) })
+    new_handle(status, out)
 }
 
 /// [`gated_product`] in composed ops (autograd keeps act(gate) as well).
@@ -82,8 +80,14 @@ pub fn activated_linear(pre: &Tensor, weight: &Tensor, bias: &Tensor, act: Gate)
             &mut out,
         )
     };
+    new_handle(status, out)
+}
+
+/// The tensor an ops.cpp function handed back, or its error message.
+fn new_handle(status: *mut std::ffi::c_char, out: *mut c_void) -> Result<Tensor, TchError> {
     crate::device::shim_result(status).map_err(TchError::Torch)?;
-    // SAFETY: `out` is a heap at::Tensor handle, which tch takes over (and deletes on drop).
+    // SAFETY: without an error `out` is a heap at::Tensor handle, which tch takes over (and
+    // deletes on drop).
     Ok(unsafe { Tensor::from_ptr(out.cast()) })
 }
 
