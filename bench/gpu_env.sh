@@ -6,15 +6,16 @@ export LD_LIBRARY_PATH="$TL:$TL/../../nvidia/cu13/lib:$NCCL_DIR:${LD_LIBRARY_PAT
 # NVLink multicast can take a shared host's GPUs down: keep it off everywhere.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 
-# random_tokens DIR: train.bin (4M) and val.bin (200K) of uniform GPT-2 token ids, fixed seed: the
-# benchmarks' data, so that every peer sees the same distribution.
+# random_tokens DIR [VOCAB]: train.bin (4M) and val.bin (200K) of uniform token ids below VOCAB
+# (GPT-2's 50257 unless given), fixed seed: the benchmarks' data, so that every peer sees the same
+# distribution.
 random_tokens() {
-  python3 - "$1" <<'PY'
+  python3 - "$1" "${2:-50257}" <<'PY'
 import sys, os, numpy as np
-d = sys.argv[1]; os.makedirs(d, exist_ok=True)
+d, vocab = sys.argv[1], int(sys.argv[2]); os.makedirs(d, exist_ok=True)
 rng = np.random.default_rng(0)
 for split, n in (("train", 4_000_000), ("val", 200_000)):
-    rng.integers(0, 50257, n, dtype=np.uint16).tofile(f"{d}/{split}.bin")
+    rng.integers(0, vocab, n, dtype=np.uint16).tofile(f"{d}/{split}.bin")
 PY
 }
 

@@ -39,16 +39,22 @@ shape gemma-3-27b "$work/gemma3-8l.json" num_hidden_layers=8 sliding_window=512
 shape mistral-7b "$work/mistral-8l.json" num_hidden_layers=8 sliding_window=512
 
 # name model dtype micro-batch sequence checkpointing
+# (GEMMA3 and MISTRAL name the two shapes above.)
 RUNS=${RUNS:-"gemma2-2b:gemma-2-2b:bf16:4:1024:false gemma2-2b-ckpt:gemma-2-2b:bf16:4:1024:true
-  gemma3-8l-ckpt:$work/gemma3-8l.json:bf16:2:2048:true qwen2.5-0.5b:qwen2.5-0.5b:bf16:8:1024:false
-  mistral-8l:$work/mistral-8l.json:bf16:4:1024:false mistral-8l-ckpt:$work/mistral-8l.json:bf16:4:1024:true"}
+  gemma3-8l-ckpt:GEMMA3:bf16:2:2048:true qwen2.5-0.5b:qwen2.5-0.5b:bf16:8:1024:false
+  mistral-8l:MISTRAL:bf16:4:1024:false mistral-8l-ckpt:MISTRAL:bf16:4:1024:true"}
 for spec in $RUNS; do
   IFS=: read -r name model dtype mb T ck <<< "$spec"
+  case $model in GEMMA3) model=$work/gemma3-8l.json ;; MISTRAL) model=$work/mistral-8l.json ;; esac
+  # GPT-2's token ids, or below a smaller vocabulary (Mistral's 32000).
+  vocab=$(.carry/bin/ckpt estimate --model "$model" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["setup"]["model"]["vocab_size"])')
+  data=$work/data; if [ "$vocab" -lt 50257 ]; then data=$work/data-$vocab; [ -d "$data" ] || random_tokens "$data" "$vocab"; fi
   [ "$SECONDS" -lt "$BUDGET" ] || { echo "$name: skipped (budget)"; continue; }
   cmd=(.carry/bin/train --set model=$model --set block_size=$T --set batch_size=$mb --set max_iters=5 --set eval_iters=0
     --set log_interval=1 --set dtype=$dtype --set device=cuda --set zero_stage=0 --set sample_tokens=0
-    --set dataset=$work/data --set out_dir=$work/$name --set warmup_iters=0 --set activation_checkpointing=$ck)
+    --set dataset=$data --set out_dir=$work/$name --set warmup_iters=0 --set activation_checkpointing=$ck)
   with_peak timeout 90 "${cmd[@]}" > "$work/$name.log" 2>&1
+  mkdir -p "$OUT/logs"; grep -v '^frame #' "$work/$name.log" | cut -c1-2000 > "$OUT/logs/$name.log"
   ck_flag=; [ "$ck" = true ] && ck_flag=--activation-checkpointing
   # train's gradient bucket: its largest parameter group (the embedding), the estimate's --bucket-elems.
   largest=$(.carry/bin/ckpt estimate --model "$model" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["largest_layer_params"])')

@@ -442,9 +442,28 @@ impl AdamW {
 /// it, then `sqrt` gives the global norm. A non-finite result means some gradient element is
 /// inf/nan, so the same reduction doubles as the overflow check. Padding must be zero.
 pub fn local_grad_norm_sq(grad: &Tensor) -> Result<Tensor, OptimError> {
-    // One BLAS dot product (fp32, blocked accumulation) reads the gradient once with no
-    // temporary; measured 10x faster than a norm reduction on the GPU. Ranks sum in fp64.
-    Ok(grad.f_dot(grad)?.f_to_kind(Kind::Double)?)
+    sum_of_squares(grad, DOT_MAX_ELEMS)
+}
+
+/// The most elements one BLAS dot product takes: cuBLAS counts in 32-bit ints (libtorch refuses
+/// n >= 2^31 on CUDA), which a 2.6B-parameter model's flat gradient exceeds at stage 0.
+pub const DOT_MAX_ELEMS: i64 = 1 << 30;
+
+/// The sum of squares of a flat tensor as a 0-dim fp64 tensor on its device: BLAS dot products
+/// (fp32, blocked accumulation; they read the gradient once with no temporary, measured 10x
+/// faster than a norm reduction on the GPU) over pieces of at most `chunk` elements, summed in
+/// fp64.
+pub fn sum_of_squares(flat: &Tensor, chunk: i64) -> Result<Tensor, OptimError> {
+    let flat = flat.f_view([-1])?;
+    let n = flat.size()[0];
+    let mut total = Tensor::f_zeros([], (Kind::Double, flat.device()))?;
+    let mut start = 0;
+    while start < n {
+        let piece = flat.f_narrow(0, start, chunk.min(n - start))?;
+        total = total.f_add(&piece.f_dot(&piece)?.f_to_kind(Kind::Double)?)?;
+        start += chunk;
+    }
+    Ok(total)
 }
 
 /// torch.nn.utils.clip_grad_norm_'s factor: `max_norm / (total_norm + 1e-6)` clamped to 1.

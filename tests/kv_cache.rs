@@ -218,7 +218,7 @@ const BF16_TOL: f64 = 3e-2;
 
 fn assert_cache_close_in_bf16(name: &str, model: &(impl Decode + Forward), prompt: &Tensor, new_tokens: usize) {
     let greedy = Sampling::new(new_tokens, 0.0, None, 0);
-    let cached = sampled(model, prompt, greedy, true).to_device(Device::Cpu);
+    let cached = sampled(model, prompt, greedy, true);
     let t0 = prompt.size()[1];
     let steps = cached.size()[1].min(model.context().positions as i64);
     let mut cache = model.new_cache();
@@ -258,6 +258,7 @@ fn assert_cache_close_in_bf16(name: &str, model: &(impl Decode + Forward), promp
 #[test]
 #[ignore = "needs a CUDA GPU: run with --ignored on a GPU machine"]
 fn cached_sampling_in_bf16_on_cuda() {
+    assert!(zerokit::device::load_cuda(), "no CUDA device");
     let (dev, bf16) = (Device::Cuda(0), Kind::BFloat16);
     let cfg = GptConfig { n_layer: 2, n_head: 2, n_embd: 64, block_size: 32, vocab_size: 96 };
     let model = Gpt::new(&cfg, dev, bf16, 3).unwrap();

@@ -5,7 +5,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 use zerokit::optim::{
-    clip_coef, local_grad_norm_sq, AdamW, AdamWConfig, AdamWKernel, Decay, LrSchedule, OptimError, Segment, WarmupType,
+    clip_coef, local_grad_norm_sq, sum_of_squares, AdamW, AdamWConfig, AdamWKernel, Decay, LrSchedule, OptimError,
+    Segment, WarmupType, DOT_MAX_ELEMS,
 };
 
 fn fixture(name: &str) -> PathBuf {
@@ -446,6 +447,38 @@ fn grad_norm_flags_non_finite() {
     assert!(!local_grad_norm_sq(&t).unwrap().double_value(&[]).is_finite());
     let t = Tensor::from_slice(&[1.0f32, f32::NAN, 2.0]);
     assert!(local_grad_norm_sq(&t).unwrap().double_value(&[]).is_nan());
+}
+
+/// Pieces of any size sum to libtorch's own squared norm (computed in fp64 here), the last piece
+/// shorter than the rest, and one piece is the plain dot product.
+#[test]
+fn sum_of_squares_in_pieces_is_the_squared_norm() {
+    tch::manual_seed(3);
+    let t = Tensor::randn([10_007], (Kind::Float, Device::Cpu));
+    let want = t.to_kind(Kind::Double).square().sum(Kind::Double).double_value(&[]);
+    for chunk in [1, 7, 1000, 10_006, 10_007, 1 << 30] {
+        let got = sum_of_squares(&t, chunk).unwrap().double_value(&[]);
+        assert!((got - want).abs() <= 1e-6 * want, "pieces of {chunk}: {got} against {want}");
+    }
+    assert_eq!(
+        sum_of_squares(&t, DOT_MAX_ELEMS).unwrap().double_value(&[]),
+        t.dot(&t).to_kind(Kind::Double).double_value(&[])
+    );
+}
+
+/// cuBLAS's dot takes fewer than 2^31 elements: the gradient of a model past 2.1B parameters
+/// (gemma-2-2b at stage 0) is summed in pieces. 2^31 ones and then 5 elements of 1000 past them
+/// (8 GiB in fp32) on the GPU: the tail is 0.2% of the sum, fp32's blocked sums are good to 1e-5.
+#[test]
+#[ignore = "needs a CUDA GPU: run with --ignored on a GPU machine"]
+fn grad_norm_of_more_than_2_pow_31_elements_on_cuda() {
+    assert!(zerokit::device::load_cuda(), "no CUDA device");
+    let n = (1i64 << 31) + 5;
+    let t = Tensor::ones([n], (Kind::Float, Device::Cuda(0)));
+    let _ = t.narrow(0, n - 5, 5).fill_(1000.0);
+    let want = (1u64 << 31) as f64 + 5.0 * 1e6;
+    let got = local_grad_norm_sq(&t).unwrap().double_value(&[]);
+    assert!((got - want).abs() <= 1e-5 * want, "{got} against {want}");
 }
 
 fn warmup_type(s: &str) -> WarmupType {

@@ -604,7 +604,7 @@ impl<M: Model> Engine<M> {
             // is not ordered after the copy stream.
             let g = if src.kind() == Kind::Float { src.copy() } else { src.f_to_kind(Kind::Float)? };
             if let Some(acc) = &mut self.device_norm_sq {
-                *acc += g.f_dot(&g)?.f_to_kind(Kind::Double)?;
+                *acc += local_grad_norm_sq(&g)?;
             }
             self.d2h.as_mut().expect("offloading from a GPU").copy(&dst, g).map_err(ZeroError::Offload)?;
         } else {
