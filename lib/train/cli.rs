@@ -118,10 +118,14 @@ fn install_panic_hook() {
             .unwrap_or("unknown failure");
         let first = what.lines().next().unwrap_or(what);
         let msg = if what.contains("out of memory") {
+            // libtorch's own sentence ("CUDA out of memory. Tried to allocate 512.00 MiB."),
+            // without the Result wrapping tch puts around it.
+            let oom = what.find("CUDA out of memory").map(|i| &what[i..]);
+            let said = oom.map_or(first, |s| s.find(" GPU ").map_or(s.lines().next().unwrap_or(s), |j| &s[..j]));
             format!(
-                "error: the GPU ran out of memory ({first}). `ckpt estimate` gives the memory per stage and \
-                 the largest micro-batch that fits (--gpu-memory); lower batch_size, raise zero_stage or set \
-                 activation_checkpointing = true"
+                "error: the GPU ran out of memory ({said}). `ckpt estimate` gives the memory per stage and \
+                 the largest micro-batch that fits (--gpu-memory); lower batch_size, raise zero_stage, set \
+                 activation_checkpointing = true or offload_optimizer = true"
             )
         } else {
             let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
