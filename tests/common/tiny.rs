@@ -9,9 +9,16 @@ pub const VOCAB: u16 = 96;
 static PORT: AtomicU16 = AtomicU16::new(0);
 
 pub fn port() -> u16 {
-    // Distinct per test process and call, away from common services.
-    let base = 20000 + (std::process::id() % 20000) as u16;
-    base + PORT.fetch_add(1, Ordering::SeqCst)
+    // Distinct per test process and call, away from common services and below Linux's ephemeral
+    // range (32768 on), where the ranks' own connections take ports; one that something holds
+    // now is skipped (a CI run once met "Address already in use" on a fixed pick).
+    let base = 20000 + (std::process::id() % 10000) as u16;
+    loop {
+        let p = base + PORT.fetch_add(1, Ordering::SeqCst) % 2700;
+        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            return p;
+        }
+    }
 }
 
 /// A token dataset of pseudo-random ids below VOCAB with some structure to learn.
