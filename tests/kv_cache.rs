@@ -13,6 +13,7 @@ use tch::{Device, Kind, Tensor};
 use zerokit::interop::hf_gemma::load_gemma;
 use zerokit::interop::hf_llama::load_llama;
 use zerokit::model::generate::generate;
+use zerokit::model::kv_cache::KvCache;
 use zerokit::model::{
     AnyModel, Decode, Gemma, GemmaConfig, Gpt, GptConfig, Llama, LlamaConfig, Model, ModelError, Sampling,
 };
@@ -84,10 +85,7 @@ fn assert_cache_matches(name: &str, model: &(impl Decode + Forward), prompt: &Te
     let steps = cached.size()[1].min(positions);
     let (mut worst, mut worst_abs) = (0.0f64, 0.0f64);
     for end in t0..=steps {
-        let start = cache.len() as i64;
-        let logits =
-            tch::no_grad(|| model.last_logits(&cached.narrow(1, start, end - start), Some(&mut cache))).unwrap();
-        let reference = tch::no_grad(|| model.forward(&cached.narrow(1, 0, end))).select(1, -1);
+        let (logits, reference) = step_logits(model, &cached, &mut cache, end);
         let scale = reference.abs().max().double_value(&[]).max(1.0);
         let d = (logits - reference).abs().max().double_value(&[]);
         (worst, worst_abs) = (worst.max(d / scale), worst_abs.max(d));
@@ -105,6 +103,16 @@ fn assert_cache_matches(name: &str, model: &(impl Decode + Forward), prompt: &Te
         let more = model.last_logits(&cached.narrow(1, 0, 1), Some(&mut cache));
         assert!(matches!(more, Err(ModelError::Generate(_))), "{name}: a cache beyond the positions was accepted");
     }
+}
+
+/// One step along `tokens`: the cache's last-position logits after feeding it the tokens up to
+/// `end` it has not seen, and the training forward's on all `end` of them; fp32, on the host.
+fn step_logits(model: &(impl Decode + Forward), tokens: &Tensor, cache: &mut KvCache, end: i64) -> (Tensor, Tensor) {
+    let start = cache.len() as i64;
+    let logits = tch::no_grad(|| model.last_logits(&tokens.narrow(1, start, end - start), Some(cache))).unwrap();
+    let reference = tch::no_grad(|| model.forward(&tokens.narrow(1, 0, end))).select(1, -1);
+    let host = |t: Tensor| t.to_kind(Kind::Float).to_device(Device::Cpu);
+    (host(logits), host(reference))
 }
 
 /// The training forward, which the cache's logits are checked against.
@@ -224,15 +232,7 @@ fn assert_cache_close_in_bf16(name: &str, model: &(impl Decode + Forward), promp
     let mut cache = model.new_cache();
     let (mut worst, mut ties) = (0.0f64, 0);
     for end in t0..=steps {
-        let start = cache.len() as i64;
-        let logits = tch::no_grad(|| model.last_logits(&cached.narrow(1, start, end - start), Some(&mut cache)))
-            .unwrap()
-            .to_kind(Kind::Float)
-            .to_device(Device::Cpu);
-        let reference = tch::no_grad(|| model.forward(&cached.narrow(1, 0, end)))
-            .select(1, -1)
-            .to_kind(Kind::Float)
-            .to_device(Device::Cpu);
+        let (logits, reference) = step_logits(model, &cached, &mut cache, end);
         let scale = reference.abs().max().double_value(&[]).max(1.0);
         let d = (&logits - &reference).abs().max().double_value(&[]);
         worst = worst.max(d / scale);

@@ -158,21 +158,24 @@ impl Conv1D {
     /// `bias + x @ weight` through one addmm, as transformers' Conv1D computes it; cuBLAS reads
     /// the [in, out] weight without a transpose copy.
     fn forward(&self, x: &Tensor) -> Tensor {
-        let mut out_shape = x.size();
-        let n_in = *out_shape.last().expect("Conv1D input has at least one dimension");
-        *out_shape.last_mut().unwrap() = self.weight.size()[1];
-        self.bias.addmm(&x.reshape([-1, n_in]), &self.weight).view(out_shape.as_slice())
+        self.on_rows(x, |rows| self.bias.addmm(rows, &self.weight))
     }
 
     /// `forward(gelu(pre))` through `kernels::activated_linear`, which keeps pre for backward
     /// but not gelu(pre): the MLP's largest saved tensor but one, 4·C a token and layer.
     fn forward_gelu(&self, pre: &Tensor) -> Tensor {
-        let mut out_shape = pre.size();
+        self.on_rows(pre, |rows| {
+            kernels::activated_linear(rows, &self.weight, &self.bias, kernels::Gate::GeluTanh)
+                .expect("activated_linear on a GPT-2 MLP's shapes")
+        })
+    }
+
+    /// `f` on x's rows ([-1, in]), its [rows, out] result viewed back to x's leading dimensions.
+    fn on_rows(&self, x: &Tensor, f: impl FnOnce(&Tensor) -> Tensor) -> Tensor {
+        let mut out_shape = x.size();
         let n_in = *out_shape.last().expect("Conv1D input has at least one dimension");
         *out_shape.last_mut().unwrap() = self.weight.size()[1];
-        kernels::activated_linear(&pre.reshape([-1, n_in]), &self.weight, &self.bias, kernels::Gate::GeluTanh)
-            .expect("activated_linear on a GPT-2 MLP's shapes")
-            .view(out_shape.as_slice())
+        f(&x.reshape([-1, n_in])).view(out_shape.as_slice())
     }
 }
 
