@@ -456,11 +456,72 @@ fn wait_all(children: &mut [(usize, Child)]) -> Result<(), (usize, String)> {
     }
 }
 
+/// Stops the remaining children after one failed. A bad configuration usually fails every rank
+/// at once, so each first gets a short grace to exit by itself and print its own error (killing
+/// at once cut rank 1's line off); then SIGTERM, and SIGKILL for any still there, as torchrun.
 fn stop_all(children: &mut [(usize, Child)]) {
+    let all_exited = |children: &mut [(usize, Child)], grace: Duration| {
+        let deadline = std::time::Instant::now() + grace;
+        loop {
+            if children.iter_mut().all(|(_, c)| !matches!(c.try_wait(), Ok(None))) {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    if all_exited(children, STOP_GRACE) {
+        return;
+    }
     for (_, c) in children.iter_mut() {
-        let _ = c.kill();
+        if matches!(c.try_wait(), Ok(None)) {
+            // SAFETY: kill(2) on the pid of our own child, which has not been reaped yet.
+            unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
+        }
+    }
+    if !all_exited(children, STOP_GRACE) {
+        for (_, c) in children.iter_mut() {
+            let _ = c.kill();
+        }
     }
     for (_, c) in children.iter_mut() {
         let _ = c.wait();
+    }
+}
+
+/// How long stop_all waits before each escalation.
+const STOP_GRACE: Duration = Duration::from_secs(2);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    fn sh(script: &str) -> Child {
+        Command::new("sh").args(["-c", script]).spawn().unwrap()
+    }
+
+    /// A rank that fails a moment after the first still prints its own error; a healthy rank is
+    /// ended by SIGTERM and one that ignores SIGTERM by SIGKILL, all within the two graces.
+    #[test]
+    fn stopping_ranks_lets_failing_ones_finish_and_ends_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let said = dir.path().join("said");
+        let start = Instant::now();
+        let mut children = vec![
+            (0, sh("exit 3")),
+            (1, sh(&format!("sleep 0.3; echo error > '{}'; exit 3", said.display()))),
+            (2, sh("sleep 60")),
+            (3, sh("trap '' TERM; sleep 60 & wait; sleep 60")),
+        ];
+        let (rank, status) = wait_all(&mut children).unwrap_err();
+        assert_eq!(rank, 0, "{status}");
+        assert_eq!(std::fs::read_to_string(&said).unwrap().trim(), "error");
+        assert!(start.elapsed() < STOP_GRACE * 3, "{:?}", start.elapsed());
+        for (_, c) in &mut children {
+            assert!(c.try_wait().unwrap().is_some());
+        }
     }
 }
