@@ -3,7 +3,8 @@
 //! autograd; the gated MLP's autograd function against the composed ops, bit for bit. On a GPU
 //! machine (`--ignored`): the NVRTC kernel against that reference in every kind and on odd shapes,
 //! the head's backward built on it against plain autograd, libtorch's fused RMSNorm and the gated
-//! product against their references, and two deterministic training runs compared bit for bit.
+//! product against their references, the column-sum kernel (bias and LayerNorm parameter
+//! gradients) against float64 sums, and two deterministic training runs compared bit for bit.
 
 mod common;
 
@@ -12,7 +13,8 @@ use std::path::Path;
 use tch::{Device, Kind, Reduction, Tensor};
 use zerokit::kernels::{
     activated_linear, activated_linear_reference, classifier, classifier_reference, fused_on, gated_product,
-    gated_product_reference, rms_norm, rms_norm_reference, Gate,
+    gated_product_reference, layer_norm, layer_norm_reference, linear, linear_reference, rms_norm, rms_norm_reference,
+    Gate,
 };
 use zerokit::model::{Gpt, GptConfig, Model};
 
@@ -66,14 +68,42 @@ fn classifier_reference_matches_cross_entropy_and_autograd() {
 fn value_and_grads(inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Tensor, seed: i64) -> Vec<Tensor> {
     let leaves: Vec<Tensor> = inputs.iter().map(|t| t.detach().set_requires_grad(true)).collect();
     let y = f(&leaves);
-    // A fixed function of the position, not the global generator: tests run in parallel threads,
-    // and another test's draws between two calls here gave the two sides different gradients.
-    let g = (Tensor::arange(y.numel() as i64, (Kind::Float, y.device())) * 0.7548 + seed as f64)
-        .sin()
-        .view(y.size().as_slice())
-        .to_kind(y.kind());
+    let g = upstream(&y, seed);
     let grads = Tensor::run_backward(&[&y * &g], &leaves, false, false);
     std::iter::once(y.detach()).chain(grads).collect()
+}
+
+/// The upstream gradient `value_and_grads` gives y: a fixed function of the position, not the
+/// global generator (tests run in parallel threads, and another test's draws between two calls
+/// here gave the two sides different gradients).
+fn upstream(y: &Tensor, seed: i64) -> Tensor {
+    (Tensor::arange(y.numel() as i64, (Kind::Float, y.device())) * 0.7548 + seed as f64)
+        .sin()
+        .view(y.size().as_slice())
+        .to_kind(y.kind())
+}
+
+/// The unit roundoff of `kind`.
+fn unit_roundoff(kind: Kind) -> f64 {
+    match kind {
+        Kind::BFloat16 => 2f64.powi(-8),
+        Kind::Half => 2f64.powi(-11),
+        _ => 2f64.powi(-24),
+    }
+}
+
+/// A parameter gradient that is a sum over rows (`terms` [rows, cols], float64) against the
+/// float64 sum: within one rounding into its kind, fp32 accumulation over the rows, and `slack`
+/// (per column: the terms' own fp32 error where they are computed, as LayerNorm's x̂).
+fn assert_column_sums(got: &Tensor, terms: &Tensor, slack: Option<&Tensor>, what: &str) {
+    let exact = terms.sum_dim_intlist(0, false, Kind::Double);
+    let mut bound =
+        exact.abs() * unit_roundoff(got.kind()) + terms.abs().sum_dim_intlist(0, false, Kind::Double) * 1e-6 + 1e-30;
+    if let Some(s) = slack {
+        bound += s;
+    }
+    let over = ((got.to_kind(Kind::Double) - &exact).abs() - bound).max().double_value(&[]);
+    assert!(over <= 0.0, "{what}: off the float64 sum by {over:e} beyond its bound");
 }
 
 /// The gated product keeps only gate and up for backward and recomputes the activation there;
@@ -139,21 +169,137 @@ fn activated_linear_is_bitwise_the_composed_ops(device: Device) {
                 let inputs = [pre, weight, bias];
                 let ours = value_and_grads(&inputs, |t| activated_linear(&t[0], &t[1], &t[2], act).unwrap(), 9);
                 let reference = value_and_grads(&inputs, |t| activated_linear_reference(&t[0], &t[1], &t[2], act), 9);
-                for (what, (a, b)) in ["value", "pre's gradient", "weight's gradient", "bias's gradient"]
-                    .iter()
-                    .zip(ours.iter().zip(&reference))
-                {
-                    assert!(
-                        a.equal(b),
-                        "{device:?} {kind:?} {act:?} [{rows}, {n_in}] x [{n_in}, {n_out}]: the {what} differs"
-                    );
-                }
+                let case = format!("{device:?} {kind:?} {act:?} [{rows}, {n_in}] x [{n_in}, {n_out}]");
+                assert_bitwise_but_bias(&ours, &reference, &["value", "pre's gradient", "weight's gradient"], &case);
+                let g = upstream(&ours[0], 9).to_kind(Kind::Double);
+                assert_column_sums(&ours[3], &g, None, &format!("{case}: the bias's gradient"));
             }
         }
     }
     let x = Tensor::ones([2, 3], (Kind::Float, device));
     let err = activated_linear(&x, &x, &x, Gate::GeluTanh).unwrap_err().to_string();
     assert!(err.contains("bias [out]"), "{err}");
+}
+
+/// `ours` and `reference` (value, then gradients, the last a bias's) agree bit for bit but for
+/// the last: on a GPU the column-sum kernel adds the bias's gradient in another order than
+/// libtorch's reduction (checked against the float64 sum by the caller), on the CPU the same
+/// reduction runs and it agrees too.
+fn assert_bitwise_but_bias(ours: &[Tensor], reference: &[Tensor], names: &[&str], case: &str) {
+    let n = ours.len() - 1;
+    assert_eq!(names.len(), n);
+    for (what, (a, b)) in names.iter().zip(ours.iter().zip(reference)) {
+        assert!(a.equal(b), "{case}: the {what} differs");
+    }
+    if ours[n].device() == Device::Cpu {
+        assert!(ours[n].equal(&reference[n]), "{case}: the bias's gradient differs on the CPU");
+    }
+}
+
+/// A Conv1D through `kernels::linear` against addmm: value, input's and weight's gradients
+/// bitwise; the bias's gradient bitwise on the CPU and, on a GPU, within rounding of the float64
+/// sum and the same bits on a second run. Odd shapes (scalar loads, several column tiles, many
+/// row chunks) and GPT-2's.
+fn linear_matches_addmm(device: Device) {
+    for kind in [Kind::Float, Kind::BFloat16, Kind::Half] {
+        if kind == Kind::Half && device == Device::Cpu {
+            continue;
+        }
+        for (i, (rows, n_in, n_out)) in
+            [(5i64, 7i64, 3i64), (1, 1, 1), (1000, 24, 130), (5000, 16, 7), (2048, 768, 2304)].into_iter().enumerate()
+        {
+            tch::manual_seed(30 + i as i64);
+            let x = Tensor::randn([rows, n_in], (Kind::Float, device)).to_kind(kind);
+            let weight = (Tensor::randn([n_in, n_out], (Kind::Float, device)) / (n_in as f64).sqrt()).to_kind(kind);
+            let bias = (Tensor::randn([n_out], (Kind::Float, device)) * 0.1).to_kind(kind);
+            let inputs = [x, weight, bias];
+            let ours = value_and_grads(&inputs, |t| linear(&t[0], &t[1], &t[2]).unwrap(), 4);
+            let again = value_and_grads(&inputs, |t| linear(&t[0], &t[1], &t[2]).unwrap(), 4);
+            let reference = value_and_grads(&inputs, |t| linear_reference(&t[0], &t[1], &t[2]), 4);
+            let case = format!("{device:?} {kind:?} [{rows}, {n_in}] x [{n_in}, {n_out}]");
+            assert_bitwise_but_bias(&ours, &reference, &["value", "input's gradient", "weight's gradient"], &case);
+            assert_column_sums(&ours[3], &upstream(&ours[0], 4).to_kind(Kind::Double), None, &format!("{case}: bias"));
+            assert!(ours[3].equal(&again[3]), "{case}: the bias's gradient differs between two runs");
+        }
+    }
+    let x = Tensor::ones([2, 3], (Kind::Float, device));
+    let err = linear(&x, &x, &x).unwrap_err().to_string();
+    assert!(err.contains("bias [out]"), "{err}");
+}
+
+#[test]
+fn linear_matches_addmm_on_cpu() {
+    linear_matches_addmm(Device::Cpu);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: run with --ignored on a GPU machine"]
+fn linear_matches_addmm_on_cuda() {
+    assert!(zerokit::device::load_cuda(), "no CUDA device");
+    assert!(fused_on(Device::Cuda(0)), "the fused kernels did not compile or load (see the log)");
+    linear_matches_addmm(Device::Cuda(0));
+}
+
+/// LayerNorm through `kernels::layer_norm` against libtorch's layer_norm: value and input's
+/// gradient bitwise; the gain's and bias's gradients the same bits on a second run, bitwise
+/// libtorch's on the CPU (the path CPU runs take) and, on a GPU (the kernel), within rounding of
+/// the float64 sums of dy·x̂ and dy. [B, T, C]
+/// inputs of odd and GPT-2 widths.
+fn layer_norm_matches_libtorch(device: Device) {
+    for kind in [Kind::Float, Kind::BFloat16, Kind::Half] {
+        if kind == Kind::Half && device == Device::Cpu {
+            continue;
+        }
+        for (i, shape) in [[1i64, 1, 1], [2, 5, 7], [3, 333, 130], [4, 1024, 768], [1, 9, 1600]].into_iter().enumerate()
+        {
+            tch::manual_seed(40 + i as i64);
+            let x = (Tensor::randn(shape, (Kind::Float, device)) * 2.0 + 0.5).to_kind(kind);
+            let w = (Tensor::randn([shape[2]], (Kind::Float, device)) * 0.1 + 1.0).to_kind(kind);
+            let b = (Tensor::randn([shape[2]], (Kind::Float, device)) * 0.1).to_kind(kind);
+            let inputs = [x.shallow_clone(), w, b];
+            let ours = value_and_grads(&inputs, |t| layer_norm(&t[0], &t[1], &t[2], 1e-5).unwrap(), 6);
+            let again = value_and_grads(&inputs, |t| layer_norm(&t[0], &t[1], &t[2], 1e-5).unwrap(), 6);
+            let reference = value_and_grads(&inputs, |t| layer_norm_reference(&t[0], &t[1], &t[2], 1e-5), 6);
+            let case = format!("{device:?} {kind:?} {shape:?}");
+            for (what, (a, r)) in ["value", "input's gradient"].iter().zip(ours.iter().zip(&reference)) {
+                assert!(a.equal(r), "{case}: the {what} differs");
+            }
+            for j in 2..4 {
+                assert!(ours[j].equal(&again[j]), "{case}: a parameter's gradient differs between two runs");
+                if device == Device::Cpu {
+                    assert!(ours[j].equal(&reference[j]), "{case}: a parameter's gradient differs on the CPU");
+                }
+            }
+            if device == Device::Cpu {
+                continue; // libtorch's own sums (its bf16 CPU kernel is further from float64 than the bound)
+            }
+            let c = shape[2];
+            let g = upstream(&ours[0], 6).to_kind(Kind::Double).view([-1, c]);
+            let xd = x.to_kind(Kind::Double).view([-1, c]);
+            let mean = xd.mean_dim(-1, true, Kind::Double);
+            let var = (&xd - &mean).square().mean_dim(-1, true, Kind::Double);
+            let rstd = (var + 1e-5).rsqrt();
+            let xhat = (&xd - &mean) * &rstd;
+            // x̂ is computed in fp32 from an fp32 mean: off by about |x|·rstd·2^-23 a term (at
+            // width one, where x - mean is 0, that is all there is).
+            let slack = (g.abs() * xd.abs() * &rstd).sum_dim_intlist(0, false, Kind::Double) * 2f64.powi(-21);
+            assert_column_sums(&ours[2], &(&g * &xhat), Some(&slack), &format!("{case}: the gain's gradient"));
+            assert_column_sums(&ours[3], &g, None, &format!("{case}: the bias's gradient"));
+        }
+    }
+}
+
+#[test]
+fn layer_norm_matches_libtorch_on_cpu() {
+    layer_norm_matches_libtorch(Device::Cpu);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: run with --ignored on a GPU machine"]
+fn layer_norm_matches_libtorch_on_cuda() {
+    assert!(zerokit::device::load_cuda(), "no CUDA device");
+    assert!(fused_on(Device::Cuda(0)), "the fused kernels did not compile or load (see the log)");
+    layer_norm_matches_libtorch(Device::Cuda(0));
 }
 
 #[test]

@@ -1,6 +1,6 @@
 // zerokit's fused classifier: softmax cross-entropy and its gradient, one row of logits per
 // thread block, written back over the logits. Compiled at run time by NVRTC (lib/kernels/mod.rs),
-// so it includes no headers: the half-precision conversions are single PTX instructions.
+// after common.cuh's types and conversions.
 //
 // Eager libtorch spends five whole passes over the [N, V] logits here (the fp32 copy, log_softmax,
 // its backward, the nll scatter and the cast back); this reads the row twice (the second read
@@ -11,32 +11,6 @@
 //   losses[r] = logsumexp(x) - x[t]                      (0 when t == -1)
 //   x[i]     <- (softmax(x)[i] - [i == t]) * g           (0 when t == -1)
 // A target outside [-1, V) makes the row's loss NaN, which the caller's finiteness checks report.
-
-typedef unsigned short u16;
-
-struct bf16 { u16 bits; };
-struct f16 { u16 bits; };
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(bf16 x) { return __uint_as_float(((unsigned)x.bits) << 16); }
-__device__ __forceinline__ float to_float(f16 x) {
-  float f;
-  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x.bits));
-  return f;
-}
-
-// Round to nearest even, as libtorch's casts do.
-__device__ __forceinline__ void store(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store(bf16* p, float v) {
-  u16 b;
-  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(b) : "f"(v));
-  p->bits = b;
-}
-__device__ __forceinline__ void store(f16* p, float v) {
-  u16 b;
-  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(b) : "f"(v));
-  p->bits = b;
-}
 
 #define NEG_INF __int_as_float(0xff800000)
 

@@ -16,8 +16,8 @@
 mod ops;
 
 pub use ops::{
-    activated_linear, activated_linear_reference, gated_product, gated_product_reference, rms_norm, rms_norm_reference,
-    Gate,
+    activated_linear, activated_linear_reference, gated_product, gated_product_reference, layer_norm,
+    layer_norm_reference, linear, linear_reference, rms_norm, rms_norm_reference, Gate,
 };
 
 use cudarc::driver::{result as cu, sys as cusys};
@@ -25,7 +25,8 @@ use std::ffi::{c_void, CString};
 use std::sync::OnceLock;
 use tch::{Device, Kind, TchError, Tensor};
 
-const CLASSIFIER_SRC: &str = include_str!("classifier.cu");
+/// One NVRTC source: the shared types first, then each kernel file.
+const KERNELS_SRC: &str = concat!(include_str!("common.cuh"), include_str!("classifier.cu"), include_str!("colsum.cu"));
 /// Threads per row of the classifier: enough 16-byte loads in flight to stream a 100 KB row.
 const CLASSIFIER_THREADS: u32 = 1024;
 
@@ -35,6 +36,8 @@ struct Loaded {
     device: usize,
     ctx: cusys::CUcontext,
     classifier: [cusys::CUfunction; 3],
+    /// colsum_partial and colsum_finish, for fp32, bf16, fp16.
+    colsum: [[cusys::CUfunction; 2]; 3],
 }
 
 // SAFETY: CUfunction and CUcontext handles may be used from any thread; a launch makes the
@@ -79,10 +82,10 @@ fn load(device: usize) -> Result<Loaded, String> {
     let opts = cudarc::nvrtc::CompileOptions {
         arch: Some(arch(dev)?),
         options: vec!["--std=c++17".into()],
-        name: Some("classifier.cu".into()),
+        name: Some("zerokit_kernels.cu".into()),
         ..Default::default()
     };
-    let ptx = cudarc::nvrtc::compile_ptx_with_opts(CLASSIFIER_SRC, opts).map_err(|e| format!("NVRTC: {e}"))?;
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(KERNELS_SRC, opts).map_err(|e| format!("NVRTC: {e}"))?;
     let image = CString::new(ptx.to_src()).map_err(|_| "NVRTC returned PTX with a NUL byte".to_string())?;
     // SAFETY: `image` is NUL-terminated PTX text; the module is never unloaded.
     let module = unsafe { cu::module::load_data(image.as_ptr() as *const c_void) }
@@ -92,7 +95,13 @@ fn load(device: usize) -> Result<Loaded, String> {
         // SAFETY: `module` is live; the name is NUL-terminated.
         unsafe { cu::module::get_function(module, n) }.map_err(|e| format!("cuModuleGetFunction {name}: {e:?}"))
     };
-    Ok(Loaded { device, ctx, classifier: [get("classifier_f32")?, get("classifier_bf16")?, get("classifier_f16")?] })
+    let classifier = [get("classifier_f32")?, get("classifier_bf16")?, get("classifier_f16")?];
+    let colsum = [
+        [get("colsum_partial_f32")?, get("colsum_finish_f32")?],
+        [get("colsum_partial_bf16")?, get("colsum_finish_bf16")?],
+        [get("colsum_partial_f16")?, get("colsum_finish_f16")?],
+    ];
+    Ok(Loaded { device, ctx, classifier, colsum })
 }
 
 /// The device's virtual architecture, so NVRTC emits PTX the driver compiles for this GPU.
@@ -221,4 +230,139 @@ fn launch_classifier(
     }
     .map_err(|e| TchError::Kind(format!("classifier launch: {e:?}")))?;
     Ok(losses)
+}
+
+extern "C" {
+    fn zerokit_set_column_sums(f: Option<ColumnSumsFn>);
+}
+
+/// ops.cpp's entry for the column-sum kernels (its `ColumnSumsFn`).
+type ColumnSumsFn = unsafe extern "C" fn(
+    kind: i64,
+    dy: *const c_void,
+    x: *const c_void,
+    mean: *const c_void,
+    rstd: *const c_void,
+    rows: i64,
+    cols: i64,
+    rows_per_chunk: i64,
+    chunks: i64,
+    part_b: *mut c_void,
+    part_g: *mut c_void,
+    out_b: *mut c_void,
+    out_g: *mut c_void,
+    device: i64,
+    error: *mut *mut std::ffi::c_char,
+) -> i32;
+
+/// Hands ops.cpp the column-sum launcher (once per process).
+fn register_column_sums() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    // SAFETY: stores a function pointer of the declared signature in an atomic.
+    ONCE.call_once(|| unsafe { zerokit_set_column_sums(Some(launch_column_sums)) });
+}
+
+/// Columns per block and warps per block of colsum_partial (colsum.cu's COLSUM_TILE and
+/// COLSUM_WARPS), and threads per block of colsum_finish.
+const COLSUM_TILE: i64 = 128;
+const COLSUM_WARPS: u32 = 8;
+const COLSUM_FINISH_THREADS: u32 = 256;
+
+/// Launches colsum_partial over `chunks` chunks of `rows_per_chunk` rows, then colsum_finish
+/// into out_b (and out_g with x): 0 launched, 1 no kernels for this device (ops.cpp then runs
+/// libtorch's ops), 2 failed with a message in `*error`. Called by ops.cpp from libtorch's
+/// autograd thread; every pointer is device memory that ops.cpp keeps alive and sized.
+unsafe extern "C" fn launch_column_sums(
+    kind: i64,
+    dy: *const c_void,
+    x: *const c_void,
+    mean: *const c_void,
+    rstd: *const c_void,
+    rows: i64,
+    cols: i64,
+    rows_per_chunk: i64,
+    chunks: i64,
+    part_b: *mut c_void,
+    part_g: *mut c_void,
+    out_b: *mut c_void,
+    out_g: *mut c_void,
+    device: i64,
+    error: *mut *mut std::ffi::c_char,
+) -> i32 {
+    let Some(k) = kernels_for(Device::Cuda(device as usize)) else { return 1 };
+    let fail = |msg: String| {
+        let c = CString::new(msg).unwrap_or_default();
+        // SAFETY: ops.cpp frees the message with free(); strdup allocates with malloc.
+        unsafe { *error = libc::strdup(c.as_ptr()) };
+        2
+    };
+    let Ok(which) = usize::try_from(kind) else { return fail(format!("kind code {kind}")) };
+    if which > 2 || chunks > i32::MAX as i64 || cols > i32::MAX as i64 {
+        return fail(format!("kind {kind}, {rows} x {cols} in {chunks} chunks"));
+    }
+    let elem: i64 = [4, 2, 2][which];
+    let aligned = |p: *const c_void| p.is_null() || (p as usize) % (4 * elem as usize) == 0;
+    let mut vec = i32::from(cols % 4 == 0 && aligned(dy) && aligned(x));
+    let (mut dy, mut x, mut mean, mut rstd, mut part_b, mut part_g) = (dy, x, mean, rstd, part_b, part_g);
+    let (mut rows, mut cols32, mut rpc) = (rows, cols as i32, rows_per_chunk);
+    let mut partial: [*mut c_void; 10] = [
+        &mut dy as *mut _ as *mut c_void,
+        &mut x as *mut _ as *mut c_void,
+        &mut mean as *mut _ as *mut c_void,
+        &mut rstd as *mut _ as *mut c_void,
+        &mut rows as *mut _ as *mut c_void,
+        &mut cols32 as *mut _ as *mut c_void,
+        &mut rpc as *mut _ as *mut c_void,
+        &mut vec as *mut _ as *mut c_void,
+        &mut part_b as *mut _ as *mut c_void,
+        &mut part_g as *mut _ as *mut c_void,
+    ];
+    // SAFETY: the context is live for the process (retained, never released).
+    if let Err(e) = unsafe { cu::ctx::set_current(k.ctx) } {
+        return fail(format!("cuCtxSetCurrent: {e:?}"));
+    }
+    let tiles = ((cols + COLSUM_TILE - 1) / COLSUM_TILE) as u32;
+    // SAFETY: colsum_partial takes (const T*, const T*, const float*, const float*, long long,
+    // int, long long, int, float*, float*), matching `partial`; ops.cpp sized every buffer.
+    let launched = unsafe {
+        cu::launch_kernel(
+            k.colsum[which][0],
+            (tiles, chunks as u32, 1),
+            (32, COLSUM_WARPS, 1),
+            0,
+            std::ptr::null_mut(),
+            &mut partial,
+        )
+    };
+    if let Err(e) = launched {
+        return fail(format!("colsum_partial launch: {e:?}"));
+    }
+    let blocks = (cols as u32).div_ceil(COLSUM_FINISH_THREADS);
+    let mut chunks32 = chunks as i32;
+    for (mut part, mut out) in [(part_b, out_b), (part_g, out_g)] {
+        if out.is_null() {
+            continue;
+        }
+        let mut finish: [*mut c_void; 4] = [
+            &mut part as *mut _ as *mut c_void,
+            &mut chunks32 as *mut _ as *mut c_void,
+            &mut cols32 as *mut _ as *mut c_void,
+            &mut out as *mut _ as *mut c_void,
+        ];
+        // SAFETY: colsum_finish takes (const float*, int, int, T*), matching `finish`.
+        let launched = unsafe {
+            cu::launch_kernel(
+                k.colsum[which][1],
+                (blocks, 1, 1),
+                (COLSUM_FINISH_THREADS, 1, 1),
+                0,
+                std::ptr::null_mut(),
+                &mut finish,
+            )
+        };
+        if let Err(e) = launched {
+            return fail(format!("colsum_finish launch: {e:?}"));
+        }
+    }
+    0
 }

@@ -8,16 +8,25 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/gelu.h>
 #include <ATen/ops/gelu_backward.h>
+#include <ATen/ops/native_layer_norm.h>
+#include <ATen/ops/native_layer_norm_backward.h>
 #include <ATen/ops/silu.h>
 #include <ATen/ops/silu_backward.h>
 #include <c10/util/Exception.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <optional>
+#include <string>
+#include <utility>
 
 namespace {
 
@@ -30,6 +39,74 @@ constexpr int64_t kGeluTanh = 1;
 
 at::Tensor activation(const at::Tensor& gate, int64_t act) {
   return act == kSilu ? at::silu(gate) : at::gelu(gate, "tanh");
+}
+
+// zerokit's column-sum kernels (lib/kernels/colsum.cu), launched by Rust (lib/kernels/mod.rs),
+// which registers this entry once. It returns kLaunched, kUnavailable (no kernels for this
+// device: the caller runs libtorch's ops) or kFailed with a malloc'd message in *error.
+constexpr int kLaunched = 0;
+constexpr int kUnavailable = 1;
+using ColumnSumsFn = int (*)(int64_t kind, const void* dy, const void* x, const void* mean, const void* rstd,
+                             int64_t rows, int64_t cols, int64_t rows_per_chunk, int64_t chunks, void* part_b,
+                             void* part_g, void* out_b, void* out_g, int64_t device, char** error);
+std::atomic<ColumnSumsFn> column_sums_fn{nullptr};
+
+// The kind codes of the kernels, mirrored in lib/kernels/mod.rs; -1: none for this type.
+int64_t kind_code(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return 0;
+    case at::kBFloat16: return 1;
+    case at::kHalf: return 2;
+    default: return -1;
+  }
+}
+
+// The sums over rows of dy [rows, cols] (b) and, with x, mean and rstd (a LayerNorm's input and
+// statistics), of dy * (x - mean) * rstd (g), in dy's type, by the column-sum kernels; nullopt
+// where they cannot run (the caller then makes libtorch's own calls). The chunking depends only
+// on the shape, so the sums are the same bits on every run: about 1024 blocks of 128 columns.
+std::optional<std::pair<at::Tensor, at::Tensor>> column_sums(const at::Tensor& dy_in, const at::Tensor* x_in,
+                                                             const at::Tensor* mean, const at::Tensor* rstd) {
+  const ColumnSumsFn fn = column_sums_fn.load();
+  const int64_t kind = kind_code(dy_in.scalar_type());
+  if (!fn || !dy_in.is_cuda() || kind < 0 || dy_in.dim() < 1) return std::nullopt;
+  const int64_t cols = dy_in.size(-1);
+  const int64_t rows = cols == 0 ? 0 : dy_in.numel() / cols;
+  if (rows == 0 || cols == 0 || cols > INT32_MAX) return std::nullopt;
+  const at::Tensor dy = dy_in.contiguous();
+  at::Tensor x, m, r;
+  if (x_in) {
+    if (x_in->scalar_type() != dy.scalar_type() || mean->scalar_type() != at::kFloat) return std::nullopt;
+    x = x_in->contiguous();
+    m = mean->contiguous();
+    r = rstd->contiguous();
+  }
+  const int64_t tiles = (cols + 127) / 128;
+  const int64_t want = std::max<int64_t>(1, std::min<int64_t>((1024 + tiles - 1) / tiles, (rows + 7) / 8));
+  const int64_t rows_per_chunk = (rows + want - 1) / want;
+  const int64_t chunks = (rows + rows_per_chunk - 1) / rows_per_chunk;
+  at::Tensor part = at::empty({x_in ? 2 * chunks : chunks, cols}, dy.options().dtype(at::kFloat));
+  at::Tensor out_b = at::empty({cols}, dy.options());
+  at::Tensor out_g = x_in ? at::empty({cols}, dy.options()) : at::Tensor();
+  char* error = nullptr;
+  const int status = fn(kind, dy.data_ptr(), x_in ? x.data_ptr() : nullptr, x_in ? m.data_ptr() : nullptr,
+                        x_in ? r.data_ptr() : nullptr, rows, cols, rows_per_chunk, chunks, part.data_ptr(),
+                        x_in ? part[chunks].data_ptr() : nullptr, out_b.data_ptr(),
+                        x_in ? out_g.data_ptr() : nullptr, dy.get_device(), &error);
+  if (status == kUnavailable) return std::nullopt;
+  if (status != kLaunched) {
+    std::string msg = error ? error : "column sums failed";
+    free(error);
+    TORCH_CHECK(false, "column sums: ", msg);
+  }
+  return std::make_pair(out_b, out_g);
+}
+
+// A bias's gradient, the sum of grad's rows ([rows, out]): the kernel where it runs, else the
+// reduction autograd makes for addmm's broadcast bias.
+at::Tensor bias_grad(const at::Tensor& grad) {
+  if (auto sums = column_sums(grad, nullptr, nullptr, nullptr)) return sums->first;
+  return grad.sum(0);
 }
 
 // act(gate) * up, the gated MLP's product (SwiGLU, GeGLU). Composed, autograd keeps gate,
@@ -63,8 +140,8 @@ struct GatedProduct : public torch::autograd::Function<GatedProduct> {
 // derivative) and act(pre) (the product's input); this keeps pre and recomputes act(pre) in
 // backward for the weight's gradient: one [tokens, 4 * hidden] tensor less per layer, for one
 // more elementwise pass. The backward makes libtorch's own calls for addmm's gradients of
-// row-major operands (grad @ weight^T, act^T @ grad, the bias's sum over rows) and the
-// activation's, so values and gradients are bitwise the composed ops'.
+// row-major operands (grad @ weight^T, act^T @ grad) and the activation's, so values and those
+// gradients are bitwise the composed ops'; the bias's is Linear's.
 struct ActivatedLinear : public torch::autograd::Function<ActivatedLinear> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& pre, const at::Tensor& weight,
                             const at::Tensor& bias, int64_t act) {
@@ -80,11 +157,62 @@ struct ActivatedLinear : public torch::autograd::Function<ActivatedLinear> {
     const int64_t act = ctx->saved_data["act"].toInt();
     const at::Tensor& grad = grads[0];
     at::Tensor grad_weight = activation(pre, act).t().mm(grad);
-    at::Tensor grad_bias = grad.sum(0);
+    at::Tensor grad_bias = bias_grad(grad);
     at::Tensor grad_act = grad.mm(weight.t());
     at::Tensor grad_pre =
         act == kSilu ? at::silu_backward(grad_act, pre) : at::gelu_backward(grad_act, pre, "tanh");
     return {grad_pre, grad_weight, grad_bias, at::Tensor()};
+  }
+};
+
+// bias + x @ weight, a Conv1D (weight [in, out], x [rows, in]), as addmm computes it. Its backward
+// makes addmm's own calls for row-major operands (grad @ weight^T, x^T @ grad), so those
+// gradients are bitwise autograd's; the bias's comes from the column-sum kernel on a GPU, which
+// reads grad once at close to the memory bandwidth (libtorch's reduction reaches about a third
+// to a half), and from autograd's reduction elsewhere.
+struct Linear : public torch::autograd::Function<Linear> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                            const at::Tensor& bias) {
+    ctx->save_for_backward({x, weight});
+    return at::addmm(bias, x, weight);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& x = saved[0];
+    const at::Tensor& weight = saved[1];
+    const at::Tensor& grad = grads[0];
+    at::Tensor grad_x = ctx->needs_input_grad(0) ? grad.mm(weight.t()) : at::Tensor();
+    return {grad_x, x.t().mm(grad), bias_grad(grad)};
+  }
+};
+
+// LayerNorm over the last dimension, as at::layer_norm computes it (native_layer_norm). Its
+// backward asks libtorch only for the input's gradient where the column-sum kernel computes the
+// gain's and bias's (libtorch's gamma/beta kernel is the slowest part of GPT-2's LayerNorm
+// backward); elsewhere it makes autograd's own call for all three.
+struct LayerNorm : public torch::autograd::Function<LayerNorm> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                            const at::Tensor& bias, double eps) {
+    auto [out, mean, rstd] = at::native_layer_norm(x, {x.size(-1)}, weight, bias, eps);
+    ctx->save_for_backward({x, weight, bias, mean, rstd});
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &weight = saved[1], &bias = saved[2], &mean = saved[3], &rstd = saved[4];
+    const at::Tensor& grad = grads[0];
+    std::optional<std::pair<at::Tensor, at::Tensor>> sums;
+    if (weight.scalar_type() == x.scalar_type()) sums = column_sums(grad, &x, &mean, &rstd);
+    const bool fused = sums.has_value();
+    auto [grad_x, grad_w, grad_b] = at::native_layer_norm_backward(grad, x, {x.size(-1)}, mean, rstd, weight, bias,
+                                                                   {ctx->needs_input_grad(0), !fused, !fused});
+    if (fused) {
+      grad_b = sums->first;
+      grad_w = sums->second;
+    }
+    return {grad_x, grad_w, grad_b, at::Tensor()};
   }
 };
 
@@ -121,3 +249,28 @@ extern "C" char* zerokit_activated_linear(const at::Tensor* pre, const at::Tenso
     *out = new at::Tensor(ActivatedLinear::apply(*pre, *weight, *bias, act));
   });
 }
+
+// *out = bias + x @ weight through Linear (a new tensor handle the caller owns).
+extern "C" char* zerokit_linear(const at::Tensor* x, const at::Tensor* weight, const at::Tensor* bias,
+                                at::Tensor** out) {
+  return guarded([&] {
+    TORCH_CHECK(x->dim() == 2 && weight->dim() == 2 && bias->dim() == 1, "linear takes x [rows, in], ",
+                "weight [in, out] and bias [out], not ", x->sizes(), ", ", weight->sizes(), " and ", bias->sizes());
+    *out = new at::Tensor(Linear::apply(*x, *weight, *bias));
+  });
+}
+
+// *out = LayerNorm of x over its last dimension through LayerNorm (a new handle the caller owns).
+extern "C" char* zerokit_layer_norm(const at::Tensor* x, const at::Tensor* weight, const at::Tensor* bias, double eps,
+                                    at::Tensor** out) {
+  return guarded([&] {
+    TORCH_CHECK(x->dim() >= 1 && weight->dim() == 1 && bias->dim() == 1 && weight->size(0) == x->size(-1) &&
+                    bias->size(0) == x->size(-1),
+                "layer_norm takes x [..., C], weight [C] and bias [C], not ", x->sizes(), ", ", weight->sizes(),
+                " and ", bias->sizes());
+    *out = new at::Tensor(LayerNorm::apply(*x, *weight, *bias, eps));
+  });
+}
+
+// Registers the column-sum kernels' launcher (lib/kernels/mod.rs); nullptr unregisters it.
+extern "C" void zerokit_set_column_sums(ColumnSumsFn fn) { column_sums_fn.store(fn); }

@@ -1,6 +1,7 @@
 //! The models' ops in forms that keep less for backward than libtorch's composed ops:
 //! the gated MLP's product and GPT-2's MLP projection on its GELU as autograd functions of
-//! zerokit's own (ops.cpp), and RMSNorm as
+//! zerokit's own (ops.cpp), a Conv1D and LayerNorm whose parameter gradients come from the
+//! column-sum kernel on a GPU (ops.cpp calls back into mod.rs), and RMSNorm as
 //! libtorch's fused CUDA kernels on a GPU. Each has a reference in composed ops (what
 //! transformers computes), which tests hold it to.
 
@@ -20,6 +21,19 @@ extern "C" {
         weight: *const c_void,
         bias: *const c_void,
         act: i64,
+        out: *mut *mut c_void,
+    ) -> *mut std::ffi::c_char;
+    fn zerokit_linear(
+        x: *const c_void,
+        weight: *const c_void,
+        bias: *const c_void,
+        out: *mut *mut c_void,
+    ) -> *mut std::ffi::c_char;
+    fn zerokit_layer_norm(
+        x: *const c_void,
+        weight: *const c_void,
+        bias: *const c_void,
+        eps: f64,
         out: *mut *mut c_void,
     ) -> *mut std::ffi::c_char;
 }
@@ -81,6 +95,42 @@ pub fn activated_linear(pre: &Tensor, weight: &Tensor, bias: &Tensor, act: Gate)
         )
     };
     new_handle(status, out)
+}
+
+/// `bias + x @ weight` for x [rows, in] and a Conv1D weight [in, out]: addmm, whose backward takes
+/// the bias's gradient from zerokit's column-sum kernel on a GPU (one read of the gradient at
+/// close to the memory bandwidth) and autograd's own reduction elsewhere. Values and the other
+/// gradients are bitwise addmm's; the bias's gradient on a GPU is the same sum in another order.
+pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor, TchError> {
+    super::register_column_sums();
+    let mut out: *mut c_void = std::ptr::null_mut();
+    // SAFETY: as in `gated_product`.
+    let status = unsafe { zerokit_linear(x.as_ptr().cast(), weight.as_ptr().cast(), bias.as_ptr().cast(), &mut out) };
+    new_handle(status, out)
+}
+
+/// [`linear`] in composed ops.
+pub fn linear_reference(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Tensor {
+    bias.addmm(x, weight)
+}
+
+/// LayerNorm of x over its last dimension, as libtorch's layer_norm computes it; on a GPU its
+/// backward takes the gain's and bias's gradients from zerokit's column-sum kernel (libtorch's
+/// own is the slowest part of GPT-2's LayerNorm backward). Values and the input's gradient are
+/// bitwise layer_norm's; the gain's and bias's on a GPU are the same sums in another order.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor, TchError> {
+    super::register_column_sums();
+    let mut out: *mut c_void = std::ptr::null_mut();
+    // SAFETY: as in `gated_product`.
+    let status =
+        unsafe { zerokit_layer_norm(x.as_ptr().cast(), weight.as_ptr().cast(), bias.as_ptr().cast(), eps, &mut out) };
+    new_handle(status, out)
+}
+
+/// [`layer_norm`] in composed ops.
+pub fn layer_norm_reference(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Tensor {
+    let last = *x.size().last().expect("a normalised tensor has a last dimension");
+    x.layer_norm([last], Some(weight), Some(bias), eps, true)
 }
 
 /// The tensor an ops.cpp function handed back, or its error message.

@@ -155,10 +155,11 @@ struct Conv1D {
 }
 
 impl Conv1D {
-    /// `bias + x @ weight` through one addmm, as transformers' Conv1D computes it; cuBLAS reads
-    /// the [in, out] weight without a transpose copy.
+    /// `bias + x @ weight` through one addmm, as transformers' Conv1D computes it (cuBLAS reads
+    /// the [in, out] weight without a transpose copy), by `kernels::linear`, whose backward
+    /// sums the bias's gradient with zerokit's kernel on a GPU.
     fn forward(&self, x: &Tensor) -> Tensor {
-        self.on_rows(x, |rows| self.bias.addmm(rows, &self.weight))
+        self.on_rows(x, |rows| kernels::linear(rows, &self.weight, &self.bias).expect("linear on a Conv1D's shapes"))
     }
 
     /// `forward(gelu(pre))` through `kernels::activated_linear`, which keeps pre for backward
@@ -185,9 +186,10 @@ struct LayerNorm {
 }
 
 impl LayerNorm {
+    /// libtorch's layer_norm by `kernels::layer_norm`, whose backward sums the gain's and bias's
+    /// gradients with zerokit's kernel on a GPU.
     fn forward(&self, x: &Tensor) -> Tensor {
-        let c = *x.size().last().expect("LayerNorm input has at least one dimension");
-        x.layer_norm([c], Some(&self.weight), Some(&self.bias), LAYER_NORM_EPS, true)
+        kernels::layer_norm(x, &self.weight, &self.bias, LAYER_NORM_EPS).expect("layer_norm on a LayerNorm's shapes")
     }
 }
 
