@@ -528,23 +528,6 @@ impl<M: Model> Engine<M> {
     /// Bucket `b`'s gradients are all in `slot_grads`: pack them and start their reduction.
     fn bucket_ready(&mut self, b: usize) -> Result<(), ZeroError> {
         let bk = self.layout.buckets[b].clone();
-        // One rank, no accumulation buffer, the gradient partition beside the model: each
-        // gradient goes straight into the fp32 partition with one converting copy (or add), the
-        // values the packed bucket would have carried there, without the bucket's extra pass.
-        if self.comm.world() == 1 && self.accum.is_none() && self.d2h.is_none() && self.grad.device() == self.cfg.device
-        {
-            for &s in &bk.params {
-                let g = self.slot_grads[s].take().expect("gradient computed before its bucket is ready");
-                let p = &self.layout.params[s];
-                let mut dst = self.grad.narrow(0, (bk.shard_offset + p.offset) as i64, p.numel as i64);
-                if self.micro == 0 {
-                    dst.copy_(&g.view(-1));
-                } else {
-                    let _ = dst.g_add_(&g.view(-1));
-                }
-            }
-            return Ok(());
-        }
         let opts = (self.cfg.kind, self.cfg.device);
         // The parameters tile [0, numel) of the bucket; only the padding needs zeros.
         let buf = Tensor::empty([bk.padded as i64], opts);

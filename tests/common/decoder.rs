@@ -95,8 +95,10 @@ pub fn assert_split_gradients_match<C: DecoderConfig>(case: &Case, model: &Decod
         split_loss = Some(head.loss.double_value(&[]));
         (head.params, head.input)
     });
-    let l = split_loss.unwrap();
-    assert!((l - plain_loss.double_value(&[])).abs() < 1e-6, "{name}: split loss {l} vs {plain_loss}");
+    // fp32 losses summed in another order (the head in chunks): a few units in the last place
+    // of a loss near 14 are 1e-6 apart, which once failed an absolute bound of 1e-6 in CI.
+    let (l, p) = (split_loss.unwrap(), plain_loss.double_value(&[]));
+    assert!((l - p).abs() <= 1e-6 * p.abs().max(1.0), "{name}: split loss {l} vs {p}");
     for ((pname, _), (want, got)) in params.iter().zip(plain.iter().zip(&split)) {
         let got = got.as_ref().unwrap_or_else(|| panic!("{name}: no split gradient for {pname}"));
         let d = max_abs_diff(want, got);
