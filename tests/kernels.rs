@@ -4,7 +4,8 @@
 //! machine (`--ignored`): the NVRTC kernel against that reference in every kind and on odd shapes,
 //! the head's backward built on it against plain autograd, libtorch's fused RMSNorm and the gated
 //! product against their references, the column-sum kernel (bias and LayerNorm parameter
-//! gradients) against float64 sums, and two deterministic training runs compared bit for bit.
+//! gradients) against float64 sums, the widening copy against libtorch's, and two
+//! deterministic training runs compared bit for bit.
 
 mod common;
 
@@ -14,7 +15,7 @@ use tch::{Device, Kind, Reduction, Tensor};
 use zerokit::kernels::{
     activated_linear, activated_linear_reference, classifier, classifier_reference, fused_on, gated_product,
     gated_product_reference, layer_norm, layer_norm_reference, linear, linear_reference, rms_norm, rms_norm_reference,
-    Gate,
+    widen_into, Gate,
 };
 use zerokit::model::{Gpt, GptConfig, Model};
 
@@ -300,6 +301,47 @@ fn layer_norm_matches_libtorch_on_cuda() {
     assert!(zerokit::device::load_cuda(), "no CUDA device");
     assert!(fused_on(Device::Cuda(0)), "the fused kernels did not compile or load (see the log)");
     layer_norm_matches_libtorch(Device::Cuda(0));
+}
+
+/// `widen_into` (16-bit into fp32) gives libtorch's copy_ bit for bit: sizes around the 8-element
+/// groups, views at odd offsets (the scalar path), infinities and NaN.
+fn widen_matches_copy(device: Device) {
+    for kind in [Kind::BFloat16, Kind::Half] {
+        for (i, n) in [1i64, 7, 8, 9, 4099, 1 << 20].into_iter().enumerate() {
+            for offset in [0i64, 1, 3] {
+                tch::manual_seed(50 + i as i64);
+                let base = (Tensor::randn([n + offset], (Kind::Float, device)) * 100.0).to_kind(kind);
+                if n > 4 {
+                    let _ = base.narrow(0, offset + 1, 1).fill_(f64::INFINITY);
+                    let _ = base.narrow(0, offset + 2, 1).fill_(f64::NAN);
+                }
+                let src = base.narrow(0, offset, n);
+                let out = Tensor::full([n + offset], 7.0, (Kind::Float, device));
+                let dst = out.narrow(0, offset, n);
+                widen_into(&dst, &src).unwrap();
+                let want = src.to_kind(Kind::Float);
+                let same = dst.isnan().equal(&want.isnan())
+                    && dst.nan_to_num(0.0, None, None).equal(&want.nan_to_num(0.0, None, None));
+                assert!(same, "{device:?} {kind:?} n {n} offset {offset}: widened values differ");
+                if offset > 0 {
+                    assert_eq!(out.narrow(0, 0, offset).sum(Kind::Double).double_value(&[]), 7.0 * offset as f64);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn widen_matches_copy_on_cpu() {
+    widen_matches_copy(Device::Cpu);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: run with --ignored on a GPU machine"]
+fn widen_matches_copy_on_cuda() {
+    assert!(zerokit::device::load_cuda(), "no CUDA device");
+    assert!(fused_on(Device::Cuda(0)), "the fused kernels did not compile or load (see the log)");
+    widen_matches_copy(Device::Cuda(0));
 }
 
 #[test]

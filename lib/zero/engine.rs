@@ -528,6 +528,24 @@ impl<M: Model> Engine<M> {
     /// Bucket `b`'s gradients are all in `slot_grads`: pack them and start their reduction.
     fn bucket_ready(&mut self, b: usize) -> Result<(), ZeroError> {
         let bk = self.layout.buckets[b].clone();
+        // One rank, no accumulation buffer, the gradient partition beside the model: nothing to
+        // reduce, so each gradient is widened straight into the fp32 partition (the padding
+        // stays the zeros it was made with), without packing a bucket first: one pass over the
+        // gradient instead of two. The values are the bucket's.
+        if self.comm.world() == 1 && self.accum.is_none() && self.d2h.is_none() && self.grad.device() == self.cfg.device
+        {
+            for &s in &bk.params {
+                let g = self.slot_grads[s].take().expect("gradient computed before its bucket is ready");
+                let p = &self.layout.params[s];
+                let dst = self.grad.narrow(0, (bk.shard_offset + p.offset) as i64, p.numel as i64);
+                if self.micro == 0 {
+                    crate::kernels::widen_into(&dst, &g.contiguous().view(-1))?;
+                } else {
+                    let _ = dst.shallow_clone().g_add_(&g.view(-1));
+                }
+            }
+            return Ok(());
+        }
         let opts = (self.cfg.kind, self.cfg.device);
         // The parameters tile [0, numel) of the bucket; only the padding needs zeros.
         let buf = Tensor::empty([bk.padded as i64], opts);
@@ -593,7 +611,7 @@ impl<M: Model> Engine<M> {
         let first = self.accum.is_some() || self.micro == 0;
         if dst.device() == src.device() {
             if first {
-                dst.copy_(&src);
+                crate::kernels::widen_into(&dst, &src)?;
             } else {
                 let _ = dst.g_add_(&src);
             }
