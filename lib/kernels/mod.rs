@@ -41,8 +41,11 @@ struct Loaded {
     device: usize,
     ctx: cusys::CUcontext,
     classifier: [cusys::CUfunction; 3],
-    /// colsum_partial and colsum_finish, for fp32, bf16, fp16.
-    colsum: [[cusys::CUfunction; 2]; 3],
+    /// colsum for fp32, bf16, fp16.
+    colsum: [cusys::CUfunction; 3],
+    /// COLSUM_MAX_TILES zeroed counters for colsum's last-block detection; each launch leaves
+    /// them zero again. Launches are ordered on the one stream, so one set serves them all.
+    colsum_counters: cusys::CUdeviceptr,
     /// widen_bf16, widen_f16.
     widen: [cusys::CUfunction; 2],
 }
@@ -103,13 +106,17 @@ fn load(device: usize) -> Result<Loaded, String> {
         unsafe { cu::module::get_function(module, n) }.map_err(|e| format!("cuModuleGetFunction {name}: {e:?}"))
     };
     let classifier = [get("classifier_f32")?, get("classifier_bf16")?, get("classifier_f16")?];
-    let colsum = [
-        [get("colsum_partial_f32")?, get("colsum_finish_f32")?],
-        [get("colsum_partial_bf16")?, get("colsum_finish_bf16")?],
-        [get("colsum_partial_f16")?, get("colsum_finish_f16")?],
-    ];
+    let colsum = [get("colsum_f32")?, get("colsum_bf16")?, get("colsum_f16")?];
+    let bytes = COLSUM_MAX_TILES as usize * std::mem::size_of::<u32>();
+    // SAFETY: a plain allocation in the current (primary) context, zeroed before any use; it is
+    // never freed (it lives as long as the loaded module).
+    let colsum_counters = unsafe {
+        let p = cu::malloc_sync(bytes).map_err(|e| format!("cuMemAlloc: {e:?}"))?;
+        cu::memset_d8_sync(p, 0, bytes).map_err(|e| format!("cuMemsetD8: {e:?}"))?;
+        p
+    };
     let widen = [get("widen_bf16")?, get("widen_f16")?];
-    Ok(Loaded { device, ctx, classifier, colsum, widen })
+    Ok(Loaded { device, ctx, classifier, colsum, colsum_counters, widen })
 }
 
 /// The device's virtual architecture, so NVRTC emits PTX the driver compiles for this GPU.
@@ -318,14 +325,14 @@ fn register_column_sums() {
     ONCE.call_once(|| unsafe { zerokit_set_column_sums(Some(launch_column_sums)) });
 }
 
-/// Columns per block and warps per block of colsum_partial (colsum.cu's COLSUM_TILE and
-/// COLSUM_WARPS), and threads per block of colsum_finish.
+/// Columns per block and warps per block of colsum (colsum.cu's COLSUM_TILE and COLSUM_WARPS),
+/// and the most column tiles one launch may have (counters allocated at load).
 const COLSUM_TILE: i64 = 128;
 const COLSUM_WARPS: u32 = 8;
-const COLSUM_FINISH_THREADS: u32 = 256;
+const COLSUM_MAX_TILES: i64 = 1 << 14;
 
-/// Launches colsum_partial over `chunks` chunks of `rows_per_chunk` rows, then colsum_finish
-/// into out_b (and out_g with x): 0 launched, 1 no kernels for this device (ops.cpp then runs
+/// Launches colsum over `chunks` chunks of `rows_per_chunk` rows into out_b (and out_g with
+/// x): 0 launched, 1 no kernels for this device or too many columns (ops.cpp then runs
 /// libtorch's ops), 2 failed with a message in `*error`. Called by ops.cpp from libtorch's
 /// autograd thread; every pointer is device memory that ops.cpp keeps alive and sized.
 unsafe extern "C" fn launch_column_sums(
@@ -346,6 +353,10 @@ unsafe extern "C" fn launch_column_sums(
     error: *mut *mut std::ffi::c_char,
 ) -> i32 {
     let Some(k) = kernels_for(Device::Cuda(device as usize)) else { return 1 };
+    let tiles = (cols + COLSUM_TILE - 1) / COLSUM_TILE;
+    if tiles > COLSUM_MAX_TILES {
+        return 1;
+    }
     let fail = |msg: String| {
         let c = CString::new(msg).unwrap_or_default();
         // SAFETY: ops.cpp frees the message with free(); strdup allocates with malloc.
@@ -360,8 +371,9 @@ unsafe extern "C" fn launch_column_sums(
     let aligned = |p: *const c_void| p.is_null() || (p as usize) % (4 * elem as usize) == 0;
     let mut vec = i32::from(cols % 4 == 0 && aligned(dy) && aligned(x));
     let (mut dy, mut x, mut mean, mut rstd, mut part_b, mut part_g) = (dy, x, mean, rstd, part_b, part_g);
+    let (mut out_b, mut out_g, mut counters) = (out_b, out_g, k.colsum_counters);
     let (mut rows, mut cols32, mut rpc) = (rows, cols as i32, rows_per_chunk);
-    let mut partial: [*mut c_void; 10] = [
+    let mut params: [*mut c_void; 13] = [
         &mut dy as *mut _ as *mut c_void,
         &mut x as *mut _ as *mut c_void,
         &mut mean as *mut _ as *mut c_void,
@@ -372,53 +384,29 @@ unsafe extern "C" fn launch_column_sums(
         &mut vec as *mut _ as *mut c_void,
         &mut part_b as *mut _ as *mut c_void,
         &mut part_g as *mut _ as *mut c_void,
+        &mut out_b as *mut _ as *mut c_void,
+        &mut out_g as *mut _ as *mut c_void,
+        &mut counters as *mut _ as *mut c_void,
     ];
     // SAFETY: the context is live for the process (retained, never released).
     if let Err(e) = unsafe { cu::ctx::set_current(k.ctx) } {
         return fail(format!("cuCtxSetCurrent: {e:?}"));
     }
-    let tiles = ((cols + COLSUM_TILE - 1) / COLSUM_TILE) as u32;
-    // SAFETY: colsum_partial takes (const T*, const T*, const float*, const float*, long long,
-    // int, long long, int, float*, float*), matching `partial`; ops.cpp sized every buffer.
+    // SAFETY: colsum takes (const T*, const T*, const float*, const float*, long long, int,
+    // long long, int, float*, float*, T*, T*, unsigned*), matching `params`; ops.cpp sized every
+    // buffer, and the counters cover `tiles`.
     let launched = unsafe {
         cu::launch_kernel(
-            k.colsum[which][0],
-            (tiles, chunks as u32, 1),
+            k.colsum[which],
+            (tiles as u32, chunks as u32, 1),
             (32, COLSUM_WARPS, 1),
             0,
             std::ptr::null_mut(),
-            &mut partial,
+            &mut params,
         )
     };
     if let Err(e) = launched {
-        return fail(format!("colsum_partial launch: {e:?}"));
-    }
-    let blocks = (cols as u32).div_ceil(COLSUM_FINISH_THREADS);
-    let mut chunks32 = chunks as i32;
-    for (mut part, mut out) in [(part_b, out_b), (part_g, out_g)] {
-        if out.is_null() {
-            continue;
-        }
-        let mut finish: [*mut c_void; 4] = [
-            &mut part as *mut _ as *mut c_void,
-            &mut chunks32 as *mut _ as *mut c_void,
-            &mut cols32 as *mut _ as *mut c_void,
-            &mut out as *mut _ as *mut c_void,
-        ];
-        // SAFETY: colsum_finish takes (const float*, int, int, T*), matching `finish`.
-        let launched = unsafe {
-            cu::launch_kernel(
-                k.colsum[which][1],
-                (blocks, 1, 1),
-                (COLSUM_FINISH_THREADS, 1, 1),
-                0,
-                std::ptr::null_mut(),
-                &mut finish,
-            )
-        };
-        if let Err(e) = launched {
-            return fail(format!("colsum_finish launch: {e:?}"));
-        }
+        return fail(format!("colsum launch: {e:?}"));
     }
     0
 }
