@@ -64,6 +64,22 @@ fn classifier_reference_matches_cross_entropy_and_autograd() {
     }
 }
 
+/// The kinds a kernel test runs in on `device` (libtorch's CPU ops have no fp16 matmul).
+fn kinds_on(device: Device) -> Vec<Kind> {
+    let mut kinds = vec![Kind::Float, Kind::BFloat16];
+    if device != Device::Cpu {
+        kinds.push(Kind::Half);
+    }
+    kinds
+}
+
+/// The GPU of a kernel test, with zerokit's kernels compiled and loaded on it.
+fn fused_cuda() -> Device {
+    assert!(zerokit::device::load_cuda(), "no CUDA device");
+    assert!(fused_on(Device::Cuda(0)), "the fused kernels did not compile or load (see the log)");
+    Device::Cuda(0)
+}
+
 /// Forward output and the gradients of `inputs` for a fixed upstream gradient (a sine of the
 /// position), through `f`.
 fn value_and_grads(inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Tensor, seed: i64) -> Vec<Tensor> {
@@ -111,10 +127,7 @@ fn assert_column_sums(got: &Tensor, terms: &Tensor, slack: Option<&Tensor>, what
 /// its value and both gradients are bitwise the composed ops', for SiLU and tanh-GELU, in fp32
 /// and bf16, on `device`.
 fn gated_product_is_bitwise_the_composed_ops(device: Device) {
-    for kind in [Kind::Float, Kind::BFloat16, Kind::Half] {
-        if kind == Kind::Half && device == Device::Cpu {
-            continue;
-        }
+    for kind in kinds_on(device) {
         for act in [Gate::Silu, Gate::GeluTanh] {
             for (i, shape) in [[2i64, 5, 7], [1, 1, 1], [3, 17, 96]].into_iter().enumerate() {
                 tch::manual_seed(i as i64);
@@ -155,10 +168,7 @@ fn gated_product_matches_the_composed_ops_bitwise_on_cuda() {
 /// the gradients of pre-activation, weight and bias are bitwise the composed ops' (addmm on
 /// gelu), in every kind, on odd shapes and GPT-2's, on `device`.
 fn activated_linear_is_bitwise_the_composed_ops(device: Device) {
-    for kind in [Kind::Float, Kind::BFloat16, Kind::Half] {
-        if kind == Kind::Half && device == Device::Cpu {
-            continue;
-        }
+    for kind in kinds_on(device) {
         for act in [Gate::GeluTanh, Gate::Silu] {
             for (i, (rows, n_in, n_out)) in
                 [(5i64, 7i64, 3i64), (1, 1, 1), (33, 96, 24), (64, 256, 64)].into_iter().enumerate()
@@ -202,10 +212,7 @@ fn assert_bitwise_but_bias(ours: &[Tensor], reference: &[Tensor], names: &[&str]
 /// sum and the same bits on a second run. Odd shapes (scalar loads, several column tiles, many
 /// row chunks) and GPT-2's.
 fn linear_matches_addmm(device: Device) {
-    for kind in [Kind::Float, Kind::BFloat16, Kind::Half] {
-        if kind == Kind::Half && device == Device::Cpu {
-            continue;
-        }
+    for kind in kinds_on(device) {
         for (i, (rows, n_in, n_out)) in
             [(5i64, 7i64, 3i64), (1, 1, 1), (1000, 24, 130), (5000, 16, 7), (2048, 768, 2304)].into_iter().enumerate()
         {
@@ -236,9 +243,7 @@ fn linear_matches_addmm_on_cpu() {
 #[test]
 #[ignore = "needs a CUDA GPU: run with --ignored on a GPU machine"]
 fn linear_matches_addmm_on_cuda() {
-    assert!(zerokit::device::load_cuda(), "no CUDA device");
-    assert!(fused_on(Device::Cuda(0)), "the fused kernels did not compile or load (see the log)");
-    linear_matches_addmm(Device::Cuda(0));
+    linear_matches_addmm(fused_cuda());
 }
 
 /// LayerNorm through `kernels::layer_norm` against libtorch's layer_norm: value and input's
@@ -247,10 +252,7 @@ fn linear_matches_addmm_on_cuda() {
 /// the float64 sums of dy·x̂ and dy. [B, T, C]
 /// inputs of odd and GPT-2 widths.
 fn layer_norm_matches_libtorch(device: Device) {
-    for kind in [Kind::Float, Kind::BFloat16, Kind::Half] {
-        if kind == Kind::Half && device == Device::Cpu {
-            continue;
-        }
+    for kind in kinds_on(device) {
         for (i, shape) in [[1i64, 1, 1], [2, 5, 7], [3, 333, 130], [4, 1024, 768], [1, 9, 1600]].into_iter().enumerate()
         {
             tch::manual_seed(40 + i as i64);
@@ -298,9 +300,7 @@ fn layer_norm_matches_libtorch_on_cpu() {
 #[test]
 #[ignore = "needs a CUDA GPU: run with --ignored on a GPU machine"]
 fn layer_norm_matches_libtorch_on_cuda() {
-    assert!(zerokit::device::load_cuda(), "no CUDA device");
-    assert!(fused_on(Device::Cuda(0)), "the fused kernels did not compile or load (see the log)");
-    layer_norm_matches_libtorch(Device::Cuda(0));
+    layer_norm_matches_libtorch(fused_cuda());
 }
 
 /// `widen_into` (16-bit into fp32) gives libtorch's copy_ bit for bit: sizes around the 8-element
@@ -339,9 +339,7 @@ fn widen_matches_copy_on_cpu() {
 #[test]
 #[ignore = "needs a CUDA GPU: run with --ignored on a GPU machine"]
 fn widen_matches_copy_on_cuda() {
-    assert!(zerokit::device::load_cuda(), "no CUDA device");
-    assert!(fused_on(Device::Cuda(0)), "the fused kernels did not compile or load (see the log)");
-    widen_matches_copy(Device::Cuda(0));
+    widen_matches_copy(fused_cuda());
 }
 
 #[test]

@@ -296,33 +296,16 @@ pub fn widen_into(dst: &Tensor, src: &Tensor) -> Result<(), TchError> {
 }
 
 extern "C" {
-    fn zerokit_set_column_sums(f: Option<ColumnSumsFn>);
+    /// Takes ops.cpp's `ColumnSumsFn`: `launch_column_sums` below, whose signature is that type.
+    fn zerokit_set_column_sums(f: *const c_void);
 }
-
-/// ops.cpp's entry for the column-sum kernels (its `ColumnSumsFn`).
-type ColumnSumsFn = unsafe extern "C" fn(
-    kind: i64,
-    dy: *const c_void,
-    x: *const c_void,
-    mean: *const c_void,
-    rstd: *const c_void,
-    rows: i64,
-    cols: i64,
-    rows_per_chunk: i64,
-    chunks: i64,
-    part_b: *mut c_void,
-    part_g: *mut c_void,
-    out_b: *mut c_void,
-    out_g: *mut c_void,
-    device: i64,
-    error: *mut *mut std::ffi::c_char,
-) -> i32;
 
 /// Hands ops.cpp the column-sum launcher (once per process).
 fn register_column_sums() {
     static ONCE: std::sync::Once = std::sync::Once::new();
-    // SAFETY: stores a function pointer of the declared signature in an atomic.
-    ONCE.call_once(|| unsafe { zerokit_set_column_sums(Some(launch_column_sums)) });
+    // SAFETY: stores a function pointer in an atomic; `launch_column_sums` has the signature of
+    // ops.cpp's ColumnSumsFn, parameter for parameter.
+    ONCE.call_once(|| unsafe { zerokit_set_column_sums(launch_column_sums as *const c_void) });
 }
 
 /// Columns per block and warps per block of colsum (colsum.cu's COLSUM_TILE and COLSUM_WARPS),
