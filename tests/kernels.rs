@@ -1,4 +1,5 @@
-//! zerokit's fused kernels (lib/kernels) against libtorch. On CPU: the classifier's reference (the
+//! zerokit's fused kernels (lib/kernels) against libtorch. On CPU: the kernel source compiled by
+//! NVRTC for every target architecture; the classifier's reference (the
 //! path CPU runs take, and the yardstick of the kernel) against libtorch's own cross-entropy and
 //! autograd; the gated MLP's autograd function against the composed ops, bit for bit. On a GPU
 //! machine (`--ignored`): the NVRTC kernel against that reference in every kind and on odd shapes,
@@ -340,6 +341,29 @@ fn widen_matches_copy_on_cpu() {
 #[ignore = "needs a CUDA GPU: run with --ignored on a GPU machine"]
 fn widen_matches_copy_on_cuda() {
     widen_matches_copy(fused_cuda());
+}
+
+/// The kernel source compiles with NVRTC for every architecture zerokit targets, and defines
+/// each kernel `load` looks up: on the CPU machines of CI too (NVRTC needs no GPU; the Python
+/// reference environment has it), so a kernel that does not compile fails here and not at a
+/// GPU run's start.
+#[test]
+fn kernel_source_compiles_with_nvrtc() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("zerokit_kernels.cu");
+    std::fs::write(&src, zerokit::kernels::KERNELS_SRC).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/nvrtc_check.py");
+    let out = std::process::Command::new(common::python()).arg(&script).arg(&src).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{stdout}");
+    for line in lines {
+        let entries: Vec<&str> = line.split_whitespace().skip(1).collect();
+        for name in zerokit::kernels::KERNEL_ENTRIES {
+            assert!(entries.contains(&name), "{line}: no kernel {name}");
+        }
+    }
 }
 
 #[test]

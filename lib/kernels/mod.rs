@@ -25,8 +25,9 @@ use std::ffi::{c_void, CString};
 use std::sync::OnceLock;
 use tch::{Device, Kind, TchError, Tensor};
 
-/// One NVRTC source: the shared types first, then each kernel file.
-const KERNELS_SRC: &str = concat!(
+/// One NVRTC source: the shared types first, then each kernel file. Public so that CI can
+/// compile it with NVRTC on machines without a GPU (tests/kernels.rs, tools/nvrtc_check.py).
+pub const KERNELS_SRC: &str = concat!(
     include_str!("common.cuh"),
     include_str!("classifier.cu"),
     include_str!("colsum.cu"),
@@ -34,6 +35,18 @@ const KERNELS_SRC: &str = concat!(
 );
 /// Threads per row of the classifier: enough 16-byte loads in flight to stream a 100 KB row.
 const CLASSIFIER_THREADS: u32 = 1024;
+
+/// The kernels of KERNELS_SRC that `load` looks up, in the order it unpacks them.
+pub const KERNEL_ENTRIES: [&str; 8] = [
+    "classifier_f32",
+    "classifier_bf16",
+    "classifier_f16",
+    "colsum_f32",
+    "colsum_bf16",
+    "colsum_f16",
+    "widen_bf16",
+    "widen_f16",
+];
 
 /// The loaded module of one device. CUDA function handles are plain pointers into the driver's
 /// module, valid in the device's primary context for the life of the process.
@@ -105,8 +118,9 @@ fn load(device: usize) -> Result<Loaded, String> {
         // SAFETY: `module` is live; the name is NUL-terminated.
         unsafe { cu::module::get_function(module, n) }.map_err(|e| format!("cuModuleGetFunction {name}: {e:?}"))
     };
-    let classifier = [get("classifier_f32")?, get("classifier_bf16")?, get("classifier_f16")?];
-    let colsum = [get("colsum_f32")?, get("colsum_bf16")?, get("colsum_f16")?];
+    let f = KERNEL_ENTRIES.iter().map(|name| get(name)).collect::<Result<Vec<_>, _>>()?;
+    let classifier = [f[0], f[1], f[2]];
+    let colsum = [f[3], f[4], f[5]];
     let bytes = COLSUM_MAX_TILES as usize * std::mem::size_of::<u32>();
     // SAFETY: a plain allocation in the current (primary) context, zeroed before any use; it is
     // never freed (it lives as long as the loaded module).
@@ -115,7 +129,7 @@ fn load(device: usize) -> Result<Loaded, String> {
         cu::memset_d8_sync(p, 0, bytes).map_err(|e| format!("cuMemsetD8: {e:?}"))?;
         p
     };
-    let widen = [get("widen_bf16")?, get("widen_f16")?];
+    let widen = [f[6], f[7]];
     Ok(Loaded { device, ctx, classifier, colsum, colsum_counters, widen })
 }
 
