@@ -102,7 +102,7 @@ pub fn activated_linear(pre: &Tensor, weight: &Tensor, bias: &Tensor, act: Gate)
 /// close to the memory bandwidth) and autograd's own reduction elsewhere. Values and the other
 /// gradients are bitwise addmm's; the bias's gradient on a GPU is the same sum in another order.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor, TchError> {
-    super::register_column_sums();
+    super::sums::register_column_sums();
     let mut out: *mut c_void = std::ptr::null_mut();
     // SAFETY: as in `gated_product`.
     let status = unsafe { zerokit_linear(x.as_ptr().cast(), weight.as_ptr().cast(), bias.as_ptr().cast(), &mut out) };
@@ -119,7 +119,7 @@ pub fn linear_reference(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Tensor {
 /// own is the slowest part of GPT-2's LayerNorm backward). Values and the input's gradient are
 /// bitwise layer_norm's; the gain's and bias's on a GPU are the same sums in another order.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor, TchError> {
-    super::register_column_sums();
+    super::sums::register_column_sums();
     let mut out: *mut c_void = std::ptr::null_mut();
     // SAFETY: as in `gated_product`.
     let status =
