@@ -45,6 +45,8 @@ at::Tensor activation(const at::Tensor& gate, int64_t act) {
 // which registers this entry once. It returns kLaunched, kUnavailable (no kernels for this
 // device: the caller runs libtorch's ops) or kFailed with a malloc'd message in *error.
 constexpr int kLaunched = 0;
+// Columns a block of colsum.cu sums (its COLSUM_TILE), for the chunking chosen here.
+constexpr int64_t kColumnTile = 128;
 constexpr int kUnavailable = 1;
 using ColumnSumsFn = int (*)(int64_t kind, const void* dy, const void* x, const void* mean, const void* rstd,
                              int64_t rows, int64_t cols, int64_t rows_per_chunk, int64_t chunks, void* part_b,
@@ -81,7 +83,7 @@ std::optional<std::pair<at::Tensor, at::Tensor>> column_sums(const at::Tensor& d
     m = mean->contiguous();
     r = rstd->contiguous();
   }
-  const int64_t tiles = (cols + 127) / 128;
+  const int64_t tiles = (cols + kColumnTile - 1) / kColumnTile;
   const int64_t want = std::max<int64_t>(1, std::min<int64_t>((1024 + tiles - 1) / tiles, (rows + 7) / 8));
   const int64_t rows_per_chunk = (rows + want - 1) / want;
   const int64_t chunks = (rows + rows_per_chunk - 1) / rows_per_chunk;

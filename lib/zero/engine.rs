@@ -538,11 +538,7 @@ impl<M: Model> Engine<M> {
                 let g = self.slot_grads[s].take().expect("gradient computed before its bucket is ready");
                 let p = &self.layout.params[s];
                 let dst = self.grad.narrow(0, (bk.shard_offset + p.offset) as i64, p.numel as i64);
-                if self.micro == 0 {
-                    crate::kernels::widen_into(&dst, &g.contiguous().view(-1))?;
-                } else {
-                    let _ = dst.shallow_clone().g_add_(&g.view(-1));
-                }
+                into_partition(&dst, &g.contiguous().view(-1), self.micro == 0)?;
             }
             return Ok(());
         }
@@ -604,17 +600,11 @@ impl<M: Model> Engine<M> {
             Some(s) => s.shallow_clone(),
             None => p.full.narrow(0, (self.part_rank() * bk.shard) as i64, bk.shard as i64),
         };
-        // A step's first contribution to its shard overwrites it (one converting copy) rather
-        // than adding to zeros, so the fp32 gradient needs no zeroing pass after the step: with
-        // an accumulation buffer (stages 0/1) a bucket arrives once per step, without one at
-        // every micro-step.
+        // With an accumulation buffer (stages 0/1) a bucket arrives once per step, without one
+        // at every micro-step.
         let first = self.accum.is_some() || self.micro == 0;
         if dst.device() == src.device() {
-            if first {
-                crate::kernels::widen_into(&dst, &src)?;
-            } else {
-                let _ = dst.g_add_(&src);
-            }
+            into_partition(&dst, &src, first)?;
         } else if first {
             // Optimizer offload: converted on the device, then copied into the pinned host
             // partition on the copy stream (`step` waits for it before reading). The copy reads
@@ -848,4 +838,16 @@ impl<M: Model> Engine<M> {
         }
         self.publish_weights()
     }
+}
+
+/// Writes a gradient into its range of the fp32 partition on the same device. A step's first
+/// contribution overwrites it (one widening copy) rather than adding to zeros, so the partition
+/// needs no zeroing pass after the step; later micro-steps add.
+fn into_partition(dst: &Tensor, src: &Tensor, first: bool) -> Result<(), ZeroError> {
+    if first {
+        crate::kernels::widen_into(dst, src)?;
+    } else {
+        let _ = dst.shallow_clone().g_add_(src);
+    }
+    Ok(())
 }
