@@ -727,7 +727,11 @@ pub fn gpu_breakdown(s: &Setup, stage: u8, offload: Offload) -> Breakdown {
     // accumulate micro-batches in a full compute-dtype buffer (on the GPU with offload too).
     let accum = if s.grad_accum > 1 { e * psi } else { 0 };
     let mut comm = e * s.bucket_elems.min(psi);
+    // One GPU and one micro-batch a step: zerokit's AdamW kernel reads autograd's gradients,
+    // kept in the compute dtype until the step, and no fp32 gradient partition exists.
+    let direct = d == 1 && s.grad_accum == 1 && stage < 3 && !offload.optimizer();
     let (params, grads, optimizer) = match (stage, offload) {
+        _ if direct => (e * psi, e * psi, 12 * psi),
         (0, _) => (e * psi, 4 * psi + accum, 12 * psi),
         (1 | 2, o) if !o.optimizer() => (e * psi, part(4) + if stage == 1 { accum } else { 0 }, part(12)),
         (1, _) => (e * psi, accum, 0),

@@ -29,6 +29,7 @@
 
 mod fused;
 
+use crate::kernels::{AdamWPiece, AdamWScalars};
 use fused::{FusedError, FusedViews};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
@@ -51,6 +52,8 @@ pub enum OptimError {
     Torch(#[from] tch::TchError),
     #[error("AdamW fused step (libtorch _fused_adamw_): {0}")]
     Fused(String),
+    #[error("AdamW step (zerokit's kernel): {0}")]
+    Kernel(String),
 }
 
 /// torch.optim.AdamW's hyper-parameters. `lr` is the base learning rate; `AdamW::step` takes the
@@ -153,6 +156,16 @@ impl std::fmt::Debug for AdamW {
             .field("kernel", &self.kernel)
             .finish()
     }
+}
+
+fn check_scalars(lr: f64, grad_scale: f64) -> Result<(), OptimError> {
+    if !(lr >= 0.0 && lr.is_finite()) {
+        return Err(OptimError::BadLr(lr));
+    }
+    if !(grad_scale > 0.0 && grad_scale.is_finite()) {
+        return Err(OptimError::Config(format!("gradient scale {grad_scale} is not a finite positive number")));
+    }
+    Ok(())
 }
 
 fn check_flat(what: &'static str, t: &Tensor, numel: usize, device: Device) -> Result<(), OptimError> {
@@ -300,13 +313,33 @@ impl AdamW {
     ) -> Result<(), OptimError> {
         check_flat("parameter shard", params, self.numel, self.device)?;
         check_flat("gradient shard", grad, self.numel, self.device)?;
-        if !(lr >= 0.0 && lr.is_finite()) {
-            return Err(OptimError::BadLr(lr));
-        }
-        if !(grad_scale > 0.0 && grad_scale.is_finite()) {
-            return Err(OptimError::Config(format!("gradient scale {grad_scale} is not a finite positive number")));
-        }
+        check_scalars(lr, grad_scale)?;
         tch::no_grad(|| self.step_inner(params, grad, lr, grad_scale))
+    }
+
+    /// [`step_scaled`](Self::step_scaled) by zerokit's kernel (lib/kernels/adamw.cu) on the GPU:
+    /// each piece of the shard reads its gradient where it lies (the model's own 16-bit
+    /// gradients need no fp32 copy) and writes its updated weights into the model's compute-dtype
+    /// tensors in the same pass. The pieces say which elements decay; elements of no piece
+    /// (padding) are left as they are. Ok(false): the kernel is not available for this device
+    /// (a CPU, or NVRTC missing) and nothing changed; the caller then takes the libtorch path.
+    pub fn step_pieces(
+        &mut self,
+        params: &mut Tensor,
+        pieces: &[AdamWPiece],
+        lr: f64,
+        grad_scale: f64,
+    ) -> Result<bool, OptimError> {
+        check_flat("parameter shard", params, self.numel, self.device)?;
+        check_scalars(lr, grad_scale)?;
+        let AdamWConfig { betas, eps, weight_decay, .. } = self.cfg;
+        let scalars = AdamWScalars { lr, betas, eps, weight_decay, step: self.step + 1, grad_scale };
+        let ran = crate::kernels::adamw(pieces, params, &self.exp_avg, &self.exp_avg_sq, &scalars)
+            .map_err(|e| OptimError::Kernel(e.to_string()))?;
+        if ran {
+            self.step += 1;
+        }
+        Ok(ran)
     }
 
     fn step_inner(&mut self, params: &Tensor, grad: &Tensor, lr: f64, grad_scale: f64) -> Result<(), OptimError> {

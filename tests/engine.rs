@@ -421,3 +421,56 @@ fn offload_and_stage_3_on_cuda_match_the_device_reference() {
         }
     }
 }
+
+/// On a GPU machine (`--ignored`): zerokit's AdamW kernel, which reads the model's gradients
+/// where they lie (one rank, one micro-step) or the fp32 gradient partition (accumulating) and
+/// writes the model's weights itself, trains as libtorch's fused AdamW followed by the weight
+/// copy does, in fp32, bf16 and fp16 (with loss scaling), at stages 0 and 1.
+#[test]
+#[ignore = "needs a CUDA GPU: run with --ignored on a GPU machine"]
+fn zerokit_adamw_trains_as_libtorch_fused_adamw_on_cuda() {
+    assert!(zerokit::device::load_cuda(), "no CUDA device");
+    let cuda = Device::Cuda(0);
+    for (kind, loss_tol, weight_tol) in
+        [(Kind::Float, 1e-6, 1e-5), (Kind::BFloat16, 1e-3, 1e-2), (Kind::Half, 1e-3, 1e-2)]
+    {
+        for (stage, accum) in [(0u8, 1usize), (1, 1), (0, 2), (1, 2)] {
+            let run = |own: bool| {
+                ranks(1, |comm| {
+                    let cfg = EngineConfig { device: cuda, kind, ..engine_config(stage, accum) };
+                    let mut e = Engine::new(gpt(), cfg, comm).unwrap();
+                    e.set_zerokit_adamw(own).unwrap();
+                    let b = GLOBAL / accum;
+                    let mut losses = Vec::new();
+                    for step in 0..5 {
+                        for m in 0..accum {
+                            let (x, y) = batch(step, m * b..(m + 1) * b);
+                            e.forward_backward(&x.to_device(cuda), &y.to_device(cuda)).unwrap();
+                        }
+                        losses.push(e.step(LR).unwrap().loss);
+                    }
+                    let w: Vec<(String, Vec<f32>)> = e
+                        .model
+                        .named_parameters()
+                        .into_iter()
+                        .map(|(n, t)| {
+                            let v = t.detach().to_kind(Kind::Float).to_device(Device::Cpu).view(-1);
+                            (n, Vec::<f32>::try_from(v).unwrap())
+                        })
+                        .collect();
+                    (losses, w, e.held().grad)
+                })
+                .remove(0)
+            };
+            let what = format!("{kind:?}, stage {stage}, {accum} micro-steps");
+            let (own, libtorch) = (run(true), run(false));
+            let same = own.0 == libtorch.0 && own.1 == libtorch.1;
+            println!("{what}: losses {:?} against {:?} (bitwise {same})", own.0, libtorch.0);
+            assert_close(&own.0, &libtorch.0, loss_tol, &what);
+            assert_weights_close(&own.1, &libtorch.1, weight_tol, &what);
+            // One micro-step keeps no fp32 gradient partition.
+            assert_eq!(own.2 == 0, accum == 1, "{what}: fp32 gradient partition of {} bytes", own.2);
+            assert!(libtorch.2 > 0, "{what}");
+        }
+    }
+}

@@ -5,7 +5,8 @@
 //! machine (`--ignored`): the NVRTC kernel against that reference in every kind and on odd shapes,
 //! the head's backward built on it against plain autograd, libtorch's fused RMSNorm and the gated
 //! product against their references, the column-sum kernel (bias and LayerNorm parameter
-//! gradients) against float64 sums, the widening copy against libtorch's, and two
+//! gradients) against float64 sums, the widening copy against libtorch's, the AdamW kernel
+//! against libtorch's fused AdamW and its gradient sum of squares against float64, and two
 //! deterministic training runs compared bit for bit.
 
 mod common;
@@ -16,9 +17,10 @@ use tch::{Device, Kind, Reduction, Tensor};
 use zerokit::kernels::{
     activated_linear, activated_linear_reference, classifier, classifier_reference, fused_on, gated_product,
     gated_product_reference, layer_norm, layer_norm_reference, linear, linear_reference, rms_norm, rms_norm_reference,
-    widen_into, Gate,
+    sum_of_squares, widen_into, AdamWPiece, Gate, Span,
 };
 use zerokit::model::{Gpt, GptConfig, Model};
+use zerokit::optim::{AdamW, AdamWConfig, Segment};
 
 /// Random logits [n, v] of `kind` with a wide spread, targets with some ignored (-1) rows, and
 /// the count of a micro-batch larger than this chunk (so the gradient is not just the chunk's
@@ -341,6 +343,179 @@ fn widen_matches_copy_on_cpu() {
 #[ignore = "needs a CUDA GPU: run with --ignored on a GPU machine"]
 fn widen_matches_copy_on_cuda() {
     widen_matches_copy(fused_cuda());
+}
+
+/// Segments of odd lengths at aligned and unaligned starts (the vector and scalar paths), with
+/// gaps between them that no piece covers, and the flat length after them.
+fn odd_segments() -> (Vec<Segment>, usize) {
+    let lens = [1usize, 3, 4, 4097, 8192, 8197, 100_003, 5, 16_384];
+    let gaps = [0usize, 3, 1, 4, 0, 2, 5, 8, 1];
+    let mut start = 0;
+    let mut segs = Vec::new();
+    for (i, (&len, &gap)) in lens.iter().zip(&gaps).enumerate() {
+        start += gap;
+        segs.push(Segment { start, len, decay: i % 3 != 1 });
+        start += len;
+    }
+    (segs, start + 2)
+}
+
+/// Elements of `a` and `b` (fp32) that differ, and the largest difference relative to |b|.
+fn differences(a: &Tensor, b: &Tensor) -> (i64, f64) {
+    let diff = (a - b).abs();
+    let count = diff.ne(0.0).sum(Kind::Int64).int64_value(&[]);
+    let rel = (diff / b.abs().clamp_min(1e-30)).max().double_value(&[]);
+    (count, rel)
+}
+
+/// Pieces that would make the AdamW kernel read or write outside a tensor, or mix kinds, are
+/// refused with what is wrong, on any device and before anything runs; on the CPU, where the
+/// kernel does not exist, valid pieces leave everything as it was.
+#[test]
+fn adamw_kernel_refuses_bad_pieces_and_leaves_the_cpu_to_libtorch() {
+    let (segs, numel) = odd_segments();
+    let cfg = AdamWConfig::default();
+    let mut opt = AdamW::new(numel, segs.clone(), cfg, Device::Cpu).unwrap();
+    let mut p = Tensor::ones([numel as i64], (Kind::Float, Device::Cpu));
+    let g = Tensor::ones([numel as i64], (Kind::BFloat16, Device::Cpu));
+    let short = Tensor::ones([10], (Kind::BFloat16, Device::Cpu));
+    let half = Tensor::ones([numel as i64], (Kind::Half, Device::Cpu));
+    fn piece<'a>(s: &Segment, grad: &'a Tensor) -> AdamWPiece<'a> {
+        AdamWPiece {
+            start: s.start,
+            len: s.len,
+            grad: Span { tensor: grad, offset: s.start },
+            weight: None,
+            decay: s.decay,
+        }
+    }
+    let good: Vec<AdamWPiece> = segs.iter().map(|s| piece(s, &g)).collect();
+    assert!(!opt.step_pieces(&mut p, &good, 1e-3, 1.0).unwrap(), "no kernel on the CPU");
+    assert_eq!(opt.state().2, 0, "nothing ran");
+    assert!(p.equal(&Tensor::ones([numel as i64], (Kind::Float, Device::Cpu))));
+    let mut outside = good.clone();
+    outside[5] = piece(&segs[5], &short);
+    let err = opt.step_pieces(&mut p, &outside, 1e-3, 1.0).unwrap_err().to_string();
+    assert!(err.contains("of a tensor of 10 elements"), "{err}");
+    let mut mixed = good.clone();
+    mixed[2] = piece(&segs[2], &half);
+    let err = opt.step_pieces(&mut p, &mixed, 1e-3, 1.0).unwrap_err().to_string();
+    assert!(err.contains("Half beside BFloat16"), "{err}");
+    let mut overlapping = good.clone();
+    overlapping.swap(3, 4);
+    let err = opt.step_pieces(&mut p, &overlapping, 1e-3, 1.0).unwrap_err().to_string();
+    assert!(err.contains("overlaps or precedes"), "{err}");
+    let beyond =
+        [AdamWPiece { start: numel - 1, len: 2, grad: Span { tensor: &g, offset: 0 }, weight: None, decay: false }];
+    let err = opt.step_pieces(&mut p, &beyond, 1e-3, 1.0).unwrap_err().to_string();
+    assert!(err.contains("at least"), "{err}");
+}
+
+/// zerokit's AdamW kernel (`AdamW::step_pieces`) against libtorch's fused AdamW (`step_scaled`,
+/// what torch.optim.AdamW(fused=True) runs) over four steps: gradients in fp32, bf16 and fp16
+/// read where they lie, the weights written in each kind, with and without a gradient scale.
+/// The kernel follows torch's operation for operation; the bounds are those tests/optim.rs
+/// holds libtorch's fused CUDA kernel to against its unfused path, and the count of differing
+/// elements is printed. The weights it writes are the master weights rounded to their kind, bit
+/// for bit, and nothing outside the pieces moves.
+#[test]
+#[ignore = "needs a CUDA GPU: run with --ignored on a GPU machine"]
+fn adamw_kernel_matches_libtorch_fused_adamw_on_cuda() {
+    let cuda = fused_cuda();
+    let (segs, numel) = odd_segments();
+    let cfg = AdamWConfig { lr: 1e-3, betas: (0.9, 0.95), eps: 1e-8, weight_decay: 0.1 };
+    let f32s = (Kind::Float, cuda);
+    for (gk, wk) in [
+        (Kind::Float, Kind::Float),
+        (Kind::Float, Kind::BFloat16),
+        (Kind::Float, Kind::Half),
+        (Kind::BFloat16, Kind::BFloat16),
+        (Kind::Half, Kind::Half),
+    ] {
+        for grad_scale in [1.0, 1024.0] {
+            let case = format!("{gk:?} gradients, {wk:?} weights, gradient scale {grad_scale}");
+            tch::manual_seed(7);
+            let init = Tensor::randn([numel as i64], f32s) * 0.1;
+            let (mut p_ref, mut p_own) = (init.copy(), init.copy());
+            let mut reference = AdamW::new(numel, segs.clone(), cfg, cuda).unwrap();
+            let mut own = AdamW::new(numel, segs.clone(), cfg, cuda).unwrap();
+            // The weights sit one element further on, so their offset is not the master's.
+            let weights = Tensor::zeros([numel as i64 + 1], (wk, cuda));
+            let covered = Tensor::zeros([numel as i64], (Kind::Bool, cuda));
+            for s in &segs {
+                let _ = covered.narrow(0, s.start as i64, s.len as i64).fill_(1);
+            }
+            for step in 0..4 {
+                let g = (Tensor::randn([numel as i64], f32s) * grad_scale * 0.01).to_kind(gk);
+                // The reference reads the same values widened, and zeros where no piece is.
+                let g32 = g.to_kind(Kind::Float).where_self(&covered, &Tensor::zeros([], f32s));
+                reference.step_scaled(&mut p_ref, &g32, 1e-3, grad_scale).unwrap();
+                let pieces: Vec<AdamWPiece> = segs
+                    .iter()
+                    .map(|s| AdamWPiece {
+                        start: s.start,
+                        len: s.len,
+                        grad: Span { tensor: &g, offset: s.start },
+                        weight: Some(Span { tensor: &weights, offset: s.start + 1 }),
+                        decay: s.decay,
+                    })
+                    .collect();
+                assert!(own.step_pieces(&mut p_own, &pieces, 1e-3, grad_scale).unwrap(), "{case}: the kernel must run");
+                let (m_ref, v_ref, n_ref) = reference.state();
+                let (m_own, v_own, n_own) = own.state();
+                assert_eq!(n_ref, n_own);
+                let (dp, rp) = differences(&p_own, &p_ref);
+                let (dm, rm) = differences(m_own, m_ref);
+                let (dv, rv) = differences(v_own, v_ref);
+                println!("{case}, step {step}: differing params {dp} (rel {rp:e}), exp_avg {dm} ({rm:e}), exp_avg_sq {dv} ({rv:e})");
+                assert!(rp <= 2.5e-7 && rm <= 5e-7 && rv <= 5e-7, "{case}, step {step}: off libtorch's fused AdamW");
+                let written = weights.narrow(0, 1, numel as i64);
+                let want = p_own.to_kind(wk).where_self(&covered, &Tensor::zeros([], (wk, cuda)));
+                assert!(written.equal(&want), "{case}, step {step}: the weights are not the master weights rounded");
+                assert_eq!(weights.narrow(0, 0, 1).double_value(&[0]), 0.0);
+            }
+        }
+    }
+}
+
+/// The gradient's sum of squares over pieces of several tensors (the model's gradients) against
+/// the float64 sum of the same elements, and the same bits on a second run.
+#[test]
+#[ignore = "needs a CUDA GPU: run with --ignored on a GPU machine"]
+fn gradient_sum_of_squares_matches_float64_on_cuda() {
+    let cuda = fused_cuda();
+    let (segs, numel) = odd_segments();
+    for kind in [Kind::Float, Kind::BFloat16, Kind::Half] {
+        tch::manual_seed(11);
+        // Two tensors: the pieces alternate between them, at their own offsets plus one.
+        let grads: Vec<Tensor> =
+            (0..2).map(|_| (Tensor::randn([numel as i64 + 1], (Kind::Float, cuda)) * 3.0).to_kind(kind)).collect();
+        let pieces: Vec<AdamWPiece> = segs
+            .iter()
+            .enumerate()
+            .map(|(i, s)| AdamWPiece {
+                start: s.start,
+                len: s.len,
+                grad: Span { tensor: &grads[i % 2], offset: s.start + 1 },
+                weight: None,
+                decay: false,
+            })
+            .collect();
+        let got = sum_of_squares(&pieces, cuda).unwrap().unwrap();
+        let again = sum_of_squares(&pieces, cuda).unwrap().unwrap();
+        assert!(got.equal(&again), "{kind:?}: two runs differ");
+        let exact: f64 = segs
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let g = grads[i % 2].narrow(0, s.start as i64 + 1, s.len as i64).to_kind(Kind::Double);
+                (&g * &g).sum(Kind::Double).double_value(&[])
+            })
+            .sum();
+        let rel = (got.double_value(&[]) - exact).abs() / exact;
+        println!("{kind:?}: sum of squares {} against {exact} (relative {rel:e})", got.double_value(&[]));
+        assert!(rel <= 1e-12, "{kind:?}: relative error {rel:e}");
+    }
 }
 
 /// The kernel source compiles with NVRTC for every architecture zerokit targets, and defines

@@ -14,29 +14,11 @@
 #define COLSUM_WARPS 8
 #define COLSUM_UNROLL 4
 
-// Four adjacent elements, read as one 8-byte (16-bit types) or 16-byte (fp32) load when `vec`.
-template <typename T>
-struct QuadBits {
-  typedef uint2 type;
-};
-template <>
-struct QuadBits<float> {
-  typedef uint4 type;
-};
-template <typename T>
-struct Quad {
-  union {
-    typename QuadBits<T>::type raw;
-    T v[4];
-  };
-};
-
+// Four adjacent columns from c, as one load when `vec`.
 template <typename T>
 __device__ __forceinline__ void load4(const T* p, int c, int cols, bool vec, float out[4]) {
   if (vec) {
-    Quad<T> q;
-    q.raw = *reinterpret_cast<const typename QuadBits<T>::type*>(p + c);
-    for (int j = 0; j < 4; ++j) out[j] = to_float(q.v[j]);
+    quad_load(p + c, out);
   } else {
     for (int j = 0; j < 4; ++j) out[j] = c + j < cols ? to_float(p[c + j]) : 0.0f;
   }

@@ -27,3 +27,35 @@ __device__ __forceinline__ void store(f16* p, float v) {
   asm("cvt.rn.f16.f32 %0, %1;" : "=h"(b) : "f"(v));
   p->bits = b;
 }
+
+// Four adjacent elements as one 8-byte (16-bit types) or 16-byte (fp32) load or store; the
+// address must be aligned to that size.
+template <typename T>
+struct QuadBits {
+  typedef uint2 type;
+};
+template <>
+struct QuadBits<float> {
+  typedef uint4 type;
+};
+template <typename T>
+struct Quad {
+  union {
+    typename QuadBits<T>::type raw;
+    T v[4];
+  };
+};
+
+template <typename T>
+__device__ __forceinline__ void quad_load(const T* p, float out[4]) {
+  Quad<T> q;
+  q.raw = *reinterpret_cast<const typename QuadBits<T>::type*>(p);
+  for (int j = 0; j < 4; ++j) out[j] = to_float(q.v[j]);
+}
+
+template <typename T>
+__device__ __forceinline__ void quad_store(T* p, const float in[4]) {
+  Quad<T> q;
+  for (int j = 0; j < 4; ++j) store(&q.v[j], in[j]);
+  *reinterpret_cast<typename QuadBits<T>::type*>(p) = q.raw;
+}

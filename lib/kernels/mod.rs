@@ -11,16 +11,19 @@
 //!
 //! This file compiles and loads the kernels (one NVRTC source per device); each kernel's launch
 //! lives beside its source: classifier.rs (classifier.cu), sums.rs (colsum.cu, which ops.cpp
-//! calls back into), widen.rs (widen.cu). ops.rs holds the models' ops that keep less for
+//! calls back into), widen.rs (widen.cu), adamw.rs (adamw.cu: the optimizer step and the
+//! gradient's sum of squares). ops.rs holds the models' ops that keep less for
 //! backward or take their parameter gradients from the column sums: autograd functions of
 //! zerokit's own (ops.cpp, compiled against libtorch's headers) and RMSNorm through libtorch's
 //! fused CUDA kernels.
 
+mod adamw;
 mod classifier;
 mod ops;
 mod sums;
 mod widen;
 
+pub use adamw::{adamw, sum_of_squares, AdamWPiece, AdamWScalars, Span};
 pub use classifier::{classifier, classifier_reference};
 pub use widen::widen_into;
 
@@ -40,10 +43,11 @@ pub const KERNELS_SRC: &str = concat!(
     include_str!("common.cuh"),
     include_str!("classifier.cu"),
     include_str!("colsum.cu"),
-    include_str!("widen.cu")
+    include_str!("widen.cu"),
+    include_str!("adamw.cu")
 );
 /// The kernels of KERNELS_SRC that `load` looks up, in the order it unpacks them.
-pub const KERNEL_ENTRIES: [&str; 8] = [
+pub const KERNEL_ENTRIES: [&str; 16] = [
     "classifier_f32",
     "classifier_bf16",
     "classifier_f16",
@@ -52,6 +56,14 @@ pub const KERNEL_ENTRIES: [&str; 8] = [
     "colsum_f16",
     "widen_bf16",
     "widen_f16",
+    "adamw_f32_f32",
+    "adamw_f32_bf16",
+    "adamw_f32_f16",
+    "adamw_bf16_bf16",
+    "adamw_f16_f16",
+    "sumsq_f32",
+    "sumsq_bf16",
+    "sumsq_f16",
 ];
 
 /// The loaded module of one device. CUDA function handles are plain pointers into the driver's
@@ -67,6 +79,10 @@ struct Loaded {
     colsum_counters: cusys::CUdeviceptr,
     /// widen_bf16, widen_f16.
     widen: [cusys::CUfunction; 2],
+    /// adamw by (gradient, weight) type: f32/f32, f32/bf16, f32/f16, bf16/bf16, f16/f16.
+    adamw: [cusys::CUfunction; 5],
+    /// sumsq for fp32, bf16, fp16 gradients.
+    sumsq: [cusys::CUfunction; 3],
 }
 
 // SAFETY: CUfunction and CUcontext handles may be used from any thread; a launch makes the
@@ -136,7 +152,9 @@ fn load(device: usize) -> Result<Loaded, String> {
         p
     };
     let widen = [f[6], f[7]];
-    Ok(Loaded { device, ctx, classifier, colsum, colsum_counters, widen })
+    let adamw = [f[8], f[9], f[10], f[11], f[12]];
+    let sumsq = [f[13], f[14], f[15]];
+    Ok(Loaded { device, ctx, classifier, colsum, colsum_counters, widen, adamw, sumsq })
 }
 
 /// The device's virtual architecture, so NVRTC emits PTX the driver compiles for this GPU.

@@ -21,6 +21,7 @@ use super::host::{host_buffer, CopyStream};
 use super::layout::FlatLayout;
 use super::state::{PartitionState, ZeroState};
 use crate::comm::{Collectives, CommError};
+use crate::kernels::{AdamWPiece, Span};
 use crate::model::{loss, vjp, Model};
 use crate::optim::{clip_coef, local_grad_norm_sq, AdamW, AdamWConfig, OptimError, Segment};
 use crate::scaler::{LossScaler, ScalerConfig, ScalerError, StepDecision};
@@ -140,13 +141,17 @@ pub struct Engine<M: Model> {
     /// This rank's partition of the fp32 master weights (in host memory with optimizer offload).
     master: Tensor,
     /// This rank's partition of the fp32 gradient, summed over micro-steps and ranks (in host
-    /// memory with optimizer offload).
+    /// memory with optimizer offload). Empty when the optimizer reads the model's gradients
+    /// directly (`direct_grads`).
     grad: Tensor,
     /// Full-size gradient accumulation buffer (stages 0 and 1 with accumulation only).
     accum: Option<Tensor>,
     /// Phase timings (`profile = true`).
     pub profile: Option<super::profile::PhaseTimer>,
     opt: AdamW,
+    /// zerokit's AdamW kernel runs the step and writes the model's weights in the same pass
+    /// (stages 0-2 on a GPU with zerokit's kernels, the optimizer not offloaded).
+    own_adamw: bool,
     scaler: Option<LossScaler>,
     handles: Vec<Tensor>,
     /// Slots of the parameters the head, each block and the embedding use.
@@ -333,7 +338,9 @@ impl<M: Model> Engine<M> {
             (true, Device::Cuda(i)) => Some(CopyStream::new(i).map_err(ZeroError::Offload)?),
             _ => None,
         };
-        let grad = partition_f32()?;
+        let own_adamw = own_adamw_possible(&cfg);
+        let grad =
+            if direct_grads(own_adamw, comm.world(), &cfg) { Tensor::f_zeros([0], opts)? } else { partition_f32()? };
         let slot_grads = (0..layout.params.len()).map(|_| None).collect();
         let profile = cfg.profile.then(|| super::profile::PhaseTimer::new(cfg.device));
         Ok(Engine {
@@ -348,6 +355,7 @@ impl<M: Model> Engine<M> {
             accum,
             profile,
             opt,
+            own_adamw,
             scaler,
             handles,
             head_slots: plan.head_slots,
@@ -389,6 +397,24 @@ impl<M: Model> Engine<M> {
 
     pub fn comm(&mut self) -> &mut dyn Collectives {
         self.comm.as_mut()
+    }
+
+    /// Whether zerokit's AdamW kernel runs the optimizer step (else libtorch's fused AdamW and a
+    /// copy of the master weights into the model's). On by default where it can run; `false`
+    /// turns it off, for comparisons. Between steps only.
+    pub fn set_zerokit_adamw(&mut self, on: bool) -> Result<(), ZeroError> {
+        self.own_adamw = on && own_adamw_possible(&self.cfg);
+        let want = if self.direct_grads() { 0 } else { self.layout.partition };
+        if self.grad.numel() != want {
+            self.grad = Tensor::f_zeros([want as i64], (Kind::Float, self.cfg.device))?;
+        }
+        Ok(())
+    }
+
+    /// Whether the optimizer reads the model's gradients where autograd left them (see
+    /// [`direct_grads`]).
+    fn direct_grads(&self) -> bool {
+        direct_grads(self.own_adamw, self.comm.world(), &self.cfg)
     }
 
     /// The current loss scale (1 without fp16's loss scaling).
@@ -528,6 +554,16 @@ impl<M: Model> Engine<M> {
     /// Bucket `b`'s gradients are all in `slot_grads`: pack them and start their reduction.
     fn bucket_ready(&mut self, b: usize) -> Result<(), ZeroError> {
         let bk = self.layout.buckets[b].clone();
+        // The optimizer reads these gradients themselves at the step.
+        if self.direct_grads() {
+            for &s in &bk.params {
+                let g = self.slot_grads[s].as_mut().expect("gradient computed before its bucket is ready");
+                if !g.is_contiguous() {
+                    *g = g.contiguous();
+                }
+            }
+            return Ok(());
+        }
         // One rank, no accumulation buffer, the gradient partition beside the model: nothing to
         // reduce, so each gradient is widened straight into the fp32 partition (the padding
         // stays the zeros it was made with), without packing a bucket first: one pass over the
@@ -657,7 +693,7 @@ impl<M: Model> Engine<M> {
             &[
                 match &mut self.device_norm_sq {
                     Some(acc) => on_host(std::mem::replace(acc, acc.zeros_like())),
-                    None => on_host(local_grad_norm_sq(&self.grad)?),
+                    None => on_host(self.grad_norm_sq()?),
                 },
                 on_host(self.loss_sum.to_kind(Kind::Double) / micro as f64),
             ],
@@ -684,15 +720,29 @@ impl<M: Model> Engine<M> {
             }
         };
         if skip {
+            self.slot_grads.iter_mut().for_each(|g| *g = None);
             if let Some(p) = &mut self.profile {
                 p.end_step();
             }
             return Ok(StepStats { loss, grad_norm: norm, skipped: true, loss_scale: scale });
         }
         let clip = if self.cfg.grad_clip > 0.0 { clip_coef(norm, self.cfg.grad_clip) } else { 1.0 };
-        self.opt.step_scaled(&mut self.master, &self.grad, lr, 1.0 / (unscale * clip))?;
+        let grad_scale = 1.0 / (unscale * clip);
+        let mut written = false;
+        if self.own_adamw {
+            let grads = if self.direct_grads() { Grads::Slots(&self.slot_grads) } else { Grads::Partition(&self.grad) };
+            let pieces = adamw_pieces(&self.layout, self.part_rank(), grads, self.model_flat.as_ref())?;
+            written = self.opt.step_pieces(&mut self.master, &pieces, lr, grad_scale)?;
+        }
+        if !written {
+            if self.direct_grads() {
+                return Err(ZeroError::Layout("zerokit's AdamW kernel did not run on the model's gradients".into()));
+            }
+            self.opt.step_scaled(&mut self.master, &self.grad, lr, grad_scale)?;
+        }
+        self.slot_grads.iter_mut().for_each(|g| *g = None);
         self.mark("adamw");
-        self.publish_weights()?;
+        self.publish_weights(!written)?;
         self.mark("weight all-gather");
         if let Some(p) = &mut self.profile {
             p.end_step();
@@ -700,15 +750,27 @@ impl<M: Model> Engine<M> {
         Ok(StepStats { loss, grad_norm: norm, skipped: false, loss_scale: scale })
     }
 
-    /// Copies the updated master partition into the model's weights: the flat buffer, all-gathered
-    /// (stages 0-2), or this rank's shards (stage 3, gathered when used).
-    fn publish_weights(&mut self) -> Result<(), ZeroError> {
+    /// The squared norm of this rank's gradient (of its partition, or of the model's gradients
+    /// where the optimizer reads those), a 0-dim fp64 tensor on the gradient's device.
+    fn grad_norm_sq(&self) -> Result<Tensor, ZeroError> {
+        if !self.direct_grads() {
+            return Ok(local_grad_norm_sq(&self.grad)?);
+        }
+        let pieces = adamw_pieces(&self.layout, 0, Grads::Slots(&self.slot_grads), None)?;
+        crate::kernels::sum_of_squares(&pieces, self.cfg.device)?
+            .ok_or_else(|| ZeroError::Layout("zerokit's kernels are not available for the gradient norm".into()))
+    }
+
+    /// Publishes the updated master partition as the model's weights: copied into the flat
+    /// buffer when `copy` (zerokit's AdamW has already written them otherwise), then all-gathered
+    /// (stages 0-2); or into this rank's shards (stage 3, gathered when used).
+    fn publish_weights(&mut self, copy: bool) -> Result<(), ZeroError> {
         let Some(flat) = &self.model_flat else {
             let r = self.params3.as_mut().expect("stage 3 holds its shards");
             return r.refresh(&self.master, &self.layout, &mut self.handles);
         };
         let pr = self.part_rank();
-        for b in &self.layout.buckets {
+        for b in self.layout.buckets.iter().filter(|_| copy) {
             let mut dst = flat.narrow(0, (b.flat_offset + pr * b.shard) as i64, b.shard as i64);
             let src = self.master.narrow(0, b.shard_offset as i64, b.shard as i64);
             if src.device() == dst.device() {
@@ -836,7 +898,7 @@ impl<M: Model> Engine<M> {
         if let (Some(s), Some(state)) = (&mut self.scaler, st.scaler) {
             s.load_state(state)?;
         }
-        self.publish_weights()
+        self.publish_weights(true)
     }
 }
 
@@ -850,4 +912,53 @@ fn into_partition(dst: &Tensor, src: &Tensor, first: bool) -> Result<(), ZeroErr
         let _ = dst.shallow_clone().g_add_(src);
     }
     Ok(())
+}
+
+/// zerokit's AdamW kernel can run this configuration's step: the partition and the model's
+/// weights are on a GPU where zerokit's kernels are loaded, and the weights are one flat buffer.
+fn own_adamw_possible(cfg: &EngineConfig) -> bool {
+    !cfg.offload_optimizer && cfg.stage < 3 && crate::kernels::fused_on(cfg.device)
+}
+
+/// One rank, one micro-step a step, zerokit's AdamW: with nothing to reduce or accumulate, the
+/// optimizer reads the model's 16-bit gradients where autograd left them. The fp32 gradient
+/// partition is then not allocated (4 bytes a parameter), and no widening copy fills it; the
+/// gradients are kept until the step instead (2 bytes a parameter).
+fn direct_grads(own_adamw: bool, world: usize, cfg: &EngineConfig) -> bool {
+    own_adamw && world == 1 && cfg.grad_accum == 1
+}
+
+/// Where the optimizer reads a partition's gradient.
+enum Grads<'a> {
+    /// The fp32 gradient partition, indexed as the master weights are.
+    Partition(&'a Tensor),
+    /// The model's gradients by parameter slot (one rank: the partition is the whole model).
+    Slots(&'a [Option<Tensor>]),
+}
+
+/// The AdamW kernel's pieces of partition `part`: each parameter's range with its gradient and,
+/// at stages 0-2, where its weights lie in the flat buffer.
+fn adamw_pieces<'a>(
+    layout: &FlatLayout,
+    part: usize,
+    grads: Grads<'a>,
+    flat: Option<&'a Tensor>,
+) -> Result<Vec<AdamWPiece<'a>>, ZeroError> {
+    layout
+        .pieces(part)
+        .into_iter()
+        .map(|p| {
+            let grad = match &grads {
+                Grads::Partition(t) => Span { tensor: t, offset: p.partition_offset },
+                Grads::Slots(slots) => {
+                    let Some(t) = slots[p.param].as_ref() else {
+                        return Err(ZeroError::Layout(format!("no gradient for {}", layout.params[p.param].name)));
+                    };
+                    Span { tensor: t, offset: p.param_offset }
+                }
+            };
+            let weight = flat.map(|f| Span { tensor: f, offset: layout.flat_offset(p.param) + p.param_offset });
+            Ok(AdamWPiece { start: p.partition_offset, len: p.len, grad, weight, decay: layout.params[p.param].decay })
+        })
+        .collect()
 }

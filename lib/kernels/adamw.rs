@@ -1,0 +1,272 @@
+//! The launches of adamw.cu: AdamW over pieces of a rank's partition, reading each piece's
+//! gradient where it is (the model's 16-bit gradients, or the fp32 gradient partition) and
+//! writing the model's weights in the same pass; and the sum of squares of those gradients.
+//!
+//! The reference is libtorch's `_fused_adamw_` (lib/optim.rs's default path), which the
+//! kernel follows operation for operation; tests/kernels.rs compares the two on the GPU.
+
+use super::kernels_for;
+use cudarc::driver::result as cu;
+use std::ffi::c_void;
+use tch::{Device, Kind, TchError, Tensor};
+
+/// adamw.cu's ADAMW_FIELDS, ADAMW_CHUNK and ADAMW_THREADS.
+const FIELDS: usize = 6;
+const CHUNK: usize = 8192;
+const THREADS: u32 = 256;
+
+/// `len` elements (the piece's) of a contiguous tensor, from element `offset`.
+#[derive(Clone, Copy)]
+pub struct Span<'a> {
+    pub tensor: &'a Tensor,
+    pub offset: usize,
+}
+
+/// A contiguous range `[start, start + len)` of the optimizer's flats (fp32 master weights and
+/// both moments), where its gradient is and where its updated weights go in the compute dtype.
+#[derive(Clone, Copy)]
+pub struct AdamWPiece<'a> {
+    pub start: usize,
+    pub len: usize,
+    pub grad: Span<'a>,
+    pub weight: Option<Span<'a>>,
+    /// Weight decay applies to the piece.
+    pub decay: bool,
+}
+
+/// One step's hyper-parameters, as torch.optim.AdamW takes them; `step` counts from 1, and the
+/// gradient is divided by `grad_scale` as it is read.
+#[derive(Debug, Clone, Copy)]
+pub struct AdamWScalars {
+    pub lr: f64,
+    pub betas: (f64, f64),
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub step: u64,
+    pub grad_scale: f64,
+}
+
+/// adamw.cu's AdamWArgs, field for field.
+#[repr(C)]
+struct AdamWArgs {
+    lr: f64,
+    beta1: f64,
+    beta2: f64,
+    weight_decay: f64,
+    eps: f64,
+    step_size: f32,
+    bias_correction2_sqrt: f32,
+    grad_scale: f32,
+    scaled: i32,
+}
+
+impl AdamWScalars {
+    /// torch's fused kernel takes the step count as an fp32 tensor and holds its bias
+    /// corrections in fp32: `1 - beta^step` in double, then rounded; likewise here.
+    fn args(&self) -> AdamWArgs {
+        let (b1, b2) = self.betas;
+        let step = self.step as f32 as f64;
+        let bias_correction1 = (1.0 - b1.powf(step)) as f32;
+        let bias_correction2 = (1.0 - b2.powf(step)) as f32;
+        AdamWArgs {
+            lr: self.lr,
+            beta1: b1,
+            beta2: b2,
+            weight_decay: self.weight_decay,
+            eps: self.eps,
+            step_size: (self.lr / bias_correction1 as f64) as f32,
+            bias_correction2_sqrt: bias_correction2.sqrt(),
+            grad_scale: self.grad_scale as f32,
+            scaled: i32::from(self.grad_scale != 1.0),
+        }
+    }
+}
+
+/// The pieces as the kernels read them: adamw.cu's table, checked.
+struct Table {
+    host: Vec<i64>,
+    pieces: i32,
+    blocks: u32,
+    grad_kind: Kind,
+    weight_kind: Option<Kind>,
+    /// One past the last element of the flats any piece reaches.
+    end: usize,
+    device: Device,
+}
+
+fn bad(msg: String) -> TchError {
+    TchError::Kind(format!("AdamW kernel pieces: {msg}"))
+}
+
+/// What `address` learnt of the last tensor it checked.
+struct Seen {
+    tensor: *const Tensor,
+    numel: usize,
+    base: i64,
+}
+
+/// The address of a span's first element, after checking that the span lies inside its
+/// tensor, which is contiguous, on `device`, and of the kind the other pieces have. Each
+/// tensor is checked once: consecutive pieces usually share one (the gradient partition, the
+/// flat weights), and each check is a call into libtorch.
+fn address(
+    span: Span,
+    len: usize,
+    device: Device,
+    kind: &mut Option<Kind>,
+    seen: &mut Option<Seen>,
+) -> Result<i64, TchError> {
+    let t = span.tensor;
+    if seen.as_ref().is_none_or(|s| !std::ptr::eq(s.tensor, t)) {
+        let k = t.kind();
+        if let Some(first) = *kind {
+            if first != k {
+                return Err(bad(format!("{k:?} beside {first:?}")));
+            }
+        }
+        *kind = Some(k);
+        if t.device() != device || !t.is_contiguous() {
+            return Err(bad(format!(
+                "a tensor on {:?} (contiguous: {}), not a contiguous one on {device:?}",
+                t.device(),
+                t.is_contiguous()
+            )));
+        }
+        *seen = Some(Seen { tensor: t, numel: t.numel(), base: t.data_ptr() as i64 });
+    }
+    let s = seen.as_ref().expect("set above");
+    if span.offset.checked_add(len).is_none_or(|e| e > s.numel) {
+        return Err(bad(format!("[{}, +{len}) of a tensor of {} elements", span.offset, s.numel)));
+    }
+    let elem = kind.expect("set above").elt_size_in_bytes();
+    Ok(s.base + (span.offset * elem) as i64)
+}
+
+impl Table {
+    fn new(pieces: &[AdamWPiece], device: Device) -> Result<Table, TchError> {
+        let mut host = Vec::with_capacity(pieces.len() * FIELDS);
+        let (mut grad_kind, mut weight_kind) = (None, None);
+        let (mut grad_seen, mut weight_seen) = (None, None);
+        let (mut blocks, mut end, mut count) = (0usize, 0usize, 0usize);
+        for p in pieces.iter().filter(|p| p.len > 0) {
+            if p.start < end {
+                return Err(bad(format!("piece at {} overlaps or precedes the one ending at {end}", p.start)));
+            }
+            let grad = address(p.grad, p.len, device, &mut grad_kind, &mut grad_seen)?;
+            let weight = match p.weight {
+                Some(w) => address(w, p.len, device, &mut weight_kind, &mut weight_seen)?,
+                None => 0,
+            };
+            host.extend([p.start as i64, p.len as i64, grad, weight, blocks as i64, i64::from(p.decay)]);
+            blocks += p.len.div_ceil(CHUNK);
+            end = p.start + p.len;
+            count += 1;
+        }
+        let blocks = u32::try_from(blocks).map_err(|_| bad(format!("{blocks} blocks")))?;
+        let pieces = i32::try_from(count).map_err(|_| bad(format!("{count} pieces")))?;
+        let grad_kind = grad_kind.unwrap_or(Kind::Float);
+        Ok(Table { host, pieces, blocks, grad_kind, weight_kind, end, device })
+    }
+
+    /// The table in device memory (a small synchronous copy).
+    fn upload(&self) -> Result<Tensor, TchError> {
+        Tensor::f_from_slice(&self.host)?.f_to_device(self.device)
+    }
+}
+
+fn launch(
+    f: cudarc::driver::sys::CUfunction,
+    blocks: u32,
+    params: &mut [*mut c_void],
+    what: &str,
+) -> Result<(), TchError> {
+    // SAFETY: the caller passes a function of the loaded module with `params` matching its
+    // parameters; grid and block sizes are in range.
+    unsafe { cu::launch_kernel(f, (blocks, 1, 1), (THREADS, 1, 1), 0, std::ptr::null_mut(), params) }
+        .map_err(|e| TchError::Kind(format!("{what} launch: {e:?}")))
+}
+
+/// One AdamW step over `pieces` of the flats `params`, `exp_avg` and `exp_avg_sq` (fp32,
+/// contiguous, on one GPU), writing each piece's weights where it has some. Ok(false): zerokit's
+/// kernels are not available for the device (a CPU, or NVRTC missing), and nothing changed.
+/// The pieces' tensors must stay alive until the step has run on the device (libtorch's
+/// stream order sees to it when the caller drops them after this returns).
+pub fn adamw(
+    pieces: &[AdamWPiece],
+    params: &Tensor,
+    exp_avg: &Tensor,
+    exp_avg_sq: &Tensor,
+    s: &AdamWScalars,
+) -> Result<bool, TchError> {
+    let device = params.device();
+    // Checked first, so that a bad piece is an error wherever it is found.
+    let table = Table::new(pieces, device)?;
+    for (what, t) in [("parameters", params), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)] {
+        if t.kind() != Kind::Float || t.device() != device || !t.is_contiguous() || t.numel() < table.end {
+            return Err(bad(format!(
+                "{what} is {:?} {:?} on {:?}, not a contiguous fp32 flat of at least {} elements on {device:?}",
+                t.kind(),
+                t.size(),
+                t.device(),
+                table.end
+            )));
+        }
+    }
+    let Some(k) = kernels_for(device) else { return Ok(false) };
+    if table.blocks == 0 {
+        return Ok(true);
+    }
+    let which = match (table.grad_kind, table.weight_kind) {
+        (Kind::Float, None | Some(Kind::Float)) => 0,
+        (Kind::Float, Some(Kind::BFloat16)) => 1,
+        (Kind::Float, Some(Kind::Half)) => 2,
+        (Kind::BFloat16, None | Some(Kind::BFloat16)) => 3,
+        (Kind::Half, None | Some(Kind::Half)) => 4,
+        (g, w) => return Err(bad(format!("{g:?} gradients with {w:?} weights"))),
+    };
+    let device_table = table.upload()?;
+    let (mut t, mut n) = (device_table.data_ptr(), table.pieces);
+    let (mut p, mut m, mut v) = (params.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr());
+    let mut args = s.args();
+    let mut params: [*mut c_void; 6] = [
+        &mut t as *mut _ as *mut c_void,
+        &mut n as *mut _ as *mut c_void,
+        &mut p as *mut _ as *mut c_void,
+        &mut m as *mut _ as *mut c_void,
+        &mut v as *mut _ as *mut c_void,
+        &mut args as *mut _ as *mut c_void,
+    ];
+    // SAFETY: the context is live for the process (retained, never released).
+    unsafe { cu::ctx::set_current(k.ctx) }.map_err(|e| TchError::Kind(format!("cuCtxSetCurrent: {e:?}")))?;
+    // adamw_* takes (const long long*, int, float*, float*, float*, AdamWArgs), as `params`; the
+    // table's addresses were checked against their tensors, the flats against its extent.
+    launch(k.adamw[which], table.blocks, &mut params, "adamw")?;
+    Ok(true)
+}
+
+/// The sum of squares of the pieces' gradients (divided by nothing), as a 0-dim fp64 tensor
+/// on their GPU; the same bits on every run. None: zerokit's kernels are not available there.
+pub fn sum_of_squares(pieces: &[AdamWPiece], device: Device) -> Result<Option<Tensor>, TchError> {
+    let table = Table::new(pieces, device)?;
+    let Some(k) = kernels_for(device) else { return Ok(None) };
+    if table.blocks == 0 {
+        return Ok(Some(Tensor::f_zeros([], (Kind::Double, device))?));
+    }
+    let which = match table.grad_kind {
+        Kind::Float => 0,
+        Kind::BFloat16 => 1,
+        Kind::Half => 2,
+        g => return Err(bad(format!("{g:?} gradients"))),
+    };
+    let device_table = table.upload()?;
+    let partial = Tensor::f_empty([table.blocks as i64], (Kind::Double, device))?;
+    let (mut t, mut n, mut out) = (device_table.data_ptr(), table.pieces, partial.data_ptr());
+    let mut params: [*mut c_void; 3] =
+        [&mut t as *mut _ as *mut c_void, &mut n as *mut _ as *mut c_void, &mut out as *mut _ as *mut c_void];
+    // SAFETY: as in `adamw`.
+    unsafe { cu::ctx::set_current(k.ctx) }.map_err(|e| TchError::Kind(format!("cuCtxSetCurrent: {e:?}")))?;
+    // sumsq_* takes (const long long*, int, double*), as `params`; `partial` has a slot a block.
+    launch(k.sumsq[which], table.blocks, &mut params, "sumsq")?;
+    // libtorch's full reduction adds in an order fixed by the size: deterministic.
+    Ok(Some(partial.f_sum(Kind::Double)?))
+}
