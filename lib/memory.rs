@@ -728,10 +728,13 @@ pub fn gpu_breakdown(s: &Setup, stage: u8, offload: Offload) -> Breakdown {
     let accum = if s.grad_accum > 1 { e * psi } else { 0 };
     let mut comm = e * s.bucket_elems.min(psi);
     // One GPU and one micro-batch a step: zerokit's AdamW kernel reads autograd's gradients,
-    // kept in the compute dtype until the step, and no fp32 gradient partition exists.
+    // kept in the compute dtype until the step, and no fp32 gradient partition exists. They
+    // appear as backward frees the activations, a block's gradients in fewer bytes than its
+    // activations unless few are kept, so they add to the peak only beyond the activations.
     let direct = d == 1 && s.grad_accum == 1 && stage < 3 && !offload.optimizer();
+    let activations = activation_bytes(s);
     let (params, grads, optimizer) = match (stage, offload) {
-        _ if direct => (e * psi, e * psi, 12 * psi),
+        _ if direct => (e * psi, (e * psi).saturating_sub(activations), 12 * psi),
         (0, _) => (e * psi, 4 * psi + accum, 12 * psi),
         (1 | 2, o) if !o.optimizer() => (e * psi, part(4) + if stage == 1 { accum } else { 0 }, part(12)),
         (1, _) => (e * psi, accum, 0),
@@ -756,15 +759,7 @@ pub fn gpu_breakdown(s: &Setup, stage: u8, offload: Offload) -> Breakdown {
             (shard + e * z.gathered, g, o)
         }
     };
-    Breakdown {
-        params,
-        grads,
-        optimizer,
-        activations: activation_bytes(s),
-        logits: logits_bytes(s),
-        comm,
-        runtime: CUDA_RUNTIME_BYTES,
-    }
+    Breakdown { params, grads, optimizer, activations, logits: logits_bytes(s), comm, runtime: CUDA_RUNTIME_BYTES }
 }
 
 /// Host memory one rank holds, by what it is (bytes).

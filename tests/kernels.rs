@@ -360,11 +360,12 @@ fn odd_segments() -> (Vec<Segment>, usize) {
     (segs, start + 2)
 }
 
-/// Elements of `a` and `b` (fp32) that differ, and the largest difference relative to |b|.
-fn differences(a: &Tensor, b: &Tensor) -> (i64, f64) {
+/// Elements of `a` and `b` (fp32) that differ, and the largest difference relative to
+/// |b| + `floor` (a parameter near zero moves by the update, about the learning rate).
+fn differences(a: &Tensor, b: &Tensor, floor: f64) -> (i64, f64) {
     let diff = (a - b).abs();
     let count = diff.ne(0.0).sum(Kind::Int64).int64_value(&[]);
-    let rel = (diff / b.abs().clamp_min(1e-30)).max().double_value(&[]);
+    let rel = (diff / (b.abs() + floor)).max().double_value(&[]);
     (count, rel)
 }
 
@@ -414,9 +415,9 @@ fn adamw_kernel_refuses_bad_pieces_and_leaves_the_cpu_to_libtorch() {
 /// zerokit's AdamW kernel (`AdamW::step_pieces`) against libtorch's fused AdamW (`step_scaled`,
 /// what torch.optim.AdamW(fused=True) runs) over four steps: gradients in fp32, bf16 and fp16
 /// read where they lie, the weights written in each kind, with and without a gradient scale.
-/// The kernel follows torch's operation for operation; the bounds are those tests/optim.rs
-/// holds libtorch's fused CUDA kernel to against its unfused path, and the count of differing
-/// elements is printed. The weights it writes are the master weights rounded to their kind, bit
+/// The kernel follows torch's operation for operation, so the count of differing elements
+/// (printed) should be zero; the bounds asserted are those tests/optim.rs holds libtorch's
+/// fused CUDA kernel to against its unfused path (parameters relative to |p| + lr). The weights it writes are the master weights rounded to their kind, bit
 /// for bit, and nothing outside the pieces moves.
 #[test]
 #[ignore = "needs a CUDA GPU: run with --ignored on a GPU machine"]
@@ -464,9 +465,9 @@ fn adamw_kernel_matches_libtorch_fused_adamw_on_cuda() {
                 let (m_ref, v_ref, n_ref) = reference.state();
                 let (m_own, v_own, n_own) = own.state();
                 assert_eq!(n_ref, n_own);
-                let (dp, rp) = differences(&p_own, &p_ref);
-                let (dm, rm) = differences(m_own, m_ref);
-                let (dv, rv) = differences(v_own, v_ref);
+                let (dp, rp) = differences(&p_own, &p_ref, 1e-3);
+                let (dm, rm) = differences(m_own, m_ref, 1e-30);
+                let (dv, rv) = differences(v_own, v_ref, 1e-30);
                 println!("{case}, step {step}: differing params {dp} (rel {rp:e}), exp_avg {dm} ({rm:e}), exp_avg_sq {dv} ({rv:e})");
                 assert!(rp <= 2.5e-7 && rm <= 5e-7 && rv <= 5e-7, "{case}, step {step}: off libtorch's fused AdamW");
                 let written = weights.narrow(0, 1, numel as i64);

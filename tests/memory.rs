@@ -100,7 +100,12 @@ fn model_states_agree_with_deepspeed_where_the_accounting_is_the_same() {
                     // reduces straight into the fp32 shard. Stage 3's partition is DeepSpeed's
                     // 18 bytes (16-bit parameters, fp32 gradient, master and moments), or its 2
                     // with the optimizer offloaded.
+                    // On one GPU with one micro-batch a step zerokit keeps no fp32 gradient
+                    // partition at all: its AdamW kernel reads autograd's 16-bit gradients, which
+                    // count only beyond the activations (`b.grads`), where DeepSpeed counts 6
+                    // bytes a parameter of gradients (its 16-bit partition and the fp32 one).
                     let extra = match (stage, offload) {
+                        (2, Offload::None) if gpus == 1 => b.grads as i64 - 6 * psi as i64,
                         (2, Offload::None) => -((2 * psi / gpus) as i64),
                         _ => 0,
                     };

@@ -7,9 +7,10 @@
 // Here one pass reads the gradient in whatever type it has (the model's own 16-bit gradients,
 // or the fp32 partition) and writes the master weights, both moments and the model's weights.
 //
-// The update is torch's fused AdamW (ATen's fused_adam_utils.cuh) operation for operation: fp32
-// values, the hyper-parameters in double where torch keeps them double, and the bias
-// corrections rounded to fp32 as torch stores them (the host computes them; lib/kernels/adamw.rs).
+// The update is torch's fused AdamW (ATen's fused_adam_utils.cuh, as libtorch 2.11 builds it)
+// operation for operation: everything in fp32, the moments as fused multiply-adds, the bias
+// corrections from the step count on the device (powf here as there), so that the same inputs
+// give the same bits.
 //
 // A piece is a contiguous range of the flats (master, exp_avg, exp_avg_sq) with its gradient and
 // weights elsewhere. The table holds ADAMW_FIELDS 64-bit values a piece: start in the flats,
@@ -22,15 +23,14 @@
 #define ADAMW_THREADS 256
 
 struct AdamWArgs {
-  double lr;
-  double beta1;
-  double beta2;
-  double weight_decay;
-  double eps;
-  // lr / (1 - beta1^t) and sqrt(1 - beta2^t), each rounded to fp32 as torch's kernel holds them.
-  float step_size;
-  float bias_correction2_sqrt;
-  // The gradient is divided by this (in double, as torch's grad_scale) when `scaled`.
+  float lr;
+  float beta1;
+  float beta2;
+  float weight_decay;
+  float eps;
+  // The step count (from 1), as torch keeps it: an fp32 value.
+  float step;
+  // The gradient is divided by this (as torch's grad_scale) when `scaled`.
   float grad_scale;
   int scaled;
 };
@@ -53,14 +53,15 @@ __device__ __forceinline__ bool aligned_to(const void* p, unsigned bytes) {
   return ((unsigned long long)p & (bytes - 1)) == 0;
 }
 
-__device__ __forceinline__ void adamw_element(float& p, float g, float& m, float& v, const AdamWArgs& a,
-                                              bool decay) {
-  if (a.scaled) g = (float)((double)g / (double)a.grad_scale);
-  if (decay) p = (float)((double)p - a.lr * a.weight_decay * (double)p);
-  m = (float)(a.beta1 * (double)m + (1.0 - a.beta1) * (double)g);
-  v = (float)(a.beta2 * (double)v + (1.0 - a.beta2) * (double)g * (double)g);
-  const float denom = (float)((double)(sqrtf(v) / a.bias_correction2_sqrt) + a.eps);
-  p -= a.step_size * m / denom;
+__device__ __forceinline__ void adamw_element(float& p, float g, float& m, float& v, const AdamWArgs& a, bool decay,
+                                              float bias_correction1, float bias_correction2_sqrt) {
+  if (a.scaled) g /= a.grad_scale;
+  if (decay) p -= a.lr * a.weight_decay * p;
+  m = fmaf(a.beta1, m, fmaf(-a.beta1, g, g));
+  v = fmaf(a.beta2, v, fmaf(-a.beta2, g * g, g * g));
+  const float step_size = a.lr / bias_correction1;
+  const float denom = (sqrtf(v) / bias_correction2_sqrt) + a.eps;
+  p -= step_size * m / denom;
 }
 
 template <typename G, typename W>
@@ -70,7 +71,9 @@ __device__ void adamw(const long long* table, int pieces, float* params, float* 
   const long long start = t[0], len = t[1];
   const G* grad = reinterpret_cast<const G*>(t[2]);
   W* weight = reinterpret_cast<W*>(t[3]);
-  const bool decay = t[5] != 0 && a.weight_decay != 0.0;
+  const bool decay = t[5] != 0 && a.weight_decay != 0.0f;
+  const float bc1 = 1.0f - powf(a.beta1, a.step);
+  const float bc2_sqrt = sqrtf(1.0f - powf(a.beta2, a.step));
   const long long begin = ((long long)blockIdx.x - t[4]) * ADAMW_CHUNK;
   const long long end = min(begin + ADAMW_CHUNK, len);
   float* p = params + start;
@@ -86,7 +89,7 @@ __device__ void adamw(const long long* table, int pieces, float* params, float* 
       quad_load(grad + q, gv);
       quad_load(m + q, mv);
       quad_load(v + q, vv);
-      for (int j = 0; j < 4; ++j) adamw_element(pv[j], gv[j], mv[j], vv[j], a, decay);
+      for (int j = 0; j < 4; ++j) adamw_element(pv[j], gv[j], mv[j], vv[j], a, decay, bc1, bc2_sqrt);
       quad_store(p + q, pv);
       quad_store(m + q, mv);
       quad_store(v + q, vv);
@@ -97,7 +100,7 @@ __device__ void adamw(const long long* table, int pieces, float* params, float* 
   }
   for (; i < end; i += ADAMW_THREADS) {
     float pi = p[i], mi = m[i], vi = v[i];
-    adamw_element(pi, to_float(grad[i]), mi, vi, a, decay);
+    adamw_element(pi, to_float(grad[i]), mi, vi, a, decay, bc1, bc2_sqrt);
     p[i] = pi;
     m[i] = mi;
     v[i] = vi;

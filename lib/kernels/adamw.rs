@@ -49,33 +49,27 @@ pub struct AdamWScalars {
 /// adamw.cu's AdamWArgs, field for field.
 #[repr(C)]
 struct AdamWArgs {
-    lr: f64,
-    beta1: f64,
-    beta2: f64,
-    weight_decay: f64,
-    eps: f64,
-    step_size: f32,
-    bias_correction2_sqrt: f32,
+    lr: f32,
+    beta1: f32,
+    beta2: f32,
+    weight_decay: f32,
+    eps: f32,
+    step: f32,
     grad_scale: f32,
     scaled: i32,
 }
 
 impl AdamWScalars {
-    /// torch's fused kernel takes the step count as an fp32 tensor and holds its bias
-    /// corrections in fp32: `1 - beta^step` in double, then rounded; likewise here.
+    /// torch's fused CUDA kernel rounds its hyper-parameters to fp32 and keeps the step count
+    /// as an fp32 value (exact to 2^24 steps); likewise here.
     fn args(&self) -> AdamWArgs {
-        let (b1, b2) = self.betas;
-        let step = self.step as f32 as f64;
-        let bias_correction1 = (1.0 - b1.powf(step)) as f32;
-        let bias_correction2 = (1.0 - b2.powf(step)) as f32;
         AdamWArgs {
-            lr: self.lr,
-            beta1: b1,
-            beta2: b2,
-            weight_decay: self.weight_decay,
-            eps: self.eps,
-            step_size: (self.lr / bias_correction1 as f64) as f32,
-            bias_correction2_sqrt: bias_correction2.sqrt(),
+            lr: self.lr as f32,
+            beta1: self.betas.0 as f32,
+            beta2: self.betas.1 as f32,
+            weight_decay: self.weight_decay as f32,
+            eps: self.eps as f32,
+            step: self.step as f32,
             grad_scale: self.grad_scale as f32,
             scaled: i32::from(self.grad_scale != 1.0),
         }
