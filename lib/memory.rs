@@ -733,6 +733,9 @@ pub fn gpu_breakdown(s: &Setup, stage: u8, offload: Offload) -> Breakdown {
     // activations unless few are kept, so they add to the peak only beyond the activations.
     let direct = d == 1 && s.grad_accum == 1 && stage < 3 && !offload.optimizer();
     let activations = activation_bytes(s);
+    if direct {
+        comm = 0; // nothing is packed for a reduction
+    }
     let (params, grads, optimizer) = match (stage, offload) {
         _ if direct => (e * psi, (e * psi).saturating_sub(activations), 12 * psi),
         (0, _) => (e * psi, 4 * psi + accum, 12 * psi),
