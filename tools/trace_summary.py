@@ -3,10 +3,13 @@
 writes one per run, out_dir/logs/trace_rank000_step_N.json; torch.profiler's export_chrome_trace
 gives the same format), so a step's time can be split by kernel family.
 
-    python3 tools/trace_summary.py TRACE.json [--top 25]
+    python3 tools/trace_summary.py TRACE.json [--top 25] [--gaps 15]
 
 Prints the time on the device per kernel name (summed over the trace, with call counts), the
-share of the traced span, and totals for families (GEMM, attention, elementwise, norm, ...)."""
+share of the traced span, and totals for families (GEMM, attention, elementwise, norm, ...);
+then the device's idle time by gap size and the largest gaps with the kernels around them (a
+gap is host time the device waited for: a synchronisation, or launches slower than the
+kernels)."""
 import argparse, collections, json, re, sys
 
 FAMILIES = [
@@ -27,6 +30,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("trace")
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--gaps", type=int, default=15)
     a = ap.parse_args()
     with open(a.trace) as f:
         events = json.load(f).get("traceEvents", [])
@@ -53,6 +57,28 @@ def main():
     print(f"\ntop {a.top} kernels (ms, calls, name):")
     for name, (us, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[: a.top]:
         print(f"  {us / 1e3:8.2f} {n:5d}  {name[:140]}")
+    gaps(kernels, a.gaps)
+
+
+def gaps(kernels, n):
+    """Idle stretches of the device: from the latest end so far to the next kernel's start."""
+    found = []
+    ordered = sorted(kernels, key=lambda e: e["ts"])
+    frontier, last = ordered[0]["ts"] + ordered[0]["dur"], ordered[0]["name"]
+    for e in ordered[1:]:
+        if e["ts"] > frontier:
+            found.append((e["ts"] - frontier, last, e["name"], e["ts"]))
+        if e["ts"] + e["dur"] >= frontier:
+            frontier, last = e["ts"] + e["dur"], e["name"]
+    t0 = ordered[0]["ts"]
+    sizes = [(0, 10), (10, 100), (100, 1000), (1000, float("inf"))]
+    print(f"\nidle gaps: {sum(g[0] for g in found) / 1e3:.2f} ms in {len(found)} gaps")
+    for lo, hi in sizes:
+        sel = [g[0] for g in found if lo <= g[0] < hi]
+        print(f"  {lo:>5} us to {hi:>5} us: {len(sel):5d} gaps, {sum(sel) / 1e3:8.2f} ms")
+    print(f"largest {n} (us, at ms into the trace, the kernel before -> the kernel after):")
+    for g, before, after, ts in sorted(found, key=lambda x: -x[0])[:n]:
+        print(f"  {g:9.1f} {(ts - t0) / 1e3:8.2f}  {before[:60]} -> {after[:60]}")
 
 
 if __name__ == "__main__":

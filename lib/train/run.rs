@@ -187,7 +187,10 @@ impl Run {
 
     /// With `profile`, a kernel-level trace of one step after a warm-up of three goes to
     /// out_dir/logs/trace_rankNNN_step_N.json (a Chrome trace; `tools/trace_summary.py` totals
-    /// its kernels). Called as each step ends: the trace starts after one and stops after the next.
+    /// its kernels and lists the device's idle gaps). Called as each step ends: the trace starts
+    /// after one and stops after the next. The traced step runs without the phase timer, whose
+    /// synchronisations would leave gaps of their own, so its gaps are those of a run without
+    /// `profile`; the phase averages leave that step out.
     fn trace_step(&mut self, step: u64) {
         const WARM_UP: u64 = 3;
         let traced = self.start + WARM_UP + 1;
@@ -195,7 +198,16 @@ impl Run {
             return;
         }
         let path = self.cfg.out_dir.join("logs").join(format!("trace_rank{:03}_step{step}.json", self.rank));
-        let done = if step == traced { crate::device::trace_stop(&path) } else { crate::device::trace_start() };
+        let done = if step == traced {
+            if let Some(mut p) = self.profile_aside.take() {
+                p.pause();
+                self.engine.profile = Some(p);
+            }
+            crate::device::trace_stop(&path)
+        } else {
+            self.profile_aside = self.engine.profile.take();
+            crate::device::trace_start()
+        };
         match done {
             Ok(()) if step == traced => info!("kernel trace of step {step}: {}", path.display()),
             Ok(()) => {}

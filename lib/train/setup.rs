@@ -62,6 +62,8 @@ pub(super) struct Run {
     pub last_eval: Option<(f64, f64)>,
     /// Rank 0's TensorBoard event file (`tensorboard_dir`).
     pub tensorboard: Option<EventWriter>,
+    /// The engine's phase timer while the kernel trace's step runs without it.
+    pub profile_aside: Option<crate::zero::profile::PhaseTimer>,
     /// Held by rank 0 for the whole run.
     _lock: Option<RunLock>,
 }
@@ -190,6 +192,7 @@ impl Run {
             interval_start: Instant::now(),
             last_eval: None,
             tensorboard,
+            profile_aside: None,
             _lock: lock,
         })
     }
