@@ -29,7 +29,7 @@
 
 mod fused;
 
-use crate::kernels::{AdamWPiece, AdamWScalars};
+use crate::kernels::{AdamWScalars, PieceTable};
 use fused::{FusedError, FusedViews};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
@@ -317,16 +317,17 @@ impl AdamW {
         tch::no_grad(|| self.step_inner(params, grad, lr, grad_scale))
     }
 
-    /// [`step_scaled`](Self::step_scaled) by zerokit's kernel (lib/kernels/adamw.cu) on the GPU:
-    /// each piece of the shard reads its gradient where it lies (the model's own 16-bit
-    /// gradients need no fp32 copy) and writes its updated weights into the model's compute-dtype
-    /// tensors in the same pass. The pieces say which elements decay; elements of no piece
-    /// (padding) are left as they are. Ok(false): the kernel is not available for this device
-    /// (a CPU, or NVRTC missing) and nothing changed; the caller then takes the libtorch path.
+    /// [`step_scaled`](Self::step_scaled) by zerokit's kernel (lib/kernels/adamw.cu) on the GPU,
+    /// over the pieces of `table`: each reads its gradient where it lies (the model's own 16-bit
+    /// gradients need no fp32 copy) and writes its updated weights into the model's
+    /// compute-dtype tensors in the same pass. The pieces say which elements decay; elements of
+    /// no piece (padding) are left as they are. Ok(false): the kernel is not available for this
+    /// device (a CPU, or NVRTC missing) and nothing changed; the caller then takes the libtorch
+    /// path.
     pub fn step_pieces(
         &mut self,
         params: &mut Tensor,
-        pieces: &[AdamWPiece],
+        table: &PieceTable,
         lr: f64,
         grad_scale: f64,
     ) -> Result<bool, OptimError> {
@@ -334,7 +335,7 @@ impl AdamW {
         check_scalars(lr, grad_scale)?;
         let AdamWConfig { betas, eps, weight_decay, .. } = self.cfg;
         let scalars = AdamWScalars { lr, betas, eps, weight_decay, step: self.step + 1, grad_scale };
-        let ran = crate::kernels::adamw(pieces, params, &self.exp_avg, &self.exp_avg_sq, &scalars)
+        let ran = crate::kernels::adamw(table, params, &self.exp_avg, &self.exp_avg_sq, &scalars)
             .map_err(|e| OptimError::Kernel(e.to_string()))?;
         if ran {
             self.step += 1;

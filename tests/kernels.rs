@@ -17,7 +17,7 @@ use tch::{Device, Kind, Reduction, Tensor};
 use zerokit::kernels::{
     activated_linear, activated_linear_reference, classifier, classifier_reference, fused_on, gated_product,
     gated_product_reference, layer_norm, layer_norm_reference, linear, linear_reference, rms_norm, rms_norm_reference,
-    sum_of_squares, widen_into, AdamWPiece, Gate, Span,
+    sum_of_squares, widen_into, AdamWPiece, Gate, PieceTable, Span,
 };
 use zerokit::model::{Gpt, GptConfig, Model};
 use zerokit::optim::{AdamW, AdamWConfig, Segment};
@@ -391,24 +391,30 @@ fn adamw_kernel_refuses_bad_pieces_and_leaves_the_cpu_to_libtorch() {
         }
     }
     let good: Vec<AdamWPiece> = segs.iter().map(|s| piece(s, &g)).collect();
-    assert!(!opt.step_pieces(&mut p, &good, 1e-3, 1.0).unwrap(), "no kernel on the CPU");
+    let cpu = Device::Cpu;
+    assert!(
+        !opt.step_pieces(&mut p, &PieceTable::new(&good, cpu).unwrap(), 1e-3, 1.0).unwrap(),
+        "no kernel on the CPU"
+    );
     assert_eq!(opt.state().2, 0, "nothing ran");
-    assert!(p.equal(&Tensor::ones([numel as i64], (Kind::Float, Device::Cpu))));
+    assert!(p.equal(&Tensor::ones([numel as i64], (Kind::Float, cpu))));
+    assert!(sum_of_squares(&PieceTable::new(&good, cpu).unwrap()).unwrap().is_none());
+    let refused = |pieces: &[AdamWPiece]| PieceTable::new(pieces, cpu).err().expect("refused").to_string();
     let mut outside = good.clone();
     outside[5] = piece(&segs[5], &short);
-    let err = opt.step_pieces(&mut p, &outside, 1e-3, 1.0).unwrap_err().to_string();
+    let err = refused(&outside);
     assert!(err.contains("of a tensor of 10 elements"), "{err}");
     let mut mixed = good.clone();
     mixed[2] = piece(&segs[2], &half);
-    let err = opt.step_pieces(&mut p, &mixed, 1e-3, 1.0).unwrap_err().to_string();
+    let err = refused(&mixed);
     assert!(err.contains("Half beside BFloat16"), "{err}");
     let mut overlapping = good.clone();
     overlapping.swap(3, 4);
-    let err = opt.step_pieces(&mut p, &overlapping, 1e-3, 1.0).unwrap_err().to_string();
+    let err = refused(&overlapping);
     assert!(err.contains("overlaps or precedes"), "{err}");
     let beyond =
         [AdamWPiece { start: numel - 1, len: 2, grad: Span { tensor: &g, offset: 0 }, weight: None, decay: false }];
-    let err = opt.step_pieces(&mut p, &beyond, 1e-3, 1.0).unwrap_err().to_string();
+    let err = opt.step_pieces(&mut p, &PieceTable::new(&beyond, cpu).unwrap(), 1e-3, 1.0).unwrap_err().to_string();
     assert!(err.contains("at least"), "{err}");
 }
 
@@ -461,7 +467,8 @@ fn adamw_kernel_matches_libtorch_fused_adamw_on_cuda() {
                         decay: s.decay,
                     })
                     .collect();
-                assert!(own.step_pieces(&mut p_own, &pieces, 1e-3, grad_scale).unwrap(), "{case}: the kernel must run");
+                let table = PieceTable::new(&pieces, cuda).unwrap();
+                assert!(own.step_pieces(&mut p_own, &table, 1e-3, grad_scale).unwrap(), "{case}: the kernel must run");
                 let (m_ref, v_ref, n_ref) = reference.state();
                 let (m_own, v_own, n_own) = own.state();
                 assert_eq!(n_ref, n_own);
@@ -502,8 +509,8 @@ fn gradient_sum_of_squares_matches_float64_on_cuda() {
                 decay: false,
             })
             .collect();
-        let got = sum_of_squares(&pieces, cuda).unwrap().unwrap();
-        let again = sum_of_squares(&pieces, cuda).unwrap().unwrap();
+        let got = sum_of_squares(&PieceTable::new(&pieces, cuda).unwrap()).unwrap().unwrap();
+        let again = sum_of_squares(&PieceTable::new(&pieces, cuda).unwrap()).unwrap().unwrap();
         assert!(got.equal(&again), "{kind:?}: two runs differ");
         let exact: f64 = segs
             .iter()

@@ -8,6 +8,7 @@
 use super::kernels_for;
 use cudarc::driver::result as cu;
 use std::ffi::c_void;
+use std::marker::PhantomData;
 use tch::{Device, Kind, TchError, Tensor};
 
 /// adamw.cu's ADAMW_FIELDS, ADAMW_CHUNK and ADAMW_THREADS.
@@ -76,9 +77,12 @@ impl AdamWScalars {
     }
 }
 
-/// The pieces as the kernels read them: adamw.cu's table, checked.
-struct Table {
-    host: Vec<i64>,
+/// The pieces as the kernels read them: adamw.cu's table, checked against the pieces'
+/// tensors and on its way to the device. It borrows those tensors (`'a`), whose addresses it
+/// holds, so it cannot outlive them; one table serves a step's gradient norm and its update.
+pub struct PieceTable<'a> {
+    /// The table in device memory (on the host for a CPU).
+    table: Tensor,
     pieces: i32,
     blocks: u32,
     grad_kind: Kind,
@@ -86,6 +90,7 @@ struct Table {
     /// One past the last element of the flats any piece reaches.
     end: usize,
     device: Device,
+    _tensors: PhantomData<&'a Tensor>,
 }
 
 fn bad(msg: String) -> TchError {
@@ -136,8 +141,12 @@ fn address(
     Ok(s.base + (span.offset * elem) as i64)
 }
 
-impl Table {
-    fn new(pieces: &[AdamWPiece], device: Device) -> Result<Table, TchError> {
+impl<'a> PieceTable<'a> {
+    /// Checks the pieces (each span inside its tensor, contiguous, on `device`; one gradient
+    /// kind and one weight kind; pieces in order without overlap) and sends the table to the
+    /// device. The copy comes from page-locked memory and does not wait: built while the device
+    /// still runs the backward, the table is there when the step needs it.
+    pub fn new(pieces: &[AdamWPiece<'a>], device: Device) -> Result<PieceTable<'a>, TchError> {
         let mut host = Vec::with_capacity(pieces.len() * FIELDS);
         let (mut grad_kind, mut weight_kind) = (None, None);
         let (mut grad_seen, mut weight_seen) = (None, None);
@@ -159,12 +168,12 @@ impl Table {
         let blocks = u32::try_from(blocks).map_err(|_| bad(format!("{blocks} blocks")))?;
         let pieces = i32::try_from(count).map_err(|_| bad(format!("{count} pieces")))?;
         let grad_kind = grad_kind.unwrap_or(Kind::Float);
-        Ok(Table { host, pieces, blocks, grad_kind, weight_kind, end, device })
-    }
-
-    /// The table in device memory (a small synchronous copy).
-    fn upload(&self) -> Result<Tensor, TchError> {
-        Tensor::f_from_slice(&self.host)?.f_to_device(self.device)
+        let mut table = Tensor::f_from_slice(&host)?;
+        if device.is_cuda() {
+            // libtorch keeps the pinned block until the copy has run.
+            table = table.f_pin_memory(device)?.f_to_device_(device, Kind::Int64, true, false)?;
+        }
+        Ok(PieceTable { table, pieces, blocks, grad_kind, weight_kind, end, device, _tensors: PhantomData })
     }
 }
 
@@ -180,21 +189,18 @@ fn launch(
         .map_err(|e| TchError::Kind(format!("{what} launch: {e:?}")))
 }
 
-/// One AdamW step over `pieces` of the flats `params`, `exp_avg` and `exp_avg_sq` (fp32,
-/// contiguous, on one GPU), writing each piece's weights where it has some. Ok(false): zerokit's
-/// kernels are not available for the device (a CPU, or NVRTC missing), and nothing changed.
-/// The pieces' tensors must stay alive until the step has run on the device (libtorch's
-/// stream order sees to it when the caller drops them after this returns).
+/// One AdamW step over the table's pieces of the flats `params`, `exp_avg` and `exp_avg_sq`
+/// (fp32, contiguous, on one GPU), writing each piece's weights where it has some. Ok(false):
+/// zerokit's kernels are not available for the device (a CPU, or NVRTC missing), and nothing
+/// changed.
 pub fn adamw(
-    pieces: &[AdamWPiece],
+    table: &PieceTable,
     params: &Tensor,
     exp_avg: &Tensor,
     exp_avg_sq: &Tensor,
     s: &AdamWScalars,
 ) -> Result<bool, TchError> {
-    let device = params.device();
-    // Checked first, so that a bad piece is an error wherever it is found.
-    let table = Table::new(pieces, device)?;
+    let device = table.device;
     for (what, t) in [("parameters", params), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)] {
         if t.kind() != Kind::Float || t.device() != device || !t.is_contiguous() || t.numel() < table.end {
             return Err(bad(format!(
@@ -218,8 +224,7 @@ pub fn adamw(
         (Kind::Half, None | Some(Kind::Half)) => 4,
         (g, w) => return Err(bad(format!("{g:?} gradients with {w:?} weights"))),
     };
-    let device_table = table.upload()?;
-    let (mut t, mut n) = (device_table.data_ptr(), table.pieces);
+    let (mut t, mut n) = (table.table.data_ptr(), table.pieces);
     let (mut p, mut m, mut v) = (params.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr());
     let mut args = s.args();
     let mut params: [*mut c_void; 6] = [
@@ -238,10 +243,10 @@ pub fn adamw(
     Ok(true)
 }
 
-/// The sum of squares of the pieces' gradients (divided by nothing), as a 0-dim fp64 tensor
-/// on their GPU; the same bits on every run. None: zerokit's kernels are not available there.
-pub fn sum_of_squares(pieces: &[AdamWPiece], device: Device) -> Result<Option<Tensor>, TchError> {
-    let table = Table::new(pieces, device)?;
+/// The sum of squares of the table's gradients (divided by nothing), as a 0-dim fp64 tensor on
+/// their GPU; the same bits on every run. None: zerokit's kernels are not available there.
+pub fn sum_of_squares(table: &PieceTable) -> Result<Option<Tensor>, TchError> {
+    let device = table.device;
     let Some(k) = kernels_for(device) else { return Ok(None) };
     if table.blocks == 0 {
         return Ok(Some(Tensor::f_zeros([], (Kind::Double, device))?));
@@ -252,9 +257,8 @@ pub fn sum_of_squares(pieces: &[AdamWPiece], device: Device) -> Result<Option<Te
         Kind::Half => 2,
         g => return Err(bad(format!("{g:?} gradients"))),
     };
-    let device_table = table.upload()?;
     let partial = Tensor::f_empty([table.blocks as i64], (Kind::Double, device))?;
-    let (mut t, mut n, mut out) = (device_table.data_ptr(), table.pieces, partial.data_ptr());
+    let (mut t, mut n, mut out) = (table.table.data_ptr(), table.pieces, partial.data_ptr());
     let mut params: [*mut c_void; 3] =
         [&mut t as *mut _ as *mut c_void, &mut n as *mut _ as *mut c_void, &mut out as *mut _ as *mut c_void];
     // SAFETY: as in `adamw`.

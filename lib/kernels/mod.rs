@@ -23,7 +23,7 @@ mod ops;
 mod sums;
 mod widen;
 
-pub use adamw::{adamw, sum_of_squares, AdamWPiece, AdamWScalars, Span};
+pub use adamw::{adamw, sum_of_squares, AdamWPiece, AdamWScalars, PieceTable, Span};
 pub use classifier::{classifier, classifier_reference};
 pub use widen::widen_into;
 

@@ -21,7 +21,7 @@ use super::host::{host_buffer, CopyStream};
 use super::layout::FlatLayout;
 use super::state::{PartitionState, ZeroState};
 use crate::comm::{Collectives, CommError};
-use crate::kernels::{AdamWPiece, Span};
+use crate::kernels::{sum_of_squares, AdamWPiece, PieceTable, Span};
 use crate::model::{loss, vjp, Model};
 use crate::optim::{clip_coef, local_grad_norm_sq, AdamW, AdamWConfig, OptimError, Segment};
 use crate::scaler::{LossScaler, ScalerConfig, ScalerError, StepDecision};
@@ -688,24 +688,32 @@ impl<M: Model> Engine<M> {
         // gradient is inf/nan, so it doubles as the overflow check) and the loss. With stage 0
         // every rank holds the same full gradient: only rank 0 contributes it.
         let contributes = self.owns_partition();
+        // zerokit's AdamW reads its pieces from a table built now, while the device may still
+        // run the backward, so that the update is queued as soon as the norm is known.
+        let direct = self.direct_grads();
+        let grads = if direct { Grads::Slots(&self.slot_grads) } else { Grads::Partition(&self.grad) };
+        let pieces = match self.own_adamw {
+            true => adamw_pieces(&self.layout, self.part_rank(), grads, self.model_flat.as_ref())?,
+            false => Vec::new(),
+        };
+        let table = if self.own_adamw { Some(PieceTable::new(&pieces, self.cfg.device)?) } else { None };
+        let norm_sq = match (&mut self.device_norm_sq, &table) {
+            (Some(acc), _) => std::mem::replace(acc, acc.zeros_like()),
+            (None, Some(t)) if direct => sum_of_squares(t)?
+                .ok_or_else(|| ZeroError::Layout("zerokit's kernels are not available for the gradient norm".into()))?,
+            (None, _) => local_grad_norm_sq(&self.grad)?,
+        };
         let on_host = |t: Tensor| t.to_device(Device::Cpu);
-        let local = Tensor::stack(
-            &[
-                match &mut self.device_norm_sq {
-                    Some(acc) => on_host(std::mem::replace(acc, acc.zeros_like())),
-                    None => on_host(self.grad_norm_sq()?),
-                },
-                on_host(self.loss_sum.to_kind(Kind::Double) / micro as f64),
-            ],
-            0,
-        );
+        let local = Tensor::stack(&[on_host(norm_sq), on_host(self.loss_sum.to_kind(Kind::Double) / micro as f64)], 0);
         let mut stats: Vec<f64> = Vec::<f64>::try_from(&local)?;
         if !contributes {
             stats[0] = 0.0;
         }
         self.comm.all_reduce_scalars(&mut stats)?;
         let (norm, loss) = (stats[0].sqrt() * unscale, stats[1] / world as f64);
-        self.mark("gradient norm");
+        if let Some(p) = &mut self.profile {
+            p.mark("gradient norm");
+        }
         let overflow = !norm.is_finite();
         let _ = self.loss_sum.zero_();
         self.micro = 0;
@@ -720,6 +728,7 @@ impl<M: Model> Engine<M> {
             }
         };
         if skip {
+            drop((table, pieces));
             self.slot_grads.iter_mut().for_each(|g| *g = None);
             if let Some(p) = &mut self.profile {
                 p.end_step();
@@ -728,14 +737,13 @@ impl<M: Model> Engine<M> {
         }
         let clip = if self.cfg.grad_clip > 0.0 { clip_coef(norm, self.cfg.grad_clip) } else { 1.0 };
         let grad_scale = 1.0 / (unscale * clip);
-        let mut written = false;
-        if self.own_adamw {
-            let grads = if self.direct_grads() { Grads::Slots(&self.slot_grads) } else { Grads::Partition(&self.grad) };
-            let pieces = adamw_pieces(&self.layout, self.part_rank(), grads, self.model_flat.as_ref())?;
-            written = self.opt.step_pieces(&mut self.master, &pieces, lr, grad_scale)?;
-        }
+        let written = match &table {
+            Some(t) => self.opt.step_pieces(&mut self.master, t, lr, grad_scale)?,
+            None => false,
+        };
+        drop((table, pieces));
         if !written {
-            if self.direct_grads() {
+            if direct {
                 return Err(ZeroError::Layout("zerokit's AdamW kernel did not run on the model's gradients".into()));
             }
             self.opt.step_scaled(&mut self.master, &self.grad, lr, grad_scale)?;
@@ -748,17 +756,6 @@ impl<M: Model> Engine<M> {
             p.end_step();
         }
         Ok(StepStats { loss, grad_norm: norm, skipped: false, loss_scale: scale })
-    }
-
-    /// The squared norm of this rank's gradient (of its partition, or of the model's gradients
-    /// where the optimizer reads those), a 0-dim fp64 tensor on the gradient's device.
-    fn grad_norm_sq(&self) -> Result<Tensor, ZeroError> {
-        if !self.direct_grads() {
-            return Ok(local_grad_norm_sq(&self.grad)?);
-        }
-        let pieces = adamw_pieces(&self.layout, 0, Grads::Slots(&self.slot_grads), None)?;
-        crate::kernels::sum_of_squares(&pieces, self.cfg.device)?
-            .ok_or_else(|| ZeroError::Layout("zerokit's kernels are not available for the gradient norm".into()))
     }
 
     /// Publishes the updated master partition as the model's weights: copied into the flat
