@@ -168,11 +168,7 @@ impl<'a> PieceTable<'a> {
         let blocks = u32::try_from(blocks).map_err(|_| bad(format!("{blocks} blocks")))?;
         let pieces = i32::try_from(count).map_err(|_| bad(format!("{count} pieces")))?;
         let grad_kind = grad_kind.unwrap_or(Kind::Float);
-        let mut table = Tensor::f_from_slice(&host)?;
-        if device.is_cuda() {
-            // libtorch keeps the pinned block until the copy has run.
-            table = table.f_pin_memory(device)?.f_to_device_(device, Kind::Int64, true, false)?;
-        }
+        let table = crate::zero::host::to_device_async(&Tensor::f_from_slice(&host)?, device)?;
         Ok(PieceTable { table, pieces, blocks, grad_kind, weight_kind, end, device, _tensors: PhantomData })
     }
 }

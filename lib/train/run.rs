@@ -9,7 +9,7 @@ use crate::interop::hf_model;
 use crate::zero::StepStats;
 use std::ops::ControlFlow;
 use std::time::Instant;
-use tch::{Kind, Tensor};
+use tch::Tensor;
 use tracing::info;
 
 /// Peak dense fp16/bf16 tensor throughput of an H100/H200 SXM, the MFU denominator nanoGPT and
@@ -44,17 +44,13 @@ impl Run {
         Ok((self.tensor(&xs)?, self.tensor(&ys)?))
     }
 
-    /// A [batch_size, block_size] batch of token ids on the device. On a GPU it is copied from
-    /// page-locked memory without waiting: a copy from pageable memory holds the host until the
-    /// device has finished the step before (its optimizer update), and the device then idles
-    /// while the host queues the forward. libtorch keeps the pinned block until the copy is done.
+    /// A [batch_size, block_size] batch of token ids on the device, copied without waiting: a
+    /// copy from pageable memory would hold the host until the device has finished the step
+    /// before (its optimizer update), and the device would then idle while the host queues the
+    /// forward.
     fn tensor(&self, ids: &[i64]) -> Result<Tensor, TrainError> {
         let t = Tensor::from_slice(ids).view([self.cfg.batch_size as i64, self.cfg.block_size as i64]);
-        if !self.device.is_cuda() {
-            return Ok(t);
-        }
-        let pinned = t.f_pin_memory(self.device).map_err(crate::zero::ZeroError::from)?;
-        Ok(pinned.f_to_device_(self.device, Kind::Int64, true, false).map_err(crate::zero::ZeroError::from)?)
+        Ok(crate::zero::host::to_device_async(&t, self.device).map_err(crate::zero::ZeroError::from)?)
     }
 
     /// Whether this step is evaluated: every eval_interval and at the end (eval_iters = 0 turns

@@ -38,6 +38,20 @@ extern "C" char* zerokit_host_tensor(void* data, int64_t numel, const at::Tensor
 
 // dst.copy_(src, non_blocking=true): between page-locked host memory and the device the copy is
 // queued on the current stream and this call returns at once.
+// A page-locked copy of a host tensor from libtorch's caching pinned allocator, which keeps each
+// block until the non-blocking copies that read it have run. (tch's pin_memory passes a device,
+// which libtorch now warns about.)
+extern "C" char* zerokit_pin_memory(const at::Tensor* src, at::Tensor** out) {
+  try {
+    *out = new at::Tensor(src->pin_memory());
+    return nullptr;
+  } catch (const c10::Error& e) {
+    return message(e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    return message(e.what());
+  }
+}
+
 extern "C" char* zerokit_copy_async(at::Tensor* dst, const at::Tensor* src) {
   try {
     dst->copy_(*src, /*non_blocking=*/true);

@@ -22,6 +22,7 @@ extern "C" {
         out: *mut *mut c_void,
     ) -> *mut c_char;
     fn zerokit_copy_async(dst: *mut c_void, src: *const c_void) -> *mut c_char;
+    fn zerokit_pin_memory(src: *const c_void, out: *mut *mut c_void) -> *mut c_char;
 }
 
 /// The context pinned allocations were made in; frees may run on any thread (libtorch's), which
@@ -92,6 +93,24 @@ pub fn copy_async(dst: &mut Tensor, src: &Tensor) -> Result<(), TchError> {
     // SAFETY: both handles are live tch tensors; the shim catches every C++ exception.
     let status = unsafe { zerokit_copy_async(dst.as_mut_ptr().cast(), src.as_ptr().cast()) };
     shim_result(status).map_err(TchError::Torch)
+}
+
+/// A host tensor on `device` without the host waiting: on a GPU it goes through page-locked
+/// memory (libtorch's caching pinned allocator, which keeps the block until the copy has run)
+/// and the copy is queued on the current stream, where a copy from pageable memory would hold
+/// the host until the device has finished all it was given. Elsewhere the tensor itself.
+pub fn to_device_async(t: &Tensor, device: Device) -> Result<Tensor, TchError> {
+    if !device.is_cuda() {
+        return t.f_to_device(device);
+    }
+    let mut out: *mut c_void = std::ptr::null_mut();
+    // SAFETY: `t` is a live tch tensor; the shim catches every C++ exception and otherwise
+    // writes a new at::Tensor handle to `out`.
+    let status = unsafe { zerokit_pin_memory(t.as_ptr().cast(), &mut out) };
+    shim_result(status).map_err(TchError::Torch)?;
+    // SAFETY: `out` is a heap at::Tensor handle, which tch takes over (and deletes on drop).
+    let pinned = unsafe { Tensor::from_ptr(out.cast()) };
+    pinned.f_to_device_(device, pinned.kind(), true, false)
 }
 
 /// Copies between host and device on a stream of their own: moving reduced gradients into host
