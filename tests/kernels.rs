@@ -15,9 +15,9 @@ use common::tiny::{config, dataset, launch_args, train_command};
 use std::path::Path;
 use tch::{Device, Kind, Reduction, Tensor};
 use zerokit::kernels::{
-    activated_linear, activated_linear_reference, classifier, classifier_reference, fused_on, gated_product,
-    gated_product_reference, layer_norm, layer_norm_reference, linear, linear_reference, rms_norm, rms_norm_reference,
-    sum_of_squares, widen_into, AdamWPiece, Gate, PieceTable, Span,
+    activated_linear, activated_linear_reference, add_layer_norm, add_layer_norm_reference, classifier,
+    classifier_reference, fused_on, gated_product, gated_product_reference, layer_norm, layer_norm_reference, linear,
+    linear_reference, rms_norm, rms_norm_reference, sum_of_squares, widen_into, AdamWPiece, Gate, PieceTable, Span,
 };
 use zerokit::model::{Gpt, GptConfig, Model};
 use zerokit::optim::{AdamW, AdamWConfig, Segment};
@@ -249,12 +249,51 @@ fn linear_matches_addmm_on_cuda() {
     linear_matches_addmm(fused_cuda());
 }
 
-/// LayerNorm through `kernels::layer_norm` against libtorch's layer_norm: value and input's
-/// gradient bitwise; the gain's and bias's gradients the same bits on a second run, bitwise
-/// libtorch's on the CPU (the path CPU runs take) and, on a GPU (the kernel), within rounding of
-/// the float64 sums of dy·x̂ and dy. [B, T, C]
-/// inputs of odd and GPT-2 widths.
-fn layer_norm_matches_libtorch(device: Device) {
+/// The gradients of `inputs` for upstream gradient `g` of f's output.
+fn grads_with(inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Tensor, g: &Tensor) -> Vec<Tensor> {
+    let leaves: Vec<Tensor> = inputs.iter().map(|t| t.detach().set_requires_grad(true)).collect();
+    let y = f(&leaves);
+    Tensor::run_backward(&[&y * g], &leaves, false, false)
+}
+
+/// `ours` is as close to the float64 `exact` as libtorch's `theirs` is, or within one rounding
+/// into its kind: max |ours - exact| <= 1.5 max(max |theirs - exact|, u max |exact|).
+fn assert_as_close(ours: &Tensor, theirs: &Tensor, exact: &Tensor, what: &str) {
+    let err = |t: &Tensor| max_abs(&(t.to_kind(Kind::Double) - exact));
+    let floor = unit_roundoff(ours.kind()) * max_abs(exact);
+    let (e_ours, e_theirs) = (err(ours), err(theirs));
+    assert!(
+        e_ours <= 1.5 * e_theirs.max(floor),
+        "{what}: off float64 by {e_ours:e}, libtorch by {e_theirs:e} (one rounding: {floor:e})"
+    );
+}
+
+/// LayerNorm through `kernels::layer_norm`, and with the residual add before it through
+/// `kernels::add_layer_norm` (`residual`), against libtorch's layer_norm (after libtorch's add).
+/// On the CPU (the path CPU runs take) everything is bitwise libtorch's. On a GPU (zerokit's
+/// kernels) the sum is bitwise the add's; the value and the input's gradient (which, with the
+/// residual, includes the sum's own gradient) are as close to float64 as libtorch's; the gain's
+/// and bias's gradients are the same bits on a second run and within rounding of the float64
+/// sums of dy·x̂ and dy. [B, T, C] inputs of odd and GPT-2 widths. The loss reads the sum as well
+/// as the output, so that both paths of the residual carry a gradient.
+fn layer_norm_matches_libtorch(device: Device, residual: bool) {
+    let eps = 1e-5;
+    let ours_of = |t: &[Tensor]| {
+        if residual {
+            let (sum, out) = add_layer_norm(&t[0], &t[3], &t[1], &t[2], eps).unwrap();
+            Tensor::cat(&[out, sum * 0.5], -1)
+        } else {
+            layer_norm(&t[0], &t[1], &t[2], eps).unwrap()
+        }
+    };
+    let theirs_of = |t: &[Tensor]| {
+        if residual {
+            let (sum, out) = add_layer_norm_reference(&t[0], &t[3], &t[1], &t[2], eps);
+            Tensor::cat(&[out, sum * 0.5], -1)
+        } else {
+            layer_norm_reference(&t[0], &t[1], &t[2], eps)
+        }
+    };
     for kind in kinds_on(device) {
         for (i, shape) in [[1i64, 1, 1], [2, 5, 7], [3, 333, 130], [4, 1024, 768], [1, 9, 1600]].into_iter().enumerate()
         {
@@ -262,48 +301,75 @@ fn layer_norm_matches_libtorch(device: Device) {
             let x = (Tensor::randn(shape, (Kind::Float, device)) * 2.0 + 0.5).to_kind(kind);
             let w = (Tensor::randn([shape[2]], (Kind::Float, device)) * 0.1 + 1.0).to_kind(kind);
             let b = (Tensor::randn([shape[2]], (Kind::Float, device)) * 0.1).to_kind(kind);
-            let inputs = [x.shallow_clone(), w, b];
-            let ours = value_and_grads(&inputs, |t| layer_norm(&t[0], &t[1], &t[2], 1e-5).unwrap(), 6);
-            let again = value_and_grads(&inputs, |t| layer_norm(&t[0], &t[1], &t[2], 1e-5).unwrap(), 6);
-            let reference = value_and_grads(&inputs, |t| layer_norm_reference(&t[0], &t[1], &t[2], 1e-5), 6);
-            let case = format!("{device:?} {kind:?} {shape:?}");
-            for (what, (a, r)) in ["value", "input's gradient"].iter().zip(ours.iter().zip(&reference)) {
-                assert!(a.equal(r), "{case}: the {what} differs");
+            let r = Tensor::randn(shape, (Kind::Float, device)).to_kind(kind);
+            let mut inputs = vec![x.shallow_clone(), w, b];
+            if residual {
+                inputs.push(r.shallow_clone());
+            }
+            let ours = value_and_grads(&inputs, ours_of, 6);
+            let again = value_and_grads(&inputs, ours_of, 6);
+            let theirs = value_and_grads(&inputs, theirs_of, 6);
+            let case = format!("{device:?} {kind:?} {shape:?} residual {residual}");
+            if device == Device::Cpu {
+                for (j, (a, t)) in ours.iter().zip(&theirs).enumerate() {
+                    assert!(a.equal(t), "{case}: output {j} (value, then the gradients) differs on the CPU");
+                }
+                continue; // libtorch's own sums (its bf16 CPU kernel is further from float64 than the bound)
             }
             for j in 2..4 {
                 assert!(ours[j].equal(&again[j]), "{case}: a parameter's gradient differs between two runs");
-                if device == Device::Cpu {
-                    assert!(ours[j].equal(&reference[j]), "{case}: a parameter's gradient differs on the CPU");
-                }
-            }
-            if device == Device::Cpu {
-                continue; // libtorch's own sums (its bf16 CPU kernel is further from float64 than the bound)
             }
             let c = shape[2];
-            let g = upstream(&ours[0], 6).to_kind(Kind::Double).view([-1, c]);
-            let xd = x.to_kind(Kind::Double).view([-1, c]);
+            // The LayerNorm's input as both sides stored it (the add is bitwise the same).
+            let input = if residual { &x + &r } else { x.shallow_clone() };
+            if residual {
+                assert!(ours[0].narrow(-1, c, c).equal(&theirs[0].narrow(-1, c, c)), "{case}: the sum differs");
+            }
+            // float64 through the composed ops on the inputs as stored, with the same upstream.
+            let g = upstream(&ours[0], 6);
+            let double: Vec<Tensor> = inputs.iter().map(|t| t.to_kind(Kind::Double)).collect();
+            let exact_value = tch::no_grad(|| theirs_of(&double));
+            let exact = grads_with(&double, theirs_of, &g.to_kind(Kind::Double));
+            assert_as_close(&ours[0], &theirs[0], &exact_value, &format!("{case}: the value"));
+            assert_as_close(&ours[1], &theirs[1], &exact[0], &format!("{case}: the input's gradient"));
+            if residual {
+                assert!(ours[4].equal(&ours[1]), "{case}: the residual's gradient is not the input's");
+            }
+            let gd = g.narrow(-1, 0, c).to_kind(Kind::Double).reshape([-1, c]);
+            let xd = input.to_kind(Kind::Double).reshape([-1, c]);
             let mean = xd.mean_dim(-1, true, Kind::Double);
             let var = (&xd - &mean).square().mean_dim(-1, true, Kind::Double);
-            let rstd = (var + 1e-5).rsqrt();
+            let rstd = (var + eps).rsqrt();
             let xhat = (&xd - &mean) * &rstd;
             // x̂ is computed in fp32 from an fp32 mean: off by about |x|·rstd·2^-23 a term (at
             // width one, where x - mean is 0, that is all there is).
-            let slack = (g.abs() * xd.abs() * &rstd).sum_dim_intlist(0, false, Kind::Double) * 2f64.powi(-21);
-            assert_column_sums(&ours[2], &(&g * &xhat), Some(&slack), &format!("{case}: the gain's gradient"));
-            assert_column_sums(&ours[3], &g, None, &format!("{case}: the bias's gradient"));
+            let slack = (gd.abs() * xd.abs() * &rstd).sum_dim_intlist(0, false, Kind::Double) * 2f64.powi(-21);
+            assert_column_sums(&ours[2], &(&gd * &xhat), Some(&slack), &format!("{case}: the gain's gradient"));
+            assert_column_sums(&ours[3], &gd, None, &format!("{case}: the bias's gradient"));
         }
     }
 }
 
 #[test]
 fn layer_norm_matches_libtorch_on_cpu() {
-    layer_norm_matches_libtorch(Device::Cpu);
+    layer_norm_matches_libtorch(Device::Cpu, false);
+}
+
+#[test]
+fn add_layer_norm_matches_libtorch_on_cpu() {
+    layer_norm_matches_libtorch(Device::Cpu, true);
 }
 
 #[test]
 #[ignore = "needs a CUDA GPU: run with --ignored on a GPU machine"]
 fn layer_norm_matches_libtorch_on_cuda() {
-    layer_norm_matches_libtorch(fused_cuda());
+    layer_norm_matches_libtorch(fused_cuda(), false);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: run with --ignored on a GPU machine"]
+fn add_layer_norm_matches_libtorch_on_cuda() {
+    layer_norm_matches_libtorch(fused_cuda(), true);
 }
 
 /// `widen_into` (16-bit into fp32) gives libtorch's copy_ bit for bit: sizes around the 8-element

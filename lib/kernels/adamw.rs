@@ -5,9 +5,7 @@
 //! The reference is libtorch's `_fused_adamw_` (lib/optim.rs's default path), which the
 //! kernel follows operation for operation; tests/kernels.rs compares the two on the GPU.
 
-use super::kernels_for;
-use cudarc::driver::result as cu;
-use std::ffi::c_void;
+use super::{kernel_params, kernels_for, launch};
 use std::marker::PhantomData;
 use tch::{Device, Kind, TchError, Tensor};
 
@@ -173,18 +171,6 @@ impl<'a> PieceTable<'a> {
     }
 }
 
-fn launch(
-    f: cudarc::driver::sys::CUfunction,
-    blocks: u32,
-    params: &mut [*mut c_void],
-    what: &str,
-) -> Result<(), TchError> {
-    // SAFETY: the caller passes a function of the loaded module with `params` matching its
-    // parameters; grid and block sizes are in range.
-    unsafe { cu::launch_kernel(f, (blocks, 1, 1), (THREADS, 1, 1), 0, std::ptr::null_mut(), params) }
-        .map_err(|e| TchError::Kind(format!("{what} launch: {e:?}")))
-}
-
 /// One AdamW step over the table's pieces of the flats `params`, `exp_avg` and `exp_avg_sq`
 /// (fp32, contiguous, on one GPU), writing each piece's weights where it has some. Ok(false):
 /// zerokit's kernels are not available for the device (a CPU, or NVRTC missing), and nothing
@@ -223,19 +209,12 @@ pub fn adamw(
     let (mut t, mut n) = (table.table.data_ptr(), table.pieces);
     let (mut p, mut m, mut v) = (params.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr());
     let mut args = s.args();
-    let mut params: [*mut c_void; 6] = [
-        &mut t as *mut _ as *mut c_void,
-        &mut n as *mut _ as *mut c_void,
-        &mut p as *mut _ as *mut c_void,
-        &mut m as *mut _ as *mut c_void,
-        &mut v as *mut _ as *mut c_void,
-        &mut args as *mut _ as *mut c_void,
-    ];
-    // SAFETY: the context is live for the process (retained, never released).
-    unsafe { cu::ctx::set_current(k.ctx) }.map_err(|e| TchError::Kind(format!("cuCtxSetCurrent: {e:?}")))?;
-    // adamw_* takes (const long long*, int, float*, float*, float*, AdamWArgs), as `params`; the
-    // table's addresses were checked against their tensors, the flats against its extent.
-    launch(k.adamw[which], table.blocks, &mut params, "adamw")?;
+    let mut params = kernel_params![t, n, p, m, v, args];
+    // SAFETY: adamw_* takes (const long long*, int, float*, float*, float*, AdamWArgs), as
+    // `params`; the table's addresses were checked against their tensors, the flats against its
+    // extent.
+    unsafe { launch(k, k.adamw[which], (table.blocks, 1, 1), (THREADS, 1, 1), &mut params, "adamw") }
+        .map_err(TchError::Kind)?;
     Ok(true)
 }
 
@@ -255,12 +234,11 @@ pub fn sum_of_squares(table: &PieceTable) -> Result<Option<Tensor>, TchError> {
     };
     let partial = Tensor::f_empty([table.blocks as i64], (Kind::Double, device))?;
     let (mut t, mut n, mut out) = (table.table.data_ptr(), table.pieces, partial.data_ptr());
-    let mut params: [*mut c_void; 3] =
-        [&mut t as *mut _ as *mut c_void, &mut n as *mut _ as *mut c_void, &mut out as *mut _ as *mut c_void];
-    // SAFETY: as in `adamw`.
-    unsafe { cu::ctx::set_current(k.ctx) }.map_err(|e| TchError::Kind(format!("cuCtxSetCurrent: {e:?}")))?;
-    // sumsq_* takes (const long long*, int, double*), as `params`; `partial` has a slot a block.
-    launch(k.sumsq[which], table.blocks, &mut params, "sumsq")?;
+    let mut params = kernel_params![t, n, out];
+    // SAFETY: sumsq_* takes (const long long*, int, double*), as `params`; `partial` has a slot a
+    // block.
+    unsafe { launch(k, k.sumsq[which], (table.blocks, 1, 1), (THREADS, 1, 1), &mut params, "sumsq") }
+        .map_err(TchError::Kind)?;
     // libtorch's full reduction adds in an order fixed by the size: deterministic.
     Ok(Some(partial.f_sum(Kind::Double)?))
 }

@@ -1,8 +1,6 @@
 //! The fused classifier's launch (classifier.cu) and its reference in libtorch ops.
 
-use super::{kernels_for, Loaded};
-use cudarc::driver::result as cu;
-use std::ffi::c_void;
+use super::{kernel_params, kernels_for, launch, Loaded};
 use tch::{Kind, TchError, Tensor};
 
 /// Threads per row of the classifier: enough 16-byte loads in flight to stream a 100 KB row.
@@ -77,31 +75,13 @@ fn launch_classifier(
     let vectorized = i32::from((data as usize) % 16 == 0 && (v * elem) % 16 == 0);
     let (mut t, mut l, mut c) = (targets.data_ptr(), losses.data_ptr(), count.data_ptr());
     let (mut scale, mut v32, mut vec) = (scale as f32, v as i32, vectorized);
-    let mut params: [*mut c_void; 7] = [
-        &mut data as *mut _ as *mut c_void,
-        &mut t as *mut _ as *mut c_void,
-        &mut l as *mut _ as *mut c_void,
-        &mut c as *mut _ as *mut c_void,
-        &mut scale as *mut _ as *mut c_void,
-        &mut v32 as *mut _ as *mut c_void,
-        &mut vec as *mut _ as *mut c_void,
-    ];
-    // SAFETY: the context is live for the process (retained, never released).
-    unsafe { cu::ctx::set_current(k.ctx) }.map_err(|e| TchError::Kind(format!("cuCtxSetCurrent: {e:?}")))?;
+    let mut params = kernel_params![data, t, l, c, scale, v32, vec];
     // SAFETY: the function takes (T*, const i64*, float*, const float*, float, int, int), matching
     // `params`; every pointer is a live, contiguous device tensor of the checked shape, kept alive
     // by the caller (logits, losses) or by the caching allocator's stream order (targets, count
     // copies are freed only after work queued on this stream).
-    unsafe {
-        cu::launch_kernel(
-            k.classifier[which],
-            (n as u32, 1, 1),
-            (CLASSIFIER_THREADS, 1, 1),
-            0,
-            std::ptr::null_mut(),
-            &mut params,
-        )
-    }
-    .map_err(|e| TchError::Kind(format!("classifier launch: {e:?}")))?;
+    let grid = (n as u32, 1, 1);
+    unsafe { launch(k, k.classifier[which], grid, (CLASSIFIER_THREADS, 1, 1), &mut params, "classifier") }
+        .map_err(TchError::Kind)?;
     Ok(losses)
 }

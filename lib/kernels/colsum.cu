@@ -14,16 +14,6 @@
 #define COLSUM_WARPS 8
 #define COLSUM_UNROLL 4
 
-// Four adjacent columns from c, as one load when `vec`.
-template <typename T>
-__device__ __forceinline__ void load4(const T* p, int c, int cols, bool vec, float out[4]) {
-  if (vec) {
-    quad_load(p + c, out);
-  } else {
-    for (int j = 0; j < 4; ++j) out[j] = c + j < cols ? to_float(p[c + j]) : 0.0f;
-  }
-}
-
 // Block (32, COLSUM_WARPS) sums columns [blockIdx.x * 128, +128) over rows [blockIdx.y * rpc, +rpc)
 // into part_b (sum of dy) and, when x is given, part_g (sum of dy * xhat): [chunks, cols] each.
 // The last block of a column tile to finish (counted in counters[blockIdx.x], which it resets to

@@ -59,3 +59,31 @@ __device__ __forceinline__ void quad_store(T* p, const float in[4]) {
   for (int j = 0; j < 4; ++j) store(&q.v[j], in[j]);
   *reinterpret_cast<typename QuadBits<T>::type*>(p) = q.raw;
 }
+
+// Four adjacent columns from c of a row of `cols`, as one load when `vec` (cols a multiple of 4,
+// the row aligned); otherwise one at a time, zero past the row's end.
+template <typename T>
+__device__ __forceinline__ void load4(const T* p, int c, int cols, bool vec, float out[4]) {
+  if (vec) {
+    quad_load(p + c, out);
+  } else {
+    for (int j = 0; j < 4; ++j) out[j] = c + j < cols ? to_float(p[c + j]) : 0.0f;
+  }
+}
+
+// load4's store: nothing past the row's end.
+template <typename T>
+__device__ __forceinline__ void store4(T* p, int c, int cols, bool vec, const float in[4]) {
+  if (vec) {
+    quad_store(p + c, in);
+  } else {
+    for (int j = 0; j < 4; ++j)
+      if (c + j < cols) store(&p[c + j], in[j]);
+  }
+}
+
+// The sum of a warp's 32 values, in every lane (the same tree in every lane and on every run).
+__device__ __forceinline__ float warp_sum(float s) {
+  for (int off = 16; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
+  return s;
+}

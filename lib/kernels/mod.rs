@@ -19,6 +19,7 @@
 
 mod adamw;
 mod classifier;
+mod norm;
 mod ops;
 mod sums;
 mod widen;
@@ -31,6 +32,7 @@ pub use ops::{
     activated_linear, activated_linear_reference, gated_product, gated_product_reference, layer_norm,
     layer_norm_reference, linear, linear_reference, rms_norm, rms_norm_reference, Gate,
 };
+pub use ops::{add_layer_norm, add_layer_norm_reference};
 
 use cudarc::driver::{result as cu, sys as cusys};
 use std::ffi::{c_void, CString};
@@ -44,10 +46,11 @@ pub const KERNELS_SRC: &str = concat!(
     include_str!("classifier.cu"),
     include_str!("colsum.cu"),
     include_str!("widen.cu"),
-    include_str!("adamw.cu")
+    include_str!("adamw.cu"),
+    include_str!("layernorm.cu")
 );
 /// The kernels of KERNELS_SRC that `load` looks up, in the order it unpacks them.
-pub const KERNEL_ENTRIES: [&str; 16] = [
+pub const KERNEL_ENTRIES: [&str; 22] = [
     "classifier_f32",
     "classifier_bf16",
     "classifier_f16",
@@ -64,6 +67,12 @@ pub const KERNEL_ENTRIES: [&str; 16] = [
     "sumsq_f32",
     "sumsq_bf16",
     "sumsq_f16",
+    "ln_forward_f32",
+    "ln_forward_bf16",
+    "ln_forward_f16",
+    "ln_backward_f32",
+    "ln_backward_bf16",
+    "ln_backward_f16",
 ];
 
 /// The loaded module of one device. CUDA function handles are plain pointers into the driver's
@@ -83,6 +92,9 @@ struct Loaded {
     adamw: [cusys::CUfunction; 5],
     /// sumsq for fp32, bf16, fp16 gradients.
     sumsq: [cusys::CUfunction; 3],
+    /// ln_forward and ln_backward for fp32, bf16, fp16.
+    ln_forward: [cusys::CUfunction; 3],
+    ln_backward: [cusys::CUfunction; 3],
 }
 
 // SAFETY: CUfunction and CUcontext handles may be used from any thread; a launch makes the
@@ -154,7 +166,8 @@ fn load(device: usize) -> Result<Loaded, String> {
     let widen = [f[6], f[7]];
     let adamw = [f[8], f[9], f[10], f[11], f[12]];
     let sumsq = [f[13], f[14], f[15]];
-    Ok(Loaded { device, ctx, classifier, colsum, colsum_counters, widen, adamw, sumsq })
+    let (ln_forward, ln_backward) = ([f[16], f[17], f[18]], [f[19], f[20], f[21]]);
+    Ok(Loaded { device, ctx, classifier, colsum, colsum_counters, widen, adamw, sumsq, ln_forward, ln_backward })
 }
 
 /// The device's virtual architecture, so NVRTC emits PTX the driver compiles for this GPU.
@@ -172,6 +185,50 @@ fn arch(dev: cusys::CUdevice) -> Result<&'static str, String> {
         (8, 0..=5) => "compute_80",
         (m, n) => return Err(format!("compute capability {m}.{n} is below the 8.0 the kernels need")),
     })
+}
+
+/// Pointers to a kernel's arguments, in the order of its parameters, for [`launch`]: each
+/// argument is a local variable of the parameter's C type (a device address as a pointer,
+/// `long long` as i64, `int` as i32, `float` as f32).
+macro_rules! kernel_params {
+    ($($arg:ident),* $(,)?) => {
+        [$(&mut $arg as *mut _ as *mut std::ffi::c_void),*]
+    };
+}
+pub(crate) use kernel_params;
+
+/// Launches `f`, a kernel of `k`'s module, on the legacy default stream (libtorch's compute
+/// stream in zerokit) with the device's context current. `what` names it in the error.
+///
+/// # Safety
+/// `params` must match f's parameters in number, order and type, and every device address among
+/// them must stay valid until the kernel has run (the callers' tensors, kept alive by them or by
+/// the caching allocator's stream order).
+unsafe fn launch(
+    k: &Loaded,
+    f: cusys::CUfunction,
+    grid: (u32, u32, u32),
+    block: (u32, u32, u32),
+    params: &mut [*mut c_void],
+    what: &str,
+) -> Result<(), String> {
+    // SAFETY: the context is live for the process (retained, never released).
+    unsafe { cu::ctx::set_current(k.ctx) }.map_err(|e| format!("cuCtxSetCurrent: {e:?}"))?;
+    // SAFETY: the caller's contract; grid and block are within the device's limits.
+    unsafe { cu::launch_kernel(f, grid, block, 0, std::ptr::null_mut(), params) }
+        .map_err(|e| format!("{what} launch: {e:?}"))
+}
+
+/// What a launcher that ops.cpp calls back into returns on failure: 2, with `msg` in `*error`
+/// (ops.cpp frees it with free()).
+///
+/// # Safety
+/// `error` must point to a writable `char*` slot.
+unsafe fn callback_error(error: *mut *mut std::ffi::c_char, msg: String) -> i32 {
+    let c = CString::new(msg).unwrap_or_default();
+    // SAFETY: the caller's slot; strdup allocates with malloc, as ops.cpp's free() expects.
+    unsafe { *error = libc::strdup(c.as_ptr()) };
+    2
 }
 
 /// The fused kernels for tensors on `device`, if they are on a GPU and available.

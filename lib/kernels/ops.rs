@@ -36,6 +36,21 @@ extern "C" {
         eps: f64,
         out: *mut *mut c_void,
     ) -> *mut std::ffi::c_char;
+    fn zerokit_add_layer_norm(
+        x: *const c_void,
+        res: *const c_void,
+        weight: *const c_void,
+        bias: *const c_void,
+        eps: f64,
+        sum: *mut *mut c_void,
+        out: *mut *mut c_void,
+    ) -> *mut std::ffi::c_char;
+}
+
+/// Hands ops.cpp the launchers of the kernels it calls back into (once per process).
+fn register_kernels() {
+    super::sums::register_column_sums();
+    super::norm::register_layer_norm();
 }
 
 /// The gated MLP's activation: SwiGLU's SiLU or GeGLU's tanh-approximated GELU.
@@ -83,6 +98,7 @@ pub fn gated_product_reference(gate: &Tensor, up: &Tensor, act: Gate) -> Tensor 
 /// [tokens, in] tensor a layer less than the composed ops keep, with bitwise the same values and
 /// gradients.
 pub fn activated_linear(pre: &Tensor, weight: &Tensor, bias: &Tensor, act: Gate) -> Result<Tensor, TchError> {
+    register_kernels();
     let mut out: *mut c_void = std::ptr::null_mut();
     // SAFETY: as in `gated_product`: live handles in, a new handle out unless an error comes back.
     let status = unsafe {
@@ -102,7 +118,7 @@ pub fn activated_linear(pre: &Tensor, weight: &Tensor, bias: &Tensor, act: Gate)
 /// close to the memory bandwidth) and autograd's own reduction elsewhere. Values and the other
 /// gradients are bitwise addmm's; the bias's gradient on a GPU is the same sum in another order.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor, TchError> {
-    super::sums::register_column_sums();
+    register_kernels();
     let mut out: *mut c_void = std::ptr::null_mut();
     // SAFETY: as in `gated_product`.
     let status = unsafe { zerokit_linear(x.as_ptr().cast(), weight.as_ptr().cast(), bias.as_ptr().cast(), &mut out) };
@@ -114,12 +130,13 @@ pub fn linear_reference(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Tensor {
     bias.addmm(x, weight)
 }
 
-/// LayerNorm of x over its last dimension, as libtorch's layer_norm computes it; on a GPU its
-/// backward takes the gain's and bias's gradients from zerokit's column-sum kernel (libtorch's
-/// own is the slowest part of GPT-2's LayerNorm backward). Values and the input's gradient are
-/// bitwise layer_norm's; the gain's and bias's on a GPU are the same sums in another order.
+/// LayerNorm of x over its last dimension. On a GPU zerokit's kernels (layernorm.cu) compute it
+/// in one pass over each row and its input's gradient in another, and the gain's and bias's
+/// gradients come from the column-sum kernel; the values are within rounding of libtorch's
+/// layer_norm (fp32 statistics from two passes, as exact as libtorch's Welford). Elsewhere
+/// libtorch's layer_norm and its backward, bitwise.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor, TchError> {
-    super::sums::register_column_sums();
+    register_kernels();
     let mut out: *mut c_void = std::ptr::null_mut();
     // SAFETY: as in `gated_product`.
     let status =
@@ -131,6 +148,50 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
 pub fn layer_norm_reference(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Tensor {
     let last = *x.size().last().expect("a normalised tensor has a last dimension");
     x.layer_norm([last], Some(weight), Some(bias), eps, true)
+}
+
+/// `(x + res, layer_norm(x + res))`: a pre-norm block's residual add and the LayerNorm that reads
+/// its result, as one op. On a GPU one kernel makes both (the sum rounded to x's kind, as the
+/// add would store it) and, in backward, adds the residual's gradient to the LayerNorm's input
+/// gradient in the same pass: no add kernel either way. Elsewhere the add and [`layer_norm`]'s
+/// libtorch path, bitwise [`add_layer_norm_reference`].
+pub fn add_layer_norm(
+    x: &Tensor,
+    res: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor), TchError> {
+    register_kernels();
+    let (mut sum, mut out): (*mut c_void, *mut c_void) = (std::ptr::null_mut(), std::ptr::null_mut());
+    // SAFETY: as in `gated_product`, with two new handles out.
+    let status = unsafe {
+        zerokit_add_layer_norm(
+            x.as_ptr().cast(),
+            res.as_ptr().cast(),
+            weight.as_ptr().cast(),
+            bias.as_ptr().cast(),
+            eps,
+            &mut sum,
+            &mut out,
+        )
+    };
+    let sum = new_handle(status, sum)?;
+    // SAFETY: no error came back, so `out` is a heap at::Tensor handle as well.
+    Ok((sum, unsafe { Tensor::from_ptr(out.cast()) }))
+}
+
+/// [`add_layer_norm`] in composed ops.
+pub fn add_layer_norm_reference(
+    x: &Tensor,
+    res: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> (Tensor, Tensor) {
+    let sum = x + res;
+    let out = layer_norm_reference(&sum, weight, bias, eps);
+    (sum, out)
 }
 
 /// The tensor an ops.cpp function handed back, or its error message.

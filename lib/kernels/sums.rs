@@ -1,9 +1,8 @@
 //! The column-sum kernel's launch (colsum.cu), which ops.cpp calls back into for the parameter
 //! gradients that are sums over rows (biases, LayerNorm gains and biases).
 
-use super::kernels_for;
-use cudarc::driver::result as cu;
-use std::ffi::{c_void, CString};
+use super::{callback_error, kernel_params, kernels_for, launch};
+use std::ffi::c_void;
 use tch::Device;
 
 extern "C" {
@@ -51,12 +50,8 @@ unsafe extern "C" fn launch_column_sums(
     if tiles > COLSUM_MAX_TILES {
         return 1;
     }
-    let fail = |msg: String| {
-        let c = CString::new(msg).unwrap_or_default();
-        // SAFETY: ops.cpp frees the message with free(); strdup allocates with malloc.
-        unsafe { *error = libc::strdup(c.as_ptr()) };
-        2
-    };
+    // SAFETY: ops.cpp passes a valid `error` slot.
+    let fail = |msg: String| unsafe { callback_error(error, msg) };
     let Ok(which) = usize::try_from(kind) else { return fail(format!("kind code {kind}")) };
     if which > 2 || chunks > i32::MAX as i64 || cols > i32::MAX as i64 {
         return fail(format!("kind {kind}, {rows} x {cols} in {chunks} chunks"));
@@ -67,40 +62,13 @@ unsafe extern "C" fn launch_column_sums(
     let (mut dy, mut x, mut mean, mut rstd, mut part_b, mut part_g) = (dy, x, mean, rstd, part_b, part_g);
     let (mut out_b, mut out_g, mut counters) = (out_b, out_g, k.colsum_counters);
     let (mut rows, mut cols32, mut rpc) = (rows, cols as i32, rows_per_chunk);
-    let mut params: [*mut c_void; 13] = [
-        &mut dy as *mut _ as *mut c_void,
-        &mut x as *mut _ as *mut c_void,
-        &mut mean as *mut _ as *mut c_void,
-        &mut rstd as *mut _ as *mut c_void,
-        &mut rows as *mut _ as *mut c_void,
-        &mut cols32 as *mut _ as *mut c_void,
-        &mut rpc as *mut _ as *mut c_void,
-        &mut vec as *mut _ as *mut c_void,
-        &mut part_b as *mut _ as *mut c_void,
-        &mut part_g as *mut _ as *mut c_void,
-        &mut out_b as *mut _ as *mut c_void,
-        &mut out_g as *mut _ as *mut c_void,
-        &mut counters as *mut _ as *mut c_void,
-    ];
-    // SAFETY: the context is live for the process (retained, never released).
-    if let Err(e) = unsafe { cu::ctx::set_current(k.ctx) } {
-        return fail(format!("cuCtxSetCurrent: {e:?}"));
-    }
+    let mut params = kernel_params![dy, x, mean, rstd, rows, cols32, rpc, vec, part_b, part_g, out_b, out_g, counters];
+    let grid = (tiles as u32, chunks as u32, 1);
     // SAFETY: colsum takes (const T*, const T*, const float*, const float*, long long, int,
     // long long, int, float*, float*, T*, T*, unsigned*), matching `params`; ops.cpp sized every
     // buffer, and the counters cover `tiles`.
-    let launched = unsafe {
-        cu::launch_kernel(
-            k.colsum[which],
-            (tiles as u32, chunks as u32, 1),
-            (32, COLSUM_WARPS, 1),
-            0,
-            std::ptr::null_mut(),
-            &mut params,
-        )
-    };
-    if let Err(e) = launched {
-        return fail(format!("colsum launch: {e:?}"));
+    match unsafe { launch(k, k.colsum[which], grid, (32, COLSUM_WARPS, 1), &mut params, "colsum") } {
+        Ok(()) => 0,
+        Err(e) => fail(e),
     }
-    0
 }

@@ -1,8 +1,6 @@
 //! The widening copy's launch (widen.cu): 16-bit tensors into fp32 ones.
 
-use super::kernels_for;
-use cudarc::driver::result as cu;
-use std::ffi::c_void;
+use super::{kernel_params, kernels_for, launch};
 use tch::{Kind, TchError, Tensor};
 
 /// Threads per block of widen, and its blocks at most (a grid-stride loop covers the rest).
@@ -36,19 +34,10 @@ pub fn widen_into(dst: &Tensor, src: &Tensor) -> Result<(), TchError> {
     let (mut s, mut d) = (src.data_ptr(), dst.data_ptr());
     let mut vec = i32::from((s as usize) % 16 == 0 && (d as usize) % 16 == 0);
     let mut n64 = n;
-    let mut params: [*mut c_void; 4] = [
-        &mut s as *mut _ as *mut c_void,
-        &mut d as *mut _ as *mut c_void,
-        &mut n64 as *mut _ as *mut c_void,
-        &mut vec as *mut _ as *mut c_void,
-    ];
+    let mut params = kernel_params![s, d, n64, vec];
     let blocks = (n as u64).div_ceil(8 * WIDEN_THREADS as u64).clamp(1, WIDEN_MAX_BLOCKS as u64) as u32;
-    // SAFETY: the context is live for the process (retained, never released).
-    unsafe { cu::ctx::set_current(k.ctx) }.map_err(|e| TchError::Kind(format!("cuCtxSetCurrent: {e:?}")))?;
     // SAFETY: widen takes (const T*, float*, long long, int), matching `params`; both tensors are
     // live, contiguous and of n elements on this device, kept alive by the caller.
-    unsafe {
-        cu::launch_kernel(k.widen[which], (blocks, 1, 1), (WIDEN_THREADS, 1, 1), 0, std::ptr::null_mut(), &mut params)
-    }
-    .map_err(|e| TchError::Kind(format!("widen launch: {e:?}")))
+    unsafe { launch(k, k.widen[which], (blocks, 1, 1), (WIDEN_THREADS, 1, 1), &mut params, "widen") }
+        .map_err(TchError::Kind)
 }

@@ -191,6 +191,13 @@ impl LayerNorm {
     fn forward(&self, x: &Tensor) -> Tensor {
         kernels::layer_norm(x, &self.weight, &self.bias, LAYER_NORM_EPS).expect("layer_norm on a LayerNorm's shapes")
     }
+
+    /// `(x + branch, forward(x + branch))` by `kernels::add_layer_norm`: on a GPU the residual add
+    /// is made in the LayerNorm's pass, and its gradient added in the LayerNorm backward's.
+    fn forward_after_add(&self, x: &Tensor, branch: &Tensor) -> (Tensor, Tensor) {
+        kernels::add_layer_norm(x, branch, &self.weight, &self.bias, LAYER_NORM_EPS)
+            .expect("add_layer_norm on a block's residual stream")
+    }
 }
 
 struct Block {
@@ -234,8 +241,8 @@ impl Block {
         let (mask, causal) = mask.sdpa();
         let y = Tensor::scaled_dot_product_attention(&heads(&qkv[0]), &k, &v, mask, 0.0, causal, None, false);
         let y = y.transpose(1, 2).contiguous().view([b, t, c]);
-        let x = x + self.attn_proj.forward(&y);
-        let pre = self.c_fc.forward(&self.ln_2.forward(&x));
+        let (x, h) = self.ln_2.forward_after_add(x, &self.attn_proj.forward(&y));
+        let pre = self.c_fc.forward(&h);
         x + self.mlp_proj.forward_gelu(&pre)
     }
 }

@@ -1,0 +1,138 @@
+// LayerNorm over the last dimension, forward and the input's gradient, each with the residual add
+// that precedes a pre-norm block's LayerNorm folded in. Compiled at run time by NVRTC
+// (lib/kernels/mod.rs), after common.cuh.
+//
+// In GPT-2 every LayerNorm but the first reads the residual stream just after an add
+// (x + attention, x + MLP). Eagerly that is an add kernel (read two tensors, write one), then
+// libtorch's LayerNorm (1.8 TB/s on an H200 for GPT-2 XL's [8192, 1600] rows), and in backward
+// autograd adds the LayerNorm's input gradient to the residual gradient in one more kernel.
+// Here the forward reads x and the branch once and writes the sum and the normalised output;
+// the backward reads dy, the sum and the residual's gradient once and writes their total.
+//
+// One warp a row (rows are a few KB: the three passes over a row re-read it from L1/L2, not
+// DRAM). Statistics are in fp32 from two passes (mean, then the mean squared deviation), as
+// exact as libtorch's Welford; mean and rstd are kept in fp32 for backward and for the
+// column-sum kernel that computes the gain's and bias's gradients (colsum.cu).
+
+#define LN_WARPS 4
+
+// v as a T holds it: what an op that stores into T leaves for the next op to read.
+template <typename T>
+__device__ __forceinline__ float rounded(float v) {
+  T t;
+  store(&t, v);
+  return to_float(t);
+}
+
+// out = LayerNorm(in) * w + b for in = x, or in = x + res (rounded to T and written to sum, as
+// the add that it replaces would have), row by row; mean and rstd [rows] receive the statistics.
+template <typename T>
+__device__ void ln_forward(const T* x, const T* res, T* sum, const T* w, const T* b, T* out, float* mean, float* rstd,
+                           long long rows, int cols, float eps, int vec) {
+  const long long row = (long long)blockIdx.x * LN_WARPS + threadIdx.y;
+  if (row >= rows) return;
+  const int lane = threadIdx.x;
+  const long long at = row * cols;
+  const T* in = x + at;
+  float s = 0.0f;
+  if (res) {
+    for (int c = lane * 4; c < cols; c += 128) {
+      float a[4], r[4];
+      load4(x + at, c, cols, vec, a);
+      load4(res + at, c, cols, vec, r);
+      for (int j = 0; j < 4; ++j) {
+        a[j] = rounded<T>(a[j] + r[j]);
+        s += a[j];
+      }
+      store4(sum + at, c, cols, vec, a);
+    }
+    // The next passes read the sum back: each lane its own columns, which it has just written.
+    in = sum + at;
+  } else {
+    for (int c = lane * 4; c < cols; c += 128) {
+      float a[4];
+      load4(in, c, cols, vec, a);
+      for (int j = 0; j < 4; ++j) s += a[j];
+    }
+  }
+  // Past the row's end load4 gives zeros, which add nothing to the sum but would add m^2 each to
+  // the squared deviations: those are counted only within the row.
+  const float m = warp_sum(s) / cols;
+  float q = 0.0f;
+  for (int c = lane * 4; c < cols; c += 128) {
+    float a[4];
+    load4(in, c, cols, vec, a);
+    for (int j = 0; j < 4; ++j) {
+      const float d = c + j < cols ? a[j] - m : 0.0f;
+      q += d * d;
+    }
+  }
+  const float r = rsqrtf(warp_sum(q) / cols + eps);
+  for (int c = lane * 4; c < cols; c += 128) {
+    float a[4], g[4], h[4];
+    load4(in, c, cols, vec, a);
+    load4(w, c, cols, vec, g);
+    load4(b, c, cols, vec, h);
+    for (int j = 0; j < 4; ++j) a[j] = (a[j] - m) * r * g[j] + h[j];
+    store4(out + at, c, cols, vec, a);
+  }
+  if (lane == 0) {
+    mean[row] = m;
+    rstd[row] = r;
+  }
+}
+
+// dx = rstd * (dy*w - mean(dy*w) - xhat * mean(dy*w*xhat)) (+ dres, the gradient that reached
+// the LayerNorm's input by the residual path), xhat = (x - mean) * rstd, row by row.
+template <typename T>
+__device__ void ln_backward(const T* dy, const T* x, const float* mean, const float* rstd, const T* w, const T* dres,
+                            T* dx, long long rows, int cols, int vec) {
+  const long long row = (long long)blockIdx.x * LN_WARPS + threadIdx.y;
+  if (row >= rows) return;
+  const int lane = threadIdx.x;
+  const long long at = row * cols;
+  const float m = mean[row], r = rstd[row];
+  // Past the row's end dy is zero, so both sums only count the row.
+  float sg = 0.0f, sgx = 0.0f;
+  for (int c = lane * 4; c < cols; c += 128) {
+    float d[4], a[4], g[4];
+    load4(dy + at, c, cols, vec, d);
+    load4(x + at, c, cols, vec, a);
+    load4(w, c, cols, vec, g);
+    for (int j = 0; j < 4; ++j) {
+      const float dg = d[j] * g[j];
+      sg += dg;
+      sgx += dg * ((a[j] - m) * r);
+    }
+  }
+  const float mg = warp_sum(sg) / cols, mgx = warp_sum(sgx) / cols;
+  for (int c = lane * 4; c < cols; c += 128) {
+    float d[4], a[4], g[4], e[4];
+    load4(dy + at, c, cols, vec, d);
+    load4(x + at, c, cols, vec, a);
+    load4(w, c, cols, vec, g);
+    if (dres) {
+      load4(dres + at, c, cols, vec, e);
+    } else {
+      for (int j = 0; j < 4; ++j) e[j] = 0.0f;
+    }
+    for (int j = 0; j < 4; ++j) d[j] = (d[j] * g[j] - mg - (a[j] - m) * r * mgx) * r + e[j];
+    store4(dx + at, c, cols, vec, d);
+  }
+}
+
+#define LN_KERNELS(SUFFIX, T)                                                                                        \
+  extern "C" __global__ void ln_forward_##SUFFIX(const T* x, const T* res, T* sum, const T* w, const T* b, T* out,   \
+                                                 float* mean, float* rstd, long long rows, int cols, float eps,      \
+                                                 int vec) {                                                          \
+    ln_forward(x, res, sum, w, b, out, mean, rstd, rows, cols, eps, vec);                                            \
+  }                                                                                                                  \
+  extern "C" __global__ void ln_backward_##SUFFIX(const T* dy, const T* x, const float* mean, const float* rstd,     \
+                                                  const T* w, const T* dres, T* dx, long long rows, int cols,        \
+                                                  int vec) {                                                         \
+    ln_backward(dy, x, mean, rstd, w, dres, dx, rows, cols, vec);                                                    \
+  }
+
+LN_KERNELS(f32, float)
+LN_KERNELS(bf16, bf16)
+LN_KERNELS(f16, f16)
