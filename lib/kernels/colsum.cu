@@ -6,7 +6,7 @@
 // libtorch's reductions read these [tokens, C] tensors at a third to a half of the memory
 // bandwidth (GPT-2's LayerNorm gain/bias backward most slowly). Here every block streams a tile of
 // 128 columns over one chunk of rows, each thread 4 adjacent columns, and writes fp32 partial
-// sums; the last block of each column tile adds the tile's partials in a fixed order. The
+// sums; the last block of each column tile adds the tile's partials in chunk order. The
 // chunking depends on the shape only (lib/kernels/ops.cpp chooses it), so the result is the same
 // bits on every run: the one atomic only counts blocks.
 
@@ -14,45 +14,10 @@
 #define COLSUM_WARPS 8
 #define COLSUM_UNROLL 4
 
-// load4 of fp32 partials through L2 only (ld.global.cg): other blocks wrote them.
-__device__ __forceinline__ void load4_l2(const float* p, int c, int cols, bool vec, float out[4]) {
-  if (vec) {
-    asm volatile("ld.global.cg.v4.f32 {%0, %1, %2, %3}, [%4];"
-                 : "=f"(out[0]), "=f"(out[1]), "=f"(out[2]), "=f"(out[3])
-                 : "l"(p + c));
-  } else {
-    for (int j = 0; j < 4; ++j) {
-      out[j] = 0.0f;
-      if (c + j < cols) asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(out[j]) : "l"(p + c + j));
-    }
-  }
-}
-
-// The block's warps' 4-column sums b and g, added in warp order: the totals land in the first
-// warp's b and g.
-__device__ __forceinline__ void add_warps(float b[4], float g[4]) {
-  __shared__ float sh_b[COLSUM_WARPS][COLSUM_TILE], sh_g[COLSUM_WARPS][COLSUM_TILE];
-  __syncthreads();  // an earlier call's reads are done
-  for (int j = 0; j < 4; ++j) {
-    sh_b[threadIdx.y][threadIdx.x * 4 + j] = b[j];
-    sh_g[threadIdx.y][threadIdx.x * 4 + j] = g[j];
-  }
-  __syncthreads();
-  if (threadIdx.y != 0) return;
-  for (int j = 0; j < 4; ++j) {
-    b[j] = 0.0f;
-    g[j] = 0.0f;
-    for (int w = 0; w < COLSUM_WARPS; ++w) {
-      b[j] += sh_b[w][threadIdx.x * 4 + j];
-      g[j] += sh_g[w][threadIdx.x * 4 + j];
-    }
-  }
-}
-
 // Block (32, COLSUM_WARPS) sums columns [blockIdx.x * 128, +128) over rows [blockIdx.y * rpc, +rpc)
 // into part_b (sum of dy) and, when x is given, part_g (sum of dy * xhat): [chunks, cols] each.
 // The last block of a column tile to finish (counted in counters[blockIdx.x], which it resets to
-// zero for the next launch) adds the tile's partials into out_b and out_g: one
+// zero for the next launch) adds the tile's partials in chunk order into out_b and out_g: one
 // launch, where a second kernel for the final sums cost a launch of its own (392 of them in a
 // GPT-2 XL step).
 template <typename T>
@@ -97,11 +62,24 @@ __device__ void colsum(const T* dy, const T* x, const float* mean, const float* 
       }
     }
   }
-  add_warps(sb, sg);
+  // The warps' sums, added in warp order by the first warp.
+  __shared__ float sh_b[COLSUM_WARPS][COLSUM_TILE], sh_g[COLSUM_WARPS][COLSUM_TILE];
+  for (int j = 0; j < 4; ++j) {
+    sh_b[threadIdx.y][threadIdx.x * 4 + j] = sb[j];
+    sh_g[threadIdx.y][threadIdx.x * 4 + j] = sg[j];
+  }
+  __syncthreads();
   if (threadIdx.y == 0) {
-    for (int j = 0; j < 4 && c + j < cols; ++j) {
-      part_b[blockIdx.y * (long long)cols + c + j] = sb[j];
-      if (x) part_g[blockIdx.y * (long long)cols + c + j] = sg[j];
+    for (int j = 0; j < 4; ++j) {
+      const int col = c + j;
+      if (col >= cols) break;
+      float b = 0.0f, gg = 0.0f;
+      for (int w = 0; w < COLSUM_WARPS; ++w) {
+        b += sh_b[w][threadIdx.x * 4 + j];
+        gg += sh_g[w][threadIdx.x * 4 + j];
+      }
+      part_b[blockIdx.y * (long long)cols + col] = b;
+      if (x) part_g[blockIdx.y * (long long)cols + col] = gg;
     }
   }
   // Publish this block's partials, then count it in; the last of the tile's blocks sees all.
@@ -112,32 +90,18 @@ __device__ void colsum(const T* dy, const T* x, const float* mean, const float* 
   __syncthreads();
   if (!last) return;
   __threadfence();
-  // Warp w adds the tile's partials of chunks w, w + COLSUM_WARPS, ... (each lane its 4 columns,
-  // UNROLL loads in flight), then the first warp adds the warps' sums in warp order. One thread
-  // a column walking every chunk left the whole launch waiting on this block: about 10 us a
-  // launch, whatever the tensor's size. Loads bypass L1: the other blocks' partials are not in
-  // this SM's L1.
-  float fb[4] = {0.0f, 0.0f, 0.0f, 0.0f}, fg[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-  if (c < cols) {
-#pragma unroll 4
-    for (unsigned k = threadIdx.y; k < gridDim.y; k += COLSUM_WARPS) {
-      float pb[4], pg[4];
-      load4_l2(part_b + k * (long long)cols, c, cols, vec, pb);
-      for (int j = 0; j < 4; ++j) fb[j] += pb[j];
-      if (x) {
-        load4_l2(part_g + k * (long long)cols, c, cols, vec, pg);
-        for (int j = 0; j < 4; ++j) fg[j] += pg[j];
-      }
-    }
+  // 256 threads: the first 128 finish the tile's b sums, the next 128 its g sums. Volatile
+  // loads: the other blocks' partials are not in this SM's L1.
+  const int t = threadIdx.y * 32 + threadIdx.x;
+  const int col = blockIdx.x * COLSUM_TILE + t % COLSUM_TILE;
+  const bool g_sum = t >= COLSUM_TILE;
+  if (col < cols && (!g_sum || x)) {
+    const volatile float* part = g_sum ? part_g : part_b;
+    float sum = 0.0f;
+    for (unsigned k = 0; k < gridDim.y; ++k) sum += part[k * (long long)cols + col];
+    store(g_sum ? &out_g[col] : &out_b[col], sum);
   }
-  add_warps(fb, fg);
-  if (threadIdx.y == 0) {
-    for (int j = 0; j < 4 && c + j < cols; ++j) {
-      store(&out_b[c + j], fb[j]);
-      if (x) store(&out_g[c + j], fg[j]);
-    }
-  }
-  if (threadIdx.x == 0 && threadIdx.y == 0) counters[blockIdx.x] = 0;
+  if (t == 0) counters[blockIdx.x] = 0;
 }
 
 #define COLSUM_KERNEL(SUFFIX, T)                                                                             \
