@@ -256,15 +256,16 @@ fn grads_with(inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Tensor, g: &Tensor) ->
     Tensor::run_backward(&[&y * g], &leaves, false, false)
 }
 
-/// `ours` is as close to the float64 `exact` as libtorch's `theirs` is, or within one rounding
-/// into its kind: max |ours - exact| <= 1.5 max(max |theirs - exact|, u max |exact|).
+/// `ours` is about as close to the float64 `exact` as libtorch's `theirs` is, or within a few
+/// roundings into its kind: max |ours - exact| <= 2 max(max |theirs - exact|, 4u max |exact|).
 fn assert_as_close(ours: &Tensor, theirs: &Tensor, exact: &Tensor, what: &str) {
     let err = |t: &Tensor| max_abs(&(t.to_kind(Kind::Double) - exact));
-    let floor = unit_roundoff(ours.kind()) * max_abs(exact);
+    let floor = 4.0 * unit_roundoff(ours.kind()) * max_abs(exact);
     let (e_ours, e_theirs) = (err(ours), err(theirs));
+    println!("{what}: off float64 by {e_ours:.3e}, libtorch by {e_theirs:.3e}");
     assert!(
-        e_ours <= 1.5 * e_theirs.max(floor),
-        "{what}: off float64 by {e_ours:e}, libtorch by {e_theirs:e} (one rounding: {floor:e})"
+        e_ours <= 2.0 * e_theirs.max(floor),
+        "{what}: off float64 by {e_ours:e}, libtorch by {e_theirs:e} (four roundings: {floor:e})"
     );
 }
 
@@ -295,8 +296,9 @@ fn layer_norm_matches_libtorch(device: Device, residual: bool) {
         }
     };
     for kind in kinds_on(device) {
-        for (i, shape) in [[1i64, 1, 1], [2, 5, 7], [3, 333, 130], [4, 1024, 768], [1, 9, 1600]].into_iter().enumerate()
-        {
+        // Rows held in registers (up to 2048 wide: 1600 is GPT-2 XL's) and wider ones (2052, 2501).
+        let shapes = [[1i64, 1, 1], [2, 5, 7], [3, 333, 130], [4, 1024, 768], [1, 9, 1600], [2, 3, 2052], [1, 5, 2501]];
+        for (i, shape) in shapes.into_iter().enumerate() {
             tch::manual_seed(40 + i as i64);
             let x = (Tensor::randn(shape, (Kind::Float, device)) * 2.0 + 0.5).to_kind(kind);
             let w = (Tensor::randn([shape[2]], (Kind::Float, device)) * 0.1 + 1.0).to_kind(kind);
