@@ -119,60 +119,87 @@ __device__ void ln_backward_wide(const T* dy, const T* x, const float* mean, con
   }
 }
 
+// A row's quad at column c as loaded, in T's own bits (two registers for 16-bit types, four for
+// fp32): zero past the row's end.
+template <typename T>
+__device__ __forceinline__ void load_quad(const T* p, int c, int cols, bool vec, Quad<T>& q) {
+  if (vec && c < cols) {
+    q.raw = *reinterpret_cast<const typename QuadBits<T>::type*>(p + c);
+  } else {
+    for (int j = 0; j < 4; ++j) {
+      if (c + j < cols) {
+        q.v[j] = p[c + j];
+      } else {
+        store(&q.v[j], 0.0f);
+      }
+    }
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void unpack(const Quad<T>& q, float out[4]) {
+  for (int j = 0; j < 4; ++j) out[j] = to_float(q.v[j]);
+}
+
 // The same, for rows of at most LN_QUADS * 128 columns (GPT-2's up to XL): each lane loads its
-// quads of the row into registers at once, so all of a row's loads are in flight together and
-// DRAM is read once. The loops re-reading the row reached about a third of the bandwidth.
+// quads of the row at once and keeps them in T's bits, so all of a row's loads are in flight
+// together and DRAM is read once. Kept as floats, a row cost the backward 253 registers (8 warps
+// an SM): slower than the loops that re-read it.
 template <typename T>
 __device__ void ln_forward_cached(const T* __restrict__ x, const T* __restrict__ res, T* __restrict__ sum,
                                   const T* __restrict__ w, const T* __restrict__ b, T* __restrict__ out, float* mean,
                                   float* rstd, long long row, int cols, float eps, int vec) {
   const int lane = threadIdx.x;
   const long long at = row * cols;
-  float v[LN_QUADS][4];
+  Quad<T> v[LN_QUADS];
 #pragma unroll
-  for (int q = 0; q < LN_QUADS; ++q) {
-    const int c = lane * 4 + q * 128;
-    if (c < cols) {
-      load4(x + at, c, cols, vec, v[q]);
-    } else {
-      for (int j = 0; j < 4; ++j) v[q][j] = 0.0f;
-    }
-  }
+  for (int q = 0; q < LN_QUADS; ++q) load_quad(x + at, lane * 4 + q * 128, cols, vec, v[q]);
   if (res) {
+    // The sum as the add would store it: rounded to T (v holds T's bits).
 #pragma unroll
     for (int q = 0; q < LN_QUADS; ++q) {
       const int c = lane * 4 + q * 128;
       if (c < cols) {
-        float r[4];
+        float a[4], r[4];
+        unpack(v[q], a);
         load4(res + at, c, cols, vec, r);
-        for (int j = 0; j < 4; ++j) v[q][j] = rounded<T>(v[q][j] + r[j]);
-        store4(sum + at, c, cols, vec, v[q]);
+        for (int j = 0; j < 4; ++j) store(&v[q].v[j], a[j] + r[j]);
+        float t[4];
+        unpack(v[q], t);
+        store4(sum + at, c, cols, vec, t);
       }
     }
   }
   // Zeros past the row's end add nothing to the sum; the deviations are counted within the row.
   float s = 0.0f;
 #pragma unroll
-  for (int q = 0; q < LN_QUADS; ++q)
-    for (int j = 0; j < 4; ++j) s += v[q][j];
+  for (int q = 0; q < LN_QUADS; ++q) {
+    float a[4];
+    unpack(v[q], a);
+    for (int j = 0; j < 4; ++j) s += a[j];
+  }
   const float m = warp_sum(s) / cols;
   float dev = 0.0f;
 #pragma unroll
-  for (int q = 0; q < LN_QUADS; ++q)
+  for (int q = 0; q < LN_QUADS; ++q) {
+    float a[4];
+    unpack(v[q], a);
     for (int j = 0; j < 4; ++j) {
-      const float d = lane * 4 + q * 128 + j < cols ? v[q][j] - m : 0.0f;
+      const float d = lane * 4 + q * 128 + j < cols ? a[j] - m : 0.0f;
       dev += d * d;
     }
+  }
   const float r = rsqrtf(warp_sum(dev) / cols + eps);
 #pragma unroll
   for (int q = 0; q < LN_QUADS; ++q) {
     const int c = lane * 4 + q * 128;
     if (c < cols) {
-      float g[4], h[4];
+      float a[4], g[4], h[4];
+      unpack(v[q], a);
       load4(w, c, cols, vec, g);
       load4(b, c, cols, vec, h);
-      for (int j = 0; j < 4; ++j) v[q][j] = (v[q][j] - m) * r * g[j] + h[j];
-      store4(out + at, c, cols, vec, v[q]);
+      for (int j = 0; j < 4; ++j) a[j] = (a[j] - m) * r * g[j] + h[j];
+      store4(out + at, c, cols, vec, a);
     }
   }
   if (lane == 0) {
@@ -188,29 +215,28 @@ __device__ void ln_backward_cached(const T* __restrict__ dy, const T* __restrict
   const int lane = threadIdx.x;
   const long long at = row * cols;
   const float m = mean[row], r = rstd[row];
-  // d: dy, then dy * w; a: x, then xhat. Zero past the row's end (dy = 0 there).
-  float d[LN_QUADS][4], a[LN_QUADS][4];
+  // dy and x in T's bits; dy * w and xhat are recomputed from them in the second pass.
+  Quad<T> d[LN_QUADS], a[LN_QUADS];
 #pragma unroll
   for (int q = 0; q < LN_QUADS; ++q) {
-    const int c = lane * 4 + q * 128;
-    if (c < cols) {
-      load4(dy + at, c, cols, vec, d[q]);
-      load4(x + at, c, cols, vec, a[q]);
-    } else {
-      for (int j = 0; j < 4; ++j) d[q][j] = a[q][j] = 0.0f;
-    }
+    load_quad(dy + at, lane * 4 + q * 128, cols, vec, d[q]);
+    load_quad(x + at, lane * 4 + q * 128, cols, vec, a[q]);
   }
+  // Past the row's end dy is zero, so both sums only count the row.
   float sg = 0.0f, sgx = 0.0f;
 #pragma unroll
   for (int q = 0; q < LN_QUADS; ++q) {
     const int c = lane * 4 + q * 128;
-    float g[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    if (c < cols) load4(w, c, cols, vec, g);
-    for (int j = 0; j < 4; ++j) {
-      d[q][j] = __fmul_rn(d[q][j], g[j]);
-      a[q][j] = (a[q][j] - m) * r;
-      sg += d[q][j];
-      sgx += d[q][j] * a[q][j];
+    if (c < cols) {
+      float dv[4], av[4], g[4];
+      unpack(d[q], dv);
+      unpack(a[q], av);
+      load4(w, c, cols, vec, g);
+      for (int j = 0; j < 4; ++j) {
+        const float dg = __fmul_rn(dv[j], g[j]);
+        sg += dg;
+        sgx += dg * ((av[j] - m) * r);
+      }
     }
   }
   const float mg = warp_sum(sg) / cols, mgx = warp_sum(sgx) / cols;
@@ -218,10 +244,13 @@ __device__ void ln_backward_cached(const T* __restrict__ dy, const T* __restrict
   for (int q = 0; q < LN_QUADS; ++q) {
     const int c = lane * 4 + q * 128;
     if (c < cols) {
-      float e[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      float dv[4], av[4], g[4], e[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      unpack(d[q], dv);
+      unpack(a[q], av);
+      load4(w, c, cols, vec, g);
       if (dres) load4(dres + at, c, cols, vec, e);
-      for (int j = 0; j < 4; ++j) d[q][j] = (d[q][j] - mg - a[q][j] * mgx) * r + e[j];
-      store4(dx + at, c, cols, vec, d[q]);
+      for (int j = 0; j < 4; ++j) dv[j] = (__fmul_rn(dv[j], g[j]) - mg - (av[j] - m) * r * mgx) * r + e[j];
+      store4(dx + at, c, cols, vec, dv);
     }
   }
 }
